@@ -1,0 +1,146 @@
+// Package config parses tcpha.conf, the agent's ini file, into an immutable
+// typed value. It keeps the option names, meanings and defaults of the TCPHA
+// 0.1 README ("More details") and rejects anything it does not understand,
+// naming the file, line, section and key.
+package config
+
+import (
+	"fmt"
+	"net/netip"
+	"regexp"
+	"time"
+)
+
+// DefaultPath is where tcpha-agent looks for its config without -c.
+const DefaultPath = "/etc/tcpha/tcpha.conf"
+
+// Config is one parsed tcpha.conf. FE and BE are nil when their section is
+// absent; a host runs the roles whose sections are present.
+type Config struct {
+	File   string
+	Global Global
+	FE     *FE
+	BE     *BE
+}
+
+// Global holds [global]: settings shared by both roles.
+type Global struct {
+	// LogLevel is the seed's dbglevel, 0 (errors only) to 6 (everything).
+	LogLevel int
+	// LogFile is where logs go; empty means stderr.
+	LogFile string
+	// Admin is the path of the unix control socket.
+	Admin string
+	// Secret, when set, keys the HMAC carried by every control frame.
+	Secret []byte
+}
+
+// Server is one `server = ADDR PORT` line: a BE and its handoff port.
+type Server struct {
+	Addr netip.Addr
+	Port uint16
+}
+
+// AddrPort returns the BE's handoff listener address.
+func (s Server) AddrPort() netip.AddrPort { return netip.AddrPortFrom(s.Addr, s.Port) }
+
+// Rule is one `rule = TARGET PATTERN` line. Target is a BE address, or the
+// zero Addr with Local set for the FE's local node (seed 4.7).
+type Rule struct {
+	Target  netip.Addr
+	Local   bool
+	Pattern *regexp.Regexp
+	Line    int
+}
+
+// TargetString names the rule's target as it is written in the file.
+func (r Rule) TargetString() string {
+	if r.Local {
+		return "local"
+	}
+	return r.Target.String()
+}
+
+// FE holds [fe]: the dispatcher that owns the VIP.
+type FE struct {
+	RAddr           netip.Addr // real address; unspecified = INADDR_ANY
+	VAddr           netip.Addr // the VIP
+	Port            uint16     // listening port on the VIP
+	StartServers    int
+	MaxSpareServers int
+	MinSpareServers int
+	MaxClients      int // connections handled at one time
+	ConnPerBE       int // persistent control connections kept per BE
+	RedirectAddr    netip.Addr
+	RedirectPort    uint16
+	Servers         []Server
+	Rules           []Rule
+
+	// Not in the seed; bounds the FE's work per connection.
+	RequestTimeout time.Duration // time to receive a whole request header
+	MaxHeader      int           // bytes allowed for a request header
+	HandoffTimeout time.Duration // time for a BE to answer a handoff request
+	TimeWait       time.Duration // forwarding kept after FIN/RST (seed 4.8.1 step 3)
+	IdleTimeout    time.Duration // forwarding dropped after this long without a packet
+	DtcInterval    time.Duration // BE detection interval (seed 4.9); 0 disables
+}
+
+// Redirect is the local node's web server address (seed 4.7); an unspecified
+// redirectaddr means loopback.
+func (f *FE) Redirect() netip.AddrPort { return redirect(f.RedirectAddr, f.RedirectPort) }
+
+// BE holds [be]: a real server that receives handed-off connections.
+type BE struct {
+	RAddr           netip.Addr
+	UAddr           netip.Addr // an address the cluster does not use (ARP filtering)
+	VAddr           netip.Addr
+	Port            uint16 // handoff listener
+	StartServers    int
+	MaxSpareServers int
+	MinSpareServers int
+	MaxClients      int
+	RedirectAddr    netip.Addr
+	RedirectPort    uint16
+	DRegister       bool
+	FEAddr          netip.Addr
+	FEPort          uint16
+	Rules           []Rule
+
+	// Not in the seed: how long a restored connection waits for the FE's
+	// commit before it is dropped silently.
+	CommitTimeout time.Duration
+}
+
+// Redirect is the unmodified local web server's address.
+func (b *BE) Redirect() netip.AddrPort { return redirect(b.RedirectAddr, b.RedirectPort) }
+
+func redirect(a netip.Addr, port uint16) netip.AddrPort {
+	if !a.IsValid() || a.IsUnspecified() {
+		a = netip.AddrFrom4([4]byte{127, 0, 0, 1})
+	}
+	return netip.AddrPortFrom(a, port)
+}
+
+// Error is a config problem pinned to its place in the file.
+type Error struct {
+	File    string
+	Line    int // 0 when the problem is a missing key or section
+	Section string
+	Key     string
+	Msg     string
+}
+
+func (e *Error) Error() string {
+	where := e.File
+	if e.Line > 0 {
+		where = fmt.Sprintf("%s:%d", e.File, e.Line)
+	}
+	switch {
+	case e.Key != "":
+		return fmt.Sprintf("%s: [%s] %s: %s", where, e.Section, e.Key, e.Msg)
+	case e.Section != "":
+		return fmt.Sprintf("%s: [%s]: %s", where, e.Section, e.Msg)
+	default:
+		return fmt.Sprintf("%s: %s", where, e.Msg)
+	}
+}

@@ -1,0 +1,184 @@
+package config
+
+import (
+	"errors"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+const goodFE = `[global]
+loglevel = 5
+admin = /tmp/tcpha-fe.sock
+secret = s3cret;#x
+
+[fe]
+raddr = 10.0.0.2
+vaddr = 10.0.0.100
+port = 80
+server = 10.0.0.11 666
+server = 10.0.0.12 666
+# regexps may hold '#' and ';' and spaces
+rule = 10.0.0.12 \.(jpg|png)$
+rule = 10.0.0.11 ^/a;b#c d
+rule = 10.0.0.11 .*
+rule = local ^/status
+`
+
+func TestParseFE(t *testing.T) {
+	c, err := Parse("fe.conf", []byte(goodFE))
+	if err != nil {
+		t.Fatal(err)
+	}
+	fe := c.FE
+	if fe == nil || c.BE != nil {
+		t.Fatalf("roles: fe=%v be=%v", fe, c.BE)
+	}
+	if fe.VAddr != netip.MustParseAddr("10.0.0.100") || fe.Port != 80 {
+		t.Errorf("vaddr/port = %v/%d", fe.VAddr, fe.Port)
+	}
+	if len(fe.Servers) != 2 || fe.Servers[1].AddrPort().String() != "10.0.0.12:666" {
+		t.Errorf("servers = %v", fe.Servers)
+	}
+	if len(fe.Rules) != 4 {
+		t.Fatalf("rules = %d, want 4", len(fe.Rules))
+	}
+	if got := fe.Rules[1].Pattern.String(); got != "^/a;b#c d" {
+		t.Errorf("rule 2 pattern = %q: inline comment characters were cut", got)
+	}
+	if fe.Rules[1].Line != 14 {
+		t.Errorf("rule 2 line = %d, want 14", fe.Rules[1].Line)
+	}
+	if !fe.Rules[3].Local || fe.Rules[3].TargetString() != "local" {
+		t.Errorf("rule 4 = %+v, want local", fe.Rules[3])
+	}
+	// Seed defaults (README "More details").
+	if fe.MaxClients != 256 || fe.ConnPerBE != 2 || fe.RedirectPort != 8080 || fe.StartServers != 5 {
+		t.Errorf("defaults: maxclients=%d connperbe=%d redirectport=%d startservers=%d",
+			fe.MaxClients, fe.ConnPerBE, fe.RedirectPort, fe.StartServers)
+	}
+	if fe.Redirect().String() != "127.0.0.1:8080" {
+		t.Errorf("redirect = %v, want loopback", fe.Redirect())
+	}
+	if string(c.Global.Secret) != "s3cret;#x" || c.Global.LogLevel != 5 {
+		t.Errorf("global = %+v", c.Global)
+	}
+}
+
+func TestParseDuplicateRulesKept(t *testing.T) {
+	c, err := Parse("x", []byte("[fe]\nvaddr=10.0.0.1\nserver=10.0.0.2 666\nrule=10.0.0.2 .*\nrule=10.0.0.2 .*\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(c.FE.Rules) != 2 {
+		t.Errorf("identical rules collapsed: got %d, want 2", len(c.FE.Rules))
+	}
+}
+
+func TestParseBE(t *testing.T) {
+	c, err := Parse("be.conf", []byte(`[be]
+raddr = 10.0.0.11
+uaddr = 10.0.0.250
+vaddr = 10.0.0.100
+redirectport = 8081
+committimeout = 1500ms
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	be := c.BE
+	if be.Port != 666 || be.Redirect().String() != "127.0.0.1:8081" || be.CommitTimeout != 1500*time.Millisecond {
+		t.Errorf("be = %+v", be)
+	}
+	if be.DRegister || be.FEPort != 80 {
+		t.Errorf("dregister defaults: %+v", be)
+	}
+	if c.Global.Admin == "" || c.Global.LogLevel != 4 {
+		t.Errorf("global defaults = %+v", c.Global)
+	}
+}
+
+// Each kind of bad input is refused with the file, line, section and key.
+func TestParseErrors(t *testing.T) {
+	fe := "[fe]\nvaddr = 10.0.0.100\nserver = 10.0.0.11 666\n"
+	be := "[be]\nraddr = 10.0.0.11\nuaddr = 10.0.0.250\nvaddr = 10.0.0.100\n"
+	cases := []struct {
+		name, text    string
+		line          int
+		section, key  string
+		msgContaining string
+	}{
+		{"unknown key", fe + "rule = 10.0.0.11 .*\nbogus = 1\n", 5, "fe", "bogus", "unknown key"},
+		{"unknown section", "[fee]\nvaddr=1.2.3.4\n", 1, "fee", "", "unknown section"},
+		{"key outside section", "vaddr = 1.2.3.4\n" + fe, 1, "(none)", "vaddr", "outside any section"},
+		{"bad address", "[fe]\nvaddr = 10.0.0.300\n", 2, "fe", "vaddr", "not an IPv4 address"},
+		{"ipv6 address", "[fe]\nvaddr = ::1\n", 2, "fe", "vaddr", "not an IPv4 address"},
+		{"missing vaddr", "[fe]\nport = 80\nrule = local .*\n", 0, "fe", "vaddr", "missing"},
+		{"missing uaddr", "[be]\nraddr = 10.0.0.11\nvaddr = 10.0.0.100\n", 0, "be", "uaddr", "missing"},
+		{"bad port", fe + "port = 70000\nrule = local .*\n", 4, "fe", "port", "not a port"},
+		{"bad integer", fe + "maxclients = lots\nrule = local .*\n", 4, "fe", "maxclients", "whole number"},
+		{"integer out of range", be + "dregister = 2\n", 5, "be", "dregister", "whole number from 0 to 1"},
+		{"bad duration", fe + "requesttimeout = soon\nrule = local .*\n", 4, "fe", "requesttimeout", "duration"},
+		{"bad regexp", fe + "rule = 10.0.0.11 (unclosed\n", 4, "fe", "rule", "bad regular expression"},
+		{"rule without pattern", fe + "rule = 10.0.0.11\n", 4, "fe", "rule", "want `rule = TARGET PATTERN`"},
+		{"rule names undeclared server", fe + "rule = 10.0.0.99 .*\n", 4, "fe", "rule", "not declared"},
+		{"rule target not an address", fe + "rule = be1 .*\n", 4, "fe", "rule", "not an IPv4 address or local"},
+		{"no rules", fe, 0, "fe", "rule", "at least one"},
+		{"bad server", "[fe]\nvaddr = 10.0.0.100\nserver = 10.0.0.11\n", 3, "fe", "server", "ADDR PORT"},
+		{"bad server port", "[fe]\nvaddr = 10.0.0.100\nserver = 10.0.0.11 0\n", 3, "fe", "server", "not a port"},
+		{"repeated single key", fe + "port = 80\nport = 81\nrule = local .*\n", 5, "fe", "port", "more than once"},
+		{"dregister without feaddr", be + "dregister = 1\nrule = 10.0.0.11 .*\n", 0, "be", "feaddr", "missing"},
+		{"dregister without rule", be + "dregister = 1\nfeaddr = 10.0.0.2\n", 0, "be", "rule", "dregister = 1"},
+		{"uaddr equals vaddr", "[be]\nraddr = 10.0.0.11\nuaddr = 10.0.0.100\nvaddr = 10.0.0.100\n", 3, "be", "uaddr", "must differ"},
+		{"loglevel out of range", "[global]\nloglevel = 9\n" + fe + "rule = local .*\n", 2, "global", "loglevel", "0 to 6"},
+		{"no roles", "[global]\nloglevel = 3\n", 0, "", "", "nothing to run"},
+		{"line without =", "[fe]\nvaddr 10.0.0.1\n", 2, "fe", "", "key = value"},
+		{"unterminated section", "[fe\n", 1, "", "", "unterminated"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := Parse("bad.conf", []byte(tc.text))
+			var ce *Error
+			if !errors.As(err, &ce) {
+				t.Fatalf("err = %v, want *config.Error", err)
+			}
+			if ce.File != "bad.conf" || ce.Line != tc.line || ce.Section != tc.section || ce.Key != tc.key {
+				t.Errorf("at %s:%d [%s] %s, want line %d [%s] %s (%v)",
+					ce.File, ce.Line, ce.Section, ce.Key, tc.line, tc.section, tc.key, err)
+			}
+			if !strings.Contains(err.Error(), tc.msgContaining) {
+				t.Errorf("error %q does not say %q", err, tc.msgContaining)
+			}
+		})
+	}
+}
+
+func TestLoadNamesFile(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "tcpha.conf")
+	if err := os.WriteFile(p, []byte("[fe]\nvaddr = x\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	_, err := Load(p)
+	if err == nil || !strings.HasPrefix(err.Error(), p+":2: [fe] vaddr:") {
+		t.Errorf("err = %v, want it to start with %s:2: [fe] vaddr:", err, p)
+	}
+	if _, err := Load(filepath.Join(t.TempDir(), "missing.conf")); err == nil {
+		t.Error("missing file: no error")
+	}
+}
+
+// The sample configs shipped in etc/ must parse.
+func TestShippedSamples(t *testing.T) {
+	files, _ := filepath.Glob("../../etc/*.conf")
+	if len(files) == 0 {
+		t.Fatal("no etc/*.conf samples found")
+	}
+	for _, f := range files {
+		if _, err := Load(f); err != nil {
+			t.Errorf("%s: %v", f, err)
+		}
+	}
+}

@@ -1,0 +1,422 @@
+package config
+
+import (
+	"bufio"
+	"bytes"
+	"fmt"
+	"net/netip"
+	"os"
+	"regexp"
+	"strconv"
+	"strings"
+	"time"
+
+	"gopkg.in/ini.v1"
+)
+
+// Load reads and parses the config file at path.
+func Load(path string) (*Config, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("read config: %w", err)
+	}
+	return Parse(path, data)
+}
+
+// allowed lists, per section, every key the agent understands and whether it
+// may be repeated. Anything else is rejected: ini.v1 never reports unknown keys
+// on its own (FACTS.md).
+var allowed = map[string]map[string]bool{
+	"global": {"loglevel": false, "logfile": false, "admin": false, "secret": false},
+	"fe": {
+		"raddr": false, "vaddr": false, "port": false, "startservers": false,
+		"maxspareservers": false, "minspareservers": false, "maxclients": false,
+		"connperbe": false, "redirectaddr": false, "redirectport": false,
+		"server": true, "rule": true,
+		"requesttimeout": false, "maxheader": false, "handofftimeout": false,
+		"timewait": false, "idletimeout": false, "dtcinterval": false,
+	},
+	"be": {
+		"raddr": false, "uaddr": false, "vaddr": false, "port": false,
+		"startservers": false, "maxspareservers": false, "minspareservers": false,
+		"maxclients": false, "redirectaddr": false, "redirectport": false,
+		"dregister": false, "feaddr": false, "feport": false, "rule": true,
+		"committimeout": false,
+	},
+}
+
+// Parse parses config text; name is used in error messages.
+func Parse(name string, data []byte) (*Config, error) {
+	lines, err := indexLines(name, data)
+	if err != nil {
+		return nil, err
+	}
+	// ini.v1's defaults lose data for this file format (FACTS.md): keep
+	// repeated server/rule lines, even identical ones, and do not cut values
+	// at '#' or ';', which regular expressions contain.
+	f, err := ini.LoadSources(ini.LoadOptions{
+		AllowShadows:               true,
+		AllowDuplicateShadowValues: true,
+		IgnoreInlineComment:        true,
+		SpaceBeforeInlineComment:   false,
+	}, data)
+	if err != nil {
+		return nil, &Error{File: name, Msg: fmt.Sprintf("not an ini file: %v", err)}
+	}
+	p := &parser{file: name, lines: lines}
+	cfg := &Config{File: name}
+	for _, s := range f.Sections() {
+		sn := s.Name()
+		if sn == ini.DefaultSection {
+			if len(s.Keys()) > 0 {
+				k := s.Keys()[0].Name()
+				return nil, &Error{File: name, Line: lines.line("", k, 0), Key: k, Section: "(none)",
+					Msg: "key outside any section; put it under [global], [fe] or [be]"}
+			}
+			continue
+		}
+		keys, ok := allowed[sn]
+		if !ok {
+			return nil, &Error{File: name, Line: lines.sectionLine(sn), Section: sn,
+				Msg: "unknown section (want global, fe or be)"}
+		}
+		for _, k := range s.Keys() {
+			repeat, ok := keys[k.Name()]
+			if !ok {
+				return nil, &Error{File: name, Line: lines.line(sn, k.Name(), 0), Section: sn, Key: k.Name(),
+					Msg: "unknown key"}
+			}
+			if n := len(k.ValueWithShadows()); n > 1 && !repeat {
+				return nil, &Error{File: name, Line: lines.line(sn, k.Name(), 1), Section: sn, Key: k.Name(),
+					Msg: "given more than once"}
+			}
+		}
+	}
+	// A missing [global] is an empty one: every key takes its default.
+	gs, err := f.GetSection("global")
+	if err != nil {
+		gs = ini.Empty().Section("global")
+	}
+	if cfg.Global, err = p.global(gs); err != nil {
+		return nil, err
+	}
+	if s, err := f.GetSection("fe"); err == nil {
+		if cfg.FE, err = p.fe(s); err != nil {
+			return nil, err
+		}
+	}
+	if s, err := f.GetSection("be"); err == nil {
+		if cfg.BE, err = p.be(s); err != nil {
+			return nil, err
+		}
+	}
+	if cfg.FE == nil && cfg.BE == nil {
+		return nil, &Error{File: name, Msg: "no [fe] or [be] section: nothing to run"}
+	}
+	if cfg.FE != nil && cfg.BE != nil && cfg.FE.VAddr != cfg.BE.VAddr {
+		return nil, &Error{File: name, Line: lines.line("be", "vaddr", 0), Section: "be", Key: "vaddr",
+			Msg: fmt.Sprintf("differs from [fe] vaddr %s; one host serves one VIP", cfg.FE.VAddr)}
+	}
+	return cfg, nil
+}
+
+func (p *parser) global(s *ini.Section) (Global, error) {
+	v := section{p: p, s: s}
+	g := Global{
+		LogLevel: v.intIn("loglevel", 4, 0, 6),
+		LogFile:  v.str("logfile", ""),
+		Admin:    v.str("admin", "/run/tcpha/admin.sock"),
+	}
+	if sec := v.str("secret", ""); sec != "" {
+		g.Secret = []byte(sec)
+	}
+	return g, v.err
+}
+
+func (p *parser) fe(s *ini.Section) (*FE, error) {
+	v := section{p: p, s: s}
+	fe := &FE{
+		RAddr:           v.addr("raddr", false, netip.IPv4Unspecified()),
+		VAddr:           v.addr("vaddr", true, netip.Addr{}),
+		Port:            v.port("port", 80),
+		StartServers:    v.intIn("startservers", 5, 1, 1<<16),
+		MaxSpareServers: v.intIn("maxspareservers", 5, 0, 1<<16),
+		MinSpareServers: v.intIn("minspareservers", 2, 0, 1<<16),
+		MaxClients:      v.intIn("maxclients", 256, 1, 1<<20),
+		ConnPerBE:       v.intIn("connperbe", 2, 1, 1024),
+		RedirectAddr:    v.addr("redirectaddr", false, netip.IPv4Unspecified()),
+		RedirectPort:    v.port("redirectport", 8080),
+		RequestTimeout:  v.duration("requesttimeout", 10*time.Second, false),
+		MaxHeader:       v.intIn("maxheader", 8192, 256, 1<<20),
+		HandoffTimeout:  v.duration("handofftimeout", 2*time.Second, false),
+		TimeWait:        v.duration("timewait", 10*time.Second, false),
+		IdleTimeout:     v.duration("idletimeout", 15*time.Minute, false),
+		DtcInterval:     v.duration("dtcinterval", 5*time.Second, true),
+	}
+	for i, val := range v.all("server") {
+		fe.Servers = append(fe.Servers, v.server(val, i))
+	}
+	fe.Rules = v.rules("rule", fe.Servers, true)
+	if v.err == nil && len(fe.Rules) == 0 {
+		v.fail("rule", 0, "missing: at least one `rule = TARGET PATTERN` is needed (e.g. `rule = local .*`)")
+	}
+	return fe, v.err
+}
+
+func (p *parser) be(s *ini.Section) (*BE, error) {
+	v := section{p: p, s: s}
+	be := &BE{
+		RAddr:           v.addr("raddr", true, netip.Addr{}),
+		UAddr:           v.addr("uaddr", true, netip.Addr{}),
+		VAddr:           v.addr("vaddr", true, netip.Addr{}),
+		Port:            v.port("port", 666),
+		StartServers:    v.intIn("startservers", 5, 1, 1<<16),
+		MaxSpareServers: v.intIn("maxspareservers", 5, 0, 1<<16),
+		MinSpareServers: v.intIn("minspareservers", 2, 0, 1<<16),
+		MaxClients:      v.intIn("maxclients", 256, 1, 1<<20),
+		RedirectAddr:    v.addr("redirectaddr", false, netip.IPv4Unspecified()),
+		RedirectPort:    v.port("redirectport", 80),
+		DRegister:       v.intIn("dregister", 0, 0, 1) == 1,
+		FEPort:          v.port("feport", 80),
+		CommitTimeout:   v.duration("committimeout", 5*time.Second, false),
+	}
+	if be.DRegister {
+		be.FEAddr = v.addr("feaddr", true, netip.Addr{})
+		be.Rules = v.rules("rule", nil, false)
+		if v.err == nil && len(be.Rules) == 0 {
+			v.fail("rule", 0, "missing: dregister = 1 needs the BE's own `rule = ADDR PATTERN`")
+		}
+	} else {
+		// Ignored without dregister (seed README), but still validated.
+		be.FEAddr = v.addr("feaddr", false, netip.Addr{})
+		be.Rules = v.rules("rule", nil, false)
+	}
+	if v.err == nil {
+		switch {
+		case be.UAddr == be.VAddr:
+			v.fail("uaddr", v.line("uaddr", 0), "must differ from vaddr: it replaces the VIP in the BE's ARP")
+		case be.UAddr == be.RAddr:
+			v.fail("uaddr", v.line("uaddr", 0), "must differ from raddr: it must be an address the cluster does not use")
+		case be.RAddr == be.VAddr:
+			v.fail("raddr", v.line("raddr", 0), "must differ from vaddr")
+		}
+	}
+	return be, v.err
+}
+
+// section reads typed values from one ini section, keeping the first error.
+type section struct {
+	p   *parser
+	s   *ini.Section
+	err error
+}
+
+type parser struct {
+	file  string
+	lines lineIndex
+}
+
+func (v *section) line(key string, nth int) int { return v.p.lines.line(v.s.Name(), key, nth) }
+
+func (v *section) fail(key string, line int, msg string) {
+	if v.err == nil {
+		v.err = &Error{File: v.p.file, Line: line, Section: v.s.Name(), Key: key, Msg: msg}
+	}
+}
+
+func (v *section) raw(key string) (string, bool) {
+	if !v.s.HasKey(key) {
+		return "", false
+	}
+	return strings.TrimSpace(v.s.Key(key).String()), true
+}
+
+func (v *section) all(key string) []string {
+	if !v.s.HasKey(key) {
+		return nil
+	}
+	return v.s.Key(key).ValueWithShadows()
+}
+
+func (v *section) str(key, def string) string {
+	if s, ok := v.raw(key); ok {
+		return s
+	}
+	return def
+}
+
+func (v *section) addr(key string, required bool, def netip.Addr) netip.Addr {
+	s, ok := v.raw(key)
+	if !ok || s == "" {
+		if required {
+			v.fail(key, 0, "missing: this key must be given")
+		}
+		return def
+	}
+	a, err := netip.ParseAddr(s)
+	if err != nil || !a.Is4() {
+		v.fail(key, v.line(key, 0), fmt.Sprintf("%q is not an IPv4 address", s))
+		return def
+	}
+	return a
+}
+
+func (v *section) port(key string, def uint16) uint16 {
+	s, ok := v.raw(key)
+	if !ok {
+		return def
+	}
+	n, err := strconv.ParseUint(s, 10, 16)
+	if err != nil || n == 0 {
+		v.fail(key, v.line(key, 0), fmt.Sprintf("%q is not a port number (1-65535)", s))
+		return def
+	}
+	return uint16(n)
+}
+
+func (v *section) intIn(key string, def, lo, hi int) int {
+	s, ok := v.raw(key)
+	if !ok {
+		return def
+	}
+	n, err := strconv.Atoi(s)
+	if err != nil || n < lo || n > hi {
+		v.fail(key, v.line(key, 0), fmt.Sprintf("%q is not a whole number from %d to %d", s, lo, hi))
+		return def
+	}
+	return n
+}
+
+// duration accepts whole seconds, as the seed's /proc knobs did, or a Go
+// duration such as "1500ms".
+func (v *section) duration(key string, def time.Duration, zeroOK bool) time.Duration {
+	s, ok := v.raw(key)
+	if !ok {
+		return def
+	}
+	d, err := time.ParseDuration(s)
+	if n, err2 := strconv.Atoi(s); err2 == nil {
+		d, err = time.Duration(n)*time.Second, nil
+	}
+	if err != nil || d < 0 || (d == 0 && !zeroOK) {
+		v.fail(key, v.line(key, 0), fmt.Sprintf("%q is not a positive duration (seconds, or e.g. 500ms)", s))
+		return def
+	}
+	return d
+}
+
+func (v *section) server(val string, nth int) Server {
+	f := strings.Fields(val)
+	line := v.line("server", nth)
+	if len(f) != 2 {
+		v.fail("server", line, fmt.Sprintf("%q: want `server = ADDR PORT`", val))
+		return Server{}
+	}
+	a, err := netip.ParseAddr(f[0])
+	if err != nil || !a.Is4() {
+		v.fail("server", line, fmt.Sprintf("%q is not an IPv4 address", f[0]))
+		return Server{}
+	}
+	n, err := strconv.ParseUint(f[1], 10, 16)
+	if err != nil || n == 0 {
+		v.fail("server", line, fmt.Sprintf("%q is not a port number (1-65535)", f[1]))
+		return Server{}
+	}
+	return Server{Addr: a, Port: uint16(n)}
+}
+
+// rules parses `rule = TARGET PATTERN` lines. The pattern is the rest of the
+// line after the target, so it may contain spaces, '#' and ';'. On the FE
+// (fe true) every target must be a declared server or local.
+func (v *section) rules(key string, servers []Server, fe bool) []Rule {
+	checkServers, localOK := fe, fe
+	var out []Rule
+	for i, val := range v.all(key) {
+		line := v.line(key, i)
+		val = strings.TrimSpace(val)
+		target, pat, ok := strings.Cut(val, " ")
+		pat = strings.TrimSpace(pat)
+		if !ok || pat == "" {
+			v.fail(key, line, fmt.Sprintf("%q: want `rule = TARGET PATTERN`", val))
+			return nil
+		}
+		re, err := regexp.Compile(pat)
+		if err != nil {
+			v.fail(key, line, fmt.Sprintf("bad regular expression %q: %v", pat, err))
+			return nil
+		}
+		r := Rule{Pattern: re, Line: line}
+		if target == "local" && localOK {
+			r.Local = true
+		} else {
+			a, err := netip.ParseAddr(target)
+			if err != nil || !a.Is4() {
+				v.fail(key, line, fmt.Sprintf("target %q is not an IPv4 address or local", target))
+				return nil
+			}
+			if checkServers && !hasServer(servers, a) {
+				v.fail(key, line, fmt.Sprintf("target %s is not declared by any `server =` line", a))
+				return nil
+			}
+			r.Target = a
+		}
+		out = append(out, r)
+	}
+	return out
+}
+
+func hasServer(servers []Server, a netip.Addr) bool {
+	for _, s := range servers {
+		if s.Addr == a {
+			return true
+		}
+	}
+	return false
+}
+
+// lineIndex remembers on which line each (section, key, occurrence) stands,
+// because ini.v1 keeps no line numbers.
+type lineIndex struct {
+	keys     map[string][]int
+	sections map[string]int
+}
+
+func (l lineIndex) line(section, key string, nth int) int {
+	ls := l.keys[section+"\x00"+key]
+	if nth < len(ls) {
+		return ls[nth]
+	}
+	return 0
+}
+
+func (l lineIndex) sectionLine(section string) int { return l.sections[section] }
+
+func indexLines(name string, data []byte) (lineIndex, error) {
+	l := lineIndex{keys: map[string][]int{}, sections: map[string]int{}}
+	sc := bufio.NewScanner(bytes.NewReader(data))
+	sc.Buffer(make([]byte, 64*1024), 1<<20)
+	section := ""
+	for n := 1; sc.Scan(); n++ {
+		t := strings.TrimSpace(sc.Text())
+		switch {
+		case t == "" || t[0] == '#' || t[0] == ';':
+		case t[0] == '[':
+			if !strings.HasSuffix(t, "]") {
+				return l, &Error{File: name, Line: n, Msg: fmt.Sprintf("%q: unterminated section header", t)}
+			}
+			section = strings.TrimSpace(t[1 : len(t)-1])
+			if _, dup := l.sections[section]; dup {
+				return l, &Error{File: name, Line: n, Section: section, Msg: "section given more than once"}
+			}
+			l.sections[section] = n
+		default:
+			k, _, ok := strings.Cut(t, "=")
+			if !ok {
+				return l, &Error{File: name, Line: n, Section: section, Msg: fmt.Sprintf("%q: want `key = value`", t)}
+			}
+			k = strings.TrimSpace(k)
+			l.keys[section+"\x00"+k] = append(l.keys[section+"\x00"+k], n)
+		}
+	}
+	return l, sc.Err()
+}

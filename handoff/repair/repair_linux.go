@@ -1,0 +1,345 @@
+package repair
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"syscall"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+
+	"tcpha/handoff/wire"
+)
+
+// Dump puts conn into repair mode and reads its state. The bytes in
+// consumed, already read from the socket by the caller, are put back in
+// front of the receive queue so the next owner reads the request whole.
+//
+// conn stays in repair mode: the caller either closes it (silently: a socket
+// closed in repair mode sends nothing and leaves no TIME_WAIT) once the
+// connection lives elsewhere, or calls Resume to serve it here after all.
+// The 4-tuple must already be blocked in nft: a repair-mode socket answers
+// nothing, and the client's retransmissions must not reach it either.
+func Dump(conn *net.TCPConn, consumed []byte) (*wire.ConnInfo, error) {
+	rc, err := conn.SyscallConn()
+	if err != nil {
+		return nil, fmt.Errorf("dump: %w", err)
+	}
+	var ci *wire.ConnInfo
+	var derr error
+	if err := rc.Control(func(fd uintptr) { ci, derr = dumpFD(int(fd)) }); err != nil {
+		return nil, fmt.Errorf("dump: %w", err)
+	}
+	if derr != nil {
+		return nil, derr
+	}
+	ci.Client = addrPort(conn.RemoteAddr())
+	ci.VIP = addrPort(conn.LocalAddr())
+	if len(consumed) > 0 {
+		ci.RcvSeq -= uint32(len(consumed))
+		ci.RecvQueue = append(append([]byte(nil), consumed...), ci.RecvQueue...)
+	}
+	return ci, nil
+}
+
+func dumpFD(fd int) (*wire.ConnInfo, error) {
+	if err := unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, 1); err != nil {
+		return nil, fmt.Errorf("dump: set TCP_REPAIR: %w", err)
+	}
+	raw := make([]byte, 64)
+	n, err := getsockoptRaw(fd, unix.IPPROTO_TCP, unix.TCP_INFO, raw)
+	if err != nil {
+		return nil, fmt.Errorf("dump: get TCP_INFO: %w", err)
+	}
+	info, err := parseTCPInfo(raw[:n])
+	if err != nil {
+		return nil, fmt.Errorf("dump: %w", err)
+	}
+	if info.State != tcpEstablished {
+		return nil, fmt.Errorf("dump: state %d: %w", info.State, ErrNotEstablished)
+	}
+	ci := &wire.ConnInfo{Options: info.Options, SndWScale: info.SndWScale, RcvWScale: info.RcvWScale}
+
+	outq, err := unix.IoctlGetInt(fd, unix.SIOCOUTQ)
+	if err != nil {
+		return nil, fmt.Errorf("dump: SIOCOUTQ: %w", err)
+	}
+	unsent, err := unix.IoctlGetInt(fd, unix.SIOCOUTQNSD)
+	if err != nil {
+		return nil, fmt.Errorf("dump: SIOCOUTQNSD: %w", err)
+	}
+	inq, err := unix.IoctlGetInt(fd, unix.SIOCINQ)
+	if err != nil {
+		return nil, fmt.Errorf("dump: SIOCINQ: %w", err)
+	}
+	ci.Unsent = uint32(unsent)
+
+	// In repair mode TCP_MAXSEG reads mss_clamp; outside it, mss_cache, and
+	// the rebuilt connection's MSS would shrink (FACTS.md).
+	mss, err := unix.GetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_MAXSEG)
+	if err != nil {
+		return nil, fmt.Errorf("dump: get TCP_MAXSEG: %w", err)
+	}
+	ci.MSS = uint16(mss)
+	if ci.Options&wire.OptTimestamps != 0 {
+		ts, err := unix.GetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_TIMESTAMP)
+		if err != nil {
+			return nil, fmt.Errorf("dump: get TCP_TIMESTAMP: %w", err)
+		}
+		ci.Timestamp = uint32(ts)
+	}
+	wb := make([]byte, sizeofRepairWindow)
+	if n, err := getsockoptRaw(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_WINDOW, wb); err != nil {
+		return nil, fmt.Errorf("dump: get TCP_REPAIR_WINDOW: %w", err)
+	} else if ci.Window, err = decodeWindow(wb[:n]); err != nil {
+		return nil, fmt.Errorf("dump: %w", err)
+	}
+
+	sndNxt, sendq, err := dumpQueue(fd, tcpSendQueue, outq)
+	if err != nil {
+		return nil, err
+	}
+	rcvNxt, recvq, err := dumpQueue(fd, tcpRecvQueue, inq)
+	if err != nil {
+		return nil, err
+	}
+	// TCP_QUEUE_SEQ reads write_seq and rcv_nxt, the ends of the queues.
+	ci.SndSeq = sndNxt - uint32(len(sendq))
+	ci.RcvSeq = rcvNxt - uint32(len(recvq))
+	ci.SendQueue, ci.RecvQueue = sendq, recvq
+	if err := unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpNoQueue); err != nil {
+		return nil, fmt.Errorf("dump: reset TCP_REPAIR_QUEUE: %w", err)
+	}
+	return ci, nil
+}
+
+func dumpQueue(fd, queue, size int) (seq uint32, data []byte, err error) {
+	name := map[int]string{tcpSendQueue: "send", tcpRecvQueue: "receive"}[queue]
+	if err := unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, queue); err != nil {
+		return 0, nil, fmt.Errorf("dump %s queue: set TCP_REPAIR_QUEUE: %w", name, err)
+	}
+	s, err := unix.GetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_QUEUE_SEQ)
+	if err != nil {
+		return 0, nil, fmt.Errorf("dump %s queue: get TCP_QUEUE_SEQ: %w", name, err)
+	}
+	if size == 0 {
+		return uint32(s), nil, nil
+	}
+	// One extra byte tells us if the queue grew behind the ioctl's back.
+	buf := make([]byte, size+1)
+	n, _, err := unix.Recvfrom(fd, buf, unix.MSG_PEEK|unix.MSG_DONTWAIT)
+	if err != nil {
+		return 0, nil, fmt.Errorf("dump %s queue: peek %d bytes: %w", name, size, err)
+	}
+	if n != size {
+		return 0, nil, fmt.Errorf("dump %s queue: peeked %d bytes, queue holds %d", name, n, size)
+	}
+	return uint32(s), buf[:n], nil
+}
+
+// Resume takes conn out of repair mode so it can be served here after a
+// failed handoff. The kernel sends a window probe; the client's answer must
+// be unblocked first or it is dropped and only costs a retransmission.
+func Resume(conn *net.TCPConn) error {
+	rc, err := conn.SyscallConn()
+	if err != nil {
+		return fmt.Errorf("resume: %w", err)
+	}
+	var serr error
+	if err := rc.Control(func(fd uintptr) {
+		serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_OFF)
+	}); err != nil {
+		return fmt.Errorf("resume: %w", err)
+	}
+	if serr != nil {
+		return fmt.Errorf("resume: clear TCP_REPAIR: %w", serr)
+	}
+	return nil
+}
+
+// CloseSilently closes conn without a FIN or RST and without TIME_WAIT, by
+// putting it in repair mode first (tcp_close skips tcp_send_fin and
+// tcp_send_active_reset for repair sockets).
+func CloseSilently(conn *net.TCPConn) error {
+	rc, err := conn.SyscallConn()
+	if err == nil {
+		var serr error
+		err = rc.Control(func(fd uintptr) {
+			serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_REPAIR, 1)
+		})
+		if err == nil {
+			err = serr
+		}
+	}
+	cerr := conn.Close()
+	if err != nil {
+		return fmt.Errorf("close silently: set TCP_REPAIR: %w", err)
+	}
+	return cerr
+}
+
+// Restore rebuilds the connection ci describes as a local socket bound to
+// ci.VIP, with ci.RecvQueue waiting to be read. The order of the calls is
+// the kernel's (FACTS.md, libsoccr): sequence numbers only before connect,
+// options after it, the window after the receive queue.
+//
+// The returned socket is out of repair mode and ESTABLISHED. Nothing is sent
+// to the client except one window probe.
+func Restore(ci *wire.ConnInfo) (*net.TCPConn, error) {
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("restore %v: socket: %w", ci.Client, err)
+	}
+	if err := restoreFD(fd, ci); err != nil {
+		// Still in repair mode if restoreFD failed before the end: closing
+		// sends nothing.
+		unix.Close(fd)
+		return nil, fmt.Errorf("restore %v: %w", ci.Client, err)
+	}
+	if err := unix.SetNonblock(fd, true); err != nil {
+		unix.Close(fd)
+		return nil, fmt.Errorf("restore %v: set nonblocking: %w", ci.Client, err)
+	}
+	f := os.NewFile(uintptr(fd), "tcpha-restored")
+	defer f.Close()
+	c, err := net.FileConn(f)
+	if err != nil {
+		return nil, fmt.Errorf("restore %v: wrap socket: %w", ci.Client, err)
+	}
+	return c.(*net.TCPConn), nil
+}
+
+func restoreFD(fd int, ci *wire.ConnInfo) error {
+	set := func(what string, opt, v int) error {
+		if err := unix.SetsockoptInt(fd, unix.IPPROTO_TCP, opt, v); err != nil {
+			return fmt.Errorf("set %s: %w", what, err)
+		}
+		return nil
+	}
+	// SO_REUSEADDR before TCP_REPAIR, or bind fails with EADDRINUSE against
+	// the other connections rebuilt on the same VIP:port (FACTS.md).
+	// SO_REUSEPORT lets the FE rebuild next to its own listener.
+	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1); err != nil {
+		return fmt.Errorf("set SO_REUSEADDR: %w", err)
+	}
+	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEPORT, 1); err != nil {
+		return fmt.Errorf("set SO_REUSEPORT: %w", err)
+	}
+	if err := set("TCP_REPAIR", unix.TCP_REPAIR, 1); err != nil {
+		return err
+	}
+	if err := unix.Bind(fd, sockaddr(ci.VIP)); err != nil {
+		return fmt.Errorf("bind %v: %w", ci.VIP, err)
+	}
+	if err := set("TCP_REPAIR_QUEUE send", unix.TCP_REPAIR_QUEUE, tcpSendQueue); err != nil {
+		return err
+	}
+	if err := set("TCP_QUEUE_SEQ send", unix.TCP_QUEUE_SEQ, int(int32(ci.SndSeq))); err != nil {
+		return err
+	}
+	if err := set("TCP_REPAIR_QUEUE receive", unix.TCP_REPAIR_QUEUE, tcpRecvQueue); err != nil {
+		return err
+	}
+	if err := set("TCP_QUEUE_SEQ receive", unix.TCP_QUEUE_SEQ, int(int32(ci.RcvSeq))); err != nil {
+		return err
+	}
+	// In repair mode connect sends nothing and makes the socket ESTABLISHED.
+	if err := unix.Connect(fd, sockaddr(ci.Client)); err != nil {
+		return fmt.Errorf("connect %v: %w", ci.Client, err)
+	}
+	if err := setsockoptRaw(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_OPTIONS, encodeRepairOptions(ci)); err != nil {
+		return fmt.Errorf("set TCP_REPAIR_OPTIONS: %w", err)
+	}
+	if ci.Options&wire.OptTimestamps != 0 {
+		if err := set("TCP_TIMESTAMP", unix.TCP_TIMESTAMP, int(int32(ci.Timestamp))); err != nil {
+			return err
+		}
+	}
+	if err := writeQueue(fd, tcpRecvQueue, ci.RecvQueue); err != nil {
+		return err
+	}
+	// Sent-but-unacked bytes go in under repair and count as sent; the
+	// unsent tail is written after repair mode like any new data.
+	sent := ci.SendQueue[:len(ci.SendQueue)-int(ci.Unsent)]
+	if err := writeQueue(fd, tcpSendQueue, sent); err != nil {
+		return err
+	}
+	if err := set("TCP_REPAIR_QUEUE none", unix.TCP_REPAIR_QUEUE, tcpNoQueue); err != nil {
+		return err
+	}
+	// Without the window the connection crawls (78 MB/s against 1 GB/s,
+	// FACTS.md). It is checked against rcv_nxt, so it comes after the queue.
+	if err := setsockoptRaw(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_WINDOW, encodeWindow(ci.Window)); err != nil {
+		return fmt.Errorf("set TCP_REPAIR_WINDOW: %w", err)
+	}
+	if err := set("TCP_REPAIR off", unix.TCP_REPAIR, unix.TCP_REPAIR_OFF); err != nil {
+		return err
+	}
+	// Leaving repair mode resets SO_REUSEADDR (FACTS.md).
+	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1); err != nil {
+		return fmt.Errorf("set SO_REUSEADDR again: %w", err)
+	}
+	if unsent := ci.SendQueue[len(sent):]; len(unsent) > 0 {
+		if err := writeAll(fd, unsent); err != nil {
+			return fmt.Errorf("write %d unsent bytes: %w", len(unsent), err)
+		}
+	}
+	return nil
+}
+
+func writeQueue(fd, queue int, data []byte) error {
+	if len(data) == 0 {
+		return nil
+	}
+	if err := unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, queue); err != nil {
+		return fmt.Errorf("set TCP_REPAIR_QUEUE %d: %w", queue, err)
+	}
+	if err := writeAll(fd, data); err != nil {
+		return fmt.Errorf("fill queue %d with %d bytes: %w", queue, len(data), err)
+	}
+	return nil
+}
+
+func writeAll(fd int, b []byte) error {
+	for len(b) > 0 {
+		n, err := unix.Write(fd, b)
+		if err != nil {
+			if errors.Is(err, unix.EINTR) {
+				continue
+			}
+			return err
+		}
+		b = b[n:]
+	}
+	return nil
+}
+
+func sockaddr(ap netip.AddrPort) *unix.SockaddrInet4 {
+	return &unix.SockaddrInet4{Port: int(ap.Port()), Addr: ap.Addr().As4()}
+}
+
+func addrPort(a net.Addr) netip.AddrPort {
+	if ta, ok := a.(*net.TCPAddr); ok {
+		// An IPv4 socket's address comes back 4-in-6 mapped.
+		ap := ta.AddrPort()
+		return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+	}
+	return netip.AddrPort{}
+}
+
+func getsockoptRaw(fd, level, opt int, buf []byte) (int, error) {
+	l := uint32(len(buf))
+	_, _, e := unix.Syscall6(unix.SYS_GETSOCKOPT, uintptr(fd), uintptr(level), uintptr(opt),
+		uintptr(unsafe.Pointer(&buf[0])), uintptr(unsafe.Pointer(&l)), 0)
+	if e != 0 {
+		return 0, syscall.Errno(e)
+	}
+	return int(l), nil
+}
+
+func setsockoptRaw(fd, level, opt int, buf []byte) error {
+	return unix.SetsockoptString(fd, level, opt, string(buf))
+}
