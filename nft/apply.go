@@ -1,0 +1,97 @@
+package nft
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+
+	"github.com/google/nftables"
+	"github.com/google/nftables/expr"
+)
+
+// Apply installs rs, replacing any table of the same family and name in the
+// same transaction: add, delete, add is atomic whether or not the table
+// existed (FACTS.md), so packets never see a half-built table.
+func Apply(c *nftables.Conn, rs *Ruleset) error {
+	c.AddTable(rs.Table)
+	c.DelTable(rs.Table)
+	c.AddTable(rs.Table)
+	for _, ch := range rs.Chains {
+		c.AddChain(ch)
+	}
+	ids := map[string]uint32{}
+	for _, s := range rs.Sets {
+		if err := c.AddSet(s, nil); err != nil {
+			return fmt.Errorf("install %s table: add set %s: %w", family(rs.Table), s.Name, err)
+		}
+		ids[s.Name] = s.ID
+	}
+	for _, r := range rs.Rules {
+		// Sets created in this transaction are not visible by name yet; the
+		// kernel finds them by their transaction ID.
+		for _, e := range r.Exprs {
+			switch e := e.(type) {
+			case *expr.Lookup:
+				e.SetID = ids[e.SetName]
+			case *expr.Dynset:
+				e.SetID = ids[e.SetName]
+			}
+		}
+		c.AddRule(r)
+	}
+	if err := c.Flush(); err != nil {
+		return fmt.Errorf("install %s table: %w", family(rs.Table), err)
+	}
+	return nil
+}
+
+// Remove deletes tcpha's table of t's family, if it is there.
+func Remove(c *nftables.Conn, t *nftables.Table) error {
+	c.AddTable(t) // makes the delete valid when the table is missing
+	c.DelTable(t)
+	if err := c.Flush(); err != nil {
+		return fmt.Errorf("remove %s table: %w", family(t), err)
+	}
+	return nil
+}
+
+// Exists tells whether tcpha's table of t's family is installed.
+func Exists(c *nftables.Conn, t *nftables.Table) (bool, error) {
+	tables, err := c.ListTablesOfFamily(t.Family)
+	if err != nil {
+		return false, fmt.Errorf("list %s tables: %w", family(t), err)
+	}
+	for _, x := range tables {
+		if x.Name == t.Name {
+			return true, nil
+		}
+	}
+	return false, nil
+}
+
+func family(t *nftables.Table) string {
+	switch t.Family {
+	case nftables.TableFamilyIPv4:
+		return "ip " + t.Name
+	case nftables.TableFamilyARP:
+		return "arp " + t.Name
+	case nftables.TableFamilyNetdev:
+		return "netdev " + t.Name
+	}
+	return fmt.Sprintf("family(%d) %s", t.Family, t.Name)
+}
+
+// Key encodes a client flow as the sets' key: ipv4_addr . inet_service,
+// each field padded to 4 bytes.
+func Key(ap netip.AddrPort) []byte {
+	a := ap.Addr().As4()
+	return []byte{a[0], a[1], a[2], a[3], byte(ap.Port() >> 8), byte(ap.Port()), 0, 0}
+}
+
+// ParseKey decodes a set key written by Key.
+func ParseKey(b []byte) (netip.AddrPort, error) {
+	if len(b) != 8 {
+		return netip.AddrPort{}, errors.New("flow key: want 8 bytes")
+	}
+	return netip.AddrPortFrom(netip.AddrFrom4([4]byte(b[:4])), uint16(b[4])<<8|uint16(b[5])), nil
+}

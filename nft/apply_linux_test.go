@@ -1,0 +1,153 @@
+package nft
+
+import (
+	"context"
+	"net/netip"
+	"os"
+	"regexp"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/google/nftables"
+
+	"tcpha/internal/privtest"
+)
+
+var (
+	sampleFE = FEParams{VIP: netip.MustParseAddr("10.0.0.100"), Port: 80, FreshTimeout: time.Minute,
+		TimeWait: 10 * time.Second, IdleTimeout: 15 * time.Minute, Size: 65536}
+	sampleBE = BEParams{VIP: netip.MustParseAddr("10.0.0.100"), UAddr: netip.MustParseAddr("10.0.0.250")}
+)
+
+func conn(t *testing.T, fd int) *nftables.Conn {
+	c, err := nftables.New(nftables.WithNetNSFd(fd))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+var (
+	reCounter = regexp.MustCompile(`counter packets \d+ bytes \d+`)
+	reHandle  = regexp.MustCompile(` # handle \d+`)
+	reExpires = regexp.MustCompile(` expires [0-9hms.]+`)
+)
+
+// Ruleset returns `nft list ruleset` in ns with counters, handles and
+// expiry times stripped, for golden comparison.
+func listRuleset(t *testing.T, ns string) string {
+	out := privtest.In(t, ns, "nft", "list", "ruleset")
+	out = reCounter.ReplaceAllString(out, "counter")
+	out = reExpires.ReplaceAllString(out, "")
+	return reHandle.ReplaceAllString(out, "")
+}
+
+func golden(t *testing.T, name, got string) {
+	path := "testdata/" + name
+	if os.Getenv("UPDATE_GOLDEN") != "" {
+		os.MkdirAll("testdata", 0o755)
+		os.WriteFile(path, []byte(got), 0o644)
+	}
+	want, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatalf("%v (run with UPDATE_GOLDEN=1 to create it)", err)
+	}
+	if got != string(want) {
+		t.Errorf("nft list ruleset differs from %s:\n--- got\n%s\n--- want\n%s", path, got, want)
+	}
+}
+
+func TestGoldenRulesets(t *testing.T) {
+	ns, fd := privtest.NetNS(t)
+	c := conn(t, fd)
+	if err := Apply(c, FE(sampleFE)); err != nil {
+		t.Fatal(err)
+	}
+	// Applying twice replaces, it does not duplicate.
+	if err := Apply(c, FE(sampleFE)); err != nil {
+		t.Fatal(err)
+	}
+	golden(t, "fe.nft", listRuleset(t, ns))
+	if err := Remove(c, FE(sampleFE).Table); err != nil {
+		t.Fatal(err)
+	}
+
+	if err := Apply(c, BE(sampleBE)); err != nil {
+		t.Fatal(err)
+	}
+	golden(t, "be.nft", listRuleset(t, ns))
+	if err := Remove(c, BE(sampleBE).Table); err != nil {
+		t.Fatal(err)
+	}
+	if got := strings.TrimSpace(listRuleset(t, ns)); got != "" {
+		t.Errorf("after Remove the ruleset is not empty:\n%s", got)
+	}
+	// Removing what is not there is not an error.
+	if err := Remove(c, BE(sampleBE).Table); err != nil {
+		t.Errorf("remove missing table: %v", err)
+	}
+}
+
+func TestFlows(t *testing.T) {
+	ns, fd := privtest.NetNS(t)
+	c := conn(t, fd)
+	rs := FE(sampleFE)
+	if err := Apply(c, rs); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	f := NewFlows(conn(t, fd), rs)
+	go f.Run(ctx)
+
+	be := netip.MustParseAddr("10.0.0.11")
+	flows := make([]netip.AddrPort, 50)
+	var wg sync.WaitGroup
+	for i := range flows {
+		flows[i] = netip.AddrPortFrom(netip.MustParseAddr("10.0.0.10"), uint16(40000+i))
+		wg.Add(1)
+		go func(k netip.AddrPort) {
+			defer wg.Done()
+			if err := f.Block(ctx, k); err != nil {
+				t.Error(err)
+				return
+			}
+			if err := f.Forward(ctx, k, be, false); err != nil {
+				t.Error(err)
+			}
+		}(flows[i])
+	}
+	// A bad request in the middle must fail alone, not abort the others.
+	bad := netip.MustParseAddrPort("10.0.0.10:1")
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		if err := f.Unblock(ctx, bad); err == nil {
+			t.Error("unblock of a flow never blocked: no error")
+		}
+	}()
+	wg.Wait()
+	fwd, err := f.Members(ctx, MapForward)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(fwd) != len(flows) || fwd[flows[7]] != be {
+		t.Fatalf("forward map has %d flows (want %d), flow 7 -> %v", len(fwd), len(flows), fwd[flows[7]])
+	}
+	if blk, _ := f.Members(ctx, SetBlock); len(blk) != 0 {
+		t.Errorf("block set still has %d flows", len(blk))
+	}
+	if err := f.Forward(ctx, flows[0], netip.MustParseAddr("10.0.0.12"), true); err != nil {
+		t.Fatalf("replace: %v", err)
+	}
+	for _, k := range flows {
+		if err := f.Unforward(ctx, k); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if out := privtest.In(t, ns, "nft", "list", "map", "ip", "tcpha", "forward"); strings.Contains(out, "10.0.0.10") {
+		t.Errorf("forward map not empty:\n%s", out)
+	}
+}

@@ -1,0 +1,285 @@
+// Package nft describes and installs tcpha's own nftables tables.
+//
+// The builders in this file are pure: they turn role parameters into
+// google/nftables values (tables, chains, sets, rules) without touching the
+// kernel, so the exact netlink bytes are testable with nftables.WithTestDial.
+// Everything tcpha installs lives in one table named "tcpha" per family,
+// created and replaced atomically; other software's tables are never touched.
+package nft
+
+import (
+	"net/netip"
+	"time"
+
+	"github.com/google/nftables"
+	"github.com/google/nftables/binaryutil"
+	"github.com/google/nftables/expr"
+	"golang.org/x/sys/unix"
+)
+
+// TableName is the name of every table tcpha owns.
+const TableName = "tcpha"
+
+// Set names on the FE. They are part of the operator's view (`nft list
+// ruleset`) and of the agent's restart contract: keep them stable.
+const (
+	SetFresh   = "fresh"   // client 4-tuples seen with a SYN: served by the FE
+	SetBlock   = "block"   // HANDOFFING: every packet dropped
+	MapForward = "forward" // HANDOFFED: client 4-tuple → BE address
+	SetClosing = "closing" // HANDOFFED flows that carried FIN or RST
+	SetAlive   = "alive"   // HANDOFFED flows that carried any packet lately
+)
+
+// Ruleset is a plain description of one table and its contents.
+type Ruleset struct {
+	Table  *nftables.Table
+	Chains []*nftables.Chain
+	Sets   []*nftables.Set
+	Rules  []*nftables.Rule
+}
+
+// Set returns the named set of the ruleset, or nil.
+func (r *Ruleset) Set(name string) *nftables.Set {
+	for _, s := range r.Sets {
+		if s.Name == name {
+			return s
+		}
+	}
+	return nil
+}
+
+// FEParams are what the FE's table depends on.
+type FEParams struct {
+	VIP  netip.Addr
+	Port uint16
+	// FreshTimeout is how long a new connection stays local after its SYN;
+	// it must cover reading the request and the handoff.
+	FreshTimeout time.Duration
+	// TimeWait keeps a closing flow in @closing, where the agent finds it.
+	TimeWait time.Duration
+	// IdleTimeout is how long a forwarded flow may go without a packet.
+	IdleTimeout time.Duration
+	// Size caps each set (a dynamic set without one is capped at 65535).
+	Size uint32
+}
+
+// keyType is the flow key: the client's address and port. The VIP and port
+// are fixed by the rules' match, so they need not be in the key.
+var keyType = nftables.MustConcatSetType(nftables.TypeIPAddr, nftables.TypeInetService)
+
+// TCP header flag bits (RFC 9293 section 3.1).
+const (
+	tcpFIN = 0x01
+	tcpSYN = 0x02
+	tcpRST = 0x04
+	tcpACK = 0x10
+)
+
+// Registers: a concatenated key occupies NFT_REG32_00 and NFT_REG32_01,
+// each field padded to 4 bytes (FACTS.md); results go to NFT_REG_2.
+const (
+	regKey    = 1 // NFT_REG_1, aliased by NFT_REG32_00 for the first field
+	regKeyPt2 = 9 // NFT_REG32_01
+	regData   = 2 // NFT_REG_2
+)
+
+// FE describes the FE's table: family ip, one prerouting chain at raw
+// priority, so it runs before conntrack and before the packet is routed to
+// the local socket.
+//
+// The order of the rules is the state machine's fast path:
+//  1. all VIP:port traffic is untracked (handed-off flows would otherwise sit
+//     in conntrack as ESTABLISHED for five days, FACTS.md);
+//  2. a SYN is always local, and marks its flow fresh: a reused client port
+//     must never reach the previous connection's BE;
+//  3. HANDOFFING flows are dropped;
+//  4. fresh flows are local;
+//  5. HANDOFFED flows are copied to their BE and dropped here; FIN and RST
+//     also mark the flow closing so the agent can expire it.
+func FE(p FEParams) *Ruleset {
+	t := &nftables.Table{Family: nftables.TableFamilyIPv4, Name: TableName}
+	c := &nftables.Chain{
+		Name: "prerouting", Table: t, Type: nftables.ChainTypeFilter,
+		Hooknum: nftables.ChainHookPrerouting, Priority: nftables.ChainPriorityRaw,
+	}
+	set := func(name string, timeout time.Duration, dynamic bool, comment string) *nftables.Set {
+		return &nftables.Set{
+			Table: t, Name: name, KeyType: keyType, Concatenation: true,
+			Dynamic: dynamic, HasTimeout: timeout > 0, Timeout: timeout, Size: p.Size, Comment: comment,
+		}
+	}
+	fresh := set(SetFresh, p.FreshTimeout, true, "flows opened by a SYN, served by the FE")
+	block := set(SetBlock, 0, false, "HANDOFFING: dropped while the connection moves")
+	fwd := set(MapForward, 0, false, "HANDOFFED: client flow -> BE")
+	fwd.IsMap, fwd.DataType = true, nftables.TypeIPAddr
+	closing := set(SetClosing, p.TimeWait, true, "HANDOFFED flows that sent FIN or RST")
+	alive := set(SetAlive, p.IdleTimeout, true, "HANDOFFED flows with recent packets")
+
+	vip := matchVIP(p.VIP, p.Port)
+	rules := [][]expr.Any{
+		cat(vip, []expr.Any{&expr.Notrack{}}),
+		cat(vip, tcpFlags(tcpSYN|tcpACK, tcpSYN, true),
+			loadKey(), dynsetUpdate(fresh), counter(), verdict(expr.VerdictAccept)),
+		cat(vip, loadKey(), lookup(block, false), counter(), verdict(expr.VerdictDrop)),
+		cat(vip, loadKey(), lookup(fresh, false), verdict(expr.VerdictAccept)),
+		cat(vip, tcpFlags(tcpFIN|tcpRST, 0, false),
+			loadKey(), lookup(fwd, true), dynsetUpdate(closing), dynsetUpdate(alive), dup(), counter(), verdict(expr.VerdictDrop)),
+		cat(vip, loadKey(), lookup(fwd, true), dynsetUpdate(alive), dup(), counter(), verdict(expr.VerdictDrop)),
+	}
+	comments := []string{
+		"untrack the VIP",
+		"SYN: local, mark fresh",
+		"HANDOFFING: drop",
+		"fresh: local",
+		"HANDOFFED FIN/RST: mark closing, forward",
+		"HANDOFFED: forward to BE",
+	}
+	rs := &Ruleset{Table: t, Chains: []*nftables.Chain{c}, Sets: []*nftables.Set{fresh, block, fwd, closing, alive}}
+	for i, e := range rules {
+		rs.Rules = append(rs.Rules, &nftables.Rule{Table: t, Chain: c, Exprs: e, UserData: comment(comments[i])})
+	}
+	return rs
+}
+
+// BEParams are what the BE's ARP table depends on.
+type BEParams struct {
+	VIP   netip.Addr
+	UAddr netip.Addr // an address the cluster does not use
+}
+
+// ARP hook numbers. In the arp family input is 0 and output is 1
+// (include/uapi/linux/netfilter_arp.h NF_ARP_IN, NF_ARP_OUT); the library's
+// ChainHookInput carries the IP numbering and would make an output chain
+// (FACTS.md).
+var (
+	arpHookIn  = nftables.ChainHookRef(0)
+	arpHookOut = nftables.ChainHookRef(1)
+)
+
+// ARP header offsets from the network header for Ethernet/IPv4 (RFC 826).
+const (
+	arpOffHLen     = 4
+	arpOffOp       = 6
+	arpOffSenderIP = 14
+	arpOffTargetIP = 24
+	arpOpRequest   = 1
+)
+
+// BE describes the BE's ARP filter (seed 4.4). The VIP sits on the BE's
+// loopback and must stay silent: requests for it are dropped, and the BE's
+// own ARP never carries it as sender, because a client that sees "VIP is at
+// BE's MAC" sends the whole cluster's traffic to this BE (FACTS.md). The
+// inbound rewrite is the seed's: an ARP from the FE with sender VIP would be
+// discarded as coming from ourselves, so it is renamed to uaddr, and the
+// answer to uaddr is renamed back to the VIP on its way out.
+func BE(p BEParams) *Ruleset {
+	t := &nftables.Table{Family: nftables.TableFamilyARP, Name: TableName}
+	in := &nftables.Chain{Name: "input", Table: t, Type: nftables.ChainTypeFilter, Hooknum: arpHookIn, Priority: nftables.ChainPriorityFilter}
+	out := &nftables.Chain{Name: "output", Table: t, Type: nftables.ChainTypeFilter, Hooknum: arpHookOut, Priority: nftables.ChainPriorityFilter}
+	vip, uaddr := p.VIP.AsSlice(), p.UAddr.AsSlice()
+	ethIPv4 := cat(arpField(arpOffHLen, 2), eq([]byte{6, 4})) // hlen 6, plen 4
+	rule := func(c *nftables.Chain, text string, e ...[]expr.Any) *nftables.Rule {
+		return &nftables.Rule{Table: t, Chain: c, Exprs: cat(append([][]expr.Any{ethIPv4}, e...)...), UserData: comment(text)}
+	}
+	return &Ruleset{
+		Table:  t,
+		Chains: []*nftables.Chain{in, out},
+		Rules: []*nftables.Rule{
+			rule(in, "never answer for the VIP",
+				arpField(arpOffOp, 2), eq(binaryutil.BigEndian.PutUint16(arpOpRequest)),
+				arpField(arpOffTargetIP, 4), eq(vip), counter(), verdict(expr.VerdictDrop)),
+			rule(in, "the FE's VIP is not ours: call it uaddr",
+				arpField(arpOffSenderIP, 4), eq(vip), arpSet(arpOffSenderIP, uaddr), counter()),
+			rule(out, "never announce the VIP: say uaddr",
+				arpField(arpOffSenderIP, 4), eq(vip), arpSet(arpOffSenderIP, uaddr), counter()),
+			rule(out, "answers to uaddr go to the VIP",
+				arpField(arpOffTargetIP, 4), eq(uaddr), arpSet(arpOffTargetIP, vip), counter()),
+		},
+	}
+}
+
+func cat(parts ...[]expr.Any) []expr.Any {
+	var out []expr.Any
+	for _, p := range parts {
+		out = append(out, p...)
+	}
+	return out
+}
+
+func eq(b []byte) []expr.Any {
+	return []expr.Any{&expr.Cmp{Op: expr.CmpOpEq, Register: regKey, Data: b}}
+}
+
+func matchVIP(vip netip.Addr, port uint16) []expr.Any {
+	return []expr.Any{
+		&expr.Payload{DestRegister: regKey, Base: expr.PayloadBaseNetworkHeader, Offset: 16, Len: 4},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: regKey, Data: vip.AsSlice()},
+		&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: regKey},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: regKey, Data: []byte{unix.IPPROTO_TCP}},
+		&expr.Payload{DestRegister: regKey, Base: expr.PayloadBaseTransportHeader, Offset: 2, Len: 2},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: regKey, Data: binaryutil.BigEndian.PutUint16(port)},
+	}
+}
+
+// tcpFlags matches `tcp flags & mask == want` (or != want when equal is false).
+func tcpFlags(mask, want uint8, equal bool) []expr.Any {
+	op := expr.CmpOpEq
+	if !equal {
+		op = expr.CmpOpNeq
+	}
+	return []expr.Any{
+		&expr.Payload{DestRegister: regKey, Base: expr.PayloadBaseTransportHeader, Offset: 13, Len: 1},
+		&expr.Bitwise{SourceRegister: regKey, DestRegister: regKey, Len: 1, Mask: []byte{mask}, Xor: []byte{0}},
+		&expr.Cmp{Op: op, Register: regKey, Data: []byte{want}},
+	}
+}
+
+// loadKey loads `ip saddr . tcp sport` into the key registers.
+func loadKey() []expr.Any {
+	return []expr.Any{
+		&expr.Payload{DestRegister: regKey, Base: expr.PayloadBaseNetworkHeader, Offset: 12, Len: 4},
+		&expr.Payload{DestRegister: regKeyPt2, Base: expr.PayloadBaseTransportHeader, Offset: 0, Len: 2},
+	}
+}
+
+func lookup(s *nftables.Set, toData bool) []expr.Any {
+	l := &expr.Lookup{SourceRegister: regKey, SetName: s.Name}
+	if toData {
+		l.DestRegister, l.IsDestRegSet = regData, true
+	}
+	return []expr.Any{l}
+}
+
+func dynsetUpdate(s *nftables.Set) []expr.Any {
+	return []expr.Any{&expr.Dynset{SrcRegKey: regKey, SetName: s.Name, Operation: unix.NFT_DYNSET_OP_UPDATE}}
+}
+
+// dup copies the packet towards the BE address in regData; the kernel routes
+// it there unchanged (destination still the VIP), like the seed's IP tunnel
+// without the encapsulation (FACTS.md variant b).
+func dup() []expr.Any { return []expr.Any{&expr.Dup{RegAddr: regData}} }
+
+func counter() []expr.Any { return []expr.Any{&expr.Counter{}} }
+
+func verdict(k expr.VerdictKind) []expr.Any { return []expr.Any{&expr.Verdict{Kind: k}} }
+
+func arpField(off, n uint32) []expr.Any {
+	return []expr.Any{&expr.Payload{DestRegister: regKey, Base: expr.PayloadBaseNetworkHeader, Offset: off, Len: n}}
+}
+
+func arpSet(off uint32, v []byte) []expr.Any {
+	return []expr.Any{
+		&expr.Immediate{Register: regKey, Data: v},
+		&expr.Payload{OperationType: expr.PayloadWrite, SourceRegister: regKey, Base: expr.PayloadBaseNetworkHeader,
+			Offset: off, Len: uint32(len(v)), CsumType: expr.CsumTypeNone},
+	}
+}
+
+// comment encodes a rule comment the way nft(8) stores it, so `nft list
+// ruleset` prints it (libnftnl udata: type 0 = NFTNL_UDATA_RULE_COMMENT,
+// length, NUL-terminated text).
+func comment(s string) []byte {
+	b := []byte{0, byte(len(s) + 1)}
+	b = append(b, s...)
+	return append(b, 0)
+}
