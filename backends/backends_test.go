@@ -1,0 +1,119 @@
+package backends
+
+import (
+	"context"
+	"errors"
+	"net"
+	"net/netip"
+	"reflect"
+	"testing"
+	"time"
+
+	"tcpha/agent/config"
+)
+
+func mustConfig(t *testing.T, text string) *config.FE {
+	t.Helper()
+	c, err := config.Parse("t.conf", []byte(text))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c.FE
+}
+
+func TestCandidates(t *testing.T) {
+	fe := mustConfig(t, `[fe]
+vaddr = 10.0.0.100
+server = 10.0.0.11 666
+server = 10.0.0.12 777
+rule = 10.0.0.12 \.jpg$
+rule = local ^/status$
+rule = 10.0.0.11 .*
+rule = 10.0.0.12 ^/img/
+`)
+	h := NewHealth()
+	s := NewScheduler(fe.Rules, fe.Servers, h)
+	be1 := Target{BE: netip.MustParseAddrPort("10.0.0.11:666")}
+	be2 := Target{BE: netip.MustParseAddrPort("10.0.0.12:777")}
+	local := Target{Local: true}
+	cases := []struct {
+		path string
+		want []Target
+	}{
+		{"/index.html", []Target{be1}},
+		{"/img/a.jpg", []Target{be2, be1}}, // be2 listed once although two rules name it
+		{"/a.jpg.html", []Target{be1}},     // regexps are anchored only where they say so
+		{"/status", []Target{local, be1}},
+		{"/img/b.png", []Target{be1, be2}},
+	}
+	for _, tc := range cases {
+		if got := s.Candidates(tc.path); !reflect.DeepEqual(got, tc.want) {
+			t.Errorf("%s: got %v, want %v", tc.path, got, tc.want)
+		}
+	}
+	// A BE marked down is skipped until it is up again.
+	now := time.Unix(1000, 0)
+	if !h.Set(be2.BE.Addr(), false, now) {
+		t.Error("marking down reported no change")
+	}
+	if h.Set(be2.BE.Addr(), false, now.Add(time.Second)) {
+		t.Error("marking down twice reported a change")
+	}
+	if since, down := h.DownSince(be2.BE.Addr()); !down || !since.Equal(now) {
+		t.Errorf("down since %v %v", since, down)
+	}
+	if got := s.Candidates("/img/a.jpg"); !reflect.DeepEqual(got, []Target{be1}) {
+		t.Errorf("with be2 down: %v", got)
+	}
+	h.Set(be2.BE.Addr(), true, now)
+	if got := s.Candidates("/img/a.jpg"); len(got) != 2 {
+		t.Errorf("be2 back up: %v", got)
+	}
+	if got := s.Candidates("/nomatch-possible"); len(got) != 1 {
+		t.Errorf("catch-all: %v", got)
+	}
+}
+
+func TestPool(t *testing.T) {
+	be := netip.MustParseAddrPort("10.0.0.11:666")
+	dials := 0
+	p := NewPool(func(ctx context.Context, a netip.AddrPort) (net.Conn, error) {
+		if a != be {
+			return nil, errors.New("refused")
+		}
+		dials++
+		c, _ := net.Pipe()
+		return c, nil
+	}, 2)
+	var got []*Conn
+	for range 3 {
+		c, err := p.Get(context.Background(), be)
+		if err != nil || c.Reused {
+			t.Fatalf("get: %v reused=%v", err, c != nil && c.Reused)
+		}
+		got = append(got, c)
+	}
+	for _, c := range got {
+		p.Put(c)
+	}
+	if p.Idle(be) != 2 {
+		t.Errorf("idle = %d, want connperbe = 2", p.Idle(be))
+	}
+	c, err := p.Get(context.Background(), be)
+	if err != nil || !c.Reused || dials != 3 {
+		t.Errorf("reuse: err %v reused %v dials %d", err, c.Reused, dials)
+	}
+	p.Discard(c)
+	if _, err := p.Get(context.Background(), netip.MustParseAddrPort("10.0.0.99:666")); err == nil {
+		t.Error("dial failure not reported")
+	}
+	p.Drop(be)
+	if p.Idle(be) != 0 {
+		t.Error("drop left idle connections")
+	}
+	p.Close()
+	p.Close()
+	if _, err := p.Get(context.Background(), be); !errors.Is(err, ErrPoolClosed) {
+		t.Errorf("after close: %v", err)
+	}
+}

@@ -1,0 +1,176 @@
+// Package handoff moves a client's TCP connection from the FE to a BE (seed
+// 4.2, "Agile handoff"): the FE's sender blocks the flow, dumps the socket,
+// offers it to a BE over a control connection, and on the BE's ACK switches
+// the flow to in-kernel forwarding; the BE's receiver rebuilds the socket and
+// relays it to the unmodified local web server.
+//
+// The sequencing lives here, over small interfaces; the kernel-facing parts
+// (nft sets, TCP_REPAIR) are injected, so every failure path is unit-tested.
+package handoff
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"time"
+
+	"tcpha/handoff/conntab"
+	"tcpha/handoff/wire"
+)
+
+// Flows is the FE's kernel forwarding state (nft.Flows).
+type Flows interface {
+	Block(ctx context.Context, flow netip.AddrPort) error
+	Unblock(ctx context.Context, flow netip.AddrPort) error
+	Forward(ctx context.Context, flow netip.AddrPort, be netip.Addr, replace bool) error
+	Unforward(ctx context.Context, flow netip.AddrPort) error
+}
+
+// Socket is the client's connection on the FE.
+type Socket interface {
+	// Dump enters repair mode and returns the connection's state, with
+	// consumed (bytes the FE already read) back in front of the receive queue.
+	Dump(consumed []byte) (*wire.ConnInfo, error)
+	// CloseSilently closes a dumped socket without a packet to the client.
+	CloseSilently() error
+	// Resume leaves repair mode so the FE can answer the client itself.
+	Resume() error
+}
+
+// Peer offers connections to BEs.
+type Peer interface {
+	// Offer sends the handoff request and waits for the BE's ACK. It
+	// returns a *RefusedError when the BE answered with a failure.
+	Offer(ctx context.Context, be netip.AddrPort, ci *wire.ConnInfo) (Offer, error)
+}
+
+// Offer is a handoff the BE accepted and now waits to start serving.
+type Offer interface {
+	// Commit tells the BE the flow is forwarded to it: start serving.
+	Commit() error
+	// Abort tells the BE to drop the rebuilt socket silently.
+	Abort()
+}
+
+// RefusedError is a BE's negative handoff ACK.
+type RefusedError struct {
+	BE  netip.AddrPort
+	Ack wire.Ack
+}
+
+func (e *RefusedError) Error() string {
+	if e.Ack.Reason == "" {
+		return fmt.Sprintf("BE %v refused the handoff: %v", e.BE, e.Ack.Result)
+	}
+	return fmt.Sprintf("BE %v refused the handoff: %v: %s", e.BE, e.Ack.Result, e.Ack.Reason)
+}
+
+// ErrNoBE means no candidate BE took the connection; it has been resumed on
+// the FE, which should answer the client itself.
+var ErrNoBE = errors.New("no BE accepted the connection")
+
+// Sender is the FE's side of the handoff (the seed's SHS).
+type Sender struct {
+	Flows   Flows
+	Peer    Peer
+	Table   *conntab.Table
+	Log     *slog.Logger
+	Timeout time.Duration // per BE: request sent to ACK received
+	Now     func() time.Time
+	// Down is told about a BE that could not be reached, so the scheduler
+	// stops picking it until detection sees it again.
+	Down func(be netip.AddrPort, err error)
+}
+
+// Migrate hands the connection on sock to the first of bes that accepts it
+// and returns that BE. On ErrNoBE, or any error, the connection is back in
+// the FE's hands, unblocked and out of repair mode, for the caller to answer.
+func (s *Sender) Migrate(ctx context.Context, sock Socket, flow netip.AddrPort, consumed []byte, bes []netip.AddrPort) (netip.AddrPort, error) {
+	if len(bes) == 0 {
+		return netip.AddrPort{}, ErrNoBE
+	}
+	if err := s.Table.Begin(flow, s.Now()); err != nil {
+		return netip.AddrPort{}, err
+	}
+	// HANDOFFING: from here the client's packets are dropped, or the BE's
+	// window probe would be answered with a RST by a socket-less FE
+	// (FACTS.md).
+	if err := s.Flows.Block(ctx, flow); err != nil {
+		s.fail(ctx, flow, false)
+		return netip.AddrPort{}, err
+	}
+	ci, err := sock.Dump(consumed)
+	if err != nil {
+		s.fail(ctx, flow, true)
+		if rerr := sock.Resume(); rerr != nil {
+			err = errors.Join(err, rerr)
+		}
+		return netip.AddrPort{}, err
+	}
+	for _, be := range bes {
+		octx, cancel := context.WithTimeout(ctx, s.Timeout)
+		offer, err := s.Peer.Offer(octx, be, ci)
+		cancel()
+		if err != nil {
+			var refused *RefusedError
+			if !errors.As(err, &refused) && s.Down != nil {
+				s.Down(be, err)
+			}
+			s.Log.Warn("handoff refused", "op", "handoff", "client", flow, "be", be, "err", err)
+			continue
+		}
+		replace, err := s.Table.Handed(flow, be.Addr(), s.Now())
+		if err == nil {
+			err = s.Flows.Forward(ctx, flow, be.Addr(), replace)
+		}
+		if err != nil {
+			// The BE holds a rebuilt socket nobody forwards to: drop it.
+			offer.Abort()
+			s.Table.Remove(flow)
+			s.fail(ctx, flow, true)
+			if rerr := sock.Resume(); rerr != nil {
+				err = errors.Join(err, rerr)
+			}
+			return netip.AddrPort{}, fmt.Errorf("switch %v to %v: %w", flow, be, err)
+		}
+		// HANDOFFED. The FE's socket goes without a word; the BE starts
+		// serving only now that the client's packets reach it (FACTS.md).
+		if err := sock.CloseSilently(); err != nil {
+			s.Log.Warn("close handed-off socket", "op", "handoff", "client", flow, "err", err)
+		}
+		if err := offer.Commit(); err != nil {
+			// The BE gives up on a missing commit and drops the socket; the
+			// client sees a stalled connection and retries.
+			s.Log.Error("commit lost", "op", "handoff", "client", flow, "be", be, "err", err)
+		}
+		return be, nil
+	}
+	s.fail(ctx, flow, true)
+	if err := sock.Resume(); err != nil {
+		return netip.AddrPort{}, errors.Join(ErrNoBE, err)
+	}
+	return netip.AddrPort{}, ErrNoBE
+}
+
+// fail ends HANDOFFING without a handoff: forget the entry, remove a stale
+// forward of an earlier connection on the same port, and unblock before the
+// socket leaves repair mode, so the client's answer to its window probe gets
+// through.
+func (s *Sender) fail(ctx context.Context, flow netip.AddrPort, blocked bool) {
+	stale, err := s.Table.Failed(flow)
+	if err != nil {
+		s.Log.Error("connection table", "op", "handoff", "client", flow, "err", err)
+	}
+	if stale {
+		if err := s.Flows.Unforward(ctx, flow); err != nil {
+			s.Log.Error("remove stale forwarding", "op", "handoff", "client", flow, "err", err)
+		}
+	}
+	if blocked {
+		if err := s.Flows.Unblock(ctx, flow); err != nil {
+			s.Log.Error("unblock", "op", "handoff", "client", flow, "err", err)
+		}
+	}
+}

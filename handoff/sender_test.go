@@ -1,0 +1,195 @@
+package handoff
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/netip"
+	"reflect"
+	"strings"
+	"testing"
+	"time"
+
+	"tcpha/handoff/conntab"
+	"tcpha/handoff/wire"
+)
+
+// calls records, in order, what the sender asked of the kernel and the BEs.
+type calls struct{ log []string }
+
+func (c *calls) add(format string, a ...any) { c.log = append(c.log, fmt.Sprintf(format, a...)) }
+
+type fakeFlows struct {
+	*calls
+	fail map[string]error
+}
+
+func (f fakeFlows) Block(_ context.Context, k netip.AddrPort) error {
+	f.add("block")
+	return f.fail["block"]
+}
+func (f fakeFlows) Unblock(_ context.Context, k netip.AddrPort) error { f.add("unblock"); return nil }
+func (f fakeFlows) Forward(_ context.Context, k netip.AddrPort, be netip.Addr, replace bool) error {
+	f.add("forward %v replace=%v", be, replace)
+	return f.fail["forward"]
+}
+func (f fakeFlows) Unforward(_ context.Context, k netip.AddrPort) error { f.add("unforward"); return nil }
+
+type fakeSocket struct {
+	*calls
+	dumpErr error
+}
+
+func (s fakeSocket) Dump(consumed []byte) (*wire.ConnInfo, error) {
+	s.add("dump %q", consumed)
+	if s.dumpErr != nil {
+		return nil, s.dumpErr
+	}
+	return &wire.ConnInfo{RecvQueue: consumed}, nil
+}
+func (s fakeSocket) CloseSilently() error { s.add("close-silently"); return nil }
+func (s fakeSocket) Resume() error        { s.add("resume"); return nil }
+
+type fakePeer struct {
+	*calls
+	answers map[netip.AddrPort]error // nil: accept
+}
+
+func (p fakePeer) Offer(_ context.Context, be netip.AddrPort, ci *wire.ConnInfo) (Offer, error) {
+	p.add("offer %v", be)
+	if err := p.answers[be]; err != nil {
+		return nil, err
+	}
+	return fakeOffer{p.calls}, nil
+}
+
+type fakeOffer struct{ *calls }
+
+func (o fakeOffer) Commit() error { o.add("commit"); return nil }
+func (o fakeOffer) Abort()        { o.add("abort") }
+
+var (
+	client = netip.MustParseAddrPort("10.0.0.10:40000")
+	be1    = netip.MustParseAddrPort("10.0.0.11:666")
+	be2    = netip.MustParseAddrPort("10.0.0.12:666")
+)
+
+func quiet() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
+
+func TestMigrate(t *testing.T) {
+	refused := &RefusedError{BE: be1, Ack: wire.Ack{Result: wire.ResultBusy}}
+	unreachable := errors.New("connection refused")
+	cases := []struct {
+		name     string
+		bes      []netip.AddrPort
+		answers  map[netip.AddrPort]error
+		fail     map[string]error
+		dumpErr  error
+		want     netip.AddrPort
+		wantErr  error
+		wantLog  []string
+		wantDown []netip.AddrPort
+	}{
+		{
+			name: "first BE accepts", bes: []netip.AddrPort{be1, be2},
+			want: be1,
+			wantLog: []string{`block`, `dump "GET / HTTP/1.1\r\n\r\n"`, `offer 10.0.0.11:666`,
+				`forward 10.0.0.11 replace=false`, `close-silently`, `commit`},
+		},
+		{
+			name: "refused, next accepts", bes: []netip.AddrPort{be1, be2},
+			answers: map[netip.AddrPort]error{be1: refused}, want: be2,
+			wantLog: []string{`block`, `dump "GET / HTTP/1.1\r\n\r\n"`, `offer 10.0.0.11:666`, `offer 10.0.0.12:666`,
+				`forward 10.0.0.12 replace=false`, `close-silently`, `commit`},
+		},
+		{
+			name: "all unreachable: unblock before resume", bes: []netip.AddrPort{be1},
+			answers: map[netip.AddrPort]error{be1: unreachable}, wantErr: ErrNoBE,
+			wantLog:  []string{`block`, `dump "GET / HTTP/1.1\r\n\r\n"`, `offer 10.0.0.11:666`, `unblock`, `resume`},
+			wantDown: []netip.AddrPort{be1},
+		},
+		{
+			name: "no candidates", bes: nil, wantErr: ErrNoBE, wantLog: nil,
+		},
+		{
+			name: "block fails: socket untouched", bes: []netip.AddrPort{be1},
+			fail: map[string]error{"block": errors.New("ENOBUFS")}, wantErr: errors.New("ENOBUFS"),
+			wantLog: []string{`block`},
+		},
+		{
+			name: "dump fails", bes: []netip.AddrPort{be1}, dumpErr: errors.New("not established"),
+			wantErr: errors.New("not established"),
+			wantLog: []string{`block`, `dump "GET / HTTP/1.1\r\n\r\n"`, `unblock`, `resume`},
+		},
+		{
+			name: "forward fails: BE told to abort", bes: []netip.AddrPort{be1},
+			fail: map[string]error{"forward": errors.New("EEXIST")}, wantErr: errors.New("EEXIST"),
+			wantLog: []string{`block`, `dump "GET / HTTP/1.1\r\n\r\n"`, `offer 10.0.0.11:666`,
+				`forward 10.0.0.11 replace=false`, `abort`, `unblock`, `resume`},
+		},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			c := &calls{}
+			var down []netip.AddrPort
+			s := &Sender{
+				Flows: fakeFlows{c, tc.fail}, Peer: fakePeer{c, tc.answers}, Table: conntab.New(),
+				Log: quiet(), Timeout: time.Second, Now: time.Now,
+				Down: func(be netip.AddrPort, err error) { down = append(down, be) },
+			}
+			got, err := s.Migrate(context.Background(), fakeSocket{c, tc.dumpErr}, client, []byte("GET / HTTP/1.1\r\n\r\n"), tc.bes)
+			switch {
+			case tc.wantErr == nil && err != nil:
+				t.Fatalf("err = %v", err)
+			case tc.wantErr != nil && (err == nil || !strings.Contains(err.Error(), tc.wantErr.Error())):
+				t.Fatalf("err = %v, want %v", err, tc.wantErr)
+			}
+			if got != tc.want {
+				t.Errorf("BE = %v, want %v", got, tc.want)
+			}
+			if !reflect.DeepEqual(c.log, tc.wantLog) {
+				t.Errorf("calls:\n got %q\nwant %q", c.log, tc.wantLog)
+			}
+			if !reflect.DeepEqual(down, tc.wantDown) {
+				t.Errorf("marked down %v, want %v", down, tc.wantDown)
+			}
+			conn, ok := s.Table.Get(client)
+			if tc.wantErr == nil && (!ok || conn.State != conntab.Handoffed || conn.BE != tc.want.Addr()) {
+				t.Errorf("table entry %+v %v, want HANDOFFED to %v", conn, ok, tc.want)
+			}
+			if tc.wantErr != nil && ok {
+				t.Errorf("failed handoff left entry %+v", conn)
+			}
+		})
+	}
+}
+
+// A client that reuses its port: the new handoff replaces the old forward
+// entry; a failed one removes it.
+func TestMigratePortReuse(t *testing.T) {
+	c := &calls{}
+	tab := conntab.New()
+	s := &Sender{Flows: fakeFlows{c, nil}, Peer: fakePeer{c, map[netip.AddrPort]error{be2: errors.New("down")}},
+		Table: tab, Log: quiet(), Timeout: time.Second, Now: time.Now}
+	sock := fakeSocket{calls: c}
+	if _, err := s.Migrate(context.Background(), sock, client, nil, []netip.AddrPort{be1}); err != nil {
+		t.Fatal(err)
+	}
+	c.log = nil
+	if _, err := s.Migrate(context.Background(), sock, client, nil, []netip.AddrPort{be1}); err != nil {
+		t.Fatal(err)
+	}
+	if c.log[3] != "forward 10.0.0.11 replace=true" {
+		t.Errorf("reuse: %q", c.log)
+	}
+	c.log = nil
+	if _, err := s.Migrate(context.Background(), sock, client, nil, []netip.AddrPort{be2}); !errors.Is(err, ErrNoBE) {
+		t.Fatal(err)
+	}
+	want := []string{`block`, `dump ""`, `offer 10.0.0.12:666`, `unforward`, `unblock`, `resume`}
+	if !reflect.DeepEqual(c.log, want) {
+		t.Errorf("failed reuse:\n got %q\nwant %q", c.log, want)
+	}
+}
