@@ -35,7 +35,10 @@ func (f fakeFlows) Forward(_ context.Context, k netip.AddrPort, be netip.Addr, r
 	f.add("forward %v replace=%v", be, replace)
 	return f.fail["forward"]
 }
-func (f fakeFlows) Unforward(_ context.Context, k netip.AddrPort) error { f.add("unforward"); return nil }
+func (f fakeFlows) Unforward(_ context.Context, k netip.AddrPort) error {
+	f.add("unforward")
+	return nil
+}
 
 type fakeSocket struct {
 	*calls
