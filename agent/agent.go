@@ -1,0 +1,149 @@
+// Package agent runs tcpha's roles on one host: the FE, the BE, or both,
+// as the config's sections say. It wires the pure packages (config,
+// backends, handoff) to the kernel adapters (nft, repair, links) and owns
+// their lifetimes: what it installs at start it removes at stop.
+package agent
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"tcpha/agent/config"
+)
+
+// Run starts the roles cfg asks for and serves until ctx is done, then
+// removes everything it installed.
+func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) (err error) {
+	var f *fe
+	var b *be
+	defer func() {
+		var errs []error
+		if f != nil {
+			errs = append(errs, f.stop())
+		}
+		if b != nil {
+			errs = append(errs, b.stop())
+		}
+		if cerr := errors.Join(errs...); cerr != nil {
+			log.Error("cleanup incomplete", "op", "stop", "err", cerr)
+			err = errors.Join(err, cerr)
+		}
+	}()
+	// BE first: a host that is both serves handoffs before it takes clients.
+	if cfg.BE != nil {
+		if b, err = startBE(ctx, cfg.BE, cfg.Global.Secret, log); err != nil {
+			return err
+		}
+	}
+	if cfg.FE != nil {
+		if f, err = startFE(ctx, cfg.FE, cfg.Global.Secret, log); err != nil {
+			return err
+		}
+	}
+	admin, err := listenAdmin(cfg.Global.Admin)
+	if err != nil {
+		return err
+	}
+	var wg sync.WaitGroup
+	wg.Go(func() { serveAdmin(ctx, admin, f, b, log) })
+	if b != nil {
+		wg.Go(func() { b.run(ctx) })
+	}
+	if f != nil {
+		wg.Go(func() { f.run(ctx) })
+	}
+	<-ctx.Done()
+	log.Info("stopping", "op", "stop")
+	wg.Wait()
+	return nil
+}
+
+// NewLogger returns the agent's logger: loglevel is the seed's dbglevel,
+// 0-6 (0-1 errors, 2-3 warnings, 4 info, 5-6 debug).
+func NewLogger(g config.Global, stderr io.Writer) (*slog.Logger, io.Closer, error) {
+	level := slog.LevelDebug
+	switch {
+	case g.LogLevel <= 1:
+		level = slog.LevelError
+	case g.LogLevel <= 3:
+		level = slog.LevelWarn
+	case g.LogLevel == 4:
+		level = slog.LevelInfo
+	}
+	w, closer := stderr, io.Closer(io.NopCloser(nil))
+	if g.LogFile != "" {
+		f, err := os.OpenFile(g.LogFile, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o640)
+		if err != nil {
+			return nil, nil, fmt.Errorf("open logfile: %w", err)
+		}
+		w, closer = f, f
+	}
+	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: level})), closer, nil
+}
+
+func listenAdmin(path string) (net.Listener, error) {
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return nil, fmt.Errorf("admin socket: %w", err)
+	}
+	// A socket file left by a crashed agent is stale only if nobody answers.
+	if c, err := net.DialTimeout("unix", path, 200*time.Millisecond); err == nil {
+		c.Close()
+		return nil, fmt.Errorf("admin socket %s: another agent is running there", path)
+	}
+	os.Remove(path)
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		return nil, fmt.Errorf("admin socket: %w", err)
+	}
+	os.Chmod(path, 0o600)
+	return ln, nil
+}
+
+// serveAdmin answers one-line commands on the admin socket: `status`
+// and `conns` (the seed's /proc/net/tcpha_fe_conn).
+func serveAdmin(ctx context.Context, ln net.Listener, f *fe, b *be, log *slog.Logger) {
+	path := ln.Addr().String()
+	stop := context.AfterFunc(ctx, func() { ln.Close(); os.Remove(path) })
+	defer stop()
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			if ctx.Err() == nil {
+				log.Error("admin socket", "op", "admin", "err", err)
+			}
+			return
+		}
+		go func() {
+			defer c.Close()
+			c.SetDeadline(time.Now().Add(5 * time.Second))
+			line, _ := bufio.NewReader(c).ReadString('\n')
+			switch cmd := strings.TrimSpace(line); cmd {
+			case "status":
+				if f != nil {
+					f.status(c)
+				}
+				if b != nil {
+					b.status(c)
+				}
+			case "conns":
+				if f == nil {
+					fmt.Fprintln(c, "no fe role on this host")
+					return
+				}
+				f.conns(c)
+			default:
+				fmt.Fprintf(c, "unknown command %q (want status or conns)\n", cmd)
+			}
+		}()
+	}
+}

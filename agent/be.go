@@ -1,0 +1,118 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"time"
+
+	"github.com/google/nftables"
+	"github.com/vishvananda/netlink"
+
+	"tcpha/agent/config"
+	"tcpha/handoff"
+	"tcpha/handoff/repair"
+	"tcpha/handoff/wire"
+	"tcpha/nft"
+)
+
+// be is a back end: it rebuilds handed-off connections and relays them to
+// the unmodified local web server, which answers the client directly.
+type be struct {
+	cfg  *config.BE
+	log  *slog.Logger
+	nftc *nftables.Conn
+	rs   *nft.Ruleset
+	vip  *vipAddr
+	ln   net.Listener
+	recv *handoff.Receiver
+}
+
+func startBE(ctx context.Context, cfg *config.BE, secret []byte, log *slog.Logger) (*be, error) {
+	b := &be{cfg: cfg, log: log.With("role", "be")}
+	ok := false
+	defer func() {
+		if !ok {
+			b.stop()
+		}
+	}()
+	var err error
+	if b.nftc, err = nftables.New(); err != nil {
+		return nil, fmt.Errorf("be: open nftables: %w", err)
+	}
+	// ARP filtering first: with the VIP on loopback and no filter the BE
+	// would answer ARP for it and steal the cluster's traffic (seed 4.4).
+	b.rs = nft.BE(nft.BEParams{VIP: cfg.VAddr, UAddr: cfg.UAddr})
+	if err := nft.Apply(b.nftc, b.rs); err != nil {
+		return nil, fmt.Errorf("be: %w", err)
+	}
+	lo, err := netlink.LinkByName("lo")
+	if err != nil {
+		return nil, fmt.Errorf("be: find loopback: %w", err)
+	}
+	if b.vip, err = addVIP(lo, cfg.VAddr); err != nil {
+		return nil, fmt.Errorf("be: %w", err)
+	}
+	ctl := netip.AddrPortFrom(cfg.RAddr, cfg.Port)
+	if b.ln, err = (&net.ListenConfig{}).Listen(ctx, "tcp4", ctl.String()); err != nil {
+		return nil, fmt.Errorf("be: listen for handoffs on %v: %w", ctl, err)
+	}
+	up := cfg.Redirect()
+	dialer := &net.Dialer{}
+	b.recv = &handoff.Receiver{
+		Codec: wire.Codec{Secret: secret}, VIP: cfg.VAddr, Rebuilder: rebuilder{},
+		Upstream: func(ctx context.Context) (*net.TCPConn, error) {
+			c, err := dialer.DialContext(ctx, "tcp4", up.String())
+			if err != nil {
+				return nil, err
+			}
+			return c.(*net.TCPConn), nil
+		},
+		CommitTimeout: cfg.CommitTimeout, MaxClients: cfg.MaxClients, Log: b.log,
+	}
+	ok = true
+	b.log.Info("back end ready", "op", "start", "vip", cfg.VAddr.String(), "handoff_port", cfg.Port,
+		"upstream", up.String(), "uaddr", cfg.UAddr.String())
+	return b, nil
+}
+
+type rebuilder struct{}
+
+func (rebuilder) Restore(ci *wire.ConnInfo) (*net.TCPConn, error) { return repair.Restore(ci) }
+func (rebuilder) CloseSilently(c *net.TCPConn) error              { return repair.CloseSilently(c) }
+
+func (b *be) run(ctx context.Context) {
+	if err := b.recv.Serve(ctx, b.ln); err != nil {
+		b.log.Error("handoff listener stopped", "op", "serve", "err", err)
+	}
+}
+
+// stop undoes what startBE did. It is idempotent.
+func (b *be) stop() error {
+	var errs []error
+	if b.ln != nil {
+		b.ln.Close()
+	}
+	if err := b.vip.Remove(); err != nil {
+		errs = append(errs, err)
+	}
+	if b.nftc != nil && b.rs != nil {
+		if err := nft.Remove(b.nftc, b.rs.Table); err != nil {
+			errs = append(errs, err)
+		}
+		b.rs = nil
+	}
+	return errors.Join(errs...)
+}
+
+func (b *be) status(w io.Writer) {
+	s := b.recv.Stats()
+	fmt.Fprintf(w, "be vip=%v handoff=%v:%d pid=%d\n", b.cfg.VAddr, b.cfg.RAddr, b.cfg.Port, os.Getpid())
+	fmt.Fprintf(w, "  relaying=%d served=%d refused=%d upstream=%v at %s\n", s.Active, s.Served, s.Refused,
+		b.cfg.Redirect(), time.Now().Format(time.RFC3339))
+}

@@ -1,0 +1,113 @@
+package agent
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+
+	"github.com/mdlayher/arp"
+	"github.com/mdlayher/ethernet"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+)
+
+// vipAddr is a VIP the agent put on an interface. Remove deletes it only if
+// the agent added it: an address the operator configured stays.
+type vipAddr struct {
+	link  netlink.Link
+	addr  *netlink.Addr
+	added bool
+}
+
+// addrList retries dumps the kernel interrupted (FACTS.md: vishvananda/
+// netlink v1.3.1 returns ErrDumpInterrupted with partial data).
+func addrList(link netlink.Link) ([]netlink.Addr, error) {
+	var err error
+	for range 5 {
+		var l []netlink.Addr
+		if l, err = netlink.AddrList(link, unix.AF_INET); err == nil {
+			return l, nil
+		}
+		if !errors.Is(err, netlink.ErrDumpInterrupted) {
+			break
+		}
+	}
+	return nil, err
+}
+
+// linkOf returns the interface that holds addr; for an unspecified addr,
+// the one the default route leaves through.
+func linkOf(addr netip.Addr) (netlink.Link, error) {
+	if !addr.IsValid() || addr.IsUnspecified() {
+		routes, err := netlink.RouteGet(net.IPv4(192, 0, 2, 1)) // TEST-NET-1: any off-link address
+		if err != nil || len(routes) == 0 {
+			return nil, fmt.Errorf("find the interface for the VIP: raddr is 0.0.0.0 and there is no default route (%v): set raddr", err)
+		}
+		return netlink.LinkByIndex(routes[0].LinkIndex)
+	}
+	addrs, err := addrList(nil)
+	if err != nil {
+		return nil, fmt.Errorf("list addresses: %w", err)
+	}
+	for _, a := range addrs {
+		if ip, ok := netip.AddrFromSlice(a.IP); ok && ip.Unmap() == addr {
+			return netlink.LinkByIndex(a.LinkIndex)
+		}
+	}
+	return nil, fmt.Errorf("raddr %v is not an address of this host", addr)
+}
+
+// addVIP puts vip/32 on link unless it is already there.
+func addVIP(link netlink.Link, vip netip.Addr) (*vipAddr, error) {
+	a := &netlink.Addr{IPNet: &net.IPNet{IP: vip.AsSlice(), Mask: net.CIDRMask(32, 32)}, Label: ""}
+	v := &vipAddr{link: link, addr: a}
+	addrs, err := addrList(link)
+	if err != nil {
+		return nil, fmt.Errorf("list addresses of %s: %w", link.Attrs().Name, err)
+	}
+	for _, x := range addrs {
+		if ip, ok := netip.AddrFromSlice(x.IP); ok && ip.Unmap() == vip {
+			return v, nil
+		}
+	}
+	if err := netlink.AddrAdd(link, a); err != nil {
+		return nil, fmt.Errorf("add VIP %v to %s: %w", vip, link.Attrs().Name, err)
+	}
+	v.added = true
+	return v, nil
+}
+
+// Remove deletes the VIP if the agent added it. It is idempotent.
+func (v *vipAddr) Remove() error {
+	if v == nil || !v.added {
+		return nil
+	}
+	v.added = false
+	if err := netlink.AddrDel(v.link, v.addr); err != nil && !errors.Is(err, unix.EADDRNOTAVAIL) {
+		return fmt.Errorf("remove VIP %v from %s: %w", v.addr.IP, v.link.Attrs().Name, err)
+	}
+	return nil
+}
+
+// announce sends a gratuitous ARP for vip from link, so neighbours that
+// cached another MAC for it (a previous FE) switch to this one.
+func announce(link netlink.Link, vip netip.Addr) error {
+	ifi, err := net.InterfaceByIndex(link.Attrs().Index)
+	if err != nil {
+		return fmt.Errorf("gratuitous ARP: %w", err)
+	}
+	c, err := arp.Dial(ifi)
+	if err != nil {
+		return fmt.Errorf("gratuitous ARP on %s: %w", ifi.Name, err)
+	}
+	defer c.Close()
+	p, err := arp.NewPacket(arp.OperationRequest, ifi.HardwareAddr, vip, ethernet.Broadcast, vip)
+	if err != nil {
+		return fmt.Errorf("gratuitous ARP: %w", err)
+	}
+	if err := c.WriteTo(p, ethernet.Broadcast); err != nil {
+		return fmt.Errorf("gratuitous ARP on %s: %w", ifi.Name, err)
+	}
+	return nil
+}

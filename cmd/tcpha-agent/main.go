@@ -1,0 +1,54 @@
+// Command tcpha-agent is tcpha's daemon: the TCP handoff front end, back
+// end, or both, as its config file says.
+//
+//	tcpha-agent [-c /etc/tcpha/tcpha.conf]     run
+//	tcpha-agent -t [-c FILE]                   check the config and exit
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"tcpha/agent"
+	"tcpha/agent/config"
+)
+
+func main() {
+	path := flag.String("c", config.DefaultPath, "config `file`")
+	test := flag.Bool("t", false, "check the config file and exit")
+	flag.Parse()
+
+	cfg, err := config.Load(*path)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "tcpha-agent: %v\n", err)
+		os.Exit(1)
+	}
+	if *test {
+		roles := ""
+		if cfg.FE != nil {
+			roles += " fe"
+		}
+		if cfg.BE != nil {
+			roles += " be"
+		}
+		fmt.Printf("tcpha-agent: %s: syntax is ok, roles:%s\n", *path, roles)
+		return
+	}
+	log, closer, err := agent.NewLogger(cfg.Global, os.Stderr)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "tcpha-agent: %v\n", err)
+		os.Exit(1)
+	}
+	defer closer.Close()
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	if err := agent.Run(ctx, cfg, log); err != nil {
+		log.Error("tcpha-agent failed", "op", "run", "err", err)
+		closer.Close()
+		os.Exit(1)
+	}
+}

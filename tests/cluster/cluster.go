@@ -1,0 +1,416 @@
+// Package cluster builds a tcpha cluster out of network namespaces on one
+// machine: a switch (a bridge in its own namespace), a client, an FE and
+// BEs, each with an eth0 on the bridge, nginx on every BE and, optionally,
+// on the FE as its local node. The integration tests and `make demo` use it.
+//
+// Namespace names start with a prefix unique to the process, so parallel
+// runs do not collide; Close removes everything, and is safe to call twice.
+package cluster
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+)
+
+// Addresses inside the cluster. They exist only in the namespaces the
+// cluster creates.
+const (
+	Subnet   = "10.77.0.0/24"
+	ClientIP = "10.77.0.10"
+	FEIP     = "10.77.0.2"
+	VIP      = "10.77.0.100"
+	Port     = 80
+)
+
+// BE describes one back end host.
+type BE struct {
+	Name  string // host name: be1, be2, ...
+	IP    string
+	UAddr string // unused address for its ARP filter
+}
+
+// Options shape a cluster.
+type Options struct {
+	Agent    string   // path of the tcpha-agent binary
+	BEs      int      // number of BEs (1-9)
+	Rules    []string // FE rule lines, e.g. `rule = be2 \.jpg$`; BE names are replaced by their IPs
+	FEExtra  string   // more [fe] lines
+	BEExtra  string   // more [be] lines
+	Secret   string
+	LocalWWW bool // run nginx on the FE as its local node (redirectport 8080)
+}
+
+// Cluster is a running namespace cluster.
+type Cluster struct {
+	Dir    string
+	Prefix string
+	BEs    []BE
+	opts   Options
+
+	mu     sync.Mutex
+	agents map[string]*exec.Cmd
+	nginx  []string // pid files
+	closed bool
+}
+
+// New builds the cluster and starts nginx on the BEs; agents are started
+// with StartAgent.
+func New(opts Options) (c *Cluster, err error) {
+	if opts.BEs < 1 || opts.BEs > 9 {
+		return nil, fmt.Errorf("cluster: %d BEs (want 1-9)", opts.BEs)
+	}
+	dir, err := os.MkdirTemp("", "tcpha-cluster-")
+	if err != nil {
+		return nil, err
+	}
+	os.Chmod(dir, 0o755) // nginx workers run as an unprivileged user
+	c = &Cluster{
+		Dir:    dir,
+		Prefix: fmt.Sprintf("tcpha%d-%d-", os.Getpid()%100000, time.Now().UnixNano()%10000),
+		opts:   opts,
+		agents: map[string]*exec.Cmd{},
+	}
+	defer func() {
+		if err != nil {
+			c.Close()
+		}
+	}()
+	for i := 1; i <= opts.BEs; i++ {
+		c.BEs = append(c.BEs, BE{Name: fmt.Sprintf("be%d", i), IP: fmt.Sprintf("10.77.0.%d", 10+i), UAddr: fmt.Sprintf("10.77.0.%d", 200+i)})
+	}
+	if err := c.build(); err != nil {
+		return nil, err
+	}
+	for _, b := range c.BEs {
+		if err := c.startNginx(b.Name, "127.0.0.1:80"); err != nil {
+			return nil, err
+		}
+	}
+	if opts.LocalWWW {
+		if err := c.startNginx("fe", "127.0.0.1:8080"); err != nil {
+			return nil, err
+		}
+	}
+	return c, nil
+}
+
+// NS returns the namespace name of a host.
+func (c *Cluster) NS(host string) string { return c.Prefix + host }
+
+func (c *Cluster) hosts() []string {
+	h := []string{"client", "fe"}
+	for _, b := range c.BEs {
+		h = append(h, b.Name)
+	}
+	return h
+}
+
+func (c *Cluster) ip(host string) string {
+	switch host {
+	case "client":
+		return ClientIP
+	case "fe":
+		return FEIP
+	}
+	for _, b := range c.BEs {
+		if b.Name == host {
+			return b.IP
+		}
+	}
+	return ""
+}
+
+func run(args ...string) error {
+	out, err := exec.Command(args[0], args[1:]...).CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("%s: %v: %s", strings.Join(args, " "), err, strings.TrimSpace(string(out)))
+	}
+	return nil
+}
+
+func (c *Cluster) build() error {
+	sw := c.NS("sw")
+	steps := [][]string{
+		{"ip", "netns", "add", sw},
+		{"ip", "-n", sw, "link", "add", "br0", "type", "bridge"},
+		{"ip", "-n", sw, "link", "set", "br0", "up"},
+	}
+	for i, h := range c.hosts() {
+		ns, port := c.NS(h), fmt.Sprintf("p%d", i)
+		steps = append(steps,
+			[]string{"ip", "netns", "add", ns},
+			[]string{"ip", "-n", ns, "link", "set", "lo", "up"},
+			[]string{"ip", "-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", port, "netns", sw},
+			[]string{"ip", "-n", sw, "link", "set", port, "master", "br0"},
+			[]string{"ip", "-n", sw, "link", "set", port, "up"},
+			[]string{"ip", "-n", ns, "addr", "add", c.ip(h) + "/24", "dev", "eth0"},
+			[]string{"ip", "-n", ns, "link", "set", "eth0", "up"},
+		)
+	}
+	for _, s := range steps {
+		if err := run(s...); err != nil {
+			return fmt.Errorf("build cluster: %w", err)
+		}
+	}
+	return nil
+}
+
+// Exec returns a command that runs in host's namespace.
+func (c *Cluster) Exec(ctx context.Context, host string, args ...string) *exec.Cmd {
+	return exec.CommandContext(ctx, "ip", append([]string{"netns", "exec", c.NS(host)}, args...)...)
+}
+
+// Output runs a command in host's namespace and returns its stdout.
+func (c *Cluster) Output(ctx context.Context, host string, args ...string) (string, error) {
+	cmd := c.Exec(ctx, host, args...)
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		return string(out), fmt.Errorf("%s on %s: %v: %s", strings.Join(args, " "), host, err, strings.TrimSpace(stderr.String()))
+	}
+	return string(out), nil
+}
+
+// WWW is the document root of host's nginx.
+func (c *Cluster) WWW(host string) string { return filepath.Join(c.Dir, host, "www") }
+
+func (c *Cluster) startNginx(host, listen string) error {
+	d := filepath.Join(c.Dir, host)
+	www := c.WWW(host)
+	if err := os.MkdirAll(filepath.Join(www, "img"), 0o755); err != nil {
+		return err
+	}
+	os.Chmod(d, 0o755)
+	files := map[string]string{
+		"index.html": "index from " + host + "\n",
+		"img/a.jpg":  "jpeg from " + host + "\n",
+	}
+	for name, body := range files {
+		if err := os.WriteFile(filepath.Join(www, name), []byte(body), 0o644); err != nil {
+			return err
+		}
+	}
+	pid := filepath.Join(d, "nginx.pid")
+	conf := fmt.Sprintf(`worker_processes 1;
+pid %[1]s/nginx.pid;
+error_log %[1]s/nginx-error.log;
+events { worker_connections 1024; }
+http {
+	access_log %[1]s/access.log;
+	default_type application/octet-stream;
+	sendfile on;
+	keepalive_requests 10000;
+	server {
+		listen %[2]s;
+		root %[3]s;
+		add_header X-Served-By %[4]s always;
+	}
+}
+`, d, listen, www, host)
+	cf := filepath.Join(d, "nginx.conf")
+	if err := os.WriteFile(cf, []byte(conf), 0o644); err != nil {
+		return err
+	}
+	if err := run("ip", "netns", "exec", c.NS(host), "nginx", "-e", filepath.Join(d, "nginx-error.log"), "-c", cf); err != nil {
+		return fmt.Errorf("start nginx on %s: %w", host, err)
+	}
+	c.mu.Lock()
+	c.nginx = append(c.nginx, pid)
+	c.mu.Unlock()
+	return nil
+}
+
+// Config returns the agent config text for host.
+func (c *Cluster) Config(host string) string {
+	g := fmt.Sprintf("[global]\nloglevel = 5\nadmin = %s\n", c.AdminSocket(host))
+	if c.opts.Secret != "" {
+		g += "secret = " + c.opts.Secret + "\n"
+	}
+	if host == "fe" {
+		s := g + fmt.Sprintf("\n[fe]\nraddr = %s\nvaddr = %s\nport = %d\n", FEIP, VIP, Port)
+		for _, b := range c.BEs {
+			s += fmt.Sprintf("server = %s 666\n", b.IP)
+		}
+		for _, r := range c.opts.Rules {
+			for _, b := range c.BEs {
+				r = strings.ReplaceAll(r, "= "+b.Name+" ", "= "+b.IP+" ")
+			}
+			s += r + "\n"
+		}
+		return s + c.opts.FEExtra
+	}
+	return g + fmt.Sprintf("\n[be]\nraddr = %s\nuaddr = %s\nvaddr = %s\nport = 666\nredirectport = 80\n",
+		c.ip(host), c.be(host).UAddr, VIP) + c.opts.BEExtra
+}
+
+func (c *Cluster) be(host string) BE {
+	for _, b := range c.BEs {
+		if b.Name == host {
+			return b
+		}
+	}
+	return BE{}
+}
+
+// AdminSocket is the path of host's agent admin socket.
+func (c *Cluster) AdminSocket(host string) string { return filepath.Join(c.Dir, host+".sock") }
+
+// AgentLog is the path of host's agent log.
+func (c *Cluster) AgentLog(host string) string { return filepath.Join(c.Dir, host+"-agent.log") }
+
+// StartAgent starts tcpha-agent on host and waits until its admin socket
+// answers.
+func (c *Cluster) StartAgent(host string) error {
+	conf := filepath.Join(c.Dir, host+".conf")
+	if err := os.WriteFile(conf, []byte(c.Config(host)), 0o644); err != nil {
+		return err
+	}
+	logf, err := os.OpenFile(c.AgentLog(host), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		return err
+	}
+	defer logf.Close()
+	cmd := exec.Command("ip", "netns", "exec", c.NS(host), c.opts.Agent, "-c", conf)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	if err := cmd.Start(); err != nil {
+		return fmt.Errorf("start agent on %s: %w", host, err)
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	c.mu.Lock()
+	c.agents[host] = cmd
+	c.mu.Unlock()
+	deadline := time.Now().Add(10 * time.Second)
+	for time.Now().Before(deadline) {
+		select {
+		case err := <-exited:
+			c.mu.Lock()
+			delete(c.agents, host)
+			c.mu.Unlock()
+			return fmt.Errorf("agent on %s exited: %v; log:\n%s", host, err, c.tail(host))
+		default:
+		}
+		if _, err := c.Admin(host, "status"); err == nil {
+			go func() { <-exited }()
+			return nil
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	return fmt.Errorf("agent on %s did not come up in 10s; log:\n%s", host, c.tail(host))
+}
+
+func (c *Cluster) tail(host string) string {
+	b, _ := os.ReadFile(c.AgentLog(host))
+	if len(b) > 4000 {
+		b = b[len(b)-4000:]
+	}
+	return string(b)
+}
+
+// StopAgent sends sig to host's agent and waits up to 10 s for it to exit.
+func (c *Cluster) StopAgent(host string, sig syscall.Signal) error {
+	c.mu.Lock()
+	cmd := c.agents[host]
+	delete(c.agents, host)
+	c.mu.Unlock()
+	if cmd == nil {
+		return fmt.Errorf("no agent running on %s", host)
+	}
+	// `ip netns exec` execs the agent, so the pid is the agent's.
+	if err := cmd.Process.Signal(sig); err != nil {
+		return err
+	}
+	for range 200 {
+		if err := cmd.Process.Signal(syscall.Signal(0)); err != nil {
+			return nil
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	cmd.Process.Kill()
+	return fmt.Errorf("agent on %s still running 10s after %v", host, sig)
+}
+
+// Admin sends a command to host's agent admin socket.
+func (c *Cluster) Admin(host, cmd string) (string, error) {
+	conn, err := net.DialTimeout("unix", c.AdminSocket(host), time.Second)
+	if err != nil {
+		return "", err
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(5 * time.Second))
+	fmt.Fprintln(conn, cmd)
+	var b strings.Builder
+	sc := bufio.NewScanner(conn)
+	for sc.Scan() {
+		b.WriteString(sc.Text() + "\n")
+	}
+	return b.String(), sc.Err()
+}
+
+// Counter reads an interface statistic of host's eth0, e.g. "tx_bytes".
+func (c *Cluster) Counter(host, name string) (uint64, error) {
+	out, err := c.Output(context.Background(), host, "cat", "/sys/class/net/eth0/statistics/"+name)
+	if err != nil {
+		return 0, err
+	}
+	return strconv.ParseUint(strings.TrimSpace(out), 10, 64)
+}
+
+// MAC returns host's eth0 hardware address.
+func (c *Cluster) MAC(host string) (string, error) {
+	out, err := c.Output(context.Background(), host, "cat", "/sys/class/net/eth0/address")
+	return strings.TrimSpace(out), err
+}
+
+// Close stops agents and nginx and removes the namespaces and files.
+func (c *Cluster) Close() error {
+	c.mu.Lock()
+	if c.closed {
+		c.mu.Unlock()
+		return nil
+	}
+	c.closed = true
+	agents := c.agents
+	c.agents = map[string]*exec.Cmd{}
+	nginx := c.nginx
+	c.mu.Unlock()
+	for _, cmd := range agents {
+		cmd.Process.Signal(syscall.SIGTERM)
+	}
+	for _, cmd := range agents {
+		for i := 0; i < 100 && cmd.Process.Signal(syscall.Signal(0)) == nil; i++ {
+			time.Sleep(50 * time.Millisecond)
+		}
+		cmd.Process.Kill()
+	}
+	for _, pf := range nginx {
+		if b, err := os.ReadFile(pf); err == nil {
+			if pid, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil {
+				syscall.Kill(pid, syscall.SIGTERM)
+			}
+		}
+	}
+	var errs []error
+	for _, h := range append(c.hosts(), "sw") {
+		exec.Command("ip", "netns", "pids", c.NS(h)).Run()
+		if err := run("ip", "netns", "del", c.NS(h)); err != nil && !strings.Contains(err.Error(), "No such file") {
+			errs = append(errs, err)
+		}
+	}
+	if os.Getenv("TCPHA_KEEP") == "" {
+		os.RemoveAll(c.Dir)
+	}
+	return errors.Join(errs...)
+}
