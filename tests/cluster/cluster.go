@@ -189,13 +189,16 @@ func (c *Cluster) WWW(host string) string { return filepath.Join(c.Dir, host, "w
 func (c *Cluster) startNginx(host, listen string) error {
 	d := filepath.Join(c.Dir, host)
 	www := c.WWW(host)
-	if err := os.MkdirAll(filepath.Join(www, "img"), 0o755); err != nil {
-		return err
+	for _, sub := range []string{"img", "local"} {
+		if err := os.MkdirAll(filepath.Join(www, sub), 0o755); err != nil {
+			return err
+		}
 	}
 	os.Chmod(d, 0o755)
 	files := map[string]string{
-		"index.html": "index from " + host + "\n",
-		"img/a.jpg":  "jpeg from " + host + "\n",
+		"index.html":       "index from " + host + "\n",
+		"img/a.jpg":        "jpeg from " + host + "\n",
+		"local/index.html": "local page from " + host + "\n",
 	}
 	for name, body := range files {
 		if err := os.WriteFile(filepath.Join(www, name), []byte(body), 0o644); err != nil {

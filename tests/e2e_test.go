@@ -1,0 +1,294 @@
+// Package tests holds tcpha's integration tests: real agents, nginx, curl
+// and nft in network namespaces built by tests/cluster. They need root; in
+// CI they always run (see internal/privtest).
+package tests
+
+import (
+	"context"
+	"crypto/md5"
+	"crypto/rand"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"tcpha/internal/privtest"
+	"tcpha/tests/cluster"
+)
+
+var agentBin string
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "tcpha-bin-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	agentBin = filepath.Join(dir, "tcpha-agent")
+	if out, err := exec.Command("go", "build", "-o", agentBin, "tcpha/cmd/tcpha-agent").CombinedOutput(); err != nil {
+		fmt.Fprintf(os.Stderr, "build tcpha-agent: %v\n%s", err, out)
+		os.Exit(1)
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+const url = "http://" + cluster.VIP
+
+// curl runs curl in the client namespace and returns its stdout.
+func curl(t *testing.T, c *cluster.Cluster, args ...string) string {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	out, err := c.Output(ctx, "client", append([]string{"curl", "-sS", "-m", "30"}, args...)...)
+	if err != nil {
+		t.Fatalf("curl %v: %v", args, err)
+	}
+	return out
+}
+
+// servedBy fetches path and returns the X-Served-By header and the status.
+func servedBy(t *testing.T, c *cluster.Cluster, path string) string {
+	t.Helper()
+	return strings.TrimSpace(curl(t, c, "-o", "/dev/null", "-w", "%{http_code} %header{x-served-by}", url+path))
+}
+
+func newCluster(t *testing.T, opts cluster.Options) *cluster.Cluster {
+	t.Helper()
+	privtest.Require(t)
+	opts.Agent = agentBin
+	c, err := cluster.New(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if t.Failed() {
+			for _, h := range []string{"fe", "be1", "be2"} {
+				if b, err := os.ReadFile(c.AgentLog(h)); err == nil {
+					t.Logf("--- %s agent log (last 3000 bytes):\n%s", h, tailString(string(b), 3000))
+				}
+			}
+		}
+		if err := c.Close(); err != nil {
+			t.Errorf("cluster cleanup: %v", err)
+		}
+	})
+	for _, h := range []string{"be1", "be2", "fe"} {
+		if err := c.StartAgent(h); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return c
+}
+
+func tailString(s string, n int) string {
+	if len(s) > n {
+		return s[len(s)-n:]
+	}
+	return s
+}
+
+// TestCluster is the acceptance list of the single-handoff core, on one
+// cluster: rules `\.jpg$ -> be2`, `.* -> be1`, and `^/local/` served by the
+// FE's local node. Subtests run in order; the ones that stop agents are last.
+func TestCluster(t *testing.T) {
+	c := newCluster(t, cluster.Options{
+		BEs:      2,
+		LocalWWW: true,
+		Secret:   "integration-secret",
+		Rules:    []string{`rule = local ^/local/`, `rule = be2 \.jpg$`, `rule = be1 .*`},
+		FEExtra:  "requesttimeout = 2\nhandofftimeout = 1\ndtcinterval = 1\nredirectport = 8080\n",
+	})
+
+	t.Run("rules pick the BE", func(t *testing.T) {
+		for path, want := range map[string]string{
+			"/index.html":       "200 be1",
+			"/img/a.jpg":        "200 be2",
+			"/local/index.html": "200 fe",
+		} {
+			if got := servedBy(t, c, path); got != want {
+				t.Errorf("%s: got %q, want %q", path, got, want)
+			}
+		}
+		if got := curl(t, c, url+"/index.html"); got != "index from be1\n" {
+			t.Errorf("body %q", got)
+		}
+	})
+
+	t.Run("20 MB response bypasses the FE", func(t *testing.T) {
+		data := make([]byte, 20<<20)
+		rand.Read(data)
+		if err := os.WriteFile(filepath.Join(c.WWW("be1"), "big.bin"), data, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		before, err := c.Counter("fe", "tx_bytes")
+		if err != nil {
+			t.Fatal(err)
+		}
+		dst := filepath.Join(c.Dir, "big.download")
+		curl(t, c, "-o", dst, url+"/big.bin")
+		after, _ := c.Counter("fe", "tx_bytes")
+		got, err := os.ReadFile(dst)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if md5.Sum(got) != md5.Sum(data) {
+			t.Fatalf("download differs: %d bytes, md5 %x want %x", len(got), md5.Sum(got), md5.Sum(data))
+		}
+		sent := after - before
+		t.Logf("20 MB response; FE eth0 transmitted %d bytes", sent)
+		if sent >= 2<<20 {
+			t.Errorf("FE transmitted %d bytes for a 20 MB response, want under 2 MB", sent)
+		}
+	})
+
+	t.Run("keep-alive stays on the first BE", func(t *testing.T) {
+		out := curl(t, c, "-o", "/dev/null", "-w", "%{num_connects} %header{x-served-by}\n", url+"/index.html",
+			"-o", "/dev/null", url+"/img/a.jpg")
+		// One connection (the second transfer made none), both from be1,
+		// although /img/a.jpg alone would go to be2.
+		if out != "1 be1\n0 be1\n" {
+			t.Errorf("got %q, want one connection served by be1 twice", out)
+		}
+	})
+
+	t.Run("ARP: the VIP stays on the FE", func(t *testing.T) {
+		servedBy(t, c, "/index.html")
+		feMAC, _ := c.MAC("fe")
+		neigh, err := c.Output(context.Background(), "client", "ip", "neigh", "show", cluster.VIP)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !strings.Contains(neigh, "lladdr "+feMAC) {
+			t.Errorf("client's neighbour entry for the VIP is %q, want the FE's MAC %s", strings.TrimSpace(neigh), feMAC)
+		}
+		for _, be := range c.BEs {
+			rs, _ := c.Output(context.Background(), be.Name, "nft", "list", "ruleset")
+			if !strings.Contains(rs, "table arp tcpha") || !strings.Contains(rs, "arp saddr ip set "+be.UAddr) {
+				t.Errorf("%s: arp table missing from nft list ruleset:\n%s", be.Name, rs)
+			}
+		}
+		// The BE learnt the client's MAC although it never announced the VIP.
+		if n, _ := c.Output(context.Background(), "be1", "ip", "neigh", "show", cluster.ClientIP); !strings.Contains(n, "lladdr") {
+			t.Errorf("be1 cannot reach the client: %q", n)
+		}
+	})
+
+	t.Run("500 one-request connections at concurrency 20", func(t *testing.T) {
+		var cfg strings.Builder
+		for i := range 500 {
+			fmt.Fprintf(&cfg, "url = \"%s/index.html?n=%d\"\noutput = \"/dev/null\"\n", url, i)
+		}
+		f := filepath.Join(c.Dir, "urls.cfg")
+		os.WriteFile(f, []byte(cfg.String()), 0o644)
+		start := time.Now()
+		out := curl(t, c, "-Z", "--parallel-max", "20", "-H", "Connection: close", "-w", "%{http_code}\n", "-K", f)
+		codes := strings.Fields(out)
+		ok := 0
+		for _, code := range codes {
+			if code == "200" {
+				ok++
+			}
+		}
+		t.Logf("500 connections in %v", time.Since(start))
+		if ok != 500 {
+			t.Errorf("%d of 500 answered 200 (%d answers)", ok, len(codes))
+		}
+	})
+
+	t.Run("bad clients get an answer or a close in time", func(t *testing.T) {
+		raw := func(send string) (string, time.Duration) {
+			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+			defer cancel()
+			script := fmt.Sprintf(`exec 3<>/dev/tcp/%s/%d; printf '%s' >&3; cat <&3`, cluster.VIP, cluster.Port, send)
+			start := time.Now()
+			out, _ := c.Exec(ctx, "client", "bash", "-c", script).Output()
+			return string(out), time.Since(start)
+		}
+		var wg sync.WaitGroup
+		wg.Go(func() {
+			out, took := raw(`\x16\x03\x01\x00garbage\r\n\r\n`)
+			if !strings.HasPrefix(out, "HTTP/1.1 400 ") || took > 3*time.Second {
+				t.Errorf("garbage: %q after %v, want a 400", tailString(out, 80), took)
+			}
+		})
+		wg.Go(func() {
+			// requesttimeout = 2 s: a silent client gets a 408 and a close.
+			out, took := raw(``)
+			if !strings.HasPrefix(out, "HTTP/1.1 408 ") || took > 4*time.Second || took < 1500*time.Millisecond {
+				t.Errorf("silent client: %q after %v, want a 408 after about 2 s", tailString(out, 80), took)
+			}
+		})
+		wg.Go(func() {
+			big := strings.Repeat("a", 9000)
+			code := strings.TrimSpace(curl(t, c, "-o", "/dev/null", "-w", "%{http_code}", "-H", "X-Big: "+big, url+"/"))
+			if code != "431" {
+				t.Errorf("oversized header: status %s, want 431", code)
+			}
+		})
+		// Others are served meanwhile.
+		time.Sleep(200 * time.Millisecond)
+		if got := servedBy(t, c, "/index.html"); got != "200 be1" {
+			t.Errorf("while bad clients wait: %q", got)
+		}
+		wg.Wait()
+	})
+
+	t.Run("a BE whose agent stops: the FE answers within 5 s", func(t *testing.T) {
+		if err := c.StopAgent("be2", syscall.SIGTERM); err != nil {
+			t.Fatal(err)
+		}
+		for _, tc := range []struct{ path, want string }{
+			{"/img/a.jpg", "200 be1"}, // next matching rule's BE
+			{"/index.html", "200 be1"},
+		} {
+			start := time.Now()
+			if got := servedBy(t, c, tc.path); got != tc.want || time.Since(start) > 5*time.Second {
+				t.Errorf("%s with be2 stopped: %q after %v, want %q", tc.path, got, time.Since(start), tc.want)
+			}
+		}
+		if err := c.StopAgent("be1", syscall.SIGTERM); err != nil {
+			t.Fatal(err)
+		}
+		start := time.Now()
+		if got := servedBy(t, c, "/index.html"); got != "503" || time.Since(start) > 5*time.Second {
+			t.Errorf("no BE left: %q after %v, want a 503 from the FE", got, time.Since(start))
+		}
+		if got := servedBy(t, c, "/local/index.html"); got != "200 fe" {
+			t.Errorf("local node with no BE: %q", got)
+		}
+		// Detection brings the BEs back.
+		for _, h := range []string{"be1", "be2"} {
+			if err := c.StartAgent(h); err != nil {
+				t.Fatal(err)
+			}
+		}
+		deadline := time.Now().Add(10 * time.Second)
+		for servedBy(t, c, "/img/a.jpg") != "200 be2" {
+			if time.Now().After(deadline) {
+				t.Fatal("be2 not scheduled again 10 s after its agent restarted")
+			}
+			time.Sleep(200 * time.Millisecond)
+		}
+	})
+
+	t.Run("SIGTERM leaves nothing behind", func(t *testing.T) {
+		for _, h := range []string{"fe", "be1", "be2"} {
+			if err := c.StopAgent(h, syscall.SIGTERM); err != nil {
+				t.Fatal(err)
+			}
+			if rs, _ := c.Output(context.Background(), h, "nft", "list", "ruleset"); strings.TrimSpace(rs) != "" {
+				t.Errorf("%s: ruleset after SIGTERM:\n%s", h, rs)
+			}
+			if a, _ := c.Output(context.Background(), h, "ip", "-4", "addr"); strings.Contains(a, cluster.VIP) {
+				t.Errorf("%s: VIP still configured:\n%s", h, a)
+			}
+		}
+	})
+}
