@@ -89,7 +89,9 @@ func startFE(ctx context.Context, cfg *config.FE, secret []byte, log *slog.Logge
 		VIP: cfg.VAddr, Port: cfg.Port,
 		FreshTimeout: cfg.RequestTimeout + time.Duration(len(cfg.Servers)+1)*cfg.HandoffTimeout + 5*time.Second,
 		TimeWait:     cfg.TimeWait, IdleTimeout: cfg.IdleTimeout,
-		Size: uint32(max(65536, 4*cfg.MaxClients)),
+		// At ~4k handoffs/s (docs/performance.md) a 10 s TIME_WAIT alone
+		// holds 40k flows: size the sets well above the 65535 default.
+		Size: uint32(max(1<<18, 4*cfg.MaxClients)),
 	})
 	if err := nft.Apply(f.nftc, f.rs); err != nil {
 		return nil, fmt.Errorf("fe: %w", err)
