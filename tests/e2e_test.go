@@ -7,6 +7,7 @@ import (
 	"context"
 	"crypto/md5"
 	"crypto/rand"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -238,6 +239,50 @@ func TestCluster(t *testing.T) {
 			t.Errorf("while bad clients wait: %q", got)
 		}
 		wg.Wait()
+	})
+
+	// A SYN from a client port whose previous connection is still
+	// forwarded must reach the FE, never the old BE.
+	t.Run("a reused client port is scheduled afresh", func(t *testing.T) {
+		reuse := func(port, path string) string {
+			// The client's last socket on the port may still be in LAST_ACK
+			// for a moment: curl then fails to bind (exit 45) and we retry.
+			for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+				out, err := c.Output(context.Background(), "client", "curl", "-sS", "-m", "10", "--local-port", port,
+					"-H", "Connection: close", "-o", "/dev/null", "-w", "%{http_code} %header{x-served-by}", url+path)
+				var ee *exec.ExitError
+				if errors.As(err, &ee) && ee.ExitCode() == 45 && time.Now().Before(deadline) {
+					continue
+				}
+				if err != nil {
+					t.Fatalf("curl from port %s: %v", port, err)
+				}
+				return strings.TrimSpace(out)
+			}
+		}
+		// The server closes first (Connection: close), so the client's
+		// port is free at once while the FE still forwards the old flow.
+		if got := reuse("41000", "/img/a.jpg"); got != "200 be2" {
+			t.Fatalf("first connection: %q", got)
+		}
+		if got := reuse("41000", "/index.html"); got != "200 be1" {
+			t.Errorf("same port, other rule: %q, want be1 (the SYN went to the old BE?)", got)
+		}
+		// Same BE again while be1 holds the 4-tuple in TIME_WAIT. With TCP
+		// timestamps the kernel lets a bound connect reuse it
+		// (tcp_twsk_unique); without them the rebuild fails with
+		// EADDRNOTAVAIL unless the BE clears the TIME_WAIT.
+		c.Output(context.Background(), "client", "sysctl", "-qw", "net.ipv4.tcp_timestamps=0")
+		defer c.Output(context.Background(), "client", "sysctl", "-qw", "net.ipv4.tcp_timestamps=1")
+		for i := range 2 {
+			if got := reuse("41001", "/index.html"); got != "200 be1" {
+				t.Errorf("same port, same BE, no timestamps, request %d: %q, want be1", i+1, got)
+			}
+		}
+		conns, _ := c.Admin("fe", "conns")
+		if n := strings.Count(conns, "10.77.0.10:41000 "); n != 1 {
+			t.Errorf("connection table has %d entries for the reused port:\n%s", n, conns)
+		}
 	})
 
 	t.Run("a BE whose agent stops: the FE answers within 5 s", func(t *testing.T) {
