@@ -8,18 +8,12 @@ import (
 	"strings"
 	"sync"
 	"testing"
-	"time"
 
 	"github.com/google/nftables"
 
 	"tcpha/internal/privtest"
 )
 
-var (
-	sampleFE = FEParams{VIP: netip.MustParseAddr("10.0.0.100"), Port: 80, FreshTimeout: time.Minute,
-		TimeWait: 10 * time.Second, IdleTimeout: 15 * time.Minute, Size: 65536}
-	sampleBE = BEParams{VIP: netip.MustParseAddr("10.0.0.100"), UAddr: netip.MustParseAddr("10.0.0.250")}
-)
 
 func conn(t *testing.T, fd int) *nftables.Conn {
 	c, err := nftables.New(nftables.WithNetNSFd(fd))
