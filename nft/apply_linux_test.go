@@ -14,7 +14,6 @@ import (
 	"tcpha/internal/privtest"
 )
 
-
 func conn(t *testing.T, fd int) *nftables.Conn {
 	c, err := nftables.New(nftables.WithNetNSFd(fd))
 	if err != nil {
