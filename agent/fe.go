@@ -106,6 +106,8 @@ func startFE(ctx context.Context, cfg *config.FE, secret []byte, log *slog.Logge
 	if err := announce(link, cfg.VAddr); err != nil {
 		// Not fatal: neighbours still learn the VIP by asking for it.
 		f.log.Warn("gratuitous ARP not sent", "op", "vip", "err", err)
+	} else {
+		f.log.Debug("gratuitous ARP sent", "op", "vip", "vip", cfg.VAddr.String(), "interface", link.Attrs().Name)
 	}
 	vip := netip.AddrPortFrom(cfg.VAddr, cfg.Port)
 	if f.ln, err = (&net.ListenConfig{}).Listen(ctx, "tcp4", vip.String()); err != nil {

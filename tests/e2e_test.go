@@ -4,11 +4,14 @@
 package tests
 
 import (
+	"bufio"
 	"context"
 	"crypto/md5"
 	"crypto/rand"
 	"errors"
 	"fmt"
+	"io"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -88,6 +91,32 @@ func newCluster(t *testing.T, opts cluster.Options) *cluster.Cluster {
 	return c
 }
 
+// getFrom sends one `Connection: close` request from the client's port and
+// reads the answer to EOF; it returns "STATUS SERVED-BY".
+func getFrom(c *cluster.Cluster, port int, path string) (string, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	conn, err := c.Dial(ctx, "client", port, fmt.Sprintf("%s:%d", cluster.VIP, cluster.Port))
+	if err != nil {
+		return "", err
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(10 * time.Second))
+	fmt.Fprintf(conn, "GET %s HTTP/1.1\r\nHost: tcpha\r\nConnection: close\r\n\r\n", path)
+	br := bufio.NewReader(conn)
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		return "", fmt.Errorf("read response: %w", err)
+	}
+	io.Copy(io.Discard, resp.Body)
+	// Read the connection itself to EOF: the server closes first, so the
+	// client's port does not go into TIME_WAIT.
+	if _, err := io.Copy(io.Discard, br); err != nil {
+		return "", fmt.Errorf("wait for the server's close: %w", err)
+	}
+	return fmt.Sprintf("%d %s", resp.StatusCode, resp.Header.Get("X-Served-By")), nil
+}
+
 func tailString(s string, n int) string {
 	if len(s) > n {
 		return s[len(s)-n:]
@@ -104,7 +133,7 @@ func TestCluster(t *testing.T) {
 		LocalWWW: true,
 		Secret:   "integration-secret",
 		Rules:    []string{`rule = local ^/local/`, `rule = be2 \.jpg$`, `rule = be1 .*`},
-		FEExtra:  "requesttimeout = 2\nhandofftimeout = 1\ndtcinterval = 1\nredirectport = 8080\n",
+		FEExtra:  "requesttimeout = 2\nhandofftimeout = 1\ndtcinterval = 1\nredirectport = 8080\ntimewait = 1\n",
 	})
 
 	t.Run("rules pick the BE", func(t *testing.T) {
@@ -241,31 +270,49 @@ func TestCluster(t *testing.T) {
 		wg.Wait()
 	})
 
+	// Fixed client ports below are under the ephemeral range (32768+), so
+	// no connection of an earlier subtest can hold them.
+	t.Run("forwarding ends after the connection", func(t *testing.T) {
+		out := curl(t, c, "--local-port", "21002", "-o", "/dev/null", "-w", "%{http_code}", url+"/index.html")
+		if out != "200" {
+			t.Fatalf("request: %q", out)
+		}
+		// FIN seen -> TIME_WAIT -> removed after timewait (1 s) and one tick.
+		deadline := time.Now().Add(5 * time.Second)
+		for {
+			conns, _ := c.Admin("fe", "conns")
+			m, _ := c.Output(context.Background(), "fe", "nft", "list", "map", "ip", "tcpha", "forward")
+			if !strings.Contains(conns, ":21002 ") && !strings.Contains(m, ". 21002 :") {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("flow still forwarded 5 s after it closed:\n%s\n%s", conns, m)
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+	})
+
 	// A SYN from a client port whose previous connection is still
 	// forwarded must reach the FE, never the old BE.
 	t.Run("a reused client port is scheduled afresh", func(t *testing.T) {
-		reuse := func(port, path string) string {
-			// The client's last socket on the port may still be in LAST_ACK
-			// for a moment: curl then fails to bind (exit 45) and we retry.
+		// Each request closes server-first (Connection: close, read to EOF),
+		// so the client's port is free at once while the FE still forwards
+		// the old flow. A port briefly in LAST_ACK is retried.
+		reuse := func(port int, path string) string {
 			for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(20 * time.Millisecond) {
-				out, err := c.Output(context.Background(), "client", "curl", "-sS", "-m", "10", "--local-port", port,
-					"-H", "Connection: close", "-o", "/dev/null", "-w", "%{http_code} %header{x-served-by}", url+path)
-				var ee *exec.ExitError
-				if errors.As(err, &ee) && ee.ExitCode() == 45 && time.Now().Before(deadline) {
-					continue
+				got, err := getFrom(c, port, path)
+				if err == nil {
+					return got
 				}
-				if err != nil {
-					t.Fatalf("curl from port %s: %v", port, err)
+				if !errors.Is(err, syscall.EADDRINUSE) && !errors.Is(err, syscall.EADDRNOTAVAIL) || time.Now().After(deadline) {
+					t.Fatalf("GET %s from port %d: %v", path, port, err)
 				}
-				return strings.TrimSpace(out)
 			}
 		}
-		// The server closes first (Connection: close), so the client's
-		// port is free at once while the FE still forwards the old flow.
-		if got := reuse("41000", "/img/a.jpg"); got != "200 be2" {
+		if got := reuse(21000, "/img/a.jpg"); got != "200 be2" {
 			t.Fatalf("first connection: %q", got)
 		}
-		if got := reuse("41000", "/index.html"); got != "200 be1" {
+		if got := reuse(21000, "/index.html"); got != "200 be1" {
 			t.Errorf("same port, other rule: %q, want be1 (the SYN went to the old BE?)", got)
 		}
 		// Same BE again while be1 holds the 4-tuple in TIME_WAIT. With TCP
@@ -275,12 +322,14 @@ func TestCluster(t *testing.T) {
 		c.Output(context.Background(), "client", "sysctl", "-qw", "net.ipv4.tcp_timestamps=0")
 		defer c.Output(context.Background(), "client", "sysctl", "-qw", "net.ipv4.tcp_timestamps=1")
 		for i := range 2 {
-			if got := reuse("41001", "/index.html"); got != "200 be1" {
+			if got := reuse(21001, "/index.html"); got != "200 be1" {
 				t.Errorf("same port, same BE, no timestamps, request %d: %q, want be1", i+1, got)
 			}
 		}
 		conns, _ := c.Admin("fe", "conns")
-		if n := strings.Count(conns, "10.77.0.10:41000 "); n != 1 {
+		// One entry per flow, however often the port was reused (it may
+		// already have expired: timewait is 1 s here).
+		if n := strings.Count(conns, "10.77.0.10:21000 "); n > 1 {
 			t.Errorf("connection table has %d entries for the reused port:\n%s", n, conns)
 		}
 	})

@@ -16,11 +16,14 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/vishvananda/netns"
 )
 
 // Addresses inside the cluster. They exist only in the namespaces the
@@ -178,7 +181,7 @@ func (c *Cluster) Output(ctx context.Context, host string, args ...string) (stri
 	cmd.Stderr = &stderr
 	out, err := cmd.Output()
 	if err != nil {
-		return string(out), fmt.Errorf("%s on %s: %v: %s", strings.Join(args, " "), host, err, strings.TrimSpace(stderr.String()))
+		return string(out), fmt.Errorf("%s on %s: %w: %s", strings.Join(args, " "), host, err, strings.TrimSpace(stderr.String()))
 	}
 	return string(out), nil
 }
@@ -416,4 +419,54 @@ func (c *Cluster) Close() error {
 		os.RemoveAll(c.Dir)
 	}
 	return errors.Join(errs...)
+}
+
+// Dial opens a TCP connection from host's namespace to remote, from local
+// port localPort (0: any) with SO_REUSEADDR, so a test can reuse a client
+// port deterministically. The socket is created on a thread switched into
+// the namespace; it stays there after the thread switches back.
+func (c *Cluster) Dial(ctx context.Context, host string, localPort int, remote string) (net.Conn, error) {
+	type result struct {
+		c   net.Conn
+		err error
+	}
+	ch := make(chan result, 1)
+	go func() {
+		// The thread is left locked and so discarded when the goroutine
+		// ends, in case switching back failed.
+		runtime.LockOSThread()
+		orig, err := netns.Get()
+		if err != nil {
+			ch <- result{nil, err}
+			return
+		}
+		defer orig.Close()
+		target, err := netns.GetFromName(c.NS(host))
+		if err != nil {
+			ch <- result{nil, fmt.Errorf("namespace of %s: %w", host, err)}
+			return
+		}
+		defer target.Close()
+		if err := netns.Set(target); err != nil {
+			ch <- result{nil, fmt.Errorf("enter namespace of %s: %w", host, err)}
+			return
+		}
+		d := net.Dialer{
+			LocalAddr: &net.TCPAddr{Port: localPort},
+			Control: func(_, _ string, rc syscall.RawConn) error {
+				var serr error
+				rc.Control(func(fd uintptr) {
+					serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_REUSEADDR, 1)
+				})
+				return serr
+			},
+		}
+		conn, err := d.DialContext(ctx, "tcp4", remote)
+		if serr := netns.Set(orig); serr == nil {
+			runtime.UnlockOSThread()
+		}
+		ch <- result{conn, err}
+	}()
+	r := <-ch
+	return r.c, r.err
 }
