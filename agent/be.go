@@ -25,11 +25,9 @@ import (
 // be is a back end: it rebuilds handed-off connections and relays them to
 // the unmodified local web server, which answers the client directly.
 type be struct {
-	cfg  *config.BE
-	log  *slog.Logger
-	nftc *nftables.Conn
-	rs   *nft.Ruleset
-	vip  *vipAddr
+	cfg *config.BE
+	log *slog.Logger
+	installed
 	ln   net.Listener
 	recv *handoff.Receiver
 }
@@ -121,24 +119,10 @@ func (b *be) run(ctx context.Context) {
 
 // stop undoes what startBE did. It is idempotent.
 func (b *be) stop() error {
-	var errs []error
 	if b.ln != nil {
 		b.ln.Close()
 	}
-	if err := b.vip.Remove(); err != nil {
-		errs = append(errs, err)
-	}
-	if b.nftc != nil && b.rs != nil {
-		if err := nft.Remove(b.nftc, b.rs.Table); err != nil {
-			errs = append(errs, err)
-		}
-		b.rs = nil
-	}
-	if b.nftc != nil {
-		b.nftc.CloseLasting()
-		b.nftc = nil
-	}
-	return errors.Join(errs...)
+	return b.undo()
 }
 
 func (b *be) status(w io.Writer) {

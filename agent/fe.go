@@ -27,10 +27,9 @@ import (
 // fe is the front end: it owns the VIP, reads each connection's first
 // request, and hands the connection to the BE its rule picks.
 type fe struct {
-	cfg    *config.FE
-	log    *slog.Logger
-	nftc   *nftables.Conn
-	rs     *nft.Ruleset
+	cfg *config.FE
+	log *slog.Logger
+	installed
 	flows  *nft.Flows
 	table  *conntab.Table
 	sched  *backends.Scheduler
@@ -38,7 +37,6 @@ type fe struct {
 	pool   *backends.Pool
 	client *handoff.Client
 	sender *handoff.Sender
-	vip    *vipAddr
 	ln     net.Listener
 
 	stats feStats
@@ -371,27 +369,13 @@ func (f *fe) markDown(be netip.Addr, err error) {
 // stop undoes what startFE did. Handed-off connections lose their
 // forwarding with the table. It is idempotent.
 func (f *fe) stop() error {
-	var errs []error
 	if f.ln != nil {
 		f.ln.Close()
 	}
 	if f.pool != nil {
 		f.pool.Close()
 	}
-	if err := f.vip.Remove(); err != nil {
-		errs = append(errs, err)
-	}
-	if f.nftc != nil && f.rs != nil {
-		if err := nft.Remove(f.nftc, f.rs.Table); err != nil {
-			errs = append(errs, err)
-		}
-		f.rs = nil
-	}
-	if f.nftc != nil {
-		f.nftc.CloseLasting()
-		f.nftc = nil
-	}
-	return errors.Join(errs...)
+	return f.undo()
 }
 
 func (f *fe) status(w io.Writer) {

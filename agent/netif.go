@@ -6,11 +6,42 @@ import (
 	"net"
 	"net/netip"
 
+	"github.com/google/nftables"
 	"github.com/mdlayher/arp"
 	"github.com/mdlayher/ethernet"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"tcpha/nft"
 )
+
+// installed is what a role put in the kernel: its nft table, on a lasting
+// netlink connection, and the VIP.
+type installed struct {
+	nftc *nftables.Conn
+	rs   *nft.Ruleset
+	vip  *vipAddr
+}
+
+// undo removes the table and the VIP (if the agent added it) and closes the
+// nft connection. It is idempotent.
+func (in *installed) undo() error {
+	var errs []error
+	if err := in.vip.Remove(); err != nil {
+		errs = append(errs, err)
+	}
+	if in.nftc != nil && in.rs != nil {
+		if err := nft.Remove(in.nftc, in.rs.Table); err != nil {
+			errs = append(errs, err)
+		}
+		in.rs = nil
+	}
+	if in.nftc != nil {
+		in.nftc.CloseLasting()
+		in.nftc = nil
+	}
+	return errors.Join(errs...)
+}
 
 // vipAddr is a VIP the agent put on an interface. Remove deletes it only if
 // the agent added it: an address the operator configured stays.
