@@ -21,18 +21,43 @@ import (
 	"tcpha/agent/config"
 )
 
+// StopMode is how the agent stops when its context ends.
+type StopMode int
+
+const (
+	// StopDrain (SIGTERM, SIGINT): stop taking new clients, let handed-off
+	// connections finish for up to the configured drain time, then remove
+	// the tables and the VIP.
+	StopDrain StopMode = iota
+	// StopHandover (SIGQUIT): exit at once and leave the tables and the VIP
+	// in the kernel; forwarding goes on, and the next agent adopts it.
+	StopHandover
+)
+
 // Run starts the roles cfg asks for and serves until ctx is done, then
-// removes everything it installed.
-func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) (err error) {
+// stops as mode says (it is asked once ctx is done).
+func Run(ctx context.Context, cfg *config.Config, log *slog.Logger, mode func() StopMode) (err error) {
 	var f *fe
 	var b *be
+	handover := false
 	defer func() {
 		var errs []error
-		if f != nil {
-			errs = append(errs, f.stop())
-		}
-		if b != nil {
-			errs = append(errs, b.stop())
+		switch {
+		case handover:
+			if f != nil {
+				f.handover()
+			}
+			if b != nil {
+				b.handover()
+			}
+			log.Info("handed over: tables and VIP left for the next agent", "op", "stop")
+		default:
+			if f != nil {
+				errs = append(errs, f.stop())
+			}
+			if b != nil {
+				errs = append(errs, b.stop())
+			}
 		}
 		if cerr := errors.Join(errs...); cerr != nil {
 			log.Error("cleanup incomplete", "op", "stop", "err", cerr)
@@ -54,16 +79,32 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) (err error) 
 	if err != nil {
 		return err
 	}
+	// keep outlives ctx by the drain: the kernel-facing loops must follow
+	// the connections that are still finishing.
+	keep, stopKeep := context.WithCancel(context.Background())
+	defer stopKeep()
 	var wg sync.WaitGroup
-	wg.Go(func() { serveAdmin(ctx, admin, f, b, log) })
+	wg.Go(func() { serveAdmin(keep, admin, f, b, log) })
 	if b != nil {
 		wg.Go(func() { b.run(ctx) })
 	}
 	if f != nil {
-		wg.Go(func() { f.run(ctx) })
+		wg.Go(func() { f.run(ctx, keep) })
 	}
 	<-ctx.Done()
-	log.Info("stopping", "op", "stop")
+	handover = mode() == StopHandover
+	if !handover {
+		log.Info("stopping: draining handed-off connections", "op", "stop")
+		var dwg sync.WaitGroup
+		if f != nil {
+			dwg.Go(func() { f.drain(cfg.FE.Drain) })
+		}
+		if b != nil {
+			dwg.Go(func() { b.drain(cfg.BE.Drain) })
+		}
+		dwg.Wait()
+	}
+	stopKeep()
 	wg.Wait()
 	return nil
 }

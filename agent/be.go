@@ -117,12 +117,33 @@ func (b *be) run(ctx context.Context) {
 	}
 }
 
-// stop undoes what startBE did. It is idempotent.
+// drain waits up to d for the relays to end. The handoff listener is
+// already closed, so the FE sends new connections elsewhere.
+func (b *be) drain(d time.Duration) {
+	done := make(chan struct{})
+	go func() { b.recv.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(d):
+		b.log.Warn("drain time over; cutting relayed connections", "op", "stop", "relaying", b.recv.Stats().Active)
+	}
+}
+
+// stop undoes what startBE did; handover leaves the ARP filter and the VIP
+// for the next agent (the relayed connections end with this process). Both
+// are idempotent.
 func (b *be) stop() error {
 	if b.ln != nil {
 		b.ln.Close()
 	}
 	return b.undo()
+}
+
+func (b *be) handover() {
+	if b.ln != nil {
+		b.ln.Close()
+	}
+	b.keep()
 }
 
 func (b *be) status(w io.Writer) {

@@ -22,6 +22,7 @@ import (
 	"tcpha/handoff/wire"
 	"tcpha/nft"
 	"tcpha/phttp"
+	"tcpha/queue"
 )
 
 // fe is the front end: it owns the VIP, reads each connection's first
@@ -38,6 +39,10 @@ type fe struct {
 	client *handoff.Client
 	sender *handoff.Sender
 	ln     net.Listener
+	reader *queue.Reader
+	obs    *queue.Observer
+	reaper *conntab.Reaper
+	qmode  nft.QueueMode
 
 	stats feStats
 }
@@ -83,15 +88,7 @@ func startFE(ctx context.Context, cfg *config.FE, secret []byte, log *slog.Logge
 	}
 	// The forwarding table goes in before the VIP, so the first packet for
 	// the VIP already meets it.
-	f.rs = nft.FE(nft.FEParams{
-		VIP: cfg.VAddr, Port: cfg.Port,
-		FreshTimeout: cfg.RequestTimeout + time.Duration(len(cfg.Servers)+1)*cfg.HandoffTimeout + 5*time.Second,
-		TimeWait:     cfg.TimeWait, IdleTimeout: cfg.IdleTimeout,
-		// At ~4k handoffs/s (docs/performance.md) a 10 s TIME_WAIT alone
-		// holds 40k flows: size the sets well above the 65535 default.
-		Size: uint32(max(1<<18, 4*cfg.MaxClients)),
-	})
-	if err := nft.Apply(f.nftc, f.rs); err != nil {
+	if err := f.installTable(); err != nil {
 		return nil, fmt.Errorf("fe: %w", err)
 	}
 	link, err := linkOf(cfg.RAddr)
@@ -111,7 +108,25 @@ func startFE(ctx context.Context, cfg *config.FE, secret []byte, log *slog.Logge
 	if f.ln, err = (&net.ListenConfig{}).Listen(ctx, "tcp4", vip.String()); err != nil {
 		return nil, fmt.Errorf("fe: listen on VIP %v: %w", vip, err)
 	}
+	// Only one socket per namespace may bind a queue number (FACTS.md).
+	if f.reader, err = queue.Open(cfg.QueueNum, f.log); err != nil {
+		return nil, fmt.Errorf("fe: %w (another agent in this network namespace? set [fe] queuenum)", err)
+	}
+	f.obs = &queue.Observer{
+		Table: f.table, VIP: vip, TimeWait: cfg.TimeWait, RSTWait: min(cfg.TimeWait, time.Second), Now: time.Now,
+	}
 	f.flows = nft.NewFlows(f.nftc, f.rs)
+	f.reaper = &conntab.Reaper{
+		Table: f.table, Unforward: f.flows.Unforward, Idle: cfg.IdleTimeout, Tick: min(time.Second, cfg.TimeWait),
+		IdleEvery: min(max(cfg.IdleTimeout/4, time.Second), time.Minute), Log: f.log,
+		Alive: func(ctx context.Context) (func(netip.AddrPort) bool, error) {
+			m, err := f.flows.Members(ctx, nft.SetAlive)
+			if err != nil {
+				return nil, err
+			}
+			return func(k netip.AddrPort) bool { _, ok := m[k]; return ok }, nil
+		},
+	}
 	f.pool = backends.NewPool(dialControl(cfg.RAddr), cfg.ConnPerBE)
 	f.client = &handoff.Client{Pool: f.pool, Codec: wire.Codec{Secret: secret}}
 	f.sched = backends.NewScheduler(cfg.Rules, cfg.Servers, f.health)
@@ -129,6 +144,55 @@ func startFE(ctx context.Context, cfg *config.FE, secret []byte, log *slog.Logge
 	return f, nil
 }
 
+// installTable installs the FE's table, taking over the forwarding a
+// previous agent left in the kernel (it crashed, or handed over with
+// SIGQUIT) in the same transaction, so its clients never notice. The native
+// queue expression is tried first; a kernel without nft_queue refuses it
+// when the batch is committed, and the xtables target is used instead.
+func (f *fe) installTable() error {
+	cfg := f.cfg
+	carried, err := nft.ReadCarried(f.nftc, nft.FE(nft.FEParams{}).Table)
+	if err != nil {
+		return fmt.Errorf("read the previous agent's flows: %w", err)
+	}
+	p := nft.FEParams{
+		VIP: cfg.VAddr, Port: cfg.Port,
+		FreshTimeout: cfg.RequestTimeout + time.Duration(len(cfg.Servers)+1)*cfg.HandoffTimeout + 5*time.Second,
+		TimeWait:     cfg.TimeWait, IdleTimeout: cfg.IdleTimeout,
+		// At ~4k handoffs/s (docs/performance.md) a 10 s TIME_WAIT alone
+		// holds 40k flows: size the sets well above the 65535 default.
+		Size:     uint32(max(1<<18, 4*cfg.MaxClients)),
+		QueueNum: cfg.QueueNum,
+	}
+	var errs []error
+	for _, mode := range []nft.QueueMode{nft.QueueNative, nft.QueueCompat} {
+		p.Queue = mode
+		rs := nft.FE(p)
+		rs.Init = carried.Init()
+		if err := nft.Apply(f.nftc, rs); err != nil {
+			errs = append(errs, fmt.Errorf("with the %v: %w", mode, err))
+			continue
+		}
+		f.rs, f.qmode = rs, mode
+		f.log.Info("NFQUEUE rule installed", "op", "start", "queue", cfg.QueueNum, "via", mode.String(),
+			"refused", errors.Join(errs...))
+		now := time.Now()
+		for k, be := range carried.Forward {
+			state, until := conntab.Handoffed, time.Time{}
+			if carried.Closing[k] {
+				state, until = conntab.TimeWait, now.Add(cfg.TimeWait)
+			}
+			f.table.Adopt(k, be, state, now, until)
+		}
+		if len(carried.Forward) > 0 {
+			f.log.Info("adopted the previous agent's handed-off connections", "op", "start",
+				"forwarded", len(carried.Forward), "closing", len(carried.Closing))
+		}
+		return nil
+	}
+	return errors.Join(errs...)
+}
+
 func dialControl(raddr netip.Addr) backends.DialFunc {
 	d := &net.Dialer{Timeout: time.Second, KeepAlive: 15 * time.Second}
 	if raddr.IsValid() && !raddr.IsUnspecified() {
@@ -140,21 +204,40 @@ func dialControl(raddr netip.Addr) backends.DialFunc {
 	}
 }
 
-// run serves until ctx is done.
-func (f *fe) run(ctx context.Context) {
+// run serves clients until serve is done; the kernel-facing loops (flow
+// updates, the queue, expiry) go on until keep is done, so that handed-off
+// connections can drain in between.
+func (f *fe) run(serve, keep context.Context) {
 	var wg sync.WaitGroup
-	wg.Go(func() { f.flows.Run(ctx) })
-	wg.Go(func() { f.expireLoop(ctx) })
+	wg.Go(func() { f.flows.Run(keep) })
+	wg.Go(func() { f.reaper.Run(keep) })
+	wg.Go(func() {
+		if err := f.reader.Run(keep, f.obs.Handle); err != nil {
+			f.log.Error("NFQUEUE reader stopped", "op", "queue", "err", err)
+		}
+	})
 	if f.cfg.DtcInterval > 0 {
-		wg.Go(func() { f.detectLoop(ctx) })
+		wg.Go(func() { f.detectLoop(serve) })
 	}
-	f.acceptLoop(ctx)
+	f.acceptLoop(serve, keep)
 	wg.Wait()
 }
 
-// acceptLoop accepts clients, at most maxclients at once; beyond that they
-// wait in the listen backlog.
-func (f *fe) acceptLoop(ctx context.Context) {
+// drain waits until no connection is left in the table, or up to d.
+func (f *fe) drain(d time.Duration) {
+	deadline := time.Now().Add(d)
+	for f.table.Len() > 0 && time.Now().Before(deadline) {
+		time.Sleep(100 * time.Millisecond)
+	}
+	if n := f.table.Len(); n > 0 {
+		f.log.Warn("drain time over; cutting handed-off connections", "op", "stop", "connections", n)
+	}
+}
+
+// acceptLoop accepts clients until ctx is done, at most maxclients at once;
+// beyond that they wait in the listen backlog. Each connection's work runs
+// under work, so a handoff under way when the agent stops still completes.
+func (f *fe) acceptLoop(ctx, work context.Context) {
 	stop := context.AfterFunc(ctx, func() { f.ln.Close() })
 	defer stop()
 	slots := make(chan struct{}, f.cfg.MaxClients)
@@ -179,7 +262,7 @@ func (f *fe) acceptLoop(ctx context.Context) {
 		f.stats.add(func(s *feCounters) { s.accepted++ })
 		wg.Go(func() {
 			defer func() { <-slots }()
-			f.serve(ctx, c.(*net.TCPConn))
+			f.serve(work, c.(*net.TCPConn))
 		})
 	}
 }
@@ -284,50 +367,6 @@ func (s tcpSocket) Dump(consumed []byte) (*wire.ConnInfo, error) { return repair
 func (s tcpSocket) CloseSilently() error                         { return repair.CloseSilently(s.c) }
 func (s tcpSocket) Resume() error                                { return repair.Resume(s.c) }
 
-// expireLoop follows the handed-off flows' ends: a flow that carried FIN or
-// RST enters TIME_WAIT and is unforwarded after timewait; a flow silent for
-// idletimeout is unforwarded too.
-func (f *fe) expireLoop(ctx context.Context) {
-	tick := time.NewTicker(time.Second)
-	defer tick.Stop()
-	idleEvery := min(max(f.cfg.IdleTimeout/4, time.Second), time.Minute)
-	lastIdle := time.Now()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-tick.C:
-		}
-		if f.table.Len() == 0 {
-			continue
-		}
-		now := time.Now()
-		closing, err := f.flows.Members(ctx, nft.SetClosing)
-		if err != nil {
-			f.log.Warn("read closing flows", "op", "expire", "err", err)
-			continue
-		}
-		for k := range closing {
-			if f.table.Closing(k, now) {
-				f.log.Debug("connection closing", "op", "expire", "client", k.String(), "state", conntab.TimeWait.String())
-			}
-		}
-		var alive func(netip.AddrPort) bool
-		if now.Sub(lastIdle) >= idleEvery {
-			lastIdle = now
-			if m, err := f.flows.Members(ctx, nft.SetAlive); err == nil {
-				alive = func(k netip.AddrPort) bool { _, ok := m[k]; return ok }
-			}
-		}
-		for _, k := range f.table.Expired(now, f.cfg.TimeWait, f.cfg.IdleTimeout, alive) {
-			if err := f.flows.Unforward(ctx, k); err != nil {
-				f.log.Warn("unforward", "op", "expire", "client", k.String(), "err", err)
-			}
-			f.table.Remove(k)
-		}
-	}
-}
-
 // detectLoop is the seed's BE detection (4.9): a ping every dtcinterval;
 // a BE that does not answer is not scheduled until it answers again.
 func (f *fe) detectLoop(ctx context.Context) {
@@ -366,16 +405,28 @@ func (f *fe) markDown(be netip.Addr, err error) {
 	}
 }
 
-// stop undoes what startFE did. Handed-off connections lose their
-// forwarding with the table. It is idempotent.
+// stop undoes what startFE did; handover instead leaves the table and the
+// VIP for the next agent. Both are idempotent.
 func (f *fe) stop() error {
+	f.release()
+	return f.undo()
+}
+
+func (f *fe) handover() {
+	f.release()
+	f.keep()
+}
+
+func (f *fe) release() {
 	if f.ln != nil {
 		f.ln.Close()
 	}
 	if f.pool != nil {
 		f.pool.Close()
 	}
-	return f.undo()
+	if f.reader != nil {
+		f.reader.Close()
+	}
 }
 
 func (f *fe) status(w io.Writer) {
@@ -384,9 +435,17 @@ func (f *fe) status(w io.Writer) {
 	if s.handoffLatencyCount > 0 {
 		avg = s.handoffLatencySum / s.handoffLatencyCount
 	}
-	fmt.Fprintf(w, "fe vip=%v:%d pid=%d\n", f.cfg.VAddr, f.cfg.Port, os.Getpid())
+	fmt.Fprintf(w, "fe vip=%v:%d pid=%d queue=%d via %v\n", f.cfg.VAddr, f.cfg.Port, os.Getpid(), f.cfg.QueueNum, f.qmode)
 	fmt.Fprintf(w, "  accepted=%d handed_off=%d local=%d answered_503=%d bad_request=%d too_large=%d timeout=%d closed_early=%d avg_handoff=%v\n",
 		s.accepted, s.handedOff, s.local, s.failed503, s.badRequests, s.tooLarge, s.timeouts, s.eofs, avg)
+	states := f.table.Count()
+	fmt.Fprintf(w, "  connections: handoffing=%d handoffed=%d time_wait=%d\n",
+		states[conntab.Handoffing], states[conntab.Handoffed], states[conntab.TimeWait])
+	fmt.Fprintf(w, "  queued=%d", f.obs.Total())
+	for _, c := range f.obs.Counts() {
+		fmt.Fprintf(w, " %s:%d", c.Label, c.N)
+	}
+	fmt.Fprintln(w)
 	for _, srv := range f.cfg.Servers {
 		state := "up"
 		if since, down := f.health.DownSince(srv.Addr); down {

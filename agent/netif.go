@@ -43,6 +43,16 @@ func (in *installed) undo() error {
 	return errors.Join(errs...)
 }
 
+// keep closes the nft connection but leaves the table and the VIP in the
+// kernel, for the next agent to adopt.
+func (in *installed) keep() {
+	if in.nftc != nil {
+		in.nftc.CloseLasting()
+		in.nftc = nil
+	}
+	in.rs = nil
+}
+
 // vipAddr is a VIP the agent put on an interface. Remove deletes it only if
 // the agent added it: an address the operator configured stays.
 type vipAddr struct {
@@ -89,9 +99,22 @@ func linkOf(addr netip.Addr) (netlink.Link, error) {
 	return nil, fmt.Errorf("raddr %v is not an address of this host", addr)
 }
 
-// addVIP puts vip/32 on link unless it is already there.
+// vipLabel marks the VIPs tcpha adds (`ip addr` shows it), so an agent
+// that restarts after a crash knows the address is tcpha's to remove at a
+// clean stop. Labels must start with the interface name and fit IFNAMSIZ.
+func vipLabel(link netlink.Link) string {
+	l := link.Attrs().Name + ":tcpha"
+	if len(l) > 15 {
+		return ""
+	}
+	return l
+}
+
+// addVIP puts vip/32 on link unless it is already there. An address that
+// carries tcpha's label counts as added by the agent.
 func addVIP(link netlink.Link, vip netip.Addr) (*vipAddr, error) {
-	a := &netlink.Addr{IPNet: &net.IPNet{IP: vip.AsSlice(), Mask: net.CIDRMask(32, 32)}, Label: ""}
+	label := vipLabel(link)
+	a := &netlink.Addr{IPNet: &net.IPNet{IP: vip.AsSlice(), Mask: net.CIDRMask(32, 32)}, Label: label}
 	v := &vipAddr{link: link, addr: a}
 	addrs, err := addrList(link)
 	if err != nil {
@@ -99,6 +122,7 @@ func addVIP(link netlink.Link, vip netip.Addr) (*vipAddr, error) {
 	}
 	for _, x := range addrs {
 		if ip, ok := netip.AddrFromSlice(x.IP); ok && ip.Unmap() == vip {
+			v.added = label != "" && x.Label == label
 			return v, nil
 		}
 	}

@@ -121,14 +121,16 @@ func (s *Sender) Migrate(ctx context.Context, sock Socket, flow netip.AddrPort, 
 			s.Log.Warn("handoff refused", "op", "handoff", "client", flow, "be", be, "err", err)
 			continue
 		}
-		replace, err := s.Table.Handed(flow, be.Addr(), s.Now())
+		// The kernel first, then the table: a failed switch leaves the
+		// connection HANDOFFING, from where failing is a legal step.
+		prev, _ := s.Table.Get(flow)
+		err = s.Flows.Forward(ctx, flow, be.Addr(), prev.Forwarded)
 		if err == nil {
-			err = s.Flows.Forward(ctx, flow, be.Addr(), replace)
+			_, err = s.Table.Handed(flow, be.Addr(), s.Now())
 		}
 		if err != nil {
 			// The BE holds a rebuilt socket nobody forwards to: drop it.
 			offer.Abort()
-			s.Table.Remove(flow)
 			s.fail(ctx, flow, true)
 			if rerr := sock.Resume(); rerr != nil {
 				err = errors.Join(err, rerr)

@@ -21,7 +21,7 @@ func Apply(c *nftables.Conn, rs *Ruleset) error {
 	}
 	ids := map[string]uint32{}
 	for _, s := range rs.Sets {
-		if err := c.AddSet(s, nil); err != nil {
+		if err := c.AddSet(s, rs.Init[s.Name]); err != nil {
 			return fmt.Errorf("install %s table: add set %s: %w", family(rs.Table), s.Name, err)
 		}
 		ids[s.Name] = s.ID
@@ -94,4 +94,58 @@ func ParseKey(b []byte) (netip.AddrPort, error) {
 		return netip.AddrPort{}, errors.New("flow key: want 8 bytes")
 	}
 	return netip.AddrPortFrom(netip.AddrFrom4([4]byte(b[:4])), uint16(b[4])<<8|uint16(b[5])), nil
+}
+
+// Carried are the per-flow elements an agent takes over from the table its
+// predecessor left: HANDOFFED flows and those already closing. Flows that
+// were HANDOFFING died with the predecessor's sockets and are not carried.
+type Carried struct {
+	Forward map[netip.AddrPort]netip.Addr
+	Closing map[netip.AddrPort]bool
+}
+
+// ReadCarried reads the forward map and closing set of the installed FE
+// table, if there is one. A table without them yields nothing.
+func ReadCarried(c *nftables.Conn, t *nftables.Table) (*Carried, error) {
+	out := &Carried{Forward: map[netip.AddrPort]netip.Addr{}, Closing: map[netip.AddrPort]bool{}}
+	if ok, err := Exists(c, t); err != nil || !ok {
+		return out, err
+	}
+	read := func(name string, fn func(k netip.AddrPort, v []byte)) error {
+		s, err := c.GetSetByName(t, name)
+		if err != nil {
+			return nil // an older layout: nothing to carry
+		}
+		els, err := c.GetSetElements(s)
+		if err != nil {
+			return fmt.Errorf("read %s: %w", name, err)
+		}
+		for _, el := range els {
+			if k, err := ParseKey(el.Key); err == nil {
+				fn(k, el.Val)
+			}
+		}
+		return nil
+	}
+	err := read(MapForward, func(k netip.AddrPort, v []byte) {
+		if len(v) == 4 {
+			out.Forward[k] = netip.AddrFrom4([4]byte(v))
+		}
+	})
+	if err == nil {
+		err = read(SetClosing, func(k netip.AddrPort, _ []byte) { out.Closing[k] = true })
+	}
+	return out, err
+}
+
+// Init returns the elements that install carried in a new FE ruleset.
+func (cr *Carried) Init() map[string][]nftables.SetElement {
+	init := map[string][]nftables.SetElement{}
+	for k, be := range cr.Forward {
+		init[MapForward] = append(init[MapForward], nftables.SetElement{Key: Key(k), Val: be.AsSlice()})
+		if cr.Closing[k] {
+			init[SetClosing] = append(init[SetClosing], nftables.SetElement{Key: Key(k)})
+		}
+	}
+	return init
 }

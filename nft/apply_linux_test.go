@@ -144,3 +144,49 @@ func TestFlows(t *testing.T) {
 		t.Errorf("forward map not empty:\n%s", out)
 	}
 }
+
+// A restarted agent carries its predecessor's forwarding into the new table
+// in the same transaction that replaces it.
+func TestCarryOver(t *testing.T) {
+	_, fd := privtest.NetNS(t)
+	c := conn(t, fd)
+	rs := FE(sampleFE)
+	if err := Apply(c, rs); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	f := NewFlows(conn(t, fd), rs)
+	go f.Run(ctx)
+	a := netip.MustParseAddrPort("10.0.0.10:1000")
+	b := netip.MustParseAddrPort("10.0.0.10:1001")
+	be := netip.MustParseAddr("10.0.0.11")
+	for _, k := range []netip.AddrPort{a, b} {
+		f.Block(ctx, k)
+		f.Forward(ctx, k, be, false)
+	}
+	f.Block(ctx, netip.MustParseAddrPort("10.0.0.10:1002")) // HANDOFFING: not carried
+
+	fresh := conn(t, fd)
+	carried, err := ReadCarried(fresh, rs.Table)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(carried.Forward) != 2 || carried.Forward[a] != be {
+		t.Fatalf("carried %+v", carried)
+	}
+	carried.Closing[b] = true // as if b's FIN had been seen
+	next := FE(sampleFE)
+	next.Init = carried.Init()
+	if err := Apply(fresh, next); err != nil {
+		t.Fatal(err)
+	}
+	again, err := ReadCarried(fresh, next.Table)
+	if err != nil || len(again.Forward) != 2 || !again.Closing[b] || again.Closing[a] {
+		t.Errorf("after the carry-over: %+v, %v", again, err)
+	}
+	none, err := ReadCarried(fresh, BE(sampleBE).Table)
+	if err != nil || len(none.Forward) != 0 {
+		t.Errorf("no table: %+v %v", none, err)
+	}
+}

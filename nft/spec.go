@@ -8,12 +8,14 @@
 package nft
 
 import (
+	"encoding/binary"
 	"net/netip"
 	"time"
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/binaryutil"
 	"github.com/google/nftables/expr"
+	"github.com/google/nftables/xt"
 	"golang.org/x/sys/unix"
 )
 
@@ -36,6 +38,9 @@ type Ruleset struct {
 	Chains []*nftables.Chain
 	Sets   []*nftables.Set
 	Rules  []*nftables.Rule
+	// Init holds elements installed with their set, by set name: the flows
+	// an agent takes over from its predecessor.
+	Init map[string][]nftables.SetElement
 }
 
 // Set returns the named set of the ruleset, or nil.
@@ -61,6 +66,28 @@ type FEParams struct {
 	IdleTimeout time.Duration
 	// Size caps each set (a dynamic set without one is capped at 65535).
 	Size uint32
+	// QueueNum is the NFQUEUE queue the agent reads; Queue how the rule
+	// reaches it.
+	QueueNum uint16
+	Queue    QueueMode
+}
+
+// QueueMode is how a rule hands a packet to NFQUEUE.
+type QueueMode uint8
+
+const (
+	// QueueNative is nft's own queue expression (CONFIG_NFT_QUEUE).
+	QueueNative QueueMode = iota
+	// QueueCompat is the xtables NFQUEUE target through nft_compat, for
+	// kernels without nft_queue, such as this project's (FACTS.md).
+	QueueCompat
+)
+
+func (m QueueMode) String() string {
+	if m == QueueCompat {
+		return "xtables NFQUEUE target (nft_compat)"
+	}
+	return "native nft queue"
 }
 
 // keyType is the flow key: the client's address and port. The VIP and port
@@ -94,8 +121,13 @@ const (
 //     must never reach the previous connection's BE;
 //  3. HANDOFFING flows are dropped;
 //  4. fresh flows are local;
-//  5. HANDOFFED flows are copied to their BE and dropped here; FIN and RST
-//     also mark the flow closing so the agent can expire it.
+//  5. the first FIN or RST of a HANDOFFED flow is copied to its BE, marked
+//     closing, and queued to the agent, which moves the connection to
+//     TIME_WAIT. Queueing comes after the copy and without the bypass flag:
+//     the agent only observes, and when it is down the kernel drops the
+//     original while the BE still gets its copy;
+//  6. every other packet of a HANDOFFED flow is copied to its BE and
+//     dropped here, never leaving the kernel.
 func FE(p FEParams) *Ruleset {
 	t := &nftables.Table{Family: nftables.TableFamilyIPv4, Name: TableName}
 	c := &nftables.Chain{
@@ -112,7 +144,7 @@ func FE(p FEParams) *Ruleset {
 	block := set(SetBlock, 0, false, "HANDOFFING: dropped while the connection moves")
 	fwd := set(MapForward, 0, false, "HANDOFFED: client flow -> BE")
 	fwd.IsMap, fwd.DataType = true, nftables.TypeIPAddr
-	closing := set(SetClosing, p.TimeWait, true, "HANDOFFED flows that sent FIN or RST")
+	closing := set(SetClosing, 2*p.TimeWait, true, "HANDOFFED flows whose FIN or RST the agent has seen")
 	alive := set(SetAlive, p.IdleTimeout, true, "HANDOFFED flows with recent packets")
 
 	vip := matchVIP(p.VIP, p.Port)
@@ -122,8 +154,8 @@ func FE(p FEParams) *Ruleset {
 			loadKey(), dynsetUpdate(fresh), counter(), verdict(expr.VerdictAccept)),
 		cat(vip, loadKey(), lookup(block, false), counter(), verdict(expr.VerdictDrop)),
 		cat(vip, loadKey(), lookup(fresh, false), verdict(expr.VerdictAccept)),
-		cat(vip, tcpFlags(tcpFIN|tcpRST, 0, false),
-			loadKey(), lookup(fwd, true), dynsetUpdate(closing), dynsetUpdate(alive), dup(), counter(), verdict(expr.VerdictDrop)),
+		cat(vip, tcpFlags(tcpFIN|tcpRST, 0, false), loadKey(), notIn(closing),
+			lookup(fwd, true), dynsetUpdate(closing), dynsetUpdate(alive), dup(), counter(), queue(p)),
 		cat(vip, loadKey(), lookup(fwd, true), dynsetUpdate(alive), dup(), counter(), verdict(expr.VerdictDrop)),
 	}
 	comments := []string{
@@ -131,7 +163,7 @@ func FE(p FEParams) *Ruleset {
 		"SYN: local, mark fresh",
 		"HANDOFFING: drop",
 		"fresh: local",
-		"HANDOFFED FIN/RST: mark closing, forward",
+		"HANDOFFED first FIN/RST: forward, tell the agent",
 		"HANDOFFED: forward to BE",
 	}
 	rs := &Ruleset{Table: t, Chains: []*nftables.Chain{c}, Sets: []*nftables.Set{fresh, block, fwd, closing, alive}}
@@ -248,6 +280,23 @@ func lookup(s *nftables.Set, toData bool) []expr.Any {
 		l.DestRegister, l.IsDestRegSet = regData, true
 	}
 	return []expr.Any{l}
+}
+
+func notIn(s *nftables.Set) []expr.Any {
+	return []expr.Any{&expr.Lookup{SourceRegister: regKey, SetName: s.Name, Invert: true}}
+}
+
+// queue hands the packet to NFQUEUE p.QueueNum, without the bypass flag.
+func queue(p FEParams) []expr.Any {
+	if p.Queue == QueueNative {
+		return []expr.Any{&expr.Queue{Num: p.QueueNum, Total: 1}}
+	}
+	// struct xt_NFQ_info_v3 (include/uapi/linux/netfilter/xt_NFQUEUE.h):
+	// __u16 queuenum, queues_total, flags; host byte order, padded to 8.
+	info := xt.Unknown(make([]byte, 8))
+	binary.NativeEndian.PutUint16(info[0:], p.QueueNum)
+	binary.NativeEndian.PutUint16(info[2:], 1)
+	return []expr.Any{&expr.Target{Name: "NFQUEUE", Rev: 3, Info: &info}}
 }
 
 func dynsetUpdate(s *nftables.Set) []expr.Any {

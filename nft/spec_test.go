@@ -16,7 +16,7 @@ import (
 
 var (
 	sampleFE = FEParams{VIP: netip.MustParseAddr("10.0.0.100"), Port: 80, FreshTimeout: time.Minute,
-		TimeWait: 10 * time.Second, IdleTimeout: 15 * time.Minute, Size: 65536}
+		TimeWait: 10 * time.Second, IdleTimeout: 15 * time.Minute, Size: 65536, QueueNum: 3, Queue: QueueCompat}
 	sampleBE = BEParams{VIP: netip.MustParseAddr("10.0.0.100"), UAddr: netip.MustParseAddr("10.0.0.250")}
 )
 
@@ -59,7 +59,9 @@ func batchBytes(t *testing.T, rs *Ruleset) string {
 // here without root. Run with UPDATE_GOLDEN=1 after a deliberate change and
 // check testdata/*.nft with the privileged test.
 func TestNetlinkGolden(t *testing.T) {
-	for name, rs := range map[string]*Ruleset{"fe.netlink": FE(sampleFE), "be.netlink": BE(sampleBE)} {
+	native := sampleFE
+	native.Queue = QueueNative
+	for name, rs := range map[string]*Ruleset{"fe.netlink": FE(sampleFE), "fe-native-queue.netlink": FE(native), "be.netlink": BE(sampleBE)} {
 		got := batchBytes(t, rs)
 		path := "testdata/" + name
 		if os.Getenv("UPDATE_GOLDEN") != "" {
@@ -82,7 +84,7 @@ func TestFERuleOrder(t *testing.T) {
 		got = append(got, string(r.UserData[2:len(r.UserData)-1]))
 	}
 	want := []string{"untrack the VIP", "SYN: local, mark fresh", "HANDOFFING: drop", "fresh: local",
-		"HANDOFFED FIN/RST: mark closing, forward", "HANDOFFED: forward to BE"}
+		"HANDOFFED first FIN/RST: forward, tell the agent", "HANDOFFED: forward to BE"}
 	if strings.Join(got, "|") != strings.Join(want, "|") {
 		t.Errorf("rule order:\n got %q\nwant %q", got, want)
 	}

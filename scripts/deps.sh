@@ -3,7 +3,9 @@
 # nginx, curl and wrk from Debian's packages. Needs root, like them.
 set -euo pipefail
 need=()
-for pair in nft:nftables ip:iproute2 nginx:nginx-light curl:curl wrk:wrk tcpdump:tcpdump; do
+# iptables ships the xtables NFQUEUE module nft needs to print the compat
+# queue rule as `queue num N`.
+for pair in nft:nftables ip:iproute2 nginx:nginx-light curl:curl wrk:wrk tcpdump:tcpdump iptables:iptables; do
 	cmd=${pair%%:*} pkg=${pair#*:}
 	command -v "$cmd" >/dev/null 2>&1 || PATH=$PATH:/usr/sbin:/sbin command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
 done

@@ -83,6 +83,8 @@ type FE struct {
 	TimeWait       time.Duration // forwarding kept after FIN/RST (seed 4.8.1 step 3)
 	IdleTimeout    time.Duration // forwarding dropped after this long without a packet
 	DtcInterval    time.Duration // BE detection interval (seed 4.9); 0 disables
+	QueueNum       uint16        // NFQUEUE queue the FE agent reads
+	Drain          time.Duration // on SIGTERM, how long handed-off connections may finish
 }
 
 // Redirect is the local node's web server address (seed 4.7); an unspecified
@@ -109,6 +111,8 @@ type BE struct {
 	// Not in the seed: how long a restored connection waits for the FE's
 	// commit before it is dropped silently.
 	CommitTimeout time.Duration
+	// Drain is how long relayed connections may finish on SIGTERM.
+	Drain time.Duration
 }
 
 // Redirect is the unmodified local web server's address.

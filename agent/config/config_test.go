@@ -60,6 +60,9 @@ func TestParseFE(t *testing.T) {
 		t.Errorf("defaults: maxclients=%d connperbe=%d redirectport=%d startservers=%d",
 			fe.MaxClients, fe.ConnPerBE, fe.RedirectPort, fe.StartServers)
 	}
+	if fe.QueueNum != 0 || fe.Drain != 20*time.Second || fe.TimeWait != 10*time.Second {
+		t.Errorf("defaults: queuenum=%d drain=%v timewait=%v", fe.QueueNum, fe.Drain, fe.TimeWait)
+	}
 	if fe.Redirect().String() != "127.0.0.1:8080" {
 		t.Errorf("redirect = %v, want loopback", fe.Redirect())
 	}
@@ -133,6 +136,8 @@ func TestParseErrors(t *testing.T) {
 		{"dregister without feaddr", be + "dregister = 1\nrule = 10.0.0.11 .*\n", 0, "be", "feaddr", "missing"},
 		{"dregister without rule", be + "dregister = 1\nfeaddr = 10.0.0.2\n", 0, "be", "rule", "dregister = 1"},
 		{"uaddr equals vaddr", "[be]\nraddr = 10.0.0.11\nuaddr = 10.0.0.100\nvaddr = 10.0.0.100\n", 3, "be", "uaddr", "must differ"},
+		{"queuenum out of range", fe + "queuenum = 70000\nrule = local .*\n", 4, "fe", "queuenum", "0 to 65535"},
+		{"negative drain", be + "drain = -1s\n", 5, "be", "drain", "duration"},
 		{"loglevel out of range", "[global]\nloglevel = 9\n" + fe + "rule = local .*\n", 2, "global", "loglevel", "0 to 6"},
 		{"no roles", "[global]\nloglevel = 3\n", 0, "", "", "nothing to run"},
 		{"line without =", "[fe]\nvaddr 10.0.0.1\n", 2, "fe", "", "key = value"},

@@ -35,13 +35,14 @@ var allowed = map[string]map[string]bool{
 		"server": true, "rule": true,
 		"requesttimeout": false, "maxheader": false, "handofftimeout": false,
 		"timewait": false, "idletimeout": false, "dtcinterval": false,
+		"queuenum": false, "drain": false,
 	},
 	"be": {
 		"raddr": false, "uaddr": false, "vaddr": false, "port": false,
 		"startservers": false, "maxspareservers": false, "minspareservers": false,
 		"maxclients": false, "redirectaddr": false, "redirectport": false,
 		"dregister": false, "feaddr": false, "feport": false, "rule": true,
-		"committimeout": false,
+		"committimeout": false, "drain": false,
 	},
 }
 
@@ -152,6 +153,8 @@ func (p *parser) fe(s *ini.Section) (*FE, error) {
 		TimeWait:        v.duration("timewait", 10*time.Second, false),
 		IdleTimeout:     v.duration("idletimeout", 15*time.Minute, false),
 		DtcInterval:     v.duration("dtcinterval", 5*time.Second, true),
+		QueueNum:        uint16(v.intIn("queuenum", 0, 0, 65535)),
+		Drain:           v.duration("drain", 20*time.Second, true),
 	}
 	for i, val := range v.all("server") {
 		fe.Servers = append(fe.Servers, v.server(val, i))
@@ -179,6 +182,7 @@ func (p *parser) be(s *ini.Section) (*BE, error) {
 		DRegister:       v.intIn("dregister", 0, 0, 1) == 1,
 		FEPort:          v.port("feport", 80),
 		CommitTimeout:   v.duration("committimeout", 5*time.Second, false),
+		Drain:           v.duration("drain", 20*time.Second, true),
 	}
 	if be.DRegister {
 		be.FEAddr = v.addr("feaddr", true, netip.Addr{})

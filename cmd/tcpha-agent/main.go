@@ -3,6 +3,10 @@
 //
 //	tcpha-agent [-c /etc/tcpha/tcpha.conf]     run
 //	tcpha-agent -t [-c FILE]                   check the config and exit
+//
+// SIGTERM or SIGINT stops it after handed-off connections drain (up to
+// [fe]/[be] drain) and removes its tables and VIP; SIGQUIT exits at once and
+// leaves them, and the next agent adopts the forwarding.
 package main
 
 import (
@@ -11,6 +15,7 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"sync/atomic"
 	"syscall"
 
 	"tcpha/agent"
@@ -44,9 +49,20 @@ func main() {
 		os.Exit(1)
 	}
 	defer closer.Close()
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
-	defer stop()
-	if err := agent.Run(ctx, cfg, log); err != nil {
+	// SIGTERM/SIGINT drain and clean up; SIGQUIT hands over: the kernel
+	// state stays for the next agent.
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGQUIT)
+	ctx, cancel := context.WithCancel(context.Background())
+	var got atomic.Value
+	go func() { got.Store(<-sigs); cancel() }()
+	mode := func() agent.StopMode {
+		if got.Load() == syscall.SIGQUIT {
+			return agent.StopHandover
+		}
+		return agent.StopDrain
+	}
+	if err := agent.Run(ctx, cfg, log, mode); err != nil {
 		log.Error("tcpha-agent failed", "op", "run", "err", err)
 		closer.Close()
 		os.Exit(1)

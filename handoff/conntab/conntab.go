@@ -1,18 +1,17 @@
-// Package conntab is the FE's connection table, the seed's hash table of
-// handed-off connections (seed 4.8.1; /proc/net/tcpha_fe_conn), with the
-// per-connection state machine:
+// Package conntab is the connection table, the seed's hash table of
+// handed-off connections (seed 4.8.1; /proc/net/tcpha_fe_conn), and the
+// per-connection state machine that drives it (fsm.go). On the FE:
 //
-//	(new) --Begin--> HANDOFFING --Handed--> HANDOFFED --Closing--> TIME_WAIT
-//	                     |                       |                    |
-//	                   Failed                  idle                expired
-//	                     v                       v                    v
-//	                  (removed)              (removed)            (removed)
+//	(none) --handoff-start--> HANDOFFING --handoff-acked--> HANDOFFED --FIN/RST--> TIME_WAIT
+//	                              |                             |                     |
+//	                       handoff-failed                   timer (idle)            timer
+//	                              v                             v                     v
+//	                           (none)                        (none)                (none)
 //
-// It is pure: the kernel's sets follow it through the agent.
+// It is pure: the kernel's sets and maps follow it through the agent.
 package conntab
 
 import (
-	"errors"
 	"fmt"
 	"net/netip"
 	"sort"
@@ -20,23 +19,33 @@ import (
 	"time"
 )
 
-// State is a connection's state on the FE.
+// State is a connection's state.
 type State uint8
 
 const (
-	Handoffing State = iota + 1 // packets dropped while the connection moves
-	Handoffed                   // packets forwarded to the BE in the kernel
-	TimeWait                    // FIN or RST seen; forwarding kept a while
+	Closed      State = iota // no entry
+	Handoffing               // packets dropped while the connection moves
+	Handoffed                // packets forwarded to the new owner in the kernel
+	TimeWait                 // FIN or RST seen; forwarding or delivery kept a while
+	Established              // BE: the connection was rebuilt here and is served here
+	WillHandoff              // BE: a request for another BE waits to move the connection
+	numStates
 )
 
 func (s State) String() string {
 	switch s {
+	case Closed:
+		return "CLOSED"
 	case Handoffing:
 		return "HANDOFFING"
 	case Handoffed:
 		return "HANDOFFED"
 	case TimeWait:
 		return "TIME_WAIT"
+	case Established:
+		return "ESTABLISHED"
+	case WillHandoff:
+		return "WILLHANDOFF"
 	}
 	return fmt.Sprintf("State(%d)", uint8(s))
 }
@@ -48,35 +57,64 @@ type Conn struct {
 	BE      netip.Addr    // valid from HANDOFFED on
 	Started time.Time     // when the handoff began
 	Since   time.Time     // when State was entered
-	Latency time.Duration // from Begin to Handed
+	Latency time.Duration // from handoff-start to handoff-acked
+	Until   time.Time     // when TIME_WAIT ends
 	// Forwarded says the kernel's forward map holds this flow. It outlives
 	// a connection that is replaced by a new one from the same client port.
 	Forwarded bool
 }
 
-// ErrIllegal is returned for an event the connection's state does not allow.
-var ErrIllegal = errors.New("illegal transition")
-
-// Table holds the connections by client flow. It is safe for concurrent use.
+// Table holds one role's connections by client flow. It is safe for
+// concurrent use.
 type Table struct {
-	mu sync.Mutex
-	m  map[netip.AddrPort]*Conn
+	role Role
+	mu   sync.Mutex
+	m    map[netip.AddrPort]*Conn
 }
 
-// New returns an empty table.
-func New() *Table { return &Table{m: map[netip.AddrPort]*Conn{}} }
+// New returns an empty FE table.
+func New() *Table { return NewRole(FE) }
+
+// NewRole returns an empty table for role.
+func NewRole(role Role) *Table { return &Table{role: role, m: map[netip.AddrPort]*Conn{}} }
+
+// apply runs ev on flow's entry (Closed if there is none) and returns the
+// entry after the step, or nil if the step removed it.
+func (t *Table) apply(flow netip.AddrPort, ev Event, now time.Time) (*Conn, Action, error) {
+	c, ok := t.m[flow]
+	from := Closed
+	if ok {
+		from = c.State
+	}
+	to, act, err := Step(t.role, from, ev)
+	if err != nil {
+		return c, act, fmt.Errorf("%v: %w", flow, err)
+	}
+	switch {
+	case to == Closed:
+		delete(t.m, flow)
+		return nil, act, nil
+	case !ok:
+		c = &Conn{Client: flow}
+		t.m[flow] = c
+	}
+	if to != from {
+		c.State, c.Since = to, now
+	}
+	return c, act, nil
+}
 
 // Begin starts a handoff for flow. A flow still HANDOFFED or in TIME_WAIT
-// is a client that reused its port: the new connection takes the entry over,
-// and the stale forwarding is replaced when the new one is handed off.
+// is a client that reused its port: the new connection takes the entry
+// over, and the stale forwarding is replaced when it is handed off.
 func (t *Table) Begin(flow netip.AddrPort, now time.Time) error {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	old, ok := t.m[flow]
-	if ok && old.State == Handoffing {
-		return fmt.Errorf("begin %v: %w: handoff already in progress", flow, ErrIllegal)
+	c, _, err := t.apply(flow, EvHandoffStart, now)
+	if err != nil {
+		return fmt.Errorf("begin: %w", err)
 	}
-	t.m[flow] = &Conn{Client: flow, State: Handoffing, Started: now, Since: now, Forwarded: ok && old.Forwarded}
+	c.Started, c.BE, c.Latency, c.Until = now, netip.Addr{}, 0, time.Time{}
 	return nil
 }
 
@@ -85,12 +123,12 @@ func (t *Table) Begin(flow netip.AddrPort, now time.Time) error {
 func (t *Table) Handed(flow netip.AddrPort, be netip.Addr, now time.Time) (replace bool, err error) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	c, ok := t.m[flow]
-	if !ok || c.State != Handoffing {
-		return false, t.illegal("handed", flow, c)
+	c, _, err := t.apply(flow, EvHandoffAcked, now)
+	if err != nil {
+		return false, fmt.Errorf("handed: %w", err)
 	}
 	replace = c.Forwarded
-	c.State, c.BE, c.Since, c.Latency, c.Forwarded = Handoffed, be, now, now.Sub(c.Started), true
+	c.BE, c.Latency, c.Forwarded = be, now.Sub(c.Started), true
 	return replace, nil
 }
 
@@ -100,37 +138,45 @@ func (t *Table) Handed(flow netip.AddrPort, be netip.Addr, now time.Time) (repla
 func (t *Table) Failed(flow netip.AddrPort) (stale bool, err error) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	c, ok := t.m[flow]
-	if !ok || c.State != Handoffing {
-		return false, t.illegal("fail", flow, c)
+	if c, ok := t.m[flow]; ok {
+		stale = c.Forwarded
 	}
-	delete(t.m, flow)
-	return c.Forwarded, nil
+	if _, _, err := t.apply(flow, EvHandoffFailed, time.Time{}); err != nil {
+		return false, fmt.Errorf("fail: %w", err)
+	}
+	return stale, nil
 }
 
-// Closing records a FIN or RST on a HANDOFFED flow (seed 4.8.1 step 3).
-// Flows in other states are left alone: TIME_WAIT keeps its first deadline.
-func (t *Table) Closing(flow netip.AddrPort, now time.Time) bool {
+// Observe feeds a packet event from the packet path. A flow that enters
+// TIME_WAIT stays there until until. It returns the state after the step
+// and what the packet path does with the packet.
+func (t *Table) Observe(flow netip.AddrPort, ev Event, now, until time.Time) (State, Action, error) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	c, ok := t.m[flow]
-	if !ok || c.State != Handoffed {
-		return false
+	from := Closed
+	if c, ok := t.m[flow]; ok {
+		from = c.State
 	}
-	c.State, c.Since = TimeWait, now
-	return true
+	c, act, err := t.apply(flow, ev, now)
+	if err != nil || c == nil {
+		return Closed, act, err
+	}
+	if c.State == TimeWait && from != TimeWait {
+		c.Until = until
+	}
+	return c.State, act, nil
 }
 
-// Expired lists the flows whose forwarding should end now: TIME_WAIT older
-// than timeWait, and HANDOFFED flows older than idle that alive does not
-// report as recently active.
-func (t *Table) Expired(now time.Time, timeWait, idle time.Duration, alive func(netip.AddrPort) bool) []netip.AddrPort {
+// Expired lists the flows whose forwarding should end now: TIME_WAIT past
+// its deadline, and HANDOFFED flows older than idle that alive does not
+// report as recently active (alive nil: no idle check this time).
+func (t *Table) Expired(now time.Time, idle time.Duration, alive func(netip.AddrPort) bool) []netip.AddrPort {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	var out []netip.AddrPort
 	for k, c := range t.m {
 		switch {
-		case c.State == TimeWait && now.Sub(c.Since) >= timeWait:
+		case c.State == TimeWait && !now.Before(c.Until):
 			out = append(out, k)
 		case c.State == Handoffed && now.Sub(c.Since) >= idle && alive != nil && !alive(k):
 			out = append(out, k)
@@ -140,20 +186,21 @@ func (t *Table) Expired(now time.Time, timeWait, idle time.Duration, alive func(
 	return out
 }
 
-// Remove forgets flow after its forwarding was removed.
-func (t *Table) Remove(flow netip.AddrPort) {
+// Expire applies the timer event once flow's forwarding is gone.
+func (t *Table) Expire(flow netip.AddrPort) error {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	delete(t.m, flow)
+	_, _, err := t.apply(flow, EvTimer, time.Time{})
+	return err
 }
 
-// Adopt records a forwarding entry found in the kernel, for an agent that
-// restarts and takes over its predecessor's flows.
-func (t *Table) Adopt(flow netip.AddrPort, be netip.Addr, now time.Time) {
+// Adopt records a flow found in the kernel, for an agent that restarts and
+// takes over its predecessor's forwarding. A flow the table has is kept.
+func (t *Table) Adopt(flow netip.AddrPort, be netip.Addr, state State, now, until time.Time) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	if _, ok := t.m[flow]; !ok {
-		t.m[flow] = &Conn{Client: flow, State: Handoffed, BE: be, Started: now, Since: now, Forwarded: true}
+		t.m[flow] = &Conn{Client: flow, State: state, BE: be, Started: now, Since: now, Until: until, Forwarded: true}
 	}
 }
 
@@ -180,18 +227,22 @@ func (t *Table) Snapshot() []Conn {
 	return out
 }
 
+// Count returns how many entries are in each state.
+func (t *Table) Count() map[State]int {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	n := map[State]int{}
+	for _, c := range t.m {
+		n[c.State]++
+	}
+	return n
+}
+
 // Len returns the number of entries.
 func (t *Table) Len() int {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	return len(t.m)
-}
-
-func (t *Table) illegal(ev string, flow netip.AddrPort, c *Conn) error {
-	if c == nil {
-		return fmt.Errorf("%s %v: %w: no such connection", ev, flow, ErrIllegal)
-	}
-	return fmt.Errorf("%s %v: %w from %v", ev, flow, ErrIllegal, c.State)
 }
 
 func sortFlows(l []netip.AddrPort) {

@@ -1,10 +1,18 @@
 package conntab
 
 import (
+	"context"
 	"errors"
+	"fmt"
+	"io"
+	"log/slog"
 	"net/netip"
 	"reflect"
+	"sort"
+	"strings"
+	"sync"
 	"testing"
+	"testing/synctest"
 	"time"
 )
 
@@ -14,6 +22,138 @@ var (
 	t0   = time.Unix(1000, 0)
 )
 
+// spec is the state machine written out as the seed describes it (4.8.1
+// for the FE, 4.8.2/4.8.3 for the BE), independently of fsm.go's table:
+// "ROLE FROM EVENT -> TO ACTION". Every (role, state, event) not listed
+// must be illegal.
+var spec = `
+FE CLOSED handoff-start -> HANDOFFING none
+FE CLOSED syn -> CLOSED deliver
+FE CLOSED fin -> CLOSED deliver
+FE CLOSED rst -> CLOSED deliver
+FE CLOSED ack -> CLOSED deliver
+FE CLOSED payload -> CLOSED deliver
+FE HANDOFFING handoff-acked -> HANDOFFED none
+FE HANDOFFING handoff-failed -> CLOSED none
+FE HANDOFFING syn -> HANDOFFING deliver
+FE HANDOFFING fin -> HANDOFFING drop
+FE HANDOFFING rst -> HANDOFFING drop
+FE HANDOFFING ack -> HANDOFFING drop
+FE HANDOFFING payload -> HANDOFFING drop
+FE HANDOFFED handoff-start -> HANDOFFING none
+FE HANDOFFED syn -> HANDOFFED deliver
+FE HANDOFFED fin -> TIME_WAIT forward
+FE HANDOFFED rst -> TIME_WAIT forward
+FE HANDOFFED ack -> HANDOFFED forward
+FE HANDOFFED payload -> HANDOFFED forward
+FE HANDOFFED timer -> CLOSED none
+FE TIME_WAIT handoff-start -> HANDOFFING none
+FE TIME_WAIT syn -> TIME_WAIT deliver
+FE TIME_WAIT fin -> TIME_WAIT forward
+FE TIME_WAIT rst -> TIME_WAIT forward
+FE TIME_WAIT ack -> TIME_WAIT forward
+FE TIME_WAIT payload -> TIME_WAIT forward
+FE TIME_WAIT timer -> CLOSED none
+BE CLOSED restored -> ESTABLISHED none
+BE CLOSED syn -> CLOSED deliver
+BE CLOSED fin -> CLOSED deliver
+BE CLOSED rst -> CLOSED deliver
+BE CLOSED ack -> CLOSED deliver
+BE CLOSED payload -> CLOSED deliver
+BE ESTABLISHED syn -> ESTABLISHED deliver
+BE ESTABLISHED fin -> TIME_WAIT deliver
+BE ESTABLISHED rst -> TIME_WAIT deliver
+BE ESTABLISHED ack -> ESTABLISHED deliver
+BE ESTABLISHED payload -> ESTABLISHED deliver
+BE ESTABLISHED reschedule -> WILLHANDOFF schedule
+BE WILLHANDOFF handoff-start -> HANDOFFING none
+BE WILLHANDOFF syn -> WILLHANDOFF deliver
+BE WILLHANDOFF fin -> TIME_WAIT deliver
+BE WILLHANDOFF rst -> TIME_WAIT deliver
+BE WILLHANDOFF ack -> WILLHANDOFF deliver
+BE WILLHANDOFF payload -> WILLHANDOFF drop
+BE WILLHANDOFF reschedule -> WILLHANDOFF drop
+BE HANDOFFING handoff-acked -> HANDOFFED none
+BE HANDOFFING handoff-failed -> ESTABLISHED none
+BE HANDOFFING syn -> HANDOFFING drop
+BE HANDOFFING fin -> HANDOFFING drop
+BE HANDOFFING rst -> HANDOFFING drop
+BE HANDOFFING ack -> HANDOFFING drop
+BE HANDOFFING payload -> HANDOFFING drop
+BE HANDOFFING reschedule -> HANDOFFING drop
+BE HANDOFFED fe-acked -> CLOSED none
+BE HANDOFFED timer -> CLOSED none
+BE HANDOFFED syn -> HANDOFFED forward
+BE HANDOFFED fin -> HANDOFFED forward
+BE HANDOFFED rst -> HANDOFFED forward
+BE HANDOFFED ack -> HANDOFFED forward
+BE HANDOFFED payload -> HANDOFFED forward
+BE HANDOFFED reschedule -> HANDOFFED forward
+BE TIME_WAIT syn -> TIME_WAIT deliver
+BE TIME_WAIT fin -> TIME_WAIT deliver
+BE TIME_WAIT rst -> TIME_WAIT deliver
+BE TIME_WAIT ack -> TIME_WAIT deliver
+BE TIME_WAIT payload -> TIME_WAIT deliver
+BE TIME_WAIT reschedule -> TIME_WAIT deliver
+BE TIME_WAIT timer -> CLOSED none
+`
+
+// Every (role, state, event) is either the spec's transition or illegal.
+func TestStepEveryTransition(t *testing.T) {
+	want := map[string]string{}
+	for _, l := range strings.Split(strings.TrimSpace(spec), "\n") {
+		from, to, _ := strings.Cut(l, " -> ")
+		want[from] = to
+	}
+	legal := 0
+	for _, role := range []Role{FE, BE} {
+		for s := Closed; s < numStates; s++ {
+			for ev := Event(1); ev < numEvents; ev++ {
+				k := fmt.Sprintf("%v %v %v", role, s, ev)
+				to, act, err := Step(role, s, ev)
+				exp, ok := want[k]
+				switch {
+				case ok && err != nil:
+					t.Errorf("%s: illegal, want -> %s", k, exp)
+				case ok && fmt.Sprintf("%v %v", to, act) != exp:
+					t.Errorf("%s -> %v %v, want %s", k, to, act, exp)
+				case !ok && !errors.Is(err, ErrIllegal):
+					t.Errorf("%s -> %v %v, want illegal", k, to, act)
+				case !ok && to != s:
+					t.Errorf("%s: an illegal event changed the state to %v", k, to)
+				}
+				if ok {
+					legal++
+				}
+			}
+		}
+	}
+	if legal != len(want) {
+		t.Errorf("spec lists %d transitions, %d matched a real state/event", len(want), legal)
+	}
+}
+
+func TestPacketEvent(t *testing.T) {
+	cases := []struct {
+		syn, fin, rst bool
+		payload       int
+		want          Event
+	}{
+		{false, false, false, 0, EvACK},
+		{false, false, false, 10, EvPayload},
+		{true, false, false, 0, EvSYN},
+		{false, true, false, 0, EvFIN},
+		{false, true, false, 5, EvFIN}, // data with FIN: the close matters
+		{false, true, true, 0, EvRST},
+		{true, false, true, 0, EvRST},
+	}
+	for _, tc := range cases {
+		if got := PacketEvent(tc.syn, tc.fin, tc.rst, tc.payload); got != tc.want {
+			t.Errorf("%+v: %v, want %v", tc, got, tc.want)
+		}
+	}
+}
+
 func TestLifecycle(t *testing.T) {
 	tab := New()
 	if err := tab.Begin(flow, t0); err != nil {
@@ -21,6 +161,9 @@ func TestLifecycle(t *testing.T) {
 	}
 	if c, _ := tab.Get(flow); c.State != Handoffing {
 		t.Fatalf("after Begin: %v", c.State)
+	}
+	if _, act, _ := tab.Observe(flow, EvACK, t0, t0); act != ActDrop {
+		t.Errorf("HANDOFFING packet: %v, want drop", act)
 	}
 	replace, err := tab.Handed(flow, be1, t0.Add(300*time.Microsecond))
 	if err != nil || replace {
@@ -30,62 +173,53 @@ func TestLifecycle(t *testing.T) {
 	if c.State != Handoffed || c.BE != be1 || c.Latency != 300*time.Microsecond || !c.Forwarded {
 		t.Fatalf("after Handed: %+v", c)
 	}
-	if !tab.Closing(flow, t0.Add(time.Second)) {
-		t.Fatal("Closing refused")
+	st, act, err := tab.Observe(flow, EvFIN, t0.Add(time.Second), t0.Add(11*time.Second))
+	if err != nil || st != TimeWait || act != ActForward {
+		t.Fatalf("FIN: %v %v %v", st, act, err)
 	}
-	if tab.Closing(flow, t0.Add(5*time.Second)) {
-		t.Error("a second FIN moved the TIME_WAIT deadline")
-	}
-	if got := tab.Expired(t0.Add(10*time.Second), 10*time.Second, time.Hour, nil); len(got) != 0 {
+	// A retransmitted FIN does not move the deadline.
+	tab.Observe(flow, EvFIN, t0.Add(5*time.Second), t0.Add(15*time.Second))
+	if got := tab.Expired(t0.Add(10*time.Second), time.Hour, nil); len(got) != 0 {
 		t.Errorf("expired before its time: %v", got)
 	}
-	if got := tab.Expired(t0.Add(11*time.Second), 10*time.Second, time.Hour, nil); !reflect.DeepEqual(got, []netip.AddrPort{flow}) {
+	if got := tab.Expired(t0.Add(11*time.Second), time.Hour, nil); !reflect.DeepEqual(got, []netip.AddrPort{flow}) {
 		t.Errorf("expired = %v", got)
 	}
-	tab.Remove(flow)
-	if tab.Len() != 0 {
-		t.Error("not removed")
+	if err := tab.Expire(flow); err != nil || tab.Len() != 0 {
+		t.Errorf("Expire: %v, len %d", err, tab.Len())
+	}
+	if err := tab.Expire(flow); !errors.Is(err, ErrIllegal) {
+		t.Errorf("Expire twice: %v", err)
 	}
 }
 
-func TestIllegalEvents(t *testing.T) {
-	cases := []struct {
-		name  string
-		setup func(*Table)
-		event func(*Table) error
-	}{
-		{"handed unknown", func(*Table) {}, func(tb *Table) error { _, err := tb.Handed(flow, be1, t0); return err }},
-		{"failed unknown", func(*Table) {}, func(tb *Table) error { _, err := tb.Failed(flow); return err }},
-		{"begin twice", func(tb *Table) { tb.Begin(flow, t0) }, func(tb *Table) error { return tb.Begin(flow, t0) }},
-		{"handed twice", func(tb *Table) { tb.Begin(flow, t0); tb.Handed(flow, be1, t0) },
-			func(tb *Table) error { _, err := tb.Handed(flow, be1, t0); return err }},
-		{"failed after handed", func(tb *Table) { tb.Begin(flow, t0); tb.Handed(flow, be1, t0) },
-			func(tb *Table) error { _, err := tb.Failed(flow); return err }},
-		{"handed in time_wait", func(tb *Table) { tb.Begin(flow, t0); tb.Handed(flow, be1, t0); tb.Closing(flow, t0) },
-			func(tb *Table) error { _, err := tb.Handed(flow, be1, t0); return err }},
-	}
-	for _, tc := range cases {
-		tab := New()
-		tc.setup(tab)
-		if err := tc.event(tab); !errors.Is(err, ErrIllegal) {
-			t.Errorf("%s: err = %v, want ErrIllegal", tc.name, err)
-		}
-	}
-	// Closing outside HANDOFFED is ignored, not an error: FIN of a local flow.
+func TestIllegalTableEvents(t *testing.T) {
 	tab := New()
+	if _, err := tab.Handed(flow, be1, t0); !errors.Is(err, ErrIllegal) {
+		t.Errorf("handed unknown: %v", err)
+	}
+	if _, err := tab.Failed(flow); !errors.Is(err, ErrIllegal) {
+		t.Errorf("failed unknown: %v", err)
+	}
 	tab.Begin(flow, t0)
-	if tab.Closing(flow, t0) {
-		t.Error("Closing moved a HANDOFFING flow")
+	if err := tab.Begin(flow, t0); !errors.Is(err, ErrIllegal) {
+		t.Errorf("begin twice: %v", err)
+	}
+	if _, _, err := tab.Observe(flow, EvTimer, t0, t0); !errors.Is(err, ErrIllegal) {
+		t.Errorf("timer in HANDOFFING: %v", err)
+	}
+	if c, _ := tab.Get(flow); c.State != Handoffing {
+		t.Errorf("illegal events changed the state to %v", c.State)
 	}
 }
 
 // A client that reuses its port while the old flow is still forwarded: the
-// new handoff must replace the kernel's entry, and a failed one must remove it.
+// new handoff must replace the kernel's entry, and a failed one remove it.
 func TestPortReuse(t *testing.T) {
 	tab := New()
 	tab.Begin(flow, t0)
 	tab.Handed(flow, be1, t0)
-	tab.Closing(flow, t0)
+	tab.Observe(flow, EvFIN, t0, t0.Add(time.Second))
 	if err := tab.Begin(flow, t0.Add(time.Second)); err != nil {
 		t.Fatal(err)
 	}
@@ -104,26 +238,85 @@ func TestPortReuse(t *testing.T) {
 	}
 }
 
-func TestIdleExpiry(t *testing.T) {
+func TestAdoptAndCount(t *testing.T) {
 	tab := New()
-	other := netip.MustParseAddrPort("10.0.0.10:40001")
-	for _, f := range []netip.AddrPort{flow, other} {
-		tab.Begin(f, t0)
-		tab.Handed(f, be1, t0)
-	}
-	alive := func(f netip.AddrPort) bool { return f == other }
-	if got := tab.Expired(t0.Add(time.Minute), time.Second, time.Hour, alive); len(got) != 0 {
-		t.Errorf("idle before the idle timeout: %v", got)
-	}
-	if got := tab.Expired(t0.Add(2*time.Hour), time.Second, time.Hour, alive); !reflect.DeepEqual(got, []netip.AddrPort{flow}) {
-		t.Errorf("idle = %v, want only the silent flow", got)
-	}
-	tab.Adopt(other, be1, t0)
-	if tab.Len() != 2 {
+	tab.Begin(flow, t0)
+	tab.Adopt(flow, be1, Handoffed, t0, t0)
+	tab.Adopt(netip.MustParseAddrPort("10.0.0.10:1"), be1, TimeWait, t0, t0.Add(time.Second))
+	if c, _ := tab.Get(flow); c.State != Handoffing {
 		t.Error("Adopt replaced a live entry")
 	}
-	tab.Adopt(netip.MustParseAddrPort("10.0.0.10:1"), be1, t0)
-	if s := tab.Snapshot(); len(s) != 3 || s[0].Client.Port() != 1 || s[0].State != Handoffed {
+	if n := tab.Count(); n[Handoffing] != 1 || n[TimeWait] != 1 {
+		t.Errorf("count %v", n)
+	}
+	if s := tab.Snapshot(); len(s) != 2 || s[0].Client.Port() != 1 {
 		t.Errorf("snapshot %+v", s)
 	}
+}
+
+type unforwards struct {
+	mu    sync.Mutex
+	flows []netip.AddrPort
+}
+
+func (u *unforwards) fn(ctx context.Context, f netip.AddrPort) error {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	u.flows = append(u.flows, f)
+	return nil
+}
+
+func (u *unforwards) got() []netip.AddrPort {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	out := append([]netip.AddrPort(nil), u.flows...)
+	sort.Slice(out, func(i, j int) bool { return out[i].Compare(out[j]) < 0 })
+	return out
+}
+
+// The reaper ends TIME_WAIT on time and idle flows after the idle timeout,
+// on a fake clock.
+func TestReaper(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		tab := New()
+		closing := netip.MustParseAddrPort("10.0.0.10:1")
+		silent := netip.MustParseAddrPort("10.0.0.10:2")
+		busy := netip.MustParseAddrPort("10.0.0.10:3")
+		now := time.Now()
+		for _, f := range []netip.AddrPort{closing, silent, busy} {
+			tab.Begin(f, now)
+			tab.Handed(f, be1, now)
+		}
+		tab.Observe(closing, EvFIN, now, now.Add(10*time.Second))
+		var u unforwards
+		r := &Reaper{
+			Table: tab, Unforward: u.fn, Idle: time.Minute, Tick: time.Second, IdleEvery: 15 * time.Second,
+			Alive: func(context.Context) (func(netip.AddrPort) bool, error) {
+				return func(f netip.AddrPort) bool { return f == busy }, nil
+			},
+			Log: slog.New(slog.NewTextHandler(io.Discard, nil)),
+		}
+		ctx, cancel := context.WithCancel(context.Background())
+		defer cancel()
+		go r.Run(ctx)
+
+		time.Sleep(9500 * time.Millisecond)
+		synctest.Wait()
+		if got := u.got(); len(got) != 0 {
+			t.Fatalf("before TIME_WAIT ended: %v", got)
+		}
+		time.Sleep(time.Second)
+		synctest.Wait()
+		if got := u.got(); !reflect.DeepEqual(got, []netip.AddrPort{closing}) {
+			t.Fatalf("after TIME_WAIT: %v", got)
+		}
+		time.Sleep(time.Minute)
+		synctest.Wait()
+		if got := u.got(); !reflect.DeepEqual(got, []netip.AddrPort{closing, silent}) {
+			t.Fatalf("after idle: %v, want the silent flow gone and the busy one kept", got)
+		}
+		if _, ok := tab.Get(busy); !ok || tab.Len() != 1 {
+			t.Errorf("table: %+v", tab.Snapshot())
+		}
+	})
 }
