@@ -62,7 +62,7 @@ type Cluster struct {
 	opts   Options
 
 	mu     sync.Mutex
-	agents map[string]*exec.Cmd
+	agents map[string]*agentProc
 	nginx  []string // pid files
 	closed bool
 }
@@ -82,7 +82,7 @@ func New(opts Options) (c *Cluster, err error) {
 		Dir:    dir,
 		Prefix: fmt.Sprintf("tcpha%d-%d-", os.Getpid()%100000, time.Now().UnixNano()%10000),
 		opts:   opts,
-		agents: map[string]*exec.Cmd{},
+		agents: map[string]*agentProc{},
 	}
 	defer func() {
 		if err != nil {
@@ -293,28 +293,33 @@ func (c *Cluster) StartAgent(host string) error {
 	if err := cmd.Start(); err != nil {
 		return fmt.Errorf("start agent on %s: %w", host, err)
 	}
-	exited := make(chan error, 1)
-	go func() { exited <- cmd.Wait() }()
+	p := &agentProc{cmd: cmd, done: make(chan struct{})}
+	go func() { p.err = cmd.Wait(); close(p.done) }()
 	c.mu.Lock()
-	c.agents[host] = cmd
+	c.agents[host] = p
 	c.mu.Unlock()
 	deadline := time.Now().Add(10 * time.Second)
 	for time.Now().Before(deadline) {
 		select {
-		case err := <-exited:
+		case <-p.done:
 			c.mu.Lock()
 			delete(c.agents, host)
 			c.mu.Unlock()
-			return fmt.Errorf("agent on %s exited: %v; log:\n%s", host, err, c.tail(host))
+			return fmt.Errorf("agent on %s exited: %v; log:\n%s", host, p.err, c.tail(host))
 		default:
 		}
 		if _, err := c.Admin(host, "status"); err == nil {
-			go func() { <-exited }()
 			return nil
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
 	return fmt.Errorf("agent on %s did not come up in 10s; log:\n%s", host, c.tail(host))
+}
+
+type agentProc struct {
+	cmd  *exec.Cmd
+	done chan struct{}
+	err  error
 }
 
 func (c *Cluster) tail(host string) string {
@@ -327,25 +332,41 @@ func (c *Cluster) tail(host string) string {
 
 // StopAgent sends sig to host's agent and waits up to 10 s for it to exit.
 func (c *Cluster) StopAgent(host string, sig syscall.Signal) error {
-	c.mu.Lock()
-	cmd := c.agents[host]
-	delete(c.agents, host)
-	c.mu.Unlock()
-	if cmd == nil {
-		return fmt.Errorf("no agent running on %s", host)
-	}
-	// `ip netns exec` execs the agent, so the pid is the agent's.
-	if err := cmd.Process.Signal(sig); err != nil {
+	if err := c.StopAgentAsync(host, sig); err != nil {
 		return err
 	}
-	for range 200 {
-		if err := cmd.Process.Signal(syscall.Signal(0)); err != nil {
-			return nil
-		}
-		time.Sleep(50 * time.Millisecond)
+	return c.WaitAgent(host, 10*time.Second)
+}
+
+// StopAgentAsync sends sig to host's agent. `ip netns exec` execs the
+// agent, so the pid is the agent's.
+func (c *Cluster) StopAgentAsync(host string, sig syscall.Signal) error {
+	c.mu.Lock()
+	p := c.agents[host]
+	c.mu.Unlock()
+	if p == nil {
+		return fmt.Errorf("no agent running on %s", host)
 	}
-	cmd.Process.Kill()
-	return fmt.Errorf("agent on %s still running 10s after %v", host, sig)
+	return p.cmd.Process.Signal(sig)
+}
+
+// WaitAgent waits up to d for host's agent to exit, then kills it.
+func (c *Cluster) WaitAgent(host string, d time.Duration) error {
+	c.mu.Lock()
+	p := c.agents[host]
+	delete(c.agents, host)
+	c.mu.Unlock()
+	if p == nil {
+		return fmt.Errorf("no agent running on %s", host)
+	}
+	select {
+	case <-p.done:
+		return nil
+	case <-time.After(d):
+		p.cmd.Process.Kill()
+		<-p.done
+		return fmt.Errorf("agent on %s still running %v after it was told to stop", host, d)
+	}
 }
 
 // Admin sends a command to host's agent admin socket.
@@ -389,17 +410,19 @@ func (c *Cluster) Close() error {
 	}
 	c.closed = true
 	agents := c.agents
-	c.agents = map[string]*exec.Cmd{}
+	c.agents = map[string]*agentProc{}
 	nginx := c.nginx
 	c.mu.Unlock()
-	for _, cmd := range agents {
-		cmd.Process.Signal(syscall.SIGTERM)
+	for _, p := range agents {
+		p.cmd.Process.Signal(syscall.SIGTERM)
 	}
-	for _, cmd := range agents {
-		for i := 0; i < 100 && cmd.Process.Signal(syscall.Signal(0)) == nil; i++ {
-			time.Sleep(50 * time.Millisecond)
+	for _, p := range agents {
+		select {
+		case <-p.done:
+		case <-time.After(5 * time.Second):
+			p.cmd.Process.Kill()
+			<-p.done
 		}
-		cmd.Process.Kill()
 	}
 	for _, pf := range nginx {
 		if b, err := os.ReadFile(pf); err == nil {
