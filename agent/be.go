@@ -11,7 +11,6 @@ import (
 	"os"
 	"time"
 
-	"github.com/google/nftables"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
@@ -41,11 +40,8 @@ func startBE(ctx context.Context, cfg *config.BE, secret []byte, log *slog.Logge
 		}
 	}()
 	var err error
-	// A lasting netlink socket: opening one per transaction made each
-	// handoff's element update cost 8-24 ms instead of 10-60 µs (measured
-	// in a namespace, see docs/performance.md).
-	if b.nftc, err = nftables.New(nftables.AsLasting()); err != nil {
-		return nil, fmt.Errorf("be: open nftables: %w", err)
+	if b.nftc, err = openNFT(); err != nil {
+		return nil, fmt.Errorf("be: %w", err)
 	}
 	// ARP filtering first: with the VIP on loopback and no filter the BE
 	// would answer ARP for it and steal the cluster's traffic (seed 4.4).

@@ -12,8 +12,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/google/nftables"
-
 	"tcpha/agent/config"
 	"tcpha/backends"
 	"tcpha/handoff"
@@ -80,11 +78,8 @@ func startFE(ctx context.Context, cfg *config.FE, secret []byte, log *slog.Logge
 		}
 	}()
 	var err error
-	// A lasting netlink socket: opening one per transaction made each
-	// handoff's element update cost 8-24 ms instead of 10-60 µs (measured
-	// in a namespace, see docs/performance.md).
-	if f.nftc, err = nftables.New(nftables.AsLasting()); err != nil {
-		return nil, fmt.Errorf("fe: open nftables: %w", err)
+	if f.nftc, err = openNFT(); err != nil {
+		return nil, fmt.Errorf("fe: %w", err)
 	}
 	// The forwarding table goes in before the VIP, so the first packet for
 	// the VIP already meets it.

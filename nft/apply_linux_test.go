@@ -83,17 +83,23 @@ func TestGoldenRulesets(t *testing.T) {
 	}
 }
 
-func TestFlows(t *testing.T) {
-	ns, fd := privtest.NetNS(t)
-	c := conn(t, fd)
+// startFlows installs the sample FE table in the namespace fd and runs a
+// flow owner on it until the test ends.
+func startFlows(t *testing.T, fd int) (*Ruleset, *Flows, context.Context) {
 	rs := FE(sampleFE)
-	if err := Apply(c, rs); err != nil {
+	if err := Apply(conn(t, fd), rs); err != nil {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
+	t.Cleanup(cancel)
 	f := NewFlows(conn(t, fd), rs)
 	go f.Run(ctx)
+	return rs, f, ctx
+}
+
+func TestFlows(t *testing.T) {
+	ns, fd := privtest.NetNS(t)
+	_, f, ctx := startFlows(t, fd)
 
 	be := netip.MustParseAddr("10.0.0.11")
 	flows := make([]netip.AddrPort, 50)
@@ -149,15 +155,7 @@ func TestFlows(t *testing.T) {
 // in the same transaction that replaces it.
 func TestCarryOver(t *testing.T) {
 	_, fd := privtest.NetNS(t)
-	c := conn(t, fd)
-	rs := FE(sampleFE)
-	if err := Apply(c, rs); err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	f := NewFlows(conn(t, fd), rs)
-	go f.Run(ctx)
+	rs, f, ctx := startFlows(t, fd)
 	a := netip.MustParseAddrPort("10.0.0.10:1000")
 	b := netip.MustParseAddrPort("10.0.0.10:1001")
 	be := netip.MustParseAddr("10.0.0.11")
