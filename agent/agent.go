@@ -64,6 +64,13 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger, mode func() 
 			err = errors.Join(err, cerr)
 		}
 	}()
+	// The admin socket first: it refuses to start a second agent on the same
+	// path before that agent could touch the first one's kernel state.
+	admin, err := listenAdmin(cfg.Global.Admin)
+	if err != nil {
+		return err
+	}
+	defer admin.Close()
 	// BE first: a host that is both serves handoffs before it takes clients.
 	if cfg.BE != nil {
 		if b, err = startBE(ctx, cfg.BE, cfg.Global.Secret, log); err != nil {
@@ -74,10 +81,6 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger, mode func() 
 		if f, err = startFE(ctx, cfg.FE, cfg.Global.Secret, log); err != nil {
 			return err
 		}
-	}
-	admin, err := listenAdmin(cfg.Global.Admin)
-	if err != nil {
-		return err
 	}
 	// keep outlives ctx by the drain: the kernel-facing loops must follow
 	// the connections that are still finishing.

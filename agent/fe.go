@@ -41,6 +41,8 @@ type fe struct {
 	obs    *queue.Observer
 	reaper *conntab.Reaper
 	qmode  nft.QueueMode
+	// adopted: the table was a predecessor's, with its clients' forwarding.
+	adopted bool
 
 	stats feStats
 }
@@ -73,11 +75,26 @@ func startFE(ctx context.Context, cfg *config.FE, secret []byte, log *slog.Logge
 	f := &fe{cfg: cfg, log: log.With("role", "fe"), table: conntab.New(), health: backends.NewHealth()}
 	ok := false
 	defer func() {
-		if !ok {
+		switch {
+		case ok:
+		case f.adopted:
+			// A predecessor's forwarding is serving clients: leave it.
+			f.handover()
+		default:
 			f.stop()
 		}
 	}()
 	var err error
+	// The queue before anything else: only one socket per namespace may
+	// bind a queue number (FACTS.md), so a second agent fails here before
+	// it touches the first one's table.
+	vip := netip.AddrPortFrom(cfg.VAddr, cfg.Port)
+	f.obs = &queue.Observer{
+		Table: f.table, VIP: vip, TimeWait: cfg.TimeWait, RSTWait: min(cfg.TimeWait, time.Second), Now: time.Now,
+	}
+	if f.reader, err = queue.Open(cfg.QueueNum, f.log, f.obs.Handle); err != nil {
+		return nil, fmt.Errorf("fe: %w (another agent in this network namespace? set [fe] queuenum)", err)
+	}
 	if f.nftc, err = openNFT(); err != nil {
 		return nil, fmt.Errorf("fe: %w", err)
 	}
@@ -99,16 +116,8 @@ func startFE(ctx context.Context, cfg *config.FE, secret []byte, log *slog.Logge
 	} else {
 		f.log.Debug("gratuitous ARP sent", "op", "vip", "vip", cfg.VAddr.String(), "interface", link.Attrs().Name)
 	}
-	vip := netip.AddrPortFrom(cfg.VAddr, cfg.Port)
 	if f.ln, err = (&net.ListenConfig{}).Listen(ctx, "tcp4", vip.String()); err != nil {
 		return nil, fmt.Errorf("fe: listen on VIP %v: %w", vip, err)
-	}
-	// Only one socket per namespace may bind a queue number (FACTS.md).
-	if f.reader, err = queue.Open(cfg.QueueNum, f.log); err != nil {
-		return nil, fmt.Errorf("fe: %w (another agent in this network namespace? set [fe] queuenum)", err)
-	}
-	f.obs = &queue.Observer{
-		Table: f.table, VIP: vip, TimeWait: cfg.TimeWait, RSTWait: min(cfg.TimeWait, time.Second), Now: time.Now,
 	}
 	f.flows = nft.NewFlows(f.nftc, f.rs)
 	f.reaper = &conntab.Reaper{
@@ -168,7 +177,7 @@ func (f *fe) installTable() error {
 			errs = append(errs, fmt.Errorf("with the %v: %w", mode, err))
 			continue
 		}
-		f.rs, f.qmode = rs, mode
+		f.rs, f.qmode, f.adopted = rs, mode, carried.Found
 		f.log.Info("NFQUEUE rule installed", "op", "start", "queue", cfg.QueueNum, "via", mode.String(),
 			"refused", errors.Join(errs...))
 		now := time.Now()
@@ -200,17 +209,12 @@ func dialControl(raddr netip.Addr) backends.DialFunc {
 }
 
 // run serves clients until serve is done; the kernel-facing loops (flow
-// updates, the queue, expiry) go on until keep is done, so that handed-off
-// connections can drain in between.
+// updates, expiry) go on until keep is done, and the queue reader until
+// the FE is released, so that handed-off connections can drain in between.
 func (f *fe) run(serve, keep context.Context) {
 	var wg sync.WaitGroup
 	wg.Go(func() { f.flows.Run(keep) })
 	wg.Go(func() { f.reaper.Run(keep) })
-	wg.Go(func() {
-		if err := f.reader.Run(keep, f.obs.Handle); err != nil {
-			f.log.Error("NFQUEUE reader stopped", "op", "queue", "err", err)
-		}
-	})
 	if f.cfg.DtcInterval > 0 {
 		wg.Go(func() { f.detectLoop(serve) })
 	}

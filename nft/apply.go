@@ -100,6 +100,7 @@ func ParseKey(b []byte) (netip.AddrPort, error) {
 // predecessor left: HANDOFFED flows and those already closing. Flows that
 // were HANDOFFING died with the predecessor's sockets and are not carried.
 type Carried struct {
+	Found   bool // a table was installed
 	Forward map[netip.AddrPort]netip.Addr
 	Closing map[netip.AddrPort]bool
 }
@@ -108,9 +109,11 @@ type Carried struct {
 // table, if there is one. A table without them yields nothing.
 func ReadCarried(c *nftables.Conn, t *nftables.Table) (*Carried, error) {
 	out := &Carried{Forward: map[netip.AddrPort]netip.Addr{}, Closing: map[netip.AddrPort]bool{}}
-	if ok, err := Exists(c, t); err != nil || !ok {
+	ok, err := Exists(c, t)
+	if err != nil || !ok {
 		return out, err
 	}
+	out.Found = true
 	read := func(name string, fn func(k netip.AddrPort, v []byte)) error {
 		s, err := c.GetSetByName(t, name)
 		if err != nil {
@@ -127,7 +130,7 @@ func ReadCarried(c *nftables.Conn, t *nftables.Table) (*Carried, error) {
 		}
 		return nil
 	}
-	err := read(MapForward, func(k netip.AddrPort, v []byte) {
+	err = read(MapForward, func(k netip.AddrPort, v []byte) {
 		if len(v) == 4 {
 			out.Forward[k] = netip.AddrFrom4([4]byte(v))
 		}

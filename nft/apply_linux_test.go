@@ -170,7 +170,7 @@ func TestCarryOver(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(carried.Forward) != 2 || carried.Forward[a] != be {
+	if !carried.Found || len(carried.Forward) != 2 || carried.Forward[a] != be {
 		t.Fatalf("carried %+v", carried)
 	}
 	carried.Closing[b] = true // as if b's FIN had been seen
@@ -184,7 +184,7 @@ func TestCarryOver(t *testing.T) {
 		t.Errorf("after the carry-over: %+v, %v", again, err)
 	}
 	none, err := ReadCarried(fresh, BE(sampleBE).Table)
-	if err != nil || len(none.Forward) != 0 {
+	if err != nil || none.Found || len(none.Forward) != 0 {
 		t.Errorf("no table: %+v %v", none, err)
 	}
 }

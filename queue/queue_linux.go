@@ -16,38 +16,42 @@ import (
 // decision function. It owns its netlink socket; only one socket per
 // network namespace may bind a queue number (FACTS.md).
 type Reader struct {
-	nf   *nfqueue.Nfqueue
-	num  uint16
-	log  *slog.Logger
-	once sync.Once
+	nf     *nfqueue.Nfqueue
+	num    uint16
+	log    *slog.Logger
+	cancel context.CancelFunc
+	once   sync.Once
 }
 
-// Open binds queue num.
-func Open(num uint16, log *slog.Logger) (*Reader, error) {
+// Open binds queue num and feeds its packets to decide, which runs on the
+// reader goroutine and must not block. The bind happens here, so a queue
+// another process holds fails Open, before the caller changes anything.
+func Open(num uint16, log *slog.Logger, decide func([]byte) (Verdict, Reason)) (*Reader, error) {
 	nf, err := nfqueue.Open(&nfqueue.Config{
 		NfQueue:      num,
 		MaxPacketLen: 128, // headers are enough: the verdict never needs the payload
 		MaxQueueLen:  4096,
 		Copymode:     nfqueue.NfQnlCopyPacket,
-		// FailOpen off: a packet the queue cannot hold is dropped, which is
-		// right here because the rule forwarded a copy before queueing.
-		Logger: nil,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("open NFQUEUE %d: %w", num, err)
 	}
-	// ENOBUFS when the kernel outruns the reader is not fatal (FACTS.md);
-	// asking for no ENOBUFS reports keeps the socket quiet about it.
+	// ENOBUFS when the kernel outruns the reader is not fatal (FACTS.md).
 	if err := nf.SetOption(netlink.NoENOBUFS, true); err != nil {
 		log.Debug("NFQUEUE: NoENOBUFS not set", "op", "queue", "err", err)
 	}
-	return &Reader{nf: nf, num: num, log: log}, nil
+	ctx, cancel := context.WithCancel(context.Background())
+	r := &Reader{nf: nf, num: num, log: log, cancel: cancel}
+	if err := nf.RegisterWithErrorFunc(ctx, r.hook(decide), r.onErr(ctx)); err != nil {
+		cancel()
+		nf.Close()
+		return nil, fmt.Errorf("bind NFQUEUE %d: %w", num, err)
+	}
+	return r, nil
 }
 
-// Run feeds queued packets to decide until ctx is done. decide runs on the
-// reader goroutine and must not block.
-func (r *Reader) Run(ctx context.Context, decide func([]byte) (Verdict, Reason)) error {
-	hook := func(a nfqueue.Attribute) int {
+func (r *Reader) hook(decide func([]byte) (Verdict, Reason)) nfqueue.HookFunc {
+	return func(a nfqueue.Attribute) int {
 		if a.PacketID == nil {
 			return 0
 		}
@@ -65,7 +69,10 @@ func (r *Reader) Run(ctx context.Context, decide func([]byte) (Verdict, Reason))
 		}
 		return 0
 	}
-	onErr := func(err error) int {
+}
+
+func (r *Reader) onErr(ctx context.Context) nfqueue.ErrorFunc {
+	return func(err error) int {
 		if ctx.Err() != nil {
 			return 1
 		}
@@ -77,16 +84,14 @@ func (r *Reader) Run(ctx context.Context, decide func([]byte) (Verdict, Reason))
 		r.log.Warn("NFQUEUE read", "op", "queue", "err", err)
 		return 0
 	}
-	if err := r.nf.RegisterWithErrorFunc(ctx, hook, onErr); err != nil {
-		return fmt.Errorf("NFQUEUE %d: register: %w", r.num, err)
-	}
-	<-ctx.Done()
-	return nil
 }
 
-// Close releases the queue. It is idempotent.
+// Close unbinds the queue. It is idempotent.
 func (r *Reader) Close() error {
 	var err error
-	r.once.Do(func() { err = r.nf.Close() })
+	r.once.Do(func() {
+		r.cancel()
+		err = r.nf.Close()
+	})
 	return err
 }

@@ -130,6 +130,11 @@ func flowsOf(t *testing.T, c *cluster.Cluster) (table map[string]string, kernel 
 	return table, kernel
 }
 
+func lastLine(s string) string {
+	l := strings.Split(strings.TrimSpace(s), "\n")
+	return l[len(l)-1]
+}
+
 // keepAlive is a client connection that sends requests one at a time.
 type keepAlive struct {
 	conn net.Conn
@@ -309,6 +314,44 @@ func TestStateMachine(t *testing.T) {
 		got, _ := os.ReadFile(dst)
 		if md5.Sum(got) != md5.Sum(data) {
 			t.Fatalf("download after the restart differs: %d bytes", len(got))
+		}
+	})
+
+	t.Run("a second agent cannot disturb the first", func(t *testing.T) {
+		k := dialKeepAlive(t, c)
+		defer k.conn.Close()
+		if _, err := k.get("/index.html"); err != nil {
+			t.Fatal(err)
+		}
+		conf := c.Config("fe")
+		other := strings.Replace(conf, c.AdminSocket("fe"), c.AdminSocket("fe")+".2", 1)
+		// Each must fail before it touches the kernel: on the admin socket,
+		// or on the NFQUEUE bind.
+		for name, tc := range map[string]struct{ text, reason string }{
+			"same admin socket":  {conf, "another agent is running there"},
+			"other admin socket": {other, "bind NFQUEUE 0"},
+		} {
+			text := tc.text
+			path := filepath.Join(c.Dir, "second.conf")
+			os.WriteFile(path, []byte(text), 0o644)
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			out, err := c.Exec(ctx, "fe", agentBin, "-c", path).CombinedOutput()
+			cancel()
+			if err == nil {
+				t.Errorf("%s: a second agent started:\n%s", name, out)
+			}
+			if !strings.Contains(string(out), tc.reason) {
+				t.Errorf("%s: failed for another reason than %q:\n%s", name, tc.reason, lastLine(string(out)))
+			}
+			if got, err := k.get("/img/a.jpg"); err != nil || got != "200 be1" {
+				t.Fatalf("%s: the first agent's connection broke: %q %v", name, got, err)
+			}
+			if table, kernel := flowsOf(t, c); table[k.local()] != "HANDOFFED" || !kernel[k.local()] {
+				t.Fatalf("%s: the first agent lost its flow: table %q kernel %v", name, table[k.local()], kernel[k.local()])
+			}
+		}
+		if got := servedBy(t, c, "/index.html"); got != "200 be1" {
+			t.Errorf("new clients after the attempts: %q", got)
 		}
 	})
 
