@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strconv"
@@ -109,10 +110,12 @@ func queuedBy(t *testing.T, c *cluster.Cluster, fn func()) int {
 // and in its forward map.
 func flowsOf(t *testing.T, c *cluster.Cluster) (table map[string]string, kernel map[string]bool) {
 	t.Helper()
-	conns, err := c.Admin("fe", "conns")
+	// Through the operator's tool, as the issue asks.
+	out, err := exec.Command(ctlBin, "-s", c.AdminSocket("fe"), "conns").CombinedOutput()
 	if err != nil {
-		t.Fatal(err)
+		t.Fatalf("tcphactl conns: %v: %s", err, out)
 	}
+	conns := string(out)
 	table = map[string]string{}
 	for _, l := range strings.Split(conns, "\n")[1:] {
 		if f := strings.Fields(l); len(f) >= 3 {
