@@ -307,6 +307,7 @@ func (f *fe) serve(ctx context.Context, c *net.TCPConn) {
 		}
 	}
 	if local {
+		f.sender.Keep(ctx, client)
 		f.serveLocal(c, req, log)
 		return
 	}

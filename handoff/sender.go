@@ -156,6 +156,23 @@ func (s *Sender) Migrate(ctx context.Context, sock Socket, flow netip.AddrPort, 
 	return netip.AddrPort{}, ErrNoBE
 }
 
+// Keep is for a connection the FE serves itself without trying a handoff
+// (the local node). A client that reused its port may still have an earlier
+// connection's forwarding installed; it must go, or the new connection's
+// packets would follow it to the old BE once the flow is no longer fresh.
+func (s *Sender) Keep(ctx context.Context, flow netip.AddrPort) {
+	c, ok := s.Table.Get(flow)
+	if !ok || !c.Forwarded {
+		return
+	}
+	if err := s.Flows.Unforward(ctx, flow); err != nil {
+		s.Log.Error("remove stale forwarding", "op", "local", "client", flow, "err", err)
+	}
+	if err := s.Table.Expire(flow); err != nil {
+		s.Log.Error("connection table", "op", "local", "client", flow, "err", err)
+	}
+}
+
 // fail ends HANDOFFING without a handoff: forget the entry, remove a stale
 // forward of an earlier connection on the same port, and unblock before the
 // socket leaves repair mode, so the client's answer to its window probe gets

@@ -196,3 +196,27 @@ func TestMigratePortReuse(t *testing.T) {
 		t.Errorf("failed reuse:\n got %q\nwant %q", c.log, want)
 	}
 }
+
+// A port reused for a request the FE serves itself: the earlier
+// connection's forwarding goes; an unknown flow is left alone.
+func TestKeepClearsStaleForwarding(t *testing.T) {
+	c := &calls{}
+	tab := conntab.New()
+	s := &Sender{Flows: fakeFlows{c, nil}, Peer: fakePeer{c, nil}, Table: tab, Log: quiet(), Timeout: time.Second, Now: time.Now}
+	s.Keep(context.Background(), client)
+	if len(c.log) != 0 {
+		t.Errorf("unknown flow: %q", c.log)
+	}
+	if _, err := s.Migrate(context.Background(), fakeSocket{calls: c}, client, nil, []netip.AddrPort{be1}); err != nil {
+		t.Fatal(err)
+	}
+	tab.Observe(client, conntab.EvFIN, time.Now(), time.Now().Add(time.Minute))
+	c.log = nil
+	s.Keep(context.Background(), client)
+	if !reflect.DeepEqual(c.log, []string{"unforward"}) {
+		t.Errorf("calls %q, want the stale forwarding removed", c.log)
+	}
+	if _, ok := tab.Get(client); ok {
+		t.Error("stale entry kept in the table")
+	}
+}

@@ -92,6 +92,23 @@ func newCluster(t *testing.T, opts cluster.Options) *cluster.Cluster {
 	return c
 }
 
+// reusePort is getFrom for a fixed client port: each request closes
+// server-first (Connection: close, read to EOF), so the port is free at once
+// while the FE may still forward the old flow. A port briefly in LAST_ACK
+// is retried.
+func reusePort(t *testing.T, c *cluster.Cluster, port int, path string) string {
+	t.Helper()
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		got, err := getFrom(c, port, path)
+		if err == nil {
+			return got
+		}
+		if !errors.Is(err, syscall.EADDRINUSE) && !errors.Is(err, syscall.EADDRNOTAVAIL) || time.Now().After(deadline) {
+			t.Fatalf("GET %s from port %d: %v", path, port, err)
+		}
+	}
+}
+
 // getFrom sends one `Connection: close` request from the client's port and
 // reads the answer to EOF; it returns "STATUS SERVED-BY".
 func getFrom(c *cluster.Cluster, port int, path string) (string, error) {
@@ -294,20 +311,7 @@ func TestCluster(t *testing.T) {
 	// A SYN from a client port whose previous connection is still
 	// forwarded must reach the FE, never the old BE.
 	t.Run("a reused client port is scheduled afresh", func(t *testing.T) {
-		// Each request closes server-first (Connection: close, read to EOF),
-		// so the client's port is free at once while the FE still forwards
-		// the old flow. A port briefly in LAST_ACK is retried.
-		reuse := func(port int, path string) string {
-			for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(20 * time.Millisecond) {
-				got, err := getFrom(c, port, path)
-				if err == nil {
-					return got
-				}
-				if !errors.Is(err, syscall.EADDRINUSE) && !errors.Is(err, syscall.EADDRNOTAVAIL) || time.Now().After(deadline) {
-					t.Fatalf("GET %s from port %d: %v", path, port, err)
-				}
-			}
-		}
+		reuse := func(port int, path string) string { return reusePort(t, c, port, path) }
 		if got := reuse(21000, "/img/a.jpg"); got != "200 be2" {
 			t.Fatalf("first connection: %q", got)
 		}
@@ -336,6 +340,22 @@ func TestCluster(t *testing.T) {
 		// already have expired: timewait is 1 s here).
 		if n := strings.Count(conns, "10.77.0.10:21000 "); n > 1 {
 			t.Errorf("connection table has %d entries for the reused port:\n%s", n, conns)
+		}
+	})
+
+	// The same for a request the local node serves: the old flow's
+	// forwarding must go at once, not when its TIME_WAIT ends, or the new
+	// connection would follow it to the old BE once it is no longer fresh.
+	t.Run("a reused port served locally drops the old forwarding", func(t *testing.T) {
+		flow := cluster.ClientIP + ":21003"
+		if got := reusePort(t, c, 21003, "/index.html"); got != "200 be1" {
+			t.Fatalf("first connection: %q", got)
+		}
+		if got := reusePort(t, c, 21003, "/local/index.html"); got != "200 fe" {
+			t.Fatalf("local request from the same port: %q", got)
+		}
+		if _, kernel := flowsOf(t, c); kernel[flow] {
+			t.Error("the old connection's forwarding outlived a local connection on its port")
 		}
 	})
 
