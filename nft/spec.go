@@ -60,7 +60,8 @@ type FEParams struct {
 	// FreshTimeout is how long a new connection stays local after its SYN;
 	// it must cover reading the request and the handoff.
 	FreshTimeout time.Duration
-	// TimeWait keeps a closing flow in @closing, where the agent finds it.
+	// TimeWait sizes @closing's timeout, which marks flows whose first FIN
+	// or RST was already queued; the agent deletes the entry sooner.
 	TimeWait time.Duration
 	// IdleTimeout is how long a forwarded flow may go without a packet.
 	IdleTimeout time.Duration

@@ -50,12 +50,16 @@ type Observer struct {
 	Now      func() time.Time
 
 	mu     sync.Mutex
+	total  int64
 	counts map[string]int64
 }
 
 // Handle decides one queued packet. It never blocks: it is called on the
 // NFQUEUE reader's goroutine.
 func (o *Observer) Handle(b []byte) (Verdict, Reason) {
+	o.mu.Lock()
+	o.total++
+	o.mu.Unlock()
 	p, err := Parse(b)
 	if err != nil {
 		o.count("reason", string(ReasonMalformed))
@@ -105,13 +109,7 @@ func (o *Observer) Counts() []Count {
 func (o *Observer) Total() int64 {
 	o.mu.Lock()
 	defer o.mu.Unlock()
-	var n int64
-	for k, v := range o.counts {
-		if len(k) > 6 && k[:6] == "reason" {
-			n += v
-		}
-	}
-	return n
+	return o.total
 }
 
 // Count is one counter.

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Installs what the demo and the tests need, if it is missing: nft, ip,
-# nginx, curl and wrk from Debian's packages. Needs root, like them.
+# Installs what the demo and the tests need, if it is missing, from
+# Debian's packages (the list below). Needs root, like them.
 set -euo pipefail
 need=()
 # iptables ships the xtables NFQUEUE module nft needs to print the compat

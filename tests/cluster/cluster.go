@@ -433,7 +433,6 @@ func (c *Cluster) Close() error {
 	}
 	var errs []error
 	for _, h := range append(c.hosts(), "sw") {
-		exec.Command("ip", "netns", "pids", c.NS(h)).Run()
 		if err := run("ip", "netns", "del", c.NS(h)); err != nil && !strings.Contains(err.Error(), "No such file") {
 			errs = append(errs, err)
 		}
