@@ -279,22 +279,11 @@ func (f *fe) serve(ctx context.Context, c *net.TCPConn) {
 	}
 	c.SetReadDeadline(time.Time{})
 	log = log.With("path", req.Path)
-	cands := f.sched.Candidates(req.Path)
-	var bes []netip.AddrPort
-	local := false
-	for _, t := range cands {
-		if t.Local {
-			local = true
-			if len(bes) == 0 {
-				break // the first choice is the local node
-			}
-			continue
-		}
-		bes = append(bes, t.BE)
-	}
-	if len(bes) > 0 {
+	route := f.sched.Route(req.Path)
+	local := route.Local
+	if len(route.BEs) > 0 {
 		start := time.Now()
-		be, err := f.sender.Migrate(ctx, tcpSocket{c}, client, req.Raw, bes)
+		be, err := f.sender.Migrate(ctx, tcpSocket{c}, client, req.Raw, route.BEs)
 		if err == nil {
 			lat := time.Since(start)
 			f.stats.add(func(s *feCounters) { s.handedOff++; s.handoffLatencySum += lat; s.handoffLatencyCount++ })

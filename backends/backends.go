@@ -71,6 +71,30 @@ func (s *Scheduler) Candidates(path string) []Target {
 	return out
 }
 
+// Route is what the FE does with a request: try BEs in order and, if none
+// takes the connection, serve it on the local node when Local is set.
+// When the local node is the first choice, BEs is empty.
+type Route struct {
+	BEs   []netip.AddrPort
+	Local bool
+}
+
+// Route turns Candidates into the FE's plan for path.
+func (s *Scheduler) Route(path string) Route {
+	var r Route
+	for _, t := range s.Candidates(path) {
+		switch {
+		case !t.Local:
+			r.BEs = append(r.BEs, t.BE)
+		case len(r.BEs) == 0:
+			return Route{Local: true} // the first choice is the local node
+		default:
+			r.Local = true // a fallback after the BEs
+		}
+	}
+	return r
+}
+
 // Health records which BEs are available. A BE is up until marked down.
 type Health struct {
 	mu   sync.Mutex

@@ -74,6 +74,42 @@ rule = 10.0.0.12 ^/img/
 	}
 }
 
+func TestRoute(t *testing.T) {
+	fe := mustConfig(t, `[fe]
+vaddr = 10.0.0.100
+server = 10.0.0.11 666
+server = 10.0.0.12 666
+rule = local ^/status$
+rule = 10.0.0.12 \.jpg$
+rule = local ^/img/
+rule = 10.0.0.11 ^/img/
+`)
+	h := NewHealth()
+	s := NewScheduler(fe.Rules, fe.Servers, h)
+	be1 := netip.MustParseAddrPort("10.0.0.11:666")
+	be2 := netip.MustParseAddrPort("10.0.0.12:666")
+	cases := []struct {
+		path string
+		want Route
+	}{
+		{"/status", Route{Local: true}},                                     // local first: no BE tried
+		{"/img/a.jpg", Route{BEs: []netip.AddrPort{be2, be1}, Local: true}}, // local is the fallback
+		{"/a.jpg", Route{BEs: []netip.AddrPort{be2}}},
+		{"/img/b.png", Route{Local: true}},
+		{"/other", Route{}}, // no rule matches: the FE answers 503
+	}
+	for _, tc := range cases {
+		if got := s.Route(tc.path); !reflect.DeepEqual(got, tc.want) {
+			t.Errorf("%s: got %+v, want %+v", tc.path, got, tc.want)
+		}
+	}
+	// be2 down: the next matching rule, `local ^/img/`, is now the first choice.
+	h.Set(be2.Addr(), false, time.Unix(0, 0))
+	if got := s.Route("/img/a.jpg"); !reflect.DeepEqual(got, Route{Local: true}) {
+		t.Errorf("be2 down: %+v", got)
+	}
+}
+
 func TestPool(t *testing.T) {
 	be := netip.MustParseAddrPort("10.0.0.11:666")
 	dials := 0
