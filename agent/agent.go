@@ -18,7 +18,7 @@ import (
 	"sync"
 	"time"
 
-	"tcpha/agent/config"
+	"tcpha/config"
 )
 
 // StopMode is how the agent stops when its context ends.

@@ -12,7 +12,7 @@ import (
 	"testing"
 	"time"
 
-	"tcpha/agent/config"
+	"tcpha/config"
 )
 
 func TestNewLoggerLevels(t *testing.T) {

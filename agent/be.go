@@ -14,7 +14,7 @@ import (
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
-	"tcpha/agent/config"
+	"tcpha/config"
 	"tcpha/handoff"
 	"tcpha/handoff/repair"
 	"tcpha/handoff/wire"

@@ -12,8 +12,8 @@ import (
 	"sync"
 	"time"
 
-	"tcpha/agent/config"
 	"tcpha/backends"
+	"tcpha/config"
 	"tcpha/handoff"
 	"tcpha/handoff/conntab"
 	"tcpha/handoff/repair"

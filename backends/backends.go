@@ -8,8 +8,6 @@ import (
 	"net/netip"
 	"sync"
 	"time"
-
-	"tcpha/agent/config"
 )
 
 // Target is where a request goes: a BE's handoff listener, or the FE's
@@ -28,15 +26,15 @@ func (t Target) String() string {
 
 // Scheduler picks targets by rule.
 type Scheduler struct {
-	rules   []config.Rule
-	servers map[netip.Addr]config.Server
+	rules   []Rule
+	servers map[netip.Addr]Server
 	health  *Health
 }
 
 // NewScheduler schedules over rules and servers, skipping BEs health marks
 // down.
-func NewScheduler(rules []config.Rule, servers []config.Server, health *Health) *Scheduler {
-	m := make(map[netip.Addr]config.Server, len(servers))
+func NewScheduler(rules []Rule, servers []Server, health *Health) *Scheduler {
+	m := make(map[netip.Addr]Server, len(servers))
 	for _, s := range servers {
 		m[s.Addr] = s
 	}

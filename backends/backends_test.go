@@ -1,4 +1,4 @@
-package backends
+package backends_test
 
 import (
 	"context"
@@ -9,7 +9,8 @@ import (
 	"testing"
 	"time"
 
-	"tcpha/agent/config"
+	"tcpha/backends"
+	"tcpha/config"
 )
 
 func mustConfig(t *testing.T, text string) *config.FE {
@@ -31,20 +32,20 @@ rule = local ^/status$
 rule = 10.0.0.11 .*
 rule = 10.0.0.12 ^/img/
 `)
-	h := NewHealth()
-	s := NewScheduler(fe.Rules, fe.Servers, h)
-	be1 := Target{BE: netip.MustParseAddrPort("10.0.0.11:666")}
-	be2 := Target{BE: netip.MustParseAddrPort("10.0.0.12:777")}
-	local := Target{Local: true}
+	h := backends.NewHealth()
+	s := backends.NewScheduler(fe.Rules, fe.Servers, h)
+	be1 := backends.Target{BE: netip.MustParseAddrPort("10.0.0.11:666")}
+	be2 := backends.Target{BE: netip.MustParseAddrPort("10.0.0.12:777")}
+	local := backends.Target{Local: true}
 	cases := []struct {
 		path string
-		want []Target
+		want []backends.Target
 	}{
-		{"/index.html", []Target{be1}},
-		{"/img/a.jpg", []Target{be2, be1}}, // be2 listed once although two rules name it
-		{"/a.jpg.html", []Target{be1}},     // regexps are anchored only where they say so
-		{"/status", []Target{local, be1}},
-		{"/img/b.png", []Target{be1, be2}},
+		{"/index.html", []backends.Target{be1}},
+		{"/img/a.jpg", []backends.Target{be2, be1}}, // be2 listed once although two rules name it
+		{"/a.jpg.html", []backends.Target{be1}},     // regexps are anchored only where they say so
+		{"/status", []backends.Target{local, be1}},
+		{"/img/b.png", []backends.Target{be1, be2}},
 	}
 	for _, tc := range cases {
 		if got := s.Candidates(tc.path); !reflect.DeepEqual(got, tc.want) {
@@ -62,7 +63,7 @@ rule = 10.0.0.12 ^/img/
 	if since, down := h.DownSince(be2.BE.Addr()); !down || !since.Equal(now) {
 		t.Errorf("down since %v %v", since, down)
 	}
-	if got := s.Candidates("/img/a.jpg"); !reflect.DeepEqual(got, []Target{be1}) {
+	if got := s.Candidates("/img/a.jpg"); !reflect.DeepEqual(got, []backends.Target{be1}) {
 		t.Errorf("with be2 down: %v", got)
 	}
 	h.Set(be2.BE.Addr(), true, now)
@@ -84,19 +85,19 @@ rule = 10.0.0.12 \.jpg$
 rule = local ^/img/
 rule = 10.0.0.11 ^/img/
 `)
-	h := NewHealth()
-	s := NewScheduler(fe.Rules, fe.Servers, h)
+	h := backends.NewHealth()
+	s := backends.NewScheduler(fe.Rules, fe.Servers, h)
 	be1 := netip.MustParseAddrPort("10.0.0.11:666")
 	be2 := netip.MustParseAddrPort("10.0.0.12:666")
 	cases := []struct {
 		path string
-		want Route
+		want backends.Route
 	}{
-		{"/status", Route{Local: true}},                                     // local first: no BE tried
-		{"/img/a.jpg", Route{BEs: []netip.AddrPort{be2, be1}, Local: true}}, // local is the fallback
-		{"/a.jpg", Route{BEs: []netip.AddrPort{be2}}},
-		{"/img/b.png", Route{Local: true}},
-		{"/other", Route{}}, // no rule matches: the FE answers 503
+		{"/status", backends.Route{Local: true}},                                     // local first: no BE tried
+		{"/img/a.jpg", backends.Route{BEs: []netip.AddrPort{be2, be1}, Local: true}}, // local is the fallback
+		{"/a.jpg", backends.Route{BEs: []netip.AddrPort{be2}}},
+		{"/img/b.png", backends.Route{Local: true}},
+		{"/other", backends.Route{}}, // no rule matches: the FE answers 503
 	}
 	for _, tc := range cases {
 		if got := s.Route(tc.path); !reflect.DeepEqual(got, tc.want) {
@@ -105,7 +106,7 @@ rule = 10.0.0.11 ^/img/
 	}
 	// be2 down: the next matching rule, `local ^/img/`, is now the first choice.
 	h.Set(be2.Addr(), false, time.Unix(0, 0))
-	if got := s.Route("/img/a.jpg"); !reflect.DeepEqual(got, Route{Local: true}) {
+	if got := s.Route("/img/a.jpg"); !reflect.DeepEqual(got, backends.Route{Local: true}) {
 		t.Errorf("be2 down: %+v", got)
 	}
 }
@@ -113,7 +114,7 @@ rule = 10.0.0.11 ^/img/
 func TestPool(t *testing.T) {
 	be := netip.MustParseAddrPort("10.0.0.11:666")
 	dials := 0
-	p := NewPool(func(ctx context.Context, a netip.AddrPort) (net.Conn, error) {
+	p := backends.NewPool(func(ctx context.Context, a netip.AddrPort) (net.Conn, error) {
 		if a != be {
 			return nil, errors.New("refused")
 		}
@@ -121,7 +122,7 @@ func TestPool(t *testing.T) {
 		c, _ := net.Pipe()
 		return c, nil
 	}, 2)
-	var got []*Conn
+	var got []*backends.Conn
 	for range 3 {
 		c, err := p.Get(context.Background(), be)
 		if err != nil || c.Reused {
@@ -149,7 +150,7 @@ func TestPool(t *testing.T) {
 	}
 	p.Close()
 	p.Close()
-	if _, err := p.Get(context.Background(), be); !errors.Is(err, ErrPoolClosed) {
+	if _, err := p.Get(context.Background(), be); !errors.Is(err, backends.ErrPoolClosed) {
 		t.Errorf("after close: %v", err)
 	}
 }

@@ -1,11 +1,12 @@
-package backends
+package backends_test
 
 import (
 	"fmt"
 	"strings"
 	"testing"
 
-	"tcpha/agent/config"
+	"tcpha/backends"
+	"tcpha/config"
 )
 
 // Ten rules, the match in the last one: the worst case for first-match.
@@ -20,7 +21,7 @@ func BenchmarkCandidates(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	s := NewScheduler(c.FE.Rules, c.FE.Servers, NewHealth())
+	s := backends.NewScheduler(c.FE.Rules, c.FE.Servers, backends.NewHealth())
 	b.ReportAllocs()
 	for b.Loop() {
 		if len(s.Candidates("/img/photos/2026/a.jpg")) != 1 {

@@ -1,5 +1,5 @@
 // Package tests holds tcpha's integration tests: real agents, nginx, curl
-// and nft in network namespaces built by tests/cluster. They need root; in
+// and nft in network namespaces built by internal/nscluster. They need root; in
 // CI they always run (see internal/privtest).
 package tests
 
@@ -21,8 +21,8 @@ import (
 	"testing"
 	"time"
 
+	cluster "tcpha/internal/nscluster"
 	"tcpha/internal/privtest"
-	"tcpha/tests/cluster"
 )
 
 var agentBin, ctlBin string

@@ -18,7 +18,7 @@ import (
 	"testing"
 	"time"
 
-	"tcpha/tests/cluster"
+	cluster "tcpha/internal/nscluster"
 )
 
 var (

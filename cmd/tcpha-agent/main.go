@@ -19,7 +19,7 @@ import (
 	"syscall"
 
 	"tcpha/agent"
-	"tcpha/agent/config"
+	"tcpha/config"
 )
 
 func main() {

@@ -23,7 +23,7 @@ import (
 	"syscall"
 	"time"
 
-	"tcpha/tests/cluster"
+	cluster "tcpha/internal/nscluster"
 )
 
 func main() {

@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"gopkg.in/ini.v1"
+
+	"tcpha/backends"
 )
 
 // Load reads and parses the config file at path.
@@ -309,32 +311,32 @@ func (v *section) duration(key string, def time.Duration, zeroOK bool) time.Dura
 	return d
 }
 
-func (v *section) server(val string, nth int) Server {
+func (v *section) server(val string, nth int) backends.Server {
 	f := strings.Fields(val)
 	line := v.line("server", nth)
 	if len(f) != 2 {
 		v.fail("server", line, fmt.Sprintf("%q: want `server = ADDR PORT`", val))
-		return Server{}
+		return backends.Server{}
 	}
 	a, err := netip.ParseAddr(f[0])
 	if err != nil || !a.Is4() {
 		v.fail("server", line, fmt.Sprintf("%q is not an IPv4 address", f[0]))
-		return Server{}
+		return backends.Server{}
 	}
 	n, err := strconv.ParseUint(f[1], 10, 16)
 	if err != nil || n == 0 {
 		v.fail("server", line, fmt.Sprintf("%q is not a port number (1-65535)", f[1]))
-		return Server{}
+		return backends.Server{}
 	}
-	return Server{Addr: a, Port: uint16(n)}
+	return backends.Server{Addr: a, Port: uint16(n)}
 }
 
 // rules parses `rule = TARGET PATTERN` lines. The pattern is the rest of the
 // line after the target, so it may contain spaces, '#' and ';'. On the FE
 // (fe true) every target must be a declared server or local.
-func (v *section) rules(key string, servers []Server, fe bool) []Rule {
+func (v *section) rules(key string, servers []backends.Server, fe bool) []backends.Rule {
 	checkServers, localOK := fe, fe
-	var out []Rule
+	var out []backends.Rule
 	for i, val := range v.all(key) {
 		line := v.line(key, i)
 		val = strings.TrimSpace(val)
@@ -349,7 +351,7 @@ func (v *section) rules(key string, servers []Server, fe bool) []Rule {
 			v.fail(key, line, fmt.Sprintf("bad regular expression %q: %v", pat, err))
 			return nil
 		}
-		r := Rule{Pattern: re, Line: line}
+		r := backends.Rule{Pattern: re, Line: line}
 		if target == "local" && localOK {
 			r.Local = true
 		} else {
@@ -369,7 +371,7 @@ func (v *section) rules(key string, servers []Server, fe bool) []Rule {
 	return out
 }
 
-func hasServer(servers []Server, a netip.Addr) bool {
+func hasServer(servers []backends.Server, a netip.Addr) bool {
 	for _, s := range servers {
 		if s.Addr == a {
 			return true

@@ -7,7 +7,8 @@ package config
 import (
 	"fmt"
 	"net/netip"
-	"regexp"
+
+	"tcpha/backends"
 	"time"
 )
 
@@ -35,32 +36,6 @@ type Global struct {
 	Secret []byte
 }
 
-// Server is one `server = ADDR PORT` line: a BE and its handoff port.
-type Server struct {
-	Addr netip.Addr
-	Port uint16
-}
-
-// AddrPort returns the BE's handoff listener address.
-func (s Server) AddrPort() netip.AddrPort { return netip.AddrPortFrom(s.Addr, s.Port) }
-
-// Rule is one `rule = TARGET PATTERN` line. Target is a BE address, or the
-// zero Addr with Local set for the FE's local node (seed 4.7).
-type Rule struct {
-	Target  netip.Addr
-	Local   bool
-	Pattern *regexp.Regexp
-	Line    int
-}
-
-// TargetString names the rule's target as it is written in the file.
-func (r Rule) TargetString() string {
-	if r.Local {
-		return "local"
-	}
-	return r.Target.String()
-}
-
 // FE holds [fe]: the dispatcher that owns the VIP.
 type FE struct {
 	RAddr           netip.Addr // real address; unspecified = INADDR_ANY
@@ -73,8 +48,8 @@ type FE struct {
 	ConnPerBE       int // persistent control connections kept per BE
 	RedirectAddr    netip.Addr
 	RedirectPort    uint16
-	Servers         []Server
-	Rules           []Rule
+	Servers         []backends.Server
+	Rules           []backends.Rule
 
 	// Not in the seed; bounds the FE's work per connection.
 	RequestTimeout time.Duration // time to receive a whole request header
@@ -106,7 +81,7 @@ type BE struct {
 	DRegister       bool
 	FEAddr          netip.Addr
 	FEPort          uint16
-	Rules           []Rule
+	Rules           []backends.Rule
 
 	// Not in the seed: how long a restored connection waits for the FE's
 	// commit before it is dropped silently.

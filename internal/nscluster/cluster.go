@@ -5,7 +5,7 @@
 //
 // Namespace names start with a prefix unique to the process, so parallel
 // runs do not collide; Close removes everything, and is safe to call twice.
-package cluster
+package nscluster
 
 import (
 	"bufio"
