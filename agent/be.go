@@ -16,9 +16,11 @@ import (
 
 	"tcpha/config"
 	"tcpha/handoff"
+	"tcpha/handoff/ctl"
 	"tcpha/handoff/repair"
 	"tcpha/handoff/wire"
 	"tcpha/nft"
+	"tcpha/relay"
 )
 
 // be is a back end: it rebuilds handed-off connections and relays them to
@@ -27,8 +29,11 @@ type be struct {
 	cfg *config.BE
 	log *slog.Logger
 	installed
-	ln   net.Listener
-	recv *handoff.Receiver
+	ln     net.Listener
+	server *ctl.Server
+	recv   *handoff.Receiver
+	relays relay.Tracker
+	local  *localAddrs
 }
 
 func startBE(ctx context.Context, cfg *config.BE, secret []byte, log *slog.Logger) (*be, error) {
@@ -56,40 +61,95 @@ func startBE(ctx context.Context, cfg *config.BE, secret []byte, log *slog.Logge
 	if b.vip, err = addVIP(lo, cfg.VAddr); err != nil {
 		return nil, fmt.Errorf("be: %w", err)
 	}
-	ctl := netip.AddrPortFrom(cfg.RAddr, cfg.Port)
-	if b.ln, err = (&net.ListenConfig{}).Listen(ctx, "tcp4", ctl.String()); err != nil {
-		return nil, fmt.Errorf("be: listen for handoffs on %v: %w", ctl, err)
+	if b.local, err = newLocalAddrs(); err != nil {
+		return nil, fmt.Errorf("be: %w", err)
+	}
+	ctlAddr := netip.AddrPortFrom(cfg.RAddr, cfg.Port)
+	if b.ln, err = (&net.ListenConfig{}).Listen(ctx, "tcp4", ctlAddr.String()); err != nil {
+		return nil, fmt.Errorf("be: listen for handoffs on %v: %w", ctlAddr, err)
 	}
 	up := cfg.Redirect()
 	dialer := &net.Dialer{}
 	b.recv = &handoff.Receiver{
-		Codec: wire.Codec{Secret: secret}, VIP: cfg.VAddr, Rebuilder: rebuilder{log: b.log},
-		Upstream: func(ctx context.Context) (*net.TCPConn, error) {
+		VIP: cfg.VAddr, Check: b.check, Rebuilder: rebuilder{log: b.log},
+		Connect: func(ctx context.Context) (handoff.Upstream, error) {
 			c, err := dialer.DialContext(ctx, "tcp4", up.String())
 			if err != nil {
 				return nil, err
 			}
 			return c.(*net.TCPConn), nil
 		},
-		CommitTimeout: cfg.CommitTimeout, MaxClients: cfg.MaxClients, Log: b.log,
+		Run: func(client *net.TCPConn, up handoff.Upstream) {
+			b.relays.Go(func() { relay.Pipe(client, up.(*net.TCPConn)) })
+		},
+		CommitTimeout: cfg.CommitTimeout, MaxPending: cfg.MaxClients, Log: b.log,
+	}
+	members := map[netip.Addr]bool{}
+	for _, a := range cfg.FEAddrs {
+		members[a] = true
+	}
+	b.server = &ctl.Server{
+		Config: &ctl.Config{
+			Secret:  secret,
+			Local:   wire.Hello{Role: wire.RoleBE, Addr: ctlAddr, VIP: netip.AddrPortFrom(cfg.VAddr, 0)},
+			Handler: b.recv,
+			Health: func() wire.Health {
+				return wire.Health{ServerUp: true, Active: uint32(b.relays.Active())}
+			},
+			Log: b.log,
+		},
+		Member: func(a netip.Addr) bool { return members[a] },
+		Admit:  b.admit,
 	}
 	ok = true
 	b.log.Info("back end ready", "op", "start", "vip", cfg.VAddr.String(), "handoff_port", cfg.Port,
-		"upstream", up.String(), "uaddr", cfg.UAddr.String())
+		"upstream", up.String(), "uaddr", cfg.UAddr.String(), "fe", fmt.Sprint(cfg.FEAddrs), "authenticated", len(secret) > 0)
 	return b, nil
 }
 
-// rebuilder restores sockets, clearing a TIME_WAIT of the same 4-tuple out
+// admit takes a session only from an FE that serves this BE's VIP and says
+// so from its own address.
+func (b *be) admit(remote net.Addr, h wire.Hello) error {
+	src := addrOf(remote)
+	switch {
+	case h.Role != wire.RoleFE:
+		return fmt.Errorf("a %v may not open sessions to this BE", h.Role)
+	case h.Addr.Addr() != src && !h.Addr.Addr().IsUnspecified():
+		return fmt.Errorf("hello claims %v but comes from %v", h.Addr.Addr(), src)
+	case h.VIP.Addr() != b.cfg.VAddr:
+		return fmt.Errorf("the FE serves VIP %v, this BE serves %v", h.VIP.Addr(), b.cfg.VAddr)
+	case h.VIP.Port() == 0:
+		return errors.New("the FE names no VIP port")
+	}
+	return nil
+}
+
+// check validates an offer beyond its VIP: it must be for the port its FE
+// serves, from a client that can be one, with nothing to send yet.
+func (b *be) check(ci *wire.ConnInfo, from *ctl.Session) (wire.Result, error) {
+	if port := from.Peer.VIP.Port(); ci.VIP.Port() != port {
+		return wire.ResultWrongVIP, fmt.Errorf("connection is for port %d, the FE serves %d", ci.VIP.Port(), port)
+	}
+	if err := handoff.CheckClient(ci, b.cfg.VAddr, b.local.Has); err != nil {
+		return wire.ResultInvalid, err
+	}
+	return wire.ResultOK, nil
+}
+
+// rebuilder rebuilds sockets, clearing a TIME_WAIT of the same 4-tuple out
 // of the way. When the web server closed first, this BE holds the 4-tuple in
 // TIME_WAIT for 60 s, while a busy client reuses its ephemeral ports sooner
-// (at the measured ~4k handoffs/s the range wraps in seconds): the
+// (at thousands of handoffs per second the range wraps in seconds): the
 // repair-mode connect then fails with EADDRNOTAVAIL (FACTS.md).
 type rebuilder struct{ log *slog.Logger }
 
-func (r rebuilder) Restore(ci *wire.ConnInfo) (*net.TCPConn, error) {
-	c, err := repair.Restore(ci)
+func (r rebuilder) Rebuild(ci *wire.ConnInfo) (handoff.Rebuilt, error) {
+	c, err := repair.Rebuild(ci)
 	if !errors.Is(err, unix.EADDRNOTAVAIL) {
-		return c, err
+		if err != nil {
+			return nil, err
+		}
+		return c, nil
 	}
 	vip := net.TCPAddrFromAddrPort(ci.VIP)
 	client := net.TCPAddrFromAddrPort(ci.Client)
@@ -102,13 +162,14 @@ func (r rebuilder) Restore(ci *wire.ConnInfo) (*net.TCPConn, error) {
 		return nil, errors.Join(err, fmt.Errorf("destroy TIME_WAIT %v-%v: %w", ci.VIP, ci.Client, derr))
 	}
 	r.log.Debug("cleared TIME_WAIT for a reused client port", "op", "restore", "client", ci.Client.String())
-	return repair.Restore(ci)
+	if c, err = repair.Rebuild(ci); err != nil {
+		return nil, err
+	}
+	return c, nil
 }
 
-func (rebuilder) CloseSilently(c *net.TCPConn) error { return repair.CloseSilently(c) }
-
 func (b *be) run(ctx context.Context) {
-	if err := b.recv.Serve(ctx, b.ln); err != nil {
+	if err := b.server.Serve(ctx, b.ln); err != nil {
 		b.log.Error("handoff listener stopped", "op", "serve", "err", err)
 	}
 }
@@ -117,11 +178,11 @@ func (b *be) run(ctx context.Context) {
 // already closed, so the FE sends new connections elsewhere.
 func (b *be) drain(d time.Duration) {
 	done := make(chan struct{})
-	go func() { b.recv.Wait(); close(done) }()
+	go func() { b.relays.Wait(); close(done) }()
 	select {
 	case <-done:
 	case <-time.After(d):
-		b.log.Warn("drain time over; cutting relayed connections", "op", "stop", "relaying", b.recv.Stats().Active)
+		b.log.Warn("drain time over; cutting relayed connections", "op", "stop", "relaying", b.relays.Active())
 	}
 }
 
@@ -145,6 +206,7 @@ func (b *be) handover() {
 func (b *be) status(w io.Writer) {
 	s := b.recv.Stats()
 	fmt.Fprintf(w, "be vip=%v handoff=%v:%d pid=%d\n", b.cfg.VAddr, b.cfg.RAddr, b.cfg.Port, os.Getpid())
-	fmt.Fprintf(w, "  relaying=%d served=%d refused=%d upstream=%v at %s\n", s.Active, s.Served, s.Refused,
+	fmt.Fprintf(w, "  relaying=%d pending=%d served=%d refused=%d sessions=%d upstream=%v at %s\n",
+		b.relays.Active(), s.Pending, s.Served, s.Refused, len(b.server.Sessions()),
 		b.cfg.Redirect(), time.Now().Format(time.RFC3339))
 }

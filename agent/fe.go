@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"strings"
 	"sync"
 	"time"
 
@@ -16,11 +17,13 @@ import (
 	"tcpha/config"
 	"tcpha/handoff"
 	"tcpha/handoff/conntab"
+	"tcpha/handoff/ctl"
 	"tcpha/handoff/repair"
 	"tcpha/handoff/wire"
 	"tcpha/nft"
 	"tcpha/phttp"
 	"tcpha/queue"
+	"tcpha/relay"
 )
 
 // fe is the front end: it owns the VIP, reads each connection's first
@@ -33,7 +36,7 @@ type fe struct {
 	table  *conntab.Table
 	sched  *backends.Scheduler
 	health *backends.Health
-	pool   *backends.Pool
+	pool   *ctl.Pool
 	client *handoff.Client
 	sender *handoff.Sender
 	ln     net.Listener
@@ -131,15 +134,33 @@ func startFE(ctx context.Context, cfg *config.FE, secret []byte, log *slog.Logge
 			return func(k netip.AddrPort) bool { _, ok := m[k]; return ok }, nil
 		},
 	}
-	f.pool = backends.NewPool(dialControl(cfg.RAddr), cfg.ConnPerBE)
-	f.client = &handoff.Client{Pool: f.pool, Codec: wire.Codec{Secret: secret}}
+	f.pool = ctl.NewPool(&ctl.Config{
+		Secret: secret,
+		Local:  wire.Hello{Role: wire.RoleFE, Addr: netip.AddrPortFrom(cfg.RAddr, 0), VIP: vip},
+		Log:    f.log,
+	}, ctl.Dialer(cfg.RAddr), cfg.ConnPerBE)
+	// A BE without a session cannot take a handoff: losing the last one
+	// marks it down at once, the first new one brings it back.
+	f.pool.OnChange = func(be netip.AddrPort, up bool, err error) {
+		if !up {
+			f.markDown(be.Addr(), err)
+		} else if f.health.Set(be.Addr(), true, time.Now()) {
+			f.log.Info("BE available", "op", "detect", "be", be.Addr().String())
+		}
+	}
+	for _, srv := range cfg.Servers {
+		f.pool.Add(srv.AddrPort())
+	}
+	f.waitSessions(2 * time.Second)
+	f.client = &handoff.Client{Pool: f.pool}
 	f.sched = backends.NewScheduler(cfg.Rules, cfg.Servers, f.health)
 	f.sender = &handoff.Sender{
 		Flows: f.flows, Peer: f.client, Table: f.table, Log: f.log,
 		Timeout: cfg.HandoffTimeout, Now: time.Now,
 	}
 	if cfg.DtcInterval > 0 {
-		// Without detection nothing would bring a BE marked down back.
+		// Without detection nothing but a new session would bring a BE
+		// marked down back.
 		f.sender.Down = func(be netip.AddrPort, err error) { f.markDown(be.Addr(), err) }
 	}
 	ok = true
@@ -197,14 +218,31 @@ func (f *fe) installTable() error {
 	return errors.Join(errs...)
 }
 
-func dialControl(raddr netip.Addr) backends.DialFunc {
-	d := &net.Dialer{Timeout: time.Second, KeepAlive: 15 * time.Second}
-	if raddr.IsValid() && !raddr.IsUnspecified() {
-		// Control traffic leaves from the FE's real address, never the VIP.
-		d.LocalAddr = &net.TCPAddr{IP: raddr.AsSlice()}
-	}
-	return func(ctx context.Context, be netip.AddrPort) (net.Conn, error) {
-		return d.DialContext(ctx, "tcp4", be.String())
+// waitSessions waits up to d for a session to every BE, so the first
+// clients after a start do not find every BE unreachable. BEs still without
+// one are logged and stay down until their sessions come up.
+func (f *fe) waitSessions(d time.Duration) {
+	deadline := time.Now().Add(d)
+	for {
+		var missing []string
+		for _, srv := range f.cfg.Servers {
+			if len(f.pool.Sessions(srv.AddrPort())) == 0 {
+				missing = append(missing, srv.AddrPort().String())
+			}
+		}
+		if len(missing) == 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			f.log.Warn("starting without control sessions to some BEs", "op", "start", "bes", strings.Join(missing, " "))
+			for _, srv := range f.cfg.Servers {
+				if len(f.pool.Sessions(srv.AddrPort())) == 0 {
+					f.markDown(srv.Addr, errors.New("no control session yet"))
+				}
+			}
+			return
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 }
 
@@ -287,7 +325,7 @@ func (f *fe) serve(ctx context.Context, c *net.TCPConn) {
 		if err == nil {
 			lat := time.Since(start)
 			f.stats.add(func(s *feCounters) { s.handedOff++; s.handoffLatencySum += lat; s.handoffLatencyCount++ })
-			log.Info("handed off", "op", "handoff", "be", be.Addr().String(), "latency", lat)
+			log.Debug("handed off", "op", "handoff", "be", be.Addr().String(), "latency", lat)
 			return
 		}
 		log.Warn("handoff failed; FE keeps the connection", "op", "handoff", "err", err)
@@ -346,12 +384,13 @@ func (f *fe) serveLocal(c *net.TCPConn, req *phttp.Request, log *slog.Logger) {
 	}
 	f.stats.add(func(s *feCounters) { s.local++ })
 	log.Info("served by local node", "op", "local")
-	handoff.Relay(c, up.(*net.TCPConn))
+	relay.Pipe(c, up.(*net.TCPConn))
 }
 
 // tcpSocket adapts a client connection to handoff.Socket.
 type tcpSocket struct{ c *net.TCPConn }
 
+func (s tcpSocket) Block() error                                 { return repair.Block(s.c) }
 func (s tcpSocket) Dump(consumed []byte) (*wire.ConnInfo, error) { return repair.Dump(s.c, consumed) }
 func (s tcpSocket) CloseSilently() error                         { return repair.CloseSilently(s.c) }
 func (s tcpSocket) Resume() error                                { return repair.Resume(s.c) }
@@ -362,12 +401,20 @@ func (f *fe) detectLoop(ctx context.Context) {
 	tick := time.NewTicker(f.cfg.DtcInterval)
 	defer tick.Stop()
 	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
 		for _, s := range f.cfg.Servers {
 			pctx, cancel := context.WithTimeout(ctx, min(f.cfg.DtcInterval, 2*time.Second))
-			err := f.client.Ping(pctx, s.AddrPort())
+			h, err := f.client.Probe(pctx, s.AddrPort())
 			cancel()
 			if ctx.Err() != nil {
 				return
+			}
+			if err == nil && !h.ServerUp {
+				err = errors.New("its web server does not answer")
 			}
 			if err != nil {
 				f.markDown(s.Addr, err)
@@ -375,22 +422,12 @@ func (f *fe) detectLoop(ctx context.Context) {
 				f.log.Info("BE available", "op", "detect", "be", s.Addr.String())
 			}
 		}
-		select {
-		case <-ctx.Done():
-			return
-		case <-tick.C:
-		}
 	}
 }
 
 func (f *fe) markDown(be netip.Addr, err error) {
 	if f.health.Set(be, false, time.Now()) {
 		f.log.Warn("BE not available", "op", "detect", "be", be.String(), "err", err)
-	}
-	for _, s := range f.cfg.Servers {
-		if s.Addr == be {
-			f.pool.Drop(s.AddrPort())
-		}
 	}
 }
 
@@ -440,7 +477,7 @@ func (f *fe) status(w io.Writer) {
 		if since, down := f.health.DownSince(srv.Addr); down {
 			state = "down since " + since.Format(time.RFC3339)
 		}
-		fmt.Fprintf(w, "  be %v: %s, idle control connections %d\n", srv.AddrPort(), state, f.pool.Idle(srv.AddrPort()))
+		fmt.Fprintf(w, "  be %v: %s, control sessions %d\n", srv.AddrPort(), state, len(f.pool.Sessions(srv.AddrPort())))
 	}
 }
 

@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"sync"
+	"time"
 
 	"github.com/google/nftables"
 	"github.com/mdlayher/arp"
@@ -177,4 +179,71 @@ func announce(link netlink.Link, vip netip.Addr) error {
 		return fmt.Errorf("gratuitous ARP on %s: %w", ifi.Name, err)
 	}
 	return nil
+}
+
+// localAddrs knows this host's own IPv4 addresses and its subnets'
+// broadcast addresses, so a handoff aimed at one is refused. It is read
+// once and again every refresh interval: addresses rarely change, and an
+// offer must not wait for a netlink dump.
+type localAddrs struct {
+	mu   sync.Mutex
+	set  map[netip.Addr]bool
+	read time.Time
+}
+
+const localAddrsRefresh = 10 * time.Second
+
+func newLocalAddrs() (*localAddrs, error) {
+	l := &localAddrs{}
+	if err := l.refresh(); err != nil {
+		return nil, err
+	}
+	return l, nil
+}
+
+func (l *localAddrs) refresh() error {
+	addrs, err := addrList(nil)
+	if err != nil {
+		return fmt.Errorf("list this host's addresses: %w", err)
+	}
+	set := map[netip.Addr]bool{}
+	for _, a := range addrs {
+		ip, ok := netip.AddrFromSlice(a.IP)
+		if !ok {
+			continue
+		}
+		set[ip.Unmap()] = true
+		if a.Broadcast != nil {
+			if b, ok := netip.AddrFromSlice(a.Broadcast); ok {
+				set[b.Unmap()] = true
+			}
+		}
+	}
+	l.mu.Lock()
+	l.set, l.read = set, time.Now()
+	l.mu.Unlock()
+	return nil
+}
+
+// Has tells whether a is one of this host's addresses.
+func (l *localAddrs) Has(a netip.Addr) bool {
+	l.mu.Lock()
+	stale := time.Since(l.read) > localAddrsRefresh
+	if stale {
+		l.read = time.Now() // one refresher at a time
+	}
+	has := l.set[a]
+	l.mu.Unlock()
+	if stale {
+		go l.refresh()
+	}
+	return has
+}
+
+func addrOf(a net.Addr) netip.Addr {
+	if ta, ok := a.(*net.TCPAddr); ok {
+		return ta.AddrPort().Addr().Unmap()
+	}
+	ap, _ := netip.ParseAddrPort(a.String())
+	return ap.Addr().Unmap()
 }

@@ -1,7 +1,5 @@
 // Package backends knows the BEs an FE schedules to: which rule picks which
-// BE for a request (seed 4.5), which BEs are available (seed 4.9), and the
-// pool of persistent control connections to each (seed 2, "Connection
-// Management Module").
+// BE for a request (seed 4.5) and which BEs are available (seed 4.9).
 package backends
 
 import (

@@ -1,9 +1,6 @@
 package backends_test
 
 import (
-	"context"
-	"errors"
-	"net"
 	"net/netip"
 	"reflect"
 	"testing"
@@ -108,49 +105,5 @@ rule = 10.0.0.11 ^/img/
 	h.Set(be2.Addr(), false, time.Unix(0, 0))
 	if got := s.Route("/img/a.jpg"); !reflect.DeepEqual(got, backends.Route{Local: true}) {
 		t.Errorf("be2 down: %+v", got)
-	}
-}
-
-func TestPool(t *testing.T) {
-	be := netip.MustParseAddrPort("10.0.0.11:666")
-	dials := 0
-	p := backends.NewPool(func(ctx context.Context, a netip.AddrPort) (net.Conn, error) {
-		if a != be {
-			return nil, errors.New("refused")
-		}
-		dials++
-		c, _ := net.Pipe()
-		return c, nil
-	}, 2)
-	var got []*backends.Conn
-	for range 3 {
-		c, err := p.Get(context.Background(), be)
-		if err != nil || c.Reused {
-			t.Fatalf("get: %v reused=%v", err, c != nil && c.Reused)
-		}
-		got = append(got, c)
-	}
-	for _, c := range got {
-		p.Put(c)
-	}
-	if p.Idle(be) != 2 {
-		t.Errorf("idle = %d, want connperbe = 2", p.Idle(be))
-	}
-	c, err := p.Get(context.Background(), be)
-	if err != nil || !c.Reused || dials != 3 {
-		t.Errorf("reuse: err %v reused %v dials %d", err, c.Reused, dials)
-	}
-	p.Discard(c)
-	if _, err := p.Get(context.Background(), netip.MustParseAddrPort("10.0.0.99:666")); err == nil {
-		t.Error("dial failure not reported")
-	}
-	p.Drop(be)
-	if p.Idle(be) != 0 {
-		t.Error("drop left idle connections")
-	}
-	p.Close()
-	p.Close()
-	if _, err := p.Get(context.Background(), be); !errors.Is(err, backends.ErrPoolClosed) {
-		t.Errorf("after close: %v", err)
 	}
 }

@@ -79,9 +79,11 @@ type BE struct {
 	RedirectAddr    netip.Addr
 	RedirectPort    uint16
 	DRegister       bool
-	FEAddr          netip.Addr
-	FEPort          uint16
-	Rules           []backends.Rule
+	// FEAddrs are the FEs' real addresses: the only hosts (with the BEs
+	// they list) whose control sessions this BE accepts.
+	FEAddrs []netip.Addr
+	FEPort  uint16
+	Rules   []backends.Rule
 
 	// Not in the seed: how long a restored connection waits for the FE's
 	// commit before it is dropped silently.

@@ -86,6 +86,7 @@ func TestParseBE(t *testing.T) {
 raddr = 10.0.0.11
 uaddr = 10.0.0.250
 vaddr = 10.0.0.100
+feaddr = 10.0.0.2, 10.0.0.3
 redirectport = 8081
 committimeout = 1500ms
 `))
@@ -95,6 +96,9 @@ committimeout = 1500ms
 	be := c.BE
 	if be.Port != 666 || be.Redirect().String() != "127.0.0.1:8081" || be.CommitTimeout != 1500*time.Millisecond {
 		t.Errorf("be = %+v", be)
+	}
+	if len(be.FEAddrs) != 2 || be.FEAddrs[1].String() != "10.0.0.3" {
+		t.Errorf("feaddr list: %v", be.FEAddrs)
 	}
 	if be.DRegister || be.FEPort != 80 {
 		t.Errorf("dregister defaults: %+v", be)
@@ -107,7 +111,7 @@ committimeout = 1500ms
 // Each kind of bad input is refused with the file, line, section and key.
 func TestParseErrors(t *testing.T) {
 	fe := "[fe]\nvaddr = 10.0.0.100\nserver = 10.0.0.11 666\n"
-	be := "[be]\nraddr = 10.0.0.11\nuaddr = 10.0.0.250\nvaddr = 10.0.0.100\n"
+	be := "[be]\nraddr = 10.0.0.11\nuaddr = 10.0.0.250\nvaddr = 10.0.0.100\nfeaddr = 10.0.0.2\n"
 	cases := []struct {
 		name, text    string
 		line          int
@@ -123,7 +127,7 @@ func TestParseErrors(t *testing.T) {
 		{"missing uaddr", "[be]\nraddr = 10.0.0.11\nvaddr = 10.0.0.100\n", 0, "be", "uaddr", "missing"},
 		{"bad port", fe + "port = 70000\nrule = local .*\n", 4, "fe", "port", "not a port"},
 		{"bad integer", fe + "maxclients = lots\nrule = local .*\n", 4, "fe", "maxclients", "whole number"},
-		{"integer out of range", be + "dregister = 2\n", 5, "be", "dregister", "whole number from 0 to 1"},
+		{"integer out of range", be + "dregister = 2\n", 6, "be", "dregister", "whole number from 0 to 1"},
 		{"bad duration", fe + "requesttimeout = soon\nrule = local .*\n", 4, "fe", "requesttimeout", "duration"},
 		{"bad regexp", fe + "rule = 10.0.0.11 (unclosed\n", 4, "fe", "rule", "bad regular expression"},
 		{"rule without pattern", fe + "rule = 10.0.0.11\n", 4, "fe", "rule", "want `rule = TARGET PATTERN`"},
@@ -133,11 +137,12 @@ func TestParseErrors(t *testing.T) {
 		{"bad server", "[fe]\nvaddr = 10.0.0.100\nserver = 10.0.0.11\n", 3, "fe", "server", "ADDR PORT"},
 		{"bad server port", "[fe]\nvaddr = 10.0.0.100\nserver = 10.0.0.11 0\n", 3, "fe", "server", "not a port"},
 		{"repeated single key", fe + "port = 80\nport = 81\nrule = local .*\n", 5, "fe", "port", "more than once"},
-		{"dregister without feaddr", be + "dregister = 1\nrule = 10.0.0.11 .*\n", 0, "be", "feaddr", "missing"},
-		{"dregister without rule", be + "dregister = 1\nfeaddr = 10.0.0.2\n", 0, "be", "rule", "dregister = 1"},
-		{"uaddr equals vaddr", "[be]\nraddr = 10.0.0.11\nuaddr = 10.0.0.100\nvaddr = 10.0.0.100\n", 3, "be", "uaddr", "must differ"},
+		{"no feaddr", "[be]\nraddr = 10.0.0.11\nuaddr = 10.0.0.250\nvaddr = 10.0.0.100\n", 0, "be", "feaddr", "takes handoffs only from its FEs"},
+		{"bad feaddr", "[be]\nraddr = 10.0.0.11\nuaddr = 10.0.0.250\nvaddr = 10.0.0.100\nfeaddr = 10.0.0.2 x\n", 5, "be", "feaddr", "\"x\" is not an IPv4 address"},
+		{"dregister without rule", be + "dregister = 1\n", 0, "be", "rule", "dregister = 1"},
+		{"uaddr equals vaddr", "[be]\nraddr = 10.0.0.11\nuaddr = 10.0.0.100\nvaddr = 10.0.0.100\nfeaddr = 10.0.0.2\n", 3, "be", "uaddr", "must differ"},
 		{"queuenum out of range", fe + "queuenum = 70000\nrule = local .*\n", 4, "fe", "queuenum", "0 to 65535"},
-		{"negative drain", be + "drain = -1s\n", 5, "be", "drain", "duration"},
+		{"negative drain", be + "drain = -1s\n", 6, "be", "drain", "duration"},
 		{"loglevel out of range", "[global]\nloglevel = 9\n" + fe + "rule = local .*\n", 2, "global", "loglevel", "0 to 6"},
 		{"no roles", "[global]\nloglevel = 3\n", 0, "", "", "nothing to run"},
 		{"line without =", "[fe]\nvaddr 10.0.0.1\n", 2, "fe", "", "key = value"},

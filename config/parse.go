@@ -186,16 +186,12 @@ func (p *parser) be(s *ini.Section) (*BE, error) {
 		CommitTimeout:   v.duration("committimeout", 5*time.Second, false),
 		Drain:           v.duration("drain", 20*time.Second, true),
 	}
-	if be.DRegister {
-		be.FEAddr = v.addr("feaddr", true, netip.Addr{})
-		be.Rules = v.rules("rule", nil, false)
-		if v.err == nil && len(be.Rules) == 0 {
-			v.fail("rule", 0, "missing: dregister = 1 needs the BE's own `rule = ADDR PATTERN`")
-		}
-	} else {
-		// Ignored without dregister (seed README), but still validated.
-		be.FEAddr = v.addr("feaddr", false, netip.Addr{})
-		be.Rules = v.rules("rule", nil, false)
+	// The seed needed feaddr only for dynamic registration; tcpha also
+	// accepts control sessions only from its FEs, so it is always required.
+	be.FEAddrs = v.addrList("feaddr", "the BE takes handoffs only from its FEs: set `feaddr = FE_RADDR`")
+	be.Rules = v.rules("rule", nil, false)
+	if be.DRegister && v.err == nil && len(be.Rules) == 0 {
+		v.fail("rule", 0, "missing: dregister = 1 needs the BE's own `rule = ADDR PATTERN`")
 	}
 	if v.err == nil {
 		switch {
@@ -265,6 +261,26 @@ func (v *section) addr(key string, required bool, def netip.Addr) netip.Addr {
 		return def
 	}
 	return a
+}
+
+// addrList reads a required list of IPv4 addresses, separated by spaces or
+// commas.
+func (v *section) addrList(key, why string) []netip.Addr {
+	s, ok := v.raw(key)
+	if !ok || s == "" {
+		v.fail(key, 0, "missing: "+why)
+		return nil
+	}
+	var out []netip.Addr
+	for _, f := range strings.FieldsFunc(s, func(r rune) bool { return r == ' ' || r == ',' || r == '\t' }) {
+		a, err := netip.ParseAddr(f)
+		if err != nil || !a.Is4() {
+			v.fail(key, v.line(key, 0), fmt.Sprintf("%q is not an IPv4 address", f))
+			return nil
+		}
+		out = append(out, a)
+	}
+	return out
 }
 
 func (v *section) port(key string, def uint16) uint16 {

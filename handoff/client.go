@@ -5,131 +5,110 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
-	"time"
 
-	"tcpha/backends"
+	"tcpha/handoff/ctl"
 	"tcpha/handoff/wire"
 )
 
-// Client offers connections to BEs over pooled control connections.
+// Client offers connections to BEs over the control sessions of a pool.
 type Client struct {
-	Pool  *backends.Pool
-	Codec wire.Codec
+	Pool *ctl.Pool
 }
 
-// Offer implements Peer.
+// Offer implements Peer. A session that fails under the offer (not a BE's
+// refusal) fails only this attempt: the offer is made once more on another
+// of the BE's sessions, and the BE, which may hold a socket rebuilt from
+// the first attempt, replaces it.
 func (c *Client) Offer(ctx context.Context, be netip.AddrPort, ci *wire.ConnInfo) (Offer, error) {
 	payload, err := ci.MarshalBinary()
 	if err != nil {
-		return nil, fmt.Errorf("offer %v: %w", be, err)
+		return nil, fmt.Errorf("offer to %v: %w", be, err)
 	}
-	magic := ci.ConnMagic()
-	// A pooled connection may have been closed by the BE while idle (its
-	// agent restarted); that is only known when it fails, so a failure on a
-	// reused connection is retried once on a fresh one.
-	for {
-		cc, err := c.Pool.Get(ctx, be)
+	f := wire.Frame{Type: wire.TypeOffer, ConnMagic: ci.ConnMagic(), Payload: payload}
+	var failed *ctl.Session
+	var lastErr error
+	for range 2 {
+		s, err := c.Pool.Get(be, failed)
 		if err != nil {
-			return nil, fmt.Errorf("offer to %v: connect: %w", be, err)
+			if lastErr != nil {
+				return nil, lastErr
+			}
+			return nil, fmt.Errorf("offer to %v: %w", be, err)
 		}
-		o, retry, err := c.offer(ctx, cc, payload, magic)
-		if err == nil {
-			return o, nil
+		r, err := s.Call(ctx, f)
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil, fmt.Errorf("offer to %v: no answer: %w", be, ctx.Err())
+			}
+			failed, lastErr = s, fmt.Errorf("offer to %v: %w", be, err)
+			continue
 		}
-		var refused *RefusedError
-		if errors.As(err, &refused) {
-			c.Pool.Put(cc)
-			return nil, err
+		if r.Type != wire.TypeAck {
+			return nil, fmt.Errorf("offer to %v: got %s, want ack", be, r.Type)
 		}
-		c.Pool.Discard(cc)
-		if !retry || ctx.Err() != nil {
-			return nil, err
+		var ack wire.Ack
+		if err := ack.UnmarshalBinary(r.Payload); err != nil {
+			return nil, fmt.Errorf("offer to %v: %w", be, err)
 		}
+		if ack.Result != wire.ResultOK {
+			return nil, &RefusedError{BE: be, Ack: ack}
+		}
+		return &offer{pool: c.Pool, s: s, be: be, id: r.ID, magic: f.ConnMagic, client: ci.Client}, nil
 	}
-}
-
-func (c *Client) offer(ctx context.Context, cc *backends.Conn, payload []byte, magic uint32) (Offer, bool, error) {
-	if d, ok := ctx.Deadline(); ok {
-		cc.SetDeadline(d)
-	}
-	stop := context.AfterFunc(ctx, func() { cc.SetDeadline(time.Unix(1, 0)) })
-	defer stop()
-	if err := c.Codec.Write(cc, wire.Frame{Type: wire.TypeRequest, ConnMagic: magic, Payload: payload}); err != nil {
-		return nil, cc.Reused, fmt.Errorf("offer to %v: send request: %w", cc.BE, err)
-	}
-	f, err := c.Codec.Read(cc)
-	if err != nil {
-		return nil, cc.Reused && !isTimeout(err), fmt.Errorf("offer to %v: read ACK: %w", cc.BE, err)
-	}
-	if f.Type != wire.TypeAck || f.ConnMagic != magic {
-		return nil, false, fmt.Errorf("offer to %v: got %v for conn_magic %d, want ack for %d", cc.BE, f.Type, f.ConnMagic, magic)
-	}
-	var ack wire.Ack
-	if err := ack.UnmarshalBinary(f.Payload); err != nil {
-		return nil, false, fmt.Errorf("offer to %v: %w", cc.BE, err)
-	}
-	if ack.Result != wire.ResultOK {
-		cc.SetDeadline(time.Time{})
-		return nil, false, &RefusedError{BE: cc.BE, Ack: ack}
-	}
-	cc.SetDeadline(time.Time{})
-	return &offer{c: c, cc: cc, magic: magic}, false, nil
-}
-
-func isTimeout(err error) bool {
-	var t interface{ Timeout() bool }
-	return errors.As(err, &t) && t.Timeout()
+	return nil, lastErr
 }
 
 type offer struct {
-	c     *Client
-	cc    *backends.Conn
-	magic uint32
+	pool   *ctl.Pool
+	s      *ctl.Session
+	be     netip.AddrPort
+	id     uint64
+	magic  uint32
+	client netip.AddrPort
 }
 
+// send delivers a commit or abort. The BE matches it by client flow, so if
+// the offer's session is gone another session to the BE carries it.
 func (o *offer) send(t wire.Type) error {
-	o.cc.SetWriteDeadline(time.Now().Add(time.Second))
-	err := o.c.Codec.Write(o.cc, wire.Frame{Type: t, ConnMagic: o.magic})
-	o.cc.SetWriteDeadline(time.Time{})
-	if err != nil {
-		o.c.Pool.Discard(o.cc)
-		return fmt.Errorf("send %v to %v: %w", t, o.cc.BE, err)
+	p, _ := wire.Flow{Client: o.client}.MarshalBinary()
+	f := wire.Frame{Type: t, ID: o.id, ConnMagic: o.magic, Payload: p}
+	err := o.s.Send(f)
+	if err == nil {
+		return nil
 	}
-	o.c.Pool.Put(o.cc)
-	return nil
+	if s, gerr := o.pool.Get(o.be, o.s); gerr == nil {
+		if err = s.Send(f); err == nil {
+			return nil
+		}
+	}
+	return fmt.Errorf("send %s to %v: %w", t, o.be, err)
 }
 
 func (o *offer) Commit() error { return o.send(wire.TypeCommit) }
 func (o *offer) Abort()        { o.send(wire.TypeAbort) }
 
-// Ping asks be whether it is alive (seed 4.9 detection), on a pooled
-// control connection. Like Offer, it retries once when a reused connection
-// turns out to be dead.
-func (c *Client) Ping(ctx context.Context, be netip.AddrPort) error {
-	for {
-		cc, err := c.Pool.Get(ctx, be)
-		if err != nil {
-			return fmt.Errorf("ping %v: %w", be, err)
-		}
-		if d, ok := ctx.Deadline(); ok {
-			cc.SetDeadline(d)
-		}
-		err = c.Codec.Write(cc, wire.Frame{Type: wire.TypePing})
-		var f wire.Frame
-		if err == nil {
-			f, err = c.Codec.Read(cc)
-		}
-		if err == nil && f.Type != wire.TypePong {
-			err = fmt.Errorf("got %v, want pong", f.Type)
-		}
-		if err == nil {
-			cc.SetDeadline(time.Time{})
-			c.Pool.Put(cc)
-			return nil
-		}
-		c.Pool.Discard(cc)
-		if !cc.Reused || ctx.Err() != nil {
-			return fmt.Errorf("ping %v: %w", be, err)
-		}
+// Probe asks be for its health on one of its sessions (seed 4.9).
+func (c *Client) Probe(ctx context.Context, be netip.AddrPort) (wire.Health, error) {
+	s, err := c.Pool.Get(be, nil)
+	if err != nil {
+		return wire.Health{}, fmt.Errorf("probe %v: %w", be, err)
 	}
+	r, err := s.Call(ctx, wire.Frame{Type: wire.TypeProbe})
+	if err != nil {
+		return wire.Health{}, fmt.Errorf("probe %v: %w", be, err)
+	}
+	var h wire.Health
+	if r.Type != wire.TypeProbeReply {
+		return h, fmt.Errorf("probe %v: got %s, want probe-reply", be, r.Type)
+	}
+	if err := h.UnmarshalBinary(r.Payload); err != nil {
+		return h, fmt.Errorf("probe %v: %w", be, err)
+	}
+	return h, nil
+}
+
+// IsRefusal tells a BE's negative answer from a failure to reach it.
+func IsRefusal(err error) bool {
+	var r *RefusedError
+	return errors.As(err, &r)
 }

@@ -11,28 +11,38 @@ import (
 	"testing"
 	"time"
 
-	"tcpha/backends"
+	"tcpha/handoff/ctl"
 	"tcpha/handoff/wire"
 )
 
-// fakeRebuilder stands in for TCP_REPAIR: Restore hands out the server end
-// of a loopback connection whose client end the test holds, and writes the
-// handed-off request into it as the kernel's receive queue would hold it.
+// fakeRebuilder stands in for TCP_REPAIR: a rebuilt socket is the server end
+// of a loopback connection whose client end the test receives once the
+// socket is activated, with the handed-off request waiting in it as the
+// kernel's receive queue would hold it.
 type fakeRebuilder struct {
-	mu       sync.Mutex
-	clients  chan net.Conn
-	fail     error
-	restored []*wire.ConnInfo
-	dropped  int
+	mu        sync.Mutex
+	clients   chan net.Conn
+	fail      error
+	rebuilt   []*wire.ConnInfo
+	discarded int
 }
 
-func (f *fakeRebuilder) Restore(ci *wire.ConnInfo) (*net.TCPConn, error) {
+type fakeRebuilt struct {
+	f  *fakeRebuilder
+	ci *wire.ConnInfo
+}
+
+func (f *fakeRebuilder) Rebuild(ci *wire.ConnInfo) (Rebuilt, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if f.fail != nil {
 		return nil, f.fail
 	}
-	f.restored = append(f.restored, ci)
+	f.rebuilt = append(f.rebuilt, ci)
+	return &fakeRebuilt{f, ci}, nil
+}
+
+func (r *fakeRebuilt) Activate() (*net.TCPConn, error) {
 	ln, err := net.Listen("tcp4", "127.0.0.1:0")
 	if err != nil {
 		return nil, err
@@ -46,25 +56,25 @@ func (f *fakeRebuilder) Restore(ci *wire.ConnInfo) (*net.TCPConn, error) {
 	if err != nil {
 		return nil, err
 	}
-	cl.Write(ci.RecvQueue) // what the client had sent
-	f.clients <- cl
+	cl.Write(r.ci.RecvQueue) // what the client had sent
+	r.f.clients <- cl
 	return srv.(*net.TCPConn), nil
 }
 
-func (f *fakeRebuilder) CloseSilently(c *net.TCPConn) error {
-	f.mu.Lock()
-	f.dropped++
-	f.mu.Unlock()
-	return c.Close()
+func (r *fakeRebuilt) Discard() {
+	r.f.mu.Lock()
+	r.f.discarded++
+	r.f.mu.Unlock()
 }
 
-// upstream is a one-shot web server: it answers each connection's first
-// request with "served:" and the request's first line.
-func upstream(t *testing.T) (func(context.Context) (*net.TCPConn, error), func()) {
+// webServer answers each connection's first request with "served:" and the
+// request's first line.
+func webServer(t *testing.T) func(context.Context) (Upstream, error) {
 	ln, err := net.Listen("tcp4", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() { ln.Close() })
 	go func() {
 		for {
 			c, err := ln.Accept()
@@ -80,14 +90,44 @@ func upstream(t *testing.T) (func(context.Context) (*net.TCPConn, error), func()
 			}()
 		}
 	}()
-	dial := func(ctx context.Context) (*net.TCPConn, error) {
+	return func(ctx context.Context) (Upstream, error) {
 		c, err := (&net.Dialer{}).DialContext(ctx, "tcp4", ln.Addr().String())
 		if err != nil {
 			return nil, err
 		}
 		return c.(*net.TCPConn), nil
 	}
-	return dial, func() { ln.Close() }
+}
+
+// relays runs committed connections as the BE does, and lets the test wait
+// for them.
+type relays struct {
+	mu   sync.Mutex
+	done []chan struct{}
+}
+
+func (rs *relays) run(client *net.TCPConn, up Upstream) {
+	d := make(chan struct{})
+	rs.mu.Lock()
+	rs.done = append(rs.done, d)
+	rs.mu.Unlock()
+	go func() {
+		defer close(d)
+		u := up.(*net.TCPConn)
+		go io.Copy(u, client)
+		io.Copy(client, u)
+		client.Close()
+		u.Close()
+	}()
+}
+
+func (rs *relays) Wait() {
+	rs.mu.Lock()
+	done := rs.done
+	rs.mu.Unlock()
+	for _, d := range done {
+		<-d
+	}
 }
 
 type rig struct {
@@ -95,38 +135,59 @@ type rig struct {
 	be       netip.AddrPort
 	rb       *fakeRebuilder
 	receiver *Receiver
+	relays   *relays
 }
 
-func newRig(t *testing.T, clientSecret, beSecret string, commitTimeout time.Duration) *rig {
+var vip = netip.MustParseAddrPort("10.0.0.100:80")
+
+func newRig(t *testing.T, feSecret, beSecret string, commitTimeout time.Duration) *rig {
 	t.Helper()
-	dial, stopUp := upstream(t)
 	rb := &fakeRebuilder{clients: make(chan net.Conn, 10)}
+	relays := &relays{}
 	r := &Receiver{
-		Codec: wire.Codec{Secret: []byte(beSecret)}, VIP: netip.MustParseAddr("10.0.0.100"),
-		Rebuilder: rb, Upstream: dial, CommitTimeout: commitTimeout, MaxClients: 1, Log: quiet(),
+		VIP: vip.Addr(), Rebuilder: rb, Connect: webServer(t), Run: relays.run,
+		CommitTimeout: commitTimeout, MaxPending: 4, Log: quiet(),
+		Check: func(ci *wire.ConnInfo, s *ctl.Session) (wire.Result, error) {
+			return wire.ResultOK, CheckClient(ci, vip.Addr(), nil)
+		},
 	}
 	ln, err := net.Listen("tcp4", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
+	bytesOf := func(s string) []byte {
+		if s == "" {
+			return nil
+		}
+		return []byte(s)
+	}
+	sv := &ctl.Server{Config: &ctl.Config{
+		Secret: bytesOf(beSecret), Local: wire.Hello{Role: wire.RoleBE, Addr: netip.MustParseAddrPort(ln.Addr().String())},
+		Handler: r, Log: quiet(),
+	}}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
-	go func() { r.Serve(ctx, ln); close(done) }()
-	pool := backends.NewPool(func(ctx context.Context, a netip.AddrPort) (net.Conn, error) {
+	go func() { sv.Serve(ctx, ln); close(done) }()
+	be := netip.MustParseAddrPort(ln.Addr().String())
+	pool := ctl.NewPool(&ctl.Config{
+		Secret: bytesOf(feSecret), Local: wire.Hello{Role: wire.RoleFE, VIP: vip}, Log: quiet(),
+	}, func(ctx context.Context, a netip.AddrPort) (net.Conn, error) {
 		return (&net.Dialer{}).DialContext(ctx, "tcp4", a.String())
 	}, 2)
-	t.Cleanup(func() { cancel(); <-done; pool.Close(); stopUp() })
-	return &rig{
-		client:   &Client{Pool: pool, Codec: wire.Codec{Secret: []byte(clientSecret)}},
-		be:       netip.MustParseAddrPort(ln.Addr().String()),
-		rb:       rb,
-		receiver: r,
+	pool.Add(be)
+	t.Cleanup(func() { pool.Close(); cancel(); <-done; r.Wait(); relays.Wait() })
+	if feSecret == beSecret {
+		deadline := time.Now().Add(5 * time.Second)
+		for len(pool.Sessions(be)) < 2 && time.Now().Before(deadline) {
+			time.Sleep(5 * time.Millisecond)
+		}
 	}
+	return &rig{client: &Client{Pool: pool}, be: be, rb: rb, receiver: r, relays: relays}
 }
 
-func connInfo(vip string) *wire.ConnInfo {
+func connInfo(client string, vipPort string) *wire.ConnInfo {
 	return &wire.ConnInfo{
-		Client: netip.MustParseAddrPort("10.0.0.10:40000"), VIP: netip.MustParseAddrPort(vip),
+		Client: netip.MustParseAddrPort(client), VIP: netip.MustParseAddrPort(vipPort),
 		MSS: 1460, RcvSeq: 100, RecvQueue: []byte("GET /a.jpg HTTP/1.1\r\n\r\n"),
 	}
 }
@@ -135,97 +196,230 @@ func TestOfferCommitRelays(t *testing.T) {
 	r := newRig(t, "k", "k", 5*time.Second)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	o, err := r.client.Offer(ctx, r.be, connInfo("10.0.0.100:80"))
+	o, err := r.client.Offer(ctx, r.be, connInfo("10.0.0.10:40000", "10.0.0.100:80"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	cl := <-r.rb.clients
-	// Nothing is served before the commit.
-	cl.SetReadDeadline(time.Now().Add(100 * time.Millisecond))
-	if n, _ := cl.Read(make([]byte, 1)); n != 0 {
-		t.Fatal("BE served before the FE committed")
+	// Nothing is activated, so nothing is served, before the commit.
+	select {
+	case <-r.rb.clients:
+		t.Fatal("the BE activated the socket before the FE committed")
+	case <-time.After(100 * time.Millisecond):
 	}
 	if err := o.Commit(); err != nil {
 		t.Fatal(err)
 	}
+	cl := <-r.rb.clients
 	cl.SetReadDeadline(time.Now().Add(5 * time.Second))
 	got, _ := io.ReadAll(cl)
 	if string(got) != "served:GET /a.jpg HTTP/1.1" {
 		t.Errorf("client got %q", got)
 	}
-	cl.Close() // the client's FIN ends the relay's other direction
-	r.receiver.Wait()
-	if s := r.receiver.Stats(); s.Served != 1 || s.Active != 0 {
+	cl.Close()
+	r.relays.Wait()
+	if s := r.receiver.Stats(); s.Served != 1 || s.Pending != 0 {
 		t.Errorf("stats %+v", s)
 	}
-	// The control connection went back to the pool and serves a ping.
-	if err := r.client.Ping(ctx, r.be); err != nil {
-		t.Errorf("ping: %v", err)
+	if h, err := r.client.Probe(ctx, r.be); err != nil {
+		t.Errorf("probe: %+v %v", h, err)
 	}
+}
+
+// Many handoffs in flight on a few sessions, all committed.
+func TestConcurrentHandoffs(t *testing.T) {
+	r := newRig(t, "k", "k", 5*time.Second)
+	r.receiver.MaxPending = 1000
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	var wg sync.WaitGroup
+	errs := make(chan error, 100)
+	for i := range 100 {
+		wg.Go(func() {
+			ci := connInfo(netip.AddrPortFrom(netip.MustParseAddr("10.0.0.10"), uint16(20000+i)).String(), "10.0.0.100:80")
+			o, err := r.client.Offer(ctx, r.be, ci)
+			if err != nil {
+				errs <- err
+				return
+			}
+			if err := o.Commit(); err != nil {
+				errs <- err
+			}
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	for range 100 {
+		cl := <-r.rb.clients
+		cl.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if got, _ := io.ReadAll(cl); string(got) != "served:GET /a.jpg HTTP/1.1" {
+			t.Errorf("client got %q", got)
+		}
+		cl.Close()
+	}
+	r.relays.Wait()
 }
 
 func TestOfferRefusals(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-
 	r := newRig(t, "", "", time.Second)
-	var refused *RefusedError
-	if _, err := r.client.Offer(ctx, r.be, connInfo("10.0.0.99:80")); !errors.As(err, &refused) || refused.Ack.Result != wire.ResultWrongVIP {
-		t.Errorf("wrong VIP: %v", err)
+	for _, tc := range []struct {
+		ci   *wire.ConnInfo
+		want wire.Result
+	}{
+		{connInfo("10.0.0.10:40000", "10.0.0.99:80"), wire.ResultWrongVIP},
+		{connInfo("127.0.0.1:80", "10.0.0.100:80"), wire.ResultInvalid},
+		{connInfo("10.0.0.100:5", "10.0.0.100:80"), wire.ResultInvalid},
+	} {
+		if _, err := r.client.Offer(ctx, r.be, tc.ci); !refusedWith(err, tc.want) {
+			t.Errorf("client %v VIP %v: %v, want %v", tc.ci.Client, tc.ci.VIP, err, tc.want)
+		}
 	}
 	r.rb.fail = errors.New("connect: cannot assign requested address")
-	if _, err := r.client.Offer(ctx, r.be, connInfo("10.0.0.100:80")); !errors.As(err, &refused) || refused.Ack.Result != wire.ResultRestore {
+	if _, err := r.client.Offer(ctx, r.be, connInfo("10.0.0.10:40000", "10.0.0.100:80")); !refusedWith(err, wire.ResultRestore) {
 		t.Errorf("restore failure: %v", err)
 	}
-	if s := r.receiver.Stats(); s.Refused != 2 {
+	r.rb.fail = nil
+	r.receiver.Drain()
+	if _, err := r.client.Offer(ctx, r.be, connInfo("10.0.0.10:40000", "10.0.0.100:80")); !refusedWith(err, wire.ResultDraining) {
+		t.Errorf("draining: %v", err)
+	}
+	if s := r.receiver.Stats(); s.Refused != 5 {
 		t.Errorf("refused = %d", s.Refused)
 	}
-
-	// Secrets that differ: the BE drops the frame and the connection.
-	r2 := newRig(t, "one", "other", time.Second)
-	if _, err := r2.client.Offer(ctx, r2.be, connInfo("10.0.0.100:80")); err == nil || errors.As(err, &refused) {
-		t.Errorf("bad MAC: err = %v, want a transport error", err)
+	if len(r.rb.rebuilt) != 0 {
+		t.Errorf("refused offers rebuilt %d sockets", len(r.rb.rebuilt))
 	}
-	if len(r2.rb.restored) != 0 {
-		t.Error("a frame with a bad MAC was acted on")
+
+	// Secrets that differ: no session, so nothing is offered at all.
+	r2 := newRig(t, "one", "other", time.Second)
+	if _, err := r2.client.Offer(ctx, r2.be, connInfo("10.0.0.10:40000", "10.0.0.100:80")); err == nil || IsRefusal(err) {
+		t.Errorf("bad secret: err = %v, want no session", err)
 	}
 }
 
-// A restored connection whose commit never comes is dropped silently.
-func TestNoCommit(t *testing.T) {
+func refusedWith(err error, want wire.Result) bool {
+	var r *RefusedError
+	return errors.As(err, &r) && r.Ack.Result == want
+}
+
+// maxclients bounds handoffs in progress: past it, offers are refused busy,
+// and a committed one frees its slot.
+func TestMaxPending(t *testing.T) {
+	r := newRig(t, "", "", 5*time.Second)
+	r.receiver.MaxPending = 2
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	o1, err := r.client.Offer(ctx, r.be, connInfo("10.0.0.10:1", "10.0.0.100:80"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	o2, err := r.client.Offer(ctx, r.be, connInfo("10.0.0.10:2", "10.0.0.100:80"))
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	if _, err := r.client.Offer(ctx, r.be, connInfo("10.0.0.10:3", "10.0.0.100:80")); !refusedWith(err, wire.ResultBusy) {
+		t.Errorf("third offer: %v, want busy", err)
+	}
+	o1.Commit()
+	cl := <-r.rb.clients
+	defer cl.Close()
+	deadline := time.Now().Add(2 * time.Second)
+	for r.receiver.Stats().Pending != 1 && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+	}
+	o4, err := r.client.Offer(ctx, r.be, connInfo("10.0.0.10:4", "10.0.0.100:80"))
+	if err != nil {
+		t.Fatalf("after a commit freed a slot: %v", err)
+	}
+	o2.Abort()
+	o4.Abort()
+	for r.receiver.Stats().Pending != 0 && time.Now().Before(deadline.Add(2*time.Second)) {
+		time.Sleep(5 * time.Millisecond)
+	}
+	if p := r.receiver.Stats().Pending; p != 0 {
+		t.Errorf("%d handoffs still pending after their aborts", p)
+	}
+}
+
+// A rebuilt connection whose commit never comes is discarded silently, and
+// one the FE aborts at once.
+func TestNoCommitAndAbort(t *testing.T) {
 	r := newRig(t, "", "", 200*time.Millisecond)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	if _, err := r.client.Offer(ctx, r.be, connInfo("10.0.0.100:80")); err != nil {
+	if _, err := r.client.Offer(ctx, r.be, connInfo("10.0.0.10:40000", "10.0.0.100:80")); err != nil {
 		t.Fatal(err)
 	}
-	cl := <-r.rb.clients
-	cl.SetReadDeadline(time.Now().Add(3 * time.Second))
-	if n, _ := cl.Read(make([]byte, 1)); n != 0 {
-		t.Error("served without commit")
+	o, err := r.client.Offer(ctx, r.be, connInfo("10.0.0.10:40001", "10.0.0.100:80"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	o.Abort()
+	time.Sleep(500 * time.Millisecond)
+	select {
+	case <-r.rb.clients:
+		t.Error("a socket was activated without a commit")
+	default:
 	}
 	r.rb.mu.Lock()
 	defer r.rb.mu.Unlock()
-	if r.rb.dropped != 1 {
-		t.Errorf("dropped = %d, want 1", r.rb.dropped)
+	if r.rb.discarded != 2 {
+		t.Errorf("discarded = %d, want 2", r.rb.discarded)
+	}
+	if s := r.receiver.Stats(); s.Pending != 0 {
+		t.Errorf("pending %d", s.Pending)
 	}
 }
 
-// An unreachable BE is an error quickly, not a hang.
+// A second offer of the same flow from the same FE (its session failed
+// before the ACK) replaces the first, whose socket is discarded first.
+func TestReofferReplaces(t *testing.T) {
+	r := newRig(t, "", "", 5*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	ci := connInfo("10.0.0.10:40000", "10.0.0.100:80")
+	if _, err := r.client.Offer(ctx, r.be, ci); err != nil {
+		t.Fatal(err)
+	}
+	o, err := r.client.Offer(ctx, r.be, ci)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.rb.mu.Lock()
+	discarded := r.rb.discarded
+	r.rb.mu.Unlock()
+	if discarded != 1 {
+		t.Errorf("discarded %d before the second rebuild, want 1", discarded)
+	}
+	o.Commit()
+	cl := <-r.rb.clients
+	cl.Close()
+}
+
+// An unreachable BE is an error at once, not a dial on the handoff's path.
 func TestOfferUnreachable(t *testing.T) {
 	ln, _ := net.Listen("tcp4", "127.0.0.1:0")
 	addr := netip.MustParseAddrPort(ln.Addr().String())
 	ln.Close()
-	c := &Client{Pool: backends.NewPool(func(ctx context.Context, a netip.AddrPort) (net.Conn, error) {
-		return (&net.Dialer{}).DialContext(ctx, "tcp4", a.String())
-	}, 1)}
+	pool := ctl.NewPool(&ctl.Config{Local: wire.Hello{Role: wire.RoleFE}, Log: quiet()},
+		func(ctx context.Context, a netip.AddrPort) (net.Conn, error) {
+			return (&net.Dialer{}).DialContext(ctx, "tcp4", a.String())
+		}, 1)
+	defer pool.Close()
+	pool.Add(addr)
+	c := &Client{Pool: pool}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
 	start := time.Now()
-	if _, err := c.Offer(ctx, addr, connInfo("10.0.0.100:80")); err == nil {
-		t.Fatal("no error")
+	if _, err := c.Offer(ctx, addr, connInfo("10.0.0.10:40000", "10.0.0.100:80")); !errors.Is(err, ctl.ErrNoSession) {
+		t.Fatalf("err = %v, want ErrNoSession", err)
 	}
-	if time.Since(start) > time.Second {
+	if time.Since(start) > 50*time.Millisecond {
 		t.Errorf("took %v", time.Since(start))
 	}
 }

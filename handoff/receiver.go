@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"net"
 	"net/netip"
@@ -12,281 +11,261 @@ import (
 	"sync/atomic"
 	"time"
 
+	"tcpha/handoff/ctl"
 	"tcpha/handoff/wire"
 )
 
-// Rebuilder rebuilds handed-off sockets on the BE (repair.Restore and
-// repair.CloseSilently in production).
+// Rebuilder rebuilds handed-off sockets on the BE (repair.Rebuild in
+// production). The socket stays silent until activated.
 type Rebuilder interface {
-	Restore(ci *wire.ConnInfo) (*net.TCPConn, error)
-	CloseSilently(c *net.TCPConn) error
+	Rebuild(ci *wire.ConnInfo) (Rebuilt, error)
 }
 
-// Receiver is the BE's side of the handoff (the seed's SHR): it serves the
-// FE's control connections, rebuilds each offered connection and, once the
-// FE commits, relays it to the local web server.
-type Receiver struct {
-	Codec         wire.Codec
-	VIP           netip.Addr
-	Rebuilder     Rebuilder
-	Upstream      func(ctx context.Context) (*net.TCPConn, error)
-	CommitTimeout time.Duration
-	MaxClients    int
-	Log           *slog.Logger
+// Rebuilt is a rebuilt socket still in repair mode.
+type Rebuilt interface {
+	// Activate leaves repair mode: the connection is live here.
+	Activate() (*net.TCPConn, error)
+	// Discard closes it without a packet to the client.
+	Discard()
+}
 
-	served  atomic.Int64
-	refused atomic.Int64
-	// relays counts running relays; Wait may start before the first one,
-	// which a WaitGroup does not allow.
-	relayMu   sync.Mutex
-	relayDone *sync.Cond
-	relays    int
-	ctlMu     sync.Mutex
-	ctlConns  map[net.Conn]struct{}
+// Upstream is one connection to the BE's own web server.
+type Upstream interface {
+	Close() error
+}
+
+// Receiver is the BE's side of the handoff (the seed's SHR). It serves the
+// offers of any number of control sessions concurrently: the session's
+// reader never waits for a handoff. An offer is validated, the web server
+// connected, the socket rebuilt in repair mode, and the ACK sent; only the
+// FE's commit activates the socket, so a handoff that is not committed
+// leaves no trace on the wire.
+type Receiver struct {
+	// VIP is this BE's VIP; Check validates the rest of an offer (the
+	// client address, the VIP's port), and says why it refuses.
+	VIP   netip.Addr
+	Check func(ci *wire.ConnInfo, from *ctl.Session) (wire.Result, error)
+	// Rebuilder rebuilds sockets; Connect opens the way to the web server
+	// (failing fast when it is down, so the FE tries elsewhere); Run runs
+	// a committed connection until it ends.
+	Rebuilder Rebuilder
+	Connect   func(ctx context.Context) (Upstream, error)
+	Run       func(client *net.TCPConn, up Upstream)
+	// CommitTimeout is how long a rebuilt socket waits for its commit.
+	CommitTimeout time.Duration
+	// MaxPending bounds the handoffs in progress (offered, not yet
+	// committed): the seed's maxclients, which bounds work, not the idle
+	// connections a BE holds.
+	MaxPending int
+	Log        *slog.Logger
+
+	draining atomic.Bool
+	served   atomic.Int64
+	refused  atomic.Int64
+
+	offers  sync.WaitGroup
+	mu      sync.Mutex
+	pending map[netip.AddrPort]*pendingHandoff
+}
+
+type pendingHandoff struct {
+	from netip.Addr     // the FE (or BE) that offered it
+	next chan wire.Type // its commit or abort
+	gone chan struct{}  // closed once its socket is activated or discarded
 }
 
 // Stats are the receiver's counters.
 type Stats struct {
-	Active, Served, Refused int64
+	Pending         int
+	Served, Refused int64
 }
 
 // Stats returns the receiver's counters.
 func (r *Receiver) Stats() Stats {
-	r.relayMu.Lock()
-	defer r.relayMu.Unlock()
-	return Stats{Active: int64(r.relays), Served: r.served.Load(), Refused: r.refused.Load()}
+	r.mu.Lock()
+	n := len(r.pending)
+	r.mu.Unlock()
+	return Stats{Pending: n, Served: r.served.Load(), Refused: r.refused.Load()}
 }
 
-// Serve accepts control connections on ln until ctx is done, then closes
-// them. Relays already running go on until their connections end; Wait
-// waits for them.
-func (r *Receiver) Serve(ctx context.Context, ln net.Listener) error {
-	stop := context.AfterFunc(ctx, func() {
-		ln.Close()
-		r.ctlMu.Lock()
-		for c := range r.ctlConns {
-			c.Close()
-		}
-		r.ctlMu.Unlock()
-	})
-	defer stop()
-	var wg sync.WaitGroup
-	defer wg.Wait()
-	for {
-		c, err := ln.Accept()
-		if err != nil {
-			if ctx.Err() != nil {
-				return nil
-			}
-			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() {
-				continue
-			}
-			return fmt.Errorf("accept control connection: %w", err)
-		}
-		r.track(c, true)
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			defer r.track(c, false)
-			r.serveControl(ctx, c)
-		}()
-	}
-}
+// Drain refuses new offers from now on; handoffs under way finish.
+func (r *Receiver) Drain() { r.draining.Store(true) }
 
-// Wait waits for running relays to end.
-func (r *Receiver) Wait() {
-	r.relayMu.Lock()
-	defer r.relayMu.Unlock()
-	for r.relays > 0 {
-		r.cond().Wait()
-	}
-}
+// Wait returns once no offer is in progress (committed connections run on
+// in Run's hands).
+func (r *Receiver) Wait() { r.offers.Wait() }
 
-func (r *Receiver) cond() *sync.Cond {
-	if r.relayDone == nil {
-		r.relayDone = sync.NewCond(&r.relayMu)
-	}
-	return r.relayDone
-}
-
-// startRelay counts a relay in unless maxclients are running.
-func (r *Receiver) startRelay() bool {
-	r.relayMu.Lock()
-	defer r.relayMu.Unlock()
-	if r.relays >= r.MaxClients {
-		return false
-	}
-	r.relays++
-	return true
-}
-
-func (r *Receiver) endRelay() {
-	r.relayMu.Lock()
-	defer r.relayMu.Unlock()
-	r.relays--
-	r.cond().Broadcast()
-}
-
-func (r *Receiver) track(c net.Conn, add bool) {
-	r.ctlMu.Lock()
-	defer r.ctlMu.Unlock()
-	if r.ctlConns == nil {
-		r.ctlConns = map[net.Conn]struct{}{}
-	}
-	if add {
-		r.ctlConns[c] = struct{}{}
-	} else {
-		delete(r.ctlConns, c)
-		c.Close()
-	}
-}
-
-func (r *Receiver) serveControl(ctx context.Context, c net.Conn) {
-	log := r.Log.With("fe", c.RemoteAddr().String())
-	for {
-		f, err := r.Codec.Read(c)
-		if err != nil {
-			if !errors.Is(err, io.EOF) && ctx.Err() == nil && !errors.Is(err, net.ErrClosed) {
-				// A frame that fails authentication is dropped with its
-				// connection: after it the stream cannot be trusted.
-				log.Warn("control frame dropped", "op", "control", "err", err)
-			}
+// Serve implements ctl.Handler for the BE's sessions.
+func (r *Receiver) Serve(s *ctl.Session, f wire.Frame) {
+	switch f.Type {
+	case wire.TypeOffer:
+		r.offers.Go(func() { r.offer(s, f) })
+	case wire.TypeCommit, wire.TypeAbort:
+		var fl wire.Flow
+		if err := fl.UnmarshalBinary(f.Payload); err != nil {
+			r.Log.Warn("control frame dropped", "op", "commit", "peer", s.Remote.String(), "err", err)
 			return
 		}
-		switch f.Type {
-		case wire.TypePing:
-			err = r.Codec.Write(c, wire.Frame{Type: wire.TypePong, ConnMagic: f.ConnMagic})
-		case wire.TypeRequest:
-			err = r.handoff(ctx, c, f, log)
-		default:
-			// Commit or abort without an outstanding handoff: its handoff
-			// already timed out here and the socket is gone.
-			log.Warn("unexpected control frame", "op", "control", "type", f.Type.String(), "conn_magic", f.ConnMagic)
+		r.mu.Lock()
+		p := r.pending[fl.Client]
+		if p != nil && p.from == s.Remote.Addr() {
+			delete(r.pending, fl.Client)
+		} else {
+			p = nil
 		}
-		if err != nil {
-			if ctx.Err() == nil {
-				log.Warn("control connection failed", "op", "control", "err", err)
-			}
+		r.mu.Unlock()
+		if p == nil {
+			// Its handoff timed out here already, or it was replaced.
+			r.Log.Info("commit or abort for no pending handoff", "op", "commit", "type", f.Type.String(),
+				"client", fl.Client.String(), "peer", s.Remote.String())
 			return
 		}
+		p.next <- f.Type
+	default:
+		r.Log.Warn("unexpected control frame", "op", "control", "type", f.Type.String(), "peer", s.Remote.String())
+		s.Reply(f, ctl.AckFrame(wire.ResultInvalid, "unexpected "+f.Type.String()))
 	}
 }
 
-// handoff serves one handoff request. It returns an error only when the
-// control connection is unusable.
-func (r *Receiver) handoff(ctx context.Context, c net.Conn, f wire.Frame, log *slog.Logger) error {
-	ack := func(res wire.Result, why error) error {
-		a := wire.Ack{Result: res}
-		if why != nil {
-			a.Reason = why.Error()
-			r.refused.Add(1)
-		}
-		p, _ := a.MarshalBinary()
-		return r.Codec.Write(c, wire.Frame{Type: wire.TypeAck, ConnMagic: f.ConnMagic, Payload: p})
+// offer serves one handoff request, answering it with an ACK.
+func (r *Receiver) offer(s *ctl.Session, f wire.Frame) {
+	log := r.Log.With("peer", s.Remote.String())
+	refuse := func(res wire.Result, why error) {
+		r.refused.Add(1)
+		log.Info("handoff refused", "op", "handoff", "result", res.String(), "err", why)
+		s.Reply(f, ctl.AckFrame(res, why.Error()))
 	}
 	var ci wire.ConnInfo
 	if err := ci.UnmarshalBinary(f.Payload); err != nil {
-		log.Warn("handoff refused", "op", "restore", "err", err)
-		return ack(wire.ResultBadFrame, err)
+		refuse(wire.ResultBadFrame, err)
+		return
 	}
 	log = log.With("client", ci.Client.String())
+	if ci.ConnMagic() != f.ConnMagic {
+		refuse(wire.ResultBadFrame, fmt.Errorf("conn_magic %d does not match the connection's %d", f.ConnMagic, ci.ConnMagic()))
+		return
+	}
 	if ci.VIP.Addr() != r.VIP {
-		err := fmt.Errorf("connection is for %v, this BE serves VIP %v", ci.VIP.Addr(), r.VIP)
-		log.Warn("handoff refused", "op", "restore", "err", err)
-		return ack(wire.ResultWrongVIP, err)
+		refuse(wire.ResultWrongVIP, fmt.Errorf("connection is for %v, this BE serves VIP %v", ci.VIP.Addr(), r.VIP))
+		return
 	}
-	// The slot is taken now, so that concurrent offers cannot overshoot.
-	if !r.startRelay() {
-		err := fmt.Errorf("%d connections already served (maxclients)", r.MaxClients)
-		log.Warn("handoff refused", "op", "restore", "err", err)
-		return ack(wire.ResultBusy, err)
-	}
-	relaying := false
-	defer func() {
-		if !relaying {
-			r.endRelay()
-		}
-	}()
-	// Connect upstream first: a BE whose web server is down says so, and
-	// the FE tries elsewhere before anything was rebuilt.
-	uctx, cancel := context.WithTimeout(ctx, time.Second)
-	up, err := r.Upstream(uctx)
-	cancel()
-	if err != nil {
-		log.Warn("handoff refused", "op", "upstream", "err", err)
-		return ack(wire.ResultUpstream, err)
-	}
-	start := time.Now()
-	conn, err := r.Rebuilder.Restore(&ci)
-	if err != nil {
-		up.Close()
-		log.Warn("handoff refused", "op", "restore", "err", err)
-		return ack(wire.ResultRestore, err)
-	}
-	if err := ack(wire.ResultOK, nil); err != nil {
-		r.drop(conn, up, log)
-		return err
-	}
-	// Serve only once the FE forwards the client's packets here (FACTS.md:
-	// serving earlier lost ACKs and FINs).
-	c.SetReadDeadline(time.Now().Add(r.CommitTimeout))
-	next, err := r.Codec.Read(c)
-	c.SetReadDeadline(time.Time{})
-	switch {
-	case err != nil:
-		r.drop(conn, up, log)
-		if isTimeout(err) {
-			log.Warn("no commit from the FE; connection dropped", "op", "commit", "timeout", r.CommitTimeout)
-			return nil
-		}
-		return err
-	case next.Type == wire.TypeAbort && next.ConnMagic == f.ConnMagic:
-		log.Info("handoff aborted by the FE", "op", "commit")
-		r.drop(conn, up, log)
-		return nil
-	case next.Type != wire.TypeCommit || next.ConnMagic != f.ConnMagic:
-		r.drop(conn, up, log)
-		return fmt.Errorf("got %v for conn_magic %d, want commit for %d", next.Type, next.ConnMagic, f.ConnMagic)
-	}
-	r.served.Add(1)
-	log.Debug("connection handed off", "op", "handoff", "restore", time.Since(start))
-	relaying = true
-	go func() {
-		defer r.endRelay()
-		Relay(conn, up)
-	}()
-	return nil
-}
-
-func (r *Receiver) drop(conn, up *net.TCPConn, log *slog.Logger) {
-	up.Close()
-	if err := r.Rebuilder.CloseSilently(conn); err != nil {
-		log.Warn("drop rebuilt socket", "op", "restore", "err", err)
-	}
-}
-
-// Relay copies both ways between a client connection and a server
-// connection until both directions end, passing half-closes on. Between two
-// *net.TCPConn io.Copy uses splice(2), so the bytes stay in the kernel (the
-// seed's zero-copy relay, seed 4.2.2).
-func Relay(client, server *net.TCPConn) {
-	var wg sync.WaitGroup
-	wg.Add(2)
-	pipe := func(dst, src *net.TCPConn) {
-		defer wg.Done()
-		if _, err := io.Copy(dst, src); err != nil {
-			// A reset on one side ends both.
-			client.SetLinger(0)
-			client.Close()
-			server.Close()
+	if r.Check != nil {
+		if res, err := r.Check(&ci, s); err != nil {
+			if res == wire.ResultOK {
+				res = wire.ResultInvalid // an error is never an OK
+			}
+			refuse(res, err)
 			return
 		}
-		dst.CloseWrite()
 	}
-	go pipe(server, client)
-	go pipe(client, server)
-	wg.Wait()
-	client.Close()
-	server.Close()
+	if r.draining.Load() {
+		refuse(wire.ResultDraining, errors.New("this BE is stopping"))
+		return
+	}
+	p := &pendingHandoff{from: s.Remote.Addr(), next: make(chan wire.Type, 1), gone: make(chan struct{})}
+	defer close(p.gone)
+	replaced, err := r.hold(ci.Client, p)
+	if err != nil {
+		refuse(wire.ResultBusy, err)
+		return
+	}
+	held := true
+	release := func() {
+		if held {
+			r.mu.Lock()
+			if r.pending[ci.Client] == p {
+				delete(r.pending, ci.Client)
+			}
+			r.mu.Unlock()
+			held = false
+		}
+	}
+	defer release()
+
+	// Connect first: a BE whose web server is down says so, and the FE
+	// tries elsewhere before anything was rebuilt.
+	cctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	up, err := r.Connect(cctx)
+	cancel()
+	if err != nil {
+		refuse(wire.ResultUpstream, err)
+		return
+	}
+	if replaced != nil {
+		// The earlier attempt's socket holds the 4-tuple until it is gone.
+		select {
+		case <-replaced.gone:
+		case <-time.After(time.Second):
+			up.Close()
+			refuse(wire.ResultBusy, fmt.Errorf("an earlier handoff of %v is still being dropped", ci.Client))
+			return
+		}
+	}
+	start := time.Now()
+	rb, err := r.Rebuilder.Rebuild(&ci)
+	if err != nil {
+		up.Close()
+		refuse(wire.ResultRestore, err)
+		return
+	}
+	if err := s.Reply(f, ctl.AckFrame(wire.ResultOK, "")); err != nil {
+		rb.Discard()
+		up.Close()
+		return
+	}
+	// Serve only once the FE forwards the client's packets here (FACTS.md:
+	// serving earlier lost ACKs and FINs). Until then the socket is silent.
+	timer := time.NewTimer(r.CommitTimeout)
+	defer timer.Stop()
+	select {
+	case t := <-p.next:
+		held = false // Serve removed it
+		if t == wire.TypeAbort {
+			log.Info("handoff aborted by the FE", "op", "commit")
+			rb.Discard()
+			up.Close()
+			return
+		}
+	case <-timer.C:
+		release()
+		log.Warn("no commit from the FE; rebuilt socket dropped silently", "op", "commit", "timeout", r.CommitTimeout)
+		rb.Discard()
+		up.Close()
+		return
+	}
+	conn, err := rb.Activate()
+	if err != nil {
+		log.Error("activate rebuilt socket", "op", "commit", "err", err)
+		up.Close()
+		return
+	}
+	r.served.Add(1)
+	log.Debug("connection handed off", "op", "handoff", "rebuild", time.Since(start))
+	r.Run(conn, up)
+}
+
+// hold registers a pending handoff for client, unless MaxPending handoffs
+// are in progress. One the same peer offered before (its session failed
+// before the ACK and the FE tries again) is aborted and returned: the new
+// one may rebuild only once it is gone.
+func (r *Receiver) hold(client netip.AddrPort, p *pendingHandoff) (replaced *pendingHandoff, err error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.pending == nil {
+		r.pending = map[netip.AddrPort]*pendingHandoff{}
+	}
+	if old := r.pending[client]; old != nil {
+		if old.from != p.from {
+			return nil, fmt.Errorf("a handoff of %v from %v is in progress", client, old.from)
+		}
+		select {
+		case old.next <- wire.TypeAbort:
+		default: // it has its commit or abort already
+		}
+		replaced = old
+	} else if len(r.pending) >= r.MaxPending {
+		return nil, fmt.Errorf("%d handoffs in progress (maxclients)", r.MaxPending)
+	}
+	r.pending[client] = p
+	return replaced, nil
 }

@@ -1,8 +1,8 @@
 // Package handoff moves a client's TCP connection from the FE to a BE (seed
-// 4.2, "Agile handoff"): the FE's sender blocks the flow, dumps the socket,
-// offers it to a BE over a control connection, and on the BE's ACK switches
-// the flow to in-kernel forwarding; the BE's receiver rebuilds the socket and
-// relays it to the unmodified local web server.
+// 4.2, "Agile handoff"): the FE's sender blocks the connection, dumps the
+// socket, offers it to a BE over a control session, and on the BE's ACK
+// switches the flow to in-kernel forwarding; the BE's receiver rebuilds the
+// socket and, once the FE commits, hands it to the local web server.
 //
 // The sequencing lives here, over small interfaces; the kernel-facing parts
 // (nft sets, TCP_REPAIR) are injected, so every failure path is unit-tested.
@@ -22,20 +22,22 @@ import (
 
 // Flows is the FE's kernel forwarding state (nft.Flows).
 type Flows interface {
-	Block(ctx context.Context, flow netip.AddrPort) error
-	Unblock(ctx context.Context, flow netip.AddrPort) error
 	Forward(ctx context.Context, flow netip.AddrPort, be netip.Addr, replace bool) error
 	Unforward(ctx context.Context, flow netip.AddrPort) error
 }
 
 // Socket is the client's connection on the FE.
 type Socket interface {
+	// Block makes the kernel drop the client's packets to this socket, so
+	// the connection stands still while it moves (HANDOFFING).
+	Block() error
 	// Dump enters repair mode and returns the connection's state, with
 	// consumed (bytes the FE already read) back in front of the receive queue.
 	Dump(consumed []byte) (*wire.ConnInfo, error)
 	// CloseSilently closes a dumped socket without a packet to the client.
 	CloseSilently() error
-	// Resume leaves repair mode so the FE can answer the client itself.
+	// Resume unblocks the socket and leaves repair mode, so the FE can
+	// answer the client itself.
 	Resume() error
 }
 
@@ -94,16 +96,17 @@ func (s *Sender) Migrate(ctx context.Context, sock Socket, flow netip.AddrPort, 
 	if err := s.Table.Begin(flow, s.Now()); err != nil {
 		return netip.AddrPort{}, err
 	}
-	// HANDOFFING: from here the client's packets are dropped, or the BE's
-	// window probe would be answered with a RST by a socket-less FE
-	// (FACTS.md).
-	if err := s.Flows.Block(ctx, flow); err != nil {
-		s.fail(ctx, flow, false)
+	// HANDOFFING: from here the client's packets are dropped at the socket.
+	// Data the FE took in after the dump would be lost, and once the socket
+	// is closed the client's packets must meet the forwarding, never a
+	// socket-less FE that answers RST (FACTS.md).
+	if err := sock.Block(); err != nil {
+		s.fail(ctx, flow)
 		return netip.AddrPort{}, err
 	}
 	ci, err := sock.Dump(consumed)
 	if err != nil {
-		s.fail(ctx, flow, true)
+		s.fail(ctx, flow)
 		if rerr := sock.Resume(); rerr != nil {
 			err = errors.Join(err, rerr)
 		}
@@ -114,11 +117,10 @@ func (s *Sender) Migrate(ctx context.Context, sock Socket, flow netip.AddrPort, 
 		offer, err := s.Peer.Offer(octx, be, ci)
 		cancel()
 		if err != nil {
-			var refused *RefusedError
-			if !errors.As(err, &refused) && s.Down != nil {
+			if !IsRefusal(err) && s.Down != nil {
 				s.Down(be, err)
 			}
-			s.Log.Warn("handoff refused", "op", "handoff", "client", flow, "be", be, "err", err)
+			s.Log.Info("handoff not taken", "op", "handoff", "client", flow, "be", be, "err", err)
 			continue
 		}
 		// The kernel first, then the table: a failed switch leaves the
@@ -131,7 +133,7 @@ func (s *Sender) Migrate(ctx context.Context, sock Socket, flow netip.AddrPort, 
 		if err != nil {
 			// The BE holds a rebuilt socket nobody forwards to: drop it.
 			offer.Abort()
-			s.fail(ctx, flow, true)
+			s.fail(ctx, flow)
 			if rerr := sock.Resume(); rerr != nil {
 				err = errors.Join(err, rerr)
 			}
@@ -149,7 +151,7 @@ func (s *Sender) Migrate(ctx context.Context, sock Socket, flow netip.AddrPort, 
 		}
 		return be, nil
 	}
-	s.fail(ctx, flow, true)
+	s.fail(ctx, flow)
 	if err := sock.Resume(); err != nil {
 		return netip.AddrPort{}, errors.Join(ErrNoBE, err)
 	}
@@ -173,11 +175,10 @@ func (s *Sender) Keep(ctx context.Context, flow netip.AddrPort) {
 	}
 }
 
-// fail ends HANDOFFING without a handoff: forget the entry, remove a stale
-// forward of an earlier connection on the same port, and unblock before the
-// socket leaves repair mode, so the client's answer to its window probe gets
-// through.
-func (s *Sender) fail(ctx context.Context, flow netip.AddrPort, blocked bool) {
+// fail ends HANDOFFING without a handoff: forget the entry and remove a
+// stale forward of an earlier connection on the same port. The caller then
+// resumes the socket.
+func (s *Sender) fail(ctx context.Context, flow netip.AddrPort) {
 	stale, err := s.Table.Failed(flow)
 	if err != nil {
 		s.Log.Error("connection table", "op", "handoff", "client", flow, "err", err)
@@ -185,11 +186,6 @@ func (s *Sender) fail(ctx context.Context, flow netip.AddrPort, blocked bool) {
 	if stale {
 		if err := s.Flows.Unforward(ctx, flow); err != nil {
 			s.Log.Error("remove stale forwarding", "op", "handoff", "client", flow, "err", err)
-		}
-	}
-	if blocked {
-		if err := s.Flows.Unblock(ctx, flow); err != nil {
-			s.Log.Error("unblock", "op", "handoff", "client", flow, "err", err)
 		}
 	}
 }

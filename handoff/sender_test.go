@@ -26,11 +26,6 @@ type fakeFlows struct {
 	fail map[string]error
 }
 
-func (f fakeFlows) Block(_ context.Context, k netip.AddrPort) error {
-	f.add("block")
-	return f.fail["block"]
-}
-func (f fakeFlows) Unblock(_ context.Context, k netip.AddrPort) error { f.add("unblock"); return nil }
 func (f fakeFlows) Forward(_ context.Context, k netip.AddrPort, be netip.Addr, replace bool) error {
 	f.add("forward %v replace=%v", be, replace)
 	return f.fail["forward"]
@@ -42,8 +37,11 @@ func (f fakeFlows) Unforward(_ context.Context, k netip.AddrPort) error {
 
 type fakeSocket struct {
 	*calls
-	dumpErr error
+	dumpErr  error
+	blockErr error
 }
+
+func (s fakeSocket) Block() error { s.add("block"); return s.blockErr }
 
 func (s fakeSocket) Dump(consumed []byte) (*wire.ConnInfo, error) {
 	s.add("dump %q", consumed)
@@ -90,6 +88,7 @@ func TestMigrate(t *testing.T) {
 		answers  map[netip.AddrPort]error
 		fail     map[string]error
 		dumpErr  error
+		blockErr error
 		want     netip.AddrPort
 		wantErr  error
 		wantLog  []string
@@ -108,9 +107,9 @@ func TestMigrate(t *testing.T) {
 				`forward 10.0.0.12 replace=false`, `close-silently`, `commit`},
 		},
 		{
-			name: "all unreachable: unblock before resume", bes: []netip.AddrPort{be1},
+			name: "all unreachable: resumed", bes: []netip.AddrPort{be1},
 			answers: map[netip.AddrPort]error{be1: unreachable}, wantErr: ErrNoBE,
-			wantLog:  []string{`block`, `dump "GET / HTTP/1.1\r\n\r\n"`, `offer 10.0.0.11:666`, `unblock`, `resume`},
+			wantLog:  []string{`block`, `dump "GET / HTTP/1.1\r\n\r\n"`, `offer 10.0.0.11:666`, `resume`},
 			wantDown: []netip.AddrPort{be1},
 		},
 		{
@@ -118,19 +117,19 @@ func TestMigrate(t *testing.T) {
 		},
 		{
 			name: "block fails: socket untouched", bes: []netip.AddrPort{be1},
-			fail: map[string]error{"block": errors.New("ENOBUFS")}, wantErr: errors.New("ENOBUFS"),
+			blockErr: errors.New("ENOMEM"), wantErr: errors.New("ENOMEM"),
 			wantLog: []string{`block`},
 		},
 		{
 			name: "dump fails", bes: []netip.AddrPort{be1}, dumpErr: errors.New("not established"),
 			wantErr: errors.New("not established"),
-			wantLog: []string{`block`, `dump "GET / HTTP/1.1\r\n\r\n"`, `unblock`, `resume`},
+			wantLog: []string{`block`, `dump "GET / HTTP/1.1\r\n\r\n"`, `resume`},
 		},
 		{
 			name: "forward fails: BE told to abort", bes: []netip.AddrPort{be1},
 			fail: map[string]error{"forward": errors.New("EEXIST")}, wantErr: errors.New("EEXIST"),
 			wantLog: []string{`block`, `dump "GET / HTTP/1.1\r\n\r\n"`, `offer 10.0.0.11:666`,
-				`forward 10.0.0.11 replace=false`, `abort`, `unblock`, `resume`},
+				`forward 10.0.0.11 replace=false`, `abort`, `resume`},
 		},
 	}
 	for _, tc := range cases {
@@ -142,7 +141,7 @@ func TestMigrate(t *testing.T) {
 				Log: quiet(), Timeout: time.Second, Now: time.Now,
 				Down: func(be netip.AddrPort, err error) { down = append(down, be) },
 			}
-			got, err := s.Migrate(context.Background(), fakeSocket{c, tc.dumpErr}, client, []byte("GET / HTTP/1.1\r\n\r\n"), tc.bes)
+			got, err := s.Migrate(context.Background(), fakeSocket{c, tc.dumpErr, tc.blockErr}, client, []byte("GET / HTTP/1.1\r\n\r\n"), tc.bes)
 			switch {
 			case tc.wantErr == nil && err != nil:
 				t.Fatalf("err = %v", err)
@@ -191,7 +190,7 @@ func TestMigratePortReuse(t *testing.T) {
 	if _, err := s.Migrate(context.Background(), sock, client, nil, []netip.AddrPort{be2}); !errors.Is(err, ErrNoBE) {
 		t.Fatal(err)
 	}
-	want := []string{`block`, `dump ""`, `offer 10.0.0.12:666`, `unforward`, `unblock`, `resume`}
+	want := []string{`block`, `dump ""`, `offer 10.0.0.12:666`, `unforward`, `resume`}
 	if !reflect.DeepEqual(c.log, want) {
 		t.Errorf("failed reuse:\n got %q\nwant %q", c.log, want)
 	}

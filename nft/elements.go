@@ -19,6 +19,9 @@ type Flows struct {
 	rs   *Ruleset
 	reqs chan *request
 	stop chan struct{}
+	// destroy says the kernel has NFT_MSG_DESTROYSETELEM (Linux 6.3), a
+	// delete that does not fail when the element is already gone.
+	destroy bool
 }
 
 type editKind int
@@ -27,8 +30,9 @@ const (
 	editAdd editKind = iota
 	editDelete
 	// editDeleteMaybe deletes an element that may be missing (expired, or
-	// never added by the packet path): adding it first makes the delete
-	// valid, since a failed delete aborts the whole batch (FACTS.md).
+	// never added by the packet path). A failed delete aborts the whole
+	// batch (FACTS.md), so it is a destroy where the kernel has one, and an
+	// add followed by a delete where it has not.
 	editDeleteMaybe
 )
 
@@ -51,8 +55,25 @@ const maxGroup = 128
 
 // NewFlows returns the owner of rs's sets on conn. Call Run before use.
 func NewFlows(conn *nftables.Conn, rs *Ruleset) *Flows {
-	return &Flows{conn: conn, rs: rs, reqs: make(chan *request), stop: make(chan struct{})}
+	f := &Flows{conn: conn, rs: rs, reqs: make(chan *request), stop: make(chan struct{})}
+	f.destroy = f.probeDestroy()
+	return f
 }
+
+// probeDestroy destroys an element that is not there: kernels since 6.3
+// accept it, older ones refuse the message.
+func (f *Flows) probeDestroy() bool {
+	for _, s := range f.rs.Sets {
+		if !s.IsMap && s.KeyType == keyType {
+			f.conn.SetDestroyElements(s, []nftables.SetElement{{Key: Key(netip.AddrPortFrom(netip.IPv4Unspecified(), 0))}})
+			return f.conn.Flush() == nil
+		}
+	}
+	return false
+}
+
+// Destroy tells whether element removals use NFT_MSG_DESTROYSETELEM.
+func (f *Flows) Destroy() bool { return f.destroy }
 
 // Run serves requests until ctx is done.
 func (f *Flows) Run(ctx context.Context) {
@@ -124,8 +145,12 @@ func (f *Flows) queue(edits []edit) {
 		case editDelete:
 			f.conn.SetDeleteElements(s, el)
 		case editDeleteMaybe:
-			f.conn.SetAddElements(s, el)
-			f.conn.SetDeleteElements(s, el)
+			if f.destroy {
+				f.conn.SetDestroyElements(s, el)
+			} else {
+				f.conn.SetAddElements(s, el)
+				f.conn.SetDeleteElements(s, el)
+			}
 		}
 	}
 }
@@ -145,37 +170,21 @@ func (f *Flows) do(ctx context.Context, r *request) error {
 	return <-r.done
 }
 
-// Block starts HANDOFFING for flow: its packets are dropped until Forward or
-// Unblock.
-func (f *Flows) Block(ctx context.Context, flow netip.AddrPort) error {
-	if err := f.do(ctx, &request{edits: []edit{{editAdd, SetBlock, flow, netip.Addr{}}}}); err != nil {
-		return fmt.Errorf("block %v: %w", flow, err)
-	}
-	return nil
-}
-
-// Unblock ends HANDOFFING without a handoff: the FE serves the flow itself.
-func (f *Flows) Unblock(ctx context.Context, flow netip.AddrPort) error {
-	if err := f.do(ctx, &request{edits: []edit{{editDelete, SetBlock, flow, netip.Addr{}}}}); err != nil {
-		return fmt.Errorf("unblock %v: %w", flow, err)
-	}
-	return nil
-}
-
 // Forward makes flow HANDOFFED: its packets go to be from now on. replace
 // says a forwarding entry for the same flow (a previous connection from the
 // same client port) is still installed and must go.
 func (f *Flows) Forward(ctx context.Context, flow netip.AddrPort, be netip.Addr, replace bool) error {
 	var edits []edit
 	if replace {
-		edits = append(edits, edit{editDelete, MapForward, flow, netip.Addr{}})
+		// The previous connection's entries: its BE and its closing mark.
+		edits = append(edits,
+			edit{editDelete, MapForward, flow, netip.Addr{}},
+			edit{editDeleteMaybe, SetClosing, flow, netip.Addr{}})
 	}
 	edits = append(edits,
 		edit{editAdd, MapForward, flow, be},
-		// Tolerant: a BE-driven re-forward (multi-handoff) never blocked.
-		edit{editDeleteMaybe, SetBlock, flow, netip.Addr{}},
+		// The fresh mark may have expired already.
 		edit{editDeleteMaybe, SetFresh, flow, netip.Addr{}},
-		edit{editDeleteMaybe, SetClosing, flow, netip.Addr{}},
 	)
 	if err := f.do(ctx, &request{edits: edits}); err != nil {
 		return fmt.Errorf("forward %v to %v: %w", flow, be, err)

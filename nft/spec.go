@@ -26,7 +26,6 @@ const TableName = "tcpha"
 // ruleset`) and of the agent's restart contract: keep them stable.
 const (
 	SetFresh   = "fresh"   // client 4-tuples seen with a SYN: served by the FE
-	SetBlock   = "block"   // HANDOFFING: every packet dropped
 	MapForward = "forward" // HANDOFFED: client 4-tuple → BE address
 	SetClosing = "closing" // HANDOFFED flows that carried FIN or RST
 	SetAlive   = "alive"   // HANDOFFED flows that carried any packet lately
@@ -120,14 +119,14 @@ const (
 //     in conntrack as ESTABLISHED for five days, FACTS.md);
 //  2. a SYN is always local, and marks its flow fresh: a reused client port
 //     must never reach the previous connection's BE;
-//  3. HANDOFFING flows are dropped;
-//  4. fresh flows are local;
-//  5. the first FIN or RST of a HANDOFFED flow is copied to its BE, marked
+//  3. fresh flows are local (a HANDOFFING connection is still local: its
+//     socket drops the client's packets itself, see repair.Block);
+//  4. the first FIN or RST of a HANDOFFED flow is copied to its BE, marked
 //     closing, and queued to the agent, which moves the connection to
 //     TIME_WAIT. Queueing comes after the copy and without the bypass flag:
 //     the agent only observes, and when it is down the kernel drops the
 //     original while the BE still gets its copy;
-//  6. every other packet of a HANDOFFED flow is copied to its BE and
+//  5. every other packet of a HANDOFFED flow is copied to its BE and
 //     dropped here, never leaving the kernel.
 func FE(p FEParams) *Ruleset {
 	t := &nftables.Table{Family: nftables.TableFamilyIPv4, Name: TableName}
@@ -142,7 +141,6 @@ func FE(p FEParams) *Ruleset {
 		}
 	}
 	fresh := set(SetFresh, p.FreshTimeout, true, "flows opened by a SYN, served by the FE")
-	block := set(SetBlock, 0, false, "HANDOFFING: dropped while the connection moves")
 	fwd := set(MapForward, 0, false, "HANDOFFED: client flow -> BE")
 	fwd.IsMap, fwd.DataType = true, nftables.TypeIPAddr
 	closing := set(SetClosing, 2*p.TimeWait, true, "HANDOFFED flows whose FIN or RST the agent has seen")
@@ -153,7 +151,6 @@ func FE(p FEParams) *Ruleset {
 		cat(vip, []expr.Any{&expr.Notrack{}}),
 		cat(vip, tcpFlags(tcpSYN|tcpACK, tcpSYN, true),
 			loadKey(), dynsetUpdate(fresh), counter(), verdict(expr.VerdictAccept)),
-		cat(vip, loadKey(), lookup(block, false), counter(), verdict(expr.VerdictDrop)),
 		cat(vip, loadKey(), lookup(fresh, false), verdict(expr.VerdictAccept)),
 		cat(vip, tcpFlags(tcpFIN|tcpRST, 0, false), loadKey(), notIn(closing),
 			lookup(fwd, true), dynsetUpdate(closing), dynsetUpdate(alive), dup(), counter(), queue(p)),
@@ -162,12 +159,11 @@ func FE(p FEParams) *Ruleset {
 	comments := []string{
 		"untrack the VIP",
 		"SYN: local, mark fresh",
-		"HANDOFFING: drop",
 		"fresh: local",
 		"HANDOFFED first FIN/RST: forward, tell the agent",
 		"HANDOFFED: forward to BE",
 	}
-	rs := &Ruleset{Table: t, Chains: []*nftables.Chain{c}, Sets: []*nftables.Set{fresh, block, fwd, closing, alive}}
+	rs := &Ruleset{Table: t, Chains: []*nftables.Chain{c}, Sets: []*nftables.Set{fresh, fwd, closing, alive}}
 	for i, e := range rules {
 		rs.Rules = append(rs.Rules, &nftables.Rule{Table: t, Chain: c, Exprs: e, UserData: comment(comments[i])})
 	}

@@ -83,12 +83,12 @@ func TestFERuleOrder(t *testing.T) {
 	for _, r := range FE(sampleFE).Rules {
 		got = append(got, string(r.UserData[2:len(r.UserData)-1]))
 	}
-	want := []string{"untrack the VIP", "SYN: local, mark fresh", "HANDOFFING: drop", "fresh: local",
+	want := []string{"untrack the VIP", "SYN: local, mark fresh", "fresh: local",
 		"HANDOFFED first FIN/RST: forward, tell the agent", "HANDOFFED: forward to BE"}
 	if strings.Join(got, "|") != strings.Join(want, "|") {
 		t.Errorf("rule order:\n got %q\nwant %q", got, want)
 	}
-	for _, name := range []string{SetFresh, SetBlock, MapForward, SetClosing, SetAlive} {
+	for _, name := range []string{SetFresh, MapForward, SetClosing, SetAlive} {
 		if FE(sampleFE).Set(name) == nil {
 			t.Errorf("set %s missing", name)
 		}

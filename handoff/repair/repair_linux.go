@@ -21,8 +21,8 @@ import (
 // conn stays in repair mode: the caller either closes it (silently: a socket
 // closed in repair mode sends nothing and leaves no TIME_WAIT) once the
 // connection lives elsewhere, or calls Resume to serve it here after all.
-// The 4-tuple must already be blocked in nft: a repair-mode socket answers
-// nothing, and the client's retransmissions must not reach it either.
+// The connection must already be blocked (Block): a repair-mode socket
+// would take the client's retransmissions into a queue nobody reads.
 func Dump(conn *net.TCPConn, consumed []byte) (*wire.ConnInfo, error) {
 	rc, err := conn.SyscallConn()
 	if err != nil {
@@ -140,22 +140,55 @@ func dumpQueue(fd, queue, size int) (seq uint32, data []byte, err error) {
 	return uint32(s), buf[:n], nil
 }
 
-// Resume takes conn out of repair mode so it can be served here after a
-// failed handoff. The kernel sends a window probe; the client's answer must
-// be unblocked first or it is dropped and only costs a retransmission.
+// Block makes the kernel drop every packet that reaches conn's socket
+// from now on: a classic BPF socket filter that accepts nothing, which
+// tcp_v4_rcv runs before any TCP processing (tcp_filter), so nothing is
+// queued, acknowledged or answered. This is the seed's HANDOFFING drop (4.8.1)
+// for one socket, at the cost of one setsockopt instead of an nft
+// transaction. Packets dropped meanwhile are retransmitted by the client to
+// whoever owns the connection next.
+func Block(conn *net.TCPConn) error {
+	return control(conn, "block", func(fd int) error {
+		drop := []unix.SockFilter{{Code: unix.BPF_RET | unix.BPF_K, K: 0}}
+		prog := unix.SockFprog{Len: uint16(len(drop)), Filter: &drop[0]}
+		if err := unix.SetsockoptSockFprog(fd, unix.SOL_SOCKET, unix.SO_ATTACH_FILTER, &prog); err != nil {
+			return fmt.Errorf("attach drop filter: %w", err)
+		}
+		return nil
+	})
+}
+
+// Resume serves a blocked, dumped socket here after a failed handoff: the
+// filter goes first, so that the client's answer to the window probe that
+// leaving repair mode sends gets through, then repair mode. Repair mode reset
+// SO_REUSEADDR (FACTS.md); without it the socket, once closed, would hold
+// VIP:port against a new agent's listener for its whole TIME_WAIT.
 func Resume(conn *net.TCPConn) error {
+	return control(conn, "resume", func(fd int) error {
+		if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_DETACH_FILTER, 0); err != nil && !errors.Is(err, unix.ENOENT) {
+			return fmt.Errorf("detach drop filter: %w", err)
+		}
+		if err := unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_OFF); err != nil {
+			return fmt.Errorf("clear TCP_REPAIR: %w", err)
+		}
+		if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1); err != nil {
+			return fmt.Errorf("set SO_REUSEADDR again: %w", err)
+		}
+		return nil
+	})
+}
+
+func control(conn *net.TCPConn, what string, fn func(fd int) error) error {
 	rc, err := conn.SyscallConn()
 	if err != nil {
-		return fmt.Errorf("resume: %w", err)
+		return fmt.Errorf("%s: %w", what, err)
 	}
-	var serr error
-	if err := rc.Control(func(fd uintptr) {
-		serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_OFF)
-	}); err != nil {
-		return fmt.Errorf("resume: %w", err)
+	var ferr error
+	if err := rc.Control(func(fd uintptr) { ferr = fn(int(fd)) }); err != nil {
+		return fmt.Errorf("%s: %w", what, err)
 	}
-	if serr != nil {
-		return fmt.Errorf("resume: clear TCP_REPAIR: %w", serr)
+	if ferr != nil {
+		return fmt.Errorf("%s: %w", what, ferr)
 	}
 	return nil
 }
@@ -181,38 +214,75 @@ func CloseSilently(conn *net.TCPConn) error {
 	return cerr
 }
 
-// Restore rebuilds the connection ci describes as a local socket bound to
+// Rebuilt is a connection rebuilt from a ConnInfo and still in repair
+// mode: it has sent nothing, not even the window probe that leaving repair
+// mode sends, and receives into its queue whatever reaches it.
+type Rebuilt struct {
+	fd     int
+	client netip.AddrPort
+	unsent []byte
+}
+
+// Rebuild rebuilds the connection ci describes as a local socket bound to
 // ci.VIP, with ci.RecvQueue waiting to be read. The order of the calls is
 // the kernel's (FACTS.md, libsoccr): sequence numbers only before connect,
-// options after it, the window after the receive queue.
-//
-// The returned socket is out of repair mode and ESTABLISHED. Nothing is sent
-// to the client except one window probe.
-func Restore(ci *wire.ConnInfo) (*net.TCPConn, error) {
+// options after it, the window after the receive queue. The socket stays in
+// repair mode until Activate: nothing leaves it before then.
+func Rebuild(ci *wire.ConnInfo) (*Rebuilt, error) {
 	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
 		return nil, fmt.Errorf("restore %v: socket: %w", ci.Client, err)
 	}
-	if err := restoreFD(fd, ci); err != nil {
-		// Still in repair mode if restoreFD failed before the end: closing
-		// sends nothing.
+	if err := rebuildFD(fd, ci); err != nil {
+		// Still in repair mode: closing sends nothing.
 		unix.Close(fd)
 		return nil, fmt.Errorf("restore %v: %w", ci.Client, err)
 	}
+	return &Rebuilt{fd: fd, client: ci.Client, unsent: ci.SendQueue[len(ci.SendQueue)-int(ci.Unsent):]}, nil
+}
+
+// Activate takes the socket out of repair mode, from when it behaves like
+// any connected socket: the kernel sends one window probe, then the unsent
+// bytes of the send queue.
+func (r *Rebuilt) Activate() (*net.TCPConn, error) {
+	fd := r.fd
+	r.fd = -1
+	if err := activateFD(fd, r.unsent); err != nil {
+		unix.Close(fd)
+		return nil, fmt.Errorf("activate %v: %w", r.client, err)
+	}
 	if err := unix.SetNonblock(fd, true); err != nil {
 		unix.Close(fd)
-		return nil, fmt.Errorf("restore %v: set nonblocking: %w", ci.Client, err)
+		return nil, fmt.Errorf("activate %v: set nonblocking: %w", r.client, err)
 	}
 	f := os.NewFile(uintptr(fd), "tcpha-restored")
 	defer f.Close()
 	c, err := net.FileConn(f)
 	if err != nil {
-		return nil, fmt.Errorf("restore %v: wrap socket: %w", ci.Client, err)
+		return nil, fmt.Errorf("activate %v: wrap socket: %w", r.client, err)
 	}
 	return c.(*net.TCPConn), nil
 }
 
-func restoreFD(fd int, ci *wire.ConnInfo) error {
+// Discard closes the socket while still in repair mode: nothing reaches the
+// client and no TIME_WAIT is left. It is idempotent.
+func (r *Rebuilt) Discard() {
+	if r.fd >= 0 {
+		unix.Close(r.fd)
+		r.fd = -1
+	}
+}
+
+// Restore is Rebuild and Activate in one step.
+func Restore(ci *wire.ConnInfo) (*net.TCPConn, error) {
+	r, err := Rebuild(ci)
+	if err != nil {
+		return nil, err
+	}
+	return r.Activate()
+}
+
+func rebuildFD(fd int, ci *wire.ConnInfo) error {
 	set := func(what string, opt, v int) error {
 		if err := unix.SetsockoptInt(fd, unix.IPPROTO_TCP, opt, v); err != nil {
 			return fmt.Errorf("set %s: %w", what, err)
@@ -275,14 +345,18 @@ func restoreFD(fd int, ci *wire.ConnInfo) error {
 	if err := setsockoptRaw(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_WINDOW, encodeWindow(ci.Window)); err != nil {
 		return fmt.Errorf("set TCP_REPAIR_WINDOW: %w", err)
 	}
-	if err := set("TCP_REPAIR off", unix.TCP_REPAIR, unix.TCP_REPAIR_OFF); err != nil {
-		return err
+	return nil
+}
+
+func activateFD(fd int, unsent []byte) error {
+	if err := unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_OFF); err != nil {
+		return fmt.Errorf("set TCP_REPAIR off: %w", err)
 	}
 	// Leaving repair mode resets SO_REUSEADDR (FACTS.md).
 	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1); err != nil {
 		return fmt.Errorf("set SO_REUSEADDR again: %w", err)
 	}
-	if unsent := ci.SendQueue[len(sent):]; len(unsent) > 0 {
+	if len(unsent) > 0 {
 		if err := writeAll(fd, unsent); err != nil {
 			return fmt.Errorf("write %d unsent bytes: %w", len(unsent), err)
 		}

@@ -7,6 +7,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"tcpha/handoff/wire"
 	"tcpha/internal/privtest"
 )
@@ -121,4 +123,108 @@ func TestDumpResume(t *testing.T) {
 	if _, err := io.ReadFull(client, b); err != nil || string(b) != "503" {
 		t.Fatalf("after resume: %q %v", b, err)
 	}
+}
+
+// loopbackPair returns a connected client and server on loopback.
+func loopbackPair(t *testing.T) (client, srv *net.TCPConn) {
+	t.Helper()
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	c, err := net.Dial("tcp4", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close(); s.Close() })
+	return c.(*net.TCPConn), s.(*net.TCPConn)
+}
+
+func tcpInfo(t *testing.T, c *net.TCPConn) *unix.TCPInfo {
+	t.Helper()
+	rc, _ := c.SyscallConn()
+	var info *unix.TCPInfo
+	var err error
+	rc.Control(func(fd uintptr) { info, err = unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	return info
+}
+
+// A blocked socket takes nothing in: the client's bytes stay unacknowledged
+// at the client, and arrive once the socket is resumed.
+func TestBlockThenResume(t *testing.T) {
+	privtest.Require(t)
+	client, srv := loopbackPair(t)
+	if err := Block(srv); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Dump(srv, nil); err != nil {
+		t.Fatal(err)
+	}
+	client.Write([]byte("while blocked"))
+	time.Sleep(100 * time.Millisecond)
+	if info := tcpInfo(t, client); info.Unacked == 0 {
+		t.Fatal("the blocked socket acknowledged the client's bytes")
+	}
+	if err := Resume(srv); err != nil {
+		t.Fatal(err)
+	}
+	srv.SetDeadline(time.Now().Add(5 * time.Second))
+	got := make([]byte, len("while blocked"))
+	if _, err := io.ReadFull(srv, got); err != nil || string(got) != "while blocked" {
+		t.Fatalf("after resume: %q %v (the client's retransmission should arrive)", got, err)
+	}
+	// Repair mode reset SO_REUSEADDR; Resume puts it back (FACTS.md).
+	rc, _ := srv.SyscallConn()
+	var v int
+	rc.Control(func(fd uintptr) { v, _ = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEADDR) })
+	if v != 1 {
+		t.Errorf("SO_REUSEADDR %d after resume, want 1", v)
+	}
+}
+
+// A rebuilt socket sends nothing, not even its window probe, until it is
+// activated: a handoff that is never committed leaves no trace.
+func TestRebuildSilentUntilActivate(t *testing.T) {
+	privtest.Require(t)
+	client, srv := loopbackPair(t)
+	if err := Block(srv); err != nil {
+		t.Fatal(err)
+	}
+	ci, err := Dump(srv, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := CloseSilently(srv); err != nil {
+		t.Fatal(err)
+	}
+	before := tcpInfo(t, client).Segs_in
+	r, err := Rebuild(ci)
+	if err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(100 * time.Millisecond)
+	if got := tcpInfo(t, client).Segs_in; got != before {
+		r.Discard()
+		t.Fatalf("the client received %d segments from a socket still in repair mode", got-before)
+	}
+	conn, err := r.Activate()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	conn.Write([]byte("hello"))
+	client.SetDeadline(time.Now().Add(5 * time.Second))
+	b := make([]byte, 5)
+	if _, err := io.ReadFull(client, b); err != nil || string(b) != "hello" {
+		t.Fatalf("after activate: %q %v", b, err)
+	}
+	r.Discard() // idempotent after Activate
 }

@@ -121,9 +121,15 @@ func (c *ConnInfo) validate() error {
 	return nil
 }
 
+// addrPortLen is an encoded address: family, IPv4 address, port.
+const addrPortLen = 1 + 4 + 2
+
 // IPv4 only for now: one byte of family so IPv6 can follow without a
-// version bump.
+// version bump. The zero AddrPort encodes as family 0.
 func appendAddrPort(b []byte, ap netip.AddrPort) []byte {
+	if !ap.Addr().Is4() {
+		return append(b, 0, 0, 0, 0, 0, 0, 0)
+	}
 	a := ap.Addr().As4()
 	b = append(b, 4)
 	b = append(b, a[:]...)
@@ -181,6 +187,17 @@ func (d *decoder) addrPort() netip.AddrPort {
 	return netip.AddrPortFrom(netip.AddrFrom4([4]byte(v)), port)
 }
 
+// addrPortOrZero is addrPort that also takes family 0, the zero AddrPort.
+func (d *decoder) addrPortOrZero() netip.AddrPort {
+	if len(d.b) > 0 && d.b[0] == 0 && d.err == nil {
+		if z := d.take(addrPortLen); z != nil && string(z) != "\x00\x00\x00\x00\x00\x00\x00" {
+			d.err = fmt.Errorf("%w: family-0 address with data", ErrFormat)
+		}
+		return netip.AddrPort{}
+	}
+	return d.addrPort()
+}
+
 func (d *decoder) bytes() []byte {
 	n := d.u32()
 	if d.err == nil && n > MaxPayload {
@@ -188,74 +205,4 @@ func (d *decoder) bytes() []byte {
 		return nil
 	}
 	return d.take(int(n))
-}
-
-// Result is the seed's handoff ACK 'msg': how the handoff ended on the BE.
-type Result uint8
-
-const (
-	ResultOK        Result = 0
-	ResultBusy      Result = 1 // maxclients connections already served
-	ResultRestore   Result = 2 // the BE could not rebuild the socket
-	ResultBadFrame  Result = 3 // the request did not decode
-	ResultUpstream  Result = 4 // the local web server is unreachable
-	ResultWrongVIP  Result = 5 // the connection is not for this BE's VIP
-	resultSentinel  Result = 6
-	maxReasonLength        = 512
-)
-
-func (r Result) String() string {
-	switch r {
-	case ResultOK:
-		return "ok"
-	case ResultBusy:
-		return "busy"
-	case ResultRestore:
-		return "restore-failed"
-	case ResultBadFrame:
-		return "bad-request"
-	case ResultUpstream:
-		return "upstream-down"
-	case ResultWrongVIP:
-		return "wrong-vip"
-	}
-	return fmt.Sprintf("result(%d)", uint8(r))
-}
-
-// Ack is the payload of a handoff ACK.
-type Ack struct {
-	Result Result
-	Reason string // for the FE's log; empty on success
-}
-
-// MarshalBinary encodes the ACK payload.
-func (a Ack) MarshalBinary() ([]byte, error) {
-	r := a.Reason
-	if len(r) > maxReasonLength {
-		r = r[:maxReasonLength]
-	}
-	b := []byte{byte(a.Result)}
-	b = binary.BigEndian.AppendUint16(b, uint16(len(r)))
-	return append(b, r...), nil
-}
-
-// UnmarshalBinary decodes an ACK payload.
-func (a *Ack) UnmarshalBinary(b []byte) error {
-	d := decoder{b: b}
-	res := Result(d.u8())
-	n := d.u16()
-	if d.err == nil && n > maxReasonLength {
-		return fmt.Errorf("%w: reason of %d bytes", ErrFormat, n)
-	}
-	reason := d.take(int(n))
-	switch {
-	case d.err != nil:
-		return d.err
-	case len(d.b) != 0:
-		return fmt.Errorf("%w: %d trailing bytes", ErrFormat, len(d.b))
-	case res >= resultSentinel:
-		return fmt.Errorf("%w: unknown result %d", ErrFormat, res)
-	}
-	*a = Ack{Result: res, Reason: string(reason)}
-	return nil
 }

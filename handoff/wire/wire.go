@@ -1,10 +1,12 @@
-// Package wire is the handoff protocol spoken on the persistent control
-// connections between FE and BE (seed 002, section 4.1), version 1.
+// Package wire is the handoff protocol spoken on the control sessions
+// between FEs and BEs (seed 002, section 4.1), version 2.
 //
-// Every frame starts with the seed's magic number 0x12968b9 and the
-// conn_magic, the next sequence number the connection expects from the
-// client, which ties an ACK to its request. docs/protocol.md describes the
-// layout byte by byte.
+// Every frame starts with the seed's magic number 0x12968b9. Version 2 adds
+// a per-session id to the header, so that many handoffs share one session
+// (the seed's conn_magic alone is not unique across clients), and a
+// handshake that authenticates both ends and keys every later frame with a
+// per-direction sequence number, so a recorded frame cannot be replayed.
+// docs/protocol.md describes the layout byte by byte.
 package wire
 
 import (
@@ -13,67 +15,80 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"hash"
 	"io"
+	"slices"
 )
 
 // Magic identifies a TCPHA handoff frame (seed 4.1: "its value is 0x12968b9").
 const Magic uint32 = 0x012968b9
 
 // Version is the protocol version this package speaks.
-const Version uint8 = 1
+const Version uint8 = 2
 
-// HeaderLen is the fixed frame header: magic, version, type, flags, reserved,
-// conn_magic, payload length.
-const HeaderLen = 16
+// HeaderLen is the fixed frame header: magic, version, type, flags,
+// reserved, id, conn_magic, payload length.
+const HeaderLen = 24
 
-// MACLen is the length of the HMAC-SHA256 trailer of a frame.
-const MACLen = sha256.Size
+// MACLen is the length of a frame's MAC: HMAC-SHA256 truncated to 128 bits
+// (RFC 2104 section 5 allows truncation to half the hash length).
+const MACLen = 16
 
-// MaxPayload bounds a frame so a peer cannot make the reader allocate at will.
-// A handoff carries one request head (bounded by maxheader) and at most two
-// socket queues of a connection.
+// MaxPayload bounds a frame of an authenticated session. A handoff carries
+// one request head (bounded by maxheader) and a connection's receive queue,
+// bounded by its receive buffer.
 const MaxPayload = 8 << 20
+
+// MaxHandshakePayload bounds the frames read before a peer is
+// authenticated: nothing larger than a small header is allocated for a
+// stranger.
+const MaxHandshakePayload = 128
 
 // Type is the kind of a frame.
 type Type uint8
 
 const (
-	TypeRequest Type = 1 // FE→BE: migrate this connection (ConnInfo payload)
-	TypeAck     Type = 2 // BE→FE: the handoff result (Ack payload)
-	TypeCommit  Type = 3 // FE→BE: forwarding switched, start serving
-	TypeAbort   Type = 4 // FE→BE: forget the restored connection silently
-	TypePing    Type = 5 // FE→BE: detection (seed 4.9)
-	TypePong    Type = 6 // BE→FE: detection answer
+	TypeOffer       Type = 1  // migrate this connection (ConnInfo); answered by an Ack
+	TypeAck         Type = 2  // the answer to a request (Ack payload)
+	TypeCommit      Type = 3  // forwarding switched: start serving (Flow payload)
+	TypeAbort       Type = 4  // forget the rebuilt connection silently (Flow payload)
+	TypeProbe       Type = 5  // detection (seed 4.9) and session keepalive
+	TypeProbeReply  Type = 6  // the BE's health (Health payload)
+	TypeHello       Type = 7  // handshake: role, nonce, addresses (Hello payload)
+	TypeAuth        Type = 8  // handshake: proof of the cluster key (32 bytes)
+	TypeRemap       Type = 9  // BE→FE: a connection moved to another BE (Remap); answered by an Ack
+	TypeCluster     Type = 10 // FE→BE: the rules and the BE list (Cluster payload); answered by an Ack
+	TypeRegister    Type = 11 // BE→FE: dynamic registration (Register payload); answered by an Ack
+	TypeDeregister  Type = 12 // BE→FE: the BE leaves; answered by an Ack
+	TypeGoAway      Type = 13 // no new requests on this session; it closes when idle
+	typeSentinel    Type = 14
+	typeUnknownName      = "type(%d)"
 )
 
+var typeNames = [...]string{"", "offer", "ack", "commit", "abort", "probe", "probe-reply", "hello", "auth",
+	"remap", "cluster", "register", "deregister", "goaway"}
+
 func (t Type) String() string {
-	switch t {
-	case TypeRequest:
-		return "request"
-	case TypeAck:
-		return "ack"
-	case TypeCommit:
-		return "commit"
-	case TypeAbort:
-		return "abort"
-	case TypePing:
-		return "ping"
-	case TypePong:
-		return "pong"
+	if t > 0 && t < typeSentinel {
+		return typeNames[t]
 	}
-	return fmt.Sprintf("type(%d)", uint8(t))
+	return fmt.Sprintf(typeUnknownName, uint8(t))
 }
 
+// flagMAC says a MAC follows the payload.
 const flagMAC = 1
 
 // Frame is one control message.
 type Frame struct {
-	Type      Type
-	ConnMagic uint32
+	Type Type
+	// ID ties the frames of one exchange together within a session: a
+	// request, its answer and its follow-ups (commit, abort).
+	ID        uint64
+	ConnMagic uint32 // the seed's conn_magic for handoff frames, else 0
 	Payload   []byte
 }
 
-// Decoding errors; a reader that gets one closes the control connection.
+// Decoding errors; a reader that gets one closes the session.
 var (
 	ErrMagic   = errors.New("not a tcpha frame (bad magic)")
 	ErrVersion = errors.New("unsupported protocol version")
@@ -82,87 +97,153 @@ var (
 	ErrFormat  = errors.New("malformed payload")
 )
 
-// Codec reads and writes frames, authenticating them when Secret is set.
-type Codec struct {
-	Secret []byte
+// Header is a decoded frame header.
+type Header struct {
+	Type      Type
+	MAC       bool
+	ID        uint64
+	ConnMagic uint32
+	Length    uint32
 }
 
-// Append encodes f onto b.
-func (c Codec) Append(b []byte, f Frame) ([]byte, error) {
+// ParseHeader decodes and checks a frame header; max bounds the payload
+// length (MaxHandshakePayload before authentication, MaxPayload after).
+func ParseHeader(h []byte, max uint32) (Header, error) {
+	if len(h) < HeaderLen {
+		return Header{}, fmt.Errorf("%w: %d-byte header", ErrFormat, len(h))
+	}
+	if m := binary.BigEndian.Uint32(h[0:]); m != Magic {
+		return Header{}, fmt.Errorf("%w: 0x%08x", ErrMagic, m)
+	}
+	if h[4] != Version {
+		return Header{}, fmt.Errorf("%w: %d (this agent speaks %d)", ErrVersion, h[4], Version)
+	}
+	if h[6]&^flagMAC != 0 || h[7] != 0 {
+		return Header{}, fmt.Errorf("%w: flags 0x%02x, reserved 0x%02x", ErrFormat, h[6], h[7])
+	}
+	hd := Header{
+		Type:      Type(h[5]),
+		MAC:       h[6]&flagMAC != 0,
+		ID:        binary.BigEndian.Uint64(h[8:]),
+		ConnMagic: binary.BigEndian.Uint32(h[16:]),
+		Length:    binary.BigEndian.Uint32(h[20:]),
+	}
+	if hd.Length > max {
+		return Header{}, fmt.Errorf("%w: %s of %d bytes (limit %d)", ErrTooBig, hd.Type, hd.Length, max)
+	}
+	return hd, nil
+}
+
+func appendHeader(b []byte, f Frame, mac bool) []byte {
+	var flags uint8
+	if mac {
+		flags = flagMAC
+	}
+	b = binary.BigEndian.AppendUint32(b, Magic)
+	b = append(b, Version, uint8(f.Type), flags, 0)
+	b = binary.BigEndian.AppendUint64(b, f.ID)
+	b = binary.BigEndian.AppendUint32(b, f.ConnMagic)
+	return binary.BigEndian.AppendUint32(b, uint32(len(f.Payload)))
+}
+
+// Keyed authenticates one direction of a session: each frame's MAC covers
+// its sequence number in that direction, its header and its payload, so a
+// frame replayed, reordered, dropped or moved to another session fails.
+// A nil *Keyed (no cluster secret) sends and expects no MAC. It is owned by
+// one goroutine: the session's writer, or its reader.
+type Keyed struct {
+	mac hash.Hash
+	seq uint64
+	sum [sha256.Size]byte
+}
+
+// NewKeyed returns the MAC state for one direction with key.
+func NewKeyed(key []byte) *Keyed { return &Keyed{mac: hmac.New(sha256.New, key)} }
+
+// compute returns the MAC of the next frame in this direction, made of
+// parts, and advances the sequence number.
+func (k *Keyed) compute(parts ...[]byte) []byte {
+	k.mac.Reset()
+	var seq [8]byte
+	binary.BigEndian.PutUint64(seq[:], k.seq)
+	k.seq++
+	k.mac.Write(seq[:])
+	for _, p := range parts {
+		k.mac.Write(p)
+	}
+	return k.mac.Sum(k.sum[:0])[:MACLen]
+}
+
+func (k *Keyed) verify(header, payload []byte) []byte { return k.compute(header, payload) }
+
+// AppendFrame encodes f onto b, with its MAC when k is not nil.
+func AppendFrame(b []byte, f Frame, k *Keyed) ([]byte, error) {
 	if len(f.Payload) > MaxPayload {
 		return b, fmt.Errorf("encode %s: %w: %d bytes", f.Type, ErrTooBig, len(f.Payload))
 	}
 	start := len(b)
-	var flags uint8
-	if len(c.Secret) > 0 {
-		flags |= flagMAC
-	}
-	b = binary.BigEndian.AppendUint32(b, Magic)
-	b = append(b, Version, uint8(f.Type), flags, 0)
-	b = binary.BigEndian.AppendUint32(b, f.ConnMagic)
-	b = binary.BigEndian.AppendUint32(b, uint32(len(f.Payload)))
+	b = appendHeader(b, f, k != nil)
 	b = append(b, f.Payload...)
-	if flags&flagMAC != 0 {
-		m := hmac.New(sha256.New, c.Secret)
-		m.Write(b[start:])
-		b = m.Sum(b)
+	if k != nil {
+		b = append(b, k.compute(b[start:])...)
 	}
 	return b, nil
 }
 
-// Write sends one frame in a single write.
-func (c Codec) Write(w io.Writer, f Frame) error {
-	b, err := c.Append(nil, f)
-	if err != nil {
-		return err
-	}
-	_, err = w.Write(b)
-	return err
+// Reader reads frames from one direction of a session. A payload grows
+// only as its bytes arrive, so a header that claims a large payload costs
+// nothing until the payload is really sent.
+type Reader struct {
+	R   io.Reader
+	Key *Keyed // nil: no MAC expected
+	Max uint32 // payload bound; 0 means MaxPayload
 }
 
-// Read reads one frame. io.EOF means the peer closed between frames.
-func (c Codec) Read(r io.Reader) (Frame, error) {
+// readChunk is how much of a payload is allocated ahead of its bytes.
+const readChunk = 64 << 10
+
+// Read reads one frame. io.EOF means the peer closed between frames. The
+// frame's payload belongs to the caller.
+func (r *Reader) Read() (Frame, error) {
+	max := r.Max
+	if max == 0 {
+		max = MaxPayload
+	}
 	var h [HeaderLen]byte
-	if _, err := io.ReadFull(r, h[:]); err != nil {
+	if _, err := io.ReadFull(r.R, h[:]); err != nil {
 		return Frame{}, err
 	}
-	if m := binary.BigEndian.Uint32(h[0:]); m != Magic {
-		return Frame{}, fmt.Errorf("%w: 0x%08x", ErrMagic, m)
+	hd, err := ParseHeader(h[:], max)
+	if err != nil {
+		return Frame{}, err
 	}
-	if h[4] != Version {
-		return Frame{}, fmt.Errorf("%w: %d (this agent speaks %d)", ErrVersion, h[4], Version)
-	}
-	f := Frame{Type: Type(h[5]), ConnMagic: binary.BigEndian.Uint32(h[8:])}
-	flags := h[6]
-	n := binary.BigEndian.Uint32(h[12:])
-	if n > MaxPayload {
-		return Frame{}, fmt.Errorf("%w: %d bytes", ErrTooBig, n)
-	}
-	body := make([]byte, int(n))
-	if _, err := io.ReadFull(r, body); err != nil {
-		return Frame{}, fmt.Errorf("read %s payload: %w", f.Type, noEOF(err))
-	}
-	hasMAC := flags&flagMAC != 0
-	if hasMAC != (len(c.Secret) > 0) {
-		if hasMAC {
-			return Frame{}, fmt.Errorf("%w: peer signs frames but no secret is configured here", ErrBadMAC)
+	if hd.MAC != (r.Key != nil) {
+		if hd.MAC {
+			return Frame{}, fmt.Errorf("%w: peer signs frames but this session has no key", ErrBadMAC)
 		}
-		return Frame{}, fmt.Errorf("%w: unsigned frame but a secret is configured", ErrBadMAC)
+		return Frame{}, fmt.Errorf("%w: unsigned %s frame on an authenticated session", ErrBadMAC, hd.Type)
 	}
-	if hasMAC {
+	n := int(hd.Length)
+	payload := make([]byte, 0, min(n, readChunk))
+	for len(payload) < n {
+		chunk := min(n-len(payload), readChunk)
+		payload = slices.Grow(payload, chunk)
+		m, err := io.ReadFull(r.R, payload[len(payload):len(payload)+chunk])
+		payload = payload[:len(payload)+m]
+		if err != nil {
+			return Frame{}, fmt.Errorf("read %s payload: %w", hd.Type, noEOF(err))
+		}
+	}
+	if r.Key != nil {
 		var sum [MACLen]byte
-		if _, err := io.ReadFull(r, sum[:]); err != nil {
-			return Frame{}, fmt.Errorf("read %s MAC: %w", f.Type, noEOF(err))
+		if _, err := io.ReadFull(r.R, sum[:]); err != nil {
+			return Frame{}, fmt.Errorf("read %s MAC: %w", hd.Type, noEOF(err))
 		}
-		m := hmac.New(sha256.New, c.Secret)
-		m.Write(h[:])
-		m.Write(body)
-		if !hmac.Equal(m.Sum(nil), sum[:]) {
-			return Frame{}, fmt.Errorf("%w: %s frame", ErrBadMAC, f.Type)
+		if !hmac.Equal(r.Key.verify(h[:], payload), sum[:]) {
+			return Frame{}, fmt.Errorf("%w: %s frame (replayed, reordered or forged)", ErrBadMAC, hd.Type)
 		}
 	}
-	f.Payload = body
-	return f, nil
+	return Frame{Type: hd.Type, ID: hd.ID, ConnMagic: hd.ConnMagic, Payload: payload}, nil
 }
 
 func noEOF(err error) error {

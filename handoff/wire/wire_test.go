@@ -7,8 +7,16 @@ import (
 	"io"
 	"net/netip"
 	"reflect"
+	"runtime"
 	"testing"
 )
+
+type runtimeMem struct{ m runtime.MemStats }
+
+func (r *runtimeMem) alloc() uint64 {
+	runtime.ReadMemStats(&r.m)
+	return r.m.TotalAlloc
+}
 
 func sample() ConnInfo {
 	return ConnInfo{
@@ -90,86 +98,253 @@ func TestAckRoundTrip(t *testing.T) {
 	}
 }
 
-func TestFrameRoundTrip(t *testing.T) {
-	for _, secret := range [][]byte{nil, []byte("k")} {
-		c := Codec{Secret: secret}
-		var buf bytes.Buffer
-		frames := []Frame{{TypeRequest, 7, []byte("payload")}, {TypeCommit, 7, nil}, {TypePing, 0, []byte{}}}
-		for _, f := range frames {
-			if err := c.Write(&buf, f); err != nil {
-				t.Fatal(err)
-			}
+// pair returns the two ends' MAC states for one direction.
+func pair(key string) (send, recv *Keyed) {
+	if key == "" {
+		return nil, nil
+	}
+	return NewKeyed([]byte(key)), NewKeyed([]byte(key))
+}
+
+func encode(t testing.TB, k *Keyed, frames ...Frame) []byte {
+	t.Helper()
+	var b []byte
+	for _, f := range frames {
+		var err error
+		if b, err = AppendFrame(b, f, k); err != nil {
+			t.Fatal(err)
 		}
+	}
+	return b
+}
+
+func TestFrameRoundTrip(t *testing.T) {
+	for _, key := range []string{"", "k"} {
+		send, recv := pair(key)
+		frames := []Frame{
+			{TypeOffer, 1, 7, []byte("payload")},
+			{TypeCommit, 1, 7, nil},
+			{TypeProbe, 1<<63 + 5, 0, []byte{}},
+		}
+		r := Reader{R: bytes.NewReader(encode(t, send, frames...)), Key: recv}
 		for _, want := range frames {
-			got, err := c.Read(&buf)
+			got, err := r.Read()
 			if err != nil {
 				t.Fatal(err)
 			}
-			if got.Type != want.Type || got.ConnMagic != want.ConnMagic || !bytes.Equal(got.Payload, want.Payload) {
-				t.Errorf("secret %q: got %+v want %+v", secret, got, want)
+			if got.Type != want.Type || got.ID != want.ID || got.ConnMagic != want.ConnMagic || !bytes.Equal(got.Payload, want.Payload) {
+				t.Errorf("key %q: got %+v want %+v", key, got, want)
 			}
 		}
-		if _, err := c.Read(&buf); err != io.EOF {
+		if _, err := r.Read(); err != io.EOF {
 			t.Errorf("after last frame: err = %v, want io.EOF", err)
 		}
 	}
 }
 
 func TestFrameRejects(t *testing.T) {
-	plain, _ := Codec{}.Append(nil, Frame{Type: TypeAck, ConnMagic: 1, Payload: []byte{0, 0, 0}})
-	signed, _ := Codec{Secret: []byte("right")}.Append(nil, Frame{Type: TypeAck, ConnMagic: 1, Payload: []byte{0, 0, 0}})
+	ack := Frame{Type: TypeAck, ID: 3, ConnMagic: 1, Payload: []byte{0, 0, 0}}
+	plain := encode(t, nil, ack)
+	signed := encode(t, NewKeyed([]byte("right")), ack)
 	flip := func(b []byte, i int) []byte { b = append([]byte(nil), b...); b[i] ^= 1; return b }
 	huge := append([]byte(nil), plain[:HeaderLen]...)
-	binary.BigEndian.PutUint32(huge[12:], MaxPayload+1)
+	binary.BigEndian.PutUint32(huge[20:], MaxPayload+1)
+	// Two frames: replaying the first, or delivering them swapped, fails
+	// the sequence number in the MAC.
+	k := NewKeyed([]byte("right"))
+	first := encode(t, k, Frame{Type: TypeCommit, ID: 1})
+	second := encode(t, k, Frame{Type: TypeAbort, ID: 1})
 	cases := []struct {
-		name   string
-		secret string
-		b      []byte
-		want   error
+		name string
+		key  string
+		b    []byte
+		max  uint32
+		want error
 	}{
-		{"bad magic", "", flip(plain, 0), ErrMagic},
-		{"bad version", "", flip(plain, 4), ErrVersion},
-		{"too big", "", huge, ErrTooBig},
-		{"truncated payload", "", plain[:len(plain)-1], io.ErrUnexpectedEOF},
-		{"wrong secret", "wrong", signed, ErrBadMAC},
-		{"tampered payload", "right", flip(signed, HeaderLen), ErrBadMAC},
-		{"tampered conn_magic", "right", flip(signed, 11), ErrBadMAC},
-		{"unsigned but secret set", "right", plain, ErrBadMAC},
-		{"signed but no secret", "", signed, ErrBadMAC},
-		{"truncated MAC", "right", signed[:len(signed)-1], io.ErrUnexpectedEOF},
+		{"bad magic", "", flip(plain, 0), 0, ErrMagic},
+		{"version 1", "", flip(plain, 4), 0, ErrVersion},
+		{"unknown flag", "", flip(plain, 6), 0, ErrBadMAC}, // the MAC bit set on an unkeyed reader
+		{"flag bit 1", "", func() []byte { b := append([]byte(nil), plain...); b[6] = 2; return b }(), 0, ErrFormat},
+		{"reserved byte", "", flip(plain, 7), 0, ErrFormat},
+		{"too big", "", huge, 0, ErrTooBig},
+		{"too big before authentication", "", plain, 2, ErrTooBig},
+		{"truncated payload", "", plain[:len(plain)-1], 0, io.ErrUnexpectedEOF},
+		{"wrong key", "wrong", signed, 0, ErrBadMAC},
+		{"tampered payload", "right", flip(signed, HeaderLen), 0, ErrBadMAC},
+		{"tampered id", "right", flip(signed, 15), 0, ErrBadMAC},
+		{"tampered conn_magic", "right", flip(signed, 19), 0, ErrBadMAC},
+		{"unsigned on a keyed session", "right", plain, 0, ErrBadMAC},
+		{"signed on an unkeyed session", "", signed, 0, ErrBadMAC},
+		{"truncated MAC", "right", signed[:len(signed)-1], 0, io.ErrUnexpectedEOF},
+		{"second frame first", "right", append(append([]byte(nil), second...), first...), 0, ErrBadMAC},
 	}
 	for _, tc := range cases {
-		_, err := Codec{Secret: []byte(tc.secret)}.Read(bytes.NewReader(tc.b))
+		var key *Keyed
+		if tc.key != "" {
+			key = NewKeyed([]byte(tc.key))
+		}
+		_, err := (&Reader{R: bytes.NewReader(tc.b), Key: key, Max: tc.max}).Read()
 		if !errors.Is(err, tc.want) {
 			t.Errorf("%s: err = %v, want %v", tc.name, err, tc.want)
 		}
 	}
+	// A frame replayed after itself fails too: the receiver's sequence
+	// number moved on.
+	r := Reader{R: bytes.NewReader(append(append([]byte(nil), first...), first...)), Key: NewKeyed([]byte("right"))}
+	if _, err := r.Read(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.Read(); !errors.Is(err, ErrBadMAC) {
+		t.Errorf("replayed frame: err = %v, want ErrBadMAC", err)
+	}
 }
 
-func FuzzDecode(f *testing.F) {
+// A header that claims a large payload allocates nothing until the bytes
+// arrive.
+func TestReaderGrowsWithData(t *testing.T) {
+	h := encode(t, nil, Frame{Type: TypeOffer, Payload: make([]byte, 10)})[:HeaderLen]
+	binary.BigEndian.PutUint32(h[20:], MaxPayload)
+	allocs := testing.AllocsPerRun(20, func() {
+		(&Reader{R: bytes.NewReader(append(h, 1, 2, 3))}).Read()
+	})
+	var ms runtimeMem
+	before := ms.alloc()
+	for range 20 {
+		(&Reader{R: bytes.NewReader(append(h, 1, 2, 3))}).Read()
+	}
+	if per := (ms.alloc() - before) / 20; per > 2*readChunk {
+		t.Errorf("a truncated 8 MiB frame allocated %d bytes (%v allocs), want at most %d", per, allocs, 2*readChunk)
+	}
+}
+
+func TestHelloRoundTrip(t *testing.T) {
+	in := Hello{Role: RoleFE, Keyed: true, Addr: netip.MustParseAddrPort("10.0.0.2:0"), VIP: netip.MustParseAddrPort("10.0.0.100:80")}
+	in.Nonce[0], in.Nonce[31] = 1, 2
+	b, err := in.MarshalBinary()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(b) > MaxHandshakePayload {
+		t.Fatalf("hello of %d bytes exceeds the handshake bound", len(b))
+	}
+	var out Hello
+	if err := out.UnmarshalBinary(b); err != nil || out != in {
+		t.Errorf("round trip: %+v -> %+v, %v", in, out, err)
+	}
+	zero := Hello{Role: RoleBE}
+	b, _ = zero.MarshalBinary()
+	if err := out.UnmarshalBinary(b); err != nil || out != zero {
+		t.Errorf("zero addresses: %+v, %v", out, err)
+	}
+	mut := func(i int, v byte) []byte { c, _ := in.MarshalBinary(); c[i] = v; return c }
+	for name, bad := range map[string][]byte{
+		"role 0":    mut(0, 0),
+		"role 3":    mut(0, 3),
+		"flags":     mut(1, 2),
+		"reserved":  mut(2, 1),
+		"family 6":  mut(4+NonceLen, 6),
+		"truncated": b[:len(b)-1],
+		"trailing":  append(append([]byte(nil), b...), 0),
+		"zero family with data": func() []byte {
+			c, _ := zero.MarshalBinary()
+			c[4+NonceLen+1] = 1
+			return c
+		}(),
+	} {
+		if err := out.UnmarshalBinary(bad); !errors.Is(err, ErrFormat) {
+			t.Errorf("%s: err = %v, want ErrFormat", name, err)
+		}
+	}
+}
+
+// The handshake's derived values depend on the secret, the transcript and
+// the side, so none stands in for another.
+func TestHandshakeDerivations(t *testing.T) {
+	t1 := Transcript([]byte("hello-d"), []byte("hello-a"))
+	t2 := Transcript([]byte("hello-d"), []byte("hello-A"))
+	secret := []byte("s")
+	vals := map[string][]byte{
+		"proof dialer":   Proof(secret, true, t1),
+		"proof acceptor": Proof(secret, false, t1),
+		"proof other t":  Proof(secret, true, t2),
+		"proof other k":  Proof([]byte("S"), true, t1),
+	}
+	d2a, a2d := SessionKeys(secret, t1)
+	vals["key d2a"], vals["key a2d"] = d2a, a2d
+	seen := map[string]string{}
+	for name, v := range vals {
+		if other, dup := seen[string(v)]; dup {
+			t.Errorf("%s equals %s", name, other)
+		}
+		seen[string(v)] = name
+	}
+	if !bytes.Equal(Proof(secret, true, t1), Proof(secret, true, t1)) {
+		t.Error("proof not deterministic")
+	}
+}
+
+func TestSmallPayloads(t *testing.T) {
+	f := Flow{Client: netip.MustParseAddrPort("10.0.0.10:40000")}
+	b, _ := f.MarshalBinary()
+	var f2 Flow
+	if err := f2.UnmarshalBinary(b); err != nil || f2 != f {
+		t.Errorf("flow: %+v %v", f2, err)
+	}
+	if err := f2.UnmarshalBinary(append(b, 0)); !errors.Is(err, ErrFormat) {
+		t.Errorf("flow trailing: %v", err)
+	}
+	for _, h := range []Health{{}, {ServerUp: true, Active: 12345}, {Draining: true}} {
+		b, _ := h.MarshalBinary()
+		var h2 Health
+		if err := h2.UnmarshalBinary(b); err != nil || h2 != h {
+			t.Errorf("health %+v: %+v %v", h, h2, err)
+		}
+	}
+	var h Health
+	if err := h.UnmarshalBinary([]byte{4, 0, 0, 0, 0}); !errors.Is(err, ErrFormat) {
+		t.Errorf("health flags: %v", err)
+	}
+}
+
+// FuzzFrame feeds arbitrary bytes to a session's frame reader, keyed or
+// not, and whatever frame comes out to every payload decoder: nothing may
+// panic, and whatever decodes must encode back to the same bytes.
+func FuzzFrame(f *testing.F) {
 	s := sample()
 	p, _ := s.MarshalBinary()
-	fr, _ := Codec{}.Append(nil, Frame{Type: TypeRequest, Payload: p})
-	f.Add(fr, false)
-	fr, _ = Codec{Secret: []byte("k")}.Append(nil, Frame{Type: TypeRequest, Payload: p})
-	f.Add(fr, true)
-	f.Fuzz(func(t *testing.T, b []byte, signed bool) {
-		c := Codec{}
-		if signed {
-			c.Secret = []byte("k")
+	hello, _ := (&Hello{Role: RoleFE, Addr: netip.MustParseAddrPort("10.0.0.2:0")}).MarshalBinary()
+	ack, _ := Ack{Result: ResultBusy, Reason: "x"}.MarshalBinary()
+	flow, _ := Flow{Client: s.Client}.MarshalBinary()
+	health, _ := Health{ServerUp: true, Active: 3}.MarshalBinary()
+	for _, pl := range [][]byte{p, hello, ack, flow, health} {
+		f.Add(encode(f, nil, Frame{Type: TypeOffer, ID: 1, Payload: pl}), false)
+		f.Add(encode(f, NewKeyed([]byte("k")), Frame{Type: TypeOffer, ID: 1, Payload: pl}), true)
+	}
+	f.Fuzz(func(t *testing.T, b []byte, keyed bool) {
+		r := Reader{R: bytes.NewReader(b), Max: 1 << 16}
+		if keyed {
+			r.Key = NewKeyed([]byte("k"))
 		}
-		fr, err := c.Read(bytes.NewReader(b))
+		fr, err := r.Read()
 		if err != nil {
 			return
 		}
-		var ci ConnInfo
-		if ci.UnmarshalBinary(fr.Payload) == nil {
-			// Whatever decodes must encode back to the same bytes.
-			again, err := ci.MarshalBinary()
+		check := func(name string, u interface {
+			UnmarshalBinary([]byte) error
+			MarshalBinary() ([]byte, error)
+		}) {
+			if u.UnmarshalBinary(fr.Payload) != nil {
+				return
+			}
+			again, err := u.MarshalBinary()
 			if err != nil || !bytes.Equal(again, fr.Payload) {
-				t.Fatalf("re-encode mismatch: %v", err)
+				t.Fatalf("%s: re-encode mismatch: %v", name, err)
 			}
 		}
+		check("conninfo", &ConnInfo{})
+		check("hello", &Hello{})
+		check("flow", &Flow{})
+		check("health", &Health{})
 		var a Ack
 		_ = a.UnmarshalBinary(fr.Payload)
 	})

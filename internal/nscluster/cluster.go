@@ -257,8 +257,8 @@ func (c *Cluster) Config(host string) string {
 		}
 		return s + c.opts.FEExtra
 	}
-	return g + fmt.Sprintf("\n[be]\nraddr = %s\nuaddr = %s\nvaddr = %s\nport = 666\nredirectport = 80\n",
-		c.ip(host), c.be(host).UAddr, VIP) + c.opts.BEExtra
+	return g + fmt.Sprintf("\n[be]\nraddr = %s\nuaddr = %s\nvaddr = %s\nfeaddr = %s\nport = 666\nredirectport = 80\n",
+		c.ip(host), c.be(host).UAddr, VIP, FEIP) + c.opts.BEExtra
 }
 
 func (c *Cluster) be(host string) BE {

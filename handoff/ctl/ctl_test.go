@@ -1,0 +1,587 @@
+package ctl
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/netip"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"tcpha/handoff/wire"
+)
+
+func quiet() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
+
+func feConfig(secret string, h Handler) *Config {
+	return &Config{
+		Secret:  secretBytes(secret),
+		Local:   wire.Hello{Role: wire.RoleFE, Addr: netip.MustParseAddrPort("127.0.0.1:0"), VIP: netip.MustParseAddrPort("10.0.0.100:80")},
+		Handler: h, Log: quiet(),
+		HandshakeTimeout: 2 * time.Second,
+	}
+}
+
+func beConfig(secret string, h Handler) *Config {
+	return &Config{
+		Secret:  secretBytes(secret),
+		Local:   wire.Hello{Role: wire.RoleBE, Addr: netip.MustParseAddrPort("127.0.0.1:666")},
+		Handler: h, Log: quiet(),
+		Health:           func() wire.Health { return wire.Health{ServerUp: true, Active: 7} },
+		HandshakeTimeout: 2 * time.Second,
+	}
+}
+
+func secretBytes(s string) []byte {
+	if s == "" {
+		return nil
+	}
+	return []byte(s)
+}
+
+// echo answers every request with an Ack whose reason is the request's
+// payload, after delay(payload).
+func echo(delay func(p []byte) time.Duration) Handler {
+	return HandlerFunc(func(s *Session, f wire.Frame) {
+		go func() {
+			if delay != nil {
+				time.Sleep(delay(f.Payload))
+			}
+			s.Reply(f, AckFrame(wire.ResultOK, string(f.Payload)))
+		}()
+	})
+}
+
+type serverRig struct {
+	addr netip.AddrPort
+	sv   *Server
+	stop func()
+}
+
+func startServer(t *testing.T, cfg *Config, tune func(*Server)) *serverRig {
+	t.Helper()
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	sv := &Server{Config: cfg}
+	if tune != nil {
+		tune(sv)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { sv.Serve(ctx, ln); close(done) }()
+	r := &serverRig{addr: netip.MustParseAddrPort(ln.Addr().String()), sv: sv, stop: func() { cancel(); <-done }}
+	t.Cleanup(r.stop)
+	return r
+}
+
+func dialTCP(ctx context.Context, a netip.AddrPort) (net.Conn, error) {
+	return (&net.Dialer{}).DialContext(ctx, "tcp4", a.String())
+}
+
+func dialOne(t *testing.T, cfg *Config, a netip.AddrPort) *Session {
+	t.Helper()
+	c, err := dialTCP(context.Background(), a)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := Dial(c, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(s.Close)
+	return s
+}
+
+func reason(t *testing.T, f wire.Frame) string {
+	t.Helper()
+	var a wire.Ack
+	if err := a.UnmarshalBinary(f.Payload); err != nil {
+		t.Fatal(err)
+	}
+	return a.Reason
+}
+
+// Many requests share one session and each gets its own answer, whatever
+// order the answers come in; a slow one holds up nobody.
+func TestManyConcurrentCallsOneSession(t *testing.T) {
+	for _, secret := range []string{"", "cluster-key"} {
+		t.Run(fmt.Sprintf("secret=%q", secret), func(t *testing.T) {
+			srv := startServer(t, beConfig(secret, echo(func(p []byte) time.Duration {
+				if string(p) == "slow" {
+					return 2 * time.Second
+				}
+				return time.Duration(len(p)%7) * time.Millisecond
+			})), nil)
+			s := dialOne(t, feConfig(secret, nil), srv.addr)
+
+			slow := make(chan time.Duration, 1)
+			go func() {
+				start := time.Now()
+				s.Call(context.Background(), wire.Frame{Type: wire.TypeOffer, Payload: []byte("slow")})
+				slow <- time.Since(start)
+			}()
+			var wg sync.WaitGroup
+			var bad atomic.Int64
+			start := time.Now()
+			for i := range 500 {
+				wg.Go(func() {
+					want := fmt.Sprintf("offer-%d", i)
+					r, err := s.Call(context.Background(), wire.Frame{Type: wire.TypeOffer, Payload: []byte(want)})
+					if err != nil || reason(t, r) != want {
+						bad.Add(1)
+					}
+				})
+			}
+			wg.Wait()
+			took := time.Since(start)
+			if bad.Load() != 0 {
+				t.Fatalf("%d of 500 answers wrong or missing", bad.Load())
+			}
+			if took > 1500*time.Millisecond {
+				t.Errorf("500 calls took %v: the slow request held the others up", took)
+			}
+			if d := <-slow; d < 2*time.Second {
+				t.Errorf("the slow call returned after %v", d)
+			}
+			if s.Inflight() != 0 {
+				t.Errorf("inflight %d after all answers", s.Inflight())
+			}
+		})
+	}
+}
+
+// A session that dies fails the requests in flight on it at once, with the
+// reason, and no later.
+func TestSessionDeathFailsInflight(t *testing.T) {
+	srv := startServer(t, beConfig("k", echo(func([]byte) time.Duration { return time.Hour })), nil)
+	s := dialOne(t, feConfig("k", nil), srv.addr)
+	errs := make(chan error, 10)
+	for range 10 {
+		go func() {
+			_, err := s.Call(context.Background(), wire.Frame{Type: wire.TypeOffer})
+			errs <- err
+		}()
+	}
+	for s.Inflight() < 10 {
+		time.Sleep(time.Millisecond)
+	}
+	srv.stop() // closes every session
+	for range 10 {
+		select {
+		case err := <-errs:
+			if err == nil {
+				t.Error("a call on a dead session succeeded")
+			}
+		case <-time.After(2 * time.Second):
+			t.Fatal("a call on a dead session did not return")
+		}
+	}
+	if _, err := s.Call(context.Background(), wire.Frame{Type: wire.TypeOffer}); err == nil {
+		t.Error("a call after the session's end succeeded")
+	}
+}
+
+func TestProbeAndGoAway(t *testing.T) {
+	srv := startServer(t, beConfig("", echo(nil)), nil)
+	s := dialOne(t, feConfig("", nil), srv.addr)
+	r, err := s.Call(context.Background(), wire.Frame{Type: wire.TypeProbe})
+	if err != nil || r.Type != wire.TypeProbeReply {
+		t.Fatalf("probe: %+v %v", r, err)
+	}
+	var h wire.Health
+	if err := h.UnmarshalBinary(r.Payload); err != nil || h.Active != 7 || !h.ServerUp {
+		t.Errorf("health %+v %v", h, err)
+	}
+	for _, peer := range srv.sv.Sessions() {
+		peer.GoAway()
+	}
+	deadline := time.Now().Add(time.Second)
+	for !s.GoingAway() && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+	}
+	if !s.GoingAway() {
+		t.Error("goaway not seen")
+	}
+}
+
+// The handshake refuses a peer without the secret, with another secret, or
+// with one where this end has none, and both ends say why.
+func TestHandshakeRefusals(t *testing.T) {
+	cases := []struct{ fe, be, want string }{
+		{"a", "b", "does not hold this cluster's secret"},
+		{"", "b", "the peer has a cluster secret, this agent has none"},
+		{"a", "", "the peer has no cluster secret, this agent has one"},
+	}
+	for _, tc := range cases {
+		srv := startServer(t, beConfig(tc.be, echo(nil)), nil)
+		c, err := dialTCP(context.Background(), srv.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, err = Dial(c, feConfig(tc.fe, nil))
+		if !errors.Is(err, ErrHandshake) || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("fe %q be %q: %v, want %q", tc.fe, tc.be, err, tc.want)
+		}
+	}
+}
+
+// A session recorded byte for byte and played back to the acceptor fails:
+// the acceptor's nonce is new, so the recorded proof and MACs do not match.
+func TestReplayedSessionRefused(t *testing.T) {
+	var served atomic.Int64
+	h := HandlerFunc(func(s *Session, f wire.Frame) {
+		served.Add(1)
+		s.Reply(f, AckFrame(wire.ResultOK, ""))
+	})
+	srv := startServer(t, beConfig("k", h), nil)
+	// Record what the dialer sends.
+	raw, err := dialTCP(context.Background(), srv.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rec := &recorder{Conn: raw}
+	s, err := Dial(rec, feConfig("k", nil))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Call(context.Background(), wire.Frame{Type: wire.TypeOffer, Payload: []byte("once")}); err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	if served.Load() != 1 {
+		t.Fatalf("served %d", served.Load())
+	}
+	c, err := dialTCP(context.Background(), srv.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.Write(rec.bytes())
+	c.SetReadDeadline(time.Now().Add(3 * time.Second))
+	io.Copy(io.Discard, c) // until the acceptor closes
+	time.Sleep(50 * time.Millisecond)
+	if served.Load() != 1 {
+		t.Errorf("the replayed session's request was served (%d)", served.Load())
+	}
+	if srv.sv.Refused()[RefusedHandshake] == 0 {
+		t.Error("the replay was not counted as a refused handshake")
+	}
+}
+
+type recorder struct {
+	net.Conn
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (r *recorder) Write(b []byte) (int, error) {
+	r.mu.Lock()
+	r.buf.Write(b)
+	r.mu.Unlock()
+	return r.Conn.Write(b)
+}
+
+func (r *recorder) bytes() []byte {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return append([]byte(nil), r.buf.Bytes()...)
+}
+
+// Strangers cost little: a non-member is closed before anything is read, a
+// member that never finishes its handshake is cut at the deadline, and the
+// per-source cap holds.
+func TestServerBounds(t *testing.T) {
+	srv := startServer(t, beConfig("k", echo(nil)), func(sv *Server) {
+		sv.Member = func(a netip.Addr) bool { return a == netip.MustParseAddr("127.0.0.1") }
+		sv.MaxHandshaking = 3
+		sv.Config.HandshakeTimeout = 300 * time.Millisecond
+	})
+	// A member that sends 3 bytes and waits.
+	var idle []net.Conn
+	for range 5 {
+		c, err := dialTCP(context.Background(), srv.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.Write([]byte{1, 2, 3})
+		idle = append(idle, c)
+	}
+	start := time.Now()
+	for _, c := range idle {
+		c.SetReadDeadline(time.Now().Add(3 * time.Second))
+		if _, err := c.Read(make([]byte, 1)); err == nil {
+			t.Error("a stalled handshake got an answer")
+		}
+	}
+	if took := time.Since(start); took > 2*time.Second {
+		t.Errorf("stalled handshakes held for %v", took)
+	}
+	time.Sleep(50 * time.Millisecond)
+	ref := srv.sv.Refused()
+	if ref[RefusedPerSource] < 2 || ref[RefusedHandshake] < 3 {
+		t.Errorf("refused %v: want 2 over the per-source cap and 3 handshake timeouts", ref)
+	}
+	// A claimed 8 MiB hello is refused at its header.
+	c, _ := dialTCP(context.Background(), srv.addr)
+	h, _ := wire.AppendFrame(nil, wire.Frame{Type: wire.TypeHello, Payload: make([]byte, 10)}, nil)
+	h[20], h[21], h[22], h[23] = 0, 0x80, 0, 0
+	c.Write(h[:wire.HeaderLen])
+	c.SetReadDeadline(time.Now().Add(2 * time.Second))
+	if _, err := c.Read(make([]byte, 1)); err == nil || errors.Is(err, syscall.ETIMEDOUT) {
+		t.Errorf("oversized hello: %v, want a close", err)
+	}
+	c.Close()
+	// And a real FE still gets in.
+	s := dialOne(t, feConfig("k", nil), srv.addr)
+	if _, err := s.Call(context.Background(), wire.Frame{Type: wire.TypeOffer}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestServerRefusesNonMembers(t *testing.T) {
+	srv := startServer(t, beConfig("", echo(nil)), func(sv *Server) {
+		sv.Member = func(netip.Addr) bool { return false }
+	})
+	c, err := dialTCP(context.Background(), srv.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = Dial(c, feConfig("", nil))
+	if err == nil {
+		t.Fatal("a non-member got a session")
+	}
+	if srv.sv.Refused()[RefusedNotMember] != 1 {
+		t.Errorf("refused %v", srv.sv.Refused())
+	}
+}
+
+func TestAdmitRefuses(t *testing.T) {
+	srv := startServer(t, beConfig("k", echo(nil)), func(sv *Server) {
+		sv.Admit = func(_ net.Addr, h wire.Hello) error {
+			if h.Role != wire.RoleBE {
+				return errors.New("only BEs")
+			}
+			return nil
+		}
+	})
+	c, _ := dialTCP(context.Background(), srv.addr)
+	if _, err := Dial(c, feConfig("k", nil)); err == nil {
+		t.Error("admit did not refuse")
+	}
+}
+
+// flakyListener fails Accept with EMFILE a few times, as a process out of
+// file descriptors does.
+type flakyListener struct {
+	net.Listener
+	fails atomic.Int64
+}
+
+func (l *flakyListener) Accept() (net.Conn, error) {
+	if l.fails.Add(-1) >= 0 {
+		return nil, &net.OpError{Op: "accept", Net: "tcp", Err: syscall.EMFILE}
+	}
+	return l.Listener.Accept()
+}
+
+func TestServerSurvivesEMFILE(t *testing.T) {
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	fl := &flakyListener{Listener: ln}
+	fl.fails.Store(5)
+	sv := &Server{Config: beConfig("", echo(nil))}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go sv.Serve(ctx, fl)
+	s := dialOne(t, feConfig("", nil), netip.MustParseAddrPort(ln.Addr().String()))
+	if _, err := s.Call(context.Background(), wire.Frame{Type: wire.TypeOffer}); err != nil {
+		t.Fatalf("after EMFILE: %v", err)
+	}
+}
+
+// The pool keeps per sessions up, never dials on Get, and redials in the
+// background after the peer comes back.
+func TestPoolReconnects(t *testing.T) {
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := netip.MustParseAddrPort(ln.Addr().String())
+	serve := func(ln net.Listener) func() {
+		sv := &Server{Config: beConfig("k", echo(nil))}
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan struct{})
+		go func() { sv.Serve(ctx, ln); close(done) }()
+		return func() { cancel(); <-done }
+	}
+	stop := serve(ln)
+	var dials atomic.Int64
+	var changes []bool
+	var mu sync.Mutex
+	p := NewPool(feConfig("k", nil), func(ctx context.Context, a netip.AddrPort) (net.Conn, error) {
+		dials.Add(1)
+		return dialTCP(ctx, a)
+	}, 3)
+	p.OnChange = func(_ netip.AddrPort, up bool, _ error) { mu.Lock(); changes = append(changes, up); mu.Unlock() }
+	defer p.Close()
+	p.Add(addr)
+	waitFor(t, func() bool { return len(p.Sessions(addr)) == 3 }, "3 sessions up")
+	before := dials.Load()
+	for range 100 {
+		s, err := p.Get(addr, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := s.Call(context.Background(), wire.Frame{Type: wire.TypeOffer}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if dials.Load() != before {
+		t.Errorf("Get dialed %d times", dials.Load()-before)
+	}
+	stop()
+	waitFor(t, func() bool { return len(p.Sessions(addr)) == 0 }, "sessions down")
+	if _, err := p.Get(addr, nil); !errors.Is(err, ErrNoSession) {
+		t.Errorf("Get with the peer down: %v", err)
+	}
+	ln2, err := net.Listen("tcp4", addr.String())
+	if err != nil {
+		t.Skipf("port %v not free again: %v", addr, err)
+	}
+	stop = serve(ln2)
+	defer stop()
+	waitFor(t, func() bool { return len(p.Sessions(addr)) == 3 }, "sessions back")
+	mu.Lock()
+	defer mu.Unlock()
+	if fmt.Sprint(changes) != "[true false true]" {
+		t.Errorf("OnChange calls %v", changes)
+	}
+}
+
+func TestPoolGetSkipsFailedAndGoingAway(t *testing.T) {
+	srv := startServer(t, beConfig("", echo(nil)), nil)
+	p := NewPool(feConfig("", nil), dialTCP, 2)
+	defer p.Close()
+	p.Add(srv.addr)
+	waitFor(t, func() bool { return len(p.Sessions(srv.addr)) == 2 }, "2 sessions")
+	ss := p.Sessions(srv.addr)
+	if s, _ := p.Get(srv.addr, ss[0]); s != ss[1] {
+		t.Error("Get returned the excluded session")
+	}
+	ss[1].goAway.Store(true)
+	if _, err := p.Get(srv.addr, ss[0]); !errors.Is(err, ErrNoSession) {
+		t.Errorf("a going-away session was picked: %v", err)
+	}
+	if _, err := p.Get(netip.MustParseAddrPort("127.0.0.1:1"), nil); !errors.Is(err, ErrNoSession) {
+		t.Errorf("unknown peer: %v", err)
+	}
+	p.Remove(srv.addr)
+	waitFor(t, func() bool { return len(srv.sv.Sessions()) == 0 }, "sessions closed by Remove")
+}
+
+// The dialing end probes an idle session: a live peer keeps it, and one
+// that stopped answering (frozen, or gone without a FIN) ends it.
+func TestKeepAlive(t *testing.T) {
+	for _, frozen := range []bool{false, true} {
+		ln, err := net.Listen("tcp4", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ln.Close()
+		go func() {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			if frozen {
+				// Handshake, then never read or answer again.
+				handshake(c, beConfig("", nil), false, nil)
+				return
+			}
+			Accept(c, beConfig("", nil), nil)
+		}()
+		cfg := feConfig("", nil)
+		cfg.KeepAlive = 100 * time.Millisecond
+		c, _ := dialTCP(context.Background(), netip.MustParseAddrPort(ln.Addr().String()))
+		s, err := Dial(c, cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer s.Close()
+		select {
+		case <-s.Done():
+			if !frozen {
+				t.Errorf("a live peer's session ended: %v", s.Err())
+			} else if !strings.Contains(s.Err().Error(), "keepalive") {
+				t.Errorf("frozen peer: session ended with %v, want a keepalive failure", s.Err())
+			}
+		case <-time.After(600 * time.Millisecond):
+			if frozen {
+				t.Error("a frozen peer's session is still up")
+			}
+		}
+	}
+}
+
+func waitFor(t *testing.T, cond func() bool, what string) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// A version-1 peer's first frame is refused at its header and the
+// connection closed, and the reason is counted and logged.
+func TestVersion1PeerRefused(t *testing.T) {
+	var logged bytes.Buffer
+	var mu sync.Mutex
+	cfg := beConfig("", echo(nil))
+	cfg.Log = slog.New(slog.NewTextHandler(&lockedWriter{w: &logged, mu: &mu}, nil))
+	srv := startServer(t, cfg, nil)
+	c, err := dialTCP(context.Background(), srv.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	// A v1 request header: magic, version 1, type 1, flags, reserved,
+	// conn_magic, length, then a payload.
+	v1 := []byte{0x01, 0x29, 0x68, 0xb9, 1, 1, 0, 0, 0, 0, 0, 7, 0, 0, 0, 20}
+	c.Write(append(v1, make([]byte, 20)...))
+	c.SetReadDeadline(time.Now().Add(3 * time.Second))
+	if n, err := c.Read(make([]byte, 64)); err == nil {
+		t.Errorf("a v1 peer got %d bytes back", n)
+	}
+	waitFor(t, func() bool { return srv.sv.Refused()[RefusedHandshake] == 1 }, "the refusal counted")
+	mu.Lock()
+	defer mu.Unlock()
+	if !strings.Contains(logged.String(), "unsupported protocol version: 1 (this agent speaks 2)") {
+		t.Errorf("log does not say why:\n%s", logged.String())
+	}
+}
+
+type lockedWriter struct {
+	w  io.Writer
+	mu *sync.Mutex
+}
+
+func (l *lockedWriter) Write(b []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.w.Write(b)
+}

@@ -1,0 +1,221 @@
+package ctl
+
+import (
+	"context"
+	"errors"
+	"net"
+	"net/netip"
+	"sync"
+	"time"
+)
+
+// Server accepts control sessions and bounds what a stranger can cost:
+// connections from addresses that are not members are closed before a byte
+// is read, the handshake has a deadline and reads only small frames, and
+// the number of connections per source and in total is capped. An accept
+// error such as EMFILE is waited out, never fatal.
+type Server struct {
+	Config *Config
+	// Member tells whether a remote address may open sessions at all. It
+	// is asked before anything is read from the connection.
+	Member func(netip.Addr) bool
+	// Admit may refuse a member by its Hello (its role, the address it
+	// claims).
+	Admit Admit
+	// OnSession is called for each established session.
+	OnSession func(*Session)
+	// MaxPerSource caps connections from one address (handshaking or
+	// established); MaxHandshaking caps those from one address still in
+	// the handshake; MaxTotal caps all. Zero means the defaults below.
+	MaxPerSource, MaxHandshaking, MaxTotal int
+
+	conns    sync.WaitGroup
+	mu       sync.Mutex
+	bySource map[netip.Addr]*sourceCount
+	total    int
+	sessions map[*Session]struct{}
+	refused  map[string]int64
+}
+
+type sourceCount struct{ open, handshaking int }
+
+// Defaults for the caps: an FE keeps connperbe (at most 1024) sessions to a
+// BE; the rest is headroom for redials.
+const (
+	DefaultMaxPerSource   = 1100
+	DefaultMaxHandshaking = 16
+	DefaultMaxTotal       = 8192
+)
+
+// Refusal reasons, as counted by Refused.
+const (
+	RefusedNotMember = "not-member"
+	RefusedPerSource = "per-source-limit"
+	RefusedTotal     = "total-limit"
+	RefusedHandshake = "handshake"
+)
+
+// Serve accepts on ln until ctx ends, then closes ln and every session and
+// returns once their goroutines have exited.
+func (sv *Server) Serve(ctx context.Context, ln net.Listener) error {
+	defer sv.conns.Wait()
+	sv.mu.Lock()
+	if sv.bySource == nil {
+		sv.bySource = map[netip.Addr]*sourceCount{}
+		sv.sessions = map[*Session]struct{}{}
+		sv.refused = map[string]int64{}
+	}
+	sv.mu.Unlock()
+	stop := context.AfterFunc(ctx, func() {
+		ln.Close()
+		sv.mu.Lock()
+		for s := range sv.sessions {
+			s.Close()
+		}
+		sv.mu.Unlock()
+	})
+	defer stop()
+	log := sv.Config.Log
+	backoff := time.Duration(0)
+	for {
+		conn, err := ln.Accept()
+		if err != nil {
+			if ctx.Err() != nil || errors.Is(err, net.ErrClosed) {
+				return nil
+			}
+			// EMFILE, ENFILE, ENOBUFS, ECONNABORTED...: the listener is
+			// fine, the moment is not. Wait and go on serving.
+			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+			if backoff == 5*time.Millisecond || backoff == time.Second {
+				log.Warn("accept control connection", "op", "control", "err", err, "retry_in", backoff)
+			}
+			select {
+			case <-ctx.Done():
+				return nil
+			case <-time.After(backoff):
+			}
+			continue
+		}
+		backoff = 0
+		src := remoteAddr(conn)
+		if sv.Member != nil && !sv.Member(src) {
+			sv.refuse(RefusedNotMember)
+			conn.Close()
+			continue
+		}
+		if reason := sv.take(src); reason != "" {
+			sv.refuse(reason)
+			conn.Close()
+			continue
+		}
+		sv.conns.Go(func() { sv.serveConn(conn, src) })
+	}
+}
+
+func (sv *Server) limits() (perSource, handshaking, total int) {
+	perSource, handshaking, total = sv.MaxPerSource, sv.MaxHandshaking, sv.MaxTotal
+	if perSource <= 0 {
+		perSource = DefaultMaxPerSource
+	}
+	if handshaking <= 0 {
+		handshaking = DefaultMaxHandshaking
+	}
+	if total <= 0 {
+		total = DefaultMaxTotal
+	}
+	return
+}
+
+// take counts a new connection from src in, or says which cap refuses it.
+func (sv *Server) take(src netip.Addr) string {
+	perSource, handshaking, total := sv.limits()
+	sv.mu.Lock()
+	defer sv.mu.Unlock()
+	c := sv.bySource[src]
+	if c == nil {
+		c = &sourceCount{}
+		sv.bySource[src] = c
+	}
+	switch {
+	case sv.total >= total:
+		return RefusedTotal
+	case c.open >= perSource || c.handshaking >= handshaking:
+		return RefusedPerSource
+	}
+	c.open++
+	c.handshaking++
+	sv.total++
+	return ""
+}
+
+func (sv *Server) release(src netip.Addr, handshaking bool) {
+	sv.mu.Lock()
+	defer sv.mu.Unlock()
+	c := sv.bySource[src]
+	c.open--
+	if handshaking {
+		c.handshaking--
+	}
+	if c.open == 0 {
+		delete(sv.bySource, src)
+	}
+	sv.total--
+}
+
+func (sv *Server) refuse(reason string) {
+	sv.mu.Lock()
+	sv.refused[reason]++
+	sv.mu.Unlock()
+}
+
+func (sv *Server) serveConn(conn net.Conn, src netip.Addr) {
+	s, err := Accept(conn, sv.Config, sv.Admit)
+	if err != nil {
+		sv.release(src, true)
+		sv.refuse(RefusedHandshake)
+		sv.Config.Log.Warn("control session refused", "op", "control", "peer", conn.RemoteAddr().String(), "err", err)
+		return
+	}
+	sv.mu.Lock()
+	sv.bySource[src].handshaking--
+	sv.sessions[s] = struct{}{}
+	sv.mu.Unlock()
+	if sv.OnSession != nil {
+		sv.OnSession(s)
+	}
+	s.Wait()
+	sv.mu.Lock()
+	delete(sv.sessions, s)
+	sv.mu.Unlock()
+	sv.release(src, false)
+}
+
+// Sessions returns the established sessions.
+func (sv *Server) Sessions() []*Session {
+	sv.mu.Lock()
+	defer sv.mu.Unlock()
+	out := make([]*Session, 0, len(sv.sessions))
+	for s := range sv.sessions {
+		out = append(out, s)
+	}
+	return out
+}
+
+// Refused returns how many connections were refused, by reason.
+func (sv *Server) Refused() map[string]int64 {
+	sv.mu.Lock()
+	defer sv.mu.Unlock()
+	out := make(map[string]int64, len(sv.refused))
+	for k, v := range sv.refused {
+		out[k] = v
+	}
+	return out
+}
+
+func remoteAddr(c net.Conn) netip.Addr {
+	if ta, ok := c.RemoteAddr().(*net.TCPAddr); ok {
+		return ta.AddrPort().Addr().Unmap()
+	}
+	ap, _ := netip.ParseAddrPort(c.RemoteAddr().String())
+	return ap.Addr().Unmap()
+}
