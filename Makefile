@@ -30,10 +30,12 @@ check:
 	@test -z "$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go'))" || { gofmt -l .; echo "gofmt needed"; exit 1; }
 	$(GO) vet ./...
 
-# Speed numbers: micro-benchmarks, then wrk against a namespace cluster.
+# tcpha beside HAProxy and nginx on one namespace cluster: rewrites
+# docs/benchmarks.md and docs/benchmarks.png (about ten minutes). The
+# micro-benchmarks of the pure packages come first.
 bench: deps build
 	$(GO) test -run '^$$' -bench . -benchmem ./handoff/... ./phttp/... ./backends/...
-	$(BIN)/tcpha-demo -agent $(BIN)/tcpha-agent -bench
+	$(BIN)/tcpha-bench -agent $(BIN)/tcpha-agent -out docs/benchmarks.md -chart docs/benchmarks.png
 
 install: build
 	install -D -m 0755 $(BIN)/tcpha-agent $(DESTDIR)$(PREFIX)/sbin/tcpha-agent

@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"tcpha/config"
+	"tcpha/metrics"
 )
 
 // StopMode is how the agent stops when its context ends.
@@ -71,21 +72,30 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger, mode func() 
 		return err
 	}
 	defer admin.Close()
-	// BE first: a host that is both serves handoffs before it takes clients.
-	if cfg.BE != nil {
-		if b, err = startBE(ctx, cfg.BE, cfg.Global.Secret, log); err != nil {
-			return err
-		}
-	}
-	if cfg.FE != nil {
-		if f, err = startFE(ctx, cfg.FE, cfg.Global.Secret, log); err != nil {
-			return err
-		}
-	}
 	// keep outlives ctx by the drain: the kernel-facing loops must follow
 	// the connections that are still finishing.
 	keep, stopKeep := context.WithCancel(context.Background())
 	defer stopKeep()
+	log.Debug("file descriptor limit", "op", "start", "nofile", raiseNoFile())
+	m := metrics.New()
+	if err := metrics.Serve(keep, m, cfg.Global.Metrics, cfg.Global.Pprof, log); err != nil {
+		return err
+	}
+	if len(cfg.Global.Secret) == 0 {
+		log.Warn("no [global] secret: control sessions are not authenticated; a BE trusts any connection from its feaddr",
+			"op", "start")
+	}
+	// BE first: a host that is both serves handoffs before it takes clients.
+	if cfg.BE != nil {
+		if b, err = startBE(ctx, cfg.BE, cfg.Global.Secret, m, log); err != nil {
+			return err
+		}
+	}
+	if cfg.FE != nil {
+		if f, err = startFE(ctx, cfg.FE, cfg.Global.Secret, m, log); err != nil {
+			return err
+		}
+	}
 	var wg sync.WaitGroup
 	wg.Go(func() { serveAdmin(keep, admin, f, b, log) })
 	if b != nil {

@@ -19,6 +19,7 @@ import (
 	"tcpha/handoff/ctl"
 	"tcpha/handoff/repair"
 	"tcpha/handoff/wire"
+	"tcpha/metrics"
 	"tcpha/nft"
 	"tcpha/relay"
 )
@@ -36,7 +37,7 @@ type be struct {
 	local  *localAddrs
 }
 
-func startBE(ctx context.Context, cfg *config.BE, secret []byte, log *slog.Logger) (*be, error) {
+func startBE(ctx context.Context, cfg *config.BE, secret []byte, m *metrics.Metrics, log *slog.Logger) (*be, error) {
 	b := &be{cfg: cfg, log: log.With("role", "be")}
 	ok := false
 	defer func() {
@@ -83,6 +84,7 @@ func startBE(ctx context.Context, cfg *config.BE, secret []byte, log *slog.Logge
 			b.relays.Go(func() { relay.Pipe(client, up.(*net.TCPConn)) })
 		},
 		CommitTimeout: cfg.CommitTimeout, MaxPending: cfg.MaxClients, Log: b.log,
+		Observe: func(r wire.Result) { m.Offers.WithLabelValues(r.String()).Inc() },
 	}
 	members := map[netip.Addr]bool{}
 	for _, a := range cfg.FEAddrs {

@@ -20,6 +20,7 @@ import (
 	"tcpha/handoff/ctl"
 	"tcpha/handoff/repair"
 	"tcpha/handoff/wire"
+	"tcpha/metrics"
 	"tcpha/nft"
 	"tcpha/phttp"
 	"tcpha/queue"
@@ -46,6 +47,7 @@ type fe struct {
 	qmode  nft.QueueMode
 	// adopted: the table was a predecessor's, with its clients' forwarding.
 	adopted bool
+	m       *metrics.Metrics
 
 	stats feStats
 }
@@ -74,8 +76,8 @@ func (s *feStats) get() feCounters {
 	return s.c
 }
 
-func startFE(ctx context.Context, cfg *config.FE, secret []byte, log *slog.Logger) (*fe, error) {
-	f := &fe{cfg: cfg, log: log.With("role", "fe"), table: conntab.New(), health: backends.NewHealth()}
+func startFE(ctx context.Context, cfg *config.FE, secret []byte, m *metrics.Metrics, log *slog.Logger) (*fe, error) {
+	f := &fe{cfg: cfg, log: log.With("role", "fe"), table: conntab.New(), health: backends.NewHealth(), m: m}
 	ok := false
 	defer func() {
 		switch {
@@ -324,12 +326,16 @@ func (f *fe) serve(ctx context.Context, c *net.TCPConn) {
 		be, err := f.sender.Migrate(ctx, tcpSocket{c}, client, req.Raw, route.BEs)
 		if err == nil {
 			lat := time.Since(start)
+			f.m.ObserveHandoff(lat)
 			f.stats.add(func(s *feCounters) { s.handedOff++; s.handoffLatencySum += lat; s.handoffLatencyCount++ })
 			log.Debug("handed off", "op", "handoff", "be", be.Addr().String(), "latency", lat)
 			return
 		}
-		log.Warn("handoff failed; FE keeps the connection", "op", "handoff", "err", err)
-		if !errors.Is(err, handoff.ErrNoBE) {
+		log.Info("handoff failed; FE keeps the connection", "op", "handoff", "err", err)
+		if errors.Is(err, handoff.ErrNoBE) {
+			f.m.Handoffs.WithLabelValues("no-be").Inc()
+		} else {
+			f.m.Handoffs.WithLabelValues("error").Inc()
 			local = false // the connection may not be usable: answer, do not relay
 		}
 	}

@@ -34,6 +34,9 @@ type Global struct {
 	Admin string
 	// Secret, when set, keys the HMAC carried by every control frame.
 	Secret []byte
+	// Metrics is the ADDR:PORT serving Prometheus text at /metrics; Pprof
+	// the one serving Go profiles at /debug/pprof/. Empty: not served.
+	Metrics, Pprof string
 }
 
 // FE holds [fe]: the dispatcher that owns the VIP.

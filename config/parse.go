@@ -29,7 +29,7 @@ func Load(path string) (*Config, error) {
 // may be repeated. Anything else is rejected: ini.v1 never reports unknown keys
 // on its own (FACTS.md).
 var allowed = map[string]map[string]bool{
-	"global": {"loglevel": false, "logfile": false, "admin": false, "secret": false},
+	"global": {"loglevel": false, "logfile": false, "admin": false, "secret": false, "metrics": false, "pprof": false},
 	"fe": {
 		"raddr": false, "vaddr": false, "port": false, "startservers": false,
 		"maxspareservers": false, "minspareservers": false, "maxclients": false,
@@ -133,6 +133,8 @@ func (p *parser) global(s *ini.Section) (Global, error) {
 	if sec := v.str("secret", ""); sec != "" {
 		g.Secret = []byte(sec)
 	}
+	g.Metrics = v.listenAddr("metrics")
+	g.Pprof = v.listenAddr("pprof")
 	return g, v.err
 }
 
@@ -261,6 +263,20 @@ func (v *section) addr(key string, required bool, def netip.Addr) netip.Addr {
 		return def
 	}
 	return a
+}
+
+// listenAddr reads an optional IPv4 ADDR:PORT to listen on.
+func (v *section) listenAddr(key string) string {
+	s, ok := v.raw(key)
+	if !ok || s == "" {
+		return ""
+	}
+	ap, err := netip.ParseAddrPort(s)
+	if err != nil || !ap.Addr().Is4() || ap.Port() == 0 {
+		v.fail(key, v.line(key, 0), fmt.Sprintf("%q is not an IPv4 ADDR:PORT (e.g. 127.0.0.1:9180)", s))
+		return ""
+	}
+	return ap.String()
 }
 
 // addrList reads a required list of IPv4 addresses, separated by spaces or

@@ -58,6 +58,8 @@ type Receiver struct {
 	// connections a BE holds.
 	MaxPending int
 	Log        *slog.Logger
+	// Observe, if set, is told the result of every offer answered.
+	Observe func(wire.Result)
 
 	draining atomic.Bool
 	served   atomic.Int64
@@ -132,6 +134,7 @@ func (r *Receiver) offer(s *ctl.Session, f wire.Frame) {
 	log := r.Log.With("peer", s.Remote.String())
 	refuse := func(res wire.Result, why error) {
 		r.refused.Add(1)
+		r.observe(res)
 		log.Info("handoff refused", "op", "handoff", "result", res.String(), "err", why)
 		s.Reply(f, ctl.AckFrame(res, why.Error()))
 	}
@@ -208,6 +211,7 @@ func (r *Receiver) offer(s *ctl.Session, f wire.Frame) {
 		refuse(wire.ResultRestore, err)
 		return
 	}
+	r.observe(wire.ResultOK)
 	if err := s.Reply(f, ctl.AckFrame(wire.ResultOK, "")); err != nil {
 		rb.Discard()
 		up.Close()
@@ -242,6 +246,12 @@ func (r *Receiver) offer(s *ctl.Session, f wire.Frame) {
 	r.served.Add(1)
 	log.Debug("connection handed off", "op", "handoff", "rebuild", time.Since(start))
 	r.Run(conn, up)
+}
+
+func (r *Receiver) observe(res wire.Result) {
+	if r.Observe != nil {
+		r.Observe(res)
+	}
 }
 
 // hold registers a pending handoff for client, unless MaxPending handoffs

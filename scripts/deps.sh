@@ -4,8 +4,8 @@
 set -euo pipefail
 need=()
 # iptables ships the xtables NFQUEUE module nft needs to print the compat
-# queue rule as `queue num N`.
-for pair in nft:nftables ip:iproute2 nginx:nginx-light curl:curl wrk:wrk tcpdump:tcpdump iptables:iptables; do
+# queue rule as `queue num N`; haproxy is the bench's comparison.
+for pair in nft:nftables ip:iproute2 nginx:nginx-light curl:curl wrk:wrk tcpdump:tcpdump iptables:iptables haproxy:haproxy; do
 	cmd=${pair%%:*} pkg=${pair#*:}
 	command -v "$cmd" >/dev/null 2>&1 || PATH=$PATH:/usr/sbin:/sbin command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
 done

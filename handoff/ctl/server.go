@@ -31,8 +31,10 @@ type Server struct {
 
 	conns    sync.WaitGroup
 	mu       sync.Mutex
+	stopped  bool
 	bySource map[netip.Addr]*sourceCount
 	total    int
+	open     map[net.Conn]struct{} // from accept until served
 	sessions map[*Session]struct{}
 	refused  map[string]int64
 }
@@ -62,15 +64,18 @@ func (sv *Server) Serve(ctx context.Context, ln net.Listener) error {
 	sv.mu.Lock()
 	if sv.bySource == nil {
 		sv.bySource = map[netip.Addr]*sourceCount{}
+		sv.open = map[net.Conn]struct{}{}
 		sv.sessions = map[*Session]struct{}{}
 		sv.refused = map[string]int64{}
 	}
 	sv.mu.Unlock()
+	// Closing every connection ends its session, or its handshake.
 	stop := context.AfterFunc(ctx, func() {
 		ln.Close()
 		sv.mu.Lock()
-		for s := range sv.sessions {
-			s.Close()
+		sv.stopped = true
+		for c := range sv.open {
+			c.Close()
 		}
 		sv.mu.Unlock()
 	})
@@ -103,7 +108,7 @@ func (sv *Server) Serve(ctx context.Context, ln net.Listener) error {
 			conn.Close()
 			continue
 		}
-		if reason := sv.take(src); reason != "" {
+		if reason := sv.take(src, conn); reason != "" {
 			sv.refuse(reason)
 			conn.Close()
 			continue
@@ -127,10 +132,13 @@ func (sv *Server) limits() (perSource, handshaking, total int) {
 }
 
 // take counts a new connection from src in, or says which cap refuses it.
-func (sv *Server) take(src netip.Addr) string {
+func (sv *Server) take(src netip.Addr, conn net.Conn) string {
 	perSource, handshaking, total := sv.limits()
 	sv.mu.Lock()
 	defer sv.mu.Unlock()
+	if sv.stopped {
+		return RefusedTotal
+	}
 	c := sv.bySource[src]
 	if c == nil {
 		c = &sourceCount{}
@@ -145,12 +153,14 @@ func (sv *Server) take(src netip.Addr) string {
 	c.open++
 	c.handshaking++
 	sv.total++
+	sv.open[conn] = struct{}{}
 	return ""
 }
 
-func (sv *Server) release(src netip.Addr, handshaking bool) {
+func (sv *Server) release(src netip.Addr, conn net.Conn, handshaking bool) {
 	sv.mu.Lock()
 	defer sv.mu.Unlock()
+	delete(sv.open, conn)
 	c := sv.bySource[src]
 	c.open--
 	if handshaking {
@@ -171,9 +181,9 @@ func (sv *Server) refuse(reason string) {
 func (sv *Server) serveConn(conn net.Conn, src netip.Addr) {
 	s, err := Accept(conn, sv.Config, sv.Admit)
 	if err != nil {
-		sv.release(src, true)
-		sv.refuse(RefusedHandshake)
 		sv.Config.Log.Warn("control session refused", "op", "control", "peer", conn.RemoteAddr().String(), "err", err)
+		sv.release(src, conn, true)
+		sv.refuse(RefusedHandshake)
 		return
 	}
 	sv.mu.Lock()
@@ -187,7 +197,7 @@ func (sv *Server) serveConn(conn net.Conn, src netip.Addr) {
 	sv.mu.Lock()
 	delete(sv.sessions, s)
 	sv.mu.Unlock()
-	sv.release(src, false)
+	sv.release(src, conn, false)
 }
 
 // Sessions returns the established sessions.

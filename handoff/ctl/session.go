@@ -60,8 +60,9 @@ type Config struct {
 	HandshakeTimeout time.Duration // whole handshake; default 5 s
 	WriteTimeout     time.Duration // one write to the peer; default 5 s
 	// KeepAlive is how long a dialing end waits without receiving a frame
-	// before it probes the peer; default 10 s. The accepting end declares a
-	// session dead after three times that without a frame.
+	// before it probes the peer, which then has twice that to answer;
+	// default 10 s. The accepting end declares a session dead after three
+	// times that without a frame.
 	KeepAlive time.Duration
 }
 
@@ -276,7 +277,13 @@ func (s *Session) writeLoop() {
 }
 
 func (s *Session) readLoop() {
+	// The accepting end relies on the dialer's probes: three keepalives of
+	// silence end the session. The dialing end probes after one and waits
+	// two for the answer; its own deadline is only a backstop.
 	idle := 3 * s.cfg.keepAlive()
+	if s.dialer {
+		idle = 4 * s.cfg.keepAlive()
+	}
 	for {
 		s.conn.SetReadDeadline(time.Now().Add(idle))
 		f, err := s.rd.Read()
@@ -334,7 +341,7 @@ func (s *Session) keepAliveLoop() {
 			t.Reset(ka - since)
 			continue
 		}
-		ctx, cancel := context.WithTimeout(context.Background(), ka)
+		ctx, cancel := context.WithTimeout(context.Background(), 2*ka)
 		_, err := s.Call(ctx, wire.Frame{Type: wire.TypeProbe})
 		cancel()
 		if err != nil {

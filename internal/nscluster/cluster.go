@@ -52,7 +52,23 @@ type Options struct {
 	BEExtra  string   // more [be] lines
 	Secret   string
 	LocalWWW bool // run nginx on the FE as its local node (redirectport 8080)
+	// PublicWWW makes each BE's nginx also listen on the BE's own address,
+	// port 80, for proxies and direct clients (the bench).
+	PublicWWW bool
+	// Metrics serves each agent's /metrics on 127.0.0.1:9180 and its
+	// profiles on 127.0.0.1:6060, inside its namespace.
+	Metrics bool
+	// NoAccessLog turns nginx's access logs off (they cost the bench).
+	NoAccessLog bool
 }
+
+// MetricsAddr is where an agent serves /metrics inside its namespace when
+// Options.Metrics is set.
+const MetricsAddr = "127.0.0.1:9180"
+
+// PprofAddr is where an agent serves /debug/pprof/ inside its namespace
+// when Options.Metrics is set.
+const PprofAddr = "127.0.0.1:6060"
 
 // Cluster is a running namespace cluster.
 type Cluster struct {
@@ -61,10 +77,11 @@ type Cluster struct {
 	BEs    []BE
 	opts   Options
 
-	mu     sync.Mutex
-	agents map[string]*agentProc
-	nginx  []string // pid files
-	closed bool
+	mu      sync.Mutex
+	agents  map[string]*agentProc
+	nginx   []string // pid files
+	daemons []*agentProc
+	closed  bool
 }
 
 // New builds the cluster and starts nginx on the BEs; agents are started
@@ -96,7 +113,11 @@ func New(opts Options) (c *Cluster, err error) {
 		return nil, err
 	}
 	for _, b := range c.BEs {
-		if err := c.startNginx(b.Name, "127.0.0.1:80"); err != nil {
+		listen := []string{"127.0.0.1:80"}
+		if opts.PublicWWW {
+			listen = append(listen, b.IP+":80")
+		}
+		if err := c.startNginx(b.Name, listen...); err != nil {
 			return nil, err
 		}
 	}
@@ -189,7 +210,7 @@ func (c *Cluster) Output(ctx context.Context, host string, args ...string) (stri
 // WWW is the document root of host's nginx.
 func (c *Cluster) WWW(host string) string { return filepath.Join(c.Dir, host, "www") }
 
-func (c *Cluster) startNginx(host, listen string) error {
+func (c *Cluster) startNginx(host string, listen ...string) error {
 	d := filepath.Join(c.Dir, host)
 	www := c.WWW(host)
 	for _, sub := range []string{"img", "local"} {
@@ -209,22 +230,31 @@ func (c *Cluster) startNginx(host, listen string) error {
 		}
 	}
 	pid := filepath.Join(d, "nginx.pid")
+	access := "access_log " + d + "/access.log;"
+	if c.opts.NoAccessLog {
+		access = "access_log off;"
+	}
+	var listens strings.Builder
+	for _, l := range listen {
+		fmt.Fprintf(&listens, "\t\tlisten %s;\n", l)
+	}
 	conf := fmt.Sprintf(`worker_processes 1;
+worker_rlimit_nofile 65536;
 pid %[1]s/nginx.pid;
 error_log %[1]s/nginx-error.log;
-events { worker_connections 1024; }
+events { worker_connections 32768; }
 http {
-	access_log %[1]s/access.log;
+	%[5]s
 	default_type application/octet-stream;
 	sendfile on;
-	keepalive_requests 10000;
+	keepalive_requests 1000000;
+	keepalive_timeout 600s;
 	server {
-		listen %[2]s;
-		root %[3]s;
+%[2]s		root %[3]s;
 		add_header X-Served-By %[4]s always;
 	}
 }
-`, d, listen, www, host)
+`, d, listens.String(), www, host, access)
 	cf := filepath.Join(d, "nginx.conf")
 	if err := os.WriteFile(cf, []byte(conf), 0o644); err != nil {
 		return err
@@ -241,6 +271,9 @@ http {
 // Config returns the agent config text for host.
 func (c *Cluster) Config(host string) string {
 	g := fmt.Sprintf("[global]\nloglevel = 5\nadmin = %s\n", c.AdminSocket(host))
+	if c.opts.Metrics {
+		g += fmt.Sprintf("metrics = %s\npprof = %s\n", MetricsAddr, PprofAddr)
+	}
 	if c.opts.Secret != "" {
 		g += "secret = " + c.opts.Secret + "\n"
 	}
@@ -369,6 +402,37 @@ func (c *Cluster) WaitAgent(host string, d time.Duration) error {
 	}
 }
 
+// AgentPID returns the process id of host's agent, or 0.
+func (c *Cluster) AgentPID(host string) int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if p := c.agents[host]; p != nil {
+		return p.cmd.Process.Pid
+	}
+	return 0
+}
+
+// StartDaemon starts a long-running command in host's namespace, with its
+// output in DIR/name.log; Close stops it.
+func (c *Cluster) StartDaemon(host, name string, args ...string) (*exec.Cmd, error) {
+	logf, err := os.Create(filepath.Join(c.Dir, name+".log"))
+	if err != nil {
+		return nil, err
+	}
+	defer logf.Close()
+	cmd := exec.Command("ip", append([]string{"netns", "exec", c.NS(host)}, args...)...)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("start %s on %s: %w", name, host, err)
+	}
+	p := &agentProc{cmd: cmd, done: make(chan struct{})}
+	go func() { p.err = cmd.Wait(); close(p.done) }()
+	c.mu.Lock()
+	c.daemons = append(c.daemons, p)
+	c.mu.Unlock()
+	return cmd, nil
+}
+
 // Admin sends a command to host's agent admin socket.
 func (c *Cluster) Admin(host, cmd string) (string, error) {
 	conn, err := net.DialTimeout("unix", c.AdminSocket(host), time.Second)
@@ -412,7 +476,19 @@ func (c *Cluster) Close() error {
 	agents := c.agents
 	c.agents = map[string]*agentProc{}
 	nginx := c.nginx
+	daemons := c.daemons
 	c.mu.Unlock()
+	for _, d := range daemons {
+		d.cmd.Process.Signal(syscall.SIGTERM)
+	}
+	for _, d := range daemons {
+		select {
+		case <-d.done:
+		case <-time.After(5 * time.Second):
+			d.cmd.Process.Kill()
+			<-d.done
+		}
+	}
 	for _, p := range agents {
 		p.cmd.Process.Signal(syscall.SIGTERM)
 	}

@@ -1,0 +1,578 @@
+// Command tcpha-bench measures tcpha beside the proxies it replaces, on one
+// namespace cluster in one run: tcpha, HAProxy (`mode http`, `http-reuse
+// always`) and nginx (`proxy_pass`, upstream keepalive) on the FE, and the
+// client straight to a BE's nginx. It writes docs/benchmarks.md and its
+// chart (`make bench`).
+//
+//	tcpha-bench [-agent bin/tcpha-agent] [-smoke] [-out docs/benchmarks.md]
+//	            [-chart docs/benchmarks.png] [-profile DIR]
+//
+// -smoke runs each workload for a second or two: it proves the harness (CI
+// runs it), it does not measure. -profile saves CPU profiles of the FE and
+// be1 agents taken during workload (a).
+package main
+
+import (
+	"bufio"
+	"context"
+	"crypto/rand"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"math"
+	"net/http"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"tcpha/internal/bench"
+	cluster "tcpha/internal/nscluster"
+)
+
+type params struct {
+	smoke      bool
+	wrkSecs    int
+	flatTotal  time.Duration
+	flatWindow time.Duration
+	bigMB      int
+	ttfbN      int
+	idleConns  int
+	profileDir string
+}
+
+func main() {
+	agent := flag.String("agent", "bin/tcpha-agent", "tcpha-agent `binary`")
+	smoke := flag.Bool("smoke", false, "a few seconds per workload: prove the harness, do not measure")
+	out := flag.String("out", "docs/benchmarks.md", "report `file` (empty: stdout only)")
+	chart := flag.String("chart", "docs/benchmarks.png", "chart `file` (PNG)")
+	profile := flag.String("profile", "", "save CPU profiles of the FE and be1 agents taken during (a) to `dir`")
+	flag.Parse()
+	p := params{wrkSecs: 10, flatTotal: 60 * time.Second, flatWindow: 10 * time.Second, bigMB: 200, ttfbN: 300,
+		idleConns: 10000, profileDir: *profile}
+	if *smoke {
+		p = params{smoke: true, wrkSecs: 2, flatTotal: 4 * time.Second, flatWindow: 2 * time.Second, bigMB: 20,
+			ttfbN: 30, idleConns: 500, profileDir: *profile}
+	}
+	if os.Geteuid() != 0 {
+		fail(errors.New("needs root: it creates network namespaces"))
+	}
+	abs, err := filepath.Abs(*agent)
+	if err != nil {
+		fail(err)
+	}
+	if _, err := os.Stat(abs); err != nil {
+		fail(fmt.Errorf("agent binary: %w (run `make build`)", err))
+	}
+	run, err := runBench(abs, p)
+	if err != nil {
+		fail(err)
+	}
+	chartRef := ""
+	if *chart != "" {
+		png, err := run.Chart()
+		if err != nil {
+			fail(err)
+		}
+		if err := os.WriteFile(*chart, png, 0o644); err != nil {
+			fail(err)
+		}
+		chartRef = filepath.Base(*chart)
+	}
+	md := run.Markdown(chartRef)
+	if *out != "" {
+		if err := os.WriteFile(*out, []byte(md), 0o644); err != nil {
+			fail(err)
+		}
+		fmt.Printf("== wrote %s and %s\n", *out, *chart)
+	}
+	fmt.Println()
+	fmt.Print(md)
+}
+
+func fail(err error) {
+	fmt.Fprintf(os.Stderr, "tcpha-bench: %v\n", err)
+	os.Exit(1)
+}
+
+// frontEnd is one way in for the client.
+type frontEnd struct {
+	name string
+	base string     // URL prefix
+	pid  func() int // the FE's process (its tree is counted); nil: none
+}
+
+type bencher struct {
+	c   *cluster.Cluster
+	p   params
+	run *bench.Run
+	fes []frontEnd
+}
+
+func runBench(agent string, p params) (*bench.Run, error) {
+	fmt.Println("== building the cluster: client, FE, be1, be2 (nginx on each BE)")
+	c, err := cluster.New(cluster.Options{
+		Agent: agent, BEs: 2, Secret: "bench-secret",
+		Rules:     []string{`rule = be2 \.jpg$`, `rule = be1 .*`},
+		PublicWWW: true, Metrics: true, NoAccessLog: true,
+		// Per-connection lines off: the bench measures the default path.
+		FEExtra: "", BEExtra: "",
+	})
+	if err != nil {
+		return nil, err
+	}
+	defer c.Close()
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM)
+	go func() { <-sig; c.Close(); os.Exit(130) }()
+
+	for _, f := range []struct {
+		name string
+		size int
+	}{{"1k.bin", 1 << 10}, {"1m.bin", 1 << 20}, {"big.bin", p.bigMB << 20}} {
+		data := make([]byte, f.size)
+		rand.Read(data)
+		for _, be := range []string{"be1", "be2"} {
+			if err := os.WriteFile(filepath.Join(c.WWW(be), f.name), data, 0o644); err != nil {
+				return nil, err
+			}
+		}
+	}
+	for _, h := range []string{"be1", "be2", "fe"} {
+		if err := c.StartAgent(h); err != nil {
+			return nil, err
+		}
+	}
+	// The agents log at info, like a production default.
+	b := &bencher{c: c, p: p, run: &bench.Run{Date: time.Now(), Smoke: p.smoke, FlatWindow: p.flatWindow}}
+	haproxy, err := b.startHAProxy()
+	if err != nil {
+		return nil, err
+	}
+	nginx, err := b.startNginxProxy()
+	if err != nil {
+		return nil, err
+	}
+	vip := "http://" + cluster.VIP
+	b.fes = []frontEnd{
+		{bench.TCPHA, vip, func() int { return c.AgentPID("fe") }},
+		{bench.HAProxy, vip + ":8081", func() int { return haproxy }},
+		{bench.Nginx, vip + ":8082", func() int { return nginx }},
+		{bench.Direct, "http://" + c.BEs[0].IP, nil},
+	}
+	for _, fe := range b.fes {
+		if err := b.waitUp(fe); err != nil {
+			return nil, err
+		}
+	}
+	b.describe()
+	for _, w := range []string{"a", "b", "c"} {
+		for _, fe := range b.fes {
+			r, err := b.wrk(fe, w)
+			if err != nil {
+				return nil, err
+			}
+			b.run.Results = append(b.run.Results, r)
+			fmt.Printf("   (%s) %-8s %9.0f req/s  p50 %-9v p99 %-9v FE CPU/req %v\n", w, fe.name, r.RPS,
+				r.P50, r.P99, r.CPUPerRequest())
+		}
+	}
+	for _, fe := range b.fes {
+		r, err := b.download(fe)
+		if err != nil {
+			return nil, err
+		}
+		b.run.Results = append(b.run.Results, r)
+		fmt.Printf("   (d) %-8s %6.2f s  %6.0f MB/s  FE CPU %.3f s\n", fe.name, r.Seconds, r.RespBytes/1e6/r.Seconds, r.FECPU)
+	}
+	for _, fe := range b.fes {
+		r, err := b.ttfb(fe)
+		if err != nil {
+			return nil, err
+		}
+		b.run.Results = append(b.run.Results, r)
+		fmt.Printf("   (e) %-8s TTFB p50 %v p99 %v\n", fe.name, r.TTFB50, r.TTFB99)
+	}
+	if err := b.flat(); err != nil {
+		return nil, err
+	}
+	if err := b.idle(); err != nil {
+		b.run.Notes = append(b.run.Notes, "idle connections: "+err.Error())
+	}
+	return b.run, nil
+}
+
+func (b *bencher) describe() {
+	kernel, _ := os.ReadFile("/proc/sys/kernel/osrelease")
+	cpu := "?"
+	if f, err := os.ReadFile("/proc/cpuinfo"); err == nil {
+		for _, l := range strings.Split(string(f), "\n") {
+			if v, ok := strings.CutPrefix(l, "model name"); ok {
+				cpu = strings.TrimSpace(strings.TrimPrefix(strings.TrimSpace(v), ":"))
+				break
+			}
+		}
+	}
+	b.run.Machine = fmt.Sprintf("Linux %s, %d × %s", strings.TrimSpace(string(kernel)), runtime.NumCPU(), cpu)
+	for _, t := range [][]string{{"haproxy", "-v"}, {"nginx", "-v"}, {"wrk", "-v"}, {"curl", "--version"}} {
+		out, _ := exec.Command(t[0], t[1:]...).CombinedOutput()
+		line, _, _ := strings.Cut(strings.TrimSpace(string(out)), "\n")
+		if t[0] == "haproxy" {
+			line, _, _ = strings.Cut(line, " - ")
+		}
+		if t[0] == "wrk" {
+			line, _, _ = strings.Cut(line, " Copyright")
+		}
+		if t[0] == "curl" {
+			f := strings.Fields(line)
+			line = strings.Join(f[:min(2, len(f))], " ")
+		}
+		b.run.Tools = append(b.run.Tools, line)
+	}
+	b.run.Tools = append(b.run.Tools, runtime.Version())
+	b.run.Params = fmt.Sprintf("wrk `-t2 -c32` for (a) and (b), `-t2 -c8` for (c), %d s each; (d) %d MB; (e) %d connections; "+
+		"tcpha with its defaults (connperbe 2, maxclients 256, loglevel 4)", b.p.wrkSecs, b.p.bigMB, b.p.ttfbN)
+}
+
+func (b *bencher) startHAProxy() (int, error) {
+	// maxconn needs two descriptors per connection; 9000 fits the 20000
+	// hard limit of the machines this project runs on.
+	conf := fmt.Sprintf(`global
+	maxconn 9000
+defaults
+	mode http
+	timeout connect 5s
+	timeout client 60s
+	timeout server 60s
+	timeout http-keep-alive 60s
+	http-reuse always
+frontend fe
+	bind %[1]s:8081
+	acl jpg path_end .jpg
+	use_backend be2 if jpg
+	default_backend be1
+backend be1
+	server be1 %[2]s:80
+backend be2
+	server be2 %[3]s:80
+`, cluster.VIP, b.c.BEs[0].IP, b.c.BEs[1].IP)
+	path := filepath.Join(b.c.Dir, "haproxy.cfg")
+	if err := os.WriteFile(path, []byte(conf), 0o644); err != nil {
+		return 0, err
+	}
+	cmd, err := b.c.StartDaemon("fe", "haproxy", "haproxy", "-db", "-f", path)
+	if err != nil {
+		return 0, err
+	}
+	return cmd.Process.Pid, nil
+}
+
+func (b *bencher) startNginxProxy() (int, error) {
+	d := filepath.Join(b.c.Dir, "proxy")
+	if err := os.MkdirAll(d, 0o755); err != nil {
+		return 0, err
+	}
+	conf := fmt.Sprintf(`worker_processes auto;
+worker_rlimit_nofile 65536;
+pid %[1]s/nginx.pid;
+error_log %[1]s/error.log;
+events { worker_connections 32768; }
+http {
+	access_log off;
+	keepalive_requests 1000000;
+	proxy_http_version 1.1;
+	proxy_set_header Connection "";
+	proxy_max_temp_file_size 0;
+	upstream be1 { server %[3]s:80; keepalive 128; }
+	upstream be2 { server %[4]s:80; keepalive 128; }
+	server {
+		listen %[2]s:8082;
+		location ~ \.jpg$ { proxy_pass http://be2; }
+		location / { proxy_pass http://be1; }
+	}
+}
+`, d, cluster.VIP, b.c.BEs[0].IP, b.c.BEs[1].IP)
+	path := filepath.Join(d, "nginx.conf")
+	if err := os.WriteFile(path, []byte(conf), 0o644); err != nil {
+		return 0, err
+	}
+	cmd, err := b.c.StartDaemon("fe", "nginx-proxy", "nginx", "-c", path, "-e", filepath.Join(d, "error.log"), "-g", "daemon off;")
+	if err != nil {
+		return 0, err
+	}
+	return cmd.Process.Pid, nil
+}
+
+func (b *bencher) waitUp(fe frontEnd) error {
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		out, err := b.c.Output(ctx, "client", "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", fe.base+"/1k.bin")
+		cancel()
+		if err == nil && out == "200" {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("%s does not answer at %s: %q %v", fe.name, fe.base, out, err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// sample is what is read before and after a load.
+type sample struct {
+	t        time.Time
+	feCPU    float64
+	machine  float64
+	rx, tx   uint64
+	hist     bench.Histogram
+	handoffs float64
+}
+
+func (b *bencher) sample(fe frontEnd) sample {
+	s := sample{t: time.Now(), feCPU: math.NaN()}
+	if fe.pid != nil {
+		s.feCPU = bench.TreeCPU(fe.pid())
+	}
+	s.machine, _ = bench.MachineBusy()
+	s.rx, _ = b.c.Counter("fe", "rx_bytes")
+	s.tx, _ = b.c.Counter("fe", "tx_bytes")
+	if fe.name == bench.TCPHA {
+		m := b.metrics("fe")
+		s.hist = bench.ParseHistogram(m, "tcpha_handoff_duration_seconds")
+		s.handoffs = bench.Counter(m, `tcpha_handoffs_total{result="ok"}`)
+	}
+	return s
+}
+
+func (b *bencher) metrics(host string) string {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	out, _ := b.c.Output(ctx, host, "curl", "-s", "http://"+cluster.MetricsAddr+"/metrics")
+	return out
+}
+
+// result turns two samples around a load into a Result.
+func (b *bencher) result(fe frontEnd, w string, s0, s1 sample) bench.Result {
+	r := bench.Result{
+		FrontEnd: fe.name, Workload: w, Seconds: s1.t.Sub(s0.t).Seconds(),
+		FECPU: s1.feCPU - s0.feCPU, MachineCPU: s1.machine - s0.machine,
+		FEIn: s1.rx - s0.rx, FEOut: s1.tx - s0.tx,
+	}
+	if fe.pid != nil {
+		r.RSS, _ = bench.RSS(fe.pid())
+	}
+	if fe.name == bench.TCPHA && s1.hist != nil {
+		h := s1.hist.Sub(s0.hist)
+		r.HandoffP50, r.HandoffP99 = h.Quantile(0.5), h.Quantile(0.99)
+	}
+	return r
+}
+
+func (b *bencher) wrk(fe frontEnd, w string) (bench.Result, error) {
+	args := []string{"wrk", "-t2", "-c32", "-d", strconv.Itoa(b.p.wrkSecs) + "s", "--latency"}
+	path := "/1k.bin"
+	switch w {
+	case "a":
+		args = append(args, "-H", "Connection: close")
+	case "c":
+		args[2], path = "-c8", "/1m.bin"
+	}
+	args = append(args, fe.base+path)
+	var prof func() error
+	if w == "a" && fe.name == bench.TCPHA && b.p.profileDir != "" {
+		prof = b.startProfiles()
+	}
+	s0 := b.sample(fe)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Duration(b.p.wrkSecs+60)*time.Second)
+	out, err := b.c.Output(ctx, "client", args...)
+	cancel()
+	s1 := b.sample(fe)
+	if prof != nil {
+		if perr := prof(); perr != nil {
+			b.run.Notes = append(b.run.Notes, "profiles: "+perr.Error())
+		}
+	}
+	if err != nil {
+		return bench.Result{}, fmt.Errorf("wrk through %s: %w\n%s", fe.name, err, out)
+	}
+	wr, err := bench.ParseWrk(out)
+	if err != nil {
+		return bench.Result{}, fmt.Errorf("%s: %w", fe.name, err)
+	}
+	r := b.result(fe, w, s0, s1)
+	r.Requests, r.RPS, r.P50, r.P99 = wr.Requests, wr.RPS, wr.P50, wr.P99
+	r.RespBytes, r.Errors, r.Seconds = wr.BytesRead, wr.SocketErrors+wr.Non2xx, wr.Duration.Seconds()
+	return r, nil
+}
+
+// startProfiles fetches CPU profiles from the FE and be1 agents while the
+// load runs, and returns a function that waits for them.
+func (b *bencher) startProfiles() func() error {
+	secs := max(1, b.p.wrkSecs-1)
+	var wg sync.WaitGroup
+	errs := make([]error, 2)
+	for i, host := range []string{"fe", "be1"} {
+		wg.Go(func() {
+			dst := filepath.Join(b.p.profileDir, host+".pprof")
+			ctx, cancel := context.WithTimeout(context.Background(), time.Duration(secs+30)*time.Second)
+			defer cancel()
+			cmd := b.c.Exec(ctx, host, "curl", "-s", "-o", dst,
+				fmt.Sprintf("http://%s/debug/pprof/profile?seconds=%d", cluster.PprofAddr, secs))
+			if out, err := cmd.CombinedOutput(); err != nil {
+				errs[i] = fmt.Errorf("%s: %v %s", host, err, out)
+			}
+		})
+	}
+	os.MkdirAll(b.p.profileDir, 0o755)
+	return func() error { wg.Wait(); return errors.Join(errs...) }
+}
+
+func (b *bencher) download(fe frontEnd) (bench.Result, error) {
+	s0 := b.sample(fe)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	out, err := b.c.Output(ctx, "client", "curl", "-sS", "-o", "/dev/null", "-w", "%{http_code} %{size_download}", fe.base+"/big.bin")
+	cancel()
+	s1 := b.sample(fe)
+	if err != nil || !strings.HasPrefix(out, "200 ") {
+		return bench.Result{}, fmt.Errorf("download through %s: %q %v", fe.name, out, err)
+	}
+	r := b.result(fe, "d", s0, s1)
+	r.Requests = 1
+	r.RespBytes, _ = strconv.ParseFloat(strings.Fields(out)[1], 64)
+	if r.RespBytes != float64(b.p.bigMB<<20) {
+		r.Errors = 1
+	}
+	r.RPS = 1 / r.Seconds
+	return r, nil
+}
+
+func (b *bencher) ttfb(fe frontEnd) (bench.Result, error) {
+	args := []string{"curl", "-sS", "-H", "Connection: close", "-w", "%{http_code} %{time_starttransfer} %{time_total}\n"}
+	for range b.p.ttfbN {
+		args = append(args, "-o", "/dev/null", fe.base+"/1k.bin")
+	}
+	s0 := b.sample(fe)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	out, err := b.c.Output(ctx, "client", args...)
+	cancel()
+	s1 := b.sample(fe)
+	if err != nil {
+		return bench.Result{}, fmt.Errorf("curl through %s: %v", fe.name, err)
+	}
+	r := b.result(fe, "e", s0, s1)
+	var ttfb, total []time.Duration
+	sc := bufio.NewScanner(strings.NewReader(out))
+	for sc.Scan() {
+		f := strings.Fields(sc.Text())
+		if len(f) != 3 {
+			continue
+		}
+		if f[0] != "200" {
+			r.Errors++
+			continue
+		}
+		a, _ := strconv.ParseFloat(f[1], 64)
+		t, _ := strconv.ParseFloat(f[2], 64)
+		ttfb = append(ttfb, time.Duration(a*1e9))
+		total = append(total, time.Duration(t*1e9))
+	}
+	r.Requests = int64(len(ttfb))
+	r.TTFB50, r.TTFB99 = bench.Quantile(ttfb, 0.5), bench.Quantile(ttfb, 0.99)
+	r.P50, r.P99 = bench.Quantile(total, 0.5), bench.Quantile(total, 0.99)
+	r.RespBytes = float64(r.Requests) * 1024
+	return r, nil
+}
+
+// flat runs (a) through tcpha for a long while and samples the FE's
+// handoff counter per window: the rate must not decay as TIME_WAIT state
+// piles up.
+func (b *bencher) flat() error {
+	fmt.Printf("== (a) through tcpha for %v, handoffs per %v\n", b.p.flatTotal, b.p.flatWindow)
+	ctx, cancel := context.WithTimeout(context.Background(), b.p.flatTotal+time.Minute)
+	defer cancel()
+	cmd := b.c.Exec(ctx, "client", "wrk", "-t2", "-c32", "-d", fmt.Sprintf("%ds", int(b.p.flatTotal.Seconds())),
+		"-H", "Connection: close", "http://"+cluster.VIP+"/1k.bin")
+	cmd.Stdout = io.Discard
+	if err := cmd.Start(); err != nil {
+		return err
+	}
+	prev := bench.Counter(b.metrics("fe"), `tcpha_handoffs_total{result="ok"}`)
+	prevT := time.Now()
+	for range int(b.p.flatTotal / b.p.flatWindow) {
+		time.Sleep(b.p.flatWindow)
+		now := bench.Counter(b.metrics("fe"), `tcpha_handoffs_total{result="ok"}`)
+		t := time.Now()
+		b.run.Flat = append(b.run.Flat, (now-prev)/t.Sub(prevT).Seconds())
+		prev, prevT = now, t
+	}
+	cmd.Wait()
+	fmt.Printf("   %v\n", b.run.Flat)
+	return nil
+}
+
+// idle opens many keep-alive connections through tcpha, each served one
+// request and left open, and reads the agents' memory.
+func (b *bencher) idle() error {
+	n := b.p.idleConns
+	fmt.Printf("== %d idle handed-off connections\n", n)
+	fePID, bePID := b.c.AgentPID("fe"), b.c.AgentPID("be1")
+	b.run.Idle.Conns = n
+	b.run.Idle.FEBefore, _ = bench.RSS(fePID)
+	b.run.Idle.BEBefore, _ = bench.RSS(bePID)
+	start := time.Now()
+	var conns sync.Map
+	var opened, answered atomic.Int64
+	var firstErr atomic.Value
+	sem := make(chan struct{}, 64)
+	var wg sync.WaitGroup
+	for i := range n {
+		sem <- struct{}{}
+		wg.Go(func() {
+			defer func() { <-sem }()
+			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+			defer cancel()
+			conn, err := b.c.Dial(ctx, "client", 0, cluster.VIP+":80")
+			if err != nil {
+				firstErr.CompareAndSwap(nil, err)
+				return
+			}
+			opened.Add(1)
+			conns.Store(i, conn)
+			conn.SetDeadline(time.Now().Add(20 * time.Second))
+			fmt.Fprintf(conn, "GET /1k.bin HTTP/1.1\r\nHost: bench\r\n\r\n")
+			resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+			if err != nil {
+				firstErr.CompareAndSwap(nil, err)
+				return
+			}
+			io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode == 200 {
+				answered.Add(1)
+			}
+		})
+	}
+	wg.Wait()
+	b.run.Idle.Took = time.Since(start)
+	time.Sleep(time.Second)
+	b.run.Idle.FEAfter, _ = bench.RSS(fePID)
+	b.run.Idle.BEAfter, _ = bench.RSS(bePID)
+	b.run.Idle.Opened, b.run.Idle.Answered = int(opened.Load()), int(answered.Load())
+	conns.Range(func(_, v any) bool { v.(interface{ Close() error }).Close(); return true })
+	fmt.Printf("   %d opened, %d answered in %v; FE RSS %d → %d KiB, BE RSS %d → %d KiB\n", opened.Load(), answered.Load(),
+		b.run.Idle.Took.Round(time.Millisecond), b.run.Idle.FEBefore>>10, b.run.Idle.FEAfter>>10,
+		b.run.Idle.BEBefore>>10, b.run.Idle.BEAfter>>10)
+	if err, _ := firstErr.Load().(error); err != nil {
+		return fmt.Errorf("%d of %d answered; first error: %v", answered.Load(), n, err)
+	}
+	return nil
+}

@@ -1,0 +1,165 @@
+package bench
+
+import (
+	"bytes"
+	"math"
+	"os"
+	"strings"
+	"testing"
+	"time"
+)
+
+const wrkOut = `Running 5s test @ http://10.77.0.100/1k.bin
+  2 threads and 32 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     2.04ms    1.17ms  21.71ms   80.48%
+    Req/Sec     8.00k   638.96     9.05k    72.00%
+  Latency Distribution
+     50%    1.80ms
+     75%    2.42ms
+     90%    3.30ms
+     99%  612.00us
+  79602 requests in 5.00s, 102.25MB read
+  Socket errors: connect 1, read 2, write 0, timeout 4
+  Non-2xx or 3xx responses: 12
+Requests/sec:  15918.07
+Transfer/sec:     20.45MB
+`
+
+func TestParseWrk(t *testing.T) {
+	w, err := ParseWrk(wrkOut)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := Wrk{Requests: 79602, Duration: 5 * time.Second, BytesRead: 102.25 * (1 << 20), RPS: 15918.07,
+		P50: 1800 * time.Microsecond, P99: 612 * time.Microsecond, SocketErrors: 7, Non2xx: 12}
+	if w != want {
+		t.Errorf("got %+v\nwant %+v", w, want)
+	}
+	if _, err := ParseWrk("unable to connect to 10.77.0.100:80 Connection refused"); err == nil {
+		t.Error("no error for a failed run")
+	}
+}
+
+func TestQuantile(t *testing.T) {
+	var s []time.Duration
+	for i := 1; i <= 100; i++ {
+		s = append(s, time.Duration(101-i)*time.Millisecond)
+	}
+	if q := Quantile(s, 0.5); q != 50*time.Millisecond {
+		t.Errorf("p50 %v", q)
+	}
+	if q := Quantile(s, 0.99); q != 99*time.Millisecond {
+		t.Errorf("p99 %v", q)
+	}
+	if Quantile(nil, 0.5) != 0 {
+		t.Error("empty")
+	}
+}
+
+func TestHistogram(t *testing.T) {
+	before := `tcpha_handoff_duration_seconds_bucket{le="0.001"} 10
+tcpha_handoff_duration_seconds_bucket{le="0.002"} 10
+tcpha_handoff_duration_seconds_bucket{le="+Inf"} 10
+tcpha_handoffs_total{result="ok"} 10
+`
+	after := `# HELP x
+tcpha_handoff_duration_seconds_bucket{le="0.001"} 60
+tcpha_handoff_duration_seconds_bucket{le="0.002"} 110
+tcpha_handoff_duration_seconds_bucket{le="+Inf"} 111
+tcpha_handoffs_total{result="ok"} 111
+`
+	name := "tcpha_handoff_duration_seconds"
+	d := ParseHistogram(after, name).Sub(ParseHistogram(before, name))
+	if d.Count() != 101 {
+		t.Errorf("count %v", d.Count())
+	}
+	// 50 of 101 below 1 ms, 50 in (1 ms, 2 ms]: the median is just past 1 ms.
+	if q := d.Quantile(0.5); q < 1000*time.Microsecond || q > 1020*time.Microsecond {
+		t.Errorf("p50 %v", q)
+	}
+	if q := d.Quantile(0.2); q != 404*time.Microsecond {
+		t.Errorf("p20 %v", q)
+	}
+	if q := d.Quantile(1); q != 2*time.Millisecond {
+		t.Errorf("p100 %v (the +Inf bucket reads as the last finite bound)", q)
+	}
+	if v := Counter(after, `tcpha_handoffs_total{result="ok"}`) - Counter(before, `tcpha_handoffs_total{result="ok"}`); v != 101 {
+		t.Errorf("counter delta %v", v)
+	}
+}
+
+func TestProcParsers(t *testing.T) {
+	stat := "1234 (tcpha agent (x)) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 8 0 100 0 0"
+	if cpu, err := parseStatCPU(stat); err != nil || cpu != 3 {
+		t.Errorf("stat cpu %v %v", cpu, err)
+	}
+	busy, err := parseMachineBusy("cpu  100 5 50 1000 20 3 7 2 40 0\ncpu0 1 2 3\n")
+	if err != nil || math.Abs(busy-1.67) > 1e-9 {
+		t.Errorf("machine busy %v %v", busy, err)
+	}
+	if _, err := parseMachineBusy("intr 1 2 3\n"); err == nil {
+		t.Error("no error for a wrong line")
+	}
+}
+
+func sampleRun() *Run {
+	r := &Run{Date: time.Unix(0, 0).UTC(), Machine: "test", FlatWindow: 10 * time.Second, Flat: []float64{1000, 950, 900}}
+	add := func(fe, w string, rps, cpu float64, n int64) {
+		r.Results = append(r.Results, Result{FrontEnd: fe, Workload: w, RPS: rps, FECPU: cpu, Requests: n,
+			RespBytes: 1e9, MachineCPU: 2, TTFB50: time.Millisecond, TTFB99: 2 * time.Millisecond})
+	}
+	add(TCPHA, "a", 12000, 0.5, 10000)
+	add(HAProxy, "a", 10000, 0.6, 10000)
+	add(Direct, "a", 20000, math.NaN(), 20000)
+	add(TCPHA, "c", 1000, 0.001, 1000)
+	add(HAProxy, "c", 900, 1.5, 1000)
+	r.Results = append(r.Results, Result{FrontEnd: TCPHA, Workload: "e", TTFB50: 1100 * time.Microsecond, TTFB99: 3 * time.Millisecond},
+		Result{FrontEnd: Direct, Workload: "e", TTFB50: 1000 * time.Microsecond, TTFB99: 1500 * time.Microsecond})
+	return r
+}
+
+func TestTargets(t *testing.T) {
+	targets := sampleRun().Targets()
+	check := func(prefix string, met, known bool, value string) {
+		t.Helper()
+		var x Target
+		for _, y := range targets {
+			if strings.HasPrefix(y.What, prefix) {
+				x = y
+				break
+			}
+		}
+		if x.Met != met || x.Known != known || !strings.HasPrefix(x.Got, value) {
+			t.Errorf("%s: %+v, want met=%v known=%v %q", prefix, x, met, known, value)
+		}
+	}
+	check("(a) handoffs per second", true, true, "1.20×")
+	check("(a) FE process CPU", true, true, "0.83×")
+	check("(c) FE process CPU", true, true, "0.00×")
+	check("(d) FE process CPU", false, false, "")
+	check("(e) time to first byte added over direct, p50", true, true, "100 µs")
+	check("(e) time to first byte added over direct, p99", false, true, "1.50 ms")
+	check("(a) rate flat across", true, true, "0.90×")
+}
+
+func TestMarkdownAndChart(t *testing.T) {
+	r := sampleRun()
+	md := r.Markdown("benchmarks.png")
+	for _, want := range []string{"| (a) handoffs per second vs HAProxy's requests per second | ≥ 1.0× | 1.20× | met |",
+		"| requests/s | 12000 | 10000 | — | 20000 |", "**not met**", "![requests per second"} {
+		if !strings.Contains(md, want) {
+			t.Errorf("markdown lacks %q:\n%s", want, md)
+		}
+	}
+	png, err := r.Chart()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.HasPrefix(png, []byte("\x89PNG\r\n\x1a\n")) || len(png) < 1000 {
+		t.Errorf("chart is not a PNG (%d bytes)", len(png))
+	}
+	if out := os.Getenv("BENCH_CHART_OUT"); out != "" {
+		os.WriteFile(out, png, 0o644) // to look at it
+	}
+}

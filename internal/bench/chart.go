@@ -1,0 +1,102 @@
+package bench
+
+import (
+	"bytes"
+	"fmt"
+	"image/color"
+	"math"
+
+	"gonum.org/v1/plot"
+	"gonum.org/v1/plot/plotter"
+	"gonum.org/v1/plot/vg"
+	"gonum.org/v1/plot/vg/draw"
+	"gonum.org/v1/plot/vg/vgimg"
+)
+
+var feColors = map[string]color.Color{
+	TCPHA:   color.RGBA{R: 0x1b, G: 0x9e, B: 0x77, A: 0xff},
+	HAProxy: color.RGBA{R: 0xd9, G: 0x5f, B: 0x02, A: 0xff},
+	Nginx:   color.RGBA{R: 0x75, G: 0x70, B: 0xb3, A: 0xff},
+	Direct:  color.RGBA{R: 0x99, G: 0x99, B: 0x99, A: 0xff},
+}
+
+// Chart draws the run as a PNG: requests per second relative to direct for
+// the wrk workloads, and the FE's CPU per request (log scale), grouped by
+// workload with one bar per front end.
+func (r *Run) Chart() ([]byte, error) {
+	wl := []string{"a", "b", "c"}
+	names := []string{"(a) 1 KB close", "(b) 1 KB keep-alive", "(c) 1 MB keep-alive"}
+
+	rate := plot.New()
+	rate.Title.Text = "requests per second, relative to direct"
+	rate.Y.Label.Text = "× direct"
+	rate.Y.Min = 0
+	cpu := plot.New()
+	cpu.Title.Text = "FE process CPU per request (log scale)"
+	// Bars start at 0, which a log axis cannot place: plot log10(µs/0.1) on
+	// a linear axis, so bars rise from 0.1 µs, with ticks labelled in µs.
+	cpu.Y.Tick.Marker = plot.ConstantTicks{{Value: 0, Label: "0.1 µs"}, {Value: 1, Label: "1 µs"},
+		{Value: 2, Label: "10 µs"}, {Value: 3, Label: "100 µs"}, {Value: 4, Label: "1 ms"}, {Value: 5, Label: "10 ms"}}
+
+	width := vg.Points(14)
+	top := 1.0
+	for i, fe := range FrontEnds {
+		var rv, cv plotter.Values
+		for _, w := range wl {
+			x, ok := r.Get(fe, w)
+			d, okd := r.Get(Direct, w)
+			v := 0.0
+			if ok && okd && d.RPS > 0 {
+				v = x.RPS / d.RPS
+			}
+			rv = append(rv, v)
+			top = math.Max(top, v)
+			c := 0.0
+			if ok {
+				if p := x.CPUPerRequest(); p > 0 {
+					c = float64(p) / 1e3
+				}
+			}
+			cv = append(cv, math.Log10(math.Max(c, 0.1))+1)
+		}
+		offset := vg.Length(i-len(FrontEnds)/2)*width + width/2
+		bar, err := plotter.NewBarChart(rv, width)
+		if err != nil {
+			return nil, err
+		}
+		bar.Color, bar.LineStyle.Width, bar.Offset = feColors[fe], 0, offset
+		rate.Add(bar)
+		rate.Legend.Add(fe, bar)
+		if fe == Direct {
+			continue
+		}
+		cb, err := plotter.NewBarChart(cv, width)
+		if err != nil {
+			return nil, err
+		}
+		cb.Color, cb.LineStyle.Width, cb.Offset = feColors[fe], 0, offset
+		cpu.Add(cb)
+		cpu.Legend.Add(fe, cb)
+	}
+	rate.NominalX(names...)
+	cpu.NominalX(names...)
+	// Headroom above the tallest bar for the legends.
+	rate.Legend.Top, rate.Y.Max = true, top*1.45
+	cpu.Legend.Top, cpu.Y.Min, cpu.Y.Max = true, 0, 6.2
+
+	const w, h = 10 * vg.Inch, 4 * vg.Inch
+	img := vgimg.New(w, h)
+	dc := draw.New(img)
+	tiles := draw.Tiles{Rows: 1, Cols: 2, PadX: vg.Millimeter * 4, PadY: vg.Millimeter * 2,
+		PadTop: vg.Millimeter * 2, PadBottom: vg.Millimeter * 2, PadLeft: vg.Millimeter * 2, PadRight: vg.Millimeter * 2}
+	plots := [][]*plot.Plot{{rate, cpu}}
+	canvases := plot.Align(plots, tiles, dc)
+	rate.Draw(canvases[0][0])
+	cpu.Draw(canvases[0][1])
+	png := vgimg.PngCanvas{Canvas: img}
+	var buf bytes.Buffer
+	if _, err := png.WriteTo(&buf); err != nil {
+		return nil, fmt.Errorf("render chart: %w", err)
+	}
+	return buf.Bytes(), nil
+}

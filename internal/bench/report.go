@@ -1,0 +1,317 @@
+package bench
+
+import (
+	"fmt"
+	"math"
+	"strings"
+	"time"
+)
+
+// Front ends, in the order they are shown.
+const (
+	TCPHA   = "tcpha"
+	HAProxy = "haproxy"
+	Nginx   = "nginx"
+	Direct  = "direct"
+)
+
+// FrontEnds lists them in report order.
+var FrontEnds = []string{TCPHA, HAProxy, Nginx, Direct}
+
+// Workload describes one workload of the run.
+type Workload struct {
+	ID, Title string
+}
+
+// Workloads, in report order. The letters are the issue's.
+var Workloads = []Workload{
+	{"a", "(a) 1 KB, one request per connection (wrk, `Connection: close`)"},
+	{"b", "(b) 1 KB, keep-alive (wrk)"},
+	{"c", "(c) 1 MB, keep-alive (wrk)"},
+	{"d", "(d) one 200 MB download (curl)"},
+	{"e", "(e) sequential one-request connections, time to first byte (curl)"},
+}
+
+// Result is one front end's figures for one workload.
+type Result struct {
+	FrontEnd, Workload string
+	Requests           int64
+	Seconds            float64 // wall time of the load
+	RPS                float64
+	P50, P99           time.Duration // request latency (wrk, or curl's total time)
+	TTFB50, TTFB99     time.Duration // (e): time to first byte
+	FECPU              float64       // CPU seconds of the FE's process(es); NaN without one
+	FEIn, FEOut        uint64        // bytes through the FE's NIC
+	MachineCPU         float64       // busy CPU seconds of the whole machine
+	RespBytes          float64       // response bytes the client read
+	RSS                int64         // the FE process's resident memory after the load
+	Errors             int64         // socket errors and non-2xx answers
+	// HandoffP50/P99 are the FE agent's own handoff latencies during the
+	// load (tcpha only), from its histogram.
+	HandoffP50, HandoffP99 time.Duration
+}
+
+// CPUPerRequest is the FE's CPU time per request.
+func (r Result) CPUPerRequest() time.Duration {
+	if r.Requests == 0 || math.IsNaN(r.FECPU) {
+		return -1
+	}
+	return time.Duration(r.FECPU / float64(r.Requests) * 1e9)
+}
+
+// MachineCPUPerGB is the machine's CPU seconds per GB of responses.
+func (r Result) MachineCPUPerGB() float64 {
+	if r.RespBytes == 0 {
+		return math.NaN()
+	}
+	return r.MachineCPU / (r.RespBytes / 1e9)
+}
+
+// Idle is the memory of the agents holding many idle handed-off
+// connections.
+type Idle struct {
+	Conns             int
+	FEBefore, FEAfter int64
+	BEBefore, BEAfter int64
+	Opened, Answered  int
+	Took              time.Duration
+}
+
+// Run is one whole benchmark run.
+type Run struct {
+	Date    time.Time
+	Smoke   bool
+	Machine string // kernel, CPU, cores
+	Tools   []string
+	Params  string // durations and concurrency
+	Results []Result
+	// Flat is tcpha's handoff rate per window across a long run of (a).
+	Flat       []float64
+	FlatWindow time.Duration
+	Idle       Idle
+	Notes      []string // anything that went wrong in the run
+}
+
+// Get returns the result of front end fe for workload w.
+func (r *Run) Get(fe, w string) (Result, bool) {
+	for _, x := range r.Results {
+		if x.FrontEnd == fe && x.Workload == w {
+			return x, true
+		}
+	}
+	return Result{}, false
+}
+
+// Target is one of the issue's targets as measured in this run.
+type Target struct {
+	What, Want, Got string
+	Met             bool
+	Known           bool // false: not measured in this run
+}
+
+// Targets evaluates the issue's targets against the run.
+func (r *Run) Targets() []Target {
+	var out []Target
+	ratio := func(what, want string, fe1, w1, fe2, w2 string, f func(Result) float64, ok func(float64) bool) {
+		a, ok1 := r.Get(fe1, w1)
+		b, ok2 := r.Get(fe2, w2)
+		t := Target{What: what, Want: want}
+		if ok1 && ok2 && f(b) > 0 && !math.IsNaN(f(a)) {
+			v := f(a) / f(b)
+			t.Got, t.Met, t.Known = fmt.Sprintf("%.2f×", v), ok(v), true
+		}
+		out = append(out, t)
+	}
+	cpu := func(x Result) float64 { return float64(x.CPUPerRequest()) }
+	ratio("(a) handoffs per second vs HAProxy's requests per second", "≥ 1.0×", TCPHA, "a", HAProxy, "a",
+		func(x Result) float64 { return x.RPS }, func(v float64) bool { return v >= 1 })
+	ratio("(a) FE process CPU per handoff vs HAProxy's per request", "≤ 1.0×", TCPHA, "a", HAProxy, "a",
+		cpu, func(v float64) bool { return v <= 1 })
+	ratio("(c) FE process CPU per request vs HAProxy's", "≤ 0.01×", TCPHA, "c", HAProxy, "c",
+		cpu, func(v float64) bool { return v <= 0.01 })
+	ratio("(d) FE process CPU for the download vs HAProxy's", "≤ 0.01×", TCPHA, "d", HAProxy, "d",
+		func(x Result) float64 { return x.FECPU }, func(v float64) bool { return v <= 0.01 })
+	added := func(what, want string, limit time.Duration, f func(Result) time.Duration) {
+		t := Target{What: what, Want: want}
+		a, ok1 := r.Get(TCPHA, "e")
+		d, ok2 := r.Get(Direct, "e")
+		if ok1 && ok2 {
+			v := f(a) - f(d)
+			t.Got, t.Met, t.Known = us(v), v < limit, true
+		}
+		out = append(out, t)
+	}
+	added("(e) time to first byte added over direct, p50", "< 200 µs", 200*time.Microsecond, func(x Result) time.Duration { return x.TTFB50 })
+	added("(e) time to first byte added over direct, p99", "< 1 ms", time.Millisecond, func(x Result) time.Duration { return x.TTFB99 })
+	t := Target{What: "handoff latency p99 under (a)'s load (FE histogram)", Want: "< 5 ms"}
+	if a, ok := r.Get(TCPHA, "a"); ok && a.HandoffP99 > 0 {
+		t.Got, t.Met, t.Known = us(a.HandoffP99), a.HandoffP99 < 5*time.Millisecond, true
+	}
+	out = append(out, t)
+	t = Target{What: fmt.Sprintf("(a) rate flat across %v (last window vs first)", time.Duration(len(r.Flat))*r.FlatWindow), Want: "≥ 0.8×, no decay"}
+	if len(r.Flat) >= 2 && r.Flat[0] > 0 {
+		v := r.Flat[len(r.Flat)-1] / r.Flat[0]
+		t.Got, t.Met, t.Known = fmt.Sprintf("%.2f× (windows %s)", v, floats(r.Flat)), v >= 0.8, true
+	}
+	out = append(out, t)
+	t = Target{What: fmt.Sprintf("agent RSS with %d handed-off connections alive", r.Idle.Conns), Want: "reported"}
+	if r.Idle.Answered > 0 {
+		t.Got = fmt.Sprintf("FE %s, BE %s (%d of %d answered)", mib(r.Idle.FEAfter), mib(r.Idle.BEAfter), r.Idle.Answered, r.Idle.Conns)
+		t.Met, t.Known = true, true
+	}
+	out = append(out, t)
+	return out
+}
+
+func floats(v []float64) string {
+	s := make([]string, len(v))
+	for i, x := range v {
+		s[i] = fmt.Sprintf("%.0f", x)
+	}
+	return strings.Join(s, " ")
+}
+
+func us(d time.Duration) string {
+	switch {
+	case d < 0:
+		return "−" + us(-d)
+	case d < time.Millisecond:
+		return fmt.Sprintf("%d µs", d.Microseconds())
+	case d < time.Second:
+		return fmt.Sprintf("%.2f ms", float64(d)/1e6)
+	}
+	return fmt.Sprintf("%.2f s", d.Seconds())
+}
+
+func mib(b int64) string { return fmt.Sprintf("%.1f MiB", float64(b)/(1<<20)) }
+
+func bytesPer(b uint64, n int64) string {
+	if n <= 0 {
+		return "—"
+	}
+	v := float64(b) / float64(n)
+	switch {
+	case v >= 1<<20:
+		return fmt.Sprintf("%.1f MiB", v/(1<<20))
+	case v >= 1<<10:
+		return fmt.Sprintf("%.1f KiB", v/(1<<10))
+	}
+	return fmt.Sprintf("%.0f B", v)
+}
+
+// Markdown renders the run as docs/benchmarks.md.
+func (r *Run) Markdown(chart string) string {
+	var b strings.Builder
+	w := func(format string, a ...any) { fmt.Fprintf(&b, format, a...) }
+	w("# Benchmarks: tcpha beside HAProxy and nginx\n\n")
+	w("Written by `make bench` (`cmd/tcpha-bench`) on %s; do not edit by hand.", r.Date.Format("2006-01-02 15:04 MST"))
+	if r.Smoke {
+		w(" **Smoke run**: a few seconds per workload, to prove the harness, not to measure.")
+	}
+	w("\n\nOne namespace cluster on one machine — a client, an FE and two BEs with nginx on a bridge — and four front ends measured in the same run, one workload after another:\n\n")
+	w("- **tcpha**: the client connects to the VIP; the FE hands each connection to a BE, which answers directly.\n")
+	w("- **haproxy**: HAProxy in `mode http` on the FE (same VIP, another port), `http-reuse always` to the same BEs' nginx.\n")
+	w("- **nginx**: nginx on the FE as a proxy (`proxy_pass`, upstream `keepalive`).\n")
+	w("- **direct**: the client straight to be1's nginx: the baseline.\n\n")
+	w("Machine: %s. %s\n\n", r.Machine, strings.Join(r.Tools, "; "))
+	w("Load: %s. Client, FE, BEs and every server share the machine's cores, so figures are ratios within this run, not capacities; they move 20–40 %% between runs (FACTS.md).\n\n", r.Params)
+	if chart != "" {
+		w("![requests per second relative to direct, and FE CPU per request](%s)\n\n", chart)
+	}
+	w("## Targets\n\n| target | want | this run | |\n|---|---|---|---|\n")
+	for _, t := range r.Targets() {
+		verdict := "not measured"
+		switch {
+		case t.Known && t.Met:
+			verdict = "met"
+		case t.Known:
+			verdict = "**not met** (see [performance.md](performance.md))"
+		}
+		got := t.Got
+		if got == "" {
+			got = "—"
+		}
+		w("| %s | %s | %s | %s |\n", t.What, t.Want, got, verdict)
+	}
+	w("\n## Figures per workload\n\nFE CPU is the user+system time of the FE's own process(es) (`/proc/PID/stat`): the tcpha agent, HAProxy, the nginx proxy's master and workers; softirq work lands on whichever process runs, so the machine's total busy CPU is shown too. NIC bytes are the FE's eth0 per request.\n\n")
+	for _, wl := range Workloads {
+		w("### %s\n\n| | %s |\n|---|%s\n", wl.Title, strings.Join(FrontEnds, " | "), strings.Repeat("---|", len(FrontEnds)))
+		row := func(name string, f func(Result) string) {
+			cells := make([]string, len(FrontEnds))
+			for i, fe := range FrontEnds {
+				if x, ok := r.Get(fe, wl.ID); ok {
+					cells[i] = f(x)
+				} else {
+					cells[i] = "—"
+				}
+			}
+			w("| %s | %s |\n", name, strings.Join(cells, " | "))
+		}
+		direct, _ := r.Get(Direct, wl.ID)
+		switch wl.ID {
+		case "d":
+			row("seconds", func(x Result) string { return fmt.Sprintf("%.2f", x.Seconds) })
+			row("MB/s", func(x Result) string { return fmt.Sprintf("%.0f", x.RespBytes/1e6/x.Seconds) })
+		case "e":
+			row("connections", func(x Result) string { return fmt.Sprint(x.Requests) })
+			row("time to first byte p50", func(x Result) string { return us(x.TTFB50) })
+			row("time to first byte p99", func(x Result) string { return us(x.TTFB99) })
+			row("added over direct, p50", func(x Result) string { return us(x.TTFB50 - direct.TTFB50) })
+			row("added over direct, p99", func(x Result) string { return us(x.TTFB99 - direct.TTFB99) })
+		default:
+			row("requests/s", func(x Result) string { return fmt.Sprintf("%.0f", x.RPS) })
+			if direct.RPS > 0 {
+				row("vs direct", func(x Result) string { return fmt.Sprintf("%.2f×", x.RPS/direct.RPS) })
+			}
+			row("latency p50", func(x Result) string { return us(x.P50) })
+			row("latency p99", func(x Result) string { return us(x.P99) })
+		}
+		row("FE CPU per request", func(x Result) string {
+			if d := x.CPUPerRequest(); d >= 0 {
+				return us(d)
+			}
+			return "—"
+		})
+		row("FE NIC in / out per request", func(x Result) string {
+			return bytesPer(x.FEIn, x.Requests) + " / " + bytesPer(x.FEOut, x.Requests)
+		})
+		row("machine CPU s per GB of responses", func(x Result) string {
+			if v := x.MachineCPUPerGB(); !math.IsNaN(v) {
+				return fmt.Sprintf("%.1f", v)
+			}
+			return "—"
+		})
+		row("FE RSS after", func(x Result) string {
+			if x.RSS > 0 {
+				return mib(x.RSS)
+			}
+			return "—"
+		})
+		row("errors", func(x Result) string { return fmt.Sprint(x.Errors) })
+		if wl.ID == "a" {
+			row("handoff latency p50 / p99 (FE)", func(x Result) string {
+				if x.HandoffP99 == 0 {
+					return "—"
+				}
+				return us(x.HandoffP50) + " / " + us(x.HandoffP99)
+			})
+		}
+		w("\n")
+	}
+	if len(r.Flat) > 0 {
+		w("## (a) over time, tcpha\n\nHandoffs per second in %v windows of one long run: %s.\n\n", r.FlatWindow, floats(r.Flat))
+	}
+	if r.Idle.Conns > 0 {
+		w("## Idle handed-off connections\n\n%d keep-alive connections opened through tcpha, each served one request and left open (%d answered, in %v). Agent RSS before → after: FE %s → %s, BE %s → %s.\n\n",
+			r.Idle.Conns, r.Idle.Answered, r.Idle.Took.Round(time.Millisecond), mib(r.Idle.FEBefore), mib(r.Idle.FEAfter), mib(r.Idle.BEBefore), mib(r.Idle.BEAfter))
+	}
+	if len(r.Notes) > 0 {
+		w("## Notes from this run\n\n")
+		for _, n := range r.Notes {
+			w("- %s\n", n)
+		}
+		w("\n")
+	}
+	w("Where the time goes, what was changed and what was tried: [performance.md](performance.md).\n")
+	return b.String()
+}
