@@ -398,8 +398,11 @@ type tcpSocket struct{ c *net.TCPConn }
 
 func (s tcpSocket) Block() error                                 { return repair.Block(s.c) }
 func (s tcpSocket) Dump(consumed []byte) (*wire.ConnInfo, error) { return repair.Dump(s.c, consumed) }
-func (s tcpSocket) CloseSilently() error                         { return repair.CloseSilently(s.c) }
-func (s tcpSocket) Resume() error                                { return repair.Resume(s.c) }
+
+// CloseSilently closes the dumped socket: Dump left it in repair mode, so
+// the close sends nothing and leaves no TIME_WAIT.
+func (s tcpSocket) CloseSilently() error { return s.c.Close() }
+func (s tcpSocket) Resume() error        { return repair.Resume(s.c) }
 
 // detectLoop is the seed's BE detection (4.9): a ping every dtcinterval;
 // a BE that does not answer is not scheduled until it answers again.

@@ -183,7 +183,10 @@ func (f *Flows) Forward(ctx context.Context, flow netip.AddrPort, be netip.Addr,
 	}
 	edits = append(edits,
 		edit{editAdd, MapForward, flow, be},
-		// The fresh mark may have expired already.
+		// A SYN marks a flow fresh only while an earlier connection on its
+		// port is forwarded, and that forwarding may have just ended: the
+		// mark may be there without replace. Destroying a missing element
+		// costs a lookup.
 		edit{editDeleteMaybe, SetFresh, flow, netip.Addr{}},
 	)
 	if err := f.do(ctx, &request{edits: edits}); err != nil {
@@ -192,12 +195,14 @@ func (f *Flows) Forward(ctx context.Context, flow netip.AddrPort, be netip.Addr,
 	return nil
 }
 
-// Unforward removes flow's forwarding after its TIME_WAIT.
+// Unforward removes flow's forwarding after its TIME_WAIT. Its closing
+// mark goes too, or the next connection on the port would have its first
+// FIN unseen; its alive mark expires on its own (it only delays idle
+// expiry of a reused port).
 func (f *Flows) Unforward(ctx context.Context, flow netip.AddrPort) error {
 	edits := []edit{
 		{editDelete, MapForward, flow, netip.Addr{}},
 		{editDeleteMaybe, SetClosing, flow, netip.Addr{}},
-		{editDeleteMaybe, SetAlive, flow, netip.Addr{}},
 	}
 	if err := f.do(ctx, &request{edits: edits}); err != nil {
 		return fmt.Errorf("unforward %v: %w", flow, err)

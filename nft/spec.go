@@ -117,10 +117,13 @@ const (
 // The order of the rules is the state machine's fast path:
 //  1. all VIP:port traffic is untracked (handed-off flows would otherwise sit
 //     in conntrack as ESTABLISHED for five days, FACTS.md);
-//  2. a SYN is always local, and marks its flow fresh: a reused client port
-//     must never reach the previous connection's BE;
-//  3. fresh flows are local (a HANDOFFING connection is still local: its
-//     socket drops the client's packets itself, see repair.Block);
+//  2. a SYN is always local; one from a client port whose previous
+//     connection is still forwarded marks its flow fresh, so the new
+//     connection never reaches the previous connection's BE. Only reused
+//     ports get the mark: a handoff then has no mark to remove;
+//  3. fresh flows are local (a connection that is not forwarded is local
+//     anyway, and one HANDOFFING drops the client's packets at its socket,
+//     see repair.Block);
 //  4. the first FIN or RST of a HANDOFFED flow is copied to its BE, marked
 //     closing, and queued to the agent, which moves the connection to
 //     TIME_WAIT. Queueing comes after the copy and without the bypass flag:
@@ -140,7 +143,7 @@ func FE(p FEParams) *Ruleset {
 			Dynamic: dynamic, HasTimeout: timeout > 0, Timeout: timeout, Size: p.Size, Comment: comment,
 		}
 	}
-	fresh := set(SetFresh, p.FreshTimeout, true, "flows opened by a SYN, served by the FE")
+	fresh := set(SetFresh, p.FreshTimeout, true, "new connections from client ports still forwarded: served by the FE")
 	fwd := set(MapForward, 0, false, "HANDOFFED: client flow -> BE")
 	fwd.IsMap, fwd.DataType = true, nftables.TypeIPAddr
 	closing := set(SetClosing, 2*p.TimeWait, true, "HANDOFFED flows whose FIN or RST the agent has seen")
@@ -150,7 +153,8 @@ func FE(p FEParams) *Ruleset {
 	rules := [][]expr.Any{
 		cat(vip, []expr.Any{&expr.Notrack{}}),
 		cat(vip, tcpFlags(tcpSYN|tcpACK, tcpSYN, true),
-			loadKey(), dynsetUpdate(fresh), counter(), verdict(expr.VerdictAccept)),
+			loadKey(), lookup(fwd, false), dynsetUpdate(fresh), counter(), verdict(expr.VerdictAccept)),
+		cat(vip, tcpFlags(tcpSYN|tcpACK, tcpSYN, true), counter(), verdict(expr.VerdictAccept)),
 		cat(vip, loadKey(), lookup(fresh, false), verdict(expr.VerdictAccept)),
 		cat(vip, tcpFlags(tcpFIN|tcpRST, 0, false), loadKey(), notIn(closing),
 			lookup(fwd, true), dynsetUpdate(closing), dynsetUpdate(alive), dup(), counter(), queue(p)),
@@ -158,7 +162,8 @@ func FE(p FEParams) *Ruleset {
 	}
 	comments := []string{
 		"untrack the VIP",
-		"SYN: local, mark fresh",
+		"SYN from a port still forwarded: local, mark fresh",
+		"SYN: local",
 		"fresh: local",
 		"HANDOFFED first FIN/RST: forward, tell the agent",
 		"HANDOFFED: forward to BE",

@@ -83,7 +83,7 @@ func TestFERuleOrder(t *testing.T) {
 	for _, r := range FE(sampleFE).Rules {
 		got = append(got, string(r.UserData[2:len(r.UserData)-1]))
 	}
-	want := []string{"untrack the VIP", "SYN: local, mark fresh", "fresh: local",
+	want := []string{"untrack the VIP", "SYN from a port still forwarded: local, mark fresh", "SYN: local", "fresh: local",
 		"HANDOFFED first FIN/RST: forward, tell the agent", "HANDOFFED: forward to BE"}
 	if strings.Join(got, "|") != strings.Join(want, "|") {
 		t.Errorf("rule order:\n got %q\nwant %q", got, want)

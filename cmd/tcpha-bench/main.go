@@ -47,7 +47,20 @@ type params struct {
 	ttfbN      int
 	idleConns  int
 	profileDir string
+	only, fes  map[string]bool // empty: all
 }
+
+func set(list string) map[string]bool {
+	m := map[string]bool{}
+	for _, x := range strings.Split(list, ",") {
+		if x = strings.TrimSpace(x); x != "" {
+			m[x] = true
+		}
+	}
+	return m
+}
+
+func (p params) runs(workload string) bool { return len(p.only) == 0 || p.only[workload] }
 
 func main() {
 	agent := flag.String("agent", "bin/tcpha-agent", "tcpha-agent `binary`")
@@ -55,6 +68,9 @@ func main() {
 	out := flag.String("out", "docs/benchmarks.md", "report `file` (empty: stdout only)")
 	chart := flag.String("chart", "docs/benchmarks.png", "chart `file` (PNG)")
 	profile := flag.String("profile", "", "save CPU profiles of the FE and be1 agents taken during (a) to `dir`")
+	only := flag.String("only", "", "comma-separated `workloads` to run (a,b,c,d,e,flat,idle; default all)")
+	fes := flag.String("fe", "", "comma-separated `front ends` to run (tcpha,haproxy,nginx,direct; default all)")
+	secs := flag.Int("seconds", 0, "seconds per wrk workload (default 10, 2 with -smoke)")
 	flag.Parse()
 	p := params{wrkSecs: 10, flatTotal: 60 * time.Second, flatWindow: 10 * time.Second, bigMB: 200, ttfbN: 300,
 		idleConns: 10000, profileDir: *profile}
@@ -62,6 +78,10 @@ func main() {
 		p = params{smoke: true, wrkSecs: 2, flatTotal: 4 * time.Second, flatWindow: 2 * time.Second, bigMB: 20,
 			ttfbN: 30, idleConns: 500, profileDir: *profile}
 	}
+	if *secs > 0 {
+		p.wrkSecs = *secs
+	}
+	p.only, p.fes = set(*only), set(*fes)
 	if os.Geteuid() != 0 {
 		fail(errors.New("needs root: it creates network namespaces"))
 	}
@@ -162,11 +182,15 @@ func runBench(agent string, p params) (*bench.Run, error) {
 		return nil, err
 	}
 	vip := "http://" + cluster.VIP
-	b.fes = []frontEnd{
+	for _, fe := range []frontEnd{
 		{bench.TCPHA, vip, func() int { return c.AgentPID("fe") }},
 		{bench.HAProxy, vip + ":8081", func() int { return haproxy }},
 		{bench.Nginx, vip + ":8082", func() int { return nginx }},
 		{bench.Direct, "http://" + c.BEs[0].IP, nil},
+	} {
+		if len(p.fes) == 0 || p.fes[fe.name] {
+			b.fes = append(b.fes, fe)
+		}
 	}
 	for _, fe := range b.fes {
 		if err := b.waitUp(fe); err != nil {
@@ -175,17 +199,27 @@ func runBench(agent string, p params) (*bench.Run, error) {
 	}
 	b.describe()
 	for _, w := range []string{"a", "b", "c"} {
+		if !p.runs(w) {
+			continue
+		}
 		for _, fe := range b.fes {
 			r, err := b.wrk(fe, w)
 			if err != nil {
 				return nil, err
 			}
 			b.run.Results = append(b.run.Results, r)
-			fmt.Printf("   (%s) %-8s %9.0f req/s  p50 %-9v p99 %-9v FE CPU/req %v\n", w, fe.name, r.RPS,
+			fmt.Printf("   (%s) %-8s %9.0f req/s  p50 %-9v p99 %-9v FE CPU/req %v", w, fe.name, r.RPS,
 				r.P50, r.P99, r.CPUPerRequest())
+			if r.HandoffP99 > 0 {
+				fmt.Printf("  handoff p50 %v p99 %v", r.HandoffP50, r.HandoffP99)
+			}
+			fmt.Println()
 		}
 	}
 	for _, fe := range b.fes {
+		if !p.runs("d") {
+			break
+		}
 		r, err := b.download(fe)
 		if err != nil {
 			return nil, err
@@ -194,6 +228,9 @@ func runBench(agent string, p params) (*bench.Run, error) {
 		fmt.Printf("   (d) %-8s %6.2f s  %6.0f MB/s  FE CPU %.3f s\n", fe.name, r.Seconds, r.RespBytes/1e6/r.Seconds, r.FECPU)
 	}
 	for _, fe := range b.fes {
+		if !p.runs("e") {
+			break
+		}
 		r, err := b.ttfb(fe)
 		if err != nil {
 			return nil, err
@@ -201,11 +238,15 @@ func runBench(agent string, p params) (*bench.Run, error) {
 		b.run.Results = append(b.run.Results, r)
 		fmt.Printf("   (e) %-8s TTFB p50 %v p99 %v\n", fe.name, r.TTFB50, r.TTFB99)
 	}
-	if err := b.flat(); err != nil {
-		return nil, err
+	if p.runs("flat") {
+		if err := b.flat(); err != nil {
+			return nil, err
+		}
 	}
-	if err := b.idle(); err != nil {
-		b.run.Notes = append(b.run.Notes, "idle connections: "+err.Error())
+	if p.runs("idle") {
+		if err := b.idle(); err != nil {
+			b.run.Notes = append(b.run.Notes, "idle connections: "+err.Error())
+		}
 	}
 	return b.run, nil
 }

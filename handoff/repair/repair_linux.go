@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"sync"
 	"syscall"
 	"unsafe"
 
@@ -49,8 +50,8 @@ func dumpFD(fd int) (*wire.ConnInfo, error) {
 	if err := unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, 1); err != nil {
 		return nil, fmt.Errorf("dump: set TCP_REPAIR: %w", err)
 	}
-	raw := make([]byte, 64)
-	n, err := getsockoptRaw(fd, unix.IPPROTO_TCP, unix.TCP_INFO, raw)
+	var raw [64]byte
+	n, err := getsockoptRaw(fd, unix.IPPROTO_TCP, unix.TCP_INFO, raw[:])
 	if err != nil {
 		return nil, fmt.Errorf("dump: get TCP_INFO: %w", err)
 	}
@@ -62,20 +63,6 @@ func dumpFD(fd int) (*wire.ConnInfo, error) {
 		return nil, fmt.Errorf("dump: state %d: %w", info.State, ErrNotEstablished)
 	}
 	ci := &wire.ConnInfo{Options: info.Options, SndWScale: info.SndWScale, RcvWScale: info.RcvWScale}
-
-	outq, err := unix.IoctlGetInt(fd, unix.SIOCOUTQ)
-	if err != nil {
-		return nil, fmt.Errorf("dump: SIOCOUTQ: %w", err)
-	}
-	unsent, err := unix.IoctlGetInt(fd, unix.SIOCOUTQNSD)
-	if err != nil {
-		return nil, fmt.Errorf("dump: SIOCOUTQNSD: %w", err)
-	}
-	inq, err := unix.IoctlGetInt(fd, unix.SIOCINQ)
-	if err != nil {
-		return nil, fmt.Errorf("dump: SIOCINQ: %w", err)
-	}
-	ci.Unsent = uint32(unsent)
 
 	// In repair mode TCP_MAXSEG reads mss_clamp; outside it, mss_cache, and
 	// the rebuilt connection's MSS would shrink (FACTS.md).
@@ -91,33 +78,53 @@ func dumpFD(fd int) (*wire.ConnInfo, error) {
 		}
 		ci.Timestamp = uint32(ts)
 	}
-	wb := make([]byte, sizeofRepairWindow)
-	if n, err := getsockoptRaw(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_WINDOW, wb); err != nil {
+	var wb [sizeofRepairWindow]byte
+	if n, err := getsockoptRaw(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_WINDOW, wb[:]); err != nil {
 		return nil, fmt.Errorf("dump: get TCP_REPAIR_WINDOW: %w", err)
 	} else if ci.Window, err = decodeWindow(wb[:n]); err != nil {
 		return nil, fmt.Errorf("dump: %w", err)
 	}
 
-	sndNxt, sendq, err := dumpQueue(fd, tcpSendQueue, outq)
+	sndNxt, sendq, err := dumpQueue(fd, tcpSendQueue)
 	if err != nil {
 		return nil, err
 	}
-	rcvNxt, recvq, err := dumpQueue(fd, tcpRecvQueue, inq)
+	if len(sendq) > 0 {
+		unsent, err := unix.IoctlGetInt(fd, unix.SIOCOUTQNSD)
+		if err != nil {
+			return nil, fmt.Errorf("dump: SIOCOUTQNSD: %w", err)
+		}
+		ci.Unsent = uint32(unsent)
+	}
+	rcvNxt, recvq, err := dumpQueue(fd, tcpRecvQueue)
 	if err != nil {
 		return nil, err
 	}
 	// TCP_QUEUE_SEQ reads write_seq and rcv_nxt, the ends of the queues.
+	// The queue selector stays set: it only matters in repair mode, which
+	// the socket leaves by closing or by Resume.
 	ci.SndSeq = sndNxt - uint32(len(sendq))
 	ci.RcvSeq = rcvNxt - uint32(len(recvq))
 	ci.SendQueue, ci.RecvQueue = sendq, recvq
-	if err := unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpNoQueue); err != nil {
-		return nil, fmt.Errorf("dump: reset TCP_REPAIR_QUEUE: %w", err)
-	}
 	return ci, nil
 }
 
-func dumpQueue(fd, queue, size int) (seq uint32, data []byte, err error) {
-	name := map[int]string{tcpSendQueue: "send", tcpRecvQueue: "receive"}[queue]
+// peekChunk is how much of a queue one peek reads before asking the
+// queue's size: the queues of a connection about to move are almost always
+// empty (the FE has read the request, a BE waited for every byte to be
+// acknowledged), so the size ioctl is usually not needed.
+const peekChunk = 4096
+
+var peekBufs = sync.Pool{New: func() any { return new([peekChunk]byte) }}
+
+// dumpQueue reads one queue's end sequence number and its bytes, without
+// consuming them.
+func dumpQueue(fd, queue int) (seq uint32, data []byte, err error) {
+	name := "send"
+	sizeIoctl := uint(unix.SIOCOUTQ)
+	if queue == tcpRecvQueue {
+		name, sizeIoctl = "receive", uint(unix.SIOCINQ)
+	}
 	if err := unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, queue); err != nil {
 		return 0, nil, fmt.Errorf("dump %s queue: set TCP_REPAIR_QUEUE: %w", name, err)
 	}
@@ -125,38 +132,51 @@ func dumpQueue(fd, queue, size int) (seq uint32, data []byte, err error) {
 	if err != nil {
 		return 0, nil, fmt.Errorf("dump %s queue: get TCP_QUEUE_SEQ: %w", name, err)
 	}
-	if size == 0 {
-		return uint32(s), nil, nil
+	buf := peekBufs.Get().(*[peekChunk]byte)
+	defer peekBufs.Put(buf)
+	n, err := peek(fd, buf[:])
+	if err != nil {
+		return 0, nil, fmt.Errorf("dump %s queue: peek: %w", name, err)
+	}
+	if n < peekChunk {
+		if n == 0 {
+			return uint32(s), nil, nil
+		}
+		return uint32(s), append([]byte(nil), buf[:n]...), nil
+	}
+	size, err := unix.IoctlGetInt(fd, sizeIoctl)
+	if err != nil {
+		return 0, nil, fmt.Errorf("dump %s queue: size: %w", name, err)
 	}
 	// One extra byte tells us if the queue grew behind the ioctl's back.
-	buf := make([]byte, size+1)
-	n, _, err := unix.Recvfrom(fd, buf, unix.MSG_PEEK|unix.MSG_DONTWAIT)
-	if err != nil {
+	big := make([]byte, size+1)
+	if n, err = peek(fd, big); err != nil {
 		return 0, nil, fmt.Errorf("dump %s queue: peek %d bytes: %w", name, size, err)
 	}
 	if n != size {
 		return 0, nil, fmt.Errorf("dump %s queue: peeked %d bytes, queue holds %d", name, n, size)
 	}
-	return uint32(s), buf[:n], nil
+	return uint32(s), big[:n], nil
+}
+
+// peek reads a repair queue without consuming it; an empty queue reads as 0
+// bytes.
+func peek(fd int, b []byte) (int, error) {
+	n, _, err := unix.Recvfrom(fd, b, unix.MSG_PEEK|unix.MSG_DONTWAIT)
+	if errors.Is(err, unix.EAGAIN) {
+		return 0, nil
+	}
+	return n, err
 }
 
 // Block makes the kernel drop every packet that reaches conn's socket
-// from now on: a classic BPF socket filter that accepts nothing, which
+// from now on: a socket filter that accepts nothing (block_linux.go), which
 // tcp_v4_rcv runs before any TCP processing (tcp_filter), so nothing is
 // queued, acknowledged or answered. This is the seed's HANDOFFING drop (4.8.1)
 // for one socket, at the cost of one setsockopt instead of an nft
 // transaction. Packets dropped meanwhile are retransmitted by the client to
 // whoever owns the connection next.
-func Block(conn *net.TCPConn) error {
-	return control(conn, "block", func(fd int) error {
-		drop := []unix.SockFilter{{Code: unix.BPF_RET | unix.BPF_K, K: 0}}
-		prog := unix.SockFprog{Len: uint16(len(drop)), Filter: &drop[0]}
-		if err := unix.SetsockoptSockFprog(fd, unix.SOL_SOCKET, unix.SO_ATTACH_FILTER, &prog); err != nil {
-			return fmt.Errorf("attach drop filter: %w", err)
-		}
-		return nil
-	})
-}
+func Block(conn *net.TCPConn) error { return control(conn, "block", attachDrop) }
 
 // Resume serves a blocked, dumped socket here after a failed handoff: the
 // filter goes first, so that the client's answer to the window probe that
@@ -165,8 +185,8 @@ func Block(conn *net.TCPConn) error {
 // VIP:port against a new agent's listener for its whole TIME_WAIT.
 func Resume(conn *net.TCPConn) error {
 	return control(conn, "resume", func(fd int) error {
-		if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_DETACH_FILTER, 0); err != nil && !errors.Is(err, unix.ENOENT) {
-			return fmt.Errorf("detach drop filter: %w", err)
+		if err := detachDrop(fd); err != nil {
+			return err
 		}
 		if err := unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_OFF); err != nil {
 			return fmt.Errorf("clear TCP_REPAIR: %w", err)

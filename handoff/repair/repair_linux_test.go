@@ -228,3 +228,36 @@ func TestRebuildSilentUntilActivate(t *testing.T) {
 	}
 	r.Discard() // idempotent after Activate
 }
+
+// Queues larger than one peek are dumped whole: a receive queue the server
+// has not read, and a send queue the client has not acknowledged (its
+// receive buffer is full).
+func TestDumpLargeQueues(t *testing.T) {
+	privtest.Require(t)
+	client, srv := loopbackPair(t)
+	in := bytes.Repeat([]byte("r"), 10000)
+	client.Write(in)
+	out := bytes.Repeat([]byte("s"), 8<<20)
+	go srv.Write(out) // blocks once the client's buffer is full
+	time.Sleep(200 * time.Millisecond)
+	if err := Block(srv); err != nil {
+		t.Fatal(err)
+	}
+	ci, err := Dump(srv, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(ci.RecvQueue, in) {
+		t.Errorf("receive queue: %d bytes, want %d", len(ci.RecvQueue), len(in))
+	}
+	if len(ci.SendQueue) <= peekChunk || !bytes.Equal(ci.SendQueue, out[:len(ci.SendQueue)]) {
+		t.Errorf("send queue: %d bytes (want more than %d, all 's')", len(ci.SendQueue), peekChunk)
+	}
+	if int(ci.Unsent) > len(ci.SendQueue) {
+		t.Errorf("unsent %d of %d", ci.Unsent, len(ci.SendQueue))
+	}
+	t.Logf("send queue %d bytes, %d unsent", len(ci.SendQueue), ci.Unsent)
+	if err := Resume(srv); err != nil {
+		t.Fatal(err)
+	}
+}
