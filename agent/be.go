@@ -33,7 +33,8 @@ type be struct {
 	ln     net.Listener
 	server *ctl.Server
 	recv   *handoff.Receiver
-	relays relay.Tracker
+	pool   *relay.Pool
+	relay  *relay.Relay
 	local  *localAddrs
 }
 
@@ -71,17 +72,24 @@ func startBE(ctx context.Context, cfg *config.BE, secret []byte, m *metrics.Metr
 	}
 	up := cfg.Redirect()
 	dialer := &net.Dialer{}
+	b.pool = &relay.Pool{Dial: func(ctx context.Context) (*net.TCPConn, error) {
+		c, err := dialer.DialContext(ctx, "tcp4", up.String())
+		if err != nil {
+			return nil, err
+		}
+		return c.(*net.TCPConn), nil
+	}}
+	b.relay = relay.New(relay.Config{
+		Pool: b.pool, MaxHeader: cfg.MaxHeader, HeadTimeout: cfg.RequestTimeout,
+		IdleTimeout: cfg.KeepAliveTimeout, Log: b.log,
+	})
 	b.recv = &handoff.Receiver{
 		VIP: cfg.VAddr, Check: b.check, Rebuilder: rebuilder{log: b.log},
-		Connect: func(ctx context.Context) (handoff.Upstream, error) {
-			c, err := dialer.DialContext(ctx, "tcp4", up.String())
-			if err != nil {
-				return nil, err
-			}
-			return c.(*net.TCPConn), nil
-		},
+		// An idle keep-alive connection to the web server if there is one;
+		// a new one fails fast when the server is down.
+		Connect: func(ctx context.Context) (handoff.Upstream, error) { return b.pool.Get(ctx) },
 		Run: func(client *net.TCPConn, up handoff.Upstream) {
-			b.relays.Go(func() { relay.Pipe(client, up.(*net.TCPConn)) })
+			b.relay.Serve(client, up.(*relay.Upstream))
 		},
 		CommitTimeout: cfg.CommitTimeout, MaxPending: cfg.MaxClients, Log: b.log,
 		Observe: func(r wire.Result) { m.Offers.WithLabelValues(r.String()).Inc() },
@@ -96,7 +104,7 @@ func startBE(ctx context.Context, cfg *config.BE, secret []byte, m *metrics.Metr
 			Local:   wire.Hello{Role: wire.RoleBE, Addr: ctlAddr, VIP: netip.AddrPortFrom(cfg.VAddr, 0)},
 			Handler: b.recv,
 			Health: func() wire.Health {
-				return wire.Health{ServerUp: true, Active: uint32(b.relays.Active())}
+				return wire.Health{ServerUp: true, Active: uint32(b.relay.Active())}
 			},
 			Log: b.log,
 		},
@@ -180,11 +188,11 @@ func (b *be) run(ctx context.Context) {
 // already closed, so the FE sends new connections elsewhere.
 func (b *be) drain(d time.Duration) {
 	done := make(chan struct{})
-	go func() { b.relays.Wait(); close(done) }()
+	go func() { b.relay.Wait(); close(done) }()
 	select {
 	case <-done:
 	case <-time.After(d):
-		b.log.Warn("drain time over; cutting relayed connections", "op", "stop", "relaying", b.relays.Active())
+		b.log.Warn("drain time over; cutting relayed connections", "op", "stop", "relaying", b.relay.Active())
 	}
 }
 
@@ -194,6 +202,9 @@ func (b *be) drain(d time.Duration) {
 func (b *be) stop() error {
 	if b.ln != nil {
 		b.ln.Close()
+	}
+	if b.pool != nil {
+		b.pool.Close()
 	}
 	return b.undo()
 }
@@ -207,8 +218,11 @@ func (b *be) handover() {
 
 func (b *be) status(w io.Writer) {
 	s := b.recv.Stats()
+	rs := b.relay.Stats()
 	fmt.Fprintf(w, "be vip=%v handoff=%v:%d pid=%d\n", b.cfg.VAddr, b.cfg.RAddr, b.cfg.Port, os.Getpid())
 	fmt.Fprintf(w, "  relaying=%d pending=%d served=%d refused=%d sessions=%d upstream=%v at %s\n",
-		b.relays.Active(), s.Pending, s.Served, s.Refused, len(b.server.Sessions()),
+		rs.Active, s.Pending, s.Served, s.Refused, len(b.server.Sessions()),
 		b.cfg.Redirect(), time.Now().Format(time.RFC3339))
+	fmt.Fprintf(w, "  requests=%d upstream_dialed=%d upstream_reused=%d upstream_idle=%d retries=%d bad_gateway=%d\n",
+		rs.Requests, rs.Upstream.Dialed, rs.Upstream.Reuses, rs.Upstream.Idle, rs.Retries, rs.BadGateways)
 }

@@ -20,6 +20,7 @@ import (
 	"tcpha/handoff/ctl"
 	"tcpha/handoff/repair"
 	"tcpha/handoff/wire"
+	"tcpha/internal/gopool"
 	"tcpha/metrics"
 	"tcpha/nft"
 	"tcpha/phttp"
@@ -280,6 +281,7 @@ func (f *fe) acceptLoop(ctx, work context.Context) {
 	stop := context.AfterFunc(ctx, func() { f.ln.Close() })
 	defer stop()
 	slots := make(chan struct{}, f.cfg.MaxClients)
+	workers := gopool.New(64)
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	for {
@@ -299,7 +301,9 @@ func (f *fe) acceptLoop(ctx, work context.Context) {
 			continue
 		}
 		f.stats.add(func(s *feCounters) { s.accepted++ })
-		wg.Go(func() {
+		wg.Add(1)
+		workers.Go(func() {
+			defer wg.Done()
 			defer func() { <-slots }()
 			f.serve(work, c.(*net.TCPConn))
 		})

@@ -91,6 +91,12 @@ type BE struct {
 	// Not in the seed: how long a restored connection waits for the FE's
 	// commit before it is dropped silently.
 	CommitTimeout time.Duration
+	// KeepAliveTimeout is how long a client's connection may stay open
+	// between requests; RequestTimeout and MaxHeader bound each later
+	// request's head, as the FE bounds the first.
+	KeepAliveTimeout time.Duration
+	RequestTimeout   time.Duration
+	MaxHeader        int
 	// Drain is how long relayed connections may finish on SIGTERM.
 	Drain time.Duration
 }

@@ -44,7 +44,8 @@ var allowed = map[string]map[string]bool{
 		"startservers": false, "maxspareservers": false, "minspareservers": false,
 		"maxclients": false, "redirectaddr": false, "redirectport": false,
 		"dregister": false, "feaddr": false, "feport": false, "rule": true,
-		"committimeout": false, "drain": false,
+		"committimeout": false, "drain": false, "keepalivetimeout": false,
+		"requesttimeout": false, "maxheader": false,
 	},
 }
 
@@ -187,6 +188,10 @@ func (p *parser) be(s *ini.Section) (*BE, error) {
 		FEPort:          v.port("feport", 80),
 		CommitTimeout:   v.duration("committimeout", 5*time.Second, false),
 		Drain:           v.duration("drain", 20*time.Second, true),
+		// nginx's keepalive_timeout default.
+		KeepAliveTimeout: v.duration("keepalivetimeout", 75*time.Second, false),
+		RequestTimeout:   v.duration("requesttimeout", 10*time.Second, false),
+		MaxHeader:        v.intIn("maxheader", 8192, 256, 16<<10),
 	}
 	// The seed needed feaddr only for dynamic registration; tcpha also
 	// accepts control sessions only from its FEs, so it is always required.

@@ -13,6 +13,7 @@ import (
 
 	"tcpha/handoff/ctl"
 	"tcpha/handoff/wire"
+	"tcpha/internal/gopool"
 )
 
 // Rebuilder rebuilds handed-off sockets on the BE (repair.Rebuild in
@@ -66,6 +67,8 @@ type Receiver struct {
 	refused  atomic.Int64
 
 	offers  sync.WaitGroup
+	workers *gopool.Pool
+	once    sync.Once
 	mu      sync.Mutex
 	pending map[netip.AddrPort]*pendingHandoff
 }
@@ -101,7 +104,12 @@ func (r *Receiver) Wait() { r.offers.Wait() }
 func (r *Receiver) Serve(s *ctl.Session, f wire.Frame) {
 	switch f.Type {
 	case wire.TypeOffer:
-		r.offers.Go(func() { r.offer(s, f) })
+		r.once.Do(func() { r.workers = gopool.New(64) })
+		r.offers.Add(1)
+		r.workers.Go(func() {
+			defer r.offers.Done()
+			r.offer(s, f)
+		})
 	case wire.TypeCommit, wire.TypeAbort:
 		var fl wire.Flow
 		if err := fl.UnmarshalBinary(f.Payload); err != nil {

@@ -10,7 +10,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net/url"
 	"strings"
 )
 
@@ -25,6 +24,8 @@ type Request struct {
 	Raw []byte
 	// HeaderLen is the length of the header block within Raw.
 	HeaderLen int
+	// Head is the parsed head, with its framing.
+	Head *Head
 }
 
 // Errors the FE answers with an HTTP status before closing.
@@ -39,7 +40,7 @@ func Status(err error) int {
 	switch {
 	case errors.Is(err, ErrHeaderTooLarge):
 		return 431
-	case errors.Is(err, ErrMalformed):
+	case errors.Is(err, ErrMalformed), errors.Is(err, ErrFraming):
 		return 400
 	}
 	return 0
@@ -111,39 +112,11 @@ func checkPrefix(b []byte) error {
 }
 
 func parse(buf []byte, end int) (*Request, error) {
-	head := string(buf[:end])
-	line, rest, _ := strings.Cut(head, "\n")
-	line = strings.TrimSuffix(line, "\r")
-	f := strings.Split(line, " ")
-	if len(f) != 3 {
-		return nil, fmt.Errorf("%w: request line %q", ErrMalformed, trunc(line))
+	h, err := ParseRequest(buf[:end])
+	if err != nil {
+		return nil, err
 	}
-	req := &Request{Method: f[0], Target: f[1], Proto: f[2], Raw: buf, HeaderLen: end}
-	if !isToken(req.Method) {
-		return nil, fmt.Errorf("%w: bad method %q", ErrMalformed, trunc(req.Method))
-	}
-	if req.Proto != "HTTP/1.1" && req.Proto != "HTTP/1.0" {
-		return nil, fmt.Errorf("%w: protocol %q (want HTTP/1.0 or HTTP/1.1)", ErrMalformed, trunc(req.Proto))
-	}
-	u, err := url.ParseRequestURI(req.Target)
-	if err != nil || req.Target == "*" {
-		return nil, fmt.Errorf("%w: target %q", ErrMalformed, trunc(req.Target))
-	}
-	req.Path = u.Path
-	if req.Path == "" {
-		req.Path = "/"
-	}
-	for _, h := range strings.Split(rest, "\n") {
-		h = strings.TrimSuffix(h, "\r")
-		if h == "" {
-			continue
-		}
-		name, _, ok := strings.Cut(h, ":")
-		if !ok || !isToken(name) {
-			return nil, fmt.Errorf("%w: header line %q", ErrMalformed, trunc(h))
-		}
-	}
-	return req, nil
+	return &Request{Method: h.Method, Target: h.Target, Path: h.Path, Proto: h.Proto, Raw: buf, HeaderLen: end, Head: h}, nil
 }
 
 func isToken(s string) bool {

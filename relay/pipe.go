@@ -37,6 +37,8 @@ func Pipe(client, server *net.TCPConn) {
 
 // Tracker counts the relays running, so a stopping BE can wait for them.
 type Tracker struct {
+	// Spawn runs a relay on its own goroutine; nil: a new goroutine.
+	Spawn  func(func())
 	mu     sync.Mutex
 	cond   *sync.Cond
 	active int
@@ -47,10 +49,15 @@ func (t *Tracker) Go(fn func()) {
 	t.mu.Lock()
 	t.active++
 	t.mu.Unlock()
-	go func() {
+	run := func() {
 		defer t.done()
 		fn()
-	}()
+	}
+	if t.Spawn != nil {
+		t.Spawn(run)
+	} else {
+		go run()
+	}
 }
 
 func (t *Tracker) done() {

@@ -262,8 +262,7 @@ func Rebuild(ci *wire.ConnInfo) (*Rebuilt, error) {
 }
 
 // Activate takes the socket out of repair mode, from when it behaves like
-// any connected socket: the kernel sends one window probe, then the unsent
-// bytes of the send queue.
+// any connected socket; the unsent bytes of the send queue go out.
 func (r *Rebuilt) Activate() (*net.TCPConn, error) {
 	fd := r.fd
 	r.fd = -1
@@ -369,7 +368,14 @@ func rebuildFD(fd int, ci *wire.ConnInfo) error {
 }
 
 func activateFD(fd int, unsent []byte) error {
-	if err := unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_OFF); err != nil {
+	// TCP_REPAIR_OFF would send a window probe, whose only use is to learn
+	// the peer's window anew and to draw an ACK (CRIU restores sockets whose
+	// peer went on while they were frozen). Here the window comes from the
+	// dump, taken a moment ago, and whatever the client sent while its
+	// connection was blocked it retransmits by itself: the probe and the
+	// client's answer were two packets per handoff for nothing
+	// (docs/performance.md).
+	if err := unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_OFF_NO_WP); err != nil {
 		return fmt.Errorf("set TCP_REPAIR off: %w", err)
 	}
 	// Leaving repair mode resets SO_REUSEADDR (FACTS.md).

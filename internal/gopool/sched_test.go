@@ -1,0 +1,5 @@
+package gopool
+
+import "runtime"
+
+func runtimeGosched() { runtime.Gosched() }

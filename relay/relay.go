@@ -1,0 +1,718 @@
+package relay
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"tcpha/internal/gopool"
+	"tcpha/phttp"
+)
+
+// Config shapes a Relay.
+type Config struct {
+	// Pool holds the connections to the local web server.
+	Pool *Pool
+	// MaxHeader bounds a request head (431 beyond it); HeadTimeout the
+	// time from a request's first byte to the end of its head (408).
+	MaxHeader   int
+	HeadTimeout time.Duration
+	// IdleTimeout is how long a client may keep its connection open
+	// between requests.
+	IdleTimeout time.Duration
+	Log         *slog.Logger
+}
+
+// Relay serves handed-off client connections: for each request on a
+// connection it finds where the request and its response end (phttp),
+// carries them over a pooled keep-alive connection to the local web server,
+// and then waits for the client's next request or ends the connection as
+// HTTP says. Knowing where each exchange ends is what lets the BE reuse its
+// upstream connections across clients and, with multi-handoff, stop at a
+// response boundary.
+type Relay struct {
+	cfg Config
+	Tracker
+
+	requests, retries, badGateway atomic.Int64
+}
+
+// New returns a relay with cfg, filling in defaults.
+func New(cfg Config) *Relay {
+	if cfg.MaxHeader <= 0 {
+		cfg.MaxHeader = 8192
+	}
+	if cfg.HeadTimeout <= 0 {
+		cfg.HeadTimeout = 10 * time.Second
+	}
+	if cfg.IdleTimeout <= 0 {
+		cfg.IdleTimeout = 75 * time.Second
+	}
+	r := &Relay{cfg: cfg}
+	r.Spawn = gopool.New(256).Go
+	return r
+}
+
+// Stats are a relay's counters.
+type Stats struct {
+	Active                         int
+	Requests, Retries, BadGateways int64
+	Upstream                       PoolStats
+}
+
+// Stats returns the relay's counters.
+func (r *Relay) Stats() Stats {
+	return Stats{Active: r.Active(), Requests: r.requests.Load(), Retries: r.retries.Load(),
+		BadGateways: r.badGateway.Load(), Upstream: r.cfg.Pool.Stats()}
+}
+
+// bufSize is a session's client buffer: a request head, the start of its
+// body, and pipelined requests behind it.
+const bufSize = 16 << 10
+
+var bufs = sync.Pool{New: func() any { return new([bufSize]byte) }}
+
+// spliceMin is the body size from which bytes go socket to socket with
+// splice(2) instead of through the relay's buffers (seed 4.2.2's zero-copy
+// relay); below it, one read and one write cost less than the pipe.
+const spliceMin = 64 << 10
+
+// Serve runs a committed client connection until it ends, counted by the
+// relay's Tracker. first is the upstream connection taken when the handoff
+// was accepted (nil: take one when the first request is read).
+func (r *Relay) Serve(client *net.TCPConn, first *Upstream) {
+	r.Go(func() { r.serve(client, first) })
+}
+
+type session struct {
+	r      *Relay
+	client *net.TCPConn
+	buf    *[bufSize]byte
+	max    int // head bound, within buf
+	start  int // buf[start:end] is read and not yet relayed
+	end    int
+	up     *Upstream
+	log    *slog.Logger
+	// retryable: the request in s.sent may be sent again; responded: the
+	// client got bytes of the current response already.
+	retryable, responded bool
+	sent                 net.Buffers
+}
+
+func (r *Relay) serve(client *net.TCPConn, first *Upstream) {
+	s := &session{r: r, client: client, up: first, max: min(r.cfg.MaxHeader, bufSize)}
+	defer s.finish()
+	for {
+		h, err := s.readHead()
+		if err != nil {
+			s.refuse(err)
+			return
+		}
+		r.requests.Add(1)
+		more, err := s.exchange(h)
+		if err != nil {
+			s.logf().Info("relay ended", "op", "relay", "err", err)
+			return
+		}
+		if !more {
+			s.closeGracefully()
+			return
+		}
+	}
+}
+
+func (s *session) logf() *slog.Logger {
+	if s.log == nil {
+		s.log = s.r.cfg.Log.With("client", s.client.RemoteAddr().String())
+	}
+	return s.log
+}
+
+// finish closes what is left; an upstream still held was not returned to
+// the pool because its exchange did not end cleanly.
+func (s *session) finish() {
+	if s.up != nil {
+		s.up.Close()
+		s.up = nil
+	}
+	s.client.Close()
+	s.release()
+}
+
+func (s *session) release() {
+	if s.buf != nil && s.start == s.end {
+		bufs.Put(s.buf)
+		s.buf, s.start, s.end = nil, 0, 0
+	}
+}
+
+// errClientGone is a client that closed (or reset) between requests.
+var errClientGone = errors.New("client closed")
+
+// quietAfter is how long a session waits for a keep-alive client's next
+// request with its buffer held. A busy client sends it at once; one quiet
+// that long gives the buffer back and waits without one.
+const quietAfter = 50 * time.Millisecond
+
+// readHead reads the next request head. Between requests a quiet
+// connection holds no buffer: it waits for the socket to become readable
+// first, so an idle keep-alive connection costs its goroutine and its
+// socket only.
+func (s *session) readHead() (*phttp.Head, error) {
+	idleUntil := time.Now().Add(s.r.cfg.IdleTimeout)
+	if s.start == s.end {
+		s.start, s.end = 0, 0
+		if s.buf == nil {
+			s.buf = bufs.Get().(*[bufSize]byte)
+		}
+		s.client.SetReadDeadline(time.Now().Add(quietAfter))
+		n, err := s.client.Read(s.buf[:s.max])
+		s.end = n
+		switch {
+		case n > 0:
+		case errors.Is(err, os.ErrDeadlineExceeded):
+			s.release()
+			s.client.SetReadDeadline(idleUntil)
+			if err := waitReadable(s.client); err != nil {
+				return nil, err
+			}
+			s.buf = bufs.Get().(*[bufSize]byte)
+		case errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET):
+			return nil, errClientGone
+		default:
+			return nil, err
+		}
+	}
+	headDeadline := time.Now().Add(s.r.cfg.HeadTimeout)
+	s.client.SetReadDeadline(headDeadline)
+	for {
+		if s.end > s.start {
+			h, err := phttp.ParseRequest(s.buf[s.start:s.end])
+			if err == nil {
+				return h, nil
+			}
+			if !errors.Is(err, phttp.ErrIncomplete) {
+				return nil, err
+			}
+			if s.end-s.start >= s.max {
+				return nil, fmt.Errorf("%w: no end of head within %d bytes", phttp.ErrHeaderTooLarge, s.max)
+			}
+		}
+		if s.start > 0 {
+			copy(s.buf[:], s.buf[s.start:s.end])
+			s.end -= s.start
+			s.start = 0
+		}
+		n, err := s.client.Read(s.buf[s.end:s.max])
+		s.end += n
+		if err != nil {
+			if s.end == s.start && (errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET)) {
+				return nil, errClientGone
+			}
+			return nil, err
+		}
+	}
+}
+
+// waitReadable blocks until c has data (or an error or EOF) without
+// reading it.
+func waitReadable(c *net.TCPConn) error {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var one [1]byte
+	var rerr error
+	err = rc.Read(func(fd uintptr) bool {
+		_, _, e := unix.Recvfrom(int(fd), one[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
+		if errors.Is(e, unix.EAGAIN) {
+			return false
+		}
+		if e != nil {
+			rerr = e
+		}
+		return true
+	})
+	if err != nil {
+		return err
+	}
+	if errors.Is(rerr, unix.ECONNRESET) {
+		return errClientGone
+	}
+	return rerr
+}
+
+// refuse ends a connection whose next request could not be read.
+func (s *session) refuse(err error) {
+	var ne net.Error
+	status := phttp.Status(err)
+	switch {
+	case errors.Is(err, errClientGone), errors.Is(err, io.EOF):
+		return
+	case status == 0 && errors.As(err, &ne) && ne.Timeout():
+		if s.end == s.start {
+			// Idle too long between requests: a plain close.
+			s.closeGracefully()
+			return
+		}
+		status = 408
+	case status == 0:
+		s.logf().Debug("client read failed", "op", "relay", "err", err)
+		return
+	}
+	s.logf().Info("request refused", "op", "relay", "status", status, "err", err)
+	s.client.SetWriteDeadline(time.Now().Add(time.Second))
+	s.client.Write(phttp.ErrorResponse(status, err.Error()))
+	s.closeGracefully()
+}
+
+// closeGracefully ends the connection from this side: FIN first, then read
+// and drop whatever the client still sends until it closes too (or a few
+// seconds pass), so that unread bytes do not turn the close into a RST that
+// could destroy the response still in flight (nginx's lingering close).
+func (s *session) closeGracefully() {
+	s.client.CloseWrite()
+	s.client.SetReadDeadline(time.Now().Add(5 * time.Second))
+	var drain [512]byte
+	for {
+		if _, err := s.client.Read(drain[:]); err != nil {
+			return
+		}
+	}
+}
+
+// exchange relays one request and its response. It reports whether the
+// client connection goes on to another request.
+func (s *session) exchange(h *phttp.Head) (more bool, err error) {
+	head := s.buf[s.start : s.start+h.Len]
+	s.start += h.Len
+	s.responded = false
+	// The request's bytes toward the web server. `Connection: close` is
+	// hop-by-hop (RFC 9110 section 7.6.1): dropped, it leaves the upstream
+	// connection reusable; the relay closes the client's connection itself
+	// once the response is through.
+	out := net.Buffers{head}
+	upKeep := h.KeepAlive || h.Proto == "HTTP/1.1" && h.ConnClose
+	if !h.KeepAlive && upKeep {
+		out = net.Buffers{head[:h.ConnLine[0]], head[h.ConnLine[1]:]}
+	}
+	if h.Upgrade {
+		upKeep = false
+	}
+	// The part of the body already read.
+	var rem int64
+	var chunks *phttp.Chunks
+	switch h.Body {
+	case phttp.BodyLength:
+		n := min(h.Length, int64(s.end-s.start))
+		out = append(out, s.buf[s.start:s.start+int(n)])
+		s.start += int(n)
+		rem = h.Length - n
+	case phttp.BodyChunked:
+		chunks = &phttp.Chunks{}
+		n, done, err := chunks.Scan(s.buf[s.start:s.end])
+		if err != nil {
+			s.answer(400, err.Error())
+			return false, err
+		}
+		out = append(out, s.buf[s.start:s.start+n])
+		s.start += n
+		if done {
+			chunks = nil
+		}
+	}
+	bodySent := rem == 0 && chunks == nil
+	if err := s.sendRequest(out, bodySent && idempotent(h.Method)); err != nil {
+		s.r.badGateway.Add(1)
+		s.answer(502, "the web server is unreachable")
+		return false, err
+	}
+	for {
+		// Expect: 100-continue with the body still to come: the web
+		// server answers first (nginx sends 100 as soon as it wants the
+		// body); then the body goes.
+		if !bodySent && !(h.Continue && !s.responded) {
+			if err := s.sendBody(rem, chunks); err != nil {
+				return false, err
+			}
+			bodySent = true
+		}
+		rh, err := s.readResponseHead(h.Method)
+		if err != nil {
+			return false, err
+		}
+		if rh.Status < 200 && rh.Status != 101 {
+			// Interim: to the client as is, then the next head.
+			err := s.write(net.Buffers{s.up.head(rh)})
+			s.up.br.Discard(rh.Len)
+			if err != nil {
+				return false, err
+			}
+			continue
+		}
+		if !bodySent {
+			// A final answer instead of 100: the client may or may not send
+			// its body now, so neither connection can be trusted after.
+			upKeep, h.KeepAlive = false, false
+		}
+		if err := s.relayResponse(rh, h); err != nil {
+			return false, err
+		}
+		if rh.Body == phttp.BodyTunnel {
+			return false, nil // both sockets ended with the tunnel
+		}
+		reuse := upKeep && rh.KeepAlive && rh.Body != phttp.BodyClose
+		if reuse {
+			s.r.cfg.Pool.Put(s.up)
+		} else {
+			s.up.Close()
+		}
+		s.up = nil
+		return h.KeepAlive && rh.KeepAlive && rh.Body != phttp.BodyClose, nil
+	}
+}
+
+func idempotent(method string) bool {
+	switch method {
+	case "GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE":
+		return true
+	}
+	return false
+}
+
+// sendRequest writes the request's first bytes to the session's upstream
+// connection, taking one from the pool if it has none.
+func (s *session) sendRequest(out net.Buffers, retryable bool) error {
+	if s.up == nil {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		up, err := s.r.cfg.Pool.Get(ctx)
+		cancel()
+		if err != nil {
+			return err
+		}
+		s.up = up
+	}
+	s.retryable = retryable && s.up.reused
+	s.sent = append(s.sent[:0], out...)
+	bufs := append(net.Buffers(nil), out...)
+	if _, err := bufs.WriteTo(s.up.Conn); err != nil {
+		if !s.retryable {
+			return err
+		}
+		return s.retry()
+	}
+	return nil
+}
+
+// retry sends the request again on a new connection. A reused connection
+// that the server closed while it was idle shows only when its answer does
+// not come; a request that may be repeated (idempotent, and whole in hand)
+// is then sent once more, as HAProxy's retry-on does.
+func (s *session) retry() error {
+	s.r.retries.Add(1)
+	s.up.Close()
+	s.up = nil
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	up, err := s.r.cfg.Pool.Fresh(ctx)
+	cancel()
+	if err != nil {
+		return err
+	}
+	s.up, s.retryable = up, false
+	bufs := append(net.Buffers(nil), s.sent...)
+	_, err = bufs.WriteTo(up.Conn)
+	return err
+}
+
+// sendBody relays the rest of a request body from the client.
+func (s *session) sendBody(rem int64, chunks *phttp.Chunks) error {
+	if chunks == nil {
+		if rem >= spliceMin {
+			_, err := s.up.Conn.ReadFrom(&io.LimitedReader{R: s.client, N: rem})
+			return clientSide(err)
+		}
+		for rem > 0 {
+			s.client.SetReadDeadline(time.Now().Add(s.r.cfg.IdleTimeout))
+			n, err := s.client.Read(s.buf[:min(int64(bufSize), rem)])
+			if n > 0 {
+				if _, werr := s.up.Conn.Write(s.buf[:n]); werr != nil {
+					return werr
+				}
+				rem -= int64(n)
+			}
+			if err != nil {
+				return clientSide(err)
+			}
+		}
+		return nil
+	}
+	// Chunked: read, scan for the end, pass on what belongs to the body;
+	// bytes after it are the next request's.
+	s.start, s.end = 0, 0
+	for {
+		s.client.SetReadDeadline(time.Now().Add(s.r.cfg.IdleTimeout))
+		n, err := s.client.Read(s.buf[s.end:])
+		s.end += n
+		if s.end > s.start {
+			k, done, serr := chunks.Scan(s.buf[s.start:s.end])
+			if serr != nil {
+				return serr
+			}
+			if _, werr := s.up.Conn.Write(s.buf[s.start : s.start+k]); werr != nil {
+				return werr
+			}
+			s.start += k
+			if done {
+				return nil
+			}
+			s.start, s.end = 0, 0
+		}
+		if err != nil {
+			return clientSide(err)
+		}
+	}
+}
+
+var errClientAborted = errors.New("client went away in the middle of a request")
+
+func clientSide(err error) error {
+	if err != nil {
+		return fmt.Errorf("%w: %v", errClientAborted, err)
+	}
+	return nil
+}
+
+// maxResponseHead bounds a response head from the web server (the upstream
+// buffer).
+const maxResponseHead = 16 << 10
+
+// readResponseHead reads the next response head from the web server; it
+// stays in the upstream buffer until relayed. A reused connection that
+// fails before the first byte of the answer gets the request again, once,
+// on a new connection.
+func (s *session) readResponseHead(method string) (*phttp.Head, error) {
+	for {
+		h, err := s.peekHead(method)
+		if err == nil {
+			return h, nil
+		}
+		if s.retryable && !s.responded && s.up.br.Buffered() == 0 {
+			if rerr := s.retry(); rerr == nil {
+				continue
+			}
+		}
+		s.r.badGateway.Add(1)
+		if !s.responded {
+			s.answer(502, "the web server did not answer")
+		}
+		return nil, fmt.Errorf("read the web server's answer: %w", err)
+	}
+}
+
+func (s *session) peekHead(method string) (*phttp.Head, error) {
+	br := s.up.br
+	for {
+		// Everything buffered is parsed; only an incomplete head waits for
+		// one more byte than that.
+		if b, _ := br.Peek(br.Buffered()); len(b) > 0 {
+			h, err := phttp.ParseResponse(b, method)
+			if err == nil {
+				return h, nil
+			}
+			if !errors.Is(err, phttp.ErrIncomplete) {
+				return nil, err
+			}
+		}
+		n := br.Buffered() + 1
+		if n > maxResponseHead {
+			return nil, fmt.Errorf("%w: response head over %d bytes", phttp.ErrMalformed, maxResponseHead)
+		}
+		if _, err := br.Peek(n); err != nil {
+			return nil, err
+		}
+	}
+}
+
+// head returns the bytes of the response head h at the front of u's buffer.
+func (u *Upstream) head(h *phttp.Head) []byte {
+	b, _ := u.br.Peek(h.Len)
+	return b
+}
+
+var connClose = []byte("Connection: close\r\n")
+
+// relayResponse writes the final response head and its body to the client.
+// When the client asked to close, the head says so: the relay kept the
+// upstream connection open and ends the client's itself. The head stays in
+// the upstream buffer, and goes out in one write with the body bytes
+// buffered behind it.
+func (s *session) relayResponse(rh, req *phttp.Head) error {
+	head := s.up.head(rh)
+	out := net.Buffers{head}
+	if !req.KeepAlive && rh.KeepAlive && rh.Body != phttp.BodyTunnel {
+		switch {
+		case rh.ConnLine[1] > 0: // `Connection: keep-alive` becomes close
+			out = net.Buffers{head[:rh.ConnLine[0]], connClose, head[rh.ConnLine[1]:]}
+		default: // inserted before the blank line
+			blank := 2
+			if !bytes.HasSuffix(head, []byte("\r\n\r\n")) {
+				blank = 1
+			}
+			out = net.Buffers{head[:len(head)-blank], connClose, head[len(head)-blank:]}
+		}
+	}
+	switch rh.Body {
+	case phttp.BodyNone:
+		err := s.write(out)
+		s.up.br.Discard(rh.Len)
+		return err
+	case phttp.BodyLength:
+		return s.relayLength(out, rh.Len, rh.Length)
+	case phttp.BodyClose:
+		return s.relayLength(out, rh.Len, -1)
+	case phttp.BodyChunked:
+		return s.relayChunked(out, rh.Len)
+	case phttp.BodyTunnel:
+		err := s.write(out)
+		s.up.br.Discard(rh.Len)
+		if err != nil {
+			return err
+		}
+		s.tunnel()
+	}
+	return nil
+}
+
+// write sends bytes to the client; once any did, the exchange can only end
+// by closing the connection if it fails.
+func (s *session) write(out net.Buffers) error {
+	s.responded = true
+	if _, err := out.WriteTo(s.client); err != nil {
+		return fmt.Errorf("%w: %v", errClientAborted, err)
+	}
+	return nil
+}
+
+// relayLength relays the head (headLen bytes at the front of the upstream
+// buffer, rewritten as out) and n body bytes (n < 0: until the server
+// closes): the buffered ones with the head in one write, the rest socket
+// to socket.
+func (s *session) relayLength(out net.Buffers, headLen int, n int64) error {
+	br := s.up.br
+	buffered := int64(br.Buffered() - headLen)
+	if n >= 0 {
+		buffered = min(buffered, n)
+	}
+	b, _ := br.Peek(headLen + int(buffered))
+	err := s.write(append(out, b[headLen:]))
+	br.Discard(headLen + int(buffered))
+	if err != nil {
+		return err
+	}
+	rem := n - buffered
+	switch {
+	case n < 0:
+		// splice(2) until the web server closes.
+		_, err := s.client.ReadFrom(s.up.Conn)
+		return err
+	case rem == 0:
+		return nil
+	case rem < spliceMin:
+		return s.copySmall(&io.LimitedReader{R: s.up.Conn, N: rem})
+	}
+	// splice(2) from the web server's socket to the client's.
+	copied, err := s.client.ReadFrom(&io.LimitedReader{R: s.up.Conn, N: rem})
+	if err != nil {
+		return err
+	}
+	if copied != rem {
+		return fmt.Errorf("the web server closed after %d of %d body bytes", buffered+copied, n)
+	}
+	return nil
+}
+
+func (s *session) copySmall(lr *io.LimitedReader) error {
+	var tmp [8 << 10]byte
+	for lr.N > 0 {
+		n, err := lr.Read(tmp[:])
+		if n > 0 {
+			if _, werr := s.client.Write(tmp[:n]); werr != nil {
+				return fmt.Errorf("%w: %v", errClientAborted, werr)
+			}
+		}
+		if err != nil {
+			return fmt.Errorf("the web server closed in the middle of a body: %w", err)
+		}
+	}
+	return nil
+}
+
+// relayChunked relays the head (rewritten as out) and a chunked body
+// through the upstream buffer, scanning the body for its end.
+func (s *session) relayChunked(out net.Buffers, headLen int) error {
+	br := s.up.br
+	var c phttp.Chunks
+	skip := headLen // the head's bytes, still at the front of the buffer
+	for {
+		if br.Buffered() <= skip {
+			if _, err := br.Peek(skip + 1); err != nil {
+				return fmt.Errorf("the web server closed in the middle of a chunked body: %w", err)
+			}
+		}
+		b, _ := br.Peek(br.Buffered())
+		n, done, err := c.Scan(b[skip:])
+		if err != nil {
+			return err
+		}
+		werr := s.write(append(out, b[skip:skip+n]))
+		br.Discard(skip + n)
+		if werr != nil {
+			return werr
+		}
+		out, skip = nil, 0
+		if done {
+			return nil
+		}
+	}
+}
+
+// tunnel relays raw bytes both ways after a 101 or a CONNECT, until both
+// directions end.
+func (s *session) tunnel() {
+	up := s.up
+	if s.end > s.start {
+		up.Conn.Write(s.buf[s.start:s.end])
+		s.start = s.end
+	}
+	s.client.SetReadDeadline(time.Time{})
+	if n := up.br.Buffered(); n > 0 {
+		b, _ := up.br.Peek(n)
+		s.client.Write(b)
+		up.br.Discard(n)
+	}
+	s.up = nil
+	Pipe(s.client, up.Conn)
+}
+
+// answer sends an error response of the relay's own, if nothing of the
+// response went out yet.
+func (s *session) answer(status int, why string) {
+	if s.responded {
+		return
+	}
+	s.responded = true
+	s.client.SetWriteDeadline(time.Now().Add(time.Second))
+	s.client.Write(phttp.ErrorResponse(status, why))
+	s.client.SetWriteDeadline(time.Time{})
+}

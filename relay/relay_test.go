@@ -1,0 +1,409 @@
+package relay
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/rand"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+func quiet() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
+
+// webServer is the BE's local web server: Go's net/http, which speaks
+// keep-alive, chunked, HEAD, 204/304 and 100-continue as servers do.
+type webServer struct {
+	addr    string
+	conns   atomic.Int64 // connections accepted
+	srv     *http.Server
+	big     []byte
+	lastReq atomic.Value // the last request's Connection header
+}
+
+func newWebServer(t *testing.T) *webServer {
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	w := &webServer{addr: ln.Addr().String(), big: make([]byte, 5<<20)}
+	rand.Read(w.big)
+	mux := http.NewServeMux()
+	mux.HandleFunc("/small", func(rw http.ResponseWriter, r *http.Request) {
+		w.lastReq.Store(r.Header.Get("Connection") + "|" + strconv.FormatBool(r.Close))
+		rw.Header().Set("Content-Length", "5")
+		io.WriteString(rw, "small")
+	})
+	mux.HandleFunc("/chunked", func(rw http.ResponseWriter, r *http.Request) {
+		rw.Header().Set("Trailer", "X-Sum")
+		for i := range 5 {
+			fmt.Fprintf(rw, "part%d;", i)
+			rw.(http.Flusher).Flush()
+		}
+		rw.Header().Set("X-Sum", "done")
+	})
+	mux.HandleFunc("/big", func(rw http.ResponseWriter, r *http.Request) {
+		rw.Header().Set("Content-Length", strconv.Itoa(len(w.big)))
+		rw.Write(w.big)
+	})
+	mux.HandleFunc("/nocontent", func(rw http.ResponseWriter, r *http.Request) { rw.WriteHeader(204) })
+	mux.HandleFunc("/notmodified", func(rw http.ResponseWriter, r *http.Request) { rw.WriteHeader(304) })
+	mux.HandleFunc("/echo", func(rw http.ResponseWriter, r *http.Request) {
+		b, _ := io.ReadAll(r.Body)
+		rw.Header().Set("X-Len", strconv.Itoa(len(b)))
+		rw.Write(b)
+	})
+	w.srv = &http.Server{Handler: mux, ConnState: func(_ net.Conn, s http.ConnState) {
+		if s == http.StateNew {
+			w.conns.Add(1)
+		}
+	}}
+	go w.srv.Serve(ln)
+	t.Cleanup(func() { w.srv.Close() })
+	return w
+}
+
+func dialer(addr string) func(ctx context.Context) (*net.TCPConn, error) {
+	return func(ctx context.Context) (*net.TCPConn, error) {
+		c, err := (&net.Dialer{}).DialContext(ctx, "tcp4", addr)
+		if err != nil {
+			return nil, err
+		}
+		return c.(*net.TCPConn), nil
+	}
+}
+
+func newRelay(t *testing.T, addr string) *Relay {
+	p := &Pool{Dial: dialer(addr)}
+	t.Cleanup(p.Close)
+	r := New(Config{Pool: p, MaxHeader: 4096, HeadTimeout: 500 * time.Millisecond, IdleTimeout: 2 * time.Second, Log: quiet()})
+	t.Cleanup(r.Wait)
+	return r
+}
+
+// connect returns the client end of a connection whose server end the
+// relay serves, as a handed-off connection would be.
+func connect(t *testing.T, r *Relay) net.Conn {
+	t.Helper()
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	c, err := net.Dial("tcp4", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.Serve(s.(*net.TCPConn), nil)
+	t.Cleanup(func() { c.Close() })
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	return c
+}
+
+func get(t *testing.T, c net.Conn, br *bufio.Reader, method, path string, hdr ...string) *http.Response {
+	t.Helper()
+	fmt.Fprintf(c, "%s %s HTTP/1.1\r\nHost: be\r\n%s\r\n", method, path, strings.Join(append(hdr, ""), "\r\n"))
+	resp, err := http.ReadResponse(br, &http.Request{Method: method})
+	if err != nil {
+		t.Fatalf("%s %s: %v", method, path, err)
+	}
+	return resp
+}
+
+func body(t *testing.T, resp *http.Response) string {
+	t.Helper()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatalf("body: %v", err)
+	}
+	return string(b)
+}
+
+// One keep-alive connection, every framing a response can have.
+func TestKeepAliveFramings(t *testing.T) {
+	w := newWebServer(t)
+	r := newRelay(t, w.addr)
+	c := connect(t, r)
+	br := bufio.NewReader(c)
+	for i := range 2 {
+		if b := body(t, get(t, c, br, "GET", "/small")); b != "small" {
+			t.Errorf("small: %q", b)
+		}
+		resp := get(t, c, br, "GET", "/chunked")
+		if b := body(t, resp); b != "part0;part1;part2;part3;part4;" || resp.Trailer.Get("X-Sum") != "done" {
+			t.Errorf("chunked: %q trailer %q", b, resp.Trailer.Get("X-Sum"))
+		}
+		if resp := get(t, c, br, "HEAD", "/big"); resp.ContentLength != int64(len(w.big)) || body(t, resp) != "" {
+			t.Errorf("HEAD: length %d", resp.ContentLength)
+		}
+		if resp := get(t, c, br, "GET", "/nocontent"); resp.StatusCode != 204 {
+			t.Errorf("204: %d", resp.StatusCode)
+		}
+		if resp := get(t, c, br, "GET", "/notmodified"); resp.StatusCode != 304 {
+			t.Errorf("304: %d", resp.StatusCode)
+		}
+		if b := body(t, get(t, c, br, "GET", "/big")); b != string(w.big) {
+			t.Errorf("big (round %d): %d bytes, different", i, len(b))
+		}
+	}
+	if n := w.conns.Load(); n != 1 {
+		t.Errorf("the web server saw %d connections for one client connection", n)
+	}
+}
+
+// `Connection: close` clients: each gets its answer with Connection: close
+// and an EOF, while the upstream connections are reused.
+func TestConnectionCloseReusesUpstream(t *testing.T) {
+	w := newWebServer(t)
+	r := newRelay(t, w.addr)
+	for i := range 20 {
+		c := connect(t, r)
+		br := bufio.NewReader(c)
+		resp := get(t, c, br, "GET", "/small", "Connection: close")
+		if b := body(t, resp); b != "small" || !resp.Close {
+			t.Fatalf("request %d: %q close=%v", i, b, resp.Close)
+		}
+		if _, err := br.ReadByte(); err != io.EOF {
+			t.Fatalf("request %d: after the response: %v, want EOF", i, err)
+		}
+		c.Close()
+	}
+	if n := w.conns.Load(); n > 2 {
+		t.Errorf("20 one-request clients cost the web server %d connections", n)
+	}
+	if got := w.lastReq.Load().(string); got != "|false" {
+		t.Errorf("the web server saw Connection %q: the hop-by-hop close should not reach it", got)
+	}
+	// HTTP/1.0 without keep-alive: passed as is, and closed.
+	c := connect(t, r)
+	fmt.Fprintf(c, "GET /small HTTP/1.0\r\n\r\n")
+	b, _ := io.ReadAll(c)
+	if !bytes.HasSuffix(b, []byte("small")) || !bytes.HasPrefix(b, []byte("HTTP/1.0 200")) {
+		t.Errorf("HTTP/1.0: %q", b)
+	}
+}
+
+func TestPipelined(t *testing.T) {
+	w := newWebServer(t)
+	r := newRelay(t, w.addr)
+	c := connect(t, r)
+	fmt.Fprint(c, "GET /small HTTP/1.1\r\nHost: x\r\n\r\nGET /chunked HTTP/1.1\r\nHost: x\r\n\r\nPOST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabcGET /small HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+	br := bufio.NewReader(c)
+	want := []string{"small", "part0;part1;part2;part3;part4;", "abc", "small"}
+	for i, w := range want {
+		resp, err := http.ReadResponse(br, nil)
+		if err != nil {
+			t.Fatalf("response %d: %v", i, err)
+		}
+		if b := body(t, resp); b != w {
+			t.Errorf("response %d: %q, want %q", i, b, w)
+		}
+	}
+	if _, err := br.ReadByte(); err != io.EOF {
+		t.Errorf("after the close: %v", err)
+	}
+}
+
+func TestRequestBodies(t *testing.T) {
+	w := newWebServer(t)
+	r := newRelay(t, w.addr)
+	c := connect(t, r)
+	br := bufio.NewReader(c)
+	for _, n := range []int{10, 20 << 10, 1 << 20} { // buffered, read and written, spliced
+		data := bytes.Repeat([]byte("x"), n)
+		go func() {
+			fmt.Fprintf(c, "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n", n)
+			c.Write(data)
+		}()
+		resp, err := http.ReadResponse(br, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if b := body(t, resp); b != string(data) {
+			t.Errorf("%d-byte body echoed as %d bytes", n, len(b))
+		}
+	}
+	// Chunked, in pieces.
+	go func() {
+		fmt.Fprint(c, "POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhel")
+		time.Sleep(20 * time.Millisecond)
+		fmt.Fprint(c, "lo\r\n6\r\n world\r\n0\r\n\r\n")
+	}()
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b := body(t, resp); b != "hello world" {
+		t.Errorf("chunked body: %q", b)
+	}
+	// Expect: 100-continue: the client sends its body only after the 100.
+	fmt.Fprint(c, "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n")
+	resp, err = http.ReadResponse(br, nil)
+	if err != nil || resp.StatusCode != 100 {
+		t.Fatalf("expected 100 Continue first: %v %v", resp, err)
+	}
+	c.Write([]byte("body"))
+	resp, err = http.ReadResponse(br, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b := body(t, resp); b != "body" {
+		t.Errorf("after 100-continue: %q", b)
+	}
+}
+
+// rawServer answers every request on a connection with reply(n), n the
+// request's number on its connection, and closes after max requests.
+func rawServer(t *testing.T, max int, reply func(n int) string) (string, *atomic.Int64) {
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	var conns atomic.Int64
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			conns.Add(1)
+			go func() {
+				defer c.Close()
+				br := bufio.NewReader(c)
+				for n := 0; n < max; n++ {
+					if _, err := http.ReadRequest(br); err != nil {
+						return
+					}
+					if _, err := io.WriteString(c, reply(n)); err != nil {
+						return
+					}
+				}
+			}()
+		}
+	}()
+	return ln.Addr().String(), &conns
+}
+
+// A server that answers once per connection and closes it: the pooled
+// connection is stale when the next client's GET arrives, and the GET is
+// sent again on a new one, unnoticed by the client.
+func TestStaleUpstreamRetried(t *testing.T) {
+	addr, conns := rawServer(t, 1, func(int) string { return "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok" })
+	r := newRelay(t, addr)
+	for i := range 3 {
+		c := connect(t, r)
+		br := bufio.NewReader(c)
+		if b := body(t, get(t, c, br, "GET", "/")); b != "ok" {
+			t.Fatalf("request %d: %q", i, b)
+		}
+		time.Sleep(20 * time.Millisecond) // the server's close arrives
+	}
+	if r.Stats().Retries == 0 || conns.Load() != 3 {
+		t.Errorf("retries %d, server connections %d", r.Stats().Retries, conns.Load())
+	}
+}
+
+func TestCloseDelimitedResponse(t *testing.T) {
+	addr, _ := rawServer(t, 1, func(int) string { return "HTTP/1.1 200 OK\r\n\r\nuntil the end" })
+	r := newRelay(t, addr)
+	c := connect(t, r)
+	fmt.Fprint(c, "GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+	b, err := io.ReadAll(c)
+	if err != nil || !bytes.HasSuffix(b, []byte("\r\n\r\nuntil the end")) {
+		t.Errorf("%q %v", b, err)
+	}
+}
+
+func TestUpgradeTunnel(t *testing.T) {
+	ln, _ := net.Listen("tcp4", "127.0.0.1:0")
+	defer ln.Close()
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		br := bufio.NewReader(c)
+		http.ReadRequest(br)
+		io.WriteString(c, "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+		io.Copy(c, br) // echo
+	}()
+	r := newRelay(t, ln.Addr().String())
+	c := connect(t, r)
+	br := bufio.NewReader(c)
+	resp := get(t, c, br, "GET", "/ws", "Connection: Upgrade", "Upgrade: echo")
+	if resp.StatusCode != 101 {
+		t.Fatalf("status %d", resp.StatusCode)
+	}
+	c.Write([]byte("ping"))
+	b := make([]byte, 4)
+	if _, err := io.ReadFull(br, b); err != nil || string(b) != "ping" {
+		t.Errorf("tunnel echo: %q %v", b, err)
+	}
+}
+
+// Bad requests get their answer and a close, never a RST that would
+// destroy the answer: a malformed head 400, an oversized one (written in
+// one piece) 431, a head that stalls 408; a web server that is down 502.
+func TestRefusals(t *testing.T) {
+	w := newWebServer(t)
+	r := newRelay(t, w.addr)
+	for _, tc := range []struct{ send, want string }{
+		{"GARBAGE\r\n\r\n", "HTTP/1.1 400 "},
+		{"GET / HTTP/1.1\r\nX-Big: " + strings.Repeat("a", 6000) + "\r\n\r\n", "HTTP/1.1 431 "},
+		{"POST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n", "HTTP/1.1 400 "},
+		{"GET / HTTP/1.1\r\nHost: x\r\n", "HTTP/1.1 408 "},
+	} {
+		c := connect(t, r)
+		c.Write([]byte(tc.send))
+		b, err := io.ReadAll(c)
+		if err != nil || !bytes.HasPrefix(b, []byte(tc.want)) {
+			t.Errorf("%.20q: got %.40q, %v; want %q and a clean close", tc.send, b, err, tc.want)
+		}
+	}
+	down := newRelay(t, "127.0.0.1:1")
+	c := connect(t, down)
+	fmt.Fprint(c, "GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+	if b, _ := io.ReadAll(c); !bytes.HasPrefix(b, []byte("HTTP/1.1 502 ")) {
+		t.Errorf("web server down: %.40q", b)
+	}
+}
+
+// A client idle past IdleTimeout is closed cleanly; one that closes is
+// noticed at once.
+func TestIdle(t *testing.T) {
+	w := newWebServer(t)
+	p := &Pool{Dial: dialer(w.addr)}
+	defer p.Close()
+	r := New(Config{Pool: p, IdleTimeout: 200 * time.Millisecond, Log: quiet()})
+	c := connect(t, r)
+	br := bufio.NewReader(c)
+	body(t, get(t, c, br, "GET", "/small"))
+	start := time.Now()
+	if _, err := br.ReadByte(); err != io.EOF {
+		t.Errorf("idle client: %v, want EOF", err)
+	}
+	if d := time.Since(start); d > 3*time.Second {
+		t.Errorf("idle close after %v", d)
+	}
+	c.Close()
+	c2 := connect(t, r)
+	c2.Close()
+	r.Wait()
+	if r.Active() != 0 {
+		t.Errorf("%d sessions left", r.Active())
+	}
+}
