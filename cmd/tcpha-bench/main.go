@@ -208,8 +208,8 @@ func runBench(agent string, p params) (*bench.Run, error) {
 				return nil, err
 			}
 			b.run.Results = append(b.run.Results, r)
-			fmt.Printf("   (%s) %-8s %9.0f req/s  p50 %-9v p99 %-9v FE CPU/req %v", w, fe.name, r.RPS,
-				r.P50, r.P99, r.CPUPerRequest())
+			fmt.Printf("   (%s) %-8s %9.0f req/s  p50 %-9v p99 %-9v FE CPU/req %-9v machine CPU/req %v", w, fe.name, r.RPS,
+				r.P50, r.P99, r.CPUPerRequest(), time.Duration(r.MachineCPU/float64(max(r.Requests, 1))*1e9))
 			if r.HandoffP99 > 0 {
 				fmt.Printf("  handoff p50 %v p99 %v", r.HandoffP50, r.HandoffP99)
 			}

@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
-	"os"
 	"sync"
 	"syscall"
 	"unsafe"
@@ -235,10 +234,10 @@ func CloseSilently(conn *net.TCPConn) error {
 }
 
 // Rebuilt is a connection rebuilt from a ConnInfo and still in repair
-// mode: it has sent nothing, not even the window probe that leaving repair
-// mode sends, and receives into its queue whatever reaches it.
+// mode: it has sent nothing, and receives into its queue whatever reaches
+// it.
 type Rebuilt struct {
-	fd     int
+	conn   *net.TCPConn
 	client netip.AddrPort
 	unsent []byte
 }
@@ -248,47 +247,61 @@ type Rebuilt struct {
 // the kernel's (FACTS.md, libsoccr): sequence numbers only before connect,
 // options after it, the window after the receive queue. The socket stays in
 // repair mode until Activate: nothing leaves it before then.
+//
+// The socket is made by Go's own dialer, the repair setup running in its
+// Control hook before bind and connect (which, in repair mode, sends
+// nothing and makes the socket ESTABLISHED at once): the connection is then
+// registered with the runtime poller once, where wrapping a raw socket with
+// net.FileConn cost a dup, a second registration and a close, 17 µs of the
+// BE's CPU per handoff (docs/performance.md).
 func Rebuild(ci *wire.ConnInfo) (*Rebuilt, error) {
-	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
-	if err != nil {
-		return nil, fmt.Errorf("restore %v: socket: %w", ci.Client, err)
+	if ci.Unsent > 0 {
+		// Unsent bytes would need a write after repair mode; nothing that
+		// tcpha hands off has any (handoff.CheckClient).
+		return nil, fmt.Errorf("restore %v: %d unsent bytes in the send queue", ci.Client, ci.Unsent)
 	}
-	if err := rebuildFD(fd, ci); err != nil {
-		// Still in repair mode: closing sends nothing.
-		unix.Close(fd)
+	d := net.Dialer{
+		LocalAddr: net.TCPAddrFromAddrPort(ci.VIP),
+		KeepAlive: -1,
+		Control: func(_, _ string, rc syscall.RawConn) error {
+			var serr error
+			if err := rc.Control(func(fd uintptr) { serr = prepareFD(int(fd), ci) }); err != nil {
+				return err
+			}
+			return serr
+		},
+	}
+	c, err := d.Dial("tcp4", ci.Client.String())
+	if err != nil {
 		return nil, fmt.Errorf("restore %v: %w", ci.Client, err)
 	}
-	return &Rebuilt{fd: fd, client: ci.Client, unsent: ci.SendQueue[len(ci.SendQueue)-int(ci.Unsent):]}, nil
+	conn := c.(*net.TCPConn)
+	r := &Rebuilt{conn: conn, client: ci.Client}
+	if err := control(conn, "restore", func(fd int) error { return rebuildFD(fd, ci) }); err != nil {
+		conn.Close() // still in repair mode: closing sends nothing
+		return nil, fmt.Errorf("restore %v: %w", ci.Client, err)
+	}
+	return r, nil
 }
 
 // Activate takes the socket out of repair mode, from when it behaves like
-// any connected socket; the unsent bytes of the send queue go out.
+// any connected socket.
 func (r *Rebuilt) Activate() (*net.TCPConn, error) {
-	fd := r.fd
-	r.fd = -1
-	if err := activateFD(fd, r.unsent); err != nil {
-		unix.Close(fd)
+	c := r.conn
+	r.conn = nil
+	if err := control(c, "activate", activateFD); err != nil {
+		c.Close()
 		return nil, fmt.Errorf("activate %v: %w", r.client, err)
 	}
-	if err := unix.SetNonblock(fd, true); err != nil {
-		unix.Close(fd)
-		return nil, fmt.Errorf("activate %v: set nonblocking: %w", r.client, err)
-	}
-	f := os.NewFile(uintptr(fd), "tcpha-restored")
-	defer f.Close()
-	c, err := net.FileConn(f)
-	if err != nil {
-		return nil, fmt.Errorf("activate %v: wrap socket: %w", r.client, err)
-	}
-	return c.(*net.TCPConn), nil
+	return c, nil
 }
 
 // Discard closes the socket while still in repair mode: nothing reaches the
 // client and no TIME_WAIT is left. It is idempotent.
 func (r *Rebuilt) Discard() {
-	if r.fd >= 0 {
-		unix.Close(r.fd)
-		r.fd = -1
+	if r.conn != nil {
+		r.conn.Close()
+		r.conn = nil
 	}
 }
 
@@ -301,27 +314,22 @@ func Restore(ci *wire.ConnInfo) (*net.TCPConn, error) {
 	return r.Activate()
 }
 
-func rebuildFD(fd int, ci *wire.ConnInfo) error {
+// prepareFD is what must happen before bind and connect: SO_REUSEADDR
+// before TCP_REPAIR, or bind fails with EADDRINUSE against the other
+// connections rebuilt on the same VIP:port (FACTS.md), and both queues'
+// sequence numbers, which TCP_QUEUE_SEQ takes only before connect.
+func prepareFD(fd int, ci *wire.ConnInfo) error {
 	set := func(what string, opt, v int) error {
 		if err := unix.SetsockoptInt(fd, unix.IPPROTO_TCP, opt, v); err != nil {
 			return fmt.Errorf("set %s: %w", what, err)
 		}
 		return nil
 	}
-	// SO_REUSEADDR before TCP_REPAIR, or bind fails with EADDRINUSE against
-	// the other connections rebuilt on the same VIP:port (FACTS.md).
-	// SO_REUSEPORT lets the FE rebuild next to its own listener.
 	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1); err != nil {
 		return fmt.Errorf("set SO_REUSEADDR: %w", err)
 	}
-	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEPORT, 1); err != nil {
-		return fmt.Errorf("set SO_REUSEPORT: %w", err)
-	}
 	if err := set("TCP_REPAIR", unix.TCP_REPAIR, 1); err != nil {
 		return err
-	}
-	if err := unix.Bind(fd, sockaddr(ci.VIP)); err != nil {
-		return fmt.Errorf("bind %v: %w", ci.VIP, err)
 	}
 	if err := set("TCP_REPAIR_QUEUE send", unix.TCP_REPAIR_QUEUE, tcpSendQueue); err != nil {
 		return err
@@ -332,32 +340,29 @@ func rebuildFD(fd int, ci *wire.ConnInfo) error {
 	if err := set("TCP_REPAIR_QUEUE receive", unix.TCP_REPAIR_QUEUE, tcpRecvQueue); err != nil {
 		return err
 	}
-	if err := set("TCP_QUEUE_SEQ receive", unix.TCP_QUEUE_SEQ, int(int32(ci.RcvSeq))); err != nil {
-		return err
-	}
-	// In repair mode connect sends nothing and makes the socket ESTABLISHED.
-	if err := unix.Connect(fd, sockaddr(ci.Client)); err != nil {
-		return fmt.Errorf("connect %v: %w", ci.Client, err)
-	}
+	return set("TCP_QUEUE_SEQ receive", unix.TCP_QUEUE_SEQ, int(int32(ci.RcvSeq)))
+}
+
+// rebuildFD is what comes after connect: the options negotiated in the
+// handshake this host never saw, the queues, the window.
+func rebuildFD(fd int, ci *wire.ConnInfo) error {
 	if err := setsockoptRaw(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_OPTIONS, encodeRepairOptions(ci)); err != nil {
 		return fmt.Errorf("set TCP_REPAIR_OPTIONS: %w", err)
 	}
 	if ci.Options&wire.OptTimestamps != 0 {
-		if err := set("TCP_TIMESTAMP", unix.TCP_TIMESTAMP, int(int32(ci.Timestamp))); err != nil {
-			return err
+		if err := unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_TIMESTAMP, int(int32(ci.Timestamp))); err != nil {
+			return fmt.Errorf("set TCP_TIMESTAMP: %w", err)
 		}
 	}
 	if err := writeQueue(fd, tcpRecvQueue, ci.RecvQueue); err != nil {
 		return err
 	}
-	// Sent-but-unacked bytes go in under repair and count as sent; the
-	// unsent tail is written after repair mode like any new data.
-	sent := ci.SendQueue[:len(ci.SendQueue)-int(ci.Unsent)]
-	if err := writeQueue(fd, tcpSendQueue, sent); err != nil {
+	// Sent-but-unacked bytes go in under repair and count as sent.
+	if err := writeQueue(fd, tcpSendQueue, ci.SendQueue); err != nil {
 		return err
 	}
-	if err := set("TCP_REPAIR_QUEUE none", unix.TCP_REPAIR_QUEUE, tcpNoQueue); err != nil {
-		return err
+	if err := unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, tcpNoQueue); err != nil {
+		return fmt.Errorf("set TCP_REPAIR_QUEUE none: %w", err)
 	}
 	// Without the window the connection crawls (78 MB/s against 1 GB/s,
 	// FACTS.md). It is checked against rcv_nxt, so it comes after the queue.
@@ -367,7 +372,7 @@ func rebuildFD(fd int, ci *wire.ConnInfo) error {
 	return nil
 }
 
-func activateFD(fd int, unsent []byte) error {
+func activateFD(fd int) error {
 	// TCP_REPAIR_OFF would send a window probe, whose only use is to learn
 	// the peer's window anew and to draw an ACK (CRIU restores sockets whose
 	// peer went on while they were frozen). Here the window comes from the
@@ -381,11 +386,6 @@ func activateFD(fd int, unsent []byte) error {
 	// Leaving repair mode resets SO_REUSEADDR (FACTS.md).
 	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1); err != nil {
 		return fmt.Errorf("set SO_REUSEADDR again: %w", err)
-	}
-	if len(unsent) > 0 {
-		if err := writeAll(fd, unsent); err != nil {
-			return fmt.Errorf("write %d unsent bytes: %w", len(unsent), err)
-		}
 	}
 	return nil
 }

@@ -170,6 +170,12 @@ func (c *Cluster) build() error {
 		{"ip", "-n", sw, "link", "add", "br0", "type", "bridge"},
 		{"ip", "-n", sw, "link", "set", "br0", "up"},
 	}
+	// The switch forwards frames and nothing else: without this, bridged
+	// packets also run the netfilter IP hooks of the switch's namespace
+	// (br_netfilter, on by default here), which no real switch does.
+	for _, f := range []string{"iptables", "ip6tables", "arptables"} {
+		steps = append(steps, []string{"ip", "netns", "exec", sw, "sysctl", "-qw", "net.bridge.bridge-nf-call-" + f + "=0"})
+	}
 	for i, h := range c.hosts() {
 		ns, port := c.NS(h), fmt.Sprintf("p%d", i)
 		steps = append(steps,
