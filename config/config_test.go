@@ -2,12 +2,15 @@ package config
 
 import (
 	"errors"
+	"fmt"
 	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	"tcpha/backends"
 )
 
 const goodFE = `[global]
@@ -191,4 +194,44 @@ func TestShippedSamples(t *testing.T) {
 			t.Errorf("%s: %v", f, err)
 		}
 	}
+}
+
+// Every ini sample in the README parses, and says what it seems to say: no
+// value keeps a comment that followed it on its line.
+func TestReadmeSamples(t *testing.T) {
+	b, err := os.ReadFile("../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	blocks := strings.Split(string(b), "```ini\n")[1:]
+	if len(blocks) == 0 {
+		t.Fatal("no ini samples in README.md")
+	}
+	for i, blk := range blocks {
+		text, _, _ := strings.Cut(blk, "```")
+		c, err := Parse(fmt.Sprintf("README.md sample %d", i+1), []byte(text))
+		if err != nil {
+			t.Errorf("%v", err)
+			continue
+		}
+		for _, r := range append(feRules(c), beRules(c)...) {
+			if p := r.Pattern.String(); strings.ContainsAny(p, "#;") {
+				t.Errorf("sample %d: rule pattern %q kept a comment", i+1, p)
+			}
+		}
+	}
+}
+
+func feRules(c *Config) []backends.Rule {
+	if c.FE == nil {
+		return nil
+	}
+	return c.FE.Rules
+}
+
+func beRules(c *Config) []backends.Rule {
+	if c.BE == nil {
+		return nil
+	}
+	return c.BE.Rules
 }

@@ -599,6 +599,8 @@ func (b *bencher) idle() error {
 			resp.Body.Close()
 			if resp.StatusCode == 200 {
 				answered.Add(1)
+			} else {
+				firstErr.CompareAndSwap(nil, fmt.Errorf("status %d, served by %q", resp.StatusCode, resp.Header.Get("X-Served-By")))
 			}
 		})
 	}

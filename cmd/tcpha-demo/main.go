@@ -53,7 +53,7 @@ func fail(err error) {
 func run(agent string, bench bool) error {
 	fmt.Println("== building the cluster: client 10.77.0.10, FE 10.77.0.2, be1 10.77.0.11, be2 10.77.0.12, VIP 10.77.0.100")
 	c, err := cluster.New(cluster.Options{
-		Agent: agent, BEs: 2,
+		Agent: agent, BEs: 2, Secret: "demo-cluster-secret",
 		Rules: []string{`rule = be2 \.jpg$`, `rule = be1 .*`},
 	})
 	if err != nil {

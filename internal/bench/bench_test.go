@@ -94,6 +94,9 @@ func TestProcParsers(t *testing.T) {
 	if cpu, err := parseStatCPU(stat); err != nil || cpu != 3 {
 		t.Errorf("stat cpu %v %v", cpu, err)
 	}
+	if ns, err := parseSchedstat("123456789 2000 30\n"); err != nil || ns != 123456789 {
+		t.Errorf("schedstat %v %v", ns, err)
+	}
 	busy, err := parseMachineBusy("cpu  100 5 50 1000 20 3 7 2 40 0\ncpu0 1 2 3\n")
 	if err != nil || math.Abs(busy-1.67) > 1e-9 {
 		t.Errorf("machine busy %v %v", busy, err)

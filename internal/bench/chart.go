@@ -33,10 +33,10 @@ func (r *Run) Chart() ([]byte, error) {
 	rate.Y.Min = 0
 	cpu := plot.New()
 	cpu.Title.Text = "FE process CPU per request (log scale)"
-	// Bars start at 0, which a log axis cannot place: plot log10(µs/0.1) on
-	// a linear axis, so bars rise from 0.1 µs, with ticks labelled in µs.
-	cpu.Y.Tick.Marker = plot.ConstantTicks{{Value: 0, Label: "0.1 µs"}, {Value: 1, Label: "1 µs"},
-		{Value: 2, Label: "10 µs"}, {Value: 3, Label: "100 µs"}, {Value: 4, Label: "1 ms"}, {Value: 5, Label: "10 ms"}}
+	// Bars start at 0, which a log axis cannot place: plot log10(µs/0.01)
+	// on a linear axis, so bars rise from 10 ns, with ticks labelled.
+	cpu.Y.Tick.Marker = plot.ConstantTicks{{Value: 0, Label: "10 ns"}, {Value: 1, Label: "0.1 µs"}, {Value: 2, Label: "1 µs"},
+		{Value: 3, Label: "10 µs"}, {Value: 4, Label: "100 µs"}, {Value: 5, Label: "1 ms"}, {Value: 6, Label: "10 ms"}}
 
 	width := vg.Points(14)
 	top := 1.0
@@ -57,7 +57,7 @@ func (r *Run) Chart() ([]byte, error) {
 					c = float64(p) / 1e3
 				}
 			}
-			cv = append(cv, math.Log10(math.Max(c, 0.1))+1)
+			cv = append(cv, math.Log10(math.Max(c, 0.01))+2)
 		}
 		offset := vg.Length(i-len(FrontEnds)/2)*width + width/2
 		bar, err := plotter.NewBarChart(rv, width)
@@ -82,7 +82,7 @@ func (r *Run) Chart() ([]byte, error) {
 	cpu.NominalX(names...)
 	// Headroom above the tallest bar for the legends.
 	rate.Legend.Top, rate.Y.Max = true, top*1.45
-	cpu.Legend.Top, cpu.Y.Min, cpu.Y.Max = true, 0, 6.2
+	cpu.Legend.Top, cpu.Y.Min, cpu.Y.Max = true, 0, 7.2
 
 	const w, h = 10 * vg.Inch, 4 * vg.Inch
 	img := vgimg.New(w, h)

@@ -12,14 +12,38 @@ import (
 // architecture tcpha runs on (getconf CLK_TCK).
 const clockTick = 100.0
 
-// ProcCPU returns the user+system CPU seconds of pid (fields 14 and 15 of
-// /proc/PID/stat).
+// ProcCPU returns the CPU seconds pid's threads have run: the first field
+// of each /proc/PID/task/TID/schedstat, in nanoseconds. /proc/PID/stat's
+// utime and stime count 10 ms ticks, too coarse for a download that takes
+// half a second; it is the fallback when schedstat is missing.
 func ProcCPU(pid int) (float64, error) {
+	tasks, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/schedstat", pid))
+	total, ok := 0.0, false
+	for _, t := range tasks {
+		b, err := os.ReadFile(t)
+		if err != nil {
+			continue // the thread ended
+		}
+		if ns, err := parseSchedstat(string(b)); err == nil {
+			total, ok = total+ns, true
+		}
+	}
+	if ok {
+		return total / 1e9, nil
+	}
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
 	if err != nil {
 		return 0, err
 	}
 	return parseStatCPU(string(b))
+}
+
+func parseSchedstat(s string) (float64, error) {
+	f := strings.Fields(s)
+	if len(f) < 1 {
+		return 0, fmt.Errorf("empty schedstat")
+	}
+	return strconv.ParseFloat(f[0], 64)
 }
 
 func parseStatCPU(stat string) (float64, error) {
