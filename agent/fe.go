@@ -15,17 +15,14 @@ import (
 
 	"tcpha/backends"
 	"tcpha/config"
+	"tcpha/frontend"
 	"tcpha/handoff"
 	"tcpha/handoff/conntab"
 	"tcpha/handoff/ctl"
-	"tcpha/handoff/repair"
 	"tcpha/handoff/wire"
-	"tcpha/internal/gopool"
 	"tcpha/metrics"
 	"tcpha/nft"
-	"tcpha/phttp"
 	"tcpha/queue"
-	"tcpha/relay"
 )
 
 // fe is the front end: it owns the VIP, reads each connection's first
@@ -49,32 +46,7 @@ type fe struct {
 	// adopted: the table was a predecessor's, with its clients' forwarding.
 	adopted bool
 	m       *metrics.Metrics
-
-	stats feStats
-}
-
-// feCounters are what `tcphactl status` reports for the FE.
-type feCounters struct {
-	accepted, handedOff, local, failed503  int64
-	badRequests, timeouts, tooLarge, eofs  int64
-	handoffLatencySum, handoffLatencyCount time.Duration
-}
-
-type feStats struct {
-	mu sync.Mutex
-	c  feCounters
-}
-
-func (s *feStats) add(f func(*feCounters)) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	f(&s.c)
-}
-
-func (s *feStats) get() feCounters {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.c
+	front   *frontend.Server
 }
 
 func startFE(ctx context.Context, cfg *config.FE, secret []byte, m *metrics.Metrics, log *slog.Logger) (*fe, error) {
@@ -165,6 +137,13 @@ func startFE(ctx context.Context, cfg *config.FE, secret []byte, m *metrics.Metr
 		// Without detection nothing but a new session would bring a BE
 		// marked down back.
 		f.sender.Down = func(be netip.AddrPort, err error) { f.markDown(be.Addr(), err) }
+	}
+	f.front = &frontend.Server{
+		Config: frontend.Config{
+			MaxClients: cfg.MaxClients, MaxHeads: max(16384, 4*cfg.MaxClients), MaxHeadsPerSource: cfg.MaxConnPerIP,
+			RequestTimeout: cfg.RequestTimeout, MaxHeader: cfg.MaxHeader, Local: cfg.Redirect(),
+		},
+		Route: f.sched.Route, Sender: f.sender, Metrics: m, Log: f.log,
 	}
 	ok = true
 	f.log.Info("front end ready", "op", "start", "vip", vip.String(), "interface", link.Attrs().Name,
@@ -259,7 +238,7 @@ func (f *fe) run(serve, keep context.Context) {
 	if f.cfg.DtcInterval > 0 {
 		wg.Go(func() { f.detectLoop(serve) })
 	}
-	f.acceptLoop(serve, keep)
+	f.front.Serve(serve, keep, f.ln)
 	wg.Wait()
 }
 
@@ -273,140 +252,6 @@ func (f *fe) drain(d time.Duration) {
 		f.log.Warn("drain time over; cutting handed-off connections", "op", "stop", "connections", n)
 	}
 }
-
-// acceptLoop accepts clients until ctx is done, at most maxclients at once;
-// beyond that they wait in the listen backlog. Each connection's work runs
-// under work, so a handoff under way when the agent stops still completes.
-func (f *fe) acceptLoop(ctx, work context.Context) {
-	stop := context.AfterFunc(ctx, func() { f.ln.Close() })
-	defer stop()
-	slots := make(chan struct{}, f.cfg.MaxClients)
-	workers := gopool.New(64)
-	var wg sync.WaitGroup
-	defer wg.Wait()
-	for {
-		select {
-		case slots <- struct{}{}:
-		case <-ctx.Done():
-			return
-		}
-		c, err := f.ln.Accept()
-		if err != nil {
-			<-slots
-			if ctx.Err() != nil || errors.Is(err, net.ErrClosed) {
-				return
-			}
-			f.log.Warn("accept", "op", "accept", "err", err)
-			time.Sleep(10 * time.Millisecond)
-			continue
-		}
-		f.stats.add(func(s *feCounters) { s.accepted++ })
-		wg.Add(1)
-		workers.Go(func() {
-			defer wg.Done()
-			defer func() { <-slots }()
-			f.serve(work, c.(*net.TCPConn))
-		})
-	}
-}
-
-// serve handles one client connection: read its first request within the
-// limits, then hand it off, serve it locally, or answer with an error.
-func (f *fe) serve(ctx context.Context, c *net.TCPConn) {
-	client, _ := netip.ParseAddrPort(c.RemoteAddr().String())
-	log := f.log.With("client", client.String())
-	c.SetReadDeadline(time.Now().Add(f.cfg.RequestTimeout))
-	req, err := phttp.Read(c, f.cfg.MaxHeader)
-	if err != nil {
-		f.refuse(c, err, log)
-		return
-	}
-	c.SetReadDeadline(time.Time{})
-	log = log.With("path", req.Path)
-	route := f.sched.Route(req.Path)
-	local := route.Local
-	if len(route.BEs) > 0 {
-		start := time.Now()
-		be, err := f.sender.Migrate(ctx, tcpSocket{c}, client, req.Raw, route.BEs)
-		if err == nil {
-			lat := time.Since(start)
-			f.m.ObserveHandoff(lat)
-			f.stats.add(func(s *feCounters) { s.handedOff++; s.handoffLatencySum += lat; s.handoffLatencyCount++ })
-			log.Debug("handed off", "op", "handoff", "be", be.Addr().String(), "latency", lat)
-			return
-		}
-		log.Info("handoff failed; FE keeps the connection", "op", "handoff", "err", err)
-		if errors.Is(err, handoff.ErrNoBE) {
-			f.m.Handoffs.WithLabelValues("no-be").Inc()
-		} else {
-			f.m.Handoffs.WithLabelValues("error").Inc()
-			local = false // the connection may not be usable: answer, do not relay
-		}
-	}
-	if local {
-		f.sender.Keep(ctx, client)
-		f.serveLocal(c, req, log)
-		return
-	}
-	f.stats.add(func(s *feCounters) { s.failed503++ })
-	c.SetWriteDeadline(time.Now().Add(5 * time.Second))
-	c.Write(phttp.ErrorResponse(503, "no back end available for "+req.Path))
-	c.Close()
-}
-
-func (f *fe) refuse(c *net.TCPConn, err error, log *slog.Logger) {
-	defer c.Close()
-	status := phttp.Status(err)
-	var ne net.Error
-	switch {
-	case status == 400:
-		f.stats.add(func(s *feCounters) { s.badRequests++ })
-	case status == 431:
-		f.stats.add(func(s *feCounters) { s.tooLarge++ })
-	case errors.As(err, &ne) && ne.Timeout():
-		f.stats.add(func(s *feCounters) { s.timeouts++ })
-		status = 408
-	default: // the client went away
-		f.stats.add(func(s *feCounters) { s.eofs++ })
-		log.Debug("client closed before a request", "op", "read", "err", err)
-		return
-	}
-	log.Info("request refused", "op", "read", "status", status, "err", err)
-	c.SetWriteDeadline(time.Now().Add(time.Second))
-	c.Write(phttp.ErrorResponse(status, err.Error()))
-}
-
-// serveLocal relays the connection to the FE's own web server (the seed's
-// local node, 4.7).
-func (f *fe) serveLocal(c *net.TCPConn, req *phttp.Request, log *slog.Logger) {
-	up, err := net.DialTimeout("tcp4", f.cfg.Redirect().String(), time.Second)
-	if err != nil {
-		log.Warn("local node unreachable", "op", "local", "err", err)
-		f.stats.add(func(s *feCounters) { s.failed503++ })
-		c.Write(phttp.ErrorResponse(503, "local server unreachable"))
-		c.Close()
-		return
-	}
-	if _, err := up.Write(req.Raw); err != nil {
-		up.Close()
-		c.Close()
-		return
-	}
-	f.stats.add(func(s *feCounters) { s.local++ })
-	log.Info("served by local node", "op", "local")
-	relay.Pipe(c, up.(*net.TCPConn))
-}
-
-// tcpSocket adapts a client connection to handoff.Socket.
-type tcpSocket struct{ c *net.TCPConn }
-
-func (s tcpSocket) Block() error                                 { return repair.Block(s.c) }
-func (s tcpSocket) Dump(consumed []byte) (*wire.ConnInfo, error) { return repair.Dump(s.c, consumed) }
-
-// CloseSilently closes the dumped socket: Dump left it in repair mode, so
-// the close sends nothing and leaves no TIME_WAIT.
-func (s tcpSocket) CloseSilently() error { return s.c.Close() }
-func (s tcpSocket) Resume() error        { return repair.Resume(s.c) }
 
 // detectLoop is the seed's BE detection (4.9): a ping every dtcinterval;
 // a BE that does not answer is not scheduled until it answers again.
@@ -469,14 +314,14 @@ func (f *fe) release() {
 }
 
 func (f *fe) status(w io.Writer) {
-	s := f.stats.get()
+	s := f.front.Stats()
 	avg := time.Duration(0)
-	if s.handoffLatencyCount > 0 {
-		avg = s.handoffLatencySum / s.handoffLatencyCount
+	if s.HandoffLatencyCount > 0 {
+		avg = s.HandoffLatencySum / time.Duration(s.HandoffLatencyCount)
 	}
 	fmt.Fprintf(w, "fe vip=%v:%d pid=%d queue=%d via %v\n", f.cfg.VAddr, f.cfg.Port, os.Getpid(), f.cfg.QueueNum, f.qmode)
-	fmt.Fprintf(w, "  accepted=%d handed_off=%d local=%d answered_503=%d bad_request=%d too_large=%d timeout=%d closed_early=%d avg_handoff=%v\n",
-		s.accepted, s.handedOff, s.local, s.failed503, s.badRequests, s.tooLarge, s.timeouts, s.eofs, avg)
+	fmt.Fprintf(w, "  accepted=%d handed_off=%d local=%d answered_503=%d bad_request=%d too_large=%d timeout=%d closed_early=%d refused_busy=%d avg_handoff=%v\n",
+		s.Accepted, s.HandedOff, s.Local, s.Answered503, s.BadRequests, s.TooLarge, s.Timeouts, s.ClosedEarly, s.RefusedBusy, avg)
 	states := f.table.Count()
 	fmt.Fprintf(w, "  connections: handoffing=%d handoffed=%d time_wait=%d\n",
 		states[conntab.Handoffing], states[conntab.Handoffed], states[conntab.TimeWait])

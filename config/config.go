@@ -57,6 +57,9 @@ type FE struct {
 	// Not in the seed; bounds the FE's work per connection.
 	RequestTimeout time.Duration // time to receive a whole request header
 	MaxHeader      int           // bytes allowed for a request header
+	// MaxConnPerIP caps the connections from one client address still
+	// sending their request head (0: no cap).
+	MaxConnPerIP   int
 	HandoffTimeout time.Duration // time for a BE to answer a handoff request
 	TimeWait       time.Duration // forwarding kept after FIN/RST (seed 4.8.1 step 3)
 	IdleTimeout    time.Duration // forwarding dropped after this long without a packet

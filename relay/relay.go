@@ -277,16 +277,19 @@ func (s *session) refuse(err error) {
 	s.closeGracefully()
 }
 
-// closeGracefully ends the connection from this side: FIN first, then read
-// and drop whatever the client still sends until it closes too (or a few
-// seconds pass), so that unread bytes do not turn the close into a RST that
-// could destroy the response still in flight (nginx's lingering close).
-func (s *session) closeGracefully() {
-	s.client.CloseWrite()
-	s.client.SetReadDeadline(time.Now().Add(5 * time.Second))
+func (s *session) closeGracefully() { CloseGracefully(s.client, 5*time.Second) }
+
+// CloseGracefully ends a connection from this side: FIN first, then read
+// and drop whatever the client still sends until it closes too (or linger
+// passes), so that unread bytes do not turn the close into a RST that could
+// destroy the answer still in flight (nginx's lingering close). It does not
+// close c.
+func CloseGracefully(c *net.TCPConn, linger time.Duration) {
+	c.CloseWrite()
+	c.SetReadDeadline(time.Now().Add(linger))
 	var drain [512]byte
 	for {
-		if _, err := s.client.Read(drain[:]); err != nil {
+		if _, err := c.Read(drain[:]); err != nil {
 			return
 		}
 	}

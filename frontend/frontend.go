@@ -1,0 +1,290 @@
+// Package frontend is the FE's handling of one client connection (seed
+// 4.3): accept it, read its first request head, pick a BE by rule, hand the
+// connection off, and when that cannot be done serve it on the local node
+// (seed 4.7) or answer 503 — never leave it hanging.
+//
+// Slow clients cost little: a connection still sending its head holds a
+// goroutine and a small buffer, not one of the maxclients slots that bound
+// the work in progress (handoffs and local relays); the head has a deadline,
+// and the connections from one client address still sending their heads
+// are capped.
+package frontend
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"net"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"tcpha/backends"
+	"tcpha/handoff"
+	"tcpha/handoff/repair"
+	"tcpha/handoff/wire"
+	"tcpha/internal/gopool"
+	"tcpha/metrics"
+	"tcpha/phttp"
+	"tcpha/relay"
+)
+
+// Config bounds the front end's work.
+type Config struct {
+	// MaxClients bounds the connections being handed off or served
+	// locally at once (the seed's maxclients).
+	MaxClients int
+	// MaxHeads bounds the connections still sending their request head,
+	// in total and from one client address (0: no per-address cap).
+	MaxHeads, MaxHeadsPerSource int
+	RequestTimeout              time.Duration
+	MaxHeader                   int
+	// Local is the local node's web server (seed 4.7).
+	Local netip.AddrPort
+}
+
+// Migrator hands connections off (handoff.Sender).
+type Migrator interface {
+	Migrate(ctx context.Context, sock handoff.Socket, flow netip.AddrPort, consumed []byte, bes []netip.AddrPort) (netip.AddrPort, error)
+	Keep(ctx context.Context, flow netip.AddrPort)
+}
+
+// Server serves the VIP's clients.
+type Server struct {
+	Config  Config
+	Route   func(path string) backends.Route
+	Sender  Migrator
+	Metrics *metrics.Metrics
+	Log     *slog.Logger
+
+	slots   chan struct{}
+	workers *gopool.Pool
+	heads   sync.Map // netip.Addr -> *atomic.Int64: heads being read per source
+	reading atomic.Int64
+	wg      sync.WaitGroup
+
+	counters Counters
+	mu       sync.Mutex
+}
+
+// Counters are what `tcphactl status` reports for the FE's clients.
+type Counters struct {
+	Accepted, HandedOff, Local, Answered503      int64
+	BadRequests, Timeouts, TooLarge, ClosedEarly int64
+	RefusedBusy                                  int64 // closed at accept: too many heads being read
+	HandoffLatencySum                            time.Duration
+	HandoffLatencyCount                          int64
+}
+
+// Stats returns a copy of the counters.
+func (s *Server) Stats() Counters {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.counters
+}
+
+func (s *Server) count(f func(*Counters)) {
+	s.mu.Lock()
+	f(&s.counters)
+	s.mu.Unlock()
+}
+
+// Serve accepts on ln until ctx is done. Each connection's work runs under
+// work, so a handoff under way when the agent stops still completes; Serve
+// returns once the connections it took are done.
+func (s *Server) Serve(ctx, work context.Context, ln net.Listener) {
+	s.slots = make(chan struct{}, max(s.Config.MaxClients, 1))
+	s.workers = gopool.New(64)
+	stop := context.AfterFunc(ctx, func() { ln.Close() })
+	defer stop()
+	defer s.wg.Wait()
+	backoff := time.Duration(0)
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			if ctx.Err() != nil || errors.Is(err, net.ErrClosed) {
+				return
+			}
+			// EMFILE and the like: wait and go on accepting.
+			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+			s.Log.Warn("accept", "op", "accept", "err", err, "retry_in", backoff)
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(backoff):
+			}
+			continue
+		}
+		backoff = 0
+		tc := c.(*net.TCPConn)
+		client := addrPort(tc.RemoteAddr())
+		if !s.takeHead(client.Addr()) {
+			// Past the caps the connection is closed at once: better than
+			// letting the slow ones make everyone wait.
+			s.count(func(c *Counters) { c.RefusedBusy++ })
+			tc.SetLinger(0)
+			tc.Close()
+			continue
+		}
+		s.count(func(c *Counters) { c.Accepted++ })
+		s.wg.Add(1)
+		s.workers.Go(func() {
+			defer s.wg.Done()
+			s.serve(work, tc, client)
+		})
+	}
+}
+
+// takeHead counts a connection in as reading its head, unless a cap says
+// no.
+func (s *Server) takeHead(src netip.Addr) bool {
+	if s.Config.MaxHeads > 0 && s.reading.Load() >= int64(s.Config.MaxHeads) {
+		return false
+	}
+	if s.Config.MaxHeadsPerSource > 0 {
+		v, _ := s.heads.LoadOrStore(src, new(atomic.Int64))
+		if n := v.(*atomic.Int64).Add(1); n > int64(s.Config.MaxHeadsPerSource) {
+			v.(*atomic.Int64).Add(-1)
+			return false
+		}
+	}
+	s.reading.Add(1)
+	return true
+}
+
+func (s *Server) headDone(src netip.Addr) {
+	s.reading.Add(-1)
+	if s.Config.MaxHeadsPerSource > 0 {
+		if v, ok := s.heads.Load(src); ok && v.(*atomic.Int64).Add(-1) == 0 {
+			s.heads.CompareAndDelete(src, v)
+		}
+	}
+}
+
+// serve handles one client connection: read its first request within the
+// limits, then hand it off, serve it locally, or answer with an error.
+func (s *Server) serve(ctx context.Context, c *net.TCPConn, client netip.AddrPort) {
+	c.SetReadDeadline(time.Now().Add(s.Config.RequestTimeout))
+	req, err := phttp.Read(c, s.Config.MaxHeader)
+	s.headDone(client.Addr())
+	if err != nil {
+		s.refuse(c, client, err)
+		return
+	}
+	c.SetReadDeadline(time.Time{})
+	// Only now does the connection take a slot of the work in progress.
+	select {
+	case s.slots <- struct{}{}:
+	case <-ctx.Done():
+		s.answer(c, 503, "the front end is stopping")
+		return
+	}
+	defer func() { <-s.slots }()
+
+	route := s.Route(req.Path)
+	local := route.Local
+	if len(route.BEs) > 0 {
+		start := time.Now()
+		be, err := s.Sender.Migrate(ctx, tcpSocket{c}, client, req.Raw, route.BEs)
+		if err == nil {
+			lat := time.Since(start)
+			s.Metrics.ObserveHandoff(lat)
+			s.count(func(c *Counters) { c.HandedOff++; c.HandoffLatencySum += lat; c.HandoffLatencyCount++ })
+			s.Log.Debug("handed off", "op", "handoff", "client", client.String(), "path", req.Path,
+				"be", be.Addr().String(), "latency", lat)
+			return
+		}
+		s.Log.Info("handoff failed; FE keeps the connection", "op", "handoff", "client", client.String(),
+			"path", req.Path, "err", err)
+		if errors.Is(err, handoff.ErrNoBE) {
+			s.Metrics.Handoffs.WithLabelValues("no-be").Inc()
+		} else {
+			s.Metrics.Handoffs.WithLabelValues("error").Inc()
+			local = false // the connection may not be usable: answer, do not relay
+		}
+	}
+	if local {
+		s.Sender.Keep(ctx, client)
+		s.serveLocal(c, client, req)
+		return
+	}
+	s.Metrics.Handoffs.WithLabelValues("503").Inc()
+	s.answer(c, 503, "no back end available for "+req.Path)
+}
+
+// refuse answers a connection whose head could not be read: 400, 408 or
+// 431, or nothing for a client that went away.
+func (s *Server) refuse(c *net.TCPConn, client netip.AddrPort, err error) {
+	status := phttp.Status(err)
+	var ne net.Error
+	switch {
+	case status == 400:
+		s.count(func(c *Counters) { c.BadRequests++ })
+	case status == 431:
+		s.count(func(c *Counters) { c.TooLarge++ })
+	case errors.As(err, &ne) && ne.Timeout():
+		s.count(func(c *Counters) { c.Timeouts++ })
+		status = 408
+	default: // the client went away
+		s.count(func(c *Counters) { c.ClosedEarly++ })
+		s.Log.Debug("client closed before a request", "op", "read", "client", client.String(), "err", err)
+		c.Close()
+		return
+	}
+	s.Log.Info("request refused", "op", "read", "client", client.String(), "status", status, "err", err)
+	s.answer(c, status, err.Error())
+}
+
+// answer sends an error response and closes the connection gracefully:
+// what the client sent and was not read (the rest of an oversized head,
+// a body) would otherwise turn the close into a RST and lose the answer.
+func (s *Server) answer(c *net.TCPConn, status int, why string) {
+	if status == 503 {
+		s.count(func(c *Counters) { c.Answered503++ })
+	}
+	c.SetWriteDeadline(time.Now().Add(time.Second))
+	c.Write(phttp.ErrorResponse(status, why))
+	relay.CloseGracefully(c, time.Second)
+	c.Close()
+}
+
+// serveLocal relays the connection to the FE's own web server (the seed's
+// local node, 4.7).
+func (s *Server) serveLocal(c *net.TCPConn, client netip.AddrPort, req *phttp.Request) {
+	up, err := net.DialTimeout("tcp4", s.Config.Local.String(), time.Second)
+	if err != nil {
+		s.Log.Warn("local node unreachable", "op", "local", "client", client.String(), "err", err)
+		s.answer(c, 503, "local server unreachable")
+		return
+	}
+	if _, err := up.Write(req.Raw); err != nil {
+		up.Close()
+		c.Close()
+		return
+	}
+	s.count(func(c *Counters) { c.Local++ })
+	s.Metrics.Handoffs.WithLabelValues("local").Inc()
+	s.Log.Debug("served by local node", "op", "local", "client", client.String(), "path", req.Path)
+	relay.Pipe(c, up.(*net.TCPConn))
+}
+
+// tcpSocket adapts a client connection to handoff.Socket.
+type tcpSocket struct{ c *net.TCPConn }
+
+func (s tcpSocket) Block() error                                 { return repair.Block(s.c) }
+func (s tcpSocket) Dump(consumed []byte) (*wire.ConnInfo, error) { return repair.Dump(s.c, consumed) }
+func (s tcpSocket) Resume() error                                { return repair.Resume(s.c) }
+
+// CloseSilently closes the dumped socket: Dump left it in repair mode, so
+// the close sends nothing and leaves no TIME_WAIT.
+func (s tcpSocket) CloseSilently() error { return s.c.Close() }
+
+func addrPort(a net.Addr) netip.AddrPort {
+	if ta, ok := a.(*net.TCPAddr); ok {
+		ap := ta.AddrPort()
+		return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+	}
+	ap, _ := netip.ParseAddrPort(a.String())
+	return ap
+}

@@ -1,0 +1,216 @@
+package frontend
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"tcpha/backends"
+	"tcpha/handoff"
+	"tcpha/metrics"
+)
+
+// fakeMigrator "hands off" by answering the client itself, as a BE would,
+// or fails as told.
+type fakeMigrator struct {
+	fail     error
+	migrated atomic.Int64
+	kept     atomic.Int64
+}
+
+func (m *fakeMigrator) Migrate(_ context.Context, sock handoff.Socket, _ netip.AddrPort, consumed []byte, _ []netip.AddrPort) (netip.AddrPort, error) {
+	if m.fail != nil {
+		return netip.AddrPort{}, m.fail
+	}
+	m.migrated.Add(1)
+	c := sock.(tcpSocket).c
+	fmt.Fprintf(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nbe")
+	c.Close()
+	return netip.MustParseAddrPort("10.0.0.11:666"), nil
+}
+
+func (m *fakeMigrator) Keep(context.Context, netip.AddrPort) { m.kept.Add(1) }
+
+type rig struct {
+	addr string
+	m    *fakeMigrator
+	s    *Server
+}
+
+func newRig(t *testing.T, cfg Config, route backends.Route) *rig {
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := &fakeMigrator{}
+	s := &Server{Config: cfg, Route: func(string) backends.Route { return route }, Sender: m,
+		Metrics: metrics.New(), Log: slog.New(slog.NewTextHandler(io.Discard, nil))}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { s.Serve(ctx, context.Background(), ln); close(done) }()
+	t.Cleanup(func() { cancel(); <-done })
+	return &rig{addr: ln.Addr().String(), m: m, s: s}
+}
+
+func toBE() backends.Route {
+	return backends.Route{BEs: []netip.AddrPort{netip.MustParseAddrPort("10.0.0.11:666")}}
+}
+
+func defaults() Config {
+	return Config{MaxClients: 1, MaxHeads: 1000, MaxHeadsPerSource: 100, RequestTimeout: 2 * time.Second, MaxHeader: 4096}
+}
+
+func request(t *testing.T, addr, raw string) (*http.Response, string, error) {
+	t.Helper()
+	c, err := net.Dial("tcp4", addr)
+	if err != nil {
+		return nil, "", err
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.WriteString(c, raw); err != nil {
+		return nil, "", err
+	}
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		return nil, "", err
+	}
+	b, err := io.ReadAll(resp.Body)
+	return resp, string(b), err
+}
+
+// Connections still sending their heads hold no slot: with maxclients 1
+// and fifty slow clients connected, a whole request is handed off at once.
+func TestSlowClientsHoldNoSlot(t *testing.T) {
+	r := newRig(t, defaults(), toBE())
+	for range 50 {
+		c, err := net.Dial("tcp4", r.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		io.WriteString(c, "GET /slow HTTP/1.1\r\nX-A: ")
+	}
+	resp, body, err := request(t, r.addr, "GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+	if err != nil || resp.StatusCode != 200 || body != "be" {
+		t.Fatalf("a whole request among slow ones: %v %q %v", resp, body, err)
+	}
+}
+
+// Past the per-address cap a connection is closed at once; the others
+// are unaffected.
+func TestPerSourceCap(t *testing.T) {
+	cfg := defaults()
+	cfg.MaxHeadsPerSource = 5
+	r := newRig(t, cfg, toBE())
+	var slow []net.Conn
+	for range 5 {
+		c, _ := net.Dial("tcp4", r.addr)
+		io.WriteString(c, "GET / HT")
+		slow = append(slow, c)
+	}
+	deadline := time.Now().Add(2 * time.Second)
+	for r.s.Stats().Accepted < 5 && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+	}
+	c, _ := net.Dial("tcp4", r.addr)
+	c.SetReadDeadline(time.Now().Add(2 * time.Second))
+	if _, err := c.Read(make([]byte, 1)); err == nil || errors.Is(err, errTimeout) {
+		t.Errorf("a sixth slow connection from one address: %v, want it closed", err)
+	}
+	c.Close()
+	if n := r.s.Stats().RefusedBusy; n != 1 {
+		t.Errorf("refused %d, want 1", n)
+	}
+	// One finishes its head: room again.
+	io.WriteString(slow[0], "TP/1.1\r\n\r\n")
+	if _, err := io.ReadAll(slow[0]); err != nil {
+		t.Fatal(err)
+	}
+	deadline = time.Now().Add(2 * time.Second)
+	for {
+		resp, _, err := request(t, r.addr, "GET / HTTP/1.1\r\n\r\n")
+		if err == nil && resp.StatusCode == 200 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no room after a head completed: %v", err)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	for _, c := range slow {
+		c.Close()
+	}
+}
+
+var errTimeout = errors.New("timeout")
+
+// Bad heads get their answer, not a RST: an oversized head written in one
+// piece gets its 431 although its rest was never read.
+func TestErrorAnswers(t *testing.T) {
+	cfg := defaults()
+	cfg.RequestTimeout = 300 * time.Millisecond
+	r := newRig(t, cfg, toBE())
+	for _, tc := range []struct {
+		raw    string
+		status int
+	}{
+		// Larger than the socket buffers: the client is still writing it
+		// when the answer comes, as curl was when finding 10 saw a RST.
+		{"GET / HTTP/1.1\r\nX-Big: " + strings.Repeat("a", 4<<20) + "\r\n\r\n", 431},
+		{"\x16\x03\x01garbage\r\n\r\n", 400},
+		{"GET / HTTP/1.1\r\nHost: x\r\n", 408},
+	} {
+		resp, _, err := request(t, r.addr, tc.raw)
+		if err != nil || resp.StatusCode != tc.status {
+			t.Errorf("%.20q: %v %v, want %d", tc.raw, resp, err, tc.status)
+		}
+	}
+}
+
+func TestNoBEAnd503(t *testing.T) {
+	r := newRig(t, defaults(), toBE())
+	r.m.fail = handoff.ErrNoBE
+	resp, body, err := request(t, r.addr, "GET /x HTTP/1.1\r\n\r\n")
+	if err != nil || resp.StatusCode != 503 || !strings.Contains(body, "no back end available for /x") {
+		t.Errorf("%v %q %v", resp, body, err)
+	}
+	if r.s.Stats().Answered503 != 1 {
+		t.Errorf("503 not counted: %+v", r.s.Stats())
+	}
+}
+
+// The local node serves what its rule sends it, and what every BE refused
+// when a local rule matched as the fallback.
+func TestLocalNode(t *testing.T) {
+	web, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer web.Close()
+	go http.Serve(web, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "local:"+r.URL.Path) }))
+	cfg := defaults()
+	cfg.Local = netip.MustParseAddrPort(web.Addr().String())
+	r := newRig(t, cfg, backends.Route{Local: true})
+	if _, body, err := request(t, r.addr, "GET /status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"); err != nil || body != "local:/status" {
+		t.Errorf("local: %q %v", body, err)
+	}
+	fallback := newRig(t, cfg, backends.Route{BEs: toBE().BEs, Local: true})
+	fallback.m.fail = handoff.ErrNoBE
+	if _, body, err := request(t, fallback.addr, "GET /f HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"); err != nil || body != "local:/f" {
+		t.Errorf("fallback: %q %v", body, err)
+	}
+	if fallback.m.kept.Load() != 1 {
+		t.Error("a locally served connection's old forwarding was not cleared (Keep)")
+	}
+}
