@@ -99,7 +99,11 @@ func startFE(ctx context.Context, cfg *config.FE, secret []byte, m *metrics.Metr
 	}
 	f.flows = nft.NewFlows(f.nftc, f.rs)
 	f.reaper = &conntab.Reaper{
-		Table: f.table, Unforward: f.flows.Unforward, Idle: cfg.IdleTimeout, Tick: min(time.Second, cfg.TimeWait),
+		Table: f.table, Unforward: f.flows.Unforward, Remove: f.flows.Remove,
+		Forwarded: func(ctx context.Context) (map[netip.AddrPort]netip.Addr, error) {
+			return f.flows.Members(ctx, nft.MapForward)
+		},
+		Idle: cfg.IdleTimeout, Tick: min(time.Second, cfg.TimeWait),
 		IdleEvery: min(max(cfg.IdleTimeout/4, time.Second), time.Minute), Log: f.log,
 		Alive: func(ctx context.Context) (func(netip.AddrPort) bool, error) {
 			m, err := f.flows.Members(ctx, nft.SetAlive)

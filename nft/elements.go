@@ -210,6 +210,19 @@ func (f *Flows) Unforward(ctx context.Context, flow netip.AddrPort) error {
 	return nil
 }
 
+// Remove deletes flow's forwarding and closing mark, without failing if
+// they are gone (the reaper's reconciliation).
+func (f *Flows) Remove(ctx context.Context, flow netip.AddrPort) error {
+	edits := []edit{
+		{editDeleteMaybe, MapForward, flow, netip.Addr{}},
+		{editDeleteMaybe, SetClosing, flow, netip.Addr{}},
+	}
+	if err := f.do(ctx, &request{edits: edits}); err != nil {
+		return fmt.Errorf("remove %v: %w", flow, err)
+	}
+	return nil
+}
+
 // Members lists the flows in one of the FE's sets or maps; for the forward
 // map the value is the BE address.
 func (f *Flows) Members(ctx context.Context, set string) (map[netip.AddrPort]netip.Addr, error) {

@@ -248,3 +248,31 @@ func (t *Table) Len() int {
 func sortFlows(l []netip.AddrPort) {
 	sort.Slice(l, func(i, j int) bool { return l[i].Compare(l[j]) < 0 })
 }
+
+// Reconcile brings the table in line with the kernel's forwarded flows
+// (flow → BE), read starting at snapshot: a row of a forwarded state
+// (HANDOFFED, TIME_WAIT) whose flow the kernel does not forward is dropped;
+// a flow the kernel forwards that has no row at all is returned as an
+// orphan, for the caller to remove from the kernel. Rows that changed state
+// after snapshot are left alone: the read may have missed their forwarding
+// being installed. HANDOFFING rows are never touched.
+func (t *Table) Reconcile(kernel map[netip.AddrPort]netip.Addr, snapshot time.Time) (dropped []netip.AddrPort, orphans []netip.AddrPort) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	for k, c := range t.m {
+		if (c.State == Handoffed || c.State == TimeWait) && c.Since.Before(snapshot) {
+			if _, ok := kernel[k]; !ok {
+				delete(t.m, k)
+				dropped = append(dropped, k)
+			}
+		}
+	}
+	for k := range kernel {
+		if _, ok := t.m[k]; !ok {
+			orphans = append(orphans, k)
+		}
+	}
+	sortFlows(dropped)
+	sortFlows(orphans)
+	return dropped, orphans
+}

@@ -320,3 +320,78 @@ func TestReaper(t *testing.T) {
 		}
 	})
 }
+
+func TestReconcile(t *testing.T) {
+	t0 := time.Unix(1000, 0)
+	snap := t0.Add(time.Second)
+	be := netip.MustParseAddr("10.0.0.11")
+	flow := func(p uint16) netip.AddrPort { return netip.AddrPortFrom(netip.MustParseAddr("10.0.0.10"), p) }
+	tab := New()
+	// 1: HANDOFFED and forwarded: kept.
+	tab.Begin(flow(1), t0)
+	tab.Handed(flow(1), be, t0)
+	// 2: HANDOFFED but gone from the kernel: dropped.
+	tab.Begin(flow(2), t0)
+	tab.Handed(flow(2), be, t0)
+	// 3: TIME_WAIT, gone from the kernel: dropped.
+	tab.Begin(flow(3), t0)
+	tab.Handed(flow(3), be, t0)
+	tab.Observe(flow(3), EvFIN, t0, t0.Add(time.Minute))
+	// 4: HANDOFFING, not forwarded yet: kept.
+	tab.Begin(flow(4), t0)
+	// 5: handed off after the snapshot began, absent from the read: kept.
+	tab.Begin(flow(5), t0)
+	tab.Handed(flow(5), be, snap.Add(time.Millisecond))
+	kernel := map[netip.AddrPort]netip.Addr{flow(1): be, flow(4): be, flow(9): be} // 9: no row: an orphan
+	dropped, orphans := tab.Reconcile(kernel, snap)
+	if fmt.Sprint(dropped) != "[10.0.0.10:2 10.0.0.10:3]" {
+		t.Errorf("dropped %v", dropped)
+	}
+	if fmt.Sprint(orphans) != "[10.0.0.10:9]" {
+		t.Errorf("orphans %v", orphans)
+	}
+	for _, p := range []uint16{1, 4, 5} {
+		if _, ok := tab.Get(flow(p)); !ok {
+			t.Errorf("flow %d dropped", p)
+		}
+	}
+}
+
+// Every IdleEvery the reaper reconciles: a row whose forwarding vanished is
+// dropped, forwarding nobody tracks is removed.
+func TestReaperReconciles(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		tab := New()
+		stale := netip.MustParseAddrPort("10.0.0.10:1")
+		kept := netip.MustParseAddrPort("10.0.0.10:2")
+		orphan := netip.MustParseAddrPort("10.0.0.10:3")
+		now := time.Now()
+		for _, f := range []netip.AddrPort{stale, kept} {
+			tab.Begin(f, now)
+			tab.Handed(f, be1, now)
+		}
+		var removed unforwards
+		r := &Reaper{
+			Table: tab, Unforward: new(unforwards).fn, Remove: removed.fn,
+			Forwarded: func(context.Context) (map[netip.AddrPort]netip.Addr, error) {
+				return map[netip.AddrPort]netip.Addr{kept: be1, orphan: be1}, nil
+			},
+			Idle: time.Hour, Tick: time.Second, IdleEvery: 15 * time.Second,
+			Log: slog.New(slog.NewTextHandler(io.Discard, nil)),
+		}
+		ctx, cancel := context.WithCancel(context.Background())
+		defer cancel()
+		go r.Run(ctx)
+		time.Sleep(16 * time.Second)
+		synctest.Wait()
+		if got := removed.got(); !reflect.DeepEqual(got, []netip.AddrPort{orphan}) {
+			t.Errorf("removed %v, want the untracked flow", got)
+		}
+		if _, ok := tab.Get(stale); ok {
+			t.Error("a row whose forwarding vanished was kept")
+		}
+		if _, ok := tab.Get(kept); !ok {
+			t.Error("a forwarded row was dropped")
+		}
+	})
+}

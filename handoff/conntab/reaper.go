@@ -8,11 +8,18 @@ import (
 )
 
 // Reaper ends the forwarding of flows whose time is up: TIME_WAIT over, or
-// idle too long. The kernel side is injected.
+// idle too long. Every IdleEvery it also reconciles the table with the
+// kernel's forward map, so that no row outlives its flow's forwarding and
+// no forwarding outlives its row, whatever failed in between. The kernel
+// side is injected.
 type Reaper struct {
 	Table *Table
 	// Unforward removes a flow's forwarding from the kernel.
 	Unforward func(ctx context.Context, flow netip.AddrPort) error
+	// Forwarded reads the kernel's forward map; Remove deletes a flow from
+	// it, without failing if it is gone. Nil: no reconciliation.
+	Forwarded func(ctx context.Context) (map[netip.AddrPort]netip.Addr, error)
+	Remove    func(ctx context.Context, flow netip.AddrPort) error
 	// Alive reports which flows carried packets within Idle (the kernel's
 	// alive set); nil disables idle expiry.
 	Alive     func(ctx context.Context) (func(netip.AddrPort) bool, error)
@@ -39,13 +46,19 @@ func (r *Reaper) Run(ctx context.Context) {
 
 // Once does one round; lastIdle is when the alive set was last read.
 func (r *Reaper) Once(ctx context.Context, lastIdle *time.Time) {
+	now := time.Now()
+	periodic := now.Sub(*lastIdle) >= r.IdleEvery
+	if periodic {
+		*lastIdle = now
+		if r.Forwarded != nil {
+			r.reconcile(ctx)
+		}
+	}
 	if r.Table.Len() == 0 {
 		return
 	}
-	now := time.Now()
 	var alive func(netip.AddrPort) bool
-	if r.Alive != nil && now.Sub(*lastIdle) >= r.IdleEvery {
-		*lastIdle = now
+	if r.Alive != nil && periodic {
 		a, err := r.Alive(ctx)
 		if err != nil {
 			r.Log.Warn("read alive flows", "op", "expire", "err", err)
@@ -64,5 +77,26 @@ func (r *Reaper) Once(ctx context.Context, lastIdle *time.Time) {
 			r.Log.Error("connection table", "op", "expire", "client", k.String(), "err", err)
 		}
 		r.Log.Debug("forwarding ended", "op", "expire", "client", k.String())
+	}
+}
+
+// reconcile drops rows the kernel no longer forwards and removes
+// forwarding nobody tracks.
+func (r *Reaper) reconcile(ctx context.Context) {
+	snapshot := time.Now()
+	kernel, err := r.Forwarded(ctx)
+	if err != nil {
+		r.Log.Warn("read forwarded flows", "op", "reconcile", "err", err)
+		return
+	}
+	dropped, orphans := r.Table.Reconcile(kernel, snapshot)
+	for _, k := range orphans {
+		if err := r.Remove(ctx, k); err != nil {
+			r.Log.Warn("remove untracked forwarding", "op", "reconcile", "client", k.String(), "err", err)
+		}
+	}
+	if len(dropped)+len(orphans) > 0 {
+		r.Log.Info("connection table reconciled with the kernel", "op", "reconcile",
+			"stale_rows", len(dropped), "untracked_flows", len(orphans))
 	}
 }
