@@ -20,6 +20,7 @@ import (
 	"tcpha/handoff/repair"
 	"tcpha/handoff/wire"
 	"tcpha/metrics"
+	"tcpha/netif"
 	"tcpha/nft"
 	"tcpha/relay"
 )
@@ -146,32 +147,34 @@ func (b *be) check(ci *wire.ConnInfo, from *ctl.Session) (wire.Result, error) {
 	return wire.ResultOK, nil
 }
 
-// rebuilder rebuilds sockets, clearing a TIME_WAIT of the same 4-tuple out
-// of the way. When the web server closed first, this BE holds the 4-tuple in
-// TIME_WAIT for 60 s, while a busy client reuses its ephemeral ports sooner
-// (at thousands of handoffs per second the range wraps in seconds): the
-// repair-mode connect then fails with EADDRNOTAVAIL (FACTS.md).
+// rebuilder rebuilds sockets, clearing an older socket of the same 4-tuple
+// out of the way. The FE offers a 4-tuple only after the client opened it
+// anew (its SYN reached the FE), so a socket this BE still has for it
+// belongs to an earlier connection the client is done with: in TIME_WAIT
+// when this BE closed first, or in FIN_WAIT1, CLOSING or LAST_ACK when the
+// client's last packets stopped reaching it. A busy client reuses its
+// ports within seconds (at thousands of handoffs per second the ephemeral
+// range wraps in seconds), and the repair-mode connect then fails with
+// EADDRNOTAVAIL (FACTS.md).
 type rebuilder struct{ log *slog.Logger }
 
 func (r rebuilder) Rebuild(ci *wire.ConnInfo) (handoff.Rebuilt, error) {
 	c, err := repair.Rebuild(ci)
-	if !errors.Is(err, unix.EADDRNOTAVAIL) {
-		if err != nil {
-			return nil, err
-		}
+	if err == nil {
 		return c, nil
 	}
-	vip := net.TCPAddrFromAddrPort(ci.VIP)
-	client := net.TCPAddrFromAddrPort(ci.Client)
-	s, gerr := netlink.SocketGet(vip, client)
-	if gerr != nil || s.State != netlink.TCP_TIME_WAIT {
-		// Never destroy a live connection: let the FE try elsewhere.
+	if !errors.Is(err, unix.EADDRNOTAVAIL) {
 		return nil, err
 	}
-	if derr := netlink.SocketDestroy(vip, client); derr != nil {
-		return nil, errors.Join(err, fmt.Errorf("destroy TIME_WAIT %v-%v: %w", ci.VIP, ci.Client, derr))
+	old, lerr := netif.LookupTCP(ci.VIP, ci.Client)
+	if lerr != nil {
+		return nil, errors.Join(err, lerr)
 	}
-	r.log.Debug("cleared TIME_WAIT for a reused client port", "op", "restore", "client", ci.Client.String())
+	if derr := netif.DestroyTCP(ci.VIP, ci.Client, old); derr != nil {
+		return nil, errors.Join(err, derr)
+	}
+	r.log.Debug("cleared an earlier connection's socket for a reused client port", "op", "restore",
+		"client", ci.Client.String(), "state", old.State)
 	if c, err = repair.Rebuild(ci); err != nil {
 		return nil, err
 	}

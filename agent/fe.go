@@ -98,8 +98,22 @@ func startFE(ctx context.Context, cfg *config.FE, secret []byte, m *metrics.Metr
 		return nil, fmt.Errorf("fe: listen on VIP %v: %w", vip, err)
 	}
 	f.flows = nft.NewFlows(f.nftc, f.rs)
+	// The reaper's removals are conditional on the table, checked by the
+	// nft owner in order with the handoffs' edits.
+	skipped := func(err error) error {
+		if errors.Is(err, nft.ErrSkipped) {
+			return conntab.ErrSkippedEdit
+		}
+		return err
+	}
 	f.reaper = &conntab.Reaper{
-		Table: f.table, Unforward: f.flows.Unforward, Remove: f.flows.Remove,
+		Table: f.table,
+		Unforward: func(ctx context.Context, flow netip.AddrPort, still func() bool) error {
+			return skipped(f.flows.UnforwardIf(ctx, flow, still))
+		},
+		Remove: func(ctx context.Context, flow netip.AddrPort, still func() bool) error {
+			return skipped(f.flows.Remove(ctx, flow, still))
+		},
 		Forwarded: func(ctx context.Context) (map[netip.AddrPort]netip.Addr, error) {
 			return f.flows.Members(ctx, nft.MapForward)
 		},

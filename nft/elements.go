@@ -45,9 +45,18 @@ type edit struct {
 
 type request struct {
 	edits []edit
-	read  func(*nftables.Conn) error
-	done  chan error
+	// cond, if set, is asked by the owner when it takes the request: false
+	// skips the edits (ErrSkipped). Edits of one flow go through the owner
+	// in order, so a condition on the connection table is checked after
+	// every edit queued before it.
+	cond func() bool
+	read func(*nftables.Conn) error
+	done chan error
 }
+
+// ErrSkipped is returned for a conditional edit whose condition no longer
+// held.
+var ErrSkipped = errors.New("edit skipped: its condition no longer holds")
 
 // maxGroup bounds how many requests share one transaction; very large
 // batches can hit ENOBUFS (FACTS.md).
@@ -116,6 +125,18 @@ func (f *Flows) Run(ctx context.Context) {
 // request's element was wrong (ENOENT, EEXIST) and the kernel aborted all of
 // them: redo them one transaction each, so only the culprit fails.
 func (f *Flows) commit(group []*request) {
+	kept := group[:0]
+	for _, r := range group {
+		if r.cond != nil && !r.cond() {
+			r.done <- ErrSkipped
+			continue
+		}
+		kept = append(kept, r)
+	}
+	group = kept
+	if len(group) == 0 {
+		return
+	}
 	for _, r := range group {
 		f.queue(r.edits)
 	}
@@ -177,8 +198,9 @@ func (f *Flows) Forward(ctx context.Context, flow netip.AddrPort, be netip.Addr,
 	var edits []edit
 	if replace {
 		// The previous connection's entries: its BE and its closing mark.
+		// Tolerant: the reaper may have removed them a moment ago.
 		edits = append(edits,
-			edit{editDelete, MapForward, flow, netip.Addr{}},
+			edit{editDeleteMaybe, MapForward, flow, netip.Addr{}},
 			edit{editDeleteMaybe, SetClosing, flow, netip.Addr{}})
 	}
 	edits = append(edits,
@@ -200,24 +222,33 @@ func (f *Flows) Forward(ctx context.Context, flow netip.AddrPort, be netip.Addr,
 // FIN unseen; its alive mark expires on its own (it only delays idle
 // expiry of a reused port).
 func (f *Flows) Unforward(ctx context.Context, flow netip.AddrPort) error {
+	return f.UnforwardIf(ctx, flow, nil)
+}
+
+// UnforwardIf is Unforward, made only if still() holds when the owner
+// takes the request (nil: always): a new connection from the same client
+// port may have been forwarded since the caller decided, and its
+// forwarding must stay. It returns ErrSkipped when it did not hold.
+func (f *Flows) UnforwardIf(ctx context.Context, flow netip.AddrPort, still func() bool) error {
 	edits := []edit{
 		{editDelete, MapForward, flow, netip.Addr{}},
 		{editDeleteMaybe, SetClosing, flow, netip.Addr{}},
 	}
-	if err := f.do(ctx, &request{edits: edits}); err != nil {
+	if err := f.do(ctx, &request{edits: edits, cond: still}); err != nil {
 		return fmt.Errorf("unforward %v: %w", flow, err)
 	}
 	return nil
 }
 
 // Remove deletes flow's forwarding and closing mark, without failing if
-// they are gone (the reaper's reconciliation).
-func (f *Flows) Remove(ctx context.Context, flow netip.AddrPort) error {
+// they are gone (the reaper's reconciliation), if still() holds when the
+// owner takes the request.
+func (f *Flows) Remove(ctx context.Context, flow netip.AddrPort, still func() bool) error {
 	edits := []edit{
 		{editDeleteMaybe, MapForward, flow, netip.Addr{}},
 		{editDeleteMaybe, SetClosing, flow, netip.Addr{}},
 	}
-	if err := f.do(ctx, &request{edits: edits}); err != nil {
+	if err := f.do(ctx, &request{edits: edits, cond: still}); err != nil {
 		return fmt.Errorf("remove %v: %w", flow, err)
 	}
 	return nil

@@ -84,10 +84,13 @@ func newCluster(t *testing.T, opts cluster.Options) *cluster.Cluster {
 			t.Errorf("cluster cleanup: %v", err)
 		}
 	})
-	for _, h := range []string{"be1", "be2", "fe"} {
-		if err := c.StartAgent(h); err != nil {
+	for _, be := range c.BEs {
+		if err := c.StartAgent(be.Name); err != nil {
 			t.Fatal(err)
 		}
+	}
+	if err := c.StartAgent("fe"); err != nil {
+		t.Fatal(err)
 	}
 	return c
 }

@@ -167,22 +167,30 @@ func (t *Table) Observe(flow netip.AddrPort, ev Event, now, until time.Time) (St
 	return c.State, act, nil
 }
 
+// ExpiredRow is a row whose forwarding should end: its flow, and the
+// state and instance it was found in.
+type ExpiredRow struct {
+	Flow  netip.AddrPort
+	State State
+	Since Instance
+}
+
 // Expired lists the flows whose forwarding should end now: TIME_WAIT past
 // its deadline, and HANDOFFED flows older than idle that alive does not
 // report as recently active (alive nil: no idle check this time).
-func (t *Table) Expired(now time.Time, idle time.Duration, alive func(netip.AddrPort) bool) []netip.AddrPort {
+func (t *Table) Expired(now time.Time, idle time.Duration, alive func(netip.AddrPort) bool) []ExpiredRow {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	var out []netip.AddrPort
+	var out []ExpiredRow
 	for k, c := range t.m {
 		switch {
 		case c.State == TimeWait && !now.Before(c.Until):
-			out = append(out, k)
+			out = append(out, ExpiredRow{k, c.State, c.Since})
 		case c.State == Handoffed && now.Sub(c.Since) >= idle && alive != nil && !alive(k):
-			out = append(out, k)
+			out = append(out, ExpiredRow{k, c.State, c.Since})
 		}
 	}
-	sortFlows(out)
+	sort.Slice(out, func(i, j int) bool { return out[i].Flow.Compare(out[j].Flow) < 0 })
 	return out
 }
 
@@ -192,6 +200,41 @@ func (t *Table) Expire(flow netip.AddrPort) error {
 	defer t.mu.Unlock()
 	_, _, err := t.apply(flow, EvTimer, time.Time{})
 	return err
+}
+
+// Instance identifies a row's current state: the time it entered it. A new
+// connection from the same client port replaces the row's state, and so its
+// instance.
+type Instance = time.Time
+
+// Unchanged tells whether flow's row is still in state since the instance
+// given: neither gone nor replaced by a new connection on the port.
+func (t *Table) Unchanged(flow netip.AddrPort, state State, since Instance) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	c, ok := t.m[flow]
+	return ok && c.State == state && c.Since.Equal(since)
+}
+
+// Absent tells whether flow has no row.
+func (t *Table) Absent(flow netip.AddrPort) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	_, ok := t.m[flow]
+	return !ok
+}
+
+// ExpireIf applies the timer event if flow's row is still the instance
+// given; it reports whether it did.
+func (t *Table) ExpireIf(flow netip.AddrPort, state State, since Instance) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	c, ok := t.m[flow]
+	if !ok || c.State != state || !c.Since.Equal(since) {
+		return false
+	}
+	_, _, err := t.apply(flow, EvTimer, time.Time{})
+	return err == nil
 }
 
 // Adopt records a flow found in the kernel, for an agent that restarts and

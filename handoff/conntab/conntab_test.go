@@ -182,8 +182,12 @@ func TestLifecycle(t *testing.T) {
 	if got := tab.Expired(t0.Add(10*time.Second), time.Hour, nil); len(got) != 0 {
 		t.Errorf("expired before its time: %v", got)
 	}
-	if got := tab.Expired(t0.Add(11*time.Second), time.Hour, nil); !reflect.DeepEqual(got, []netip.AddrPort{flow}) {
+	got := tab.Expired(t0.Add(11*time.Second), time.Hour, nil)
+	if len(got) != 1 || got[0].Flow != flow || got[0].State != TimeWait {
 		t.Errorf("expired = %v", got)
+	}
+	if tab.ExpireIf(flow, TimeWait, got[0].Since.Add(time.Nanosecond)) {
+		t.Error("ExpireIf expired another instance")
 	}
 	if err := tab.Expire(flow); err != nil || tab.Len() != 0 {
 		t.Errorf("Expire: %v, len %d", err, tab.Len())
@@ -257,9 +261,18 @@ func TestAdoptAndCount(t *testing.T) {
 type unforwards struct {
 	mu    sync.Mutex
 	flows []netip.AddrPort
+	// before runs as the kernel edit is about to be made, before still is
+	// asked: what the handoffs did meanwhile.
+	before func(netip.AddrPort)
 }
 
-func (u *unforwards) fn(ctx context.Context, f netip.AddrPort) error {
+func (u *unforwards) fn(ctx context.Context, f netip.AddrPort, still func() bool) error {
+	if u.before != nil {
+		u.before(f)
+	}
+	if still != nil && !still() {
+		return ErrSkippedEdit
+	}
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	u.flows = append(u.flows, f)
@@ -392,6 +405,38 @@ func TestReaperReconciles(t *testing.T) {
 		}
 		if _, ok := tab.Get(kept); !ok {
 			t.Error("a forwarded row was dropped")
+		}
+	})
+}
+
+// A client reuses its port while the reaper is ending the old connection's
+// forwarding: the new connection's row and forwarding stay.
+func TestReaperSparesReusedPort(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		tab := New()
+		flow := netip.MustParseAddrPort("10.0.0.10:1")
+		now := time.Now()
+		tab.Begin(flow, now)
+		tab.Handed(flow, be1, now)
+		tab.Observe(flow, EvFIN, now, now.Add(time.Second))
+		u := &unforwards{before: func(f netip.AddrPort) {
+			// The new connection's SYN, request and handoff start now.
+			if err := tab.Begin(f, time.Now()); err != nil {
+				t.Error(err)
+			}
+		}}
+		r := &Reaper{Table: tab, Unforward: u.fn, Idle: time.Hour, Tick: time.Second, IdleEvery: time.Hour,
+			Log: slog.New(slog.NewTextHandler(io.Discard, nil))}
+		ctx, cancel := context.WithCancel(context.Background())
+		defer cancel()
+		go r.Run(ctx)
+		time.Sleep(2 * time.Second)
+		synctest.Wait()
+		if got := u.got(); len(got) != 0 {
+			t.Errorf("the reused port's forwarding was removed: %v", got)
+		}
+		if c, ok := tab.Get(flow); !ok || c.State != Handoffing {
+			t.Errorf("the new connection's row: %+v %v", c, ok)
 		}
 	})
 }

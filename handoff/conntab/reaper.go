@@ -2,6 +2,7 @@ package conntab
 
 import (
 	"context"
+	"errors"
 	"log/slog"
 	"net/netip"
 	"time"
@@ -14,12 +15,16 @@ import (
 // side is injected.
 type Reaper struct {
 	Table *Table
-	// Unforward removes a flow's forwarding from the kernel.
-	Unforward func(ctx context.Context, flow netip.AddrPort) error
+	// Unforward removes a flow's forwarding from the kernel, if still()
+	// holds when the kernel edit is made: a new connection from the same
+	// client port may have been forwarded since the flow was found expired,
+	// and its forwarding must stay.
+	Unforward func(ctx context.Context, flow netip.AddrPort, still func() bool) error
 	// Forwarded reads the kernel's forward map; Remove deletes a flow from
-	// it, without failing if it is gone. Nil: no reconciliation.
+	// it, without failing if it is gone, if still() holds then. Nil: no
+	// reconciliation.
 	Forwarded func(ctx context.Context) (map[netip.AddrPort]netip.Addr, error)
-	Remove    func(ctx context.Context, flow netip.AddrPort) error
+	Remove    func(ctx context.Context, flow netip.AddrPort, still func() bool) error
 	// Alive reports which flows carried packets within Idle (the kernel's
 	// alive set); nil disables idle expiry.
 	Alive     func(ctx context.Context) (func(netip.AddrPort) bool, error)
@@ -28,6 +33,10 @@ type Reaper struct {
 	IdleEvery time.Duration // how often the alive set is read
 	Log       *slog.Logger
 }
+
+// ErrSkippedEdit is what Unforward and Remove return when their condition
+// no longer held when the kernel edit was to be made.
+var ErrSkippedEdit = errors.New("edit skipped: its condition no longer holds")
 
 // Run reaps until ctx is done.
 func (r *Reaper) Run(ctx context.Context) {
@@ -66,17 +75,22 @@ func (r *Reaper) Once(ctx context.Context, lastIdle *time.Time) {
 			alive = a
 		}
 	}
-	for _, k := range r.Table.Expired(now, r.Idle, alive) {
-		if err := r.Unforward(ctx, k); err != nil {
+	for _, e := range r.Table.Expired(now, r.Idle, alive) {
+		still := func() bool { return r.Table.Unchanged(e.Flow, e.State, e.Since) }
+		err := r.Unforward(ctx, e.Flow, still)
+		switch {
+		case errors.Is(err, ErrSkippedEdit):
+			// A new connection took the port over: its row and its
+			// forwarding stay.
+			continue
+		case err != nil:
 			// The entry goes anyway: a forward element that cannot be
-			// deleted is missing already, and keeping the entry would
-			// retry forever.
-			r.Log.Warn("unforward", "op", "expire", "client", k.String(), "err", err)
+			// deleted is missing already (the reconciliation removes a
+			// leftover), and keeping the entry would retry forever.
+			r.Log.Warn("unforward", "op", "expire", "client", e.Flow.String(), "err", err)
 		}
-		if err := r.Table.Expire(k); err != nil {
-			r.Log.Error("connection table", "op", "expire", "client", k.String(), "err", err)
-		}
-		r.Log.Debug("forwarding ended", "op", "expire", "client", k.String())
+		r.Table.ExpireIf(e.Flow, e.State, e.Since)
+		r.Log.Debug("forwarding ended", "op", "expire", "client", e.Flow.String())
 	}
 }
 
@@ -91,7 +105,8 @@ func (r *Reaper) reconcile(ctx context.Context) {
 	}
 	dropped, orphans := r.Table.Reconcile(kernel, snapshot)
 	for _, k := range orphans {
-		if err := r.Remove(ctx, k); err != nil {
+		still := func() bool { return r.Table.Absent(k) }
+		if err := r.Remove(ctx, k, still); err != nil && !errors.Is(err, ErrSkippedEdit) {
 			r.Log.Warn("remove untracked forwarding", "op", "reconcile", "client", k.String(), "err", err)
 		}
 	}

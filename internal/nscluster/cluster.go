@@ -29,11 +29,12 @@ import (
 // Addresses inside the cluster. They exist only in the namespaces the
 // cluster creates.
 const (
-	Subnet   = "10.77.0.0/24"
-	ClientIP = "10.77.0.10"
-	FEIP     = "10.77.0.2"
-	VIP      = "10.77.0.100"
-	Port     = 80
+	Subnet    = "10.77.0.0/24"
+	ClientIP  = "10.77.0.10"
+	MalloryIP = "10.77.0.9"
+	FEIP      = "10.77.0.2"
+	VIP       = "10.77.0.100"
+	Port      = 80
 )
 
 // BE describes one back end host.
@@ -60,6 +61,9 @@ type Options struct {
 	Metrics bool
 	// NoAccessLog turns nginx's access logs off (they cost the bench).
 	NoAccessLog bool
+	// Mallory adds a second client host, "mallory", for attacks: a stranger
+	// with an address of its own.
+	Mallory bool
 }
 
 // MetricsAddr is where an agent serves /metrics inside its namespace when
@@ -134,6 +138,9 @@ func (c *Cluster) NS(host string) string { return c.Prefix + host }
 
 func (c *Cluster) hosts() []string {
 	h := []string{"client", "fe"}
+	if c.opts.Mallory {
+		h = append(h, "mallory")
+	}
 	for _, b := range c.BEs {
 		h = append(h, b.Name)
 	}
@@ -144,6 +151,8 @@ func (c *Cluster) ip(host string) string {
 	switch host {
 	case "client":
 		return ClientIP
+	case "mallory":
+		return MalloryIP
 	case "fe":
 		return FEIP
 	}
