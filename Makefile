@@ -4,7 +4,7 @@ BIN     := bin
 PREFIX  ?= /usr/local
 export PATH := $(PATH):/usr/sbin:/sbin
 
-.PHONY: all build demo test unit bench check deps install uninstall clean
+.PHONY: all build demo test unit bench fuzz check deps install uninstall clean
 
 all: build
 
@@ -21,6 +21,11 @@ demo: deps build
 # Unit tests and the namespace integration tests (these need root).
 test: deps check
 	$(GO) test -race -count=1 -timeout 14m ./...
+
+# Every fuzz target for FUZZTIME each (default 30s; e.g. FUZZTIME=10m, or
+# FUZZTIME=10000000x for a number of executions).
+fuzz:
+	@bash scripts/fuzz.sh
 
 # Unit tests only: no root, no namespaces.
 unit:

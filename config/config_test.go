@@ -235,3 +235,38 @@ func beRules(c *Config) []backends.Rule {
 	}
 	return c.BE.Rules
 }
+
+// FuzzParse: any file is parsed or refused with a config error naming the
+// file, never a panic; what parses is usable.
+func FuzzParse(f *testing.F) {
+	for _, s := range []string{
+		"[fe]\nvaddr = 10.0.0.100\nserver = 10.0.0.11 666\nrule = 10.0.0.11 .*\n",
+		"[global]\nsecret = s\n[be]\nraddr = 10.0.0.11\nuaddr = 10.0.0.250\nvaddr = 10.0.0.100\nfeaddr = 10.0.0.2\n",
+		"[fe]\nvaddr = 10.0.0.100\nrule = local ^/a(b|c)*$\nmaxclients = 3\ndrain = 500ms\n",
+	} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, b []byte) {
+		c, err := Parse("fuzz.conf", b)
+		if err != nil {
+			if !strings.HasPrefix(err.Error(), "fuzz.conf") {
+				t.Fatalf("error does not name the file: %v", err)
+			}
+			return
+		}
+		if c.FE == nil && c.BE == nil {
+			t.Fatal("a config with no role parsed")
+		}
+		if c.FE != nil {
+			if !c.FE.VAddr.Is4() || c.FE.MaxClients < 1 || len(c.FE.Rules) == 0 {
+				t.Fatalf("unusable FE: %+v", c.FE)
+			}
+			for _, r := range c.FE.Rules {
+				r.Pattern.MatchString("/x")
+			}
+		}
+		if c.BE != nil && (!c.BE.VAddr.Is4() || len(c.BE.FEAddrs) == 0) {
+			t.Fatalf("unusable BE: %+v", c.BE)
+		}
+	})
+}

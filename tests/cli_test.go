@@ -40,3 +40,20 @@ func TestCheckConfig(t *testing.T) {
 		}
 	}
 }
+
+// Without a secret, -t passes but warns: the sessions are then protected by
+// the member check alone.
+func TestCheckConfigWarnsWithoutSecret(t *testing.T) {
+	dir := t.TempDir()
+	conf := filepath.Join(dir, "nosecret.conf")
+	os.WriteFile(conf, []byte("[be]\nraddr = 10.0.0.11\nuaddr = 10.0.0.250\nvaddr = 10.0.0.100\nfeaddr = 10.0.0.2\n"), 0o644)
+	out, err := exec.Command(agentBin, "-t", "-c", conf).CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "warning") || !strings.Contains(string(out), "no [global] secret") {
+		t.Errorf("%v: %s", err, out)
+	}
+	withSecret := filepath.Join(dir, "secret.conf")
+	os.WriteFile(withSecret, []byte("[global]\nsecret = s\n[be]\nraddr = 10.0.0.11\nuaddr = 10.0.0.250\nvaddr = 10.0.0.100\nfeaddr = 10.0.0.2\n"), 0o644)
+	if out, err := exec.Command(agentBin, "-t", "-c", withSecret).CombinedOutput(); err != nil || strings.Contains(string(out), "warning") {
+		t.Errorf("with a secret: %v: %s", err, out)
+	}
+}

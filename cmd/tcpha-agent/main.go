@@ -41,6 +41,10 @@ func main() {
 			roles += " be"
 		}
 		fmt.Printf("tcpha-agent: %s: syntax is ok, roles:%s\n", *path, roles)
+		if len(cfg.Global.Secret) == 0 {
+			fmt.Fprintf(os.Stderr, "tcpha-agent: warning: %s: no [global] secret: control sessions are not "+
+				"authenticated, and a BE obeys any connection from its feaddr; set the same secret on every host\n", *path)
+		}
 		return
 	}
 	log, closer, err := agent.NewLogger(cfg.Global, os.Stderr)

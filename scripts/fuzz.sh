@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Runs every fuzz target for FUZZTIME (a Go duration, or N x for a number
+# of executions), one after the other, and prints each one's executions.
+# The corpus each run grows stays in Go's cache; a crasher is written to
+# the package's testdata/fuzz and fails the run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+time=${FUZZTIME:-30s}
+targets=(
+	"./handoff/wire FuzzFrame"
+	"./handoff/ctl FuzzHandshake"
+	"./phttp FuzzRead"
+	"./phttp FuzzParseRequest"
+	"./phttp FuzzParseResponse"
+	"./phttp FuzzChunks"
+	"./config FuzzParse"
+	"./queue FuzzParse"
+)
+for t in "${targets[@]}"; do
+	set -- $t
+	out=$(go test -run '^$' -fuzz "^$2\$" -fuzztime "$time" "$1" 2>&1) || { echo "$out"; echo "FAIL: $1 $2"; exit 1; }
+	execs=$(grep -o 'execs: [0-9]*' <<<"$out" | tail -1)
+	printf '%-16s %-18s %s\n' "$1" "$2" "$execs"
+done
