@@ -3,6 +3,7 @@ module tcpha
 go 1.26.0
 
 require (
+	github.com/coreos/go-systemd/v22 v22.5.0
 	github.com/florianl/go-nfqueue/v2 v2.1.0
 	github.com/google/nftables v0.3.1-0.20251119083706-1db35da82052
 	github.com/mdlayher/arp v0.0.0-20260528070854-93566ba168e9

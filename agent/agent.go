@@ -16,110 +16,323 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"tcpha/config"
+	"tcpha/frontend"
 	"tcpha/metrics"
 )
 
-// StopMode is how the agent stops when its context ends.
-type StopMode int
+// Options are how an agent was started and is asked to stop. Its context
+// ending (SIGTERM, SIGINT) stops it with a drain.
+type Options struct {
+	// Inherited, when set, is what a predecessor handed over: this agent
+	// is its successor (tcpha-agent -upgrade, or a start that found an
+	// agent handing over).
+	Inherited *Inherited
+	// Quit (SIGQUIT) asks the agent to hand over: it goes on serving until
+	// a new agent takes its sockets over the admin socket, or [global]
+	// handoverwait passes; then it exits and leaves its tables and VIP in
+	// the kernel.
+	Quit <-chan struct{}
+	// Ready, if set, is called once the roles serve.
+	Ready func()
+}
 
-const (
-	// StopDrain (SIGTERM, SIGINT): stop taking new clients, let handed-off
-	// connections finish for up to the configured drain time, then remove
-	// the tables and the VIP.
-	StopDrain StopMode = iota
-	// StopHandover (SIGQUIT): exit at once and leave the tables and the VIP
-	// in the kernel; forwarding goes on, and the next agent adopts it.
-	StopHandover
-)
-
-// Run starts the roles cfg asks for and serves until ctx is done, then
-// stops as mode says (it is asked once ctx is done).
-func Run(ctx context.Context, cfg *config.Config, log *slog.Logger, mode func() StopMode) (err error) {
-	var f *fe
-	var b *be
-	handover := false
+// Run starts the roles cfg asks for and serves until ctx is done (then it
+// drains and cleans up), or until a successor takes over (then it hands
+// over, and the kernel state stays).
+func Run(ctx context.Context, cfg *config.Config, log *slog.Logger, opt Options) (err error) {
+	r := &runner{cfg: cfg, log: log, handovers: make(chan handoverReq)}
+	keepState := false
 	defer func() {
-		var errs []error
-		switch {
-		case handover:
-			if f != nil {
-				f.handover()
-			}
-			if b != nil {
-				b.handover()
-			}
-			log.Info("handed over: tables and VIP left for the next agent", "op", "stop")
-		default:
-			if f != nil {
-				errs = append(errs, f.stop())
-			}
-			if b != nil {
-				errs = append(errs, b.stop())
-			}
-		}
-		if cerr := errors.Join(errs...); cerr != nil {
+		if cerr := r.stop(keepState); cerr != nil {
 			log.Error("cleanup incomplete", "op", "stop", "err", cerr)
 			err = errors.Join(err, cerr)
 		}
 	}()
-	// The admin socket first: it refuses to start a second agent on the same
-	// path before that agent could touch the first one's kernel state.
-	admin, err := listenAdmin(cfg.Global.Admin)
-	if err != nil {
-		return err
-	}
-	defer admin.Close()
 	// keep outlives ctx by the drain: the kernel-facing loops must follow
 	// the connections that are still finishing.
 	keep, stopKeep := context.WithCancel(context.Background())
 	defer stopKeep()
+	serve, stopServe := context.WithCancel(ctx)
+	defer stopServe()
 	log.Debug("file descriptor limit", "op", "start", "nofile", raiseNoFile())
-	m := metrics.New()
-	if err := metrics.Serve(keep, m, cfg.Global.Metrics, cfg.Global.Pprof, log); err != nil {
-		return err
-	}
+	r.m = metrics.New()
 	if len(cfg.Global.Secret) == 0 {
 		log.Warn("no [global] secret: control sessions are not authenticated; a BE trusts any connection from its feaddr",
 			"op", "start")
 	}
-	// BE first: a host that is both serves handoffs before it takes clients.
+	in := opt.Inherited
+	if in == nil {
+		// The admin socket first: it refuses to start a second agent on
+		// the same path before that agent could touch the first one's
+		// kernel state.
+		if err := r.listen(keep); err != nil {
+			return err
+		}
+	}
+	// BE first: a host that is both serves handoffs before it takes
+	// clients. A successor's BE takes its predecessor's sessions at once;
+	// its FE must wait until the predecessor has let go of the queue and
+	// the table.
 	if cfg.BE != nil {
-		if b, err = startBE(ctx, cfg.BE, cfg.Global.Secret, m, log); err != nil {
+		var ln net.Listener
+		if in != nil {
+			ln, in.Control = in.Control, nil
+		}
+		if r.b, err = startBE(serve, cfg.BE, cfg.Global.Secret, r.m, log, ln); err != nil {
+			return err
+		}
+		r.wg.Go(func() { r.b.run(keep) })
+	}
+	var heads []frontend.HandedHead
+	if in != nil {
+		if err := in.Go(); err != nil {
+			in.Close()
+			return fmt.Errorf("upgrade: %w", err)
+		}
+		// The predecessor's relayed connections resume here as they come;
+		// its clients still sending their heads wait for this FE.
+		released := make(chan struct{})
+		var mu sync.Mutex
+		var pending []frontend.HandedHead
+		relayed, feUp := 0, false
+		take := func(h handed) {
+			mu.Lock()
+			defer mu.Unlock()
+			switch {
+			case h.head != nil && cfg.FE != nil && !feUp:
+				pending = append(pending, *h.head)
+			case h.relay != nil && r.b != nil:
+				if err := r.b.relay.Resume(*h.relay); err != nil {
+					log.Warn("a handed-over connection could not resume", "op", "upgrade", "err", err)
+					h.close()
+					return
+				}
+				relayed++
+			default:
+				h.close()
+			}
+		}
+		r.wg.Go(func() {
+			err := in.Receive(take, func() { close(released) })
+			mu.Lock()
+			log.Info("took over from the previous agent", "op", "upgrade", "relayed", relayed, "err", err)
+			mu.Unlock()
+		})
+		select {
+		case <-released:
+		case <-time.After(predecessorWait):
+			log.Warn("the previous agent has not released the FE's resources; starting anyway", "op", "upgrade")
+		}
+		mu.Lock()
+		heads, pending, feUp = pending, nil, true
+		mu.Unlock()
+		if err := r.listen(keep); err != nil {
+			closeHeads(heads)
 			return err
 		}
 	}
 	if cfg.FE != nil {
-		if f, err = startFE(ctx, cfg.FE, cfg.Global.Secret, m, log); err != nil {
+		var ln net.Listener
+		if in != nil {
+			ln, in.VIP = in.VIP, nil
+		}
+		if r.f, err = startFE(serve, cfg.FE, cfg.Global.Secret, r.m, log, ln); err != nil {
+			closeHeads(heads)
 			return err
 		}
+		r.wg.Go(func() { r.f.run(serve, keep) })
+		for _, h := range heads {
+			r.f.front.Resume(keep, h)
+		}
+	} else {
+		closeHeads(heads)
 	}
+	if in != nil {
+		in.closeListeners()
+	}
+	r.wg.Go(func() { serveAdmin(keep, r.admin, r.f, r.b, log, r.handovers) })
+
+	if opt.Ready != nil {
+		opt.Ready()
+	}
+	var quitting <-chan time.Time
+	quit := opt.Quit
+	for {
+		select {
+		case <-ctx.Done():
+			log.Info("stopping: draining handed-off connections", "op", "stop")
+			r.drain(stopServe)
+			stopKeep()
+			r.wg.Wait()
+			return nil
+		case <-quit:
+			quit = nil
+			r.quitting.Store(true)
+			quitting = time.After(cfg.Global.HandoverWait)
+			log.Info("asked to hand over: waiting for a new agent to take over", "op", "upgrade", "wait", cfg.Global.HandoverWait)
+		case <-quitting:
+			// Nobody came: leave the kernel state for the next agent, as a
+			// crash would.
+			log.Warn("no new agent took over; exiting and leaving the tables and the VIP", "op", "upgrade")
+			keepState = true
+			stopServe()
+			stopKeep()
+			r.releaseAll()
+			r.wg.Wait()
+			return nil
+		case req := <-r.handovers:
+			if !req.force && !r.quitting.Load() {
+				sendFrame(req.conn, handoverFrame{Kind: "refused",
+					Reason: "it was not asked to quit (SIGQUIT); to replace it now, start the new one with -upgrade"}, nil)
+				req.conn.Close()
+				continue
+			}
+			if err := r.handOver(req.conn, stopServe); err != nil {
+				log.Error("handover failed", "op", "upgrade", "err", err)
+				req.conn.Close()
+				if r.admin == nil {
+					// Past the point of no return: what was released stays
+					// released. Exit leaving the kernel state.
+					keepState = true
+					stopKeep()
+					r.wg.Wait()
+					return err
+				}
+				continue
+			}
+			keepState = true
+			r.linger()
+			stopKeep()
+			r.wg.Wait()
+			return nil
+		}
+	}
+}
+
+// linger waits, up to the drain times, for the work a handover left in
+// this process.
+func (r *runner) linger() {
 	var wg sync.WaitGroup
-	wg.Go(func() { serveAdmin(keep, admin, f, b, log) })
-	if b != nil {
-		wg.Go(func() { b.run(ctx) })
+	if r.f != nil {
+		wg.Go(func() { r.f.linger(r.cfg.FE.Drain) })
 	}
-	if f != nil {
-		wg.Go(func() { f.run(ctx, keep) })
+	if r.b != nil {
+		wg.Go(func() { r.b.linger(r.cfg.BE.Drain) })
 	}
-	<-ctx.Done()
-	handover = mode() == StopHandover
-	if !handover {
-		log.Info("stopping: draining handed-off connections", "op", "stop")
-		var dwg sync.WaitGroup
-		if f != nil {
-			dwg.Go(func() { f.drain(cfg.FE.Drain) })
-		}
-		if b != nil {
-			dwg.Go(func() { b.drain(cfg.BE.Drain) })
-		}
-		dwg.Wait()
-	}
-	stopKeep()
 	wg.Wait()
+}
+
+// predecessorWait bounds how long a successor waits for its predecessor
+// to release the FE's resources (it hands over within its own bounds:
+// sessions, commits, relays at a safe point, about 20 s at most).
+const predecessorWait = 60 * time.Second
+
+func closeHeads(heads []frontend.HandedHead) {
+	for _, h := range heads {
+		h.Conn.SetLinger(0)
+		h.Conn.Close()
+	}
+}
+
+// runner is one agent's run: its roles and what they share.
+type runner struct {
+	cfg       *config.Config
+	log       *slog.Logger
+	m         *metrics.Metrics
+	f         *fe
+	b         *be
+	admin     net.Listener
+	stopMet   func()
+	wg        sync.WaitGroup
+	quitting  atomic.Bool
+	handovers chan handoverReq
+}
+
+type handoverReq struct {
+	conn  *net.UnixConn
+	force bool // tcpha-agent -upgrade; else only an agent asked to quit hands over
+}
+
+// listen opens the admin socket and the metrics and pprof listeners:
+// those of which only one agent may hold the address.
+func (r *runner) listen(ctx context.Context) error {
+	admin, err := listenAdmin(r.cfg.Global.Admin)
+	if err != nil {
+		return err
+	}
+	stop, err := metrics.Serve(r.m, r.cfg.Global.Metrics, r.cfg.Global.Pprof, r.log)
+	if err != nil {
+		admin.Close()
+		return err
+	}
+	r.admin, r.stopMet = admin, stop
 	return nil
+}
+
+// unlisten closes what listen opened, so that a successor may open it.
+func (r *runner) unlisten() {
+	if r.admin != nil {
+		r.admin.Close()
+		r.admin = nil
+	}
+	if r.stopMet != nil {
+		r.stopMet()
+		r.stopMet = nil
+	}
+}
+
+// drain stops taking new work and waits for the work under way, up to the
+// roles' drain times.
+func (r *runner) drain(stopServe func()) {
+	stopServe()
+	var dwg sync.WaitGroup
+	if r.f != nil {
+		dwg.Go(func() { r.f.drain(r.cfg.FE.Drain) })
+	}
+	if r.b != nil {
+		dwg.Go(func() { r.b.drain(r.cfg.BE.Drain) })
+	}
+	dwg.Wait()
+}
+
+// releaseAll lets go of everything only one agent may hold.
+func (r *runner) releaseAll() {
+	if r.f != nil {
+		r.f.release()
+	}
+	if r.b != nil {
+		r.b.release()
+	}
+	r.unlisten()
+}
+
+// stop removes the roles' kernel state, or leaves it for the next agent.
+func (r *runner) stop(keepState bool) error {
+	var errs []error
+	if keepState {
+		if r.f != nil {
+			r.f.handover()
+		}
+		if r.b != nil {
+			r.b.handover()
+		}
+		if r.f != nil || r.b != nil {
+			r.log.Info("handed over: tables and VIP left for the next agent", "op", "stop")
+		}
+	} else {
+		if r.f != nil {
+			errs = append(errs, r.f.stop())
+		}
+		if r.b != nil {
+			errs = append(errs, r.b.stop())
+		}
+	}
+	r.unlisten()
+	return errors.Join(errs...)
 }
 
 // NewLogger returns the agent's logger: loglevel is the seed's dbglevel,
@@ -164,24 +377,32 @@ func listenAdmin(path string) (net.Listener, error) {
 }
 
 // serveAdmin answers one-line commands on the admin socket: `status`
-// and `conns` (the seed's /proc/net/tcpha_fe_conn).
-func serveAdmin(ctx context.Context, ln net.Listener, f *fe, b *be, log *slog.Logger) {
-	path := ln.Addr().String()
-	stop := context.AfterFunc(ctx, func() { ln.Close(); os.Remove(path) })
+// and `conns` (the seed's /proc/net/tcpha_fe_conn), and a successor's
+// `upgrade` or `takeover`, which go to handovers with their connection.
+func serveAdmin(ctx context.Context, ln net.Listener, f *fe, b *be, log *slog.Logger, handovers chan<- handoverReq) {
+	stop := context.AfterFunc(ctx, func() { ln.Close() })
 	defer stop()
 	for {
 		c, err := ln.Accept()
 		if err != nil {
-			if ctx.Err() == nil {
+			if ctx.Err() == nil && !errors.Is(err, net.ErrClosed) {
 				log.Error("admin socket", "op", "admin", "err", err)
 			}
 			return
 		}
 		go func() {
-			defer c.Close()
 			c.SetDeadline(time.Now().Add(5 * time.Second))
 			line, _ := bufio.NewReader(c).ReadString('\n')
 			switch cmd := strings.TrimSpace(line); cmd {
+			case "upgrade", "takeover":
+				// The one reader above read the line only: a successor
+				// writes nothing more.
+				c.SetDeadline(time.Time{})
+				select {
+				case handovers <- handoverReq{conn: c.(*net.UnixConn), force: cmd == "upgrade"}:
+					return // Run owns c now
+				case <-ctx.Done():
+				}
 			case "status":
 				if f != nil {
 					f.status(c)
@@ -192,12 +413,13 @@ func serveAdmin(ctx context.Context, ln net.Listener, f *fe, b *be, log *slog.Lo
 			case "conns":
 				if f == nil {
 					fmt.Fprintln(c, "no fe role on this host")
-					return
+					break
 				}
 				f.conns(c)
 			default:
 				fmt.Fprintf(c, "unknown command %q (want status or conns)\n", cmd)
 			}
+			c.Close()
 		}()
 	}
 }

@@ -79,7 +79,7 @@ func TestAdminSocket(t *testing.T) {
 
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	go serveAdmin(ctx, ln2, nil, nil, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	go serveAdmin(ctx, ln2, nil, nil, slog.New(slog.NewTextHandler(io.Discard, nil)), make(chan handoverReq))
 	ask := func(cmd string) string {
 		c, err := net.DialTimeout("unix", path, time.Second)
 		if err != nil {

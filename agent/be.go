@@ -39,7 +39,9 @@ type be struct {
 	local  *localAddrs
 }
 
-func startBE(ctx context.Context, cfg *config.BE, secret []byte, m *metrics.Metrics, log *slog.Logger) (*be, error) {
+// startBE starts the back end; ln, when not nil, is its control listener,
+// inherited from a predecessor.
+func startBE(ctx context.Context, cfg *config.BE, secret []byte, m *metrics.Metrics, log *slog.Logger, ln net.Listener) (*be, error) {
 	b := &be{cfg: cfg, log: log.With("role", "be")}
 	ok := false
 	defer func() {
@@ -68,8 +70,10 @@ func startBE(ctx context.Context, cfg *config.BE, secret []byte, m *metrics.Metr
 		return nil, fmt.Errorf("be: %w", err)
 	}
 	ctlAddr := netip.AddrPortFrom(cfg.RAddr, cfg.Port)
-	if b.ln, err = (&net.ListenConfig{}).Listen(ctx, "tcp4", ctlAddr.String()); err != nil {
-		return nil, fmt.Errorf("be: listen for handoffs on %v: %w", ctlAddr, err)
+	if b.ln = ln; ln == nil {
+		if b.ln, err = (&net.ListenConfig{}).Listen(ctx, "tcp4", ctlAddr.String()); err != nil {
+			return nil, fmt.Errorf("be: listen for handoffs on %v: %w", ctlAddr, err)
+		}
 	}
 	up := cfg.Redirect()
 	dialer := &net.Dialer{}
@@ -181,15 +185,24 @@ func (r rebuilder) Rebuild(ci *wire.ConnInfo) (handoff.Rebuilt, error) {
 	return c, nil
 }
 
+// run serves control sessions until ctx ends (then it closes those left).
 func (b *be) run(ctx context.Context) {
 	if err := b.server.Serve(ctx, b.ln); err != nil {
 		b.log.Error("handoff listener stopped", "op", "serve", "err", err)
 	}
 }
 
-// drain waits up to d for the relays to end. The handoff listener is
-// already closed, so the FE sends new connections elsewhere.
+// sessionDrain bounds how long FEs take to move their work off sessions
+// this BE leaves (an offer's commit comes within the handoff timeout).
+const sessionDrain = 10 * time.Second
+
+// drain stops taking handoffs and waits up to d for the relays to end: the
+// FEs' sessions are told to go away, and the FEs send new connections
+// elsewhere.
 func (b *be) drain(d time.Duration) {
+	b.recv.Drain()
+	b.ln.Close()
+	b.server.Drain(min(d, sessionDrain))
 	done := make(chan struct{})
 	go func() { b.relay.Wait(); close(done) }()
 	select {
@@ -199,13 +212,47 @@ func (b *be) drain(d time.Duration) {
 	}
 }
 
-// stop undoes what startBE did; handover leaves the ARP filter and the VIP
-// for the next agent (the relayed connections end with this process). Both
-// are idempotent.
-func (b *be) stop() error {
-	if b.ln != nil {
-		b.ln.Close()
+// handOver stops this BE's work for a successor that shares its control
+// listener: the FEs move their sessions to the successor, the handoffs
+// under way here are committed, and the relayed connections stop at their
+// next safe point and are returned with their state. Those that reach none
+// within a few seconds stay here and end with this process.
+func (b *be) handOver() []handed {
+	b.ln.Close()
+	b.server.Drain(sessionDrain)
+	settled := make(chan struct{})
+	go func() { b.recv.Wait(); close(settled) }()
+	select {
+	case <-settled:
+	case <-time.After(b.cfg.CommitTimeout):
 	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	var out []handed
+	for _, h := range b.relay.Handover(ctx) {
+		out = append(out, handed{relay: &h})
+	}
+	if n := b.relay.Active(); n > 0 {
+		b.log.Warn("relayed connections in the middle of an exchange stay with this process", "op", "upgrade", "relaying", n)
+	}
+	return out
+}
+
+// linger waits up to d for the relays a handover left here.
+func (b *be) linger(d time.Duration) {
+	done := make(chan struct{})
+	go func() { b.relay.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(d):
+		b.log.Warn("cutting relayed connections that were not handed over", "op", "upgrade", "relaying", b.relay.Active())
+	}
+}
+
+// stop undoes what startBE did; handover leaves the ARP filter and the VIP
+// for the next agent. Both are idempotent.
+func (b *be) stop() error {
+	b.release()
 	if b.pool != nil {
 		b.pool.Close()
 	}
@@ -213,10 +260,15 @@ func (b *be) stop() error {
 }
 
 func (b *be) handover() {
+	b.release()
+	b.keep()
+}
+
+// release closes the control listener (this process's copy of it).
+func (b *be) release() {
 	if b.ln != nil {
 		b.ln.Close()
 	}
-	b.keep()
 }
 
 func (b *be) status(w io.Writer) {

@@ -47,10 +47,19 @@ type fe struct {
 	adopted bool
 	m       *metrics.Metrics
 	front   *frontend.Server
+	// loops are the kernel-facing loops, stopped on their own at a
+	// handover.
+	loops     sync.WaitGroup
+	loopsMu   sync.Mutex
+	stopLoops context.CancelFunc
+	served    chan struct{} // closed when the clients' goroutines have ended
 }
 
-func startFE(ctx context.Context, cfg *config.FE, secret []byte, m *metrics.Metrics, log *slog.Logger) (*fe, error) {
-	f := &fe{cfg: cfg, log: log.With("role", "fe"), table: conntab.New(), health: backends.NewHealth(), m: m}
+// startFE starts the front end; ln, when not nil, is its VIP listener,
+// inherited from a predecessor.
+func startFE(ctx context.Context, cfg *config.FE, secret []byte, m *metrics.Metrics, log *slog.Logger, ln net.Listener) (*fe, error) {
+	f := &fe{cfg: cfg, log: log.With("role", "fe"), table: conntab.New(), health: backends.NewHealth(), m: m,
+		served: make(chan struct{})}
 	ok := false
 	defer func() {
 		switch {
@@ -94,8 +103,10 @@ func startFE(ctx context.Context, cfg *config.FE, secret []byte, m *metrics.Metr
 	} else {
 		f.log.Debug("gratuitous ARP sent", "op", "vip", "vip", cfg.VAddr.String(), "interface", link.Attrs().Name)
 	}
-	if f.ln, err = (&net.ListenConfig{}).Listen(ctx, "tcp4", vip.String()); err != nil {
-		return nil, fmt.Errorf("fe: listen on VIP %v: %w", vip, err)
+	if f.ln = ln; ln == nil {
+		if f.ln, err = (&net.ListenConfig{}).Listen(ctx, "tcp4", vip.String()); err != nil {
+			return nil, fmt.Errorf("fe: listen on VIP %v: %w", vip, err)
+		}
 	}
 	f.flows = nft.NewFlows(f.nftc, f.rs)
 	// The reaper's removals are conditional on the table, checked by the
@@ -250,14 +261,52 @@ func (f *fe) waitSessions(d time.Duration) {
 // updates, expiry) go on until keep is done, and the queue reader until
 // the FE is released, so that handed-off connections can drain in between.
 func (f *fe) run(serve, keep context.Context) {
-	var wg sync.WaitGroup
-	wg.Go(func() { f.flows.Run(keep) })
-	wg.Go(func() { f.reaper.Run(keep) })
+	loops, stop := context.WithCancel(keep)
+	defer stop()
+	f.loopsMu.Lock()
+	f.stopLoops = stop
+	f.loopsMu.Unlock()
+	f.loops.Go(func() { f.flows.Run(loops) })
+	f.loops.Go(func() { f.reaper.Run(loops) })
 	if f.cfg.DtcInterval > 0 {
-		wg.Go(func() { f.detectLoop(serve) })
+		f.loops.Go(func() { f.detectLoop(serve) })
 	}
 	f.front.Serve(serve, keep, f.ln)
-	wg.Wait()
+	close(f.served)
+	f.loops.Wait()
+}
+
+// linger waits up to d for the work a handover left here (relays to the
+// local node, handoffs that did not finish in time).
+func (f *fe) linger(d time.Duration) {
+	select {
+	case <-f.served:
+	case <-time.After(d):
+		f.log.Warn("cutting connections that were not handed over", "op", "upgrade")
+	}
+}
+
+// handOver stops the FE's work for a successor that shares its VIP
+// listener: it stops accepting, takes the clients still sending their heads
+// from their goroutines, lets the handoffs under way finish, and stops the
+// kernel-facing loops. Work that does not finish in time (a handoff stuck
+// on a BE; a relay to the local node) stays with this process.
+func (f *fe) handOver(stopServe func()) []handed {
+	stopServe()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*f.cfg.HandoffTimeout+time.Second)
+	heads := f.front.Handover(ctx)
+	cancel()
+	f.loopsMu.Lock()
+	if f.stopLoops != nil {
+		f.stopLoops()
+	}
+	f.loopsMu.Unlock()
+	f.loops.Wait()
+	out := make([]handed, len(heads))
+	for i := range heads {
+		out[i] = handed{head: &heads[i]}
+	}
+	return out
 }
 
 // drain waits until no connection is left in the table, or up to d.

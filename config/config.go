@@ -37,6 +37,9 @@ type Global struct {
 	// Metrics is the ADDR:PORT serving Prometheus text at /metrics; Pprof
 	// the one serving Go profiles at /debug/pprof/. Empty: not served.
 	Metrics, Pprof string
+	// HandoverWait is how long an agent asked to quit (SIGQUIT) goes on
+	// serving while it waits for a new agent to take over.
+	HandoverWait time.Duration
 }
 
 // FE holds [fe]: the dispatcher that owns the VIP.

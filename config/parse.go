@@ -29,7 +29,7 @@ func Load(path string) (*Config, error) {
 // may be repeated. Anything else is rejected: ini.v1 never reports unknown keys
 // on its own (FACTS.md).
 var allowed = map[string]map[string]bool{
-	"global": {"loglevel": false, "logfile": false, "admin": false, "secret": false, "metrics": false, "pprof": false},
+	"global": {"loglevel": false, "logfile": false, "admin": false, "secret": false, "metrics": false, "pprof": false, "handoverwait": false},
 	"fe": {
 		"raddr": false, "vaddr": false, "port": false, "startservers": false,
 		"maxspareservers": false, "minspareservers": false, "maxclients": false,
@@ -130,6 +130,8 @@ func (p *parser) global(s *ini.Section) (Global, error) {
 		LogLevel: v.intIn("loglevel", 4, 0, 6),
 		LogFile:  v.str("logfile", ""),
 		Admin:    v.str("admin", "/run/tcpha/admin.sock"),
+		// Long enough for an operator to start the new agent by hand.
+		HandoverWait: v.duration("handoverwait", 30*time.Second, false),
 	}
 	if sec := v.str("secret", ""); sec != "" {
 		g.Secret = []byte(sec)

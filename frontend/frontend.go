@@ -16,6 +16,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"os"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -58,11 +59,19 @@ type Server struct {
 	Metrics *metrics.Metrics
 	Log     *slog.Logger
 
-	slots   chan struct{}
-	workers *gopool.Pool
-	heads   sync.Map // netip.Addr -> *atomic.Int64: heads being read per source
-	reading atomic.Int64
-	wg      sync.WaitGroup
+	initOnce sync.Once
+	accepted chan struct{} // closed when Serve has stopped accepting
+	slots    chan struct{}
+	workers  *gopool.Pool
+	heads    sync.Map // netip.Addr -> *atomic.Int64: heads being read per source
+	reading  atomic.Int64
+	wg       sync.WaitGroup
+
+	// A handover takes the connections still sending their heads.
+	hmu         sync.Mutex
+	readingConn map[*net.TCPConn]struct{}
+	handing     bool
+	handedHeads []HandedHead
 
 	counters Counters
 	mu       sync.Mutex
@@ -94,11 +103,11 @@ func (s *Server) count(f func(*Counters)) {
 // work, so a handoff under way when the agent stops still completes; Serve
 // returns once the connections it took are done.
 func (s *Server) Serve(ctx, work context.Context, ln net.Listener) {
-	s.slots = make(chan struct{}, max(s.Config.MaxClients, 1))
-	s.workers = gopool.New(64)
+	s.init()
 	stop := context.AfterFunc(ctx, func() { ln.Close() })
 	defer stop()
 	defer s.wg.Wait()
+	defer close(s.accepted)
 	backoff := time.Duration(0)
 	for {
 		c, err := ln.Accept()
@@ -131,9 +140,106 @@ func (s *Server) Serve(ctx, work context.Context, ln net.Listener) {
 		s.wg.Add(1)
 		s.workers.Go(func() {
 			defer s.wg.Done()
-			s.serve(work, tc, client)
+			s.serve(work, tc, client, nil, time.Now().Add(s.Config.RequestTimeout))
 		})
 	}
+}
+
+func (s *Server) init() {
+	s.initOnce.Do(func() {
+		s.slots = make(chan struct{}, max(s.Config.MaxClients, 1))
+		s.workers = gopool.New(64)
+		s.readingConn = map[*net.TCPConn]struct{}{}
+		s.accepted = make(chan struct{})
+	})
+}
+
+// HandedHead is a connection that was still sending its request head when
+// the agent handed over to a successor.
+type HandedHead struct {
+	Conn *net.TCPConn
+	// Read is the head's start, already read; Deadline is when the whole
+	// head must be in.
+	Read     []byte
+	Deadline time.Time
+}
+
+// Handover takes the connections still sending their heads away from
+// their goroutines, with what they have read, and waits for the rest of
+// the work (handoffs under way, local relays) to end, or for ctx. Accepting
+// has stopped: Serve's ctx is done.
+func (s *Server) Handover(ctx context.Context) []HandedHead {
+	s.init()
+	s.hmu.Lock()
+	s.handing = true
+	for c := range s.readingConn {
+		c.SetReadDeadline(time.Unix(1, 0))
+	}
+	s.hmu.Unlock()
+	done := make(chan struct{})
+	go func() {
+		// The last connection accepted must be counted before the wait.
+		select {
+		case <-s.accepted:
+		case <-ctx.Done():
+		}
+		s.wg.Wait()
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-ctx.Done():
+		s.Log.Warn("handover: connections still at work stay with this process", "op", "upgrade")
+	}
+	s.hmu.Lock()
+	defer s.hmu.Unlock()
+	s.handing = false
+	out := s.handedHeads
+	s.handedHeads = nil
+	return out
+}
+
+// Resume serves a connection a predecessor handed over from where its head
+// stood, under work.
+func (s *Server) Resume(work context.Context, h HandedHead) {
+	s.init()
+	client := addrPort(h.Conn.RemoteAddr())
+	s.reading.Add(1)
+	if s.Config.MaxHeadsPerSource > 0 {
+		v, _ := s.heads.LoadOrStore(client.Addr(), new(atomic.Int64))
+		v.(*atomic.Int64).Add(1)
+	}
+	s.wg.Add(1)
+	s.workers.Go(func() {
+		defer s.wg.Done()
+		s.serve(work, h.Conn, client, h.Read, h.Deadline)
+	})
+}
+
+// readingHead tracks c while its head is being read; a handover under way
+// interrupts the read at once.
+func (s *Server) readingHead(c *net.TCPConn, reading bool) {
+	s.hmu.Lock()
+	defer s.hmu.Unlock()
+	if !reading {
+		delete(s.readingConn, c)
+		return
+	}
+	s.readingConn[c] = struct{}{}
+	if s.handing {
+		c.SetReadDeadline(time.Unix(1, 0))
+	}
+}
+
+// handHead gives c up to a handover under way, if one is.
+func (s *Server) handHead(c *net.TCPConn, read []byte, deadline time.Time) bool {
+	s.hmu.Lock()
+	defer s.hmu.Unlock()
+	if !s.handing {
+		return false
+	}
+	s.handedHeads = append(s.handedHeads, HandedHead{Conn: c, Read: read, Deadline: deadline})
+	return true
 }
 
 // takeHead counts a connection in as reading its head, unless a cap says
@@ -164,11 +270,16 @@ func (s *Server) headDone(src netip.Addr) {
 
 // serve handles one client connection: read its first request within the
 // limits, then hand it off, serve it locally, or answer with an error.
-func (s *Server) serve(ctx context.Context, c *net.TCPConn, client netip.AddrPort) {
-	c.SetReadDeadline(time.Now().Add(s.Config.RequestTimeout))
-	req, err := phttp.Read(c, s.Config.MaxHeader)
+func (s *Server) serve(ctx context.Context, c *net.TCPConn, client netip.AddrPort, read []byte, deadline time.Time) {
+	c.SetReadDeadline(deadline)
+	s.readingHead(c, true)
+	req, read, err := phttp.ReadFrom(c, read, s.Config.MaxHeader)
+	s.readingHead(c, false)
 	s.headDone(client.Addr())
 	if err != nil {
+		if errors.Is(err, os.ErrDeadlineExceeded) && s.handHead(c, read, deadline) {
+			return
+		}
 		s.refuse(c, client, err)
 		return
 	}

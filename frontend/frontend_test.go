@@ -214,3 +214,95 @@ func TestLocalNode(t *testing.T) {
 		t.Error("a locally served connection's old forwarding was not cleared (Keep)")
 	}
 }
+
+// An upgrade hands the connections still sending their heads to the
+// successor with what was read of them; the clients notice nothing, and
+// those that connect in between wait in the shared listener's queue.
+func TestHandoverHeads(t *testing.T) {
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, err := ln.(*net.TCPListener).File()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln2, err := net.FileListener(f)
+	f.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	newServer := func() (*Server, *fakeMigrator) {
+		m := &fakeMigrator{}
+		return &Server{Config: defaults(), Route: func(string) backends.Route { return toBE() }, Sender: m,
+			Metrics: metrics.New(), Log: slog.New(slog.NewTextHandler(io.Discard, nil))}, m
+	}
+	old, oldM := newServer()
+	stopAccept, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	oldDone := make(chan struct{})
+	go func() { old.Serve(stopAccept, context.Background(), ln); close(oldDone) }()
+
+	var clients []net.Conn
+	for range 5 {
+		c, err := net.Dial("tcp4", ln.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		io.WriteString(c, "GET /x HT")
+		clients = append(clients, c)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for old.reading.Load() < 5 && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+	}
+	cancel()
+	ctx, done := context.WithTimeout(context.Background(), 2*time.Second)
+	defer done()
+	// A client that comes while neither serves waits in the queue.
+	late := make(chan string, 1)
+	go func() {
+		_, body, err := request(t, ln.Addr().String(), "GET /late HTTP/1.1\r\n\r\n")
+		late <- fmt.Sprint(body, err)
+	}()
+	heads := old.Handover(ctx)
+	<-oldDone
+	if len(heads) != 5 {
+		t.Fatalf("handed %d heads, want 5", len(heads))
+	}
+	for _, h := range heads {
+		// What the old agent read goes along; the rest is in the socket.
+		if !strings.HasPrefix("GET /x HT", string(h.Read)) {
+			t.Errorf("handed head %q", h.Read)
+		}
+	}
+	succ, succM := newServer()
+	ctx2, cancel2 := context.WithCancel(context.Background())
+	succDone := make(chan struct{})
+	go func() { succ.Serve(ctx2, context.Background(), ln2); close(succDone) }()
+	defer func() { cancel2(); <-succDone }()
+	for _, h := range heads {
+		succ.Resume(context.Background(), h)
+	}
+	for _, c := range clients {
+		io.WriteString(c, "TP/1.1\r\n\r\n")
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+		if err != nil {
+			t.Fatalf("a handed-over client: %v", err)
+		}
+		if body, _ := io.ReadAll(resp.Body); resp.StatusCode != 200 || string(body) != "be" {
+			t.Errorf("a handed-over client got %d %q", resp.StatusCode, body)
+		}
+	}
+	if got := <-late; got != "be<nil>" {
+		t.Errorf("the client that came in between: %s", got)
+	}
+	if oldM.migrated.Load() != 0 || succM.migrated.Load() != 6 {
+		t.Errorf("migrated: old %d, successor %d; want 0 and 6", oldM.migrated.Load(), succM.migrated.Load())
+	}
+	if n := succ.reading.Load(); n != 0 {
+		t.Errorf("%d heads still counted as being read", n)
+	}
+}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"sync/atomic"
 
 	"tcpha/handoff/ctl"
 	"tcpha/handoff/wire"
@@ -27,7 +28,7 @@ func (c *Client) Offer(ctx context.Context, be netip.AddrPort, ci *wire.ConnInfo
 	f := wire.Frame{Type: wire.TypeOffer, ConnMagic: ci.ConnMagic(), Payload: payload}
 	var failed *ctl.Session
 	var lastErr error
-	for range 2 {
+	for range 3 {
 		s, err := c.Pool.Get(be, failed)
 		if err != nil {
 			if lastErr != nil {
@@ -35,27 +36,47 @@ func (c *Client) Offer(ctx context.Context, be netip.AddrPort, ci *wire.ConnInfo
 			}
 			return nil, fmt.Errorf("offer to %v: %w", be, err)
 		}
-		r, err := s.Call(ctx, f)
-		if err != nil {
-			if ctx.Err() != nil {
-				return nil, fmt.Errorf("offer to %v: no answer: %w", be, ctx.Err())
-			}
-			failed, lastErr = s, fmt.Errorf("offer to %v: %w", be, err)
+		// The session is held from the offer to its commit or abort, so
+		// that a BE leaving it (a handover) does not close it in between.
+		if !s.Hold() {
+			failed, lastErr = s, fmt.Errorf("offer to %v: %w", be, ctl.ErrGoingAway)
 			continue
 		}
-		if r.Type != wire.TypeAck {
-			return nil, fmt.Errorf("offer to %v: got %s, want ack", be, r.Type)
+		o, err := c.offerOn(ctx, s, be, f, ci.Client)
+		if err != nil {
+			s.Unhold()
+			if errors.Is(err, errSessionFailed) {
+				failed, lastErr = s, err
+				continue
+			}
+			return nil, err
 		}
-		var ack wire.Ack
-		if err := ack.UnmarshalBinary(r.Payload); err != nil {
-			return nil, fmt.Errorf("offer to %v: %w", be, err)
-		}
-		if ack.Result != wire.ResultOK {
-			return nil, &RefusedError{BE: be, Ack: ack}
-		}
-		return &offer{pool: c.Pool, s: s, be: be, id: r.ID, magic: f.ConnMagic, client: ci.Client}, nil
+		return o, nil
 	}
 	return nil, lastErr
+}
+
+var errSessionFailed = errors.New("control session failed")
+
+func (c *Client) offerOn(ctx context.Context, s *ctl.Session, be netip.AddrPort, f wire.Frame, client netip.AddrPort) (*offer, error) {
+	r, err := s.Call(ctx, f)
+	if err != nil {
+		if ctx.Err() != nil {
+			return nil, fmt.Errorf("offer to %v: no answer: %w", be, ctx.Err())
+		}
+		return nil, fmt.Errorf("offer to %v: %w: %w", be, errSessionFailed, err)
+	}
+	if r.Type != wire.TypeAck {
+		return nil, fmt.Errorf("offer to %v: got %s, want ack", be, r.Type)
+	}
+	var ack wire.Ack
+	if err := ack.UnmarshalBinary(r.Payload); err != nil {
+		return nil, fmt.Errorf("offer to %v: %w", be, err)
+	}
+	if ack.Result != wire.ResultOK {
+		return nil, &RefusedError{BE: be, Ack: ack}
+	}
+	return &offer{pool: c.Pool, s: s, be: be, id: r.ID, magic: f.ConnMagic, client: client}, nil
 }
 
 type offer struct {
@@ -65,11 +86,15 @@ type offer struct {
 	id     uint64
 	magic  uint32
 	client netip.AddrPort
+	sent   atomic.Bool // a commit or abort was sent: the session's hold ends
 }
 
 // send delivers a commit or abort. The BE matches it by client flow, so if
 // the offer's session is gone another session to the BE carries it.
 func (o *offer) send(t wire.Type) error {
+	if o.sent.CompareAndSwap(false, true) {
+		defer o.s.Unhold()
+	}
 	p, _ := wire.Flow{Client: o.client}.MarshalBinary()
 	f := wire.Frame{Type: t, ID: o.id, ConnMagic: o.magic, Payload: p}
 	err := o.s.Send(f)

@@ -96,8 +96,8 @@ func (r *Receiver) Stats() Stats {
 // Drain refuses new offers from now on; handoffs under way finish.
 func (r *Receiver) Drain() { r.draining.Store(true) }
 
-// Wait returns once no offer is in progress (committed connections run on
-// in Run's hands).
+// Wait returns once no offer is in progress: every one was refused, timed
+// out, aborted, or committed and given to Run (which may still run it).
 func (r *Receiver) Wait() { r.offers.Wait() }
 
 // Serve implements ctl.Handler for the BE's sessions.
@@ -107,8 +107,9 @@ func (r *Receiver) Serve(s *ctl.Session, f wire.Frame) {
 		r.once.Do(func() { r.workers = gopool.New(64) })
 		r.offers.Add(1)
 		r.workers.Go(func() {
-			defer r.offers.Done()
-			r.offer(s, f)
+			settled := sync.OnceFunc(r.offers.Done)
+			defer settled()
+			r.offer(s, f, settled)
 		})
 	case wire.TypeCommit, wire.TypeAbort:
 		var fl wire.Flow
@@ -137,8 +138,9 @@ func (r *Receiver) Serve(s *ctl.Session, f wire.Frame) {
 	}
 }
 
-// offer serves one handoff request, answering it with an ACK.
-func (r *Receiver) offer(s *ctl.Session, f wire.Frame) {
+// offer serves one handoff request, answering it with an ACK, and runs the
+// connection once committed (calling settled first).
+func (r *Receiver) offer(s *ctl.Session, f wire.Frame, settled func()) {
 	log := r.Log.With("peer", s.Remote.String())
 	refuse := func(res wire.Result, why error) {
 		r.refused.Add(1)
@@ -253,6 +255,7 @@ func (r *Receiver) offer(s *ctl.Session, f wire.Frame) {
 	}
 	r.served.Add(1)
 	log.Debug("connection handed off", "op", "handoff", "rebuild", time.Since(start))
+	settled()
 	r.Run(conn, up)
 }
 

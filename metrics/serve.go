@@ -1,7 +1,6 @@
 package metrics
 
 import (
-	"context"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -14,10 +13,11 @@ import (
 )
 
 // Serve serves /metrics on metricsAddr and the Go profiles
-// (/debug/pprof/) on pprofAddr until ctx ends; an empty address serves
-// nothing, and equal addresses share one listener. Profiles are off unless
-// configured: they reveal the agent's memory and cost CPU while taken.
-func Serve(ctx context.Context, m *Metrics, metricsAddr, pprofAddr string, log *slog.Logger) error {
+// (/debug/pprof/) on pprofAddr until stop is called; an empty address
+// serves nothing, and equal addresses share one listener. Profiles are off
+// unless configured: they reveal the agent's memory and cost CPU while
+// taken. Once stop returns, the addresses are free (for a successor).
+func Serve(m *Metrics, metricsAddr, pprofAddr string, log *slog.Logger) (stop func(), err error) {
 	muxes := map[string]*http.ServeMux{}
 	mux := func(addr string) *http.ServeMux {
 		if muxes[addr] == nil {
@@ -37,27 +37,29 @@ func Serve(ctx context.Context, m *Metrics, metricsAddr, pprofAddr string, log *
 		x.HandleFunc("/debug/pprof/trace", pprof.Trace)
 	}
 	var servers []*http.Server
+	var lns []net.Listener
+	stop = func() {
+		for _, s := range servers {
+			s.Close()
+		}
+		for _, ln := range lns {
+			ln.Close()
+		}
+	}
 	for addr, h := range muxes {
 		ln, err := net.Listen("tcp", addr)
 		if err != nil {
-			for _, s := range servers {
-				s.Close()
-			}
-			return fmt.Errorf("listen for metrics/pprof on %s: %w", addr, err)
+			stop()
+			return nil, fmt.Errorf("listen for metrics/pprof on %s: %w", addr, err)
 		}
 		s := &http.Server{Handler: h, ReadHeaderTimeout: 5 * time.Second}
-		servers = append(servers, s)
+		servers, lns = append(servers, s), append(lns, ln)
 		go func() {
-			if err := s.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			if err := s.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) && !errors.Is(err, net.ErrClosed) {
 				log.Error("metrics server stopped", "op", "metrics", "addr", addr, "err", err)
 			}
 		}()
 		log.Info("serving", "op", "metrics", "addr", addr, "metrics", addr == metricsAddr, "pprof", addr == pprofAddr)
 	}
-	context.AfterFunc(ctx, func() {
-		for _, s := range servers {
-			s.Close()
-		}
-	})
-	return nil
+	return stop, nil
 }

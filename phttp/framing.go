@@ -446,3 +446,28 @@ func hexVal(c byte) int {
 	}
 	return -1
 }
+
+// ChunksState is a Chunks scanner's position, to carry a chunked body's
+// relay over to another process (a BE's upgrade).
+type ChunksState struct {
+	State   uint8 `json:"state"`
+	Remain  int64 `json:"remain"`
+	Line    int   `json:"line"`
+	Digits  int   `json:"digits"`
+	Trailer bool  `json:"trailer"`
+}
+
+// Save returns the scanner's position.
+func (c *Chunks) Save() ChunksState {
+	return ChunksState{State: uint8(c.state), Remain: c.remain, Line: c.line, Digits: c.digits, Trailer: c.trailer}
+}
+
+// Restore puts the scanner at a saved position; a state it does not know
+// is an error.
+func (c *Chunks) Restore(s ChunksState) error {
+	if chunkState(s.State) > csDone || s.Remain < 0 || s.Digits < 0 || s.Digits > 15 {
+		return fmt.Errorf("%w: chunk scanner state %+v", ErrFraming, s)
+	}
+	*c = Chunks{state: chunkState(s.State), remain: s.Remain, line: s.Line, digits: s.Digits, trailer: s.Trailer}
+	return nil
+}

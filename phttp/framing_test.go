@@ -239,3 +239,28 @@ func FuzzChunks(f *testing.F) {
 		}
 	})
 }
+
+// A scanner saved in the middle of a body and restored elsewhere finds the
+// same end.
+func TestChunksSaveRestore(t *testing.T) {
+	body := "4\r\nWiki\r\n5\r\npedia\r\n0\r\nX: y\r\n\r\n"
+	for cut := 0; cut < len(body); cut++ {
+		var a Chunks
+		n, done, err := a.Scan([]byte(body[:cut]))
+		if err != nil || done {
+			t.Fatalf("cut %d: %v %v", cut, err, done)
+		}
+		var b Chunks
+		if err := b.Restore(a.Save()); err != nil {
+			t.Fatal(err)
+		}
+		m, done, err := b.Scan([]byte(body[n:]))
+		if err != nil || !done || n+m != len(body) {
+			t.Fatalf("cut %d: resumed at %d, ended %v after %d more, %v", cut, n, done, m, err)
+		}
+	}
+	var c Chunks
+	if err := c.Restore(ChunksState{State: 200}); err == nil {
+		t.Error("a bad state restored")
+	}
+}

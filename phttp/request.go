@@ -49,20 +49,30 @@ func Status(err error) int {
 // Read reads one request head from r, reading at most max bytes. The caller
 // bounds the time with a read deadline.
 func Read(r io.Reader, max int) (*Request, error) {
-	buf := make([]byte, 0, min(max, 4096))
+	req, _, err := ReadFrom(r, nil, max)
+	return req, err
+}
+
+// ReadFrom is Read for a head whose first bytes, prefix, were read before
+// (by an agent that handed the connection over). On an error it also
+// returns the bytes read so far, prefix included.
+func ReadFrom(r io.Reader, prefix []byte, limit int) (*Request, []byte, error) {
+	buf := make([]byte, 0, min(limit, max(4096, len(prefix))))
+	buf = append(buf, prefix...)
 	for {
 		if end := headerEnd(buf); end > 0 {
-			return parse(buf, end)
+			req, err := parse(buf, end)
+			return req, buf, err
 		}
-		if len(buf) >= max {
-			return nil, fmt.Errorf("%w: no end of header within %d bytes", ErrHeaderTooLarge, max)
+		if len(buf) >= limit {
+			return nil, buf, fmt.Errorf("%w: no end of header within %d bytes", ErrHeaderTooLarge, limit)
 		}
 		// A request line that is already wrong need not be read to its end.
 		if err := checkPrefix(buf); err != nil {
-			return nil, err
+			return nil, buf, err
 		}
 		if len(buf) == cap(buf) {
-			nb := make([]byte, len(buf), min(max, 2*cap(buf)))
+			nb := make([]byte, len(buf), min(limit, 2*cap(buf)))
 			copy(nb, buf)
 			buf = nb
 		}
@@ -70,12 +80,13 @@ func Read(r io.Reader, max int) (*Request, error) {
 		buf = buf[:len(buf)+n]
 		if err != nil {
 			if end := headerEnd(buf); end > 0 {
-				return parse(buf, end)
+				req, err := parse(buf, end)
+				return req, buf, err
 			}
 			if len(buf) > 0 && errors.Is(err, io.EOF) {
-				return nil, fmt.Errorf("%w: connection closed inside the header", ErrMalformed)
+				return nil, buf, fmt.Errorf("%w: connection closed inside the header", ErrMalformed)
 			}
-			return nil, err
+			return nil, buf, err
 		}
 	}
 }

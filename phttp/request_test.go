@@ -101,3 +101,22 @@ func FuzzRead(f *testing.F) {
 		}
 	})
 }
+
+// A head an agent began reading and handed over goes on from its prefix;
+// an error returns what was read so far, for the next handover.
+func TestReadFromPrefix(t *testing.T) {
+	req, _, err := ReadFrom(strings.NewReader("TP/1.1\r\nHost: a\r\n\r\nbody"), []byte("GET /a?x HT"), 8192)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if req.Path != "/a" || string(req.Raw) != "GET /a?x HTTP/1.1\r\nHost: a\r\n\r\nbody" {
+		t.Errorf("path %q raw %q", req.Path, req.Raw)
+	}
+	_, got, err := ReadFrom(iotest.TimeoutReader(strings.NewReader("Host")), []byte("GET / HTTP/1.1\r\n"), 8192)
+	if err == nil || string(got) != "GET / HTTP/1.1\r\nHost" {
+		t.Errorf("after an error: %q %v", got, err)
+	}
+	if _, _, err := ReadFrom(strings.NewReader(""), []byte(strings.Repeat("a", 100)), 64); Status(err) != 431 {
+		t.Errorf("prefix over the limit: %v", err)
+	}
+}

@@ -46,6 +46,13 @@ type Relay struct {
 	Tracker
 
 	requests, retries, badGateway atomic.Int64
+
+	// handing is set while the relay hands its sessions to a successor
+	// (handover.go); sessions register so that they can be kicked.
+	handing  atomic.Bool
+	mu       sync.Mutex
+	sessions map[*session]struct{}
+	handed   chan Handed
 }
 
 // New returns a relay with cfg, filling in defaults.
@@ -108,19 +115,55 @@ type session struct {
 	// client got bytes of the current response already.
 	retryable, responded bool
 	sent                 net.Buffers
+
+	// For a handover: where the session is, the upstream connection a
+	// kick must interrupt, what happens after the response in flight, and
+	// whether the sockets went to a successor.
+	phase   atomic.Int32
+	kickUp  atomic.Pointer[net.TCPConn]
+	after   afterBody
+	handOff bool
+}
+
+// afterBody is what follows the response whose body is being relayed.
+type afterBody struct {
+	more  bool // the client connection goes on to another request
+	reuse bool // the upstream connection may serve another
 }
 
 func (r *Relay) serve(client *net.TCPConn, first *Upstream) {
-	s := &session{r: r, client: client, up: first, max: min(r.cfg.MaxHeader, bufSize)}
+	s := r.newSession(client, first)
 	defer s.finish()
+	s.loop()
+}
+
+func (r *Relay) newSession(client *net.TCPConn, up *Upstream) *session {
+	s := &session{r: r, client: client, up: up, max: min(r.cfg.MaxHeader, bufSize)}
+	r.mu.Lock()
+	if r.sessions == nil {
+		r.sessions = map[*session]struct{}{}
+	}
+	r.sessions[s] = struct{}{}
+	r.mu.Unlock()
+	return s
+}
+
+// loop serves requests until the connection ends or goes to a successor.
+func (s *session) loop() {
 	for {
 		h, err := s.readHead()
+		if errors.Is(err, errHandedOff) {
+			return
+		}
 		if err != nil {
 			s.refuse(err)
 			return
 		}
-		r.requests.Add(1)
+		s.r.requests.Add(1)
 		more, err := s.exchange(h)
+		if errors.Is(err, errHandedOff) {
+			return
+		}
 		if err != nil {
 			s.logf().Info("relay ended", "op", "relay", "err", err)
 			return
@@ -140,8 +183,15 @@ func (s *session) logf() *slog.Logger {
 }
 
 // finish closes what is left; an upstream still held was not returned to
-// the pool because its exchange did not end cleanly.
+// the pool because its exchange did not end cleanly. Sockets handed to a
+// successor are its own.
 func (s *session) finish() {
+	s.r.mu.Lock()
+	delete(s.r.sessions, s)
+	s.r.mu.Unlock()
+	if s.handOff {
+		return
+	}
 	if s.up != nil {
 		s.up.Close()
 		s.up = nil
@@ -170,6 +220,13 @@ const quietAfter = 50 * time.Millisecond
 // first, so an idle keep-alive connection costs its goroutine and its
 // socket only.
 func (s *session) readHead() (*phttp.Head, error) {
+	// Between requests a session can go to a successor as it is: its
+	// sockets and the bytes of the next request it has read.
+	s.phase.Store(phaseIdle)
+	defer s.phase.Store(phaseWork)
+	if s.r.handing.Load() {
+		return nil, s.exportIdle()
+	}
 	idleUntil := time.Now().Add(s.r.cfg.IdleTimeout)
 	if s.start == s.end {
 		s.start, s.end = 0, 0
@@ -182,9 +239,15 @@ func (s *session) readHead() (*phttp.Head, error) {
 		switch {
 		case n > 0:
 		case errors.Is(err, os.ErrDeadlineExceeded):
+			if s.r.handing.Load() {
+				return nil, s.exportIdle()
+			}
 			s.release()
 			s.client.SetReadDeadline(idleUntil)
 			if err := waitReadable(s.client); err != nil {
+				if errors.Is(err, os.ErrDeadlineExceeded) && s.r.handing.Load() {
+					return nil, s.exportIdle()
+				}
 				return nil, err
 			}
 			s.buf = bufs.Get().(*[bufSize]byte)
@@ -217,6 +280,9 @@ func (s *session) readHead() (*phttp.Head, error) {
 		n, err := s.client.Read(s.buf[s.end:s.max])
 		s.end += n
 		if err != nil {
+			if errors.Is(err, os.ErrDeadlineExceeded) && s.r.handing.Load() {
+				return nil, s.exportIdle()
+			}
 			if s.end == s.start && (errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET)) {
 				return nil, errClientGone
 			}
@@ -369,21 +435,30 @@ func (s *session) exchange(h *phttp.Head) (more bool, err error) {
 			// its body now, so neither connection can be trusted after.
 			upKeep, h.KeepAlive = false, false
 		}
+		s.after = afterBody{
+			more:  h.KeepAlive && rh.KeepAlive && rh.Body != phttp.BodyClose && rh.Body != phttp.BodyTunnel,
+			reuse: upKeep && rh.KeepAlive && rh.Body != phttp.BodyClose && rh.Body != phttp.BodyTunnel,
+		}
 		if err := s.relayResponse(rh, h); err != nil {
 			return false, err
 		}
 		if rh.Body == phttp.BodyTunnel {
 			return false, nil // both sockets ended with the tunnel
 		}
-		reuse := upKeep && rh.KeepAlive && rh.Body != phttp.BodyClose
-		if reuse {
-			s.r.cfg.Pool.Put(s.up)
-		} else {
-			s.up.Close()
-		}
-		s.up = nil
-		return h.KeepAlive && rh.KeepAlive && rh.Body != phttp.BodyClose, nil
+		return s.endExchange(), nil
 	}
+}
+
+// endExchange returns the upstream connection to the pool or closes it,
+// and says whether the client connection goes on.
+func (s *session) endExchange() bool {
+	if s.after.reuse {
+		s.r.cfg.Pool.Put(s.up)
+	} else {
+		s.up.Close()
+	}
+	s.up = nil
+	return s.after.more
 }
 
 func idempotent(method string) bool {
@@ -624,52 +699,98 @@ func (s *session) relayLength(out net.Buffers, headLen int, n int64) error {
 		return err
 	}
 	rem := n - buffered
-	switch {
-	case n < 0:
-		// splice(2) until the web server closes.
-		_, err := s.client.ReadFrom(s.up.Conn)
-		return err
-	case rem == 0:
-		return nil
-	case rem < spliceMin:
-		return s.copySmall(&io.LimitedReader{R: s.up.Conn, N: rem})
+	if n < 0 {
+		rem = -1
 	}
-	// splice(2) from the web server's socket to the client's.
-	copied, err := s.client.ReadFrom(&io.LimitedReader{R: s.up.Conn, N: rem})
-	if err != nil {
-		return err
-	}
-	if copied != rem {
-		return fmt.Errorf("the web server closed after %d of %d body bytes", buffered+copied, n)
+	return s.relayRest(rem)
+}
+
+// relayRest relays the rest of a body from the web server's socket, rem
+// bytes (rem < 0: until the server closes). A handover stops it between
+// two reads and exports what is left.
+func (s *session) relayRest(rem int64) error {
+	s.enterBody()
+	defer s.phase.Store(phaseWork)
+	for rem != 0 {
+		if s.r.handing.Load() {
+			return s.exportBody(rem, nil)
+		}
+		var copied int64
+		var err error
+		switch {
+		case rem < 0:
+			// splice(2) until the web server closes.
+			copied, err = s.client.ReadFrom(s.up.Conn)
+			if err == nil {
+				return nil
+			}
+		case rem < spliceMin:
+			copied, err = s.copySmall(&io.LimitedReader{R: s.up.Conn, N: rem})
+		default:
+			// splice(2) from the web server's socket to the client's.
+			copied, err = s.client.ReadFrom(&io.LimitedReader{R: s.up.Conn, N: rem})
+			if err == nil && copied == 0 {
+				err = io.ErrUnexpectedEOF
+			}
+		}
+		if rem > 0 {
+			rem -= copied
+		}
+		if err != nil {
+			if errors.Is(err, os.ErrDeadlineExceeded) && s.r.handing.Load() {
+				return s.exportBody(rem, nil)
+			}
+			if rem > 0 && !errors.Is(err, errClientAborted) {
+				return fmt.Errorf("the web server's body ended %d bytes short: %w", rem, err)
+			}
+			return err
+		}
 	}
 	return nil
 }
 
-func (s *session) copySmall(lr *io.LimitedReader) error {
+// copySmall relays a short rest of a body through a buffer, returning how
+// many bytes it relayed.
+func (s *session) copySmall(lr *io.LimitedReader) (int64, error) {
 	var tmp [8 << 10]byte
+	var copied int64
 	for lr.N > 0 {
 		n, err := lr.Read(tmp[:])
 		if n > 0 {
 			if _, werr := s.client.Write(tmp[:n]); werr != nil {
-				return fmt.Errorf("%w: %v", errClientAborted, werr)
+				return copied, fmt.Errorf("%w: %v", errClientAborted, werr)
 			}
+			copied += int64(n)
 		}
 		if err != nil {
-			return fmt.Errorf("the web server closed in the middle of a body: %w", err)
+			return copied, err
 		}
 	}
-	return nil
+	return copied, nil
 }
 
 // relayChunked relays the head (rewritten as out) and a chunked body
 // through the upstream buffer, scanning the body for its end.
 func (s *session) relayChunked(out net.Buffers, headLen int) error {
+	return s.relayChunks(out, headLen, &phttp.Chunks{})
+}
+
+func (s *session) relayChunks(out net.Buffers, headLen int, c *phttp.Chunks) error {
 	br := s.up.br
-	var c phttp.Chunks
 	skip := headLen // the head's bytes, still at the front of the buffer
+	if skip == 0 {
+		s.enterBody()
+		defer s.phase.Store(phaseWork)
+	}
 	for {
+		if skip == 0 && s.r.handing.Load() {
+			return s.exportBody(0, c)
+		}
 		if br.Buffered() <= skip {
 			if _, err := br.Peek(skip + 1); err != nil {
+				if skip == 0 && errors.Is(err, os.ErrDeadlineExceeded) && s.r.handing.Load() {
+					return s.exportBody(0, c)
+				}
 				return fmt.Errorf("the web server closed in the middle of a chunked body: %w", err)
 			}
 		}
@@ -683,9 +804,14 @@ func (s *session) relayChunked(out net.Buffers, headLen int) error {
 		if werr != nil {
 			return werr
 		}
-		out, skip = nil, 0
 		if done {
 			return nil
+		}
+		if skip > 0 {
+			// The head is out: from here the body can go to a successor.
+			out, skip = nil, 0
+			s.enterBody()
+			defer s.phase.Store(phaseWork)
 		}
 	}
 }

@@ -358,21 +358,20 @@ func TestStateMachine(t *testing.T) {
 		}
 	})
 
-	t.Run("SIGQUIT hands over, SIGTERM still cleans up", func(t *testing.T) {
+	t.Run("SIGQUIT and a new agent hand over, SIGTERM still cleans up", func(t *testing.T) {
 		k := dialKeepAlive(t, c)
 		defer k.conn.Close()
 		if _, err := k.get("/index.html"); err != nil {
 			t.Fatal(err)
 		}
-		if err := c.StopAgent("fe", syscall.SIGQUIT); err != nil {
+		if err := c.StopAgentAsync("fe", syscall.SIGQUIT); err != nil {
 			t.Fatal(err)
 		}
-		// No agent: the kernel still forwards the open connection.
+		if err := c.UpgradeAgent("fe", false); err != nil {
+			t.Fatal(err)
+		}
 		if got, err := k.get("/img/a.jpg"); err != nil || got != "200 be1" {
-			t.Errorf("with no agent running: %q %v, want the first BE to answer", got, err)
-		}
-		if err := c.StartAgent("fe"); err != nil {
-			t.Fatal(err)
+			t.Errorf("after the handover: %q %v, want the first BE to answer", got, err)
 		}
 		if table, _ := flowsOf(t, c); table[k.local()] != "HANDOFFED" {
 			t.Errorf("the open connection was not adopted: %v", table)

@@ -496,8 +496,15 @@ func TestPoolGetSkipsFailedAndGoingAway(t *testing.T) {
 		t.Error("Get returned the excluded session")
 	}
 	ss[1].goAway.Store(true)
+	if s, _ := p.Get(srv.addr, nil); s != ss[0] {
+		t.Error("a going-away session was picked over a live one")
+	}
+	if s, _ := p.Get(srv.addr, ss[0]); s != ss[1] {
+		t.Error("with no other, a going-away session is still used until its replacement is up")
+	}
+	ss[1].Close()
 	if _, err := p.Get(srv.addr, ss[0]); !errors.Is(err, ErrNoSession) {
-		t.Errorf("a going-away session was picked: %v", err)
+		t.Errorf("a closed session was picked: %v", err)
 	}
 	if _, err := p.Get(netip.MustParseAddrPort("127.0.0.1:1"), nil); !errors.Is(err, ErrNoSession) {
 		t.Errorf("unknown peer: %v", err)
@@ -602,4 +609,151 @@ func (l *lockedWriter) Write(b []byte) (int, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.w.Write(b)
+}
+
+// offerCommit serves offers and their commits as a BE does, and records
+// which it saw: every offer it acknowledged must get its commit on it.
+type offerCommit struct {
+	mu              sync.Mutex
+	offers, commits map[string]bool
+}
+
+func newOfferCommit() *offerCommit {
+	return &offerCommit{offers: map[string]bool{}, commits: map[string]bool{}}
+}
+
+func (h *offerCommit) Serve(s *Session, f wire.Frame) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	switch f.Type {
+	case wire.TypeOffer:
+		h.offers[string(f.Payload)] = true
+		s.Reply(f, AckFrame(wire.ResultOK, ""))
+	case wire.TypeCommit:
+		h.commits[string(f.Payload)] = true
+	}
+}
+
+func (h *offerCommit) unmatched() (offers, commits int) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for k := range h.offers {
+		if !h.commits[k] {
+			offers++
+		}
+	}
+	for k := range h.commits {
+		if !h.offers[k] {
+			commits++
+		}
+	}
+	return offers, commits
+}
+
+// A BE handing over to a successor that shares its listener drains its
+// sessions: under a steady stream of offers the FE moves to new sessions
+// without a failed offer, every commit reaches the end that took its
+// offer, and the old end is left with no session long before the deadline.
+func TestDrainHandsSessionsToSuccessor(t *testing.T) {
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := netip.MustParseAddrPort(ln.Addr().String())
+	dup, err := ln.(*net.TCPListener).File()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln2, err := net.FileListener(dup)
+	dup.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	oldH, newH := newOfferCommit(), newOfferCommit()
+	old := &Server{Config: beConfig("k", oldH)}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	oldDone := make(chan struct{})
+	go func() { old.Serve(ctx, ln); close(oldDone) }()
+
+	p := NewPool(feConfig("k", nil), dialTCP, 2)
+	defer p.Close()
+	p.Add(addr)
+	waitFor(t, func() bool { return len(p.Sessions(addr)) == 2 }, "2 sessions")
+
+	var failures atomic.Int64
+	var n atomic.Int64
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for range 4 {
+		wg.Go(func() {
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				s, err := p.Get(addr, nil)
+				if err != nil || !s.Hold() {
+					if err == nil {
+						continue // retired between Get and Hold: pick again
+					}
+					failures.Add(1)
+					t.Errorf("get: %v", err)
+					return
+				}
+				id := []byte(fmt.Sprint(n.Add(1)))
+				r, err := s.Call(context.Background(), wire.Frame{Type: wire.TypeOffer, Payload: id})
+				if err != nil {
+					s.Unhold()
+					failures.Add(1)
+					t.Errorf("offer: %v", err)
+					return
+				}
+				time.Sleep(time.Millisecond) // the FE's switch to the BE
+				err = s.Send(wire.Frame{Type: wire.TypeCommit, ID: r.ID, Payload: id})
+				s.Unhold()
+				if err != nil {
+					failures.Add(1)
+					t.Errorf("commit: %v", err)
+					return
+				}
+			}
+		})
+	}
+	time.Sleep(100 * time.Millisecond)
+	// The successor serves on the shared listener; the old end stops
+	// accepting and drains.
+	succ := &Server{Config: beConfig("k", newH)}
+	succDone := make(chan struct{})
+	go func() { succ.Serve(ctx, ln2); close(succDone) }()
+	ln.Close()
+	start := time.Now()
+	old.Drain(5 * time.Second)
+	took := time.Since(start)
+	time.Sleep(100 * time.Millisecond)
+	close(stop)
+	wg.Wait()
+	<-oldDone
+	if took > 3*time.Second {
+		t.Errorf("drain took %v: sessions were closed by the deadline, not retired", took)
+	}
+	if len(succ.Sessions()) != 2 {
+		t.Errorf("the successor has %d sessions, want 2", len(succ.Sessions()))
+	}
+	for name, h := range map[string]*offerCommit{"old": oldH, "successor": newH} {
+		// The last commits may still be on their way.
+		waitFor(t, func() bool { o, c := h.unmatched(); return o == 0 && c == 0 }, name+" end's commits")
+		if o, c := h.unmatched(); o != 0 || c != 0 {
+			t.Errorf("%s end: %d offers without their commit, %d commits without their offer", name, o, c)
+		}
+		h.mu.Lock()
+		t.Logf("%s end served %d offers", name, len(h.offers))
+		if len(h.offers) == 0 {
+			t.Errorf("%s end served no offer", name)
+		}
+		h.mu.Unlock()
+	}
+	cancel()
+	<-succDone
 }

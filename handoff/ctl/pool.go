@@ -114,7 +114,9 @@ func (p *Pool) Peers() []netip.AddrPort {
 }
 
 // Get returns the live session to addr with the fewest requests in flight,
-// skipping except (a session that just failed a request). It never dials.
+// skipping except (a session that just failed a request). Sessions the peer
+// is leaving are used only while their replacements are not up yet. It
+// never dials.
 func (p *Pool) Get(addr netip.AddrPort, except *Session) (*Session, error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -122,9 +124,9 @@ func (p *Pool) Get(addr netip.AddrPort, except *Session) (*Session, error) {
 	if pe == nil {
 		return nil, fmt.Errorf("%w to %v: not a known peer", ErrNoSession, addr)
 	}
-	var best *Session
+	var best, leaving *Session
 	for _, s := range pe.sessions {
-		if s == except || s.GoingAway() {
+		if s == except {
 			continue
 		}
 		select {
@@ -132,9 +134,18 @@ func (p *Pool) Get(addr netip.AddrPort, except *Session) (*Session, error) {
 			continue
 		default:
 		}
+		if s.GoingAway() {
+			if leaving == nil || s.Inflight() < leaving.Inflight() {
+				leaving = s
+			}
+			continue
+		}
 		if best == nil || s.Inflight() < best.Inflight() {
 			best = s
 		}
+	}
+	if best == nil {
+		best = leaving
 	}
 	if best == nil {
 		if pe.lastErr != nil {
@@ -188,11 +199,26 @@ func (p *Pool) keep(ctx context.Context, pe *peer, i int) {
 		case <-ctx.Done():
 			s.Close()
 		case <-s.Done():
+		case <-s.GoingAwayCh():
+			// The peer is leaving this session (a BE handing over to its
+			// successor): its replacement is dialed at once, and the old
+			// one retires once the work begun on it is done. The peer
+			// stays up all along.
+			p.wg.Go(func() {
+				s.Retire(retireWait)
+				s.Wait()
+				p.detach(pe, s)
+			})
+			continue
 		}
 		s.Wait()
 		p.detach(pe, s)
 	}
 }
+
+// retireWait bounds how long a session the peer leaves waits for the work
+// begun on it (an offer's commit comes within the handoff timeout).
+const retireWait = 10 * time.Second
 
 func (p *Pool) connect(ctx context.Context, addr netip.AddrPort) (*Session, error) {
 	ctx, cancel := context.WithTimeout(ctx, p.cfg.handshakeTimeout())

@@ -200,6 +200,39 @@ func (sv *Server) serveConn(conn net.Conn, src netip.Addr) {
 	sv.release(src, conn, false)
 }
 
+// Drain retires every session: each is sent a goaway, and the peer moves
+// its work to new sessions (to a successor that shares the listener) and
+// answers once the work begun on the old one is done (Session.GoAway).
+// Drain returns when no session is left, closing those still open after d.
+// The caller has closed the listener, or handed it on.
+func (sv *Server) Drain(d time.Duration) {
+	deadline := time.Now().Add(d)
+	told := map[*Session]bool{}
+	for {
+		left := sv.Sessions()
+		if len(left) == 0 {
+			return
+		}
+		late := time.Now().After(deadline)
+		for _, s := range left {
+			switch {
+			case late:
+				s.Close()
+			case !told[s]:
+				// Sessions still in their handshake when Drain began are
+				// told once they are up.
+				told[s] = true
+				s.GoAway()
+			}
+		}
+		if late {
+			sv.Config.Log.Warn("control sessions closed before their peers were done", "op", "control", "sessions", len(left))
+			return
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
 // Sessions returns the established sessions.
 func (sv *Server) Sessions() []*Session {
 	sv.mu.Lock()

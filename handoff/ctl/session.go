@@ -112,16 +112,24 @@ type Session struct {
 	// inflight counts this end's unanswered requests, so a pool can pick
 	// the least loaded session.
 	inflight atomic.Int64
-	goAway   atomic.Bool
 	lastRead atomic.Int64 // unix nanoseconds of the last frame received
+
+	// A goaway retires the session without losing a request (see GoAway).
+	goAway     atomic.Bool
+	goAwayCh   chan struct{} // closed when the peer's goaway arrives
+	goAwayOnce sync.Once
+	sentGoAway atomic.Bool
+	holds      int  // under mu: work begun on this session, not yet ended
+	retired    bool // under mu: no new holds
 }
 
 func newSession(cfg *Config, conn net.Conn, br *bufio.Reader, dialer bool) *Session {
 	s := &Session{
 		cfg: cfg, conn: conn, br: br, dialer: dialer,
-		out:     make(chan wire.Frame, 256),
-		done:    make(chan struct{}),
-		pending: map[uint64]chan wire.Frame{},
+		out:      make(chan wire.Frame, 256),
+		done:     make(chan struct{}),
+		goAwayCh: make(chan struct{}),
+		pending:  map[uint64]chan wire.Frame{},
 	}
 	if ap, err := netip.ParseAddrPort(conn.RemoteAddr().String()); err == nil {
 		s.Remote = netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
@@ -163,6 +171,41 @@ func (s *Session) Inflight() int64 { return s.inflight.Load() }
 // GoingAway says the peer asked for no new requests on this session.
 func (s *Session) GoingAway() bool { return s.goAway.Load() }
 
+// GoingAwayCh is closed when the peer asks for no new requests.
+func (s *Session) GoingAwayCh() <-chan struct{} { return s.goAwayCh }
+
+// Hold marks the start of work that needs this session beyond one call (an
+// offer, until its commit or abort is sent), so that a retiring session is
+// not given up under it. It fails once the session retires.
+func (s *Session) Hold() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.retired {
+		return false
+	}
+	s.holds++
+	return true
+}
+
+// Unhold ends what Hold began.
+func (s *Session) Unhold() {
+	s.mu.Lock()
+	s.holds--
+	s.mu.Unlock()
+}
+
+// retire takes no more holds if none is held and no call waits, and says
+// whether it did.
+func (s *Session) retire() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.holds > 0 || s.inflight.Load() > 0 {
+		return false
+	}
+	s.retired = true
+	return true
+}
+
 // Close ends the session; requests waiting on it fail. It is idempotent.
 func (s *Session) Close() { s.fail(ErrClosed) }
 
@@ -194,8 +237,48 @@ func (s *Session) Reply(req wire.Frame, f wire.Frame) error {
 }
 
 // GoAway tells the peer to start no new requests on this session; the
-// ones under way finish.
-func (s *Session) GoAway() error { return s.Send(wire.Frame{Type: wire.TypeGoAway}) }
+// ones under way finish. A session retires in two steps, so that no request
+// is lost: the end going away (a BE handing over to its successor) sends a
+// goaway; the peer stops starting work on the session, finishes what it
+// began, and answers with a goaway of its own (Retire); the first end reads
+// that answer after every frame the peer sent before it, and closes.
+func (s *Session) GoAway() error {
+	s.sentGoAway.Store(true)
+	return s.Send(wire.Frame{Type: wire.TypeGoAway})
+}
+
+// Retire answers the peer's goaway once nothing runs on the session, or
+// after d at most, and waits up to d more for the peer to close. It closes
+// the session in any case.
+func (s *Session) Retire(d time.Duration) {
+	defer s.Close()
+	deadline := time.Now().Add(d)
+	for !s.retire() {
+		if time.Now().After(deadline) {
+			s.log.Warn("retiring a control session with work under way", "op", "control",
+				"holds", s.holdCount(), "inflight", s.inflight.Load())
+			return
+		}
+		select {
+		case <-s.done:
+			return
+		case <-time.After(5 * time.Millisecond):
+		}
+	}
+	if s.Send(wire.Frame{Type: wire.TypeGoAway}) != nil {
+		return
+	}
+	select {
+	case <-s.done:
+	case <-time.After(d):
+	}
+}
+
+func (s *Session) holdCount() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.holds
+}
 
 // Call sends a request and waits for its answer, for ctx or for the
 // session's end, whichever comes first.
@@ -292,6 +375,17 @@ func (s *Session) readLoop() {
 			return
 		}
 		s.lastRead.Store(time.Now().UnixNano())
+		if f.Type == wire.TypeGoAway { // id 0: neither end's request
+			if s.sentGoAway.Load() {
+				// The peer's answer to ours: everything it sent before it
+				// has been served.
+				s.fail(ErrGoingAway)
+				return
+			}
+			s.goAway.Store(true)
+			s.goAwayOnce.Do(func() { close(s.goAwayCh) })
+			continue
+		}
 		if s.mine(f.ID) {
 			s.mu.Lock()
 			ch := s.pending[f.ID]
@@ -311,8 +405,6 @@ func (s *Session) readLoop() {
 			}
 			p, _ := h.MarshalBinary()
 			s.Reply(f, wire.Frame{Type: wire.TypeProbeReply, Payload: p})
-		case wire.TypeGoAway:
-			s.goAway.Store(true)
 		default:
 			if s.cfg.Handler == nil {
 				s.log.Warn("request refused: this end serves none", "op", "control", "type", f.Type.String())

@@ -16,6 +16,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"runtime"
 	"strconv"
 	"strings"
@@ -24,6 +25,7 @@ import (
 	"time"
 
 	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
 )
 
 // Addresses inside the cluster. They exist only in the namespaces the
@@ -46,13 +48,15 @@ type BE struct {
 
 // Options shape a cluster.
 type Options struct {
-	Agent    string   // path of the tcpha-agent binary
-	BEs      int      // number of BEs (1-9)
-	Rules    []string // FE rule lines, e.g. `rule = be2 \.jpg$`; BE names are replaced by their IPs
-	FEExtra  string   // more [fe] lines
-	BEExtra  string   // more [be] lines
-	Secret   string
-	LocalWWW bool // run nginx on the FE as its local node (redirectport 8080)
+	Agent   string   // path of the tcpha-agent binary
+	BEs     int      // number of BEs (1-9)
+	Rules   []string // FE rule lines, e.g. `rule = be2 \.jpg$`; BE names are replaced by their IPs
+	FEExtra string   // more [fe] lines
+	BEExtra string   // more [be] lines
+	// GlobalExtra is more [global] lines, for every agent.
+	GlobalExtra string
+	Secret      string
+	LocalWWW    bool // run nginx on the FE as its local node (redirectport 8080)
 	// PublicWWW makes each BE's nginx also listen on the BE's own address,
 	// port 80, for proxies and direct clients (the bench).
 	PublicWWW bool
@@ -64,6 +68,9 @@ type Options struct {
 	// Mallory adds a second client host, "mallory", for attacks: a stranger
 	// with an address of its own.
 	Mallory bool
+	// Notify gives each agent a NOTIFY_SOCKET, as systemd does, and keeps
+	// what they send (Notifications).
+	Notify bool
 }
 
 // MetricsAddr is where an agent serves /metrics inside its namespace when
@@ -86,6 +93,8 @@ type Cluster struct {
 	nginx   []string // pid files
 	daemons []*agentProc
 	closed  bool
+	notify  map[string]*net.UnixConn
+	notes   map[string][]string
 }
 
 // New builds the cluster and starts nginx on the BEs; agents are started
@@ -115,6 +124,11 @@ func New(opts Options) (c *Cluster, err error) {
 	}
 	if err := c.build(); err != nil {
 		return nil, err
+	}
+	if opts.Notify {
+		if err := c.listenNotify(c.hosts()); err != nil {
+			return nil, err
+		}
 	}
 	for _, b := range c.BEs {
 		listen := []string{"127.0.0.1:80"}
@@ -292,6 +306,7 @@ func (c *Cluster) Config(host string) string {
 	if c.opts.Secret != "" {
 		g += "secret = " + c.opts.Secret + "\n"
 	}
+	g += c.opts.GlobalExtra
 	if host == "fe" {
 		s := g + fmt.Sprintf("\n[fe]\nraddr = %s\nvaddr = %s\nport = %d\n", FEIP, VIP, Port)
 		for _, b := range c.BEs {
@@ -327,26 +342,49 @@ func (c *Cluster) AgentLog(host string) string { return filepath.Join(c.Dir, hos
 // StartAgent starts tcpha-agent on host and waits until its admin socket
 // answers.
 func (c *Cluster) StartAgent(host string) error {
-	conf := filepath.Join(c.Dir, host+".conf")
-	if err := os.WriteFile(conf, []byte(c.Config(host)), 0o644); err != nil {
-		return err
-	}
-	logf, err := os.OpenFile(c.AgentLog(host), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	p, err := c.spawnAgent(host)
 	if err != nil {
 		return err
 	}
-	defer logf.Close()
-	cmd := exec.Command("ip", "netns", "exec", c.NS(host), c.opts.Agent, "-c", conf)
-	cmd.Stdout, cmd.Stderr = logf, logf
-	if err := cmd.Start(); err != nil {
-		return fmt.Errorf("start agent on %s: %w", host, err)
+	return c.waitUp(host, p, nil)
+}
+
+// spawnAgent starts host's agent process with the cluster's config for it,
+// and makes it the host's agent.
+func (c *Cluster) spawnAgent(host string, args ...string) (*agentProc, error) {
+	conf := filepath.Join(c.Dir, host+".conf")
+	if err := os.WriteFile(conf, []byte(c.Config(host)), 0o644); err != nil {
+		return nil, err
 	}
-	p := &agentProc{cmd: cmd, done: make(chan struct{})}
+	logf, err := os.OpenFile(c.AgentLog(host), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		return nil, err
+	}
+	defer logf.Close()
+	cmd := exec.Command("ip", append([]string{"netns", "exec", c.NS(host), c.opts.Agent, "-c", conf}, args...)...)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	if c.notify != nil {
+		cmd.Env = append(os.Environ(), "NOTIFY_SOCKET="+c.notifyPath(host))
+	}
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("start agent on %s: %w", host, err)
+	}
+	p := &agentProc{proc: cmd.Process, done: make(chan struct{})}
 	go func() { p.err = cmd.Wait(); close(p.done) }()
 	c.mu.Lock()
 	c.agents[host] = p
 	c.mu.Unlock()
-	deadline := time.Now().Add(10 * time.Second)
+	return p, nil
+}
+
+// waitUp waits up to 10 s, or 60 s with a predecessor (which must exit
+// first), for p to answer on the admin socket.
+func (c *Cluster) waitUp(host string, p *agentProc, old *agentProc) error {
+	d := 10 * time.Second
+	if old != nil {
+		d = 60 * time.Second
+	}
+	deadline := time.Now().Add(d)
 	for time.Now().Before(deadline) {
 		select {
 		case <-p.done:
@@ -356,16 +394,142 @@ func (c *Cluster) StartAgent(host string) error {
 			return fmt.Errorf("agent on %s exited: %v; log:\n%s", host, p.err, c.tail(host))
 		default:
 		}
-		if _, err := c.Admin(host, "status"); err == nil {
-			return nil
+		oldGone := true
+		if old != nil {
+			select {
+			case <-old.done:
+			default:
+				oldGone = false
+			}
+		}
+		if oldGone {
+			if _, err := c.Admin(host, "status"); err == nil {
+				return nil
+			}
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
-	return fmt.Errorf("agent on %s did not come up in 10s; log:\n%s", host, c.tail(host))
+	return fmt.Errorf("agent on %s did not come up in %v; log:\n%s", host, d, c.tail(host))
+}
+
+// UpgradeAgentBySignal upgrades host's agent in place, as systemd would
+// (systemctl kill -s USR2): the agent starts its successor itself. The
+// successor, orphaned when its parent exits, is adopted by this process (a
+// child subreaper) so that Close can stop it.
+func (c *Cluster) UpgradeAgentBySignal(host string) error {
+	if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
+		return fmt.Errorf("become a subreaper: %w", err)
+	}
+	c.mu.Lock()
+	old := c.agents[host]
+	c.mu.Unlock()
+	if old == nil {
+		return fmt.Errorf("no agent running on %s", host)
+	}
+	if err := old.proc.Signal(syscall.SIGUSR2); err != nil {
+		return err
+	}
+	select {
+	case <-old.done:
+	case <-time.After(60 * time.Second):
+		return fmt.Errorf("the agent on %s did not hand over in 60 s; log:\n%s", host, c.tail(host))
+	}
+	st, err := c.Admin(host, "status")
+	if err != nil {
+		return fmt.Errorf("no agent answers on %s after the upgrade: %w; log:\n%s", host, err, c.tail(host))
+	}
+	m := regexp.MustCompile(`pid=(\d+)`).FindStringSubmatch(st)
+	if m == nil {
+		return fmt.Errorf("status on %s names no pid: %q", host, st)
+	}
+	pid, _ := strconv.Atoi(m[1])
+	proc, _ := os.FindProcess(pid)
+	p := &agentProc{proc: proc, done: make(chan struct{})}
+	go func() {
+		// The orphan is this process's child now: Wait reaps it.
+		st, err := proc.Wait()
+		if err == nil && !st.Success() {
+			err = fmt.Errorf("%v", st)
+		}
+		p.err = err
+		close(p.done)
+	}()
+	c.mu.Lock()
+	c.agents[host] = p
+	c.mu.Unlock()
+	return nil
+}
+
+// Notifications returns the systemd notifications host's agents sent
+// (Options.Notify), one string per datagram.
+func (c *Cluster) Notifications(host string) []string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return append([]string(nil), c.notes[host]...)
+}
+
+func (c *Cluster) notifyPath(host string) string { return filepath.Join(c.Dir, host+".notify") }
+
+// listenNotify receives the agents' systemd notifications, as systemd's
+// NOTIFY_SOCKET would.
+func (c *Cluster) listenNotify(hosts []string) error {
+	c.notify = map[string]*net.UnixConn{}
+	c.notes = map[string][]string{}
+	for _, h := range hosts {
+		conn, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: c.notifyPath(h), Net: "unixgram"})
+		if err != nil {
+			return fmt.Errorf("notify socket: %w", err)
+		}
+		c.notify[h] = conn
+		go func() {
+			buf := make([]byte, 4096)
+			for {
+				n, err := conn.Read(buf)
+				if err != nil {
+					return
+				}
+				c.mu.Lock()
+				c.notes[h] = append(c.notes[h], string(buf[:n]))
+				c.mu.Unlock()
+			}
+		}()
+	}
+	return nil
+}
+
+// UpgradeAgent starts a new agent on host beside the running one, as
+// `tcpha-agent -upgrade` (force) or as a plain start after a SIGQUIT, and
+// waits until the old one has handed over and exited and the new one
+// answers.
+func (c *Cluster) UpgradeAgent(host string, force bool) error {
+	c.mu.Lock()
+	old := c.agents[host]
+	c.mu.Unlock()
+	if old == nil {
+		return fmt.Errorf("no agent running on %s", host)
+	}
+	var args []string
+	if force {
+		args = append(args, "-upgrade")
+	}
+	p, err := c.spawnAgent(host, args...)
+	if err != nil {
+		return err
+	}
+	c.mu.Lock()
+	c.daemons = append(c.daemons, old) // so that Close stops it if it lingers
+	c.mu.Unlock()
+	if err := c.waitUp(host, p, old); err != nil {
+		return err
+	}
+	if old.err != nil {
+		return fmt.Errorf("the old agent on %s: %v; log:\n%s", host, old.err, c.tail(host))
+	}
+	return nil
 }
 
 type agentProc struct {
-	cmd  *exec.Cmd
+	proc *os.Process
 	done chan struct{}
 	err  error
 }
@@ -395,7 +559,7 @@ func (c *Cluster) StopAgentAsync(host string, sig syscall.Signal) error {
 	if p == nil {
 		return fmt.Errorf("no agent running on %s", host)
 	}
-	return p.cmd.Process.Signal(sig)
+	return p.proc.Signal(sig)
 }
 
 // WaitAgent waits up to d for host's agent to exit, then kills it.
@@ -411,7 +575,7 @@ func (c *Cluster) WaitAgent(host string, d time.Duration) error {
 	case <-p.done:
 		return nil
 	case <-time.After(d):
-		p.cmd.Process.Kill()
+		p.proc.Kill()
 		<-p.done
 		return fmt.Errorf("agent on %s still running %v after it was told to stop", host, d)
 	}
@@ -422,7 +586,7 @@ func (c *Cluster) AgentPID(host string) int {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if p := c.agents[host]; p != nil {
-		return p.cmd.Process.Pid
+		return p.proc.Pid
 	}
 	return 0
 }
@@ -440,7 +604,7 @@ func (c *Cluster) StartDaemon(host, name string, args ...string) (*exec.Cmd, err
 	if err := cmd.Start(); err != nil {
 		return nil, fmt.Errorf("start %s on %s: %w", name, host, err)
 	}
-	p := &agentProc{cmd: cmd, done: make(chan struct{})}
+	p := &agentProc{proc: cmd.Process, done: make(chan struct{})}
 	go func() { p.err = cmd.Wait(); close(p.done) }()
 	c.mu.Lock()
 	c.daemons = append(c.daemons, p)
@@ -492,26 +656,29 @@ func (c *Cluster) Close() error {
 	c.agents = map[string]*agentProc{}
 	nginx := c.nginx
 	daemons := c.daemons
+	for _, n := range c.notify {
+		n.Close()
+	}
 	c.mu.Unlock()
 	for _, d := range daemons {
-		d.cmd.Process.Signal(syscall.SIGTERM)
+		d.proc.Signal(syscall.SIGTERM)
 	}
 	for _, d := range daemons {
 		select {
 		case <-d.done:
 		case <-time.After(5 * time.Second):
-			d.cmd.Process.Kill()
+			d.proc.Kill()
 			<-d.done
 		}
 	}
 	for _, p := range agents {
-		p.cmd.Process.Signal(syscall.SIGTERM)
+		p.proc.Signal(syscall.SIGTERM)
 	}
 	for _, p := range agents {
 		select {
 		case <-p.done:
 		case <-time.After(5 * time.Second):
-			p.cmd.Process.Kill()
+			p.proc.Kill()
 			<-p.done
 		}
 	}

@@ -1,0 +1,219 @@
+package relay
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"time"
+
+	"tcpha/phttp"
+)
+
+// A session's phase, as a handover sees it.
+const (
+	phaseWork = iota // reading a request, waiting for an answer: let it finish
+	phaseIdle        // between requests: it can go as it is
+	phaseBody        // relaying a response body: it can go between two reads
+)
+
+// errHandedOff ends a session whose sockets went to a successor.
+var errHandedOff = errors.New("session handed to a successor")
+
+// State is where a session stood when it was handed over: what a new
+// process needs besides its sockets to go on as if nothing happened.
+type State struct {
+	// Body is "" for a session between requests, else how the rest of the
+	// response in flight is delimited: "length" (Remaining bytes), "close"
+	// (until the web server closes), "chunked" (Chunks, from the bytes in
+	// UpBuf then the socket).
+	Body      string            `json:"body,omitempty"`
+	Remaining int64             `json:"remaining,omitempty"`
+	Chunks    phttp.ChunksState `json:"chunks,omitempty"`
+	UpBuf     []byte            `json:"up_buf,omitempty"`
+	// ClientBuf holds bytes the client sent that the session had read but
+	// not relayed: the start of its next request.
+	ClientBuf []byte `json:"client_buf,omitempty"`
+	// More and Reuse say what follows the response: another request on the
+	// client's connection; the upstream connection back to the pool.
+	More  bool `json:"more,omitempty"`
+	Reuse bool `json:"reuse,omitempty"`
+}
+
+// Handed is a session given up for a successor: its sockets, still open,
+// and its state. Upstream is nil between requests.
+type Handed struct {
+	Client   *net.TCPConn
+	Upstream *net.TCPConn
+	State    State
+}
+
+func (s *session) enterBody() {
+	s.kickUp.Store(s.up.Conn)
+	s.phase.Store(phaseBody)
+}
+
+// exportIdle gives the session up between requests.
+func (s *session) exportIdle() error {
+	st := State{}
+	if s.end > s.start {
+		st.ClientBuf = bytes.Clone(s.buf[s.start:s.end])
+	}
+	return s.export(Handed{Client: s.client, State: st}, false)
+}
+
+// exportBody gives the session up in the middle of a response body: rem
+// bytes left of a length-delimited one (< 0: until the server closes), or
+// chunks' position in a chunked one.
+func (s *session) exportBody(rem int64, chunks *phttp.Chunks) error {
+	st := State{Body: "length", Remaining: rem, More: s.after.more, Reuse: s.after.reuse}
+	switch {
+	case chunks != nil:
+		st.Body, st.Remaining, st.Chunks = "chunked", 0, chunks.Save()
+		if n := s.up.br.Buffered(); n > 0 {
+			b, _ := s.up.br.Peek(n)
+			st.UpBuf = bytes.Clone(b)
+		}
+	case rem < 0:
+		st.Body, st.Remaining = "close", 0
+	}
+	if s.end > s.start {
+		st.ClientBuf = bytes.Clone(s.buf[s.start:s.end])
+	}
+	return s.export(Handed{Client: s.client, Upstream: s.up.Conn, State: st}, true)
+}
+
+func (s *session) export(h Handed, withUp bool) error {
+	s.handOff = true
+	if !withUp && s.up != nil {
+		// Taken for a request not read yet: back to the pool.
+		s.r.cfg.Pool.Put(s.up)
+	}
+	s.up = nil
+	s.release()
+	s.r.handed <- h
+	return errHandedOff
+}
+
+// Handover stops the relay's sessions at their next safe point — between
+// requests, or between two reads of a response body — and returns them,
+// sockets open, for a successor to Resume. Sessions that reach no safe
+// point before ctx ends are left running (they end with this process).
+// The relay takes no new sessions afterwards: its caller stops first.
+func (r *Relay) Handover(ctx context.Context) []Handed {
+	r.mu.Lock()
+	r.handed = make(chan Handed, len(r.sessions)+16)
+	r.mu.Unlock()
+	r.handing.Store(true)
+	var out []Handed
+	past := time.Unix(1, 0)
+	tick := time.NewTicker(5 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		// A session kicked while it moves on sees the flag at its next
+		// safe point; the kicks repeat for those that moved into one.
+		r.mu.Lock()
+		left := len(r.sessions)
+		for s := range r.sessions {
+			switch s.phase.Load() {
+			case phaseIdle:
+				s.client.SetReadDeadline(past)
+			case phaseBody:
+				if c := s.kickUp.Load(); c != nil {
+					c.SetReadDeadline(past)
+				}
+			}
+		}
+		r.mu.Unlock()
+	drain:
+		for {
+			select {
+			case h := <-r.handed:
+				out = append(out, h)
+			default:
+				break drain
+			}
+		}
+		if left == 0 {
+			return out
+		}
+		select {
+		case <-ctx.Done():
+			return out
+		case <-tick.C:
+		}
+	}
+}
+
+// Resume runs a session a predecessor handed over, from where it stood.
+func (r *Relay) Resume(h Handed) error {
+	// The kicks' deadlines: a socket passed to another process does not
+	// carry them, one resumed in the same process does.
+	h.Client.SetDeadline(time.Time{})
+	var up *Upstream
+	if h.Upstream != nil {
+		h.Upstream.SetDeadline(time.Time{})
+		var rd io.Reader = h.Upstream
+		if len(h.State.UpBuf) > 0 {
+			rd = io.MultiReader(bytes.NewReader(h.State.UpBuf), h.Upstream)
+		}
+		up = &Upstream{Conn: h.Upstream, br: bufio.NewReaderSize(rd, 16<<10), pool: r.cfg.Pool}
+	}
+	var chunks phttp.Chunks
+	switch h.State.Body {
+	case "":
+		if up != nil {
+			return errors.New("resume: an idle session with an upstream connection")
+		}
+	case "length", "close":
+		if up == nil || h.State.Remaining < 0 {
+			return fmt.Errorf("resume: bad %s body state", h.State.Body)
+		}
+	case "chunked":
+		if up == nil {
+			return errors.New("resume: a chunked body without its upstream connection")
+		}
+		if err := chunks.Restore(h.State.Chunks); err != nil {
+			return fmt.Errorf("resume: %w", err)
+		}
+	default:
+		return fmt.Errorf("resume: unknown body %q", h.State.Body)
+	}
+	r.Go(func() {
+		s := r.newSession(h.Client, up)
+		defer s.finish()
+		if len(h.State.ClientBuf) > 0 {
+			s.buf = bufs.Get().(*[bufSize]byte)
+			s.end = copy(s.buf[:], h.State.ClientBuf)
+		}
+		if h.State.Body != "" {
+			s.after = afterBody{more: h.State.More, reuse: h.State.Reuse}
+			s.responded = true
+			var err error
+			switch h.State.Body {
+			case "length":
+				err = s.relayRest(h.State.Remaining)
+			case "close":
+				err = s.relayRest(-1)
+			case "chunked":
+				err = s.relayChunks(nil, 0, &chunks)
+			}
+			if errors.Is(err, errHandedOff) {
+				return
+			}
+			if err != nil {
+				s.logf().Info("relay ended", "op", "relay", "err", err)
+				return
+			}
+			if !s.endExchange() {
+				s.closeGracefully()
+				return
+			}
+		}
+		s.loop()
+	})
+	return nil
+}
