@@ -3,13 +3,19 @@ GO      ?= go
 BIN     := bin
 PREFIX  ?= /usr/local
 export PATH := $(PATH):/usr/sbin:/sbin
+# A Go older than go.mod's (Debian's, from backports) fetches the pinned
+# toolchain through the module proxy; Debian's go.env says "local".
+export GOTOOLCHAIN ?= auto
 
 .PHONY: all build demo test unit bench fuzz check deps install uninstall clean
 
 all: build
 
+# The version the binaries report (-version): the git description.
+VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo devel)
+
 build:
-	$(GO) build -o $(BIN)/ ./cmd/...
+	$(GO) build -ldflags "-X tcpha/internal/version.Version=$(VERSION)" -o $(BIN)/ ./cmd/...
 
 deps:
 	@bash scripts/deps.sh
@@ -42,14 +48,25 @@ bench: deps build
 	$(GO) test -run '^$$' -bench . -benchmem ./handoff/... ./phttp/... ./backends/...
 	$(BIN)/tcpha-bench -agent $(BIN)/tcpha-agent -out docs/benchmarks.md -chart docs/benchmarks.png
 
+MANDIR  ?= $(PREFIX)/share/man
+SYSTEMD ?= /etc/systemd/system
+
+# The unit's paths follow PREFIX; the config holds the cluster secret, so
+# only root and the tcpha group read it, and an existing one is kept.
 install: build
 	install -D -m 0755 $(BIN)/tcpha-agent $(DESTDIR)$(PREFIX)/sbin/tcpha-agent
 	install -D -m 0755 $(BIN)/tcphactl $(DESTDIR)$(PREFIX)/bin/tcphactl
-	install -D -m 0644 systemd/tcpha-agent.service $(DESTDIR)/etc/systemd/system/tcpha-agent.service
-	test -e $(DESTDIR)/etc/tcpha/tcpha.conf || install -D -m 0644 etc/tcpha.conf $(DESTDIR)/etc/tcpha/tcpha.conf
+	install -d $(DESTDIR)$(SYSTEMD)
+	sed 's|/usr/local|$(PREFIX)|g' systemd/tcpha-agent.service > $(DESTDIR)$(SYSTEMD)/tcpha-agent.service
+	chmod 0644 $(DESTDIR)$(SYSTEMD)/tcpha-agent.service
+	install -D -m 0644 man/tcpha-agent.8 $(DESTDIR)$(MANDIR)/man8/tcpha-agent.8
+	install -D -m 0644 man/tcphactl.8 $(DESTDIR)$(MANDIR)/man8/tcphactl.8
+	install -D -m 0644 man/tcpha.conf.5 $(DESTDIR)$(MANDIR)/man5/tcpha.conf.5
+	test -e $(DESTDIR)/etc/tcpha/tcpha.conf || install -D -m 0640 etc/tcpha.conf $(DESTDIR)/etc/tcpha/tcpha.conf
 
 uninstall:
-	rm -f $(DESTDIR)$(PREFIX)/sbin/tcpha-agent $(DESTDIR)$(PREFIX)/bin/tcphactl $(DESTDIR)/etc/systemd/system/tcpha-agent.service
+	rm -f $(DESTDIR)$(PREFIX)/sbin/tcpha-agent $(DESTDIR)$(PREFIX)/bin/tcphactl $(DESTDIR)$(SYSTEMD)/tcpha-agent.service \
+		$(DESTDIR)$(MANDIR)/man8/tcpha-agent.8 $(DESTDIR)$(MANDIR)/man8/tcphactl.8 $(DESTDIR)$(MANDIR)/man5/tcpha.conf.5
 
 clean:
 	rm -rf $(BIN)

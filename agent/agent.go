@@ -5,16 +5,11 @@
 package agent
 
 import (
-	"bufio"
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"net"
-	"os"
-	"path/filepath"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -38,13 +33,18 @@ type Options struct {
 	Quit <-chan struct{}
 	// Ready, if set, is called once the roles serve.
 	Ready func()
+	// Reload (SIGHUP) re-reads the config file and reopens the log file.
+	Reload <-chan struct{}
+	// Notify, if set, is told of reloads (systemd's RELOADING and READY).
+	Notify func(state string)
 }
 
 // Run starts the roles cfg asks for and serves until ctx is done (then it
 // drains and cleans up), or until a successor takes over (then it hands
 // over, and the kernel state stays).
-func Run(ctx context.Context, cfg *config.Config, log *slog.Logger, opt Options) (err error) {
-	r := &runner{cfg: cfg, log: log, handovers: make(chan handoverReq)}
+func Run(ctx context.Context, cfg *config.Config, lg *Logger, opt Options) (err error) {
+	log := lg.Logger
+	r := &runner{cfg: cfg, lg: lg, log: log, handovers: make(chan handoverReq), reloads: make(chan chan error)}
 	keepState := false
 	defer func() {
 		if cerr := r.stop(keepState); cerr != nil {
@@ -136,11 +136,12 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger, opt Options)
 		}
 	}
 	if cfg.FE != nil {
-		var ln net.Listener
+		var lns feListeners
 		if in != nil {
-			ln, in.VIP = in.VIP, nil
+			lns = feListeners{VIP: in.VIP, Register: in.Register}
+			in.VIP, in.Register = nil, nil
 		}
-		if r.f, err = startFE(serve, cfg.FE, cfg.Global.Secret, r.m, log, ln); err != nil {
+		if r.f, err = startFE(serve, cfg.FE, cfg.Global.Secret, r.m, log, lns); err != nil {
 			closeHeads(heads)
 			return err
 		}
@@ -154,7 +155,7 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger, opt Options)
 	if in != nil {
 		in.closeListeners()
 	}
-	r.wg.Go(func() { serveAdmin(keep, r.admin, r.f, r.b, log, r.handovers) })
+	r.wg.Go(func() { serveAdmin(keep, r.admin, r) })
 
 	if opt.Ready != nil {
 		opt.Ready()
@@ -169,6 +170,10 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger, opt Options)
 			stopKeep()
 			r.wg.Wait()
 			return nil
+		case <-opt.Reload:
+			r.reloadNow(opt.Notify)
+		case done := <-r.reloads:
+			done <- r.reloadNow(opt.Notify)
 		case <-quit:
 			quit = nil
 			r.quitting.Store(true)
@@ -240,7 +245,8 @@ func closeHeads(heads []frontend.HandedHead) {
 
 // runner is one agent's run: its roles and what they share.
 type runner struct {
-	cfg       *config.Config
+	cfg       *config.Config // as the agent started; a reload applies its changes to the roles
+	lg        *Logger
 	log       *slog.Logger
 	m         *metrics.Metrics
 	f         *fe
@@ -250,6 +256,7 @@ type runner struct {
 	wg        sync.WaitGroup
 	quitting  atomic.Bool
 	handovers chan handoverReq
+	reloads   chan chan error // tcphactl reload
 }
 
 type handoverReq struct {
@@ -333,93 +340,4 @@ func (r *runner) stop(keepState bool) error {
 	}
 	r.unlisten()
 	return errors.Join(errs...)
-}
-
-// NewLogger returns the agent's logger: loglevel is the seed's dbglevel,
-// 0-6 (0-1 errors, 2-3 warnings, 4 info, 5-6 debug).
-func NewLogger(g config.Global, stderr io.Writer) (*slog.Logger, io.Closer, error) {
-	level := slog.LevelDebug
-	switch {
-	case g.LogLevel <= 1:
-		level = slog.LevelError
-	case g.LogLevel <= 3:
-		level = slog.LevelWarn
-	case g.LogLevel == 4:
-		level = slog.LevelInfo
-	}
-	w, closer := stderr, io.Closer(io.NopCloser(nil))
-	if g.LogFile != "" {
-		f, err := os.OpenFile(g.LogFile, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o640)
-		if err != nil {
-			return nil, nil, fmt.Errorf("open logfile: %w", err)
-		}
-		w, closer = f, f
-	}
-	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: level})), closer, nil
-}
-
-func listenAdmin(path string) (net.Listener, error) {
-	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
-		return nil, fmt.Errorf("admin socket: %w", err)
-	}
-	// A socket file left by a crashed agent is stale only if nobody answers.
-	if c, err := net.DialTimeout("unix", path, 200*time.Millisecond); err == nil {
-		c.Close()
-		return nil, fmt.Errorf("admin socket %s: another agent is running there", path)
-	}
-	os.Remove(path)
-	ln, err := net.Listen("unix", path)
-	if err != nil {
-		return nil, fmt.Errorf("admin socket: %w", err)
-	}
-	os.Chmod(path, 0o600)
-	return ln, nil
-}
-
-// serveAdmin answers one-line commands on the admin socket: `status`
-// and `conns` (the seed's /proc/net/tcpha_fe_conn), and a successor's
-// `upgrade` or `takeover`, which go to handovers with their connection.
-func serveAdmin(ctx context.Context, ln net.Listener, f *fe, b *be, log *slog.Logger, handovers chan<- handoverReq) {
-	stop := context.AfterFunc(ctx, func() { ln.Close() })
-	defer stop()
-	for {
-		c, err := ln.Accept()
-		if err != nil {
-			if ctx.Err() == nil && !errors.Is(err, net.ErrClosed) {
-				log.Error("admin socket", "op", "admin", "err", err)
-			}
-			return
-		}
-		go func() {
-			c.SetDeadline(time.Now().Add(5 * time.Second))
-			line, _ := bufio.NewReader(c).ReadString('\n')
-			switch cmd := strings.TrimSpace(line); cmd {
-			case "upgrade", "takeover":
-				// The one reader above read the line only: a successor
-				// writes nothing more.
-				c.SetDeadline(time.Time{})
-				select {
-				case handovers <- handoverReq{conn: c.(*net.UnixConn), force: cmd == "upgrade"}:
-					return // Run owns c now
-				case <-ctx.Done():
-				}
-			case "status":
-				if f != nil {
-					f.status(c)
-				}
-				if b != nil {
-					b.status(c)
-				}
-			case "conns":
-				if f == nil {
-					fmt.Fprintln(c, "no fe role on this host")
-					break
-				}
-				f.conns(c)
-			default:
-				fmt.Fprintf(c, "unknown command %q (want status or conns)\n", cmd)
-			}
-			c.Close()
-		}()
-	}
 }

@@ -20,28 +20,65 @@ func TestNewLoggerLevels(t *testing.T) {
 		4: slog.LevelInfo, 5: slog.LevelDebug, 6: slog.LevelDebug}
 	for lvl, want := range cases {
 		var buf bytes.Buffer
-		log, closer, err := NewLogger(config.Global{LogLevel: lvl}, &buf)
+		log, err := NewLogger(config.Global{LogLevel: lvl}, &buf, false)
 		if err != nil {
 			t.Fatal(err)
 		}
-		closer.Close()
 		ctx := context.Background()
 		if !log.Enabled(ctx, want) || (want > slog.LevelDebug && log.Enabled(ctx, want-4)) {
 			t.Errorf("loglevel %d: %v not enabled, or a lower level is", lvl, want)
 		}
 	}
+	var buf bytes.Buffer
+	log, _ := NewLogger(config.Global{LogLevel: 4}, &buf, false)
+	log.Debug("hidden")
+	log.SetLevel(6)
+	log.Debug("shown")
+	if s := buf.String(); strings.Contains(s, "hidden") || !strings.Contains(s, "shown") {
+		t.Errorf("after SetLevel: %q", s)
+	}
 	path := filepath.Join(t.TempDir(), "tcpha.log")
-	log, closer, err := NewLogger(config.Global{LogLevel: 4, LogFile: path}, io.Discard)
+	log, err := NewLogger(config.Global{LogLevel: 4, LogFile: path}, io.Discard, false)
 	if err != nil {
 		t.Fatal(err)
 	}
 	log.Info("hello", "op", "test")
-	closer.Close()
-	if b, _ := os.ReadFile(path); !strings.Contains(string(b), "msg=hello op=test") {
-		t.Errorf("logfile holds %q", b)
+	// logrotate moves the file away; a reopen writes to a new one.
+	os.Rename(path, path+".1")
+	log.Info("to the old file")
+	if err := log.Reopen(); err != nil {
+		t.Fatal(err)
 	}
-	if _, _, err := NewLogger(config.Global{LogFile: "/nonexistent/dir/x.log"}, io.Discard); err == nil {
+	log.Info("to the new file")
+	log.Close()
+	if b, _ := os.ReadFile(path + ".1"); !strings.Contains(string(b), "msg=hello op=test") || !strings.Contains(string(b), "to the old file") {
+		t.Errorf("rotated logfile holds %q", b)
+	}
+	if b, _ := os.ReadFile(path); !strings.Contains(string(b), "to the new file") || strings.Contains(string(b), "hello") {
+		t.Errorf("reopened logfile holds %q", b)
+	}
+	if _, err := NewLogger(config.Global{LogFile: "/nonexistent/dir/x.log"}, io.Discard, false); err == nil {
 		t.Error("unwritable logfile accepted")
+	}
+}
+
+// Under systemd each line starts with its syslog priority.
+func TestJournalPriorities(t *testing.T) {
+	var buf bytes.Buffer
+	log, err := NewLogger(config.Global{LogLevel: 6}, &buf, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	l := log.With("role", "fe")
+	l.Error("e")
+	l.Warn("w")
+	l.Info("i")
+	l.Debug("d")
+	lines := strings.Split(strings.TrimSpace(buf.String()), "\n")
+	for i, p := range []string{"<3>", "<4>", "<6>", "<7>"} {
+		if i >= len(lines) || !strings.HasPrefix(lines[i], p+"time=") || !strings.Contains(lines[i], "role=fe") {
+			t.Errorf("line %d: %q, want it to start with %s", i, lines, p)
+		}
 	}
 }
 
@@ -79,7 +116,9 @@ func TestAdminSocket(t *testing.T) {
 
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	go serveAdmin(ctx, ln2, nil, nil, slog.New(slog.NewTextHandler(io.Discard, nil)), make(chan handoverReq))
+	lg, _ := NewLogger(config.Global{}, io.Discard, false)
+	r := &runner{lg: lg, log: lg.Logger, handovers: make(chan handoverReq), reloads: make(chan chan error)}
+	go serveAdmin(ctx, ln2, r)
 	ask := func(cmd string) string {
 		c, err := net.DialTimeout("unix", path, time.Second)
 		if err != nil {
@@ -90,10 +129,20 @@ func TestAdminSocket(t *testing.T) {
 		b, _ := io.ReadAll(c)
 		return string(b)
 	}
-	if got := ask("conns"); !strings.Contains(got, "no fe role") {
-		t.Errorf("conns without an FE: %q", got)
-	}
-	if got := ask("bogus"); !strings.Contains(got, `unknown command "bogus"`) {
-		t.Errorf("unknown command: %q", got)
+	for cmd, want := range map[string]string{
+		"conns":             "error: conns: this host has no fe role",
+		"bogus":             `error: unknown command "bogus"`,
+		"":                  "error: want status",
+		"loglevel 9":        "error: loglevel \"9\": want 0 to 6",
+		"weight 10.0.0.1":   "error: weight takes 2 argument(s), got 1",
+		"json loglevel 5":   "ok\n{\n  \"loglevel\": 5\n}",
+		"loglevel 4":        "ok\nloglevel 4",
+		"drain 10.0.0.1":    "error: drain: this host has no fe role",
+		"json status":       "ok\n{\n  \"pid\":",
+		"status extra args": "error: status takes 0 argument(s), got 2",
+	} {
+		if got := ask(cmd); !strings.HasPrefix(got, want) {
+			t.Errorf("%q: got %q, want it to start with %q", cmd, got, want)
+		}
 	}
 }

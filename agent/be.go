@@ -8,7 +8,8 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
-	"os"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/vishvananda/netlink"
@@ -22,6 +23,7 @@ import (
 	"tcpha/metrics"
 	"tcpha/netif"
 	"tcpha/nft"
+	"tcpha/register"
 	"tcpha/relay"
 )
 
@@ -37,6 +39,15 @@ type be struct {
 	pool   *relay.Pool
 	relay  *relay.Relay
 	local  *localAddrs
+	// serverUp is the web server's state by the last check; draining is
+	// set once the BE stops taking handoffs.
+	serverUp, draining atomic.Bool
+	members            atomic.Pointer[map[netip.Addr]bool]
+	registrar          *register.Client
+	registering        context.Context
+	stopRegistering    context.CancelFunc
+	handingOver        atomic.Bool
+	background         sync.WaitGroup
 }
 
 // startBE starts the back end; ln, when not nil, is its control listener,
@@ -96,25 +107,38 @@ func startBE(ctx context.Context, cfg *config.BE, secret []byte, m *metrics.Metr
 		Run: func(client *net.TCPConn, up handoff.Upstream) {
 			b.relay.Serve(client, up.(*relay.Upstream))
 		},
+		Reset:         b.relay.Reset,
 		CommitTimeout: cfg.CommitTimeout, MaxPending: cfg.MaxClients, Log: b.log,
 		Observe: func(r wire.Result) { m.Offers.WithLabelValues(r.String()).Inc() },
 	}
-	members := map[netip.Addr]bool{}
-	for _, a := range cfg.FEAddrs {
-		members[a] = true
-	}
+	b.setMembers(cfg.FEAddrs)
 	b.server = &ctl.Server{
 		Config: &ctl.Config{
 			Secret:  secret,
 			Local:   wire.Hello{Role: wire.RoleBE, Addr: ctlAddr, VIP: netip.AddrPortFrom(cfg.VAddr, 0)},
 			Handler: b.recv,
 			Health: func() wire.Health {
-				return wire.Health{ServerUp: true, Active: uint32(b.relay.Active())}
+				return wire.Health{ServerUp: b.serverUp.Load(), Draining: b.draining.Load(), Active: uint32(b.relay.Active())}
 			},
 			Log: b.log,
 		},
-		Member: func(a netip.Addr) bool { return members[a] },
+		Member: func(a netip.Addr) bool { return (*b.members.Load())[a] },
 		Admit:  b.admit,
+	}
+	// The web server's state, for the FEs' probes: checked now, then every
+	// second in the background (a probe must not wait for it).
+	b.serverUp.Store(relay.Check(ctx, up.String(), 500*time.Millisecond) == nil)
+	if cfg.DRegister {
+		var fes []netip.AddrPort
+		for _, a := range cfg.FEAddrs {
+			fes = append(fes, netip.AddrPortFrom(a, cfg.FEPort))
+		}
+		b.registrar = &register.Client{
+			Config: &ctl.Config{Secret: secret, Log: b.log,
+				Local: wire.Hello{Role: wire.RoleBE, Addr: ctlAddr, VIP: netip.AddrPortFrom(cfg.VAddr, 0)}},
+			Dial: ctl.Dialer(cfg.RAddr), FEs: fes, Weight: 1, Rules: cfg.Rules, Log: b.log,
+		}
+		b.registering, b.stopRegistering = context.WithCancel(context.Background())
 	}
 	ok = true
 	b.log.Info("back end ready", "op", "start", "vip", cfg.VAddr.String(), "handoff_port", cfg.Port,
@@ -185,10 +209,55 @@ func (r rebuilder) Rebuild(ci *wire.ConnInfo) (handoff.Rebuilt, error) {
 	return c, nil
 }
 
-// run serves control sessions until ctx ends (then it closes those left).
+// run serves control sessions until ctx ends (then it closes those left),
+// checks the web server, and keeps the BE registered with its FEs when it
+// registers itself.
 func (b *be) run(ctx context.Context) {
+	bg, stop := context.WithCancel(ctx)
+	b.background.Go(func() { b.checkLoop(bg) })
+	if b.registrar != nil {
+		stopReg := context.AfterFunc(bg, b.stopRegistering)
+		defer stopReg()
+		b.background.Go(func() { b.registrar.Run(b.registering, b.handingOver.Load) })
+	}
 	if err := b.server.Serve(ctx, b.ln); err != nil {
 		b.log.Error("handoff listener stopped", "op", "serve", "err", err)
+	}
+	stop()
+	b.background.Wait()
+}
+
+// unregister deregisters from the FEs (a stop), or just leaves them (a
+// handover: the successor registers itself); it does not wait.
+func (b *be) unregister(handover bool) {
+	if b.stopRegistering == nil {
+		return
+	}
+	b.handingOver.Store(handover)
+	b.stopRegistering()
+}
+
+// checkLoop checks the web server every second and logs when its state
+// changes.
+func (b *be) checkLoop(ctx context.Context) {
+	addr := b.cfg.Redirect().String()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(time.Second):
+		}
+		err := relay.Check(ctx, addr, time.Second)
+		if ctx.Err() != nil {
+			return
+		}
+		if up := err == nil; b.serverUp.Swap(up) != up {
+			if up {
+				b.log.Info("web server answers again", "op", "detect", "upstream", addr)
+			} else {
+				b.log.Warn("web server does not answer: the FEs will stop sending connections", "op", "detect", "upstream", addr, "err", err)
+			}
+		}
 	}
 }
 
@@ -200,6 +269,8 @@ const sessionDrain = 10 * time.Second
 // FEs' sessions are told to go away, and the FEs send new connections
 // elsewhere.
 func (b *be) drain(d time.Duration) {
+	b.unregister(false)
+	b.draining.Store(true)
 	b.recv.Drain()
 	b.ln.Close()
 	b.server.Drain(min(d, sessionDrain))
@@ -218,6 +289,7 @@ func (b *be) drain(d time.Duration) {
 // next safe point and are returned with their state. Those that reach none
 // within a few seconds stay here and end with this process.
 func (b *be) handOver() []handed {
+	b.unregister(true)
 	b.ln.Close()
 	b.server.Drain(sessionDrain)
 	settled := make(chan struct{})
@@ -271,13 +343,56 @@ func (b *be) release() {
 	}
 }
 
-func (b *be) status(w io.Writer) {
+// beStatus is the BE's part of `tcphactl status`.
+type beStatus struct {
+	VIP      string `json:"vip"`
+	Handoff  string `json:"handoff"`
+	Upstream string `json:"upstream"`
+	ServerUp bool   `json:"server_up"`
+	Relaying int    `json:"relaying"`
+	Pending  int    `json:"pending"`
+	Served   int64  `json:"served"`
+	Refused  int64  `json:"refused"`
+	Sessions int    `json:"sessions"`
+	Requests int64  `json:"requests"`
+	Dialed   int64  `json:"upstream_dialed"`
+	Reused   int64  `json:"upstream_reused"`
+	Idle     int    `json:"upstream_idle"`
+	Retries  int64  `json:"retries"`
+	BadGW    int64  `json:"bad_gateway"`
+}
+
+func (b *be) statusOf() beStatus {
 	s := b.recv.Stats()
 	rs := b.relay.Stats()
-	fmt.Fprintf(w, "be vip=%v handoff=%v:%d pid=%d\n", b.cfg.VAddr, b.cfg.RAddr, b.cfg.Port, os.Getpid())
-	fmt.Fprintf(w, "  relaying=%d pending=%d served=%d refused=%d sessions=%d upstream=%v at %s\n",
-		rs.Active, s.Pending, s.Served, s.Refused, len(b.server.Sessions()),
-		b.cfg.Redirect(), time.Now().Format(time.RFC3339))
+	return beStatus{
+		VIP: b.cfg.VAddr.String(), Handoff: fmt.Sprintf("%v:%d", b.cfg.RAddr, b.cfg.Port), Upstream: b.cfg.Redirect().String(),
+		ServerUp: b.serverUp.Load(), Relaying: rs.Active, Pending: s.Pending, Served: s.Served, Refused: s.Refused,
+		Sessions: len(b.server.Sessions()), Requests: rs.Requests, Dialed: rs.Upstream.Dialed, Reused: rs.Upstream.Reuses,
+		Idle: rs.Upstream.Idle, Retries: rs.Retries, BadGW: rs.BadGateways,
+	}
+}
+
+func (st beStatus) write(w io.Writer, pid int) {
+	fmt.Fprintf(w, "be vip=%s handoff=%s pid=%d\n", st.VIP, st.Handoff, pid)
+	fmt.Fprintf(w, "  relaying=%d pending=%d served=%d refused=%d sessions=%d upstream=%s server_up=%v at %s\n",
+		st.Relaying, st.Pending, st.Served, st.Refused, st.Sessions, st.Upstream, st.ServerUp, time.Now().Format(time.RFC3339))
 	fmt.Fprintf(w, "  requests=%d upstream_dialed=%d upstream_reused=%d upstream_idle=%d retries=%d bad_gateway=%d\n",
-		rs.Requests, rs.Upstream.Dialed, rs.Upstream.Reuses, rs.Upstream.Idle, rs.Retries, rs.BadGateways)
+		st.Requests, st.Dialed, st.Reused, st.Idle, st.Retries, st.BadGW)
+}
+
+// reload applies a re-read [be]: the FEs it takes sessions from. It
+// returns the keys whose change needs an upgrade.
+func (b *be) reload(next *config.BE) []string {
+	b.setMembers(next.FEAddrs)
+	return fixedKeys("be", *b.cfg, *next, "FEAddrs")
+}
+
+// setMembers sets the FEs whose sessions this BE accepts.
+func (b *be) setMembers(fes []netip.Addr) {
+	m := map[netip.Addr]bool{}
+	for _, a := range fes {
+		m[a] = true
+	}
+	b.members.Store(&m)
 }

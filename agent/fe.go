@@ -8,9 +8,10 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
-	"os"
+	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"tcpha/backends"
@@ -23,6 +24,7 @@ import (
 	"tcpha/metrics"
 	"tcpha/nft"
 	"tcpha/queue"
+	"tcpha/register"
 )
 
 // fe is the front end: it owns the VIP, reads each connection's first
@@ -31,10 +33,11 @@ type fe struct {
 	cfg *config.FE
 	log *slog.Logger
 	installed
-	flows  *nft.Flows
-	table  *conntab.Table
-	sched  *backends.Scheduler
-	health *backends.Health
+	flows *nft.Flows
+	table *conntab.Table
+	sched *backends.Scheduler
+	// dtc is the detection interval, changed at run time by tcphactl.
+	dtc    atomic.Int64
 	pool   *ctl.Pool
 	client *handoff.Client
 	sender *handoff.Sender
@@ -53,13 +56,69 @@ type fe struct {
 	loopsMu   sync.Mutex
 	stopLoops context.CancelFunc
 	served    chan struct{} // closed when the clients' goroutines have ended
+	// regLn and regSrv take BEs' registrations (seed 4.10).
+	regLn  net.Listener
+	regSrv *ctl.Server
 }
 
-// startFE starts the front end; ln, when not nil, is its VIP listener,
-// inherited from a predecessor.
-func startFE(ctx context.Context, cfg *config.FE, secret []byte, m *metrics.Metrics, log *slog.Logger, ln net.Listener) (*fe, error) {
-	f := &fe{cfg: cfg, log: log.With("role", "fe"), table: conntab.New(), health: backends.NewHealth(), m: m,
-		served: make(chan struct{})}
+// listenRegister opens the port BEs register on: [fe] raddr:feport, never
+// the VIP. Registration needs the cluster secret and a real address; the
+// FE runs without it otherwise, and says so.
+func (f *fe) listenRegister(ctx context.Context, secret []byte, ln net.Listener) error {
+	cfg := f.cfg
+	switch {
+	case len(secret) == 0:
+		f.log.Info("BE registration off: it needs [global] secret", "op", "start")
+		return nil
+	case cfg.RAddr.IsUnspecified():
+		f.log.Info("BE registration off: it needs [fe] raddr", "op", "start")
+		return nil
+	}
+	addr := netip.AddrPortFrom(cfg.RAddr, cfg.FEPort)
+	if f.regLn = ln; ln == nil {
+		var err error
+		if f.regLn, err = (&net.ListenConfig{}).Listen(ctx, "tcp4", addr.String()); err != nil {
+			return fmt.Errorf("listen for registrations on %v: %w", addr, err)
+		}
+	}
+	rs := &register.Server{
+		VIP: cfg.VAddr, Log: f.log,
+		Add: func(r backends.Registration) error {
+			if err := f.sched.Register(r); err != nil {
+				return err
+			}
+			f.pool.Add(r.Server.AddrPort())
+			return nil
+		},
+		Remove: func(a netip.Addr) {
+			for _, srv := range f.sched.Servers() {
+				if srv.Addr == a {
+					f.pool.Remove(srv.AddrPort())
+				}
+			}
+			f.sched.Deregister(a)
+		},
+	}
+	f.regSrv = &ctl.Server{
+		Config: &ctl.Config{Secret: secret, Log: f.log, Handler: rs,
+			Local: wire.Hello{Role: wire.RoleFE, Addr: addr, VIP: netip.AddrPortFrom(cfg.VAddr, cfg.Port)}},
+		Admit: rs.Admit,
+	}
+	f.log.Info("taking BE registrations", "op", "start", "addr", addr.String())
+	return nil
+}
+
+// feListeners are the FE's listening sockets a predecessor handed over.
+type feListeners struct {
+	VIP, Register net.Listener
+}
+
+// startFE starts the front end on the listeners a predecessor handed over,
+// or on new ones.
+func startFE(ctx context.Context, cfg *config.FE, secret []byte, m *metrics.Metrics, log *slog.Logger, lns feListeners) (*fe, error) {
+	f := &fe{cfg: cfg, log: log.With("role", "fe"), table: conntab.New(), m: m, served: make(chan struct{})}
+	f.dtc.Store(int64(cfg.DtcInterval))
+	f.sched = backends.NewScheduler(cfg.Table(), backends.Options{Rise: cfg.Rise, Fall: cfg.Fall, Live: f.table.Live})
 	ok := false
 	defer func() {
 		switch {
@@ -103,7 +162,7 @@ func startFE(ctx context.Context, cfg *config.FE, secret []byte, m *metrics.Metr
 	} else {
 		f.log.Debug("gratuitous ARP sent", "op", "vip", "vip", cfg.VAddr.String(), "interface", link.Attrs().Name)
 	}
-	if f.ln = ln; ln == nil {
+	if f.ln = lns.VIP; f.ln == nil {
 		if f.ln, err = (&net.ListenConfig{}).Listen(ctx, "tcp4", vip.String()); err != nil {
 			return nil, fmt.Errorf("fe: listen on VIP %v: %w", vip, err)
 		}
@@ -144,28 +203,32 @@ func startFE(ctx context.Context, cfg *config.FE, secret []byte, m *metrics.Metr
 		Log:    f.log,
 	}, ctl.Dialer(cfg.RAddr), cfg.ConnPerBE)
 	// A BE without a session cannot take a handoff: losing the last one
-	// marks it down at once, the first new one brings it back.
+	// makes it unavailable at once, the first new one available again
+	// (unless its probes say otherwise).
 	f.pool.OnChange = func(be netip.AddrPort, up bool, err error) {
-		if !up {
-			f.markDown(be.Addr(), err)
-		} else if f.health.Set(be.Addr(), true, time.Now()) {
-			f.log.Info("BE available", "op", "detect", "be", be.Addr().String())
+		if !up && err == nil {
+			err = errors.New("control sessions closed")
 		}
+		f.changed(be.Addr(), f.sched.Session, up, err)
 	}
-	for _, srv := range cfg.Servers {
+	for _, srv := range f.sched.Servers() {
 		f.pool.Add(srv.AddrPort())
 	}
 	f.waitSessions(2 * time.Second)
 	f.client = &handoff.Client{Pool: f.pool}
-	f.sched = backends.NewScheduler(cfg.Rules, cfg.Servers, f.health)
 	f.sender = &handoff.Sender{
 		Flows: f.flows, Peer: f.client, Table: f.table, Log: f.log,
 		Timeout: cfg.HandoffTimeout, Now: time.Now,
+		Result: func(be netip.AddrPort, err error) {
+			if err == nil {
+				f.sched.Handed(be.Addr())
+			} else {
+				f.sched.Failed(be.Addr())
+			}
+		},
 	}
-	if cfg.DtcInterval > 0 {
-		// Without detection nothing but a new session would bring a BE
-		// marked down back.
-		f.sender.Down = func(be netip.AddrPort, err error) { f.markDown(be.Addr(), err) }
+	if err := f.listenRegister(ctx, secret, lns.Register); err != nil {
+		return nil, fmt.Errorf("fe: %w", err)
 	}
 	f.front = &frontend.Server{
 		Config: frontend.Config{
@@ -174,6 +237,7 @@ func startFE(ctx context.Context, cfg *config.FE, secret []byte, m *metrics.Metr
 		},
 		Route: f.sched.Route, Sender: f.sender, Metrics: m, Log: f.log,
 	}
+	m.Registry.MustRegister(feCollector{f})
 	ok = true
 	f.log.Info("front end ready", "op", "start", "vip", vip.String(), "interface", link.Attrs().Name,
 		"servers", len(cfg.Servers), "rules", len(cfg.Rules))
@@ -231,12 +295,12 @@ func (f *fe) installTable() error {
 
 // waitSessions waits up to d for a session to every BE, so the first
 // clients after a start do not find every BE unreachable. BEs still without
-// one are logged and stay down until their sessions come up.
+// one are logged and stay unavailable until their sessions come up.
 func (f *fe) waitSessions(d time.Duration) {
 	deadline := time.Now().Add(d)
 	for {
 		var missing []string
-		for _, srv := range f.cfg.Servers {
+		for _, srv := range f.sched.Servers() {
 			if len(f.pool.Sessions(srv.AddrPort())) == 0 {
 				missing = append(missing, srv.AddrPort().String())
 			}
@@ -246,15 +310,31 @@ func (f *fe) waitSessions(d time.Duration) {
 		}
 		if time.Now().After(deadline) {
 			f.log.Warn("starting without control sessions to some BEs", "op", "start", "bes", strings.Join(missing, " "))
-			for _, srv := range f.cfg.Servers {
-				if len(f.pool.Sessions(srv.AddrPort())) == 0 {
-					f.markDown(srv.Addr, errors.New("no control session yet"))
-				}
-			}
 			return
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
+}
+
+// changed applies one observation of be (a session's coming or going, a
+// probe) and logs the BE's availability when it changes, once.
+func (f *fe) changed(be netip.Addr, apply func(netip.Addr, bool) (backends.Change, error), ok bool, why error) {
+	c, err := apply(be, ok)
+	if err != nil || !c.Changed {
+		return
+	}
+	if c.Available {
+		f.log.Info("BE available", "op", "detect", "be", be.String())
+	} else {
+		f.log.Warn("BE not available", "op", "detect", "be", be.String(), "err", why)
+	}
+}
+
+func boolFloat(b bool) float64 {
+	if b {
+		return 1
+	}
+	return 0
 }
 
 // run serves clients until serve is done; the kernel-facing loops (flow
@@ -270,6 +350,13 @@ func (f *fe) run(serve, keep context.Context) {
 	f.loops.Go(func() { f.reaper.Run(loops) })
 	if f.cfg.DtcInterval > 0 {
 		f.loops.Go(func() { f.detectLoop(serve) })
+	}
+	if f.regSrv != nil {
+		f.loops.Go(func() {
+			if err := f.regSrv.Serve(loops, f.regLn); err != nil {
+				f.log.Error("registration listener stopped", "op", "register", "err", err)
+			}
+		})
 	}
 	f.front.Serve(serve, keep, f.ln)
 	close(f.served)
@@ -309,51 +396,118 @@ func (f *fe) handOver(stopServe func()) []handed {
 	return out
 }
 
-// drain waits until no connection is left in the table, or up to d.
+// drain waits up to d until no handed-off connection is live: TIME_WAIT
+// rows are closed connections and wait for nobody. Those still live then
+// are reset: each BE is told to send its client a RST, so that neither end
+// hangs once this FE stops forwarding.
 func (f *fe) drain(d time.Duration) {
 	deadline := time.Now().Add(d)
-	for f.table.Len() > 0 && time.Now().Before(deadline) {
+	for f.liveCount() > 0 && time.Now().Before(deadline) {
 		time.Sleep(100 * time.Millisecond)
 	}
-	if n := f.table.Len(); n > 0 {
-		f.log.Warn("drain time over; cutting handed-off connections", "op", "stop", "connections", n)
+	left := f.liveRows()
+	if len(left) == 0 {
+		return
 	}
+	f.log.Warn("drain time over; resetting the connections left", "op", "stop", "connections", len(left))
+	ports := map[netip.Addr]netip.AddrPort{}
+	for _, srv := range f.sched.Servers() {
+		ports[srv.Addr] = srv.AddrPort()
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	var wg sync.WaitGroup
+	var failed atomic.Int64
+	for _, c := range left {
+		be, ok := ports[c.BE]
+		if !ok {
+			failed.Add(1)
+			continue
+		}
+		wg.Go(func() {
+			if err := f.client.Reset(ctx, be, c.Client); err != nil {
+				failed.Add(1)
+				f.log.Debug("reset not done", "op", "stop", "client", c.Client.String(), "err", err)
+			}
+		})
+	}
+	wg.Wait()
+	f.log.Info("connections reset", "op", "stop", "reset", int64(len(left))-failed.Load(), "not_reached", failed.Load())
 }
 
-// detectLoop is the seed's BE detection (4.9): a ping every dtcinterval;
-// a BE that does not answer is not scheduled until it answers again.
+// liveRows are the connections handed off, or being handed off, to a BE.
+func (f *fe) liveRows() []conntab.Conn {
+	var out []conntab.Conn
+	for _, c := range f.table.Snapshot() {
+		if (c.State == conntab.Handoffed || c.State == conntab.Handoffing) && c.BE.IsValid() {
+			out = append(out, c)
+		}
+	}
+	return out
+}
+
+func (f *fe) liveCount() int {
+	n := 0
+	for _, srv := range f.sched.Servers() {
+		n += f.table.Live(srv.Addr)
+	}
+	return n
+}
+
+// detectLoop is the seed's BE detection (4.9): a probe every dtcinterval
+// (0: none), answered with whether the BE's web server answers and its
+// load. [fe] fall failures in a row make a BE unavailable, rise successes
+// available again.
 func (f *fe) detectLoop(ctx context.Context) {
-	tick := time.NewTicker(f.cfg.DtcInterval)
-	defer tick.Stop()
 	for {
+		d := time.Duration(f.dtc.Load())
+		wait := d
+		if d <= 0 {
+			wait = time.Second // off: look again for a new interval
+		}
 		select {
 		case <-ctx.Done():
 			return
-		case <-tick.C:
+		case <-time.After(wait):
 		}
-		for _, s := range f.cfg.Servers {
-			pctx, cancel := context.WithTimeout(ctx, min(f.cfg.DtcInterval, 2*time.Second))
-			h, err := f.client.Probe(pctx, s.AddrPort())
-			cancel()
-			if ctx.Err() != nil {
-				return
-			}
-			if err == nil && !h.ServerUp {
-				err = errors.New("its web server does not answer")
-			}
-			if err != nil {
-				f.markDown(s.Addr, err)
-			} else if f.health.Set(s.Addr, true, time.Now()) {
-				f.log.Info("BE available", "op", "detect", "be", s.Addr.String())
-			}
+		if d <= 0 {
+			continue
 		}
+		var wg sync.WaitGroup
+		for _, srv := range f.sched.Servers() {
+			wg.Go(func() { f.probe(ctx, srv.AddrPort(), min(d, 2*time.Second)) })
+		}
+		wg.Wait()
 	}
 }
 
-func (f *fe) markDown(be netip.Addr, err error) {
-	if f.health.Set(be, false, time.Now()) {
-		f.log.Warn("BE not available", "op", "detect", "be", be.String(), "err", err)
+// probe probes one BE and records the result.
+func (f *fe) probe(ctx context.Context, be netip.AddrPort, timeout time.Duration) {
+	pctx, cancel := context.WithTimeout(ctx, timeout)
+	h, err := f.client.Probe(pctx, be)
+	cancel()
+	if ctx.Err() != nil {
+		return
 	}
+	switch {
+	case err != nil:
+	case h.Draining:
+		err = errors.New("it is stopping")
+	case !h.ServerUp:
+		err = errors.New("its web server does not answer")
+	}
+	result := "ok"
+	if err != nil {
+		result = "failed"
+	}
+	f.m.Probes.WithLabelValues(be.Addr().String(), result).Inc()
+	why := ""
+	if err != nil {
+		why = err.Error()
+	}
+	f.changed(be.Addr(), func(a netip.Addr, ok bool) (backends.Change, error) {
+		return f.sched.Probe(a, ok, int(h.Active), why, time.Now())
+	}, err == nil, err)
 }
 
 // stop undoes what startFE did; handover instead leaves the table and the
@@ -372,6 +526,9 @@ func (f *fe) release() {
 	if f.ln != nil {
 		f.ln.Close()
 	}
+	if f.regLn != nil {
+		f.regLn.Close()
+	}
 	if f.pool != nil {
 		f.pool.Close()
 	}
@@ -380,41 +537,103 @@ func (f *fe) release() {
 	}
 }
 
-func (f *fe) status(w io.Writer) {
+// feStatus is the FE's part of `tcphactl status`.
+type feStatus struct {
+	VIP         string            `json:"vip"`
+	Queue       uint16            `json:"queue"`
+	QueueVia    string            `json:"queue_via"`
+	Counters    frontend.Counters `json:"counters"`
+	AvgHandoff  string            `json:"avg_handoff"`
+	Connections map[string]int    `json:"connections"`
+	Queued      int64             `json:"queued"`
+	QueuedBy    map[string]int64  `json:"queued_by"`
+	Backends    []beLine          `json:"backends"`
+}
+
+type beLine struct {
+	Addr     string `json:"addr"`
+	State    string `json:"state"`
+	Sessions int    `json:"sessions"`
+}
+
+func (f *fe) statusOf() feStatus {
 	s := f.front.Stats()
 	avg := time.Duration(0)
 	if s.HandoffLatencyCount > 0 {
 		avg = s.HandoffLatencySum / time.Duration(s.HandoffLatencyCount)
 	}
-	fmt.Fprintf(w, "fe vip=%v:%d pid=%d queue=%d via %v\n", f.cfg.VAddr, f.cfg.Port, os.Getpid(), f.cfg.QueueNum, f.qmode)
-	fmt.Fprintf(w, "  accepted=%d handed_off=%d local=%d answered_503=%d bad_request=%d too_large=%d timeout=%d closed_early=%d refused_busy=%d avg_handoff=%v\n",
-		s.Accepted, s.HandedOff, s.Local, s.Answered503, s.BadRequests, s.TooLarge, s.Timeouts, s.ClosedEarly, s.RefusedBusy, avg)
-	states := f.table.Count()
-	fmt.Fprintf(w, "  connections: handoffing=%d handoffed=%d time_wait=%d\n",
-		states[conntab.Handoffing], states[conntab.Handoffed], states[conntab.TimeWait])
-	fmt.Fprintf(w, "  queued=%d", f.obs.Total())
+	st := feStatus{
+		VIP: fmt.Sprintf("%v:%d", f.cfg.VAddr, f.cfg.Port), Queue: f.cfg.QueueNum, QueueVia: f.qmode.String(),
+		Counters: s, AvgHandoff: avg.String(), Connections: map[string]int{}, Queued: f.obs.Total(),
+		QueuedBy: map[string]int64{},
+	}
+	counts := f.table.Count()
+	for _, k := range []conntab.State{conntab.Handoffing, conntab.Handoffed, conntab.TimeWait} {
+		st.Connections[strings.ToLower(k.String())] = counts[k]
+	}
 	for _, c := range f.obs.Counts() {
-		fmt.Fprintf(w, " %s:%d", c.Label, c.N)
+		st.QueuedBy[c.Label] = c.N
+	}
+	for _, b := range f.sched.Statuses() {
+		state := "up"
+		switch {
+		case !b.Available:
+			state = "down"
+			if b.LastError != "" {
+				state += " (" + b.LastError + ")"
+			}
+		case b.Draining:
+			state = "draining"
+		}
+		st.Backends = append(st.Backends, beLine{Addr: fmt.Sprintf("%s:%d", b.Addr, b.Port), State: state,
+			Sessions: len(f.pool.Sessions(b.Server.AddrPort()))})
+	}
+	return st
+}
+
+func (st feStatus) write(w io.Writer, pid int) {
+	c := st.Counters
+	fmt.Fprintf(w, "fe vip=%s pid=%d queue=%d via %s\n", st.VIP, pid, st.Queue, st.QueueVia)
+	fmt.Fprintf(w, "  accepted=%d handed_off=%d local=%d answered_503=%d bad_request=%d too_large=%d timeout=%d closed_early=%d refused_busy=%d avg_handoff=%s\n",
+		c.Accepted, c.HandedOff, c.Local, c.Answered503, c.BadRequests, c.TooLarge, c.Timeouts, c.ClosedEarly, c.RefusedBusy, st.AvgHandoff)
+	fmt.Fprintf(w, "  connections: handoffing=%d handoffed=%d time_wait=%d\n",
+		st.Connections["handoffing"], st.Connections["handoffed"], st.Connections["time_wait"])
+	fmt.Fprintf(w, "  queued=%d", st.Queued)
+	labels := make([]string, 0, len(st.QueuedBy))
+	for k := range st.QueuedBy {
+		labels = append(labels, k)
+	}
+	slices.Sort(labels)
+	for _, k := range labels {
+		fmt.Fprintf(w, " %s:%d", k, st.QueuedBy[k])
 	}
 	fmt.Fprintln(w)
-	for _, srv := range f.cfg.Servers {
-		state := "up"
-		if since, down := f.health.DownSince(srv.Addr); down {
-			state = "down since " + since.Format(time.RFC3339)
-		}
-		fmt.Fprintf(w, "  be %v: %s, control sessions %d\n", srv.AddrPort(), state, len(f.pool.Sessions(srv.AddrPort())))
+	for _, b := range st.Backends {
+		fmt.Fprintf(w, "  be %s: %s, control sessions %d\n", b.Addr, b.State, b.Sessions)
 	}
 }
 
-func (f *fe) conns(w io.Writer) {
-	fmt.Fprintf(w, "%-21s %-15s %-10s %-10s %s\n", "client", "be", "state", "age", "handoff")
-	now := time.Now()
-	for _, c := range f.table.Snapshot() {
-		be := "-"
-		if c.BE.IsValid() {
-			be = c.BE.String()
+// reload applies a re-read [fe]: rules, servers, weights and scheduler
+// swap in whole for new connections; the detection and handoff timings
+// change at once. It returns the keys whose change needs an upgrade.
+func (f *fe) reload(next *config.FE) []string {
+	old := f.sched.Servers()
+	f.sched.SetTable(next.Table())
+	f.sched.SetRiseFall(next.Rise, next.Fall)
+	now := f.sched.Servers()
+	for _, srv := range now {
+		if !slices.Contains(old, srv) {
+			f.pool.Add(srv.AddrPort())
 		}
-		fmt.Fprintf(w, "%-21s %-15s %-10s %-10s %v\n", c.Client, be, c.State,
-			now.Sub(c.Started).Truncate(time.Second), c.Latency)
 	}
+	for _, srv := range old {
+		if !slices.ContainsFunc(now, func(x backends.Server) bool { return x.AddrPort() == srv.AddrPort() }) {
+			f.pool.Remove(srv.AddrPort())
+		}
+	}
+	f.dtc.Store(int64(next.DtcInterval))
+	f.sender.SetTimeout(next.HandoffTimeout)
+	f.log.Info("scheduling reloaded", "op", "reload", "servers", len(next.Servers), "rules", len(next.Rules),
+		"scheduler", string(next.Scheduler))
+	return fixedKeys("fe", *f.cfg, *next, "Servers", "Rules", "Scheduler", "Rise", "Fall", "DtcInterval", "HandoffTimeout")
 }

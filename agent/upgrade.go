@@ -160,9 +160,9 @@ func closeAll(files []*os.File) {
 // Inherited is what a successor got from the agent it replaces.
 type Inherited struct {
 	conn *net.UnixConn
-	// VIP and Control are the FE's and the BE's listeners, when the
+	// VIP and Register are the FE's listeners, Control the BE's, when the
 	// predecessor had them.
-	VIP, Control net.Listener
+	VIP, Register, Control net.Listener
 }
 
 // ErrAgentRunning is TakeOver's answer when the agent at the admin socket
@@ -220,6 +220,8 @@ func TakeOver(adminPath string, force bool) (*Inherited, error) {
 			in.VIP = ln
 		case "control":
 			in.Control = ln
+		case "register":
+			in.Register = ln
 		default:
 			ln.Close()
 		}
@@ -343,6 +345,10 @@ func (in *Inherited) closeListeners() {
 		in.Control.Close()
 		in.Control = nil
 	}
+	if in.Register != nil {
+		in.Register.Close()
+		in.Register = nil
+	}
 }
 
 // sender writes frames to a successor from more than one goroutine.
@@ -413,7 +419,7 @@ func (r *runner) handOver(c *net.UnixConn, stopServe func()) error {
 	for _, l := range []struct {
 		name string
 		ln   net.Listener
-	}{{"vip", r.feListener()}, {"control", r.beListener()}} {
+	}{{"vip", r.feListener()}, {"register", r.regListener()}, {"control", r.beListener()}} {
 		if l.ln == nil {
 			continue
 		}
@@ -470,6 +476,13 @@ func (r *runner) feListener() net.Listener {
 		return nil
 	}
 	return r.f.ln
+}
+
+func (r *runner) regListener() net.Listener {
+	if r.f == nil || r.f.regLn == nil {
+		return nil
+	}
+	return r.f.regLn
 }
 
 func (r *runner) beListener() net.Listener {

@@ -1,71 +1,19 @@
-// Package backends knows the BEs an FE schedules to: which rule picks which
-// BE for a request (seed 4.5) and which BEs are available (seed 4.9).
+// Package backends knows the BEs an FE schedules to: which rule sends a
+// request where (seed 4.5), which BEs are available (seed 4.9, with rise
+// and fall counts), which registered themselves (seed 4.10), and how a rule
+// naming several BEs picks one (round robin, weighted least connections,
+// LARD). It is pure: the agent feeds it probe results, sessions and
+// registrations, and asks it for routes.
 package backends
 
 import (
+	"errors"
+	"fmt"
 	"net/netip"
+	"slices"
 	"sync"
 	"time"
 )
-
-// Target is where a request goes: a BE's handoff listener, or the FE's
-// local node.
-type Target struct {
-	Local bool
-	BE    netip.AddrPort
-}
-
-func (t Target) String() string {
-	if t.Local {
-		return "local"
-	}
-	return t.BE.String()
-}
-
-// Scheduler picks targets by rule.
-type Scheduler struct {
-	rules   []Rule
-	servers map[netip.Addr]Server
-	health  *Health
-}
-
-// NewScheduler schedules over rules and servers, skipping BEs health marks
-// down.
-func NewScheduler(rules []Rule, servers []Server, health *Health) *Scheduler {
-	m := make(map[netip.Addr]Server, len(servers))
-	for _, s := range servers {
-		m[s.Addr] = s
-	}
-	return &Scheduler{rules: rules, servers: m, health: health}
-}
-
-// Candidates returns the targets for a request path in the order to try
-// them: the target of every matching rule, first match in file order first,
-// each once, without BEs that are down. The first is the seed's choice; the
-// rest are where the FE turns when a BE refuses or fails (the seed's rule
-// list "must contain all the cases", so a catch-all usually follows).
-func (s *Scheduler) Candidates(path string) []Target {
-	var out []Target
-	seen := map[Target]bool{}
-	for _, r := range s.rules {
-		if !r.Pattern.MatchString(path) {
-			continue
-		}
-		t := Target{Local: true}
-		if !r.Local {
-			srv := s.servers[r.Target]
-			if !s.health.Up(srv.Addr) {
-				continue
-			}
-			t = Target{BE: srv.AddrPort()}
-		}
-		if !seen[t] {
-			seen[t] = true
-			out = append(out, t)
-		}
-	}
-	return out
-}
 
 // Route is what the FE does with a request: try BEs in order and, if none
 // takes the connection, serve it on the local node when Local is set.
@@ -75,59 +23,460 @@ type Route struct {
 	Local bool
 }
 
-// Route turns Candidates into the FE's plan for path.
+// Options tune a Scheduler.
+type Options struct {
+	// Rise good probes in a row make a BE available again; Fall bad ones
+	// make it unavailable. Zero means 2 and 3.
+	Rise, Fall int
+	// Live, if set, is this FE's count of a BE's open connections; a BE's
+	// load is the larger of that and what its last probe reported.
+	Live func(netip.Addr) int
+}
+
+// LARD's thresholds, in connections (Pai et al.): a path moves off its BE
+// when that BE's load is over High and another's is under Low, or when it
+// reaches twice High.
+const (
+	LARDLow  = 25
+	LARDHigh = 65
+	// lardMax bounds the paths LARD remembers.
+	lardMax = 1 << 16
+)
+
+// Scheduler routes requests by rule over the BEs' current state. The file
+// table is swapped whole on reload; registrations come and go at run time.
+// It is safe for concurrent use.
+type Scheduler struct {
+	opt  Options
+	mu   sync.Mutex
+	file Table
+	regs []Registration
+	// rules is the file's rules after the registered ones, compiled.
+	rules []*rule
+	bes   map[netip.Addr]*backend
+	lard  map[string]netip.Addr
+}
+
+type rule struct {
+	Rule
+	policy Policy
+	swrr   map[netip.Addr]int // smooth weighted round robin's current weights
+}
+
+// backend is one BE's state.
+type backend struct {
+	srv        Server
+	registered bool
+	session    bool // a control session is up
+	healthy    bool // by probes: Fall bad in a row make it false, Rise good true
+	good, bad  int
+	draining   bool // an operator's drain: no new connections
+	active     int  // connections, by the last probe
+	others     int  // of those, not this FE's (other FEs', say)
+	handoffs   int64
+	failures   int64
+	lastProbe  time.Time
+	lastErr    string
+}
+
+func (b *backend) available() bool { return b.session && b.healthy }
+func (b *backend) usable() bool    { return b.available() && !b.draining && b.srv.Weight > 0 }
+
+// NewScheduler schedules by t.
+func NewScheduler(t Table, opt Options) *Scheduler {
+	if opt.Rise <= 0 {
+		opt.Rise = 2
+	}
+	if opt.Fall <= 0 {
+		opt.Fall = 3
+	}
+	s := &Scheduler{opt: opt, bes: map[netip.Addr]*backend{}, lard: map[string]netip.Addr{}}
+	s.SetTable(t)
+	return s
+}
+
+// SetTable swaps the file's table in whole (a reload): rules, servers,
+// weights, the default policy. BEs that stay keep their state; their
+// weights are the file's again. Registered BEs stay registered.
+func (s *Scheduler) SetTable(t Table) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.file = t
+	s.rebuild()
+}
+
+// SetRiseFall changes how many probes in a row change a BE's availability.
+func (s *Scheduler) SetRiseFall(rise, fall int) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.opt.Rise, s.opt.Fall = max(rise, 1), max(fall, 1)
+}
+
+// rebuild compiles the file table and the registrations. Under s.mu.
+func (s *Scheduler) rebuild() {
+	keep := map[netip.Addr]bool{}
+	add := func(srv Server, registered bool) {
+		keep[srv.Addr] = true
+		b := s.bes[srv.Addr]
+		if b == nil {
+			b = &backend{healthy: true}
+			s.bes[srv.Addr] = b
+		}
+		b.srv, b.registered = srv, registered
+	}
+	for _, srv := range s.file.Servers {
+		add(srv, false)
+	}
+	var rules []*rule
+	// Registered BEs' rules come first: a file's rules usually end in a
+	// catch-all, which would leave them nothing.
+	for _, r := range s.regs {
+		add(r.Server, true)
+		for _, x := range r.Rules {
+			rules = append(rules, s.compile(x))
+		}
+	}
+	for _, x := range s.file.Rules {
+		rules = append(rules, s.compile(x))
+	}
+	for a := range s.bes {
+		if !keep[a] {
+			delete(s.bes, a)
+		}
+	}
+	s.rules = rules
+	clear(s.lard)
+}
+
+func (s *Scheduler) compile(r Rule) *rule {
+	p := r.Policy
+	if p == "" {
+		p = s.file.Policy
+	}
+	if p == "" {
+		p = RoundRobin
+	}
+	return &rule{Rule: r, policy: p, swrr: map[netip.Addr]int{}}
+}
+
+// Servers lists every BE, configured and registered.
+func (s *Scheduler) Servers() []Server {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := make([]Server, 0, len(s.bes))
+	for _, b := range s.bes {
+		out = append(out, b.srv)
+	}
+	slices.SortFunc(out, func(a, b Server) int { return a.Addr.Compare(b.Addr) })
+	return out
+}
+
+// Errors of the operator's and registrations' requests.
+var (
+	ErrUnknownBE  = errors.New("no such BE")
+	ErrConfigured = errors.New("configured in the file")
+)
+
+// Register adds a BE that registered itself, or replaces its earlier
+// registration. A BE the file configures cannot register.
+func (s *Scheduler) Register(r Registration) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, srv := range s.file.Servers {
+		if srv.Addr == r.Server.Addr {
+			return fmt.Errorf("register %v: %w", r.Server.Addr, ErrConfigured)
+		}
+	}
+	for _, x := range r.Rules {
+		if x.Local || len(x.Targets) != 1 || x.Targets[0] != r.Server.Addr {
+			return fmt.Errorf("register %v: a rule names %s, not the BE itself", r.Server.Addr, x.TargetString())
+		}
+	}
+	s.regs = slices.DeleteFunc(s.regs, func(x Registration) bool { return x.Server.Addr == r.Server.Addr })
+	s.regs = append(s.regs, r)
+	s.rebuild()
+	return nil
+}
+
+// Deregister removes a registered BE and reports whether it was one.
+func (s *Scheduler) Deregister(a netip.Addr) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	n := len(s.regs)
+	s.regs = slices.DeleteFunc(s.regs, func(x Registration) bool { return x.Server.Addr == a })
+	if len(s.regs) == n {
+		return false
+	}
+	s.rebuild()
+	return true
+}
+
+// Change is a BE's availability moving, for the caller to log once.
+type Change struct {
+	Changed   bool
+	Available bool
+}
+
+func (s *Scheduler) change(a netip.Addr, f func(b *backend)) (Change, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	b := s.bes[a]
+	if b == nil {
+		return Change{}, fmt.Errorf("%v: %w", a, ErrUnknownBE)
+	}
+	before := b.available()
+	f(b)
+	return Change{Changed: before != b.available(), Available: b.available()}, nil
+}
+
+// Session records whether a's control sessions are up; without one it
+// cannot take a handoff.
+func (s *Scheduler) Session(a netip.Addr, up bool) (Change, error) {
+	return s.change(a, func(b *backend) { b.session = up })
+}
+
+// Probe records one health probe of a: ok when it answered and its web
+// server did, with its load. Fall failures in a row make it unavailable,
+// Rise successes available again.
+func (s *Scheduler) Probe(a netip.Addr, ok bool, active int, why string, now time.Time) (Change, error) {
+	return s.change(a, func(b *backend) {
+		b.lastProbe, b.lastErr = now, why
+		if ok {
+			b.active = active
+			b.others = active
+			if s.opt.Live != nil {
+				b.others = max(0, active-s.opt.Live(a))
+			}
+			b.good, b.bad = b.good+1, 0
+			if b.good >= s.opt.Rise {
+				b.healthy = true
+			}
+			return
+		}
+		b.good, b.bad = 0, b.bad+1
+		if b.bad >= s.opt.Fall {
+			b.healthy = false
+		}
+	})
+}
+
+// SetDraining makes a take no new connections (drain), or take them again.
+func (s *Scheduler) SetDraining(a netip.Addr, draining bool) error {
+	_, err := s.change(a, func(b *backend) { b.draining = draining })
+	return err
+}
+
+// SetWeight changes a's weight until the next reload.
+func (s *Scheduler) SetWeight(a netip.Addr, w int) error {
+	if w < 0 || w > MaxWeight {
+		return fmt.Errorf("weight %d: want 0 to %d", w, MaxWeight)
+	}
+	_, err := s.change(a, func(b *backend) { b.srv.Weight = w })
+	return err
+}
+
+// Handed counts a handoff a took; Failed one it refused or failed.
+func (s *Scheduler) Handed(a netip.Addr) { s.change(a, func(b *backend) { b.handoffs++ }) }
+
+// Failed counts a handoff a refused or failed.
+func (s *Scheduler) Failed(a netip.Addr) { s.change(a, func(b *backend) { b.failures++ }) }
+
+// Available tells whether a may be scheduled (its sessions are up and its
+// probes good), drained or not.
+func (s *Scheduler) Available(a netip.Addr) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	b := s.bes[a]
+	return b != nil && b.available()
+}
+
+// Status is one BE as `tcphactl backends` shows it.
+type Status struct {
+	Server     Server    `json:"-"`
+	Addr       string    `json:"addr"`
+	Port       uint16    `json:"port"`
+	Weight     int       `json:"weight"`
+	Available  bool      `json:"available"`
+	Draining   bool      `json:"draining"`
+	Registered bool      `json:"registered"`
+	Session    bool      `json:"session"`
+	Active     int       `json:"active"`
+	Live       int       `json:"live"`
+	Handoffs   int64     `json:"handoffs"`
+	Failures   int64     `json:"failures"`
+	LastProbe  time.Time `json:"last_probe,omitzero"`
+	LastError  string    `json:"last_error,omitempty"`
+}
+
+// Statuses returns every BE's state, by address.
+func (s *Scheduler) Statuses() []Status {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := make([]Status, 0, len(s.bes))
+	for a, b := range s.bes {
+		st := Status{
+			Server: b.srv, Addr: a.String(), Port: b.srv.Port, Weight: b.srv.Weight,
+			Available: b.available(), Draining: b.draining, Registered: b.registered, Session: b.session,
+			Active: b.active, Handoffs: b.handoffs, Failures: b.failures, LastProbe: b.lastProbe, LastError: b.lastErr,
+		}
+		if s.opt.Live != nil {
+			st.Live = s.opt.Live(a)
+		}
+		out = append(out, st)
+	}
+	slices.SortFunc(out, func(x, y Status) int { return x.Server.Addr.Compare(y.Server.Addr) })
+	return out
+}
+
+// Route returns the plan for a request for path: the BEs of every matching
+// rule, first match first, each once, without BEs that are unavailable,
+// drained or of weight 0 — a rule left with none falls through to the
+// next. Within a rule its policy puts its choice first and the rest after,
+// for the FE to turn to when a BE refuses. A local rule first makes the
+// local node the choice; after BEs, the last resort.
 func (s *Scheduler) Route(path string) Route {
+	s.mu.Lock()
+	defer s.mu.Unlock()
 	var r Route
-	for _, t := range s.Candidates(path) {
-		switch {
-		case !t.Local:
-			r.BEs = append(r.BEs, t.BE)
-		case len(r.BEs) == 0:
-			return Route{Local: true} // the first choice is the local node
-		default:
-			r.Local = true // a fallback after the BEs
+	var seen map[netip.Addr]bool
+	var cands []netip.Addr
+	for _, x := range s.rules {
+		if !x.Pattern.MatchString(path) {
+			continue
+		}
+		if x.Local {
+			if len(r.BEs) == 0 {
+				return Route{Local: true}
+			}
+			r.Local = true
+			continue
+		}
+		cands = cands[:0]
+		for _, a := range x.Targets {
+			if b := s.bes[a]; b != nil && b.usable() && !seen[a] {
+				cands = append(cands, a)
+			}
+		}
+		if len(cands) == 0 {
+			continue
+		}
+		if len(cands) > 1 {
+			s.order(x, cands, path)
+		}
+		if seen == nil {
+			seen = map[netip.Addr]bool{}
+		}
+		for _, a := range cands {
+			seen[a] = true
+			r.BEs = append(r.BEs, s.bes[a].srv.AddrPort())
 		}
 	}
 	return r
 }
 
-// Health records which BEs are available. A BE is up until marked down.
-type Health struct {
-	mu   sync.Mutex
-	down map[netip.Addr]time.Time
-}
-
-// NewHealth returns a Health with every BE up.
-func NewHealth() *Health { return &Health{down: map[netip.Addr]time.Time{}} }
-
-// Up tells whether be may be scheduled.
-func (h *Health) Up(be netip.Addr) bool {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	_, down := h.down[be]
-	return !down
-}
-
-// Set marks be up or down at time now and reports whether that changed
-// anything.
-func (h *Health) Set(be netip.Addr, up bool, now time.Time) bool {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	_, wasDown := h.down[be]
-	if up {
-		delete(h.down, be)
-		return wasDown
+// load is a's connection count: this FE's own, counted as they come and
+// go, plus those the last probe found that are not this FE's (other FEs
+// send it connections too). A probe's total alone is up to dtcinterval
+// old: with short connections it would herd new ones onto whichever BE
+// looked idle last. Under s.mu.
+func (s *Scheduler) load(a netip.Addr) int {
+	b := s.bes[a]
+	if s.opt.Live == nil {
+		return b.active
 	}
-	if !wasDown {
-		h.down[be] = now
-	}
-	return !wasDown
+	return s.opt.Live(a) + b.others
 }
 
-// DownSince returns when be was marked down, and whether it is.
-func (h *Health) DownSince(be netip.Addr) (time.Time, bool) {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	t, ok := h.down[be]
-	return t, ok
+// order puts the rule's choice among cands first. Under s.mu.
+func (s *Scheduler) order(x *rule, cands []netip.Addr, path string) {
+	switch x.policy {
+	case WLC:
+		s.byLoad(cands)
+		// The least loaded per weight, and those within one connection of
+		// it, share by weighted round robin. The slack is for connections
+		// whose close has not reached this FE yet: a client's FIN races its
+		// next connection, and without the slack the BE that served the
+		// last one would lose every near tie, so that short connections
+		// split evenly whatever the weights.
+		n := 1
+		for n < len(cands) && s.nearLeast(cands[n], cands[0]) {
+			n++
+		}
+		s.pick(x, cands[:n])
+	case LARD:
+		s.byLoad(cands)
+		bound, ok := s.lard[path]
+		i := slices.Index(cands, bound)
+		least := cands[0]
+		switch {
+		case ok && i >= 0 && !s.overloaded(bound, least):
+			// Keep the path where its cache is.
+			cands[0], cands[i] = cands[i], cands[0]
+		default:
+			if len(s.lard) >= lardMax {
+				for k := range s.lard {
+					delete(s.lard, k)
+					break
+				}
+			}
+			n := 1
+			for n < len(cands) && s.compareLoad(cands[0], cands[n]) == 0 {
+				n++
+			}
+			s.pick(x, cands[:n])
+			s.lard[path] = cands[0]
+		}
+	default:
+		s.pick(x, cands)
+	}
+}
+
+// overloaded tells whether LARD moves a path off bound, least being the
+// least loaded candidate.
+func (s *Scheduler) overloaded(bound, least netip.Addr) bool {
+	lb := s.load(bound)
+	return (lb > LARDHigh && s.load(least) < LARDLow) || lb >= 2*LARDHigh
+}
+
+// compareLoad orders a and b by load per weight.
+func (s *Scheduler) compareLoad(a, b netip.Addr) int {
+	wa, wb := s.bes[a].srv.Weight, s.bes[b].srv.Weight
+	la, lb := s.load(a)*wb, s.load(b)*wa
+	switch {
+	case la < lb:
+		return -1
+	case la > lb:
+		return 1
+	}
+	return 0
+}
+
+// nearLeast tells whether a, with one connection less, would be no more
+// loaded per weight than least.
+func (s *Scheduler) nearLeast(a, least netip.Addr) bool {
+	return (s.load(a)-1)*s.bes[least].srv.Weight <= s.load(least)*s.bes[a].srv.Weight
+}
+
+func (s *Scheduler) byLoad(cands []netip.Addr) {
+	slices.SortStableFunc(cands, s.compareLoad)
+}
+
+// pick moves the smooth weighted round robin's choice among cands to the
+// front (nginx's algorithm: each turn every candidate's current weight
+// grows by its weight, the largest is chosen and loses the total).
+func (s *Scheduler) pick(x *rule, cands []netip.Addr) {
+	if len(cands) < 2 {
+		return
+	}
+	total, best := 0, 0
+	for i, a := range cands {
+		w := s.bes[a].srv.Weight
+		total += w
+		x.swrr[a] += w
+		if x.swrr[a] > x.swrr[cands[best]] {
+			best = i
+		}
+	}
+	x.swrr[cands[best]] -= total
+	cands[0], cands[best] = cands[best], cands[0]
 }

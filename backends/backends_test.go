@@ -1,6 +1,7 @@
 package backends_test
 
 import (
+	"fmt"
 	"net/netip"
 	"reflect"
 	"testing"
@@ -10,7 +11,7 @@ import (
 	"tcpha/config"
 )
 
-func mustConfig(t *testing.T, text string) *config.FE {
+func mustConfig(t testing.TB, text string) *config.FE {
 	t.Helper()
 	c, err := config.Parse("t.conf", []byte(text))
 	if err != nil {
@@ -19,80 +20,43 @@ func mustConfig(t *testing.T, text string) *config.FE {
 	return c.FE
 }
 
-func TestCandidates(t *testing.T) {
-	fe := mustConfig(t, `[fe]
+// newScheduler schedules by the [fe] text with every BE's session up.
+func newScheduler(t testing.TB, text string, opt backends.Options) *backends.Scheduler {
+	t.Helper()
+	s := backends.NewScheduler(mustConfig(t, text).Table(), opt)
+	for _, srv := range s.Servers() {
+		if _, err := s.Session(srv.Addr, true); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return s
+}
+
+var (
+	be1 = netip.MustParseAddrPort("10.0.0.11:666")
+	be2 = netip.MustParseAddrPort("10.0.0.12:777")
+	be3 = netip.MustParseAddrPort("10.0.0.13:666")
+)
+
+func TestRoute(t *testing.T) {
+	s := newScheduler(t, `[fe]
 vaddr = 10.0.0.100
 server = 10.0.0.11 666
 server = 10.0.0.12 777
-rule = 10.0.0.12 \.jpg$
-rule = local ^/status$
-rule = 10.0.0.11 .*
-rule = 10.0.0.12 ^/img/
-`)
-	h := backends.NewHealth()
-	s := backends.NewScheduler(fe.Rules, fe.Servers, h)
-	be1 := backends.Target{BE: netip.MustParseAddrPort("10.0.0.11:666")}
-	be2 := backends.Target{BE: netip.MustParseAddrPort("10.0.0.12:777")}
-	local := backends.Target{Local: true}
-	cases := []struct {
-		path string
-		want []backends.Target
-	}{
-		{"/index.html", []backends.Target{be1}},
-		{"/img/a.jpg", []backends.Target{be2, be1}}, // be2 listed once although two rules name it
-		{"/a.jpg.html", []backends.Target{be1}},     // regexps are anchored only where they say so
-		{"/status", []backends.Target{local, be1}},
-		{"/img/b.png", []backends.Target{be1, be2}},
-	}
-	for _, tc := range cases {
-		if got := s.Candidates(tc.path); !reflect.DeepEqual(got, tc.want) {
-			t.Errorf("%s: got %v, want %v", tc.path, got, tc.want)
-		}
-	}
-	// A BE marked down is skipped until it is up again.
-	now := time.Unix(1000, 0)
-	if !h.Set(be2.BE.Addr(), false, now) {
-		t.Error("marking down reported no change")
-	}
-	if h.Set(be2.BE.Addr(), false, now.Add(time.Second)) {
-		t.Error("marking down twice reported a change")
-	}
-	if since, down := h.DownSince(be2.BE.Addr()); !down || !since.Equal(now) {
-		t.Errorf("down since %v %v", since, down)
-	}
-	if got := s.Candidates("/img/a.jpg"); !reflect.DeepEqual(got, []backends.Target{be1}) {
-		t.Errorf("with be2 down: %v", got)
-	}
-	h.Set(be2.BE.Addr(), true, now)
-	if got := s.Candidates("/img/a.jpg"); len(got) != 2 {
-		t.Errorf("be2 back up: %v", got)
-	}
-	if got := s.Candidates("/nomatch-possible"); len(got) != 1 {
-		t.Errorf("catch-all: %v", got)
-	}
-}
-
-func TestRoute(t *testing.T) {
-	fe := mustConfig(t, `[fe]
-vaddr = 10.0.0.100
-server = 10.0.0.11 666
-server = 10.0.0.12 666
 rule = local ^/status$
 rule = 10.0.0.12 \.jpg$
 rule = local ^/img/
 rule = 10.0.0.11 ^/img/
-`)
-	h := backends.NewHealth()
-	s := backends.NewScheduler(fe.Rules, fe.Servers, h)
-	be1 := netip.MustParseAddrPort("10.0.0.11:666")
-	be2 := netip.MustParseAddrPort("10.0.0.12:666")
+rule = 10.0.0.11 ^/a
+rule = 10.0.0.12 ^/a
+`, backends.Options{})
 	cases := []struct {
 		path string
 		want backends.Route
 	}{
 		{"/status", backends.Route{Local: true}},                                     // local first: no BE tried
 		{"/img/a.jpg", backends.Route{BEs: []netip.AddrPort{be2, be1}, Local: true}}, // local is the fallback
-		{"/a.jpg", backends.Route{BEs: []netip.AddrPort{be2}}},
+		{"/a.jpg", backends.Route{BEs: []netip.AddrPort{be2, be1}}},                  // be2 listed once although two rules name it
 		{"/img/b.png", backends.Route{Local: true}},
 		{"/other", backends.Route{}}, // no rule matches: the FE answers 503
 	}
@@ -101,9 +65,228 @@ rule = 10.0.0.11 ^/img/
 			t.Errorf("%s: got %+v, want %+v", tc.path, got, tc.want)
 		}
 	}
-	// be2 down: the next matching rule, `local ^/img/`, is now the first choice.
-	h.Set(be2.Addr(), false, time.Unix(0, 0))
+	// be2 without a session: the next matching rule, `local ^/img/`, is
+	// now the first choice.
+	if c, _ := s.Session(be2.Addr(), false); !c.Changed || c.Available {
+		t.Errorf("losing the session: %+v", c)
+	}
 	if got := s.Route("/img/a.jpg"); !reflect.DeepEqual(got, backends.Route{Local: true}) {
-		t.Errorf("be2 down: %+v", got)
+		t.Errorf("be2 unavailable: %+v", got)
+	}
+}
+
+// Fall bad probes in a row make a BE unavailable, Rise good ones available
+// again; each change is reported once.
+func TestRiseAndFall(t *testing.T) {
+	s := newScheduler(t, "[fe]\nvaddr = 10.0.0.100\nserver = 10.0.0.11 666\nrule = 10.0.0.11 .*\n",
+		backends.Options{Rise: 2, Fall: 3})
+	now := time.Unix(1000, 0)
+	probe := func(ok bool) backends.Change {
+		t.Helper()
+		c, err := s.Probe(be1.Addr(), ok, 0, "", now)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	probe(false)
+	probe(false)
+	if !s.Available(be1.Addr()) {
+		t.Fatal("unavailable after two failures; fall is 3")
+	}
+	if c := probe(false); !c.Changed || c.Available {
+		t.Errorf("third failure: %+v", c)
+	}
+	if got := s.Route("/x"); len(got.BEs) != 0 {
+		t.Errorf("an unavailable BE was routed to: %+v", got)
+	}
+	if c := probe(false); c.Changed {
+		t.Error("a fourth failure reported a change")
+	}
+	if c := probe(true); c.Changed || s.Available(be1.Addr()) {
+		t.Error("available after one good probe; rise is 2")
+	}
+	probe(false) // a failure resets the good count
+	probe(true)
+	if c := probe(true); !c.Changed || !c.Available {
+		t.Errorf("two good probes: %+v", c)
+	}
+	if _, err := s.Probe(netip.MustParseAddr("10.9.9.9"), true, 0, "", now); err == nil {
+		t.Error("a probe of an unknown BE was accepted")
+	}
+}
+
+// Round robin splits by weight, exactly; a drained BE and one of weight 0
+// take nothing, and the rest of the rule's BEs follow the choice.
+func TestRoundRobinWeights(t *testing.T) {
+	s := newScheduler(t, `[fe]
+vaddr = 10.0.0.100
+server = 10.0.0.11 666 weight=3
+server = 10.0.0.12 777
+server = 10.0.0.13 666 weight=0
+rule = 10.0.0.11,10.0.0.12,10.0.0.13 .*
+`, backends.Options{})
+	count := map[netip.AddrPort]int{}
+	for range 4000 {
+		r := s.Route("/x")
+		if len(r.BEs) != 2 {
+			t.Fatalf("route %+v: want both usable BEs", r)
+		}
+		count[r.BEs[0]]++
+	}
+	if count[be1] != 3000 || count[be2] != 1000 || count[be3] != 0 {
+		t.Errorf("split %v, want 3000:1000:0", count)
+	}
+	if err := s.SetDraining(be1.Addr(), true); err != nil {
+		t.Fatal(err)
+	}
+	if r := s.Route("/x"); !reflect.DeepEqual(r.BEs, []netip.AddrPort{be2}) {
+		t.Errorf("be1 draining: %+v", r)
+	}
+	s.SetDraining(be1.Addr(), false)
+	if err := s.SetWeight(be3.Addr(), 1); err != nil {
+		t.Fatal(err)
+	}
+	if r := s.Route("/x"); len(r.BEs) != 3 {
+		t.Errorf("be3 given a weight: %+v", r)
+	}
+	if err := s.SetWeight(be3.Addr(), -1); err == nil {
+		t.Error("a negative weight was accepted")
+	}
+}
+
+// wlc sends each connection to the BE with the fewest for its weight, and
+// splits by weight when loads are equal.
+func TestWLC(t *testing.T) {
+	live := map[netip.Addr]int{}
+	s := newScheduler(t, `[fe]
+vaddr = 10.0.0.100
+scheduler = wlc
+server = 10.0.0.11 666 weight=2
+server = 10.0.0.12 777
+rule = 10.0.0.11,10.0.0.12 .*
+`, backends.Options{Live: func(a netip.Addr) int { return live[a] }})
+	live[be1.Addr()], live[be2.Addr()] = 10, 4 // 5 per weight against 4
+	if r := s.Route("/x"); r.BEs[0] != be2 {
+		t.Errorf("with be2 less loaded per weight: %+v", r)
+	}
+	live[be1.Addr()] = 6 // 3 per weight
+	if r := s.Route("/x"); r.BEs[0] != be1 {
+		t.Errorf("with be1 less loaded per weight: %+v", r)
+	}
+	// A probe reports more than this FE sees: other FEs' connections.
+	s.Probe(be1.Addr(), true, 100, "", time.Now())
+	if r := s.Route("/x"); r.BEs[0] != be2 {
+		t.Errorf("with be1 loaded by other FEs: %+v", r)
+	}
+	s.Probe(be1.Addr(), true, 0, "", time.Now())
+	clear(live)
+	count := map[netip.AddrPort]int{}
+	for range 300 {
+		count[s.Route("/x").BEs[0]]++
+	}
+	if count[be1] != 200 || count[be2] != 100 {
+		t.Errorf("equal loads: split %v, want 200:100", count)
+	}
+	// One connection more, a close not seen yet, is still a tie; two are not.
+	live[be1.Addr()] = 1
+	clear(count)
+	for range 300 {
+		count[s.Route("/x").BEs[0]]++
+	}
+	if count[be1] != 200 || count[be2] != 100 {
+		t.Errorf("be1 one connection ahead: split %v, want 200:100", count)
+	}
+	live[be1.Addr()] = 2
+	if r := s.Route("/x"); r.BEs[0] != be2 {
+		t.Errorf("be1 two connections ahead: %+v", r)
+	}
+}
+
+// LARD binds each path to one BE, so that its cache serves it, and moves a
+// path only when its BE is overloaded.
+func TestLARD(t *testing.T) {
+	live := map[netip.Addr]int{}
+	s := newScheduler(t, `[fe]
+vaddr = 10.0.0.100
+server = 10.0.0.11 666
+server = 10.0.0.12 777
+rule = 10.0.0.11,10.0.0.12 scheduler=lard .*
+`, backends.Options{Live: func(a netip.Addr) int { return live[a] }})
+	bound := map[string]netip.AddrPort{}
+	perBE := map[netip.AddrPort]int{}
+	for round := range 5 {
+		for i := range 200 {
+			path := fmt.Sprintf("/obj/%d", i)
+			got := s.Route(path).BEs[0]
+			if round == 0 {
+				bound[path] = got
+				perBE[got]++
+				live[got.Addr()] = (live[got.Addr()] + 1) % 20 // light load
+			} else if got != bound[path] {
+				t.Fatalf("round %d: %s went to %v, first to %v", round, path, got, bound[path])
+			}
+		}
+	}
+	if perBE[be1] < 50 || perBE[be2] < 50 {
+		t.Errorf("paths per BE %v: the first assignments should spread", perBE)
+	}
+	// be1 overloaded, be2 idle: be1's paths move.
+	live[be1.Addr()], live[be2.Addr()] = backends.LARDHigh+1, 0
+	var moved string
+	for path, b := range bound {
+		if b == be1 {
+			moved = path
+			break
+		}
+	}
+	if got := s.Route(moved).BEs[0]; got != be2 {
+		t.Errorf("%s stayed on its overloaded BE", moved)
+	}
+	live[be1.Addr()] = 0
+	if got := s.Route(moved).BEs[0]; got != be2 {
+		t.Errorf("%s moved back without cause", moved)
+	}
+}
+
+// Registered BEs come and go without touching the file's servers; their
+// rules come before the file's, whose catch-all would leave them nothing.
+// A reload keeps them, and keeps every BE's state.
+func TestRegistrationAndReload(t *testing.T) {
+	text := "[fe]\nvaddr = 10.0.0.100\nserver = 10.0.0.11 666\nrule = 10.0.0.11 .*\n"
+	s := newScheduler(t, text, backends.Options{})
+	reg := mustConfig(t, "[fe]\nvaddr = 10.0.0.100\nserver = 10.0.0.13 666\nrule = 10.0.0.13 \\.mp4$\n")
+	if err := s.Register(backends.Registration{Server: reg.Servers[0], Rules: reg.Rules}); err != nil {
+		t.Fatal(err)
+	}
+	s.Session(be3.Addr(), true)
+	if r := s.Route("/v.mp4"); !reflect.DeepEqual(r.BEs, []netip.AddrPort{be3, be1}) {
+		t.Errorf("registered rule: %+v", r)
+	}
+	if err := s.Register(backends.Registration{Server: backends.Server{Addr: be1.Addr(), Port: 666, Weight: 1}}); err == nil {
+		t.Error("a configured BE registered")
+	}
+	bad := backends.Registration{Server: reg.Servers[0], Rules: mustConfig(t, text).Rules}
+	if err := s.Register(bad); err == nil {
+		t.Error("a registration with another BE's rule was accepted")
+	}
+	// A reload with a new rule: be1 keeps its state (drained), be3 stays.
+	s.SetDraining(be1.Addr(), true)
+	s.SetTable(mustConfig(t, text+"server = 10.0.0.12 777\nrule = 10.0.0.12 ^/new\n").Table())
+	s.Session(be2.Addr(), true)
+	if r := s.Route("/new"); !reflect.DeepEqual(r.BEs, []netip.AddrPort{be2}) {
+		t.Errorf("after the reload: %+v", r)
+	}
+	if r := s.Route("/v.mp4"); !reflect.DeepEqual(r.BEs, []netip.AddrPort{be3}) {
+		t.Errorf("registration after the reload: %+v", r)
+	}
+	if !s.Deregister(be3.Addr()) || s.Deregister(be3.Addr()) {
+		t.Error("deregistering twice")
+	}
+	if r := s.Route("/v.mp4"); len(r.BEs) != 0 {
+		t.Errorf("after deregistration: %+v", r)
+	}
+	if n := len(s.Statuses()); n != 2 {
+		t.Errorf("%d BEs listed, want 2", n)
 	}
 }

@@ -6,25 +6,20 @@ import (
 	"testing"
 
 	"tcpha/backends"
-	"tcpha/config"
 )
 
 // Ten rules, the match in the last one: the worst case for first-match.
-func BenchmarkCandidates(b *testing.B) {
+func BenchmarkRoute(b *testing.B) {
 	var conf strings.Builder
 	conf.WriteString("[fe]\nvaddr = 10.0.0.100\nserver = 10.0.0.11 666\n")
 	for i := range 9 {
 		fmt.Fprintf(&conf, "rule = 10.0.0.11 ^/section%d/.*\\.(php|cgi)$\n", i)
 	}
 	conf.WriteString("rule = 10.0.0.11 .*\n")
-	c, err := config.Parse("bench.conf", []byte(conf.String()))
-	if err != nil {
-		b.Fatal(err)
-	}
-	s := backends.NewScheduler(c.FE.Rules, c.FE.Servers, backends.NewHealth())
+	s := newScheduler(b, conf.String(), backends.Options{})
 	b.ReportAllocs()
 	for b.Loop() {
-		if len(s.Candidates("/img/photos/2026/a.jpg")) != 1 {
+		if len(s.Route("/img/photos/2026/a.jpg").BEs) != 1 {
 			b.Fatal("no candidate")
 		}
 	}

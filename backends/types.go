@@ -1,32 +1,86 @@
 package backends
 
 import (
+	"fmt"
 	"net/netip"
 	"regexp"
+	"strings"
 )
 
-// Server is one `server = ADDR PORT` line: a BE and its handoff port.
+// Server is one `server = ADDR PORT [weight=N]` line: a BE, its handoff
+// port and its weight (1 unless given; 0 takes no new connections).
 type Server struct {
-	Addr netip.Addr
-	Port uint16
+	Addr   netip.Addr
+	Port   uint16
+	Weight int
 }
 
 // AddrPort returns the BE's handoff listener address.
 func (s Server) AddrPort() netip.AddrPort { return netip.AddrPortFrom(s.Addr, s.Port) }
 
-// Rule is one `rule = TARGET PATTERN` line. Target is a BE address, or the
-// zero Addr with Local set for the FE's local node (seed 4.7).
+// MaxWeight bounds a server's weight.
+const MaxWeight = 10000
+
+// Rule is one `rule = TARGETS [scheduler=POLICY] PATTERN` line: the BEs a
+// request whose path matches Pattern may go to, or the FE's local node
+// (seed 4.7) when Local is set and Targets is empty.
 type Rule struct {
-	Target  netip.Addr
+	Targets []netip.Addr
 	Local   bool
 	Pattern *regexp.Regexp
-	Line    int
+	// Policy picks among several targets; empty: the table's.
+	Policy Policy
+	Line   int
 }
 
-// TargetString names the rule's target as it is written in the file.
+// TargetString names the rule's targets as they are written in the file.
 func (r Rule) TargetString() string {
 	if r.Local {
 		return "local"
 	}
-	return r.Target.String()
+	s := make([]string, len(r.Targets))
+	for i, t := range r.Targets {
+		s[i] = t.String()
+	}
+	return strings.Join(s, ",")
+}
+
+// Policy is how a rule with several BEs picks one.
+type Policy string
+
+const (
+	// RoundRobin takes the BEs in turn, as often as their weights say
+	// (smooth weighted round robin).
+	RoundRobin Policy = "rr"
+	// WLC takes the BE with the fewest connections for its weight; ties go
+	// round robin.
+	WLC Policy = "wlc"
+	// LARD is Locality-Aware Request Distribution (Pai et al., ASPLOS
+	// 1998): each path is bound to one BE, so that BE's cache holds it,
+	// and moves to the least loaded BE only when its own is overloaded.
+	LARD Policy = "lard"
+)
+
+// ParsePolicy reads a scheduler name.
+func ParsePolicy(s string) (Policy, error) {
+	switch p := Policy(s); p {
+	case RoundRobin, WLC, LARD:
+		return p, nil
+	}
+	return "", fmt.Errorf("unknown scheduler %q (want rr, wlc or lard)", s)
+}
+
+// Table is the FE's scheduling as a config file gives it: its servers, its
+// rules in order, and the default policy.
+type Table struct {
+	Servers []Server
+	Rules   []Rule
+	Policy  Policy
+}
+
+// Registration is a BE that registered itself (seed 4.10): its server
+// entry and its own rules, whose targets are all itself.
+type Registration struct {
+	Server Server
+	Rules  []Rule
 }

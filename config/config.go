@@ -56,6 +56,13 @@ type FE struct {
 	RedirectPort    uint16
 	Servers         []backends.Server
 	Rules           []backends.Rule
+	// Scheduler is the default policy of rules naming several BEs.
+	Scheduler backends.Policy
+	// Rise good probes make a BE available again, Fall bad ones
+	// unavailable (seed 4.9 marked it at the first).
+	Rise, Fall int
+	// FEPort is where BEs register (seed 4.10), on RAddr; Port unless set.
+	FEPort uint16
 
 	// Not in the seed; bounds the FE's work per connection.
 	RequestTimeout time.Duration // time to receive a whole request header
@@ -74,6 +81,11 @@ type FE struct {
 // Redirect is the local node's web server address (seed 4.7); an unspecified
 // redirectaddr means loopback.
 func (f *FE) Redirect() netip.AddrPort { return redirect(f.RedirectAddr, f.RedirectPort) }
+
+// Table is the FE's scheduling, as the backends package takes it.
+func (f *FE) Table() backends.Table {
+	return backends.Table{Servers: f.Servers, Rules: f.Rules, Policy: f.Scheduler}
+}
 
 // BE holds [be]: a real server that receives handed-off connections.
 type BE struct {

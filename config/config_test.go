@@ -135,7 +135,19 @@ func TestParseErrors(t *testing.T) {
 		{"bad regexp", fe + "rule = 10.0.0.11 (unclosed\n", 4, "fe", "rule", "bad regular expression"},
 		{"rule without pattern", fe + "rule = 10.0.0.11\n", 4, "fe", "rule", "want `rule = TARGET PATTERN`"},
 		{"rule names undeclared server", fe + "rule = 10.0.0.99 .*\n", 4, "fe", "rule", "not declared"},
-		{"rule target not an address", fe + "rule = be1 .*\n", 4, "fe", "rule", "not an IPv4 address or local"},
+		{"rule target not an address", fe + "rule = be1 .*\n", 4, "fe", "rule", "not an IPv4 address, a list of them"},
+		{"rule list names undeclared server", fe + "rule = 10.0.0.11,10.0.0.12 .*\n", 4, "fe", "rule", "10.0.0.12 is not declared"},
+		{"rule names a target twice", fe + "rule = 10.0.0.11,10.0.0.11 .*\n", 4, "fe", "rule", "named twice"},
+		{"unknown rule scheduler", fe + "rule = 10.0.0.11 scheduler=fifo .*\n", 4, "fe", "rule", "unknown scheduler \"fifo\""},
+		{"unknown scheduler", fe + "scheduler = fastest\nrule = local .*\n", 4, "fe", "scheduler", "want rr, wlc or lard"},
+		{"duplicate server", fe + "server = 10.0.0.11 667\nrule = local .*\n", 4, "fe", "server", "already declared on line 3"},
+		{"bad weight", fe + "server = 10.0.0.12 666 weight=x\nrule = local .*\n", 4, "fe", "server", "weight=N"},
+		{"weight too large", fe + "server = 10.0.0.12 666 weight=20000\nrule = local .*\n", 4, "fe", "server", "0 to 10000"},
+		{"overflowing seconds", fe + "timewait = 99999999999999999999\nrule = local .*\n", 4, "fe", "timewait", "longer than a year"},
+		{"overflowing go duration", fe + "timewait = 9999999999h\nrule = local .*\n", 4, "fe", "timewait", "longer than a year"},
+		{"seconds past a year", fe + "idletimeout = 40000000\nrule = local .*\n", 4, "fe", "idletimeout", "longer than a year"},
+		{"BE rule names a list", be + "rule = 10.0.0.11,10.0.0.12 .*\n", 6, "be", "rule", "one address"},
+		{"dregister without secret", be + "dregister = 1\nrule = 10.0.0.11 .*\n", 6, "be", "dregister", "needs the cluster's [global] secret"},
 		{"no rules", fe, 0, "fe", "rule", "at least one"},
 		{"bad server", "[fe]\nvaddr = 10.0.0.100\nserver = 10.0.0.11\n", 3, "fe", "server", "ADDR PORT"},
 		{"bad server port", "[fe]\nvaddr = 10.0.0.100\nserver = 10.0.0.11 0\n", 3, "fe", "server", "not a port"},
@@ -166,6 +178,40 @@ func TestParseErrors(t *testing.T) {
 				t.Errorf("error %q does not say %q", err, tc.msgContaining)
 			}
 		})
+	}
+}
+
+// Comments after values, weights, lists of targets and schedulers, as an
+// operator writes them.
+func TestSchedulingSyntax(t *testing.T) {
+	c, err := Parse("t.conf", []byte(`[fe]
+vaddr = 10.0.0.100   # the VIP
+port = 8080 ; not 80
+scheduler = wlc
+server = 10.0.0.11 666 weight=3   # big box
+server = 10.0.0.12 666
+server = 10.0.0.13 666 weight=0
+rule = 10.0.0.11,10.0.0.12 scheduler=lard \.html$   # pages
+rule = 10.0.0.13 ^/a#b;c$
+rule = 10.0.0.12,10.0.0.11 .*
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	fe := c.FE
+	if fe.VAddr.String() != "10.0.0.100" || fe.Port != 8080 || fe.FEPort != 8080 || fe.Scheduler != backends.WLC {
+		t.Errorf("fe = %+v", fe)
+	}
+	if fe.Servers[0].Weight != 3 || fe.Servers[1].Weight != 1 || fe.Servers[2].Weight != 0 {
+		t.Errorf("weights: %+v", fe.Servers)
+	}
+	r := fe.Rules
+	if len(r) != 3 || r[0].TargetString() != "10.0.0.11,10.0.0.12" || r[0].Policy != backends.LARD ||
+		r[0].Pattern.String() != `\.html$` || r[1].Pattern.String() != "^/a#b;c$" || r[2].Policy != "" {
+		t.Errorf("rules: %+v", r)
+	}
+	if fe.Rise != 2 || fe.Fall != 3 {
+		t.Errorf("rise %d fall %d", fe.Rise, fe.Fall)
 	}
 }
 

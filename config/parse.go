@@ -3,10 +3,12 @@ package config
 import (
 	"bufio"
 	"bytes"
+	"errors"
 	"fmt"
 	"net/netip"
 	"os"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -38,6 +40,7 @@ var allowed = map[string]map[string]bool{
 		"requesttimeout": false, "maxheader": false, "handofftimeout": false, "maxconnperip": false,
 		"timewait": false, "idletimeout": false, "dtcinterval": false,
 		"queuenum": false, "drain": false,
+		"scheduler": false, "rise": false, "fall": false, "feport": false,
 	},
 	"be": {
 		"raddr": false, "uaddr": false, "vaddr": false, "port": false,
@@ -117,6 +120,10 @@ func Parse(name string, data []byte) (*Config, error) {
 	if cfg.FE == nil && cfg.BE == nil {
 		return nil, &Error{File: name, Msg: "no [fe] or [be] section: nothing to run"}
 	}
+	if cfg.BE != nil && cfg.BE.DRegister && len(cfg.Global.Secret) == 0 {
+		return nil, &Error{File: name, Line: lines.line("be", "dregister", 0), Section: "be", Key: "dregister",
+			Msg: "registration needs the cluster's [global] secret: an FE takes registrations only from BEs that hold it"}
+	}
 	if cfg.FE != nil && cfg.BE != nil && cfg.FE.VAddr != cfg.BE.VAddr {
 		return nil, &Error{File: name, Line: lines.line("be", "vaddr", 0), Section: "be", Key: "vaddr",
 			Msg: fmt.Sprintf("differs from [fe] vaddr %s; one host serves one VIP", cfg.FE.VAddr)}
@@ -164,8 +171,25 @@ func (p *parser) fe(s *ini.Section) (*FE, error) {
 		QueueNum:        uint16(v.intIn("queuenum", 0, 0, 65535)),
 		Drain:           v.duration("drain", 20*time.Second, true),
 	}
+	fe.Rise = v.intIn("rise", 2, 1, 100)
+	fe.Fall = v.intIn("fall", 3, 1, 100)
+	fe.FEPort = v.port("feport", fe.Port)
+	fe.Scheduler = backends.RoundRobin
+	if s, ok := v.raw("scheduler"); ok {
+		p, err := backends.ParsePolicy(s)
+		if err != nil {
+			v.fail("scheduler", v.line("scheduler", 0), err.Error())
+		}
+		fe.Scheduler = p
+	}
+	seen := map[netip.Addr]int{}
 	for i, val := range v.all("server") {
-		fe.Servers = append(fe.Servers, v.server(val, i))
+		srv := v.server(val, i)
+		if first, dup := seen[srv.Addr]; dup && srv.Addr.IsValid() {
+			v.fail("server", v.line("server", i), fmt.Sprintf("%v is already declared on line %d", srv.Addr, first))
+		}
+		seen[srv.Addr] = v.line("server", i)
+		fe.Servers = append(fe.Servers, srv)
 	}
 	fe.Rules = v.rules("rule", fe.Servers, true)
 	if v.err == nil && len(fe.Rules) == 0 {
@@ -240,14 +264,33 @@ func (v *section) raw(key string) (string, bool) {
 	if !v.s.HasKey(key) {
 		return "", false
 	}
-	return strings.TrimSpace(v.s.Key(key).String()), true
+	return uncomment(v.s.Key(key).String()), true
 }
 
 func (v *section) all(key string) []string {
 	if !v.s.HasKey(key) {
 		return nil
 	}
-	return v.s.Key(key).ValueWithShadows()
+	vals := v.s.Key(key).ValueWithShadows()
+	out := make([]string, len(vals))
+	for i, s := range vals {
+		out[i] = uncomment(s)
+	}
+	return out
+}
+
+// uncomment cuts a value at a comment: a '#' or ';' that follows a space or
+// tab, as operators write them (`port = 80  # the VIP's`). A '#' or ';'
+// inside a word stays: a regular expression may hold one, and a request
+// path never holds a space or a '#'.
+func uncomment(s string) string {
+	for i := 1; i < len(s); i++ {
+		if (s[i] == '#' || s[i] == ';') && (s[i-1] == ' ' || s[i-1] == '\t') {
+			s = s[:i]
+			break
+		}
+	}
+	return strings.TrimSpace(s)
 }
 
 func (v *section) str(key, def string) string {
@@ -334,28 +377,60 @@ func (v *section) intIn(key string, def, lo, hi int) int {
 }
 
 // duration accepts whole seconds, as the seed's /proc knobs did, or a Go
-// duration such as "1500ms".
+// duration such as "1500ms", up to a year.
 func (v *section) duration(key string, def time.Duration, zeroOK bool) time.Duration {
 	s, ok := v.raw(key)
 	if !ok {
 		return def
 	}
-	d, err := time.ParseDuration(s)
-	if n, err2 := strconv.Atoi(s); err2 == nil {
-		d, err = time.Duration(n)*time.Second, nil
-	}
-	if err != nil || d < 0 || (d == 0 && !zeroOK) {
+	d, err := ParseDuration(s)
+	switch {
+	case errors.Is(err, errTooLong):
+		v.fail(key, v.line(key, 0), fmt.Sprintf("%q is longer than a year", s))
+		return def
+	case err != nil || d < 0 || (d == 0 && !zeroOK):
 		v.fail(key, v.line(key, 0), fmt.Sprintf("%q is not a positive duration (seconds, or e.g. 500ms)", s))
 		return def
 	}
 	return d
 }
 
+const maxDuration = 365 * 24 * time.Hour
+
+var (
+	errTooLong = errors.New("too long")
+	// goDuration is the syntax of time.ParseDuration, which says "invalid"
+	// for a value that overflows as for one that is not a duration.
+	goDuration = regexp.MustCompile(`^([0-9]*(\.[0-9]*)?(ns|us|µs|ms|s|m|h))+$`)
+)
+
+// ParseDuration reads a duration as the config file writes one: whole
+// seconds, or a Go duration such as 500ms, up to a year.
+func ParseDuration(s string) (time.Duration, error) {
+	if n, err := strconv.ParseInt(s, 10, 64); err == nil || errors.Is(err, strconv.ErrRange) {
+		if err != nil || n > int64(maxDuration/time.Second) {
+			return 0, errTooLong
+		}
+		return time.Duration(n) * time.Second, nil
+	}
+	d, err := time.ParseDuration(s)
+	if err != nil {
+		if goDuration.MatchString(s) {
+			return 0, errTooLong
+		}
+		return 0, err
+	}
+	if d > maxDuration {
+		return 0, errTooLong
+	}
+	return d, nil
+}
+
 func (v *section) server(val string, nth int) backends.Server {
 	f := strings.Fields(val)
 	line := v.line("server", nth)
-	if len(f) != 2 {
-		v.fail("server", line, fmt.Sprintf("%q: want `server = ADDR PORT`", val))
+	if len(f) != 2 && len(f) != 3 {
+		v.fail("server", line, fmt.Sprintf("%q: want `server = ADDR PORT [weight=N]`", val))
 		return backends.Server{}
 	}
 	a, err := netip.ParseAddr(f[0])
@@ -368,20 +443,41 @@ func (v *section) server(val string, nth int) backends.Server {
 		v.fail("server", line, fmt.Sprintf("%q is not a port number (1-65535)", f[1]))
 		return backends.Server{}
 	}
-	return backends.Server{Addr: a, Port: uint16(n)}
+	srv := backends.Server{Addr: a, Port: uint16(n), Weight: 1}
+	if len(f) == 3 {
+		w, ok := strings.CutPrefix(f[2], "weight=")
+		n, err := strconv.Atoi(w)
+		if !ok || err != nil || n < 0 || n > backends.MaxWeight {
+			v.fail("server", line, fmt.Sprintf("%q: want weight=N, N from 0 to %d", f[2], backends.MaxWeight))
+			return backends.Server{}
+		}
+		srv.Weight = n
+	}
+	return srv
 }
 
-// rules parses `rule = TARGET PATTERN` lines. The pattern is the rest of the
-// line after the target, so it may contain spaces, '#' and ';'. On the FE
-// (fe true) every target must be a declared server or local.
+// rules parses `rule = TARGETS [scheduler=POLICY] PATTERN` lines. TARGETS
+// is one address, several separated by commas, or local; the pattern is the
+// rest of the line after them, so it may contain spaces, '#' and ';'
+// (though a '#' or ';' after a space starts a comment). On the FE (fe true)
+// every target must be a declared server or local.
 func (v *section) rules(key string, servers []backends.Server, fe bool) []backends.Rule {
-	checkServers, localOK := fe, fe
 	var out []backends.Rule
 	for i, val := range v.all(key) {
 		line := v.line(key, i)
 		val = strings.TrimSpace(val)
-		target, pat, ok := strings.Cut(val, " ")
+		targets, pat, ok := strings.Cut(val, " ")
 		pat = strings.TrimSpace(pat)
+		r := backends.Rule{Line: line}
+		if p, ok := strings.CutPrefix(pat, "scheduler="); ok && fe {
+			name, rest, _ := strings.Cut(p, " ")
+			policy, err := backends.ParsePolicy(name)
+			if err != nil {
+				v.fail(key, line, err.Error())
+				return nil
+			}
+			r.Policy, pat = policy, strings.TrimSpace(rest)
+		}
 		if !ok || pat == "" {
 			v.fail(key, line, fmt.Sprintf("%q: want `rule = TARGET PATTERN`", val))
 			return nil
@@ -391,20 +487,35 @@ func (v *section) rules(key string, servers []backends.Server, fe bool) []backen
 			v.fail(key, line, fmt.Sprintf("bad regular expression %q: %v", pat, err))
 			return nil
 		}
-		r := backends.Rule{Pattern: re, Line: line}
-		if target == "local" && localOK {
+		r.Pattern = re
+		if targets == "local" && fe {
 			r.Local = true
-		} else {
-			a, err := netip.ParseAddr(target)
+			out = append(out, r)
+			continue
+		}
+		for _, t := range strings.Split(targets, ",") {
+			a, err := netip.ParseAddr(t)
 			if err != nil || !a.Is4() {
-				v.fail(key, line, fmt.Sprintf("target %q is not an IPv4 address or local", target))
+				want := "an IPv4 address"
+				if fe {
+					want = "an IPv4 address, a list of them separated by commas, or local"
+				}
+				v.fail(key, line, fmt.Sprintf("target %q is not %s", t, want))
 				return nil
 			}
-			if checkServers && !hasServer(servers, a) {
+			if fe && !hasServer(servers, a) {
 				v.fail(key, line, fmt.Sprintf("target %s is not declared by any `server =` line", a))
 				return nil
 			}
-			r.Target = a
+			if slices.Contains(r.Targets, a) {
+				v.fail(key, line, fmt.Sprintf("target %s is named twice", a))
+				return nil
+			}
+			r.Targets = append(r.Targets, a)
+		}
+		if !fe && len(r.Targets) != 1 {
+			v.fail(key, line, fmt.Sprintf("%q: a BE's rule names one address, its own", targets))
+			return nil
 		}
 		out = append(out, r)
 	}

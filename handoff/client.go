@@ -112,6 +112,31 @@ func (o *offer) send(t wire.Type) error {
 func (o *offer) Commit() error { return o.send(wire.TypeCommit) }
 func (o *offer) Abort()        { o.send(wire.TypeAbort) }
 
+// Reset tells be to reset its connection with client (a RST to the
+// client): this FE stops forwarding it.
+func (c *Client) Reset(ctx context.Context, be, client netip.AddrPort) error {
+	p, err := wire.Flow{Client: client}.MarshalBinary()
+	if err != nil {
+		return err
+	}
+	s, err := c.Pool.Get(be, nil)
+	if err != nil {
+		return fmt.Errorf("reset %v on %v: %w", client, be, err)
+	}
+	r, err := s.Call(ctx, wire.Frame{Type: wire.TypeReset, Payload: p})
+	if err != nil {
+		return fmt.Errorf("reset %v on %v: %w", client, be, err)
+	}
+	var ack wire.Ack
+	if err := ack.UnmarshalBinary(r.Payload); err != nil || r.Type != wire.TypeAck {
+		return fmt.Errorf("reset %v on %v: bad answer %s", client, be, r.Type)
+	}
+	if ack.Result != wire.ResultOK {
+		return fmt.Errorf("reset %v on %v: %v: %s", client, be, ack.Result, ack.Reason)
+	}
+	return nil
+}
+
 // Probe asks be for its health on one of its sessions (seed 4.9).
 func (c *Client) Probe(ctx context.Context, be netip.AddrPort) (wire.Health, error) {
 	s, err := c.Pool.Get(be, nil)

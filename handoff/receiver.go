@@ -52,6 +52,9 @@ type Receiver struct {
 	Rebuilder Rebuilder
 	Connect   func(ctx context.Context) (Upstream, error)
 	Run       func(client *net.TCPConn, up Upstream)
+	// Reset, if set, resets the served connection of client (RST to the
+	// client) when its FE leaves it, and tells whether there was one.
+	Reset func(client netip.AddrPort) bool
 	// CommitTimeout is how long a rebuilt socket waits for its commit.
 	CommitTimeout time.Duration
 	// MaxPending bounds the handoffs in progress (offered, not yet
@@ -111,6 +114,19 @@ func (r *Receiver) Serve(s *ctl.Session, f wire.Frame) {
 			defer settled()
 			r.offer(s, f, settled)
 		})
+	case wire.TypeReset:
+		var fl wire.Flow
+		if err := fl.UnmarshalBinary(f.Payload); err != nil {
+			r.Log.Warn("control frame dropped", "op", "reset", "peer", s.Remote.String(), "err", err)
+			return
+		}
+		if r.Reset == nil || !r.Reset(fl.Client) {
+			s.Reply(f, ctl.AckFrame(wire.ResultUnknown, "no such connection"))
+			return
+		}
+		r.Log.Info("connection reset: its FE stopped forwarding it", "op", "reset", "peer", s.Remote.String(),
+			"client", fl.Client.String())
+		s.Reply(f, ctl.AckFrame(wire.ResultOK, ""))
 	case wire.TypeCommit, wire.TypeAbort:
 		var fl wire.Flow
 		if err := fl.UnmarshalBinary(f.Payload); err != nil {

@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/netip"
+	"sync/atomic"
 	"time"
 
 	"tcpha/handoff/conntab"
@@ -79,11 +80,29 @@ type Sender struct {
 	Peer    Peer
 	Table   *conntab.Table
 	Log     *slog.Logger
-	Timeout time.Duration // per BE: request sent to ACK received
+	Timeout time.Duration // per BE: request sent to ACK received (SetTimeout changes it)
 	Now     func() time.Time
-	// Down is told about a BE that could not be reached, so the scheduler
-	// stops picking it until detection sees it again.
-	Down func(be netip.AddrPort, err error)
+	// Result, if set, is told how each BE tried fared: nil when it took
+	// the connection, its refusal (IsRefusal) or failure otherwise.
+	Result func(be netip.AddrPort, err error)
+
+	timeout atomic.Int64 // set by SetTimeout: overrides Timeout
+}
+
+// SetTimeout changes the time a BE has to answer, while handoffs run.
+func (s *Sender) SetTimeout(d time.Duration) { s.timeout.Store(int64(d)) }
+
+func (s *Sender) offerTimeout() time.Duration {
+	if d := s.timeout.Load(); d > 0 {
+		return time.Duration(d)
+	}
+	return s.Timeout
+}
+
+func (s *Sender) result(be netip.AddrPort, err error) {
+	if s.Result != nil {
+		s.Result(be, err)
+	}
 }
 
 // Migrate hands the connection on sock to the first of bes that accepts it
@@ -113,13 +132,12 @@ func (s *Sender) Migrate(ctx context.Context, sock Socket, flow netip.AddrPort, 
 		return netip.AddrPort{}, err
 	}
 	for _, be := range bes {
-		octx, cancel := context.WithTimeout(ctx, s.Timeout)
+		s.Table.Offering(flow, be.Addr())
+		octx, cancel := context.WithTimeout(ctx, s.offerTimeout())
 		offer, err := s.Peer.Offer(octx, be, ci)
 		cancel()
 		if err != nil {
-			if !IsRefusal(err) && s.Down != nil {
-				s.Down(be, err)
-			}
+			s.result(be, err)
 			s.Log.Info("handoff not taken", "op", "handoff", "client", flow, "be", be, "err", err)
 			continue
 		}
@@ -133,6 +151,7 @@ func (s *Sender) Migrate(ctx context.Context, sock Socket, flow netip.AddrPort, 
 		if err != nil {
 			// The BE holds a rebuilt socket nobody forwards to: drop it.
 			offer.Abort()
+			s.result(be, err)
 			s.fail(ctx, flow)
 			if rerr := sock.Resume(); rerr != nil {
 				err = errors.Join(err, rerr)
@@ -149,6 +168,7 @@ func (s *Sender) Migrate(ctx context.Context, sock Socket, flow netip.AddrPort, 
 			// client sees a stalled connection and retries.
 			s.Log.Error("commit lost", "op", "handoff", "client", flow, "be", be, "err", err)
 		}
+		s.result(be, nil)
 		return be, nil
 	}
 	s.fail(ctx, flow)

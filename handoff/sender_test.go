@@ -83,34 +83,36 @@ func TestMigrate(t *testing.T) {
 	refused := &RefusedError{BE: be1, Ack: wire.Ack{Result: wire.ResultBusy}}
 	unreachable := errors.New("connection refused")
 	cases := []struct {
-		name     string
-		bes      []netip.AddrPort
-		answers  map[netip.AddrPort]error
-		fail     map[string]error
-		dumpErr  error
-		blockErr error
-		want     netip.AddrPort
-		wantErr  error
-		wantLog  []string
-		wantDown []netip.AddrPort
+		name        string
+		bes         []netip.AddrPort
+		answers     map[netip.AddrPort]error
+		fail        map[string]error
+		dumpErr     error
+		blockErr    error
+		want        netip.AddrPort
+		wantErr     error
+		wantLog     []string
+		wantResults []string
 	}{
 		{
 			name: "first BE accepts", bes: []netip.AddrPort{be1, be2},
 			want: be1,
 			wantLog: []string{`block`, `dump "GET / HTTP/1.1\r\n\r\n"`, `offer 10.0.0.11:666`,
 				`forward 10.0.0.11 replace=false`, `close-silently`, `commit`},
+			wantResults: []string{"10.0.0.11:666 ok"},
 		},
 		{
 			name: "refused, next accepts", bes: []netip.AddrPort{be1, be2},
 			answers: map[netip.AddrPort]error{be1: refused}, want: be2,
 			wantLog: []string{`block`, `dump "GET / HTTP/1.1\r\n\r\n"`, `offer 10.0.0.11:666`, `offer 10.0.0.12:666`,
 				`forward 10.0.0.12 replace=false`, `close-silently`, `commit`},
+			wantResults: []string{"10.0.0.11:666 refused", "10.0.0.12:666 ok"},
 		},
 		{
 			name: "all unreachable: resumed", bes: []netip.AddrPort{be1},
 			answers: map[netip.AddrPort]error{be1: unreachable}, wantErr: ErrNoBE,
-			wantLog:  []string{`block`, `dump "GET / HTTP/1.1\r\n\r\n"`, `offer 10.0.0.11:666`, `resume`},
-			wantDown: []netip.AddrPort{be1},
+			wantLog:     []string{`block`, `dump "GET / HTTP/1.1\r\n\r\n"`, `offer 10.0.0.11:666`, `resume`},
+			wantResults: []string{"10.0.0.11:666 failed"},
 		},
 		{
 			name: "no candidates", bes: nil, wantErr: ErrNoBE, wantLog: nil,
@@ -130,16 +132,26 @@ func TestMigrate(t *testing.T) {
 			fail: map[string]error{"forward": errors.New("EEXIST")}, wantErr: errors.New("EEXIST"),
 			wantLog: []string{`block`, `dump "GET / HTTP/1.1\r\n\r\n"`, `offer 10.0.0.11:666`,
 				`forward 10.0.0.11 replace=false`, `abort`, `resume`},
+			wantResults: []string{"10.0.0.11:666 failed"},
 		},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			c := &calls{}
-			var down []netip.AddrPort
+			var results []string
 			s := &Sender{
 				Flows: fakeFlows{c, tc.fail}, Peer: fakePeer{c, tc.answers}, Table: conntab.New(),
 				Log: quiet(), Timeout: time.Second, Now: time.Now,
-				Down: func(be netip.AddrPort, err error) { down = append(down, be) },
+				Result: func(be netip.AddrPort, err error) {
+					r := "ok"
+					switch {
+					case IsRefusal(err):
+						r = "refused"
+					case err != nil:
+						r = "failed"
+					}
+					results = append(results, be.String()+" "+r)
+				},
 			}
 			got, err := s.Migrate(context.Background(), fakeSocket{c, tc.dumpErr, tc.blockErr}, client, []byte("GET / HTTP/1.1\r\n\r\n"), tc.bes)
 			switch {
@@ -154,8 +166,8 @@ func TestMigrate(t *testing.T) {
 			if !reflect.DeepEqual(c.log, tc.wantLog) {
 				t.Errorf("calls:\n got %q\nwant %q", c.log, tc.wantLog)
 			}
-			if !reflect.DeepEqual(down, tc.wantDown) {
-				t.Errorf("marked down %v, want %v", down, tc.wantDown)
+			if !reflect.DeepEqual(results, tc.wantResults) {
+				t.Errorf("results %q, want %q", results, tc.wantResults)
 			}
 			conn, ok := s.Table.Get(client)
 			if tc.wantErr == nil && (!ok || conn.State != conntab.Handoffed || conn.BE != tc.want.Addr()) {

@@ -23,6 +23,9 @@ type Metrics struct {
 	HandoffDuration prometheus.Histogram
 	// Offers counts the offers a BE answered, by result (ok, busy, ...).
 	Offers *prometheus.CounterVec
+	// Probes counts the FE's health probes, by BE and result (ok,
+	// failed).
+	Probes *prometheus.CounterVec
 }
 
 // HandoffBuckets cover 50 µs to about 6 s in steps of 1.5×, fine enough to
@@ -46,8 +49,11 @@ func New() *Metrics {
 		Offers: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "tcpha_offers_total", Help: "BE: offers answered, by result.",
 		}, []string{"result"}),
+		Probes: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "tcpha_probes_total", Help: "FE: health probes of BEs, by BE and result.",
+		}, []string{"backend", "result"}),
 	}
-	r.MustRegister(m.Handoffs, m.HandoffDuration, m.Offers,
+	r.MustRegister(m.Handoffs, m.HandoffDuration, m.Offers, m.Probes,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }

@@ -5,8 +5,10 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"strings"
 
 	"github.com/google/nftables"
+	"github.com/google/nftables/expr"
 )
 
 // Flows changes the FE's per-flow sets and maps. One goroutine (Run) owns
@@ -284,4 +286,41 @@ func (f *Flows) Members(ctx context.Context, set string) (map[netip.AddrPort]net
 		return nil, fmt.Errorf("list %s: %w", set, err)
 	}
 	return out, nil
+}
+
+// Forwarded returns what the FE's HANDOFFED rules have forwarded to BEs:
+// packets and bytes, from their counters.
+func (f *Flows) Forwarded(ctx context.Context) (packets, bytes uint64, err error) {
+	err = f.do(ctx, &request{read: func(c *nftables.Conn) error {
+		for _, ch := range f.rs.Chains {
+			rules, err := c.GetRules(f.rs.Table, ch)
+			if err != nil {
+				return err
+			}
+			for _, r := range rules {
+				if !strings.HasPrefix(ruleComment(r.UserData), "HANDOFFED") {
+					continue
+				}
+				for _, e := range r.Exprs {
+					if ctr, ok := e.(*expr.Counter); ok {
+						packets += ctr.Packets
+						bytes += ctr.Bytes
+					}
+				}
+			}
+		}
+		return nil
+	}})
+	if err != nil {
+		return 0, 0, fmt.Errorf("read counters: %w", err)
+	}
+	return packets, bytes, nil
+}
+
+// ruleComment decodes the comment comment() encoded.
+func ruleComment(ud []byte) string {
+	if len(ud) < 3 || ud[0] != 0 || int(ud[1])+2 > len(ud) {
+		return ""
+	}
+	return strings.TrimRight(string(ud[2:2+int(ud[1])]), "\x00")
 }

@@ -8,6 +8,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/netip"
 	"os"
 	"sync"
 	"sync/atomic"
@@ -146,6 +147,29 @@ func (r *Relay) newSession(client *net.TCPConn, up *Upstream) *session {
 	r.sessions[s] = struct{}{}
 	r.mu.Unlock()
 	return s
+}
+
+// Reset ends the session of client with a RST to the client, and tells
+// whether there was one.
+func (r *Relay) Reset(client netip.AddrPort) bool {
+	r.mu.Lock()
+	var found *session
+	for s := range r.sessions {
+		if a, ok := s.client.RemoteAddr().(*net.TCPAddr); ok && a.AddrPort() == client {
+			found = s
+			break
+		}
+	}
+	r.mu.Unlock()
+	if found == nil {
+		return false
+	}
+	found.client.SetLinger(0)
+	found.client.Close()
+	if up := found.kickUp.Load(); up != nil {
+		up.Close()
+	}
+	return true
 }
 
 // loop serves requests until the connection ends or goes to a successor.

@@ -15,6 +15,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -66,6 +67,13 @@ func servedBy(t *testing.T, c *cluster.Cluster, path string) string {
 
 func newCluster(t *testing.T, opts cluster.Options) *cluster.Cluster {
 	t.Helper()
+	return newClusterWithout(t, opts)
+}
+
+// newClusterWithout is newCluster with the agents of the hosts in later
+// left for the test to start.
+func newClusterWithout(t *testing.T, opts cluster.Options, later ...string) *cluster.Cluster {
+	t.Helper()
 	privtest.Require(t)
 	opts.Agent = agentBin
 	c, err := cluster.New(opts)
@@ -74,7 +82,11 @@ func newCluster(t *testing.T, opts cluster.Options) *cluster.Cluster {
 	}
 	t.Cleanup(func() {
 		if t.Failed() {
-			for _, h := range []string{"fe", "be1", "be2"} {
+			hosts := []string{"fe"}
+			for _, b := range c.BEs {
+				hosts = append(hosts, b.Name)
+			}
+			for _, h := range hosts {
 				if b, err := os.ReadFile(c.AgentLog(h)); err == nil {
 					t.Logf("--- %s agent log (last 3000 bytes):\n%s", h, tailString(string(b), 3000))
 				}
@@ -85,6 +97,9 @@ func newCluster(t *testing.T, opts cluster.Options) *cluster.Cluster {
 		}
 	})
 	for _, be := range c.BEs {
+		if slices.Contains(later, be.Name) {
+			continue
+		}
 		if err := c.StartAgent(be.Name); err != nil {
 			t.Fatal(err)
 		}

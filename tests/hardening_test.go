@@ -334,6 +334,9 @@ func TestChurn(t *testing.T) {
 			break
 		}
 		if time.Now().After(deadline) {
+			for flow, state := range table {
+				t.Logf("left: %s %s; its log lines:\n%s", flow, state, c.Grep("fe", flow)+c.Grep("be1", flow)+c.Grep("be2", flow))
+			}
 			t.Fatalf("after the run: %d rows, %d forwarded flows, %d relays, %d pending handoffs left",
 				len(table), len(kernel), relaying, pending)
 		}

@@ -4,7 +4,10 @@
 //	tcpha-agent [-c /etc/tcpha/tcpha.conf]     run
 //	tcpha-agent -upgrade [-c FILE]             replace the running agent
 //	tcpha-agent -t [-c FILE]                   check the config and exit
+//	tcpha-agent -version                       print the version
 //
+// SIGHUP re-reads the config file (rules, servers, weights, timings) and
+// reopens the log file; a file that does not parse changes nothing.
 // SIGUSR2 upgrades in place: the agent starts its program file again with
 // -upgrade (under systemd: systemctl kill -s USR2 tcpha-agent).
 //
@@ -21,70 +24,73 @@ import (
 	"context"
 	"flag"
 	"fmt"
-	"log/slog"
 	"os"
 	"os/exec"
 	"os/signal"
+	"path/filepath"
 	"sync"
 	"syscall"
+	"time"
+
+	"github.com/coreos/go-systemd/v22/daemon"
+	"golang.org/x/sys/unix"
 
 	"tcpha/agent"
 	"tcpha/config"
-
-	"github.com/coreos/go-systemd/v22/daemon"
+	"tcpha/internal/version"
 )
 
 func main() {
 	path := flag.String("c", config.DefaultPath, "config `file`")
 	test := flag.Bool("t", false, "check the config file and exit")
 	upgrade := flag.Bool("upgrade", false, "take over from the running agent: its listeners, clients and relayed connections")
+	showVersion := flag.Bool("version", false, "print the version and exit")
 	flag.Parse()
-
+	if *showVersion {
+		fmt.Println("tcpha-agent", version.String())
+		return
+	}
+	if flag.NArg() > 0 {
+		fmt.Fprintf(os.Stderr, "tcpha-agent: unexpected argument %q (flags: -c FILE, -t, -upgrade, -version)\n", flag.Arg(0))
+		os.Exit(2)
+	}
 	cfg, err := config.Load(*path)
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "tcpha-agent: %v\n", err)
 		os.Exit(1)
 	}
 	if *test {
-		roles := ""
-		if cfg.FE != nil {
-			roles += " fe"
-		}
-		if cfg.BE != nil {
-			roles += " be"
-		}
-		fmt.Printf("tcpha-agent: %s: syntax is ok, roles:%s\n", *path, roles)
-		if len(cfg.Global.Secret) == 0 {
-			fmt.Fprintf(os.Stderr, "tcpha-agent: warning: %s: no [global] secret: control sessions are not "+
-				"authenticated, and a BE obeys any connection from its feaddr; set the same secret on every host\n", *path)
-		}
-		return
+		os.Exit(check(*path, cfg))
 	}
-	log, closer, err := agent.NewLogger(cfg.Global, os.Stderr)
+	// Under systemd stderr goes to the journal, which reads priorities.
+	log, err := agent.NewLogger(cfg.Global, os.Stderr, os.Getenv("JOURNAL_STREAM") != "")
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "tcpha-agent: %v\n", err)
 		os.Exit(1)
 	}
-	defer closer.Close()
+	defer log.Close()
+	fail := func(what string, err error) {
+		log.Error(what, "op", "start", "err", err)
+		fmt.Fprintf(os.Stderr, "tcpha-agent: %v\n", err)
+		log.Close()
+		os.Exit(1)
+	}
 	// A plain start takes over from an agent that was asked to quit; with
 	// -upgrade, from any running agent.
 	in, err := agent.TakeOver(cfg.Global.Admin, *upgrade)
 	if err != nil {
-		log.Error("tcpha-agent cannot start", "op", "start", "err", err)
-		fmt.Fprintf(os.Stderr, "tcpha-agent: %v\n", err)
-		closer.Close()
-		os.Exit(1)
+		fail("tcpha-agent cannot start", err)
 	}
-	// SIGTERM/SIGINT drain and clean up; SIGQUIT hands over to the next
-	// agent; SIGUSR2 starts that agent (upgrade in place).
 	exe, err := os.Executable()
 	if err != nil {
 		log.Warn("cannot find this program's file: SIGUSR2 will not upgrade", "op", "start", "err", err)
 	}
-	sigs := make(chan os.Signal, 1)
-	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGQUIT, syscall.SIGUSR2)
+	// SIGTERM/SIGINT drain and clean up; SIGQUIT hands over to the next
+	// agent; SIGUSR2 starts that agent (upgrade in place); SIGHUP reloads.
+	sigs := make(chan os.Signal, 4)
+	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGQUIT, syscall.SIGUSR2, syscall.SIGHUP)
 	ctx, cancel := context.WithCancel(context.Background())
-	quit := make(chan struct{})
+	quit, reload := make(chan struct{}), make(chan struct{}, 1)
 	go func() {
 		quitOnce := sync.OnceFunc(func() { close(quit) })
 		for sig := range sigs {
@@ -95,7 +101,13 @@ func main() {
 				if exe != "" {
 					reexec(exe, *path, log)
 				}
+			case syscall.SIGHUP:
+				select {
+				case reload <- struct{}{}:
+				default: // one is pending already
+				}
 			default:
+				notify(log, "STOPPING=1")
 				cancel()
 			}
 		}
@@ -103,19 +115,88 @@ func main() {
 	ready := func() {
 		// Under systemd (Type=notify) a successor becomes the unit's main
 		// process; its predecessor exits once it has handed over.
-		msg := "READY=1"
+		msg := "READY=1\nSTATUS=serving " + roles(cfg)
 		if in != nil {
-			msg = fmt.Sprintf("MAINPID=%d\nREADY=1", os.Getpid())
+			msg = fmt.Sprintf("MAINPID=%d\n%s", os.Getpid(), msg)
 		}
-		if _, err := daemon.SdNotify(false, msg); err != nil {
-			log.Warn("systemd notification", "op", "start", "err", err)
-		}
+		notify(log, msg)
+		go watchdog(ctx, log)
 	}
-	err = agent.Run(ctx, cfg, log, agent.Options{Inherited: in, Quit: quit, Ready: ready})
+	err = agent.Run(ctx, cfg, log, agent.Options{
+		Inherited: in, Quit: quit, Ready: ready, Reload: reload,
+		Notify: func(state string) { notify(log, state) },
+	})
 	if err != nil {
 		log.Error("tcpha-agent failed", "op", "run", "err", err)
-		closer.Close()
+		log.Close()
 		os.Exit(1)
+	}
+}
+
+// check is -t: the file parses (already done), and what the agent will
+// open can be opened. It returns the exit code.
+func check(path string, cfg *config.Config) int {
+	if f := cfg.Global.LogFile; f != "" {
+		if err := writable(f); err != nil {
+			fmt.Fprintf(os.Stderr, "tcpha-agent: %s: [global] logfile %s: %v\n", path, f, err)
+			return 1
+		}
+	}
+	fmt.Printf("tcpha-agent: %s: syntax is ok, roles: %s\n", path, roles(cfg))
+	if len(cfg.Global.Secret) == 0 {
+		fmt.Fprintf(os.Stderr, "tcpha-agent: warning: %s: no [global] secret: control sessions are not "+
+			"authenticated, a BE obeys any connection from its feaddr, and BEs cannot register; set the same "+
+			"secret on every host\n", path)
+	}
+	return 0
+}
+
+// writable tells whether the agent could append to the file at path
+// (creating it if need be) without touching it.
+func writable(path string) error {
+	if _, err := os.Stat(path); err == nil {
+		return unix.Access(path, unix.W_OK)
+	}
+	dir := filepath.Dir(path)
+	if err := unix.Access(dir, unix.W_OK|unix.X_OK); err != nil {
+		return fmt.Errorf("cannot create it in %s: %w", dir, err)
+	}
+	return nil
+}
+
+func roles(cfg *config.Config) string {
+	switch {
+	case cfg.FE != nil && cfg.BE != nil:
+		return "fe be"
+	case cfg.FE != nil:
+		return "fe"
+	}
+	return "be"
+}
+
+// notify tells systemd about the agent's state, when it runs under it.
+func notify(log *agent.Logger, state string) {
+	if _, err := daemon.SdNotify(false, state); err != nil {
+		log.Warn("systemd notification", "op", "notify", "err", err)
+	}
+}
+
+// watchdog keeps systemd's watchdog (WatchdogSec) fed while the agent's
+// main loop runs.
+func watchdog(ctx context.Context, log *agent.Logger) {
+	d, err := daemon.SdWatchdogEnabled(false)
+	if err != nil || d <= 0 {
+		return
+	}
+	t := time.NewTicker(d / 3)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			notify(log, "WATCHDOG=1")
+		}
 	}
 }
 
@@ -123,7 +204,7 @@ func main() {
 // replaced it) with -upgrade: the new agent takes over from this one, which
 // exits once it has handed over. If the new one fails first, this one goes
 // on as before.
-func reexec(exe, conf string, log *slog.Logger) {
+func reexec(exe, conf string, log *agent.Logger) {
 	cmd := exec.Command(exe, "-upgrade", "-c", conf)
 	cmd.Stdout, cmd.Stderr = os.Stdout, os.Stderr
 	if err := cmd.Start(); err != nil {

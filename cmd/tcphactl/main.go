@@ -1,34 +1,103 @@
-// Command tcphactl talks to a running tcpha-agent over its admin socket.
+// Command tcphactl controls a running tcpha-agent over its admin socket,
+// as ipvsadm does IPVS.
 //
-//	tcphactl [-s /run/tcpha/admin.sock] status|conns
+//	tcphactl [-c /etc/tcpha/tcpha.conf | -s SOCKET] [-o text|json] COMMAND [ARGS]
+//
+//	status                  the agent's counters and its BEs
+//	backends                each BE: AVAILABLE or NOTAVAILABLE, weight, load, handoffs, failures, last probe
+//	conns                   the FE's connection table
+//	loglevel N              0 (errors) to 6 (everything)
+//	dtcinterval SECONDS     the FE's probe interval; 0 turns detection off
+//	drain ADDR              no new connections to the BE; open ones finish
+//	enable ADDR             undo drain
+//	weight ADDR N           the BE's weight, until the next reload
+//	reload                  re-read the config file, as SIGHUP does
+//
+// Without -s it finds the admin socket in the config file. It exits 0 on
+// success, 1 when the agent refuses the command or cannot be reached, 2 on
+// a usage error.
 package main
 
 import (
+	"bufio"
 	"flag"
 	"fmt"
 	"io"
 	"net"
 	"os"
+	"strings"
 	"time"
+
+	"tcpha/config"
+	"tcpha/internal/version"
 )
 
+const usage = `usage: tcphactl [-c CONFIG | -s SOCKET] [-o text|json] COMMAND [ARGS]
+commands: status, backends, conns, loglevel N, dtcinterval SECONDS, drain ADDR,
+          enable ADDR, weight ADDR N, reload`
+
 func main() {
-	sock := flag.String("s", "/run/tcpha/admin.sock", "admin `socket` (the config's [global] admin)")
+	conf := flag.String("c", config.DefaultPath, "config `file` naming the admin socket")
+	sock := flag.String("s", "", "admin `socket` (default: the config's [global] admin)")
+	out := flag.String("o", "text", "output `format`: text or json")
+	showVersion := flag.Bool("version", false, "print the version and exit")
+	flag.Usage = func() { fmt.Fprintln(os.Stderr, usage); flag.PrintDefaults() }
 	flag.Parse()
-	if flag.NArg() != 1 {
-		fmt.Fprintln(os.Stderr, "usage: tcphactl [-s socket] status|conns")
+	if *showVersion {
+		fmt.Println("tcphactl", version.String())
+		return
+	}
+	if flag.NArg() == 0 || (*out != "text" && *out != "json") {
+		flag.Usage()
 		os.Exit(2)
 	}
-	c, err := net.DialTimeout("unix", *sock, 2*time.Second)
+	path := *sock
+	if path == "" {
+		cfg, err := config.Load(*conf)
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "tcphactl: %v (or name the socket with -s)\n", err)
+			os.Exit(1)
+		}
+		path = cfg.Global.Admin
+	}
+	req := strings.Join(flag.Args(), " ")
+	if *out == "json" {
+		req = "json " + req
+	}
+	os.Exit(run(path, req, os.Stdout, os.Stderr))
+}
+
+// run sends one request and copies the answer; it returns the exit code.
+func run(path, req string, stdout, stderr io.Writer) int {
+	c, err := net.DialTimeout("unix", path, 2*time.Second)
 	if err != nil {
-		fmt.Fprintf(os.Stderr, "tcphactl: %v (is tcpha-agent running?)\n", err)
-		os.Exit(1)
+		fmt.Fprintf(stderr, "tcphactl: %v (is tcpha-agent running?)\n", err)
+		return 1
 	}
 	defer c.Close()
-	c.SetDeadline(time.Now().Add(5 * time.Second))
-	fmt.Fprintln(c, flag.Arg(0))
-	if _, err := io.Copy(os.Stdout, c); err != nil {
-		fmt.Fprintf(os.Stderr, "tcphactl: %v\n", err)
-		os.Exit(1)
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := fmt.Fprintln(c, req); err != nil {
+		fmt.Fprintf(stderr, "tcphactl: %v\n", err)
+		return 1
 	}
+	br := bufio.NewReader(c)
+	status, err := br.ReadString('\n')
+	if err != nil {
+		fmt.Fprintf(stderr, "tcphactl: no answer from the agent: %v\n", err)
+		return 1
+	}
+	status = strings.TrimSpace(status)
+	if why, failed := strings.CutPrefix(status, "error: "); failed {
+		fmt.Fprintf(stderr, "tcphactl: %s\n", why)
+		return 1
+	}
+	if status != "ok" {
+		fmt.Fprintf(stderr, "tcphactl: unexpected answer %q\n", status)
+		return 1
+	}
+	if _, err := io.Copy(stdout, br); err != nil {
+		fmt.Fprintf(stderr, "tcphactl: %v\n", err)
+		return 1
+	}
+	return 0
 }

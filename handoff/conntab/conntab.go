@@ -54,7 +54,7 @@ func (s State) String() string {
 type Conn struct {
 	Client  netip.AddrPort
 	State   State
-	BE      netip.Addr    // valid from HANDOFFED on
+	BE      netip.Addr    // valid from HANDOFFED on, or once offered to it
 	Started time.Time     // when the handoff began
 	Since   time.Time     // when State was entered
 	Latency time.Duration // from handoff-start to handoff-acked
@@ -70,13 +70,66 @@ type Table struct {
 	role Role
 	mu   sync.Mutex
 	m    map[netip.AddrPort]*Conn
+	// live counts the HANDOFFED rows per BE: the connections each BE
+	// serves for this FE, a scheduler's load.
+	live map[netip.Addr]int
 }
 
 // New returns an empty FE table.
 func New() *Table { return NewRole(FE) }
 
 // NewRole returns an empty table for role.
-func NewRole(role Role) *Table { return &Table{role: role, m: map[netip.AddrPort]*Conn{}} }
+func NewRole(role Role) *Table {
+	return &Table{role: role, m: map[netip.AddrPort]*Conn{}, live: map[netip.Addr]int{}}
+}
+
+// liveBE returns the BE flow's row counts toward, if it counts.
+func (t *Table) liveBE(flow netip.AddrPort) (netip.Addr, bool) {
+	if c, ok := t.m[flow]; ok && (c.State == Handoffed || c.State == Handoffing) && c.BE.IsValid() {
+		return c.BE, true
+	}
+	return netip.Addr{}, false
+}
+
+// tracked notes what flow's row counts toward now and returns the function
+// that, once the row has changed, moves the count. Under t.mu.
+func (t *Table) tracked(flow netip.AddrPort) func() {
+	before, was := t.liveBE(flow)
+	return func() {
+		after, is := t.liveBE(flow)
+		if was == is && before == after {
+			return
+		}
+		if was {
+			if t.live[before]--; t.live[before] <= 0 {
+				delete(t.live, before)
+			}
+		}
+		if is {
+			t.live[after]++
+		}
+	}
+}
+
+// Offering notes the BE a HANDOFFING flow is being offered to: from now
+// on it counts toward that BE's live connections, so that a scheduler
+// choosing while handoffs are in flight sees them.
+func (t *Table) Offering(flow netip.AddrPort, be netip.Addr) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	defer t.tracked(flow)()
+	if c, ok := t.m[flow]; ok && c.State == Handoffing {
+		c.BE = be
+	}
+}
+
+// Live returns how many connections be has: HANDOFFED, or being offered
+// to it.
+func (t *Table) Live(be netip.Addr) int {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.live[be]
+}
 
 // apply runs ev on flow's entry (Closed if there is none) and returns the
 // entry after the step, or nil if the step removed it.
@@ -110,6 +163,7 @@ func (t *Table) apply(flow netip.AddrPort, ev Event, now time.Time) (*Conn, Acti
 func (t *Table) Begin(flow netip.AddrPort, now time.Time) error {
 	t.mu.Lock()
 	defer t.mu.Unlock()
+	defer t.tracked(flow)()
 	c, _, err := t.apply(flow, EvHandoffStart, now)
 	if err != nil {
 		return fmt.Errorf("begin: %w", err)
@@ -123,6 +177,7 @@ func (t *Table) Begin(flow netip.AddrPort, now time.Time) error {
 func (t *Table) Handed(flow netip.AddrPort, be netip.Addr, now time.Time) (replace bool, err error) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
+	defer t.tracked(flow)()
 	c, _, err := t.apply(flow, EvHandoffAcked, now)
 	if err != nil {
 		return false, fmt.Errorf("handed: %w", err)
@@ -138,6 +193,7 @@ func (t *Table) Handed(flow netip.AddrPort, be netip.Addr, now time.Time) (repla
 func (t *Table) Failed(flow netip.AddrPort) (stale bool, err error) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
+	defer t.tracked(flow)()
 	if c, ok := t.m[flow]; ok {
 		stale = c.Forwarded
 	}
@@ -153,6 +209,7 @@ func (t *Table) Failed(flow netip.AddrPort) (stale bool, err error) {
 func (t *Table) Observe(flow netip.AddrPort, ev Event, now, until time.Time) (State, Action, error) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
+	defer t.tracked(flow)()
 	from := Closed
 	if c, ok := t.m[flow]; ok {
 		from = c.State
@@ -198,6 +255,7 @@ func (t *Table) Expired(now time.Time, idle time.Duration, alive func(netip.Addr
 func (t *Table) Expire(flow netip.AddrPort) error {
 	t.mu.Lock()
 	defer t.mu.Unlock()
+	defer t.tracked(flow)()
 	_, _, err := t.apply(flow, EvTimer, time.Time{})
 	return err
 }
@@ -229,6 +287,7 @@ func (t *Table) Absent(flow netip.AddrPort) bool {
 func (t *Table) ExpireIf(flow netip.AddrPort, state State, since Instance) bool {
 	t.mu.Lock()
 	defer t.mu.Unlock()
+	defer t.tracked(flow)()
 	c, ok := t.m[flow]
 	if !ok || c.State != state || !c.Since.Equal(since) {
 		return false
@@ -242,6 +301,7 @@ func (t *Table) ExpireIf(flow netip.AddrPort, state State, since Instance) bool 
 func (t *Table) Adopt(flow netip.AddrPort, be netip.Addr, state State, now, until time.Time) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
+	defer t.tracked(flow)()
 	if _, ok := t.m[flow]; !ok {
 		t.m[flow] = &Conn{Client: flow, State: state, BE: be, Started: now, Since: now, Until: until, Forwarded: true}
 	}
@@ -305,7 +365,9 @@ func (t *Table) Reconcile(kernel map[netip.AddrPort]netip.Addr, snapshot time.Ti
 	for k, c := range t.m {
 		if (c.State == Handoffed || c.State == TimeWait) && c.Since.Before(snapshot) {
 			if _, ok := kernel[k]; !ok {
+				done := t.tracked(k)
 				delete(t.m, k)
+				done()
 				dropped = append(dropped, k)
 			}
 		}

@@ -440,3 +440,55 @@ func TestReaperSparesReusedPort(t *testing.T) {
 		}
 	})
 }
+
+// Live counts each BE's HANDOFFED connections through every way a row
+// enters or leaves that state.
+func TestLiveByBE(t *testing.T) {
+	tab := New()
+	be1, be2 := netip.MustParseAddr("10.0.0.11"), netip.MustParseAddr("10.0.0.12")
+	now := time.Now()
+	flows := []netip.AddrPort{netip.MustParseAddrPort("10.0.0.10:1000"), netip.MustParseAddrPort("10.0.0.10:1001"),
+		netip.MustParseAddrPort("10.0.0.10:1002")}
+	for i, f := range flows {
+		if err := tab.Begin(f, now); err != nil {
+			t.Fatal(err)
+		}
+		be := be1
+		if i == 2 {
+			be = be2
+		}
+		// Offered to be2 first, then to be: it counts where it is offered.
+		tab.Offering(f, be2)
+		if got := tab.Live(be2); got != 1 {
+			t.Errorf("flow %d offered to be2: be2 has %d", i, got)
+		}
+		tab.Offering(f, be)
+		if _, err := tab.Handed(f, be, now); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if tab.Live(be1) != 2 || tab.Live(be2) != 1 {
+		t.Fatalf("after three handoffs: be1 %d be2 %d", tab.Live(be1), tab.Live(be2))
+	}
+	if _, _, err := tab.Observe(flows[0], EvFIN, now, now.Add(time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	if tab.Live(be1) != 1 {
+		t.Errorf("after a FIN: be1 %d, want 1", tab.Live(be1))
+	}
+	// The port reused by a new connection no longer counts until handed.
+	if err := tab.Begin(flows[1], now); err != nil {
+		t.Fatal(err)
+	}
+	if tab.Live(be1) != 0 {
+		t.Errorf("after a reuse: be1 %d, want 0", tab.Live(be1))
+	}
+	tab.Reconcile(map[netip.AddrPort]netip.Addr{}, now.Add(time.Second))
+	if tab.Live(be2) != 0 {
+		t.Errorf("after the kernel lost be2's flow: %d", tab.Live(be2))
+	}
+	tab.Adopt(netip.MustParseAddrPort("10.0.0.10:2000"), be2, Handoffed, now, time.Time{})
+	if tab.Live(be2) != 1 {
+		t.Errorf("after an adoption: %d", tab.Live(be2))
+	}
+}

@@ -250,6 +250,38 @@ func TestHandshakeRefusals(t *testing.T) {
 	}
 }
 
+// The acceptor, too, says why when the dialer's secret differs: the dialer
+// checks the acceptor's proof first and hangs up.
+func TestAcceptorNamesWrongSecret(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	accepted := make(chan error, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			accepted <- err
+			return
+		}
+		defer c.Close()
+		_, err = Accept(c, feConfig("a", nil), nil)
+		accepted <- err
+	}()
+	c, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Dial(c, beConfig("b", nil)); err == nil {
+		t.Fatal("the dialer accepted a wrong secret")
+	}
+	c.Close()
+	if err := <-accepted; err == nil || !strings.Contains(err.Error(), "does not hold this cluster's secret") {
+		t.Errorf("the acceptor: %v", err)
+	}
+}
+
 // A session recorded byte for byte and played back to the acceptor fails:
 // the acceptor's nonce is new, so the recorded proof and MACs do not match.
 func TestReplayedSessionRefused(t *testing.T) {

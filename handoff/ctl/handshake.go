@@ -6,6 +6,7 @@ import (
 	"crypto/rand"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"time"
 
@@ -136,6 +137,10 @@ func handshake(conn net.Conn, cfg *Config, dialer bool, admit Admit) (*Session, 
 	}
 	f, err := rd.Read()
 	switch {
+	case err != nil && !dialer && errors.Is(err, io.EOF):
+		// The dialer checks this end's proof first and hangs up on a
+		// wrong one: its secret differs.
+		return fail("the peer hung up on this agent's proof: it does not hold this cluster's secret")
 	case err != nil:
 		return fail("read auth: %v", err)
 	case f.Type != wire.TypeAuth:

@@ -19,7 +19,7 @@ const (
 	ResultWrongVIP Result = 5 // the connection is not for this BE's VIP and port
 	ResultInvalid  Result = 6 // the handoff fails validation (client address, queues)
 	ResultDraining Result = 7 // the receiver is stopping
-	ResultUnknown  Result = 8 // remap: the FE does not forward that flow to that BE
+	ResultUnknown  Result = 8 // remap, reset: no such flow (the FE does not forward it to that BE; the BE does not serve it)
 	resultSentinel Result = 9
 
 	maxReasonLength = 512

@@ -61,12 +61,13 @@ const (
 	TypeRegister    Type = 11 // BE→FE: dynamic registration (Register payload); answered by an Ack
 	TypeDeregister  Type = 12 // BE→FE: the BE leaves; answered by an Ack
 	TypeGoAway      Type = 13 // no new requests on this session; it closes when idle
-	typeSentinel    Type = 14
+	TypeReset       Type = 14 // FE→BE: reset this served connection, the FE leaves it (Flow payload); answered by an Ack
+	typeSentinel    Type = 15
 	typeUnknownName      = "type(%d)"
 )
 
 var typeNames = [...]string{"", "offer", "ack", "commit", "abort", "probe", "probe-reply", "hello", "auth",
-	"remap", "cluster", "register", "deregister", "goaway"}
+	"remap", "cluster", "register", "deregister", "goaway", "reset"}
 
 func (t Type) String() string {
 	if t > 0 && t < typeSentinel {

@@ -345,7 +345,31 @@ func FuzzFrame(f *testing.F) {
 		check("hello", &Hello{})
 		check("flow", &Flow{})
 		check("health", &Health{})
+		check("register", &Register{})
 		var a Ack
 		_ = a.UnmarshalBinary(fr.Payload)
 	})
+}
+
+func TestRegisterRoundTrip(t *testing.T) {
+	r := Register{Weight: 3, Patterns: []string{`\.mp4$`, `^/video/`}}
+	b, err := r.MarshalBinary()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got Register
+	if err := got.UnmarshalBinary(b); err != nil || got.Weight != 3 || len(got.Patterns) != 2 || got.Patterns[1] != "^/video/" {
+		t.Fatalf("%+v %v", got, err)
+	}
+	for name, bad := range map[string][]byte{
+		"no rules":  {0, 1, 0, 0},
+		"truncated": b[:len(b)-1],
+		"trailing":  append(append([]byte{}, b...), 0),
+		"empty":     {0, 1, 0, 1, 0, 0},
+		"too many":  {0, 1, 0xff, 0xff},
+	} {
+		if err := got.UnmarshalBinary(bad); err == nil {
+			t.Errorf("%s: accepted", name)
+		}
+	}
 }

@@ -8,16 +8,17 @@
 package nscluster
 
 import (
-	"bufio"
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -71,6 +72,15 @@ type Options struct {
 	// Notify gives each agent a NOTIFY_SOCKET, as systemd does, and keeps
 	// what they send (Notifications).
 	Notify bool
+	// Registered names BEs the FE's config does not list: they register
+	// themselves (dregister = 1) with their BERules.
+	Registered []string
+	// BERules are a BE's own `rule = ...` lines (BE names become IPs).
+	BERules map[string][]string
+	// Weights gives BEs a `weight=N` on their server lines.
+	Weights map[string]int
+	// Edit, if set, rewrites each host's config text before it is written.
+	Edit func(host, conf string) string
 }
 
 // MetricsAddr is where an agent serves /metrics inside its namespace when
@@ -292,9 +302,39 @@ http {
 		return fmt.Errorf("start nginx on %s: %w", host, err)
 	}
 	c.mu.Lock()
-	c.nginx = append(c.nginx, pid)
+	if !slices.Contains(c.nginx, pid) {
+		c.nginx = append(c.nginx, pid)
+	}
 	c.mu.Unlock()
 	return nil
+}
+
+// StopWWW stops host's nginx and waits until it is gone.
+func (c *Cluster) StopWWW(host string) error {
+	b, err := os.ReadFile(filepath.Join(c.Dir, host, "nginx.pid"))
+	if err != nil {
+		return fmt.Errorf("nginx on %s: %w", host, err)
+	}
+	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil {
+		return fmt.Errorf("nginx on %s: pid file: %w", host, err)
+	}
+	syscall.Kill(pid, syscall.SIGTERM)
+	for deadline := time.Now().Add(10 * time.Second); syscall.Kill(pid, 0) == nil; time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			return fmt.Errorf("nginx on %s (pid %d) still runs 10 s after SIGTERM", host, pid)
+		}
+	}
+	return nil
+}
+
+// StartWWW starts host's nginx again after StopWWW.
+func (c *Cluster) StartWWW(host string) error {
+	listen := []string{"127.0.0.1:80"}
+	if c.opts.PublicWWW {
+		listen = append(listen, c.ip(host)+":80")
+	}
+	return c.startNginx(host, listen...)
 }
 
 // Config returns the agent config text for host.
@@ -307,21 +347,54 @@ func (c *Cluster) Config(host string) string {
 		g += "secret = " + c.opts.Secret + "\n"
 	}
 	g += c.opts.GlobalExtra
+	s := g
 	if host == "fe" {
-		s := g + fmt.Sprintf("\n[fe]\nraddr = %s\nvaddr = %s\nport = %d\n", FEIP, VIP, Port)
+		s += fmt.Sprintf("\n[fe]\nraddr = %s\nvaddr = %s\nport = %d\n", FEIP, VIP, Port)
 		for _, b := range c.BEs {
-			s += fmt.Sprintf("server = %s 666\n", b.IP)
+			if slices.Contains(c.opts.Registered, b.Name) {
+				continue
+			}
+			s += fmt.Sprintf("server = %s 666", b.IP)
+			if w, ok := c.opts.Weights[b.Name]; ok {
+				s += fmt.Sprintf(" weight=%d", w)
+			}
+			s += "\n"
 		}
 		for _, r := range c.opts.Rules {
-			for _, b := range c.BEs {
-				r = strings.ReplaceAll(r, "= "+b.Name+" ", "= "+b.IP+" ")
-			}
-			s += r + "\n"
+			s += c.ruleLine(r) + "\n"
 		}
-		return s + c.opts.FEExtra
+		s += c.opts.FEExtra
+	} else {
+		s += fmt.Sprintf("\n[be]\nraddr = %s\nuaddr = %s\nvaddr = %s\nfeaddr = %s\nport = 666\nredirectport = 80\n",
+			c.ip(host), c.be(host).UAddr, VIP, FEIP) + c.opts.BEExtra
+		if slices.Contains(c.opts.Registered, host) {
+			s += "dregister = 1\n"
+		}
+		for _, r := range c.opts.BERules[host] {
+			s += c.ruleLine(r) + "\n"
+		}
 	}
-	return g + fmt.Sprintf("\n[be]\nraddr = %s\nuaddr = %s\nvaddr = %s\nfeaddr = %s\nport = 666\nredirectport = 80\n",
-		c.ip(host), c.be(host).UAddr, VIP, FEIP) + c.opts.BEExtra
+	if c.opts.Edit != nil {
+		s = c.opts.Edit(host, s)
+	}
+	return s
+}
+
+// ruleLine turns the BE names in a rule's targets (`rule = be1,be2 ...`)
+// into their addresses.
+func (c *Cluster) ruleLine(r string) string {
+	key, rest, ok := strings.Cut(r, "= ")
+	if !ok {
+		return r
+	}
+	targets, pattern, _ := strings.Cut(rest, " ")
+	names := strings.Split(targets, ",")
+	for i, n := range names {
+		if ip := c.ip(n); ip != "" && strings.HasPrefix(n, "be") {
+			names[i] = ip
+		}
+	}
+	return key + "= " + strings.Join(names, ",") + " " + pattern
 }
 
 func (c *Cluster) be(host string) BE {
@@ -335,6 +408,9 @@ func (c *Cluster) be(host string) BE {
 
 // AdminSocket is the path of host's agent admin socket.
 func (c *Cluster) AdminSocket(host string) string { return filepath.Join(c.Dir, host+".sock") }
+
+// ConfigFile is the path of host's agent config; StartAgent writes it.
+func (c *Cluster) ConfigFile(host string) string { return filepath.Join(c.Dir, host+".conf") }
 
 // AgentLog is the path of host's agent log.
 func (c *Cluster) AgentLog(host string) string { return filepath.Join(c.Dir, host+"-agent.log") }
@@ -352,7 +428,7 @@ func (c *Cluster) StartAgent(host string) error {
 // spawnAgent starts host's agent process with the cluster's config for it,
 // and makes it the host's agent.
 func (c *Cluster) spawnAgent(host string, args ...string) (*agentProc, error) {
-	conf := filepath.Join(c.Dir, host+".conf")
+	conf := c.ConfigFile(host)
 	if err := os.WriteFile(conf, []byte(c.Config(host)), 0o644); err != nil {
 		return nil, err
 	}
@@ -542,6 +618,19 @@ func (c *Cluster) tail(host string) string {
 	return string(b)
 }
 
+// Grep returns the lines of host's agent log that contain s (a client
+// address, say), for a failing test to show.
+func (c *Cluster) Grep(host, s string) string {
+	b, _ := os.ReadFile(c.AgentLog(host))
+	var out strings.Builder
+	for l := range strings.Lines(string(b)) {
+		if strings.Contains(l, s) {
+			out.WriteString(host + ": " + l)
+		}
+	}
+	return out.String()
+}
+
 // StopAgent sends sig to host's agent and waits up to 10 s for it to exit.
 func (c *Cluster) StopAgent(host string, sig syscall.Signal) error {
 	if err := c.StopAgentAsync(host, sig); err != nil {
@@ -621,12 +710,18 @@ func (c *Cluster) Admin(host, cmd string) (string, error) {
 	defer conn.Close()
 	conn.SetDeadline(time.Now().Add(5 * time.Second))
 	fmt.Fprintln(conn, cmd)
-	var b strings.Builder
-	sc := bufio.NewScanner(conn)
-	for sc.Scan() {
-		b.WriteString(sc.Text() + "\n")
+	b, err := io.ReadAll(conn)
+	if err != nil {
+		return "", err
 	}
-	return b.String(), sc.Err()
+	status, out, _ := strings.Cut(string(b), "\n")
+	if why, bad := strings.CutPrefix(status, "error: "); bad {
+		return "", fmt.Errorf("%s on %s: %s", cmd, host, why)
+	}
+	if status != "ok" {
+		return "", fmt.Errorf("%s on %s: unexpected answer %q", cmd, host, b)
+	}
+	return out, nil
 }
 
 // Counter reads an interface statistic of host's eth0, e.g. "tx_bytes".
