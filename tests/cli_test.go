@@ -57,3 +57,44 @@ func TestCheckConfigWarnsWithoutSecret(t *testing.T) {
 		t.Errorf("with a secret: %v: %s", err, out)
 	}
 }
+
+// -t rejects what would break the agent later, naming it; stray arguments
+// are a usage error; -version answers.
+func TestCheckConfigRejects(t *testing.T) {
+	dir := t.TempDir()
+	fe := "[fe]\nvaddr = 10.0.0.100\nserver = 10.0.0.11 666\nrule = 10.0.0.11 .*\n"
+	cases := []struct{ name, text, say string }{
+		{"duplicate server", fe + "server = 10.0.0.11 777\n", "10.0.0.11 is already declared on line 3"},
+		{"overflowing duration", fe + "timewait = 99999999999999999999\n", "timewait"},
+		{"duration past a year", fe + "drain = 40000000\n", "longer than a year"},
+		{"unwritable logfile", "[global]\nlogfile = /proc/tcpha/agent.log\n" + fe, "[global] logfile /proc/tcpha/agent.log"},
+		{"registration without a secret", "[be]\nraddr = 10.0.0.11\nuaddr = 10.0.0.250\nvaddr = 10.0.0.100\nfeaddr = 10.0.0.2\n" +
+			"dregister = 1\nrule = 10.0.0.11 .*\n", "secret"},
+		{"unknown scheduler", fe + "scheduler = fastest\n", "scheduler"},
+	}
+	for _, tc := range cases {
+		path := filepath.Join(dir, strings.ReplaceAll(tc.name, " ", "-")+".conf")
+		os.WriteFile(path, []byte(tc.text), 0o644)
+		out, err := exec.Command(agentBin, "-t", "-c", path).CombinedOutput()
+		if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() != 1 || !strings.Contains(string(out), tc.say) {
+			t.Errorf("%s: %v %q, want exit 1 saying %q", tc.name, err, out, tc.say)
+		}
+	}
+	// Inline comments, as operators write them, are comments.
+	path := filepath.Join(dir, "comments.conf")
+	os.WriteFile(path, []byte("[fe]\nvaddr = 10.0.0.100   # the VIP\nserver = 10.0.0.11 666 weight=2 ; big one\n"+
+		"rule = 10.0.0.11 \\.html$ # pages\nrule = 10.0.0.11 .*\n"), 0o644)
+	if out, err := exec.Command(agentBin, "-t", "-c", path).CombinedOutput(); err != nil {
+		t.Errorf("inline comments: %v %s", err, out)
+	}
+	out, err := exec.Command(agentBin, "-c", path, "extra").CombinedOutput()
+	if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() != 2 || !strings.Contains(string(out), `unexpected argument "extra"`) {
+		t.Errorf("a stray argument: %v %q, want exit 2", err, out)
+	}
+	for _, bin := range []string{agentBin, ctlBin} {
+		out, err := exec.Command(bin, "-version").CombinedOutput()
+		if err != nil || !strings.HasPrefix(string(out), filepath.Base(bin)+" ") {
+			t.Errorf("%s -version: %v %q", bin, err, out)
+		}
+	}
+}

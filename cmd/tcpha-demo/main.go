@@ -104,6 +104,9 @@ func run(agent string, bench bool) error {
 	st, _ := c.Admin("fe", "status")
 	fmt.Println("\n== FE status (tcphactl status)")
 	fmt.Print(indent(st))
+	bs, _ := c.Admin("fe", "backends")
+	fmt.Println("\n== the BEs as the FE's probes see them (tcphactl backends)")
+	fmt.Print(indent(bs))
 
 	if bench {
 		return runBench(c)
