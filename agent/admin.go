@@ -249,6 +249,7 @@ func (f *fe) command(cmd string, args []string, text io.Writer) (any, error) {
 		if err := f.sched.SetDraining(a, cmd == "drain"); err != nil {
 			return nil, fmt.Errorf("%s: %w", cmd, err)
 		}
+		f.kickCluster()
 		f.log.Info("BE "+cmd+"ed by the operator", "op", "admin", "be", a.String())
 		fmt.Fprintf(text, "%s %s\n", cmd, a)
 		return map[string]string{cmd: a.String()}, nil
@@ -264,6 +265,7 @@ func (f *fe) command(cmd string, args []string, text io.Writer) (any, error) {
 		if err := f.sched.SetWeight(a, w); err != nil {
 			return nil, fmt.Errorf("weight: %w", err)
 		}
+		f.kickCluster()
 		f.log.Info("BE weight changed by the operator", "op", "admin", "be", a.String(), "weight", w)
 		fmt.Fprintf(text, "weight %s %d\n", a, w)
 		return map[string]any{"backend": a.String(), "weight": w}, nil

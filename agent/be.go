@@ -48,6 +48,11 @@ type be struct {
 	stopRegistering    context.CancelFunc
 	handingOver        atomic.Bool
 	background         sync.WaitGroup
+	// cluster is the FE's last cluster frame; web the keep-alive pools to
+	// other BEs' web servers (phttp = forward).
+	cluster atomic.Pointer[beCluster]
+	webMu   sync.Mutex
+	web     map[netip.Addr]*relay.Pool
 }
 
 // startBE starts the back end; ln, when not nil, is its control listener,
@@ -97,7 +102,7 @@ func startBE(ctx context.Context, cfg *config.BE, secret []byte, m *metrics.Metr
 	}}
 	b.relay = relay.New(relay.Config{
 		Pool: b.pool, MaxHeader: cfg.MaxHeader, HeadTimeout: cfg.RequestTimeout,
-		IdleTimeout: cfg.KeepAliveTimeout, Log: b.log,
+		IdleTimeout: cfg.KeepAliveTimeout, Log: b.log, Forward: b.forward,
 	})
 	b.recv = &handoff.Receiver{
 		VIP: cfg.VAddr, Check: b.check, Rebuilder: rebuilder{log: b.log},
@@ -114,9 +119,15 @@ func startBE(ctx context.Context, cfg *config.BE, secret []byte, m *metrics.Metr
 	b.setMembers(cfg.FEAddrs)
 	b.server = &ctl.Server{
 		Config: &ctl.Config{
-			Secret:  secret,
-			Local:   wire.Hello{Role: wire.RoleBE, Addr: ctlAddr, VIP: netip.AddrPortFrom(cfg.VAddr, 0)},
-			Handler: b.recv,
+			Secret: secret,
+			Local:  wire.Hello{Role: wire.RoleBE, Addr: ctlAddr, VIP: netip.AddrPortFrom(cfg.VAddr, 0)},
+			Handler: ctl.HandlerFunc(func(s *ctl.Session, f wire.Frame) {
+				if f.Type == wire.TypeCluster {
+					b.serveCluster(s, f)
+					return
+				}
+				b.recv.Serve(s, f)
+			}),
 			Health: func() wire.Health {
 				return wire.Health{ServerUp: b.serverUp.Load(), Draining: b.draining.Load(), Active: uint32(b.relay.Active())}
 			},
@@ -328,6 +339,7 @@ func (b *be) stop() error {
 	if b.pool != nil {
 		b.pool.Close()
 	}
+	b.closeWeb()
 	return b.undo()
 }
 

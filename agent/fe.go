@@ -59,6 +59,10 @@ type fe struct {
 	// regLn and regSrv take BEs' registrations (seed 4.10).
 	regLn  net.Listener
 	regSrv *ctl.Server
+	// clusterKick asks for the cluster frame to go out now (cluster.go);
+	// forwarding is phttp = forward, which a reload may change.
+	clusterKick chan struct{}
+	forwarding  atomic.Bool
 }
 
 // listenRegister opens the port BEs register on: [fe] raddr:feport, never
@@ -88,6 +92,7 @@ func (f *fe) listenRegister(ctx context.Context, secret []byte, ln net.Listener)
 				return err
 			}
 			f.pool.Add(r.Server.AddrPort())
+			f.kickCluster()
 			return nil
 		},
 		Remove: func(a netip.Addr) {
@@ -97,6 +102,7 @@ func (f *fe) listenRegister(ctx context.Context, secret []byte, ln net.Listener)
 				}
 			}
 			f.sched.Deregister(a)
+			f.kickCluster()
 		},
 	}
 	f.regSrv = &ctl.Server{
@@ -116,7 +122,9 @@ type feListeners struct {
 // startFE starts the front end on the listeners a predecessor handed over,
 // or on new ones.
 func startFE(ctx context.Context, cfg *config.FE, secret []byte, m *metrics.Metrics, log *slog.Logger, lns feListeners) (*fe, error) {
-	f := &fe{cfg: cfg, log: log.With("role", "fe"), table: conntab.New(), m: m, served: make(chan struct{})}
+	f := &fe{cfg: cfg, log: log.With("role", "fe"), table: conntab.New(), m: m, served: make(chan struct{}),
+		clusterKick: make(chan struct{}, 1)}
+	f.forwarding.Store(cfg.PHTTP == "forward")
 	f.dtc.Store(int64(cfg.DtcInterval))
 	f.sched = backends.NewScheduler(cfg.Table(), backends.Options{Rise: cfg.Rise, Fall: cfg.Fall, Live: f.table.Live})
 	ok := false
@@ -323,6 +331,7 @@ func (f *fe) changed(be netip.Addr, apply func(netip.Addr, bool) (backends.Chang
 	if err != nil || !c.Changed {
 		return
 	}
+	f.kickCluster()
 	if c.Available {
 		f.log.Info("BE available", "op", "detect", "be", be.String())
 	} else {
@@ -348,6 +357,7 @@ func (f *fe) run(serve, keep context.Context) {
 	f.loopsMu.Unlock()
 	f.loops.Go(func() { f.flows.Run(loops) })
 	f.loops.Go(func() { f.reaper.Run(loops) })
+	f.loops.Go(func() { f.clusterLoop(serve) })
 	if f.cfg.DtcInterval > 0 {
 		f.loops.Go(func() { f.detectLoop(serve) })
 	}
@@ -633,7 +643,9 @@ func (f *fe) reload(next *config.FE) []string {
 	}
 	f.dtc.Store(int64(next.DtcInterval))
 	f.sender.SetTimeout(next.HandoffTimeout)
+	f.forwarding.Store(next.PHTTP == "forward")
+	f.kickCluster()
 	f.log.Info("scheduling reloaded", "op", "reload", "servers", len(next.Servers), "rules", len(next.Rules),
 		"scheduler", string(next.Scheduler))
-	return fixedKeys("fe", *f.cfg, *next, "Servers", "Rules", "Scheduler", "Rise", "Fall", "DtcInterval", "HandoffTimeout")
+	return fixedKeys("fe", *f.cfg, *next, "Servers", "Rules", "Scheduler", "Rise", "Fall", "DtcInterval", "HandoffTimeout", "PHTTP")
 }

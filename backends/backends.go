@@ -171,6 +171,53 @@ func (s *Scheduler) Servers() []Server {
 	return out
 }
 
+// Effective returns the table the scheduler routes by: every BE with its
+// current weight (an operator's weight included), the registered BEs'
+// rules first, then the file's; the default policy. A BE that routes later
+// requests itself gets it (multi-handoff, forwarding).
+func (s *Scheduler) Effective() Table {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	t := Table{Policy: s.file.Policy}
+	for _, b := range s.bes {
+		t.Servers = append(t.Servers, b.srv)
+	}
+	slices.SortFunc(t.Servers, func(a, b Server) int { return a.Addr.Compare(b.Addr) })
+	for _, x := range s.rules {
+		t.Rules = append(t.Rules, x.Rule)
+	}
+	return t
+}
+
+// Holds tells whether a is a usable target of the first rule that matches
+// path and has one: a BE holding a connection serves such a request itself,
+// whichever of the rule's BEs a new connection would get.
+func (s *Scheduler) Holds(path string, a netip.Addr) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, x := range s.rules {
+		if !x.Pattern.MatchString(path) {
+			continue
+		}
+		if x.Local {
+			return false
+		}
+		any := false
+		for _, t := range x.Targets {
+			if b := s.bes[t]; b != nil && b.usable() {
+				if t == a {
+					return true
+				}
+				any = true
+			}
+		}
+		if any {
+			return false
+		}
+	}
+	return false
+}
+
 // Errors of the operator's and registrations' requests.
 var (
 	ErrUnknownBE  = errors.New("no such BE")

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net/netip"
 	"reflect"
+	"regexp"
 	"testing"
 	"time"
 
@@ -288,5 +289,44 @@ func TestRegistrationAndReload(t *testing.T) {
 	}
 	if n := len(s.Statuses()); n != 2 {
 		t.Errorf("%d BEs listed, want 2", n)
+	}
+}
+
+// Effective is what BEs get to route later requests: registered rules
+// first; Holds tells a BE whether a request is its own to serve.
+func TestEffectiveAndHolds(t *testing.T) {
+	s := newScheduler(t, `[fe]
+vaddr = 10.0.0.100
+server = 10.0.0.11 666 weight=2
+server = 10.0.0.12 777
+rule = 10.0.0.12 \.jpg$
+rule = 10.0.0.11,10.0.0.12 .*
+`, backends.Options{})
+	re := regexp.MustCompile(`\.txt$`)
+	if err := s.Register(backends.Registration{Server: backends.Server{Addr: be3.Addr(), Port: 666, Weight: 1},
+		Rules: []backends.Rule{{Targets: []netip.Addr{be3.Addr()}, Pattern: re}}}); err != nil {
+		t.Fatal(err)
+	}
+	s.Session(be3.Addr(), true)
+	tab := s.Effective()
+	if len(tab.Servers) != 3 || len(tab.Rules) != 3 || tab.Rules[0].Pattern != re || tab.Servers[0].Weight != 2 {
+		t.Errorf("effective table: %+v", tab)
+	}
+	for _, tc := range []struct {
+		path string
+		be   netip.AddrPort
+		want bool
+	}{
+		{"/a.jpg", be2, true}, {"/a.jpg", be1, false}, {"/a.html", be1, true}, {"/a.html", be2, true},
+		{"/a.txt", be1, false},
+	} {
+		if got := s.Holds(tc.path, tc.be.Addr()); got != tc.want {
+			t.Errorf("Holds(%s, %v) = %v", tc.path, tc.be, got)
+		}
+	}
+	// be3 unusable: its rule is skipped, and .txt is the catch-all's.
+	s.SetDraining(be3.Addr(), true)
+	if !s.Holds("/a.txt", be1.Addr()) {
+		t.Error("with be3 draining, be1 does not hold .txt")
 	}
 }

@@ -63,6 +63,11 @@ type FE struct {
 	Rise, Fall int
 	// FEPort is where BEs register (seed 4.10), on RAddr; Port unless set.
 	FEPort uint16
+	// PHTTP is what a BE does with a keep-alive connection's later
+	// requests that the rules give another BE: "single" serves them
+	// itself (TCPHA 0.2), "forward" fetches them from that BE's web
+	// server.
+	PHTTP string
 
 	// Not in the seed; bounds the FE's work per connection.
 	RequestTimeout time.Duration // time to receive a whole request header

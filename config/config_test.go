@@ -140,6 +140,8 @@ func TestParseErrors(t *testing.T) {
 		{"rule names a target twice", fe + "rule = 10.0.0.11,10.0.0.11 .*\n", 4, "fe", "rule", "named twice"},
 		{"unknown rule scheduler", fe + "rule = 10.0.0.11 scheduler=fifo .*\n", 4, "fe", "rule", "unknown scheduler \"fifo\""},
 		{"unknown scheduler", fe + "scheduler = fastest\nrule = local .*\n", 4, "fe", "scheduler", "want rr, wlc or lard"},
+		{"phttp multi", fe + "phttp = multi\nrule = local .*\n", 4, "fe", "phttp", "not available yet"},
+		{"unknown phttp", fe + "phttp = always\nrule = local .*\n", 4, "fe", "phttp", "want single or forward"},
 		{"duplicate server", fe + "server = 10.0.0.11 667\nrule = local .*\n", 4, "fe", "server", "already declared on line 3"},
 		{"bad weight", fe + "server = 10.0.0.12 666 weight=x\nrule = local .*\n", 4, "fe", "server", "weight=N"},
 		{"weight too large", fe + "server = 10.0.0.12 666 weight=20000\nrule = local .*\n", 4, "fe", "server", "0 to 10000"},

@@ -40,7 +40,7 @@ var allowed = map[string]map[string]bool{
 		"requesttimeout": false, "maxheader": false, "handofftimeout": false, "maxconnperip": false,
 		"timewait": false, "idletimeout": false, "dtcinterval": false,
 		"queuenum": false, "drain": false,
-		"scheduler": false, "rise": false, "fall": false, "feport": false,
+		"scheduler": false, "rise": false, "fall": false, "feport": false, "phttp": false,
 	},
 	"be": {
 		"raddr": false, "uaddr": false, "vaddr": false, "port": false,
@@ -174,6 +174,17 @@ func (p *parser) fe(s *ini.Section) (*FE, error) {
 	fe.Rise = v.intIn("rise", 2, 1, 100)
 	fe.Fall = v.intIn("fall", 3, 1, 100)
 	fe.FEPort = v.port("feport", fe.Port)
+	fe.PHTTP = "single"
+	if m, ok := v.raw("phttp"); ok {
+		switch m {
+		case "single", "forward":
+			fe.PHTTP = m
+		case "multi":
+			v.fail("phttp", v.line("phttp", 0), "multi (TCPHA 0.3's BE-to-BE migration) is not available yet: use forward or single")
+		default:
+			v.fail("phttp", v.line("phttp", 0), fmt.Sprintf("%q: want single or forward", m))
+		}
+	}
 	fe.Scheduler = backends.RoundRobin
 	if s, ok := v.raw("scheduler"); ok {
 		p, err := backends.ParsePolicy(s)

@@ -90,7 +90,7 @@ func (s *session) export(h Handed, withUp bool) error {
 	s.handOff = true
 	if !withUp && s.up != nil {
 		// Taken for a request not read yet: back to the pool.
-		s.r.cfg.Pool.Put(s.up)
+		s.poolOf(s.up).Put(s.up)
 	}
 	s.up = nil
 	s.release()
@@ -184,6 +184,7 @@ func (r *Relay) Resume(h Handed) error {
 	}
 	r.Go(func() {
 		s := r.newSession(h.Client, up)
+		s.served = 1 // its first request was routed here long ago
 		defer s.finish()
 		if len(h.State.ClientBuf) > 0 {
 			s.buf = bufs.Get().(*[bufSize]byte)

@@ -8,6 +8,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/http"
 	"net/netip"
 	"os"
 	"sync"
@@ -33,6 +34,12 @@ type Config struct {
 	// between requests.
 	IdleTimeout time.Duration
 	Log         *slog.Logger
+	// Forward, if set, routes a connection's later requests (phttp =
+	// forward): ok false serves the request here; otherwise it goes to the
+	// first of pools that gives a connection, a nil pool meaning this
+	// BE's web server, and none answers 503. The first request of a
+	// connection is always this BE's: the FE routed it here.
+	Forward func(path string) (pools []*Pool, ok bool)
 }
 
 // Relay serves handed-off client connections: for each request on a
@@ -105,13 +112,20 @@ func (r *Relay) Serve(client *net.TCPConn, first *Upstream) {
 
 type session struct {
 	r      *Relay
-	client *net.TCPConn
-	buf    *[bufSize]byte
-	max    int // head bound, within buf
-	start  int // buf[start:end] is read and not yet relayed
-	end    int
-	up     *Upstream
-	log    *slog.Logger
+	served int // requests of the connection this session relayed
+	// For a request routed to other BEs (phttp = forward): the pools
+	// still to try if the chosen one fails before answering, and whether
+	// the request is whole in hand, so that a failure can be answered
+	// with the connection kept.
+	routed, whole bool
+	fallback      []*Pool
+	client        *net.TCPConn
+	buf           *[bufSize]byte
+	max           int // head bound, within buf
+	start         int // buf[start:end] is read and not yet relayed
+	end           int
+	up            *Upstream
+	log           *slog.Logger
 	// retryable: the request in s.sent may be sent again; responded: the
 	// client got bytes of the current response already.
 	retryable, responded bool
@@ -185,6 +199,7 @@ func (s *session) loop() {
 		}
 		s.r.requests.Add(1)
 		more, err := s.exchange(h)
+		s.served++
 		if errors.Is(err, errHandedOff) {
 			return
 		}
@@ -426,8 +441,21 @@ func (s *session) exchange(h *phttp.Head) (more bool, err error) {
 		}
 	}
 	bodySent := rem == 0 && chunks == nil
-	if err := s.sendRequest(out, bodySent && idempotent(h.Method)); err != nil {
+	pools, routed := []*Pool{nil}, false
+	if s.served > 0 && s.r.cfg.Forward != nil {
+		if p, ok := s.r.cfg.Forward(h.Path); ok {
+			pools, routed = p, true
+		}
+	}
+	s.routed, s.whole = routed, bodySent
+	if err := s.sendRequest(out, bodySent && idempotent(h.Method), pools); err != nil {
 		s.r.badGateway.Add(1)
+		if routed && bodySent {
+			// Content of another BE that none could serve: this request
+			// gets a 503 and the connection goes on.
+			s.logf().Info("forwarded request failed", "op", "forward", "path", h.Path, "err", err)
+			return h.KeepAlive && s.answerKeep(503, "no back end can serve this request now"), nil
+		}
 		s.answer(502, "the web server is unreachable")
 		return false, err
 	}
@@ -442,6 +470,9 @@ func (s *session) exchange(h *phttp.Head) (more bool, err error) {
 			bodySent = true
 		}
 		rh, err := s.readResponseHead(h.Method)
+		if errors.Is(err, errAnsweredKeep) {
+			return h.KeepAlive, nil
+		}
 		if err != nil {
 			return false, err
 		}
@@ -477,7 +508,7 @@ func (s *session) exchange(h *phttp.Head) (more bool, err error) {
 // and says whether the client connection goes on.
 func (s *session) endExchange() bool {
 	if s.after.reuse {
-		s.r.cfg.Pool.Put(s.up)
+		s.poolOf(s.up).Put(s.up)
 	} else {
 		s.up.Close()
 	}
@@ -493,17 +524,53 @@ func idempotent(method string) bool {
 	return false
 }
 
-// sendRequest writes the request's first bytes to the session's upstream
-// connection, taking one from the pool if it has none.
-func (s *session) sendRequest(out net.Buffers, retryable bool) error {
-	if s.up == nil {
-		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-		up, err := s.r.cfg.Pool.Get(ctx)
-		cancel()
-		if err != nil {
-			return err
+// poolOf is the pool up came from.
+func (s *session) poolOf(up *Upstream) *Pool {
+	if up.pool != nil {
+		return up.pool
+	}
+	return s.r.cfg.Pool
+}
+
+// errAnsweredKeep: the request got an error answer and the client's
+// connection goes on.
+var errAnsweredKeep = errors.New("answered, connection kept")
+
+// upstream makes s.up a connection to the first of pools that gives one
+// (nil: the local web server); the pools after it are the fallback.
+func (s *session) upstream(pools []*Pool) error {
+	err := errors.New("no back end for this request")
+	for i, p := range pools {
+		s.fallback = pools[i+1:]
+		if p == nil {
+			p = s.r.cfg.Pool
 		}
-		s.up = up
+		if s.up != nil {
+			if s.poolOf(s.up) == p {
+				return nil
+			}
+			// The first request's connection, unused: back to its pool.
+			s.poolOf(s.up).Put(s.up)
+			s.up = nil
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		var up *Upstream
+		up, err = p.Get(ctx)
+		cancel()
+		if err == nil {
+			s.up = up
+			return nil
+		}
+	}
+	return err
+}
+
+// sendRequest writes the request's first bytes to an upstream connection
+// of the first of pools that gives one (nil: the local web server), the
+// session's own if it has one.
+func (s *session) sendRequest(out net.Buffers, retryable bool, pools []*Pool) error {
+	if err := s.upstream(pools); err != nil {
+		return err
 	}
 	s.retryable = retryable && s.up.reused
 	s.sent = append(s.sent[:0], out...)
@@ -523,11 +590,18 @@ func (s *session) sendRequest(out net.Buffers, retryable bool) error {
 // is then sent once more, as HAProxy's retry-on does.
 func (s *session) retry() error {
 	s.r.retries.Add(1)
+	pool := s.poolOf(s.up)
 	s.up.Close()
 	s.up = nil
 	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-	up, err := s.r.cfg.Pool.Fresh(ctx)
+	up, err := pool.Fresh(ctx)
 	cancel()
+	if err != nil && len(s.fallback) > 0 {
+		// A forwarded request whose BE's web server is gone: the next.
+		if err = s.upstream(s.fallback); err == nil {
+			up, s.up = s.up, nil
+		}
+	}
 	if err != nil {
 		return err
 	}
@@ -615,6 +689,14 @@ func (s *session) readResponseHead(method string) (*phttp.Head, error) {
 			}
 		}
 		s.r.badGateway.Add(1)
+		if s.routed && s.whole && !s.responded {
+			s.logf().Info("forwarded request failed", "op", "forward", "err", err)
+			s.up.Close()
+			s.up = nil
+			if s.answerKeep(503, "no back end can serve this request now") {
+				return nil, errAnsweredKeep
+			}
+		}
 		if !s.responded {
 			s.answer(502, "the web server did not answer")
 		}
@@ -860,6 +942,21 @@ func (s *session) tunnel() {
 
 // answer sends an error response of the relay's own, if nothing of the
 // response went out yet.
+// answerKeep answers the current request with status and keeps the
+// connection open for the next; it reports whether the answer went out.
+func (s *session) answerKeep(status int, why string) bool {
+	if s.responded {
+		return false
+	}
+	s.responded = true
+	body := why + "\n"
+	s.client.SetWriteDeadline(time.Now().Add(time.Second))
+	defer s.client.SetWriteDeadline(time.Time{})
+	_, err := fmt.Fprintf(s.client, "HTTP/1.1 %d %s\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n%s",
+		status, http.StatusText(status), len(body), body)
+	return err == nil
+}
+
 func (s *session) answer(status int, why string) {
 	if s.responded {
 		return

@@ -407,3 +407,75 @@ func TestIdle(t *testing.T) {
 		t.Errorf("%d sessions left", r.Active())
 	}
 }
+
+// phttp = forward: a connection's later requests for another BE's content
+// are fetched from that BE's web server over its own pooled connections;
+// the first request is always local; an unreachable BE costs that request
+// a 503 and the connection goes on.
+func TestForward(t *testing.T) {
+	local, other := newWebServer(t), newWebServer(t)
+	remote := &Pool{Dial: dialer(other.addr)}
+	t.Cleanup(remote.Close)
+	ln, _ := net.Listen("tcp4", "127.0.0.1:0")
+	dead := &Pool{Dial: dialer(ln.Addr().String())}
+	ln.Close()
+	t.Cleanup(dead.Close)
+	r := newRelay(t, local.addr)
+	r.cfg.Forward = func(path string) ([]*Pool, bool) {
+		switch path {
+		case "/big":
+			return []*Pool{remote}, true
+		case "/echo":
+			return []*Pool{dead, remote}, true // the first BE is down: the next one
+		case "/nocontent":
+			return []*Pool{dead}, true
+		case "/chunked":
+			return []*Pool{remote, nil}, true // the other BE, then this one
+		}
+		return nil, false
+	}
+	c := connect(t, r)
+	br := bufio.NewReader(c)
+	// First request: local even if the rules say otherwise.
+	if resp := get(t, c, br, "GET", "/big"); body(t, resp) != string(local.big) {
+		t.Fatal("the first request was not served locally")
+	}
+	for i := range 3 {
+		if resp := get(t, c, br, "GET", "/big"); body(t, resp) != string(other.big) {
+			t.Fatalf("request %d: not the other BE's body", i)
+		}
+		if resp := get(t, c, br, "GET", "/small"); body(t, resp) != "small" {
+			t.Fatal("local request after a forwarded one")
+		}
+	}
+	if other.conns.Load() != 1 {
+		t.Errorf("the other BE's web server got %d connections, want 1 (pooled)", other.conns.Load())
+	}
+	if resp := get(t, c, br, "GET", "/echo"); resp.StatusCode != 200 {
+		t.Errorf("fallback to the next BE: %d", resp.StatusCode)
+	} else {
+		body(t, resp)
+	}
+	resp := get(t, c, br, "GET", "/nocontent")
+	if resp.StatusCode != 503 {
+		t.Errorf("every BE down: %d, want 503", resp.StatusCode)
+	}
+	body(t, resp)
+	if resp := get(t, c, br, "GET", "/small"); body(t, resp) != "small" {
+		t.Error("the connection after a 503")
+	}
+	// The other BE's web server dies with a pooled connection to it: the
+	// request goes to the next in line.
+	if resp := get(t, c, br, "GET", "/chunked"); resp.StatusCode != 200 {
+		t.Fatalf("/chunked: %d", resp.StatusCode)
+	} else {
+		body(t, resp)
+	}
+	other.srv.Close()
+	if resp := get(t, c, br, "GET", "/chunked"); resp.StatusCode != 200 || !strings.Contains(body(t, resp), "part4") {
+		t.Errorf("after the other BE died: %d", resp.StatusCode)
+	}
+	if resp := get(t, c, br, "GET", "/small"); body(t, resp) != "small" {
+		t.Error("the connection after the fallback")
+	}
+}

@@ -27,6 +27,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -68,7 +69,7 @@ func main() {
 	out := flag.String("out", "docs/benchmarks.md", "report `file` (empty: stdout only)")
 	chart := flag.String("chart", "docs/benchmarks.png", "chart `file` (PNG)")
 	profile := flag.String("profile", "", "save CPU profiles of the FE and be1 agents taken during (a) to `dir`")
-	only := flag.String("only", "", "comma-separated `workloads` to run (a,b,c,d,e,flat,idle; default all)")
+	only := flag.String("only", "", "comma-separated `workloads` to run (a,b,c,d,e,f,flat,idle; default all)")
 	fes := flag.String("fe", "", "comma-separated `front ends` to run (tcpha,haproxy,nginx,direct; default all)")
 	secs := flag.Int("seconds", 0, "seconds per wrk workload (default 10, 2 with -smoke)")
 	flag.Parse()
@@ -157,7 +158,7 @@ func runBench(agent string, p params) (*bench.Run, error) {
 	for _, f := range []struct {
 		name string
 		size int
-	}{{"1k.bin", 1 << 10}, {"1m.bin", 1 << 20}, {"big.bin", p.bigMB << 20}} {
+	}{{"1k.bin", 1 << 10}, {"1m.bin", 1 << 20}, {"big.bin", p.bigMB << 20}, {"img/1k.jpg", 1 << 10}, {"img/100k.jpg", 100 << 10}} {
 		data := make([]byte, f.size)
 		rand.Read(data)
 		for _, be := range []string{"be1", "be2"} {
@@ -214,6 +215,11 @@ func runBench(agent string, p params) (*bench.Run, error) {
 				fmt.Printf("  handoff p50 %v p99 %v", r.HandoffP50, r.HandoffP99)
 			}
 			fmt.Println()
+		}
+	}
+	if p.runs("f") {
+		if err := b.alternating(); err != nil {
+			return nil, err
 		}
 	}
 	for _, fe := range b.fes {
@@ -531,6 +537,140 @@ func (b *bencher) ttfb(fe frontEnd) (bench.Result, error) {
 	r.P50, r.P99 = bench.Quantile(total, 0.5), bench.Quantile(total, 0.99)
 	r.RespBytes = float64(r.Requests) * 1024
 	return r, nil
+}
+
+// alternateScript makes wrk's keep-alive connections alternate between
+// be1's content and be2's images.
+const alternateScript = `
+local paths = {"/1k.bin", "/img/1k.jpg", "/1k.bin", "/img/100k.jpg"}
+local i = 0
+request = function()
+	i = i + 1
+	return wrk.format("GET", paths[(i % #paths) + 1])
+end
+`
+
+// alternating is workload (f): each front end under keep-alive load
+// alternating BEs, tcpha twice (phttp = single, then forward, switched by a
+// reload), and the time to first byte of the requests that switch BEs on a
+// held connection.
+func (b *bencher) alternating() error {
+	script := filepath.Join(b.c.Dir, "alternate.lua")
+	if err := os.WriteFile(script, []byte(alternateScript), 0o644); err != nil {
+		return err
+	}
+	run := func(fe frontEnd) error {
+		r, err := b.wrkScript(fe, "f", script)
+		if err != nil {
+			return err
+		}
+		if err := b.switches(fe, &r); err != nil {
+			return err
+		}
+		b.run.Results = append(b.run.Results, r)
+		fmt.Printf("   (f) %-14s %9.0f req/s  p50 %-9v p99 %-9v switch TTFB p50 %-9v p99 %-9v right BE %d/%d\n", fe.name, r.RPS,
+			r.P50, r.P99, r.TTFB50, r.TTFB99, r.RightBE, r.Switches)
+		return nil
+	}
+	for _, fe := range b.fes {
+		if err := run(fe); err != nil {
+			return err
+		}
+		if fe.name != bench.TCPHA {
+			continue
+		}
+		if err := b.setPHTTP("forward"); err != nil {
+			return err
+		}
+		fwd := fe
+		fwd.name = bench.TCPHAForward
+		err := run(fwd)
+		if rerr := b.setPHTTP("single"); err == nil {
+			err = rerr
+		}
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// setPHTTP switches the FE's phttp with a reload, and gives the cluster
+// frame a moment to reach the BEs.
+func (b *bencher) setPHTTP(mode string) error {
+	conf := b.c.ConfigFile("fe")
+	text, err := os.ReadFile(conf)
+	if err != nil {
+		return err
+	}
+	lines := strings.Split(strings.TrimRight(string(text), "\n"), "\n")
+	lines = slices.DeleteFunc(lines, func(l string) bool { return strings.HasPrefix(l, "phttp") })
+	lines = append(lines, "phttp = "+mode) // [fe] is the file's last section
+	if err := os.WriteFile(conf, []byte(strings.Join(lines, "\n")+"\n"), 0o644); err != nil {
+		return err
+	}
+	if _, err := b.c.Admin("fe", "reload"); err != nil {
+		return err
+	}
+	time.Sleep(time.Second)
+	return nil
+}
+
+// wrkScript is wrk with a request script.
+func (b *bencher) wrkScript(fe frontEnd, w, script string) (bench.Result, error) {
+	args := []string{"wrk", "-t2", "-c32", "-d", strconv.Itoa(b.p.wrkSecs) + "s", "--latency", "-s", script, fe.base + "/"}
+	s0 := b.sample(fe)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Duration(b.p.wrkSecs+60)*time.Second)
+	out, err := b.c.Output(ctx, "client", args...)
+	cancel()
+	s1 := b.sample(fe)
+	if err != nil {
+		return bench.Result{}, fmt.Errorf("wrk through %s: %w\n%s", fe.name, err, out)
+	}
+	wr, err := bench.ParseWrk(out)
+	if err != nil {
+		return bench.Result{}, fmt.Errorf("%s: %w", fe.name, err)
+	}
+	r := b.result(fe, w, s0, s1)
+	r.Requests, r.RPS, r.P50, r.P99 = wr.Requests, wr.RPS, wr.P50, wr.P99
+	r.RespBytes, r.Errors, r.Seconds = wr.BytesRead, wr.SocketErrors+wr.Non2xx, wr.Duration.Seconds()
+	return r, nil
+}
+
+// switches asks, on one keep-alive connection, for be1's and be2's content
+// in turn, and records the time to first byte of the requests for be2's
+// (the ones that switch BEs) and how many be2 served.
+func (b *bencher) switches(fe frontEnd, r *bench.Result) error {
+	n := max(b.p.ttfbN/2, 10)
+	args := []string{"curl", "-sS", "-w", "%{http_code} %{time_starttransfer} %header{x-served-by}\n"}
+	for range n {
+		args = append(args, "-o", "/dev/null", fe.base+"/1k.bin", "-o", "/dev/null", fe.base+"/img/1k.jpg")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	out, err := b.c.Output(ctx, "client", args...)
+	cancel()
+	if err != nil {
+		return fmt.Errorf("curl through %s: %v", fe.name, err)
+	}
+	var ttfb []time.Duration
+	for i, l := range strings.Split(strings.TrimSpace(out), "\n") {
+		f := strings.Fields(l)
+		if i%2 == 0 || len(f) < 2 {
+			continue // be1's requests
+		}
+		if f[0] != "200" {
+			r.Errors++
+			continue
+		}
+		t, _ := strconv.ParseFloat(f[1], 64)
+		ttfb = append(ttfb, time.Duration(t*1e9))
+		r.Switches++
+		if len(f) == 3 && f[2] == "be2" {
+			r.RightBE++
+		}
+	}
+	r.TTFB50, r.TTFB99 = bench.Quantile(ttfb, 0.5), bench.Quantile(ttfb, 0.99)
+	return nil
 }
 
 // flat runs (a) through tcpha for a long while and samples the FE's

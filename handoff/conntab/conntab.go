@@ -62,6 +62,12 @@ type Conn struct {
 	// Forwarded says the kernel's forward map holds this flow. It outlives
 	// a connection that is replaced by a new one from the same client port.
 	Forwarded bool
+	// closeUntil is set when the flow's first FIN or RST reached the agent
+	// while it was still HANDOFFING: between the kernel's switch to
+	// forwarding and the table's, the packet path marks the flow closing
+	// and queues that packet only once. The handoff's end then goes on to
+	// TIME_WAIT, until this deadline.
+	closeUntil time.Time
 }
 
 // Table holds one role's connections by client flow. It is safe for
@@ -168,7 +174,7 @@ func (t *Table) Begin(flow netip.AddrPort, now time.Time) error {
 	if err != nil {
 		return fmt.Errorf("begin: %w", err)
 	}
-	c.Started, c.BE, c.Latency, c.Until = now, netip.Addr{}, 0, time.Time{}
+	c.Started, c.BE, c.Latency, c.Until, c.closeUntil = now, netip.Addr{}, 0, time.Time{}, time.Time{}
 	return nil
 }
 
@@ -184,6 +190,13 @@ func (t *Table) Handed(flow netip.AddrPort, be netip.Addr, now time.Time) (repla
 	}
 	replace = c.Forwarded
 	c.BE, c.Latency, c.Forwarded = be, now.Sub(c.Started), true
+	if until := c.closeUntil; !until.IsZero() {
+		c.closeUntil = time.Time{}
+		if c, _, err = t.apply(flow, EvFIN, now); err != nil {
+			return replace, fmt.Errorf("handed, closing: %w", err)
+		}
+		c.Until = until
+	}
 	return replace, nil
 }
 
@@ -220,6 +233,9 @@ func (t *Table) Observe(flow netip.AddrPort, ev Event, now, until time.Time) (St
 	}
 	if c.State == TimeWait && from != TimeWait {
 		c.Until = until
+	}
+	if t.role == FE && c.State == Handoffing && (ev == EvFIN || ev == EvRST) && c.closeUntil.IsZero() {
+		c.closeUntil = until
 	}
 	return c.State, act, nil
 }

@@ -492,3 +492,37 @@ func TestLiveByBE(t *testing.T) {
 		t.Errorf("after an adoption: %d", tab.Live(be2))
 	}
 }
+
+// A FIN that reaches the agent between the kernel's switch to forwarding
+// and the table's is the only one it gets (the flow is marked closing):
+// the handoff's end goes straight on to TIME_WAIT.
+func TestFINWhileHandoffing(t *testing.T) {
+	tab := New()
+	flow := netip.MustParseAddrPort("10.0.0.10:1000")
+	be := netip.MustParseAddr("10.0.0.11")
+	now := time.Now()
+	if err := tab.Begin(flow, now); err != nil {
+		t.Fatal(err)
+	}
+	st, act, err := tab.Observe(flow, EvFIN, now, now.Add(5*time.Second))
+	if err != nil || st != Handoffing || act != ActDrop {
+		t.Fatalf("FIN while handoffing: %v %v %v", st, act, err)
+	}
+	if _, err := tab.Handed(flow, be, now); err != nil {
+		t.Fatal(err)
+	}
+	c, _ := tab.Get(flow)
+	if c.State != TimeWait || !c.Until.Equal(now.Add(5*time.Second)) || tab.Live(be) != 0 {
+		t.Errorf("after the handoff: %+v, live %d", c, tab.Live(be))
+	}
+	// A reuse of the port starts clean.
+	if err := tab.Begin(flow, now); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tab.Handed(flow, be, now); err != nil {
+		t.Fatal(err)
+	}
+	if c, _ := tab.Get(flow); c.State != Handoffed {
+		t.Errorf("the next connection on the port: %v", c.State)
+	}
+}

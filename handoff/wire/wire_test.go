@@ -346,6 +346,7 @@ func FuzzFrame(f *testing.F) {
 		check("flow", &Flow{})
 		check("health", &Health{})
 		check("register", &Register{})
+		check("cluster", &Cluster{})
 		var a Ack
 		_ = a.UnmarshalBinary(fr.Payload)
 	})
@@ -371,5 +372,35 @@ func TestRegisterRoundTrip(t *testing.T) {
 		if err := got.UnmarshalBinary(bad); err == nil {
 			t.Errorf("%s: accepted", name)
 		}
+	}
+}
+
+func TestClusterRoundTrip(t *testing.T) {
+	be1, be2 := netip.MustParseAddr("10.0.0.11"), netip.MustParseAddr("10.0.0.12")
+	c := Cluster{PHTTP: PHTTPForward, Policy: "wlc",
+		Servers: []ClusterServer{{Addr: be1, Port: 666, Weight: 3}, {Addr: be2, Port: 777, Weight: 1}},
+		Rules: []ClusterRule{{Targets: []netip.Addr{be2}, Pattern: `\.jpg$`},
+			{Targets: []netip.Addr{be1, be2}, Policy: "lard", Pattern: `\.html$`}, {Local: true, Pattern: ".*"}}}
+	b, err := c.MarshalBinary()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got Cluster
+	if err := got.UnmarshalBinary(b); err != nil || !reflect.DeepEqual(got, c) {
+		t.Fatalf("%+v %v", got, err)
+	}
+	for name, bad := range map[string][]byte{
+		"truncated":    b[:len(b)-1],
+		"trailing":     append(append([]byte{}, b...), 0),
+		"unknown mode": append([]byte{9}, b[1:]...),
+		"too many":     {0, 0, 0xff, 0xff},
+		"empty":        {},
+	} {
+		if err := got.UnmarshalBinary(bad); err == nil {
+			t.Errorf("%s: accepted", name)
+		}
+	}
+	if _, err := (Cluster{Rules: []ClusterRule{{Pattern: ""}}}).MarshalBinary(); err == nil {
+		t.Error("an empty pattern was encoded")
 	}
 }

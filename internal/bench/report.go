@@ -3,6 +3,7 @@ package bench
 import (
 	"fmt"
 	"math"
+	"slices"
 	"strings"
 	"time"
 )
@@ -13,10 +14,12 @@ const (
 	HAProxy = "haproxy"
 	Nginx   = "nginx"
 	Direct  = "direct"
+	// TCPHAForward is tcpha with phttp = forward, measured in (f) only.
+	TCPHAForward = "tcpha forward"
 )
 
 // FrontEnds lists them in report order.
-var FrontEnds = []string{TCPHA, HAProxy, Nginx, Direct}
+var FrontEnds = []string{TCPHA, TCPHAForward, HAProxy, Nginx, Direct}
 
 // Workload describes one workload of the run.
 type Workload struct {
@@ -30,6 +33,7 @@ var Workloads = []Workload{
 	{"c", "(c) 1 MB, keep-alive (wrk)"},
 	{"d", "(d) one 200 MB download (curl)"},
 	{"e", "(e) sequential one-request connections, time to first byte (curl)"},
+	{"f", "(f) keep-alive connections alternating BEs: 1 KB from be1, 1 KB and 100 KB images from be2 (wrk); switch = a request for the other BE's content on a held connection (curl, time to first byte)"},
 }
 
 // Result is one front end's figures for one workload.
@@ -49,6 +53,9 @@ type Result struct {
 	// HandoffP50/P99 are the FE agent's own handoff latencies during the
 	// load (tcpha only), from its histogram.
 	HandoffP50, HandoffP99 time.Duration
+	// (f): of Switches requests for the other BE's content on a held
+	// connection, how many that BE served.
+	Switches, RightBE int
 }
 
 // CPUPerRequest is the FE's CPU time per request.
@@ -212,7 +219,8 @@ func (r *Run) Markdown(chart string) string {
 	w("- **tcpha**: the client connects to the VIP; the FE hands each connection to a BE, which answers directly.\n")
 	w("- **haproxy**: HAProxy in `mode http` on the FE (same VIP, another port), `http-reuse always` to the same BEs' nginx.\n")
 	w("- **nginx**: nginx on the FE as a proxy (`proxy_pass`, upstream `keepalive`).\n")
-	w("- **direct**: the client straight to be1's nginx: the baseline.\n\n")
+	w("- **direct**: the client straight to be1's nginx: the baseline.\n")
+	w("- **tcpha forward** (workload f only): tcpha with `phttp = forward`: the BE holding a keep-alive connection fetches a later request for the other BE's content from that BE's nginx. Plain **tcpha** there is `phttp = single`: such requests stay on the connection's first BE (the wrong one).\n\n")
 	w("Machine: %s. %s\n\n", r.Machine, strings.Join(r.Tools, "; "))
 	w("Load: %s. Client, FE, BEs and every server share the machine's cores, so figures are ratios within this run, not capacities; they move 20–40 %% between runs (FACTS.md).\n\n", r.Params)
 	if chart != "" {
@@ -235,10 +243,15 @@ func (r *Run) Markdown(chart string) string {
 	}
 	w("\n## Figures per workload\n\nFE CPU is the user+system time of the FE's own process(es) (`/proc/PID/stat`): the tcpha agent, HAProxy, the nginx proxy's master and workers; softirq work lands on whichever process runs, so the machine's total busy CPU is shown too. NIC bytes are the FE's eth0 per request.\n\n")
 	for _, wl := range Workloads {
-		w("### %s\n\n| | %s |\n|---|%s\n", wl.Title, strings.Join(FrontEnds, " | "), strings.Repeat("---|", len(FrontEnds)))
+		// tcpha forward is measured in (f) only.
+		fes := FrontEnds
+		if _, ok := r.Get(TCPHAForward, wl.ID); !ok {
+			fes = slices.DeleteFunc(slices.Clone(FrontEnds), func(fe string) bool { return fe == TCPHAForward })
+		}
+		w("### %s\n\n| | %s |\n|---|%s\n", wl.Title, strings.Join(fes, " | "), strings.Repeat("---|", len(fes)))
 		row := func(name string, f func(Result) string) {
-			cells := make([]string, len(FrontEnds))
-			for i, fe := range FrontEnds {
+			cells := make([]string, len(fes))
+			for i, fe := range fes {
 				if x, ok := r.Get(fe, wl.ID); ok {
 					cells[i] = f(x)
 				} else {
@@ -288,6 +301,20 @@ func (r *Run) Markdown(chart string) string {
 			return "—"
 		})
 		row("errors", func(x Result) string { return fmt.Sprint(x.Errors) })
+		if wl.ID == "f" {
+			row("switch time to first byte p50 / p99", func(x Result) string {
+				if x.TTFB99 == 0 {
+					return "—"
+				}
+				return us(x.TTFB50) + " / " + us(x.TTFB99)
+			})
+			row("requests served by the right BE", func(x Result) string {
+				if x.Requests == 0 {
+					return "—"
+				}
+				return fmt.Sprintf("%d of %d", x.RightBE, x.Switches)
+			})
+		}
 		if wl.ID == "a" {
 			row("handoff latency p50 / p99 (FE)", func(x Result) string {
 				if x.HandoffP99 == 0 {

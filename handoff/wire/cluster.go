@@ -1,0 +1,170 @@
+package wire
+
+import (
+	"encoding/binary"
+	"fmt"
+	"net/netip"
+)
+
+// PHTTP is what a BE does with a later request on a keep-alive connection
+// whose rules pick another BE.
+type PHTTP uint8
+
+const (
+	// PHTTPSingle serves every request of a connection where its first
+	// went (TCPHA 0.2).
+	PHTTPSingle PHTTP = 0
+	// PHTTPForward fetches the request from the other BE's web server and
+	// relays the answer (back-end forwarding, Aron et al. 1999).
+	PHTTPForward PHTTP = 1
+)
+
+func (p PHTTP) String() string {
+	switch p {
+	case PHTTPSingle:
+		return "single"
+	case PHTTPForward:
+		return "forward"
+	}
+	return fmt.Sprintf("phttp(%d)", uint8(p))
+}
+
+// Cluster is the payload of a Cluster frame: the FE's scheduling as its BEs
+// need it to route later requests themselves, so that the rules live in
+// one place (the FE's config, its registrations) and stay consistent.
+type Cluster struct {
+	PHTTP   PHTTP
+	Policy  string // the default scheduler
+	Servers []ClusterServer
+	Rules   []ClusterRule
+}
+
+// ClusterServer is one BE.
+type ClusterServer struct {
+	Addr   netip.Addr
+	Port   uint16
+	Weight uint16
+}
+
+// ClusterRule is one rule, in order.
+type ClusterRule struct {
+	Targets []netip.Addr
+	Local   bool   // the FE's local node
+	Policy  string // empty: the default
+	Pattern string
+}
+
+// Bounds of a Cluster payload.
+const (
+	MaxClusterServers = 4096
+	MaxClusterRules   = 4096
+	MaxRuleTargets    = 255
+	maxPolicyName     = 16
+)
+
+// MarshalBinary encodes the Cluster payload: phttp, policy, the servers
+// (IPv4 address, port, weight), then each rule's flags, policy, targets and
+// pattern.
+func (c Cluster) MarshalBinary() ([]byte, error) {
+	if len(c.Servers) > MaxClusterServers || len(c.Rules) > MaxClusterRules {
+		return nil, fmt.Errorf("%w: %d servers, %d rules", ErrFormat, len(c.Servers), len(c.Rules))
+	}
+	if len(c.Policy) > maxPolicyName {
+		return nil, fmt.Errorf("%w: policy %q", ErrFormat, c.Policy)
+	}
+	b := []byte{byte(c.PHTTP), byte(len(c.Policy))}
+	b = append(b, c.Policy...)
+	b = binary.BigEndian.AppendUint16(b, uint16(len(c.Servers)))
+	for _, s := range c.Servers {
+		if !s.Addr.Is4() {
+			return nil, fmt.Errorf("%w: server %v", ErrFormat, s.Addr)
+		}
+		a := s.Addr.As4()
+		b = append(b, a[:]...)
+		b = binary.BigEndian.AppendUint16(b, s.Port)
+		b = binary.BigEndian.AppendUint16(b, s.Weight)
+	}
+	b = binary.BigEndian.AppendUint16(b, uint16(len(c.Rules)))
+	for _, r := range c.Rules {
+		if len(r.Targets) > MaxRuleTargets || len(r.Policy) > maxPolicyName ||
+			len(r.Pattern) == 0 || len(r.Pattern) > MaxRegisterPattern {
+			return nil, fmt.Errorf("%w: rule %q", ErrFormat, r.Pattern)
+		}
+		var flags byte
+		if r.Local {
+			flags = 1
+		}
+		b = append(b, flags, byte(len(r.Policy)))
+		b = append(b, r.Policy...)
+		b = append(b, byte(len(r.Targets)))
+		for _, t := range r.Targets {
+			if !t.Is4() {
+				return nil, fmt.Errorf("%w: rule target %v", ErrFormat, t)
+			}
+			a := t.As4()
+			b = append(b, a[:]...)
+		}
+		b = binary.BigEndian.AppendUint16(b, uint16(len(r.Pattern)))
+		b = append(b, r.Pattern...)
+	}
+	return b, nil
+}
+
+// UnmarshalBinary decodes a Cluster payload.
+func (c *Cluster) UnmarshalBinary(b []byte) error {
+	d := decoder{b: b}
+	mode := PHTTP(d.u8())
+	policy := string(d.take(int(d.u8())))
+	if d.err == nil && (mode > PHTTPForward || len(policy) > maxPolicyName) {
+		return fmt.Errorf("%w: cluster phttp %d, policy of %d bytes", ErrFormat, mode, len(policy))
+	}
+	out := Cluster{PHTTP: mode, Policy: policy}
+	n := d.u16()
+	if d.err == nil && n > MaxClusterServers {
+		return fmt.Errorf("%w: %d servers", ErrFormat, n)
+	}
+	for range n {
+		a := d.take(4)
+		port, w := d.u16(), d.u16()
+		if d.err != nil {
+			return d.err
+		}
+		out.Servers = append(out.Servers, ClusterServer{Addr: netip.AddrFrom4([4]byte(a)), Port: port, Weight: w})
+	}
+	n = d.u16()
+	if d.err == nil && n > MaxClusterRules {
+		return fmt.Errorf("%w: %d rules", ErrFormat, n)
+	}
+	for range n {
+		flags := d.u8()
+		pol := d.take(int(d.u8()))
+		if d.err == nil && (flags&^1 != 0 || len(pol) > maxPolicyName) {
+			return fmt.Errorf("%w: rule flags 0x%02x, policy of %d bytes", ErrFormat, flags, len(pol))
+		}
+		r := ClusterRule{Local: flags&1 != 0, Policy: string(pol)}
+		for range d.u8() {
+			a := d.take(4)
+			if d.err != nil {
+				return d.err
+			}
+			r.Targets = append(r.Targets, netip.AddrFrom4([4]byte(a)))
+		}
+		l := d.u16()
+		if d.err == nil && (l == 0 || l > MaxRegisterPattern) {
+			return fmt.Errorf("%w: pattern of %d bytes", ErrFormat, l)
+		}
+		r.Pattern = string(d.take(int(l)))
+		if d.err != nil {
+			return d.err
+		}
+		out.Rules = append(out.Rules, r)
+	}
+	switch {
+	case d.err != nil:
+		return d.err
+	case len(d.b) != 0:
+		return fmt.Errorf("%w: %d trailing bytes in cluster", ErrFormat, len(d.b))
+	}
+	*c = out
+	return nil
+}

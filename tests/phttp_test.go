@@ -1,0 +1,230 @@
+package tests
+
+import (
+	"bufio"
+	"context"
+	"crypto/md5"
+	"crypto/rand"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	cluster "tcpha/internal/nscluster"
+)
+
+// phttp = forward (issue 7, Aron et al.'s back-end forwarding): the BE that
+// holds a keep-alive connection fetches a later request for another BE's
+// content from that BE's web server and relays the answer.
+
+func forwardCluster(t *testing.T) *cluster.Cluster {
+	t.Helper()
+	c := newCluster(t, cluster.Options{BEs: 2, Secret: "s", PublicWWW: true,
+		Rules:   []string{`rule = be2 \.jpg$`, `rule = be1 .*`},
+		FEExtra: "phttp = forward\ntimewait = 2\ndtcinterval = 1\n"})
+	// Both BEs have the FE's rules before the first request.
+	deadline := time.Now().Add(10 * time.Second)
+	for _, b := range c.BEs {
+		for c.Grep(b.Name, `msg="cluster rules from the FE"`) == "" {
+			if time.Now().After(deadline) {
+				t.Fatalf("%s got no cluster frame:\n%s", b.Name, c.Grep(b.Name, "cluster"))
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+	return c
+}
+
+// getBody is keepAlive.get that also returns the body's MD5.
+func (k *keepAlive) getBody(path string) (string, [16]byte, error) {
+	k.conn.SetDeadline(time.Now().Add(30 * time.Second))
+	fmt.Fprintf(k.conn, "GET %s HTTP/1.1\r\nHost: tcpha\r\n\r\n", path)
+	resp, err := http.ReadResponse(k.br, nil)
+	if err != nil {
+		return "", [16]byte{}, err
+	}
+	defer resp.Body.Close()
+	h := md5.New()
+	if _, err := io.Copy(h, resp.Body); err != nil {
+		return "", [16]byte{}, err
+	}
+	return fmt.Sprintf("%d %s", resp.StatusCode, resp.Header.Get("X-Served-By")), [16]byte(h.Sum(nil)), nil
+}
+
+func TestPHTTPForward(t *testing.T) {
+	c := forwardCluster(t)
+
+	t.Run("one keep-alive connection, alternating BEs", func(t *testing.T) {
+		args := []string{"curl", "-sS", "-w", "%{num_connects} %{http_code} %header{x-served-by}\n"}
+		for _, p := range []string{"/index.html", "/img/a.jpg", "/index.html", "/img/a.jpg"} {
+			args = append(args, "-o", "/dev/null", url+p)
+		}
+		out, err := c.Output(context.Background(), "client", args...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		want := "1 200 be1\n0 200 be2\n0 200 be1\n0 200 be2\n"
+		if out != want {
+			t.Errorf("curl (new connections, status, served by):\n%s\nwant:\n%s", out, want)
+		}
+	})
+
+	t.Run("20 MB bodies after switching and back", func(t *testing.T) {
+		big := make([]byte, 20<<20)
+		rand.Read(big)
+		os.WriteFile(filepath.Join(c.WWW("be2"), "img", "big.jpg"), big, 0o644)
+		os.WriteFile(filepath.Join(c.WWW("be1"), "big.bin"), big, 0o644)
+		sum := md5.Sum(big)
+		k := dialKeepAlive(t, c)
+		defer k.conn.Close()
+		for _, p := range []string{"/index.html", "/img/big.jpg", "/big.bin", "/img/big.jpg"} {
+			who, got, err := k.getBody(p)
+			if err != nil {
+				t.Fatalf("%s: %v", p, err)
+			}
+			if strings.HasPrefix(p, "/img/big") || p == "/big.bin" {
+				if got != sum {
+					t.Errorf("%s (%s): the body differs", p, who)
+				}
+			}
+			t.Logf("%s: %s", p, who)
+		}
+	})
+
+	t.Run("pipelined requests for be1, be2, be1", func(t *testing.T) {
+		conn, err := c.Dial(context.Background(), "client", 0, fmt.Sprintf("%s:%d", cluster.VIP, cluster.Port))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+		conn.SetDeadline(time.Now().Add(10 * time.Second))
+		var req strings.Builder
+		for _, p := range []string{"/index.html", "/img/a.jpg", "/index.html"} {
+			fmt.Fprintf(&req, "GET %s HTTP/1.1\r\nHost: tcpha\r\n\r\n", p)
+		}
+		io.WriteString(conn, req.String()) // all three in one write
+		br := bufio.NewReader(conn)
+		var got []string
+		for range 3 {
+			resp, err := http.ReadResponse(br, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			b, _ := io.ReadAll(resp.Body)
+			got = append(got, resp.Header.Get("X-Served-By")+":"+strings.TrimSpace(string(b)))
+		}
+		want := []string{"be1:index from be1", "be2:jpeg from be2", "be1:index from be1"}
+		if fmt.Sprint(got) != fmt.Sprint(want) {
+			t.Errorf("pipelined answers %v, want %v", got, want)
+		}
+	})
+
+	t.Run("50 connections × 20 alternating requests, no reset", func(t *testing.T) {
+		cp := startCapture(t, c, "client", "tcp[tcpflags] & tcp-rst != 0")
+		var wg sync.WaitGroup
+		errs := make(chan string, 50*20)
+		for range 50 {
+			wg.Go(func() {
+				k := dialKeepAlive(t, c)
+				defer k.conn.Close()
+				for i := range 20 {
+					p, want := "/index.html", "200 be1"
+					if i%2 == 1 {
+						p, want = "/img/a.jpg", "200 be2"
+					}
+					if got, err := k.get(p); err != nil || got != want {
+						errs <- fmt.Sprintf("%s: %q %v", p, got, err)
+						return
+					}
+				}
+			})
+		}
+		wg.Wait()
+		close(errs)
+		for e := range errs {
+			t.Error(e)
+		}
+		if n := cp.stop(t); n != 0 {
+			t.Errorf("%d RSTs on the client's link", n)
+		}
+		deadline := time.Now().Add(2*time.Second + 5*time.Second)
+		for {
+			table, kernel := flowsOf(t, c)
+			if len(table) == 0 && len(kernel) == 0 {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("the FE still has %d rows, %d flows", len(table), len(kernel))
+			}
+			time.Sleep(200 * time.Millisecond)
+		}
+	})
+
+	t.Run("the other BE down: an answer, and the connection goes on", func(t *testing.T) {
+		k := dialKeepAlive(t, c)
+		defer k.conn.Close()
+		if got, err := k.get("/index.html"); err != nil || got != "200 be1" {
+			t.Fatalf("first: %q %v", got, err)
+		}
+		if err := c.StopWWW("be2"); err != nil {
+			t.Fatal(err)
+		}
+		defer c.StartWWW("be2")
+		start := time.Now()
+		got, err := k.get("/img/a.jpg")
+		t.Logf("with be2's web server down: %q %v after %v", got, err, time.Since(start).Round(time.Millisecond))
+		if err != nil || time.Since(start) > 5*time.Second || (got != "200 be1" && !strings.HasPrefix(got, "503")) {
+			t.Errorf("the request for be2's content: %q %v", got, err)
+		}
+		if got, err := k.get("/index.html"); err != nil || got != "200 be1" {
+			t.Errorf("the connection afterwards: %q %v", got, err)
+		}
+	})
+}
+
+// A reload's rules reach the BEs: they route later requests by them.
+func TestPHTTPForwardReload(t *testing.T) {
+	c := forwardCluster(t)
+	conf := c.ConfigFile("fe")
+	b, _ := os.ReadFile(conf)
+	// .jpg to be1 now, the rest to be2.
+	text := strings.Replace(string(b), "rule = "+c.BEs[1].IP+` \.jpg$`, "rule = "+c.BEs[0].IP+` \.jpg$`, 1)
+	text = strings.Replace(text, "rule = "+c.BEs[0].IP+" .*", "rule = "+c.BEs[1].IP+" .*", 1)
+	os.WriteFile(conf, []byte(text), 0o640)
+	if out := ctl(t, c, "fe", "reload"); !strings.Contains(out, "reloaded") {
+		t.Fatal(out)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for strings.Count(c.Grep("be2", `msg="cluster rules from the FE"`), "\n") < 2 {
+		if time.Now().After(deadline) {
+			t.Fatalf("be2 did not get the new rules:\n%s", c.Grep("be2", "cluster"))
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	k := dialKeepAlive(t, c)
+	defer k.conn.Close()
+	for _, tc := range [][2]string{{"/index.html", "200 be2"}, {"/img/a.jpg", "200 be1"}, {"/index.html", "200 be2"}} {
+		if got, err := k.get(tc[0]); err != nil || got != tc[1] {
+			t.Errorf("%s after the reload: %q %v, want %s", tc[0], got, err, tc[1])
+		}
+	}
+}
+
+// phttp = single (the default) keeps TCPHA 0.2's behaviour: every request
+// of a connection goes where its first went.
+func TestPHTTPSingle(t *testing.T) {
+	c := newCluster(t, cluster.Options{BEs: 2, Secret: "s", PublicWWW: true,
+		Rules: []string{`rule = be2 \.jpg$`, `rule = be1 .*`}})
+	k := dialKeepAlive(t, c)
+	defer k.conn.Close()
+	for _, p := range []string{"/index.html", "/img/a.jpg"} {
+		if got, err := k.get(p); err != nil || got != "200 be1" {
+			t.Errorf("%s: %q %v, want be1 (the connection's first BE)", p, got, err)
+		}
+	}
+}
