@@ -438,6 +438,12 @@ func (b *bencher) wrk(fe frontEnd, w string) (bench.Result, error) {
 	if w == "a" && fe.name == bench.TCPHA && b.p.profileDir != "" {
 		prof = b.startProfiles()
 	}
+	return b.load(fe, w, args, prof)
+}
+
+// load runs wrk with args through fe, sampling the FE around it; prof, if
+// set, waits for profiles taken meanwhile.
+func (b *bencher) load(fe frontEnd, w string, args []string, prof func() error) (bench.Result, error) {
 	s0 := b.sample(fe)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Duration(b.p.wrkSecs+60)*time.Second)
 	out, err := b.c.Output(ctx, "client", args...)
@@ -619,22 +625,7 @@ func (b *bencher) setPHTTP(mode string) error {
 // wrkScript is wrk with a request script.
 func (b *bencher) wrkScript(fe frontEnd, w, script string) (bench.Result, error) {
 	args := []string{"wrk", "-t2", "-c32", "-d", strconv.Itoa(b.p.wrkSecs) + "s", "--latency", "-s", script, fe.base + "/"}
-	s0 := b.sample(fe)
-	ctx, cancel := context.WithTimeout(context.Background(), time.Duration(b.p.wrkSecs+60)*time.Second)
-	out, err := b.c.Output(ctx, "client", args...)
-	cancel()
-	s1 := b.sample(fe)
-	if err != nil {
-		return bench.Result{}, fmt.Errorf("wrk through %s: %w\n%s", fe.name, err, out)
-	}
-	wr, err := bench.ParseWrk(out)
-	if err != nil {
-		return bench.Result{}, fmt.Errorf("%s: %w", fe.name, err)
-	}
-	r := b.result(fe, w, s0, s1)
-	r.Requests, r.RPS, r.P50, r.P99 = wr.Requests, wr.RPS, wr.P50, wr.P99
-	r.RespBytes, r.Errors, r.Seconds = wr.BytesRead, wr.SocketErrors+wr.Non2xx, wr.Duration.Seconds()
-	return r, nil
+	return b.load(fe, w, args, nil)
 }
 
 // switches asks, on one keep-alive connection, for be1's and be2's content
