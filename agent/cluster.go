@@ -88,22 +88,37 @@ func (f *fe) pushCluster(ctx context.Context) {
 		if err != nil {
 			continue // it gets the frame once a session is up
 		}
-		wg.Go(func() {
-			cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
-			defer cancel()
-			r, err := s.Call(cctx, wire.Frame{Type: wire.TypeCluster, Payload: p})
-			var ack wire.Ack
-			if err == nil {
-				if err = ack.UnmarshalBinary(r.Payload); err == nil && ack.Result != wire.ResultOK {
-					err = fmt.Errorf("%v: %s", ack.Result, ack.Reason)
-				}
-			}
-			if err != nil {
-				f.log.Warn("cluster frame not taken", "op", "cluster", "be", be.String(), "err", err)
-			}
-		})
+		wg.Go(func() { f.sendCluster(ctx, be, s, p) })
 	}
 	wg.Wait()
+}
+
+// sendCluster sends one BE the cluster frame p on session s.
+func (f *fe) sendCluster(ctx context.Context, be netip.AddrPort, s *ctl.Session, p []byte) {
+	cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	r, err := s.Call(cctx, wire.Frame{Type: wire.TypeCluster, Payload: p})
+	var ack wire.Ack
+	if err == nil {
+		if err = ack.UnmarshalBinary(r.Payload); err == nil && ack.Result != wire.ResultOK {
+			err = fmt.Errorf("%v: %s", ack.Result, ack.Reason)
+		}
+	}
+	if err != nil {
+		f.log.Warn("cluster frame not taken", "op", "cluster", "be", be.String(), "err", err)
+	}
+}
+
+// newSession gives a BE the cluster frame on each new session, so that one
+// that restarted or was upgraded routes like the FE from its first
+// connection on (the pool's OnSession).
+func (f *fe) newSession(be netip.AddrPort, s *ctl.Session) {
+	p, err := f.clusterFrame()
+	if err != nil {
+		f.log.Error("cluster frame", "op", "cluster", "err", err)
+		return
+	}
+	go f.sendCluster(context.Background(), be, s, p)
 }
 
 // beCluster is what a BE knows of its cluster: the FE's last cluster frame,

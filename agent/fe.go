@@ -219,6 +219,7 @@ func startFE(ctx context.Context, cfg *config.FE, secret []byte, m *metrics.Metr
 		}
 		f.changed(be.Addr(), f.sched.Session, up, err)
 	}
+	f.pool.OnSession = f.newSession
 	for _, srv := range f.sched.Servers() {
 		f.pool.Add(srv.AddrPort())
 	}

@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -162,6 +163,30 @@ func TestPHTTPForward(t *testing.T) {
 				t.Fatalf("the FE still has %d rows, %d flows", len(table), len(kernel))
 			}
 			time.Sleep(200 * time.Millisecond)
+		}
+	})
+
+	t.Run("a restarted BE has the rules with its first session", func(t *testing.T) {
+		before := strings.Count(c.Grep("be1", `msg="cluster rules from the FE"`), "\n")
+		if err := c.StopAgent("be1", syscall.SIGTERM); err != nil {
+			t.Fatal(err)
+		}
+		if err := c.StartAgent("be1"); err != nil {
+			t.Fatal(err)
+		}
+		deadline := time.Now().Add(5 * time.Second)
+		for strings.Count(c.Grep("be1", `msg="cluster rules from the FE"`), "\n") == before {
+			if time.Now().After(deadline) {
+				t.Fatal("the restarted be1 got no cluster frame within 5 s")
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		k := dialKeepAlive(t, c)
+		defer k.conn.Close()
+		for _, tc := range [][2]string{{"/index.html", "200 be1"}, {"/img/a.jpg", "200 be2"}} {
+			if got, err := k.get(tc[0]); err != nil || got != tc[1] {
+				t.Errorf("%s after be1's restart: %q %v", tc[0], got, err)
+			}
 		}
 	})
 

@@ -482,6 +482,8 @@ func TestPoolReconnects(t *testing.T) {
 		return dialTCP(ctx, a)
 	}, 3)
 	p.OnChange = func(_ netip.AddrPort, up bool, _ error) { mu.Lock(); changes = append(changes, up); mu.Unlock() }
+	var sessions atomic.Int64
+	p.OnSession = func(_ netip.AddrPort, s *Session) { sessions.Add(1) }
 	defer p.Close()
 	p.Add(addr)
 	waitFor(t, func() bool { return len(p.Sessions(addr)) == 3 }, "3 sessions up")
@@ -514,6 +516,9 @@ func TestPoolReconnects(t *testing.T) {
 	defer mu.Unlock()
 	if fmt.Sprint(changes) != "[true false true]" {
 		t.Errorf("OnChange calls %v", changes)
+	}
+	if n := sessions.Load(); n != 6 {
+		t.Errorf("OnSession called %d times, want 6 (3 sessions, twice)", n)
 	}
 }
 

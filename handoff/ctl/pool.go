@@ -60,6 +60,10 @@ type Pool struct {
 	// OnChange, if set, is called (without locks held) when a peer's first
 	// session comes up or its last one goes down.
 	OnChange func(peer netip.AddrPort, up bool, err error)
+	// OnSession, if set, is called (without locks held, on the slot's
+	// goroutine) with every new session, before OnChange: the place to
+	// tell a peer, restarted or upgraded, what it needs to know.
+	OnSession func(peer netip.AddrPort, s *Session)
 }
 
 type peer struct {
@@ -247,6 +251,9 @@ func (p *Pool) attach(pe *peer, s *Session) {
 	up := !pe.wasUp
 	pe.wasUp, pe.lastErr = true, nil
 	p.mu.Unlock()
+	if p.OnSession != nil {
+		p.OnSession(pe.addr, s)
+	}
 	if up {
 		p.cfg.Log.Info("control sessions up", "op", "control", "peer", pe.addr.String())
 		if p.OnChange != nil {

@@ -117,6 +117,10 @@ func sampleRun() *Run {
 	add(Direct, "a", 20000, math.NaN(), 20000)
 	add(TCPHA, "c", 1000, 0.001, 1000)
 	add(HAProxy, "c", 900, 1.5, 1000)
+	add(TCPHA, "f", 13000, 0.001, 10000)
+	add(TCPHAForward, "f", 11000, 0.001, 10000)
+	add(HAProxy, "f", 10000, 0.9, 10000)
+	add(Direct, "f", 30000, math.NaN(), 10000)
 	r.Results = append(r.Results, Result{FrontEnd: TCPHA, Workload: "e", TTFB50: 1100 * time.Microsecond, TTFB99: 3 * time.Millisecond},
 		Result{FrontEnd: Direct, Workload: "e", TTFB50: 1000 * time.Microsecond, TTFB99: 1500 * time.Microsecond})
 	return r

@@ -85,15 +85,16 @@ func (r *Run) Chart() ([]byte, error) {
 	rate.Legend.Top, rate.Y.Max = true, top*1.45
 	cpu.Legend.Top, cpu.Y.Min, cpu.Y.Max = true, 0, 7.2
 
-	const w, h = 10 * vg.Inch, 4 * vg.Inch
+	// One above the other: each group of bars gets the whole width.
+	const w, h = 10 * vg.Inch, 7 * vg.Inch
 	img := vgimg.New(w, h)
 	dc := draw.New(img)
-	tiles := draw.Tiles{Rows: 1, Cols: 2, PadX: vg.Millimeter * 4, PadY: vg.Millimeter * 2,
+	tiles := draw.Tiles{Rows: 2, Cols: 1, PadX: vg.Millimeter * 4, PadY: vg.Millimeter * 6,
 		PadTop: vg.Millimeter * 2, PadBottom: vg.Millimeter * 2, PadLeft: vg.Millimeter * 2, PadRight: vg.Millimeter * 2}
-	plots := [][]*plot.Plot{{rate, cpu}}
+	plots := [][]*plot.Plot{{rate}, {cpu}}
 	canvases := plot.Align(plots, tiles, dc)
 	rate.Draw(canvases[0][0])
-	cpu.Draw(canvases[0][1])
+	cpu.Draw(canvases[1][0])
 	png := vgimg.PngCanvas{Canvas: img}
 	var buf bytes.Buffer
 	if _, err := png.WriteTo(&buf); err != nil {
