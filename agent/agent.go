@@ -138,7 +138,7 @@ func Run(ctx context.Context, cfg *config.Config, lg *Logger, opt Options) (err 
 	if cfg.FE != nil {
 		var lns feListeners
 		if in != nil {
-			lns = feListeners{VIP: in.VIP, Register: in.Register}
+			lns = feListeners{VIP: in.VIP, Register: in.Register, Registered: in.Registered}
 			in.VIP, in.Register = nil, nil
 		}
 		if r.f, err = startFE(serve, cfg.FE, cfg.Global.Secret, r.m, log, lns); err != nil {

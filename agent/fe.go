@@ -68,14 +68,23 @@ type fe struct {
 // listenRegister opens the port BEs register on: [fe] raddr:feport, never
 // the VIP. Registration needs the cluster secret and a real address; the
 // FE runs without it otherwise, and says so.
-func (f *fe) listenRegister(ctx context.Context, secret []byte, ln net.Listener) error {
+func (f *fe) listenRegister(ctx context.Context, secret []byte, lns feListeners) error {
+	ln := lns.Register
 	cfg := f.cfg
+	off := ""
 	switch {
 	case len(secret) == 0:
-		f.log.Info("BE registration off: it needs [global] secret", "op", "start")
-		return nil
+		off = "BE registration off: it needs [global] secret"
 	case cfg.RAddr.IsUnspecified():
-		f.log.Info("BE registration off: it needs [fe] raddr", "op", "start")
+		off = "BE registration off: it needs [fe] raddr"
+	}
+	if off != "" {
+		f.log.Info(off, "op", "start")
+		// A predecessor's registrations cannot be renewed here.
+		for _, reg := range lns.Registered {
+			f.pool.Remove(reg.Server.AddrPort())
+			f.sched.Deregister(reg.Server.Addr)
+		}
 		return nil
 	}
 	addr := netip.AddrPortFrom(cfg.RAddr, cfg.FEPort)
@@ -105,6 +114,9 @@ func (f *fe) listenRegister(ctx context.Context, secret []byte, ln net.Listener)
 			f.kickCluster()
 		},
 	}
+	for _, reg := range lns.Registered {
+		rs.Adopt(reg.Server.Addr)
+	}
 	f.regSrv = &ctl.Server{
 		Config: &ctl.Config{Secret: secret, Log: f.log, Handler: rs,
 			Local: wire.Hello{Role: wire.RoleFE, Addr: addr, VIP: netip.AddrPortFrom(cfg.VAddr, cfg.Port)}},
@@ -117,6 +129,8 @@ func (f *fe) listenRegister(ctx context.Context, secret []byte, ln net.Listener)
 // feListeners are the FE's listening sockets a predecessor handed over.
 type feListeners struct {
 	VIP, Register net.Listener
+	// Registered are the predecessor's registered BEs.
+	Registered []backends.Registration
 }
 
 // startFE starts the front end on the listeners a predecessor handed over,
@@ -220,6 +234,13 @@ func startFE(ctx context.Context, cfg *config.FE, secret []byte, m *metrics.Metr
 		f.changed(be.Addr(), f.sched.Session, up, err)
 	}
 	f.pool.OnSession = f.newSession
+	// A predecessor's registered BEs are scheduled at once, with sessions
+	// like the configured ones; they register again with this agent.
+	for _, reg := range lns.Registered {
+		if err := f.sched.Register(reg); err != nil {
+			f.log.Warn("registration not adopted", "op", "register", "be", reg.Server.Addr.String(), "err", err)
+		}
+	}
 	for _, srv := range f.sched.Servers() {
 		f.pool.Add(srv.AddrPort())
 	}
@@ -236,7 +257,7 @@ func startFE(ctx context.Context, cfg *config.FE, secret []byte, m *metrics.Metr
 			}
 		},
 	}
-	if err := f.listenRegister(ctx, secret, lns.Register); err != nil {
+	if err := f.listenRegister(ctx, secret, lns); err != nil {
 		return nil, fmt.Errorf("fe: %w", err)
 	}
 	f.front = &frontend.Server{

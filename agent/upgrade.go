@@ -8,7 +8,9 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/netip"
 	"os"
+	"regexp"
 	"strings"
 	"sync"
 	"syscall"
@@ -16,6 +18,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"tcpha/backends"
 	"tcpha/frontend"
 	"tcpha/relay"
 )
@@ -47,13 +50,23 @@ import (
 // handoverFrame is one message of the upgrade.
 type handoverFrame struct {
 	Kind string `json:"kind"` // start, sessions, released, done, refused
-	// start: which listeners the descriptors are, in order.
-	Listeners []string `json:"listeners,omitempty"`
+	// start: which listeners the descriptors are, in order, and the FE's
+	// registered BEs.
+	Listeners  []string             `json:"listeners,omitempty"`
+	Registered []handedRegistration `json:"registered,omitempty"`
 	// sessions: each takes one descriptor (the client), or two when
 	// Upstream is set.
 	Sessions []handedSession `json:"sessions,omitempty"`
 	// refused: why.
 	Reason string `json:"reason,omitempty"`
+}
+
+// handedRegistration is a BE registered with the FE (seed 4.10): the
+// successor schedules it until the BE registers again with it.
+type handedRegistration struct {
+	BE       netip.AddrPort `json:"be"`
+	Weight   int            `json:"weight"`
+	Patterns []string       `json:"patterns"`
 }
 
 type handedSession struct {
@@ -161,8 +174,9 @@ func closeAll(files []*os.File) {
 type Inherited struct {
 	conn *net.UnixConn
 	// VIP and Register are the FE's listeners, Control the BE's, when the
-	// predecessor had them.
+	// predecessor had them; Registered its FE's registered BEs.
 	VIP, Register, Control net.Listener
+	Registered             []backends.Registration
 }
 
 // ErrAgentRunning is TakeOver's answer when the agent at the admin socket
@@ -209,6 +223,17 @@ func TakeOver(adminPath string, force bool) (*Inherited, error) {
 		return nil, fmt.Errorf("admin socket %s: got %q with %d descriptors, want start with %d", adminPath, f.Kind, len(files), len(f.Listeners))
 	}
 	in := &Inherited{conn: uc}
+	for _, hr := range f.Registered {
+		reg := backends.Registration{Server: backends.Server{Addr: hr.BE.Addr(), Port: hr.BE.Port(), Weight: hr.Weight}}
+		for _, pat := range hr.Patterns {
+			re, err := regexp.Compile(pat)
+			if err != nil {
+				continue // the predecessor compiled it: not expected
+			}
+			reg.Rules = append(reg.Rules, backends.Rule{Targets: []netip.Addr{hr.BE.Addr()}, Pattern: re})
+		}
+		in.Registered = append(in.Registered, reg)
+	}
 	for i, name := range f.Listeners {
 		ln, err := net.FileListener(files[i])
 		if err != nil {
@@ -430,7 +455,17 @@ func (r *runner) handOver(c *net.UnixConn, stopServe func()) error {
 		}
 		names, files = append(names, l.name), append(files, f)
 	}
-	err := out.frame(handoverFrame{Kind: "start", Listeners: names}, files)
+	first := handoverFrame{Kind: "start", Listeners: names}
+	if r.f != nil {
+		for _, reg := range r.f.sched.Registrations() {
+			hr := handedRegistration{BE: reg.Server.AddrPort(), Weight: reg.Server.Weight}
+			for _, x := range reg.Rules {
+				hr.Patterns = append(hr.Patterns, x.Pattern.String())
+			}
+			first.Registered = append(first.Registered, hr)
+		}
+	}
+	err := out.frame(first, files)
 	closeAll(files)
 	if err != nil {
 		return err

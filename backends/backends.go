@@ -171,6 +171,13 @@ func (s *Scheduler) Servers() []Server {
 	return out
 }
 
+// Registrations returns the registered BEs, in the order they came.
+func (s *Scheduler) Registrations() []Registration {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return slices.Clone(s.regs)
+}
+
 // Effective returns the table the scheduler routes by: every BE with its
 // current weight (an operator's weight included), the registered BEs'
 // rules first, then the file's; the default policy. A BE that routes later

@@ -97,6 +97,23 @@ func (sv *Server) Serve(s *ctl.Session, f wire.Frame) {
 	}
 }
 
+// Adopt takes a registration a predecessor agent held (an upgrade): the
+// caller has scheduled it already. The BE registers again with this agent
+// once its session to the old one ends; if it has not within the grace,
+// it is taken out.
+func (sv *Server) Adopt(be netip.Addr) {
+	time.AfterFunc(2*cmp.Or(sv.Grace, DefaultGrace), func() {
+		sv.mu.Lock()
+		_, owned := sv.owners[be]
+		sv.mu.Unlock()
+		if !owned {
+			sv.Log.Info("BE deregistered", "op", "register", "be", be.String(),
+				"why", "it did not register again after the upgrade")
+			sv.Remove(be)
+		}
+	})
+}
+
 // leave removes be if s is the session that registered it last.
 func (sv *Server) leave(s *ctl.Session, be netip.Addr, why string) {
 	sv.mu.Lock()

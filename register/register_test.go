@@ -194,3 +194,36 @@ func TestBadRegistration(t *testing.T) {
 }
 
 func re(s string) *regexp.Regexp { return regexp.MustCompile(s) }
+
+// An adopted registration (an FE upgrade) stays while its BE registers
+// again, and goes when it does not within twice the grace.
+func TestAdopt(t *testing.T) {
+	var logs lockedBuf
+	log := slog.New(slog.NewTextHandler(&logs, nil))
+	be := netip.MustParseAddr("10.0.0.13")
+	removed := make(chan netip.Addr, 2)
+	rs := &Server{VIP: vip, Log: log, Grace: 50 * time.Millisecond,
+		Remove: func(a netip.Addr) { removed <- a }}
+	rs.Adopt(be)
+	select {
+	case a := <-removed:
+		if a != be {
+			t.Errorf("removed %v", a)
+		}
+	case <-time.After(2 * time.Second):
+		t.Fatal("an adopted registration nobody renewed stayed")
+	}
+	if !strings.Contains(logs.String(), "did not register again") {
+		t.Errorf("log: %s", logs.String())
+	}
+	// Renewed in time: it stays.
+	rs.mu.Lock()
+	rs.owners = map[netip.Addr]*ctl.Session{be: nil}
+	rs.mu.Unlock()
+	rs.Adopt(be)
+	select {
+	case a := <-removed:
+		t.Errorf("%v removed although it registered again", a)
+	case <-time.After(300 * time.Millisecond):
+	}
+}

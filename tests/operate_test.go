@@ -213,6 +213,40 @@ func TestRegistration(t *testing.T) {
 		t.Errorf("the FE restarted")
 	}
 
+	// An FE upgrade keeps the registration: requests for be3's content
+	// reach be3 throughout.
+	stop := make(chan struct{})
+	var wrong []string
+	var served int
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			out, err := c.Output(context.Background(), "client", "curl", "-sS", "-m", "5", "-o", "/dev/null",
+				"-w", "%{http_code} %header{x-served-by}", url+"/doc.txt")
+			served++
+			if got := strings.TrimSpace(out); err != nil || got != "200 be3" {
+				wrong = append(wrong, fmt.Sprintf("%q %v", got, err))
+			}
+		}
+	})
+	time.Sleep(300 * time.Millisecond)
+	if err := c.UpgradeAgent("fe", true); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(time.Second)
+	close(stop)
+	wg.Wait()
+	t.Logf("during the FE's upgrade: %d requests for be3's content, %d not served by be3 %v", served, len(wrong), wrong)
+	if len(wrong) > 0 {
+		t.Errorf("%d of %d requests for be3's content went elsewhere during the FE's upgrade", len(wrong), served)
+	}
+	fePID = c.AgentPID("fe")
+
 	// The wrong secret: refused, logged on both sides, never scheduled.
 	if err := c.StartAgent("be4"); err != nil {
 		t.Fatal(err)
