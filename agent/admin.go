@@ -117,7 +117,26 @@ func (r *runner) command(args []string) (string, error) {
 		st := r.status()
 		v = st
 		st.write(&text)
-	case "backends", "conns", "dtcinterval", "drain", "enable", "weight":
+	case "conns":
+		var fe, be any
+		if r.f != nil {
+			fe, _ = r.f.command(cmd, args, &text)
+		}
+		if r.b != nil {
+			if r.f != nil {
+				text.WriteString("\nbe:\n")
+			}
+			be = r.b.conns(&text)
+		}
+		switch {
+		case r.f != nil && r.b != nil:
+			v = map[string]any{"fe": fe, "be": be}
+		case r.f != nil:
+			v = fe
+		default:
+			v = be
+		}
+	case "backends", "dtcinterval", "drain", "enable", "weight":
 		if r.f == nil {
 			return "", fmt.Errorf("%s: this host has no fe role", cmd)
 		}
@@ -271,6 +290,35 @@ func (f *fe) command(cmd string, args []string, text io.Writer) (any, error) {
 		return map[string]any{"backend": a.String(), "weight": w}, nil
 	}
 	return nil, errUsage
+}
+
+// beConnRow is one line of `tcphactl conns` on a BE: a connection handed
+// to it that its relay serves (the seed's ESTABLISHED on a BE).
+type beConnRow struct {
+	Client   string `json:"client"`
+	State    string `json:"state"`
+	Age      string `json:"age"`
+	Requests int    `json:"requests"`
+}
+
+func (b *be) conns(text io.Writer) []beConnRow {
+	now := time.Now()
+	rows := []beConnRow{}
+	for _, c := range b.relay.Conns() {
+		state := "ESTABLISHED idle"
+		if c.Busy {
+			state = "ESTABLISHED busy"
+		}
+		rows = append(rows, beConnRow{Client: c.Client.String(), State: state,
+			Age: now.Sub(c.Since).Truncate(time.Second).String(), Requests: c.Requests})
+	}
+	tw := tabwriter.NewWriter(text, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "client\tstate\tage\trequests\t")
+	for _, c := range rows {
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t\n", c.Client, c.State, c.Age, c.Requests)
+	}
+	tw.Flush()
+	return rows
 }
 
 // connRow is one line of `tcphactl conns`.

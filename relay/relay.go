@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"net/netip"
 	"os"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -113,6 +114,9 @@ func (r *Relay) Serve(client *net.TCPConn, first *Upstream) {
 type session struct {
 	r      *Relay
 	served int // requests of the connection this session relayed
+	// since and count are for tcphactl conns (Conns), read by others.
+	since time.Time
+	count atomic.Int32
 	// For a request routed to other BEs (phttp = forward): the pools
 	// still to try if the chosen one fails before answering, and whether
 	// the request is whole in hand, so that a failure can be answered
@@ -153,7 +157,7 @@ func (r *Relay) serve(client *net.TCPConn, first *Upstream) {
 }
 
 func (r *Relay) newSession(client *net.TCPConn, up *Upstream) *session {
-	s := &session{r: r, client: client, up: up, max: min(r.cfg.MaxHeader, bufSize)}
+	s := &session{r: r, client: client, up: up, max: min(r.cfg.MaxHeader, bufSize), since: time.Now()}
 	r.mu.Lock()
 	if r.sessions == nil {
 		r.sessions = map[*session]struct{}{}
@@ -161,6 +165,31 @@ func (r *Relay) newSession(client *net.TCPConn, up *Upstream) *session {
 	r.sessions[s] = struct{}{}
 	r.mu.Unlock()
 	return s
+}
+
+// Conn is one relayed client connection, as tcphactl conns shows it on a
+// BE.
+type Conn struct {
+	Client   netip.AddrPort
+	Since    time.Time
+	Requests int
+	Busy     bool // in an exchange, not waiting for the next request
+}
+
+// Conns lists the connections the relay serves, oldest first.
+func (r *Relay) Conns() []Conn {
+	r.mu.Lock()
+	out := make([]Conn, 0, len(r.sessions))
+	for s := range r.sessions {
+		c := Conn{Since: s.since, Requests: int(s.count.Load()), Busy: s.phase.Load() != phaseIdle}
+		if a, ok := s.client.RemoteAddr().(*net.TCPAddr); ok {
+			c.Client = a.AddrPort()
+		}
+		out = append(out, c)
+	}
+	r.mu.Unlock()
+	slices.SortFunc(out, func(a, b Conn) int { return a.Since.Compare(b.Since) })
+	return out
 }
 
 // Reset ends the session of client with a RST to the client, and tells
@@ -200,6 +229,7 @@ func (s *session) loop() {
 		s.r.requests.Add(1)
 		more, err := s.exchange(h)
 		s.served++
+		s.count.Add(1)
 		if errors.Is(err, errHandedOff) {
 			return
 		}

@@ -646,6 +646,21 @@ func TestMetricsAndControl(t *testing.T) {
 	if out := ctl(t, c, "fe", "-o", "json", "status"); json.Unmarshal([]byte(out), &st) != nil || st.PID != c.AgentPID("fe") || st.FE == nil {
 		t.Errorf("tcphactl -o json status: %s", out)
 	}
+	// conns on a BE: the connections its relay serves.
+	k := dialKeepAlive(t, c)
+	defer k.conn.Close()
+	for range 2 {
+		if got, err := k.get("/index.html"); err != nil || got != "200 be1" {
+			t.Fatalf("keep-alive: %q %v", got, err)
+		}
+	}
+	out = ctl(t, c, "be1", "conns")
+	if !regexp.MustCompile(regexp.QuoteMeta(k.local()) + `\s+ESTABLISHED idle\s+\S+\s+2\b`).MatchString(out) {
+		t.Errorf("tcphactl conns on be1, want %s with 2 requests:\n%s", k.local(), out)
+	}
+	if out, err := ctlRun(c, "be1", "backends"); err == nil || !strings.Contains(out, "no fe role") {
+		t.Errorf("backends on a BE: %v %q", err, out)
+	}
 	if out := ctl(t, c, "fe", "weight", c.BEs[0].IP, "5"); !strings.Contains(out, "weight") ||
 		backendsOf(t, c)[c.BEs[0].IP].Weight != 5 {
 		t.Errorf("weight: %s\n%s", out, ctl(t, c, "fe", "backends"))
