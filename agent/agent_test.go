@@ -6,6 +6,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
@@ -13,6 +14,7 @@ import (
 	"time"
 
 	"tcpha/config"
+	"tcpha/handoff/wire"
 )
 
 func TestNewLoggerLevels(t *testing.T) {
@@ -143,6 +145,33 @@ func TestAdminSocket(t *testing.T) {
 	} {
 		if got := ask(cmd); !strings.HasPrefix(got, want) {
 			t.Errorf("%q: got %q, want it to start with %q", cmd, got, want)
+		}
+	}
+}
+
+// A BE compiles the FE's cluster frame into its own scheduler, and refuses
+// one that does not compile.
+func TestClusterOf(t *testing.T) {
+	be1, be2 := netip.MustParseAddr("10.0.0.11"), netip.MustParseAddr("10.0.0.12")
+	frame := func(pattern, policy string) []byte {
+		b, err := wire.Cluster{PHTTP: wire.PHTTPForward, Policy: policy,
+			Servers: []wire.ClusterServer{{Addr: be1, Port: 666, Weight: 1}, {Addr: be2, Port: 666, Weight: 1}},
+			Rules:   []wire.ClusterRule{{Targets: []netip.Addr{be2}, Pattern: pattern}, {Targets: []netip.Addr{be1}, Pattern: ".*"}}}.MarshalBinary()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b
+	}
+	c, err := clusterOf(frame(`\.jpg$`, "wlc"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.phttp != wire.PHTTPForward || !c.sched.Holds("/a.jpg", be2) || c.sched.Holds("/a.jpg", be1) || !c.sched.Holds("/a.html", be1) {
+		t.Errorf("compiled cluster routes wrongly")
+	}
+	for _, bad := range [][]byte{frame(`(`, ""), frame(`x`, "fastest"), []byte{9}} {
+		if _, err := clusterOf(bad); err == nil {
+			t.Errorf("%q compiled", bad)
 		}
 	}
 }

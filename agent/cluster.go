@@ -166,13 +166,17 @@ func clusterOf(p []byte) (*beCluster, error) {
 
 // serveCluster takes an FE's cluster frame.
 func (b *be) serveCluster(s *ctl.Session, f wire.Frame) {
+	if old := b.cluster.Load(); old != nil && bytes.Equal(old.raw, f.Payload) {
+		s.Reply(f, ctl.AckFrame(wire.ResultOK, "")) // the refresh of an unchanged one
+		return
+	}
 	c, err := clusterOf(f.Payload)
 	if err != nil {
 		b.log.Warn("cluster frame refused", "op", "cluster", "peer", s.Remote.String(), "err", err)
 		s.Reply(f, ctl.AckFrame(wire.ResultInvalid, err.Error()))
 		return
 	}
-	if old := b.cluster.Swap(c); old == nil || !bytes.Equal(old.raw, c.raw) {
+	if old := b.cluster.Swap(c); old == nil || !bytes.Equal(old.raw, c.raw) { // two FEs may race
 		b.log.Info("cluster rules from the FE", "op", "cluster", "peer", s.Remote.String(), "phttp", c.phttp.String(),
 			"servers", len(c.sched.Servers()))
 	}
