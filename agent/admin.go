@@ -118,6 +118,9 @@ func (r *runner) command(args []string) (string, error) {
 		v = st
 		st.write(&text)
 	case "conns":
+		if r.f == nil && r.b == nil {
+			return "", errors.New("conns: this host has no fe or be role")
+		}
 		var fe, be any
 		if r.f != nil {
 			fe, _ = r.f.command(cmd, args, &text)

@@ -132,7 +132,7 @@ func TestAdminSocket(t *testing.T) {
 		return string(b)
 	}
 	for cmd, want := range map[string]string{
-		"conns":             "error: conns: this host has no fe role",
+		"conns":             "error: conns: this host has no fe or be role",
 		"bogus":             `error: unknown command "bogus"`,
 		"":                  "error: want status",
 		"loglevel 9":        "error: loglevel \"9\": want 0 to 6",
