@@ -209,16 +209,16 @@ func (s *Scheduler) Holds(path string, a netip.Addr) bool {
 		if x.Local {
 			return false
 		}
-		any := false
+		someone := false
 		for _, t := range x.Targets {
 			if b := s.bes[t]; b != nil && b.usable() {
 				if t == a {
 					return true
 				}
-				any = true
+				someone = true
 			}
 		}
-		if any {
+		if someone {
 			return false
 		}
 	}
