@@ -39,7 +39,7 @@ func wrkDuring(t *testing.T, c *cluster.Cluster, during func()) {
 			b, _ := os.ReadFile(c.AgentLog(h))
 			for _, l := range strings.Split(string(b), "\n") {
 				if strings.Contains(l, "level=WARN") || strings.Contains(l, "level=ERROR") || strings.Contains(l, "failed") ||
-					strings.Contains(l, "op=upgrade") || strings.Contains(l, "refused") {
+					strings.Contains(l, "op=upgrade") || strings.Contains(l, "refused") || strings.Contains(l, "not taken") {
 					t.Logf("%s: %s", h, l)
 				}
 			}

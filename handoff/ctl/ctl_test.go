@@ -794,3 +794,45 @@ func TestDrainHandsSessionsToSuccessor(t *testing.T) {
 	cancel()
 	<-succDone
 }
+
+// A session the peer leaves keeps taking work until its replacement is up:
+// with the replacement's dial held back, a handoff still finds a session it
+// can hold, and the old one retires only after the new one is up.
+func TestLeavingSessionServesUntilReplaced(t *testing.T) {
+	srv := startServer(t, beConfig("k", echo(nil)), nil)
+	release := make(chan struct{})
+	var dials atomic.Int64
+	p := NewPool(feConfig("k", nil), func(ctx context.Context, a netip.AddrPort) (net.Conn, error) {
+		if dials.Add(1) > 1 {
+			select {
+			case <-release:
+			case <-ctx.Done():
+				return nil, ctx.Err()
+			}
+		}
+		return dialTCP(ctx, a)
+	}, 1)
+	defer p.Close()
+	p.Add(srv.addr)
+	waitFor(t, func() bool { return len(p.Sessions(srv.addr)) == 1 }, "a session")
+	for _, s := range srv.sv.Sessions() {
+		s.GoAway()
+	}
+	waitFor(t, func() bool { return dials.Load() > 1 }, "the replacement's dial")
+	time.Sleep(50 * time.Millisecond) // the old session would have retired by now
+	for i := range 20 {
+		s, err := p.Get(srv.addr, nil)
+		if err != nil || !s.Hold() {
+			t.Fatalf("handoff %d with the replacement not up: %v", i, err)
+		}
+		if _, err := s.Call(context.Background(), wire.Frame{Type: wire.TypeOffer}); err != nil {
+			t.Fatal(err)
+		}
+		s.Unhold()
+	}
+	close(release)
+	waitFor(t, func() bool {
+		ss := p.Sessions(srv.addr)
+		return len(ss) == 1 && !ss[0].GoingAway()
+	}, "the replacement alone")
+}

@@ -184,6 +184,14 @@ const (
 // keep holds slot i of pe's sessions open until ctx ends.
 func (p *Pool) keep(ctx context.Context, pe *peer, i int) {
 	backoff := backoffMin
+	// replaced is closed once the session that replaces one the peer is
+	// leaving is up.
+	var replaced chan struct{}
+	defer func() {
+		if replaced != nil {
+			close(replaced)
+		}
+	}()
 	for ctx.Err() == nil {
 		s, err := p.connect(ctx, pe.addr)
 		if err != nil {
@@ -199,16 +207,28 @@ func (p *Pool) keep(ctx context.Context, pe *peer, i int) {
 		}
 		backoff = backoffMin
 		p.attach(pe, s)
+		if replaced != nil {
+			close(replaced)
+			replaced = nil
+		}
 		select {
 		case <-ctx.Done():
 			s.Close()
 		case <-s.Done():
 		case <-s.GoingAwayCh():
 			// The peer is leaving this session (a BE handing over to its
-			// successor): its replacement is dialed at once, and the old
-			// one retires once the work begun on it is done. The peer
-			// stays up all along.
+			// successor): its replacement is dialed at once. The old one
+			// takes new work until the replacement is up, so that a
+			// handoff always finds a session, and then retires once the
+			// work begun on it is done. The peer stays up all along.
+			up := make(chan struct{})
+			replaced = up
 			p.wg.Go(func() {
+				select {
+				case <-up:
+				case <-s.Done():
+				case <-time.After(retireWait):
+				}
 				s.Retire(retireWait)
 				s.Wait()
 				p.detach(pe, s)
