@@ -836,3 +836,31 @@ func TestLeavingSessionServesUntilReplaced(t *testing.T) {
 		return len(ss) == 1 && !ss[0].GoingAway()
 	}, "the replacement alone")
 }
+
+// A peer that leaves for good (its listener closed, a BE that stops): the
+// session it leaves retires at once, not after retireWait, so that the
+// peer's drain ends quickly.
+func TestLeavingSessionRetiresWhenNoReplacement(t *testing.T) {
+	srv := startServer(t, beConfig("k", echo(nil)), nil)
+	var dials atomic.Int64
+	p := NewPool(feConfig("k", nil), func(ctx context.Context, a netip.AddrPort) (net.Conn, error) {
+		if dials.Add(1) > 1 {
+			return nil, syscall.ECONNREFUSED
+		}
+		return dialTCP(ctx, a)
+	}, 1)
+	defer p.Close()
+	p.Add(srv.addr)
+	waitFor(t, func() bool { return len(p.Sessions(srv.addr)) == 1 }, "a session")
+	start := time.Now()
+	done := make(chan struct{})
+	go func() { srv.sv.Drain(5 * time.Second); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(4 * time.Second):
+		t.Fatal("the peer's drain waited for a replacement that cannot come")
+	}
+	if took := time.Since(start); took > time.Second {
+		t.Errorf("drain took %v", took)
+	}
+}

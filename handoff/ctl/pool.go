@@ -196,6 +196,12 @@ func (p *Pool) keep(ctx context.Context, pe *peer, i int) {
 		s, err := p.connect(ctx, pe.addr)
 		if err != nil {
 			p.setErr(pe, err)
+			if replaced != nil {
+				// No replacement now (a BE that stops for good): the
+				// session it leaves retires without waiting for one.
+				close(replaced)
+				replaced = nil
+			}
 			// Jitter keeps the slots of many FEs from redialing in step.
 			d := backoff/2 + rand.N(backoff/2+1)
 			backoff = min(2*backoff, backoffMax)
