@@ -12,28 +12,9 @@ import (
 	"time"
 
 	"tcpha/frontend"
+	"tcpha/internal/testnet"
 	"tcpha/relay"
 )
-
-// tcpPair returns both ends of a loopback TCP connection.
-func tcpPair(t *testing.T) (client, server *net.TCPConn) {
-	t.Helper()
-	ln, err := net.Listen("tcp4", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	c, err := net.Dial("tcp4", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	s, err := ln.Accept()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close(); s.Close() })
-	return c.(*net.TCPConn), s.(*net.TCPConn)
-}
 
 // fakeAgent serves one handover on an admin socket the way a running agent
 // does, with the frames serve writes.
@@ -65,9 +46,9 @@ func TestHandoverFrames(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer ctlLn.Close()
-	headClient, headConn := tcpPair(t)
-	relayClient, relayConn := tcpPair(t)
-	upServer, upConn := tcpPair(t)
+	headClient, headConn := testnet.Pair(t)
+	relayClient, relayConn := testnet.Pair(t)
+	upServer, upConn := testnet.Pair(t)
 	deadline := time.Now().Add(7 * time.Second).Round(time.Millisecond)
 	state := relay.State{Body: "length", Remaining: 5, More: true, ClientBuf: []byte("GET /next")}
 	sent := make(chan error, 1)

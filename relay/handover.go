@@ -184,7 +184,7 @@ func (r *Relay) Resume(h Handed) error {
 	}
 	r.Go(func() {
 		s := r.newSession(h.Client, up)
-		s.served = 1 // its first request was routed here long ago
+		s.resumed = true // its first request was routed here long ago
 		defer s.finish()
 		if len(h.State.ClientBuf) > 0 {
 			s.buf = bufs.Get().(*[bufSize]byte)

@@ -112,11 +112,12 @@ func (r *Relay) Serve(client *net.TCPConn, first *Upstream) {
 }
 
 type session struct {
-	r      *Relay
-	served int // requests of the connection this session relayed
-	// since and count are for tcphactl conns (Conns), read by others.
-	since time.Time
-	count atomic.Int32
+	r *Relay
+	// count is the requests this session relayed (tcphactl conns reads
+	// it); resumed says a predecessor relayed the connection's first.
+	count   atomic.Int32
+	resumed bool
+	since   time.Time
 	// For a request routed to other BEs (phttp = forward): the pools
 	// still to try if the chosen one fails before answering, and whether
 	// the request is whole in hand, so that a failure can be answered
@@ -228,7 +229,6 @@ func (s *session) loop() {
 		}
 		s.r.requests.Add(1)
 		more, err := s.exchange(h)
-		s.served++
 		s.count.Add(1)
 		if errors.Is(err, errHandedOff) {
 			return
@@ -472,7 +472,7 @@ func (s *session) exchange(h *phttp.Head) (more bool, err error) {
 	}
 	bodySent := rem == 0 && chunks == nil
 	pools, routed := []*Pool{nil}, false
-	if s.served > 0 && s.r.cfg.Forward != nil {
+	if (s.count.Load() > 0 || s.resumed) && s.r.cfg.Forward != nil {
 		if p, ok := s.r.cfg.Forward(h.Path); ok {
 			pools, routed = p, true
 		}

@@ -13,6 +13,7 @@ import (
 	"strconv"
 	"strings"
 	"sync/atomic"
+	"tcpha/internal/testnet"
 	"testing"
 	"time"
 )
@@ -93,20 +94,8 @@ func newRelay(t *testing.T, addr string) *Relay {
 // relay serves, as a handed-off connection would be.
 func connect(t *testing.T, r *Relay) net.Conn {
 	t.Helper()
-	ln, err := net.Listen("tcp4", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	c, err := net.Dial("tcp4", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	s, err := ln.Accept()
-	if err != nil {
-		t.Fatal(err)
-	}
-	r.Serve(s.(*net.TCPConn), nil)
+	c, s := testnet.Accepted(t)
+	r.Serve(s, nil)
 	t.Cleanup(func() { c.Close() })
 	c.SetDeadline(time.Now().Add(10 * time.Second))
 	return c

@@ -11,6 +11,7 @@ import (
 
 	"tcpha/handoff/wire"
 	"tcpha/internal/privtest"
+	"tcpha/internal/testnet"
 )
 
 // A live loopback connection is dumped after the server read part of the
@@ -125,26 +126,6 @@ func TestDumpResume(t *testing.T) {
 	}
 }
 
-// loopbackPair returns a connected client and server on loopback.
-func loopbackPair(t *testing.T) (client, srv *net.TCPConn) {
-	t.Helper()
-	ln, err := net.Listen("tcp4", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	c, err := net.Dial("tcp4", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	s, err := ln.Accept()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close(); s.Close() })
-	return c.(*net.TCPConn), s.(*net.TCPConn)
-}
-
 func tcpInfo(t *testing.T, c *net.TCPConn) *unix.TCPInfo {
 	t.Helper()
 	rc, _ := c.SyscallConn()
@@ -161,7 +142,7 @@ func tcpInfo(t *testing.T, c *net.TCPConn) *unix.TCPInfo {
 // at the client, and arrive once the socket is resumed.
 func TestBlockThenResume(t *testing.T) {
 	privtest.Require(t)
-	client, srv := loopbackPair(t)
+	client, srv := testnet.Pair(t)
 	if err := Block(srv); err != nil {
 		t.Fatal(err)
 	}
@@ -194,7 +175,7 @@ func TestBlockThenResume(t *testing.T) {
 // activated: a handoff that is never committed leaves no trace.
 func TestRebuildSilentUntilActivate(t *testing.T) {
 	privtest.Require(t)
-	client, srv := loopbackPair(t)
+	client, srv := testnet.Pair(t)
 	if err := Block(srv); err != nil {
 		t.Fatal(err)
 	}
@@ -234,7 +215,7 @@ func TestRebuildSilentUntilActivate(t *testing.T) {
 // receive buffer is full).
 func TestDumpLargeQueues(t *testing.T) {
 	privtest.Require(t)
-	client, srv := loopbackPair(t)
+	client, srv := testnet.Pair(t)
 	in := bytes.Repeat([]byte("r"), 10000)
 	client.Write(in)
 	out := bytes.Repeat([]byte("s"), 8<<20)
