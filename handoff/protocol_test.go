@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -421,5 +422,34 @@ func TestOfferUnreachable(t *testing.T) {
 	}
 	if time.Since(start) > 50*time.Millisecond {
 		t.Errorf("took %v", time.Since(start))
+	}
+}
+
+// A stopping FE's reset reaches the BE's Reset hook with the client's
+// flow; one the BE does not serve is answered as unknown.
+func TestReset(t *testing.T) {
+	r := newRig(t, "k", "k", 5*time.Second)
+	served := netip.MustParseAddrPort("10.0.0.10:40000")
+	var got []netip.AddrPort
+	var mu sync.Mutex
+	r.receiver.Reset = func(c netip.AddrPort) bool {
+		mu.Lock()
+		defer mu.Unlock()
+		got = append(got, c)
+		return c == served
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := r.client.Reset(ctx, r.be, served); err != nil {
+		t.Errorf("reset of a served connection: %v", err)
+	}
+	err := r.client.Reset(ctx, r.be, netip.MustParseAddrPort("10.0.0.10:40001"))
+	if err == nil || !strings.Contains(err.Error(), "no such connection") {
+		t.Errorf("reset of an unknown connection: %v", err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(got) != 2 || got[0] != served {
+		t.Errorf("Reset hook saw %v", got)
 	}
 }

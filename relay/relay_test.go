@@ -5,14 +5,17 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"net"
 	"net/http"
+	"net/netip"
 	"strconv"
 	"strings"
 	"sync/atomic"
+	"syscall"
 	"tcpha/internal/testnet"
 	"testing"
 	"time"
@@ -466,5 +469,30 @@ func TestForward(t *testing.T) {
 	}
 	if resp := get(t, c, br, "GET", "/small"); body(t, resp) != "small" {
 		t.Error("the connection after the fallback")
+	}
+}
+
+// Reset ends a served connection with a RST to its client; a client the
+// relay does not serve is reported as such. Conns lists what is served.
+func TestResetAndConns(t *testing.T) {
+	w := newWebServer(t)
+	r := newRelay(t, w.addr)
+	c := connect(t, r)
+	br := bufio.NewReader(c)
+	body(t, get(t, c, br, "GET", "/small"))
+	client := netip.MustParseAddrPort(c.LocalAddr().String())
+	conns := r.Conns()
+	if len(conns) != 1 || conns[0].Client != client || conns[0].Requests != 1 {
+		t.Fatalf("Conns: %+v", conns)
+	}
+	if r.Reset(netip.MustParseAddrPort("127.0.0.1:1")) {
+		t.Error("reset a connection the relay does not serve")
+	}
+	if !r.Reset(client) {
+		t.Fatal("Reset did not find the served connection")
+	}
+	c.SetReadDeadline(time.Now().Add(2 * time.Second))
+	if _, err := c.Read(make([]byte, 1)); !errors.Is(err, syscall.ECONNRESET) {
+		t.Errorf("the client read %v, want a reset", err)
 	}
 }
