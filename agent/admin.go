@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"tcpha/config"
+	"tcpha/handoff/conntab"
 
 	"golang.org/x/sys/unix"
 )
@@ -308,9 +309,13 @@ func (b *be) conns(text io.Writer) []beConnRow {
 	now := time.Now()
 	rows := []beConnRow{}
 	for _, c := range b.relay.Conns() {
-		state := "ESTABLISHED idle"
-		if c.Busy {
-			state = "ESTABLISHED busy"
+		state := c.State.String()
+		switch {
+		case c.State != conntab.Established:
+		case c.Busy:
+			state += " busy"
+		default:
+			state += " idle"
 		}
 		rows = append(rows, beConnRow{Client: c.Client.String(), State: state,
 			Age: now.Sub(c.Since).Truncate(time.Second).String(), Requests: c.Requests})

@@ -100,9 +100,10 @@ func startBE(ctx context.Context, cfg *config.BE, secret []byte, m *metrics.Metr
 		}
 		return c.(*net.TCPConn), nil
 	}}
+	leaving := &handoff.Leaving{}
 	b.relay = relay.New(relay.Config{
 		Pool: b.pool, MaxHeader: cfg.MaxHeader, HeadTimeout: cfg.RequestTimeout,
-		IdleTimeout: cfg.KeepAliveTimeout, Log: b.log, Forward: b.forward,
+		IdleTimeout: cfg.KeepAliveTimeout, Log: b.log, Forward: b.forward, Mover: newMover(b, leaving),
 	})
 	b.recv = &handoff.Receiver{
 		VIP: cfg.VAddr, Check: b.check, Rebuilder: rebuilder{log: b.log},
@@ -115,6 +116,7 @@ func startBE(ctx context.Context, cfg *config.BE, secret []byte, m *metrics.Metr
 		Reset:         b.relay.Reset,
 		CommitTimeout: cfg.CommitTimeout, MaxPending: cfg.MaxClients, Log: b.log,
 		Observe: func(r wire.Result) { m.Offers.WithLabelValues(r.String()).Inc() },
+		Leaving: leaving,
 	}
 	b.setMembers(cfg.FEAddrs)
 	b.server = &ctl.Server{
@@ -372,6 +374,8 @@ type beStatus struct {
 	Idle     int    `json:"upstream_idle"`
 	Retries  int64  `json:"retries"`
 	BadGW    int64  `json:"bad_gateway"`
+	Moved    int64  `json:"moved"`
+	NotMoved int64  `json:"not_moved"`
 }
 
 func (b *be) statusOf() beStatus {
@@ -381,7 +385,7 @@ func (b *be) statusOf() beStatus {
 		VIP: b.cfg.VAddr.String(), Handoff: fmt.Sprintf("%v:%d", b.cfg.RAddr, b.cfg.Port), Upstream: b.cfg.Redirect().String(),
 		ServerUp: b.serverUp.Load(), Relaying: rs.Active, Pending: s.Pending, Served: s.Served, Refused: s.Refused,
 		Sessions: len(b.server.Sessions()), Requests: rs.Requests, Dialed: rs.Upstream.Dialed, Reused: rs.Upstream.Reuses,
-		Idle: rs.Upstream.Idle, Retries: rs.Retries, BadGW: rs.BadGateways,
+		Idle: rs.Upstream.Idle, Retries: rs.Retries, BadGW: rs.BadGateways, Moved: rs.Moves, NotMoved: rs.MoveFailures,
 	}
 }
 
@@ -389,8 +393,8 @@ func (st beStatus) write(w io.Writer, pid int) {
 	fmt.Fprintf(w, "be vip=%s handoff=%s pid=%d\n", st.VIP, st.Handoff, pid)
 	fmt.Fprintf(w, "  relaying=%d pending=%d served=%d refused=%d sessions=%d upstream=%s server_up=%v at %s\n",
 		st.Relaying, st.Pending, st.Served, st.Refused, st.Sessions, st.Upstream, st.ServerUp, time.Now().Format(time.RFC3339))
-	fmt.Fprintf(w, "  requests=%d upstream_dialed=%d upstream_reused=%d upstream_idle=%d retries=%d bad_gateway=%d\n",
-		st.Requests, st.Dialed, st.Reused, st.Idle, st.Retries, st.BadGW)
+	fmt.Fprintf(w, "  requests=%d upstream_dialed=%d upstream_reused=%d upstream_idle=%d retries=%d bad_gateway=%d moved=%d not_moved=%d\n",
+		st.Requests, st.Dialed, st.Reused, st.Idle, st.Retries, st.BadGW, st.Moved, st.NotMoved)
 }
 
 // reload applies a re-read [be]: the FEs it takes sessions from. It

@@ -49,6 +49,17 @@ func (f *fe) clusterLoop(ctx context.Context) {
 	}
 }
 
+// phttpMode is the cluster frame's value of an [fe] phttp setting.
+func phttpMode(s string) wire.PHTTP {
+	switch s {
+	case "forward":
+		return wire.PHTTPForward
+	case "multi":
+		return wire.PHTTPMulti
+	}
+	return wire.PHTTPSingle
+}
+
 // clusterFrame is the FE's scheduling as BEs need it: every BE with its
 // weight, 0 for one that takes no new connections now (unavailable,
 // draining), and the rules in order.
@@ -59,9 +70,7 @@ func (f *fe) clusterFrame() ([]byte, error) {
 		usable[st.Server.Addr] = st.Available && !st.Draining
 	}
 	c := wire.Cluster{Policy: string(tab.Policy)}
-	if f.forwarding.Load() {
-		c.PHTTP = wire.PHTTPForward
-	}
+	c.PHTTP = wire.PHTTP(f.phttp.Load())
 	for _, srv := range tab.Servers {
 		w := uint16(srv.Weight)
 		if !usable[srv.Addr] {
@@ -186,10 +195,11 @@ func (b *be) serveCluster(s *ctl.Session, f wire.Frame) {
 // forward is the relay's router for later requests (relay.Config.Forward):
 // with phttp = forward, a request whose rules give other BEs goes to the
 // first of them whose web server answers, then to the fallbacks; one this
-// BE holds is served here.
+// BE holds is served here. With phttp = multi the same routing says which
+// requests move their connection, and serves one whose move failed.
 func (b *be) forward(path string) ([]*relay.Pool, bool) {
 	c := b.cluster.Load()
-	if c == nil || c.phttp != wire.PHTTPForward || c.sched.Holds(path, b.cfg.RAddr) {
+	if c == nil || c.phttp == wire.PHTTPSingle || c.sched.Holds(path, b.cfg.RAddr) {
 		return nil, false
 	}
 	r := c.sched.Route(path)

@@ -60,9 +60,14 @@ type fe struct {
 	regLn  net.Listener
 	regSrv *ctl.Server
 	// clusterKick asks for the cluster frame to go out now (cluster.go);
-	// forwarding is phttp = forward, which a reload may change.
+	// phttp is the [fe] phttp mode the BEs are told, which a reload may
+	// change.
 	clusterKick chan struct{}
-	forwarding  atomic.Bool
+	phttp       atomic.Uint32
+	// mover carries out the migrations BEs ask for (migrate.go), once
+	// the FE is up; moves bounds them.
+	mover atomic.Pointer[handoff.Sender]
+	moves chan struct{}
 }
 
 // listenRegister opens the port BEs register on: [fe] raddr:feport, never
@@ -137,8 +142,8 @@ type feListeners struct {
 // or on new ones.
 func startFE(ctx context.Context, cfg *config.FE, secret []byte, m *metrics.Metrics, log *slog.Logger, lns feListeners) (*fe, error) {
 	f := &fe{cfg: cfg, log: log.With("role", "fe"), table: conntab.New(), m: m, served: make(chan struct{}),
-		clusterKick: make(chan struct{}, 1)}
-	f.forwarding.Store(cfg.PHTTP == "forward")
+		clusterKick: make(chan struct{}, 1), moves: make(chan struct{}, maxMoves)}
+	f.phttp.Store(uint32(phttpMode(cfg.PHTTP)))
 	f.dtc.Store(int64(cfg.DtcInterval))
 	f.sched = backends.NewScheduler(cfg.Table(), backends.Options{Rise: cfg.Rise, Fall: cfg.Fall, Live: f.table.Live})
 	ok := false
@@ -220,9 +225,10 @@ func startFE(ctx context.Context, cfg *config.FE, secret []byte, m *metrics.Metr
 		},
 	}
 	f.pool = ctl.NewPool(&ctl.Config{
-		Secret: secret,
-		Local:  wire.Hello{Role: wire.RoleFE, Addr: netip.AddrPortFrom(cfg.RAddr, 0), VIP: vip},
-		Log:    f.log,
+		Secret:  secret,
+		Local:   wire.Hello{Role: wire.RoleFE, Addr: netip.AddrPortFrom(cfg.RAddr, 0), VIP: vip},
+		Log:     f.log,
+		Handler: ctl.HandlerFunc(f.serveBE),
 	}, ctl.Dialer(cfg.RAddr), cfg.ConnPerBE)
 	// A BE without a session cannot take a handoff: losing the last one
 	// makes it unavailable at once, the first new one available again
@@ -257,6 +263,7 @@ func startFE(ctx context.Context, cfg *config.FE, secret []byte, m *metrics.Metr
 			}
 		},
 	}
+	f.mover.Store(f.sender)
 	if err := f.listenRegister(ctx, secret, lns); err != nil {
 		return nil, fmt.Errorf("fe: %w", err)
 	}
@@ -665,7 +672,7 @@ func (f *fe) reload(next *config.FE) []string {
 	}
 	f.dtc.Store(int64(next.DtcInterval))
 	f.sender.SetTimeout(next.HandoffTimeout)
-	f.forwarding.Store(next.PHTTP == "forward")
+	f.phttp.Store(uint32(phttpMode(next.PHTTP)))
 	f.kickCluster()
 	f.log.Info("scheduling reloaded", "op", "reload", "servers", len(next.Servers), "rules", len(next.Rules),
 		"scheduler", string(next.Scheduler))

@@ -65,8 +65,8 @@ type FE struct {
 	FEPort uint16
 	// PHTTP is what a BE does with a keep-alive connection's later
 	// requests that the rules give another BE: "single" serves them
-	// itself (TCPHA 0.2), "forward" fetches them from that BE's web
-	// server.
+	// itself (TCPHA 0.2), "multi" moves the connection to that BE
+	// (TCPHA 0.3), "forward" fetches them from that BE's web server.
 	PHTTP string
 
 	// Not in the seed; bounds the FE's work per connection.

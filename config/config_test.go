@@ -63,8 +63,14 @@ func TestParseFE(t *testing.T) {
 		t.Errorf("defaults: maxclients=%d connperbe=%d redirectport=%d startservers=%d",
 			fe.MaxClients, fe.ConnPerBE, fe.RedirectPort, fe.StartServers)
 	}
-	if fe.QueueNum != 0 || fe.Drain != 20*time.Second || fe.TimeWait != 10*time.Second {
-		t.Errorf("defaults: queuenum=%d drain=%v timewait=%v", fe.QueueNum, fe.Drain, fe.TimeWait)
+	if fe.QueueNum != 0 || fe.Drain != 20*time.Second || fe.TimeWait != 10*time.Second || fe.PHTTP != "multi" {
+		t.Errorf("defaults: queuenum=%d drain=%v timewait=%v phttp=%s", fe.QueueNum, fe.Drain, fe.TimeWait, fe.PHTTP)
+	}
+	for _, m := range []string{"single", "multi", "forward"} {
+		c, err := Parse("fe.conf", []byte(goodFE+"phttp = "+m+"\n"))
+		if err != nil || c.FE.PHTTP != m {
+			t.Errorf("phttp = %s: %v", m, err)
+		}
 	}
 	if fe.Redirect().String() != "127.0.0.1:8080" {
 		t.Errorf("redirect = %v, want loopback", fe.Redirect())
@@ -140,8 +146,7 @@ func TestParseErrors(t *testing.T) {
 		{"rule names a target twice", fe + "rule = 10.0.0.11,10.0.0.11 .*\n", 4, "fe", "rule", "named twice"},
 		{"unknown rule scheduler", fe + "rule = 10.0.0.11 scheduler=fifo .*\n", 4, "fe", "rule", "unknown scheduler \"fifo\""},
 		{"unknown scheduler", fe + "scheduler = fastest\nrule = local .*\n", 4, "fe", "scheduler", "want rr, wlc or lard"},
-		{"phttp multi", fe + "phttp = multi\nrule = local .*\n", 4, "fe", "phttp", "not available yet"},
-		{"unknown phttp", fe + "phttp = always\nrule = local .*\n", 4, "fe", "phttp", "want single or forward"},
+		{"unknown phttp", fe + "phttp = always\nrule = local .*\n", 4, "fe", "phttp", "want single, multi or forward"},
 		{"duplicate server", fe + "server = 10.0.0.11 667\nrule = local .*\n", 4, "fe", "server", "already declared on line 3"},
 		{"bad weight", fe + "server = 10.0.0.12 666 weight=x\nrule = local .*\n", 4, "fe", "server", "weight=N"},
 		{"weight too large", fe + "server = 10.0.0.12 666 weight=20000\nrule = local .*\n", 4, "fe", "server", "0 to 10000"},

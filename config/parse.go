@@ -174,15 +174,13 @@ func (p *parser) fe(s *ini.Section) (*FE, error) {
 	fe.Rise = v.intIn("rise", 2, 1, 100)
 	fe.Fall = v.intIn("fall", 3, 1, 100)
 	fe.FEPort = v.port("feport", fe.Port)
-	fe.PHTTP = "single"
+	fe.PHTTP = "multi"
 	if m, ok := v.raw("phttp"); ok {
 		switch m {
-		case "single", "forward":
+		case "single", "forward", "multi":
 			fe.PHTTP = m
-		case "multi":
-			v.fail("phttp", v.line("phttp", 0), "multi (TCPHA 0.3's BE-to-BE migration) is not available yet: use forward or single")
 		default:
-			v.fail("phttp", v.line("phttp", 0), fmt.Sprintf("%q: want single or forward", m))
+			v.fail("phttp", v.line("phttp", 0), fmt.Sprintf("%q: want single, multi or forward", m))
 		}
 	}
 	fe.Scheduler = backends.RoundRobin

@@ -24,7 +24,6 @@ import (
 	"tcpha/backends"
 	"tcpha/handoff"
 	"tcpha/handoff/repair"
-	"tcpha/handoff/wire"
 	"tcpha/internal/gopool"
 	"tcpha/metrics"
 	"tcpha/phttp"
@@ -297,7 +296,7 @@ func (s *Server) serve(ctx context.Context, c *net.TCPConn, client netip.AddrPor
 	local := route.Local
 	if len(route.BEs) > 0 {
 		start := time.Now()
-		be, err := s.Sender.Migrate(ctx, tcpSocket{c}, client, req.Raw, route.BEs)
+		be, err := s.Sender.Migrate(ctx, repair.Socket{Conn: c}, client, req.Raw, route.BEs)
 		if err == nil {
 			lat := time.Since(start)
 			s.Metrics.ObserveHandoff(lat)
@@ -379,17 +378,6 @@ func (s *Server) serveLocal(c *net.TCPConn, client netip.AddrPort, req *phttp.Re
 	s.Log.Debug("served by local node", "op", "local", "client", client.String(), "path", req.Path)
 	relay.Pipe(c, up.(*net.TCPConn))
 }
-
-// tcpSocket adapts a client connection to handoff.Socket.
-type tcpSocket struct{ c *net.TCPConn }
-
-func (s tcpSocket) Block() error                                 { return repair.Block(s.c) }
-func (s tcpSocket) Dump(consumed []byte) (*wire.ConnInfo, error) { return repair.Dump(s.c, consumed) }
-func (s tcpSocket) Resume() error                                { return repair.Resume(s.c) }
-
-// CloseSilently closes the dumped socket: Dump left it in repair mode, so
-// the close sends nothing and leaves no TIME_WAIT.
-func (s tcpSocket) CloseSilently() error { return s.c.Close() }
 
 func addrPort(a net.Addr) netip.AddrPort {
 	if ta, ok := a.(*net.TCPAddr); ok {

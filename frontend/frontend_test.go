@@ -18,6 +18,7 @@ import (
 
 	"tcpha/backends"
 	"tcpha/handoff"
+	"tcpha/handoff/repair"
 	"tcpha/metrics"
 )
 
@@ -34,7 +35,7 @@ func (m *fakeMigrator) Migrate(_ context.Context, sock handoff.Socket, _ netip.A
 		return netip.AddrPort{}, m.fail
 	}
 	m.migrated.Add(1)
-	c := sock.(tcpSocket).c
+	c := sock.(repair.Socket).Conn
 	fmt.Fprintf(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nbe")
 	c.Close()
 	return netip.MustParseAddrPort("10.0.0.11:666"), nil

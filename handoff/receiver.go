@@ -64,6 +64,10 @@ type Receiver struct {
 	Log        *slog.Logger
 	// Observe, if set, is told the result of every offer answered.
 	Observe func(wire.Result)
+	// Leaving, if set, holds the connections this BE is moving away
+	// (multi-handoff): one coming back is rebuilt once its old socket is
+	// gone.
+	Leaving *Leaving
 
 	draining atomic.Bool
 	served   atomic.Int64
@@ -229,6 +233,11 @@ func (r *Receiver) offer(s *ctl.Session, f wire.Frame, settled func()) {
 			refuse(wire.ResultBusy, fmt.Errorf("an earlier handoff of %v is still being dropped", ci.Client))
 			return
 		}
+	}
+	if !r.Leaving.Wait(ci.Client, time.Second) {
+		up.Close()
+		refuse(wire.ResultBusy, fmt.Errorf("%v is still moving away from this BE", ci.Client))
+		return
 	}
 	start := time.Now()
 	rb, err := r.Rebuilder.Rebuild(&ci)

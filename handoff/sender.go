@@ -131,6 +131,29 @@ func (s *Sender) Migrate(ctx context.Context, sock Socket, flow netip.AddrPort, 
 		}
 		return netip.AddrPort{}, err
 	}
+	be, err := s.place(ctx, flow, ci, bes, func() {
+		// The FE's socket goes without a word; the BE starts serving only
+		// once it is committed, now that the client's packets reach it
+		// (FACTS.md).
+		if err := sock.CloseSilently(); err != nil {
+			s.Log.Warn("close handed-off socket", "op", "handoff", "client", flow, "err", err)
+		}
+	})
+	if err != nil {
+		s.fail(ctx, flow)
+		if rerr := sock.Resume(); rerr != nil {
+			err = errors.Join(err, rerr)
+		}
+		return netip.AddrPort{}, err
+	}
+	return be, nil
+}
+
+// place offers the HANDOFFING flow's state ci to each of bes in turn. The
+// first that accepts gets the flow's forwarding; then handed runs and the
+// BE is committed. On an error (ErrNoBE, or a failed switch) the flow is
+// still HANDOFFING and its forwarding unchanged, for the caller to settle.
+func (s *Sender) place(ctx context.Context, flow netip.AddrPort, ci *wire.ConnInfo, bes []netip.AddrPort, handed func()) (netip.AddrPort, error) {
 	for _, be := range bes {
 		s.Table.Offering(flow, be.Addr())
 		octx, cancel := context.WithTimeout(ctx, s.offerTimeout())
@@ -152,17 +175,9 @@ func (s *Sender) Migrate(ctx context.Context, sock Socket, flow netip.AddrPort, 
 			// The BE holds a rebuilt socket nobody forwards to: drop it.
 			offer.Abort()
 			s.result(be, err)
-			s.fail(ctx, flow)
-			if rerr := sock.Resume(); rerr != nil {
-				err = errors.Join(err, rerr)
-			}
 			return netip.AddrPort{}, fmt.Errorf("switch %v to %v: %w", flow, be, err)
 		}
-		// HANDOFFED. The FE's socket goes without a word; the BE starts
-		// serving only now that the client's packets reach it (FACTS.md).
-		if err := sock.CloseSilently(); err != nil {
-			s.Log.Warn("close handed-off socket", "op", "handoff", "client", flow, "err", err)
-		}
+		handed()
 		if err := offer.Commit(); err != nil {
 			// The BE gives up on a missing commit and drops the socket; the
 			// client sees a stalled connection and retries.
@@ -171,11 +186,29 @@ func (s *Sender) Migrate(ctx context.Context, sock Socket, flow netip.AddrPort, 
 		s.result(be, nil)
 		return be, nil
 	}
-	s.fail(ctx, flow)
-	if err := sock.Resume(); err != nil {
-		return netip.AddrPort{}, errors.Join(ErrNoBE, err)
-	}
 	return netip.AddrPort{}, ErrNoBE
+}
+
+// Move hands on a connection that the BE from gave back, dumped, because
+// its next request belongs to another BE (multi-handoff, seed 4.8.2): ci
+// goes to the first of bes that accepts it, and the flow's forwarding
+// switches from from to that BE in one replace. Meanwhile from keeps the
+// socket blocked, so the client's packets that still reach it are dropped
+// (and retransmitted), never answered. On an error the connection is
+// forwarded to from as before, for from to resume and serve.
+func (s *Sender) Move(ctx context.Context, ci *wire.ConnInfo, from netip.Addr, bes []netip.AddrPort) (netip.AddrPort, error) {
+	flow := ci.Client
+	if err := s.Table.BeginMove(flow, from, s.Now()); err != nil {
+		return netip.AddrPort{}, err
+	}
+	be, err := s.place(ctx, flow, ci, bes, func() {})
+	if err != nil {
+		if _, herr := s.Table.Handed(flow, from, s.Now()); herr != nil {
+			err = errors.Join(err, herr)
+		}
+		return netip.AddrPort{}, err
+	}
+	return be, nil
 }
 
 // Keep is for a connection the FE serves itself without trying a handoff

@@ -26,6 +26,9 @@ type Metrics struct {
 	// Probes counts the FE's health probes, by BE and result (ok,
 	// failed).
 	Probes *prometheus.CounterVec
+	// Migrations counts the connections BEs gave back to the FE to move
+	// (phttp = multi), by the FE's answer (ok, stay, unknown-flow, ...).
+	Migrations *prometheus.CounterVec
 }
 
 // HandoffBuckets cover 50 µs to about 6 s in steps of 1.5×, fine enough to
@@ -52,8 +55,11 @@ func New() *Metrics {
 		Probes: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "tcpha_probes_total", Help: "FE: health probes of BEs, by BE and result.",
 		}, []string{"backend", "result"}),
+		Migrations: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "tcpha_migrations_total", Help: "FE: connections a BE asked to move to another BE, by result.",
+		}, []string{"result"}),
 	}
-	r.MustRegister(m.Handoffs, m.HandoffDuration, m.Offers, m.Probes,
+	r.MustRegister(m.Handoffs, m.HandoffDuration, m.Offers, m.Probes, m.Migrations,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }

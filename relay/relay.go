@@ -19,6 +19,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"tcpha/handoff/conntab"
 	"tcpha/internal/gopool"
 	"tcpha/phttp"
 )
@@ -41,7 +42,42 @@ type Config struct {
 	// BE's web server, and none answers 503. The first request of a
 	// connection is always this BE's: the FE routed it here.
 	Forward func(path string) (pools []*Pool, ok bool)
+	// Mover, if set, moves a connection whose next request Forward routes
+	// to other BEs to the right BE itself, while Mover.Moving says so
+	// (phttp = multi); Forward's pools then serve only a request whose
+	// move failed.
+	Mover Mover
 }
+
+// Mover moves client connections to other BEs (multi-handoff).
+type Mover interface {
+	// Moving tells whether connections move now (phttp = multi).
+	Moving() bool
+	// Acked waits until the client acknowledged every byte sent on c:
+	// only such a connection may move (WILLHANDOFF).
+	Acked(ctx context.Context, c *net.TCPConn) error
+	// Move hands c on, with pending (bytes read, not served) back in
+	// front of its receive queue. Unless it returns Gone, c is back in
+	// this BE's hands, usable.
+	Move(c *net.TCPConn, pending []byte) (Outcome, error)
+}
+
+// Outcome is where a Mover left a connection.
+type Outcome int
+
+const (
+	// Kept: still here; serve the request as Forward routes it.
+	Kept Outcome = iota
+	// Local: still here, and the request is this BE's after all.
+	Local
+	// Gone: another BE's now (or reset, when the move's outcome was
+	// unknown); the session ends without touching the socket.
+	Gone
+)
+
+// ackWait bounds WILLHANDOFF: a client that leaves a response
+// unacknowledged this long gets its request served from here.
+const ackWait = time.Second
 
 // Relay serves handed-off client connections: for each request on a
 // connection it finds where the request and its response end (phttp),
@@ -55,6 +91,7 @@ type Relay struct {
 	Tracker
 
 	requests, retries, badGateway atomic.Int64
+	moves, moveFailures           atomic.Int64
 
 	// handing is set while the relay hands its sessions to a successor
 	// (handover.go); sessions register so that they can be kicked.
@@ -84,13 +121,16 @@ func New(cfg Config) *Relay {
 type Stats struct {
 	Active                         int
 	Requests, Retries, BadGateways int64
-	Upstream                       PoolStats
+	// Moves are connections moved to another BE; MoveFailures those
+	// that stayed although their request was another BE's.
+	Moves, MoveFailures int64
+	Upstream            PoolStats
 }
 
 // Stats returns the relay's counters.
 func (r *Relay) Stats() Stats {
 	return Stats{Active: r.Active(), Requests: r.requests.Load(), Retries: r.retries.Load(),
-		BadGateways: r.badGateway.Load(), Upstream: r.cfg.Pool.Stats()}
+		BadGateways: r.badGateway.Load(), Moves: r.moves.Load(), MoveFailures: r.moveFailures.Load(), Upstream: r.cfg.Pool.Stats()}
 }
 
 // bufSize is a session's client buffer: a request head, the start of its
@@ -117,7 +157,11 @@ type session struct {
 	// it); resumed says a predecessor relayed the connection's first.
 	count   atomic.Int32
 	resumed bool
-	since   time.Time
+	// state is the connection's conntab.State (the BE's states of seed
+	// 4.8.2); local marks a request the FE said is this BE's.
+	state atomic.Uint32
+	local bool
+	since time.Time
 	// For a request routed to other BEs (phttp = forward): the pools
 	// still to try if the chosen one fails before answering, and whether
 	// the request is whole in hand, so that a failure can be answered
@@ -159,6 +203,7 @@ func (r *Relay) serve(client *net.TCPConn, first *Upstream) {
 
 func (r *Relay) newSession(client *net.TCPConn, up *Upstream) *session {
 	s := &session{r: r, client: client, up: up, max: min(r.cfg.MaxHeader, bufSize), since: time.Now()}
+	s.state.Store(uint32(conntab.Established))
 	r.mu.Lock()
 	if r.sessions == nil {
 		r.sessions = map[*session]struct{}{}
@@ -175,6 +220,9 @@ type Conn struct {
 	Since    time.Time
 	Requests int
 	Busy     bool // in an exchange, not waiting for the next request
+	// State is ESTABLISHED, or WILLHANDOFF and HANDOFFING while the
+	// connection moves to another BE.
+	State conntab.State
 }
 
 // Conns lists the connections the relay serves, oldest first.
@@ -182,7 +230,8 @@ func (r *Relay) Conns() []Conn {
 	r.mu.Lock()
 	out := make([]Conn, 0, len(r.sessions))
 	for s := range r.sessions {
-		c := Conn{Since: s.since, Requests: int(s.count.Load()), Busy: s.phase.Load() != phaseIdle}
+		c := Conn{Since: s.since, Requests: int(s.count.Load()), Busy: s.phase.Load() != phaseIdle,
+			State: conntab.State(s.state.Load())}
 		if a, ok := s.client.RemoteAddr().(*net.TCPAddr); ok {
 			c.Client = a.AddrPort()
 		}
@@ -225,6 +274,9 @@ func (s *session) loop() {
 		}
 		if err != nil {
 			s.refuse(err)
+			return
+		}
+		if s.move(h) {
 			return
 		}
 		s.r.requests.Add(1)
@@ -472,7 +524,7 @@ func (s *session) exchange(h *phttp.Head) (more bool, err error) {
 	}
 	bodySent := rem == 0 && chunks == nil
 	pools, routed := []*Pool{nil}, false
-	if (s.count.Load() > 0 || s.resumed) && s.r.cfg.Forward != nil {
+	if s.later() && !s.local && s.r.cfg.Forward != nil {
 		if p, ok := s.r.cfg.Forward(h.Path); ok {
 			pools, routed = p, true
 		}
@@ -532,6 +584,71 @@ func (s *session) exchange(h *phttp.Head) (more bool, err error) {
 		}
 		return s.endExchange(), nil
 	}
+}
+
+// later tells whether the session's next request is a later one of its
+// connection; the first is always this BE's, where the FE routed it.
+func (s *session) later() bool { return s.count.Load() > 0 || s.resumed }
+
+// step moves the session's state on ev (the BE's state machine).
+func (s *session) step(ev conntab.Event) {
+	from := conntab.State(s.state.Load())
+	to, _, err := conntab.Step(conntab.BE, from, ev)
+	if err != nil {
+		s.logf().Error("connection state", "op", "migrate", "err", err)
+		return
+	}
+	s.state.Store(uint32(to))
+}
+
+// move moves the connection to the BE its next request h belongs to, if
+// it is another's and connections move (phttp = multi). It reports whether
+// the connection is gone from here; if not, the request is served here.
+func (s *session) move(h *phttp.Head) bool {
+	s.local = false
+	m := s.r.cfg.Mover
+	if m == nil || !s.later() || s.r.cfg.Forward == nil || !m.Moving() {
+		return false
+	}
+	if _, ok := s.r.cfg.Forward(h.Path); !ok {
+		return false
+	}
+	// WILLHANDOFF: no further request is read; every response sent must
+	// be acknowledged first, or the new BE could not retransmit it.
+	start := time.Now()
+	s.step(conntab.EvReschedule)
+	ctx, cancel := context.WithTimeout(context.Background(), ackWait)
+	err := m.Acked(ctx, s.client)
+	cancel()
+	if err != nil {
+		s.step(conntab.EvHandoffFailed)
+		s.r.moveFailures.Add(1)
+		s.logf().Info("connection not moved: serving the request from here", "op", "migrate", "path", h.Path, "err", err)
+		return false
+	}
+	s.step(conntab.EvHandoffStart)
+	out, err := m.Move(s.client, s.buf[s.start:s.end])
+	switch out {
+	case Gone:
+		s.handOff = true
+		if err != nil {
+			s.r.moveFailures.Add(1)
+			s.logf().Warn("connection reset: its migration's outcome is unknown", "op", "migrate", "path", h.Path, "err", err)
+			return true
+		}
+		s.step(conntab.EvHandoffAcked)
+		s.step(conntab.EvFEAcked)
+		s.r.moves.Add(1)
+		s.logf().Debug("connection moved", "op", "migrate", "path", h.Path, "latency", time.Since(start))
+		return true
+	case Local:
+		s.local = true
+	default:
+		s.r.moveFailures.Add(1)
+		s.logf().Info("connection not moved: serving the request from here", "op", "migrate", "path", h.Path, "err", err)
+	}
+	s.step(conntab.EvHandoffFailed)
+	return false
 }
 
 // endExchange returns the upstream connection to the pool or closes it,

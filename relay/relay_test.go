@@ -12,8 +12,10 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"tcpha/internal/testnet"
@@ -289,10 +291,51 @@ func rawServer(t *testing.T, max int, reply func(n int) string) (string, *atomic
 	return ln.Addr().String(), &conns
 }
 
-// A server that answers once per connection and closes it: the pooled
-// connection is stale when the next client's GET arrives, and the GET is
-// sent again on a new one, unnoticed by the client.
+// A server that answers once per connection, and closes it when the next
+// request comes: the pooled connection looked alive when taken, and the
+// next client's GET is sent again on a new one, unnoticed by the client.
 func TestStaleUpstreamRetried(t *testing.T) {
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	var conns atomic.Int64
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			conns.Add(1)
+			go func() {
+				defer c.Close()
+				br := bufio.NewReader(c)
+				if _, err := http.ReadRequest(br); err != nil {
+					return
+				}
+				io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+				http.ReadRequest(br) // then closes unanswered
+			}()
+		}
+	}()
+	r := newRelay(t, ln.Addr().String())
+	for i := range 3 {
+		c := connect(t, r)
+		br := bufio.NewReader(c)
+		if b := body(t, get(t, c, br, "GET", "/")); b != "ok" {
+			t.Fatalf("request %d: %q", i, b)
+		}
+	}
+	if r.Stats().Retries != 2 || conns.Load() != 3 {
+		t.Errorf("retries %d, server connections %d", r.Stats().Retries, conns.Load())
+	}
+}
+
+// A server that closes its connection after each answer: the pool finds
+// the idle connection closed and dials a new one instead of sending the
+// next request into it.
+func TestClosedUpstreamNotReused(t *testing.T) {
 	addr, conns := rawServer(t, 1, func(int) string { return "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok" })
 	r := newRelay(t, addr)
 	for i := range 3 {
@@ -303,8 +346,8 @@ func TestStaleUpstreamRetried(t *testing.T) {
 		}
 		time.Sleep(20 * time.Millisecond) // the server's close arrives
 	}
-	if r.Stats().Retries == 0 || conns.Load() != 3 {
-		t.Errorf("retries %d, server connections %d", r.Stats().Retries, conns.Load())
+	if st := r.Stats(); st.Retries != 0 || conns.Load() != 3 || st.Upstream.Reuses != 0 {
+		t.Errorf("retries %d, reuses %d, server connections %d", st.Retries, st.Upstream.Reuses, conns.Load())
 	}
 }
 
@@ -496,3 +539,106 @@ func TestResetAndConns(t *testing.T) {
 		t.Errorf("the client read %v, want a reset", err)
 	}
 }
+
+// fakeMover records what a session asked of it and answers with outcome.
+type fakeMover struct {
+	mu      sync.Mutex
+	calls   []string
+	outcome Outcome
+	r       *Relay
+	states  []string // the session's state as Conns showed it in Acked and Move
+}
+
+func (m *fakeMover) Moving() bool { return true }
+
+func (m *fakeMover) note(s string) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.calls = append(m.calls, s)
+	for _, c := range m.r.Conns() {
+		m.states = append(m.states, c.State.String())
+	}
+}
+
+func (m *fakeMover) Acked(ctx context.Context, c *net.TCPConn) error { m.note("acked"); return nil }
+
+func (m *fakeMover) Move(c *net.TCPConn, pending []byte) (Outcome, error) {
+	m.note(fmt.Sprintf("move %q", pending))
+	if m.outcome == Gone {
+		c.Close() // the connection is another BE's now
+	}
+	return m.outcome, nil
+}
+
+// phttp = multi in the relay: a later request for another BE moves the
+// connection, with the request's bytes, between responses; what the mover
+// answers decides who serves it.
+func TestMove(t *testing.T) {
+	local, other := newWebServer(t), newWebServer(t)
+	remote := &Pool{Dial: dialer(other.addr)}
+	t.Cleanup(remote.Close)
+	for _, tc := range []struct {
+		outcome Outcome
+		want    string // the body of the moved request, "" for none
+	}{{Gone, ""}, {Kept, "other"}, {Local, "local"}} {
+		t.Run(fmt.Sprint(tc.outcome), func(t *testing.T) {
+			r := newRelay(t, local.addr)
+			m := &fakeMover{outcome: tc.outcome, r: r}
+			r.cfg.Mover = m
+			r.cfg.Forward = func(path string) ([]*Pool, bool) {
+				if path == "/big" {
+					return []*Pool{remote}, true
+				}
+				return nil, false
+			}
+			c := connect(t, r)
+			br := bufio.NewReader(c)
+			// The first request is this BE's whatever the rules say; a
+			// later one for this BE does not move.
+			if resp := get(t, c, br, "GET", "/big"); body(t, resp) != string(local.big) {
+				t.Fatal("the first request was not served here")
+			}
+			if resp := get(t, c, br, "GET", "/small"); body(t, resp) != "small" {
+				t.Fatal("a later request of this BE's")
+			}
+			if len(m.calls) != 0 {
+				t.Fatalf("moved for a request of this BE's: %q", m.calls)
+			}
+			// Two requests pipelined: both travel with the connection.
+			fmt.Fprint(c, "GET /big HTTP/1.1\r\nHost: be\r\n\r\nGET /small HTTP/1.1\r\nHost: be\r\n\r\n")
+			if tc.outcome == Gone {
+				if _, err := br.ReadByte(); err == nil {
+					t.Error("the session answered a request it moved away")
+				}
+			} else {
+				resp, err := http.ReadResponse(br, nil)
+				if err != nil {
+					t.Fatal(err)
+				}
+				got := body(t, resp)
+				switch {
+				case tc.want == "other" && got != string(other.big), tc.want == "local" && got != string(local.big):
+					t.Errorf("the request that did not move was served by the wrong BE")
+				}
+				if resp := get(t, c, br, "GET", "/small"); body(t, resp) != "small" {
+					t.Error("the connection after a move that did not happen")
+				}
+			}
+			c.Close()
+			r.Wait()
+			want := []string{"acked", `move "GET /big HTTP/1.1\r\nHost: be\r\n\r\nGET /small HTTP/1.1\r\nHost: be\r\n\r\n"`}
+			if !slices.Equal(m.calls[:2], want) {
+				t.Errorf("mover calls %q, want %q", m.calls, want)
+			}
+			if !slices.Equal(m.states[:2], []string{"WILLHANDOFF", "HANDOFFING"}) {
+				t.Errorf("states while moving %q", m.states)
+			}
+			st := r.Stats()
+			if tc.outcome == Gone && st.Moves != 1 || tc.outcome == Kept && st.MoveFailures != 1 {
+				t.Errorf("moves %d, failures %d", st.Moves, st.MoveFailures)
+			}
+		})
+	}
+}
+
+func (o Outcome) String() string { return [...]string{"kept", "local", "gone"}[o] }

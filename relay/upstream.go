@@ -8,6 +8,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // Upstream is one connection to the BE's own web server.
@@ -76,7 +78,7 @@ func (p *Pool) Get(ctx context.Context) (*Upstream, error) {
 	for len(p.idle) > 0 {
 		x := p.idle[len(p.idle)-1]
 		p.idle = p.idle[:len(p.idle)-1]
-		if now.Sub(x.idleSince) >= timeout {
+		if now.Sub(x.idleSince) >= timeout || closing(x.Conn) {
 			stale = append(stale, x)
 			continue
 		}
@@ -92,6 +94,26 @@ func (p *Pool) Get(ctx context.Context) (*Upstream, error) {
 		return u, nil
 	}
 	return p.dial(ctx)
+}
+
+// closing tells whether the web server closed an idle connection (or sent
+// something unasked on it): a peek that does not wait. A server that
+// stopped closed its idle connections, so finding them closed here makes
+// Get dial, and a server that is down fails fast.
+func closing(c *net.TCPConn) bool {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return true
+	}
+	var one [1]byte
+	gone := false
+	if err := rc.Control(func(fd uintptr) {
+		_, _, e := unix.Recvfrom(int(fd), one[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
+		gone = !errors.Is(e, unix.EAGAIN)
+	}); err != nil {
+		return true
+	}
+	return gone
 }
 
 func (p *Pool) dial(ctx context.Context) (*Upstream, error) {

@@ -214,13 +214,13 @@ func TestCluster(t *testing.T) {
 		}
 	})
 
-	t.Run("keep-alive stays on the first BE", func(t *testing.T) {
+	t.Run("keep-alive follows the rules (phttp = multi, the default)", func(t *testing.T) {
 		out := curl(t, c, "-o", "/dev/null", "-w", "%{num_connects} %header{x-served-by}\n", url+"/index.html",
 			"-o", "/dev/null", url+"/img/a.jpg")
-		// One connection (the second transfer made none), both from be1,
-		// although /img/a.jpg alone would go to be2.
-		if out != "1 be1\n0 be1\n" {
-			t.Errorf("got %q, want one connection served by be1 twice", out)
+		// One connection (the second transfer made none), moved from be1
+		// to be2 for /img/a.jpg.
+		if out != "1 be1\n0 be2\n" {
+			t.Errorf("got %q, want one connection served by be1, then be2", out)
 		}
 	})
 

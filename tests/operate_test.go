@@ -457,10 +457,12 @@ func TestDrain(t *testing.T) {
 }
 
 // Reload: a broken file changes nothing and is logged; a changed rule
-// applies to new connections while open ones stay; SIGHUP never stops the
-// agent. tcphactl reload does the same and reports the error.
+// applies to new connections while open ones stay (with phttp = single:
+// under multi their later requests follow the new rules too, as
+// TestPHTTPReload shows); SIGHUP never stops the agent. tcphactl reload
+// does the same and reports the error.
 func TestReload(t *testing.T) {
-	c := newCluster(t, cluster.Options{BEs: 2, Secret: "s", Rules: []string{`rule = be1 .*`}})
+	c := newCluster(t, cluster.Options{BEs: 2, Secret: "s", Rules: []string{`rule = be1 .*`}, FEExtra: "phttp = single\n"})
 	pid := c.AgentPID("fe")
 	conf := c.ConfigFile("fe")
 	good, err := os.ReadFile(conf)

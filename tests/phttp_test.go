@@ -9,6 +9,7 @@ import (
 	"io"
 	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -19,15 +20,18 @@ import (
 	cluster "tcpha/internal/nscluster"
 )
 
-// phttp = forward (issue 7, Aron et al.'s back-end forwarding): the BE that
-// holds a keep-alive connection fetches a later request for another BE's
-// content from that BE's web server and relays the answer.
+// Later requests of a keep-alive connection that the rules give another BE
+// (issue 7). phttp = multi (TCPHA 0.3): the BE holding the connection gives
+// it back to the FE, which moves it to the right BE. phttp = forward (Aron
+// et al.'s back-end forwarding): the BE fetches the request from the other
+// BE's web server and relays the answer. Both must look the same to a
+// client.
 
-func forwardCluster(t *testing.T) *cluster.Cluster {
+func phttpCluster(t *testing.T, mode string) *cluster.Cluster {
 	t.Helper()
 	c := newCluster(t, cluster.Options{BEs: 2, Secret: "s", PublicWWW: true,
 		Rules:   []string{`rule = be2 \.jpg$`, `rule = be1 .*`},
-		FEExtra: "phttp = forward\ntimewait = 2\ndtcinterval = 1\n"})
+		FEExtra: "phttp = " + mode + "\ntimewait = 2\ndtcinterval = 1\n"})
 	// Both BEs have the FE's rules before the first request.
 	deadline := time.Now().Add(10 * time.Second)
 	for _, b := range c.BEs {
@@ -57,8 +61,45 @@ func (k *keepAlive) getBody(path string) (string, [16]byte, error) {
 	return fmt.Sprintf("%d %s", resp.StatusCode, resp.Header.Get("X-Served-By")), [16]byte(h.Sum(nil)), nil
 }
 
-func TestPHTTPForward(t *testing.T) {
-	c := forwardCluster(t)
+// moves is how many connections the BEs moved, and failed to move,
+// although their request was another BE's.
+func moves(t *testing.T, c *cluster.Cluster) (moved, notMoved int) {
+	t.Helper()
+	for _, b := range c.BEs {
+		moved += statusOf(t, c, b.Name, "moved")
+		notMoved += statusOf(t, c, b.Name, "not_moved")
+	}
+	return moved, notMoved
+}
+
+// checkMoves checks, under phttp = multi, that want more connections moved
+// and none failed to since before.
+func checkMoves(t *testing.T, c *cluster.Cluster, multi bool, before, want int) int {
+	t.Helper()
+	moved, notMoved := moves(t, c)
+	if multi && (moved-before != want || notMoved != 0) {
+		t.Errorf("%d connections moved, %d not moved; want %d moved", moved-before, notMoved, want)
+		for _, h := range []string{"fe", "be1", "be2"} {
+			for _, s := range []string{"not moved", "reset", "refused", "not taken", "level=WARN", "level=ERROR"} {
+				t.Log(c.Grep(h, s))
+			}
+		}
+	}
+	if !multi && moved != 0 {
+		t.Errorf("%d connections moved under phttp = forward", moved)
+	}
+	return moved
+}
+
+func TestPHTTP(t *testing.T) {
+	for _, mode := range []string{"multi", "forward"} {
+		t.Run(mode, func(t *testing.T) { testPHTTP(t, mode) })
+	}
+}
+
+func testPHTTP(t *testing.T, mode string) {
+	c := phttpCluster(t, mode)
+	multi := mode == "multi"
 
 	t.Run("one keep-alive connection, alternating BEs", func(t *testing.T) {
 		args := []string{"curl", "-sS", "-w", "%{num_connects} %{http_code} %header{x-served-by}\n"}
@@ -73,6 +114,7 @@ func TestPHTTPForward(t *testing.T) {
 		if out != want {
 			t.Errorf("curl (new connections, status, served by):\n%s\nwant:\n%s", out, want)
 		}
+		checkMoves(t, c, multi, 0, 3)
 	})
 
 	t.Run("20 MB bodies after switching and back", func(t *testing.T) {
@@ -81,6 +123,7 @@ func TestPHTTPForward(t *testing.T) {
 		os.WriteFile(filepath.Join(c.WWW("be2"), "img", "big.jpg"), big, 0o644)
 		os.WriteFile(filepath.Join(c.WWW("be1"), "big.bin"), big, 0o644)
 		sum := md5.Sum(big)
+		before, _ := moves(t, c)
 		k := dialKeepAlive(t, c)
 		defer k.conn.Close()
 		for _, p := range []string{"/index.html", "/img/big.jpg", "/big.bin", "/img/big.jpg"} {
@@ -95,6 +138,7 @@ func TestPHTTPForward(t *testing.T) {
 			}
 			t.Logf("%s: %s", p, who)
 		}
+		checkMoves(t, c, multi, before, 3)
 	})
 
 	t.Run("pipelined requests for be1, be2, be1", func(t *testing.T) {
@@ -108,6 +152,7 @@ func TestPHTTPForward(t *testing.T) {
 		for _, p := range []string{"/index.html", "/img/a.jpg", "/index.html"} {
 			fmt.Fprintf(&req, "GET %s HTTP/1.1\r\nHost: tcpha\r\n\r\n", p)
 		}
+		before, _ := moves(t, c)
 		io.WriteString(conn, req.String()) // all three in one write
 		br := bufio.NewReader(conn)
 		var got []string
@@ -123,9 +168,11 @@ func TestPHTTPForward(t *testing.T) {
 		if fmt.Sprint(got) != fmt.Sprint(want) {
 			t.Errorf("pipelined answers %v, want %v", got, want)
 		}
+		checkMoves(t, c, multi, before, 2)
 	})
 
 	t.Run("50 connections × 20 alternating requests, no reset", func(t *testing.T) {
+		before, _ := moves(t, c)
 		cp := startCapture(t, c, "client", "tcp[tcpflags] & tcp-rst != 0")
 		var wg sync.WaitGroup
 		errs := make(chan string, 50*20)
@@ -152,15 +199,30 @@ func TestPHTTPForward(t *testing.T) {
 		}
 		if n := cp.stop(t); n != 0 {
 			t.Errorf("%d RSTs on the client's link", n)
+			out, _ := exec.Command("tcpdump", "-r", cp.file, "-nn", "-e", "-c", "10").CombinedOutput()
+			t.Logf("the first of them:\n%s", out)
+			for _, h := range []string{"fe", "be1", "be2"} {
+				mac, _ := c.Output(context.Background(), h, "cat", "/sys/class/net/eth0/address")
+				t.Logf("%s: %s%s", h, mac, c.Grep(h, "cleared"))
+			}
 		}
+		checkMoves(t, c, multi, before, 50*19)
+		// tcphactl conns ends empty on every host (the FE's after its
+		// TIME_WAIT of 2 s).
 		deadline := time.Now().Add(2*time.Second + 5*time.Second)
 		for {
 			table, kernel := flowsOf(t, c)
-			if len(table) == 0 && len(kernel) == 0 {
+			busy := ""
+			for _, b := range c.BEs {
+				if out := ctl(t, c, b.Name, "conns"); strings.Count(out, "\n") > 1 {
+					busy += b.Name + ":\n" + out
+				}
+			}
+			if len(table) == 0 && len(kernel) == 0 && busy == "" {
 				break
 			}
 			if time.Now().After(deadline) {
-				t.Fatalf("the FE still has %d rows, %d flows", len(table), len(kernel))
+				t.Fatalf("the FE still has %d rows, %d flows; BEs' connections:\n%s", len(table), len(kernel), busy)
 			}
 			time.Sleep(200 * time.Millisecond)
 		}
@@ -210,11 +272,32 @@ func TestPHTTPForward(t *testing.T) {
 			t.Errorf("the connection afterwards: %q %v", got, err)
 		}
 	})
+
+	t.Run("the other BE's agent down: an answer, and the connection goes on", func(t *testing.T) {
+		k := dialKeepAlive(t, c)
+		defer k.conn.Close()
+		if got, err := k.get("/index.html"); err != nil || got != "200 be1" {
+			t.Fatalf("first: %q %v", got, err)
+		}
+		if err := c.StopAgent("be2", syscall.SIGKILL); err != nil {
+			t.Fatal(err)
+		}
+		defer c.StartAgent("be2")
+		start := time.Now()
+		got, err := k.get("/img/a.jpg")
+		t.Logf("with be2's agent down: %q %v after %v", got, err, time.Since(start).Round(time.Millisecond))
+		if err != nil || time.Since(start) > 5*time.Second || !strings.HasPrefix(got, "200 ") && !strings.HasPrefix(got, "503") {
+			t.Errorf("the request for be2's content: %q %v", got, err)
+		}
+		if got, err := k.get("/index.html"); err != nil || got != "200 be1" {
+			t.Errorf("the connection afterwards: %q %v", got, err)
+		}
+	})
 }
 
 // A reload's rules reach the BEs: they route later requests by them.
-func TestPHTTPForwardReload(t *testing.T) {
-	c := forwardCluster(t)
+func TestPHTTPReload(t *testing.T) {
+	c := phttpCluster(t, "multi")
 	conf := c.ConfigFile("fe")
 	b, _ := os.ReadFile(conf)
 	// .jpg to be1 now, the rest to be2.
@@ -240,11 +323,11 @@ func TestPHTTPForwardReload(t *testing.T) {
 	}
 }
 
-// phttp = single (the default) keeps TCPHA 0.2's behaviour: every request
-// of a connection goes where its first went.
+// phttp = single keeps TCPHA 0.2's behaviour: every request of a
+// connection goes where its first went.
 func TestPHTTPSingle(t *testing.T) {
 	c := newCluster(t, cluster.Options{BEs: 2, Secret: "s", PublicWWW: true,
-		Rules: []string{`rule = be2 \.jpg$`, `rule = be1 .*`}})
+		Rules: []string{`rule = be2 \.jpg$`, `rule = be1 .*`}, FEExtra: "phttp = single\n"})
 	k := dialKeepAlive(t, c)
 	defer k.conn.Close()
 	for _, p := range []string{"/index.html", "/img/a.jpg"} {

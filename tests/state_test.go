@@ -346,7 +346,8 @@ func TestStateMachine(t *testing.T) {
 			if !strings.Contains(string(out), tc.reason) {
 				t.Errorf("%s: failed for another reason than %q:\n%s", name, tc.reason, lastLine(string(out)))
 			}
-			if got, err := k.get("/img/a.jpg"); err != nil || got != "200 be1" {
+			// The first agent still moves the connection to be2's content.
+			if got, err := k.get("/img/a.jpg"); err != nil || got != "200 be2" {
 				t.Fatalf("%s: the first agent's connection broke: %q %v", name, got, err)
 			}
 			if table, kernel := flowsOf(t, c); table[k.local()] != "HANDOFFED" || !kernel[k.local()] {
@@ -370,8 +371,9 @@ func TestStateMachine(t *testing.T) {
 		if err := c.UpgradeAgent("fe", false); err != nil {
 			t.Fatal(err)
 		}
-		if got, err := k.get("/img/a.jpg"); err != nil || got != "200 be1" {
-			t.Errorf("after the handover: %q %v, want the first BE to answer", got, err)
+		// The new agent adopted the connection: it moves it to be2.
+		if got, err := k.get("/img/a.jpg"); err != nil || got != "200 be2" {
+			t.Errorf("after the handover: %q %v, want the connection moved to be2", got, err)
 		}
 		if table, _ := flowsOf(t, c); table[k.local()] != "HANDOFFED" {
 			t.Errorf("the open connection was not adopted: %v", table)
@@ -389,8 +391,8 @@ func TestStateMachine(t *testing.T) {
 		if _, err := getFrom(c, 0, "/index.html"); err == nil {
 			t.Error("a new connection was accepted while draining")
 		}
-		// ...but the open one is still forwarded.
-		if got, err := k.get("/img/a.jpg"); err != nil || got != "200 be1" {
+		// ...but the open one is still forwarded, and moved.
+		if got, err := k.get("/img/a.jpg"); err != nil || got != "200 be2" {
 			t.Errorf("during the drain: %q %v", got, err)
 		}
 		k.conn.Close()

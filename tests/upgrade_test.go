@@ -138,8 +138,9 @@ func TestUpgrade(t *testing.T) {
 		_, line := lastLog(t, c, "fe", "handed over", "took")
 		t.Log(line)
 		pidChanged("fe", before)
-		// A connection handed off before the upgrade goes on.
-		if got, err := k.get("/img/a.jpg"); err != nil || got != "200 be1" {
+		// A connection handed off before the upgrade goes on: the new
+		// agent moves it to be2's content.
+		if got, err := k.get("/img/a.jpg"); err != nil || got != "200 be2" {
 			t.Errorf("a handed-off connection after the upgrade: %q %v", got, err)
 		}
 	})

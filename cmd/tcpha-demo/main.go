@@ -86,7 +86,7 @@ func run(agent string, bench bool) error {
 			return err
 		}
 	}
-	fmt.Println("\n== two requests on one keep-alive connection (the first BE serves both, as in TCPHA 0.2)")
+	fmt.Println("\n== two requests on one keep-alive connection (phttp = multi: be1 moves it to be2 for /img/a.jpg)")
 	out, err := c.Output(context.Background(), "client", "curl", "-sS", "-m", "10",
 		"-o", "/dev/null", "-w", "   %{url_effective}  served by %header{x-served-by}  new connections: %{num_connects}\n",
 		"http://"+cluster.VIP+"/index.html", "-o", "/dev/null", "http://"+cluster.VIP+"/img/a.jpg")

@@ -12,6 +12,7 @@
 package conntab
 
 import (
+	"errors"
 	"fmt"
 	"net/netip"
 	"sort"
@@ -174,7 +175,35 @@ func (t *Table) Begin(flow netip.AddrPort, now time.Time) error {
 	if err != nil {
 		return fmt.Errorf("begin: %w", err)
 	}
+	c.restart(now)
+	return nil
+}
+
+// restart clears what a row knew of an earlier handoff.
+func (c *Conn) restart(now time.Time) {
 	c.Started, c.BE, c.Latency, c.Until, c.closeUntil = now, netip.Addr{}, 0, time.Time{}, time.Time{}
+}
+
+// ErrNotForwarded: a BE asked to move a connection this FE does not forward
+// to it.
+var ErrNotForwarded = errors.New("not a connection this FE forwards to that BE")
+
+// BeginMove starts moving flow, which the FE forwards to from, to another
+// BE (multi-handoff: from gave the connection back for a request of another
+// BE's). Only the BE a connection is forwarded to may move it. On failure
+// Handed(flow, from) puts it back; the forwarding never changed.
+func (t *Table) BeginMove(flow netip.AddrPort, from netip.Addr, now time.Time) error {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	c, ok := t.m[flow]
+	if !ok || c.State != Handoffed || c.BE != from {
+		return fmt.Errorf("move %v from %v: %w", flow, from, ErrNotForwarded)
+	}
+	defer t.tracked(flow)()
+	if _, _, err := t.apply(flow, EvHandoffStart, now); err != nil {
+		return fmt.Errorf("move: %w", err)
+	}
+	c.restart(now)
 	return nil
 }
 

@@ -67,6 +67,7 @@ BE ESTABLISHED ack -> ESTABLISHED deliver
 BE ESTABLISHED payload -> ESTABLISHED deliver
 BE ESTABLISHED reschedule -> WILLHANDOFF schedule
 BE WILLHANDOFF handoff-start -> HANDOFFING none
+BE WILLHANDOFF handoff-failed -> ESTABLISHED none
 BE WILLHANDOFF syn -> WILLHANDOFF deliver
 BE WILLHANDOFF fin -> TIME_WAIT deliver
 BE WILLHANDOFF rst -> TIME_WAIT deliver

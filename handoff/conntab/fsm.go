@@ -121,6 +121,7 @@ func init() {
 		{BE, []State{WillHandoff}, []Event{EvFIN, EvRST}, TimeWait, ActDeliver, ""},
 		{BE, []State{WillHandoff}, []Event{EvPayload, EvReschedule}, same, ActDrop, "one new request at a time"},
 		{BE, []State{WillHandoff}, []Event{EvHandoffStart}, Handoffing, ActNone, "socket still ESTABLISHED"},
+		{BE, []State{WillHandoff}, []Event{EvHandoffFailed}, Established, ActNone, "not all acked in time: serve it here"},
 		{BE, []State{Handoffing}, append([]Event{EvSYN, EvReschedule}, packets...), same, ActDrop, ""},
 		{BE, []State{Handoffing}, []Event{EvHandoffAcked}, Handoffed, ActNone, ""},
 		{BE, []State{Handoffing}, []Event{EvHandoffFailed}, Established, ActNone, "serve it here after all"},

@@ -83,6 +83,9 @@ func orDefault(d, def time.Duration) time.Duration {
 var (
 	ErrClosed    = errors.New("control session closed")
 	ErrGoingAway = errors.New("control session going away")
+	// ErrNotSent: Call failed before its request left, so the peer never
+	// saw it.
+	ErrNotSent = errors.New("request not sent")
 )
 
 // Session is one authenticated control connection.
@@ -302,7 +305,7 @@ func (s *Session) Call(ctx context.Context, f wire.Frame) (wire.Frame, error) {
 		s.mu.Unlock()
 	}()
 	if err := s.Send(f); err != nil {
-		return wire.Frame{}, err
+		return wire.Frame{}, fmt.Errorf("%w: %w", ErrNotSent, err)
 	}
 	select {
 	case r := <-ch:

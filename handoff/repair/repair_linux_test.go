@@ -2,6 +2,8 @@ package repair
 
 import (
 	"bytes"
+	"context"
+	"errors"
 	"io"
 	"net"
 	"testing"
@@ -240,5 +242,30 @@ func TestDumpLargeQueues(t *testing.T) {
 	t.Logf("send queue %d bytes, %d unsent", len(ci.SendQueue), ci.Unsent)
 	if err := Resume(srv); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// WaitAcked returns only once the client acknowledged everything sent: a
+// client whose socket drops the data (blocked) holds it back.
+func TestWaitAcked(t *testing.T) {
+	privtest.Require(t)
+	client, srv := testnet.Pair(t)
+	if err := Block(client); err != nil {
+		t.Fatal(err)
+	}
+	srv.Write([]byte("response"))
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	err := WaitAcked(ctx, srv)
+	cancel()
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("with the response unacknowledged: %v", err)
+	}
+	if err := control(client, "unblock", detachDrop); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel = context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := WaitAcked(ctx, srv); err != nil {
+		t.Fatalf("after the retransmission was acknowledged: %v", err)
 	}
 }

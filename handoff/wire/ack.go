@@ -19,8 +19,9 @@ const (
 	ResultWrongVIP Result = 5 // the connection is not for this BE's VIP and port
 	ResultInvalid  Result = 6 // the handoff fails validation (client address, queues)
 	ResultDraining Result = 7 // the receiver is stopping
-	ResultUnknown  Result = 8 // remap, reset: no such flow (the FE does not forward it to that BE; the BE does not serve it)
-	resultSentinel Result = 9
+	ResultUnknown  Result = 8 // migrate, reset: no such flow (the FE does not forward it to that BE; the BE does not serve it)
+	ResultStay     Result = 9 // migrate: the request belongs to the BE that asked; it serves it
+	resultSentinel Result = 10
 
 	maxReasonLength = 512
 )
@@ -45,6 +46,8 @@ func (r Result) String() string {
 		return "draining"
 	case ResultUnknown:
 		return "unknown-flow"
+	case ResultStay:
+		return "stay"
 	}
 	return fmt.Sprintf("result(%d)", uint8(r))
 }

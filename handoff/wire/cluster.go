@@ -17,6 +17,9 @@ const (
 	// PHTTPForward fetches the request from the other BE's web server and
 	// relays the answer (back-end forwarding, Aron et al. 1999).
 	PHTTPForward PHTTP = 1
+	// PHTTPMulti moves the connection itself to the other BE (TCPHA 0.3's
+	// multi-handoff).
+	PHTTPMulti PHTTP = 2
 )
 
 func (p PHTTP) String() string {
@@ -25,6 +28,8 @@ func (p PHTTP) String() string {
 		return "single"
 	case PHTTPForward:
 		return "forward"
+	case PHTTPMulti:
+		return "multi"
 	}
 	return fmt.Sprintf("phttp(%d)", uint8(p))
 }
@@ -115,7 +120,7 @@ func (c *Cluster) UnmarshalBinary(b []byte) error {
 	d := decoder{b: b}
 	mode := PHTTP(d.u8())
 	policy := string(d.take(int(d.u8())))
-	if d.err == nil && (mode > PHTTPForward || len(policy) > maxPolicyName) {
+	if d.err == nil && (mode > PHTTPMulti || len(policy) > maxPolicyName) {
 		return fmt.Errorf("%w: cluster phttp %d, policy of %d bytes", ErrFormat, mode, len(policy))
 	}
 	out := Cluster{PHTTP: mode, Policy: policy}

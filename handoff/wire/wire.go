@@ -56,7 +56,7 @@ const (
 	TypeProbeReply  Type = 6  // the BE's health (Health payload)
 	TypeHello       Type = 7  // handshake: role, nonce, addresses (Hello payload)
 	TypeAuth        Type = 8  // handshake: proof of the cluster key (32 bytes)
-	TypeRemap       Type = 9  // BE→FE: a connection moved to another BE (Remap); answered by an Ack
+	TypeMigrate     Type = 9  // BE→FE: move this connection to the BE its next request belongs to (ConnInfo); answered by an Ack
 	TypeCluster     Type = 10 // FE→BE: the rules and the BE list (Cluster payload); answered by an Ack
 	TypeRegister    Type = 11 // BE→FE: dynamic registration (Register payload); answered by an Ack
 	TypeDeregister  Type = 12 // BE→FE: the BE leaves; answered by an Ack
@@ -67,7 +67,7 @@ const (
 )
 
 var typeNames = [...]string{"", "offer", "ack", "commit", "abort", "probe", "probe-reply", "hello", "auth",
-	"remap", "cluster", "register", "deregister", "goaway", "reset"}
+	"migrate", "cluster", "register", "deregister", "goaway", "reset"}
 
 func (t Type) String() string {
 	if t > 0 && t < typeSentinel {

@@ -1,0 +1,194 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"time"
+
+	"tcpha/handoff"
+	"tcpha/handoff/conntab"
+	"tcpha/handoff/ctl"
+	"tcpha/handoff/repair"
+	"tcpha/handoff/wire"
+	"tcpha/phttp"
+	"tcpha/relay"
+)
+
+// Multi-handoff (phttp = multi, TCPHA 0.3): a BE whose connection's next
+// request belongs to another BE gives the connection back to the FE that
+// forwards it (handoff.Leaver), and the FE hands it on like a new one
+// (handoff.Sender.Move), switching its forwarding in one replace.
+
+// Bounds of a migration: the FE settles it within moveWithin (its offers
+// included) and answers; the BE waits for that answer up to moveAnswer, so
+// that only an FE that is gone leaves the outcome unknown.
+const (
+	moveWithin = 4 * time.Second
+	moveAnswer = 6 * time.Second
+)
+
+// maxMoves bounds the migrations an FE carries out at once.
+const maxMoves = 256
+
+// serveBE serves the requests a BE starts on the FE's control sessions:
+// migrations. Each runs in its own goroutine, at most maxMoves at once.
+func (f *fe) serveBE(s *ctl.Session, fr wire.Frame) {
+	if fr.Type != wire.TypeMigrate {
+		f.log.Warn("unexpected control frame", "op", "control", "type", fr.Type.String(), "peer", s.Remote.String())
+		s.Reply(fr, ctl.AckFrame(wire.ResultInvalid, "unexpected "+fr.Type.String()))
+		return
+	}
+	select {
+	case f.moves <- struct{}{}:
+	default:
+		f.m.Migrations.WithLabelValues(wire.ResultBusy.String()).Inc()
+		s.Reply(fr, ctl.AckFrame(wire.ResultBusy, "too many migrations in progress"))
+		return
+	}
+	go func() {
+		defer func() { <-f.moves }()
+		res, why := f.migrate(s.Remote.Addr(), fr)
+		f.m.Migrations.WithLabelValues(res.String()).Inc()
+		s.Reply(fr, ctl.AckFrame(res, why))
+	}()
+}
+
+// migrate moves the connection a BE (from) gave back to the BE its next
+// request belongs to, and says how it went.
+func (f *fe) migrate(from netip.Addr, fr wire.Frame) (wire.Result, string) {
+	sender := f.mover.Load()
+	if sender == nil {
+		return wire.ResultBusy, "the FE is starting"
+	}
+	var ci wire.ConnInfo
+	if err := ci.UnmarshalBinary(fr.Payload); err != nil {
+		return wire.ResultBadFrame, err.Error()
+	}
+	if ci.ConnMagic() != fr.ConnMagic {
+		return wire.ResultBadFrame, fmt.Sprintf("conn_magic %d does not match the connection's %d", fr.ConnMagic, ci.ConnMagic())
+	}
+	if vip := netip.AddrPortFrom(f.cfg.VAddr, f.cfg.Port); ci.VIP != vip {
+		return wire.ResultWrongVIP, fmt.Sprintf("connection is for %v, this FE serves %v", ci.VIP, vip)
+	}
+	if len(ci.SendQueue) > 0 {
+		return wire.ResultInvalid, "send queue not empty: only connections with nothing unacknowledged move"
+	}
+	log := f.log.With("client", ci.Client.String(), "from", from.String())
+	if wire.PHTTP(f.phttp.Load()) != wire.PHTTPMulti {
+		return wire.ResultInvalid, "phttp is not multi on this FE"
+	}
+	h, err := phttp.ParseRequest(ci.RecvQueue)
+	if err != nil {
+		return wire.ResultInvalid, fmt.Sprintf("no request head at the front of the receive queue: %v", err)
+	}
+	route := f.sched.Route(h.Path)
+	if len(route.BEs) > 0 && route.BEs[0].Addr() == from {
+		return wire.ResultStay, ""
+	}
+	bes := make([]netip.AddrPort, 0, len(route.BEs))
+	for _, be := range route.BEs {
+		if be.Addr() != from {
+			bes = append(bes, be)
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), moveWithin)
+	defer cancel()
+	start := time.Now()
+	be, err := sender.Move(ctx, &ci, from, bes)
+	switch {
+	case errors.Is(err, conntab.ErrNotForwarded):
+		return wire.ResultUnknown, err.Error()
+	case err != nil:
+		log.Info("connection not moved; its BE serves the request", "op", "migrate", "path", h.Path, "err", err)
+		return wire.ResultUpstream, err.Error()
+	}
+	log.Debug("connection moved", "op", "migrate", "path", h.Path, "to", be.Addr().String(), "latency", time.Since(start))
+	return wire.ResultOK, ""
+}
+
+// mover moves the BE's connections (relay.Mover).
+type mover struct {
+	b      *be
+	leaver *handoff.Leaver
+}
+
+func newMover(b *be, leaving *handoff.Leaving) mover {
+	return mover{b: b, leaver: &handoff.Leaver{Ask: b.askFEs, Timeout: moveAnswer, Log: b.log, Leaving: leaving}}
+}
+
+// Moving tells whether the FE's cluster frame says phttp = multi.
+func (m mover) Moving() bool {
+	c := m.b.cluster.Load()
+	return c != nil && c.phttp == wire.PHTTPMulti
+}
+
+func (m mover) Acked(ctx context.Context, c *net.TCPConn) error { return repair.WaitAcked(ctx, c) }
+
+func (m mover) Move(c *net.TCPConn, pending []byte) (relay.Outcome, error) {
+	err := m.leaver.Leave(context.Background(), repair.Socket{Conn: c}, pending)
+	switch {
+	case err == nil:
+		return relay.Gone, nil
+	case errors.Is(err, handoff.ErrStay):
+		return relay.Local, nil
+	case errors.Is(err, handoff.ErrCut):
+		// Maybe another BE serves it now: a RST rather than two BEs
+		// answering one connection.
+		c.SetLinger(0)
+		c.Close()
+		return relay.Gone, err
+	}
+	return relay.Kept, err
+}
+
+// askFEs sends a migrate request to the FEs with sessions to this BE, one
+// after another, until one knows the connection (handoff.Leaver.Ask).
+func (b *be) askFEs(ctx context.Context, f wire.Frame) (wire.Ack, error) {
+	var order []netip.Addr
+	byFE := map[netip.Addr]*ctl.Session{}
+	for _, s := range b.server.Sessions() {
+		if s.GoingAway() {
+			continue // its FE is handing over to a successor
+		}
+		a := s.Remote.Addr()
+		if cur := byFE[a]; cur == nil {
+			order = append(order, a)
+			byFE[a] = s
+		} else if s.Inflight() < cur.Inflight() {
+			byFE[a] = s
+		}
+	}
+	sent := false
+	var fail error
+	for _, a := range order {
+		r, err := byFE[a].Call(ctx, f)
+		if err != nil {
+			sent = sent || !errors.Is(err, ctl.ErrNotSent)
+			fail = err
+			if ctx.Err() != nil {
+				break
+			}
+			continue
+		}
+		var ack wire.Ack
+		if err := ack.UnmarshalBinary(r.Payload); err != nil || r.Type != wire.TypeAck {
+			// An answer came: whatever it says, the FE saw the request.
+			return wire.Ack{}, fmt.Errorf("FE %v: bad answer to migrate: %v %w", a, r.Type, err)
+		}
+		if ack.Result != wire.ResultUnknown {
+			return ack, nil
+		}
+	}
+	switch {
+	case sent:
+		return wire.Ack{}, fail
+	case fail != nil:
+		return wire.Ack{}, fmt.Errorf("%w: %w", ctl.ErrNotSent, fail)
+	case len(order) == 0:
+		return wire.Ack{}, fmt.Errorf("%w: no control session from an FE", ctl.ErrNotSent)
+	}
+	return wire.Ack{Result: wire.ResultUnknown, Reason: "no FE forwards this connection"}, nil
+}

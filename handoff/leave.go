@@ -1,0 +1,155 @@
+package handoff
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"sync"
+	"time"
+
+	"tcpha/handoff/ctl"
+	"tcpha/handoff/wire"
+)
+
+// The BE's side of a multi-handoff (TCPHA 0.3, seed 4.8.2): a BE whose
+// connection's next request belongs to another BE gives the connection back
+// to its FE, dumped, with the request in front of its receive queue; the FE
+// hands it to the right BE like a new one and switches its forwarding
+// there in one replace. The FE stays the only host that forwards, so BEs
+// need no sessions, trust or forwarding among themselves.
+
+// Errors of Leave.
+var (
+	// ErrStay: the FE routes the request to this BE after all (its rules
+	// changed since this BE learnt them). The connection is resumed here.
+	ErrStay = errors.New("the FE routes the request to this BE")
+	// ErrCut: nobody can say whether the FE moved the connection (its
+	// answer never came); it was resumed here for the caller to reset,
+	// since two BEs answering one connection would corrupt it.
+	ErrCut = errors.New("the FE did not answer a migration it may have carried out")
+)
+
+// Leaver gives connections back to their FE.
+type Leaver struct {
+	// Ask sends the migrate request to the FEs that may forward the
+	// connection, one after another, until one knows it (an answer other
+	// than ResultUnknown). An error that wraps ctl.ErrNotSent says no FE
+	// saw the request.
+	Ask func(ctx context.Context, f wire.Frame) (wire.Ack, error)
+	// Timeout bounds the wait for the FE's answer, which covers its offers
+	// to other BEs.
+	Timeout time.Duration
+	Log     *slog.Logger
+	// Leaving, shared with the BE's Receiver, holds the connections
+	// under way out.
+	Leaving *Leaving
+}
+
+// Leaving is the set of connections a BE is moving away. The FE answers a
+// migration before the BE has closed its socket, and a client quick with
+// its next request may bring the connection back at once: its rebuild
+// waits until the old socket is gone, which otherwise holds the 4-tuple.
+type Leaving struct {
+	mu sync.Mutex
+	m  map[netip.AddrPort]chan struct{}
+}
+
+// add marks client as leaving until the returned function is called.
+func (l *Leaving) add(client netip.AddrPort) func() {
+	if l == nil {
+		return func() {}
+	}
+	ch := make(chan struct{})
+	l.mu.Lock()
+	if l.m == nil {
+		l.m = map[netip.AddrPort]chan struct{}{}
+	}
+	l.m[client] = ch
+	l.mu.Unlock()
+	return func() {
+		l.mu.Lock()
+		if l.m[client] == ch {
+			delete(l.m, client)
+		}
+		l.mu.Unlock()
+		close(ch)
+	}
+}
+
+// Wait waits up to d until client is not leaving, and tells whether it
+// is not.
+func (l *Leaving) Wait(client netip.AddrPort, d time.Duration) bool {
+	if l == nil {
+		return true
+	}
+	l.mu.Lock()
+	ch := l.m[client]
+	l.mu.Unlock()
+	if ch == nil {
+		return true
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ch:
+		return true
+	case <-t.C:
+		return false
+	}
+}
+
+// Leave moves the connection on sock, whose client has acknowledged every
+// byte sent (WILLHANDOFF is the caller's), to another BE through the FE.
+// pending are bytes read and not served: the next request and any behind
+// it; they go back in front of the receive queue. It returns nil once the
+// connection is another BE's and sock is closed without a packet to the
+// client. Otherwise sock is back in this BE's hands, unblocked and out of
+// repair mode: ErrStay and refusals mean serve the request here, ErrCut
+// means reset the connection.
+func (l *Leaver) Leave(ctx context.Context, sock Socket, pending []byte) error {
+	// HANDOFFING: the client's packets are dropped at the socket from now
+	// on; the client retransmits them to whoever owns the connection next.
+	if err := sock.Block(); err != nil {
+		return err
+	}
+	ci, err := sock.Dump(pending)
+	if err == nil {
+		defer l.Leaving.add(ci.Client)() // after the close or the resume
+		err = l.leave(ctx, sock, ci)
+	}
+	if err != nil {
+		if rerr := sock.Resume(); rerr != nil {
+			err = errors.Join(err, rerr)
+		}
+	}
+	return err
+}
+
+func (l *Leaver) leave(ctx context.Context, sock Socket, ci *wire.ConnInfo) error {
+	if len(ci.SendQueue) > 0 {
+		return fmt.Errorf("%d bytes not acknowledged by the client: a connection moves only with none", len(ci.SendQueue))
+	}
+	payload, err := ci.MarshalBinary()
+	if err != nil {
+		return err
+	}
+	actx, cancel := context.WithTimeout(ctx, l.Timeout)
+	defer cancel()
+	ack, err := l.Ask(actx, wire.Frame{Type: wire.TypeMigrate, ConnMagic: ci.ConnMagic(), Payload: payload})
+	switch {
+	case errors.Is(err, ctl.ErrNotSent):
+		return fmt.Errorf("migrate %v: %w", ci.Client, err)
+	case err != nil:
+		return fmt.Errorf("migrate %v: %w: %w", ci.Client, ErrCut, err)
+	case ack.Result == wire.ResultOK:
+		if err := sock.CloseSilently(); err != nil {
+			l.Log.Warn("close migrated socket", "op", "migrate", "client", ci.Client.String(), "err", err)
+		}
+		return nil
+	case ack.Result == wire.ResultStay:
+		return ErrStay
+	}
+	return fmt.Errorf("migrate %v: the FE refused: %v: %s", ci.Client, ack.Result, ack.Reason)
+}
