@@ -63,28 +63,15 @@ func (f *fe) migrate(from netip.Addr, fr wire.Frame) (wire.Result, string) {
 	if sender == nil {
 		return wire.ResultBusy, "the FE is starting"
 	}
-	var ci wire.ConnInfo
-	if err := ci.UnmarshalBinary(fr.Payload); err != nil {
-		return wire.ResultBadFrame, err.Error()
-	}
-	if ci.ConnMagic() != fr.ConnMagic {
-		return wire.ResultBadFrame, fmt.Sprintf("conn_magic %d does not match the connection's %d", fr.ConnMagic, ci.ConnMagic())
-	}
-	if vip := netip.AddrPortFrom(f.cfg.VAddr, f.cfg.Port); ci.VIP != vip {
-		return wire.ResultWrongVIP, fmt.Sprintf("connection is for %v, this FE serves %v", ci.VIP, vip)
-	}
-	if len(ci.SendQueue) > 0 {
-		return wire.ResultInvalid, "send queue not empty: only connections with nothing unacknowledged move"
-	}
-	log := f.log.With("client", ci.Client.String(), "from", from.String())
 	if wire.PHTTP(f.phttp.Load()) != wire.PHTTPMulti {
 		return wire.ResultInvalid, "phttp is not multi on this FE"
 	}
-	h, err := phttp.ParseRequest(ci.RecvQueue)
-	if err != nil {
-		return wire.ResultInvalid, fmt.Sprintf("no request head at the front of the receive queue: %v", err)
+	ci, path, res, why := parseMigration(fr, netip.AddrPortFrom(f.cfg.VAddr, f.cfg.Port), f.cfg.MaxHeader)
+	if res != wire.ResultOK {
+		return res, why
 	}
-	route := f.sched.Route(h.Path)
+	log := f.log.With("client", ci.Client.String(), "from", from.String())
+	route := f.sched.Route(path)
 	if len(route.BEs) > 0 && route.BEs[0].Addr() == from {
 		return wire.ResultStay, ""
 	}
@@ -97,16 +84,41 @@ func (f *fe) migrate(from netip.Addr, fr wire.Frame) (wire.Result, string) {
 	ctx, cancel := context.WithTimeout(context.Background(), moveWithin)
 	defer cancel()
 	start := time.Now()
-	be, err := sender.Move(ctx, &ci, from, bes)
+	be, err := sender.Move(ctx, ci, from, bes)
 	switch {
 	case errors.Is(err, conntab.ErrNotForwarded):
 		return wire.ResultUnknown, err.Error()
 	case err != nil:
-		log.Info("connection not moved; its BE serves the request", "op", "migrate", "path", h.Path, "err", err)
+		log.Info("connection not moved; its BE serves the request", "op", "migrate", "path", path, "err", err)
 		return wire.ResultUpstream, err.Error()
 	}
-	log.Debug("connection moved", "op", "migrate", "path", h.Path, "to", be.Addr().String(), "latency", time.Since(start))
+	log.Debug("connection moved", "op", "migrate", "path", path, "to", be.Addr().String(), "latency", time.Since(start))
 	return wire.ResultOK, ""
+}
+
+// parseMigration checks a BE's migrate request, which names a connection
+// of the FE's VIP with nothing unacknowledged and a request head of at
+// most maxHeader bytes at the front of its receive queue, and returns the
+// connection and the request's path.
+func parseMigration(fr wire.Frame, vip netip.AddrPort, maxHeader int) (*wire.ConnInfo, string, wire.Result, string) {
+	var ci wire.ConnInfo
+	if err := ci.UnmarshalBinary(fr.Payload); err != nil {
+		return nil, "", wire.ResultBadFrame, err.Error()
+	}
+	switch {
+	case ci.ConnMagic() != fr.ConnMagic:
+		return nil, "", wire.ResultBadFrame, fmt.Sprintf("conn_magic %d does not match the connection's %d", fr.ConnMagic, ci.ConnMagic())
+	case ci.VIP != vip:
+		return nil, "", wire.ResultWrongVIP, fmt.Sprintf("connection is for %v, this FE serves %v", ci.VIP, vip)
+	case len(ci.SendQueue) > 0:
+		return nil, "", wire.ResultInvalid, "send queue not empty: only connections with nothing unacknowledged move"
+	}
+	head := ci.RecvQueue[:min(len(ci.RecvQueue), maxHeader)]
+	h, err := phttp.ParseRequest(head)
+	if err != nil {
+		return nil, "", wire.ResultInvalid, fmt.Sprintf("no request head within %d bytes at the front of the receive queue: %v", maxHeader, err)
+	}
+	return &ci, h.Path, wire.ResultOK, ""
 }
 
 // mover moves the BE's connections (relay.Mover).

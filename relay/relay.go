@@ -627,6 +627,7 @@ func (s *session) move(h *phttp.Head) bool {
 		return false
 	}
 	s.step(conntab.EvHandoffStart)
+	acked := time.Since(start)
 	out, err := m.Move(s.client, s.buf[s.start:s.end])
 	switch out {
 	case Gone:
@@ -639,7 +640,7 @@ func (s *session) move(h *phttp.Head) bool {
 		s.step(conntab.EvHandoffAcked)
 		s.step(conntab.EvFEAcked)
 		s.r.moves.Add(1)
-		s.logf().Debug("connection moved", "op", "migrate", "path", h.Path, "latency", time.Since(start))
+		s.logf().Debug("connection moved", "op", "migrate", "path", h.Path, "acked", acked, "latency", time.Since(start))
 		return true
 	case Local:
 		s.local = true

@@ -9,7 +9,7 @@
 //
 // -smoke runs each workload for a second or two: it proves the harness (CI
 // runs it), it does not measure. -profile saves CPU profiles of the FE and
-// be1 agents taken during workload (a).
+// be1 agents taken during workloads (a) and (g).
 package main
 
 import (
@@ -68,8 +68,8 @@ func main() {
 	smoke := flag.Bool("smoke", false, "a few seconds per workload: prove the harness, do not measure")
 	out := flag.String("out", "docs/benchmarks.md", "report `file` (empty: stdout only)")
 	chart := flag.String("chart", "docs/benchmarks.png", "chart `file` (PNG)")
-	profile := flag.String("profile", "", "save CPU profiles of the FE and be1 agents taken during (a) to `dir`")
-	only := flag.String("only", "", "comma-separated `workloads` to run (a,b,c,d,e,f,flat,idle; default all)")
+	profile := flag.String("profile", "", "save CPU profiles of the FE and be1 agents taken during (a) and (g) to `dir`")
+	only := flag.String("only", "", "comma-separated `workloads` to run (a,b,c,d,e,f,g,h,flat,idle; default all)")
 	fes := flag.String("fe", "", "comma-separated `front ends` to run (tcpha,haproxy,nginx,direct; default all)")
 	secs := flag.Int("seconds", 0, "seconds per wrk workload (default 10, 2 with -smoke)")
 	flag.Parse()
@@ -158,7 +158,7 @@ func runBench(agent string, p params) (*bench.Run, error) {
 	for _, f := range []struct {
 		name string
 		size int
-	}{{"1k.bin", 1 << 10}, {"1m.bin", 1 << 20}, {"big.bin", p.bigMB << 20}, {"img/1k.jpg", 1 << 10}, {"img/100k.jpg", 100 << 10}} {
+	}{{"1k.bin", 1 << 10}, {"1m.bin", 1 << 20}, {"big.bin", p.bigMB << 20}, {"img/1k.jpg", 1 << 10}, {"img/100k.jpg", 100 << 10}, {"img/1m.jpg", 1 << 20}} {
 		data := make([]byte, f.size)
 		rand.Read(data)
 		for _, be := range []string{"be1", "be2"} {
@@ -217,8 +217,11 @@ func runBench(agent string, p params) (*bench.Run, error) {
 			fmt.Println()
 		}
 	}
-	if p.runs("f") {
-		if err := b.alternating(); err != nil {
+	for _, w := range []string{"f", "g", "h"} {
+		if !p.runs(w) {
+			continue
+		}
+		if err := b.alternating(w); err != nil {
 			return nil, err
 		}
 	}
@@ -434,11 +437,7 @@ func (b *bencher) wrk(fe frontEnd, w string) (bench.Result, error) {
 		args[2], path = "-c8", "/1m.bin"
 	}
 	args = append(args, fe.base+path)
-	var prof func() error
-	if w == "a" && fe.name == bench.TCPHA && b.p.profileDir != "" {
-		prof = b.startProfiles()
-	}
-	return b.load(fe, w, args, prof)
+	return b.load(fe, w, args, b.profiles(fe, w))
 }
 
 // load runs wrk with args through fe, sampling the FE around it; prof, if
@@ -467,15 +466,24 @@ func (b *bencher) load(fe frontEnd, w string, args []string, prof func() error) 
 	return r, nil
 }
 
+// profiles starts CPU profiles of the FE and be1 agents for tcpha's runs
+// of (a) and (g), when asked for, and returns what waits for them.
+func (b *bencher) profiles(fe frontEnd, w string) func() error {
+	if fe.name != bench.TCPHA || w != "a" && w != "g" || b.p.profileDir == "" {
+		return nil
+	}
+	return b.startProfiles(w)
+}
+
 // startProfiles fetches CPU profiles from the FE and be1 agents while the
-// load runs, and returns a function that waits for them.
-func (b *bencher) startProfiles() func() error {
+// load of workload w runs, and returns a function that waits for them.
+func (b *bencher) startProfiles(w string) func() error {
 	secs := max(1, b.p.wrkSecs-1)
 	var wg sync.WaitGroup
 	errs := make([]error, 2)
 	for i, host := range []string{"fe", "be1"} {
 		wg.Go(func() {
-			dst := filepath.Join(b.p.profileDir, host+".pprof")
+			dst := filepath.Join(b.p.profileDir, host+"-"+w+".pprof")
 			ctx, cancel := context.WithTimeout(context.Background(), time.Duration(secs+30)*time.Second)
 			defer cancel()
 			cmd := b.c.Exec(ctx, host, "curl", "-s", "-o", dst,
@@ -547,34 +555,59 @@ func (b *bencher) ttfb(fe frontEnd) (bench.Result, error) {
 
 // alternateScript makes wrk's keep-alive connections alternate between
 // be1's content and be2's images.
-const alternateScript = `
+// Request scripts of workloads (f), every request for the other BE, (g),
+// pages: one of be1's followed by eight images of be2's, and (h), media:
+// one of be1's followed by four 1 MB images of be2's.
+var scripts = map[string]string{
+	"f": `
 local paths = {"/1k.bin", "/img/1k.jpg", "/1k.bin", "/img/100k.jpg"}
 local i = 0
 request = function()
 	i = i + 1
 	return wrk.format("GET", paths[(i % #paths) + 1])
 end
-`
+`,
+	"g": `
+local paths = {"/1k.bin", "/img/1k.jpg", "/img/1k.jpg", "/img/100k.jpg", "/img/1k.jpg",
+	"/img/1k.jpg", "/img/1k.jpg", "/img/100k.jpg", "/img/1k.jpg"}
+local i = 0
+request = function()
+	i = i + 1
+	return wrk.format("GET", paths[(i % #paths) + 1])
+end
+`,
+	"h": `
+local paths = {"/1k.bin", "/img/1m.jpg", "/img/1m.jpg", "/img/1m.jpg", "/img/1m.jpg"}
+local i = 0
+request = function()
+	i = i + 1
+	return wrk.format("GET", paths[(i % #paths) + 1])
+end
+`,
+}
 
-// alternating is workload (f): each front end under keep-alive load
-// alternating BEs, tcpha twice (phttp = single, then forward, switched by a
-// reload), and the time to first byte of the requests that switch BEs on a
-// held connection.
-func (b *bencher) alternating() error {
-	script := filepath.Join(b.c.Dir, "alternate.lua")
-	if err := os.WriteFile(script, []byte(alternateScript), 0o644); err != nil {
+// alternating is workload (f), (g) or (h): each front end under keep-alive
+// load whose requests go to both BEs (scripts), tcpha three times (phttp =
+// multi, the default, then single and forward, switched by reloads); for
+// (f) also the time to first byte of the requests that switch BEs on a held
+// connection: for multi, the migration latency.
+func (b *bencher) alternating(w string) error {
+	script := filepath.Join(b.c.Dir, w+".lua")
+	if err := os.WriteFile(script, []byte(scripts[w]), 0o644); err != nil {
 		return err
 	}
 	run := func(fe frontEnd) error {
-		r, err := b.wrkScript(fe, "f", script)
+		r, err := b.wrkScript(fe, w, script)
 		if err != nil {
 			return err
 		}
-		if err := b.switches(fe, &r); err != nil {
-			return err
+		if w == "f" {
+			if err := b.switches(fe, &r); err != nil {
+				return err
+			}
 		}
 		b.run.Results = append(b.run.Results, r)
-		fmt.Printf("   (f) %-14s %9.0f req/s  p50 %-9v p99 %-9v switch TTFB p50 %-9v p99 %-9v right BE %d/%d\n", fe.name, r.RPS,
+		fmt.Printf("   (%s) %-14s %9.0f req/s  p50 %-9v p99 %-9v switch TTFB p50 %-9v p99 %-9v right BE %d/%d\n", w, fe.name, r.RPS,
 			r.P50, r.P99, r.TTFB50, r.TTFB99, r.RightBE, r.Switches)
 		return nil
 	}
@@ -585,17 +618,19 @@ func (b *bencher) alternating() error {
 		if fe.name != bench.TCPHA {
 			continue
 		}
-		if err := b.setPHTTP("forward"); err != nil {
-			return err
-		}
-		fwd := fe
-		fwd.name = bench.TCPHAForward
-		err := run(fwd)
-		if rerr := b.setPHTTP("single"); err == nil {
-			err = rerr
-		}
-		if err != nil {
-			return err
+		for _, v := range []struct{ mode, name string }{{"single", bench.TCPHASingle}, {"forward", bench.TCPHAForward}} {
+			if err := b.setPHTTP(v.mode); err != nil {
+				return err
+			}
+			other := fe
+			other.name = v.name
+			err := run(other)
+			if rerr := b.setPHTTP("multi"); err == nil {
+				err = rerr
+			}
+			if err != nil {
+				return err
+			}
 		}
 	}
 	return nil
@@ -625,7 +660,7 @@ func (b *bencher) setPHTTP(mode string) error {
 // wrkScript is wrk with a request script.
 func (b *bencher) wrkScript(fe frontEnd, w, script string) (bench.Result, error) {
 	args := []string{"wrk", "-t2", "-c32", "-d", strconv.Itoa(b.p.wrkSecs) + "s", "--latency", "-s", script, fe.base + "/"}
-	return b.load(fe, w, args, nil)
+	return b.load(fe, w, args, b.profiles(fe, w))
 }
 
 // switches asks, on one keep-alive connection, for be1's and be2's content

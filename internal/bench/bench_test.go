@@ -118,6 +118,7 @@ func sampleRun() *Run {
 	add(TCPHA, "c", 1000, 0.001, 1000)
 	add(HAProxy, "c", 900, 1.5, 1000)
 	add(TCPHA, "f", 13000, 0.001, 10000)
+	add(TCPHASingle, "f", 15000, 0.001, 10000)
 	add(TCPHAForward, "f", 11000, 0.001, 10000)
 	add(HAProxy, "f", 10000, 0.9, 10000)
 	add(Direct, "f", 30000, math.NaN(), 10000)

@@ -15,6 +15,7 @@ import (
 
 var feColors = map[string]color.Color{
 	TCPHA:        color.RGBA{R: 0x1b, G: 0x9e, B: 0x77, A: 0xff},
+	TCPHASingle:  color.RGBA{R: 0xa6, G: 0xd8, B: 0x54, A: 0xff},
 	TCPHAForward: color.RGBA{R: 0x66, G: 0xa6, B: 0x1e, A: 0xff},
 	HAProxy:      color.RGBA{R: 0xd9, G: 0x5f, B: 0x02, A: 0xff},
 	Nginx:        color.RGBA{R: 0x75, G: 0x70, B: 0xb3, A: 0xff},
@@ -25,8 +26,8 @@ var feColors = map[string]color.Color{
 // the wrk workloads, and the FE's CPU per request (log scale), grouped by
 // workload with one bar per front end.
 func (r *Run) Chart() ([]byte, error) {
-	wl := []string{"a", "b", "c", "f"}
-	names := []string{"(a) 1 KB close", "(b) 1 KB keep-alive", "(c) 1 MB keep-alive", "(f) alternating BEs"}
+	wl := []string{"a", "b", "c", "f", "g", "h"}
+	names := []string{"(a) 1 KB close", "(b) 1 KB keep-alive", "(c) 1 MB keep-alive", "(f) alternating BEs", "(g) pages", "(h) media"}
 
 	rate := plot.New()
 	rate.Title.Text = "requests per second, relative to direct"
