@@ -36,6 +36,8 @@ func (f *fe) kickCluster() {
 // clusterLoop sends the cluster frame to every BE on a change and every
 // clusterRefresh.
 func (f *fe) clusterLoop(ctx context.Context) {
+	f.running.Store(true)
+	f.kickCluster()
 	t := time.NewTicker(clusterRefresh)
 	defer t.Stop()
 	for {
@@ -120,8 +122,15 @@ func (f *fe) sendCluster(ctx context.Context, be netip.AddrPort, s *ctl.Session,
 
 // newSession gives a BE the cluster frame on each new session, so that one
 // that restarted or was upgraded routes like the FE from its first
-// connection on (the pool's OnSession).
+// connection on (the pool's OnSession). Not while the FE starts: its first
+// sessions come up one by one, and a frame sent then would tell a BE that
+// the others, whose sessions are not up yet, take no connections, so the BE
+// would keep their content for a moment. The sessions that came up meanwhile
+// kicked clusterLoop, which sends the frame to all once the FE runs.
 func (f *fe) newSession(be netip.AddrPort, s *ctl.Session) {
+	if !f.running.Load() {
+		return
+	}
 	p, err := f.clusterFrame()
 	if err != nil {
 		f.log.Error("cluster frame", "op", "cluster", "err", err)

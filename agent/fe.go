@@ -68,6 +68,9 @@ type fe struct {
 	// the FE is up; moves bounds them.
 	mover atomic.Pointer[handoff.Sender]
 	moves chan struct{}
+	// running is set once the FE runs (clusterLoop): from then on a new
+	// session gets the cluster frame at once.
+	running atomic.Bool
 }
 
 // listenRegister opens the port BEs register on: [fe] raddr:feport, never

@@ -568,6 +568,10 @@ func TestMetricsAndControl(t *testing.T) {
 	for range 10 {
 		servedBy(t, c, "/img/a.jpg")
 	}
+	// One keep-alive connection moved from be1 to be2 (phttp = multi).
+	if out := curl(t, c, "-o", "/dev/null", "-w", "%header{x-served-by} ", url+"/index.html", "-o", "/dev/null", url+"/img/a.jpg"); out != "be1 be2 " {
+		t.Errorf("keep-alive connection served by %q, want be1 then be2", out)
+	}
 	time.Sleep(2500 * time.Millisecond) // two probes, and the FINs seen
 	out, err := c.Output(context.Background(), "fe", "curl", "-sS", "http://"+cluster.MetricsAddr+"/metrics")
 	if err != nil {
@@ -577,12 +581,13 @@ func TestMetricsAndControl(t *testing.T) {
 	// Each sample (or the sum of a family's) and the least value the
 	// traffic above makes plausible.
 	atLeast := map[string]float64{
-		`tcpha_handoffs_total{result="ok"}`:                       30,
-		`tcpha_handoff_duration_seconds_count`:                    30,
+		`tcpha_handoffs_total{result="ok"}`:                       31,
+		`tcpha_handoff_duration_seconds_count`:                    31,
+		`tcpha_migrations_total{result="ok"}`:                     1,
 		`tcpha_backend_up{backend="` + be1 + `"} 1`:               1,
 		`tcpha_backend_up{backend="` + be2 + `"} 1`:               1,
-		`tcpha_backend_handoffs_total{backend="` + be1 + `"}`:     20,
-		`tcpha_backend_handoffs_total{backend="` + be2 + `"}`:     10,
+		`tcpha_backend_handoffs_total{backend="` + be1 + `"}`:     21,
+		`tcpha_backend_handoffs_total{backend="` + be2 + `"}`:     11,
 		`tcpha_backend_weight{backend="` + be1 + `"}`:             1,
 		`tcpha_backend_failures_total{backend="` + be1 + `"}`:     0,
 		`tcpha_backend_active_connections{backend="` + be1 + `"}`: 0,
@@ -601,8 +606,8 @@ func TestMetricsAndControl(t *testing.T) {
 			t.Errorf("%s = %v, want at least %v", name, v, least)
 		}
 	}
-	if v := metricSum(out, `tcpha_handoffs_total{result="ok"}`); v != 30 {
-		t.Errorf("tcpha_handoffs_total ok = %v, want the 30 requests", v)
+	if v := metricSum(out, `tcpha_handoffs_total{result="ok"}`); v != 31 {
+		t.Errorf("tcpha_handoffs_total ok = %v, want the 31 connections", v)
 	}
 	if t.Failed() {
 		t.Logf("/metrics:\n%s", out)

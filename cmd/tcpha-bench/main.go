@@ -288,8 +288,9 @@ func (b *bencher) describe() {
 		b.run.Tools = append(b.run.Tools, line)
 	}
 	b.run.Tools = append(b.run.Tools, runtime.Version())
-	b.run.Params = fmt.Sprintf("wrk `-t2 -c32` for (a) and (b), `-t2 -c8` for (c), %d s each; (d) %d MB; (e) %d connections; "+
-		"tcpha with its defaults (connperbe 2, maxclients 256, loglevel 4)", b.p.wrkSecs, b.p.bigMB, b.p.ttfbN)
+	b.run.Params = fmt.Sprintf("wrk `-t2 -c32` for (a), (b), (f), (g) and (h), `-t2 -c8` for (c), %d s each; (d) %d MB; (e) %d connections; "+
+		"(f)'s switches %d requests on one connection after its load; "+
+		"tcpha with its defaults (connperbe 2, maxclients 256, loglevel 4, phttp multi)", b.p.wrkSecs, b.p.bigMB, b.p.ttfbN, max(b.p.ttfbN/2, 10))
 }
 
 func (b *bencher) startHAProxy() (int, error) {

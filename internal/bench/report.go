@@ -233,7 +233,7 @@ func (r *Run) Markdown(chart string) string {
 	w("- **haproxy**: HAProxy in `mode http` on the FE (same VIP, another port), `http-reuse always` to the same BEs' nginx.\n")
 	w("- **nginx**: nginx on the FE as a proxy (`proxy_pass`, upstream `keepalive`).\n")
 	w("- **direct**: the client straight to be1's nginx: the baseline.\n")
-	w("- **tcpha forward** (workload f only): tcpha with `phttp = forward`: the BE holding a keep-alive connection fetches a later request for the other BE's content from that BE's nginx. Plain **tcpha** there is `phttp = single`: such requests stay on the connection's first BE (the wrong one).\n\n")
+	w("- In (f), (g) and (h), whose keep-alive connections ask for both BEs' content, **tcpha** runs its default, `phttp = multi`: the BE holding a connection gives it back to the FE, which moves it to the BE of its next request. **tcpha forward** is `phttp = forward`: that BE fetches the other BE's content from its nginx and relays it. **tcpha single** is `phttp = single`: every request stays on the connection's first BE (the wrong one for the other's content).\n\n")
 	w("Machine: %s. %s\n\n", r.Machine, strings.Join(r.Tools, "; "))
 	w("Load: %s. Client, FE, BEs and every server share the machine's cores, so figures are ratios within this run, not capacities; they move 20–40 %% between runs (FACTS.md).\n\n", r.Params)
 	if chart != "" {
