@@ -424,6 +424,7 @@ func (f *fe) handOver(stopServe func()) []handed {
 	stopServe()
 	ctx, cancel := context.WithTimeout(context.Background(), 2*f.cfg.HandoffTimeout+time.Second)
 	heads := f.front.Handover(ctx)
+	f.stopMoves(ctx)
 	cancel()
 	f.loopsMu.Lock()
 	if f.stopLoops != nil {

@@ -56,6 +56,22 @@ func (f *fe) serveBE(s *ctl.Session, fr wire.Frame) {
 	}()
 }
 
+// stopMoves refuses migrations from now on (busy: the BE serves the request
+// itself, and its next one may move through the successor) and waits until
+// those under way have ended or ctx does: the connection table is about to
+// go to a successor.
+func (f *fe) stopMoves(ctx context.Context) {
+	f.mover.Store(nil)
+	for len(f.moves) > 0 {
+		select {
+		case <-ctx.Done():
+			f.log.Warn("migrations still under way at the handover", "op", "upgrade", "migrations", len(f.moves))
+			return
+		case <-time.After(5 * time.Millisecond):
+		}
+	}
+}
+
 // migrate moves the connection a BE (from) gave back to the BE its next
 // request belongs to, and says how it went.
 func (f *fe) migrate(from netip.Addr, fr wire.Frame) (wire.Result, string) {

@@ -259,8 +259,9 @@ func TestRequestBodies(t *testing.T) {
 }
 
 // rawServer answers every request on a connection with reply(n), n the
-// request's number on its connection, and closes after max requests.
-func rawServer(t *testing.T, max int, reply func(n int) string) (string, *atomic.Int64) {
+// request's number on its connection, and closes after max requests, or,
+// with lazy, when a request after those comes.
+func rawServer(t *testing.T, max int, lazy bool, reply func(n int) string) (string, *atomic.Int64) {
 	ln, err := net.Listen("tcp4", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -285,74 +286,50 @@ func rawServer(t *testing.T, max int, reply func(n int) string) (string, *atomic
 						return
 					}
 				}
+				if lazy {
+					http.ReadRequest(br)
+				}
 			}()
 		}
 	}()
 	return ln.Addr().String(), &conns
 }
 
-// A server that answers once per connection, and closes it when the next
-// request comes: the pooled connection looked alive when taken, and the
-// next client's GET is sent again on a new one, unnoticed by the client.
-func TestStaleUpstreamRetried(t *testing.T) {
-	ln, err := net.Listen("tcp4", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	var conns atomic.Int64
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			conns.Add(1)
-			go func() {
-				defer c.Close()
+// A server that answers once per connection and then closes it. When the
+// close comes before the next client (closed), the pool finds the idle
+// connection closed and dials a new one instead of sending the request into
+// it. When it comes only with the next request (lazy), the pooled
+// connection looked alive when taken, and the GET is sent again on a new
+// one (a retry). Either way the clients notice nothing.
+func TestUpstreamClosedBetweenRequests(t *testing.T) {
+	for _, lazy := range []bool{false, true} {
+		t.Run(fmt.Sprintf("lazy=%v", lazy), func(t *testing.T) {
+			addr, conns := rawServer(t, 1, lazy, func(int) string { return "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok" })
+			r := newRelay(t, addr)
+			for i := range 3 {
+				c := connect(t, r)
 				br := bufio.NewReader(c)
-				if _, err := http.ReadRequest(br); err != nil {
-					return
+				if b := body(t, get(t, c, br, "GET", "/")); b != "ok" {
+					t.Fatalf("request %d: %q", i, b)
 				}
-				io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-				http.ReadRequest(br) // then closes unanswered
-			}()
-		}
-	}()
-	r := newRelay(t, ln.Addr().String())
-	for i := range 3 {
-		c := connect(t, r)
-		br := bufio.NewReader(c)
-		if b := body(t, get(t, c, br, "GET", "/")); b != "ok" {
-			t.Fatalf("request %d: %q", i, b)
-		}
-	}
-	if r.Stats().Retries != 2 || conns.Load() != 3 {
-		t.Errorf("retries %d, server connections %d", r.Stats().Retries, conns.Load())
-	}
-}
-
-// A server that closes its connection after each answer: the pool finds
-// the idle connection closed and dials a new one instead of sending the
-// next request into it.
-func TestClosedUpstreamNotReused(t *testing.T) {
-	addr, conns := rawServer(t, 1, func(int) string { return "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok" })
-	r := newRelay(t, addr)
-	for i := range 3 {
-		c := connect(t, r)
-		br := bufio.NewReader(c)
-		if b := body(t, get(t, c, br, "GET", "/")); b != "ok" {
-			t.Fatalf("request %d: %q", i, b)
-		}
-		time.Sleep(20 * time.Millisecond) // the server's close arrives
-	}
-	if st := r.Stats(); st.Retries != 0 || conns.Load() != 3 || st.Upstream.Reuses != 0 {
-		t.Errorf("retries %d, reuses %d, server connections %d", st.Retries, st.Upstream.Reuses, conns.Load())
+				if !lazy {
+					time.Sleep(20 * time.Millisecond) // the server's close arrives
+				}
+			}
+			st := r.Stats()
+			retries, reuses := int64(0), int64(0)
+			if lazy {
+				retries, reuses = 2, 2
+			}
+			if st.Retries != retries || st.Upstream.Reuses != reuses || conns.Load() != 3 {
+				t.Errorf("retries %d, reuses %d, server connections %d; want %d, %d, 3", st.Retries, st.Upstream.Reuses, conns.Load(), retries, reuses)
+			}
+		})
 	}
 }
 
 func TestCloseDelimitedResponse(t *testing.T) {
-	addr, _ := rawServer(t, 1, func(int) string { return "HTTP/1.1 200 OK\r\n\r\nuntil the end" })
+	addr, _ := rawServer(t, 1, false, func(int) string { return "HTTP/1.1 200 OK\r\n\r\nuntil the end" })
 	r := newRelay(t, addr)
 	c := connect(t, r)
 	fmt.Fprint(c, "GET / HTTP/1.1\r\nHost: x\r\n\r\n")

@@ -556,35 +556,25 @@ func (b *bencher) ttfb(fe frontEnd) (bench.Result, error) {
 
 // alternateScript makes wrk's keep-alive connections alternate between
 // be1's content and be2's images.
-// Request scripts of workloads (f), every request for the other BE, (g),
-// pages: one of be1's followed by eight images of be2's, and (h), media:
-// one of be1's followed by four 1 MB images of be2's.
-var scripts = map[string]string{
-	"f": `
-local paths = {"/1k.bin", "/img/1k.jpg", "/1k.bin", "/img/100k.jpg"}
+// Requests of workloads (f), every request for the other BE, (g), pages:
+// one of be1's followed by eight images of be2's, and (h), media: one of
+// be1's followed by four 1 MB images of be2's.
+var workloadPaths = map[string][]string{
+	"f": {"/1k.bin", "/img/1k.jpg", "/1k.bin", "/img/100k.jpg"},
+	"g": {"/1k.bin", "/img/1k.jpg", "/img/1k.jpg", "/img/100k.jpg", "/img/1k.jpg", "/img/1k.jpg", "/img/1k.jpg", "/img/100k.jpg", "/img/1k.jpg"},
+	"h": {"/1k.bin", "/img/1m.jpg", "/img/1m.jpg", "/img/1m.jpg", "/img/1m.jpg"},
+}
+
+// pathScript is a wrk script that asks for paths in turn, on each
+// connection.
+func pathScript(paths []string) string {
+	return `local paths = {"` + strings.Join(paths, `", "`) + `"}
 local i = 0
 request = function()
 	i = i + 1
 	return wrk.format("GET", paths[(i % #paths) + 1])
 end
-`,
-	"g": `
-local paths = {"/1k.bin", "/img/1k.jpg", "/img/1k.jpg", "/img/100k.jpg", "/img/1k.jpg",
-	"/img/1k.jpg", "/img/1k.jpg", "/img/100k.jpg", "/img/1k.jpg"}
-local i = 0
-request = function()
-	i = i + 1
-	return wrk.format("GET", paths[(i % #paths) + 1])
-end
-`,
-	"h": `
-local paths = {"/1k.bin", "/img/1m.jpg", "/img/1m.jpg", "/img/1m.jpg", "/img/1m.jpg"}
-local i = 0
-request = function()
-	i = i + 1
-	return wrk.format("GET", paths[(i % #paths) + 1])
-end
-`,
+`
 }
 
 // alternating is workload (f), (g) or (h): each front end under keep-alive
@@ -594,7 +584,7 @@ end
 // connection: for multi, the migration latency.
 func (b *bencher) alternating(w string) error {
 	script := filepath.Join(b.c.Dir, w+".lua")
-	if err := os.WriteFile(script, []byte(scripts[w]), 0o644); err != nil {
+	if err := os.WriteFile(script, []byte(pathScript(workloadPaths[w])), 0o644); err != nil {
 		return err
 	}
 	run := func(fe frontEnd) error {
