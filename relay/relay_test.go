@@ -18,6 +18,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"syscall"
+	"tcpha/handoff/conntab"
 	"tcpha/internal/testnet"
 	"testing"
 	"time"
@@ -501,8 +502,15 @@ func TestResetAndConns(t *testing.T) {
 	br := bufio.NewReader(c)
 	body(t, get(t, c, br, "GET", "/small"))
 	client := netip.MustParseAddrPort(c.LocalAddr().String())
+	// The session counts the request once its exchange is over, which may
+	// be a moment after the client has the answer.
+	deadline := time.Now().Add(2 * time.Second)
 	conns := r.Conns()
-	if len(conns) != 1 || conns[0].Client != client || conns[0].Requests != 1 {
+	for (len(conns) != 1 || conns[0].Busy) && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+		conns = r.Conns()
+	}
+	if len(conns) != 1 || conns[0].Client != client || conns[0].Requests != 1 || conns[0].State != conntab.Established {
 		t.Fatalf("Conns: %+v", conns)
 	}
 	if r.Reset(netip.MustParseAddrPort("127.0.0.1:1")) {
