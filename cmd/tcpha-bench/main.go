@@ -593,6 +593,9 @@ func (b *bencher) alternating(w string) error {
 			return err
 		}
 		if w == "f" {
+			// Unloaded: the agents' and servers' work left from the load
+			// (closing connections, garbage collection) settles first.
+			time.Sleep(2 * time.Second)
 			if err := b.switches(fe, &r); err != nil {
 				return err
 			}
