@@ -70,7 +70,8 @@ type fe struct {
 	moves chan struct{}
 	// running is set once the FE runs (clusterLoop): from then on a new
 	// session gets the cluster frame at once.
-	running atomic.Bool
+	running         atomic.Bool
+	moved, notMoved atomic.Int64
 }
 
 // listenRegister opens the port BEs register on: [fe] raddr:feport, never
@@ -591,6 +592,10 @@ type feStatus struct {
 	Queued      int64             `json:"queued"`
 	QueuedBy    map[string]int64  `json:"queued_by"`
 	Backends    []beLine          `json:"backends"`
+	// Moved and NotMoved count the migrations BEs asked for (phttp =
+	// multi) that this FE carried out, and those it did not.
+	Moved    int64 `json:"moved"`
+	NotMoved int64 `json:"not_moved"`
 }
 
 type beLine struct {
@@ -608,7 +613,7 @@ func (f *fe) statusOf() feStatus {
 	st := feStatus{
 		VIP: fmt.Sprintf("%v:%d", f.cfg.VAddr, f.cfg.Port), Queue: f.cfg.QueueNum, QueueVia: f.qmode.String(),
 		Counters: s, AvgHandoff: avg.String(), Connections: map[string]int{}, Queued: f.obs.Total(),
-		QueuedBy: map[string]int64{},
+		QueuedBy: map[string]int64{}, Moved: f.moved.Load(), NotMoved: f.notMoved.Load(),
 	}
 	counts := f.table.Count()
 	for _, k := range []conntab.State{conntab.Handoffing, conntab.Handoffed, conntab.TimeWait} {
@@ -639,8 +644,8 @@ func (st feStatus) write(w io.Writer, pid int) {
 	fmt.Fprintf(w, "fe vip=%s pid=%d queue=%d via %s\n", st.VIP, pid, st.Queue, st.QueueVia)
 	fmt.Fprintf(w, "  accepted=%d handed_off=%d local=%d answered_503=%d bad_request=%d too_large=%d timeout=%d closed_early=%d refused_busy=%d avg_handoff=%s\n",
 		c.Accepted, c.HandedOff, c.Local, c.Answered503, c.BadRequests, c.TooLarge, c.Timeouts, c.ClosedEarly, c.RefusedBusy, st.AvgHandoff)
-	fmt.Fprintf(w, "  connections: handoffing=%d handoffed=%d time_wait=%d\n",
-		st.Connections["handoffing"], st.Connections["handoffed"], st.Connections["time_wait"])
+	fmt.Fprintf(w, "  connections: handoffing=%d handoffed=%d time_wait=%d moved=%d not_moved=%d\n",
+		st.Connections["handoffing"], st.Connections["handoffed"], st.Connections["time_wait"], st.Moved, st.NotMoved)
 	fmt.Fprintf(w, "  queued=%d", st.Queued)
 	labels := make([]string, 0, len(st.QueuedBy))
 	for k := range st.QueuedBy {

@@ -45,6 +45,7 @@ func (f *fe) serveBE(s *ctl.Session, fr wire.Frame) {
 	case f.moves <- struct{}{}:
 	default:
 		f.m.Migrations.WithLabelValues(wire.ResultBusy.String()).Inc()
+		f.notMoved.Add(1)
 		s.Reply(fr, ctl.AckFrame(wire.ResultBusy, "too many migrations in progress"))
 		return
 	}
@@ -52,6 +53,11 @@ func (f *fe) serveBE(s *ctl.Session, fr wire.Frame) {
 		defer func() { <-f.moves }()
 		res, why := f.migrate(s.Remote.Addr(), fr)
 		f.m.Migrations.WithLabelValues(res.String()).Inc()
+		if res == wire.ResultOK {
+			f.moved.Add(1)
+		} else {
+			f.notMoved.Add(1)
+		}
 		s.Reply(fr, ctl.AckFrame(res, why))
 	}()
 }

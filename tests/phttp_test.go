@@ -77,6 +77,10 @@ func moves(t *testing.T, c *cluster.Cluster) (moved, notMoved int) {
 func checkMoves(t *testing.T, c *cluster.Cluster, multi bool, before, want int) int {
 	t.Helper()
 	moved, notMoved := moves(t, c)
+	// The FE carried out every move the BEs asked for.
+	if fe, feNot := statusOf(t, c, "fe", "moved"), statusOf(t, c, "fe", "not_moved"); fe != moved || feNot != notMoved {
+		t.Errorf("the FE moved %d and did not move %d; the BEs say %d and %d", fe, feNot, moved, notMoved)
+	}
 	if multi && (moved-before != want || notMoved != 0) {
 		t.Errorf("%d connections moved, %d not moved; want %d moved", moved-before, notMoved, want)
 		for _, h := range []string{"fe", "be1", "be2"} {
