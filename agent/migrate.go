@@ -162,7 +162,7 @@ func (m mover) Moving() bool {
 func (m mover) Acked(ctx context.Context, c *net.TCPConn) error { return repair.WaitAcked(ctx, c) }
 
 func (m mover) Move(c *net.TCPConn, pending []byte) (relay.Outcome, error) {
-	err := m.leaver.Leave(context.Background(), repair.Socket{Conn: c}, pending)
+	err := m.leaver.Leave(context.Background(), repair.LeavingSocket{Socket: repair.Socket{Conn: c}}, pending)
 	switch {
 	case err == nil:
 		return relay.Gone, nil

@@ -193,3 +193,39 @@ func TestLeavingWait(t *testing.T) {
 		t.Fatal("a nil Leaving waits")
 	}
 }
+
+// The new BE goes down between its ack and the commit: the forwarding goes
+// back to the old BE, which still holds the socket and is told to serve.
+func TestMoveCommitLost(t *testing.T) {
+	c := &calls{}
+	tab := conntab.New()
+	tab.Begin(client, time.Now())
+	tab.Handed(client, be1.Addr(), time.Now())
+	s := &Sender{Flows: fakeFlows{c, nil}, Peer: lostCommitPeer{fakePeer{c, nil}}, Table: tab,
+		Log: quiet(), Timeout: time.Second, Now: time.Now}
+	_, err := s.Move(context.Background(), &wire.ConnInfo{Client: client}, be1.Addr(), []netip.AddrPort{be2})
+	if !errors.Is(err, errCommitLost) {
+		t.Fatalf("err = %v, want the lost commit", err)
+	}
+	want := []string{"offer 10.0.0.12:666", "forward 10.0.0.12 replace=true", "commit", "forward 10.0.0.11 replace=true"}
+	if !reflect.DeepEqual(c.log, want) {
+		t.Errorf("calls:\n got %q\nwant %q", c.log, want)
+	}
+	if row, _ := tab.Get(client); row.State != conntab.Handoffed || row.BE != be1.Addr() || tab.Live(be2.Addr()) != 0 {
+		t.Errorf("table: %v at %v, want HANDOFFED at be1 again", row.State, row.BE)
+	}
+}
+
+type lostCommitPeer struct{ fakePeer }
+
+func (p lostCommitPeer) Offer(ctx context.Context, be netip.AddrPort, ci *wire.ConnInfo) (Offer, error) {
+	o, err := p.fakePeer.Offer(ctx, be, ci)
+	if err != nil {
+		return nil, err
+	}
+	return lostCommit{o.(fakeOffer)}, nil
+}
+
+type lostCommit struct{ fakeOffer }
+
+func (o lostCommit) Commit() error { o.fakeOffer.Commit(); return errors.New("control session closed") }

@@ -139,6 +139,12 @@ func (s *Sender) Migrate(ctx context.Context, sock Socket, flow netip.AddrPort, 
 			s.Log.Warn("close handed-off socket", "op", "handoff", "client", flow, "err", err)
 		}
 	})
+	if errors.Is(err, errCommitLost) {
+		// The socket is gone: the client sees a stalled connection and
+		// retries.
+		s.Log.Error("commit lost", "op", "handoff", "client", flow, "be", be, "err", err)
+		return be, nil
+	}
 	if err != nil {
 		s.fail(ctx, flow)
 		if rerr := sock.Resume(); rerr != nil {
@@ -179,15 +185,19 @@ func (s *Sender) place(ctx context.Context, flow netip.AddrPort, ci *wire.ConnIn
 		}
 		handed()
 		if err := offer.Commit(); err != nil {
-			// The BE gives up on a missing commit and drops the socket; the
-			// client sees a stalled connection and retries.
-			s.Log.Error("commit lost", "op", "handoff", "client", flow, "be", be, "err", err)
+			// The BE gives up on a missing commit and drops the socket.
+			s.result(be, err)
+			return be, fmt.Errorf("%w: %w", errCommitLost, err)
 		}
 		s.result(be, nil)
 		return be, nil
 	}
 	return netip.AddrPort{}, ErrNoBE
 }
+
+// errCommitLost: the BE acknowledged and the flow is forwarded to it, but
+// no session to it could carry the commit (it went down in between).
+var errCommitLost = errors.New("commit lost")
 
 // Move hands on a connection that the BE from gave back, dumped, because
 // its next request belongs to another BE (multi-handoff, seed 4.8.2): ci
@@ -202,6 +212,16 @@ func (s *Sender) Move(ctx context.Context, ci *wire.ConnInfo, from netip.Addr, b
 		return netip.AddrPort{}, err
 	}
 	be, err := s.place(ctx, flow, ci, bes, func() {})
+	if errors.Is(err, errCommitLost) {
+		// The new BE went down between its ack and the commit. The old
+		// one still holds the socket: the forwarding goes back to it, and
+		// it serves the request after all.
+		s.Log.Warn("commit lost; the connection goes back to its BE", "op", "migrate", "client", flow, "be", be, "err", err)
+		if berr := s.Table.BeginMove(flow, be.Addr(), s.Now()); berr != nil {
+			return netip.AddrPort{}, errors.Join(err, berr)
+		}
+		err = errors.Join(err, s.Flows.Forward(ctx, flow, from, true))
+	}
 	if err != nil {
 		if _, herr := s.Table.Handed(flow, from, s.Now()); herr != nil {
 			err = errors.Join(err, herr)

@@ -5,14 +5,18 @@ import (
 	"context"
 	"crypto/md5"
 	"crypto/rand"
+	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -338,5 +342,53 @@ func TestPHTTPSingle(t *testing.T) {
 		if got, err := k.get(p); err != nil || got != "200 be1" {
 			t.Errorf("%s: %q %v, want be1 (the connection's first BE)", p, got, err)
 		}
+	}
+}
+
+// A BE that crashes while connections move costs only the connections it
+// held or was taking, and those end at once (a FIN or RST from its kernel)
+// rather than wait for an answer that never comes; the others go on,
+// answered by the right BE or the fallback rule's. The rows of the cut
+// connections stay in the FE's table until idletimeout: the RST reached
+// the client directly, and the client sends nothing after it.
+func TestPHTTPBECrash(t *testing.T) {
+	c := phttpCluster(t, "multi")
+	const clients, rounds = 20, 200
+	var wg sync.WaitGroup
+	var survived, cut atomic.Int32
+	for range clients {
+		wg.Go(func() {
+			k := dialKeepAlive(t, c)
+			defer k.conn.Close()
+			for i := range rounds {
+				p, want := "/index.html", []string{"200 be1"}
+				if i%2 == 1 {
+					p, want = "/img/a.jpg", []string{"200 be2", "200 be1"}
+				}
+				got, err := k.get(p)
+				var ne net.Error
+				switch {
+				case errors.As(err, &ne) && ne.Timeout():
+					t.Errorf("%s: no answer within 10 s: the connection hangs", p)
+					return
+				case err != nil:
+					cut.Add(1) // it was be2's when be2 died
+					return
+				case !slices.Contains(want, got):
+					t.Errorf("%s: %q, want one of %q", p, got, want)
+					return
+				}
+			}
+			survived.Add(1)
+		})
+	}
+	time.Sleep(200 * time.Millisecond)
+	if err := c.StopAgent("be2", syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	wg.Wait()
+	t.Logf("be2's agent killed under load: %d connections went on, %d were cut", survived.Load(), cut.Load())
+	if survived.Load() == 0 {
+		t.Error("no connection survived the other BE's crash")
 	}
 }

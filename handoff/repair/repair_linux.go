@@ -197,6 +197,13 @@ func Resume(conn *net.TCPConn) error {
 	})
 }
 
+// LeaveRepair takes a dumped socket out of repair mode while it stays
+// blocked: it is an ordinary socket again, which, should this process die
+// before the connection's fate is settled, the kernel closes with a FIN
+// instead of dropping it without a word (the client would wait for an
+// answer forever). A later CloseSilently still closes it without a packet.
+func LeaveRepair(conn *net.TCPConn) error { return control(conn, "leave repair mode", leaveRepairFD) }
+
 func control(conn *net.TCPConn, what string, fn func(fd int) error) error {
 	rc, err := conn.SyscallConn()
 	if err != nil {
@@ -281,26 +288,40 @@ func Rebuild(ci *wire.ConnInfo) (*Rebuilt, error) {
 		conn.Close() // still in repair mode: closing sends nothing
 		return nil, fmt.Errorf("restore %v: %w", ci.Client, err)
 	}
+	// Blocked, then out of repair mode: an ordinary socket that takes no
+	// packet until Activate. Should this process die before then, the
+	// kernel closes it with a FIN, and a client whose connection the FE
+	// already forwards here learns it is gone instead of waiting for an
+	// answer forever (a repair-mode socket would vanish without a word).
+	if err := control(conn, "restore", func(fd int) error {
+		if err := attachDrop(fd); err != nil {
+			return err
+		}
+		return leaveRepairFD(fd)
+	}); err != nil {
+		conn.Close() // still in repair mode: closing sends nothing
+		return nil, fmt.Errorf("restore %v: %w", ci.Client, err)
+	}
 	return r, nil
 }
 
-// Activate takes the socket out of repair mode, from when it behaves like
-// any connected socket.
+// Activate unblocks the socket, from when it behaves like any connected
+// socket.
 func (r *Rebuilt) Activate() (*net.TCPConn, error) {
 	c := r.conn
 	r.conn = nil
-	if err := control(c, "activate", activateFD); err != nil {
-		c.Close()
+	if err := control(c, "activate", detachDrop); err != nil {
+		CloseSilently(c)
 		return nil, fmt.Errorf("activate %v: %w", r.client, err)
 	}
 	return c, nil
 }
 
-// Discard closes the socket while still in repair mode: nothing reaches the
-// client and no TIME_WAIT is left. It is idempotent.
+// Discard closes the socket in repair mode: nothing reaches the client and
+// no TIME_WAIT is left. It is idempotent.
 func (r *Rebuilt) Discard() {
 	if r.conn != nil {
-		r.conn.Close()
+		CloseSilently(r.conn)
 		r.conn = nil
 	}
 }
@@ -372,7 +393,7 @@ func rebuildFD(fd int, ci *wire.ConnInfo) error {
 	return nil
 }
 
-func activateFD(fd int) error {
+func leaveRepairFD(fd int) error {
 	// TCP_REPAIR_OFF would send a window probe, whose only use is to learn
 	// the peer's window anew and to draw an ACK (CRIU restores sockets whose
 	// peer went on while they were frozen). Here the window comes from the

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"io"
 	"net"
+	"os"
 	"testing"
 	"time"
 
@@ -267,5 +268,70 @@ func TestWaitAcked(t *testing.T) {
 	defer cancel()
 	if err := WaitAcked(ctx, srv); err != nil {
 		t.Fatalf("after the retransmission was acknowledged: %v", err)
+	}
+}
+
+// A dumped socket out of repair mode but still blocked: a plain close (its
+// process dying) ends the connection with a FIN the client sees, and
+// CloseSilently still closes it without a packet.
+func TestLeaveRepair(t *testing.T) {
+	privtest.Require(t)
+	for _, silent := range []bool{false, true} {
+		client, srv := testnet.Pair(t)
+		if err := Block(srv); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := Dump(srv, nil); err != nil {
+			t.Fatal(err)
+		}
+		if err := LeaveRepair(srv); err != nil {
+			t.Fatal(err)
+		}
+		if silent {
+			CloseSilently(srv)
+		} else {
+			srv.Close()
+		}
+		client.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
+		_, err := client.Read(make([]byte, 1))
+		switch {
+		case silent && !errors.Is(err, os.ErrDeadlineExceeded):
+			t.Errorf("closed silently: the client read %v, want nothing", err)
+		case !silent && !errors.Is(err, io.EOF):
+			t.Errorf("closed: the client read %v, want EOF", err)
+		}
+	}
+}
+
+// A rebuilt socket that is neither activated nor discarded — its process
+// died first — ends the connection with a FIN the client sees, not
+// silence; one discarded sends nothing.
+func TestRebuiltClosedByItsDeath(t *testing.T) {
+	privtest.Require(t)
+	for _, discard := range []bool{false, true} {
+		client, srv := testnet.Pair(t)
+		Block(srv)
+		ci, err := Dump(srv, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		CloseSilently(srv)
+		r, err := Rebuild(ci)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if discard {
+			r.Discard()
+		} else {
+			r.conn.Close() // what the kernel does when the process dies
+		}
+		client.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
+		_, err = client.Read(make([]byte, 1))
+		switch {
+		case discard && !errors.Is(err, os.ErrDeadlineExceeded):
+			t.Errorf("discarded: the client read %v, want nothing", err)
+		case !discard && !errors.Is(err, io.EOF):
+			t.Errorf("closed by its death: the client read %v, want EOF", err)
+		}
 	}
 }
