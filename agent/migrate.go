@@ -83,7 +83,7 @@ func (f *fe) stopMoves(ctx context.Context) {
 func (f *fe) migrate(from netip.Addr, fr wire.Frame) (wire.Result, string) {
 	sender := f.mover.Load()
 	if sender == nil {
-		return wire.ResultBusy, "the FE is starting"
+		return wire.ResultBusy, "the FE is starting or handing over"
 	}
 	if wire.PHTTP(f.phttp.Load()) != wire.PHTTPMulti {
 		return wire.ResultInvalid, "phttp is not multi on this FE"

@@ -631,7 +631,9 @@ func (s *session) move(h *phttp.Head) bool {
 	out, err := m.Move(s.client, s.buf[s.start:s.end])
 	switch out {
 	case Gone:
-		s.handOff = true
+		// The unserved bytes went with the connection.
+		s.handOff, s.start = true, s.end
+		s.release()
 		if err != nil {
 			s.r.moveFailures.Add(1)
 			s.logf().Warn("connection reset: its migration's outcome is unknown", "op", "migrate", "path", h.Path, "err", err)
