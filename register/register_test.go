@@ -9,31 +9,14 @@ import (
 	"reflect"
 	"regexp"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"tcpha/backends"
 	"tcpha/handoff/ctl"
 	"tcpha/handoff/wire"
+	"tcpha/internal/testlog"
 )
-
-type lockedBuf struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (l *lockedBuf) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuf) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
 
 var vip = netip.MustParseAddr("10.0.0.100")
 
@@ -106,7 +89,7 @@ func waitRoute(t *testing.T, s *backends.Scheduler, path string, want []netip.Ad
 // A BE registers with its rules, is scheduled before the file's catch-all,
 // and is taken out when it deregisters.
 func TestRegisterAndDeregister(t *testing.T) {
-	var feLog, beLog lockedBuf
+	var feLog, beLog testlog.Buffer
 	addr, sched := fe(t, "k", &feLog)
 	c := client("k", addr, &beLog)
 	ctx, cancel := context.WithCancel(context.Background())
@@ -130,7 +113,7 @@ func TestRegisterAndDeregister(t *testing.T) {
 // grace; one handed to a successor that registered meanwhile is not.
 func TestSessionEndAndSuccessor(t *testing.T) {
 	const grace = 100 * time.Millisecond
-	var feLog, beLog lockedBuf
+	var feLog, beLog testlog.Buffer
 	addr, sched := feGrace(t, "k", &feLog, grace)
 	self := netip.MustParseAddrPort("127.0.0.1:777")
 	def := netip.MustParseAddrPort("10.0.0.11:666")
@@ -162,7 +145,7 @@ func TestSessionEndAndSuccessor(t *testing.T) {
 
 // A BE without the cluster's secret cannot register, and both ends log why.
 func TestWrongSecretRefused(t *testing.T) {
-	var feLog, beLog lockedBuf
+	var feLog, beLog testlog.Buffer
 	addr, sched := fe(t, "k", &feLog)
 	c := client("other", addr, &beLog)
 	ctx, cancel := context.WithCancel(context.Background())
@@ -198,7 +181,7 @@ func re(s string) *regexp.Regexp { return regexp.MustCompile(s) }
 // An adopted registration (an FE upgrade) stays while its BE registers
 // again, and goes when it does not within twice the grace.
 func TestAdopt(t *testing.T) {
-	var logs lockedBuf
+	var logs testlog.Buffer
 	log := slog.New(slog.NewTextHandler(&logs, nil))
 	be := netip.MustParseAddr("10.0.0.13")
 	removed := make(chan netip.Addr, 2)

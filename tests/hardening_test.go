@@ -2,7 +2,6 @@ package tests
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"encoding/binary"
 	"fmt"
@@ -26,6 +25,7 @@ import (
 	"tcpha/internal/bench"
 	cluster "tcpha/internal/nscluster"
 	"tcpha/internal/privtest"
+	"tcpha/internal/testlog"
 )
 
 // statusOf reads `name=N` from host's `tcphactl status`.
@@ -47,24 +47,7 @@ func statusOf(t *testing.T, c *cluster.Cluster, host, name string) int {
 type capture struct {
 	cmd  *exec.Cmd
 	file string
-	errb *lockedBuffer
-}
-
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
+	errb *testlog.Buffer
 }
 
 func startCapture(t *testing.T, c *cluster.Cluster, host, filter string) *capture {
@@ -73,7 +56,7 @@ func startCapture(t *testing.T, c *cluster.Cluster, host, filter string) *captur
 	// --immediate-mode: packets reach tcpdump as they come, not when a ring
 	// block fills or times out, which a stop would cut short.
 	args := append([]string{"tcpdump", "-i", "eth0", "-n", "--immediate-mode", "-U", "-w", file}, strings.Fields(filter)...)
-	cp := &capture{cmd: c.Exec(context.Background(), host, args...), file: file, errb: &lockedBuffer{}}
+	cp := &capture{cmd: c.Exec(context.Background(), host, args...), file: file, errb: &testlog.Buffer{}}
 	cp.cmd.Stderr = cp.errb
 	if err := cp.cmd.Start(); err != nil {
 		t.Fatal(err)

@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"tcpha/handoff/wire"
+	"tcpha/internal/testlog"
 )
 
 func quiet() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
@@ -611,10 +612,9 @@ func waitFor(t *testing.T, cond func() bool, what string) {
 // A version-1 peer's first frame is refused at its header and the
 // connection closed, and the reason is counted and logged.
 func TestVersion1PeerRefused(t *testing.T) {
-	var logged bytes.Buffer
-	var mu sync.Mutex
+	var logged testlog.Buffer
 	cfg := beConfig("", echo(nil))
-	cfg.Log = slog.New(slog.NewTextHandler(&lockedWriter{w: &logged, mu: &mu}, nil))
+	cfg.Log = slog.New(slog.NewTextHandler(&logged, nil))
 	srv := startServer(t, cfg, nil)
 	c, err := dialTCP(context.Background(), srv.addr)
 	if err != nil {
@@ -630,22 +630,9 @@ func TestVersion1PeerRefused(t *testing.T) {
 		t.Errorf("a v1 peer got %d bytes back", n)
 	}
 	waitFor(t, func() bool { return srv.sv.Refused()[RefusedHandshake] == 1 }, "the refusal counted")
-	mu.Lock()
-	defer mu.Unlock()
 	if !strings.Contains(logged.String(), "unsupported protocol version: 1 (this agent speaks 2)") {
 		t.Errorf("log does not say why:\n%s", logged.String())
 	}
-}
-
-type lockedWriter struct {
-	w  io.Writer
-	mu *sync.Mutex
-}
-
-func (l *lockedWriter) Write(b []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.w.Write(b)
 }
 
 // offerCommit serves offers and their commits as a BE does, and records
