@@ -178,8 +178,9 @@ func (m mover) Move(c *net.TCPConn, pending []byte) (relay.Outcome, error) {
 	return relay.Kept, err
 }
 
-// askFEs sends a migrate request to the FEs with sessions to this BE, one
-// after another, until one knows the connection (handoff.Leaver.Ask).
+// askFEs sends a migrate request to the FEs with sessions to this BE, on
+// the least busy session of each that is not going away, one FE after
+// another (handoff.Leaver.Ask).
 func (b *be) askFEs(ctx context.Context, f wire.Frame) (wire.Ack, error) {
 	var order []netip.Addr
 	byFE := map[netip.Addr]*ctl.Session{}
@@ -195,34 +196,9 @@ func (b *be) askFEs(ctx context.Context, f wire.Frame) (wire.Ack, error) {
 			byFE[a] = s
 		}
 	}
-	sent := false
-	var fail error
-	for _, a := range order {
-		r, err := byFE[a].Call(ctx, f)
-		if err != nil {
-			sent = sent || !errors.Is(err, ctl.ErrNotSent)
-			fail = err
-			if ctx.Err() != nil {
-				break
-			}
-			continue
-		}
-		var ack wire.Ack
-		if err := ack.UnmarshalBinary(r.Payload); err != nil || r.Type != wire.TypeAck {
-			// An answer came: whatever it says, the FE saw the request.
-			return wire.Ack{}, fmt.Errorf("FE %v: bad answer to migrate: %v %w", a, r.Type, err)
-		}
-		if ack.Result != wire.ResultUnknown {
-			return ack, nil
-		}
+	fes := make([]handoff.FE, len(order))
+	for i, a := range order {
+		fes[i] = handoff.FE{Addr: a, Call: byFE[a].Call}
 	}
-	switch {
-	case sent:
-		return wire.Ack{}, fail
-	case fail != nil:
-		return wire.Ack{}, fmt.Errorf("%w: %w", ctl.ErrNotSent, fail)
-	case len(order) == 0:
-		return wire.Ack{}, fmt.Errorf("%w: no control session from an FE", ctl.ErrNotSent)
-	}
-	return wire.Ack{Result: wire.ResultUnknown, Reason: "no FE forwards this connection"}, nil
+	return handoff.AskInTurn(ctx, fes, f)
 }

@@ -47,6 +47,51 @@ type Leaver struct {
 	Leaving *Leaving
 }
 
+// FE is one FE a Leaver may ask, through one of its control sessions.
+type FE struct {
+	Addr netip.Addr
+	Call func(ctx context.Context, f wire.Frame) (wire.Frame, error)
+}
+
+// AskInTurn sends the migrate request f to fes, one after another, until
+// one knows the connection: its answer, other than unknown flow, is
+// returned. When every FE that answered does not know it, the answer is
+// unknown flow. An error wraps ctl.ErrNotSent when no FE can have seen f;
+// any other error means one may have acted on it without answering, so
+// the connection's fate is unknown.
+func AskInTurn(ctx context.Context, fes []FE, f wire.Frame) (wire.Ack, error) {
+	sent := false
+	var fail error
+	for _, fe := range fes {
+		r, err := fe.Call(ctx, f)
+		if err != nil {
+			sent = sent || !errors.Is(err, ctl.ErrNotSent)
+			fail = err
+			if ctx.Err() != nil {
+				break
+			}
+			continue
+		}
+		var ack wire.Ack
+		if err := ack.UnmarshalBinary(r.Payload); err != nil || r.Type != wire.TypeAck {
+			// An answer came: whatever it says, the FE saw the request.
+			return wire.Ack{}, fmt.Errorf("FE %v: bad answer to migrate: %v %w", fe.Addr, r.Type, err)
+		}
+		if ack.Result != wire.ResultUnknown {
+			return ack, nil
+		}
+	}
+	switch {
+	case sent:
+		return wire.Ack{}, fail
+	case fail != nil:
+		return wire.Ack{}, fmt.Errorf("%w: %w", ctl.ErrNotSent, fail)
+	case len(fes) == 0:
+		return wire.Ack{}, fmt.Errorf("%w: no control session from an FE", ctl.ErrNotSent)
+	}
+	return wire.Ack{Result: wire.ResultUnknown, Reason: "no FE forwards this connection"}, nil
+}
+
 // Leaving is the set of connections a BE is moving away. The FE answers a
 // migration before the BE has closed its socket, and a client quick with
 // its next request may bring the connection back at once: its rebuild

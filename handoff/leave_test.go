@@ -3,6 +3,7 @@ package handoff
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net/netip"
 	"reflect"
 	"strings"
@@ -229,3 +230,56 @@ func (p lostCommitPeer) Offer(ctx context.Context, be netip.AddrPort, ci *wire.C
 type lostCommit struct{ fakeOffer }
 
 func (o lostCommit) Commit() error { o.fakeOffer.Commit(); return errors.New("control session closed") }
+
+// Which FE answers decides, and whether any FE may have acted without
+// answering decides between resuming the connection (ErrNotSent) and
+// resetting it.
+func TestAskInTurn(t *testing.T) {
+	type call = func(context.Context, wire.Frame) (wire.Frame, error)
+	frame := func(res wire.Result) call {
+		return func(context.Context, wire.Frame) (wire.Frame, error) { return ctl.AckFrame(res, ""), nil }
+	}
+	fail := func(err error) call {
+		return func(context.Context, wire.Frame) (wire.Frame, error) { return wire.Frame{}, err }
+	}
+	notSent := fmt.Errorf("%w: closed", ctl.ErrNotSent)
+	lost := errors.New("control session closed")
+	fe1, fe2 := netip.MustParseAddr("10.0.0.2"), netip.MustParseAddr("10.0.0.3")
+	for _, tc := range []struct {
+		name    string
+		calls   []call
+		want    wire.Result
+		unsent  bool // the error wraps ErrNotSent
+		wantErr bool
+	}{
+		{name: "no FE", unsent: true, wantErr: true},
+		{name: "the first knows it", calls: []call{frame(wire.ResultOK), frame(wire.ResultStay)}, want: wire.ResultOK},
+		{name: "the second knows it", calls: []call{frame(wire.ResultUnknown), frame(wire.ResultStay)}, want: wire.ResultStay},
+		{name: "nobody knows it", calls: []call{frame(wire.ResultUnknown), frame(wire.ResultUnknown)}, want: wire.ResultUnknown},
+		{name: "never sent anywhere", calls: []call{fail(notSent), frame(wire.ResultUnknown)}, unsent: true, wantErr: true},
+		{name: "sent, then the session died", calls: []call{frame(wire.ResultUnknown), fail(lost)}, wantErr: true},
+		{name: "a failure, then an answer", calls: []call{fail(lost), frame(wire.ResultOK)}, want: wire.ResultOK},
+		{name: "not an ack", calls: []call{
+			func(context.Context, wire.Frame) (wire.Frame, error) {
+				return wire.Frame{Type: wire.TypeProbeReply}, nil
+			}}, wantErr: true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var fes []FE
+			for i, c := range tc.calls {
+				fes = append(fes, FE{Addr: []netip.Addr{fe1, fe2}[i], Call: c})
+			}
+			ack, err := AskInTurn(context.Background(), fes, wire.Frame{Type: wire.TypeMigrate})
+			switch {
+			case tc.wantErr && err == nil:
+				t.Fatalf("answer %v, want an error", ack.Result)
+			case !tc.wantErr && err != nil:
+				t.Fatalf("err = %v", err)
+			case errors.Is(err, ctl.ErrNotSent) != tc.unsent:
+				t.Errorf("err = %v: wraps ErrNotSent %v, want %v", err, errors.Is(err, ctl.ErrNotSent), tc.unsent)
+			case err == nil && ack.Result != tc.want:
+				t.Errorf("answer %v, want %v", ack.Result, tc.want)
+			}
+		})
+	}
+}
