@@ -158,9 +158,8 @@ type session struct {
 	count   atomic.Int32
 	resumed bool
 	// state is the connection's conntab.State (the BE's states of seed
-	// 4.8.2); local marks a request the FE said is this BE's.
+	// 4.8.2).
 	state atomic.Uint32
-	local bool
 	since time.Time
 	// For a request routed to other BEs (phttp = forward): the pools
 	// still to try if the chosen one fails before answering, and whether
@@ -276,11 +275,12 @@ func (s *session) loop() {
 			s.refuse(err)
 			return
 		}
-		if s.move(h) {
+		out := s.move(h)
+		if out == Gone {
 			return
 		}
 		s.r.requests.Add(1)
-		more, err := s.exchange(h)
+		more, err := s.exchange(h, out == Local)
 		s.count.Add(1)
 		if errors.Is(err, errHandedOff) {
 			return
@@ -484,7 +484,7 @@ func CloseGracefully(c *net.TCPConn, linger time.Duration) {
 
 // exchange relays one request and its response. It reports whether the
 // client connection goes on to another request.
-func (s *session) exchange(h *phttp.Head) (more bool, err error) {
+func (s *session) exchange(h *phttp.Head, local bool) (more bool, err error) {
 	head := s.buf[s.start : s.start+h.Len]
 	s.start += h.Len
 	s.responded = false
@@ -524,7 +524,7 @@ func (s *session) exchange(h *phttp.Head) (more bool, err error) {
 	}
 	bodySent := rem == 0 && chunks == nil
 	pools, routed := []*Pool{nil}, false
-	if s.later() && !s.local && s.r.cfg.Forward != nil {
+	if s.later() && !local && s.r.cfg.Forward != nil {
 		if p, ok := s.r.cfg.Forward(h.Path); ok {
 			pools, routed = p, true
 		}
@@ -602,56 +602,51 @@ func (s *session) step(ev conntab.Event) {
 }
 
 // move moves the connection to the BE its next request h belongs to, if
-// it is another's and connections move (phttp = multi). It reports whether
-// the connection is gone from here; if not, the request is served here.
-func (s *session) move(h *phttp.Head) bool {
-	s.local = false
+// it is another's and connections move (phttp = multi), and says where the
+// connection is: Gone from here, or Kept (or Local, when the FE says the
+// request is this BE's after all) for the request to be served here.
+func (s *session) move(h *phttp.Head) Outcome {
 	m := s.r.cfg.Mover
 	if m == nil || !s.later() || s.r.cfg.Forward == nil || !m.Moving() {
-		return false
+		return Kept
 	}
 	if _, ok := s.r.cfg.Forward(h.Path); !ok {
-		return false
+		return Kept
 	}
 	// WILLHANDOFF: no further request is read; every response sent must
 	// be acknowledged first, or the new BE could not retransmit it.
 	start := time.Now()
 	s.step(conntab.EvReschedule)
 	ctx, cancel := context.WithTimeout(context.Background(), ackWait)
-	err := m.Acked(ctx, s.client)
+	out, err := Kept, m.Acked(ctx, s.client)
 	cancel()
-	if err != nil {
-		s.step(conntab.EvHandoffFailed)
-		s.r.moveFailures.Add(1)
-		s.logf().Info("connection not moved: serving the request from here", "op", "migrate", "path", h.Path, "err", err)
-		return false
-	}
-	s.step(conntab.EvHandoffStart)
 	acked := time.Since(start)
-	out, err := m.Move(s.client, s.buf[s.start:s.end])
-	switch out {
-	case Gone:
-		// The unserved bytes went with the connection.
-		s.handOff, s.start = true, s.end
-		s.release()
-		if err != nil {
-			s.r.moveFailures.Add(1)
-			s.logf().Warn("connection reset: its migration's outcome is unknown", "op", "migrate", "path", h.Path, "err", err)
-			return true
-		}
+	if err == nil {
+		s.step(conntab.EvHandoffStart)
+		out, err = m.Move(s.client, s.buf[s.start:s.end])
+	}
+	switch {
+	case out == Gone && err != nil:
+		s.logf().Warn("connection reset: its migration's outcome is unknown", "op", "migrate", "path", h.Path, "err", err)
+	case out == Gone:
 		s.step(conntab.EvHandoffAcked)
 		s.step(conntab.EvFEAcked)
 		s.r.moves.Add(1)
 		s.logf().Debug("connection moved", "op", "migrate", "path", h.Path, "acked", acked, "latency", time.Since(start))
-		return true
-	case Local:
-		s.local = true
-	default:
-		s.r.moveFailures.Add(1)
+	case out == Kept:
 		s.logf().Info("connection not moved: serving the request from here", "op", "migrate", "path", h.Path, "err", err)
 	}
-	s.step(conntab.EvHandoffFailed)
-	return false
+	if out == Gone {
+		// The unserved bytes went with the connection.
+		s.handOff, s.start = true, s.end
+		s.release()
+	} else {
+		s.step(conntab.EvHandoffFailed)
+	}
+	if out == Kept || out == Gone && err != nil {
+		s.r.moveFailures.Add(1)
+	}
+	return out
 }
 
 // endExchange returns the upstream connection to the pool or closes it,
