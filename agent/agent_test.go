@@ -15,6 +15,7 @@ import (
 
 	"tcpha/config"
 	"tcpha/handoff/wire"
+	"tcpha/phttp"
 )
 
 func TestNewLoggerLevels(t *testing.T) {
@@ -217,4 +218,36 @@ func TestParseMigration(t *testing.T) {
 			t.Errorf("%s: %v %q, want %v saying %q", name, res, why, tc.res, tc.says)
 		}
 	}
+}
+
+// A migrate request is a BE's bytes: whatever they are, parseMigration
+// answers without a panic, and what it accepts is a connection of the
+// FE's VIP with nothing unacknowledged and a request head within maxHeader.
+func FuzzParseMigration(f *testing.F) {
+	vip := netip.MustParseAddrPort("10.0.0.100:80")
+	ci := wire.ConnInfo{Client: netip.MustParseAddrPort("10.0.0.10:40000"), VIP: vip, MSS: 1460,
+		RecvQueue: []byte("GET /img/a.jpg HTTP/1.1\r\nHost: x\r\n\r\n")}
+	p, err := ci.MarshalBinary()
+	if err != nil {
+		f.Fatal(err)
+	}
+	f.Add(p, ci.ConnMagic(), uint16(64))
+	f.Add(p, ci.ConnMagic()+1, uint16(8))
+	f.Fuzz(func(t *testing.T, payload []byte, magic uint32, maxHeader uint16) {
+		fr := wire.Frame{Type: wire.TypeMigrate, ConnMagic: magic, Payload: payload}
+		got, path, res, why := parseMigration(fr, vip, int(maxHeader))
+		if res != wire.ResultOK {
+			if why == "" {
+				t.Fatalf("%v without a reason", res)
+			}
+			return
+		}
+		if got.VIP != vip || len(got.SendQueue) > 0 || got.ConnMagic() != magic || path == "" {
+			t.Fatalf("accepted %+v, path %q", got, path)
+		}
+		h, err := phttp.ParseRequest(got.RecvQueue[:min(len(got.RecvQueue), int(maxHeader))])
+		if err != nil || h.Len > int(maxHeader) || h.Path != path {
+			t.Fatalf("accepted a head of %v bytes (max %d): %v", h, maxHeader, err)
+		}
+	})
 }

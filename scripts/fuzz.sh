@@ -9,6 +9,7 @@ time=${FUZZTIME:-30s}
 targets=(
 	"./handoff/wire FuzzFrame"
 	"./handoff/ctl FuzzHandshake"
+	"./agent FuzzParseMigration"
 	"./phttp FuzzRead"
 	"./phttp FuzzParseRequest"
 	"./phttp FuzzParseResponse"
