@@ -14,6 +14,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/google/nftables"
+
 	"tcpha/backends"
 	"tcpha/config"
 	"tcpha/frontend"
@@ -45,7 +47,11 @@ type fe struct {
 	reader *queue.Reader
 	obs    *queue.Observer
 	reaper *conntab.Reaper
-	qmode  nft.QueueMode
+	// sets is the reaper's reader of the flow sets, on setsc: a netlink
+	// socket of its own.
+	sets  *nft.Reader
+	setsc *nftables.Conn
+	qmode nft.QueueMode
 	// adopted: the table was a predecessor's, with its clients' forwarding.
 	adopted bool
 	m       *metrics.Metrics
@@ -152,6 +158,9 @@ func startFE(ctx context.Context, cfg *config.FE, secret []byte, m *metrics.Metr
 	f.sched = backends.NewScheduler(cfg.Table(), backends.Options{Rise: cfg.Rise, Fall: cfg.Fall, Live: f.table.Live})
 	ok := false
 	defer func() {
+		if !ok && f.setsc != nil {
+			f.setsc.CloseLasting() // the reaper, its owner, never ran
+		}
 		switch {
 		case ok:
 		case f.adopted:
@@ -199,6 +208,12 @@ func startFE(ctx context.Context, cfg *config.FE, secret []byte, m *metrics.Metr
 		}
 	}
 	f.flows = nft.NewFlows(f.nftc, f.rs)
+	// The reaper reads on a socket of its own: its reads never wait
+	// behind the handoffs' edits, nor they behind its reads.
+	if f.setsc, err = openNFT(); err != nil {
+		return nil, fmt.Errorf("fe: %w", err)
+	}
+	f.sets = nft.NewReader(f.setsc, f.rs)
 	// The reaper's removals are conditional on the table, checked by the
 	// nft owner in order with the handoffs' edits.
 	skipped := func(err error) error {
@@ -215,18 +230,17 @@ func startFE(ctx context.Context, cfg *config.FE, secret []byte, m *metrics.Metr
 		Remove: func(ctx context.Context, flow netip.AddrPort, still func() bool) error {
 			return skipped(f.flows.Remove(ctx, flow, still))
 		},
-		Forwarded: func(ctx context.Context) (map[netip.AddrPort]netip.Addr, error) {
-			return f.flows.Members(ctx, nft.MapForward)
+		Forwarded: func(context.Context) (map[netip.AddrPort]netip.Addr, error) {
+			return f.sets.Members(nft.MapForward)
+		},
+		Forwarding: func(_ context.Context, flow netip.AddrPort) (bool, error) {
+			return f.sets.Has(nft.MapForward, flow)
+		},
+		Alive: func(_ context.Context, flow netip.AddrPort) (bool, error) {
+			return f.sets.Has(nft.SetAlive, flow)
 		},
 		Idle: cfg.IdleTimeout, Tick: min(time.Second, cfg.TimeWait),
 		IdleEvery: min(max(cfg.IdleTimeout/4, time.Second), time.Minute), Log: f.log,
-		Alive: func(ctx context.Context) (func(netip.AddrPort) bool, error) {
-			m, err := f.flows.Members(ctx, nft.SetAlive)
-			if err != nil {
-				return nil, err
-			}
-			return func(k netip.AddrPort) bool { _, ok := m[k]; return ok }, nil
-		},
 	}
 	f.pool = ctl.NewPool(&ctl.Config{
 		Secret:  secret,
@@ -257,7 +271,8 @@ func startFE(ctx context.Context, cfg *config.FE, secret []byte, m *metrics.Metr
 	f.waitSessions(2 * time.Second)
 	f.client = &handoff.Client{Pool: f.pool}
 	f.sender = &handoff.Sender{
-		Flows: f.flows, Peer: f.client, Table: f.table, Log: f.log,
+		Capacity: flowCapacity(f.rs),
+		Flows:    f.flows, Peer: f.client, Table: f.table, Log: f.log,
 		Timeout: cfg.HandoffTimeout, Now: time.Now,
 		Result: func(be netip.AddrPort, err error) {
 			if err == nil {
@@ -283,6 +298,14 @@ func startFE(ctx context.Context, cfg *config.FE, secret []byte, m *metrics.Metr
 	f.log.Info("front end ready", "op", "start", "vip", vip.String(), "interface", link.Attrs().Name,
 		"servers", len(cfg.Servers), "rules", len(cfg.Rules))
 	return f, nil
+}
+
+// flowCapacity is how many connections the FE tracks at most: its sets'
+// size, less a sixteenth for marks the kernel has yet to collect and
+// ports reused while their previous connection is forwarded.
+func flowCapacity(rs *nft.Ruleset) int {
+	size := int(rs.Set(nft.MapForward).Size)
+	return size - size/16
 }
 
 // installTable installs the FE's table, taking over the forwarding a
@@ -389,7 +412,10 @@ func (f *fe) run(serve, keep context.Context) {
 	f.stopLoops = stop
 	f.loopsMu.Unlock()
 	f.loops.Go(func() { f.flows.Run(loops) })
-	f.loops.Go(func() { f.reaper.Run(loops) })
+	f.loops.Go(func() {
+		f.reaper.Run(loops)
+		f.setsc.CloseLasting()
+	})
 	f.loops.Go(func() { f.clusterLoop(serve) })
 	if f.cfg.DtcInterval > 0 {
 		f.loops.Go(func() { f.detectLoop(serve) })

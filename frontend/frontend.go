@@ -307,9 +307,12 @@ func (s *Server) serve(ctx context.Context, c *net.TCPConn, client netip.AddrPor
 		}
 		s.Log.Info("handoff failed; FE keeps the connection", "op", "handoff", "client", client.String(),
 			"path", req.Path, "err", err)
-		if errors.Is(err, handoff.ErrNoBE) {
+		switch {
+		case errors.Is(err, handoff.ErrNoBE):
 			s.Metrics.Handoffs.WithLabelValues("no-be").Inc()
-		} else {
+		case errors.Is(err, handoff.ErrTableFull):
+			s.Metrics.Handoffs.WithLabelValues("table-full").Inc()
+		default:
 			s.Metrics.Handoffs.WithLabelValues("error").Inc()
 			local = false // the connection may not be usable: answer, do not relay
 		}

@@ -74,14 +74,26 @@ func (e *RefusedError) Error() string {
 // the FE, which should answer the client itself.
 var ErrNoBE = errors.New("no BE accepted the connection")
 
+// ErrTableFull means the connection was not handed off because the FE's
+// table is at its capacity; the connection is untouched, for the caller
+// to answer.
+var ErrTableFull = errors.New("the FE's flow table is full")
+
 // Sender is the FE's side of the handoff (the seed's SHS).
 type Sender struct {
-	Flows   Flows
-	Peer    Peer
-	Table   *conntab.Table
-	Log     *slog.Logger
-	Timeout time.Duration // per BE: request sent to ACK received (SetTimeout changes it)
-	Now     func() time.Time
+	// Capacity, if positive, bounds the table's rows, and with them the
+	// elements of the kernel's per-flow sets, which are sized for it: at
+	// Capacity a new connection is refused before anything changes, and
+	// the FE answers it (the local node, or 503). A set that filled up
+	// instead made the kernel give forwarded packets to the FE's stack,
+	// which reset them (issue 19).
+	Capacity int
+	Flows    Flows
+	Peer     Peer
+	Table    *conntab.Table
+	Log      *slog.Logger
+	Timeout  time.Duration // per BE: request sent to ACK received (SetTimeout changes it)
+	Now      func() time.Time
 	// Result, if set, is told how each BE tried fared: nil when it took
 	// the connection, its refusal (IsRefusal) or failure otherwise.
 	Result func(be netip.AddrPort, err error)
@@ -111,6 +123,9 @@ func (s *Sender) result(be netip.AddrPort, err error) {
 func (s *Sender) Migrate(ctx context.Context, sock Socket, flow netip.AddrPort, consumed []byte, bes []netip.AddrPort) (netip.AddrPort, error) {
 	if len(bes) == 0 {
 		return netip.AddrPort{}, ErrNoBE
+	}
+	if s.Capacity > 0 && s.Table.Len() >= s.Capacity {
+		return netip.AddrPort{}, ErrTableFull
 	}
 	if err := s.Table.Begin(flow, s.Now()); err != nil {
 		return netip.AddrPort{}, err

@@ -79,6 +79,26 @@ var (
 
 func quiet() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
 
+// A table at its capacity refuses a new connection before anything
+// changes: no block, no dump, no offer, no kernel edit; the socket is the
+// FE's to answer. One row fewer, and it is handed off.
+func TestMigrateTableFull(t *testing.T) {
+	c := &calls{}
+	s := &Sender{Capacity: 2, Flows: fakeFlows{c, nil}, Peer: fakePeer{c, nil}, Table: conntab.New(),
+		Log: quiet(), Timeout: time.Second, Now: time.Now}
+	for _, k := range []string{"10.0.0.20:1", "10.0.0.20:2"} {
+		s.Table.Adopt(netip.MustParseAddrPort(k), be1.Addr(), conntab.Handoffed, time.Now(), time.Time{})
+	}
+	_, err := s.Migrate(context.Background(), fakeSocket{calls: c}, client, []byte("GET / HTTP/1.1\r\n\r\n"), []netip.AddrPort{be1})
+	if !errors.Is(err, ErrTableFull) || len(c.log) != 0 || s.Table.Len() != 2 {
+		t.Fatalf("at capacity: err %v, calls %q, %d rows", err, c.log, s.Table.Len())
+	}
+	s.Capacity = 3
+	if be, err := s.Migrate(context.Background(), fakeSocket{calls: c}, client, []byte("GET / HTTP/1.1\r\n\r\n"), []netip.AddrPort{be1}); err != nil || be != be1 {
+		t.Fatalf("below capacity: %v %v", be, err)
+	}
+}
+
 func TestMigrate(t *testing.T) {
 	refused := &RefusedError{BE: be1, Ack: wire.Ack{Result: wire.ResultBusy}}
 	unreachable := errors.New("connection refused")

@@ -15,8 +15,8 @@ type Metrics struct {
 	Registry *prometheus.Registry
 
 	// Handoffs counts the FE's handoffs by result: ok, no-be (every
-	// candidate refused or was unreachable), error (the connection was not
-	// usable), local, 503.
+	// candidate refused or was unreachable), table-full (the flow table was
+	// at its capacity), error (the connection was not usable), local, 503.
 	Handoffs *prometheus.CounterVec
 	// HandoffDuration is the FE's time from the start of a handoff (block)
 	// to the commit sent, for handoffs that succeeded.

@@ -124,12 +124,34 @@ func TestFlows(t *testing.T) {
 		}
 	}()
 	wg.Wait()
-	fwd, err := f.Members(ctx, MapForward)
+	sets := NewReader(conn(t, fd), f.rs)
+	fwd, err := sets.Members(MapForward)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if len(fwd) != len(flows) || fwd[flows[7]] != be {
 		t.Fatalf("forward map has %d flows (want %d), flow 7 -> %v", len(fwd), len(flows), fwd[flows[7]])
+	}
+	// One element's look-up: there, and not there (ENOENT is an answer).
+	if in, err := sets.Has(MapForward, flows[7]); err != nil || !in {
+		t.Errorf("Has(forward, flow 7) = %v, %v", in, err)
+	}
+	if in, err := sets.Has(SetAlive, flows[7]); err != nil || in {
+		t.Errorf("Has(alive, flow 7) = %v, %v before any packet", in, err)
+	}
+	// The packet path marks flows alive; their forwarding's end removes
+	// the mark with it (issue 19: marks outlived their flows by 15 min).
+	mark := conn(t, fd)
+	for _, k := range flows {
+		if err := mark.SetAddElements(f.rs.Set(SetAlive), []nftables.SetElement{{Key: Key(k)}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := mark.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if in, err := sets.Has(SetAlive, flows[7]); err != nil || !in {
+		t.Errorf("Has(alive, flow 7) = %v, %v after marking", in, err)
 	}
 	// This kernel (6.18) has NFT_MSG_DESTROYSETELEM (FACTS.md).
 	if !f.Destroy() {
@@ -143,8 +165,11 @@ func TestFlows(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if out := privtest.In(t, ns, "nft", "list", "map", "ip", "tcpha", "forward"); strings.Contains(out, "10.0.0.10") {
-		t.Errorf("forward map not empty:\n%s", out)
+	for _, set := range []string{"map forward", "set alive", "set closing"} {
+		kind, name, _ := strings.Cut(set, " ")
+		if out := privtest.In(t, ns, "nft", "list", kind, "ip", "tcpha", name); strings.Contains(out, "10.0.0.10") {
+			t.Errorf("%s not empty after every flow's forwarding ended:\n%s", set, out)
+		}
 	}
 }
 

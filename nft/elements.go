@@ -9,6 +9,7 @@ import (
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/expr"
+	"golang.org/x/sys/unix"
 )
 
 // Flows changes the FE's per-flow sets and maps. One goroutine (Run) owns
@@ -221,8 +222,9 @@ func (f *Flows) Forward(ctx context.Context, flow netip.AddrPort, be netip.Addr,
 
 // Unforward removes flow's forwarding after its TIME_WAIT. Its closing
 // mark goes too, or the next connection on the port would have its first
-// FIN unseen; its alive mark expires on its own (it only delays idle
-// expiry of a reused port).
+// FIN unseen, and so does its alive mark: left to expire on its own, it
+// held every ended flow for idletimeout (15 min), and at a few hundred new
+// connections a second the set filled up (issue 19).
 func (f *Flows) Unforward(ctx context.Context, flow netip.AddrPort) error {
 	return f.UnforwardIf(ctx, flow, nil)
 }
@@ -235,6 +237,7 @@ func (f *Flows) UnforwardIf(ctx context.Context, flow netip.AddrPort, still func
 	edits := []edit{
 		{editDelete, MapForward, flow, netip.Addr{}},
 		{editDeleteMaybe, SetClosing, flow, netip.Addr{}},
+		{editDeleteMaybe, SetAlive, flow, netip.Addr{}},
 	}
 	if err := f.do(ctx, &request{edits: edits, cond: still}); err != nil {
 		return fmt.Errorf("unforward %v: %w", flow, err)
@@ -242,13 +245,14 @@ func (f *Flows) UnforwardIf(ctx context.Context, flow netip.AddrPort, still func
 	return nil
 }
 
-// Remove deletes flow's forwarding and closing mark, without failing if
-// they are gone (the reaper's reconciliation), if still() holds when the
-// owner takes the request.
+// Remove deletes flow's forwarding and its marks, without failing if they
+// are gone (the reaper's reconciliation), if still() holds when the owner
+// takes the request.
 func (f *Flows) Remove(ctx context.Context, flow netip.AddrPort, still func() bool) error {
 	edits := []edit{
 		{editDeleteMaybe, MapForward, flow, netip.Addr{}},
 		{editDeleteMaybe, SetClosing, flow, netip.Addr{}},
+		{editDeleteMaybe, SetAlive, flow, netip.Addr{}},
 	}
 	if err := f.do(ctx, &request{edits: edits, cond: still}); err != nil {
 		return fmt.Errorf("remove %v: %w", flow, err)
@@ -256,36 +260,67 @@ func (f *Flows) Remove(ctx context.Context, flow netip.AddrPort, still func() bo
 	return nil
 }
 
+// Reader reads the FE's per-flow sets on a netlink socket of its own, so
+// that listing a large set never holds up the edits handoffs wait on: read
+// through the owner, a dump of 200k elements delayed a handoff's commit by
+// 6 s, and the BE dropped the rebuilt socket (issue 19). One goroutine owns
+// a Reader.
+//
+// A dump on its own socket runs beside transactions, and the kernel only
+// flags a dump that a transaction interrupted (NLM_F_DUMP_INTR), which the
+// netlink library does not report: a dump may miss elements. So absence
+// in a dump is a hint, and Has, a lookup of one element, is the answer.
+type Reader struct {
+	conn *nftables.Conn
+	rs   *Ruleset
+}
+
+// NewReader returns a reader of rs's sets on conn, which nothing else
+// uses.
+func NewReader(conn *nftables.Conn, rs *Ruleset) *Reader { return &Reader{conn: conn, rs: rs} }
+
 // Members lists the flows in one of the FE's sets or maps; for the forward
-// map the value is the BE address.
-func (f *Flows) Members(ctx context.Context, set string) (map[netip.AddrPort]netip.Addr, error) {
-	out := map[netip.AddrPort]netip.Addr{}
-	s := f.rs.Set(set)
+// map the value is the BE address. It may miss elements (see Reader).
+func (r *Reader) Members(set string) (map[netip.AddrPort]netip.Addr, error) {
+	s := r.rs.Set(set)
 	if s == nil {
 		return nil, fmt.Errorf("list %s: no such set", set)
 	}
-	err := f.do(ctx, &request{read: func(c *nftables.Conn) error {
-		els, err := c.GetSetElements(s)
-		if err != nil {
-			return err
-		}
-		for _, el := range els {
-			k, err := ParseKey(el.Key)
-			if err != nil {
-				return err
-			}
-			var v netip.Addr
-			if len(el.Val) == 4 {
-				v = netip.AddrFrom4([4]byte(el.Val))
-			}
-			out[k] = v
-		}
-		return nil
-	}})
+	els, err := r.conn.GetSetElements(s)
 	if err != nil {
 		return nil, fmt.Errorf("list %s: %w", set, err)
 	}
+	out := make(map[netip.AddrPort]netip.Addr, len(els))
+	for _, el := range els {
+		k, err := ParseKey(el.Key)
+		if err != nil {
+			return nil, fmt.Errorf("list %s: %w", set, err)
+		}
+		var v netip.Addr
+		if len(el.Val) == 4 {
+			v = netip.AddrFrom4([4]byte(el.Val))
+		}
+		out[k] = v
+	}
 	return out, nil
+}
+
+// Has tells whether flow is in one of the FE's sets or maps now: one
+// element's lookup (NFT_MSG_GETSETELEM without a dump), which the kernel
+// answers with ENOENT for an element that is missing or timed out.
+func (r *Reader) Has(set string, flow netip.AddrPort) (bool, error) {
+	s := r.rs.Set(set)
+	if s == nil {
+		return false, fmt.Errorf("look up %v in %s: no such set", flow, set)
+	}
+	_, err := r.conn.FindSetElements(s, []nftables.SetElement{{Key: Key(flow)}})
+	switch {
+	case err == nil:
+		return true, nil
+	case errors.Is(err, unix.ENOENT):
+		return false, nil
+	}
+	return false, fmt.Errorf("look up %v in %s: %w", flow, set, err)
 }
 
 // Forwarded returns what the FE's HANDOFFED rules have forwarded to BEs:

@@ -130,7 +130,21 @@ const (
 //     the agent only observes, and when it is down the kernel drops the
 //     original while the BE still gets its copy;
 //  5. every other packet of a HANDOFFED flow is copied to its BE and
-//     dropped here, never leaving the kernel.
+//     dropped here, never leaving the kernel; it then marks the flow alive;
+//  6. a forwarded packet whose alive mark failed is dropped: it was copied
+//     to its BE already.
+//
+// A set update from the packet path fails when its set is full, and a
+// failed expression ends its rule there. So no rule's forwarding or drop
+// may depend on an update that comes before it: @closing's update precedes
+// the copy in rule 4 (a full @closing falls through to rule 5, which copies
+// the packet once; the agent then misses that FIN and the flow ends by
+// idle expiry), and @alive's update follows the copy in rule 5, with rule 6
+// to drop what it leaves. Without that, a full set handed the packet to the
+// FE's own stack, which has no socket for the flow and answered with RST
+// (issue 19). A full @fresh (rule 2) lets rule 3 take the SYN, and the new
+// connection's later packets go to the previous connection's BE: the one
+// case a full set still costs a client, and @fresh only holds reused ports.
 func FE(p FEParams) *Ruleset {
 	t := &nftables.Table{Family: nftables.TableFamilyIPv4, Name: TableName}
 	c := &nftables.Chain{
@@ -157,8 +171,9 @@ func FE(p FEParams) *Ruleset {
 		cat(vip, tcpFlags(tcpSYN|tcpACK, tcpSYN, true), counter(), verdict(expr.VerdictAccept)),
 		cat(vip, loadKey(), lookup(fresh, false), verdict(expr.VerdictAccept)),
 		cat(vip, tcpFlags(tcpFIN|tcpRST, 0, false), loadKey(), notIn(closing),
-			lookup(fwd, true), dynsetUpdate(closing), dynsetUpdate(alive), dup(), counter(), queue(p)),
-		cat(vip, loadKey(), lookup(fwd, true), dynsetUpdate(alive), dup(), counter(), verdict(expr.VerdictDrop)),
+			lookup(fwd, true), dynsetUpdate(closing), dup(), counter(), queue(p)),
+		cat(vip, loadKey(), lookup(fwd, true), dup(), dynsetUpdate(alive), counter(), verdict(expr.VerdictDrop)),
+		cat(vip, loadKey(), lookup(fwd, false), counter(), verdict(expr.VerdictDrop)),
 	}
 	comments := []string{
 		"untrack the VIP",
@@ -167,6 +182,7 @@ func FE(p FEParams) *Ruleset {
 		"fresh: local",
 		"HANDOFFED first FIN/RST: forward, tell the agent",
 		"HANDOFFED: forward to BE",
+		"forwarded above, @alive full: drop",
 	}
 	rs := &Ruleset{Table: t, Chains: []*nftables.Chain{c}, Sets: []*nftables.Set{fresh, fwd, closing, alive}}
 	for i, e := range rules {

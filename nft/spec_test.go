@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/google/nftables"
+	"github.com/google/nftables/expr"
 	"github.com/mdlayher/netlink"
 	"golang.org/x/sys/unix"
 )
@@ -84,7 +85,7 @@ func TestFERuleOrder(t *testing.T) {
 		got = append(got, string(r.UserData[2:len(r.UserData)-1]))
 	}
 	want := []string{"untrack the VIP", "SYN from a port still forwarded: local, mark fresh", "SYN: local", "fresh: local",
-		"HANDOFFED first FIN/RST: forward, tell the agent", "HANDOFFED: forward to BE"}
+		"HANDOFFED first FIN/RST: forward, tell the agent", "HANDOFFED: forward to BE", "forwarded above, @alive full: drop"}
 	if strings.Join(got, "|") != strings.Join(want, "|") {
 		t.Errorf("rule order:\n got %q\nwant %q", got, want)
 	}
@@ -92,5 +93,43 @@ func TestFERuleOrder(t *testing.T) {
 		if FE(sampleFE).Set(name) == nil {
 			t.Errorf("set %s missing", name)
 		}
+	}
+}
+
+// A set update from the packet path fails when its set is full, and a
+// failed expression ends its rule. Forwarding must not depend on one: in
+// every rule that copies a packet to its BE, only @closing's mark may come
+// before the copy (its rule falls through to the plain forwarding rule),
+// and every forwarded flow has a last rule that drops without updating
+// anything, so no forwarded packet reaches the FE's stack (issue 19).
+func TestFEForwardingSurvivesFullSets(t *testing.T) {
+	rs := FE(sampleFE)
+	var copies, backstop int
+	for _, r := range rs.Rules {
+		dupAt, updates := -1, map[string]int{}
+		for i, e := range r.Exprs {
+			switch e := e.(type) {
+			case *expr.Dup:
+				dupAt = i
+			case *expr.Dynset:
+				updates[e.SetName] = i
+			}
+		}
+		name := ruleComment(r.UserData)
+		if dupAt >= 0 {
+			copies++
+			for set, at := range updates {
+				if at < dupAt && set != SetClosing {
+					t.Errorf("rule %q: @%s is updated before the copy to the BE", name, set)
+				}
+			}
+		}
+		last := r.Exprs[len(r.Exprs)-1]
+		if v, ok := last.(*expr.Verdict); ok && v.Kind == expr.VerdictDrop && dupAt < 0 && len(updates) == 0 {
+			backstop++
+		}
+	}
+	if copies != 2 || backstop != 1 {
+		t.Errorf("%d rules copy to the BE (want 2), %d drop forwarded packets without an update (want 1)", copies, backstop)
 	}
 }

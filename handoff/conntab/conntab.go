@@ -63,6 +63,9 @@ type Conn struct {
 	// Forwarded says the kernel's forward map holds this flow. It outlives
 	// a connection that is replaced by a new one from the same client port.
 	Forwarded bool
+	// aliveAt is when the kernel last showed the flow active (the
+	// reaper's idle check).
+	aliveAt time.Time
 	// closeUntil is set when the flow's first FIN or RST reached the agent
 	// while it was still HANDOFFING: between the kernel's switch to
 	// forwarding and the table's, the packet path marks the flow closing
@@ -277,23 +280,60 @@ type ExpiredRow struct {
 	Since Instance
 }
 
-// Expired lists the flows whose forwarding should end now: TIME_WAIT past
-// its deadline, and HANDOFFED flows older than idle that alive does not
-// report as recently active (alive nil: no idle check this time).
-func (t *Table) Expired(now time.Time, idle time.Duration, alive func(netip.AddrPort) bool) []ExpiredRow {
+// Expired lists the TIME_WAIT flows whose deadline has passed.
+func (t *Table) Expired(now time.Time) []ExpiredRow {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	var out []ExpiredRow
 	for k, c := range t.m {
-		switch {
-		case c.State == TimeWait && !now.Before(c.Until):
-			out = append(out, ExpiredRow{k, c.State, c.Since})
-		case c.State == Handoffed && now.Sub(c.Since) >= idle && alive != nil && !alive(k):
+		if c.State == TimeWait && !now.Before(c.Until) {
 			out = append(out, ExpiredRow{k, c.State, c.Since})
 		}
 	}
-	sort.Slice(out, func(i, j int) bool { return out[i].Flow.Compare(out[j].Flow) < 0 })
+	sortRows(out)
 	return out
+}
+
+// IdleDue lists, up to max of them, the HANDOFFED flows not known to be
+// active within idle: handed off, or last found alive, idle ago or more.
+// The caller asks the kernel about each: a flow still in its alive set is
+// marked with SeenAlive, one that is not has been idle for idle at least,
+// since the alive mark outlives its flow's last packet by idle.
+func (t *Table) IdleDue(now time.Time, idle time.Duration, max int) []ExpiredRow {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	var out []ExpiredRow
+	for k, c := range t.m {
+		if c.State == Handoffed && now.Sub(later(c.Since, c.aliveAt)) >= idle {
+			out = append(out, ExpiredRow{k, c.State, c.Since})
+		}
+	}
+	sortRows(out)
+	if len(out) > max {
+		out = out[:max]
+	}
+	return out
+}
+
+// SeenAlive notes that flow's row, if still the instance given, was found
+// active at now.
+func (t *Table) SeenAlive(flow netip.AddrPort, state State, since Instance, now time.Time) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if c, ok := t.m[flow]; ok && c.State == state && c.Since.Equal(since) {
+		c.aliveAt = now
+	}
+}
+
+func later(a, b time.Time) time.Time {
+	if b.After(a) {
+		return b
+	}
+	return a
+}
+
+func sortRows(l []ExpiredRow) {
+	sort.Slice(l, func(i, j int) bool { return l[i].Flow.Compare(l[j].Flow) < 0 })
 }
 
 // Expire applies the timer event once flow's forwarding is gone.
@@ -397,23 +437,22 @@ func sortFlows(l []netip.AddrPort) {
 	sort.Slice(l, func(i, j int) bool { return l[i].Compare(l[j]) < 0 })
 }
 
-// Reconcile brings the table in line with the kernel's forwarded flows
-// (flow → BE), read starting at snapshot: a row of a forwarded state
-// (HANDOFFED, TIME_WAIT) whose flow the kernel does not forward is dropped;
-// a flow the kernel forwards that has no row at all is returned as an
-// orphan, for the caller to remove from the kernel. Rows that changed state
-// after snapshot are left alone: the read may have missed their forwarding
-// being installed. HANDOFFING rows are never touched.
-func (t *Table) Reconcile(kernel map[netip.AddrPort]netip.Addr, snapshot time.Time) (dropped []netip.AddrPort, orphans []netip.AddrPort) {
+// Reconcile compares the table with the kernel's forwarded flows (flow →
+// BE), read starting at snapshot. It returns the rows of a forwarded state
+// (HANDOFFED, TIME_WAIT) whose flow the read lacks, for the caller to
+// confirm and drop with DropIf, and the flows the kernel forwards that
+// have no row at all: orphans, for the caller to remove from the kernel.
+// Rows that changed state after snapshot are left alone: the read may have
+// missed their forwarding being installed. HANDOFFING rows are never
+// touched. A read can also miss an element a concurrent transaction moved
+// (see nft.Reader), hence the confirmation.
+func (t *Table) Reconcile(kernel map[netip.AddrPort]netip.Addr, snapshot time.Time) (stale []ExpiredRow, orphans []netip.AddrPort) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	for k, c := range t.m {
 		if (c.State == Handoffed || c.State == TimeWait) && c.Since.Before(snapshot) {
 			if _, ok := kernel[k]; !ok {
-				done := t.tracked(k)
-				delete(t.m, k)
-				done()
-				dropped = append(dropped, k)
+				stale = append(stale, ExpiredRow{k, c.State, c.Since})
 			}
 		}
 	}
@@ -422,7 +461,23 @@ func (t *Table) Reconcile(kernel map[netip.AddrPort]netip.Addr, snapshot time.Ti
 			orphans = append(orphans, k)
 		}
 	}
-	sortFlows(dropped)
+	sortRows(stale)
 	sortFlows(orphans)
-	return dropped, orphans
+	return stale, orphans
+}
+
+// DropIf removes flow's row if it is still the instance given, without a
+// state transition: its forwarding is gone already. It reports whether it
+// did.
+func (t *Table) DropIf(flow netip.AddrPort, state State, since Instance) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	c, ok := t.m[flow]
+	if !ok || c.State != state || !c.Since.Equal(since) {
+		return false
+	}
+	done := t.tracked(flow)
+	delete(t.m, flow)
+	done()
+	return true
 }

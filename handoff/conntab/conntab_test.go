@@ -180,10 +180,10 @@ func TestLifecycle(t *testing.T) {
 	}
 	// A retransmitted FIN does not move the deadline.
 	tab.Observe(flow, EvFIN, t0.Add(5*time.Second), t0.Add(15*time.Second))
-	if got := tab.Expired(t0.Add(10*time.Second), time.Hour, nil); len(got) != 0 {
+	if got := tab.Expired(t0.Add(10 * time.Second)); len(got) != 0 {
 		t.Errorf("expired before its time: %v", got)
 	}
-	got := tab.Expired(t0.Add(11*time.Second), time.Hour, nil)
+	got := tab.Expired(t0.Add(11 * time.Second))
 	if len(got) != 1 || got[0].Flow != flow || got[0].State != TimeWait {
 		t.Errorf("expired = %v", got)
 	}
@@ -305,10 +305,8 @@ func TestReaper(t *testing.T) {
 		var u unforwards
 		r := &Reaper{
 			Table: tab, Unforward: u.fn, Idle: time.Minute, Tick: time.Second, IdleEvery: 15 * time.Second,
-			Alive: func(context.Context) (func(netip.AddrPort) bool, error) {
-				return func(f netip.AddrPort) bool { return f == busy }, nil
-			},
-			Log: slog.New(slog.NewTextHandler(io.Discard, nil)),
+			Alive: func(_ context.Context, f netip.AddrPort) (bool, error) { return f == busy, nil },
+			Log:   slog.New(slog.NewTextHandler(io.Discard, nil)),
 		}
 		ctx, cancel := context.WithCancel(context.Background())
 		defer cancel()
@@ -335,6 +333,57 @@ func TestReaper(t *testing.T) {
 	})
 }
 
+// Idle expiry asks the kernel about each HANDOFFED flow about once an
+// Idle, not about every flow every round: a flow found alive is asked
+// again one Idle later, and expired then if its alive mark is gone.
+func TestReaperIdleChecksIncremental(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		tab := New()
+		now := time.Now()
+		var flows []netip.AddrPort
+		for p := range uint16(100) {
+			f := netip.AddrPortFrom(netip.MustParseAddr("10.0.0.10"), 1000+p)
+			flows = append(flows, f)
+			tab.Begin(f, now)
+			tab.Handed(f, be1, now)
+		}
+		var mu sync.Mutex
+		asked := map[netip.AddrPort]int{}
+		quiet := false // after the first check every flow goes quiet
+		var u unforwards
+		r := &Reaper{
+			Table: tab, Unforward: u.fn, Idle: time.Minute, Tick: time.Second, IdleEvery: time.Hour,
+			Alive: func(_ context.Context, f netip.AddrPort) (bool, error) {
+				mu.Lock()
+				defer mu.Unlock()
+				asked[f]++
+				return !quiet, nil
+			},
+			Log: slog.New(slog.NewTextHandler(io.Discard, nil)),
+		}
+		ctx, cancel := context.WithCancel(context.Background())
+		defer cancel()
+		go r.Run(ctx)
+		time.Sleep(time.Minute + 30*time.Second)
+		synctest.Wait()
+		mu.Lock()
+		total := 0
+		for _, n := range asked {
+			total += n
+		}
+		quiet = true
+		mu.Unlock()
+		if total != len(flows) || tab.Len() != len(flows) {
+			t.Fatalf("90 s in: %d look-ups for %d flows (want one each), %d rows", total, len(flows), tab.Len())
+		}
+		time.Sleep(time.Minute)
+		synctest.Wait()
+		if got := u.got(); len(got) != len(flows) || tab.Len() != 0 {
+			t.Errorf("after going quiet: %d unforwarded, %d rows left", len(got), tab.Len())
+		}
+	})
+}
+
 func TestReconcile(t *testing.T) {
 	t0 := time.Unix(1000, 0)
 	snap := t0.Add(time.Second)
@@ -357,17 +406,26 @@ func TestReconcile(t *testing.T) {
 	tab.Begin(flow(5), t0)
 	tab.Handed(flow(5), be, snap.Add(time.Millisecond))
 	kernel := map[netip.AddrPort]netip.Addr{flow(1): be, flow(4): be, flow(9): be} // 9: no row: an orphan
-	dropped, orphans := tab.Reconcile(kernel, snap)
-	if fmt.Sprint(dropped) != "[10.0.0.10:2 10.0.0.10:3]" {
-		t.Errorf("dropped %v", dropped)
+	stale, orphans := tab.Reconcile(kernel, snap)
+	var flows []netip.AddrPort
+	for _, e := range stale {
+		flows = append(flows, e.Flow)
+	}
+	if fmt.Sprint(flows) != "[10.0.0.10:2 10.0.0.10:3]" {
+		t.Errorf("stale %v", flows)
 	}
 	if fmt.Sprint(orphans) != "[10.0.0.10:9]" {
 		t.Errorf("orphans %v", orphans)
 	}
-	for _, p := range []uint16{1, 4, 5} {
-		if _, ok := tab.Get(flow(p)); !ok {
-			t.Errorf("flow %d dropped", p)
-		}
+	// Reconcile only reports: the caller confirms and drops.
+	if tab.Len() != 5 {
+		t.Errorf("Reconcile changed the table: %d rows", tab.Len())
+	}
+	if tab.DropIf(stale[0].Flow, stale[0].State, stale[0].Since.Add(time.Nanosecond)) {
+		t.Error("DropIf dropped another instance")
+	}
+	if !tab.DropIf(stale[0].Flow, stale[0].State, stale[0].Since) || tab.Live(be) != 2 {
+		t.Errorf("DropIf: live %d", tab.Live(be))
 	}
 }
 
@@ -384,13 +442,19 @@ func TestReaperReconciles(t *testing.T) {
 			tab.Begin(f, now)
 			tab.Handed(f, be1, now)
 		}
+		// missed: forwarded, but the listing missed it (a dump beside a
+		// transaction can): the look-up finds it, and the row stays.
+		missed := netip.MustParseAddrPort("10.0.0.10:4")
+		tab.Begin(missed, now)
+		tab.Handed(missed, be1, now)
 		var removed unforwards
 		r := &Reaper{
 			Table: tab, Unforward: new(unforwards).fn, Remove: removed.fn,
 			Forwarded: func(context.Context) (map[netip.AddrPort]netip.Addr, error) {
 				return map[netip.AddrPort]netip.Addr{kept: be1, orphan: be1}, nil
 			},
-			Idle: time.Hour, Tick: time.Second, IdleEvery: 15 * time.Second,
+			Forwarding: func(_ context.Context, f netip.AddrPort) (bool, error) { return f == missed, nil },
+			Idle:       time.Hour, Tick: time.Second, IdleEvery: 15 * time.Second,
 			Log: slog.New(slog.NewTextHandler(io.Discard, nil)),
 		}
 		ctx, cancel := context.WithCancel(context.Background())
@@ -406,6 +470,9 @@ func TestReaperReconciles(t *testing.T) {
 		}
 		if _, ok := tab.Get(kept); !ok {
 			t.Error("a forwarded row was dropped")
+		}
+		if _, ok := tab.Get(missed); !ok {
+			t.Error("a row the listing missed was dropped though the look-up found it")
 		}
 	})
 }
@@ -484,7 +551,10 @@ func TestLiveByBE(t *testing.T) {
 	if tab.Live(be1) != 0 {
 		t.Errorf("after a reuse: be1 %d, want 0", tab.Live(be1))
 	}
-	tab.Reconcile(map[netip.AddrPort]netip.Addr{}, now.Add(time.Second))
+	stale, _ := tab.Reconcile(map[netip.AddrPort]netip.Addr{}, now.Add(time.Second))
+	for _, e := range stale {
+		tab.DropIf(e.Flow, e.State, e.Since)
+	}
 	if tab.Live(be2) != 0 {
 		t.Errorf("after the kernel lost be2's flow: %d", tab.Live(be2))
 	}
