@@ -2,9 +2,12 @@ package agent
 
 import (
 	"context"
+	"errors"
 	"net/netip"
 	"sync"
 	"time"
+
+	"tcpha/handoff/ctl"
 )
 
 // A BE can end a connection without the FE seeing it: when its agent dies
@@ -93,10 +96,16 @@ func (f *fe) askHeld(ctx context.Context, be netip.AddrPort) {
 	actx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	held, err := f.client.Held(actx, be)
 	cancel()
-	if err != nil {
-		if ctx.Err() == nil {
-			f.log.Info("BE not asked which connections it holds", "op", "held", "be", be.String(), "err", err)
-		}
+	switch {
+	case err == nil:
+	case ctx.Err() != nil:
+		return
+	case errors.Is(err, ctl.ErrNoSession):
+		// A BE that is down is asked once its session is back.
+		f.log.Debug("BE not asked which connections it holds", "op", "held", "be", be.String(), "err", err)
+		return
+	default:
+		f.log.Info("BE not asked which connections it holds", "op", "held", "be", be.String(), "err", err)
 		return
 	}
 	gone := f.table.Unheld(be.Addr(), asked, func(k netip.AddrPort) bool { return held[k] })
