@@ -113,7 +113,12 @@ func startBE(ctx context.Context, cfg *config.BE, secret []byte, m *metrics.Metr
 		Run: func(client *net.TCPConn, up handoff.Upstream) {
 			b.relay.Serve(client, up.(*relay.Upstream))
 		},
-		Reset:         b.relay.Reset,
+		Reset: b.relay.Reset,
+		// The kernel's view, not the relay's: a connection handed over to
+		// a successor, or closing, is still this BE's.
+		Held: func(port uint16) ([]netip.AddrPort, error) {
+			return netif.HeldTCP(netip.AddrPortFrom(cfg.VAddr, port))
+		},
 		CommitTimeout: cfg.CommitTimeout, MaxPending: cfg.MaxClients, Log: b.log,
 		Observe: func(r wire.Result) { m.Offers.WithLabelValues(r.String()).Inc() },
 		Leaving: leaving,

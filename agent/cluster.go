@@ -120,7 +120,8 @@ func (f *fe) sendCluster(ctx context.Context, be netip.AddrPort, s *ctl.Session,
 	}
 }
 
-// newSession gives a BE the cluster frame on each new session, so that one
+// newSession asks a BE which connections it holds (held.go) and gives it
+// the cluster frame on each new session, so that one
 // that restarted or was upgraded routes like the FE from its first
 // connection on (the pool's OnSession). Not while the FE starts: its first
 // sessions come up one by one, and a frame sent then would tell a BE that
@@ -128,6 +129,8 @@ func (f *fe) sendCluster(ctx context.Context, be netip.AddrPort, s *ctl.Session,
 // would keep their content for a moment. The sessions that came up meanwhile
 // kicked clusterLoop, which sends the frame to all once the FE runs.
 func (f *fe) newSession(be netip.AddrPort, s *ctl.Session) {
+	// A new session may be to a BE that restarted: ask what it still holds.
+	f.held.add(be)
 	if !f.running.Load() {
 		return
 	}

@@ -78,6 +78,8 @@ type fe struct {
 	// session gets the cluster frame at once.
 	running         atomic.Bool
 	moved, notMoved atomic.Int64
+	// held are the BEs to ask which connections they hold (held.go).
+	held heldAsks
 }
 
 // listenRegister opens the port BEs register on: [fe] raddr:feport, never
@@ -417,6 +419,7 @@ func (f *fe) run(serve, keep context.Context) {
 		f.setsc.CloseLasting()
 	})
 	f.loops.Go(func() { f.clusterLoop(serve) })
+	f.loops.Go(func() { f.heldLoop(loops) })
 	if f.cfg.DtcInterval > 0 {
 		f.loops.Go(func() { f.detectLoop(serve) })
 	}

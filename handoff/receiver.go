@@ -55,6 +55,9 @@ type Receiver struct {
 	// Reset, if set, resets the served connection of client (RST to the
 	// client) when its FE leaves it, and tells whether there was one.
 	Reset func(client netip.AddrPort) bool
+	// Held, if set, lists the client flows this BE holds on the VIP and
+	// port, sorted ascending: the answer to an FE's held question.
+	Held func(port uint16) ([]netip.AddrPort, error)
 	// CommitTimeout is how long a rebuilt socket waits for its commit.
 	CommitTimeout time.Duration
 	// MaxPending bounds the handoffs in progress (offered, not yet
@@ -131,6 +134,9 @@ func (r *Receiver) Serve(s *ctl.Session, f wire.Frame) {
 		r.Log.Info("connection reset: its FE stopped forwarding it", "op", "reset", "peer", s.Remote.String(),
 			"client", fl.Client.String())
 		s.Reply(f, ctl.AckFrame(wire.ResultOK, ""))
+	case wire.TypeHeld:
+		// A kernel dump: off the session's reader.
+		go r.held(s, f)
 	case wire.TypeCommit, wire.TypeAbort:
 		var fl wire.Flow
 		if err := fl.UnmarshalBinary(f.Payload); err != nil {
@@ -314,4 +320,31 @@ func (r *Receiver) hold(client netip.AddrPort, p *pendingHandoff) (replaced *pen
 	}
 	r.pending[client] = p
 	return replaced, nil
+}
+
+// held answers an FE's held question with one page of the flows this BE
+// holds on the FE's VIP port.
+func (r *Receiver) held(s *ctl.Session, f wire.Frame) {
+	var ask wire.HeldAsk
+	if err := ask.UnmarshalBinary(f.Payload); err != nil {
+		r.Log.Warn("control frame dropped", "op", "held", "peer", s.Remote.String(), "err", err)
+		s.Reply(f, ctl.AckFrame(wire.ResultBadFrame, err.Error()))
+		return
+	}
+	if r.Held == nil {
+		s.Reply(f, ctl.AckFrame(wire.ResultInvalid, "unexpected held"))
+		return
+	}
+	flows, err := r.Held(s.Peer.VIP.Port())
+	if err != nil {
+		r.Log.Warn("held connections not listed", "op", "held", "peer", s.Remote.String(), "err", err)
+		s.Reply(f, ctl.AckFrame(wire.ResultInvalid, err.Error()))
+		return
+	}
+	p, err := HeldPage(flows, ask).MarshalBinary()
+	if err != nil {
+		s.Reply(f, ctl.AckFrame(wire.ResultInvalid, err.Error()))
+		return
+	}
+	s.Reply(f, wire.Frame{Type: wire.TypeHeldList, Payload: p})
 }

@@ -97,18 +97,24 @@ func ParseKey(b []byte) (netip.AddrPort, error) {
 }
 
 // Carried are the per-flow elements an agent takes over from the table its
-// predecessor left: HANDOFFED flows and those already closing. Flows that
+// predecessor left: HANDOFFED flows, those already closing, and the fresh
+// marks of new connections on client ports still forwarded. Flows that
 // were HANDOFFING died with the predecessor's sockets and are not carried.
 type Carried struct {
 	Found   bool // a table was installed
 	Forward map[netip.AddrPort]netip.Addr
 	Closing map[netip.AddrPort]bool
+	// Fresh keeps a connection that reused a forwarded port local: without
+	// its mark, its packets would go to the earlier connection's BE until
+	// its handoff replaces the forwarding.
+	Fresh map[netip.AddrPort]bool
 }
 
 // ReadCarried reads the forward map and closing set of the installed FE
 // table, if there is one. A table without them yields nothing.
 func ReadCarried(c *nftables.Conn, t *nftables.Table) (*Carried, error) {
-	out := &Carried{Forward: map[netip.AddrPort]netip.Addr{}, Closing: map[netip.AddrPort]bool{}}
+	out := &Carried{Forward: map[netip.AddrPort]netip.Addr{}, Closing: map[netip.AddrPort]bool{},
+		Fresh: map[netip.AddrPort]bool{}}
 	ok, err := Exists(c, t)
 	if err != nil || !ok {
 		return out, err
@@ -138,6 +144,9 @@ func ReadCarried(c *nftables.Conn, t *nftables.Table) (*Carried, error) {
 	if err == nil {
 		err = read(SetClosing, func(k netip.AddrPort, _ []byte) { out.Closing[k] = true })
 	}
+	if err == nil {
+		err = read(SetFresh, func(k netip.AddrPort, _ []byte) { out.Fresh[k] = true })
+	}
 	return out, err
 }
 
@@ -148,6 +157,10 @@ func (cr *Carried) Init() map[string][]nftables.SetElement {
 		init[MapForward] = append(init[MapForward], nftables.SetElement{Key: Key(k), Val: be.AsSlice()})
 		if cr.Closing[k] {
 			init[SetClosing] = append(init[SetClosing], nftables.SetElement{Key: Key(k)})
+		}
+		// A fresh mark matters only while the port is forwarded.
+		if cr.Fresh[k] {
+			init[SetFresh] = append(init[SetFresh], nftables.SetElement{Key: Key(k)})
 		}
 	}
 	return init

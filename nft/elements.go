@@ -202,10 +202,11 @@ func (f *Flows) Forward(ctx context.Context, flow netip.AddrPort, be netip.Addr,
 	if replace {
 		// The previous connection's entries: its BE and its closing mark.
 		// Tolerant: the reaper may have removed them a moment ago.
-		edits = append(edits,
-			edit{editDeleteMaybe, MapForward, flow, netip.Addr{}},
-			edit{editDeleteMaybe, SetClosing, flow, netip.Addr{}})
+		edits = append(edits, edit{editDeleteMaybe, MapForward, flow, netip.Addr{}})
 	}
+	// Any closing mark goes, replace or not: one left without its
+	// forwarding would hide this connection's first FIN (issue 19).
+	edits = append(edits, edit{editDeleteMaybe, SetClosing, flow, netip.Addr{}})
 	edits = append(edits,
 		edit{editAdd, MapForward, flow, be},
 		// A SYN marks a flow fresh only while an earlier connection on its

@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 time=${FUZZTIME:-30s}
 targets=(
 	"./handoff/wire FuzzFrame"
+	"./handoff/wire FuzzHeld"
 	"./handoff/ctl FuzzHandshake"
 	"./agent FuzzParseMigration"
 	"./phttp FuzzRead"

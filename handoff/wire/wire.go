@@ -62,12 +62,14 @@ const (
 	TypeDeregister  Type = 12 // BE→FE: the BE leaves; answered by an Ack
 	TypeGoAway      Type = 13 // no new requests on this session; it closes when idle
 	TypeReset       Type = 14 // FE→BE: reset this served connection, the FE leaves it (Flow payload); answered by an Ack
-	typeSentinel    Type = 15
+	TypeHeld        Type = 15 // FE→BE: which client connections do you hold? (HeldAsk payload); answered by a HeldList
+	TypeHeldList    Type = 16 // BE→FE: one page of the answer (HeldList payload)
+	typeSentinel    Type = 17
 	typeUnknownName      = "type(%d)"
 )
 
 var typeNames = [...]string{"", "offer", "ack", "commit", "abort", "probe", "probe-reply", "hello", "auth",
-	"migrate", "cluster", "register", "deregister", "goaway", "reset"}
+	"migrate", "cluster", "register", "deregister", "goaway", "reset", "held", "held-list"}
 
 func (t Type) String() string {
 	if t > 0 && t < typeSentinel {

@@ -347,6 +347,8 @@ func FuzzFrame(f *testing.F) {
 		check("health", &Health{})
 		check("register", &Register{})
 		check("cluster", &Cluster{})
+		check("held", &HeldAsk{})
+		check("held-list", &HeldList{})
 		var a Ack
 		_ = a.UnmarshalBinary(fr.Payload)
 	})
