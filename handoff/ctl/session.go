@@ -57,7 +57,12 @@ type Config struct {
 	Health func() wire.Health
 	Log    *slog.Logger
 
-	HandshakeTimeout time.Duration // whole handshake; default 5 s
+	// HandshakeTimeout bounds the whole handshake, connect included on
+	// the dialing end; default 2 s. A genuine handshake takes one round
+	// trip after the connect (under a millisecond between the test
+	// cluster's namespaces); the bound is what a stalled stranger holds an
+	// accepting end's slot for.
+	HandshakeTimeout time.Duration
 	WriteTimeout     time.Duration // one write to the peer; default 5 s
 	// KeepAlive is how long a dialing end waits without receiving a frame
 	// before it probes the peer, which then has twice that to answer;
@@ -67,7 +72,7 @@ type Config struct {
 }
 
 func (c *Config) handshakeTimeout() time.Duration {
-	return orDefault(c.HandshakeTimeout, 5*time.Second)
+	return orDefault(c.HandshakeTimeout, 2*time.Second)
 }
 func (c *Config) writeTimeout() time.Duration { return orDefault(c.WriteTimeout, 5*time.Second) }
 func (c *Config) keepAlive() time.Duration    { return orDefault(c.KeepAlive, 10*time.Second) }
