@@ -46,7 +46,9 @@ func (h HandlerFunc) Serve(s *Session, f wire.Frame) { h(s, f) }
 // Config is what an end needs to run sessions.
 type Config struct {
 	// Secret is the cluster key; nil runs sessions without authentication
-	// (only the member address check protects them).
+	// (only the member address check protects them, which trusts every
+	// local user of a member's host: the agent's config therefore requires
+	// a secret, and nil is left to tests and the fuzz target).
 	Secret []byte
 	// Local is this end's Hello; its nonce is filled for each session.
 	Local wire.Hello
