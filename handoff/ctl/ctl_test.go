@@ -455,6 +455,45 @@ func TestStrangersCannotStarveTheFE(t *testing.T) {
 	}
 }
 
+// A newcomer takes the slot of the oldest handshake still without a Hello,
+// else of the oldest: a genuine peer has sent its Hello by the time a
+// stranger's silent connections could crowd it out.
+func TestEvictPicksSilentFirst(t *testing.T) {
+	for _, tc := range []struct {
+		hello []bool
+		want  int
+	}{
+		{[]bool{true, true, false, false}, 2},
+		{[]bool{false, true}, 0},
+		{[]bool{true, true, true}, 0},
+	} {
+		var hs []*pending
+		var conns []*closeConn
+		for _, h := range tc.hello {
+			c := &closeConn{}
+			p := &pending{conn: c}
+			p.hello.Store(h)
+			hs, conns = append(hs, p), append(conns, c)
+		}
+		if got := evict(hs); got != tc.want {
+			t.Errorf("hello %v: evicted %d, want %d", tc.hello, got, tc.want)
+		}
+		for i, c := range conns {
+			if c.closed != (i == tc.want) {
+				t.Errorf("hello %v: connection %d closed %v", tc.hello, i, c.closed)
+			}
+		}
+	}
+}
+
+// closeConn is a connection that only records its Close.
+type closeConn struct {
+	net.Conn
+	closed bool
+}
+
+func (c *closeConn) Close() error { c.closed = true; return nil }
+
 func TestServerRefusesNonMembers(t *testing.T) {
 	srv := startServer(t, beConfig("", echo(nil)), func(sv *Server) {
 		sv.Member = func(netip.Addr) bool { return false }

@@ -186,7 +186,7 @@ func (sv *Server) take(src netip.Addr, p *pending) string {
 	if len(c.handshaking) >= handshaking {
 		// The evicted connection's goroutine sees its read fail and
 		// releases it; it no longer holds a slot from now on.
-		v := victim(c.handshaking)
+		v := evict(c.handshaking)
 		c.handshaking = slices.Delete(c.handshaking, v, v+1)
 		sv.refused[RefusedEvicted]++
 	}
@@ -197,10 +197,10 @@ func (sv *Server) take(src netip.Addr, p *pending) string {
 	return ""
 }
 
-// victim picks the handshake a newcomer evicts: the oldest that has sent
-// no Hello yet (a genuine peer sends its Hello as soon as it connects),
-// else the oldest. hs is not empty.
-func victim(hs []*pending) int {
+// evict closes the handshake a newcomer takes the slot of, and returns its
+// index in hs: the oldest that has sent no Hello yet (a genuine peer sends
+// its Hello as soon as it connects), else the oldest. hs is not empty.
+func evict(hs []*pending) int {
 	for i, p := range hs {
 		if !p.hello.Load() {
 			p.conn.Close()
