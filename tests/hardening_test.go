@@ -345,6 +345,11 @@ func TestStrangerOnFEHostCannotLockOutBE(t *testing.T) {
 	if opened.Load() < 24 {
 		t.Errorf("only %d stranger connections opened: the slots were not held", opened.Load())
 	}
+	// Each refused handshake is a WARN; the log holds the first ten of the
+	// last 10 s and a count, not one line each.
+	if n := strings.Count(c.Grep("be1", `msg="control session refused"`), "\n"); n > 11 {
+		t.Errorf("be1 logged %d refusals for %d stranger connections, want at most 11", n, opened.Load())
+	}
 }
 
 // The FE's registration port is closed unless [fe] dregister = 1 (issue 19:
