@@ -60,10 +60,6 @@ func Run(ctx context.Context, cfg *config.Config, lg *Logger, opt Options) (err 
 	defer stopServe()
 	log.Debug("file descriptor limit", "op", "start", "nofile", raiseNoFile())
 	r.m = metrics.New()
-	if len(cfg.Global.Secret) == 0 {
-		log.Warn("no [global] secret: control sessions are not authenticated; a BE trusts any connection from its feaddr",
-			"op", "start")
-	}
 	in := opt.Inherited
 	if in == nil {
 		// The admin socket first: it refuses to start a second agent on

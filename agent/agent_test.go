@@ -3,6 +3,7 @@ package agent
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -11,10 +12,12 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"tcpha/config"
 	"tcpha/handoff/wire"
+	"tcpha/internal/testlog"
 	"tcpha/phttp"
 )
 
@@ -62,6 +65,30 @@ func TestNewLoggerLevels(t *testing.T) {
 	}
 	if _, err := NewLogger(config.Global{LogFile: "/nonexistent/dir/x.log"}, io.Discard, false); err == nil {
 		t.Error("unwritable logfile accepted")
+	}
+}
+
+// The agent's logger, whatever it writes to, limits a flood of one message:
+// its first lines, then one line with the count (issue 19: a stranger's
+// connections wrote 4.5 MB of refusals in 10 s).
+func TestLoggerLimitsFloods(t *testing.T) {
+	for _, journal := range []bool{false, true} {
+		synctest.Test(t, func(t *testing.T) {
+			var buf testlog.Buffer
+			log, err := NewLogger(config.Global{LogLevel: 4}, &buf, journal)
+			if err != nil {
+				t.Fatal(err)
+			}
+			l := log.With("role", "be")
+			for i := range 85606 {
+				l.Warn("control session refused", "op", "control", "peer", fmt.Sprintf("10.0.0.2:%d", 1024+i%60000))
+			}
+			time.Sleep(logLimits.Interval + time.Second)
+			lines := strings.Split(strings.TrimSpace(buf.String()), "\n")
+			if n := logLimits.Burst + 1; len(lines) != n || !strings.HasSuffix(lines[n-1], fmt.Sprintf("repeated=%d", 85606-logLimits.Burst)) {
+				t.Errorf("journal=%v: %d lines, want %d, the last with the count: %s", journal, len(lines), n, lines[len(lines)-1])
+			}
+		})
 	}
 }
 

@@ -83,20 +83,18 @@ type fe struct {
 }
 
 // listenRegister opens the port BEs register on: [fe] raddr:feport, never
-// the VIP. Registration needs the cluster secret and a real address; the
-// FE runs without it otherwise, and says so.
+// the VIP, and only with [fe] dregister = 1 (the config then holds the
+// cluster secret and a real address). Without it no port is open to
+// strangers (issue 19: every stranger's connection cost a log line).
 func (f *fe) listenRegister(ctx context.Context, secret []byte, lns feListeners) error {
 	ln := lns.Register
 	cfg := f.cfg
-	off := ""
-	switch {
-	case len(secret) == 0:
-		off = "BE registration off: it needs [global] secret"
-	case cfg.RAddr.IsUnspecified():
-		off = "BE registration off: it needs [fe] raddr"
-	}
-	if off != "" {
-		f.log.Info(off, "op", "start")
+	if !cfg.DRegister || len(secret) == 0 || cfg.RAddr.IsUnspecified() {
+		f.log.Info("BE registration off: [fe] dregister is not 1", "op", "start")
+		if ln != nil {
+			// A predecessor's port, which this config closes.
+			ln.Close()
+		}
 		// A predecessor's registrations cannot be renewed here.
 		for _, reg := range lns.Registered {
 			f.pool.Remove(reg.Server.AddrPort())

@@ -7,8 +7,10 @@ import (
 	"log/slog"
 	"os"
 	"sync"
+	"time"
 
 	"tcpha/config"
+	"tcpha/internal/ratelog"
 )
 
 // Logger is the agent's logger and what an operator changes while it runs:
@@ -36,28 +38,37 @@ func Level(n int) slog.Level {
 
 // NewLogger returns the agent's logger: to g's logfile, or to stderr, where
 // under systemd (journal) each line starts with its syslog priority, as
-// sd-daemon(3) describes, so that journalctl -p works.
+// sd-daemon(3) describes, so that journalctl -p works. Repeats are limited
+// (logLimits).
 func NewLogger(g config.Global, stderr io.Writer, journal bool) (*Logger, error) {
 	l := &Logger{level: new(slog.LevelVar)}
 	l.level.Set(Level(g.LogLevel))
 	opts := &slog.HandlerOptions{Level: l.level}
-	if g.LogFile != "" {
+	var h slog.Handler
+	switch {
+	case g.LogFile != "":
 		f, err := openLog(g.LogFile)
 		if err != nil {
 			return nil, err
 		}
 		l.file = &reopener{path: g.LogFile, f: f}
-		l.Logger = slog.New(slog.NewTextHandler(l.file, opts))
-		return l, nil
-	}
-	if journal {
+		h = slog.NewTextHandler(l.file, opts)
+	case journal:
 		pw := &prioWriter{w: stderr}
-		l.Logger = slog.New(&prioHandler{inner: slog.NewTextHandler(pw, opts), w: pw})
-		return l, nil
+		h = &prioHandler{inner: slog.NewTextHandler(pw, opts), w: pw}
+	default:
+		h = slog.NewTextHandler(stderr, opts)
 	}
-	l.Logger = slog.New(slog.NewTextHandler(stderr, opts))
+	l.Logger = slog.New(ratelog.New(h, logLimits))
 	return l, nil
 }
+
+// logLimits bound how often one message is written: its first 10 lines in
+// 10 s, then one line per 10 s with repeated=N, so that a stranger's flood
+// of connections cannot fill the disk with refusals (issue 19: 4.5 MB in
+// 10 s). Debug lines, which an operator turns on to see every connection,
+// are not limited.
+var logLimits = ratelog.Options{Interval: 10 * time.Second, Burst: 10, PassBelow: slog.LevelInfo}
 
 // SetLevel sets the level by the seed's dbglevel, 0-6.
 func (l *Logger) SetLevel(n int) { l.level.Set(Level(n)) }

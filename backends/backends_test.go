@@ -14,7 +14,9 @@ import (
 
 func mustConfig(t testing.TB, text string) *config.FE {
 	t.Helper()
-	c, err := config.Parse("t.conf", []byte(text))
+	// An FE with servers needs the cluster's secret; after the [fe] text,
+	// so that its line numbers stay.
+	c, err := config.Parse("t.conf", []byte(text+"\n[global]\nsecret = s\n"))
 	if err != nil {
 		t.Fatal(err)
 	}

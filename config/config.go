@@ -32,7 +32,10 @@ type Global struct {
 	LogFile string
 	// Admin is the path of the unix control socket.
 	Admin string
-	// Secret, when set, keys the HMAC carried by every control frame.
+	// Secret keys the proofs of every control handshake and the HMAC
+	// carried by every control frame. A host that opens or accepts
+	// control sessions (a BE, an FE with servers or registration) must
+	// have one.
 	Secret []byte
 	// Metrics is the ADDR:PORT serving Prometheus text at /metrics; Pprof
 	// the one serving Go profiles at /debug/pprof/. Empty: not served.
@@ -63,6 +66,9 @@ type FE struct {
 	Rise, Fall int
 	// FEPort is where BEs register (seed 4.10), on RAddr; Port unless set.
 	FEPort uint16
+	// DRegister opens the registration port; without it BEs come only
+	// from server lines.
+	DRegister bool
 	// PHTTP is what a BE does with a keep-alive connection's later
 	// requests that the rules give another BE: "single" serves them
 	// itself (TCPHA 0.2), "multi" moves the connection to that BE

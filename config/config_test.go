@@ -80,8 +80,29 @@ func TestParseFE(t *testing.T) {
 	}
 }
 
+// A host that opens or accepts control sessions needs the secret; an FE
+// that hands nothing off does not. The FE opens its registration port only
+// when asked to.
+func TestSecretAndRegistration(t *testing.T) {
+	local := "[fe]\nraddr = 10.0.0.2\nvaddr = 10.0.0.100\nrule = local .*\n"
+	c, err := Parse("local.conf", []byte(local))
+	if err != nil {
+		t.Fatalf("an FE without servers needs no secret: %v", err)
+	}
+	if c.FE.DRegister {
+		t.Error("dregister is on by default")
+	}
+	c, err = Parse("reg.conf", []byte("[global]\nsecret = s\n"+local+"dregister = 1\n"))
+	if err != nil || !c.FE.DRegister {
+		t.Fatalf("dregister = 1: %v", err)
+	}
+	if c, err = Parse("fe.conf", []byte(goodFE)); err != nil || c.FE.DRegister {
+		t.Errorf("goodFE: dregister %v, %v", c != nil && c.FE.DRegister, err)
+	}
+}
+
 func TestParseDuplicateRulesKept(t *testing.T) {
-	c, err := Parse("x", []byte("[fe]\nvaddr=10.0.0.1\nserver=10.0.0.2 666\nrule=10.0.0.2 .*\nrule=10.0.0.2 .*\n"))
+	c, err := Parse("x", []byte("[global]\nsecret=s\n[fe]\nvaddr=10.0.0.1\nserver=10.0.0.2 666\nrule=10.0.0.2 .*\nrule=10.0.0.2 .*\n"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -91,7 +112,9 @@ func TestParseDuplicateRulesKept(t *testing.T) {
 }
 
 func TestParseBE(t *testing.T) {
-	c, err := Parse("be.conf", []byte(`[be]
+	c, err := Parse("be.conf", []byte(`[global]
+secret = s
+[be]
 raddr = 10.0.0.11
 uaddr = 10.0.0.250
 vaddr = 10.0.0.100
@@ -154,7 +177,12 @@ func TestParseErrors(t *testing.T) {
 		{"overflowing go duration", fe + "timewait = 9999999999h\nrule = local .*\n", 4, "fe", "timewait", "longer than a year"},
 		{"seconds past a year", fe + "idletimeout = 40000000\nrule = local .*\n", 4, "fe", "idletimeout", "longer than a year"},
 		{"BE rule names a list", be + "rule = 10.0.0.11,10.0.0.12 .*\n", 6, "be", "rule", "one address"},
-		{"dregister without secret", be + "dregister = 1\nrule = 10.0.0.11 .*\n", 6, "be", "dregister", "needs the cluster's [global] secret"},
+		{"BE without secret", be, 0, "global", "secret", "missing: a BE takes control sessions"},
+		{"BE without secret, other globals", "[global]\nloglevel = 3\n" + be, 1, "global", "secret", "openssl rand"},
+		{"registering BE without secret", be + "dregister = 1\nrule = 10.0.0.11 .*\n", 0, "global", "secret", "missing"},
+		{"FE with servers without secret", fe + "rule = 10.0.0.11 .*\n", 0, "global", "secret", "an FE with servers opens control sessions"},
+		{"registering FE without secret", "[fe]\nraddr = 10.0.0.2\nvaddr = 10.0.0.100\ndregister = 1\nrule = local .*\n", 0, "global", "secret", "dregister = 1 takes registrations"},
+		{"registering FE without raddr", "[global]\nsecret = s\n[fe]\nvaddr = 10.0.0.100\ndregister = 1\nrule = local .*\n", 5, "fe", "dregister", "needs [fe] raddr"},
 		{"no rules", fe, 0, "fe", "rule", "at least one"},
 		{"bad server", "[fe]\nvaddr = 10.0.0.100\nserver = 10.0.0.11\n", 3, "fe", "server", "ADDR PORT"},
 		{"bad server port", "[fe]\nvaddr = 10.0.0.100\nserver = 10.0.0.11 0\n", 3, "fe", "server", "not a port"},
@@ -191,7 +219,9 @@ func TestParseErrors(t *testing.T) {
 // Comments after values, weights, lists of targets and schedulers, as an
 // operator writes them.
 func TestSchedulingSyntax(t *testing.T) {
-	c, err := Parse("t.conf", []byte(`[fe]
+	c, err := Parse("t.conf", []byte(`[global]
+secret = s
+[fe]
 vaddr = 10.0.0.100   # the VIP
 port = 8080 ; not 80
 scheduler = wlc
@@ -293,7 +323,7 @@ func beRules(c *Config) []backends.Rule {
 // file, never a panic; what parses is usable.
 func FuzzParse(f *testing.F) {
 	for _, s := range []string{
-		"[fe]\nvaddr = 10.0.0.100\nserver = 10.0.0.11 666\nrule = 10.0.0.11 .*\n",
+		"[global]\nsecret = s\n[fe]\nvaddr = 10.0.0.100\nserver = 10.0.0.11 666\nrule = 10.0.0.11 .*\n",
 		"[global]\nsecret = s\n[be]\nraddr = 10.0.0.11\nuaddr = 10.0.0.250\nvaddr = 10.0.0.100\nfeaddr = 10.0.0.2\n",
 		"[fe]\nvaddr = 10.0.0.100\nrule = local ^/a(b|c)*$\nmaxclients = 3\ndrain = 500ms\n",
 	} {

@@ -41,6 +41,7 @@ var allowed = map[string]map[string]bool{
 		"timewait": false, "idletimeout": false, "dtcinterval": false,
 		"queuenum": false, "drain": false,
 		"scheduler": false, "rise": false, "fall": false, "feport": false, "phttp": false,
+		"dregister": false,
 	},
 	"be": {
 		"raddr": false, "uaddr": false, "vaddr": false, "port": false,
@@ -120,15 +121,33 @@ func Parse(name string, data []byte) (*Config, error) {
 	if cfg.FE == nil && cfg.BE == nil {
 		return nil, &Error{File: name, Msg: "no [fe] or [be] section: nothing to run"}
 	}
-	if cfg.BE != nil && cfg.BE.DRegister && len(cfg.Global.Secret) == 0 {
-		return nil, &Error{File: name, Line: lines.line("be", "dregister", 0), Section: "be", Key: "dregister",
-			Msg: "registration needs the cluster's [global] secret: an FE takes registrations only from BEs that hold it"}
+	if why := cfg.sessions(); why != "" && len(cfg.Global.Secret) == 0 {
+		// Without it a BE trusts every connection from an feaddr host,
+		// and so every local user of that host (issue 19: an
+		// unprivileged process reset a live client's flow).
+		return nil, &Error{File: name, Line: lines.sectionLine("global"), Section: "global", Key: "secret",
+			Msg: "missing: " + why + ", and the secret authenticates them: " +
+				"set the same `secret = ...` on every host of the cluster (e.g. the output of `openssl rand -hex 32`)"}
 	}
 	if cfg.FE != nil && cfg.BE != nil && cfg.FE.VAddr != cfg.BE.VAddr {
 		return nil, &Error{File: name, Line: lines.line("be", "vaddr", 0), Section: "be", Key: "vaddr",
 			Msg: fmt.Sprintf("differs from [fe] vaddr %s; one host serves one VIP", cfg.FE.VAddr)}
 	}
 	return cfg, nil
+}
+
+// sessions says why this host opens or accepts control sessions, or "" if
+// it does not: an FE without servers or registration hands nothing off.
+func (c *Config) sessions() string {
+	switch {
+	case c.BE != nil:
+		return "a BE takes control sessions from its FEs"
+	case len(c.FE.Servers) > 0:
+		return "an FE with servers opens control sessions to them"
+	case c.FE.DRegister:
+		return "an FE with dregister = 1 takes registrations from BEs"
+	}
+	return ""
 }
 
 func (p *parser) global(s *ini.Section) (Global, error) {
@@ -170,6 +189,12 @@ func (p *parser) fe(s *ini.Section) (*FE, error) {
 		DtcInterval:     v.duration("dtcinterval", 5*time.Second, true),
 		QueueNum:        uint16(v.intIn("queuenum", 0, 0, 65535)),
 		Drain:           v.duration("drain", 20*time.Second, true),
+	}
+	// The seed's BE option, on the FE's side: take BEs' registrations on
+	// raddr:feport. Off by default, so that no port is open for it.
+	fe.DRegister = v.intIn("dregister", 0, 0, 1) == 1
+	if fe.DRegister && fe.RAddr.IsUnspecified() {
+		v.fail("dregister", v.line("dregister", 0), "needs [fe] raddr: BEs register on raddr:feport, never on the VIP")
 	}
 	fe.Rise = v.intIn("rise", 2, 1, 100)
 	fe.Fall = v.intIn("fall", 3, 1, 100)

@@ -14,8 +14,8 @@ func TestCheckConfig(t *testing.T) {
 	dir := t.TempDir()
 	good := filepath.Join(dir, "good.conf")
 	bad := filepath.Join(dir, "bad.conf")
-	os.WriteFile(good, []byte("[fe]\nvaddr = 10.0.0.100\nserver = 10.0.0.11 666\nrule = 10.0.0.11 .*\n"), 0o644)
-	os.WriteFile(bad, []byte("[fe]\nvaddr = 10.0.0.100\nserver = 10.0.0.11 666\nrule = 10.0.0.12 .*\n"), 0o644)
+	os.WriteFile(good, []byte("[fe]\nvaddr = 10.0.0.100\nserver = 10.0.0.11 666\nrule = 10.0.0.11 .*\n"+secret), 0o644)
+	os.WriteFile(bad, []byte("[fe]\nvaddr = 10.0.0.100\nserver = 10.0.0.11 666\nrule = 10.0.0.12 .*\n"+secret), 0o644)
 
 	out, err := exec.Command(agentBin, "-t", "-c", good).CombinedOutput()
 	if err != nil || !strings.Contains(string(out), "syntax is ok, roles: fe") {
@@ -41,20 +41,35 @@ func TestCheckConfig(t *testing.T) {
 	}
 }
 
-// Without a secret, -t passes but warns: the sessions are then protected by
-// the member check alone.
-func TestCheckConfigWarnsWithoutSecret(t *testing.T) {
+// secret is the [global] section a config that opens control sessions needs.
+const secret = "[global]\nsecret = s\n"
+
+// A host that opens or accepts control sessions must hold the cluster's
+// secret: without it a BE would obey every local user of its FEs' hosts
+// (issue 19). -t refuses the config, naming the file, section and key; an
+// FE that hands nothing off needs none.
+func TestCheckConfigRequiresSecret(t *testing.T) {
 	dir := t.TempDir()
-	conf := filepath.Join(dir, "nosecret.conf")
-	os.WriteFile(conf, []byte("[be]\nraddr = 10.0.0.11\nuaddr = 10.0.0.250\nvaddr = 10.0.0.100\nfeaddr = 10.0.0.2\n"), 0o644)
-	out, err := exec.Command(agentBin, "-t", "-c", conf).CombinedOutput()
-	if err != nil || !strings.Contains(string(out), "warning") || !strings.Contains(string(out), "no [global] secret") {
-		t.Errorf("%v: %s", err, out)
+	for name, text := range map[string]string{
+		"be":           "[be]\nraddr = 10.0.0.11\nuaddr = 10.0.0.250\nvaddr = 10.0.0.100\nfeaddr = 10.0.0.2\n",
+		"fe-servers":   "[fe]\nvaddr = 10.0.0.100\nserver = 10.0.0.11 666\nrule = 10.0.0.11 .*\n",
+		"fe-dregister": "[fe]\nraddr = 10.0.0.2\nvaddr = 10.0.0.100\ndregister = 1\nrule = local .*\n",
+	} {
+		conf := filepath.Join(dir, name+".conf")
+		os.WriteFile(conf, []byte(text), 0o644)
+		out, err := exec.Command(agentBin, "-t", "-c", conf).CombinedOutput()
+		if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() != 1 || !strings.Contains(string(out), conf+": [global] secret: missing") {
+			t.Errorf("%s without a secret: %v %q, want exit 1 naming %s: [global] secret", name, err, out, conf)
+		}
+		os.WriteFile(conf, []byte(text+secret), 0o644)
+		if out, err := exec.Command(agentBin, "-t", "-c", conf).CombinedOutput(); err != nil || strings.Contains(string(out), "warning") {
+			t.Errorf("%s with a secret: %v: %s", name, err, out)
+		}
 	}
-	withSecret := filepath.Join(dir, "secret.conf")
-	os.WriteFile(withSecret, []byte("[global]\nsecret = s\n[be]\nraddr = 10.0.0.11\nuaddr = 10.0.0.250\nvaddr = 10.0.0.100\nfeaddr = 10.0.0.2\n"), 0o644)
-	if out, err := exec.Command(agentBin, "-t", "-c", withSecret).CombinedOutput(); err != nil || strings.Contains(string(out), "warning") {
-		t.Errorf("with a secret: %v: %s", err, out)
+	local := filepath.Join(dir, "local.conf")
+	os.WriteFile(local, []byte("[fe]\nvaddr = 10.0.0.100\nrule = local .*\n"), 0o644)
+	if out, err := exec.Command(agentBin, "-t", "-c", local).CombinedOutput(); err != nil {
+		t.Errorf("an FE without servers: %v: %s", err, out)
 	}
 }
 
@@ -67,13 +82,15 @@ func TestCheckConfigRejects(t *testing.T) {
 		{"duplicate server", fe + "server = 10.0.0.11 777\n", "10.0.0.11 is already declared on line 3"},
 		{"overflowing duration", fe + "timewait = 99999999999999999999\n", "timewait"},
 		{"duration past a year", fe + "drain = 40000000\n", "longer than a year"},
-		{"unwritable logfile", "[global]\nlogfile = /proc/tcpha/agent.log\n" + fe, "[global] logfile /proc/tcpha/agent.log"},
-		{"registration without a secret", "[be]\nraddr = 10.0.0.11\nuaddr = 10.0.0.250\nvaddr = 10.0.0.100\nfeaddr = 10.0.0.2\n" +
-			"dregister = 1\nrule = 10.0.0.11 .*\n", "secret"},
+		{"unwritable logfile", "[global]\nsecret = s\nlogfile = /proc/tcpha/agent.log\n" + fe, "[global] logfile /proc/tcpha/agent.log"},
+		{"registration without raddr", "[fe]\nvaddr = 10.0.0.100\ndregister = 1\nrule = local .*\n", "[fe] dregister: needs [fe] raddr"},
 		{"unknown scheduler", fe + "scheduler = fastest\n", "scheduler"},
 	}
 	for _, tc := range cases {
 		path := filepath.Join(dir, strings.ReplaceAll(tc.name, " ", "-")+".conf")
+		if !strings.Contains(tc.text, "[global]") {
+			tc.text += secret
+		}
 		os.WriteFile(path, []byte(tc.text), 0o644)
 		out, err := exec.Command(agentBin, "-t", "-c", path).CombinedOutput()
 		if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() != 1 || !strings.Contains(string(out), tc.say) {
@@ -83,7 +100,7 @@ func TestCheckConfigRejects(t *testing.T) {
 	// Inline comments, as operators write them, are comments.
 	path := filepath.Join(dir, "comments.conf")
 	os.WriteFile(path, []byte("[fe]\nvaddr = 10.0.0.100   # the VIP\nserver = 10.0.0.11 666 weight=2 ; big one\n"+
-		"rule = 10.0.0.11 \\.html$ # pages\nrule = 10.0.0.11 .*\n"), 0o644)
+		"rule = 10.0.0.11 \\.html$ # pages\nrule = 10.0.0.11 .*\n"+secret), 0o644)
 	if out, err := exec.Command(agentBin, "-t", "-c", path).CombinedOutput(); err != nil {
 		t.Errorf("inline comments: %v %s", err, out)
 	}

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -18,6 +19,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -122,86 +124,82 @@ func craftedOffer(t *testing.T, from string) []byte {
 
 // Nobody outside drives a BE (issue 8): a crafted offer, and the FE's own
 // control traffic captured and replayed byte for byte, get no answer and
-// cause no segment from the VIP; with a secret, a replay from the FE's own
-// address is refused too.
+// cause no segment from the VIP, and a replay from the FE's own address is
+// refused for its proof. (A cluster without a secret no longer exists:
+// issue 19.)
 func TestStrangersDriveNoBE(t *testing.T) {
-	for _, secret := range []string{"", "cluster-secret"} {
-		t.Run(fmt.Sprintf("secret=%q", secret), func(t *testing.T) {
-			privtest.Require(t)
-			c, err := cluster.New(cluster.Options{Agent: agentBin, BEs: 1, Secret: secret, Mallory: true,
-				Rules: []string{`rule = be1 .*`}})
-			if err != nil {
-				t.Fatal(err)
+	secret := "cluster-secret"
+	privtest.Require(t)
+	c, err := cluster.New(cluster.Options{Agent: agentBin, BEs: 1, Secret: secret, Mallory: true,
+		Rules: []string{`rule = be1 .*`}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { dumpLogs(t, c); c.Close() })
+	if err := c.StartAgent("be1"); err != nil {
+		t.Fatal(err)
+	}
+	// The FE's sessions, from their first byte.
+	ctlAddr := netip.AddrPortFrom(netip.MustParseAddr(c.BEs[0].IP), 666)
+	rec := startCapture(t, c, "be1", "tcp port 666")
+	if err := c.StartAgent("fe"); err != nil {
+		t.Fatal(err)
+	}
+	for range 3 {
+		if got := servedBy(t, c, "/index.html"); got != "200 be1" {
+			t.Fatalf("request: %q", got)
+		}
+	}
+	n := rec.stop(t)
+	st, _ := os.Stat(rec.file)
+	t.Logf("capture: %d packets, file %v", n, st.Size())
+	segs, err := readPcap(rec.file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	replay := streamFrom(segs, netip.MustParseAddr(cluster.FEIP), ctlAddr)
+	if len(replay) < 200 {
+		var syns, withData int
+		for _, s := range segs {
+			if s.syn {
+				syns++
 			}
-			t.Cleanup(func() { dumpLogs(t, c); c.Close() })
-			if err := c.StartAgent("be1"); err != nil {
-				t.Fatal(err)
+			if len(s.payload) > 0 {
+				withData++
 			}
-			// The FE's sessions, from their first byte.
-			ctlAddr := netip.AddrPortFrom(netip.MustParseAddr(c.BEs[0].IP), 666)
-			rec := startCapture(t, c, "be1", "tcp port 666")
-			if err := c.StartAgent("fe"); err != nil {
-				t.Fatal(err)
-			}
-			for range 3 {
-				if got := servedBy(t, c, "/index.html"); got != "200 be1" {
-					t.Fatalf("request: %q", got)
-				}
-			}
-			n := rec.stop(t)
-			st, _ := os.Stat(rec.file)
-			t.Logf("capture: %d packets, file %v", n, st.Size())
-			segs, err := readPcap(rec.file)
-			if err != nil {
-				t.Fatal(err)
-			}
-			replay := streamFrom(segs, netip.MustParseAddr(cluster.FEIP), ctlAddr)
-			if len(replay) < 200 {
-				var syns, withData int
-				for _, s := range segs {
-					if s.syn {
-						syns++
-					}
-					if len(s.payload) > 0 {
-						withData++
-					}
-				}
-				t.Fatalf("captured only %d bytes of the FE's control traffic (%d segments, %d SYNs, %d with data)",
-					len(replay), len(segs), syns, withData)
-			}
-			served := statusOf(t, c, "be1", "served")
+		}
+		t.Fatalf("captured only %d bytes of the FE's control traffic (%d segments, %d SYNs, %d with data)",
+			len(replay), len(segs), syns, withData)
+	}
+	served := statusOf(t, c, "be1", "served")
 
-			// Whatever reaches the client from the VIP while strangers try.
-			watch := startCapture(t, c, "client", "src host "+cluster.VIP)
-			for _, host := range []string{"client", "mallory"} {
-				ip := map[string]string{"client": cluster.ClientIP, "mallory": cluster.MalloryIP}[host]
-				if got := sendRaw(t, c, host, ctlAddr.String(), craftedOffer(t, ip)); len(got) != 0 {
-					t.Errorf("crafted offer from %s got %d bytes back", host, len(got))
-				}
-				if got := sendRaw(t, c, host, ctlAddr.String(), replay); len(got) != 0 {
-					t.Errorf("replay from %s got %d bytes back", host, len(got))
-				}
-			}
-			if secret != "" {
-				// From the FE's own address the member check passes; the
-				// handshake does not: the BE's nonce is new.
-				sendRaw(t, c, "fe", ctlAddr.String(), replay)
-			}
-			if n := watch.stop(t); n != 0 {
-				t.Errorf("%d segments from the VIP reached the client during the attempts", n)
-			}
-			if got := statusOf(t, c, "be1", "served"); got != served {
-				t.Errorf("be1 served %d handoffs during the attempts", got-served)
-			}
-			log, _ := os.ReadFile(c.AgentLog("be1"))
-			if secret != "" && !strings.Contains(string(log), "wrong proof") {
-				t.Errorf("the replay from the FE's address was not refused for its proof:\n%s", tailString(string(log), 2000))
-			}
-			// The FE still hands off.
-			if got := servedBy(t, c, "/index.html"); got != "200 be1" {
-				t.Errorf("after the attempts: %q", got)
-			}
-		})
+	// Whatever reaches the client from the VIP while strangers try.
+	watch := startCapture(t, c, "client", "src host "+cluster.VIP)
+	for _, host := range []string{"client", "mallory"} {
+		ip := map[string]string{"client": cluster.ClientIP, "mallory": cluster.MalloryIP}[host]
+		if got := sendRaw(t, c, host, ctlAddr.String(), craftedOffer(t, ip)); len(got) != 0 {
+			t.Errorf("crafted offer from %s got %d bytes back", host, len(got))
+		}
+		if got := sendRaw(t, c, host, ctlAddr.String(), replay); len(got) != 0 {
+			t.Errorf("replay from %s got %d bytes back", host, len(got))
+		}
+	}
+	// From the FE's own address the member check passes; the handshake
+	// does not: the BE's nonce is new.
+	sendRaw(t, c, "fe", ctlAddr.String(), replay)
+	if n := watch.stop(t); n != 0 {
+		t.Errorf("%d segments from the VIP reached the client during the attempts", n)
+	}
+	if got := statusOf(t, c, "be1", "served"); got != served {
+		t.Errorf("be1 served %d handoffs during the attempts", got-served)
+	}
+	log, _ := os.ReadFile(c.AgentLog("be1"))
+	if !strings.Contains(string(log), "wrong proof") {
+		t.Errorf("the replay from the FE's address was not refused for its proof:\n%s", tailString(string(log), 2000))
+	}
+	// The FE still hands off.
+	if got := servedBy(t, c, "/index.html"); got != "200 be1" {
+		t.Errorf("after the attempts: %q", got)
 	}
 }
 
@@ -285,6 +283,93 @@ func TestControlPortFlood(t *testing.T) {
 			t.Fatal("the FE does not hand off to be1 after the flood")
 		}
 		time.Sleep(200 * time.Millisecond)
+	}
+}
+
+// A local user of the FE's host connects from the FE's address and passes
+// a BE's member check; holding every handshake slot of that address while
+// a BE restarts must not keep the FE's sessions out (issue 19: 16 idle
+// connections to be1:666 from the FE's host, and every request for be1 got
+// 503 until they stopped).
+func TestStrangerOnFEHostCannotLockOutBE(t *testing.T) {
+	c := newCluster(t, cluster.Options{BEs: 1, Rules: []string{`rule = be1 .*`}})
+	if got := servedBy(t, c, "/index.html"); got != "200 be1" {
+		t.Fatalf("before: %q", got)
+	}
+	if err := c.StopAgent("be1", syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	// 24 connections that send nothing, each redialed 10 ms after the BE
+	// closes it (or refuses it while it is down): the slots are taken
+	// again as soon as they free up, as the red team's script did.
+	ctx, stop := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	var opened atomic.Int64
+	ctlAddr := c.BEs[0].IP + ":666"
+	for range 24 {
+		wg.Go(func() {
+			for ctx.Err() == nil {
+				dctx, cancel := context.WithTimeout(ctx, time.Second)
+				conn, err := c.Dial(dctx, "fe", 0, ctlAddr)
+				cancel()
+				if err == nil {
+					opened.Add(1)
+					unblock := context.AfterFunc(ctx, func() { conn.Close() })
+					io.Copy(io.Discard, conn)
+					unblock()
+					conn.Close()
+				}
+				select {
+				case <-ctx.Done():
+				case <-time.After(10 * time.Millisecond):
+				}
+			}
+		})
+	}
+	defer func() { stop(); wg.Wait() }()
+	time.Sleep(time.Second)
+	if err := c.StartAgent("be1"); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	// The FE redials a BE that was down with a backoff of up to 5 s.
+	for got := ""; got != "200 be1"; got = servedBy(t, c, "/index.html") {
+		if time.Since(start) > 8*time.Second {
+			t.Fatalf("be1 unreachable for %v after its restart (last answer %q; %d stranger connections opened)",
+				time.Since(start).Round(time.Millisecond), got, opened.Load())
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	t.Logf("be1 served %v after its restart; %d stranger connections from the FE's host opened",
+		time.Since(start).Round(time.Millisecond), opened.Load())
+	if opened.Load() < 24 {
+		t.Errorf("only %d stranger connections opened: the slots were not held", opened.Load())
+	}
+	// Each refused handshake is a WARN; the log holds the first ten of the
+	// last 10 s and a count, not one line each.
+	if n := strings.Count(c.Grep("be1", `msg="control session refused"`), "\n"); n > 11 {
+		t.Errorf("be1 logged %d refusals for %d stranger connections, want at most 11", n, opened.Load())
+	}
+}
+
+// The FE's registration port is closed unless [fe] dregister = 1 (issue 19:
+// it was open whenever a secret was set, and every stranger's connection
+// wrote a WARN line).
+func TestRegistrationPortClosedByDefault(t *testing.T) {
+	c := newCluster(t, cluster.Options{BEs: 1, Rules: []string{`rule = be1 .*`}})
+	regAddr := fmt.Sprintf("%s:%d", cluster.FEIP, cluster.Port)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	conn, err := c.Dial(ctx, "be1", 0, regAddr)
+	if err == nil {
+		conn.Close()
+		t.Fatalf("%s took a connection without [fe] dregister = 1", regAddr)
+	}
+	if !errors.Is(err, syscall.ECONNREFUSED) {
+		t.Errorf("connect to %s: %v, want connection refused", regAddr, err)
+	}
+	if !strings.Contains(c.Grep("fe", "registration"), "BE registration off") {
+		t.Errorf("the FE did not say registration is off:\n%s", c.Grep("fe", "regist"))
 	}
 }
 

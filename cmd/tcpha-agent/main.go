@@ -143,11 +143,6 @@ func check(path string, cfg *config.Config) int {
 		}
 	}
 	fmt.Printf("tcpha-agent: %s: syntax is ok, roles: %s\n", path, roles(cfg))
-	if len(cfg.Global.Secret) == 0 {
-		fmt.Fprintf(os.Stderr, "tcpha-agent: warning: %s: no [global] secret: control sessions are not "+
-			"authenticated, a BE obeys any connection from its feaddr, and BEs cannot register; set the same "+
-			"secret on every host\n", path)
-	}
 	return 0
 }
 

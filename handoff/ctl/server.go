@@ -5,8 +5,12 @@ import (
 	"errors"
 	"net"
 	"net/netip"
+	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
+
+	"tcpha/handoff/wire"
 )
 
 // Server accepts control sessions and bounds what a stranger can cost:
@@ -14,6 +18,17 @@ import (
 // is read, the handshake has a deadline and reads only small frames, and
 // the number of connections per source and in total is capped. An accept
 // error such as EMFILE is waited out, never fatal.
+//
+// A member's address is not proof of anything: every local user of an FE's
+// host connects from it. So the handshakes in progress from one source are
+// slots that a new connection takes over rather than a door it finds shut:
+// when a source's slots are full, its oldest handshake that has not even
+// sent a Hello (else its oldest) is cut for the newcomer. A stranger who
+// holds the slots with idle connections then cannot keep the genuine FE out
+// (issue 19: 16 half-open connections locked a restarted BE out of its
+// cluster), and a genuine handshake, done one round trip after its Hello,
+// loses its slot only if the source opens MaxHandshaking more connections
+// within that round trip.
 type Server struct {
 	Config *Config
 	// Member tells whether a remote address may open sessions at all. It
@@ -25,8 +40,9 @@ type Server struct {
 	// OnSession is called for each established session.
 	OnSession func(*Session)
 	// MaxPerSource caps connections from one address (handshaking or
-	// established); MaxHandshaking caps those from one address still in
-	// the handshake; MaxTotal caps all. Zero means the defaults below.
+	// established); MaxHandshaking is how many from one address may be in
+	// the handshake before a new one evicts one of them; MaxTotal caps
+	// all. Zero means the defaults below.
 	MaxPerSource, MaxHandshaking, MaxTotal int
 
 	conns    sync.WaitGroup
@@ -39,7 +55,19 @@ type Server struct {
 	refused  map[string]int64
 }
 
-type sourceCount struct{ open, handshaking int }
+type sourceCount struct {
+	open int
+	// handshaking are the connections still in their handshake, oldest
+	// first.
+	handshaking []*pending
+}
+
+// pending is a connection in its handshake.
+type pending struct {
+	conn net.Conn
+	// hello is set once the peer's Hello was read and admitted.
+	hello atomic.Bool
+}
 
 // Defaults for the caps: an FE keeps connperbe (at most 1024) sessions to a
 // BE; the rest is headroom for redials.
@@ -55,6 +83,9 @@ const (
 	RefusedPerSource = "per-source-limit"
 	RefusedTotal     = "total-limit"
 	RefusedHandshake = "handshake"
+	// RefusedEvicted counts handshakes cut for a newer connection from
+	// the same source.
+	RefusedEvicted = "handshake-evicted"
 )
 
 // Serve accepts on ln until ctx ends, then closes ln and every session and
@@ -108,12 +139,13 @@ func (sv *Server) Serve(ctx context.Context, ln net.Listener) error {
 			conn.Close()
 			continue
 		}
-		if reason := sv.take(src, conn); reason != "" {
+		p := &pending{conn: conn}
+		if reason := sv.take(src, p); reason != "" {
 			sv.refuse(reason)
 			conn.Close()
 			continue
 		}
-		sv.conns.Go(func() { sv.serveConn(conn, src) })
+		sv.conns.Go(func() { sv.serveConn(p, src) })
 	}
 }
 
@@ -131,8 +163,9 @@ func (sv *Server) limits() (perSource, handshaking, total int) {
 	return
 }
 
-// take counts a new connection from src in, or says which cap refuses it.
-func (sv *Server) take(src netip.Addr, conn net.Conn) string {
+// take counts a new connection from src in, evicting one of the source's
+// handshakes if they fill its slots, or says which cap refuses it.
+func (sv *Server) take(src netip.Addr, p *pending) string {
 	perSource, handshaking, total := sv.limits()
 	sv.mu.Lock()
 	defer sv.mu.Unlock()
@@ -147,25 +180,52 @@ func (sv *Server) take(src netip.Addr, conn net.Conn) string {
 	switch {
 	case sv.total >= total:
 		return RefusedTotal
-	case c.open >= perSource || c.handshaking >= handshaking:
+	case c.open >= perSource:
 		return RefusedPerSource
 	}
+	if len(c.handshaking) >= handshaking {
+		// The evicted connection's goroutine sees its read fail and
+		// releases it; it no longer holds a slot from now on.
+		v := evict(c.handshaking)
+		c.handshaking = slices.Delete(c.handshaking, v, v+1)
+		sv.refused[RefusedEvicted]++
+	}
 	c.open++
-	c.handshaking++
+	c.handshaking = append(c.handshaking, p)
 	sv.total++
-	sv.open[conn] = struct{}{}
+	sv.open[p.conn] = struct{}{}
 	return ""
 }
 
-func (sv *Server) release(src netip.Addr, conn net.Conn, handshaking bool) {
+// evict closes the handshake a newcomer takes the slot of, and returns its
+// index in hs: the oldest that has sent no Hello yet (a genuine peer sends
+// its Hello as soon as it connects), else the oldest. hs is not empty.
+func evict(hs []*pending) int {
+	for i, p := range hs {
+		if !p.hello.Load() {
+			p.conn.Close()
+			return i
+		}
+	}
+	hs[0].conn.Close()
+	return 0
+}
+
+// handshook takes p out of its source's handshake slots, if it is still
+// there.
+func (c *sourceCount) handshook(p *pending) {
+	if i := slices.Index(c.handshaking, p); i >= 0 {
+		c.handshaking = slices.Delete(c.handshaking, i, i+1)
+	}
+}
+
+func (sv *Server) release(src netip.Addr, p *pending) {
 	sv.mu.Lock()
 	defer sv.mu.Unlock()
-	delete(sv.open, conn)
+	delete(sv.open, p.conn)
 	c := sv.bySource[src]
 	c.open--
-	if handshaking {
-		c.handshaking--
-	}
+	c.handshook(p)
 	if c.open == 0 {
 		delete(sv.bySource, src)
 	}
@@ -178,16 +238,26 @@ func (sv *Server) refuse(reason string) {
 	sv.mu.Unlock()
 }
 
-func (sv *Server) serveConn(conn net.Conn, src netip.Addr) {
-	s, err := Accept(conn, sv.Config, sv.Admit)
+func (sv *Server) serveConn(p *pending, src netip.Addr) {
+	conn := p.conn
+	admit := func(remote net.Addr, h wire.Hello) error {
+		if sv.Admit != nil {
+			if err := sv.Admit(remote, h); err != nil {
+				return err
+			}
+		}
+		p.hello.Store(true)
+		return nil
+	}
+	s, err := Accept(conn, sv.Config, admit)
 	if err != nil {
 		sv.Config.Log.Warn("control session refused", "op", "control", "peer", conn.RemoteAddr().String(), "err", err)
-		sv.release(src, conn, true)
+		sv.release(src, p)
 		sv.refuse(RefusedHandshake)
 		return
 	}
 	sv.mu.Lock()
-	sv.bySource[src].handshaking--
+	sv.bySource[src].handshook(p)
 	sv.sessions[s] = struct{}{}
 	sv.mu.Unlock()
 	if sv.OnSession != nil {
@@ -197,7 +267,7 @@ func (sv *Server) serveConn(conn net.Conn, src netip.Addr) {
 	sv.mu.Lock()
 	delete(sv.sessions, s)
 	sv.mu.Unlock()
-	sv.release(src, conn, false)
+	sv.release(src, p)
 }
 
 // Drain retires every session: each is sent a goaway, and the peer moves

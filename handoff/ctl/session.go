@@ -46,7 +46,9 @@ func (h HandlerFunc) Serve(s *Session, f wire.Frame) { h(s, f) }
 // Config is what an end needs to run sessions.
 type Config struct {
 	// Secret is the cluster key; nil runs sessions without authentication
-	// (only the member address check protects them).
+	// (only the member address check protects them, which trusts every
+	// local user of a member's host: the agent's config therefore requires
+	// a secret, and nil is left to tests and the fuzz target).
 	Secret []byte
 	// Local is this end's Hello; its nonce is filled for each session.
 	Local wire.Hello
@@ -57,7 +59,12 @@ type Config struct {
 	Health func() wire.Health
 	Log    *slog.Logger
 
-	HandshakeTimeout time.Duration // whole handshake; default 5 s
+	// HandshakeTimeout bounds the whole handshake, connect included on
+	// the dialing end; default 2 s. A genuine handshake takes one round
+	// trip after the connect (under a millisecond between the test
+	// cluster's namespaces); the bound is what a stalled stranger holds an
+	// accepting end's slot for.
+	HandshakeTimeout time.Duration
 	WriteTimeout     time.Duration // one write to the peer; default 5 s
 	// KeepAlive is how long a dialing end waits without receiving a frame
 	// before it probes the peer, which then has twice that to answer;
@@ -67,7 +74,7 @@ type Config struct {
 }
 
 func (c *Config) handshakeTimeout() time.Duration {
-	return orDefault(c.HandshakeTimeout, 5*time.Second)
+	return orDefault(c.HandshakeTimeout, 2*time.Second)
 }
 func (c *Config) writeTimeout() time.Duration { return orDefault(c.WriteTimeout, 5*time.Second) }
 func (c *Config) keepAlive() time.Duration    { return orDefault(c.KeepAlive, 10*time.Second) }

@@ -47,6 +47,9 @@ type BE struct {
 	UAddr string // unused address for its ARP filter
 }
 
+// DefaultSecret is the cluster secret when Options.Secret is empty.
+const DefaultSecret = "nscluster-secret"
+
 // Options shape a cluster.
 type Options struct {
 	Agent   string   // path of the tcpha-agent binary
@@ -56,8 +59,10 @@ type Options struct {
 	BEExtra string   // more [be] lines
 	// GlobalExtra is more [global] lines, for every agent.
 	GlobalExtra string
-	Secret      string
-	LocalWWW    bool // run nginx on the FE as its local node (redirectport 8080)
+	// Secret is the cluster's [global] secret; empty means DefaultSecret
+	// (every agent that runs control sessions needs one).
+	Secret   string
+	LocalWWW bool // run nginx on the FE as its local node (redirectport 8080)
 	// PublicWWW makes each BE's nginx also listen on the BE's own address,
 	// port 80, for proxies and direct clients (the bench).
 	PublicWWW bool
@@ -343,9 +348,11 @@ func (c *Cluster) Config(host string) string {
 	if c.opts.Metrics {
 		g += fmt.Sprintf("metrics = %s\npprof = %s\n", MetricsAddr, PprofAddr)
 	}
-	if c.opts.Secret != "" {
-		g += "secret = " + c.opts.Secret + "\n"
+	secret := c.opts.Secret
+	if secret == "" {
+		secret = DefaultSecret
 	}
+	g += "secret = " + secret + "\n"
 	g += c.opts.GlobalExtra
 	s := g
 	if host == "fe" {
@@ -362,6 +369,9 @@ func (c *Cluster) Config(host string) string {
 		}
 		for _, r := range c.opts.Rules {
 			s += c.ruleLine(r) + "\n"
+		}
+		if len(c.opts.Registered) > 0 {
+			s += "dregister = 1\n"
 		}
 		s += c.opts.FEExtra
 	} else {
