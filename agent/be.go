@@ -103,7 +103,7 @@ func startBE(ctx context.Context, cfg *config.BE, secret []byte, m *metrics.Metr
 	leaving := &handoff.Leaving{}
 	b.relay = relay.New(relay.Config{
 		Pool: b.pool, MaxHeader: cfg.MaxHeader, HeadTimeout: cfg.RequestTimeout,
-		IdleTimeout: cfg.KeepAliveTimeout, Log: b.log, Forward: b.forward, Mover: newMover(b, leaving),
+		IdleTimeout: cfg.KeepAliveTimeout, Log: b.log, Route: b.route, Mover: newMover(b, leaving),
 	})
 	b.recv = &handoff.Receiver{
 		VIP: cfg.VAddr, Check: b.check, Rebuilder: rebuilder{log: b.log},

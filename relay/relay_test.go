@@ -434,18 +434,18 @@ func TestForward(t *testing.T) {
 	ln.Close()
 	t.Cleanup(dead.Close)
 	r := newRelay(t, local.addr)
-	r.cfg.Forward = func(path string) ([]*Pool, bool) {
+	r.cfg.Route = func(path string) Rules {
 		switch path {
 		case "/big":
-			return []*Pool{remote}, true
+			return Rules{Usable: []*Pool{remote}}
 		case "/echo":
-			return []*Pool{dead, remote}, true // the first BE is down: the next one
+			return Rules{Usable: []*Pool{dead, remote}} // the first BE is down: the next one
 		case "/nocontent":
-			return []*Pool{dead}, true
+			return Rules{Usable: []*Pool{dead}}
 		case "/chunked":
-			return []*Pool{remote, nil}, true // the other BE, then this one
+			return Rules{Usable: []*Pool{remote, nil}} // the other BE, then this one
 		}
-		return nil, false
+		return Rules{Here: true}
 	}
 	c := connect(t, r)
 	br := bufio.NewReader(c)
@@ -570,11 +570,11 @@ func TestMove(t *testing.T) {
 			r := newRelay(t, local.addr)
 			m := &fakeMover{outcome: tc.outcome, r: r}
 			r.cfg.Mover = m
-			r.cfg.Forward = func(path string) ([]*Pool, bool) {
+			r.cfg.Route = func(path string) Rules {
 				if path == "/big" {
-					return []*Pool{remote}, true
+					return Rules{Usable: []*Pool{remote}}
 				}
-				return nil, false
+				return Rules{Here: true}
 			}
 			c := connect(t, r)
 			br := bufio.NewReader(c)
@@ -627,3 +627,66 @@ func TestMove(t *testing.T) {
 }
 
 func (o Outcome) String() string { return [...]string{"kept", "local", "gone"}[o] }
+
+// A later request whose rules name other BEs is never served by this BE's
+// web server (issue 19): be1's agent stopped while its web server runs, and
+// be2, holding the connection, answered be1's /index.html with its own.
+// With no BE named taking connections, the request is fetched from the
+// named BE's web server without a move; a move refused, or no web server
+// answering, gets 503 and the connection goes on.
+func TestLaterRequestOfOtherBEs(t *testing.T) {
+	local, other := newWebServer(t), newWebServer(t)
+	remote := &Pool{Dial: dialer(other.addr)}
+	t.Cleanup(remote.Close)
+	ln, _ := net.Listen("tcp4", "127.0.0.1:0")
+	dead := &Pool{Dial: dialer(ln.Addr().String())}
+	ln.Close()
+	t.Cleanup(dead.Close)
+	r := newRelay(t, local.addr)
+	m := &fakeMover{outcome: Kept, r: r} // every move refused
+	r.cfg.Mover = m
+	rules := map[string]Rules{
+		"/big":         {Named: []*Pool{remote}},                      // its BE out, its web server up
+		"/echo":        {Usable: []*Pool{dead}, Named: []*Pool{dead}}, // move refused, web server down
+		"/nocontent":   {Named: []*Pool{dead}},                        // its BE out, web server down
+		"/chunked":     {},                                            // no BE named (the FE's local rule)
+		"/small":       {Here: true},                                  // this BE's
+		"/notmodified": {Named: []*Pool{nil, remote}},                 // this BE named, but out
+	}
+	r.cfg.Route = func(path string) Rules { return rules[path] }
+	c := connect(t, r)
+	br := bufio.NewReader(c)
+	if resp := get(t, c, br, "GET", "/small"); body(t, resp) != "small" {
+		t.Fatal("first request")
+	}
+	resp := get(t, c, br, "GET", "/big")
+	if got := body(t, resp); resp.StatusCode != 200 || got != string(other.big) {
+		t.Errorf("/big, its BE's agent out: %d, from the named BE's web server: %v, from this BE's: %v",
+			resp.StatusCode, got == string(other.big), got == string(local.big))
+	}
+	if len(m.calls) != 0 {
+		t.Errorf("a move with no BE to take the connection: %q", m.calls)
+	}
+	for _, path := range []string{"/echo", "/nocontent", "/chunked"} {
+		resp := get(t, c, br, "GET", path)
+		if b := body(t, resp); resp.StatusCode != 503 {
+			t.Errorf("%s: %d %q, want 503", path, resp.StatusCode, b)
+		}
+		if resp.Close {
+			t.Errorf("%s: the 503 closes the connection", path)
+		}
+	}
+	if len(m.calls) != 2 {
+		t.Errorf("mover calls %q, want one refused move for /echo", m.calls)
+	}
+	resp = get(t, c, br, "GET", "/notmodified")
+	if body(t, resp); resp.StatusCode != 304 || other.conns.Load() != 1 {
+		t.Errorf("/notmodified: %d, the named BE's web server had %d connections", resp.StatusCode, other.conns.Load())
+	}
+	if resp := get(t, c, br, "GET", "/small"); body(t, resp) != "small" {
+		t.Error("the connection afterwards")
+	}
+	if st := r.Stats(); st.MoveFailures != 1 || st.Moves != 0 {
+		t.Errorf("moves %d, failures %d; want 0, 1", st.Moves, st.MoveFailures)
+	}
+}
