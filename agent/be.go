@@ -108,7 +108,9 @@ func startBE(ctx context.Context, cfg *config.BE, secret []byte, m *metrics.Metr
 	b.recv = &handoff.Receiver{
 		VIP: cfg.VAddr, Check: b.check, Rebuilder: rebuilder{log: b.log},
 		// An idle keep-alive connection to the web server if there is one;
-		// a new one fails fast when the server is down.
+		// a new one fails fast when the server is down. The relay looks at
+		// it again before the request goes into it: the server may close
+		// it between the offer and the commit.
 		Connect: func(ctx context.Context) (handoff.Upstream, error) { return b.pool.Get(ctx) },
 		Run: func(client *net.TCPConn, up handoff.Upstream) {
 			b.relay.Serve(client, up.(*relay.Upstream))

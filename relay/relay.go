@@ -119,7 +119,10 @@ func New(cfg Config) *Relay {
 
 // Stats are a relay's counters.
 type Stats struct {
-	Active                         int
+	Active int
+	// Retries are requests that needed a second upstream connection: the
+	// first, idle before them, was found closed before they were sent, or
+	// failed before any answer (Upstream.idled).
 	Requests, Retries, BadGateways int64
 	// Moves are connections moved to another BE; MoveFailures those
 	// that stayed although their request was another BE's.
@@ -175,9 +178,11 @@ type session struct {
 	up            *Upstream
 	log           *slog.Logger
 	// retryable: the request in s.sent may be sent again; responded: the
-	// client got bytes of the current response already.
-	retryable, responded bool
-	sent                 net.Buffers
+	// client got bytes of the current response already; unchecked: s.up
+	// is the connection taken when the handoff was accepted, not looked at
+	// since.
+	retryable, responded, unchecked bool
+	sent                            net.Buffers
 
 	// For a handover: where the session is, the upstream connection a
 	// kick must interrupt, what happens after the response in flight, and
@@ -196,6 +201,12 @@ type afterBody struct {
 
 func (r *Relay) serve(client *net.TCPConn, first *Upstream) {
 	s := r.newSession(client, first)
+	if first != nil {
+		// Taken when the handoff was accepted and held since: looked at
+		// again before the request goes into it, and retried like a
+		// pooled one (Upstream.idled).
+		first.idled, s.unchecked = true, true
+	}
 	defer s.finish()
 	s.loop()
 }
@@ -734,7 +745,21 @@ func (s *session) sendRequest(out net.Buffers, retryable bool, pools []*Pool) er
 	if err := s.upstream(pools); err != nil {
 		return err
 	}
-	s.retryable = retryable && s.up.reused
+	if s.unchecked {
+		s.unchecked = false
+		if closing(s.up.Conn) {
+			// The web server closed the connection taken at the offer
+			// (its check passed then): another, from the pool or dialed.
+			// Nothing was sent; it counts as a retry.
+			s.r.retries.Add(1)
+			s.up.Close()
+			s.up = nil
+			if err := s.upstream(pools); err != nil {
+				return err
+			}
+		}
+	}
+	s.retryable = retryable && s.up.idled
 	s.sent = append(s.sent[:0], out...)
 	bufs := append(net.Buffers(nil), out...)
 	if _, err := bufs.WriteTo(s.up.Conn); err != nil {
@@ -746,10 +771,12 @@ func (s *session) sendRequest(out net.Buffers, retryable bool, pools []*Pool) er
 	return nil
 }
 
-// retry sends the request again on a new connection. A reused connection
-// that the server closed while it was idle shows only when its answer does
-// not come; a request that may be repeated (idempotent, and whole in hand)
-// is then sent once more, as HAProxy's retry-on does.
+// retry sends the request again on a new connection. A connection that
+// sat idle (pooled, or held from the offer) and that the server closed
+// meanwhile shows only when its answer does not come if the close had not
+// arrived when the session looked; a request that may be repeated
+// (idempotent, and whole in hand) is then sent once more, as HAProxy's
+// retry-on does. A new connection failing too gets 502.
 func (s *session) retry() error {
 	s.r.retries.Add(1)
 	pool := s.poolOf(s.up)
@@ -836,7 +863,7 @@ func clientSide(err error) error {
 const maxResponseHead = 16 << 10
 
 // readResponseHead reads the next response head from the web server; it
-// stays in the upstream buffer until relayed. A reused connection that
+// stays in the upstream buffer until relayed. An idled connection that
 // fails before the first byte of the answer gets the request again, once,
 // on a new connection.
 func (s *session) readResponseHead(method string) (*phttp.Head, error) {

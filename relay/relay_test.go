@@ -690,3 +690,128 @@ func TestLaterRequestOfOtherBEs(t *testing.T) {
 		t.Errorf("moves %d, failures %d; want 0, 1", st.Moves, st.MoveFailures)
 	}
 }
+
+// staleServer's first connection answers `answered` requests and then
+// closes: when told to (kill), or when the next request comes (lazy). Every
+// later connection answers all its requests.
+func staleServer(t *testing.T, answered int, lazy bool) (addr string, kill chan struct{}, conns *atomic.Int64) {
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	kill, conns = make(chan struct{}), new(atomic.Int64)
+	answer := func(br *bufio.Reader, c net.Conn) error {
+		req, err := http.ReadRequest(br)
+		if err != nil {
+			return err
+		}
+		io.Copy(io.Discard, req.Body)
+		_, err = io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+		return err
+	}
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			first := conns.Add(1) == 1
+			go func() {
+				defer c.Close()
+				br := bufio.NewReader(c)
+				if !first {
+					for answer(br, c) == nil {
+					}
+					return
+				}
+				for range answered {
+					if answer(br, c) != nil {
+						return
+					}
+				}
+				if lazy {
+					http.ReadRequest(br) // read, never answered
+					return
+				}
+				<-kill
+			}()
+		}
+	}()
+	return ln.Addr().String(), kill, conns
+}
+
+// The upstream connection taken when a handoff is accepted (the offer-time
+// check: pooled, or dialed then) may be closed by the web server before the
+// client's request comes: nginx stopping or restarting. Issue 19: clients
+// got 502 from an accepted handoff. The session looks at the connection
+// before it uses it, and a request it sent into one that failed before any
+// answer goes once more on a new connection: the client gets 200, and the
+// retry is counted.
+func TestStaleOfferTimeUpstream(t *testing.T) {
+	for _, tc := range []struct {
+		name         string
+		pooled, lazy bool
+		method       string
+	}{
+		{"dialed at the offer, closed before the request", false, false, "GET"},
+		{"dialed at the offer, closed as the request comes", false, true, "GET"},
+		{"pooled, closed before a POST", true, false, "POST"},
+		{"pooled, closed as the request comes", true, true, "GET"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			answered := 0
+			if tc.pooled {
+				answered = 1
+			}
+			addr, kill, conns := staleServer(t, answered, tc.lazy)
+			r := newRelay(t, addr)
+			pool := r.cfg.Pool
+			if tc.pooled {
+				// An earlier client leaves the connection in the pool.
+				c := connect(t, r)
+				if b := body(t, get(t, c, bufio.NewReader(c), "GET", "/")); b != "ok" {
+					t.Fatalf("earlier client: %q", b)
+				}
+				for deadline := time.Now().Add(2 * time.Second); pool.Stats().Idle != 1; time.Sleep(time.Millisecond) {
+					if time.Now().After(deadline) {
+						t.Fatal("the connection did not go back to the pool")
+					}
+				}
+			}
+			// The offer: the receiver takes the upstream connection.
+			first, err := pool.Get(context.Background())
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !tc.lazy {
+				close(kill)
+				for deadline := time.Now().Add(2 * time.Second); !closing(first.Conn); time.Sleep(time.Millisecond) {
+					if time.Now().After(deadline) {
+						t.Fatal("the server's close did not arrive")
+					}
+				}
+			}
+			// The commit: the session starts with it.
+			c, s := testnet.Accepted(t)
+			t.Cleanup(func() { c.Close() })
+			c.SetDeadline(time.Now().Add(10 * time.Second))
+			r.Serve(s, first)
+			if tc.method == "POST" {
+				fmt.Fprint(c, "POST /form HTTP/1.1\r\nHost: be\r\nContent-Length: 4\r\n\r\nbody")
+			} else {
+				fmt.Fprint(c, "GET / HTTP/1.1\r\nHost: be\r\n\r\n")
+			}
+			resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if b := body(t, resp); resp.StatusCode != 200 || b != "ok" {
+				t.Errorf("%s: %d %q, want 200 through a new connection", tc.method, resp.StatusCode, b)
+			}
+			if st := r.Stats(); st.Retries != 1 || st.BadGateways != 0 || conns.Load() != 2 {
+				t.Errorf("retries %d, bad gateways %d, server connections %d; want 1, 0, 2", st.Retries, st.BadGateways, conns.Load())
+			}
+		})
+	}
+}
