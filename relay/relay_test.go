@@ -689,6 +689,14 @@ func TestLaterRequestOfOtherBEs(t *testing.T) {
 	if st := r.Stats(); st.MoveFailures != 1 || st.Moves != 0 {
 		t.Errorf("moves %d, failures %d; want 0, 1", st.Moves, st.MoveFailures)
 	}
+	// A client that closes after this request gets its 503 too, saying so.
+	resp = get(t, c, br, "GET", "/nocontent", "Connection: close")
+	if body(t, resp); resp.StatusCode != 503 || !resp.Close {
+		t.Errorf("/nocontent with Connection: close: %d, close %v; want 503, close", resp.StatusCode, resp.Close)
+	}
+	if _, err := br.ReadByte(); err == nil {
+		t.Error("the connection goes on after Connection: close")
+	}
 }
 
 // staleServer's first connection answers `answered` requests and then
