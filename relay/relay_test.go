@@ -545,6 +545,13 @@ func (m *fakeMover) note(s string) {
 	}
 }
 
+// called returns the calls so far; the session's goroutine adds to them.
+func (m *fakeMover) called() []string {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return slices.Clone(m.calls)
+}
+
 func (m *fakeMover) Acked(ctx context.Context, c *net.TCPConn) error { m.note("acked"); return nil }
 
 func (m *fakeMover) Move(c *net.TCPConn, pending []byte) (Outcome, error) {
@@ -664,8 +671,8 @@ func TestLaterRequestOfOtherBEs(t *testing.T) {
 		t.Errorf("/big, its BE's agent out: %d, from the named BE's web server: %v, from this BE's: %v",
 			resp.StatusCode, got == string(other.big), got == string(local.big))
 	}
-	if len(m.calls) != 0 {
-		t.Errorf("a move with no BE to take the connection: %q", m.calls)
+	if calls := m.called(); len(calls) != 0 {
+		t.Errorf("a move with no BE to take the connection: %q", calls)
 	}
 	for _, path := range []string{"/echo", "/nocontent", "/chunked"} {
 		resp := get(t, c, br, "GET", path)
@@ -676,8 +683,8 @@ func TestLaterRequestOfOtherBEs(t *testing.T) {
 			t.Errorf("%s: the 503 closes the connection", path)
 		}
 	}
-	if len(m.calls) != 2 {
-		t.Errorf("mover calls %q, want one refused move for /echo", m.calls)
+	if calls := m.called(); len(calls) != 2 {
+		t.Errorf("mover calls %q, want one refused move for /echo", calls)
 	}
 	resp = get(t, c, br, "GET", "/notmodified")
 	if body(t, resp); resp.StatusCode != 304 || other.conns.Load() != 1 {
