@@ -204,6 +204,40 @@ func TestClusterOf(t *testing.T) {
 	}
 }
 
+// A BE routes a later request by the FE's cluster frame: its own content
+// here; another BE's to that BE; and with the only BE a rule names out
+// (its agent stopped: weight 0 in the frame), to that BE's web server,
+// never here (issue 19).
+func TestBERoute(t *testing.T) {
+	be1, be2 := netip.MustParseAddr("10.0.0.11"), netip.MustParseAddr("10.0.0.12")
+	frame := func(w1 uint16) *beCluster {
+		p, err := wire.Cluster{PHTTP: wire.PHTTPMulti,
+			Servers: []wire.ClusterServer{{Addr: be1, Port: 666, Weight: w1}, {Addr: be2, Port: 666, Weight: 1}},
+			Rules:   []wire.ClusterRule{{Targets: []netip.Addr{be2}, Pattern: `\.jpg$`}, {Targets: []netip.Addr{be1}, Pattern: ".*"}}}.MarshalBinary()
+		if err != nil {
+			t.Fatal(err)
+		}
+		c, err := clusterOf(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	b := &be{cfg: &config.BE{RAddr: be2, RedirectPort: 80}}
+	t.Cleanup(b.closeWeb)
+	b.cluster.Store(frame(1))
+	if r := b.route("/a.jpg"); !r.Here {
+		t.Errorf("be2's own content: %+v", r)
+	}
+	if r := b.route("/index.html"); r.Here || len(r.Usable) != 1 || r.Usable[0] != b.webPool(be1) {
+		t.Errorf("be1's content, be1 up: %+v", r)
+	}
+	b.cluster.Store(frame(0))
+	if r := b.route("/index.html"); r.Here || len(r.Usable) != 0 || len(r.Named) != 1 || r.Named[0] != b.webPool(be1) {
+		t.Errorf("be1's content, be1 out: %+v, want its web server named", r)
+	}
+}
+
 // The FE checks a BE's migrate request before it moves anything, and says
 // what is wrong with a bad one.
 func TestParseMigration(t *testing.T) {

@@ -103,12 +103,14 @@ func startBE(ctx context.Context, cfg *config.BE, secret []byte, m *metrics.Metr
 	leaving := &handoff.Leaving{}
 	b.relay = relay.New(relay.Config{
 		Pool: b.pool, MaxHeader: cfg.MaxHeader, HeadTimeout: cfg.RequestTimeout,
-		IdleTimeout: cfg.KeepAliveTimeout, Log: b.log, Forward: b.forward, Mover: newMover(b, leaving),
+		IdleTimeout: cfg.KeepAliveTimeout, Log: b.log, Route: b.route, Mover: newMover(b, leaving),
 	})
 	b.recv = &handoff.Receiver{
 		VIP: cfg.VAddr, Check: b.check, Rebuilder: rebuilder{log: b.log},
 		// An idle keep-alive connection to the web server if there is one;
-		// a new one fails fast when the server is down.
+		// a new one fails fast when the server is down. The relay looks at
+		// it again before the request goes into it: the server may close
+		// it between the offer and the commit.
 		Connect: func(ctx context.Context) (handoff.Upstream, error) { return b.pool.Get(ctx) },
 		Run: func(client *net.TCPConn, up handoff.Upstream) {
 			b.relay.Serve(client, up.(*relay.Upstream))

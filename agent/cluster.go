@@ -204,29 +204,40 @@ func (b *be) serveCluster(s *ctl.Session, f wire.Frame) {
 	s.Reply(f, ctl.AckFrame(wire.ResultOK, ""))
 }
 
-// forward is the relay's router for later requests (relay.Config.Forward):
-// with phttp = forward, a request whose rules give other BEs goes to the
-// first of them whose web server answers, then to the fallbacks; one this
-// BE holds is served here. With phttp = multi the same routing says which
-// requests move their connection, and serves one whose move failed.
-func (b *be) forward(path string) ([]*relay.Pool, bool) {
+// route is the relay's view of the FE's rules for a later request
+// (relay.Config.Route): whether the request is this BE's, the BEs that
+// take connections now in the FE's order, and every BE the rules name;
+// relay.Decide makes the plan (phttp = multi: move; forward, or a move
+// that failed: fetch from those BEs' web servers; else 503). Without the
+// FE's rules, or with phttp = single, every request is this BE's.
+func (b *be) route(path string) relay.Rules {
 	c := b.cluster.Load()
-	if c == nil || c.phttp == wire.PHTTPSingle || c.sched.Holds(path, b.cfg.RAddr) {
-		return nil, false
+	if c == nil || c.phttp == wire.PHTTPSingle {
+		return relay.Rules{Here: true}
 	}
-	r := c.sched.Route(path)
-	if len(r.BEs) == 0 {
-		return nil, false // nobody else either: serve it here
+	if c.sched.Holds(path, b.cfg.RAddr) {
+		return relay.Rules{Here: true}
 	}
-	pools := make([]*relay.Pool, 0, len(r.BEs))
-	for _, be := range r.BEs {
-		if be.Addr() == b.cfg.RAddr {
-			pools = append(pools, nil)
-			continue
-		}
-		pools = append(pools, b.webPool(be.Addr()))
+	var r relay.Rules
+	for _, be := range c.sched.Route(path).BEs {
+		r.Usable = append(r.Usable, b.poolOf(be.Addr()))
 	}
-	return pools, true
+	if len(r.Usable) > 0 {
+		return r // Named serves only when no BE named takes connections
+	}
+	for _, a := range c.sched.Named(path) {
+		r.Named = append(r.Named, b.poolOf(a))
+	}
+	return r
+}
+
+// poolOf is the pool of connections to a's web server: nil for this BE's
+// own.
+func (b *be) poolOf(a netip.Addr) *relay.Pool {
+	if a == b.cfg.RAddr {
+		return nil
+	}
+	return b.webPool(a)
 }
 
 // webPool is the pool of keep-alive connections to another BE's web

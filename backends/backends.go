@@ -225,6 +225,31 @@ func (s *Scheduler) Holds(path string, a netip.Addr) bool {
 	return false
 }
 
+// Named returns every BE the rules that match path name, in rule order,
+// each once, whether it takes connections now or not, up to the first
+// matching `local` rule (the FE's own server serves what comes to it). A
+// BE holding a connection whose next request no usable BE takes fetches
+// it from these BEs' web servers: never from one the rules do not name.
+func (s *Scheduler) Named(path string) []netip.Addr {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out []netip.Addr
+	for _, x := range s.rules {
+		if !x.Pattern.MatchString(path) {
+			continue
+		}
+		if x.Local {
+			break
+		}
+		for _, t := range x.Targets {
+			if !slices.Contains(out, t) {
+				out = append(out, t)
+			}
+		}
+	}
+	return out
+}
+
 // Errors of the operator's and registrations' requests.
 var (
 	ErrUnknownBE  = errors.New("no such BE")

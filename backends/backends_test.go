@@ -5,6 +5,7 @@ import (
 	"net/netip"
 	"reflect"
 	"regexp"
+	"slices"
 	"testing"
 	"time"
 
@@ -75,6 +76,18 @@ rule = 10.0.0.12 ^/a
 	}
 	if got := s.Route("/img/a.jpg"); !reflect.DeepEqual(got, backends.Route{Local: true}) {
 		t.Errorf("be2 unavailable: %+v", got)
+	}
+	// Named lists the BEs the matching rules name, usable or not, up to
+	// the first matching local rule.
+	for path, want := range map[string][]netip.Addr{
+		"/img/a.jpg": {be2.Addr()},             // `local ^/img/` ends the list
+		"/a.jpg":     {be2.Addr(), be1.Addr()}, // be2, out, still named; once
+		"/status":    nil,
+		"/other":     nil,
+	} {
+		if got := s.Named(path); !slices.Equal(got, want) {
+			t.Errorf("Named(%s) = %v, want %v", path, got, want)
+		}
 	}
 }
 

@@ -36,16 +36,15 @@ type Config struct {
 	// between requests.
 	IdleTimeout time.Duration
 	Log         *slog.Logger
-	// Forward, if set, routes a connection's later requests (phttp =
-	// forward): ok false serves the request here; otherwise it goes to the
-	// first of pools that gives a connection, a nil pool meaning this
-	// BE's web server, and none answers 503. The first request of a
-	// connection is always this BE's: the FE routed it here.
-	Forward func(path string) (pools []*Pool, ok bool)
-	// Mover, if set, moves a connection whose next request Forward routes
-	// to other BEs to the right BE itself, while Mover.Moving says so
-	// (phttp = multi); Forward's pools then serve only a request whose
-	// move failed.
+	// Route, if set, says what the FE's rules say of a connection's later
+	// request (phttp = forward or multi); Decide makes of it where the
+	// request goes. Unset, every request is served here. The first request
+	// of a connection is always this BE's: the FE routed it here.
+	Route func(path string) Rules
+	// Mover, if set, moves a connection whose next request belongs to
+	// other BEs to the right BE itself, while Mover.Moving says so (phttp
+	// = multi); the plan's pools then serve only a request whose move
+	// failed.
 	Mover Mover
 }
 
@@ -66,7 +65,8 @@ type Mover interface {
 type Outcome int
 
 const (
-	// Kept: still here; serve the request as Forward routes it.
+	// Kept: still here; serve the request as its Plan says (back-end
+	// forwarding, or 503).
 	Kept Outcome = iota
 	// Local: still here, and the request is this BE's after all.
 	Local
@@ -119,7 +119,10 @@ func New(cfg Config) *Relay {
 
 // Stats are a relay's counters.
 type Stats struct {
-	Active                         int
+	Active int
+	// Retries are requests that needed a second upstream connection: the
+	// first, idle before them, was found closed before they were sent, or
+	// failed before any answer (Upstream.idled).
 	Requests, Retries, BadGateways int64
 	// Moves are connections moved to another BE; MoveFailures those
 	// that stayed although their request was another BE's.
@@ -175,9 +178,11 @@ type session struct {
 	up            *Upstream
 	log           *slog.Logger
 	// retryable: the request in s.sent may be sent again; responded: the
-	// client got bytes of the current response already.
-	retryable, responded bool
-	sent                 net.Buffers
+	// client got bytes of the current response already; unchecked: s.up
+	// is the connection taken when the handoff was accepted, not looked at
+	// since.
+	retryable, responded, unchecked bool
+	sent                            net.Buffers
 
 	// For a handover: where the session is, the upstream connection a
 	// kick must interrupt, what happens after the response in flight, and
@@ -196,6 +201,12 @@ type afterBody struct {
 
 func (r *Relay) serve(client *net.TCPConn, first *Upstream) {
 	s := r.newSession(client, first)
+	if first != nil {
+		// Taken when the handoff was accepted and held since: looked at
+		// again before the request goes into it, and retried like a
+		// pooled one (Upstream.idled).
+		first.idled, s.unchecked = true, true
+	}
 	defer s.finish()
 	s.loop()
 }
@@ -275,12 +286,16 @@ func (s *session) loop() {
 			s.refuse(err)
 			return
 		}
-		out := s.move(h)
+		plan := s.plan(h.Path)
+		out := s.move(h, plan)
 		if out == Gone {
 			return
 		}
+		if out == Local {
+			plan = here
+		}
 		s.r.requests.Add(1)
-		more, err := s.exchange(h, out == Local)
+		more, err := s.exchange(h, plan)
 		s.count.Add(1)
 		if errors.Is(err, errHandedOff) {
 			return
@@ -482,9 +497,20 @@ func CloseGracefully(c *net.TCPConn, linger time.Duration) {
 	}
 }
 
-// exchange relays one request and its response. It reports whether the
-// client connection goes on to another request.
-func (s *session) exchange(h *phttp.Head, local bool) (more bool, err error) {
+// plan says where the session's next request, for path, goes: here for a
+// connection's first, and by the rules for a later one. It is made once
+// per request, as a scheduler's choice among several BEs moves on with
+// each call.
+func (s *session) plan(path string) Plan {
+	if !s.later() || s.r.cfg.Route == nil {
+		return here
+	}
+	return Decide(s.r.cfg.Route(path))
+}
+
+// exchange relays one request and its response where plan says. It
+// reports whether the client connection goes on to another request.
+func (s *session) exchange(h *phttp.Head, plan Plan) (more bool, err error) {
 	head := s.buf[s.start : s.start+h.Len]
 	s.start += h.Len
 	s.responded = false
@@ -523,20 +549,24 @@ func (s *session) exchange(h *phttp.Head, local bool) (more bool, err error) {
 		}
 	}
 	bodySent := rem == 0 && chunks == nil
-	pools, routed := []*Pool{nil}, false
-	if s.later() && !local && s.r.cfg.Forward != nil {
-		if p, ok := s.r.cfg.Forward(h.Path); ok {
-			pools, routed = p, true
-		}
+	pools, routed := []*Pool{nil}, !plan.Here
+	if routed {
+		pools = plan.Pools
 	}
 	s.routed, s.whole = routed, bodySent
 	if err := s.sendRequest(out, bodySent && idempotent(h.Method), pools); err != nil {
 		s.r.badGateway.Add(1)
-		if routed && bodySent {
-			// Content of another BE that none could serve: this request
-			// gets a 503 and the connection goes on.
+		if routed {
+			// Content of other BEs that none could serve: this request
+			// gets a 503. The connection goes on if the request is whole
+			// in hand and the client keeps it; with a body still to come
+			// it cannot.
 			s.logf().Info("forwarded request failed", "op", "forward", "path", h.Path, "err", err)
-			return h.KeepAlive && s.answerKeep(503, "no back end can serve this request now"), nil
+			if bodySent && h.KeepAlive && s.answerKeep(503, "no back end can serve this request now") {
+				return true, nil
+			}
+			s.answer(503, "no back end can serve this request now")
+			return false, nil
 		}
 		s.answer(502, "the web server is unreachable")
 		return false, err
@@ -602,15 +632,13 @@ func (s *session) step(ev conntab.Event) {
 }
 
 // move moves the connection to the BE its next request h belongs to, if
-// it is another's and connections move (phttp = multi), and says where the
-// connection is: Gone from here, or Kept (or Local, when the FE says the
-// request is this BE's after all) for the request to be served here.
-func (s *session) move(h *phttp.Head) Outcome {
+// plan says another BE takes it and connections move (phttp = multi), and
+// says where the connection is: Gone from here, or Kept (or Local, when the
+// FE says the request is this BE's after all) for the request to be served
+// from here as plan says.
+func (s *session) move(h *phttp.Head, plan Plan) Outcome {
 	m := s.r.cfg.Mover
-	if m == nil || !s.later() || s.r.cfg.Forward == nil || !m.Moving() {
-		return Kept
-	}
-	if _, ok := s.r.cfg.Forward(h.Path); !ok {
+	if m == nil || !plan.Move || !m.Moving() {
 		return Kept
 	}
 	// WILLHANDOFF: no further request is read; every response sent must
@@ -634,7 +662,7 @@ func (s *session) move(h *phttp.Head) Outcome {
 		s.r.moves.Add(1)
 		s.logf().Debug("connection moved", "op", "migrate", "path", h.Path, "acked", acked, "latency", time.Since(start))
 	case out == Kept:
-		s.logf().Info("connection not moved: serving the request from here", "op", "migrate", "path", h.Path, "err", err)
+		s.logf().Info("connection not moved: the request is fetched from its BE's web server", "op", "migrate", "path", h.Path, "err", err)
 	}
 	if out == Gone {
 		// The unserved bytes went with the connection.
@@ -717,7 +745,21 @@ func (s *session) sendRequest(out net.Buffers, retryable bool, pools []*Pool) er
 	if err := s.upstream(pools); err != nil {
 		return err
 	}
-	s.retryable = retryable && s.up.reused
+	if s.unchecked {
+		s.unchecked = false
+		if closing(s.up.Conn) {
+			// The web server closed the connection taken at the offer
+			// (its check passed then): another, from the pool or dialed.
+			// Nothing was sent; it counts as a retry.
+			s.r.retries.Add(1)
+			s.up.Close()
+			s.up = nil
+			if err := s.upstream(pools); err != nil {
+				return err
+			}
+		}
+	}
+	s.retryable = retryable && s.up.idled
 	s.sent = append(s.sent[:0], out...)
 	bufs := append(net.Buffers(nil), out...)
 	if _, err := bufs.WriteTo(s.up.Conn); err != nil {
@@ -729,10 +771,12 @@ func (s *session) sendRequest(out net.Buffers, retryable bool, pools []*Pool) er
 	return nil
 }
 
-// retry sends the request again on a new connection. A reused connection
-// that the server closed while it was idle shows only when its answer does
-// not come; a request that may be repeated (idempotent, and whole in hand)
-// is then sent once more, as HAProxy's retry-on does.
+// retry sends the request again on a new connection. A connection that
+// sat idle (pooled, or held from the offer) and that the server closed
+// meanwhile shows only when its answer does not come if the close had not
+// arrived when the session looked; a request that may be repeated
+// (idempotent, and whole in hand) is then sent once more, as HAProxy's
+// retry-on does. A new connection failing too gets 502.
 func (s *session) retry() error {
 	s.r.retries.Add(1)
 	pool := s.poolOf(s.up)
@@ -819,7 +863,7 @@ func clientSide(err error) error {
 const maxResponseHead = 16 << 10
 
 // readResponseHead reads the next response head from the web server; it
-// stays in the upstream buffer until relayed. A reused connection that
+// stays in the upstream buffer until relayed. An idled connection that
 // fails before the first byte of the answer gets the request again, once,
 // on a new connection.
 func (s *session) readResponseHead(method string) (*phttp.Head, error) {
@@ -1085,8 +1129,6 @@ func (s *session) tunnel() {
 	Pipe(s.client, up.Conn)
 }
 
-// answer sends an error response of the relay's own, if nothing of the
-// response went out yet.
 // answerKeep answers the current request with status and keeps the
 // connection open for the next; it reports whether the answer went out.
 func (s *session) answerKeep(status int, why string) bool {
@@ -1102,6 +1144,8 @@ func (s *session) answerKeep(status int, why string) bool {
 	return err == nil
 }
 
+// answer sends an error response of the relay's own, if nothing of the
+// response went out yet, saying that the connection closes.
 func (s *session) answer(status int, why string) {
 	if s.responded {
 		return

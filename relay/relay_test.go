@@ -434,18 +434,18 @@ func TestForward(t *testing.T) {
 	ln.Close()
 	t.Cleanup(dead.Close)
 	r := newRelay(t, local.addr)
-	r.cfg.Forward = func(path string) ([]*Pool, bool) {
+	r.cfg.Route = func(path string) Rules {
 		switch path {
 		case "/big":
-			return []*Pool{remote}, true
+			return Rules{Usable: []*Pool{remote}}
 		case "/echo":
-			return []*Pool{dead, remote}, true // the first BE is down: the next one
+			return Rules{Usable: []*Pool{dead, remote}} // the first BE is down: the next one
 		case "/nocontent":
-			return []*Pool{dead}, true
+			return Rules{Usable: []*Pool{dead}}
 		case "/chunked":
-			return []*Pool{remote, nil}, true // the other BE, then this one
+			return Rules{Usable: []*Pool{remote, nil}} // the other BE, then this one
 		}
-		return nil, false
+		return Rules{Here: true}
 	}
 	c := connect(t, r)
 	br := bufio.NewReader(c)
@@ -545,6 +545,13 @@ func (m *fakeMover) note(s string) {
 	}
 }
 
+// called returns the calls so far; the session's goroutine adds to them.
+func (m *fakeMover) called() []string {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return slices.Clone(m.calls)
+}
+
 func (m *fakeMover) Acked(ctx context.Context, c *net.TCPConn) error { m.note("acked"); return nil }
 
 func (m *fakeMover) Move(c *net.TCPConn, pending []byte) (Outcome, error) {
@@ -570,11 +577,11 @@ func TestMove(t *testing.T) {
 			r := newRelay(t, local.addr)
 			m := &fakeMover{outcome: tc.outcome, r: r}
 			r.cfg.Mover = m
-			r.cfg.Forward = func(path string) ([]*Pool, bool) {
+			r.cfg.Route = func(path string) Rules {
 				if path == "/big" {
-					return []*Pool{remote}, true
+					return Rules{Usable: []*Pool{remote}}
 				}
-				return nil, false
+				return Rules{Here: true}
 			}
 			c := connect(t, r)
 			br := bufio.NewReader(c)
@@ -627,3 +634,199 @@ func TestMove(t *testing.T) {
 }
 
 func (o Outcome) String() string { return [...]string{"kept", "local", "gone"}[o] }
+
+// A later request whose rules name other BEs is never served by this BE's
+// web server (issue 19): be1's agent stopped while its web server runs, and
+// be2, holding the connection, answered be1's /index.html with its own.
+// With no BE named taking connections, the request is fetched from the
+// named BE's web server without a move; a move refused, or no web server
+// answering, gets 503 and the connection goes on.
+func TestLaterRequestOfOtherBEs(t *testing.T) {
+	local, other := newWebServer(t), newWebServer(t)
+	remote := &Pool{Dial: dialer(other.addr)}
+	t.Cleanup(remote.Close)
+	ln, _ := net.Listen("tcp4", "127.0.0.1:0")
+	dead := &Pool{Dial: dialer(ln.Addr().String())}
+	ln.Close()
+	t.Cleanup(dead.Close)
+	r := newRelay(t, local.addr)
+	m := &fakeMover{outcome: Kept, r: r} // every move refused
+	r.cfg.Mover = m
+	rules := map[string]Rules{
+		"/big":         {Named: []*Pool{remote}},                      // its BE out, its web server up
+		"/echo":        {Usable: []*Pool{dead}, Named: []*Pool{dead}}, // move refused, web server down
+		"/nocontent":   {Named: []*Pool{dead}},                        // its BE out, web server down
+		"/chunked":     {},                                            // no BE named (the FE's local rule)
+		"/small":       {Here: true},                                  // this BE's
+		"/notmodified": {Named: []*Pool{nil, remote}},                 // this BE named, but out
+	}
+	r.cfg.Route = func(path string) Rules { return rules[path] }
+	c := connect(t, r)
+	br := bufio.NewReader(c)
+	if resp := get(t, c, br, "GET", "/small"); body(t, resp) != "small" {
+		t.Fatal("first request")
+	}
+	resp := get(t, c, br, "GET", "/big")
+	if got := body(t, resp); resp.StatusCode != 200 || got != string(other.big) {
+		t.Errorf("/big, its BE's agent out: %d, from the named BE's web server: %v, from this BE's: %v",
+			resp.StatusCode, got == string(other.big), got == string(local.big))
+	}
+	if calls := m.called(); len(calls) != 0 {
+		t.Errorf("a move with no BE to take the connection: %q", calls)
+	}
+	for _, path := range []string{"/echo", "/nocontent", "/chunked"} {
+		resp := get(t, c, br, "GET", path)
+		if b := body(t, resp); resp.StatusCode != 503 {
+			t.Errorf("%s: %d %q, want 503", path, resp.StatusCode, b)
+		}
+		if resp.Close {
+			t.Errorf("%s: the 503 closes the connection", path)
+		}
+	}
+	if calls := m.called(); len(calls) != 2 {
+		t.Errorf("mover calls %q, want one refused move for /echo", calls)
+	}
+	resp = get(t, c, br, "GET", "/notmodified")
+	if body(t, resp); resp.StatusCode != 304 || other.conns.Load() != 1 {
+		t.Errorf("/notmodified: %d, the named BE's web server had %d connections", resp.StatusCode, other.conns.Load())
+	}
+	if resp := get(t, c, br, "GET", "/small"); body(t, resp) != "small" {
+		t.Error("the connection afterwards")
+	}
+	if st := r.Stats(); st.MoveFailures != 1 || st.Moves != 0 {
+		t.Errorf("moves %d, failures %d; want 0, 1", st.Moves, st.MoveFailures)
+	}
+	// A client that closes after this request gets its 503 too, saying so.
+	resp = get(t, c, br, "GET", "/nocontent", "Connection: close")
+	if body(t, resp); resp.StatusCode != 503 || !resp.Close {
+		t.Errorf("/nocontent with Connection: close: %d, close %v; want 503, close", resp.StatusCode, resp.Close)
+	}
+	if _, err := br.ReadByte(); err == nil {
+		t.Error("the connection goes on after Connection: close")
+	}
+}
+
+// staleServer's first connection answers `answered` requests and then
+// closes: when told to (kill), or when the next request comes (lazy). Every
+// later connection answers all its requests.
+func staleServer(t *testing.T, answered int, lazy bool) (addr string, kill chan struct{}, conns *atomic.Int64) {
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	kill, conns = make(chan struct{}), new(atomic.Int64)
+	answer := func(br *bufio.Reader, c net.Conn) error {
+		req, err := http.ReadRequest(br)
+		if err != nil {
+			return err
+		}
+		io.Copy(io.Discard, req.Body)
+		_, err = io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+		return err
+	}
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			first := conns.Add(1) == 1
+			go func() {
+				defer c.Close()
+				br := bufio.NewReader(c)
+				if !first {
+					for answer(br, c) == nil {
+					}
+					return
+				}
+				for range answered {
+					if answer(br, c) != nil {
+						return
+					}
+				}
+				if lazy {
+					http.ReadRequest(br) // read, never answered
+					return
+				}
+				<-kill
+			}()
+		}
+	}()
+	return ln.Addr().String(), kill, conns
+}
+
+// The upstream connection taken when a handoff is accepted (the offer-time
+// check: pooled, or dialed then) may be closed by the web server before the
+// client's request comes: nginx stopping or restarting. Issue 19: clients
+// got 502 from an accepted handoff. The session looks at the connection
+// before it uses it, and a request it sent into one that failed before any
+// answer goes once more on a new connection: the client gets 200, and the
+// retry is counted.
+func TestStaleOfferTimeUpstream(t *testing.T) {
+	for _, tc := range []struct {
+		name         string
+		pooled, lazy bool
+		method       string
+	}{
+		{"dialed at the offer, closed before the request", false, false, "GET"},
+		{"dialed at the offer, closed as the request comes", false, true, "GET"},
+		{"pooled, closed before a POST", true, false, "POST"},
+		{"pooled, closed as the request comes", true, true, "GET"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			answered := 0
+			if tc.pooled {
+				answered = 1
+			}
+			addr, kill, conns := staleServer(t, answered, tc.lazy)
+			r := newRelay(t, addr)
+			pool := r.cfg.Pool
+			if tc.pooled {
+				// An earlier client leaves the connection in the pool.
+				c := connect(t, r)
+				if b := body(t, get(t, c, bufio.NewReader(c), "GET", "/")); b != "ok" {
+					t.Fatalf("earlier client: %q", b)
+				}
+				for deadline := time.Now().Add(2 * time.Second); pool.Stats().Idle != 1; time.Sleep(time.Millisecond) {
+					if time.Now().After(deadline) {
+						t.Fatal("the connection did not go back to the pool")
+					}
+				}
+			}
+			// The offer: the receiver takes the upstream connection.
+			first, err := pool.Get(context.Background())
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !tc.lazy {
+				close(kill)
+				for deadline := time.Now().Add(2 * time.Second); !closing(first.Conn); time.Sleep(time.Millisecond) {
+					if time.Now().After(deadline) {
+						t.Fatal("the server's close did not arrive")
+					}
+				}
+			}
+			// The commit: the session starts with it.
+			c, s := testnet.Accepted(t)
+			t.Cleanup(func() { c.Close() })
+			c.SetDeadline(time.Now().Add(10 * time.Second))
+			r.Serve(s, first)
+			if tc.method == "POST" {
+				fmt.Fprint(c, "POST /form HTTP/1.1\r\nHost: be\r\nContent-Length: 4\r\n\r\nbody")
+			} else {
+				fmt.Fprint(c, "GET / HTTP/1.1\r\nHost: be\r\n\r\n")
+			}
+			resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if b := body(t, resp); resp.StatusCode != 200 || b != "ok" {
+				t.Errorf("%s: %d %q, want 200 through a new connection", tc.method, resp.StatusCode, b)
+			}
+			if st := r.Stats(); st.Retries != 1 || st.BadGateways != 0 || conns.Load() != 2 {
+				t.Errorf("retries %d, bad gateways %d, server connections %d; want 1, 0, 2", st.Retries, st.BadGateways, conns.Load())
+			}
+		})
+	}
+}

@@ -19,8 +19,12 @@ type Upstream struct {
 	pool *Pool
 	// idleSince is when it went back to the pool.
 	idleSince time.Time
-	// reused says it had served a request before.
-	reused bool
+	// idled says it sat idle before its next request: back in the pool
+	// after one, or taken when a handoff was accepted and held through the
+	// commit. The web server may have closed it meanwhile (nginx stopping,
+	// restarting or timing it out), so a request that fails on it before
+	// any answer goes once more on a new connection.
+	idled bool
 }
 
 // Close discards the connection; Pool.Put returns a healthy one instead.
@@ -126,7 +130,7 @@ func (p *Pool) dial(ctx context.Context) (*Upstream, error) {
 }
 
 // Fresh dials a new connection, skipping the idle ones (a retry after a
-// reused connection turned out to be closing).
+// connection that sat idle turned out to be closing).
 func (p *Pool) Fresh(ctx context.Context) (*Upstream, error) { return p.dial(ctx) }
 
 // Put returns a connection that finished a response cleanly and may serve
@@ -136,7 +140,7 @@ func (p *Pool) Put(u *Upstream) {
 	if max <= 0 {
 		max = DefaultMaxIdle
 	}
-	u.idleSince, u.reused = time.Now(), true
+	u.idleSince, u.idled = time.Now(), true
 	p.mu.Lock()
 	if p.closed || len(p.idle) >= max || u.br.Buffered() > 0 {
 		p.mu.Unlock()

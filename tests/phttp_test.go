@@ -301,6 +301,43 @@ func testPHTTP(t *testing.T, mode string) {
 			t.Errorf("the connection afterwards: %q %v", got, err)
 		}
 	})
+
+	// Issue 19: be1's agent stopped while its nginx ran; on one
+	// connection, /img/a.jpg (be2), then /index.html (be1's rule only) was
+	// answered 200 by be2 with be2's own index, while a new connection got
+	// 503. be2 must fetch it from be1's nginx (back-end forwarding) or
+	// answer 503; never serve it itself.
+	t.Run("be1's agent down, its nginx up: its content never from be2", func(t *testing.T) {
+		before := strings.Count(c.Grep("be2", `msg="cluster rules from the FE"`), "\n")
+		if err := c.StopAgent("be1", syscall.SIGTERM); err != nil {
+			t.Fatal(err)
+		}
+		defer c.StartAgent("be1")
+		// be2 has the FE's word that be1 takes no connections.
+		deadline := time.Now().Add(10 * time.Second)
+		for strings.Count(c.Grep("be2", `msg="cluster rules from the FE"`), "\n") == before {
+			if time.Now().After(deadline) {
+				t.Fatal("be2 got no cluster frame without be1 within 10 s")
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		out, err := c.Output(context.Background(), "client", "curl", "-sS", "-w", "|%{num_connects} %{http_code} %header{x-served-by}\n",
+			"-o", "/dev/null", url+"/img/a.jpg", url+"/index.html")
+		if err != nil {
+			t.Fatal(err)
+		}
+		first, second, _ := strings.Cut(out, "\n")
+		t.Logf("curl on one connection: %q then %q", first, second)
+		if first != "|1 200 be2" {
+			t.Fatalf("/img/a.jpg: %q, want be2's on a new connection", first)
+		}
+		if second != "index from be1\n|0 200 be1\n" && !strings.Contains(second, "|0 503 ") {
+			t.Errorf("/index.html on be2's connection: %q, want be1's index (from be1's nginx) or 503", second)
+		}
+		if code, err := c.Output(context.Background(), "client", "curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", url+"/index.html"); err != nil || code != "503" {
+			t.Errorf("a new connection for /index.html: %q %v, want the FE's 503", code, err)
+		}
+	})
 }
 
 // A reload's rules reach the BEs: they route later requests by them.
