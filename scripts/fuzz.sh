@@ -11,6 +11,7 @@ targets=(
 	"./handoff/ctl FuzzHandshake"
 	"./agent FuzzParseMigration"
 	"./phttp FuzzRead"
+	"./phttp FuzzRoutePath"
 	"./phttp FuzzParseRequest"
 	"./phttp FuzzParseResponse"
 	"./phttp FuzzChunks"
