@@ -33,6 +33,10 @@ type Head struct {
 	Proto  string // "HTTP/1.1" or "HTTP/1.0"
 	// Len is the head's length, up to and including its blank line.
 	Len int
+	// Start is where a request line starts within the head: after the
+	// empty lines a client may send before it (RFC 9112 section 2.2),
+	// which a relay need not pass on.
+	Start int
 	// Body is how the body that follows the head ends; Length is its size
 	// for BodyLength.
 	Body   BodyKind
@@ -70,6 +74,13 @@ func HeadEnd(b []byte) int { return headerEnd(b) }
 // any number; a few are enough, and they count against the head's size
 // limit and its time like any byte of it.
 const maxEmptyLines = 4
+
+// OnlyEmptyLines says b is nothing but the few empty lines a request may
+// follow: a keep-alive connection that holds only those is idle.
+func OnlyEmptyLines(b []byte) bool {
+	n, err := emptyLines(b)
+	return err == nil && n == len(b)
+}
 
 // emptyLines returns the length of the empty lines (CRLF or a bare LF) at
 // the start of b, or ErrMalformed when there are more than maxEmptyLines.
@@ -111,7 +122,7 @@ func ParseRequest(b []byte) (*Head, error) {
 	if len(f) != 3 {
 		return nil, fmt.Errorf("%w: request line %q", ErrMalformed, trunc(string(line)))
 	}
-	h := &Head{Method: string(f[0]), Target: string(f[1]), Proto: string(f[2]), Len: end}
+	h := &Head{Method: string(f[0]), Target: string(f[1]), Proto: string(f[2]), Len: end, Start: skip}
 	if !isToken(h.Method) {
 		return nil, fmt.Errorf("%w: bad method %q", ErrMalformed, trunc(h.Method))
 	}

@@ -1,6 +1,7 @@
 package phttp
 
 import (
+	"bytes"
 	"errors"
 	"strings"
 	"testing"
@@ -63,6 +64,9 @@ func TestParseRequestFraming(t *testing.T) {
 		if h.Body != tc.body || h.Length != tc.length || h.KeepAlive != tc.keepAlive || h.ConnClose != tc.connClose || h.Len != len(tc.head) {
 			t.Errorf("%s: body %v/%d keepalive %v close %v len %d, want %v/%d %v %v %d",
 				tc.name, h.Body, h.Length, h.KeepAlive, h.ConnClose, h.Len, tc.body, tc.length, tc.keepAlive, tc.connClose, len(tc.head))
+		}
+		if !strings.HasPrefix(tc.head[h.Start:], h.Method+" ") {
+			t.Errorf("%s: request line at %d: %q", tc.name, h.Start, tc.head[h.Start:])
 		}
 		if line := tc.head[h.ConnLine[0]:h.ConnLine[1]]; h.ConnClose &&
 			!strings.EqualFold(line, "Connection: close\r\n") && !strings.EqualFold(line, "Connection: close\n") {
@@ -193,7 +197,10 @@ func FuzzParseRequest(f *testing.F) {
 		if h.Len <= 0 || h.Len > len(b) || h.Length < 0 || (h.Body == BodyLength) != (h.Length > 0) {
 			t.Fatalf("inconsistent head %+v for %d bytes", h, len(b))
 		}
-		if h.ConnClose && (h.ConnLine[0] <= 0 || h.ConnLine[1] > h.Len) {
+		if h.Start < 0 || h.Start >= h.Len || !bytes.HasPrefix(b[h.Start:], []byte(h.Method+" ")) {
+			t.Fatalf("request line at %d of a %d-byte head %q", h.Start, h.Len, b[:h.Len])
+		}
+		if h.ConnClose && (h.ConnLine[0] <= h.Start || h.ConnLine[1] > h.Len) {
 			t.Fatalf("connection line %v outside head of %d", h.ConnLine, h.Len)
 		}
 		if h.Body == BodyChunked {
