@@ -371,7 +371,7 @@ func (s *Server) serveLocal(c *net.TCPConn, client netip.AddrPort, req *phttp.Re
 		s.answer(c, 503, "local server unreachable")
 		return
 	}
-	if _, err := up.Write(req.Raw); err != nil {
+	if _, err := up.Write(req.Raw[req.Head.Start:]); err != nil { // without empty lines before the request line
 		up.Close()
 		c.Close()
 		return

@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"regexp"
 	"strings"
 	"sync/atomic"
 	"syscall"
@@ -310,5 +311,75 @@ func TestHandoverHeads(t *testing.T) {
 	}
 	if n := succ.reading.Load(); n != 0 {
 		t.Errorf("%d heads still counted as being read", n)
+	}
+}
+
+// nameMigrator "hands off" to the first BE of the route by answering with
+// its address, so a test sees where a request went.
+type nameMigrator struct{ fakeMigrator }
+
+func (m *nameMigrator) Migrate(_ context.Context, sock handoff.Socket, _ netip.AddrPort, _ []byte, bes []netip.AddrPort) (netip.AddrPort, error) {
+	c := sock.(repair.Socket).Conn
+	name := bes[0].Addr().String()
+	fmt.Fprintf(c, "HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s", len(name), name)
+	c.Close()
+	return bes[0], nil
+}
+
+// Issue 19: the rules see the path nginx will serve, not the target as
+// sent: a fragment, dot segments and escapes cannot pick another BE's
+// rule, and a path above the root is refused as nginx refuses it.
+func TestRoutesOnTheServedPath(t *testing.T) {
+	be := func(s string) netip.Addr { return netip.MustParseAddr(s) }
+	sched := backends.NewScheduler(backends.Table{
+		Servers: []backends.Server{{Addr: be("10.0.0.1"), Port: 666, Weight: 1},
+			{Addr: be("10.0.0.2"), Port: 666, Weight: 1}, {Addr: be("10.0.0.3"), Port: 666, Weight: 1}},
+		Rules: []backends.Rule{
+			{Targets: []netip.Addr{be("10.0.0.2")}, Pattern: regexp.MustCompile(`\.jpg$`)},
+			{Targets: []netip.Addr{be("10.0.0.3")}, Pattern: regexp.MustCompile(`^/img/`)},
+			{Targets: []netip.Addr{be("10.0.0.1")}, Pattern: regexp.MustCompile(`.*`)},
+		},
+	}, backends.Options{})
+	for _, a := range []string{"10.0.0.1", "10.0.0.2", "10.0.0.3"} {
+		if _, err := sched.Session(be(a), true); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := &Server{Config: defaults(), Route: sched.Route, Sender: &nameMigrator{},
+		Metrics: metrics.New(), Log: slog.New(slog.NewTextHandler(io.Discard, nil))}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { s.Serve(ctx, context.Background(), ln); close(done) }()
+	t.Cleanup(func() { cancel(); <-done })
+	for _, tc := range []struct {
+		target string
+		status int
+		be     string
+	}{
+		{"/index.html#.jpg", 200, "10.0.0.1"}, // nginx serves /index.html
+		{"/x/../img/a.jpg", 200, "10.0.0.2"},  // /img/a.jpg
+		{"/x/../img/a.png", 200, "10.0.0.3"},  // /img/a.png
+		{"/img/../secret", 200, "10.0.0.1"},   // /secret
+		{"/img/%2e%2e/secret", 200, "10.0.0.1"},
+		{"//img//a.png", 200, "10.0.0.3"},
+		{"/a.jpg?x", 200, "10.0.0.2"},
+		{"/a.jpg%3F", 200, "10.0.0.1"}, // nginx's $uri is "/a.jpg?"
+		{"http://www.example.com/img/a.png", 200, "10.0.0.3"},
+		{"/../img/a.png", 400, ""},
+	} {
+		resp, body, err := request(t, ln.Addr().String(), "GET "+tc.target+" HTTP/1.1\r\nHost: x\r\n\r\n")
+		if err != nil || resp.StatusCode != tc.status || tc.be != "" && body != tc.be {
+			t.Errorf("%s: %v %q %v, want %d from %s", tc.target, resp, body, err, tc.status, tc.be)
+		}
+	}
+	// RFC 9112 section 2.2: an empty line before the request line is
+	// ignored.
+	resp, body, err := request(t, ln.Addr().String(), "\r\nGET /img/a.png HTTP/1.1\r\nHost: x\r\n\r\n")
+	if err != nil || resp.StatusCode != 200 || body != "10.0.0.3" {
+		t.Errorf("after an empty line: %v %q %v", resp, body, err)
 	}
 }

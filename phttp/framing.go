@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
-	"net/url"
 	"strconv"
 )
 
@@ -26,11 +25,18 @@ func (k BodyKind) String() string {
 // Head is one request or response head.
 type Head struct {
 	// Request line (Status == 0) or status line.
-	Method, Target, Path string
-	Status               int
-	Proto                string // "HTTP/1.1" or "HTTP/1.0"
+	Method, Target string
+	// Path is what the rules match: the target's path as nginx routes on
+	// it (RoutePath); the target itself for CONNECT and `OPTIONS *`.
+	Path   string
+	Status int
+	Proto  string // "HTTP/1.1" or "HTTP/1.0"
 	// Len is the head's length, up to and including its blank line.
 	Len int
+	// Start is where a request line starts within the head: after the
+	// empty lines a client may send before it (RFC 9112 section 2.2),
+	// which a relay need not pass on.
+	Start int
 	// Body is how the body that follows the head ends; Length is its size
 	// for BodyLength.
 	Body   BodyKind
@@ -62,41 +68,80 @@ var (
 // blank line, or 0 if b does not hold a whole head yet.
 func HeadEnd(b []byte) int { return headerEnd(b) }
 
-// ParseRequest parses the request head at the start of b. It returns
+// maxEmptyLines is how many empty lines a request may follow. RFC 9112
+// section 2.2: a server SHOULD ignore at least one empty line (CRLF) before
+// a request-line, which a client may send after a POST body. nginx ignores
+// any number; a few are enough, and they count against the head's size
+// limit and its time like any byte of it.
+const maxEmptyLines = 4
+
+// OnlyEmptyLines says b is nothing but the few empty lines a request may
+// follow: a keep-alive connection that holds only those is idle.
+func OnlyEmptyLines(b []byte) bool {
+	n, err := emptyLines(b)
+	return err == nil && n == len(b)
+}
+
+// emptyLines returns the length of the empty lines (CRLF or a bare LF) at
+// the start of b, or ErrMalformed when there are more than maxEmptyLines.
+func emptyLines(b []byte) (int, error) {
+	n := 0
+	for lines := 0; ; lines++ {
+		var l int
+		switch {
+		case bytes.HasPrefix(b[n:], []byte("\r\n")):
+			l = 2
+		case bytes.HasPrefix(b[n:], []byte("\n")):
+			l = 1
+		default:
+			return n, nil
+		}
+		if lines == maxEmptyLines {
+			return 0, fmt.Errorf("%w: more than %d empty lines before the request line", ErrMalformed, maxEmptyLines)
+		}
+		n += l
+	}
+}
+
+// ParseRequest parses the request head at the start of b, after at most
+// maxEmptyLines empty lines, which count in its Len. It returns
 // ErrIncomplete when b holds no whole head, ErrMalformed or ErrFraming (both
 // answered 400) when the head is bad.
 func ParseRequest(b []byte) (*Head, error) {
-	end := headerEnd(b)
+	skip, err := emptyLines(b)
+	if err != nil {
+		return nil, err
+	}
+	end := headerEnd(b[skip:])
 	if end == 0 {
 		return nil, ErrIncomplete
 	}
-	line, rest := firstLine(b[:end])
+	end += skip
+	line, rest := firstLine(b[skip:end])
 	f := bytes.Split(line, []byte{' '})
 	if len(f) != 3 {
 		return nil, fmt.Errorf("%w: request line %q", ErrMalformed, trunc(string(line)))
 	}
-	h := &Head{Method: string(f[0]), Target: string(f[1]), Proto: string(f[2]), Len: end}
+	h := &Head{Method: string(f[0]), Target: string(f[1]), Proto: string(f[2]), Len: end, Start: skip}
 	if !isToken(h.Method) {
 		return nil, fmt.Errorf("%w: bad method %q", ErrMalformed, trunc(h.Method))
 	}
 	if h.Proto != "HTTP/1.1" && h.Proto != "HTTP/1.0" {
 		return nil, fmt.Errorf("%w: protocol %q (want HTTP/1.0 or HTTP/1.1)", ErrMalformed, trunc(h.Proto))
 	}
-	if h.Method == "CONNECT" {
+	switch {
+	case h.Method == "CONNECT":
 		h.Path = h.Target
-	} else {
-		u, err := url.ParseRequestURI(h.Target)
-		if err != nil || h.Target == "*" && h.Method != "OPTIONS" {
-			return nil, fmt.Errorf("%w: target %q", ErrMalformed, trunc(h.Target))
+	case h.Target == "*" && h.Method == "OPTIONS":
+		h.Path = h.Target
+	default:
+		p, err := RoutePath(h.Target)
+		if err != nil {
+			return nil, err
 		}
-		if u != nil {
-			h.Path = u.Path
-		}
-		if h.Path == "" {
-			h.Path = "/"
-		}
+		h.Path = p
 	}
-	fl, err := scanFields(rest, len(line)+lineEndLen(b, len(line)))
+	fl, err := scanFields(rest, skip+len(line)+lineEndLen(b[skip:], len(line)))
 	if err != nil {
 		return nil, err
 	}

@@ -1,6 +1,7 @@
 package phttp
 
 import (
+	"bytes"
 	"errors"
 	"strings"
 	"testing"
@@ -39,6 +40,14 @@ func TestParseRequestFraming(t *testing.T) {
 		{"NUL in value", "GET /a HTTP/1.1\r\nX: a\x00b\r\n\r\n", 0, 0, false, false, ErrMalformed},
 		{"HTTP/2 line", "GET /a HTTP/2\r\n\r\n", 0, 0, false, false, ErrMalformed},
 		{"incomplete", "GET /a HTTP/1.1\r\nHost: x\r\n", 0, 0, false, false, ErrIncomplete},
+		// RFC 9112 section 2.2: empty lines before a request line are
+		// ignored, a few of them, and are part of the head.
+		{"after CRLF", "\r\nGET /a HTTP/1.1\r\nConnection: close\r\n\r\n", BodyNone, 0, false, true, nil},
+		{"after bare LF", "\nGET /a HTTP/1.1\nConnection: close\n\n", BodyNone, 0, false, true, nil},
+		{"after four empty lines", "\r\n\n\r\n\nPOST /a HTTP/1.1\r\nContent-Length: 2\r\n\r\n", BodyLength, 2, true, false, nil},
+		{"after five empty lines", "\r\n\r\n\r\n\r\n\r\nGET /a HTTP/1.1\r\n\r\n", 0, 0, false, false, ErrMalformed},
+		{"empty lines only", "\r\n\r\n", 0, 0, false, false, ErrIncomplete},
+		{"empty line and a half", "\r\n\r", 0, 0, false, false, ErrIncomplete},
 	}
 	for _, tc := range cases {
 		h, err := ParseRequest([]byte(tc.head + "NEXT"))
@@ -56,7 +65,11 @@ func TestParseRequestFraming(t *testing.T) {
 			t.Errorf("%s: body %v/%d keepalive %v close %v len %d, want %v/%d %v %v %d",
 				tc.name, h.Body, h.Length, h.KeepAlive, h.ConnClose, h.Len, tc.body, tc.length, tc.keepAlive, tc.connClose, len(tc.head))
 		}
-		if h.ConnClose && !strings.EqualFold(tc.head[h.ConnLine[0]:h.ConnLine[1]], "Connection: close\r\n") {
+		if !strings.HasPrefix(tc.head[h.Start:], h.Method+" ") {
+			t.Errorf("%s: request line at %d: %q", tc.name, h.Start, tc.head[h.Start:])
+		}
+		if line := tc.head[h.ConnLine[0]:h.ConnLine[1]]; h.ConnClose &&
+			!strings.EqualFold(line, "Connection: close\r\n") && !strings.EqualFold(line, "Connection: close\n") {
 			t.Errorf("%s: Connection line at %v is %q", tc.name, h.ConnLine, tc.head[h.ConnLine[0]:h.ConnLine[1]])
 		}
 	}
@@ -184,7 +197,10 @@ func FuzzParseRequest(f *testing.F) {
 		if h.Len <= 0 || h.Len > len(b) || h.Length < 0 || (h.Body == BodyLength) != (h.Length > 0) {
 			t.Fatalf("inconsistent head %+v for %d bytes", h, len(b))
 		}
-		if h.ConnClose && (h.ConnLine[0] <= 0 || h.ConnLine[1] > h.Len) {
+		if h.Start < 0 || h.Start >= h.Len || !bytes.HasPrefix(b[h.Start:], []byte(h.Method+" ")) {
+			t.Fatalf("request line at %d of a %d-byte head %q", h.Start, h.Len, b[:h.Len])
+		}
+		if h.ConnClose && (h.ConnLine[0] <= h.Start || h.ConnLine[1] > h.Len) {
 			t.Fatalf("connection line %v outside head of %d", h.ConnLine, h.Len)
 		}
 		if h.Body == BodyChunked {

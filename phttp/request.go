@@ -17,7 +17,7 @@ import (
 type Request struct {
 	Method string
 	Target string // as sent: origin-form "/a?b" or absolute-form "http://h/a"
-	Path   string // the URL path the rules match, without the query
+	Path   string // the path the rules match (RoutePath): decoded, normalised, no query
 	Proto  string
 	// Raw is every byte read from the connection, header and any body bytes
 	// that arrived with it, in order.
@@ -60,8 +60,7 @@ func ReadFrom(r io.Reader, prefix []byte, limit int) (*Request, []byte, error) {
 	buf := make([]byte, 0, min(limit, max(4096, len(prefix))))
 	buf = append(buf, prefix...)
 	for {
-		if end := headerEnd(buf); end > 0 {
-			req, err := parse(buf, end)
+		if req, err := parse(buf); !errors.Is(err, ErrIncomplete) {
 			return req, buf, err
 		}
 		if len(buf) >= limit {
@@ -79,9 +78,8 @@ func ReadFrom(r io.Reader, prefix []byte, limit int) (*Request, []byte, error) {
 		n, err := r.Read(buf[len(buf):cap(buf)])
 		buf = buf[:len(buf)+n]
 		if err != nil {
-			if end := headerEnd(buf); end > 0 {
-				req, err := parse(buf, end)
-				return req, buf, err
+			if req, perr := parse(buf); !errors.Is(perr, ErrIncomplete) {
+				return req, buf, perr
 			}
 			if len(buf) > 0 && errors.Is(err, io.EOF) {
 				return nil, buf, fmt.Errorf("%w: connection closed inside the header", ErrMalformed)
@@ -107,6 +105,11 @@ func headerEnd(b []byte) int {
 }
 
 func checkPrefix(b []byte) error {
+	skip, err := emptyLines(b)
+	if err != nil {
+		return err
+	}
+	b = b[skip:]
 	line := b
 	if i := bytes.IndexByte(b, '\n'); i >= 0 {
 		line = b[:i]
@@ -122,12 +125,14 @@ func checkPrefix(b []byte) error {
 	return nil
 }
 
-func parse(buf []byte, end int) (*Request, error) {
-	h, err := ParseRequest(buf[:end])
+// parse parses the head at the start of buf, ErrIncomplete while there is
+// no whole head.
+func parse(buf []byte) (*Request, error) {
+	h, err := ParseRequest(buf)
 	if err != nil {
 		return nil, err
 	}
-	return &Request{Method: h.Method, Target: h.Target, Path: h.Path, Proto: h.Proto, Raw: buf, HeaderLen: end, Head: h}, nil
+	return &Request{Method: h.Method, Target: h.Target, Path: h.Path, Proto: h.Proto, Raw: buf, HeaderLen: h.Len, Head: h}, nil
 }
 
 func isToken(s string) bool {

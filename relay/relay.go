@@ -364,6 +364,11 @@ func (s *session) readHead() (*phttp.Head, error) {
 		return nil, s.exportIdle()
 	}
 	idleUntil := time.Now().Add(s.r.cfg.IdleTimeout)
+	if s.start < s.end && phttp.OnlyEmptyLines(s.buf[s.start:s.end]) {
+		// The CRLF some clients send after a body (RFC 9112 section 2.2)
+		// does not start a request: the connection is idle, not slow.
+		s.start = s.end
+	}
 	if s.start == s.end {
 		s.start, s.end = 0, 0
 		if s.buf == nil {
@@ -517,11 +522,12 @@ func (s *session) exchange(h *phttp.Head, plan Plan) (more bool, err error) {
 	// The request's bytes toward the web server. `Connection: close` is
 	// hop-by-hop (RFC 9110 section 7.6.1): dropped, it leaves the upstream
 	// connection reusable; the relay closes the client's connection itself
-	// once the response is through.
-	out := net.Buffers{head}
+	// once the response is through. Empty lines before the request line
+	// are left out: the web server need not be as tolerant as we are.
+	out := net.Buffers{head[h.Start:]}
 	upKeep := h.KeepAlive || h.Proto == "HTTP/1.1" && h.ConnClose
 	if !h.KeepAlive && upKeep {
-		out = net.Buffers{head[:h.ConnLine[0]], head[h.ConnLine[1]:]}
+		out = net.Buffers{head[h.Start:h.ConnLine[0]], head[h.ConnLine[1]:]}
 	}
 	if h.Upgrade {
 		upKeep = false

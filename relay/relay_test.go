@@ -211,6 +211,38 @@ func TestPipelined(t *testing.T) {
 	}
 }
 
+// RFC 9112 section 2.2: empty lines before a keep-alive client's next
+// request (one after a POST body, as old clients send) are ignored, and
+// not passed on: Go's net/http, the web server here, tolerates only four
+// bytes of them.
+func TestEmptyLinesBeforeRequests(t *testing.T) {
+	w := newWebServer(t)
+	r := newRelay(t, w.addr)
+	c := connect(t, r)
+	br := bufio.NewReader(c)
+	fmt.Fprint(c, "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc\r\n")
+	if resp, err := http.ReadResponse(br, nil); err != nil || body(t, resp) != "abc" {
+		t.Fatalf("POST: %v %v", resp, err)
+	}
+	// Quiet for longer than the head timeout: an idle connection, not a
+	// slow request.
+	time.Sleep(r.cfg.HeadTimeout + 300*time.Millisecond)
+	if b := body(t, get(t, c, br, "GET", "/small")); b != "small" {
+		t.Errorf("after a CRLF: %q", b)
+	}
+	fmt.Fprint(c, "\r\n\n\r\n\nGET /small HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil || resp.StatusCode != 200 || body(t, resp) != "small" || !resp.Close {
+		t.Fatalf("after four empty lines, with Connection: close: %v %v", resp, err)
+	}
+	if got := w.lastReq.Load().(string); got != "|false" {
+		t.Errorf("the web server saw Connection %q", got)
+	}
+	if w.conns.Load() != 1 {
+		t.Errorf("the web server saw %d connections, want 1", w.conns.Load())
+	}
+}
+
 func TestRequestBodies(t *testing.T) {
 	w := newWebServer(t)
 	r := newRelay(t, w.addr)

@@ -12,6 +12,7 @@ targets=(
 	"./handoff/ctl FuzzHandshake"
 	"./agent FuzzParseMigration"
 	"./phttp FuzzRead"
+	"./phttp FuzzRoutePath"
 	"./phttp FuzzParseRequest"
 	"./phttp FuzzParseResponse"
 	"./phttp FuzzChunks"

@@ -187,6 +187,24 @@ func TestCluster(t *testing.T) {
 		}
 	})
 
+	// Issue 19: the rules see the path nginx serves, with no fragment and
+	// no dot segments, so a request cannot take a path to another rule's
+	// BE. getFrom sends the target as it is (curl drops a fragment).
+	t.Run("rules see the path nginx serves", func(t *testing.T) {
+		for path, want := range map[string]string{
+			"/index.html#.jpg":         "200 be1", // was be2, serving its own index
+			"/local/../index.html":     "200 be1", // was the FE's local node
+			"/local/%2e%2e/index.html": "200 be1",
+			"/x/../img/a.jpg":          "200 be2",
+			"//img//a.jpg?v=1":         "200 be2",
+			"/../index.html":           "400 ", // above the root: the FE answers as nginx would
+		} {
+			if got, err := getFrom(c, 0, path); err != nil || got != want {
+				t.Errorf("%s: got %q %v, want %q", path, got, err, want)
+			}
+		}
+	})
+
 	t.Run("20 MB response bypasses the FE", func(t *testing.T) {
 		data := make([]byte, 20<<20)
 		rand.Read(data)
@@ -221,6 +239,36 @@ func TestCluster(t *testing.T) {
 		// to be2 for /img/a.jpg.
 		if out != "1 be1\n0 be2\n" {
 			t.Errorf("got %q, want one connection served by be1, then be2", out)
+		}
+	})
+
+	// Issue 19: later requests are routed on the path nginx serves too,
+	// and may follow an empty line (RFC 9112 section 2.2), also when their
+	// connection moves to another BE with the empty line in its queue.
+	t.Run("keep-alive: empty lines and the served path", func(t *testing.T) {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		conn, err := c.Dial(ctx, "client", 0, fmt.Sprintf("%s:%d", cluster.VIP, cluster.Port))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+		conn.SetDeadline(time.Now().Add(10 * time.Second))
+		br := bufio.NewReader(conn)
+		for _, tc := range []struct{ req, want string }{
+			{"GET /index.html HTTP/1.1\r\nHost: tcpha\r\n\r\n", "be1"},
+			{"\r\nGET /index.html#.jpg HTTP/1.1\r\nHost: tcpha\r\n\r\n", "be1"},    // stays
+			{"\r\n\r\nGET /x/../img/a.jpg HTTP/1.1\r\nHost: tcpha\r\n\r\n", "be2"}, // moves
+		} {
+			io.WriteString(conn, tc.req)
+			resp, err := http.ReadResponse(br, nil)
+			if err != nil {
+				t.Fatalf("%q: %v", tc.req, err)
+			}
+			io.Copy(io.Discard, resp.Body)
+			if got := fmt.Sprintf("%d %s", resp.StatusCode, resp.Header.Get("X-Served-By")); got != "200 "+tc.want {
+				t.Errorf("%q: got %q, want 200 from %s", tc.req, got, tc.want)
+			}
 		}
 	})
 
