@@ -32,9 +32,7 @@ func TestCarryOverFresh(t *testing.T) {
 	if err := Apply(next, rs2); err != nil {
 		t.Fatal(err)
 	}
-	f2 := NewFlows(conn(t, fd), rs2)
-	go f2.Run(ctx)
-	fresh, err := f2.Members(ctx, SetFresh)
+	fresh, err := NewReader(conn(t, fd), rs2).Members(SetFresh)
 	if err != nil {
 		t.Fatal(err)
 	}

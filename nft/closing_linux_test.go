@@ -18,13 +18,13 @@ func TestForwardClearsStaleClosing(t *testing.T) {
 	_, f, ctx := startFlows(t, fd)
 	k := netip.MustParseAddrPort("10.0.0.10:40000")
 	privtest.In(t, ns, "nft", "add", "element", "ip", "tcpha", "closing", "{ 10.0.0.10 . 40000 }")
-	if m, err := f.Members(ctx, SetClosing); err != nil || len(m) != 1 {
+	if m, err := NewReader(conn(t, fd), f.rs).Members(SetClosing); err != nil || len(m) != 1 {
 		t.Fatalf("the stale mark was not set: %v %v", m, err)
 	}
 	if err := f.Forward(ctx, k, netip.MustParseAddr("10.0.0.11"), false); err != nil {
 		t.Fatal(err)
 	}
-	if m, err := f.Members(ctx, SetClosing); err != nil || len(m) != 0 {
+	if m, err := NewReader(conn(t, fd), f.rs).Members(SetClosing); err != nil || len(m) != 0 {
 		t.Errorf("closing after a new connection's forwarding: %v %v", m, err)
 	}
 }
