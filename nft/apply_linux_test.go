@@ -2,6 +2,7 @@ package nft
 
 import (
 	"context"
+	"fmt"
 	"net/netip"
 	"os"
 	"regexp"
@@ -11,6 +12,7 @@ import (
 	"time"
 
 	"github.com/google/nftables"
+	"golang.org/x/sys/unix"
 
 	"tcpha/internal/privtest"
 )
@@ -84,9 +86,48 @@ func TestGoldenRulesets(t *testing.T) {
 	}
 }
 
+// removal is how a flow owner removes an element that may be missing.
+type removal struct {
+	name    string
+	destroy bool // force the add-then-delete when false
+}
+
+// removals are both ways: as the owner's probe found (on this kernel, 6.18,
+// NFT_MSG_DESTROYSETELEM), and the add-then-delete of kernels before 6.3,
+// forced so that it too runs against a real kernel. Tests of edits that may
+// remove a missing element run once each way.
+var removals = []removal{{"as-probed", true}, {"add-then-delete", false}}
+
+// eachRemoval runs fn as a subtest per removal, each in a namespace of its
+// own.
+func eachRemoval(t *testing.T, fn func(t *testing.T, ns string, fd int, m removal)) {
+	for _, m := range removals {
+		t.Run(m.name, func(t *testing.T) {
+			ns, fd := privtest.NetNS(t)
+			fn(t, ns, fd, m)
+		})
+	}
+}
+
+// kernelAtLeast tells whether the running kernel's release is at least
+// major.minor.
+func kernelAtLeast(t testing.TB, major, minor int) bool {
+	var u unix.Utsname
+	if err := unix.Uname(&u); err != nil {
+		t.Fatal(err)
+	}
+	rel := unix.ByteSliceToString(u.Release[:])
+	var ma, mi int
+	if _, err := fmt.Sscanf(rel, "%d.%d", &ma, &mi); err != nil {
+		t.Fatalf("kernel release %q: %v", rel, err)
+	}
+	return ma > major || ma == major && mi >= minor
+}
+
 // startFlows installs the sample FE table in the namespace fd and runs a
-// flow owner on it until the test ends.
-func startFlows(t *testing.T, fd int) (*Ruleset, *Flows, context.Context) {
+// flow owner on it until the test ends, removing elements as m says.
+func startFlows(t *testing.T, fd int, m removal) (*Ruleset, *Flows, context.Context) {
+	t.Helper()
 	rs := FE(sampleFE)
 	if err := Apply(conn(t, fd), rs); err != nil {
 		t.Fatal(err)
@@ -94,120 +135,148 @@ func startFlows(t *testing.T, fd int) (*Ruleset, *Flows, context.Context) {
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
 	f := NewFlows(conn(t, fd), rs)
+	// The probe must tell the truth: NFT_MSG_DESTROYSETELEM came with 6.3.
+	if want := kernelAtLeast(t, 6, 3); f.Destroy() != want {
+		t.Fatalf("the probe says NFT_MSG_DESTROYSETELEM is there: %v, want %v on this kernel", f.Destroy(), want)
+	}
+	if !m.destroy {
+		f.destroy = false // before Run, which reads it
+	}
 	go f.Run(ctx)
 	return rs, f, ctx
 }
 
 func TestFlows(t *testing.T) {
-	ns, fd := privtest.NetNS(t)
-	_, f, ctx := startFlows(t, fd)
+	eachRemoval(t, func(t *testing.T, ns string, fd int, m removal) {
+		_, f, ctx := startFlows(t, fd, m)
 
-	be := netip.MustParseAddr("10.0.0.11")
-	flows := make([]netip.AddrPort, 50)
-	var wg sync.WaitGroup
-	for i := range flows {
-		flows[i] = netip.AddrPortFrom(netip.MustParseAddr("10.0.0.10"), uint16(40000+i))
+		be := netip.MustParseAddr("10.0.0.11")
+		flows := make([]netip.AddrPort, 50)
+		var wg sync.WaitGroup
+		for i := range flows {
+			flows[i] = netip.AddrPortFrom(netip.MustParseAddr("10.0.0.10"), uint16(40000+i))
+			wg.Add(1)
+			go func(k netip.AddrPort) {
+				defer wg.Done()
+				if err := f.Forward(ctx, k, be, false); err != nil {
+					t.Error(err)
+				}
+			}(flows[i])
+		}
+		// A bad request in the middle must fail alone, not abort the others.
+		bad := netip.MustParseAddrPort("10.0.0.10:1")
 		wg.Add(1)
-		go func(k netip.AddrPort) {
+		go func() {
 			defer wg.Done()
-			if err := f.Forward(ctx, k, be, false); err != nil {
-				t.Error(err)
+			if err := f.Unforward(ctx, bad); err == nil {
+				t.Error("unforward of a flow never forwarded: no error")
 			}
-		}(flows[i])
-	}
-	// A bad request in the middle must fail alone, not abort the others.
-	bad := netip.MustParseAddrPort("10.0.0.10:1")
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		if err := f.Unforward(ctx, bad); err == nil {
-			t.Error("unforward of a flow never forwarded: no error")
-		}
-	}()
-	wg.Wait()
-	sets := NewReader(conn(t, fd), f.rs)
-	fwd, err := sets.Members(MapForward)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if len(fwd) != len(flows) || fwd[flows[7]] != be {
-		t.Fatalf("forward map has %d flows (want %d), flow 7 -> %v", len(fwd), len(flows), fwd[flows[7]])
-	}
-	// One element's look-up: there, and not there (ENOENT is an answer).
-	if in, err := sets.Has(MapForward, flows[7]); err != nil || !in {
-		t.Errorf("Has(forward, flow 7) = %v, %v", in, err)
-	}
-	if in, err := sets.Has(SetAlive, flows[7]); err != nil || in {
-		t.Errorf("Has(alive, flow 7) = %v, %v before any packet", in, err)
-	}
-	// The packet path marks flows alive; their forwarding's end removes
-	// the mark with it (issue 19: marks outlived their flows by 15 min).
-	mark := conn(t, fd)
-	for _, k := range flows {
-		if err := mark.SetAddElements(f.rs.Set(SetAlive), []nftables.SetElement{{Key: Key(k)}}); err != nil {
+		}()
+		wg.Wait()
+		sets := NewReader(conn(t, fd), f.rs)
+		fwd, err := sets.Members(MapForward)
+		if err != nil {
 			t.Fatal(err)
 		}
-	}
-	if err := mark.Flush(); err != nil {
-		t.Fatal(err)
-	}
-	if in, err := sets.Has(SetAlive, flows[7]); err != nil || !in {
-		t.Errorf("Has(alive, flow 7) = %v, %v after marking", in, err)
-	}
-	// This kernel (6.18) has NFT_MSG_DESTROYSETELEM (FACTS.md).
-	if !f.Destroy() {
-		t.Error("element removals do not use NFT_MSG_DESTROYSETELEM")
-	}
-	if err := f.Forward(ctx, flows[0], netip.MustParseAddr("10.0.0.12"), true); err != nil {
-		t.Fatalf("replace: %v", err)
-	}
-	for _, k := range flows {
-		if err := f.Unforward(ctx, k); err != nil {
+		if len(fwd) != len(flows) || fwd[flows[7]] != be {
+			t.Fatalf("forward map has %d flows (want %d), flow 7 -> %v", len(fwd), len(flows), fwd[flows[7]])
+		}
+		// One element's look-up: there, and not there (ENOENT is an answer).
+		if in, err := sets.Has(MapForward, flows[7]); err != nil || !in {
+			t.Errorf("Has(forward, flow 7) = %v, %v", in, err)
+		}
+		if in, err := sets.Has(SetAlive, flows[7]); err != nil || in {
+			t.Errorf("Has(alive, flow 7) = %v, %v before any packet", in, err)
+		}
+		// The packet path marks flows alive; their forwarding's end removes
+		// the mark with it (issue 19: marks outlived their flows by 15 min).
+		mark := conn(t, fd)
+		for _, k := range flows {
+			if err := mark.SetAddElements(f.rs.Set(SetAlive), []nftables.SetElement{{Key: Key(k)}}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := mark.Flush(); err != nil {
 			t.Fatal(err)
 		}
-	}
-	for _, set := range []string{"map forward", "set alive", "set closing"} {
-		kind, name, _ := strings.Cut(set, " ")
-		if out := privtest.In(t, ns, "nft", "list", kind, "ip", "tcpha", name); strings.Contains(out, "10.0.0.10") {
-			t.Errorf("%s not empty after every flow's forwarding ended:\n%s", set, out)
+		if in, err := sets.Has(SetAlive, flows[7]); err != nil || !in {
+			t.Errorf("Has(alive, flow 7) = %v, %v after marking", in, err)
 		}
-	}
+		// A new connection on a forwarded port replaces the forwarding;
+		// the replaced one may be gone already (the reaper), and so may
+		// what the reaper removes.
+		be2 := netip.MustParseAddr("10.0.0.12")
+		gone := netip.MustParseAddrPort("10.0.0.10:2")
+		if err := f.Forward(ctx, flows[0], be2, true); err != nil {
+			t.Fatalf("replace: %v", err)
+		}
+		if err := f.Forward(ctx, gone, be2, true); err != nil {
+			t.Fatalf("replace of a forwarding already gone: %v", err)
+		}
+		if err := f.Remove(ctx, gone, nil); err != nil {
+			t.Fatalf("remove: %v", err)
+		}
+		if err := f.Remove(ctx, gone, nil); err != nil {
+			t.Fatalf("remove of a flow already gone: %v", err)
+		}
+		fwd, err = sets.Members(MapForward)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if fwd[flows[0]] != be2 || len(fwd) != len(flows) {
+			t.Fatalf("after the replace: flow 0 -> %v (want %v), %d flows (want %d)", fwd[flows[0]], be2, len(fwd), len(flows))
+		}
+		for _, k := range flows {
+			if err := f.Unforward(ctx, k); err != nil {
+				t.Fatal(err)
+			}
+		}
+		for _, set := range []string{"map forward", "set alive", "set closing"} {
+			kind, name, _ := strings.Cut(set, " ")
+			if out := privtest.In(t, ns, "nft", "list", kind, "ip", "tcpha", name); strings.Contains(out, "10.0.0.10") {
+				t.Errorf("%s not empty after every flow's forwarding ended:\n%s", set, out)
+			}
+		}
+	})
 }
 
 // A restarted agent carries its predecessor's forwarding into the new table
 // in the same transaction that replaces it.
 func TestCarryOver(t *testing.T) {
-	_, fd := privtest.NetNS(t)
-	rs, f, ctx := startFlows(t, fd)
-	a := netip.MustParseAddrPort("10.0.0.10:1000")
-	b := netip.MustParseAddrPort("10.0.0.10:1001")
-	be := netip.MustParseAddr("10.0.0.11")
-	for _, k := range []netip.AddrPort{a, b} {
-		f.Forward(ctx, k, be, false)
-	}
+	eachRemoval(t, func(t *testing.T, ns string, fd int, m removal) {
+		rs, f, ctx := startFlows(t, fd, m)
+		a := netip.MustParseAddrPort("10.0.0.10:1000")
+		b := netip.MustParseAddrPort("10.0.0.10:1001")
+		be := netip.MustParseAddr("10.0.0.11")
+		for _, k := range []netip.AddrPort{a, b} {
+			if err := f.Forward(ctx, k, be, false); err != nil {
+				t.Fatal(err)
+			}
+		}
 
-	fresh := conn(t, fd)
-	carried, err := ReadCarried(fresh, rs.Table)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if !carried.Found || len(carried.Forward) != 2 || carried.Forward[a] != be {
-		t.Fatalf("carried %+v", carried)
-	}
-	carried.Closing[b] = true // as if b's FIN had been seen
-	next := FE(sampleFE)
-	next.Init = carried.Init()
-	if err := Apply(fresh, next); err != nil {
-		t.Fatal(err)
-	}
-	again, err := ReadCarried(fresh, next.Table)
-	if err != nil || len(again.Forward) != 2 || !again.Closing[b] || again.Closing[a] {
-		t.Errorf("after the carry-over: %+v, %v", again, err)
-	}
-	none, err := ReadCarried(fresh, BE(sampleBE).Table)
-	if err != nil || none.Found || len(none.Forward) != 0 {
-		t.Errorf("no table: %+v %v", none, err)
-	}
+		fresh := conn(t, fd)
+		carried, err := ReadCarried(fresh, rs.Table)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !carried.Found || len(carried.Forward) != 2 || carried.Forward[a] != be {
+			t.Fatalf("carried %+v", carried)
+		}
+		carried.Closing[b] = true // as if b's FIN had been seen
+		next := FE(sampleFE)
+		next.Init = carried.Init()
+		if err := Apply(fresh, next); err != nil {
+			t.Fatal(err)
+		}
+		again, err := ReadCarried(fresh, next.Table)
+		if err != nil || len(again.Forward) != 2 || !again.Closing[b] || again.Closing[a] {
+			t.Errorf("after the carry-over: %+v, %v", again, err)
+		}
+		none, err := ReadCarried(fresh, BE(sampleBE).Table)
+		if err != nil || none.Found || len(none.Forward) != 0 {
+			t.Errorf("no table: %+v %v", none, err)
+		}
+	})
 }
 
 // How long a handoff's forward edit takes while the reaper lists a forward

@@ -14,17 +14,18 @@ import (
 // HANDOFFED until idletimeout. Forward clears the mark even when it has no
 // earlier forwarding to replace.
 func TestForwardClearsStaleClosing(t *testing.T) {
-	ns, fd := privtest.NetNS(t)
-	_, f, ctx := startFlows(t, fd)
-	k := netip.MustParseAddrPort("10.0.0.10:40000")
-	privtest.In(t, ns, "nft", "add", "element", "ip", "tcpha", "closing", "{ 10.0.0.10 . 40000 }")
-	if m, err := NewReader(conn(t, fd), f.rs).Members(SetClosing); err != nil || len(m) != 1 {
-		t.Fatalf("the stale mark was not set: %v %v", m, err)
-	}
-	if err := f.Forward(ctx, k, netip.MustParseAddr("10.0.0.11"), false); err != nil {
-		t.Fatal(err)
-	}
-	if m, err := NewReader(conn(t, fd), f.rs).Members(SetClosing); err != nil || len(m) != 0 {
-		t.Errorf("closing after a new connection's forwarding: %v %v", m, err)
-	}
+	eachRemoval(t, func(t *testing.T, ns string, fd int, m removal) {
+		_, f, ctx := startFlows(t, fd, m)
+		k := netip.MustParseAddrPort("10.0.0.10:40000")
+		privtest.In(t, ns, "nft", "add", "element", "ip", "tcpha", "closing", "{ 10.0.0.10 . 40000 }")
+		if m, err := NewReader(conn(t, fd), f.rs).Members(SetClosing); err != nil || len(m) != 1 {
+			t.Fatalf("the stale mark was not set: %v %v", m, err)
+		}
+		if err := f.Forward(ctx, k, netip.MustParseAddr("10.0.0.11"), false); err != nil {
+			t.Fatal(err)
+		}
+		if m, err := NewReader(conn(t, fd), f.rs).Members(SetClosing); err != nil || len(m) != 0 {
+			t.Errorf("closing after a new connection's forwarding: %v %v", m, err)
+		}
+	})
 }

@@ -34,8 +34,9 @@ const (
 	editDelete
 	// editDeleteMaybe deletes an element that may be missing (expired, or
 	// never added by the packet path). A failed delete aborts the whole
-	// batch (FACTS.md), so it is a destroy where the kernel has one, and an
-	// add followed by a delete where it has not.
+	// batch (FACTS.md), so it is a destroy where the kernel has one; where
+	// it has not, an add followed by a delete in a set, and in a map a
+	// delete if a look-up finds the element (Flows.resolve).
 	editDeleteMaybe
 )
 
@@ -140,20 +141,94 @@ func (f *Flows) commit(group []*request) {
 	if len(group) == 0 {
 		return
 	}
-	for _, r := range group {
-		f.queue(r.edits)
+	queued := f.queueAll(group)
+	if len(queued) == 0 {
+		return
 	}
 	err := f.conn.Flush()
-	if err == nil || len(group) == 1 {
-		for _, r := range group {
+	if err == nil || len(queued) == 1 {
+		for _, r := range queued {
 			r.done <- err
 		}
 		return
 	}
-	for _, r := range group {
-		f.queue(r.edits)
-		r.done <- f.conn.Flush()
+	for _, r := range queued {
+		if len(f.queueAll([]*request{r})) == 1 {
+			r.done <- f.conn.Flush()
+		}
 	}
+}
+
+// queueAll queues the edits of group for one transaction and returns the
+// requests queued; one whose edits could not be resolved gets its error.
+func (f *Flows) queueAll(group []*request) []*request {
+	var (
+		queued []*request
+		in     = inBatch{}
+	)
+	for _, r := range group {
+		edits, err := f.resolve(r.edits, in)
+		if err != nil {
+			r.done <- err
+			continue
+		}
+		f.queue(edits)
+		queued = append(queued, r)
+	}
+	return queued
+}
+
+// inBatch is whether a map element will be there when the next edit of the
+// transaction runs, for the elements the transaction edits.
+type inBatch map[string]map[netip.AddrPort]bool
+
+// resolve turns the removals of map elements that may be missing into a
+// plain delete or nothing, on kernels without NFT_MSG_DESTROYSETELEM. Their
+// add-then-delete cannot serve a map: an element added without its data is
+// refused (EINVAL), and one added with other data than the element there
+// too (EEXIST). So the owner looks the element up: only it edits the
+// forward map, whose elements never expire, so the answer holds until the
+// transaction, given the edits queued before in the same one.
+func (f *Flows) resolve(edits []edit, in inBatch) ([]edit, error) {
+	if f.destroy {
+		return edits, nil
+	}
+	out := make([]edit, 0, len(edits))
+	for _, e := range edits {
+		s := f.rs.Set(e.set)
+		if !s.IsMap {
+			out = append(out, e)
+			continue
+		}
+		if in[e.set] == nil {
+			in[e.set] = map[netip.AddrPort]bool{}
+		}
+		switch e.kind {
+		case editAdd:
+			in[e.set][e.key] = true
+		case editDelete:
+			in[e.set][e.key] = false
+		case editDeleteMaybe:
+			there, known := in[e.set][e.key]
+			if !known {
+				_, err := f.conn.FindSetElements(s, []nftables.SetElement{{Key: Key(e.key)}})
+				switch {
+				case err == nil:
+					there = true
+				case errors.Is(err, unix.ENOENT):
+				default:
+					return nil, fmt.Errorf("look up %v in %s: %w", e.key, e.set, err)
+				}
+			}
+			if !there {
+				continue
+			}
+			e.kind = editDelete
+			in[e.set][e.key] = false
+		}
+		out = append(out, e)
+	}
+	return out, nil
 }
 
 func (f *Flows) queue(edits []edit) {
@@ -172,6 +247,8 @@ func (f *Flows) queue(edits []edit) {
 			if f.destroy {
 				f.conn.SetDestroyElements(s, el)
 			} else {
+				// A set element: adding it first makes the delete valid
+				// whether or not it was there (maps were resolved above).
 				f.conn.SetAddElements(s, el)
 				f.conn.SetDeleteElements(s, el)
 			}
