@@ -45,6 +45,45 @@ func Apply(c *nftables.Conn, rs *Ruleset) error {
 	return nil
 }
 
+// QueuePreference is the order in which InstallFE tries the queue modes:
+// the native expression where the kernel has nft_queue (distro kernels ship
+// it as a module), else the xtables target through nft_compat (this
+// project's kernel, FACTS.md).
+var QueuePreference = []QueueMode{QueueNative, QueueCompat}
+
+// Installed is what InstallFE put in the kernel.
+type Installed struct {
+	Ruleset *Ruleset
+	Queue   QueueMode
+	// Refused says why the modes tried before Queue were refused; nil when
+	// the first was taken.
+	Refused error
+}
+
+// InstallFE installs the FE's table for p, with init's elements (the flows
+// carried from a predecessor), using the first of modes whose rule the
+// kernel takes; p.Queue is ignored. A kernel without nft_queue refuses the
+// native expression only when the batch is committed ("no such file or
+// directory"), and the refused transaction leaves nothing behind, so the
+// next mode is tried on its own.
+func InstallFE(c *nftables.Conn, p FEParams, init map[string][]nftables.SetElement, modes []QueueMode) (Installed, error) {
+	var refused []error
+	for _, mode := range modes {
+		p.Queue = mode
+		rs := FE(p)
+		rs.Init = init
+		if err := Apply(c, rs); err != nil {
+			refused = append(refused, fmt.Errorf("with the %v: %w", mode, err))
+			continue
+		}
+		return Installed{Ruleset: rs, Queue: mode, Refused: errors.Join(refused...)}, nil
+	}
+	if len(refused) == 0 {
+		return Installed{}, errors.New("install the FE's table: no queue mode to try")
+	}
+	return Installed{}, errors.Join(refused...)
+}
+
 // Remove deletes tcpha's table of t's family, if it is there.
 func Remove(c *nftables.Conn, t *nftables.Table) error {
 	c.AddTable(t) // makes the delete valid when the table is missing
