@@ -86,6 +86,19 @@ func waitRoute(t *testing.T, s *backends.Scheduler, path string, want []netip.Ad
 	}
 }
 
+// waitFor waits up to 5 s for cond, and fails the test naming what did
+// not happen, with the FE's and the BE's logs.
+func waitFor(t *testing.T, what string, cond func() bool, feLog, beLog *testlog.Buffer) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("after 5 s still waiting for %s\nFE log:\n%s\nBE log:\n%s", what, feLog.String(), beLog.String())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
 // A BE registers with its rules, is scheduled before the file's catch-all,
 // and is taken out when it deregisters.
 func TestRegisterAndDeregister(t *testing.T) {
@@ -129,10 +142,9 @@ func TestSessionEndAndSuccessor(t *testing.T) {
 	ctx2, cancel2 := context.WithCancel(context.Background())
 	done2 := make(chan struct{})
 	go func() { succ.Run(ctx2, stay); close(done2) }()
-	deadline := time.Now().Add(5 * time.Second)
-	for strings.Count(feLog.String(), "BE registered") < 2 && time.Now().Before(deadline) {
-		time.Sleep(10 * time.Millisecond)
-	}
+	waitFor(t, "the successor's registration while the old session is up", func() bool {
+		return strings.Count(feLog.String(), "BE registered") >= 2
+	}, &feLog, &beLog)
 	cancel1()
 	<-done1
 	time.Sleep(3 * grace)
@@ -151,10 +163,9 @@ func TestWrongSecretRefused(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() { c.Run(ctx, nil); close(done) }()
-	deadline := time.Now().Add(5 * time.Second)
-	for !strings.Contains(beLog.String(), "registration failed") && time.Now().Before(deadline) {
-		time.Sleep(10 * time.Millisecond)
-	}
+	waitFor(t, "the BE to log its failed registration", func() bool {
+		return strings.Contains(beLog.String(), "registration failed")
+	}, &feLog, &beLog)
 	cancel()
 	<-done
 	if len(sched.Statuses()) != 1 {
