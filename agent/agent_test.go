@@ -11,6 +11,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"tcpha/backends"
 	"testing"
 	"testing/synctest"
 	"time"
@@ -194,7 +195,7 @@ func TestClusterOf(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if c.phttp != wire.PHTTPForward || !c.sched.Holds("/a.jpg", be2) || c.sched.Holds("/a.jpg", be1) || !c.sched.Holds("/a.html", be1) {
+	if c.phttp != wire.PHTTPForward || !c.sched.Holds(backends.Request{Path: "/a.jpg"}, be2) || c.sched.Holds(backends.Request{Path: "/a.jpg"}, be1) || !c.sched.Holds(backends.Request{Path: "/a.html"}, be1) {
 		t.Errorf("compiled cluster routes wrongly")
 	}
 	for _, bad := range [][]byte{frame(`(`, ""), frame(`x`, "fastest"), []byte{9}} {
@@ -226,14 +227,14 @@ func TestBERoute(t *testing.T) {
 	b := &be{cfg: &config.BE{RAddr: be2, RedirectPort: 80}}
 	t.Cleanup(b.closeWeb)
 	b.cluster.Store(frame(1))
-	if r := b.route("/a.jpg"); !r.Here {
+	if r := b.route("", "/a.jpg"); !r.Here {
 		t.Errorf("be2's own content: %+v", r)
 	}
-	if r := b.route("/index.html"); r.Here || len(r.Usable) != 1 || r.Usable[0] != b.webPool(be1) {
+	if r := b.route("", "/index.html"); r.Here || len(r.Usable) != 1 || r.Usable[0] != b.webPool(be1) {
 		t.Errorf("be1's content, be1 up: %+v", r)
 	}
 	b.cluster.Store(frame(0))
-	if r := b.route("/index.html"); r.Here || len(r.Usable) != 0 || len(r.Named) != 1 || r.Named[0] != b.webPool(be1) {
+	if r := b.route("", "/index.html"); r.Here || len(r.Usable) != 0 || len(r.Named) != 1 || r.Named[0] != b.webPool(be1) {
 		t.Errorf("be1's content, be1 out: %+v, want its web server named", r)
 	}
 }
@@ -251,9 +252,9 @@ func TestParseMigration(t *testing.T) {
 		}
 		return wire.Frame{Type: wire.TypeMigrate, ConnMagic: ci.ConnMagic() + uint32(magic), Payload: p}
 	}
-	ci, path, res, why := parseMigration(frame(good, 0), vip, 64)
-	if res != wire.ResultOK || path != "/img/a.jpg" || ci.Client != good.Client {
-		t.Fatalf("good request: %v %q %v %s", ci, path, res, why)
+	ci, q, res, why := parseMigration(frame(good, 0), vip, 64)
+	if res != wire.ResultOK || q != (backends.Request{Host: "x", Path: "/img/a.jpg"}) || ci.Client != good.Client {
+		t.Fatalf("good request: %v %+v %v %s", ci, q, res, why)
 	}
 	other := good
 	other.VIP = netip.MustParseAddrPort("10.0.0.101:80")
@@ -296,18 +297,18 @@ func FuzzParseMigration(f *testing.F) {
 	f.Add(p, ci.ConnMagic()+1, uint16(8))
 	f.Fuzz(func(t *testing.T, payload []byte, magic uint32, maxHeader uint16) {
 		fr := wire.Frame{Type: wire.TypeMigrate, ConnMagic: magic, Payload: payload}
-		got, path, res, why := parseMigration(fr, vip, int(maxHeader))
+		got, q, res, why := parseMigration(fr, vip, int(maxHeader))
 		if res != wire.ResultOK {
 			if why == "" {
 				t.Fatalf("%v without a reason", res)
 			}
 			return
 		}
-		if got.VIP != vip || len(got.SendQueue) > 0 || got.ConnMagic() != magic || path == "" {
-			t.Fatalf("accepted %+v, path %q", got, path)
+		if got.VIP != vip || len(got.SendQueue) > 0 || got.ConnMagic() != magic || q.Path == "" {
+			t.Fatalf("accepted %+v, request %+v", got, q)
 		}
 		h, err := phttp.ParseRequest(got.RecvQueue[:min(len(got.RecvQueue), int(maxHeader))])
-		if err != nil || h.Len > int(maxHeader) || h.Path != path {
+		if err != nil || h.Len > int(maxHeader) || h.Path != q.Path || h.Host != q.Host {
 			t.Fatalf("accepted a head of %v bytes (max %d): %v", h, maxHeader, err)
 		}
 	})

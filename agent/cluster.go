@@ -81,8 +81,11 @@ func (f *fe) clusterFrame() ([]byte, error) {
 		c.Servers = append(c.Servers, wire.ClusterServer{Addr: srv.Addr, Port: srv.Port, Weight: w})
 	}
 	for _, r := range tab.Rules {
-		c.Rules = append(c.Rules, wire.ClusterRule{Targets: r.Targets, Local: r.Local, Policy: string(r.Policy),
-			Pattern: r.Pattern.String()})
+		cr := wire.ClusterRule{Targets: r.Targets, Local: r.Local, Policy: string(r.Policy), Pattern: r.PatternString()}
+		if r.Host != nil {
+			cr.Host = r.Host.String()
+		}
+		c.Rules = append(c.Rules, cr)
 	}
 	return c.MarshalBinary()
 }
@@ -173,8 +176,15 @@ func clusterOf(p []byte) (*beCluster, error) {
 			}
 		}
 		var err error
-		if rule.Pattern, err = regexp.Compile(r.Pattern); err != nil {
-			return nil, fmt.Errorf("rule %d: %w", i+1, err)
+		if r.Pattern != "" {
+			if rule.Pattern, err = regexp.Compile(r.Pattern); err != nil {
+				return nil, fmt.Errorf("rule %d: %w", i+1, err)
+			}
+		}
+		if r.Host != "" {
+			if rule.Host, err = backends.CompileHost(r.Host); err != nil {
+				return nil, fmt.Errorf("rule %d: host: %w", i+1, err)
+			}
 		}
 		tab.Rules = append(tab.Rules, rule)
 	}
@@ -210,22 +220,23 @@ func (b *be) serveCluster(s *ctl.Session, f wire.Frame) {
 // relay.Decide makes the plan (phttp = multi: move; forward, or a move
 // that failed: fetch from those BEs' web servers; else 503). Without the
 // FE's rules, or with phttp = single, every request is this BE's.
-func (b *be) route(path string) relay.Rules {
+func (b *be) route(host, path string) relay.Rules {
+	q := backends.Request{Host: host, Path: path}
 	c := b.cluster.Load()
 	if c == nil || c.phttp == wire.PHTTPSingle {
 		return relay.Rules{Here: true}
 	}
-	if c.sched.Holds(path, b.cfg.RAddr) {
+	if c.sched.Holds(q, b.cfg.RAddr) {
 		return relay.Rules{Here: true}
 	}
 	var r relay.Rules
-	for _, be := range c.sched.Route(path).BEs {
+	for _, be := range c.sched.Route(q).BEs {
 		r.Usable = append(r.Usable, b.poolOf(be.Addr()))
 	}
 	if len(r.Usable) > 0 {
 		return r // Named serves only when no BE named takes connections
 	}
-	for _, a := range c.sched.Named(path) {
+	for _, a := range c.sched.Named(q) {
 		r.Named = append(r.Named, b.poolOf(a))
 	}
 	return r

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"tcpha/backends"
 	"time"
 
 	"tcpha/handoff"
@@ -88,12 +89,12 @@ func (f *fe) migrate(from netip.Addr, fr wire.Frame) (wire.Result, string) {
 	if wire.PHTTP(f.phttp.Load()) != wire.PHTTPMulti {
 		return wire.ResultInvalid, "phttp is not multi on this FE"
 	}
-	ci, path, res, why := parseMigration(fr, netip.AddrPortFrom(f.cfg.VAddr, f.cfg.Port), f.cfg.MaxHeader)
+	ci, q, res, why := parseMigration(fr, netip.AddrPortFrom(f.cfg.VAddr, f.cfg.Port), f.cfg.MaxHeader)
 	if res != wire.ResultOK {
 		return res, why
 	}
 	log := f.log.With("client", ci.Client.String(), "from", from.String())
-	route := f.sched.Route(path)
+	route := f.sched.Route(q)
 	if len(route.BEs) > 0 && route.BEs[0].Addr() == from {
 		return wire.ResultStay, ""
 	}
@@ -111,36 +112,36 @@ func (f *fe) migrate(from netip.Addr, fr wire.Frame) (wire.Result, string) {
 	case errors.Is(err, conntab.ErrNotForwarded):
 		return wire.ResultUnknown, err.Error()
 	case err != nil:
-		log.Info("connection not moved; its BE serves the request", "op", "migrate", "path", path, "err", err)
+		log.Info("connection not moved; its BE serves the request", "op", "migrate", "host", q.Host, "path", q.Path, "err", err)
 		return wire.ResultUpstream, err.Error()
 	}
-	log.Debug("connection moved", "op", "migrate", "path", path, "to", be.Addr().String(), "latency", time.Since(start))
+	log.Debug("connection moved", "op", "migrate", "host", q.Host, "path", q.Path, "to", be.Addr().String(), "latency", time.Since(start))
 	return wire.ResultOK, ""
 }
 
 // parseMigration checks a BE's migrate request, which names a connection
 // of the FE's VIP with nothing unacknowledged and a request head of at
 // most maxHeader bytes at the front of its receive queue, and returns the
-// connection and the request's path.
-func parseMigration(fr wire.Frame, vip netip.AddrPort, maxHeader int) (*wire.ConnInfo, string, wire.Result, string) {
+// connection and what the rules match of its request.
+func parseMigration(fr wire.Frame, vip netip.AddrPort, maxHeader int) (*wire.ConnInfo, backends.Request, wire.Result, string) {
 	var ci wire.ConnInfo
 	if err := ci.UnmarshalBinary(fr.Payload); err != nil {
-		return nil, "", wire.ResultBadFrame, err.Error()
+		return nil, backends.Request{}, wire.ResultBadFrame, err.Error()
 	}
 	switch {
 	case ci.ConnMagic() != fr.ConnMagic:
-		return nil, "", wire.ResultBadFrame, fmt.Sprintf("conn_magic %d does not match the connection's %d", fr.ConnMagic, ci.ConnMagic())
+		return nil, backends.Request{}, wire.ResultBadFrame, fmt.Sprintf("conn_magic %d does not match the connection's %d", fr.ConnMagic, ci.ConnMagic())
 	case ci.VIP != vip:
-		return nil, "", wire.ResultWrongVIP, fmt.Sprintf("connection is for %v, this FE serves %v", ci.VIP, vip)
+		return nil, backends.Request{}, wire.ResultWrongVIP, fmt.Sprintf("connection is for %v, this FE serves %v", ci.VIP, vip)
 	case len(ci.SendQueue) > 0:
-		return nil, "", wire.ResultInvalid, "send queue not empty: only connections with nothing unacknowledged move"
+		return nil, backends.Request{}, wire.ResultInvalid, "send queue not empty: only connections with nothing unacknowledged move"
 	}
 	head := ci.RecvQueue[:min(len(ci.RecvQueue), maxHeader)]
 	h, err := phttp.ParseRequest(head)
 	if err != nil {
-		return nil, "", wire.ResultInvalid, fmt.Sprintf("no request head within %d bytes at the front of the receive queue: %v", maxHeader, err)
+		return nil, backends.Request{}, wire.ResultInvalid, fmt.Sprintf("no request head within %d bytes at the front of the receive queue: %v", maxHeader, err)
 	}
-	return &ci, h.Path, wire.ResultOK, ""
+	return &ci, backends.Request{Host: h.Host, Path: h.Path}, wire.ResultOK, ""
 }
 
 // mover moves the BE's connections (relay.Mover).

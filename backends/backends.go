@@ -199,11 +199,11 @@ func (s *Scheduler) Effective() Table {
 // Holds tells whether a is a usable target of the first rule that matches
 // path and has one: a BE holding a connection serves such a request itself,
 // whichever of the rule's BEs a new connection would get.
-func (s *Scheduler) Holds(path string, a netip.Addr) bool {
+func (s *Scheduler) Holds(q Request, a netip.Addr) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for _, x := range s.rules {
-		if !x.Pattern.MatchString(path) {
+		if !x.Matches(q) {
 			continue
 		}
 		if x.Local {
@@ -230,12 +230,12 @@ func (s *Scheduler) Holds(path string, a netip.Addr) bool {
 // matching `local` rule (the FE's own server serves what comes to it). A
 // BE holding a connection whose next request no usable BE takes fetches
 // it from these BEs' web servers: never from one the rules do not name.
-func (s *Scheduler) Named(path string) []netip.Addr {
+func (s *Scheduler) Named(q Request) []netip.Addr {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	var out []netip.Addr
 	for _, x := range s.rules {
-		if !x.Pattern.MatchString(path) {
+		if !x.Matches(q) {
 			continue
 		}
 		if x.Local {
@@ -413,14 +413,14 @@ func (s *Scheduler) Statuses() []Status {
 // next. Within a rule its policy puts its choice first and the rest after,
 // for the FE to turn to when a BE refuses. A local rule first makes the
 // local node the choice; after BEs, the last resort.
-func (s *Scheduler) Route(path string) Route {
+func (s *Scheduler) Route(q Request) Route {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	var r Route
 	var seen map[netip.Addr]bool
 	var cands []netip.Addr
 	for _, x := range s.rules {
-		if !x.Pattern.MatchString(path) {
+		if !x.Matches(q) {
 			continue
 		}
 		if x.Local {
@@ -440,7 +440,7 @@ func (s *Scheduler) Route(path string) Route {
 			continue
 		}
 		if len(cands) > 1 {
-			s.order(x, cands, path)
+			s.order(x, cands, q)
 		}
 		if seen == nil {
 			seen = map[netip.Addr]bool{}
@@ -467,7 +467,7 @@ func (s *Scheduler) load(a netip.Addr) int {
 }
 
 // order puts the rule's choice among cands first. Under s.mu.
-func (s *Scheduler) order(x *rule, cands []netip.Addr, path string) {
+func (s *Scheduler) order(x *rule, cands []netip.Addr, q Request) {
 	switch x.policy {
 	case WLC:
 		s.byLoad(cands)
@@ -484,7 +484,9 @@ func (s *Scheduler) order(x *rule, cands []netip.Addr, path string) {
 		s.pick(x, cands[:n])
 	case LARD:
 		s.byLoad(cands)
-		bound, ok := s.lard[path]
+		// LARD binds content: the same path of two sites is two things.
+		key := q.Host + " " + q.Path
+		bound, ok := s.lard[key]
 		i := slices.Index(cands, bound)
 		least := cands[0]
 		switch {
@@ -503,7 +505,7 @@ func (s *Scheduler) order(x *rule, cands []netip.Addr, path string) {
 				n++
 			}
 			s.pick(x, cands[:n])
-			s.lard[path] = cands[0]
+			s.lard[key] = cands[0]
 		}
 	default:
 		s.pick(x, cands)

@@ -65,7 +65,7 @@ rule = 10.0.0.12 ^/a
 		{"/other", backends.Route{}}, // no rule matches: the FE answers 503
 	}
 	for _, tc := range cases {
-		if got := s.Route(tc.path); !reflect.DeepEqual(got, tc.want) {
+		if got := s.Route(req(tc.path)); !reflect.DeepEqual(got, tc.want) {
 			t.Errorf("%s: got %+v, want %+v", tc.path, got, tc.want)
 		}
 	}
@@ -74,7 +74,7 @@ rule = 10.0.0.12 ^/a
 	if c, _ := s.Session(be2.Addr(), false); !c.Changed || c.Available {
 		t.Errorf("losing the session: %+v", c)
 	}
-	if got := s.Route("/img/a.jpg"); !reflect.DeepEqual(got, backends.Route{Local: true}) {
+	if got := s.Route(req("/img/a.jpg")); !reflect.DeepEqual(got, backends.Route{Local: true}) {
 		t.Errorf("be2 unavailable: %+v", got)
 	}
 	// Named lists the BEs the matching rules name, usable or not, up to
@@ -85,7 +85,7 @@ rule = 10.0.0.12 ^/a
 		"/status":    nil,
 		"/other":     nil,
 	} {
-		if got := s.Named(path); !slices.Equal(got, want) {
+		if got := s.Named(req(path)); !slices.Equal(got, want) {
 			t.Errorf("Named(%s) = %v, want %v", path, got, want)
 		}
 	}
@@ -113,7 +113,7 @@ func TestRiseAndFall(t *testing.T) {
 	if c := probe(false); !c.Changed || c.Available {
 		t.Errorf("third failure: %+v", c)
 	}
-	if got := s.Route("/x"); len(got.BEs) != 0 {
+	if got := s.Route(req("/x")); len(got.BEs) != 0 {
 		t.Errorf("an unavailable BE was routed to: %+v", got)
 	}
 	if c := probe(false); c.Changed {
@@ -144,7 +144,7 @@ rule = 10.0.0.11,10.0.0.12,10.0.0.13 .*
 `, backends.Options{})
 	count := map[netip.AddrPort]int{}
 	for range 4000 {
-		r := s.Route("/x")
+		r := s.Route(req("/x"))
 		if len(r.BEs) != 2 {
 			t.Fatalf("route %+v: want both usable BEs", r)
 		}
@@ -156,14 +156,14 @@ rule = 10.0.0.11,10.0.0.12,10.0.0.13 .*
 	if err := s.SetDraining(be1.Addr(), true); err != nil {
 		t.Fatal(err)
 	}
-	if r := s.Route("/x"); !reflect.DeepEqual(r.BEs, []netip.AddrPort{be2}) {
+	if r := s.Route(req("/x")); !reflect.DeepEqual(r.BEs, []netip.AddrPort{be2}) {
 		t.Errorf("be1 draining: %+v", r)
 	}
 	s.SetDraining(be1.Addr(), false)
 	if err := s.SetWeight(be3.Addr(), 1); err != nil {
 		t.Fatal(err)
 	}
-	if r := s.Route("/x"); len(r.BEs) != 3 {
+	if r := s.Route(req("/x")); len(r.BEs) != 3 {
 		t.Errorf("be3 given a weight: %+v", r)
 	}
 	if err := s.SetWeight(be3.Addr(), -1); err == nil {
@@ -183,23 +183,23 @@ server = 10.0.0.12 777
 rule = 10.0.0.11,10.0.0.12 .*
 `, backends.Options{Live: func(a netip.Addr) int { return live[a] }})
 	live[be1.Addr()], live[be2.Addr()] = 10, 4 // 5 per weight against 4
-	if r := s.Route("/x"); r.BEs[0] != be2 {
+	if r := s.Route(req("/x")); r.BEs[0] != be2 {
 		t.Errorf("with be2 less loaded per weight: %+v", r)
 	}
 	live[be1.Addr()] = 6 // 3 per weight
-	if r := s.Route("/x"); r.BEs[0] != be1 {
+	if r := s.Route(req("/x")); r.BEs[0] != be1 {
 		t.Errorf("with be1 less loaded per weight: %+v", r)
 	}
 	// A probe reports more than this FE sees: other FEs' connections.
 	s.Probe(be1.Addr(), true, 100, "", time.Now())
-	if r := s.Route("/x"); r.BEs[0] != be2 {
+	if r := s.Route(req("/x")); r.BEs[0] != be2 {
 		t.Errorf("with be1 loaded by other FEs: %+v", r)
 	}
 	s.Probe(be1.Addr(), true, 0, "", time.Now())
 	clear(live)
 	count := map[netip.AddrPort]int{}
 	for range 300 {
-		count[s.Route("/x").BEs[0]]++
+		count[s.Route(req("/x")).BEs[0]]++
 	}
 	if count[be1] != 200 || count[be2] != 100 {
 		t.Errorf("equal loads: split %v, want 200:100", count)
@@ -208,13 +208,13 @@ rule = 10.0.0.11,10.0.0.12 .*
 	live[be1.Addr()] = 1
 	clear(count)
 	for range 300 {
-		count[s.Route("/x").BEs[0]]++
+		count[s.Route(req("/x")).BEs[0]]++
 	}
 	if count[be1] != 200 || count[be2] != 100 {
 		t.Errorf("be1 one connection ahead: split %v, want 200:100", count)
 	}
 	live[be1.Addr()] = 2
-	if r := s.Route("/x"); r.BEs[0] != be2 {
+	if r := s.Route(req("/x")); r.BEs[0] != be2 {
 		t.Errorf("be1 two connections ahead: %+v", r)
 	}
 }
@@ -234,7 +234,7 @@ rule = 10.0.0.11,10.0.0.12 scheduler=lard .*
 	for round := range 5 {
 		for i := range 200 {
 			path := fmt.Sprintf("/obj/%d", i)
-			got := s.Route(path).BEs[0]
+			got := s.Route(req(path)).BEs[0]
 			if round == 0 {
 				bound[path] = got
 				perBE[got]++
@@ -256,11 +256,11 @@ rule = 10.0.0.11,10.0.0.12 scheduler=lard .*
 			break
 		}
 	}
-	if got := s.Route(moved).BEs[0]; got != be2 {
+	if got := s.Route(req(moved)).BEs[0]; got != be2 {
 		t.Errorf("%s stayed on its overloaded BE", moved)
 	}
 	live[be1.Addr()] = 0
-	if got := s.Route(moved).BEs[0]; got != be2 {
+	if got := s.Route(req(moved)).BEs[0]; got != be2 {
 		t.Errorf("%s moved back without cause", moved)
 	}
 }
@@ -276,7 +276,7 @@ func TestRegistrationAndReload(t *testing.T) {
 		t.Fatal(err)
 	}
 	s.Session(be3.Addr(), true)
-	if r := s.Route("/v.mp4"); !reflect.DeepEqual(r.BEs, []netip.AddrPort{be3, be1}) {
+	if r := s.Route(req("/v.mp4")); !reflect.DeepEqual(r.BEs, []netip.AddrPort{be3, be1}) {
 		t.Errorf("registered rule: %+v", r)
 	}
 	if err := s.Register(backends.Registration{Server: backends.Server{Addr: be1.Addr(), Port: 666, Weight: 1}}); err == nil {
@@ -290,16 +290,16 @@ func TestRegistrationAndReload(t *testing.T) {
 	s.SetDraining(be1.Addr(), true)
 	s.SetTable(mustConfig(t, text+"server = 10.0.0.12 777\nrule = 10.0.0.12 ^/new\n").Table())
 	s.Session(be2.Addr(), true)
-	if r := s.Route("/new"); !reflect.DeepEqual(r.BEs, []netip.AddrPort{be2}) {
+	if r := s.Route(req("/new")); !reflect.DeepEqual(r.BEs, []netip.AddrPort{be2}) {
 		t.Errorf("after the reload: %+v", r)
 	}
-	if r := s.Route("/v.mp4"); !reflect.DeepEqual(r.BEs, []netip.AddrPort{be3}) {
+	if r := s.Route(req("/v.mp4")); !reflect.DeepEqual(r.BEs, []netip.AddrPort{be3}) {
 		t.Errorf("registration after the reload: %+v", r)
 	}
 	if !s.Deregister(be3.Addr()) || s.Deregister(be3.Addr()) {
 		t.Error("deregistering twice")
 	}
-	if r := s.Route("/v.mp4"); len(r.BEs) != 0 {
+	if r := s.Route(req("/v.mp4")); len(r.BEs) != 0 {
 		t.Errorf("after deregistration: %+v", r)
 	}
 	if n := len(s.Statuses()); n != 2 {
@@ -335,13 +335,62 @@ rule = 10.0.0.11,10.0.0.12 .*
 		{"/a.jpg", be2, true}, {"/a.jpg", be1, false}, {"/a.html", be1, true}, {"/a.html", be2, true},
 		{"/a.txt", be1, false},
 	} {
-		if got := s.Holds(tc.path, tc.be.Addr()); got != tc.want {
+		if got := s.Holds(req(tc.path), tc.be.Addr()); got != tc.want {
 			t.Errorf("Holds(%s, %v) = %v", tc.path, tc.be, got)
 		}
 	}
 	// be3 unusable: its rule is skipped, and .txt is the catch-all's.
 	s.SetDraining(be3.Addr(), true)
-	if !s.Holds("/a.txt", be1.Addr()) {
+	if !s.Holds(req("/a.txt"), be1.Addr()) {
 		t.Error("with be3 draining, be1 does not hold .txt")
+	}
+}
+
+func req(path string) backends.Request { return backends.Request{Path: path} }
+
+// Host rules (issue 16): whole-host, case-insensitive matches, first match
+// in file order; a host-only rule takes every path; a request without a
+// host matches no host rule; LARD keeps the same path of two sites apart.
+func TestRouteByHost(t *testing.T) {
+	s := newScheduler(t, `[fe]
+vaddr = 10.0.0.100
+server = 10.0.0.11 666
+server = 10.0.0.12 777
+server = 10.0.0.13 666
+rule = 10.0.0.12 host=img\.example\.com
+rule = 10.0.0.13 host=(www\.)?example\.com ^/api/
+rule = 10.0.0.11,10.0.0.13 scheduler=lard host=.*\.example\.org
+rule = 10.0.0.11 .*
+`, backends.Options{})
+	for _, c := range []struct {
+		host, path string
+		want       netip.AddrPort
+	}{
+		{"img.example.com", "/index.html", be2},
+		{"IMG.Example.COM", "/a.jpg", be2},
+		{"img.example.com.evil", "/a.jpg", be1}, // whole host only
+		{"evilimg.example.com", "/a.jpg", be1},
+		{"example.com", "/api/x", be3},
+		{"www.example.com", "/api/x", be3},
+		{"www.example.com", "/index.html", be1}, // host matches, path does not
+		{"", "/api/x", be1},                     // no host: no host rule
+	} {
+		r := s.Route(backends.Request{Host: c.host, Path: c.path})
+		if len(r.BEs) == 0 || r.BEs[0] != c.want {
+			t.Errorf("%s %s: %+v, want %v first", c.host, c.path, r.BEs, c.want)
+		}
+	}
+	if !s.Holds(backends.Request{Host: "img.example.com", Path: "/x"}, be2.Addr()) ||
+		s.Holds(backends.Request{Host: "www.example.com", Path: "/x"}, be2.Addr()) {
+		t.Error("Holds does not follow the host")
+	}
+	if got := s.Named(backends.Request{Host: "a.example.org", Path: "/"}); !slices.Equal(got, []netip.Addr{be1.Addr(), be3.Addr()}) {
+		t.Errorf("Named: %v", got)
+	}
+	// LARD binds /p of one site and /p of another separately.
+	a := s.Route(backends.Request{Host: "a.example.org", Path: "/p"}).BEs[0]
+	b := s.Route(backends.Request{Host: "b.example.org", Path: "/p"}).BEs[0]
+	if a == b {
+		t.Errorf("the same path of two sites went to one BE (%v): LARD keyed by path alone", a)
 	}
 }

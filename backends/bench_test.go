@@ -19,7 +19,7 @@ func BenchmarkRoute(b *testing.B) {
 	s := newScheduler(b, conf.String(), backends.Options{})
 	b.ReportAllocs()
 	for b.Loop() {
-		if len(s.Route("/img/photos/2026/a.jpg").BEs) != 1 {
+		if len(s.Route(req("/img/photos/2026/a.jpg")).BEs) != 1 {
 			b.Fatal("no candidate")
 		}
 	}

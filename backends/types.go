@@ -1,6 +1,7 @@
 package backends
 
 import (
+	"errors"
 	"fmt"
 	"net/netip"
 	"regexp"
@@ -21,12 +22,15 @@ func (s Server) AddrPort() netip.AddrPort { return netip.AddrPortFrom(s.Addr, s.
 // MaxWeight bounds a server's weight.
 const MaxWeight = 10000
 
-// Rule is one `rule = TARGETS [scheduler=POLICY] PATTERN` line: the BEs a
-// request whose path matches Pattern may go to, or the FE's local node
-// (seed 4.7) when Local is set and Targets is empty.
+// Rule is one `rule = TARGETS [scheduler=POLICY] [host=HOST] [PATTERN]`
+// line: the BEs a request whose host matches Host and whose path matches
+// Pattern may go to, or the FE's local node (seed 4.7) when Local is set
+// and Targets is empty. A nil Host matches every request, a nil Pattern
+// every path.
 type Rule struct {
 	Targets []netip.Addr
 	Local   bool
+	Host    *HostPattern
 	Pattern *regexp.Regexp
 	// Policy picks among several targets; empty: the table's.
 	Policy Policy
@@ -84,3 +88,54 @@ type Registration struct {
 	Server Server
 	Rules  []Rule
 }
+
+// Request is what rules match: the host (phttp.RouteHost; the SNI of a TLS
+// connection) and the path as the web server will see it (phttp.RoutePath).
+type Request struct {
+	Host, Path string
+}
+
+// Matches tells whether the rule takes q.
+func (r Rule) Matches(q Request) bool {
+	if r.Host != nil && !r.Host.Match(q.Host) {
+		return false
+	}
+	return r.Pattern == nil || r.Pattern.MatchString(q.Path)
+}
+
+// PatternString is the rule's path pattern as written, "" for a rule
+// without one.
+func (r Rule) PatternString() string {
+	if r.Pattern == nil {
+		return ""
+	}
+	return r.Pattern.String()
+}
+
+// HostPattern is a rule's `host=` regular expression. Unlike a path
+// pattern it must match the whole host, case-insensitively:
+// `host=example\.com` would otherwise also take evilexample.com.attacker,
+// and names are case-insensitive (RFC 4343).
+type HostPattern struct {
+	text string
+	re   *regexp.Regexp
+}
+
+// CompileHost compiles a `host=` pattern.
+func CompileHost(text string) (*HostPattern, error) {
+	if text == "" {
+		return nil, errors.New("empty host pattern")
+	}
+	re, err := regexp.Compile(`(?i)^(?:` + text + `)$`)
+	if err != nil {
+		return nil, err
+	}
+	return &HostPattern{text: text, re: re}, nil
+}
+
+// Match tells whether host matches; a request without a host matches no
+// host pattern.
+func (h *HostPattern) Match(host string) bool { return host != "" && h.re.MatchString(host) }
+
+// String is the pattern as written.
+func (h *HostPattern) String() string { return h.text }

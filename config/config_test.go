@@ -162,7 +162,11 @@ func TestParseErrors(t *testing.T) {
 		{"integer out of range", be + "dregister = 2\n", 6, "be", "dregister", "whole number from 0 to 1"},
 		{"bad duration", fe + "requesttimeout = soon\nrule = local .*\n", 4, "fe", "requesttimeout", "duration"},
 		{"bad regexp", fe + "rule = 10.0.0.11 (unclosed\n", 4, "fe", "rule", "bad regular expression"},
-		{"rule without pattern", fe + "rule = 10.0.0.11\n", 4, "fe", "rule", "want `rule = TARGET PATTERN`"},
+		{"rule without pattern", fe + "rule = 10.0.0.11\n", 4, "fe", "rule", "want `rule = TARGET [host=HOST] PATTERN`"},
+		{"bad host pattern", fe + "rule = 10.0.0.11 host=(img .*\n", 4, "fe", "rule", "bad host pattern \"(img\""},
+		{"empty host pattern", fe + "rule = 10.0.0.11 host= .*\n", 4, "fe", "rule", "bad host pattern"},
+		{"host given twice", fe + "rule = 10.0.0.11 host=a host=b\n", 4, "fe", "rule", "host= given twice"},
+		{"BE rule with host", be + "dregister = 1\nrule = 10.0.0.11 host=a .*\n", 7, "be", "rule", "host= is for the FE's rules"},
 		{"rule names undeclared server", fe + "rule = 10.0.0.99 .*\n", 4, "fe", "rule", "not declared"},
 		{"rule target not an address", fe + "rule = be1 .*\n", 4, "fe", "rule", "not an IPv4 address, a list of them"},
 		{"rule list names undeclared server", fe + "rule = 10.0.0.11,10.0.0.12 .*\n", 4, "fe", "rule", "10.0.0.12 is not declared"},
@@ -249,6 +253,38 @@ rule = 10.0.0.12,10.0.0.11 .*
 	}
 	if fe.Rise != 2 || fe.Fall != 3 {
 		t.Errorf("rise %d fall %d", fe.Rise, fe.Fall)
+	}
+}
+
+// Host rules: host= before or after scheduler=, with or without a path
+// pattern (issue 16).
+func TestHostRules(t *testing.T) {
+	c, err := Parse("t.conf", []byte(`[global]
+secret = s
+[fe]
+vaddr = 10.0.0.100
+server = 10.0.0.11 666
+server = 10.0.0.12 666
+rule = 10.0.0.12 host=img\.example\.com
+rule = 10.0.0.11,10.0.0.12 host=(www\.)?example\.com scheduler=wlc ^/api/ x
+rule = 10.0.0.11 scheduler=lard host=.*\.example\.org \.html$
+rule = 10.0.0.11 .*
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := c.FE.Rules
+	if r[0].Host.String() != `img\.example\.com` || r[0].Pattern != nil {
+		t.Errorf("host-only rule: %+v", r[0])
+	}
+	if r[1].Host.String() != `(www\.)?example\.com` || r[1].Policy != backends.WLC || r[1].Pattern.String() != "^/api/ x" {
+		t.Errorf("host, scheduler, pattern: %+v", r[1])
+	}
+	if r[2].Host.String() != `.*\.example\.org` || r[2].Policy != backends.LARD || r[2].Pattern.String() != `\.html$` {
+		t.Errorf("scheduler, host, pattern: %+v", r[2])
+	}
+	if r[3].Host != nil {
+		t.Errorf("path-only rule has a host: %+v", r[3])
 	}
 }
 

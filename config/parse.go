@@ -490,11 +490,13 @@ func (v *section) server(val string, nth int) backends.Server {
 	return srv
 }
 
-// rules parses `rule = TARGETS [scheduler=POLICY] PATTERN` lines. TARGETS
-// is one address, several separated by commas, or local; the pattern is the
-// rest of the line after them, so it may contain spaces, '#' and ';'
-// (though a '#' or ';' after a space starts a comment). On the FE (fe true)
-// every target must be a declared server or local.
+// rules parses `rule = TARGETS [scheduler=POLICY] [host=HOST] [PATTERN]`
+// lines. TARGETS is one address, several separated by commas, or local;
+// the options may come in either order; the pattern is the rest of the
+// line after them, so it may contain spaces, '#' and ';' (though a '#' or
+// ';' after a space starts a comment). A rule needs a host, a pattern or
+// both. On the FE (fe true) every target must be a declared server or
+// local.
 func (v *section) rules(key string, servers []backends.Server, fe bool) []backends.Rule {
 	var out []backends.Rule
 	for i, val := range v.all(key) {
@@ -503,25 +505,49 @@ func (v *section) rules(key string, servers []backends.Server, fe bool) []backen
 		targets, pat, ok := strings.Cut(val, " ")
 		pat = strings.TrimSpace(pat)
 		r := backends.Rule{Line: line}
-		if p, ok := strings.CutPrefix(pat, "scheduler="); ok && fe {
-			name, rest, _ := strings.Cut(p, " ")
-			policy, err := backends.ParsePolicy(name)
-			if err != nil {
-				v.fail(key, line, err.Error())
+		for fe {
+			opt, rest, _ := strings.Cut(pat, " ")
+			name, arg, isOpt := strings.Cut(opt, "=")
+			if !isOpt || (name != "scheduler" && name != "host") {
+				break
+			}
+			switch {
+			case name == "scheduler" && r.Policy == "":
+				policy, err := backends.ParsePolicy(arg)
+				if err != nil {
+					v.fail(key, line, err.Error())
+					return nil
+				}
+				r.Policy = policy
+			case name == "host" && r.Host == nil:
+				h, err := backends.CompileHost(arg)
+				if err != nil {
+					v.fail(key, line, fmt.Sprintf("bad host pattern %q: %v", arg, err))
+					return nil
+				}
+				r.Host = h
+			default:
+				v.fail(key, line, fmt.Sprintf("%s= given twice", name))
 				return nil
 			}
-			r.Policy, pat = policy, strings.TrimSpace(rest)
+			pat = strings.TrimSpace(rest)
 		}
-		if !ok || pat == "" {
-			v.fail(key, line, fmt.Sprintf("%q: want `rule = TARGET PATTERN`", val))
+		if !fe && strings.HasPrefix(pat, "host=") {
+			v.fail(key, line, "host= is for the FE's rules; a BE's own rule matches paths only")
 			return nil
 		}
-		re, err := regexp.Compile(pat)
-		if err != nil {
-			v.fail(key, line, fmt.Sprintf("bad regular expression %q: %v", pat, err))
+		if !ok || (pat == "" && r.Host == nil) {
+			v.fail(key, line, fmt.Sprintf("%q: want `rule = TARGET [host=HOST] PATTERN`", val))
 			return nil
 		}
-		r.Pattern = re
+		if pat != "" {
+			re, err := regexp.Compile(pat)
+			if err != nil {
+				v.fail(key, line, fmt.Sprintf("bad regular expression %q: %v", pat, err))
+				return nil
+			}
+			r.Pattern = re
+		}
 		if targets == "local" && fe {
 			r.Local = true
 			out = append(out, r)

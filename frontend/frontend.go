@@ -53,7 +53,7 @@ type Migrator interface {
 // Server serves the VIP's clients.
 type Server struct {
 	Config  Config
-	Route   func(path string) backends.Route
+	Route   func(q backends.Request) backends.Route
 	Sender  Migrator
 	Metrics *metrics.Metrics
 	Log     *slog.Logger
@@ -292,7 +292,7 @@ func (s *Server) serve(ctx context.Context, c *net.TCPConn, client netip.AddrPor
 	}
 	defer func() { <-s.slots }()
 
-	route := s.Route(req.Path)
+	route := s.Route(backends.Request{Host: req.Host, Path: req.Path})
 	local := route.Local
 	if len(route.BEs) > 0 {
 		start := time.Now()

@@ -57,7 +57,7 @@ func newRig(t *testing.T, cfg Config, route backends.Route) *rig {
 		t.Fatal(err)
 	}
 	m := &fakeMigrator{}
-	s := &Server{Config: cfg, Route: func(string) backends.Route { return route }, Sender: m,
+	s := &Server{Config: cfg, Route: func(backends.Request) backends.Route { return route }, Sender: m,
 		Metrics: metrics.New(), Log: slog.New(slog.NewTextHandler(io.Discard, nil))}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
@@ -255,7 +255,7 @@ func TestHandoverHeads(t *testing.T) {
 	}
 	newServer := func() (*Server, *fakeMigrator) {
 		m := &fakeMigrator{}
-		return &Server{Config: defaults(), Route: func(string) backends.Route { return toBE() }, Sender: m,
+		return &Server{Config: defaults(), Route: func(backends.Request) backends.Route { return toBE() }, Sender: m,
 			Metrics: metrics.New(), Log: slog.New(slog.NewTextHandler(io.Discard, nil))}, m
 	}
 	old, oldM := newServer()

@@ -28,7 +28,11 @@ type Head struct {
 	Method, Target string
 	// Path is what the rules match: the target's path as nginx routes on
 	// it (RoutePath); the target itself for CONNECT and `OPTIONS *`.
-	Path   string
+	Path string
+	// Host is what `host=` rules match (RouteHost): the target's authority
+	// or the Host header, lowercase, without port or trailing dot; empty
+	// without one.
+	Host   string
 	Status int
 	Proto  string // "HTTP/1.1" or "HTTP/1.0"
 	// Len is the head's length, up to and including its blank line.
@@ -148,6 +152,20 @@ func ParseRequest(b []byte) (*Head, error) {
 	if err := fl.frame(h, true, ""); err != nil {
 		return nil, err
 	}
+	// A second Host could route one way here and another at the web
+	// server: 400, as RFC 9112 section 3.2 requires.
+	if len(fl.host) > 1 {
+		return nil, fmt.Errorf("%w: %d Host headers", ErrMalformed, len(fl.host))
+	}
+	var header string
+	if len(fl.host) == 1 {
+		header = fl.host[0]
+	}
+	if h.Method != "CONNECT" {
+		if h.Host, err = RouteHost(h.Target, header); err != nil {
+			return nil, err
+		}
+	}
 	return h, nil
 }
 
@@ -203,6 +221,7 @@ type fields struct {
 	connLine         [2]int
 	upgrade          bool
 	expectContinue   bool
+	host             []string
 }
 
 // scanFields reads the header lines in rest (which starts at offset off in
@@ -245,6 +264,8 @@ func scanFields(rest []byte, off int) (*fields, error) {
 			fl.connLine = [2]int{start, pos}
 		case equalFold(name, "upgrade"):
 			fl.upgrade = true
+		case equalFold(name, "host"):
+			fl.host = append(fl.host, string(value))
 		case equalFold(name, "expect"):
 			fl.expectContinue = equalFold(value, "100-continue")
 		}

@@ -185,7 +185,7 @@ func TestChunksRejects(t *testing.T) {
 }
 
 func FuzzParseRequest(f *testing.F) {
-	for _, s := range []string{"GET / HTTP/1.1\r\nHost: x\r\n\r\n", "POST /a HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello",
+	for _, s := range []string{"GET / HTTP/1.1\r\nHost: x\r\n\r\n", "GET http://a.B:1/ HTTP/1.1\r\nHost: WWW.x.:80\r\n\r\n", "POST /a HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello",
 		"POST /a HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", "GET /a HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"} {
 		f.Add([]byte(s))
 	}
@@ -202,6 +202,15 @@ func FuzzParseRequest(f *testing.F) {
 		}
 		if h.ConnClose && (h.ConnLine[0] <= h.Start || h.ConnLine[1] > h.Len) {
 			t.Fatalf("connection line %v outside head of %d", h.ConnLine, h.Len)
+		}
+		// The host rules see: lowercase, no port, no trailing dot, and
+		// the same host when asked again.
+		if h.Host != strings.ToLower(h.Host) || strings.HasSuffix(h.Host, ".") ||
+			(strings.Contains(h.Host, ":") && !strings.HasPrefix(h.Host, "[")) {
+			t.Fatalf("host %q", h.Host)
+		}
+		if again, err := RouteHost("/", h.Host); h.Host != "" && (err != nil || again != h.Host) {
+			t.Fatalf("host %q routes again as %q, %v", h.Host, again, err)
 		}
 		if h.Body == BodyChunked {
 			var c Chunks

@@ -18,6 +18,7 @@ type Request struct {
 	Method string
 	Target string // as sent: origin-form "/a?b" or absolute-form "http://h/a"
 	Path   string // the path the rules match (RoutePath): decoded, normalised, no query
+	Host   string // the host `host=` rules match (RouteHost): lowercase, no port
 	Proto  string
 	// Raw is every byte read from the connection, header and any body bytes
 	// that arrived with it, in order.
@@ -132,7 +133,7 @@ func parse(buf []byte) (*Request, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Request{Method: h.Method, Target: h.Target, Path: h.Path, Proto: h.Proto, Raw: buf, HeaderLen: h.Len, Head: h}, nil
+	return &Request{Method: h.Method, Target: h.Target, Path: h.Path, Host: h.Host, Proto: h.Proto, Raw: buf, HeaderLen: h.Len, Head: h}, nil
 }
 
 func isToken(s string) bool {

@@ -75,7 +75,7 @@ func waitRoute(t *testing.T, s *backends.Scheduler, path string, want []netip.Ad
 	t.Helper()
 	deadline := time.Now().Add(5 * time.Second)
 	for {
-		got := s.Route(path).BEs
+		got := s.Route(backends.Request{Path: path}).BEs
 		if reflect.DeepEqual(got, want) {
 			return
 		}

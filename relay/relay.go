@@ -40,7 +40,7 @@ type Config struct {
 	// request (phttp = forward or multi); Decide makes of it where the
 	// request goes. Unset, every request is served here. The first request
 	// of a connection is always this BE's: the FE routed it here.
-	Route func(path string) Rules
+	Route func(host, path string) Rules
 	// Mover, if set, moves a connection whose next request belongs to
 	// other BEs to the right BE itself, while Mover.Moving says so (phttp
 	// = multi); the plan's pools then serve only a request whose move
@@ -286,7 +286,7 @@ func (s *session) loop() {
 			s.refuse(err)
 			return
 		}
-		plan := s.plan(h.Path)
+		plan := s.plan(h.Host, h.Path)
 		out := s.move(h, plan)
 		if out == Gone {
 			return
@@ -506,11 +506,11 @@ func CloseGracefully(c *net.TCPConn, linger time.Duration) {
 // connection's first, and by the rules for a later one. It is made once
 // per request, as a scheduler's choice among several BEs moves on with
 // each call.
-func (s *session) plan(path string) Plan {
+func (s *session) plan(host, path string) Plan {
 	if !s.later() || s.r.cfg.Route == nil {
 		return here
 	}
-	return Decide(s.r.cfg.Route(path))
+	return Decide(s.r.cfg.Route(host, path))
 }
 
 // exchange relays one request and its response where plan says. It

@@ -466,7 +466,7 @@ func TestForward(t *testing.T) {
 	ln.Close()
 	t.Cleanup(dead.Close)
 	r := newRelay(t, local.addr)
-	r.cfg.Route = func(path string) Rules {
+	r.cfg.Route = func(_, path string) Rules {
 		switch path {
 		case "/big":
 			return Rules{Usable: []*Pool{remote}}
@@ -609,7 +609,7 @@ func TestMove(t *testing.T) {
 			r := newRelay(t, local.addr)
 			m := &fakeMover{outcome: tc.outcome, r: r}
 			r.cfg.Mover = m
-			r.cfg.Route = func(path string) Rules {
+			r.cfg.Route = func(_, path string) Rules {
 				if path == "/big" {
 					return Rules{Usable: []*Pool{remote}}
 				}
@@ -692,7 +692,7 @@ func TestLaterRequestOfOtherBEs(t *testing.T) {
 		"/small":       {Here: true},                                  // this BE's
 		"/notmodified": {Named: []*Pool{nil, remote}},                 // this BE named, but out
 	}
-	r.cfg.Route = func(path string) Rules { return rules[path] }
+	r.cfg.Route = func(_, path string) Rules { return rules[path] }
 	c := connect(t, r)
 	br := bufio.NewReader(c)
 	if resp := get(t, c, br, "GET", "/small"); body(t, resp) != "small" {

@@ -56,8 +56,17 @@ type ClusterRule struct {
 	Targets []netip.Addr
 	Local   bool   // the FE's local node
 	Policy  string // empty: the default
+	// Host is the rule's `host=` pattern as written; empty: every host.
+	// Pattern is its path pattern; empty (only with a Host): every path.
+	Host    string
 	Pattern string
 }
+
+// Rule flags.
+const (
+	ruleLocal = 1 << iota
+	ruleHost  // a host pattern follows the path pattern
+)
 
 // Bounds of a Cluster payload.
 const (
@@ -92,12 +101,15 @@ func (c Cluster) MarshalBinary() ([]byte, error) {
 	b = binary.BigEndian.AppendUint16(b, uint16(len(c.Rules)))
 	for _, r := range c.Rules {
 		if len(r.Targets) > MaxRuleTargets || len(r.Policy) > maxPolicyName ||
-			len(r.Pattern) == 0 || len(r.Pattern) > MaxRegisterPattern {
-			return nil, fmt.Errorf("%w: rule %q", ErrFormat, r.Pattern)
+			(len(r.Pattern) == 0 && r.Host == "") || len(r.Pattern) > MaxRegisterPattern || len(r.Host) > MaxRegisterPattern {
+			return nil, fmt.Errorf("%w: rule host %q path %q", ErrFormat, r.Host, r.Pattern)
 		}
 		var flags byte
 		if r.Local {
-			flags = 1
+			flags |= ruleLocal
+		}
+		if r.Host != "" {
+			flags |= ruleHost
 		}
 		b = append(b, flags, byte(len(r.Policy)))
 		b = append(b, r.Policy...)
@@ -111,6 +123,10 @@ func (c Cluster) MarshalBinary() ([]byte, error) {
 		}
 		b = binary.BigEndian.AppendUint16(b, uint16(len(r.Pattern)))
 		b = append(b, r.Pattern...)
+		if r.Host != "" {
+			b = binary.BigEndian.AppendUint16(b, uint16(len(r.Host)))
+			b = append(b, r.Host...)
+		}
 	}
 	return b, nil
 }
@@ -143,10 +159,10 @@ func (c *Cluster) UnmarshalBinary(b []byte) error {
 	for range n {
 		flags := d.u8()
 		pol := d.take(int(d.u8()))
-		if d.err == nil && (flags&^1 != 0 || len(pol) > maxPolicyName) {
+		if d.err == nil && (flags&^(ruleLocal|ruleHost) != 0 || len(pol) > maxPolicyName) {
 			return fmt.Errorf("%w: rule flags 0x%02x, policy of %d bytes", ErrFormat, flags, len(pol))
 		}
-		r := ClusterRule{Local: flags&1 != 0, Policy: string(pol)}
+		r := ClusterRule{Local: flags&ruleLocal != 0, Policy: string(pol)}
 		for range d.u8() {
 			a := d.take(4)
 			if d.err != nil {
@@ -155,10 +171,17 @@ func (c *Cluster) UnmarshalBinary(b []byte) error {
 			r.Targets = append(r.Targets, netip.AddrFrom4([4]byte(a)))
 		}
 		l := d.u16()
-		if d.err == nil && (l == 0 || l > MaxRegisterPattern) {
+		if d.err == nil && ((l == 0 && flags&ruleHost == 0) || l > MaxRegisterPattern) {
 			return fmt.Errorf("%w: pattern of %d bytes", ErrFormat, l)
 		}
 		r.Pattern = string(d.take(int(l)))
+		if flags&ruleHost != 0 {
+			l := d.u16()
+			if d.err == nil && (l == 0 || l > MaxRegisterPattern) {
+				return fmt.Errorf("%w: host pattern of %d bytes", ErrFormat, l)
+			}
+			r.Host = string(d.take(int(l)))
+		}
 		if d.err != nil {
 			return d.err
 		}

@@ -382,7 +382,9 @@ func TestClusterRoundTrip(t *testing.T) {
 	c := Cluster{PHTTP: PHTTPForward, Policy: "wlc",
 		Servers: []ClusterServer{{Addr: be1, Port: 666, Weight: 3}, {Addr: be2, Port: 777, Weight: 1}},
 		Rules: []ClusterRule{{Targets: []netip.Addr{be2}, Pattern: `\.jpg$`},
-			{Targets: []netip.Addr{be1, be2}, Policy: "lard", Pattern: `\.html$`}, {Local: true, Pattern: ".*"}}}
+			{Targets: []netip.Addr{be1, be2}, Policy: "lard", Pattern: `\.html$`},
+			{Targets: []netip.Addr{be2}, Host: `img\.example`},
+			{Targets: []netip.Addr{be1}, Host: `www\.example`, Pattern: `^/api/`}, {Local: true, Pattern: ".*"}}}
 	b, err := c.MarshalBinary()
 	if err != nil {
 		t.Fatal(err)
@@ -403,6 +405,17 @@ func TestClusterRoundTrip(t *testing.T) {
 		}
 	}
 	if _, err := (Cluster{Rules: []ClusterRule{{Pattern: ""}}}).MarshalBinary(); err == nil {
-		t.Error("an empty pattern was encoded")
+		t.Error("a rule without host or pattern was encoded")
+	}
+	// A host flag without its host, and a path-less rule without a host.
+	noHost := []byte{0, 0, 0, 0, 0, 1, ruleHost, 0, 0, 0, 1, 'x'}
+	noPath := []byte{0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0}
+	for name, bad := range map[string][]byte{"host flag, no host": noHost, "no host, no path": noPath} {
+		if err := got.UnmarshalBinary(bad); err == nil {
+			t.Errorf("%s: accepted", name)
+		}
+	}
+	if err := got.UnmarshalBinary(append(noHost, 0, 1, 'h')); err != nil || got.Rules[0].Host != "h" {
+		t.Errorf("host rule: %+v %v", got, err)
 	}
 }
