@@ -886,8 +886,10 @@ func (s *session) readResponseHead(method string) (*phttp.Head, error) {
 		s.r.badGateway.Add(1)
 		if s.routed && s.whole && !s.responded {
 			s.logf().Info("forwarded request failed", "op", "forward", "err", err)
-			s.up.Close()
-			s.up = nil
+			if s.up != nil { // nil: a failed retry dropped it already
+				s.up.Close()
+				s.up = nil
+			}
 			if s.answerKeep(503, "no back end can serve this request now") {
 				return nil, errAnsweredKeep
 			}
