@@ -568,6 +568,11 @@ func (s *session) exchange(h *phttp.Head, plan Plan) (more bool, err error) {
 			// in hand and the client keeps it; with a body still to come
 			// it cannot.
 			s.logf().Info("forwarded request failed", "op", "forward", "path", h.Path, "err", err)
+			if s.up != nil {
+				// The connection the request failed on: no use to the next.
+				s.up.Close()
+				s.up = nil
+			}
 			if bodySent && h.KeepAlive && s.answerKeep(503, "no back end can serve this request now") {
 				return true, nil
 			}
