@@ -56,6 +56,14 @@ func (s *session) enterBody() {
 	s.phase.Store(phaseBody)
 }
 
+// leaveBody ends the body phase. The upstream connection is forgotten as
+// well: back in the pool it may serve another session, which a kick (a
+// handover's, or Reset's) must not interrupt.
+func (s *session) leaveBody() {
+	s.phase.Store(phaseWork)
+	s.kickUp.Store(nil)
+}
+
 // exportIdle gives the session up between requests.
 func (s *session) exportIdle() error {
 	st := State{}

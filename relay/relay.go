@@ -1018,7 +1018,7 @@ func (s *session) relayLength(out net.Buffers, headLen int, n int64) error {
 // two reads and exports what is left.
 func (s *session) relayRest(rem int64) error {
 	s.enterBody()
-	defer s.phase.Store(phaseWork)
+	defer s.leaveBody()
 	for rem != 0 {
 		if s.r.handing.Load() {
 			return s.exportBody(rem, nil)
@@ -1088,7 +1088,7 @@ func (s *session) relayChunks(out net.Buffers, headLen int, c *phttp.Chunks) err
 	skip := headLen // the head's bytes, still at the front of the buffer
 	if skip == 0 {
 		s.enterBody()
-		defer s.phase.Store(phaseWork)
+		defer s.leaveBody()
 	}
 	for {
 		if skip == 0 && s.r.handing.Load() {
@@ -1119,7 +1119,7 @@ func (s *session) relayChunks(out net.Buffers, headLen int, c *phttp.Chunks) err
 			// The head is out: from here the body can go to a successor.
 			out, skip = nil, 0
 			s.enterBody()
-			defer s.phase.Store(phaseWork)
+			defer s.leaveBody()
 		}
 	}
 }

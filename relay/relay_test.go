@@ -862,3 +862,65 @@ func TestStaleOfferTimeUpstream(t *testing.T) {
 		})
 	}
 }
+
+// Reset ends its own client's session only: the upstream connection that
+// session relayed a body from went back to the pool after it, and another
+// session may be relaying a response on it when the first one's client is
+// reset. Reset used to close that connection too (the kick for a session
+// in a body was never cleared), cutting the other client's response short.
+func TestResetSparesAnotherSessionsUpstream(t *testing.T) {
+	gate := make(chan struct{})
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	var conns atomic.Int64
+	srv := &http.Server{Handler: http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) {
+		// The rest of the body comes after the head: the session relays it
+		// in its body phase.
+		rw.Header().Set("Content-Length", "10")
+		io.WriteString(rw, "hello")
+		rw.(http.Flusher).Flush()
+		if r.URL.Path == "/wait" {
+			<-gate
+		} else {
+			time.Sleep(20 * time.Millisecond)
+		}
+		io.WriteString(rw, "world")
+	}), ConnState: func(_ net.Conn, s http.ConnState) {
+		if s == http.StateNew {
+			conns.Add(1)
+		}
+	}}
+	go srv.Serve(ln)
+	defer srv.Close()
+	r := newRelay(t, ln.Addr().String())
+	a := connect(t, r)
+	abr := bufio.NewReader(a)
+	if b := body(t, get(t, a, abr, "GET", "/")); b != "helloworld" {
+		t.Fatalf("a: %q", b)
+	}
+	for deadline := time.Now().Add(2 * time.Second); r.cfg.Pool.Stats().Idle != 1; time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("a's upstream connection did not go back to the pool")
+		}
+	}
+	b := connect(t, r)
+	bbr := bufio.NewReader(b)
+	fmt.Fprint(b, "GET /wait HTTP/1.1\r\nHost: be\r\n\r\n")
+	resp, err := http.ReadResponse(bbr, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !r.Reset(netip.MustParseAddrPort(a.LocalAddr().String())) {
+		t.Fatal("Reset did not find a's session")
+	}
+	close(gate)
+	if got, err := io.ReadAll(resp.Body); string(got) != "helloworld" || err != nil {
+		t.Errorf("b's response, with a reset meanwhile: %q %v", got, err)
+	}
+	if n := conns.Load(); n != 1 {
+		t.Errorf("the web server saw %d connections, want 1 (b reused a's)", n)
+	}
+}
