@@ -815,8 +815,18 @@ func (s *session) retry() error {
 func (s *session) sendBody(rem int64, chunks *phttp.Chunks) error {
 	if chunks == nil {
 		if rem >= spliceMin {
-			_, err := s.up.Conn.ReadFrom(&io.LimitedReader{R: s.client, N: rem})
-			return clientSide(err)
+			// splice(2). The client may be silent for IdleTimeout, as
+			// between two reads below, however long the whole body
+			// takes: the deadline moves on while bytes come.
+			for {
+				s.client.SetReadDeadline(time.Now().Add(s.r.cfg.IdleTimeout))
+				n, err := s.up.Conn.ReadFrom(&io.LimitedReader{R: s.client, N: rem})
+				rem -= n
+				if n > 0 && rem > 0 && errors.Is(err, os.ErrDeadlineExceeded) {
+					continue
+				}
+				return clientSide(err)
+			}
 		}
 		for rem > 0 {
 			s.client.SetReadDeadline(time.Now().Add(s.r.cfg.IdleTimeout))

@@ -924,3 +924,33 @@ func TestResetSparesAnotherSessionsUpstream(t *testing.T) {
 		t.Errorf("the web server saw %d connections, want 1 (b reused a's)", n)
 	}
 }
+
+// A request body large enough to be spliced may take longer than the head
+// timeout, and than the idle timeout, as long as the client is never quiet
+// that long: the rule of the smaller bodies read piece by piece. It used
+// to be cut at the head's deadline (HeadTimeout after its first byte).
+func TestSlowLargeUpload(t *testing.T) {
+	w := newWebServer(t)
+	p := &Pool{Dial: dialer(w.addr)}
+	t.Cleanup(p.Close)
+	r := New(Config{Pool: p, HeadTimeout: 200 * time.Millisecond, IdleTimeout: 400 * time.Millisecond, Log: quiet()})
+	t.Cleanup(r.Wait)
+	c := connect(t, r)
+	br := bufio.NewReader(c)
+	n := 4 * spliceMin
+	go func() {
+		fmt.Fprintf(c, "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n", n)
+		piece := bytes.Repeat([]byte("x"), n/8)
+		for range 8 { // 1.2 s in all
+			time.Sleep(150 * time.Millisecond)
+			c.Write(piece)
+		}
+	}()
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b := body(t, resp); len(b) != n {
+		t.Errorf("%d bytes echoed, want %d", len(b), n)
+	}
+}
