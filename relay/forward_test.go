@@ -3,6 +3,7 @@ package relay
 import (
 	"bufio"
 	"context"
+	"errors"
 	"io"
 	"net"
 	"net/http"
@@ -10,40 +11,17 @@ import (
 	"testing"
 )
 
-// A forwarded request sent on a pooled connection to another BE's web
-// server that closes it as the request comes, while that server takes no
-// new connection (it stopped): the retry finds no connection, and the
-// request gets a 503 with the client's connection kept. It used to close a
-// connection the failed retry had already dropped (a nil *Upstream): a
-// panic that took the whole agent down.
-func TestForwardRetryToStoppedBE(t *testing.T) {
+// forwarding serves a client connection whose later requests for path are
+// fetched from pool's web server (phttp = forward), after a first request
+// served here.
+func forwarding(t *testing.T, path string, pool *Pool) (*Relay, net.Conn, *bufio.Reader) {
+	t.Helper()
+	t.Cleanup(pool.Close)
 	local := newWebServer(t)
-	ln, err := net.Listen("tcp4", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	// The other BE's web server: one connection, which answers once and
-	// closes when the next request comes.
-	go func() {
-		c, err := ln.Accept()
-		if err != nil {
-			return
-		}
-		defer c.Close()
-		br := bufio.NewReader(c)
-		if _, err := http.ReadRequest(br); err != nil {
-			return
-		}
-		io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nother")
-		http.ReadRequest(br)
-	}()
-	remote := &Pool{Dial: dialer(ln.Addr().String())}
-	t.Cleanup(remote.Close)
 	r := newRelay(t, local.addr)
-	r.cfg.Route = func(path string) Rules {
-		if path == "/other" {
-			return Rules{Usable: []*Pool{remote}}
+	r.cfg.Route = func(p string) Rules {
+		if p == path {
+			return Rules{Usable: []*Pool{pool}}
 		}
 		return Rules{Here: true}
 	}
@@ -52,10 +30,30 @@ func TestForwardRetryToStoppedBE(t *testing.T) {
 	if b := body(t, get(t, c, br, "GET", "/small")); b != "small" {
 		t.Fatalf("first request: %q", b)
 	}
+	return r, c, br
+}
+
+// A forwarded request sent on a pooled connection to another BE's web
+// server that closes it as the request comes, while that server takes no
+// new connection (it stopped): the retry finds no connection, and the
+// request gets a 503 with the client's connection kept. It used to close a
+// connection the failed retry had already dropped (a nil *Upstream): a
+// panic that took the whole agent down.
+func TestForwardRetryToStoppedBE(t *testing.T) {
+	// One answer a connection; the next request closes it.
+	addr, _ := rawServer(t, 1, true, func(int) string { return "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nother" })
+	var stopped atomic.Bool
+	remote := &Pool{Dial: func(ctx context.Context) (*net.TCPConn, error) {
+		if stopped.Load() {
+			return nil, errors.New("connection refused")
+		}
+		return dialer(addr)(ctx)
+	}}
+	r, c, br := forwarding(t, "/other", remote)
 	if b := body(t, get(t, c, br, "GET", "/other")); b != "other" {
 		t.Fatalf("forwarded request: %q", b)
 	}
-	ln.Close() // the other web server stops: its pooled connection is not closed yet
+	stopped.Store(true) // the other web server stops: its pooled connection is not closed yet
 	resp := get(t, c, br, "GET", "/other")
 	if b := body(t, resp); resp.StatusCode != 503 || resp.Close {
 		t.Errorf("forwarded request, its web server stopped: %d %q close=%v; want 503, kept", resp.StatusCode, b, resp.Close)
@@ -74,7 +72,7 @@ func TestForwardRetryToStoppedBE(t *testing.T) {
 // with the session, and the client's next request for that BE was sent into
 // it and got a 503 too, though the BE was fine.
 func TestForwardWriteFailureDropsConnection(t *testing.T) {
-	local, other := newWebServer(t), newWebServer(t)
+	other := newWebServer(t)
 	var dials atomic.Int64
 	remote := &Pool{Dial: func(ctx context.Context) (*net.TCPConn, error) {
 		c, err := dialer(other.addr)(ctx)
@@ -83,19 +81,7 @@ func TestForwardWriteFailureDropsConnection(t *testing.T) {
 		}
 		return c, err
 	}}
-	t.Cleanup(remote.Close)
-	r := newRelay(t, local.addr)
-	r.cfg.Route = func(path string) Rules {
-		if path == "/echo" {
-			return Rules{Usable: []*Pool{remote}}
-		}
-		return Rules{Here: true}
-	}
-	c := connect(t, r)
-	br := bufio.NewReader(c)
-	if b := body(t, get(t, c, br, "GET", "/small")); b != "small" {
-		t.Fatalf("first request: %q", b)
-	}
+	_, c, br := forwarding(t, "/echo", remote)
 	// Not idempotent: not retried.
 	io.WriteString(c, "POST /echo HTTP/1.1\r\nHost: be\r\nContent-Length: 3\r\n\r\nabc")
 	resp, err := http.ReadResponse(br, nil)
