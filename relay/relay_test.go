@@ -291,6 +291,18 @@ func TestRequestBodies(t *testing.T) {
 	}
 }
 
+// waitIdle waits until p holds n idle connections: a session returns its
+// upstream connection to the pool only after its client has the response,
+// and a next client can come first.
+func waitIdle(t *testing.T, p *Pool, n int) {
+	t.Helper()
+	for deadline := time.Now().Add(2 * time.Second); p.Stats().Idle != n; time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the pool holds %d idle connections, want %d", p.Stats().Idle, n)
+		}
+	}
+}
+
 // rawServer answers every request on a connection with reply(n), n the
 // request's number on its connection, and closes after max requests, or,
 // with lazy, when a request after those comes.
@@ -345,6 +357,7 @@ func TestUpstreamClosedBetweenRequests(t *testing.T) {
 				if b := body(t, get(t, c, br, "GET", "/")); b != "ok" {
 					t.Fatalf("request %d: %q", i, b)
 				}
+				waitIdle(t, r.cfg.Pool, 1)
 				if !lazy {
 					time.Sleep(20 * time.Millisecond) // the server's close arrives
 				}
@@ -820,11 +833,7 @@ func TestStaleOfferTimeUpstream(t *testing.T) {
 				if b := body(t, get(t, c, bufio.NewReader(c), "GET", "/")); b != "ok" {
 					t.Fatalf("earlier client: %q", b)
 				}
-				for deadline := time.Now().Add(2 * time.Second); pool.Stats().Idle != 1; time.Sleep(time.Millisecond) {
-					if time.Now().After(deadline) {
-						t.Fatal("the connection did not go back to the pool")
-					}
-				}
+				waitIdle(t, pool, 1)
 			}
 			// The offer: the receiver takes the upstream connection.
 			first, err := pool.Get(context.Background())
@@ -901,11 +910,7 @@ func TestResetSparesAnotherSessionsUpstream(t *testing.T) {
 	if b := body(t, get(t, a, abr, "GET", "/")); b != "helloworld" {
 		t.Fatalf("a: %q", b)
 	}
-	for deadline := time.Now().Add(2 * time.Second); r.cfg.Pool.Stats().Idle != 1; time.Sleep(time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatal("a's upstream connection did not go back to the pool")
-		}
-	}
+	waitIdle(t, r.cfg.Pool, 1) // a's upstream connection
 	b := connect(t, r)
 	bbr := bufio.NewReader(b)
 	fmt.Fprint(b, "GET /wait HTTP/1.1\r\nHost: be\r\n\r\n")
