@@ -51,9 +51,18 @@ type Handed struct {
 	State    State
 }
 
-func (s *session) enterBody() {
-	s.kickUp.Store(s.up.Conn)
+// enterBody starts the body phase, relaying from up.
+func (s *session) enterBody(up *Upstream) {
+	s.kickUp.Store(up.Conn)
 	s.phase.Store(phaseBody)
+}
+
+// leaveBody ends the body phase. The upstream connection is forgotten as
+// well: back in the pool it may serve another session, which a kick (a
+// handover's, or Reset's) must not interrupt.
+func (s *session) leaveBody() {
+	s.phase.Store(phaseWork)
+	s.kickUp.Store(nil)
 }
 
 // exportIdle gives the session up between requests.
@@ -62,19 +71,24 @@ func (s *session) exportIdle() error {
 	if s.end > s.start {
 		st.ClientBuf = bytes.Clone(s.buf[s.start:s.end])
 	}
-	return s.export(Handed{Client: s.client, State: st}, false)
+	if s.held != nil {
+		// Taken for a request not read yet: back to the pool.
+		s.poolOf(s.held).Put(s.held)
+		s.held = nil
+	}
+	return s.export(Handed{Client: s.client, State: st})
 }
 
-// exportBody gives the session up in the middle of a response body: rem
-// bytes left of a length-delimited one (< 0: until the server closes), or
-// chunks' position in a chunked one.
-func (s *session) exportBody(rem int64, chunks *phttp.Chunks) error {
-	st := State{Body: "length", Remaining: rem, More: s.after.more, Reuse: s.after.reuse}
+// exportBody gives the session up in the middle of x's response body:
+// rem bytes left of a length-delimited one (< 0: until the server closes),
+// or chunks' position in a chunked one.
+func (s *session) exportBody(x *exchange, rem int64, chunks *phttp.Chunks) error {
+	st := State{Body: "length", Remaining: rem, More: x.after.more, Reuse: x.after.reuse}
 	switch {
 	case chunks != nil:
 		st.Body, st.Remaining, st.Chunks = "chunked", 0, chunks.Save()
-		if n := s.up.br.Buffered(); n > 0 {
-			b, _ := s.up.br.Peek(n)
+		if n := x.up.br.Buffered(); n > 0 {
+			b, _ := x.up.br.Peek(n)
 			st.UpBuf = bytes.Clone(b)
 		}
 	case rem < 0:
@@ -83,16 +97,13 @@ func (s *session) exportBody(rem int64, chunks *phttp.Chunks) error {
 	if s.end > s.start {
 		st.ClientBuf = bytes.Clone(s.buf[s.start:s.end])
 	}
-	return s.export(Handed{Client: s.client, Upstream: s.up.Conn, State: st}, true)
+	h := Handed{Client: s.client, Upstream: x.up.Conn, State: st}
+	x.up = nil
+	return s.export(h)
 }
 
-func (s *session) export(h Handed, withUp bool) error {
+func (s *session) export(h Handed) error {
 	s.handOff = true
-	if !withUp && s.up != nil {
-		// Taken for a request not read yet: back to the pool.
-		s.poolOf(s.up).Put(s.up)
-	}
-	s.up = nil
 	s.release()
 	s.r.handed <- h
 	return errHandedOff
@@ -183,7 +194,7 @@ func (r *Relay) Resume(h Handed) error {
 		return fmt.Errorf("resume: unknown body %q", h.State.Body)
 	}
 	r.Go(func() {
-		s := r.newSession(h.Client, up)
+		s := r.newSession(h.Client)
 		s.resumed = true // its first request was routed here long ago
 		defer s.finish()
 		if len(h.State.ClientBuf) > 0 {
@@ -191,25 +202,26 @@ func (r *Relay) Resume(h Handed) error {
 			s.end = copy(s.buf[:], h.State.ClientBuf)
 		}
 		if h.State.Body != "" {
-			s.after = afterBody{more: h.State.More, reuse: h.State.Reuse}
-			s.responded = true
+			// The rest of the exchange in flight.
+			x := &exchange{up: up, responded: true, after: afterBody{more: h.State.More, reuse: h.State.Reuse}}
 			var err error
 			switch h.State.Body {
 			case "length":
-				err = s.relayRest(h.State.Remaining)
+				err = s.relayRest(x, h.State.Remaining)
 			case "close":
-				err = s.relayRest(-1)
+				err = s.relayRest(x, -1)
 			case "chunked":
-				err = s.relayChunks(nil, 0, &chunks)
+				err = s.relayChunks(x, nil, 0, &chunks)
 			}
 			if errors.Is(err, errHandedOff) {
 				return
 			}
 			if err != nil {
+				x.drop()
 				s.logf().Info("relay ended", "op", "relay", "err", err)
 				return
 			}
-			if !s.endExchange() {
+			if !s.endExchange(x) {
 				s.closeGracefully()
 				return
 			}

@@ -291,6 +291,18 @@ func TestRequestBodies(t *testing.T) {
 	}
 }
 
+// waitIdle waits until p holds n idle connections: a session returns its
+// upstream connection to the pool only after its client has the response,
+// and a next client can come first.
+func waitIdle(t *testing.T, p *Pool, n int) {
+	t.Helper()
+	for deadline := time.Now().Add(2 * time.Second); p.Stats().Idle != n; time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the pool holds %d idle connections, want %d", p.Stats().Idle, n)
+		}
+	}
+}
+
 // rawServer answers every request on a connection with reply(n), n the
 // request's number on its connection, and closes after max requests, or,
 // with lazy, when a request after those comes.
@@ -345,6 +357,7 @@ func TestUpstreamClosedBetweenRequests(t *testing.T) {
 				if b := body(t, get(t, c, br, "GET", "/")); b != "ok" {
 					t.Fatalf("request %d: %q", i, b)
 				}
+				waitIdle(t, r.cfg.Pool, 1)
 				if !lazy {
 					time.Sleep(20 * time.Millisecond) // the server's close arrives
 				}
@@ -820,11 +833,7 @@ func TestStaleOfferTimeUpstream(t *testing.T) {
 				if b := body(t, get(t, c, bufio.NewReader(c), "GET", "/")); b != "ok" {
 					t.Fatalf("earlier client: %q", b)
 				}
-				for deadline := time.Now().Add(2 * time.Second); pool.Stats().Idle != 1; time.Sleep(time.Millisecond) {
-					if time.Now().After(deadline) {
-						t.Fatal("the connection did not go back to the pool")
-					}
-				}
+				waitIdle(t, pool, 1)
 			}
 			// The offer: the receiver takes the upstream connection.
 			first, err := pool.Get(context.Background())
@@ -860,5 +869,93 @@ func TestStaleOfferTimeUpstream(t *testing.T) {
 				t.Errorf("retries %d, bad gateways %d, server connections %d; want 1, 0, 2", st.Retries, st.BadGateways, conns.Load())
 			}
 		})
+	}
+}
+
+// Reset ends its own client's session only: the upstream connection that
+// session relayed a body from went back to the pool after it, and another
+// session may be relaying a response on it when the first one's client is
+// reset. Reset used to close that connection too (the kick for a session
+// in a body was never cleared), cutting the other client's response short.
+func TestResetSparesAnotherSessionsUpstream(t *testing.T) {
+	gate := make(chan struct{})
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	var conns atomic.Int64
+	srv := &http.Server{Handler: http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) {
+		// The rest of the body comes after the head: the session relays it
+		// in its body phase.
+		rw.Header().Set("Content-Length", "10")
+		io.WriteString(rw, "hello")
+		rw.(http.Flusher).Flush()
+		if r.URL.Path == "/wait" {
+			<-gate
+		} else {
+			time.Sleep(20 * time.Millisecond)
+		}
+		io.WriteString(rw, "world")
+	}), ConnState: func(_ net.Conn, s http.ConnState) {
+		if s == http.StateNew {
+			conns.Add(1)
+		}
+	}}
+	go srv.Serve(ln)
+	defer srv.Close()
+	r := newRelay(t, ln.Addr().String())
+	a := connect(t, r)
+	abr := bufio.NewReader(a)
+	if b := body(t, get(t, a, abr, "GET", "/")); b != "helloworld" {
+		t.Fatalf("a: %q", b)
+	}
+	waitIdle(t, r.cfg.Pool, 1) // a's upstream connection
+	b := connect(t, r)
+	bbr := bufio.NewReader(b)
+	fmt.Fprint(b, "GET /wait HTTP/1.1\r\nHost: be\r\n\r\n")
+	resp, err := http.ReadResponse(bbr, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !r.Reset(netip.MustParseAddrPort(a.LocalAddr().String())) {
+		t.Fatal("Reset did not find a's session")
+	}
+	close(gate)
+	if got, err := io.ReadAll(resp.Body); string(got) != "helloworld" || err != nil {
+		t.Errorf("b's response, with a reset meanwhile: %q %v", got, err)
+	}
+	if n := conns.Load(); n != 1 {
+		t.Errorf("the web server saw %d connections, want 1 (b reused a's)", n)
+	}
+}
+
+// A request body large enough to be spliced may take longer than the head
+// timeout, and than the idle timeout, as long as the client is never quiet
+// that long: the rule of the smaller bodies read piece by piece. It used
+// to be cut at the head's deadline (HeadTimeout after its first byte).
+func TestSlowLargeUpload(t *testing.T) {
+	w := newWebServer(t)
+	p := &Pool{Dial: dialer(w.addr)}
+	t.Cleanup(p.Close)
+	r := New(Config{Pool: p, HeadTimeout: 200 * time.Millisecond, IdleTimeout: 400 * time.Millisecond, Log: quiet()})
+	t.Cleanup(r.Wait)
+	c := connect(t, r)
+	br := bufio.NewReader(c)
+	n := 4 * spliceMin
+	go func() {
+		fmt.Fprintf(c, "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n", n)
+		piece := bytes.Repeat([]byte("x"), n/8)
+		for range 8 { // 1.2 s in all
+			time.Sleep(150 * time.Millisecond)
+			c.Write(piece)
+		}
+	}()
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b := body(t, resp); len(b) != n {
+		t.Errorf("%d bytes echoed, want %d", len(b), n)
 	}
 }
