@@ -33,8 +33,13 @@ import (
 
 func phttpCluster(t *testing.T, mode string) *cluster.Cluster {
 	t.Helper()
-	c := newCluster(t, cluster.Options{BEs: 2, Secret: "s", PublicWWW: true,
-		Rules:   []string{`rule = be2 \.jpg$`, `rule = be1 .*`},
+	return phttpClusterRules(t, mode, `rule = be2 \.jpg$`, `rule = be1 .*`)
+}
+
+// phttpClusterRules is phttpCluster with other rules.
+func phttpClusterRules(t *testing.T, mode string, rules ...string) *cluster.Cluster {
+	t.Helper()
+	c := newCluster(t, cluster.Options{BEs: 2, Secret: "s", PublicWWW: true, Rules: rules,
 		FEExtra: "phttp = " + mode + "\ntimewait = 2\ndtcinterval = 1\n"})
 	// Both BEs have the FE's rules before the first request.
 	deadline := time.Now().Add(10 * time.Second)
