@@ -104,6 +104,7 @@ func startBE(ctx context.Context, cfg *config.BE, secret []byte, m *metrics.Metr
 	b.relay = relay.New(relay.Config{
 		Pool: b.pool, MaxHeader: cfg.MaxHeader, HeadTimeout: cfg.RequestTimeout,
 		IdleTimeout: cfg.KeepAliveTimeout, Log: b.log, Route: b.route, Mover: newMover(b, leaving),
+		ForwardedFor: cfg.ForwardedFor,
 	})
 	b.recv = &handoff.Receiver{
 		VIP: cfg.VAddr, Check: b.check, Rebuilder: rebuilder{log: b.log},

@@ -111,6 +111,9 @@ type BE struct {
 	RedirectAddr    netip.Addr
 	RedirectPort    uint16
 	DRegister       bool
+	// ForwardedFor: the relay tells the web server each request's client
+	// in X-Forwarded-For (the web server's own peer is 127.0.0.1).
+	ForwardedFor bool
 	// FEAddrs are the FEs' real addresses: the only hosts (with the BEs
 	// they list) whose control sessions this BE accepts.
 	FEAddrs []netip.Addr

@@ -49,7 +49,7 @@ var allowed = map[string]map[string]bool{
 		"maxclients": false, "redirectaddr": false, "redirectport": false,
 		"dregister": false, "feaddr": false, "feport": false, "rule": true,
 		"committimeout": false, "drain": false, "keepalivetimeout": false,
-		"requesttimeout": false, "maxheader": false,
+		"requesttimeout": false, "maxheader": false, "forwardedfor": false,
 	},
 }
 
@@ -246,6 +246,7 @@ func (p *parser) be(s *ini.Section) (*BE, error) {
 		RedirectAddr:    v.addr("redirectaddr", false, netip.IPv4Unspecified()),
 		RedirectPort:    v.port("redirectport", 80),
 		DRegister:       v.intIn("dregister", 0, 0, 1) == 1,
+		ForwardedFor:    v.onOff("forwardedfor", false),
 		FEPort:          v.port("feport", 80),
 		CommitTimeout:   v.duration("committimeout", 5*time.Second, false),
 		Drain:           v.duration("drain", 20*time.Second, true),
@@ -408,6 +409,22 @@ func (v *section) intIn(key string, def, lo, hi int) int {
 		return def
 	}
 	return n
+}
+
+// onOff accepts on/off, yes/no, true/false and 1/0.
+func (v *section) onOff(key string, def bool) bool {
+	s, ok := v.raw(key)
+	if !ok {
+		return def
+	}
+	switch strings.ToLower(s) {
+	case "on", "yes", "true", "1":
+		return true
+	case "off", "no", "false", "0":
+		return false
+	}
+	v.fail(key, v.line(key, 0), fmt.Sprintf("%q is not on or off", s))
+	return def
 }
 
 // duration accepts whole seconds, as the seed's /proc knobs did, or a Go

@@ -32,7 +32,10 @@ type Head struct {
 	// Host is what `host=` rules match (RouteHost): the target's authority
 	// or the Host header, lowercase, without port or trailing dot; empty
 	// without one.
-	Host   string
+	Host string
+	// XFFEnd is where the value of the request's last X-Forwarded-For
+	// header ends within the head, 0 without one.
+	XFFEnd int
 	Status int
 	Proto  string // "HTTP/1.1" or "HTTP/1.0"
 	// Len is the head's length, up to and including its blank line.
@@ -157,6 +160,7 @@ func ParseRequest(b []byte) (*Head, error) {
 	if len(fl.host) > 1 {
 		return nil, fmt.Errorf("%w: %d Host headers", ErrMalformed, len(fl.host))
 	}
+	h.XFFEnd = fl.xffEnd
 	var header string
 	if len(fl.host) == 1 {
 		header = fl.host[0]
@@ -222,6 +226,7 @@ type fields struct {
 	upgrade          bool
 	expectContinue   bool
 	host             []string
+	xffEnd           int
 }
 
 // scanFields reads the header lines in rest (which starts at offset off in
@@ -266,6 +271,10 @@ func scanFields(rest []byte, off int) (*fields, error) {
 			fl.upgrade = true
 		case equalFold(name, "host"):
 			fl.host = append(fl.host, string(value))
+		case equalFold(name, "x-forwarded-for"):
+			// Where the last one's value ends, before its trailing
+			// blanks and line end: a relay appends the client there.
+			fl.xffEnd = start + len(bytes.TrimRight(line, " \t"))
 		case equalFold(name, "expect"):
 			fl.expectContinue = equalFold(value, "100-continue")
 		}

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/netip"
 	"os"
 	"strings"
 	"syscall"
@@ -37,23 +38,35 @@ func joined(b net.Buffers) string {
 }
 
 func TestRequestOut(t *testing.T) {
+	client := netip.MustParseAddr("10.0.0.10")
 	for _, tc := range []struct {
 		name, head, want string
 		upKeep           bool
+		forFor           netip.Addr
 	}{
-		{"keep-alive: as is", "GET / HTTP/1.1\r\nHost: x\r\n\r\n", "GET / HTTP/1.1\r\nHost: x\r\n\r\n", true},
+		{"keep-alive: as is", "GET / HTTP/1.1\r\nHost: x\r\n\r\n", "GET / HTTP/1.1\r\nHost: x\r\n\r\n", true, netip.Addr{}},
 		{"Connection: close is hop-by-hop: dropped, the upstream connection kept",
 			"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAccept: */*\r\n\r\n",
-			"GET / HTTP/1.1\r\nHost: x\r\nAccept: */*\r\n\r\n", true},
-		{"HTTP/1.0 without keep-alive: as is, not kept", "GET / HTTP/1.0\r\n\r\n", "GET / HTTP/1.0\r\n\r\n", false},
-		{"HTTP/1.0 keep-alive", "GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", "GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", true},
-		{"empty lines before the request line left out", "\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n", "GET / HTTP/1.1\r\nHost: x\r\n\r\n", true},
+			"GET / HTTP/1.1\r\nHost: x\r\nAccept: */*\r\n\r\n", true, netip.Addr{}},
+		{"HTTP/1.0 without keep-alive: as is, not kept", "GET / HTTP/1.0\r\n\r\n", "GET / HTTP/1.0\r\n\r\n", false, netip.Addr{}},
+		{"HTTP/1.0 keep-alive", "GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", "GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", true, netip.Addr{}},
+		{"empty lines before the request line left out", "\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n", "GET / HTTP/1.1\r\nHost: x\r\n\r\n", true, netip.Addr{}},
 		{"an upgrade takes the upstream connection along",
 			"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
-			"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n", false},
+			"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n", false, netip.Addr{}},
+		{"forwardedfor: a new header before the blank line", "GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+			"GET / HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 10.0.0.10\r\n\r\n", true, client},
+		{"forwardedfor: appended to the last X-Forwarded-For",
+			"GET / HTTP/1.1\r\nx-forwarded-for: 1.1.1.1\r\nHost: x\r\nX-Forwarded-For: 2.2.2.2  \r\n\r\n",
+			"GET / HTTP/1.1\r\nx-forwarded-for: 1.1.1.1\r\nHost: x\r\nX-Forwarded-For: 2.2.2.2, 10.0.0.10  \r\n\r\n", true, client},
+		{"forwardedfor with Connection: close dropped and bare LF",
+			"GET / HTTP/1.1\nConnection: close\nHost: x\n\n",
+			"GET / HTTP/1.1\nHost: x\nX-Forwarded-For: 10.0.0.10\r\n\n", true, client},
+		{"forwardedfor after empty lines", "\r\nGET / HTTP/1.1\r\nX-Forwarded-For: 3.3.3.3\r\n\r\n",
+			"GET / HTTP/1.1\r\nX-Forwarded-For: 3.3.3.3, 10.0.0.10\r\n\r\n", true, client},
 	} {
 		h := parseRequest(t, tc.head)
-		out, upKeep := requestOut([]byte(tc.head)[:h.Len], h)
+		out, upKeep := requestOut([]byte(tc.head)[:h.Len], h, tc.forFor)
 		if got := joined(out); got != tc.want || upKeep != tc.upKeep {
 			t.Errorf("%s: %q keep=%v, want %q keep=%v", tc.name, got, upKeep, tc.want, tc.upKeep)
 		}

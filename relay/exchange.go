@@ -72,7 +72,7 @@ func (s *session) serveRequest(x *exchange, plan Plan) (more bool, err error) {
 	h := x.req
 	head := s.buf[s.start : s.start+h.Len]
 	s.start += h.Len
-	out, upKeep := requestOut(head, h)
+	out, upKeep := requestOut(head, h, s.forwardedFor())
 	clientKeep := h.KeepAlive
 	// The part of the body already read.
 	var rem int64

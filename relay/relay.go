@@ -37,6 +37,10 @@ type Config struct {
 	// request goes. Unset, every request is served here. The first request
 	// of a connection is always this BE's: the FE routed it here.
 	Route func(host, path string) Rules
+	// ForwardedFor adds the client's address to each request's
+	// X-Forwarded-For ([be] forwardedfor): the web server's peer is the
+	// relay, 127.0.0.1.
+	ForwardedFor bool
 	// Mover, if set, moves a connection whose next request belongs to
 	// other BEs to the right BE itself, while Mover.Moving says so (phttp
 	// = multi); the plan's pools then serve only a request whose move

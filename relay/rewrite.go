@@ -3,6 +3,8 @@ package relay
 import (
 	"bytes"
 	"net"
+	"net/netip"
+	"slices"
 
 	"tcpha/phttp"
 )
@@ -15,16 +17,63 @@ import (
 // through. Empty lines before the request line are left out: the web
 // server need not be as tolerant as we are. An upgrade ends with the
 // tunnel, which takes the upstream connection along.
-func requestOut(head []byte, h *phttp.Head) (out net.Buffers, upKeep bool) {
-	out = net.Buffers{head[h.Start:]}
+//
+// With a valid forFor, the client's address is added to the request's
+// X-Forwarded-For: appended to its last such header, or in a new one, the
+// way proxies chain it, so that nginx's realip module (trusting
+// 127.0.0.1) takes it as the client.
+func requestOut(head []byte, h *phttp.Head, forFor netip.Addr) (out net.Buffers, upKeep bool) {
 	upKeep = h.KeepAlive || h.Proto == "HTTP/1.1" && h.ConnClose
+	var edits []headEdit
 	if !h.KeepAlive && upKeep {
-		out = net.Buffers{head[h.Start:h.ConnLine[0]], head[h.ConnLine[1]:]}
+		edits = append(edits, headEdit{at: h.ConnLine[0], skip: h.ConnLine[1] - h.ConnLine[0]})
+	}
+	if forFor.IsValid() {
+		if h.XFFEnd > 0 {
+			edits = append(edits, headEdit{at: h.XFFEnd, ins: []byte(", " + forFor.String())})
+		} else {
+			edits = append(edits, headEdit{at: len(head) - blankLen(head), ins: []byte("X-Forwarded-For: " + forFor.String() + "\r\n")})
+		}
 	}
 	if h.Upgrade {
 		upKeep = false
 	}
-	return out, upKeep
+	return spliceHead(head, h.Start, edits), upKeep
+}
+
+// headEdit leaves skip bytes out at at, then puts ins there.
+type headEdit struct {
+	at, skip int
+	ins      []byte
+}
+
+// spliceHead is head from start on with edits, which do not overlap,
+// made.
+func spliceHead(head []byte, start int, edits []headEdit) net.Buffers {
+	slices.SortFunc(edits, func(a, b headEdit) int { return a.at - b.at })
+	var out net.Buffers
+	pos := start
+	for _, e := range edits {
+		if e.at > pos {
+			out = append(out, head[pos:e.at])
+		}
+		if len(e.ins) > 0 {
+			out = append(out, e.ins)
+		}
+		pos = e.at + e.skip
+	}
+	if pos < len(head) {
+		out = append(out, head[pos:])
+	}
+	return out
+}
+
+// blankLen is the length of the blank line that ends head.
+func blankLen(head []byte) int {
+	if bytes.HasSuffix(head, []byte("\r\n\r\n")) {
+		return 2
+	}
+	return 1
 }
 
 var connClose = []byte("Connection: close\r\n")
@@ -42,10 +91,7 @@ func responseHead(head []byte, rh *phttp.Head, clientKeep bool) net.Buffers {
 		return net.Buffers{head[:rh.ConnLine[0]], connClose, head[rh.ConnLine[1]:]}
 	}
 	// Inserted before the blank line.
-	blank := 2
-	if !bytes.HasSuffix(head, []byte("\r\n\r\n")) {
-		blank = 1
-	}
+	blank := blankLen(head)
 	return net.Buffers{head[:len(head)-blank], connClose, head[len(head)-blank:]}
 }
 

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"log/slog"
 	"net"
+	"net/netip"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -165,4 +166,17 @@ func CloseGracefully(c *net.TCPConn, linger time.Duration) {
 			return
 		}
 	}
+}
+
+// forwardedFor is the address X-Forwarded-For carries for this session's
+// requests; the zero Addr when the relay adds none.
+func (s *session) forwardedFor() netip.Addr {
+	if !s.r.cfg.ForwardedFor {
+		return netip.Addr{}
+	}
+	ap, err := netip.ParseAddrPort(s.client.RemoteAddr().String())
+	if err != nil {
+		return netip.Addr{}
+	}
+	return ap.Addr().Unmap()
 }

@@ -4,9 +4,13 @@ import (
 	"bufio"
 	"fmt"
 	"net/http"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	cluster "tcpha/internal/nscluster"
 )
 
 // getAs sends one request for path with the given Host on k's connection.
@@ -51,6 +55,49 @@ func TestHostRules(t *testing.T) {
 			} {
 				if got, err := ka.getAs(tc.host, "/index.html"); err != nil || got != tc.want {
 					t.Fatalf("keep-alive request %d, Host %s: %q %v, want %q", i+1, tc.host, got, err, tc.want)
+				}
+			}
+		})
+	}
+}
+
+// Issue 16: with [be] forwardedfor = on, nginx (set_real_ip_from
+// 127.0.0.1; real_ip_header X-Forwarded-For) logs the client's own
+// address for a handed-off connection's first request and for a later
+// one relayed from another BE; without it, the relay's 127.0.0.1.
+func TestForwardedFor(t *testing.T) {
+	for _, on := range []bool{true, false} {
+		t.Run(fmt.Sprintf("forwardedfor=%v", on), func(t *testing.T) {
+			c := newCluster(t, cluster.Options{BEs: 2, PublicWWW: true,
+				Rules:   []string{`rule = be2 \.jpg$`, `rule = be1 .*`},
+				FEExtra: "phttp = forward\n", BEExtra: fmt.Sprintf("forwardedfor = %v\n", map[bool]string{true: "on", false: "off"}[on])})
+			curl(t, c, "-o", "/dev/null", url+"/index.html?first", "-o", "/dev/null", url+"/img/a.jpg?later")
+			// Without it, the first request comes from be1's relay, the
+			// later one from be1's relay fetching from be2.
+			want := map[string]string{"be1": cluster.ClientIP, "be2": cluster.ClientIP}
+			if !on {
+				want = map[string]string{"be1": "127.0.0.1", "be2": c.BEs[0].IP}
+			}
+			for host, query := range map[string]string{"be1": "first", "be2": "later"} {
+				deadline := time.Now().Add(5 * time.Second)
+				for {
+					log, _ := os.ReadFile(filepath.Join(c.Dir, host, "access.log"))
+					line := ""
+					for _, l := range strings.Split(string(log), "\n") {
+						if strings.Contains(l, "?"+query) {
+							line = l
+						}
+					}
+					if line != "" {
+						if got, _, _ := strings.Cut(line, " "); got != want[host] {
+							t.Errorf("%s's nginx logged %q for the %s request, want %s", host, got, query, want[host])
+						}
+						break
+					}
+					if time.Now().After(deadline) {
+						t.Fatalf("%s's nginx logged no %s request:\n%s", host, query, log)
+					}
+					time.Sleep(50 * time.Millisecond)
 				}
 			}
 		})

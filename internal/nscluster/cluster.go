@@ -293,12 +293,17 @@ http {
 	sendfile on;
 	keepalive_requests 1000000;
 	keepalive_timeout 600s;
+	# The relay's [be] forwardedfor = on names the client; without it
+	# the client is the relay: 127.0.0.1, or the BE whose relay fetched
+	# the request (phttp = forward).
+	set_real_ip_from 127.0.0.1;
+%[6]s	real_ip_header X-Forwarded-For;
 	server {
 %[2]s		root %[3]s;
 		add_header X-Served-By %[4]s always;
 	}
 }
-`, d, listens.String(), www, host, access)
+`, d, listens.String(), www, host, access, c.trustedRelays())
 	cf := filepath.Join(d, "nginx.conf")
 	if err := os.WriteFile(cf, []byte(conf), 0o644); err != nil {
 		return err
@@ -312,6 +317,15 @@ http {
 	}
 	c.mu.Unlock()
 	return nil
+}
+
+// trustedRelays are nginx's set_real_ip_from lines for the BEs' addresses.
+func (c *Cluster) trustedRelays() string {
+	var b strings.Builder
+	for _, be := range c.BEs {
+		fmt.Fprintf(&b, "\tset_real_ip_from %s;\n", be.IP)
+	}
+	return b.String()
 }
 
 // StopWWW stops host's nginx and waits until it is gone.
