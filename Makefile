@@ -45,7 +45,7 @@ check:
 # docs/benchmarks.md and docs/benchmarks.png (about ten minutes). The
 # micro-benchmarks of the pure packages come first.
 bench: deps build
-	$(GO) test -run '^$$' -bench . -benchmem ./handoff/... ./phttp/... ./backends/...
+	$(GO) test -run '^$$' -bench . -benchmem ./handoff/... ./phttp/... ./frontend/... ./backends/...
 	$(BIN)/tcpha-bench -agent $(BIN)/tcpha-agent -out docs/benchmarks.md -chart docs/benchmarks.png
 
 MANDIR  ?= $(PREFIX)/share/man

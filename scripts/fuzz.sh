@@ -16,6 +16,7 @@ targets=(
 	"./phttp FuzzParseRequest"
 	"./phttp FuzzParseResponse"
 	"./phttp FuzzChunks"
+	"./frontend/tlshello FuzzRead"
 	"./config FuzzParse"
 	"./queue FuzzParse"
 )
@@ -23,5 +24,5 @@ for t in "${targets[@]}"; do
 	set -- $t
 	out=$(go test -run '^$' -fuzz "^$2\$" -fuzztime "$time" "$1" 2>&1) || { echo "$out"; echo "FAIL: $1 $2"; exit 1; }
 	execs=$(grep -o 'execs: [0-9]*' <<<"$out" | tail -1)
-	printf '%-16s %-18s %s\n' "$1" "$2" "$execs"
+	printf '%-20s %-18s %s\n' "$1" "$2" "$execs"
 done
