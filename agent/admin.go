@@ -1,16 +1,11 @@
 package agent
 
 import (
-	"bufio"
-	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"net/netip"
 	"os"
-	"path/filepath"
 	"reflect"
 	"slices"
 	"strconv"
@@ -18,99 +13,16 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"tcpha/admin"
 	"tcpha/config"
 	"tcpha/handoff/conntab"
 
 	"golang.org/x/sys/unix"
 )
 
-// The admin socket speaks one request per connection: a line
-//
-//	[json ]COMMAND [ARGS...]
-//
-// answered by a status line, `ok` or `error: WHY`, and the output. tcphactl
-// prints the output and exits non-zero on an error. `upgrade` and
-// `takeover` are a successor's (upgrade.go).
-
-func listenAdmin(path string) (net.Listener, error) {
-	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
-		return nil, fmt.Errorf("admin socket: %w", err)
-	}
-	// A socket file left by a crashed agent is stale only if nobody answers.
-	if c, err := net.DialTimeout("unix", path, 200*time.Millisecond); err == nil {
-		c.Close()
-		return nil, fmt.Errorf("admin socket %s: %w", path, ErrAgentRunning)
-	}
-	os.Remove(path)
-	ln, err := net.Listen("unix", path)
-	if err != nil {
-		return nil, fmt.Errorf("admin socket: %w", err)
-	}
-	os.Chmod(path, 0o600)
-	return ln, nil
-}
-
-// serveAdmin answers the admin socket's requests until ctx ends.
-func serveAdmin(ctx context.Context, ln net.Listener, r *runner) {
-	stop := context.AfterFunc(ctx, func() { ln.Close() })
-	defer stop()
-	for {
-		c, err := ln.Accept()
-		if err != nil {
-			if ctx.Err() == nil && !errors.Is(err, net.ErrClosed) {
-				r.log.Error("admin socket", "op", "admin", "err", err)
-			}
-			return
-		}
-		go func() {
-			c.SetDeadline(time.Now().Add(5 * time.Second))
-			line, _ := bufio.NewReader(io.LimitReader(c, 4096)).ReadString('\n')
-			if cmd := strings.TrimSpace(line); cmd == "upgrade" || cmd == "takeover" {
-				// A successor: nothing more comes on the line.
-				c.SetDeadline(time.Time{})
-				select {
-				case r.handovers <- handoverReq{conn: c.(*net.UnixConn), force: cmd == "upgrade"}:
-					return // Run owns c now
-				case <-ctx.Done():
-					c.Close()
-					return
-				}
-			}
-			defer c.Close()
-			out, err := r.command(strings.Fields(line))
-			if err != nil {
-				fmt.Fprintf(c, "error: %v\n", err)
-				r.log.Info("admin command refused", "op", "admin", "command", strings.TrimSpace(line), "err", err)
-				return
-			}
-			io.WriteString(c, "ok\n"+out)
-		}()
-	}
-}
-
-// errUsage lists the commands.
-var errUsage = errors.New("want status, backends, conns, loglevel N, dtcinterval SECONDS, drain ADDR, enable ADDR, " +
-	"weight ADDR N or reload, optionally after json")
-
-// command runs one admin request and returns its output.
-func (r *runner) command(args []string) (string, error) {
-	asJSON := len(args) > 0 && args[0] == "json"
-	if asJSON {
-		args = args[1:]
-	}
-	if len(args) == 0 {
-		return "", errUsage
-	}
-	cmd, args := args[0], args[1:]
-	nargs := map[string]int{"status": 0, "backends": 0, "conns": 0, "reload": 0, "loglevel": 1,
-		"dtcinterval": 1, "drain": 1, "enable": 1, "weight": 2}
-	n, ok := nargs[cmd]
-	if !ok {
-		return "", fmt.Errorf("unknown command %q: %w", cmd, errUsage)
-	}
-	if len(args) != n {
-		return "", fmt.Errorf("%s takes %d argument(s), got %d", cmd, n, len(args))
-	}
+// command carries out one admin request (admin.Handler).
+func (r *runner) command(req admin.Request) (any, string, error) {
+	cmd, args := req.Cmd, req.Args
 	var v any
 	var text strings.Builder
 	switch cmd {
@@ -120,7 +32,7 @@ func (r *runner) command(args []string) (string, error) {
 		st.write(&text)
 	case "conns":
 		if r.f == nil && r.b == nil {
-			return "", errors.New("conns: this host has no fe or be role")
+			return nil, "", errors.New("conns: this host has no fe or be role")
 		}
 		var fe, be any
 		if r.f != nil {
@@ -142,16 +54,16 @@ func (r *runner) command(args []string) (string, error) {
 		}
 	case "backends", "dtcinterval", "drain", "enable", "weight":
 		if r.f == nil {
-			return "", fmt.Errorf("%s: this host has no fe role", cmd)
+			return nil, "", fmt.Errorf("%s: this host has no fe role", cmd)
 		}
 		var err error
 		if v, err = r.f.command(cmd, args, &text); err != nil {
-			return "", err
+			return nil, "", err
 		}
 	case "loglevel":
 		n, err := strconv.Atoi(args[0])
 		if err != nil || n < 0 || n > 6 {
-			return "", fmt.Errorf("loglevel %q: want 0 to 6", args[0])
+			return nil, "", fmt.Errorf("loglevel %q: want 0 to 6", args[0])
 		}
 		r.lg.SetLevel(n)
 		r.log.Info("log level changed", "op", "admin", "loglevel", n)
@@ -162,22 +74,15 @@ func (r *runner) command(args []string) (string, error) {
 		select {
 		case r.reloads <- done:
 		case <-time.After(3 * time.Second):
-			return "", errors.New("reload: the agent is busy (stopping or handing over)")
+			return nil, "", errors.New("reload: the agent is busy (stopping or handing over)")
 		}
 		if err := <-done; err != nil {
-			return "", err
+			return nil, "", err
 		}
 		v = map[string]string{"reloaded": r.cfg.File}
 		fmt.Fprintf(&text, "reloaded %s\n", r.cfg.File)
 	}
-	if asJSON {
-		b, err := json.MarshalIndent(v, "", "  ")
-		if err != nil {
-			return "", err
-		}
-		return string(b) + "\n", nil
-	}
-	return text.String(), nil
+	return v, text.String(), nil
 }
 
 // agentStatus is `tcphactl status`.
@@ -293,7 +198,7 @@ func (f *fe) command(cmd string, args []string, text io.Writer) (any, error) {
 		fmt.Fprintf(text, "weight %s %d\n", a, w)
 		return map[string]any{"backend": a.String(), "weight": w}, nil
 	}
-	return nil, errUsage
+	return nil, admin.ErrUsage
 }
 
 // beConnRow is one line of `tcphactl conns` on a BE: a connection handed

@@ -14,6 +14,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"tcpha/admin"
 	"tcpha/config"
 	"tcpha/frontend"
 	"tcpha/metrics"
@@ -151,7 +152,15 @@ func Run(ctx context.Context, cfg *config.Config, lg *Logger, opt Options) (err 
 	if in != nil {
 		in.closeListeners()
 	}
-	r.wg.Go(func() { serveAdmin(keep, r.admin, r) })
+	adm := &admin.Server{Handle: r.command, Log: log,
+		Successor: func(ctx context.Context, c *net.UnixConn, force bool) {
+			select {
+			case r.handovers <- handoverReq{conn: c, force: force}: // Run owns c now
+			case <-ctx.Done():
+				c.Close()
+			}
+		}}
+	r.wg.Go(func() { adm.Serve(keep, r.admin) })
 
 	if opt.Ready != nil {
 		opt.Ready()
@@ -263,16 +272,16 @@ type handoverReq struct {
 // listen opens the admin socket and the metrics and pprof listeners:
 // those of which only one agent may hold the address.
 func (r *runner) listen(ctx context.Context) error {
-	admin, err := listenAdmin(r.cfg.Global.Admin)
+	ln, err := admin.Listen(r.cfg.Global.Admin)
 	if err != nil {
 		return err
 	}
 	stop, err := metrics.Serve(r.m, r.cfg.Global.Metrics, r.cfg.Global.Pprof, r.log)
 	if err != nil {
-		admin.Close()
+		ln.Close()
 		return err
 	}
-	r.admin, r.stopMet = admin, stop
+	r.admin, r.stopMet = ln, stop
 	return nil
 }
 

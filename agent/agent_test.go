@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -15,6 +14,7 @@ import (
 	"testing/synctest"
 	"time"
 
+	"tcpha/admin"
 	"tcpha/config"
 	"tcpha/handoff/wire"
 	"tcpha/internal/testlog"
@@ -112,66 +112,33 @@ func TestJournalPriorities(t *testing.T) {
 	}
 }
 
-// The admin socket refuses to take over from a running agent, but replaces
-// the stale file a crashed one left.
-func TestAdminSocket(t *testing.T) {
-	path := filepath.Join(t.TempDir(), "run", "admin.sock")
-	ln, err := listenAdmin(path)
+// The agent's commands refuse what its roles cannot do, and change what
+// they can.
+func TestAdminCommands(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "admin.sock")
+	ln, err := admin.Listen(path)
 	if err != nil {
 		t.Fatal(err)
 	}
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			c.Close()
-		}
-	}()
-	if _, err := listenAdmin(path); err == nil || !strings.Contains(err.Error(), "another agent") {
-		t.Errorf("second agent on a live socket: %v", err)
-	}
-	// A crash: the socket file stays, and nobody answers on it.
-	ln.(*net.UnixListener).SetUnlinkOnClose(false)
-	ln.Close()
-	if _, err := os.Stat(path); err != nil {
-		t.Fatalf("no stale socket file to test with: %v", err)
-	}
-	ln2, err := listenAdmin(path)
-	if err != nil {
-		t.Fatalf("stale socket not replaced: %v", err)
-	}
-	defer ln2.Close()
-
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	lg, _ := NewLogger(config.Global{}, io.Discard, false)
 	r := &runner{lg: lg, log: lg.Logger, handovers: make(chan handoverReq), reloads: make(chan chan error)}
-	go serveAdmin(ctx, ln2, r)
-	ask := func(cmd string) string {
-		c, err := net.DialTimeout("unix", path, time.Second)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer c.Close()
-		io.WriteString(c, cmd+"\n")
-		b, _ := io.ReadAll(c)
-		return string(b)
-	}
+	go (&admin.Server{Handle: r.command, Log: lg.Logger}).Serve(ctx, ln)
 	for cmd, want := range map[string]string{
-		"conns":             "error: conns: this host has no fe or be role",
-		"bogus":             `error: unknown command "bogus"`,
-		"":                  "error: want status",
-		"loglevel 9":        "error: loglevel \"9\": want 0 to 6",
-		"weight 10.0.0.1":   "error: weight takes 2 argument(s), got 1",
-		"json loglevel 5":   "ok\n{\n  \"loglevel\": 5\n}",
-		"loglevel 4":        "ok\nloglevel 4",
-		"drain 10.0.0.1":    "error: drain: this host has no fe role",
-		"json status":       "ok\n{\n  \"pid\":",
-		"status extra args": "error: status takes 0 argument(s), got 2",
+		"conns":           "error: conns: this host has no fe or be role",
+		"loglevel 9":      "error: loglevel \"9\": want 0 to 6",
+		"json loglevel 5": "ok\n{\n  \"loglevel\": 5\n}",
+		"loglevel 4":      "ok\nloglevel 4",
+		"drain 10.0.0.1":  "error: drain: this host has no fe role",
+		"json status":     "ok\n{\n  \"pid\":",
 	} {
-		if got := ask(cmd); !strings.HasPrefix(got, want) {
+		out, err := admin.Do(path, cmd, time.Second)
+		got := "ok\n" + out
+		if err != nil {
+			got = "error: " + err.Error()
+		}
+		if !strings.HasPrefix(got, want) {
 			t.Errorf("%q: got %q, want it to start with %q", cmd, got, want)
 		}
 	}

@@ -18,6 +18,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"tcpha/admin"
 	"tcpha/backends"
 	"tcpha/frontend"
 	"tcpha/relay"
@@ -179,10 +180,6 @@ type Inherited struct {
 	Registered             []backends.Registration
 }
 
-// ErrAgentRunning is TakeOver's answer when the agent at the admin socket
-// runs and was not asked to hand over.
-var ErrAgentRunning = errors.New("another agent is running there")
-
 // TakeOver asks the agent at adminPath to hand over, and returns its
 // listeners; Receive takes the rest. With force (tcpha-agent -upgrade) the
 // agent hands over whatever it is doing, and one must be running; without,
@@ -216,7 +213,7 @@ func TakeOver(adminPath string, force bool) (*Inherited, error) {
 	defer closeAll(files)
 	if f.Kind == "refused" {
 		uc.Close()
-		return nil, fmt.Errorf("admin socket %s: %w (%s)", adminPath, ErrAgentRunning, f.Reason)
+		return nil, fmt.Errorf("admin socket %s: %w (%s)", adminPath, admin.ErrAgentRunning, f.Reason)
 	}
 	if f.Kind != "start" || len(f.Listeners) != len(files) {
 		uc.Close()

@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"tcpha/admin"
 	"tcpha/frontend"
 	"tcpha/internal/testnet"
 	"tcpha/relay"
@@ -138,7 +139,7 @@ func TestTakeOverRefusedOrAbsent(t *testing.T) {
 	path := fakeAgent(t, func(c *net.UnixConn, cmd string) {
 		sendFrame(c, handoverFrame{Kind: "refused", Reason: "not asked to quit"}, nil)
 	})
-	if _, err := TakeOver(path, false); !errors.Is(err, ErrAgentRunning) || !strings.Contains(err.Error(), "not asked to quit") {
+	if _, err := TakeOver(path, false); !errors.Is(err, admin.ErrAgentRunning) || !strings.Contains(err.Error(), "not asked to quit") {
 		t.Errorf("refused: %v", err)
 	}
 	none := filepath.Join(t.TempDir(), "none.sock")
