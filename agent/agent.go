@@ -17,6 +17,7 @@ import (
 	"tcpha/admin"
 	"tcpha/config"
 	"tcpha/frontend"
+	"tcpha/handover"
 	"tcpha/metrics"
 )
 
@@ -26,7 +27,7 @@ type Options struct {
 	// Inherited, when set, is what a predecessor handed over: this agent
 	// is its successor (tcpha-agent -upgrade, or a start that found an
 	// agent handing over).
-	Inherited *Inherited
+	Inherited *handover.Inherited
 	// Quit (SIGQUIT) asks the agent to hand over: it goes on serving until
 	// a new agent takes its sockets over the admin socket, or [global]
 	// handoverwait passes; then it exits and leaves its tables and VIP in
@@ -96,21 +97,21 @@ func Run(ctx context.Context, cfg *config.Config, lg *Logger, opt Options) (err 
 		var mu sync.Mutex
 		var pending []frontend.HandedHead
 		relayed, feUp := 0, false
-		take := func(h handed) {
+		take := func(h handover.Handed) {
 			mu.Lock()
 			defer mu.Unlock()
 			switch {
-			case h.head != nil && cfg.FE != nil && !feUp:
-				pending = append(pending, *h.head)
-			case h.relay != nil && r.b != nil:
-				if err := r.b.relay.Resume(*h.relay); err != nil {
+			case h.Head != nil && cfg.FE != nil && !feUp:
+				pending = append(pending, *h.Head)
+			case h.Relay != nil && r.b != nil:
+				if err := r.b.relay.Resume(*h.Relay); err != nil {
 					log.Warn("a handed-over connection could not resume", "op", "upgrade", "err", err)
-					h.close()
+					h.Close()
 					return
 				}
 				relayed++
 			default:
-				h.close()
+				h.Close()
 			}
 		}
 		r.wg.Go(func() {
@@ -150,7 +151,7 @@ func Run(ctx context.Context, cfg *config.Config, lg *Logger, opt Options) (err 
 		closeHeads(heads)
 	}
 	if in != nil {
-		in.closeListeners()
+		in.CloseListeners()
 	}
 	adm := &admin.Server{Handle: r.command, Log: log,
 		Successor: func(ctx context.Context, c *net.UnixConn, force bool) {
@@ -196,15 +197,14 @@ func Run(ctx context.Context, cfg *config.Config, lg *Logger, opt Options) (err 
 			return nil
 		case req := <-r.handovers:
 			if !req.force && !r.quitting.Load() {
-				sendFrame(req.conn, handoverFrame{Kind: "refused",
-					Reason: "it was not asked to quit (SIGQUIT); to replace it now, start the new one with -upgrade"}, nil)
+				handover.Refuse(req.conn, "it was not asked to quit (SIGQUIT); to replace it now, start the new one with -upgrade")
 				req.conn.Close()
 				continue
 			}
-			if err := r.handOver(req.conn, stopServe); err != nil {
+			if released, err := r.handOver(req.conn, stopServe); err != nil {
 				log.Error("handover failed", "op", "upgrade", "err", err)
 				req.conn.Close()
-				if r.admin == nil {
+				if released {
 					// Past the point of no return: what was released stays
 					// released. Exit leaving the kernel state.
 					keepState = true
@@ -345,4 +345,26 @@ func (r *runner) stop(keepState bool) error {
 	}
 	r.unlisten()
 	return errors.Join(errs...)
+}
+
+// handOver gives this agent's sockets to the successor on c (package
+// handover). released says whether it got past the point of no return.
+func (r *runner) handOver(c *net.UnixConn, stopServe func()) (released bool, err error) {
+	roles := handover.Roles{Log: r.log, Release: func() {
+		stopServe()
+		r.releaseAll()
+	}}
+	if r.f != nil {
+		roles.Listeners = append(roles.Listeners, handover.Listener{Name: handover.ListenerVIP, Ln: r.f.ln})
+		if r.f.regLn != nil {
+			roles.Listeners = append(roles.Listeners, handover.Listener{Name: handover.ListenerRegister, Ln: r.f.regLn})
+		}
+		roles.Registered = r.f.sched.Registrations()
+		roles.FE = func() []frontend.HandedHead { return r.f.handOver(stopServe) }
+	}
+	if r.b != nil {
+		roles.Listeners = append(roles.Listeners, handover.Listener{Name: handover.ListenerControl, Ln: r.b.ln})
+		roles.BE = r.b.handOver
+	}
+	return handover.Give(c, roles)
 }

@@ -308,7 +308,7 @@ func (b *be) drain(d time.Duration) {
 // under way here are committed, and the relayed connections stop at their
 // next safe point and are returned with their state. Those that reach none
 // within a few seconds stay here and end with this process.
-func (b *be) handOver() []handed {
+func (b *be) handOver() []relay.Handed {
 	b.unregister(true)
 	b.ln.Close()
 	b.server.Drain(sessionDrain)
@@ -320,10 +320,7 @@ func (b *be) handOver() []handed {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	var out []handed
-	for _, h := range b.relay.Handover(ctx) {
-		out = append(out, handed{relay: &h})
-	}
+	out := b.relay.Handover(ctx)
 	if n := b.relay.Active(); n > 0 {
 		b.log.Warn("relayed connections in the middle of an exchange stay with this process", "op", "upgrade", "relaying", n)
 	}

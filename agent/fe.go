@@ -448,7 +448,7 @@ func (f *fe) linger(d time.Duration) {
 // from their goroutines, lets the handoffs under way finish, and stops the
 // kernel-facing loops. Work that does not finish in time (a handoff stuck
 // on a BE; a relay to the local node) stays with this process.
-func (f *fe) handOver(stopServe func()) []handed {
+func (f *fe) handOver(stopServe func()) []frontend.HandedHead {
 	stopServe()
 	ctx, cancel := context.WithTimeout(context.Background(), 2*f.cfg.HandoffTimeout+time.Second)
 	heads := f.front.Handover(ctx)
@@ -460,11 +460,7 @@ func (f *fe) handOver(stopServe func()) []handed {
 	}
 	f.loopsMu.Unlock()
 	f.loops.Wait()
-	out := make([]handed, len(heads))
-	for i := range heads {
-		out[i] = handed{head: &heads[i]}
-	}
-	return out
+	return heads
 }
 
 // drain waits up to d until no handed-off connection is live: TIME_WAIT

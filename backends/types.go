@@ -84,3 +84,38 @@ type Registration struct {
 	Server Server
 	Rules  []Rule
 }
+
+// CompileRule builds a rule from its parts as they travel between agents
+// (a cluster frame, a registration, an upgrade): the pattern as text, the
+// policy as a name, empty for the table's.
+func CompileRule(targets []netip.Addr, local bool, policy, pattern string) (Rule, error) {
+	r := Rule{Targets: targets, Local: local, Policy: Policy(policy)}
+	if policy != "" {
+		if _, err := ParsePolicy(policy); err != nil {
+			return Rule{}, err
+		}
+	}
+	re, err := regexp.Compile(pattern)
+	if err != nil {
+		return Rule{}, fmt.Errorf("bad regular expression %q: %w", pattern, err)
+	}
+	r.Pattern = re
+	return r, nil
+}
+
+// Registered builds the registration of the BE be: its server entry and
+// one rule per pattern, each naming only be.
+func Registered(be netip.AddrPort, weight int, patterns []string) (Registration, error) {
+	if weight > MaxWeight {
+		return Registration{}, fmt.Errorf("weight %d over %d", weight, MaxWeight)
+	}
+	reg := Registration{Server: Server{Addr: be.Addr(), Port: be.Port(), Weight: weight}}
+	for _, pat := range patterns {
+		r, err := CompileRule([]netip.Addr{be.Addr()}, false, "", pat)
+		if err != nil {
+			return Registration{}, err
+		}
+		reg.Rules = append(reg.Rules, r)
+	}
+	return reg, nil
+}
