@@ -15,7 +15,9 @@ import (
 	"time"
 
 	"tcpha/admin"
+	"tcpha/be"
 	"tcpha/config"
+	"tcpha/fe"
 	"tcpha/frontend"
 	"tcpha/handover"
 	"tcpha/metrics"
@@ -80,10 +82,10 @@ func Run(ctx context.Context, cfg *config.Config, lg *Logger, opt Options) (err 
 		if in != nil {
 			ln, in.Control = in.Control, nil
 		}
-		if r.b, err = startBE(serve, cfg.BE, cfg.Global.Secret, r.m, log, ln); err != nil {
+		if r.b, err = be.Start(serve, cfg.BE, cfg.Global.Secret, r.m, log, ln); err != nil {
 			return err
 		}
-		r.wg.Go(func() { r.b.run(keep) })
+		r.wg.Go(func() { r.b.Run(keep) })
 	}
 	var heads []frontend.HandedHead
 	if in != nil {
@@ -104,7 +106,7 @@ func Run(ctx context.Context, cfg *config.Config, lg *Logger, opt Options) (err 
 			case h.Head != nil && cfg.FE != nil && !feUp:
 				pending = append(pending, *h.Head)
 			case h.Relay != nil && r.b != nil:
-				if err := r.b.relay.Resume(*h.Relay); err != nil {
+				if err := r.b.Resume(*h.Relay); err != nil {
 					log.Warn("a handed-over connection could not resume", "op", "upgrade", "err", err)
 					h.Close()
 					return
@@ -134,18 +136,18 @@ func Run(ctx context.Context, cfg *config.Config, lg *Logger, opt Options) (err 
 		}
 	}
 	if cfg.FE != nil {
-		var lns feListeners
+		var lns fe.Listeners
 		if in != nil {
-			lns = feListeners{VIP: in.VIP, Register: in.Register, Registered: in.Registered}
+			lns = fe.Listeners{VIP: in.VIP, Register: in.Register, Registered: in.Registered}
 			in.VIP, in.Register = nil, nil
 		}
-		if r.f, err = startFE(serve, cfg.FE, cfg.Global.Secret, r.m, log, lns); err != nil {
+		if r.f, err = fe.Start(serve, cfg.FE, cfg.Global.Secret, r.m, log, lns); err != nil {
 			closeHeads(heads)
 			return err
 		}
-		r.wg.Go(func() { r.f.run(serve, keep) })
+		r.wg.Go(func() { r.f.Run(serve, keep) })
 		for _, h := range heads {
-			r.f.front.Resume(keep, h)
+			r.f.Resume(keep, h)
 		}
 	} else {
 		closeHeads(heads)
@@ -228,10 +230,10 @@ func Run(ctx context.Context, cfg *config.Config, lg *Logger, opt Options) (err 
 func (r *runner) linger() {
 	var wg sync.WaitGroup
 	if r.f != nil {
-		wg.Go(func() { r.f.linger(r.cfg.FE.Drain) })
+		wg.Go(func() { r.f.Linger(r.cfg.FE.Drain) })
 	}
 	if r.b != nil {
-		wg.Go(func() { r.b.linger(r.cfg.BE.Drain) })
+		wg.Go(func() { r.b.Linger(r.cfg.BE.Drain) })
 	}
 	wg.Wait()
 }
@@ -254,8 +256,8 @@ type runner struct {
 	lg        *Logger
 	log       *slog.Logger
 	m         *metrics.Metrics
-	f         *fe
-	b         *be
+	f         *fe.FE
+	b         *be.BE
 	admin     net.Listener
 	stopMet   func()
 	wg        sync.WaitGroup
@@ -303,10 +305,10 @@ func (r *runner) drain(stopServe func()) {
 	stopServe()
 	var dwg sync.WaitGroup
 	if r.f != nil {
-		dwg.Go(func() { r.f.drain(r.cfg.FE.Drain) })
+		dwg.Go(func() { r.f.Drain(r.cfg.FE.Drain) })
 	}
 	if r.b != nil {
-		dwg.Go(func() { r.b.drain(r.cfg.BE.Drain) })
+		dwg.Go(func() { r.b.Drain(r.cfg.BE.Drain) })
 	}
 	dwg.Wait()
 }
@@ -314,10 +316,10 @@ func (r *runner) drain(stopServe func()) {
 // releaseAll lets go of everything only one agent may hold.
 func (r *runner) releaseAll() {
 	if r.f != nil {
-		r.f.release()
+		r.f.Release()
 	}
 	if r.b != nil {
-		r.b.release()
+		r.b.Release()
 	}
 	r.unlisten()
 }
@@ -327,20 +329,20 @@ func (r *runner) stop(keepState bool) error {
 	var errs []error
 	if keepState {
 		if r.f != nil {
-			r.f.handover()
+			r.f.Keep()
 		}
 		if r.b != nil {
-			r.b.handover()
+			r.b.Keep()
 		}
 		if r.f != nil || r.b != nil {
 			r.log.Info("handed over: tables and VIP left for the next agent", "op", "stop")
 		}
 	} else {
 		if r.f != nil {
-			errs = append(errs, r.f.stop())
+			errs = append(errs, r.f.Stop())
 		}
 		if r.b != nil {
-			errs = append(errs, r.b.stop())
+			errs = append(errs, r.b.Stop())
 		}
 	}
 	r.unlisten()
@@ -355,16 +357,17 @@ func (r *runner) handOver(c *net.UnixConn, stopServe func()) (released bool, err
 		r.releaseAll()
 	}}
 	if r.f != nil {
-		roles.Listeners = append(roles.Listeners, handover.Listener{Name: handover.ListenerVIP, Ln: r.f.ln})
-		if r.f.regLn != nil {
-			roles.Listeners = append(roles.Listeners, handover.Listener{Name: handover.ListenerRegister, Ln: r.f.regLn})
+		lns := r.f.Sockets()
+		roles.Listeners = append(roles.Listeners, handover.Listener{Name: handover.ListenerVIP, Ln: lns.VIP})
+		if lns.Register != nil {
+			roles.Listeners = append(roles.Listeners, handover.Listener{Name: handover.ListenerRegister, Ln: lns.Register})
 		}
-		roles.Registered = r.f.sched.Registrations()
-		roles.FE = func() []frontend.HandedHead { return r.f.handOver(stopServe) }
+		roles.Registered = lns.Registered
+		roles.FE = func() []frontend.HandedHead { return r.f.HandOver(stopServe) }
 	}
 	if r.b != nil {
-		roles.Listeners = append(roles.Listeners, handover.Listener{Name: handover.ListenerControl, Ln: r.b.ln})
-		roles.BE = r.b.handOver
+		roles.Listeners = append(roles.Listeners, handover.Listener{Name: handover.ListenerControl, Ln: r.b.Listener()})
+		roles.BE = r.b.HandOver
 	}
 	return handover.Give(c, roles)
 }

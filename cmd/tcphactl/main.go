@@ -7,7 +7,7 @@
 //	backends                each BE: AVAILABLE or NOTAVAILABLE, weight, load, handoffs, failures, last probe
 //	conns                   the FE's connection table
 //	loglevel N              0 (errors) to 6 (everything)
-//	dtcinterval SECONDS     the FE's probe interval; 0 turns detection off
+//	dtcinterval SECONDS     the FE's probe interval; 0 turns detection off (not negative)
 //	drain ADDR              no new connections to the BE; open ones finish
 //	enable ADDR             undo drain
 //	weight ADDR N           the BE's weight, until the next reload
