@@ -35,7 +35,7 @@ fuzz:
 
 # Unit tests only: no root, no namespaces.
 unit:
-	$(GO) test -race -count=1 -short ./agent/... ./backends/... ./handoff/... ./phttp/...
+	$(GO) test -race -count=1 -short ./admin/... ./agent/... ./backends/... ./be/... ./config/... ./fe/... ./handoff/... ./handover/... ./phttp/...
 
 check:
 	@test -z "$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go'))" || { gofmt -l .; echo "gofmt needed"; exit 1; }

@@ -14,8 +14,12 @@ import (
 	"sync/atomic"
 	"time"
 
+	"tcpha/admin"
+	"tcpha/be"
 	"tcpha/config"
+	"tcpha/fe"
 	"tcpha/frontend"
+	"tcpha/handover"
 	"tcpha/metrics"
 )
 
@@ -25,7 +29,7 @@ type Options struct {
 	// Inherited, when set, is what a predecessor handed over: this agent
 	// is its successor (tcpha-agent -upgrade, or a start that found an
 	// agent handing over).
-	Inherited *Inherited
+	Inherited *handover.Inherited
 	// Quit (SIGQUIT) asks the agent to hand over: it goes on serving until
 	// a new agent takes its sockets over the admin socket, or [global]
 	// handoverwait passes; then it exits and leaves its tables and VIP in
@@ -78,10 +82,10 @@ func Run(ctx context.Context, cfg *config.Config, lg *Logger, opt Options) (err 
 		if in != nil {
 			ln, in.Control = in.Control, nil
 		}
-		if r.b, err = startBE(serve, cfg.BE, cfg.Global.Secret, r.m, log, ln); err != nil {
+		if r.b, err = be.Start(serve, cfg.BE, cfg.Global.Secret, r.m, log, ln); err != nil {
 			return err
 		}
-		r.wg.Go(func() { r.b.run(keep) })
+		r.wg.Go(func() { r.b.Run(keep) })
 	}
 	var heads []frontend.HandedHead
 	if in != nil {
@@ -95,21 +99,21 @@ func Run(ctx context.Context, cfg *config.Config, lg *Logger, opt Options) (err 
 		var mu sync.Mutex
 		var pending []frontend.HandedHead
 		relayed, feUp := 0, false
-		take := func(h handed) {
+		take := func(h handover.Handed) {
 			mu.Lock()
 			defer mu.Unlock()
 			switch {
-			case h.head != nil && cfg.FE != nil && !feUp:
-				pending = append(pending, *h.head)
-			case h.relay != nil && r.b != nil:
-				if err := r.b.relay.Resume(*h.relay); err != nil {
+			case h.Head != nil && cfg.FE != nil && !feUp:
+				pending = append(pending, *h.Head)
+			case h.Relay != nil && r.b != nil:
+				if err := r.b.Resume(*h.Relay); err != nil {
 					log.Warn("a handed-over connection could not resume", "op", "upgrade", "err", err)
-					h.close()
+					h.Close()
 					return
 				}
 				relayed++
 			default:
-				h.close()
+				h.Close()
 			}
 		}
 		r.wg.Go(func() {
@@ -132,26 +136,34 @@ func Run(ctx context.Context, cfg *config.Config, lg *Logger, opt Options) (err 
 		}
 	}
 	if cfg.FE != nil {
-		var lns feListeners
+		var lns fe.Listeners
 		if in != nil {
-			lns = feListeners{VIP: in.VIP, Register: in.Register, Registered: in.Registered}
+			lns = fe.Listeners{VIP: in.VIP, Register: in.Register, Registered: in.Registered}
 			in.VIP, in.Register = nil, nil
 		}
-		if r.f, err = startFE(serve, cfg.FE, cfg.Global.Secret, r.m, log, lns); err != nil {
+		if r.f, err = fe.Start(serve, cfg.FE, cfg.Global.Secret, r.m, log, lns); err != nil {
 			closeHeads(heads)
 			return err
 		}
-		r.wg.Go(func() { r.f.run(serve, keep) })
+		r.wg.Go(func() { r.f.Run(serve, keep) })
 		for _, h := range heads {
-			r.f.front.Resume(keep, h)
+			r.f.Resume(keep, h)
 		}
 	} else {
 		closeHeads(heads)
 	}
 	if in != nil {
-		in.closeListeners()
+		in.CloseListeners()
 	}
-	r.wg.Go(func() { serveAdmin(keep, r.admin, r) })
+	adm := &admin.Server{Handle: r.command, Log: log,
+		Successor: func(ctx context.Context, c *net.UnixConn, force bool) {
+			select {
+			case r.handovers <- handoverReq{conn: c, force: force}: // Run owns c now
+			case <-ctx.Done():
+				c.Close()
+			}
+		}}
+	r.wg.Go(func() { adm.Serve(keep, r.admin) })
 
 	if opt.Ready != nil {
 		opt.Ready()
@@ -187,15 +199,14 @@ func Run(ctx context.Context, cfg *config.Config, lg *Logger, opt Options) (err 
 			return nil
 		case req := <-r.handovers:
 			if !req.force && !r.quitting.Load() {
-				sendFrame(req.conn, handoverFrame{Kind: "refused",
-					Reason: "it was not asked to quit (SIGQUIT); to replace it now, start the new one with -upgrade"}, nil)
+				handover.Refuse(req.conn, "it was not asked to quit (SIGQUIT); to replace it now, start the new one with -upgrade")
 				req.conn.Close()
 				continue
 			}
-			if err := r.handOver(req.conn, stopServe); err != nil {
+			if released, err := r.handOver(req.conn, stopServe); err != nil {
 				log.Error("handover failed", "op", "upgrade", "err", err)
 				req.conn.Close()
-				if r.admin == nil {
+				if released {
 					// Past the point of no return: what was released stays
 					// released. Exit leaving the kernel state.
 					keepState = true
@@ -219,10 +230,10 @@ func Run(ctx context.Context, cfg *config.Config, lg *Logger, opt Options) (err 
 func (r *runner) linger() {
 	var wg sync.WaitGroup
 	if r.f != nil {
-		wg.Go(func() { r.f.linger(r.cfg.FE.Drain) })
+		wg.Go(func() { r.f.Linger(r.cfg.FE.Drain) })
 	}
 	if r.b != nil {
-		wg.Go(func() { r.b.linger(r.cfg.BE.Drain) })
+		wg.Go(func() { r.b.Linger(r.cfg.BE.Drain) })
 	}
 	wg.Wait()
 }
@@ -245,8 +256,8 @@ type runner struct {
 	lg        *Logger
 	log       *slog.Logger
 	m         *metrics.Metrics
-	f         *fe
-	b         *be
+	f         *fe.FE
+	b         *be.BE
 	admin     net.Listener
 	stopMet   func()
 	wg        sync.WaitGroup
@@ -263,16 +274,16 @@ type handoverReq struct {
 // listen opens the admin socket and the metrics and pprof listeners:
 // those of which only one agent may hold the address.
 func (r *runner) listen(ctx context.Context) error {
-	admin, err := listenAdmin(r.cfg.Global.Admin)
+	ln, err := admin.Listen(r.cfg.Global.Admin)
 	if err != nil {
 		return err
 	}
 	stop, err := metrics.Serve(r.m, r.cfg.Global.Metrics, r.cfg.Global.Pprof, r.log)
 	if err != nil {
-		admin.Close()
+		ln.Close()
 		return err
 	}
-	r.admin, r.stopMet = admin, stop
+	r.admin, r.stopMet = ln, stop
 	return nil
 }
 
@@ -294,10 +305,10 @@ func (r *runner) drain(stopServe func()) {
 	stopServe()
 	var dwg sync.WaitGroup
 	if r.f != nil {
-		dwg.Go(func() { r.f.drain(r.cfg.FE.Drain) })
+		dwg.Go(func() { r.f.Drain(r.cfg.FE.Drain) })
 	}
 	if r.b != nil {
-		dwg.Go(func() { r.b.drain(r.cfg.BE.Drain) })
+		dwg.Go(func() { r.b.Drain(r.cfg.BE.Drain) })
 	}
 	dwg.Wait()
 }
@@ -305,10 +316,10 @@ func (r *runner) drain(stopServe func()) {
 // releaseAll lets go of everything only one agent may hold.
 func (r *runner) releaseAll() {
 	if r.f != nil {
-		r.f.release()
+		r.f.Release()
 	}
 	if r.b != nil {
-		r.b.release()
+		r.b.Release()
 	}
 	r.unlisten()
 }
@@ -318,22 +329,45 @@ func (r *runner) stop(keepState bool) error {
 	var errs []error
 	if keepState {
 		if r.f != nil {
-			r.f.handover()
+			r.f.Keep()
 		}
 		if r.b != nil {
-			r.b.handover()
+			r.b.Keep()
 		}
 		if r.f != nil || r.b != nil {
 			r.log.Info("handed over: tables and VIP left for the next agent", "op", "stop")
 		}
 	} else {
 		if r.f != nil {
-			errs = append(errs, r.f.stop())
+			errs = append(errs, r.f.Stop())
 		}
 		if r.b != nil {
-			errs = append(errs, r.b.stop())
+			errs = append(errs, r.b.Stop())
 		}
 	}
 	r.unlisten()
 	return errors.Join(errs...)
+}
+
+// handOver gives this agent's sockets to the successor on c (package
+// handover). released says whether it got past the point of no return.
+func (r *runner) handOver(c *net.UnixConn, stopServe func()) (released bool, err error) {
+	roles := handover.Roles{Log: r.log, Release: func() {
+		stopServe()
+		r.releaseAll()
+	}}
+	if r.f != nil {
+		lns := r.f.Sockets()
+		roles.Listeners = append(roles.Listeners, handover.Listener{Name: handover.ListenerVIP, Ln: lns.VIP})
+		if lns.Register != nil {
+			roles.Listeners = append(roles.Listeners, handover.Listener{Name: handover.ListenerRegister, Ln: lns.Register})
+		}
+		roles.Registered = lns.Registered
+		roles.FE = func() []frontend.HandedHead { return r.f.HandOver(stopServe) }
+	}
+	if r.b != nil {
+		roles.Listeners = append(roles.Listeners, handover.Listener{Name: handover.ListenerControl, Ln: r.b.Listener()})
+		roles.BE = r.b.HandOver
+	}
+	return handover.Give(c, roles)
 }

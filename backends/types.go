@@ -139,3 +139,51 @@ func (h *HostPattern) Match(host string) bool { return host != "" && h.re.MatchS
 
 // String is the pattern as written.
 func (h *HostPattern) String() string { return h.text }
+
+// CompileRule builds a rule from its parts as they travel between agents
+// (a cluster frame, a registration, an upgrade): the host and path
+// patterns as text (an empty one matches everything, but not both), the
+// policy as a name, empty for the table's.
+func CompileRule(targets []netip.Addr, local bool, policy, host, pattern string) (Rule, error) {
+	r := Rule{Targets: targets, Local: local, Policy: Policy(policy)}
+	if policy != "" {
+		if _, err := ParsePolicy(policy); err != nil {
+			return Rule{}, err
+		}
+	}
+	if host == "" && pattern == "" {
+		return Rule{}, errors.New("a rule needs a host or a path pattern")
+	}
+	if host != "" {
+		h, err := CompileHost(host)
+		if err != nil {
+			return Rule{}, fmt.Errorf("bad host pattern %q: %w", host, err)
+		}
+		r.Host = h
+	}
+	if pattern != "" {
+		re, err := regexp.Compile(pattern)
+		if err != nil {
+			return Rule{}, fmt.Errorf("bad regular expression %q: %w", pattern, err)
+		}
+		r.Pattern = re
+	}
+	return r, nil
+}
+
+// Registered builds the registration of the BE be: its server entry and
+// one rule per pattern, each naming only be.
+func Registered(be netip.AddrPort, weight int, patterns []string) (Registration, error) {
+	if weight > MaxWeight {
+		return Registration{}, fmt.Errorf("weight %d over %d", weight, MaxWeight)
+	}
+	reg := Registration{Server: Server{Addr: be.Addr(), Port: be.Port(), Weight: weight}}
+	for _, pat := range patterns {
+		r, err := CompileRule([]netip.Addr{be.Addr()}, false, "", "", pat)
+		if err != nil {
+			return Registration{}, err
+		}
+		reg.Rules = append(reg.Rules, r)
+	}
+	return reg, nil
+}

@@ -25,6 +25,7 @@ import (
 	"tcpha/handoff"
 	"tcpha/handoff/repair"
 	"tcpha/internal/gopool"
+	"tcpha/internal/netaddr"
 	"tcpha/metrics"
 	"tcpha/phttp"
 	"tcpha/relay"
@@ -126,7 +127,7 @@ func (s *Server) Serve(ctx, work context.Context, ln net.Listener) {
 		}
 		backoff = 0
 		tc := c.(*net.TCPConn)
-		client := addrPort(tc.RemoteAddr())
+		client := netaddr.AddrPort(tc.RemoteAddr())
 		if !s.takeHead(client.Addr()) {
 			// Past the caps the connection is closed at once: better than
 			// letting the slow ones make everyone wait.
@@ -202,7 +203,7 @@ func (s *Server) Handover(ctx context.Context) []HandedHead {
 // stood, under work.
 func (s *Server) Resume(work context.Context, h HandedHead) {
 	s.init()
-	client := addrPort(h.Conn.RemoteAddr())
+	client := netaddr.AddrPort(h.Conn.RemoteAddr())
 	s.reading.Add(1)
 	if s.Config.MaxHeadsPerSource > 0 {
 		v, _ := s.heads.LoadOrStore(client.Addr(), new(atomic.Int64))
@@ -380,13 +381,4 @@ func (s *Server) serveLocal(c *net.TCPConn, client netip.AddrPort, req *phttp.Re
 	s.Metrics.Handoffs.WithLabelValues("local").Inc()
 	s.Log.Debug("served by local node", "op", "local", "client", client.String(), "path", req.Path)
 	relay.Pipe(c, up.(*net.TCPConn))
-}
-
-func addrPort(a net.Addr) netip.AddrPort {
-	if ta, ok := a.(*net.TCPAddr); ok {
-		ap := ta.AddrPort()
-		return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
-	}
-	ap, _ := netip.ParseAddrPort(a.String())
-	return ap
 }

@@ -15,7 +15,6 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/netip"
-	"regexp"
 	"sync"
 	"time"
 
@@ -138,18 +137,7 @@ func decode(be netip.AddrPort, p []byte) (backends.Registration, error) {
 	if err := r.UnmarshalBinary(p); err != nil {
 		return backends.Registration{}, err
 	}
-	if r.Weight > backends.MaxWeight {
-		return backends.Registration{}, fmt.Errorf("weight %d over %d", r.Weight, backends.MaxWeight)
-	}
-	reg := backends.Registration{Server: backends.Server{Addr: be.Addr(), Port: be.Port(), Weight: int(r.Weight)}}
-	for _, pat := range r.Patterns {
-		re, err := regexp.Compile(pat)
-		if err != nil {
-			return backends.Registration{}, fmt.Errorf("bad regular expression %q: %v", pat, err)
-		}
-		reg.Rules = append(reg.Rules, backends.Rule{Targets: []netip.Addr{be.Addr()}, Pattern: re})
-	}
-	return reg, nil
+	return backends.Registered(be, int(r.Weight), r.Patterns)
 }
 
 // Client is the BE's side: it registers with each of its FEs and keeps

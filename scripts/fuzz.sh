@@ -10,7 +10,7 @@ targets=(
 	"./handoff/wire FuzzFrame"
 	"./handoff/wire FuzzHeld"
 	"./handoff/ctl FuzzHandshake"
-	"./agent FuzzParseMigration"
+	"./fe FuzzParseMigration"
 	"./phttp FuzzRead"
 	"./phttp FuzzRoutePath"
 	"./phttp FuzzParseRequest"

@@ -638,6 +638,7 @@ func TestMetricsAndControl(t *testing.T) {
 		{[]string{"drain"}, 1, "drain takes 1 argument"},
 		{[]string{"-o", "yaml", "status"}, 2, "usage"},
 		{[]string{}, 2, "usage"},
+		{[]string{"dtcinterval", "-5"}, 1, "not negative"},
 		{[]string{"dtcinterval", "2"}, 0, "dtcinterval 2s"},
 		{[]string{"loglevel", "5"}, 0, "loglevel 5"},
 	} {

@@ -37,6 +37,7 @@ import (
 
 	"tcpha/agent"
 	"tcpha/config"
+	"tcpha/handover"
 	"tcpha/internal/version"
 )
 
@@ -77,7 +78,7 @@ func main() {
 	}
 	// A plain start takes over from an agent that was asked to quit; with
 	// -upgrade, from any running agent.
-	in, err := agent.TakeOver(cfg.Global.Admin, *upgrade)
+	in, err := handover.TakeOver(cfg.Global.Admin, *upgrade)
 	if err != nil {
 		fail("tcpha-agent cannot start", err)
 	}

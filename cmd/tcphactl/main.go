@@ -7,7 +7,7 @@
 //	backends                each BE: AVAILABLE or NOTAVAILABLE, weight, load, handoffs, failures, last probe
 //	conns                   the FE's connection table
 //	loglevel N              0 (errors) to 6 (everything)
-//	dtcinterval SECONDS     the FE's probe interval; 0 turns detection off
+//	dtcinterval SECONDS     the FE's probe interval; 0 turns detection off (not negative)
 //	drain ADDR              no new connections to the BE; open ones finish
 //	enable ADDR             undo drain
 //	weight ADDR N           the BE's weight, until the next reload
@@ -19,7 +19,7 @@
 package main
 
 import (
-	"bufio"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -28,6 +28,7 @@ import (
 	"strings"
 	"time"
 
+	"tcpha/admin"
 	"tcpha/config"
 	"tcpha/internal/version"
 )
@@ -69,33 +70,21 @@ func main() {
 
 // run sends one request and copies the answer; it returns the exit code.
 func run(path, req string, stdout, stderr io.Writer) int {
-	c, err := net.DialTimeout("unix", path, 2*time.Second)
-	if err != nil {
+	out, err := admin.Do(path, req, 10*time.Second)
+	var refused *admin.RefusedError
+	var op *net.OpError
+	switch {
+	case errors.As(err, &refused):
+		fmt.Fprintf(stderr, "tcphactl: %s\n", refused.Why)
+		return 1
+	case errors.As(err, &op) && op.Op == "dial":
 		fmt.Fprintf(stderr, "tcphactl: %v (is tcpha-agent running?)\n", err)
 		return 1
-	}
-	defer c.Close()
-	c.SetDeadline(time.Now().Add(10 * time.Second))
-	if _, err := fmt.Fprintln(c, req); err != nil {
+	case err != nil:
 		fmt.Fprintf(stderr, "tcphactl: %v\n", err)
 		return 1
 	}
-	br := bufio.NewReader(c)
-	status, err := br.ReadString('\n')
-	if err != nil {
-		fmt.Fprintf(stderr, "tcphactl: no answer from the agent: %v\n", err)
-		return 1
-	}
-	status = strings.TrimSpace(status)
-	if why, failed := strings.CutPrefix(status, "error: "); failed {
-		fmt.Fprintf(stderr, "tcphactl: %s\n", why)
-		return 1
-	}
-	if status != "ok" {
-		fmt.Fprintf(stderr, "tcphactl: unexpected answer %q\n", status)
-		return 1
-	}
-	if _, err := io.Copy(stdout, br); err != nil {
+	if _, err := io.WriteString(stdout, out); err != nil {
 		fmt.Fprintf(stderr, "tcphactl: %v\n", err)
 		return 1
 	}

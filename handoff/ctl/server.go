@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"tcpha/handoff/wire"
+	"tcpha/internal/netaddr"
 )
 
 // Server accepts control sessions and bounds what a stranger can cost:
@@ -133,7 +134,7 @@ func (sv *Server) Serve(ctx context.Context, ln net.Listener) error {
 			continue
 		}
 		backoff = 0
-		src := remoteAddr(conn)
+		src := netaddr.AddrPort(conn.RemoteAddr()).Addr()
 		if sv.Member != nil && !sv.Member(src) {
 			sv.refuse(RefusedNotMember)
 			conn.Close()
@@ -323,12 +324,4 @@ func (sv *Server) Refused() map[string]int64 {
 		out[k] = v
 	}
 	return out
-}
-
-func remoteAddr(c net.Conn) netip.Addr {
-	if ta, ok := c.RemoteAddr().(*net.TCPAddr); ok {
-		return ta.AddrPort().Addr().Unmap()
-	}
-	ap, _ := netip.ParseAddrPort(c.RemoteAddr().String())
-	return ap.Addr().Unmap()
 }

@@ -26,6 +26,7 @@ import (
 	"time"
 
 	"tcpha/handoff/wire"
+	"tcpha/internal/netaddr"
 )
 
 // Handler serves the requests a peer starts on a session.
@@ -141,9 +142,7 @@ func newSession(cfg *Config, conn net.Conn, br *bufio.Reader, dialer bool) *Sess
 		goAwayCh: make(chan struct{}),
 		pending:  map[uint64]chan wire.Frame{},
 	}
-	if ap, err := netip.ParseAddrPort(conn.RemoteAddr().String()); err == nil {
-		s.Remote = netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
-	}
+	s.Remote = netaddr.AddrPort(conn.RemoteAddr())
 	s.log = cfg.Log.With("peer", s.Remote.String())
 	return s
 }

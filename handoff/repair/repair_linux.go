@@ -12,6 +12,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"tcpha/handoff/wire"
+	"tcpha/internal/netaddr"
 )
 
 // Dump puts conn into repair mode and reads its state. The bytes in
@@ -36,8 +37,8 @@ func Dump(conn *net.TCPConn, consumed []byte) (*wire.ConnInfo, error) {
 	if derr != nil {
 		return nil, derr
 	}
-	ci.Client = addrPort(conn.RemoteAddr())
-	ci.VIP = addrPort(conn.LocalAddr())
+	ci.Client = netaddr.AddrPort(conn.RemoteAddr())
+	ci.VIP = netaddr.AddrPort(conn.LocalAddr())
 	if len(consumed) > 0 {
 		ci.RcvSeq -= uint32(len(consumed))
 		ci.RecvQueue = append(append([]byte(nil), consumed...), ci.RecvQueue...)
@@ -440,15 +441,6 @@ func writeAll(fd int, b []byte) error {
 
 func sockaddr(ap netip.AddrPort) *unix.SockaddrInet4 {
 	return &unix.SockaddrInet4{Port: int(ap.Port()), Addr: ap.Addr().As4()}
-}
-
-func addrPort(a net.Addr) netip.AddrPort {
-	if ta, ok := a.(*net.TCPAddr); ok {
-		// An IPv4 socket's address comes back 4-in-6 mapped.
-		ap := ta.AddrPort()
-		return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
-	}
-	return netip.AddrPort{}
 }
 
 func getsockoptRaw(fd, level, opt int, buf []byte) (int, error) {

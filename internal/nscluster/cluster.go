@@ -11,7 +11,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -27,6 +26,8 @@ import (
 
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+
+	"tcpha/admin"
 )
 
 // Addresses inside the cluster. They exist only in the namespaces the
@@ -727,23 +728,9 @@ func (c *Cluster) StartDaemon(host, name string, args ...string) (*exec.Cmd, err
 
 // Admin sends a command to host's agent admin socket.
 func (c *Cluster) Admin(host, cmd string) (string, error) {
-	conn, err := net.DialTimeout("unix", c.AdminSocket(host), time.Second)
+	out, err := admin.Do(c.AdminSocket(host), cmd, 5*time.Second)
 	if err != nil {
-		return "", err
-	}
-	defer conn.Close()
-	conn.SetDeadline(time.Now().Add(5 * time.Second))
-	fmt.Fprintln(conn, cmd)
-	b, err := io.ReadAll(conn)
-	if err != nil {
-		return "", err
-	}
-	status, out, _ := strings.Cut(string(b), "\n")
-	if why, bad := strings.CutPrefix(status, "error: "); bad {
-		return "", fmt.Errorf("%s on %s: %s", cmd, host, why)
-	}
-	if status != "ok" {
-		return "", fmt.Errorf("%s on %s: unexpected answer %q", cmd, host, b)
+		return "", fmt.Errorf("%s on %s: %w", cmd, host, err)
 	}
 	return out, nil
 }

@@ -1,30 +1,6 @@
-package agent
-
-import (
-	"bufio"
-	"encoding/binary"
-	"encoding/json"
-	"errors"
-	"fmt"
-	"io"
-	"net"
-	"net/netip"
-	"os"
-	"regexp"
-	"strings"
-	"sync"
-	"syscall"
-	"time"
-
-	"golang.org/x/sys/unix"
-
-	"tcpha/backends"
-	"tcpha/frontend"
-	"tcpha/relay"
-)
-
-// An upgrade hands a running agent's sockets to its successor over the
-// admin socket, as HAProxy's `expose-fd listeners` does. The successor
+// Package handover is the upgrade protocol: it hands a running agent's
+// sockets to its successor over the admin socket, as HAProxy's
+// `expose-fd listeners` does. The successor
 // sends "upgrade" (tcpha-agent -upgrade: take over whatever the agent is
 // doing) or "takeover" (a plain start: take over only from an agent that
 // was asked to quit, SIGQUIT). The running agent answers with frames, each
@@ -45,31 +21,110 @@ import (
 //
 // or, refusing, one frame: refused, with the reason. A frame is a 4-byte
 // big-endian length and the JSON; its descriptors ride on the frame's
-// first byte. A predecessor that dies midway releases by dying.
+// first byte. A predecessor that dies midway releases by dying. A frame's
+// kind is a Kind and a listener's name a ListenerName: typed here, their
+// names on the wire, so that agents of different versions understand one
+// another.
+package handover
 
-// handoverFrame is one message of the upgrade.
-type handoverFrame struct {
-	Kind string `json:"kind"` // start, sessions, released, done, refused
+import (
+	"bufio"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"tcpha/admin"
+	"tcpha/backends"
+	"tcpha/frontend"
+	"tcpha/relay"
+)
+
+// Kind is what a frame says.
+type Kind uint8
+
+const (
+	KindStart    Kind = iota + 1 // the listeners and the FE's registered BEs
+	KindSessions                 // handed connections, with their descriptors
+	KindReleased                 // what only one agent may hold is free
+	KindDone                     // nothing follows
+	KindRefused                  // the agent does not hand over, and why
+)
+
+var kindNames = map[Kind]string{KindStart: "start", KindSessions: "sessions", KindReleased: "released",
+	KindDone: "done", KindRefused: "refused"}
+
+func (k Kind) String() string {
+	if n, ok := kindNames[k]; ok {
+		return n
+	}
+	return fmt.Sprintf("kind(%d)", uint8(k))
+}
+
+// MarshalText writes the kind's name, as the frames always carried it.
+func (k Kind) MarshalText() ([]byte, error) {
+	n, ok := kindNames[k]
+	if !ok {
+		return nil, fmt.Errorf("handover: unknown frame kind %d", uint8(k))
+	}
+	return []byte(n), nil
+}
+
+// UnmarshalText reads a kind's name; an unknown one is an error, so that
+// a frame this agent does not understand is never taken for another.
+func (k *Kind) UnmarshalText(b []byte) error {
+	for kind, n := range kindNames {
+		if n == string(b) {
+			*k = kind
+			return nil
+		}
+	}
+	return fmt.Errorf("handover: unknown frame kind %q", b)
+}
+
+// ListenerName says which listener a start frame's descriptor is.
+type ListenerName string
+
+const (
+	ListenerVIP      ListenerName = "vip"      // the FE's VIP:port
+	ListenerRegister ListenerName = "register" // the FE's registration port
+	ListenerControl  ListenerName = "control"  // the BE's control port
+)
+
+// frame is one message of the upgrade.
+type frame struct {
+	Kind Kind `json:"kind"`
 	// start: which listeners the descriptors are, in order, and the FE's
 	// registered BEs.
-	Listeners  []string             `json:"listeners,omitempty"`
-	Registered []handedRegistration `json:"registered,omitempty"`
+	Listeners  []ListenerName `json:"listeners,omitempty"`
+	Registered []registration `json:"registered,omitempty"`
 	// sessions: each takes one descriptor (the client), or two when
 	// Upstream is set.
-	Sessions []handedSession `json:"sessions,omitempty"`
+	Sessions []session `json:"sessions,omitempty"`
 	// refused: why.
 	Reason string `json:"reason,omitempty"`
 }
 
-// handedRegistration is a BE registered with the FE (seed 4.10): the
-// successor schedules it until the BE registers again with it.
-type handedRegistration struct {
+// registration is a BE registered with the FE (seed 4.10): the successor
+// schedules it until the BE registers again with it.
+type registration struct {
 	BE       netip.AddrPort `json:"be"`
 	Weight   int            `json:"weight"`
 	Patterns []string       `json:"patterns"`
 }
 
-type handedSession struct {
+type session struct {
 	// Head is set for an FE client still sending its request head: what
 	// was read of it, and by when the rest must come.
 	Head     []byte    `json:"head,omitempty"`
@@ -87,7 +142,7 @@ const (
 )
 
 // sendFrame writes f with the descriptors of files.
-func sendFrame(c *net.UnixConn, f handoverFrame, files []*os.File) error {
+func sendFrame(c *net.UnixConn, f frame, files []*os.File) error {
 	body, err := json.Marshal(f)
 	if err != nil {
 		return err
@@ -117,8 +172,8 @@ func sendFrame(c *net.UnixConn, f handoverFrame, files []*os.File) error {
 }
 
 // recvFrame reads one frame and the descriptors that came with it.
-func recvFrame(c *net.UnixConn) (handoverFrame, []*os.File, error) {
-	var f handoverFrame
+func recvFrame(c *net.UnixConn) (frame, []*os.File, error) {
+	var f frame
 	var hdr [4]byte
 	oob := make([]byte, unix.CmsgSpace(4*sessionsPerFrame*2+16))
 	n, oobn, _, _, err := c.ReadMsgUnix(hdr[:], oob)
@@ -179,10 +234,6 @@ type Inherited struct {
 	Registered             []backends.Registration
 }
 
-// ErrAgentRunning is TakeOver's answer when the agent at the admin socket
-// runs and was not asked to hand over.
-var ErrAgentRunning = errors.New("another agent is running there")
-
 // TakeOver asks the agent at adminPath to hand over, and returns its
 // listeners; Receive takes the rest. With force (tcpha-agent -upgrade) the
 // agent hands over whatever it is doing, and one must be running; without,
@@ -214,23 +265,19 @@ func TakeOver(adminPath string, force bool) (*Inherited, error) {
 	}
 	uc.SetDeadline(time.Time{})
 	defer closeAll(files)
-	if f.Kind == "refused" {
+	if f.Kind == KindRefused {
 		uc.Close()
-		return nil, fmt.Errorf("admin socket %s: %w (%s)", adminPath, ErrAgentRunning, f.Reason)
+		return nil, fmt.Errorf("admin socket %s: %w (%s)", adminPath, admin.ErrAgentRunning, f.Reason)
 	}
-	if f.Kind != "start" || len(f.Listeners) != len(files) {
+	if f.Kind != KindStart || len(f.Listeners) != len(files) {
 		uc.Close()
-		return nil, fmt.Errorf("admin socket %s: got %q with %d descriptors, want start with %d", adminPath, f.Kind, len(files), len(f.Listeners))
+		return nil, fmt.Errorf("admin socket %s: got %v with %d descriptors, want start with %d", adminPath, f.Kind, len(files), len(f.Listeners))
 	}
 	in := &Inherited{conn: uc}
 	for _, hr := range f.Registered {
-		reg := backends.Registration{Server: backends.Server{Addr: hr.BE.Addr(), Port: hr.BE.Port(), Weight: hr.Weight}}
-		for _, pat := range hr.Patterns {
-			re, err := regexp.Compile(pat)
-			if err != nil {
-				continue // the predecessor compiled it: not expected
-			}
-			reg.Rules = append(reg.Rules, backends.Rule{Targets: []netip.Addr{hr.BE.Addr()}, Pattern: re})
+		reg, err := backends.Registered(hr.BE, hr.Weight, hr.Patterns)
+		if err != nil {
+			continue // the predecessor compiled it: not expected
 		}
 		in.Registered = append(in.Registered, reg)
 	}
@@ -241,11 +288,11 @@ func TakeOver(adminPath string, force bool) (*Inherited, error) {
 			return nil, fmt.Errorf("upgrade: the %s listener: %w", name, err)
 		}
 		switch name {
-		case "vip":
+		case ListenerVIP:
 			in.VIP = ln
-		case "control":
+		case ListenerControl:
 			in.Control = ln
-		case "register":
+		case ListenerRegister:
 			in.Register = ln
 		default:
 			ln.Close()
@@ -254,21 +301,22 @@ func TakeOver(adminPath string, force bool) (*Inherited, error) {
 	return in, nil
 }
 
-// handed is one connection a predecessor handed over: an FE client still
+// Handed is one connection a predecessor handed over: an FE client still
 // sending its head, or a BE's relayed session.
-type handed struct {
-	head  *frontend.HandedHead
-	relay *relay.Handed
+type Handed struct {
+	Head  *frontend.HandedHead
+	Relay *relay.Handed
 }
 
-func (h handed) close() {
-	if h.head != nil {
-		h.head.Conn.Close()
+// Close closes the connection's sockets.
+func (h Handed) Close() {
+	if h.Head != nil {
+		h.Head.Conn.Close()
 	}
-	if h.relay != nil {
-		h.relay.Client.Close()
-		if h.relay.Upstream != nil {
-			h.relay.Upstream.Close()
+	if h.Relay != nil {
+		h.Relay.Client.Close()
+		if h.Relay.Upstream != nil {
+			h.Relay.Upstream.Close()
 		}
 	}
 }
@@ -277,7 +325,7 @@ func (h handed) close() {
 // the predecessor has let go of what only one agent may hold, until it is
 // done (or gone: a predecessor that dies midway releases by dying, and
 // released is then called on its way out).
-func (in *Inherited) Receive(take func(handed), released func()) error {
+func (in *Inherited) Receive(take func(Handed), released func()) error {
 	defer in.conn.Close()
 	rel := false
 	release := func() {
@@ -296,13 +344,13 @@ func (in *Inherited) Receive(take func(handed), released func()) error {
 			return fmt.Errorf("upgrade: %w", err)
 		}
 		switch f.Kind {
-		case "released":
+		case KindReleased:
 			closeAll(files)
 			release()
-		case "done":
+		case KindDone:
 			closeAll(files)
 			return nil
-		case "sessions":
+		case KindSessions:
 			i := 0
 			next := func() *net.TCPConn {
 				if i >= len(files) {
@@ -316,17 +364,17 @@ func (in *Inherited) Receive(take func(handed), released func()) error {
 				return c.(*net.TCPConn)
 			}
 			for _, s := range f.Sessions {
-				var h handed
+				var h Handed
 				client := next()
 				switch {
 				case client == nil:
 					continue
 				case s.IsHead:
-					h.head = &frontend.HandedHead{Conn: client, Read: s.Head, Deadline: s.Deadline}
+					h.Head = &frontend.HandedHead{Conn: client, Read: s.Head, Deadline: s.Deadline}
 				default:
-					h.relay = &relay.Handed{Client: client, State: s.State}
+					h.Relay = &relay.Handed{Client: client, State: s.State}
 					if s.Upstream {
-						if h.relay.Upstream = next(); h.relay.Upstream == nil {
+						if h.Relay.Upstream = next(); h.Relay.Upstream == nil {
 							client.Close()
 							continue
 						}
@@ -337,7 +385,7 @@ func (in *Inherited) Receive(take func(handed), released func()) error {
 			closeAll(files)
 		default:
 			closeAll(files)
-			return fmt.Errorf("upgrade: unexpected %q frame", f.Kind)
+			return fmt.Errorf("upgrade: unexpected %v frame", f.Kind)
 		}
 	}
 }
@@ -356,12 +404,12 @@ func (in *Inherited) Go() error {
 
 // Close gives up what was inherited and not yet used.
 func (in *Inherited) Close() {
-	in.closeListeners()
+	in.CloseListeners()
 	in.conn.Close()
 }
 
-// closeListeners closes the listeners no role took.
-func (in *Inherited) closeListeners() {
+// CloseListeners closes the listeners no role took.
+func (in *Inherited) CloseListeners() {
 	if in.VIP != nil {
 		in.VIP.Close()
 		in.VIP = nil
@@ -382,7 +430,7 @@ type sender struct {
 	c  *net.UnixConn
 }
 
-func (s *sender) frame(f handoverFrame, files []*os.File) error {
+func (s *sender) frame(f frame, files []*os.File) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return sendFrame(s.c, f, files)
@@ -390,10 +438,10 @@ func (s *sender) frame(f handoverFrame, files []*os.File) error {
 
 // send passes handed connections to the successor, 100 a frame, and closes
 // this process's copies.
-func (s *sender) send(hs []handed) error {
+func (s *sender) send(hs []Handed) error {
 	for start := 0; start < len(hs); start += sessionsPerFrame {
 		batch := hs[start:min(start+sessionsPerFrame, len(hs))]
-		f := handoverFrame{Kind: "sessions"}
+		f := frame{Kind: KindSessions}
 		var files []*os.File
 		add := func(c *net.TCPConn) error {
 			cf, err := c.File()
@@ -406,13 +454,13 @@ func (s *sender) send(hs []handed) error {
 		var err error
 		for _, h := range batch {
 			switch {
-			case h.head != nil:
-				f.Sessions = append(f.Sessions, handedSession{IsHead: true, Head: h.head.Read, Deadline: h.head.Deadline})
-				err = add(h.head.Conn)
+			case h.Head != nil:
+				f.Sessions = append(f.Sessions, session{IsHead: true, Head: h.Head.Read, Deadline: h.Head.Deadline})
+				err = add(h.Head.Conn)
 			default:
-				f.Sessions = append(f.Sessions, handedSession{Upstream: h.relay.Upstream != nil, State: h.relay.State})
-				if err = add(h.relay.Client); err == nil && h.relay.Upstream != nil {
-					err = add(h.relay.Upstream)
+				f.Sessions = append(f.Sessions, session{Upstream: h.Relay.Upstream != nil, State: h.Relay.State})
+				if err = add(h.Relay.Client); err == nil && h.Relay.Upstream != nil {
+					err = add(h.Relay.Upstream)
 				}
 			}
 			if err != nil {
@@ -424,7 +472,7 @@ func (s *sender) send(hs []handed) error {
 		}
 		closeAll(files)
 		for _, h := range batch {
-			h.close()
+			h.Close()
 		}
 		if err != nil {
 			return err
@@ -433,42 +481,58 @@ func (s *sender) send(hs []handed) error {
 	return nil
 }
 
-// handOver gives this agent's sockets to the successor on c and lets go of
-// what only one agent may hold. An error before the listeners went leaves
-// the agent serving as before; after, the agent is past the point of no
-// return and r.admin is nil.
-func (r *runner) handOver(c *net.UnixConn, stopServe func()) error {
+// Refuse tells a successor that this agent does not hand over, and why.
+func Refuse(c *net.UnixConn, reason string) error {
+	return sendFrame(c, frame{Kind: KindRefused, Reason: reason}, nil)
+}
+
+// Listener is one of the listeners a predecessor hands over.
+type Listener struct {
+	Name ListenerName
+	Ln   net.Listener
+}
+
+// Roles are what a predecessor hands over: its listeners and registered
+// BEs, and its roles' work. BE and FE, when set, stop the role's work and
+// return the connections to hand over; Release lets go of what only one
+// agent may hold.
+type Roles struct {
+	Listeners  []Listener
+	Registered []backends.Registration
+	BE         func() []relay.Handed
+	FE         func() []frontend.HandedHead
+	Release    func()
+	Log        *slog.Logger
+}
+
+// Give hands this agent's sockets to the successor on c. An error before
+// the successor said it started leaves the agent serving as before (and
+// Release uncalled); after, the agent is past the point of no return.
+func Give(c *net.UnixConn, r Roles) (released bool, err error) {
 	out := &sender{c: c}
 	var names []string
 	var files []*os.File
-	for _, l := range []struct {
-		name string
-		ln   net.Listener
-	}{{"vip", r.feListener()}, {"register", r.regListener()}, {"control", r.beListener()}} {
-		if l.ln == nil {
-			continue
-		}
-		f, err := l.ln.(*net.TCPListener).File()
+	first := frame{Kind: KindStart}
+	for _, l := range r.Listeners {
+		f, err := l.Ln.(*net.TCPListener).File()
 		if err != nil {
 			closeAll(files)
-			return fmt.Errorf("upgrade: the %s listener: %w", l.name, err)
+			return false, fmt.Errorf("upgrade: the %s listener: %w", l.Name, err)
 		}
-		names, files = append(names, l.name), append(files, f)
+		first.Listeners, files = append(first.Listeners, l.Name), append(files, f)
+		names = append(names, string(l.Name))
 	}
-	first := handoverFrame{Kind: "start", Listeners: names}
-	if r.f != nil {
-		for _, reg := range r.f.sched.Registrations() {
-			hr := handedRegistration{BE: reg.Server.AddrPort(), Weight: reg.Server.Weight}
-			for _, x := range reg.Rules {
-				hr.Patterns = append(hr.Patterns, x.Pattern.String())
-			}
-			first.Registered = append(first.Registered, hr)
+	for _, reg := range r.Registered {
+		hr := registration{BE: reg.Server.AddrPort(), Weight: reg.Server.Weight}
+		for _, x := range reg.Rules {
+			hr.Patterns = append(hr.Patterns, x.Pattern.String())
 		}
+		first.Registered = append(first.Registered, hr)
 	}
-	err := out.frame(first, files)
+	err = out.frame(first, files)
 	closeAll(files)
 	if err != nil {
-		return err
+		return false, err
 	}
 	// Nothing stops here before the new agent says it started: one that
 	// fails (a bad config, a missing capability) leaves this one serving.
@@ -476,53 +540,38 @@ func (r *runner) handOver(c *net.UnixConn, stopServe func()) error {
 	line, err := bufio.NewReader(c).ReadString('\n')
 	c.SetReadDeadline(time.Time{})
 	if err != nil || strings.TrimSpace(line) != "go" {
-		return fmt.Errorf("the new agent did not start (%q, %v); this one goes on serving", strings.TrimSpace(line), err)
+		return false, fmt.Errorf("the new agent did not start (%q, %v); this one goes on serving", strings.TrimSpace(line), err)
 	}
-	r.log.Info("handing over to a new agent", "op", "upgrade", "listeners", strings.Join(names, " "))
+	r.Log.Info("handing over to a new agent", "op", "upgrade", "listeners", strings.Join(names, " "))
 	start := time.Now()
 	var wg sync.WaitGroup
 	var beErr error
-	if r.b != nil {
+	if r.BE != nil {
 		wg.Go(func() {
-			hs := r.b.handOver()
+			relayed := r.BE()
+			hs := make([]Handed, len(relayed))
+			for i := range relayed {
+				hs[i] = Handed{Relay: &relayed[i]}
+			}
 			beErr = out.send(hs)
-			r.log.Info("relayed connections handed over", "op", "upgrade", "sessions", len(hs), "err", beErr)
+			r.Log.Info("relayed connections handed over", "op", "upgrade", "sessions", len(hs), "err", beErr)
 		})
 	}
 	var feErr error
-	if r.f != nil {
-		hs := r.f.handOver(stopServe)
+	if r.FE != nil {
+		heads := r.FE()
+		hs := make([]Handed, len(heads))
+		for i := range heads {
+			hs[i] = Handed{Head: &heads[i]}
+		}
 		feErr = out.send(hs)
-		r.log.Info("clients still sending their heads handed over", "op", "upgrade", "heads", len(hs), "err", feErr)
-	} else {
-		stopServe()
+		r.Log.Info("clients still sending their heads handed over", "op", "upgrade", "heads", len(hs), "err", feErr)
 	}
-	r.releaseAll()
-	relErr := out.frame(handoverFrame{Kind: "released"}, nil)
+	r.Release()
+	relErr := out.frame(frame{Kind: KindReleased}, nil)
 	wg.Wait()
-	doneErr := out.frame(handoverFrame{Kind: "done"}, nil)
+	doneErr := out.frame(frame{Kind: KindDone}, nil)
 	c.Close()
-	r.log.Info("handed over", "op", "upgrade", "took", time.Since(start).Round(time.Millisecond))
-	return errors.Join(feErr, beErr, relErr, doneErr)
-}
-
-func (r *runner) feListener() net.Listener {
-	if r.f == nil {
-		return nil
-	}
-	return r.f.ln
-}
-
-func (r *runner) regListener() net.Listener {
-	if r.f == nil || r.f.regLn == nil {
-		return nil
-	}
-	return r.f.regLn
-}
-
-func (r *runner) beListener() net.Listener {
-	if r.b == nil {
-		return nil
-	}
-	return r.b.ln
+	r.Log.Info("handed over", "op", "upgrade", "took", time.Since(start).Round(time.Millisecond))
+	return true, errors.Join(feErr, beErr, relErr, doneErr)
 }

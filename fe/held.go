@@ -1,4 +1,4 @@
-package agent
+package fe
 
 import (
 	"context"
@@ -69,7 +69,7 @@ func (h *heldAsks) take() []netip.AddrPort {
 
 // heldLoop asks BEs what they hold: those whose session came up, and every
 // heldEvery all of them.
-func (f *fe) heldLoop(ctx context.Context) {
+func (f *FE) heldLoop(ctx context.Context) {
 	t := time.NewTicker(heldEvery)
 	defer t.Stop()
 	kick := f.held.signal()
@@ -91,7 +91,7 @@ func (f *fe) heldLoop(ctx context.Context) {
 
 // askHeld asks be which flows it holds and ends the rows of be it does not
 // hold that were handed off before the question.
-func (f *fe) askHeld(ctx context.Context, be netip.AddrPort) {
+func (f *FE) askHeld(ctx context.Context, be netip.AddrPort) {
 	asked := time.Now()
 	actx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	held, err := f.client.Held(actx, be)

@@ -1,4 +1,4 @@
-package agent
+package netif
 
 import (
 	"errors"
@@ -8,68 +8,15 @@ import (
 	"sync"
 	"time"
 
-	"github.com/google/nftables"
 	"github.com/mdlayher/arp"
 	"github.com/mdlayher/ethernet"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
-
-	"tcpha/nft"
 )
 
-// installed is what a role put in the kernel: its nft table, on a lasting
-// netlink connection, and the VIP.
-type installed struct {
-	nftc *nftables.Conn
-	rs   *nft.Ruleset
-	vip  *vipAddr
-}
-
-// openNFT opens the lasting netlink connection a role's table lives on.
-// Lasting, because opening a socket per transaction made each handoff's
-// element update cost 8-24 ms instead of 10-60 µs (measured in a namespace,
-// docs/performance.md).
-func openNFT() (*nftables.Conn, error) {
-	c, err := nftables.New(nftables.AsLasting())
-	if err != nil {
-		return nil, fmt.Errorf("open nftables: %w", err)
-	}
-	return c, nil
-}
-
-// undo removes the table and the VIP (if the agent added it) and closes the
-// nft connection. It is idempotent.
-func (in *installed) undo() error {
-	var errs []error
-	if err := in.vip.Remove(); err != nil {
-		errs = append(errs, err)
-	}
-	if in.nftc != nil && in.rs != nil {
-		if err := nft.Remove(in.nftc, in.rs.Table); err != nil {
-			errs = append(errs, err)
-		}
-		in.rs = nil
-	}
-	if in.nftc != nil {
-		in.nftc.CloseLasting()
-		in.nftc = nil
-	}
-	return errors.Join(errs...)
-}
-
-// keep closes the nft connection but leaves the table and the VIP in the
-// kernel, for the next agent to adopt.
-func (in *installed) keep() {
-	if in.nftc != nil {
-		in.nftc.CloseLasting()
-		in.nftc = nil
-	}
-	in.rs = nil
-}
-
-// vipAddr is a VIP the agent put on an interface. Remove deletes it only if
+// VIP is a VIP the agent put on an interface. Remove deletes it only if
 // the agent added it: an address the operator configured stays.
-type vipAddr struct {
+type VIP struct {
 	link  netlink.Link
 	addr  *netlink.Addr
 	added bool
@@ -91,9 +38,9 @@ func addrList(link netlink.Link) ([]netlink.Addr, error) {
 	return nil, err
 }
 
-// linkOf returns the interface that holds addr; for an unspecified addr,
+// LinkOf returns the interface that holds addr; for an unspecified addr,
 // the one the default route leaves through.
-func linkOf(addr netip.Addr) (netlink.Link, error) {
+func LinkOf(addr netip.Addr) (netlink.Link, error) {
 	if !addr.IsValid() || addr.IsUnspecified() {
 		routes, err := netlink.RouteGet(net.IPv4(192, 0, 2, 1)) // TEST-NET-1: any off-link address
 		if err != nil || len(routes) == 0 {
@@ -124,12 +71,12 @@ func vipLabel(link netlink.Link) string {
 	return l
 }
 
-// addVIP puts vip/32 on link unless it is already there. An address that
+// AddVIP puts vip/32 on link unless it is already there. An address that
 // carries tcpha's label counts as added by the agent.
-func addVIP(link netlink.Link, vip netip.Addr) (*vipAddr, error) {
+func AddVIP(link netlink.Link, vip netip.Addr) (*VIP, error) {
 	label := vipLabel(link)
 	a := &netlink.Addr{IPNet: &net.IPNet{IP: vip.AsSlice(), Mask: net.CIDRMask(32, 32)}, Label: label}
-	v := &vipAddr{link: link, addr: a}
+	v := &VIP{link: link, addr: a}
 	addrs, err := addrList(link)
 	if err != nil {
 		return nil, fmt.Errorf("list addresses of %s: %w", link.Attrs().Name, err)
@@ -148,7 +95,7 @@ func addVIP(link netlink.Link, vip netip.Addr) (*vipAddr, error) {
 }
 
 // Remove deletes the VIP if the agent added it. It is idempotent.
-func (v *vipAddr) Remove() error {
+func (v *VIP) Remove() error {
 	if v == nil || !v.added {
 		return nil
 	}
@@ -159,9 +106,9 @@ func (v *vipAddr) Remove() error {
 	return nil
 }
 
-// announce sends a gratuitous ARP for vip from link, so neighbours that
+// Announce sends a gratuitous ARP for vip from link, so neighbours that
 // cached another MAC for it (a previous FE) switch to this one.
-func announce(link netlink.Link, vip netip.Addr) error {
+func Announce(link netlink.Link, vip netip.Addr) error {
 	ifi, err := net.InterfaceByIndex(link.Attrs().Index)
 	if err != nil {
 		return fmt.Errorf("gratuitous ARP: %w", err)
@@ -181,11 +128,11 @@ func announce(link netlink.Link, vip netip.Addr) error {
 	return nil
 }
 
-// localAddrs knows this host's own IPv4 addresses and its subnets'
+// LocalAddrs knows this host's own IPv4 addresses and its subnets'
 // broadcast addresses, so a handoff aimed at one is refused. It is read
 // once and again every refresh interval: addresses rarely change, and an
 // offer must not wait for a netlink dump.
-type localAddrs struct {
+type LocalAddrs struct {
 	mu   sync.Mutex
 	set  map[netip.Addr]bool
 	read time.Time
@@ -193,15 +140,16 @@ type localAddrs struct {
 
 const localAddrsRefresh = 10 * time.Second
 
-func newLocalAddrs() (*localAddrs, error) {
-	l := &localAddrs{}
+// NewLocalAddrs reads this host's addresses.
+func NewLocalAddrs() (*LocalAddrs, error) {
+	l := &LocalAddrs{}
 	if err := l.refresh(); err != nil {
 		return nil, err
 	}
 	return l, nil
 }
 
-func (l *localAddrs) refresh() error {
+func (l *LocalAddrs) refresh() error {
 	addrs, err := addrList(nil)
 	if err != nil {
 		return fmt.Errorf("list this host's addresses: %w", err)
@@ -226,7 +174,7 @@ func (l *localAddrs) refresh() error {
 }
 
 // Has tells whether a is one of this host's addresses.
-func (l *localAddrs) Has(a netip.Addr) bool {
+func (l *LocalAddrs) Has(a netip.Addr) bool {
 	l.mu.Lock()
 	stale := time.Since(l.read) > localAddrsRefresh
 	if stale {
@@ -238,12 +186,4 @@ func (l *localAddrs) Has(a netip.Addr) bool {
 		go l.refresh()
 	}
 	return has
-}
-
-func addrOf(a net.Addr) netip.Addr {
-	if ta, ok := a.(*net.TCPAddr); ok {
-		return ta.AddrPort().Addr().Unmap()
-	}
-	ap, _ := netip.ParseAddrPort(a.String())
-	return ap.Addr().Unmap()
 }

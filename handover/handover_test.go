@@ -1,16 +1,22 @@
-package agent
+package handover
 
 import (
 	"bufio"
+	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
+	"log/slog"
 	"net"
-	"os"
+	"net/netip"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
+	"tcpha/admin"
+	"tcpha/backends"
 	"tcpha/frontend"
 	"tcpha/internal/testnet"
 	"tcpha/relay"
@@ -57,27 +63,20 @@ func TestHandoverFrames(t *testing.T) {
 			sent <- errors.New("command " + cmd)
 			return
 		}
-		f, _ := ctlLn.(*net.TCPListener).File()
-		if err := sendFrame(c, handoverFrame{Kind: "start", Listeners: []string{"control"}}, []*os.File{f}); err != nil {
-			sent <- err
-			return
-		}
-		f.Close()
-		line, _ := bufio.NewReader(c).ReadString('\n')
-		if line != "go\n" {
-			sent <- errors.New("no go: " + line)
-			return
-		}
-		out := &sender{c: c}
-		err := out.send([]handed{
-			{head: &frontend.HandedHead{Conn: headConn, Read: []byte("GET / HT"), Deadline: deadline}},
-			{relay: &relay.Handed{Client: relayConn, Upstream: upConn, State: state}},
+		reg, _ := backends.Registered(netip.MustParseAddrPort("10.0.0.12:666"), 3, []string{`\.jpg$`})
+		var released atomic.Bool
+		gave, err := Give(c, Roles{
+			Listeners:  []Listener{{ListenerControl, ctlLn}},
+			Registered: []backends.Registration{reg},
+			BE:         func() []relay.Handed { return []relay.Handed{{Client: relayConn, Upstream: upConn, State: state}} },
+			FE: func() []frontend.HandedHead {
+				return []frontend.HandedHead{{Conn: headConn, Read: []byte("GET / HT"), Deadline: deadline}}
+			},
+			Release: func() { released.Store(true) },
+			Log:     slog.New(slog.NewTextHandler(io.Discard, nil)),
 		})
-		if err == nil {
-			err = out.frame(handoverFrame{Kind: "released"}, nil)
-		}
-		if err == nil {
-			err = out.frame(handoverFrame{Kind: "done"}, nil)
+		if err == nil && (!gave || !released.Load()) {
+			err = fmt.Errorf("gave %v, released %v", gave, released.Load())
 		}
 		sent <- err
 	})
@@ -88,21 +87,37 @@ func TestHandoverFrames(t *testing.T) {
 	if in.Control == nil || in.VIP != nil {
 		t.Fatalf("listeners: control %v vip %v", in.Control, in.VIP)
 	}
+	if len(in.Registered) != 1 || in.Registered[0].Server.Weight != 3 || !in.Registered[0].Rules[0].Pattern.MatchString("/a.jpg") {
+		t.Errorf("registered: %+v", in.Registered)
+	}
 	if err := in.Go(); err != nil {
 		t.Fatal(err)
 	}
-	var got []handed
+	var got []Handed
 	released := false
-	if err := in.Receive(func(h handed) { got = append(got, h) }, func() { released = true }); err != nil {
+	if err := in.Receive(func(h Handed) { got = append(got, h) }, func() { released = true }); err != nil {
 		t.Fatal(err)
 	}
 	if err := <-sent; err != nil {
 		t.Fatal(err)
 	}
-	if !released || len(got) != 2 || got[0].head == nil || got[1].relay == nil {
+	if !released || len(got) != 2 {
 		t.Fatalf("released %v, got %+v", released, got)
 	}
-	h, r := got[0].head, got[1].relay
+	// The BE's and the FE's connections go in parallel: either may come first.
+	var h *frontend.HandedHead
+	var r *relay.Handed
+	for _, x := range got {
+		if x.Head != nil {
+			h = x.Head
+		}
+		if x.Relay != nil {
+			r = x.Relay
+		}
+	}
+	if h == nil || r == nil {
+		t.Fatalf("got %+v", got)
+	}
 	if string(h.Read) != "GET / HT" || !h.Deadline.Equal(deadline) {
 		t.Errorf("head: %q by %v, want %q by %v", h.Read, h.Deadline, "GET / HT", deadline)
 	}
@@ -129,16 +144,16 @@ func TestHandoverFrames(t *testing.T) {
 	} else {
 		c.Close()
 	}
-	in.closeListeners()
+	in.CloseListeners()
 }
 
 // A plain start takes over only from an agent that agrees, and finds no
 // agent where nobody answers; -upgrade needs one.
 func TestTakeOverRefusedOrAbsent(t *testing.T) {
 	path := fakeAgent(t, func(c *net.UnixConn, cmd string) {
-		sendFrame(c, handoverFrame{Kind: "refused", Reason: "not asked to quit"}, nil)
+		Refuse(c, "not asked to quit")
 	})
-	if _, err := TakeOver(path, false); !errors.Is(err, ErrAgentRunning) || !strings.Contains(err.Error(), "not asked to quit") {
+	if _, err := TakeOver(path, false); !errors.Is(err, admin.ErrAgentRunning) || !strings.Contains(err.Error(), "not asked to quit") {
 		t.Errorf("refused: %v", err)
 	}
 	none := filepath.Join(t.TempDir(), "none.sock")
@@ -147,5 +162,29 @@ func TestTakeOverRefusedOrAbsent(t *testing.T) {
 	}
 	if _, err := TakeOver(none, true); err == nil || !strings.Contains(err.Error(), "no running agent") {
 		t.Errorf("no agent, -upgrade: %v", err)
+	}
+}
+
+// The frames' kinds and listener names travel as the names agents of
+// earlier versions wrote, so that an upgrade works across versions; an
+// unknown kind is refused, never taken for another.
+func TestFrameWire(t *testing.T) {
+	b, err := json.Marshal(frame{Kind: KindStart, Listeners: []ListenerName{ListenerVIP, ListenerRegister}})
+	if err != nil || string(b) != `{"kind":"start","listeners":["vip","register"]}` {
+		t.Errorf("start frame: %s %v", b, err)
+	}
+	for k := KindStart; k <= KindRefused; k++ {
+		var back frame
+		b, err := json.Marshal(frame{Kind: k})
+		if err != nil || json.Unmarshal(b, &back) != nil || back.Kind != k {
+			t.Errorf("%v: %s %v, back %v", k, b, err, back.Kind)
+		}
+	}
+	var f frame
+	if err := json.Unmarshal([]byte(`{"kind":"restart"}`), &f); err == nil {
+		t.Errorf("unknown kind read as %v", f.Kind)
+	}
+	if _, err := json.Marshal(frame{}); err == nil {
+		t.Error("a frame without a kind was written")
 	}
 }

@@ -1,4 +1,4 @@
-package agent
+package fe
 
 import (
 	"net/netip"

@@ -1,4 +1,11 @@
-package agent
+// Package fe is the front end's wiring: it owns the VIP, reads each
+// connection's first request (frontend), hands the connection to the BE its
+// rule picks (handoff), forwards the client's later packets in the kernel
+// (nft), and keeps its BEs' state (backends): detection, registrations,
+// the cluster frame, migrations, drain. Its decisions are methods over
+// small interfaces (Forwarding, Peers, Mover) and pure functions, tested
+// without root; Start is where the kernel comes in.
+package fe
 
 import (
 	"context"
@@ -24,32 +31,57 @@ import (
 	"tcpha/handoff/ctl"
 	"tcpha/handoff/wire"
 	"tcpha/metrics"
+	"tcpha/netif"
 	"tcpha/nft"
 	"tcpha/queue"
 	"tcpha/register"
 )
 
-// fe is the front end: it owns the VIP, reads each connection's first
+// Forwarding is the FE's forwarding of handed-off clients in the kernel:
+// nft.Flows, the one owner of the FE table's sets.
+type Forwarding interface {
+	handoff.Flows
+	// Run carries out the edits until ctx ends.
+	Run(ctx context.Context)
+	// UnforwardIf and Remove end a flow's forwarding (its mark; its
+	// element too), if still holds when the edit is made.
+	UnforwardIf(ctx context.Context, flow netip.AddrPort, still func() bool) error
+	Remove(ctx context.Context, flow netip.AddrPort, still func() bool) error
+	// Forwarded is what the kernel forwarded so far.
+	Forwarded(ctx context.Context) (packets, bytes uint64, err error)
+}
+
+// Peers is how the FE asks its BEs over the control sessions
+// (handoff.Client).
+type Peers interface {
+	handoff.Peer
+	Probe(ctx context.Context, be netip.AddrPort) (wire.Health, error)
+	Reset(ctx context.Context, be, client netip.AddrPort) error
+	Held(ctx context.Context, be netip.AddrPort) (map[netip.AddrPort]bool, error)
+}
+
+// FE is the front end: it owns the VIP, reads each connection's first
 // request, and hands the connection to the BE its rule picks.
-type fe struct {
+type FE struct {
 	cfg *config.FE
 	log *slog.Logger
-	installed
-	flows *nft.Flows
+	// owned is the FE's table; vip the VIP, if the agent added it.
+	owned nft.Owned
+	vip   *netif.VIP
+	flows Forwarding
 	table *conntab.Table
 	sched *backends.Scheduler
 	// dtc is the detection interval, changed at run time by tcphactl.
 	dtc    atomic.Int64
 	pool   *ctl.Pool
-	client *handoff.Client
+	client Peers
 	sender *handoff.Sender
 	ln     net.Listener
 	reader *queue.Reader
 	obs    *queue.Observer
 	reaper *conntab.Reaper
-	// sets is the reaper's reader of the flow sets, on setsc: a netlink
-	// socket of its own.
-	sets  *nft.Reader
+	// setsc is the reaper's netlink socket, its own: its reads of the
+	// flow sets never wait behind the handoffs' edits.
 	setsc *nftables.Conn
 	qmode nft.QueueMode
 	// adopted: the table was a predecessor's, with its clients' forwarding.
@@ -70,9 +102,9 @@ type fe struct {
 	// change.
 	clusterKick chan struct{}
 	phttp       atomic.Uint32
-	// mover carries out the migrations BEs ask for (migrate.go), once
+	// mover carries out the migrations BEs ask for (move.go), once
 	// the FE is up; moves bounds them.
-	mover atomic.Pointer[handoff.Sender]
+	mover atomic.Pointer[Mover]
 	moves chan struct{}
 	// running is set once the FE runs (clusterLoop): from then on a new
 	// session gets the cluster frame at once.
@@ -86,7 +118,7 @@ type fe struct {
 // the VIP, and only with [fe] dregister = 1 (the config then holds the
 // cluster secret and a real address). Without it no port is open to
 // strangers (issue 19: every stranger's connection cost a log line).
-func (f *fe) listenRegister(ctx context.Context, secret []byte, lns feListeners) error {
+func (f *FE) listenRegister(ctx context.Context, secret []byte, lns Listeners) error {
 	ln := lns.Register
 	cfg := f.cfg
 	if !cfg.DRegister || len(secret) == 0 || cfg.RAddr.IsUnspecified() {
@@ -141,21 +173,28 @@ func (f *fe) listenRegister(ctx context.Context, secret []byte, lns feListeners)
 	return nil
 }
 
-// feListeners are the FE's listening sockets a predecessor handed over.
-type feListeners struct {
+// Listeners are the FE's listening sockets a predecessor handed over.
+type Listeners struct {
 	VIP, Register net.Listener
 	// Registered are the predecessor's registered BEs.
 	Registered []backends.Registration
 }
 
-// startFE starts the front end on the listeners a predecessor handed over,
-// or on new ones.
-func startFE(ctx context.Context, cfg *config.FE, secret []byte, m *metrics.Metrics, log *slog.Logger, lns feListeners) (*fe, error) {
-	f := &fe{cfg: cfg, log: log.With("role", "fe"), table: conntab.New(), m: m, served: make(chan struct{}),
+// newFE is an FE of cfg with nothing in the kernel yet: its scheduling,
+// its connection table and its bounds.
+func newFE(cfg *config.FE, m *metrics.Metrics, log *slog.Logger) *FE {
+	f := &FE{cfg: cfg, log: log.With("role", "fe"), table: conntab.New(), m: m, served: make(chan struct{}),
 		clusterKick: make(chan struct{}, 1), moves: make(chan struct{}, maxMoves)}
 	f.phttp.Store(uint32(phttpMode(cfg.PHTTP)))
 	f.dtc.Store(int64(cfg.DtcInterval))
 	f.sched = backends.NewScheduler(cfg.Table(), backends.Options{Rise: cfg.Rise, Fall: cfg.Fall, Live: f.table.Live})
+	return f
+}
+
+// Start starts the front end on the listeners a predecessor handed over,
+// or on new ones.
+func Start(ctx context.Context, cfg *config.FE, secret []byte, m *metrics.Metrics, log *slog.Logger, lns Listeners) (*FE, error) {
+	f := newFE(cfg, m, log)
 	ok := false
 	defer func() {
 		if !ok && f.setsc != nil {
@@ -165,9 +204,9 @@ func startFE(ctx context.Context, cfg *config.FE, secret []byte, m *metrics.Metr
 		case ok:
 		case f.adopted:
 			// A predecessor's forwarding is serving clients: leave it.
-			f.handover()
+			f.Keep()
 		default:
-			f.stop()
+			f.Stop()
 		}
 	}()
 	var err error
@@ -181,7 +220,7 @@ func startFE(ctx context.Context, cfg *config.FE, secret []byte, m *metrics.Metr
 	if f.reader, err = queue.Open(cfg.QueueNum, f.log, f.obs.Handle); err != nil {
 		return nil, fmt.Errorf("fe: %w (another agent in this network namespace? set [fe] queuenum)", err)
 	}
-	if f.nftc, err = openNFT(); err != nil {
+	if f.owned.Conn, err = nft.OpenLasting(); err != nil {
 		return nil, fmt.Errorf("fe: %w", err)
 	}
 	// The forwarding table goes in before the VIP, so the first packet for
@@ -189,14 +228,14 @@ func startFE(ctx context.Context, cfg *config.FE, secret []byte, m *metrics.Metr
 	if err := f.installTable(); err != nil {
 		return nil, fmt.Errorf("fe: %w", err)
 	}
-	link, err := linkOf(cfg.RAddr)
+	link, err := netif.LinkOf(cfg.RAddr)
 	if err != nil {
 		return nil, fmt.Errorf("fe: %w", err)
 	}
-	if f.vip, err = addVIP(link, cfg.VAddr); err != nil {
+	if f.vip, err = netif.AddVIP(link, cfg.VAddr); err != nil {
 		return nil, fmt.Errorf("fe: %w", err)
 	}
-	if err := announce(link, cfg.VAddr); err != nil {
+	if err := netif.Announce(link, cfg.VAddr); err != nil {
 		// Not fatal: neighbours still learn the VIP by asking for it.
 		f.log.Warn("gratuitous ARP not sent", "op", "vip", "err", err)
 	} else {
@@ -207,41 +246,13 @@ func startFE(ctx context.Context, cfg *config.FE, secret []byte, m *metrics.Metr
 			return nil, fmt.Errorf("fe: listen on VIP %v: %w", vip, err)
 		}
 	}
-	f.flows = nft.NewFlows(f.nftc, f.rs)
+	f.flows = nft.NewFlows(f.owned.Conn, f.owned.Rules)
 	// The reaper reads on a socket of its own: its reads never wait
 	// behind the handoffs' edits, nor they behind its reads.
-	if f.setsc, err = openNFT(); err != nil {
+	if f.setsc, err = nft.OpenLasting(); err != nil {
 		return nil, fmt.Errorf("fe: %w", err)
 	}
-	f.sets = nft.NewReader(f.setsc, f.rs)
-	// The reaper's removals are conditional on the table, checked by the
-	// nft owner in order with the handoffs' edits.
-	skipped := func(err error) error {
-		if errors.Is(err, nft.ErrSkipped) {
-			return conntab.ErrSkippedEdit
-		}
-		return err
-	}
-	f.reaper = &conntab.Reaper{
-		Table: f.table,
-		Unforward: func(ctx context.Context, flow netip.AddrPort, still func() bool) error {
-			return skipped(f.flows.UnforwardIf(ctx, flow, still))
-		},
-		Remove: func(ctx context.Context, flow netip.AddrPort, still func() bool) error {
-			return skipped(f.flows.Remove(ctx, flow, still))
-		},
-		Forwarded: func(context.Context) (map[netip.AddrPort]netip.Addr, error) {
-			return f.sets.Members(nft.MapForward)
-		},
-		Forwarding: func(_ context.Context, flow netip.AddrPort) (bool, error) {
-			return f.sets.Has(nft.MapForward, flow)
-		},
-		Alive: func(_ context.Context, flow netip.AddrPort) (bool, error) {
-			return f.sets.Has(nft.SetAlive, flow)
-		},
-		Idle: cfg.IdleTimeout, Tick: min(time.Second, cfg.TimeWait),
-		IdleEvery: min(max(cfg.IdleTimeout/4, time.Second), time.Minute), Log: f.log,
-	}
+	f.reaper = f.newReaper(nft.NewReader(f.setsc, f.owned.Rules))
 	f.pool = ctl.NewPool(&ctl.Config{
 		Secret:  secret,
 		Local:   wire.Hello{Role: wire.RoleFE, Addr: netip.AddrPortFrom(cfg.RAddr, 0), VIP: vip},
@@ -271,7 +282,7 @@ func startFE(ctx context.Context, cfg *config.FE, secret []byte, m *metrics.Metr
 	f.waitSessions(2 * time.Second)
 	f.client = &handoff.Client{Pool: f.pool}
 	f.sender = &handoff.Sender{
-		Capacity: flowCapacity(f.rs),
+		Capacity: flowCapacity(f.owned.Rules),
 		Flows:    f.flows, Peer: f.client, Table: f.table, Log: f.log,
 		Timeout: cfg.HandoffTimeout, Now: time.Now,
 		Result: func(be netip.AddrPort, err error) {
@@ -282,7 +293,8 @@ func startFE(ctx context.Context, cfg *config.FE, secret []byte, m *metrics.Metr
 			}
 		},
 	}
-	f.mover.Store(f.sender)
+	var mover Mover = f.sender
+	f.mover.Store(&mover)
 	if err := f.listenRegister(ctx, secret, lns); err != nil {
 		return nil, fmt.Errorf("fe: %w", err)
 	}
@@ -293,11 +305,50 @@ func startFE(ctx context.Context, cfg *config.FE, secret []byte, m *metrics.Metr
 		},
 		Route: f.sched.Route, Sender: f.sender, Metrics: m, Log: f.log,
 	}
-	m.Registry.MustRegister(feCollector{f})
+	m.Registry.MustRegister(collector{f})
 	ok = true
 	f.log.Info("front end ready", "op", "start", "vip", vip.String(), "interface", link.Attrs().Name,
 		"servers", len(cfg.Servers), "rules", len(cfg.Rules))
 	return f, nil
+}
+
+// SetReader reads the FE table's flow sets (nft.Reader).
+type SetReader interface {
+	Members(set string) (map[netip.AddrPort]netip.Addr, error)
+	Has(set string, flow netip.AddrPort) (bool, error)
+}
+
+// newReaper is the reaper of the FE's connection table: its removals are
+// conditional on the table, checked by the forwarding's owner in order
+// with the handoffs' edits; its reads go to sets.
+func (f *FE) newReaper(sets SetReader) *conntab.Reaper {
+	cfg := f.cfg
+	skipped := func(err error) error {
+		if errors.Is(err, nft.ErrSkipped) {
+			return conntab.ErrSkippedEdit
+		}
+		return err
+	}
+	return &conntab.Reaper{
+		Table: f.table,
+		Unforward: func(ctx context.Context, flow netip.AddrPort, still func() bool) error {
+			return skipped(f.flows.UnforwardIf(ctx, flow, still))
+		},
+		Remove: func(ctx context.Context, flow netip.AddrPort, still func() bool) error {
+			return skipped(f.flows.Remove(ctx, flow, still))
+		},
+		Forwarded: func(context.Context) (map[netip.AddrPort]netip.Addr, error) {
+			return sets.Members(nft.MapForward)
+		},
+		Forwarding: func(_ context.Context, flow netip.AddrPort) (bool, error) {
+			return sets.Has(nft.MapForward, flow)
+		},
+		Alive: func(_ context.Context, flow netip.AddrPort) (bool, error) {
+			return sets.Has(nft.SetAlive, flow)
+		},
+		Idle: cfg.IdleTimeout, Tick: min(time.Second, cfg.TimeWait),
+		IdleEvery: min(max(cfg.IdleTimeout/4, time.Second), time.Minute), Log: f.log,
+	}
 }
 
 // flowCapacity is how many connections the FE tracks at most: its sets'
@@ -313,9 +364,9 @@ func flowCapacity(rs *nft.Ruleset) int {
 // SIGQUIT) in the same transaction, so its clients never notice. The native
 // queue expression is tried first; a kernel without nft_queue refuses it
 // when the batch is committed, and the xtables target is used instead.
-func (f *fe) installTable() error {
+func (f *FE) installTable() error {
 	cfg := f.cfg
-	carried, err := nft.ReadCarried(f.nftc, nft.FE(nft.FEParams{}).Table)
+	carried, err := nft.ReadCarried(f.owned.Conn, nft.FE(nft.FEParams{}).Table)
 	if err != nil {
 		return fmt.Errorf("read the previous agent's flows: %w", err)
 	}
@@ -328,39 +379,38 @@ func (f *fe) installTable() error {
 		Size:     uint32(max(1<<18, 4*cfg.MaxClients)),
 		QueueNum: cfg.QueueNum,
 	}
-	var errs []error
-	for _, mode := range []nft.QueueMode{nft.QueueNative, nft.QueueCompat} {
-		p.Queue = mode
-		rs := nft.FE(p)
-		rs.Init = carried.Init()
-		if err := nft.Apply(f.nftc, rs); err != nil {
-			errs = append(errs, fmt.Errorf("with the %v: %w", mode, err))
-			continue
-		}
-		f.rs, f.qmode, f.adopted = rs, mode, carried.Found
-		f.log.Info("NFQUEUE rule installed", "op", "start", "queue", cfg.QueueNum, "via", mode.String(),
-			"refused", errors.Join(errs...))
-		now := time.Now()
-		for k, be := range carried.Forward {
-			state, until := conntab.Handoffed, time.Time{}
-			if carried.Closing[k] {
-				state, until = conntab.TimeWait, now.Add(cfg.TimeWait)
-			}
-			f.table.Adopt(k, be, state, now, until)
-		}
-		if len(carried.Forward) > 0 {
-			f.log.Info("adopted the previous agent's handed-off connections", "op", "start",
-				"forwarded", len(carried.Forward), "closing", len(carried.Closing))
-		}
-		return nil
+	inst, err := nft.InstallFE(f.owned.Conn, p, carried.Init(), nft.QueuePreference)
+	if err != nil {
+		return fmt.Errorf("install the FE's table: %w", err)
 	}
-	return errors.Join(errs...)
+	f.owned.Rules, f.qmode, f.adopted = inst.Ruleset, inst.Queue, carried.Found
+	f.log.Info("NFQUEUE rule installed", "op", "start", "queue", cfg.QueueNum, "via", inst.Queue.String(),
+		"refused", inst.Refused)
+	adopt(f.table, carried, cfg.TimeWait, time.Now())
+	if len(carried.Forward) > 0 {
+		f.log.Info("adopted the previous agent's handed-off connections", "op", "start",
+			"forwarded", len(carried.Forward), "closing", len(carried.Closing))
+	}
+	return nil
+}
+
+// adopt takes a predecessor's forwarded flows into the connection table:
+// HANDOFFED, or TIME_WAIT for timeWait from now when the predecessor had
+// seen them close, so that the reaper ends their forwarding in time.
+func adopt(table *conntab.Table, carried *nft.Carried, timeWait time.Duration, now time.Time) {
+	for k, be := range carried.Forward {
+		state, until := conntab.Handoffed, time.Time{}
+		if carried.Closing[k] {
+			state, until = conntab.TimeWait, now.Add(timeWait)
+		}
+		table.Adopt(k, be, state, now, until)
+	}
 }
 
 // waitSessions waits up to d for a session to every BE, so the first
 // clients after a start do not find every BE unreachable. BEs still without
 // one are logged and stay unavailable until their sessions come up.
-func (f *fe) waitSessions(d time.Duration) {
+func (f *FE) waitSessions(d time.Duration) {
 	deadline := time.Now().Add(d)
 	for {
 		var missing []string
@@ -382,7 +432,7 @@ func (f *fe) waitSessions(d time.Duration) {
 
 // changed applies one observation of be (a session's coming or going, a
 // probe) and logs the BE's availability when it changes, once.
-func (f *fe) changed(be netip.Addr, apply func(netip.Addr, bool) (backends.Change, error), ok bool, why error) {
+func (f *FE) changed(be netip.Addr, apply func(netip.Addr, bool) (backends.Change, error), ok bool, why error) {
 	c, err := apply(be, ok)
 	if err != nil || !c.Changed {
 		return
@@ -405,22 +455,35 @@ func boolFloat(b bool) float64 {
 // run serves clients until serve is done; the kernel-facing loops (flow
 // updates, expiry) go on until keep is done, and the queue reader until
 // the FE is released, so that handed-off connections can drain in between.
-func (f *fe) run(serve, keep context.Context) {
+func (f *FE) Run(serve, keep context.Context) {
 	loops, stop := context.WithCancel(keep)
 	defer stop()
+	f.startLoops(serve, loops)
+	f.front.Serve(serve, keep, f.ln)
+	close(f.served)
+	f.loops.Wait()
+}
+
+// startLoops starts the loops beside the clients': those that follow the
+// kernel and the BEs until loops ends, and those that serve (the cluster
+// frame, detection) until serve does.
+func (f *FE) startLoops(serve, loops context.Context) {
+	loops, stop := context.WithCancel(loops)
 	f.loopsMu.Lock()
 	f.stopLoops = stop
 	f.loopsMu.Unlock()
 	f.loops.Go(func() { f.flows.Run(loops) })
 	f.loops.Go(func() {
 		f.reaper.Run(loops)
-		f.setsc.CloseLasting()
+		if f.setsc != nil {
+			f.setsc.CloseLasting()
+		}
 	})
 	f.loops.Go(func() { f.clusterLoop(serve) })
 	f.loops.Go(func() { f.heldLoop(loops) })
-	if f.cfg.DtcInterval > 0 {
-		f.loops.Go(func() { f.detectLoop(serve) })
-	}
+	// Always: detection may be turned on later (tcphactl dtcinterval, a
+	// reload) after a start with dtcinterval = 0.
+	f.loops.Go(func() { f.detectLoop(serve) })
 	if f.regSrv != nil {
 		f.loops.Go(func() {
 			if err := f.regSrv.Serve(loops, f.regLn); err != nil {
@@ -428,14 +491,11 @@ func (f *fe) run(serve, keep context.Context) {
 			}
 		})
 	}
-	f.front.Serve(serve, keep, f.ln)
-	close(f.served)
-	f.loops.Wait()
 }
 
-// linger waits up to d for the work a handover left here (relays to the
+// Linger waits up to d for the work a handover left here (relays to the
 // local node, handoffs that did not finish in time).
-func (f *fe) linger(d time.Duration) {
+func (f *FE) Linger(d time.Duration) {
 	select {
 	case <-f.served:
 	case <-time.After(d):
@@ -443,12 +503,12 @@ func (f *fe) linger(d time.Duration) {
 	}
 }
 
-// handOver stops the FE's work for a successor that shares its VIP
+// HandOver stops the FE's work for a successor that shares its VIP
 // listener: it stops accepting, takes the clients still sending their heads
 // from their goroutines, lets the handoffs under way finish, and stops the
 // kernel-facing loops. Work that does not finish in time (a handoff stuck
 // on a BE; a relay to the local node) stays with this process.
-func (f *fe) handOver(stopServe func()) []handed {
+func (f *FE) HandOver(stopServe func()) []frontend.HandedHead {
 	stopServe()
 	ctx, cancel := context.WithTimeout(context.Background(), 2*f.cfg.HandoffTimeout+time.Second)
 	heads := f.front.Handover(ctx)
@@ -460,18 +520,14 @@ func (f *fe) handOver(stopServe func()) []handed {
 	}
 	f.loopsMu.Unlock()
 	f.loops.Wait()
-	out := make([]handed, len(heads))
-	for i := range heads {
-		out[i] = handed{head: &heads[i]}
-	}
-	return out
+	return heads
 }
 
-// drain waits up to d until no handed-off connection is live: TIME_WAIT
+// Drain waits up to d until no handed-off connection is live: TIME_WAIT
 // rows are closed connections and wait for nobody. Those still live then
 // are reset: each BE is told to send its client a RST, so that neither end
 // hangs once this FE stops forwarding.
-func (f *fe) drain(d time.Duration) {
+func (f *FE) Drain(d time.Duration) {
 	deadline := time.Now().Add(d)
 	for f.liveCount() > 0 && time.Now().Before(deadline) {
 		time.Sleep(100 * time.Millisecond)
@@ -481,24 +537,17 @@ func (f *fe) drain(d time.Duration) {
 		return
 	}
 	f.log.Warn("drain time over; resetting the connections left", "op", "stop", "connections", len(left))
-	ports := map[netip.Addr]netip.AddrPort{}
-	for _, srv := range f.sched.Servers() {
-		ports[srv.Addr] = srv.AddrPort()
-	}
+	resets, unknown := resetPlan(left, f.sched.Servers())
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
 	var wg sync.WaitGroup
 	var failed atomic.Int64
-	for _, c := range left {
-		be, ok := ports[c.BE]
-		if !ok {
-			failed.Add(1)
-			continue
-		}
+	failed.Add(int64(unknown))
+	for _, r := range resets {
 		wg.Go(func() {
-			if err := f.client.Reset(ctx, be, c.Client); err != nil {
+			if err := f.client.Reset(ctx, r.BE, r.Client); err != nil {
 				failed.Add(1)
-				f.log.Debug("reset not done", "op", "stop", "client", c.Client.String(), "err", err)
+				f.log.Debug("reset not done", "op", "stop", "client", r.Client.String(), "err", err)
 			}
 		})
 	}
@@ -506,8 +555,31 @@ func (f *fe) drain(d time.Duration) {
 	f.log.Info("connections reset", "op", "stop", "reset", int64(len(left))-failed.Load(), "not_reached", failed.Load())
 }
 
+// reset is one client a BE is told to reset.
+type reset struct{ BE, Client netip.AddrPort }
+
+// resetPlan is which BE resets each connection left at the end of a
+// drain: the one it was handed to, at that BE's control port. unknown
+// counts those whose BE is no longer among servers (a reload or a
+// deregistration took it away): nobody can be asked.
+func resetPlan(left []conntab.Conn, servers []backends.Server) (resets []reset, unknown int) {
+	ports := map[netip.Addr]netip.AddrPort{}
+	for _, srv := range servers {
+		ports[srv.Addr] = srv.AddrPort()
+	}
+	for _, c := range left {
+		be, ok := ports[c.BE]
+		if !ok {
+			unknown++
+			continue
+		}
+		resets = append(resets, reset{BE: be, Client: c.Client})
+	}
+	return resets, unknown
+}
+
 // liveRows are the connections handed off, or being handed off, to a BE.
-func (f *fe) liveRows() []conntab.Conn {
+func (f *FE) liveRows() []conntab.Conn {
 	var out []conntab.Conn
 	for _, c := range f.table.Snapshot() {
 		if (c.State == conntab.Handoffed || c.State == conntab.Handoffing) && c.BE.IsValid() {
@@ -517,7 +589,7 @@ func (f *fe) liveRows() []conntab.Conn {
 	return out
 }
 
-func (f *fe) liveCount() int {
+func (f *FE) liveCount() int {
 	n := 0
 	for _, srv := range f.sched.Servers() {
 		n += f.table.Live(srv.Addr)
@@ -529,7 +601,7 @@ func (f *fe) liveCount() int {
 // (0: none), answered with whether the BE's web server answers and its
 // load. [fe] fall failures in a row make a BE unavailable, rise successes
 // available again.
-func (f *fe) detectLoop(ctx context.Context) {
+func (f *FE) detectLoop(ctx context.Context) {
 	for {
 		d := time.Duration(f.dtc.Load())
 		wait := d
@@ -552,21 +624,29 @@ func (f *fe) detectLoop(ctx context.Context) {
 	}
 }
 
+// judge is a probe's verdict: a BE is good when it answered, is not
+// stopping, and its web server answers its agent.
+func judge(h wire.Health, err error) error {
+	switch {
+	case err != nil:
+		return err
+	case h.Draining:
+		return errors.New("it is stopping")
+	case !h.ServerUp:
+		return errors.New("its web server does not answer")
+	}
+	return nil
+}
+
 // probe probes one BE and records the result.
-func (f *fe) probe(ctx context.Context, be netip.AddrPort, timeout time.Duration) {
+func (f *FE) probe(ctx context.Context, be netip.AddrPort, timeout time.Duration) {
 	pctx, cancel := context.WithTimeout(ctx, timeout)
 	h, err := f.client.Probe(pctx, be)
 	cancel()
 	if ctx.Err() != nil {
 		return
 	}
-	switch {
-	case err != nil:
-	case h.Draining:
-		err = errors.New("it is stopping")
-	case !h.ServerUp:
-		err = errors.New("its web server does not answer")
-	}
+	err = judge(h, err)
 	result := "ok"
 	if err != nil {
 		result = "failed"
@@ -581,19 +661,22 @@ func (f *fe) probe(ctx context.Context, be netip.AddrPort, timeout time.Duration
 	}, err == nil, err)
 }
 
-// stop undoes what startFE did; handover instead leaves the table and the
-// VIP for the next agent. Both are idempotent.
-func (f *fe) stop() error {
-	f.release()
-	return f.undo()
+// Stop undoes what Start did; Keep instead leaves the table and the VIP
+// for the next agent. Both are idempotent.
+func (f *FE) Stop() error {
+	f.Release()
+	return errors.Join(f.vip.Remove(), f.owned.Remove())
 }
 
-func (f *fe) handover() {
-	f.release()
-	f.keep()
+// Keep lets go of the FE's sockets and leaves its table and VIP.
+func (f *FE) Keep() {
+	f.Release()
+	f.owned.Keep()
 }
 
-func (f *fe) release() {
+// Release closes what only one agent may hold: the listeners, the
+// sessions, the queue.
+func (f *FE) Release() {
 	if f.ln != nil {
 		f.ln.Close()
 	}
@@ -608,8 +691,8 @@ func (f *fe) release() {
 	}
 }
 
-// feStatus is the FE's part of `tcphactl status`.
-type feStatus struct {
+// Status is the FE's part of `tcphactl status`.
+type Status struct {
 	VIP         string            `json:"vip"`
 	Queue       uint16            `json:"queue"`
 	QueueVia    string            `json:"queue_via"`
@@ -631,13 +714,14 @@ type beLine struct {
 	Sessions int    `json:"sessions"`
 }
 
-func (f *fe) statusOf() feStatus {
+// Status reads the FE's counters and its BEs' state.
+func (f *FE) Status() Status {
 	s := f.front.Stats()
 	avg := time.Duration(0)
 	if s.HandoffLatencyCount > 0 {
 		avg = s.HandoffLatencySum / time.Duration(s.HandoffLatencyCount)
 	}
-	st := feStatus{
+	st := Status{
 		VIP: fmt.Sprintf("%v:%d", f.cfg.VAddr, f.cfg.Port), Queue: f.cfg.QueueNum, QueueVia: f.qmode.String(),
 		Counters: s, AvgHandoff: avg.String(), Connections: map[string]int{}, Queued: f.obs.Total(),
 		QueuedBy: map[string]int64{}, Moved: f.moved.Load(), NotMoved: f.notMoved.Load(),
@@ -666,7 +750,8 @@ func (f *fe) statusOf() feStatus {
 	return st
 }
 
-func (st feStatus) write(w io.Writer, pid int) {
+// Write writes st as `tcphactl status` shows it.
+func (st Status) Write(w io.Writer, pid int) {
 	c := st.Counters
 	fmt.Fprintf(w, "fe vip=%s pid=%d queue=%d via %s\n", st.VIP, pid, st.Queue, st.QueueVia)
 	fmt.Fprintf(w, "  accepted=%d handed_off=%d local=%d answered_503=%d bad_request=%d too_large=%d timeout=%d closed_early=%d refused_busy=%d avg_handoff=%s\n",
@@ -688,23 +773,19 @@ func (st feStatus) write(w io.Writer, pid int) {
 	}
 }
 
-// reload applies a re-read [fe]: rules, servers, weights and scheduler
+// Reload applies a re-read [fe]: rules, servers, weights and scheduler
 // swap in whole for new connections; the detection and handoff timings
-// change at once. It returns the keys whose change needs an upgrade.
-func (f *fe) reload(next *config.FE) []string {
+// change at once. What needs an upgrade is config.Unreloadable's to say.
+func (f *FE) Reload(next *config.FE) {
 	old := f.sched.Servers()
 	f.sched.SetTable(next.Table())
 	f.sched.SetRiseFall(next.Rise, next.Fall)
-	now := f.sched.Servers()
-	for _, srv := range now {
-		if !slices.Contains(old, srv) {
-			f.pool.Add(srv.AddrPort())
-		}
+	add, remove := sessionChanges(old, f.sched.Servers())
+	for _, be := range add {
+		f.pool.Add(be)
 	}
-	for _, srv := range old {
-		if !slices.ContainsFunc(now, func(x backends.Server) bool { return x.AddrPort() == srv.AddrPort() }) {
-			f.pool.Remove(srv.AddrPort())
-		}
+	for _, be := range remove {
+		f.pool.Remove(be)
 	}
 	f.dtc.Store(int64(next.DtcInterval))
 	f.sender.SetTimeout(next.HandoffTimeout)
@@ -712,5 +793,31 @@ func (f *fe) reload(next *config.FE) []string {
 	f.kickCluster()
 	f.log.Info("scheduling reloaded", "op", "reload", "servers", len(next.Servers), "rules", len(next.Rules),
 		"scheduler", string(next.Scheduler))
-	return fixedKeys("fe", *f.cfg, *next, "Servers", "Rules", "Scheduler", "Rise", "Fall", "DtcInterval", "HandoffTimeout", "PHTTP")
+}
+
+// sessionChanges is which BEs' control sessions a change of servers from
+// old to now opens (a new server entry, or a new weight: Add of a peer
+// already kept does nothing) and closes (an address:port gone).
+func sessionChanges(old, now []backends.Server) (add, remove []netip.AddrPort) {
+	for _, srv := range now {
+		if !slices.Contains(old, srv) {
+			add = append(add, srv.AddrPort())
+		}
+	}
+	for _, srv := range old {
+		if !slices.ContainsFunc(now, func(x backends.Server) bool { return x.AddrPort() == srv.AddrPort() }) {
+			remove = append(remove, srv.AddrPort())
+		}
+	}
+	return add, remove
+}
+
+// Resume serves a client a predecessor handed over while it was still
+// sending its request head.
+func (f *FE) Resume(ctx context.Context, h frontend.HandedHead) { f.front.Resume(ctx, h) }
+
+// Sockets are the FE's listening sockets and registered BEs, for a
+// successor.
+func (f *FE) Sockets() Listeners {
+	return Listeners{VIP: f.ln, Register: f.regLn, Registered: f.sched.Registrations()}
 }

@@ -1,4 +1,4 @@
-package agent
+package fe
 
 import (
 	"bufio"
@@ -40,17 +40,17 @@ var (
 		"FE: packets the queue dropped: queue full (queue) or not delivered to the agent (user).", []string{"reason"}, nil)
 )
 
-// feCollector reads the FE's state for a scrape.
-type feCollector struct{ f *fe }
+// collector reads the FE's state for a scrape.
+type collector struct{ f *FE }
 
-func (c feCollector) Describe(ch chan<- *prometheus.Desc) {
+func (c collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descConns, descUp, descActive, descLive, descWeight, descBEHandoffs,
 		descBEFailures, descFwdPackets, descFwdBytes, descQueued, descQueueDrops} {
 		ch <- d
 	}
 }
 
-func (c feCollector) Collect(ch chan<- prometheus.Metric) {
+func (c collector) Collect(ch chan<- prometheus.Metric) {
 	f := c.f
 	counts := f.table.Count()
 	for _, st := range []conntab.State{conntab.Handoffing, conntab.Handoffed, conntab.TimeWait} {

@@ -1,4 +1,10 @@
-package agent
+// Package be is the back end's wiring: it takes handoffs (handoff.Receiver)
+// on control sessions from its FEs, rebuilds the connections (repair) and
+// relays them to the unmodified local web server (relay); it compiles the
+// FE's cluster frame to route a keep-alive connection's later requests,
+// moves connections (phttp = multi) and keeps pools to other BEs' web
+// servers (phttp = forward). Start is where the kernel comes in.
+package be
 
 import (
 	"context"
@@ -20,6 +26,7 @@ import (
 	"tcpha/handoff/ctl"
 	"tcpha/handoff/repair"
 	"tcpha/handoff/wire"
+	"tcpha/internal/netaddr"
 	"tcpha/metrics"
 	"tcpha/netif"
 	"tcpha/nft"
@@ -27,18 +34,21 @@ import (
 	"tcpha/relay"
 )
 
-// be is a back end: it rebuilds handed-off connections and relays them to
+// BE is a back end: it rebuilds handed-off connections and relays them to
 // the unmodified local web server, which answers the client directly.
-type be struct {
+type BE struct {
 	cfg *config.BE
 	log *slog.Logger
-	installed
+	// owned is the BE's table (its ARP filter); vip the VIP on loopback,
+	// if the agent added it.
+	owned  nft.Owned
+	vip    *netif.VIP
 	ln     net.Listener
 	server *ctl.Server
 	recv   *handoff.Receiver
 	pool   *relay.Pool
 	relay  *relay.Relay
-	local  *localAddrs
+	local  *netif.LocalAddrs
 	// serverUp is the web server's state by the last check; draining is
 	// set once the BE stops taking handoffs.
 	serverUp, draining atomic.Bool
@@ -55,34 +65,35 @@ type be struct {
 	web     map[netip.Addr]*relay.Pool
 }
 
-// startBE starts the back end; ln, when not nil, is its control listener,
+// Start starts the back end; ln, when not nil, is its control listener,
 // inherited from a predecessor.
-func startBE(ctx context.Context, cfg *config.BE, secret []byte, m *metrics.Metrics, log *slog.Logger, ln net.Listener) (*be, error) {
-	b := &be{cfg: cfg, log: log.With("role", "be")}
+func Start(ctx context.Context, cfg *config.BE, secret []byte, m *metrics.Metrics, log *slog.Logger, ln net.Listener) (*BE, error) {
+	b := &BE{cfg: cfg, log: log.With("role", "be")}
 	ok := false
 	defer func() {
 		if !ok {
-			b.stop()
+			b.Stop()
 		}
 	}()
 	var err error
-	if b.nftc, err = openNFT(); err != nil {
+	if b.owned.Conn, err = nft.OpenLasting(); err != nil {
 		return nil, fmt.Errorf("be: %w", err)
 	}
 	// ARP filtering first: with the VIP on loopback and no filter the BE
 	// would answer ARP for it and steal the cluster's traffic (seed 4.4).
-	b.rs = nft.BE(nft.BEParams{VIP: cfg.VAddr, UAddr: cfg.UAddr})
-	if err := nft.Apply(b.nftc, b.rs); err != nil {
+	rs := nft.BE(nft.BEParams{VIP: cfg.VAddr, UAddr: cfg.UAddr})
+	if err := nft.Apply(b.owned.Conn, rs); err != nil {
 		return nil, fmt.Errorf("be: %w", err)
 	}
+	b.owned.Rules = rs
 	lo, err := netlink.LinkByName("lo")
 	if err != nil {
 		return nil, fmt.Errorf("be: find loopback: %w", err)
 	}
-	if b.vip, err = addVIP(lo, cfg.VAddr); err != nil {
+	if b.vip, err = netif.AddVIP(lo, cfg.VAddr); err != nil {
 		return nil, fmt.Errorf("be: %w", err)
 	}
-	if b.local, err = newLocalAddrs(); err != nil {
+	if b.local, err = netif.NewLocalAddrs(); err != nil {
 		return nil, fmt.Errorf("be: %w", err)
 	}
 	ctlAddr := netip.AddrPortFrom(cfg.RAddr, cfg.Port)
@@ -169,8 +180,8 @@ func startBE(ctx context.Context, cfg *config.BE, secret []byte, m *metrics.Metr
 
 // admit takes a session only from an FE that serves this BE's VIP and says
 // so from its own address.
-func (b *be) admit(remote net.Addr, h wire.Hello) error {
-	src := addrOf(remote)
+func (b *BE) admit(remote net.Addr, h wire.Hello) error {
+	src := netaddr.AddrPort(remote).Addr()
 	switch {
 	case h.Role != wire.RoleFE:
 		return fmt.Errorf("a %v may not open sessions to this BE", h.Role)
@@ -186,7 +197,7 @@ func (b *be) admit(remote net.Addr, h wire.Hello) error {
 
 // check validates an offer beyond its VIP: it must be for the port its FE
 // serves, from a client that can be one, with nothing to send yet.
-func (b *be) check(ci *wire.ConnInfo, from *ctl.Session) (wire.Result, error) {
+func (b *BE) check(ci *wire.ConnInfo, from *ctl.Session) (wire.Result, error) {
 	if port := from.Peer.VIP.Port(); ci.VIP.Port() != port {
 		return wire.ResultWrongVIP, fmt.Errorf("connection is for port %d, the FE serves %d", ci.VIP.Port(), port)
 	}
@@ -230,10 +241,10 @@ func (r rebuilder) Rebuild(ci *wire.ConnInfo) (handoff.Rebuilt, error) {
 	return c, nil
 }
 
-// run serves control sessions until ctx ends (then it closes those left),
+// Run serves control sessions until ctx ends (then it closes those left),
 // checks the web server, and keeps the BE registered with its FEs when it
 // registers itself.
-func (b *be) run(ctx context.Context) {
+func (b *BE) Run(ctx context.Context) {
 	bg, stop := context.WithCancel(ctx)
 	b.background.Go(func() { b.checkLoop(bg) })
 	if b.registrar != nil {
@@ -250,7 +261,7 @@ func (b *be) run(ctx context.Context) {
 
 // unregister deregisters from the FEs (a stop), or just leaves them (a
 // handover: the successor registers itself); it does not wait.
-func (b *be) unregister(handover bool) {
+func (b *BE) unregister(handover bool) {
 	if b.stopRegistering == nil {
 		return
 	}
@@ -260,7 +271,7 @@ func (b *be) unregister(handover bool) {
 
 // checkLoop checks the web server every second and logs when its state
 // changes.
-func (b *be) checkLoop(ctx context.Context) {
+func (b *BE) checkLoop(ctx context.Context) {
 	addr := b.cfg.Redirect().String()
 	for {
 		select {
@@ -286,10 +297,10 @@ func (b *be) checkLoop(ctx context.Context) {
 // this BE leaves (an offer's commit comes within the handoff timeout).
 const sessionDrain = 10 * time.Second
 
-// drain stops taking handoffs and waits up to d for the relays to end: the
+// Drain stops taking handoffs and waits up to d for the relays to end: the
 // FEs' sessions are told to go away, and the FEs send new connections
 // elsewhere.
-func (b *be) drain(d time.Duration) {
+func (b *BE) Drain(d time.Duration) {
 	b.unregister(false)
 	b.draining.Store(true)
 	b.recv.Drain()
@@ -304,12 +315,12 @@ func (b *be) drain(d time.Duration) {
 	}
 }
 
-// handOver stops this BE's work for a successor that shares its control
+// HandOver stops this BE's work for a successor that shares its control
 // listener: the FEs move their sessions to the successor, the handoffs
 // under way here are committed, and the relayed connections stop at their
 // next safe point and are returned with their state. Those that reach none
 // within a few seconds stay here and end with this process.
-func (b *be) handOver() []handed {
+func (b *BE) HandOver() []relay.Handed {
 	b.unregister(true)
 	b.ln.Close()
 	b.server.Drain(sessionDrain)
@@ -321,18 +332,15 @@ func (b *be) handOver() []handed {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	var out []handed
-	for _, h := range b.relay.Handover(ctx) {
-		out = append(out, handed{relay: &h})
-	}
+	out := b.relay.Handover(ctx)
 	if n := b.relay.Active(); n > 0 {
 		b.log.Warn("relayed connections in the middle of an exchange stay with this process", "op", "upgrade", "relaying", n)
 	}
 	return out
 }
 
-// linger waits up to d for the relays a handover left here.
-func (b *be) linger(d time.Duration) {
+// Linger waits up to d for the relays a handover left here.
+func (b *BE) Linger(d time.Duration) {
 	done := make(chan struct{})
 	go func() { b.relay.Wait(); close(done) }()
 	select {
@@ -342,31 +350,32 @@ func (b *be) linger(d time.Duration) {
 	}
 }
 
-// stop undoes what startBE did; handover leaves the ARP filter and the VIP
-// for the next agent. Both are idempotent.
-func (b *be) stop() error {
-	b.release()
+// Stop undoes what Start did; Keep leaves the ARP filter and the VIP for
+// the next agent. Both are idempotent.
+func (b *BE) Stop() error {
+	b.Release()
 	if b.pool != nil {
 		b.pool.Close()
 	}
 	b.closeWeb()
-	return b.undo()
+	return errors.Join(b.vip.Remove(), b.owned.Remove())
 }
 
-func (b *be) handover() {
-	b.release()
-	b.keep()
+// Keep lets go of the control listener and leaves the BE's table and VIP.
+func (b *BE) Keep() {
+	b.Release()
+	b.owned.Keep()
 }
 
-// release closes the control listener (this process's copy of it).
-func (b *be) release() {
+// Release closes the control listener (this process's copy of it).
+func (b *BE) Release() {
 	if b.ln != nil {
 		b.ln.Close()
 	}
 }
 
-// beStatus is the BE's part of `tcphactl status`.
-type beStatus struct {
+// Status is the BE's part of `tcphactl status`.
+type Status struct {
 	VIP      string `json:"vip"`
 	Handoff  string `json:"handoff"`
 	Upstream string `json:"upstream"`
@@ -386,10 +395,11 @@ type beStatus struct {
 	NotMoved int64  `json:"not_moved"`
 }
 
-func (b *be) statusOf() beStatus {
+// Status reads the BE's counters.
+func (b *BE) Status() Status {
 	s := b.recv.Stats()
 	rs := b.relay.Stats()
-	return beStatus{
+	return Status{
 		VIP: b.cfg.VAddr.String(), Handoff: fmt.Sprintf("%v:%d", b.cfg.RAddr, b.cfg.Port), Upstream: b.cfg.Redirect().String(),
 		ServerUp: b.serverUp.Load(), Relaying: rs.Active, Pending: s.Pending, Served: s.Served, Refused: s.Refused,
 		Sessions: len(b.server.Sessions()), Requests: rs.Requests, Dialed: rs.Upstream.Dialed, Reused: rs.Upstream.Reuses,
@@ -397,7 +407,8 @@ func (b *be) statusOf() beStatus {
 	}
 }
 
-func (st beStatus) write(w io.Writer, pid int) {
+// Write writes st as `tcphactl status` shows it.
+func (st Status) Write(w io.Writer, pid int) {
 	fmt.Fprintf(w, "be vip=%s handoff=%s pid=%d\n", st.VIP, st.Handoff, pid)
 	fmt.Fprintf(w, "  relaying=%d pending=%d served=%d refused=%d sessions=%d upstream=%s server_up=%v at %s\n",
 		st.Relaying, st.Pending, st.Served, st.Refused, st.Sessions, st.Upstream, st.ServerUp, time.Now().Format(time.RFC3339))
@@ -405,18 +416,22 @@ func (st beStatus) write(w io.Writer, pid int) {
 		st.Requests, st.Dialed, st.Reused, st.Idle, st.Retries, st.BadGW, st.Moved, st.NotMoved)
 }
 
-// reload applies a re-read [be]: the FEs it takes sessions from. It
-// returns the keys whose change needs an upgrade.
-func (b *be) reload(next *config.BE) []string {
+// Reload applies a re-read [be]: the FEs it takes sessions from.
+func (b *BE) Reload(next *config.BE) {
 	b.setMembers(next.FEAddrs)
-	return fixedKeys("be", *b.cfg, *next, "FEAddrs")
 }
 
 // setMembers sets the FEs whose sessions this BE accepts.
-func (b *be) setMembers(fes []netip.Addr) {
+func (b *BE) setMembers(fes []netip.Addr) {
 	m := map[netip.Addr]bool{}
 	for _, a := range fes {
 		m[a] = true
 	}
 	b.members.Store(&m)
 }
+
+// Resume serves a relayed connection a predecessor handed over.
+func (b *BE) Resume(h relay.Handed) error { return b.relay.Resume(h) }
+
+// Listener is the BE's control listener, for a successor.
+func (b *BE) Listener() net.Listener { return b.ln }

@@ -1,0 +1,44 @@
+package be
+
+import (
+	"fmt"
+	"io"
+	"text/tabwriter"
+	"time"
+
+	"tcpha/handoff/conntab"
+)
+
+// ConnRow is one line of `tcphactl conns` on a BE: a connection handed
+// to it that its relay serves (the seed's ESTABLISHED on a BE).
+type ConnRow struct {
+	Client   string `json:"client"`
+	State    string `json:"state"`
+	Age      string `json:"age"`
+	Requests int    `json:"requests"`
+}
+
+// Conns writes the connections the relay serves to text and returns them.
+func (b *BE) Conns(text io.Writer) []ConnRow {
+	now := time.Now()
+	rows := []ConnRow{}
+	for _, c := range b.relay.Conns() {
+		state := c.State.String()
+		switch {
+		case c.State != conntab.Established:
+		case c.Busy:
+			state += " busy"
+		default:
+			state += " idle"
+		}
+		rows = append(rows, ConnRow{Client: c.Client.String(), State: state,
+			Age: now.Sub(c.Since).Truncate(time.Second).String(), Requests: c.Requests})
+	}
+	tw := tabwriter.NewWriter(text, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "client\tstate\tage\trequests\t")
+	for _, c := range rows {
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t\n", c.Client, c.State, c.Age, c.Requests)
+	}
+	tw.Flush()
+	return rows
+}

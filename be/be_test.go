@@ -1,0 +1,125 @@
+package be
+
+import (
+	"net"
+	"net/netip"
+	"strings"
+	"testing"
+
+	"tcpha/backends"
+	"tcpha/config"
+	"tcpha/handoff/wire"
+)
+
+// A BE compiles the FE's cluster frame into its own scheduler, and refuses
+// one that does not compile.
+func TestClusterOf(t *testing.T) {
+	be1, be2 := netip.MustParseAddr("10.0.0.11"), netip.MustParseAddr("10.0.0.12")
+	frame := func(pattern, policy string) []byte {
+		b, err := wire.Cluster{PHTTP: wire.PHTTPForward, Policy: policy,
+			Servers: []wire.ClusterServer{{Addr: be1, Port: 666, Weight: 1}, {Addr: be2, Port: 666, Weight: 1}},
+			Rules:   []wire.ClusterRule{{Targets: []netip.Addr{be2}, Pattern: pattern}, {Targets: []netip.Addr{be1}, Pattern: ".*"}}}.MarshalBinary()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b
+	}
+	c, err := clusterOf(frame(`\.jpg$`, "wlc"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.phttp != wire.PHTTPForward || !c.sched.Holds(backends.Request{Path: "/a.jpg"}, be2) || c.sched.Holds(backends.Request{Path: "/a.jpg"}, be1) || !c.sched.Holds(backends.Request{Path: "/a.html"}, be1) {
+		t.Errorf("compiled cluster routes wrongly")
+	}
+	for _, bad := range [][]byte{frame(`(`, ""), frame(`x`, "fastest"), []byte{9}} {
+		if _, err := clusterOf(bad); err == nil {
+			t.Errorf("%q compiled", bad)
+		}
+	}
+	// Host rules: the BE routes later requests by their own Host.
+	hosts := func(host string) []byte {
+		b, err := wire.Cluster{PHTTP: wire.PHTTPMulti,
+			Servers: []wire.ClusterServer{{Addr: be1, Port: 666, Weight: 1}, {Addr: be2, Port: 666, Weight: 1}},
+			Rules:   []wire.ClusterRule{{Targets: []netip.Addr{be2}, Host: host}, {Targets: []netip.Addr{be1}, Pattern: ".*"}}}.MarshalBinary()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b
+	}
+	if c, err = clusterOf(hosts(`img\.example`)); err != nil {
+		t.Fatal(err)
+	}
+	if !c.sched.Holds(backends.Request{Host: "img.example", Path: "/"}, be2) || !c.sched.Holds(backends.Request{Host: "www.example", Path: "/"}, be1) {
+		t.Error("host rules from the cluster frame route wrongly")
+	}
+	if _, err := clusterOf(hosts(`(`)); err == nil {
+		t.Error("a bad host pattern compiled")
+	}
+}
+
+// A BE routes a later request by the FE's cluster frame: its own content
+// here; another BE's to that BE; and with the only BE a rule names out
+// (its agent stopped: weight 0 in the frame), to that BE's web server,
+// never here (issue 19).
+func TestBERoute(t *testing.T) {
+	be1, be2 := netip.MustParseAddr("10.0.0.11"), netip.MustParseAddr("10.0.0.12")
+	frame := func(w1 uint16) *beCluster {
+		p, err := wire.Cluster{PHTTP: wire.PHTTPMulti,
+			Servers: []wire.ClusterServer{{Addr: be1, Port: 666, Weight: w1}, {Addr: be2, Port: 666, Weight: 1}},
+			Rules:   []wire.ClusterRule{{Targets: []netip.Addr{be2}, Pattern: `\.jpg$`}, {Targets: []netip.Addr{be1}, Pattern: ".*"}}}.MarshalBinary()
+		if err != nil {
+			t.Fatal(err)
+		}
+		c, err := clusterOf(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	b := &BE{cfg: &config.BE{RAddr: be2, RedirectPort: 80}}
+	t.Cleanup(b.closeWeb)
+	b.cluster.Store(frame(1))
+	if r := b.route("", "/a.jpg"); !r.Here {
+		t.Errorf("be2's own content: %+v", r)
+	}
+	if r := b.route("", "/index.html"); r.Here || len(r.Usable) != 1 || r.Usable[0] != b.webPool(be1) {
+		t.Errorf("be1's content, be1 up: %+v", r)
+	}
+	b.cluster.Store(frame(0))
+	if r := b.route("", "/index.html"); r.Here || len(r.Usable) != 0 || len(r.Named) != 1 || r.Named[0] != b.webPool(be1) {
+		t.Errorf("be1's content, be1 out: %+v, want its web server named", r)
+	}
+}
+
+// A BE takes control sessions only from an FE that serves its VIP and says
+// so from its own address.
+func TestAdmit(t *testing.T) {
+	vip := netip.MustParseAddr("10.0.0.100")
+	b := &BE{cfg: &config.BE{VAddr: vip}}
+	fe := netip.MustParseAddr("10.0.0.1")
+	from := &net.TCPAddr{IP: net.ParseIP("10.0.0.1"), Port: 40000} // 4-in-6, as accept gives it
+	hello := wire.Hello{Role: wire.RoleFE, Addr: netip.AddrPortFrom(fe, 0), VIP: netip.AddrPortFrom(vip, 80)}
+	if err := b.admit(from, hello); err != nil {
+		t.Errorf("its FE: %v", err)
+	}
+	any := hello
+	any.Addr = netip.AddrPortFrom(netip.IPv4Unspecified(), 0)
+	if err := b.admit(from, any); err != nil {
+		t.Errorf("its FE on raddr 0.0.0.0: %v", err)
+	}
+	for name, tc := range map[string]struct {
+		change func(*wire.Hello)
+		says   string
+	}{
+		"a BE":        {func(h *wire.Hello) { h.Role = wire.RoleBE }, "may not open sessions"},
+		"spoofed":     {func(h *wire.Hello) { h.Addr = netip.MustParseAddrPort("10.0.0.2:0") }, "claims 10.0.0.2"},
+		"another VIP": {func(h *wire.Hello) { h.VIP = netip.MustParseAddrPort("10.0.0.101:80") }, "serves VIP 10.0.0.101"},
+		"no VIP port": {func(h *wire.Hello) { h.VIP = netip.AddrPortFrom(vip, 0) }, "no VIP port"},
+	} {
+		h := hello
+		tc.change(&h)
+		if err := b.admit(from, h); err == nil || !strings.Contains(err.Error(), tc.says) {
+			t.Errorf("%s: %v, want %q", name, err, tc.says)
+		}
+	}
+}

@@ -1,0 +1,142 @@
+package be
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"net"
+	"net/netip"
+
+	"tcpha/backends"
+	"tcpha/handoff/ctl"
+	"tcpha/handoff/wire"
+	"tcpha/relay"
+)
+
+// beCluster is what a BE knows of its cluster: the FE's last cluster frame,
+// compiled.
+type beCluster struct {
+	raw   []byte
+	phttp wire.PHTTP
+	sched *backends.Scheduler
+}
+
+// clusterOf compiles a cluster frame's payload.
+func clusterOf(p []byte) (*beCluster, error) {
+	var c wire.Cluster
+	if err := c.UnmarshalBinary(p); err != nil {
+		return nil, err
+	}
+	tab := backends.Table{Policy: backends.Policy(c.Policy)}
+	if tab.Policy != "" {
+		if _, err := backends.ParsePolicy(c.Policy); err != nil {
+			return nil, err
+		}
+	}
+	for _, s := range c.Servers {
+		tab.Servers = append(tab.Servers, backends.Server{Addr: s.Addr, Port: s.Port, Weight: int(s.Weight)})
+	}
+	for i, r := range c.Rules {
+		rule, err := backends.CompileRule(r.Targets, r.Local, r.Policy, r.Host, r.Pattern)
+		if err != nil {
+			return nil, fmt.Errorf("rule %d: %w", i+1, err)
+		}
+		rule.Line = i + 1
+		tab.Rules = append(tab.Rules, rule)
+	}
+	sched := backends.NewScheduler(tab, backends.Options{})
+	for _, s := range tab.Servers {
+		sched.Session(s.Addr, true)
+	}
+	return &beCluster{raw: bytes.Clone(p), phttp: c.PHTTP, sched: sched}, nil
+}
+
+// serveCluster takes an FE's cluster frame.
+func (b *BE) serveCluster(s *ctl.Session, f wire.Frame) {
+	if old := b.cluster.Load(); old != nil && bytes.Equal(old.raw, f.Payload) {
+		s.Reply(f, ctl.AckFrame(wire.ResultOK, "")) // the refresh of an unchanged one
+		return
+	}
+	c, err := clusterOf(f.Payload)
+	if err != nil {
+		b.log.Warn("cluster frame refused", "op", "cluster", "peer", s.Remote.String(), "err", err)
+		s.Reply(f, ctl.AckFrame(wire.ResultInvalid, err.Error()))
+		return
+	}
+	if old := b.cluster.Swap(c); old == nil || !bytes.Equal(old.raw, c.raw) { // two FEs may race
+		b.log.Info("cluster rules from the FE", "op", "cluster", "peer", s.Remote.String(), "phttp", c.phttp.String(),
+			"servers", len(c.sched.Servers()))
+	}
+	s.Reply(f, ctl.AckFrame(wire.ResultOK, ""))
+}
+
+// route is the relay's view of the FE's rules for a later request
+// (relay.Config.Route): whether the request is this BE's, the BEs that
+// take connections now in the FE's order, and every BE the rules name;
+// relay.Decide makes the plan (phttp = multi: move; forward, or a move
+// that failed: fetch from those BEs' web servers; else 503). Without the
+// FE's rules, or with phttp = single, every request is this BE's.
+func (b *BE) route(host, path string) relay.Rules {
+	q := backends.Request{Host: host, Path: path}
+	c := b.cluster.Load()
+	if c == nil || c.phttp == wire.PHTTPSingle {
+		return relay.Rules{Here: true}
+	}
+	if c.sched.Holds(q, b.cfg.RAddr) {
+		return relay.Rules{Here: true}
+	}
+	var r relay.Rules
+	for _, be := range c.sched.Route(q).BEs {
+		r.Usable = append(r.Usable, b.poolOf(be.Addr()))
+	}
+	if len(r.Usable) > 0 {
+		return r // Named serves only when no BE named takes connections
+	}
+	for _, a := range c.sched.Named(q) {
+		r.Named = append(r.Named, b.poolOf(a))
+	}
+	return r
+}
+
+// poolOf is the pool of connections to a's web server: nil for this BE's
+// own.
+func (b *BE) poolOf(a netip.Addr) *relay.Pool {
+	if a == b.cfg.RAddr {
+		return nil
+	}
+	return b.webPool(a)
+}
+
+// webPool is the pool of keep-alive connections to another BE's web
+// server, at its address and this BE's redirectport.
+func (b *BE) webPool(a netip.Addr) *relay.Pool {
+	b.webMu.Lock()
+	defer b.webMu.Unlock()
+	if p := b.web[a]; p != nil {
+		return p
+	}
+	if b.web == nil {
+		b.web = map[netip.Addr]*relay.Pool{}
+	}
+	addr := netip.AddrPortFrom(a, b.cfg.RedirectPort)
+	dial := ctl.Dialer(b.cfg.RAddr)
+	p := &relay.Pool{Dial: func(ctx context.Context) (*net.TCPConn, error) {
+		c, err := dial(ctx, addr)
+		if err != nil {
+			return nil, err
+		}
+		return c.(*net.TCPConn), nil
+	}}
+	b.web[a] = p
+	return p
+}
+
+// closeWeb closes the pools to other BEs' web servers.
+func (b *BE) closeWeb() {
+	b.webMu.Lock()
+	defer b.webMu.Unlock()
+	for _, p := range b.web {
+		p.Close()
+	}
+	b.web = nil
+}

@@ -1,0 +1,80 @@
+package be
+
+import (
+	"context"
+	"errors"
+	"net"
+	"net/netip"
+	"time"
+
+	"tcpha/handoff"
+	"tcpha/handoff/ctl"
+	"tcpha/handoff/repair"
+	"tcpha/handoff/wire"
+	"tcpha/relay"
+)
+
+// moveAnswer bounds how long a BE waits for the FE's answer to a
+// migration: longer than the FE takes to settle one (fe's moveWithin,
+// 4 s), so that only an FE that is gone leaves the outcome unknown.
+const moveAnswer = 6 * time.Second
+
+// mover moves the BE's connections (relay.Mover).
+type mover struct {
+	b      *BE
+	leaver *handoff.Leaver
+}
+
+func newMover(b *BE, leaving *handoff.Leaving) mover {
+	return mover{b: b, leaver: &handoff.Leaver{Ask: b.askFEs, Timeout: moveAnswer, Log: b.log, Leaving: leaving}}
+}
+
+// Moving tells whether the FE's cluster frame says phttp = multi.
+func (m mover) Moving() bool {
+	c := m.b.cluster.Load()
+	return c != nil && c.phttp == wire.PHTTPMulti
+}
+
+func (m mover) Acked(ctx context.Context, c *net.TCPConn) error { return repair.WaitAcked(ctx, c) }
+
+func (m mover) Move(c *net.TCPConn, pending []byte) (relay.Outcome, error) {
+	err := m.leaver.Leave(context.Background(), repair.LeavingSocket{Socket: repair.Socket{Conn: c}}, pending)
+	switch {
+	case err == nil:
+		return relay.Gone, nil
+	case errors.Is(err, handoff.ErrStay):
+		return relay.Local, nil
+	case errors.Is(err, handoff.ErrCut):
+		// Maybe another BE serves it now: a RST rather than two BEs
+		// answering one connection.
+		c.SetLinger(0)
+		c.Close()
+		return relay.Gone, err
+	}
+	return relay.Kept, err
+}
+
+// askFEs sends a migrate request to the FEs with sessions to this BE, on
+// the least busy session of each that is not going away, one FE after
+// another (handoff.Leaver.Ask).
+func (b *BE) askFEs(ctx context.Context, f wire.Frame) (wire.Ack, error) {
+	var order []netip.Addr
+	byFE := map[netip.Addr]*ctl.Session{}
+	for _, s := range b.server.Sessions() {
+		if s.GoingAway() {
+			continue // its FE is handing over to a successor
+		}
+		a := s.Remote.Addr()
+		if cur := byFE[a]; cur == nil {
+			order = append(order, a)
+			byFE[a] = s
+		} else if s.Inflight() < cur.Inflight() {
+			byFE[a] = s
+		}
+	}
+	fes := make([]handoff.FE, len(order))
+	for i, a := range order {
+		fes[i] = handoff.FE{Addr: a, Call: byFE[a].Call}
+	}
+	return handoff.AskInTurn(ctx, fes, f)
+}

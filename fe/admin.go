@@ -1,0 +1,124 @@
+package fe
+
+import (
+	"fmt"
+	"io"
+	"net/netip"
+	"strconv"
+	"text/tabwriter"
+	"time"
+
+	"tcpha/admin"
+	"tcpha/config"
+)
+
+// Command carries out the FE's admin commands, writing the text answer
+// to text and returning the JSON one.
+func (f *FE) Command(cmd string, args []string, text io.Writer) (any, error) {
+	addr := func() (netip.Addr, error) {
+		a, err := netip.ParseAddr(args[0])
+		if err != nil {
+			return a, fmt.Errorf("%s: %q is not an address", cmd, args[0])
+		}
+		return a, nil
+	}
+	switch cmd {
+	case "backends":
+		bs := f.sched.Statuses()
+		tw := tabwriter.NewWriter(text, 0, 0, 2, ' ', 0)
+		fmt.Fprintln(tw, "backend\tstate\tweight\tactive\tlive\thandoffs\tfailures\tlast probe\t")
+		for _, b := range bs {
+			state := "AVAILABLE"
+			if !b.Available {
+				state = "NOTAVAILABLE"
+			}
+			if b.Draining {
+				state += ",DRAINING"
+			}
+			if b.Registered {
+				state += ",REGISTERED"
+			}
+			probe := "-"
+			if !b.LastProbe.IsZero() {
+				probe = b.LastProbe.Format(time.RFC3339)
+				if b.LastError != "" {
+					probe += " (" + b.LastError + ")"
+				}
+			}
+			fmt.Fprintf(tw, "%s:%d\t%s\t%d\t%d\t%d\t%d\t%d\t%s\t\n", b.Addr, b.Port, state, b.Weight, b.Active, b.Live,
+				b.Handoffs, b.Failures, probe)
+		}
+		tw.Flush()
+		return bs, nil
+	case "conns":
+		rows := f.connRows()
+		tw := tabwriter.NewWriter(text, 0, 0, 2, ' ', 0)
+		fmt.Fprintln(tw, "client\tbe\tstate\tage\thandoff\t")
+		for _, c := range rows {
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t\n", c.Client, c.BE, c.State, c.Age, c.Handoff)
+		}
+		tw.Flush()
+		return rows, nil
+	case "dtcinterval":
+		d, err := config.ParseDuration(args[0])
+		if err != nil || d < 0 {
+			return nil, fmt.Errorf("dtcinterval %q: want seconds or a duration such as 500ms, not negative (0 turns detection off)", args[0])
+		}
+		f.dtc.Store(int64(d))
+		f.log.Info("detection interval changed", "op", "admin", "dtcinterval", d)
+		fmt.Fprintf(text, "dtcinterval %v\n", d)
+		return map[string]string{"dtcinterval": d.String()}, nil
+	case "drain", "enable":
+		a, err := addr()
+		if err != nil {
+			return nil, err
+		}
+		if err := f.sched.SetDraining(a, cmd == "drain"); err != nil {
+			return nil, fmt.Errorf("%s: %w", cmd, err)
+		}
+		f.kickCluster()
+		f.log.Info("BE "+cmd+"ed by the operator", "op", "admin", "be", a.String())
+		fmt.Fprintf(text, "%s %s\n", cmd, a)
+		return map[string]string{cmd: a.String()}, nil
+	case "weight":
+		a, err := addr()
+		if err != nil {
+			return nil, err
+		}
+		w, err := strconv.Atoi(args[1])
+		if err != nil {
+			return nil, fmt.Errorf("weight %q: not a whole number", args[1])
+		}
+		if err := f.sched.SetWeight(a, w); err != nil {
+			return nil, fmt.Errorf("weight: %w", err)
+		}
+		f.kickCluster()
+		f.log.Info("BE weight changed by the operator", "op", "admin", "be", a.String(), "weight", w)
+		fmt.Fprintf(text, "weight %s %d\n", a, w)
+		return map[string]any{"backend": a.String(), "weight": w}, nil
+	}
+	return nil, admin.ErrUsage
+}
+
+// connRow is one line of `tcphactl conns`.
+type connRow struct {
+	Client  string `json:"client"`
+	BE      string `json:"be"`
+	State   string `json:"state"`
+	Age     string `json:"age"`
+	Handoff string `json:"handoff"`
+}
+
+func (f *FE) connRows() []connRow {
+	now := time.Now()
+	var out []connRow
+	for _, c := range f.table.Snapshot() {
+		be := "-"
+		if c.BE.IsValid() {
+			be = c.BE.String()
+		}
+		out = append(out, connRow{Client: c.Client.String(), BE: be, State: c.State.String(),
+			Age: now.Sub(c.Started).Truncate(time.Second).String(), Handoff: c.Latency.String()})
+	}
+	return out
+}
