@@ -30,7 +30,9 @@ type Placement struct {
 	// (backends.SlotCount), fixed for the table's life.
 	Modulus uint32
 	// Seed is jhash's seed. Every FE of a cluster should use the same, so
-	// that a client's flows hash alike whichever FE holds the VIP.
+	// that a client's flows hash alike whichever FE holds the VIP; it must
+	// not be 0, for which the library sends no seed and the kernel draws a
+	// random one (nft_hash.c), which SlotOf cannot know.
 	Seed uint32
 	// PinTimeout is how long a pinned flow stays in @forward until it
 	// sends a request (a segment with PSH): a SYN flood, or a client that
