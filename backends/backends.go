@@ -360,6 +360,22 @@ func (s *Scheduler) Handed(a netip.Addr) { s.change(a, func(b *backend) { b.hand
 // Failed counts a handoff a refused or failed.
 func (s *Scheduler) Failed(a netip.Addr) { s.change(a, func(b *backend) { b.failures++ }) }
 
+// Placement returns the BEs that take new connections (available, not
+// draining, weight above 0) with their weights, by address: the input of
+// Slots for the FE's placement of new flows in the kernel.
+func (s *Scheduler) Placement() []SlotBE {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out []SlotBE
+	for a, b := range s.bes {
+		if b.usable() {
+			out = append(out, SlotBE{Addr: a, Weight: b.srv.Weight})
+		}
+	}
+	slices.SortFunc(out, func(x, y SlotBE) int { return x.Addr.Compare(y.Addr) })
+	return out
+}
+
 // Available tells whether a may be scheduled (its sessions are up and its
 // probes good), drained or not.
 func (s *Scheduler) Available(a netip.Addr) bool {

@@ -62,7 +62,8 @@ func batchBytes(t *testing.T, rs *Ruleset) string {
 func TestNetlinkGolden(t *testing.T) {
 	native := sampleFE
 	native.Queue = QueueNative
-	for name, rs := range map[string]*Ruleset{"fe.netlink": FE(sampleFE), "fe-native-queue.netlink": FE(native), "be.netlink": BE(sampleBE)} {
+	for name, rs := range map[string]*Ruleset{"fe.netlink": FE(sampleFE), "fe-native-queue.netlink": FE(native), "be.netlink": BE(sampleBE),
+		"fe-place.netlink": FEPlace(sampleFE, samplePlace)} {
 		got := batchBytes(t, rs)
 		path := "testdata/" + name
 		if os.Getenv("UPDATE_GOLDEN") != "" {

@@ -1,0 +1,212 @@
+package nft
+
+import (
+	"encoding/binary"
+	"net/netip"
+	"time"
+
+	"github.com/google/nftables"
+	"github.com/google/nftables/binaryutil"
+	"github.com/google/nftables/expr"
+	"golang.org/x/sys/unix"
+)
+
+// MapSlots is the FE's placement map with `accept = be`: hash slot → a jump
+// to the chain of the slot's BE. The agent edits it element by element
+// (SlotElement) when backends.Slots changes.
+const MapSlots = "slots"
+
+// Placement is what the FE's table adds with `accept = be`: new flows get
+// their BE from the packet path and are pinned in @forward by the rule.
+type Placement struct {
+	// BEs are the BEs that may hold slots: each gets a chain. A BE that
+	// holds a slot must be listed.
+	BEs []netip.Addr
+	// Slots maps slot i to its BE (backends.Slots); empty when no BE takes
+	// new connections, or to install the table first and fill it by
+	// element edits.
+	Slots []netip.Addr
+	// Modulus is the number of slots the packet path hashes to
+	// (backends.SlotCount), fixed for the table's life.
+	Modulus uint32
+	// Seed is jhash's seed. Every FE of a cluster should use the same, so
+	// that a client's flows hash alike whichever FE holds the VIP; it must
+	// not be 0, for which the library sends no seed and the kernel draws a
+	// random one (nft_hash.c), which SlotOf cannot know.
+	Seed uint32
+	// PinTimeout is how long a pinned flow stays in @forward until it
+	// sends a request (a segment with PSH): a SYN flood, or a client that
+	// connects and never asks, holds an element this long, not
+	// IdleTimeout. It must cover the handshake and the request's arrival
+	// (requesttimeout).
+	PinTimeout time.Duration
+}
+
+// MapBEs is the FE's map BE address → a jump to the chain that keeps that
+// BE's pinned flows' timeouts and forwards them, with `accept = be`.
+const MapBEs = "bes"
+
+// PlaceChain names the chain that forwards new flows to be and pins them;
+// PinnedChain the one for flows pinned to be.
+func PlaceChain(be netip.Addr) string  { return "place_" + be.String() }
+func PinnedChain(be netip.Addr) string { return "pinned_" + be.String() }
+
+// SlotKey encodes a slot number as the slot map's key: jhash leaves a u32 in
+// host byte order in its register (net/netfilter/nft_hash.c), and the map's
+// key type is mark, a host-order u32, so nft prints it like the hash.
+func SlotKey(slot uint32) []byte { return binary.NativeEndian.AppendUint32(nil, slot) }
+
+// SlotElement is slot's element of the slot map: a jump to be's placing
+// chain.
+func SlotElement(slot uint32, be netip.Addr) nftables.SetElement {
+	return nftables.SetElement{Key: SlotKey(slot), VerdictData: &expr.Verdict{Kind: expr.VerdictJump, Chain: PlaceChain(be)}}
+}
+
+// BEElement is be's element of @bes: a jump to its pinned chain.
+func BEElement(be netip.Addr) nftables.SetElement {
+	return nftables.SetElement{Key: be.AsSlice(), VerdictData: &expr.Verdict{Kind: expr.VerdictJump, Chain: PinnedChain(be)}}
+}
+
+// tcpPSH is the PUSH flag (RFC 9293 section 3.1).
+const tcpPSH = 0x08
+
+// FEPlace describes the FE's table for `accept = be`, where the FE's own
+// stack never answers a client: every packet for VIP:port leaves for a BE
+// or is dropped.
+//
+// New flows are placed by the packet path (FACTS.md, "Placing new flows"):
+// `jhash ip saddr . tcp sport mod N` picks a slot, the verdict map @slots
+// jumps to the slot's BE's place_ chain, and that chain copies a SYN to the
+// BE and pins it with `add @forward { ip saddr . tcp sport : BE }`, the BE
+// an immediate. Later packets find their flow in @forward; its BE, through
+// the packet's mark, selects the BE's pinned_ chain in @bes, which
+// refreshes the pin's timeout and copies the packet there.
+//
+// Why this shape: nft 1.0.6 aborts `nft list ruleset` (netlink_delinearize.c
+// "Assertion `consumed > 0'") on any rule in which a map look-up's result
+// feeds a dynset's data, a bitwise or another look-up (measured here: a
+// hash looked up in a slot map as the pin's data; `update @forward { … :
+// ip saddr . tcp sport map @forward }`; `… map @forward vmap @bes`).
+// It prints a hash fed straight into a verdict map, a map look-up stored
+// in the mark, the mark looked up in a verdict map, and a dynset whose data
+// is an immediate. So every dynset's data is the BE's address written in
+// that BE's chain, which is also right when an update recreates an element
+// that expired under it. The mark of VIP:port packets is scratch: they are
+// dropped here, and only their copies to the BEs carry it out.
+//
+// The prerouting rules, in order:
+//  1. all VIP:port traffic is untracked, as in FE;
+//  2. the first FIN or RST of a pinned flow is copied and queued, as in FE;
+//  3. a pinned flow goes to its BE's pinned_ chain;
+//  4. a pinned flow whose BE has no chain is copied there as it is;
+//  5. any other packet is placed by hash: the slot's BE's place_ chain;
+//  6. a packet whose slot has no BE (none takes new connections) is
+//     dropped.
+//
+// A BE's pinned_ chain: a SYN (a retransmission, or a client port reused)
+// starts PinTimeout again; a flow that has sent a request (in @alive)
+// keeps its pin for IdleTimeout from its last packet; its first segment
+// with PSH is its request and puts it in @alive; a flow that has not sent
+// one keeps PinTimeout from its last packet, so one that never asks loses
+// its element that soon; then the packet is copied and dropped. The
+// refreshes carry no verdict: one that fails (a full @alive) ends its rule
+// and the copy still follows.
+//
+// A BE's place_ chain copies a SYN before pinning it, and the rule after
+// drops a SYN whose pin failed (a full @forward): a flood that fills the
+// map leaves new SYNs reaching their BE by hash, and their later packets,
+// unpinned, follow the hash too (rule 5), which holds while the slot keeps
+// its BE. Packets of unpinned flows other than SYNs are copied, never
+// pinned, so a flood of stray segments cannot fill the map. No path sends
+// a packet to the FE's stack (issue 19).
+func FEPlace(p FEParams, pl Placement) *Ruleset {
+	t := &nftables.Table{Family: nftables.TableFamilyIPv4, Name: TableName}
+	pre := &nftables.Chain{
+		Name: "prerouting", Table: t, Type: nftables.ChainTypeFilter,
+		Hooknum: nftables.ChainHookPrerouting, Priority: nftables.ChainPriorityRaw,
+	}
+	set := func(name string, timeout time.Duration, comment string) *nftables.Set {
+		return &nftables.Set{
+			Table: t, Name: name, KeyType: keyType, Concatenation: true,
+			Dynamic: true, HasTimeout: timeout > 0, Timeout: timeout, Size: p.Size, Comment: comment,
+		}
+	}
+	fwd := set(MapForward, p.IdleTimeout, "pinned and HANDOFFED: client flow -> BE")
+	fwd.IsMap, fwd.DataType = true, nftables.TypeIPAddr
+	closing := set(SetClosing, 2*p.TimeWait, "pinned flows whose FIN or RST the agent has seen")
+	alive := set(SetAlive, p.IdleTimeout, "pinned flows that have sent a request")
+	slots := &nftables.Set{
+		Table: t, Name: MapSlots, KeyType: nftables.TypeMark, KeyByteOrder: binaryutil.NativeEndian,
+		IsMap: true, DataType: nftables.TypeVerdict,
+		Comment: "hash slot -> its BE's place_ chain",
+	}
+	bes := &nftables.Set{
+		Table: t, Name: MapBEs, KeyType: nftables.TypeIPAddr, IsMap: true, DataType: nftables.TypeVerdict,
+		Comment: "BE -> its pinned_ chain",
+	}
+
+	vip := matchVIP(p.VIP, p.Port)
+	// A jumped-to chain's rules match the protocol again, so that nft
+	// prints `tcp flags`, not `@th,104,8`.
+	tcp := []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: regKey},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: regKey, Data: []byte{unix.IPPROTO_TCP}},
+	}
+	syn := tcpFlags(tcpSYN|tcpACK, tcpSYN, true)
+	vmap := func(src uint32, s *nftables.Set) []expr.Any {
+		return []expr.Any{&expr.Lookup{SourceRegister: src, SetName: s.Name, DestRegister: 0, IsDestRegSet: true}}
+	}
+	rs := &Ruleset{Table: t, Chains: []*nftables.Chain{pre}, Sets: []*nftables.Set{fwd, closing, alive, slots, bes},
+		Init: map[string][]nftables.SetElement{}}
+	add := func(c *nftables.Chain, text string, e ...[]expr.Any) {
+		rs.Rules = append(rs.Rules, &nftables.Rule{Table: t, Chain: c, Exprs: cat(e...), UserData: comment(text)})
+	}
+	add(pre, "untrack the VIP", vip, []expr.Any{&expr.Notrack{}})
+	add(pre, "pinned first FIN/RST: forward, tell the agent",
+		vip, tcpFlags(tcpFIN|tcpRST, 0, false), loadKey(), notIn(closing),
+		lookup(fwd, true), dynsetUpdate(closing), dup(), counter(), queue(p))
+	add(pre, "pinned: to its BE's chain", vip, loadKey(), lookup(fwd, true),
+		[]expr.Any{
+			&expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: regData},
+			&expr.Meta{Key: expr.MetaKeyMARK, Register: regData},
+		}, vmap(regData, bes))
+	add(pre, "pinned to a BE without a chain: forward", vip, loadKey(), lookup(fwd, true), dup(), counter(), verdict(expr.VerdictDrop))
+	add(pre, "not pinned: place by hash", vip, loadKey(), counter(), []expr.Any{
+		&expr.Hash{SourceRegister: regKey, DestRegister: regData, Length: 8, Modulus: pl.Modulus,
+			Seed: pl.Seed, Type: expr.HashTypeJenkins},
+	}, vmap(regData, slots))
+	add(pre, "no BE for the slot: drop", vip, counter(), verdict(expr.VerdictDrop))
+
+	for _, be := range pl.BEs {
+		to := []expr.Any{&expr.Immediate{Register: regData, Data: be.AsSlice()}}
+		copyTo := cat(to, []expr.Any{&expr.Dup{RegAddr: regData}})
+		pin := func(op uint32, timeout time.Duration) []expr.Any {
+			return cat(to, []expr.Any{&expr.Dynset{SrcRegKey: regKey, SrcRegData: regData, SetName: fwd.Name,
+				Operation: op, Timeout: timeout}})
+		}
+		pinned := &nftables.Chain{Name: PinnedChain(be), Table: t}
+		add(pinned, "SYN again: pin for pintimeout", tcp, syn, loadKey(), pin(unix.NFT_DYNSET_OP_UPDATE, pl.PinTimeout),
+			copyTo, counter(), verdict(expr.VerdictDrop))
+		add(pinned, "requested: keep for idletimeout", tcp, loadKey(), lookup(alive, false),
+			pin(unix.NFT_DYNSET_OP_UPDATE, p.IdleTimeout), dynsetUpdate(alive))
+		add(pinned, "first request: keep for idletimeout", tcp, tcpFlags(tcpPSH, tcpPSH, true), loadKey(), notIn(alive),
+			pin(unix.NFT_DYNSET_OP_UPDATE, p.IdleTimeout), dynsetUpdate(alive))
+		add(pinned, "no request yet: keep for pintimeout", tcp, loadKey(), notIn(alive),
+			pin(unix.NFT_DYNSET_OP_UPDATE, pl.PinTimeout))
+		add(pinned, "forward", copyTo, counter(), verdict(expr.VerdictDrop))
+
+		place := &nftables.Chain{Name: PlaceChain(be), Table: t}
+		add(place, "SYN: forward, pin", tcp, syn, loadKey(), copyTo, pin(unix.NFT_DYNSET_OP_ADD, pl.PinTimeout),
+			counter(), verdict(expr.VerdictDrop))
+		add(place, "SYN forwarded above, @forward full: not pinned", tcp, syn, counter(), verdict(expr.VerdictDrop))
+		add(place, "not pinned: forward by hash", copyTo, counter(), verdict(expr.VerdictDrop))
+		rs.Chains = append(rs.Chains, pinned, place)
+		rs.Init[MapBEs] = append(rs.Init[MapBEs], BEElement(be))
+	}
+	for i, be := range pl.Slots {
+		if be.IsValid() {
+			rs.Init[MapSlots] = append(rs.Init[MapSlots], SlotElement(uint32(i), be))
+		}
+	}
+	return rs
+}
