@@ -121,6 +121,12 @@ func (r *runner) reloadNow(notify func(string)) error {
 	if err := r.lg.Reopen(); err != nil {
 		r.log.Error("reopen the log file", "op", "reload", "err", err)
 	}
+	if r.access != nil {
+		// At the path it was opened at: a new accesslog takes an upgrade.
+		if err := r.access.Reopen(); err != nil {
+			r.log.Error("reopen the access log", "op", "reload", "err", err)
+		}
+	}
 	next, err := config.Load(r.cfg.File)
 	if err != nil {
 		r.log.Error("reload refused: the running config stays", "op", "reload", "err", err)

@@ -20,6 +20,7 @@ import (
 	"tcpha/fe"
 	"tcpha/frontend"
 	"tcpha/handover"
+	"tcpha/internal/accesslog"
 	"tcpha/metrics"
 )
 
@@ -37,7 +38,8 @@ type Options struct {
 	Quit <-chan struct{}
 	// Ready, if set, is called once the roles serve.
 	Ready func()
-	// Reload (SIGHUP) re-reads the config file and reopens the log file.
+	// Reload (SIGHUP) re-reads the config file and reopens the log file
+	// and the access log.
 	Reload <-chan struct{}
 	// Notify, if set, is told of reloads (systemd's RELOADING and READY).
 	Notify func(state string)
@@ -49,6 +51,16 @@ type Options struct {
 func Run(ctx context.Context, cfg *config.Config, lg *Logger, opt Options) (err error) {
 	log := lg.Logger
 	r := &runner{cfg: cfg, lg: lg, log: log, handovers: make(chan handoverReq), reloads: make(chan chan error)}
+	// The access log outlives the roles: closed (flushed) after they stop.
+	var access func(accesslog.Entry)
+	if path := cfg.Global.AccessLog; path != "" {
+		w, err := accesslog.Open(path, func(err error) { log.Error("access log lines lost", "op", "accesslog", "err", err) })
+		if err != nil {
+			return err
+		}
+		defer w.Close()
+		r.access, access = w, w.Log
+	}
 	keepState := false
 	defer func() {
 		if cerr := r.stop(keepState); cerr != nil {
@@ -82,7 +94,7 @@ func Run(ctx context.Context, cfg *config.Config, lg *Logger, opt Options) (err 
 		if in != nil {
 			ln, in.Control = in.Control, nil
 		}
-		if r.b, err = be.Start(serve, cfg.BE, cfg.Global.Secret, r.m, log, ln); err != nil {
+		if r.b, err = be.Start(serve, cfg.BE, cfg.Global.Secret, r.m, log, ln, access); err != nil {
 			return err
 		}
 		r.wg.Go(func() { r.b.Run(keep) })
@@ -141,7 +153,7 @@ func Run(ctx context.Context, cfg *config.Config, lg *Logger, opt Options) (err 
 			lns = fe.Listeners{VIP: in.VIP, Register: in.Register, Registered: in.Registered}
 			in.VIP, in.Register = nil, nil
 		}
-		if r.f, err = fe.Start(serve, cfg.FE, cfg.Global.Secret, r.m, log, lns); err != nil {
+		if r.f, err = fe.Start(serve, cfg.FE, cfg.Global.Secret, r.m, log, lns, access); err != nil {
 			closeHeads(heads)
 			return err
 		}
@@ -255,6 +267,7 @@ type runner struct {
 	cfg       *config.Config // as the agent started; a reload applies its changes to the roles
 	lg        *Logger
 	log       *slog.Logger
+	access    *accesslog.Writer // nil without [global] accesslog
 	m         *metrics.Metrics
 	f         *fe.FE
 	b         *be.BE

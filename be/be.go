@@ -26,6 +26,7 @@ import (
 	"tcpha/handoff/ctl"
 	"tcpha/handoff/repair"
 	"tcpha/handoff/wire"
+	"tcpha/internal/accesslog"
 	"tcpha/internal/netaddr"
 	"tcpha/metrics"
 	"tcpha/netif"
@@ -66,8 +67,9 @@ type BE struct {
 }
 
 // Start starts the back end; ln, when not nil, is its control listener,
-// inherited from a predecessor.
-func Start(ctx context.Context, cfg *config.BE, secret []byte, m *metrics.Metrics, log *slog.Logger, ln net.Listener) (*BE, error) {
+// inherited from a predecessor; access, when not nil, hears of every
+// request the relay serves ([global] accesslog).
+func Start(ctx context.Context, cfg *config.BE, secret []byte, m *metrics.Metrics, log *slog.Logger, ln net.Listener, access func(accesslog.Entry)) (*BE, error) {
 	b := &BE{cfg: cfg, log: log.With("role", "be")}
 	ok := false
 	defer func() {
@@ -115,7 +117,7 @@ func Start(ctx context.Context, cfg *config.BE, secret []byte, m *metrics.Metric
 	b.relay = relay.New(relay.Config{
 		Pool: b.pool, MaxHeader: cfg.MaxHeader, HeadTimeout: cfg.RequestTimeout,
 		IdleTimeout: cfg.KeepAliveTimeout, Log: b.log, Route: b.route, Mover: newMover(b, leaving),
-		ForwardedFor: cfg.ForwardedFor,
+		ForwardedFor: cfg.ForwardedFor, Access: servedBy(cfg.RAddr, access),
 	})
 	b.recv = &handoff.Receiver{
 		VIP: cfg.VAddr, Check: b.check, Rebuilder: rebuilder{log: b.log},
@@ -435,3 +437,19 @@ func (b *BE) Resume(h relay.Handed) error { return b.relay.Resume(h) }
 
 // Listener is the BE's control listener, for a successor.
 func (b *BE) Listener() net.Listener { return b.ln }
+
+// servedBy names this BE (raddr) in the access log lines of the requests
+// its own web server answered, so that the BEs' logs read together say
+// who served what; nil stays nil.
+func servedBy(raddr netip.Addr, access func(accesslog.Entry)) func(accesslog.Entry) {
+	if access == nil {
+		return nil
+	}
+	self := raddr.String()
+	return func(e accesslog.Entry) {
+		if e.Served == accesslog.Here {
+			e.BE = self
+		}
+		access(e)
+	}
+}

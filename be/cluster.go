@@ -120,7 +120,7 @@ func (b *BE) webPool(a netip.Addr) *relay.Pool {
 	}
 	addr := netip.AddrPortFrom(a, b.cfg.RedirectPort)
 	dial := ctl.Dialer(b.cfg.RAddr)
-	p := &relay.Pool{Dial: func(ctx context.Context) (*net.TCPConn, error) {
+	p := &relay.Pool{Name: a.String(), Dial: func(ctx context.Context) (*net.TCPConn, error) {
 		c, err := dial(ctx, addr)
 		if err != nil {
 			return nil, err

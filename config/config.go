@@ -30,6 +30,9 @@ type Global struct {
 	LogLevel int
 	// LogFile is where logs go; empty means stderr.
 	LogFile string
+	// AccessLog is the access log file (a line per request, package
+	// accesslog); empty: none.
+	AccessLog string
 	// Admin is the path of the unix control socket.
 	Admin string
 	// Secret keys the proofs of every control handshake and the HMAC

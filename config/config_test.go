@@ -31,6 +31,13 @@ rule = 10.0.0.11 .*
 rule = local ^/status
 `
 
+func TestAccessLog(t *testing.T) {
+	c, err := Parse("fe.conf", []byte(strings.Replace(goodFE, "[global]\n", "[global]\naccesslog = /var/log/tcpha/access.log\n", 1)))
+	if err != nil || c.Global.AccessLog != "/var/log/tcpha/access.log" {
+		t.Fatalf("accesslog: %v %+v", err, c)
+	}
+}
+
 func TestParseFE(t *testing.T) {
 	c, err := Parse("fe.conf", []byte(goodFE))
 	if err != nil {
@@ -135,7 +142,7 @@ committimeout = 1500ms
 	if be.DRegister || be.FEPort != 80 {
 		t.Errorf("dregister defaults: %+v", be)
 	}
-	if c.Global.Admin == "" || c.Global.LogLevel != 4 {
+	if c.Global.Admin == "" || c.Global.LogLevel != 4 || c.Global.AccessLog != "" {
 		t.Errorf("global defaults = %+v", c.Global)
 	}
 }

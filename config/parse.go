@@ -31,7 +31,7 @@ func Load(path string) (*Config, error) {
 // may be repeated. Anything else is rejected: ini.v1 never reports unknown keys
 // on its own (FACTS.md).
 var allowed = map[string]map[string]bool{
-	"global": {"loglevel": false, "logfile": false, "admin": false, "secret": false, "metrics": false, "pprof": false, "handoverwait": false},
+	"global": {"loglevel": false, "logfile": false, "accesslog": false, "admin": false, "secret": false, "metrics": false, "pprof": false, "handoverwait": false},
 	"fe": {
 		"raddr": false, "vaddr": false, "port": false, "startservers": false,
 		"maxspareservers": false, "minspareservers": false, "maxclients": false,
@@ -162,6 +162,7 @@ func (p *parser) global(s *ini.Section) (Global, error) {
 	if sec := v.str("secret", ""); sec != "" {
 		g.Secret = []byte(sec)
 	}
+	g.AccessLog = v.str("accesslog", "")
 	g.Metrics = v.listenAddr("metrics")
 	g.Pprof = v.listenAddr("pprof")
 	return g, v.err

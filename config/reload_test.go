@@ -32,9 +32,12 @@ func TestUnreloadable(t *testing.T) {
 		t.Errorf("reloadable changes: %v", got)
 	}
 	next.Global.Admin, next.Global.HandoverWait = "/run/b.sock", time.Minute
+	// The access log, like the log file, is reopened at the path it was
+	// opened at: a new path needs an upgrade.
+	next.Global.AccessLog = "/var/log/tcpha/access.log"
 	next.FE.Port = 8080
 	next.BE.Port = 667
-	want := []string{"[global] admin", "[global] handoverwait", "[fe] port", "[be] port"}
+	want := []string{"[global] accesslog", "[global] admin", "[global] handoverwait", "[fe] port", "[be] port"}
 	if got := Unreloadable(old, next); !slices.Equal(got, want) {
 		t.Errorf("got %v, want %v", got, want)
 	}

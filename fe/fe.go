@@ -30,6 +30,7 @@ import (
 	"tcpha/handoff/conntab"
 	"tcpha/handoff/ctl"
 	"tcpha/handoff/wire"
+	"tcpha/internal/accesslog"
 	"tcpha/metrics"
 	"tcpha/netif"
 	"tcpha/nft"
@@ -192,8 +193,9 @@ func newFE(cfg *config.FE, m *metrics.Metrics, log *slog.Logger) *FE {
 }
 
 // Start starts the front end on the listeners a predecessor handed over,
-// or on new ones.
-func Start(ctx context.Context, cfg *config.FE, secret []byte, m *metrics.Metrics, log *slog.Logger, lns Listeners) (*FE, error) {
+// or on new ones; access, when not nil, hears of every connection with a
+// request ([global] accesslog).
+func Start(ctx context.Context, cfg *config.FE, secret []byte, m *metrics.Metrics, log *slog.Logger, lns Listeners, access func(accesslog.Entry)) (*FE, error) {
 	f := newFE(cfg, m, log)
 	ok := false
 	defer func() {
@@ -302,6 +304,7 @@ func Start(ctx context.Context, cfg *config.FE, secret []byte, m *metrics.Metric
 		Config: frontend.Config{
 			MaxClients: cfg.MaxClients, MaxHeads: max(16384, 4*cfg.MaxClients), MaxHeadsPerSource: cfg.MaxConnPerIP,
 			RequestTimeout: cfg.RequestTimeout, MaxHeader: cfg.MaxHeader, Local: cfg.Redirect(),
+			Access: access,
 		},
 		Route: f.sched.Route, Sender: f.sender, Metrics: m, Log: f.log,
 	}

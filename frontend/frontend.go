@@ -24,6 +24,7 @@ import (
 	"tcpha/backends"
 	"tcpha/handoff"
 	"tcpha/handoff/repair"
+	"tcpha/internal/accesslog"
 	"tcpha/internal/gopool"
 	"tcpha/internal/netaddr"
 	"tcpha/metrics"
@@ -43,6 +44,10 @@ type Config struct {
 	MaxHeader                   int
 	// Local is the local node's web server (seed 4.7).
 	Local netip.AddrPort
+	// Access, if set, hears of every connection with a request, once its
+	// handoff (or local relay, or answer) is done ([global] accesslog);
+	// nil costs nothing.
+	Access func(accesslog.Entry)
 }
 
 // Migrator hands connections off (handoff.Sender).
@@ -271,6 +276,17 @@ func (s *Server) headDone(src netip.Addr) {
 // serve handles one client connection: read its first request within the
 // limits, then hand it off, serve it locally, or answer with an error.
 func (s *Server) serve(ctx context.Context, c *net.TCPConn, client netip.AddrPort, read []byte, deadline time.Time) {
+	var e *accesslog.Entry
+	if s.Config.Access != nil {
+		// The connection's line, written when serve returns.
+		e = &accesslog.Entry{Time: time.Now(), Role: accesslog.FE, Client: client}
+		defer func() {
+			if e.Served != "" {
+				e.Total = time.Since(e.Time)
+				s.Config.Access(*e)
+			}
+		}()
+	}
 	c.SetReadDeadline(deadline)
 	s.readingHead(c, true)
 	req, read, err := phttp.ReadFrom(c, read, s.Config.MaxHeader)
@@ -280,15 +296,18 @@ func (s *Server) serve(ctx context.Context, c *net.TCPConn, client netip.AddrPor
 		if errors.Is(err, os.ErrDeadlineExceeded) && s.handHead(c, read, deadline) {
 			return
 		}
-		s.refuse(c, client, err)
+		s.refuse(c, client, err, e)
 		return
+	}
+	if e != nil {
+		e.Host, e.Method, e.Target = req.Host, req.Method, req.Target
 	}
 	c.SetReadDeadline(time.Time{})
 	// Only now does the connection take a slot of the work in progress.
 	select {
 	case s.slots <- struct{}{}:
 	case <-ctx.Done():
-		s.answer(c, 503, "the front end is stopping")
+		s.answer(c, 503, "the front end is stopping", e)
 		return
 	}
 	defer func() { <-s.slots }()
@@ -304,6 +323,9 @@ func (s *Server) serve(ctx context.Context, c *net.TCPConn, client netip.AddrPor
 			s.count(func(c *Counters) { c.HandedOff++; c.HandoffLatencySum += lat; c.HandoffLatencyCount++ })
 			s.Log.Debug("handed off", "op", "handoff", "client", client.String(), "path", req.Path,
 				"be", be.Addr().String(), "latency", lat)
+			if e != nil {
+				e.Served, e.BE, e.Latency = accesslog.Handoff, be.Addr().String(), lat
+			}
 			return
 		}
 		s.Log.Info("handoff failed; FE keeps the connection", "op", "handoff", "client", client.String(),
@@ -320,16 +342,16 @@ func (s *Server) serve(ctx context.Context, c *net.TCPConn, client netip.AddrPor
 	}
 	if local {
 		s.Sender.Keep(ctx, client)
-		s.serveLocal(c, client, req)
+		s.serveLocal(c, client, req, e)
 		return
 	}
 	s.Metrics.Handoffs.WithLabelValues("503").Inc()
-	s.answer(c, 503, "no back end available for "+req.Path)
+	s.answer(c, 503, "no back end available for "+req.Path, e)
 }
 
 // refuse answers a connection whose head could not be read: 400, 408 or
 // 431, or nothing for a client that went away.
-func (s *Server) refuse(c *net.TCPConn, client netip.AddrPort, err error) {
+func (s *Server) refuse(c *net.TCPConn, client netip.AddrPort, err error, e *accesslog.Entry) {
 	status := phttp.Status(err)
 	var ne net.Error
 	switch {
@@ -347,29 +369,33 @@ func (s *Server) refuse(c *net.TCPConn, client netip.AddrPort, err error) {
 		return
 	}
 	s.Log.Info("request refused", "op", "read", "client", client.String(), "status", status, "err", err)
-	s.answer(c, status, err.Error())
+	s.answer(c, status, err.Error(), e)
 }
 
 // answer sends an error response and closes the connection gracefully:
 // what the client sent and was not read (the rest of an oversized head,
 // a body) would otherwise turn the close into a RST and lose the answer.
-func (s *Server) answer(c *net.TCPConn, status int, why string) {
+// e, if not nil, is the connection's access log entry.
+func (s *Server) answer(c *net.TCPConn, status int, why string, e *accesslog.Entry) {
 	if status == 503 {
 		s.count(func(c *Counters) { c.Answered503++ })
 	}
 	c.SetWriteDeadline(time.Now().Add(time.Second))
-	c.Write(phttp.ErrorResponse(status, why))
+	n, _ := c.Write(phttp.ErrorResponse(status, why))
+	if e != nil {
+		e.Served, e.Status, e.Bytes = accesslog.Answered, status, int64(n)
+	}
 	relay.CloseGracefully(c, time.Second)
 	c.Close()
 }
 
 // serveLocal relays the connection to the FE's own web server (the seed's
 // local node, 4.7).
-func (s *Server) serveLocal(c *net.TCPConn, client netip.AddrPort, req *phttp.Request) {
+func (s *Server) serveLocal(c *net.TCPConn, client netip.AddrPort, req *phttp.Request, e *accesslog.Entry) {
 	up, err := net.DialTimeout("tcp4", s.Config.Local.String(), time.Second)
 	if err != nil {
 		s.Log.Warn("local node unreachable", "op", "local", "client", client.String(), "err", err)
-		s.answer(c, 503, "local server unreachable")
+		s.answer(c, 503, "local server unreachable", e)
 		return
 	}
 	if _, err := up.Write(req.Raw[req.Head.Start:]); err != nil { // without empty lines before the request line
@@ -380,5 +406,10 @@ func (s *Server) serveLocal(c *net.TCPConn, client netip.AddrPort, req *phttp.Re
 	s.count(func(c *Counters) { c.Local++ })
 	s.Metrics.Handoffs.WithLabelValues("local").Inc()
 	s.Log.Debug("served by local node", "op", "local", "client", client.String(), "path", req.Path)
+	if e != nil {
+		// Relayed raw, later requests too: the line is the connection's,
+		// without a status or a byte count.
+		e.Served, e.BE = accesslog.Local, s.Config.Local.String()
+	}
 	relay.Pipe(c, up.(*net.TCPConn))
 }

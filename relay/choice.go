@@ -23,6 +23,7 @@ func (s *session) upstream(x *exchange, pools []*Pool) error {
 		}
 		if x.up != nil {
 			if s.poolOf(x.up) == p {
+				x.pool = p
 				return nil
 			}
 			// The first request's connection, unused: back to its pool.
@@ -34,7 +35,7 @@ func (s *session) upstream(x *exchange, pools []*Pool) error {
 		up, err = p.Get(ctx)
 		cancel()
 		if err == nil {
-			x.up = up
+			x.up, x.pool = up, p
 			return nil
 		}
 	}
@@ -122,7 +123,7 @@ func (s *session) retry(x *exchange) error {
 	if err != nil {
 		return err
 	}
-	x.up, x.retryable = up, false
+	x.up, x.retryable, x.pool = up, false, s.poolOf(up)
 	bufs := append(net.Buffers(nil), x.sent...)
 	_, err = bufs.WriteTo(up.Conn)
 	return err

@@ -34,6 +34,15 @@ type exchange struct {
 	responded bool
 	// after is what follows the response whose body is being relayed.
 	after afterBody
+	// For the access log: the pool whose web server answered (nil: none
+	// did), the final status, the relay's own answer, the bytes that went
+	// to the client, and when the head was read.
+	pool     *Pool
+	status   int
+	answered bool
+	bytes    int64
+	start    time.Time
+	moveLat  time.Duration
 }
 
 // afterBody is what follows the response whose body is being relayed.
@@ -153,6 +162,7 @@ func (s *session) serveRequest(x *exchange, plan Plan) (more bool, err error) {
 			upKeep, clientKeep = false, false
 		}
 		x.after = afterResponse(clientKeep, upKeep, rh)
+		x.status = rh.Status
 		if err := s.relayResponse(x, rh, clientKeep); err != nil {
 			return false, err
 		}
@@ -185,8 +195,9 @@ func (s *session) answerKeep(x *exchange, status int, why string) bool {
 	body := why + "\n"
 	s.client.SetWriteDeadline(time.Now().Add(time.Second))
 	defer s.client.SetWriteDeadline(time.Time{})
-	_, err := fmt.Fprintf(s.client, "HTTP/1.1 %d %s\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n%s",
+	n, err := fmt.Fprintf(s.client, "HTTP/1.1 %d %s\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n%s",
 		status, http.StatusText(status), len(body), body)
+	x.status, x.answered, x.bytes = status, true, x.bytes+int64(n)
 	return err == nil
 }
 
@@ -198,6 +209,7 @@ func (s *session) answer(x *exchange, status int, why string) {
 	}
 	x.responded = true
 	s.client.SetWriteDeadline(time.Now().Add(time.Second))
-	s.client.Write(phttp.ErrorResponse(status, why))
+	n, _ := s.client.Write(phttp.ErrorResponse(status, why))
 	s.client.SetWriteDeadline(time.Time{})
+	x.status, x.answered, x.bytes = status, true, x.bytes+int64(n)
 }

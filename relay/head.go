@@ -11,6 +11,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"tcpha/internal/accesslog"
 	"tcpha/phttp"
 )
 
@@ -138,7 +139,13 @@ func (s *session) refuse(err error) {
 	case status > 0:
 		s.logf().Info("request refused", "op", "relay", "status", status, "err", err)
 		s.client.SetWriteDeadline(time.Now().Add(time.Second))
-		s.client.Write(phttp.ErrorResponse(status, err.Error()))
+		n, _ := s.client.Write(phttp.ErrorResponse(status, err.Error()))
+		if s.r.cfg.Access != nil {
+			// No head to name: a bad, oversized or slow one.
+			e := s.entry(nil, time.Now())
+			e.Status, e.Bytes, e.Served, e.Total = status, int64(n), accesslog.Answered, 0
+			s.r.cfg.Access(e)
+		}
 	case !graceful && !clientLeft(err):
 		s.logf().Debug("client read failed", "op", "relay", "err", err)
 	}

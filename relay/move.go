@@ -44,11 +44,12 @@ const ackWait = time.Second
 // plan says another BE takes it and connections move (phttp = multi), and
 // says where the connection is: Gone from here, or Kept (or Local, when the
 // FE says the request is this BE's after all) for the request to be served
-// from here as plan says.
-func (s *session) move(h *phttp.Head, plan Plan) Outcome {
+// from here as plan says; and how long the move, or the attempt, took (0:
+// none).
+func (s *session) move(h *phttp.Head, plan Plan) (Outcome, time.Duration) {
 	m := s.r.cfg.Mover
 	if m == nil || !plan.Move || !m.Moving() {
-		return Kept
+		return Kept, 0
 	}
 	// WILLHANDOFF: no further request is read; every response sent must
 	// be acknowledged first, or the new BE could not retransmit it.
@@ -83,7 +84,7 @@ func (s *session) move(h *phttp.Head, plan Plan) Outcome {
 	if out == Kept || out == Gone && err != nil {
 		s.r.moveFailures.Add(1)
 	}
-	return out
+	return out, time.Since(start)
 }
 
 // step moves the session's state on ev (the BE's state machine).

@@ -116,7 +116,9 @@ func (s *session) relayResponse(x *exchange, rh *phttp.Head, clientKeep bool) er
 // by closing the connection if it fails.
 func (s *session) write(x *exchange, out net.Buffers) error {
 	x.responded = true
-	if _, err := out.WriteTo(s.client); err != nil {
+	n, err := out.WriteTo(s.client)
+	x.bytes += n
+	if err != nil {
 		return fmt.Errorf("%w: %v", errClientAborted, err)
 	}
 	return nil
@@ -174,6 +176,7 @@ func (s *session) relayRest(x *exchange, rem int64) error {
 				err = io.ErrUnexpectedEOF
 			}
 		}
+		x.bytes += copied
 		if rem > 0 {
 			rem -= copied
 		}

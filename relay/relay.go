@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"tcpha/handoff/conntab"
+	"tcpha/internal/accesslog"
 	"tcpha/internal/gopool"
 )
 
@@ -46,6 +47,9 @@ type Config struct {
 	// = multi); the plan's pools then serve only a request whose move
 	// failed.
 	Mover Mover
+	// Access, if set, hears of every request the relay serves, moves or
+	// answers itself ([global] accesslog); nil costs nothing.
+	Access func(accesslog.Entry)
 }
 
 // Relay serves handed-off client connections: for each request on a

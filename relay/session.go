@@ -10,6 +10,9 @@ import (
 	"time"
 
 	"tcpha/handoff/conntab"
+	"tcpha/internal/accesslog"
+	"tcpha/internal/netaddr"
+	"tcpha/phttp"
 )
 
 // bufSize is a session's client buffer: a request head, the start of its
@@ -85,23 +88,31 @@ func (s *session) loop() {
 			s.refuse(err)
 			return
 		}
+		var start time.Time
+		if s.r.cfg.Access != nil {
+			start = time.Now()
+		}
 		plan := planFor(s.later(), s.r.cfg.Route, h.Host, h.Path)
-		out := s.move(h, plan)
+		out, moveLat := s.move(h, plan)
 		if out == Gone {
+			s.logMove(h, start, moveLat)
 			return
 		}
 		if out == Local {
 			plan = here
 		}
 		s.r.requests.Add(1)
-		x := &exchange{req: h, up: s.held, unchecked: s.held != nil}
+		x := &exchange{req: h, up: s.held, unchecked: s.held != nil, start: start, moveLat: moveLat}
 		s.held = nil
 		more, err := s.serveRequest(x, plan)
 		s.count.Add(1)
 		x.drop()
 		if errors.Is(err, errHandedOff) {
+			// The response goes on in the successor, which does not log
+			// it: the access log misses this one request.
 			return
 		}
+		s.logExchange(x)
 		if err != nil {
 			s.logf().Info("relay ended", "op", "relay", "err", err)
 			return
@@ -116,6 +127,47 @@ func (s *session) loop() {
 // later tells whether the session's next request is a later one of its
 // connection; the first is always this BE's, where the FE routed it.
 func (s *session) later() bool { return s.count.Load() > 0 || s.resumed }
+
+// clientAddr is the client's address and port.
+func (s *session) clientAddr() netip.AddrPort { return netaddr.AddrPort(s.client.RemoteAddr()) }
+
+// logExchange writes x's access log line, if there is an access log.
+func (s *session) logExchange(x *exchange) {
+	if s.r.cfg.Access == nil {
+		return
+	}
+	e := s.entry(x.req, x.start)
+	e.Status, e.Bytes, e.Latency = x.status, x.bytes, x.moveLat
+	switch {
+	case x.answered:
+		e.Served = accesslog.Answered
+	case x.pool == nil || x.pool == s.r.cfg.Pool:
+		e.Served = accesslog.Here
+	default:
+		e.Served, e.BE = accesslog.Forward, x.pool.Name
+	}
+	s.r.cfg.Access(e)
+}
+
+// logMove writes the access log line of a request for which the
+// connection moved to another BE (the BE that serves it logs it too).
+func (s *session) logMove(h *phttp.Head, start time.Time, lat time.Duration) {
+	if s.r.cfg.Access == nil {
+		return
+	}
+	e := s.entry(h, start)
+	e.Served, e.Latency = accesslog.Move, lat
+	s.r.cfg.Access(e)
+}
+
+// entry is an access log entry for request h, read at start.
+func (s *session) entry(h *phttp.Head, start time.Time) accesslog.Entry {
+	e := accesslog.Entry{Time: start, Role: accesslog.BE, Client: s.clientAddr(), Total: time.Since(start)}
+	if h != nil {
+		e.Host, e.Method, e.Target = h.Host, h.Method, h.Target
+	}
+	return e
+}
 
 func (s *session) logf() *slog.Logger {
 	if s.log == nil {

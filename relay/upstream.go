@@ -42,6 +42,9 @@ func (u *Upstream) Close() error {
 type Pool struct {
 	// Dial opens a new connection to the web server.
 	Dial func(ctx context.Context) (*net.TCPConn, error)
+	// Name is the web server's BE in the access log, for a pool of
+	// another BE's web server (phttp = forward).
+	Name string
 	// MaxIdle bounds the idle connections kept; IdleTimeout drops one idle
 	// longer than that, well before the server's own keep-alive timeout
 	// (nginx: 75 s), so a request rarely meets a connection the server is

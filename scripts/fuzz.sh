@@ -19,6 +19,7 @@ targets=(
 	"./frontend/tlshello FuzzRead"
 	"./config FuzzParse"
 	"./queue FuzzParse"
+	"./internal/accesslog FuzzAppendLine"
 )
 for t in "${targets[@]}"; do
 	set -- $t

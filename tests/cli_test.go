@@ -83,6 +83,7 @@ func TestCheckConfigRejects(t *testing.T) {
 		{"overflowing duration", fe + "timewait = 99999999999999999999\n", "timewait"},
 		{"duration past a year", fe + "drain = 40000000\n", "longer than a year"},
 		{"unwritable logfile", "[global]\nsecret = s\nlogfile = /proc/tcpha/agent.log\n" + fe, "[global] logfile /proc/tcpha/agent.log"},
+		{"unwritable accesslog", "[global]\nsecret = s\naccesslog = /proc/tcpha/access.log\n" + fe, "[global] accesslog /proc/tcpha/access.log"},
 		{"registration without raddr", "[fe]\nvaddr = 10.0.0.100\ndregister = 1\nrule = local .*\n", "[fe] dregister: needs [fe] raddr"},
 		{"unknown scheduler", fe + "scheduler = fastest\n", "scheduler"},
 	}

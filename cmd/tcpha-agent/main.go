@@ -7,7 +7,8 @@
 //	tcpha-agent -version                       print the version
 //
 // SIGHUP re-reads the config file (rules, servers, weights, timings) and
-// reopens the log file; a file that does not parse changes nothing.
+// reopens the log file and the access log; a file that does not parse
+// changes nothing.
 // SIGUSR2 upgrades in place: the agent starts its program file again with
 // -upgrade (under systemd: systemctl kill -s USR2 tcpha-agent).
 //
@@ -137,9 +138,13 @@ func main() {
 // check is -t: the file parses (already done), and what the agent will
 // open can be opened. It returns the exit code.
 func check(path string, cfg *config.Config) int {
-	if f := cfg.Global.LogFile; f != "" {
+	for _, kf := range [][2]string{{"logfile", cfg.Global.LogFile}, {"accesslog", cfg.Global.AccessLog}} {
+		key, f := kf[0], kf[1]
+		if f == "" {
+			continue
+		}
 		if err := writable(f); err != nil {
-			fmt.Fprintf(os.Stderr, "tcpha-agent: %s: [global] logfile %s: %v\n", path, f, err)
+			fmt.Fprintf(os.Stderr, "tcpha-agent: %s: [global] %s %s: %v\n", path, key, f, err)
 			return 1
 		}
 	}
