@@ -58,6 +58,8 @@ type BE struct {
 	stopRegistering    context.CancelFunc
 	handingOver        atomic.Bool
 	background         sync.WaitGroup
+	// serveEnded is set when the control listener's accept loop ends.
+	serveEnded atomic.Bool
 	// cluster is the FE's last cluster frame; web the keep-alive pools to
 	// other BEs' web servers (phttp = forward).
 	cluster atomic.Pointer[beCluster]
@@ -255,8 +257,20 @@ func (b *BE) Run(ctx context.Context) {
 	if err := b.server.Serve(ctx, b.ln); err != nil {
 		b.log.Error("handoff listener stopped", "op", "serve", "err", err)
 	}
+	b.serveEnded.Store(true)
 	stop()
 	b.background.Wait()
+}
+
+// Alive tells whether the BE still takes handoffs (the agent feeds
+// systemd's watchdog on it): its control listener's accept loop has not
+// ended. An accept error ends it while the agent runs on, and every
+// handoff to this BE would then fail.
+func (b *BE) Alive() error {
+	if b.serveEnded.Load() {
+		return errors.New("the BE no longer takes handoffs: its control listener stopped")
+	}
+	return nil
 }
 
 // unregister deregisters from the FEs (a stop), or just leaves them (a

@@ -493,6 +493,23 @@ func (f *FE) startLoops(serve, loops context.Context) {
 	}
 }
 
+// Alive tells whether the FE's loops that can hang still turn (the agent
+// feeds systemd's watchdog on it): the flow owner, the one goroutine on
+// the nftables handle that every handoff's commit waits for, answers a
+// read of the kernel's counters before ctx ends; and the accept loop has
+// not ended.
+func (f *FE) Alive(ctx context.Context) error {
+	select {
+	case <-f.served:
+		return errors.New("the FE no longer accepts clients")
+	default:
+	}
+	if _, _, err := f.flows.Forwarded(ctx); err != nil {
+		return fmt.Errorf("the flow owner does not answer: %w", err)
+	}
+	return nil
+}
+
 // Linger waits up to d for the work a handover left here (relays to the
 // local node, handoffs that did not finish in time).
 func (f *FE) Linger(d time.Duration) {
