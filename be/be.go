@@ -388,25 +388,28 @@ func (b *BE) Release() {
 	}
 }
 
-// Status is the BE's part of `tcphactl status`.
+// Status is the BE's part of `tcphactl status`. Its JSON follows
+// tcphactl(8)'s rules: addresses without their ports, a port a number.
 type Status struct {
-	VIP      string `json:"vip"`
-	Handoff  string `json:"handoff"`
-	Upstream string `json:"upstream"`
-	ServerUp bool   `json:"server_up"`
-	Relaying int    `json:"relaying"`
-	Pending  int    `json:"pending"`
-	Served   int64  `json:"served"`
-	Refused  int64  `json:"refused"`
-	Sessions int    `json:"sessions"`
-	Requests int64  `json:"requests"`
-	Dialed   int64  `json:"upstream_dialed"`
-	Reused   int64  `json:"upstream_reused"`
-	Idle     int    `json:"upstream_idle"`
-	Retries  int64  `json:"retries"`
-	BadGW    int64  `json:"bad_gateway"`
-	Moved    int64  `json:"moved"`
-	NotMoved int64  `json:"not_moved"`
+	VIP          string `json:"vip"`
+	Addr         string `json:"addr"` // raddr, where FEs hand off
+	Port         uint16 `json:"port"`
+	Upstream     string `json:"upstream"`
+	UpstreamPort uint16 `json:"upstream_port"`
+	ServerUp     bool   `json:"server_up"`
+	Relaying     int    `json:"relaying"`
+	Pending      int    `json:"pending"`
+	Served       int64  `json:"served"`
+	Refused      int64  `json:"refused"`
+	Sessions     int    `json:"sessions"`
+	Requests     int64  `json:"requests"`
+	Dialed       int64  `json:"upstream_dialed"`
+	Reused       int64  `json:"upstream_reused"`
+	Idle         int    `json:"upstream_idle"`
+	Retries      int64  `json:"retries"`
+	BadGW        int64  `json:"bad_gateway"`
+	Moved        int64  `json:"moved"`
+	NotMoved     int64  `json:"not_moved"`
 }
 
 // Status reads the BE's counters.
@@ -414,7 +417,8 @@ func (b *BE) Status() Status {
 	s := b.recv.Stats()
 	rs := b.relay.Stats()
 	return Status{
-		VIP: b.cfg.VAddr.String(), Handoff: fmt.Sprintf("%v:%d", b.cfg.RAddr, b.cfg.Port), Upstream: b.cfg.Redirect().String(),
+		VIP: b.cfg.VAddr.String(), Addr: b.cfg.RAddr.String(), Port: b.cfg.Port,
+		Upstream: b.cfg.Redirect().Addr().String(), UpstreamPort: b.cfg.Redirect().Port(),
 		ServerUp: b.serverUp.Load(), Relaying: rs.Active, Pending: s.Pending, Served: s.Served, Refused: s.Refused,
 		Sessions: len(b.server.Sessions()), Requests: rs.Requests, Dialed: rs.Upstream.Dialed, Reused: rs.Upstream.Reuses,
 		Idle: rs.Upstream.Idle, Retries: rs.Retries, BadGW: rs.BadGateways, Moved: rs.Moves, NotMoved: rs.MoveFailures,
@@ -423,9 +427,9 @@ func (b *BE) Status() Status {
 
 // Write writes st as `tcphactl status` shows it.
 func (st Status) Write(w io.Writer, pid int) {
-	fmt.Fprintf(w, "be vip=%s handoff=%s pid=%d\n", st.VIP, st.Handoff, pid)
-	fmt.Fprintf(w, "  relaying=%d pending=%d served=%d refused=%d sessions=%d upstream=%s server_up=%v at %s\n",
-		st.Relaying, st.Pending, st.Served, st.Refused, st.Sessions, st.Upstream, st.ServerUp, time.Now().Format(time.RFC3339))
+	fmt.Fprintf(w, "be vip=%s handoff=%s:%d pid=%d\n", st.VIP, st.Addr, st.Port, pid)
+	fmt.Fprintf(w, "  relaying=%d pending=%d served=%d refused=%d sessions=%d upstream=%s:%d server_up=%v at %s\n",
+		st.Relaying, st.Pending, st.Served, st.Refused, st.Sessions, st.Upstream, st.UpstreamPort, st.ServerUp, time.Now().Format(time.RFC3339))
 	fmt.Fprintf(w, "  requests=%d upstream_dialed=%d upstream_reused=%d upstream_idle=%d retries=%d bad_gateway=%d moved=%d not_moved=%d\n",
 		st.Requests, st.Dialed, st.Reused, st.Idle, st.Retries, st.BadGW, st.Moved, st.NotMoved)
 }
