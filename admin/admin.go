@@ -19,6 +19,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"net"
 	"os"
 	"path/filepath"
@@ -63,6 +64,10 @@ var ErrUsage = errors.New("want status, backends, conns, loglevel N, dtcinterval
 // arity is each command's number of arguments.
 var arity = map[string]int{"status": 0, "backends": 0, "conns": 0, "reload": 0, "loglevel": 1,
 	"dtcinterval": 1, "drain": 1, "enable": 1, "weight": 2}
+
+// Commands lists the commands and their numbers of arguments, so that a
+// test can walk every one.
+func Commands() map[string]int { return maps.Clone(arity) }
 
 // Parse reads one request line.
 func Parse(line string) (Request, error) {

@@ -41,8 +41,12 @@ type Options struct {
 	// Reload (SIGHUP) re-reads the config file and reopens the log file
 	// and the access log.
 	Reload <-chan struct{}
-	// Notify, if set, is told of reloads (systemd's RELOADING and READY).
+	// Notify, if set, is told of reloads (systemd's RELOADING and READY)
+	// and feeds the watchdog (WATCHDOG=1).
 	Notify func(state string)
+	// Watchdog is systemd's WatchdogSec (0: off). The main loop feeds it
+	// while the roles' loops answer (watchdog.go).
+	Watchdog time.Duration
 }
 
 // Run starts the roles cfg asks for and serves until ctx is done (then it
@@ -182,8 +186,15 @@ func Run(ctx context.Context, cfg *config.Config, lg *Logger, opt Options) (err 
 	}
 	var quitting <-chan time.Time
 	quit := opt.Quit
+	wd := newWatchdog(opt.Watchdog, r.alive, opt.Notify, log)
+	wdTicks, stopTicks := wd.ticks()
+	defer stopTicks()
 	for {
 		select {
+		case <-wdTicks:
+			wd.tick(keep)
+		case err := <-wd.verdicts():
+			wd.verdict(err)
 		case <-ctx.Done():
 			log.Info("stopping: draining handed-off connections", "op", "stop")
 			r.drain(stopServe)

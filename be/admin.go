@@ -3,6 +3,7 @@ package be
 import (
 	"fmt"
 	"io"
+	"net/netip"
 	"text/tabwriter"
 	"time"
 
@@ -12,10 +13,11 @@ import (
 // ConnRow is one line of `tcphactl conns` on a BE: a connection handed
 // to it that its relay serves (the seed's ESTABLISHED on a BE).
 type ConnRow struct {
-	Client   string `json:"client"`
-	State    string `json:"state"`
-	Age      string `json:"age"`
-	Requests int    `json:"requests"`
+	Client     string  `json:"client"`
+	ClientPort uint16  `json:"client_port"`
+	State      string  `json:"state"`
+	Age        float64 `json:"age_seconds"`
+	Requests   int     `json:"requests"`
 }
 
 // Conns writes the connections the relay serves to text and returns them.
@@ -31,13 +33,14 @@ func (b *BE) Conns(text io.Writer) []ConnRow {
 		default:
 			state += " idle"
 		}
-		rows = append(rows, ConnRow{Client: c.Client.String(), State: state,
-			Age: now.Sub(c.Since).Truncate(time.Second).String(), Requests: c.Requests})
+		rows = append(rows, ConnRow{Client: c.Client.Addr().String(), ClientPort: c.Client.Port(), State: state,
+			Age: now.Sub(c.Since).Truncate(time.Second).Seconds(), Requests: c.Requests})
 	}
 	tw := tabwriter.NewWriter(text, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "client\tstate\tage\trequests\t")
 	for _, c := range rows {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t\n", c.Client, c.State, c.Age, c.Requests)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t\n", netip.AddrPortFrom(netip.MustParseAddr(c.Client), c.ClientPort), c.State,
+			time.Duration(c.Age)*time.Second, c.Requests)
 	}
 	tw.Flush()
 	return rows

@@ -59,6 +59,8 @@ type BE struct {
 	stopRegistering    context.CancelFunc
 	handingOver        atomic.Bool
 	background         sync.WaitGroup
+	// serveEnded is set when the control listener's accept loop ends.
+	serveEnded atomic.Bool
 	// cluster is the FE's last cluster frame; web the keep-alive pools to
 	// other BEs' web servers (phttp = forward).
 	cluster atomic.Pointer[beCluster]
@@ -257,8 +259,20 @@ func (b *BE) Run(ctx context.Context) {
 	if err := b.server.Serve(ctx, b.ln); err != nil {
 		b.log.Error("handoff listener stopped", "op", "serve", "err", err)
 	}
+	b.serveEnded.Store(true)
 	stop()
 	b.background.Wait()
+}
+
+// Alive tells whether the BE still takes handoffs (the agent feeds
+// systemd's watchdog on it): its control listener's accept loop has not
+// ended. An accept error ends it while the agent runs on, and every
+// handoff to this BE would then fail.
+func (b *BE) Alive() error {
+	if b.serveEnded.Load() {
+		return errors.New("the BE no longer takes handoffs: its control listener stopped")
+	}
+	return nil
 }
 
 // unregister deregisters from the FEs (a stop), or just leaves them (a
@@ -376,25 +390,28 @@ func (b *BE) Release() {
 	}
 }
 
-// Status is the BE's part of `tcphactl status`.
+// Status is the BE's part of `tcphactl status`. Its JSON follows
+// tcphactl(8)'s rules: addresses without their ports, a port a number.
 type Status struct {
-	VIP      string `json:"vip"`
-	Handoff  string `json:"handoff"`
-	Upstream string `json:"upstream"`
-	ServerUp bool   `json:"server_up"`
-	Relaying int    `json:"relaying"`
-	Pending  int    `json:"pending"`
-	Served   int64  `json:"served"`
-	Refused  int64  `json:"refused"`
-	Sessions int    `json:"sessions"`
-	Requests int64  `json:"requests"`
-	Dialed   int64  `json:"upstream_dialed"`
-	Reused   int64  `json:"upstream_reused"`
-	Idle     int    `json:"upstream_idle"`
-	Retries  int64  `json:"retries"`
-	BadGW    int64  `json:"bad_gateway"`
-	Moved    int64  `json:"moved"`
-	NotMoved int64  `json:"not_moved"`
+	VIP          string `json:"vip"`
+	Addr         string `json:"addr"` // raddr, where FEs hand off
+	Port         uint16 `json:"port"`
+	Upstream     string `json:"upstream"`
+	UpstreamPort uint16 `json:"upstream_port"`
+	ServerUp     bool   `json:"server_up"`
+	Relaying     int    `json:"relaying"`
+	Pending      int    `json:"pending"`
+	Served       int64  `json:"served"`
+	Refused      int64  `json:"refused"`
+	Sessions     int    `json:"sessions"`
+	Requests     int64  `json:"requests"`
+	Dialed       int64  `json:"upstream_dialed"`
+	Reused       int64  `json:"upstream_reused"`
+	Idle         int    `json:"upstream_idle"`
+	Retries      int64  `json:"retries"`
+	BadGW        int64  `json:"bad_gateway"`
+	Moved        int64  `json:"moved"`
+	NotMoved     int64  `json:"not_moved"`
 }
 
 // Status reads the BE's counters.
@@ -402,7 +419,8 @@ func (b *BE) Status() Status {
 	s := b.recv.Stats()
 	rs := b.relay.Stats()
 	return Status{
-		VIP: b.cfg.VAddr.String(), Handoff: fmt.Sprintf("%v:%d", b.cfg.RAddr, b.cfg.Port), Upstream: b.cfg.Redirect().String(),
+		VIP: b.cfg.VAddr.String(), Addr: b.cfg.RAddr.String(), Port: b.cfg.Port,
+		Upstream: b.cfg.Redirect().Addr().String(), UpstreamPort: b.cfg.Redirect().Port(),
 		ServerUp: b.serverUp.Load(), Relaying: rs.Active, Pending: s.Pending, Served: s.Served, Refused: s.Refused,
 		Sessions: len(b.server.Sessions()), Requests: rs.Requests, Dialed: rs.Upstream.Dialed, Reused: rs.Upstream.Reuses,
 		Idle: rs.Upstream.Idle, Retries: rs.Retries, BadGW: rs.BadGateways, Moved: rs.Moves, NotMoved: rs.MoveFailures,
@@ -411,9 +429,9 @@ func (b *BE) Status() Status {
 
 // Write writes st as `tcphactl status` shows it.
 func (st Status) Write(w io.Writer, pid int) {
-	fmt.Fprintf(w, "be vip=%s handoff=%s pid=%d\n", st.VIP, st.Handoff, pid)
-	fmt.Fprintf(w, "  relaying=%d pending=%d served=%d refused=%d sessions=%d upstream=%s server_up=%v at %s\n",
-		st.Relaying, st.Pending, st.Served, st.Refused, st.Sessions, st.Upstream, st.ServerUp, time.Now().Format(time.RFC3339))
+	fmt.Fprintf(w, "be vip=%s handoff=%s:%d pid=%d\n", st.VIP, st.Addr, st.Port, pid)
+	fmt.Fprintf(w, "  relaying=%d pending=%d served=%d refused=%d sessions=%d upstream=%s:%d server_up=%v at %s\n",
+		st.Relaying, st.Pending, st.Served, st.Refused, st.Sessions, st.Upstream, st.UpstreamPort, st.ServerUp, time.Now().Format(time.RFC3339))
 	fmt.Fprintf(w, "  requests=%d upstream_dialed=%d upstream_reused=%d upstream_idle=%d retries=%d bad_gateway=%d moved=%d not_moved=%d\n",
 		st.Requests, st.Dialed, st.Reused, st.Idle, st.Retries, st.BadGW, st.Moved, st.NotMoved)
 }

@@ -123,3 +123,16 @@ func TestAdmit(t *testing.T) {
 		}
 	}
 }
+
+// The watchdog's question: the BE is alive while its control listener's
+// accept loop runs.
+func TestAlive(t *testing.T) {
+	b := &BE{}
+	if err := b.Alive(); err != nil {
+		t.Fatal(err)
+	}
+	b.serveEnded.Store(true)
+	if err := b.Alive(); err == nil {
+		t.Error("a BE whose control listener stopped is alive")
+	}
+}

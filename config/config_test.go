@@ -208,6 +208,11 @@ func TestParseErrors(t *testing.T) {
 		{"no roles", "[global]\nloglevel = 3\n", 0, "", "", "nothing to run"},
 		{"line without =", "[fe]\nvaddr 10.0.0.1\n", 2, "fe", "", "key = value"},
 		{"unterminated section", "[fe\n", 1, "", "", "unterminated"},
+		// Issue 18, item 6: mistakes that were accepted or misreported.
+		{"trailing backslash joins no line", fe + "rule = 10.0.0.11 \\.jpg\\\nrule = 10.0.0.11 .*\n", 4, "fe", "rule", "bad regular expression"},
+		{"include", fe + "include /etc/tcpha/more.conf\nrule = local .*\n", 4, "fe", "", "includes are not supported"},
+		{"key of another section", fe + "rule = local .*\nloglevel = 3\n", 5, "fe", "loglevel", "unknown key; it belongs in [global]"},
+		{"FE key in [be]", be + "dtcinterval = 1\n", 6, "be", "dtcinterval", "it belongs in [fe]"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -224,6 +229,15 @@ func TestParseErrors(t *testing.T) {
 				t.Errorf("error %q does not say %q", err, tc.msgContaining)
 			}
 		})
+	}
+}
+
+// A UTF-8 byte-order mark (an editor's) is not read as part of the first
+// line: it gave "want key = value" (issue 18).
+func TestByteOrderMark(t *testing.T) {
+	cfg, err := Parse("bom.conf", []byte("\xef\xbb\xbf[fe]\nvaddr = 10.0.0.100\nrule = local .*\n"))
+	if err != nil || cfg.FE == nil {
+		t.Fatalf("%v", err)
 	}
 }
 

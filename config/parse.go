@@ -53,8 +53,23 @@ var allowed = map[string]map[string]bool{
 	},
 }
 
+// sectionOf names the sections a key belongs in, for a key given in the
+// wrong one ("" if none).
+func sectionOf(key string) string {
+	var in []string
+	for _, sn := range []string{"global", "fe", "be"} {
+		if _, ok := allowed[sn][key]; ok {
+			in = append(in, sn)
+		}
+	}
+	return strings.Join(in, "] or [")
+}
+
 // Parse parses config text; name is used in error messages.
 func Parse(name string, data []byte) (*Config, error) {
+	// An editor's UTF-8 byte-order mark is not part of the first line
+	// (it made "[global]" a line without "=").
+	data = bytes.TrimPrefix(data, []byte("\xef\xbb\xbf"))
 	lines, err := indexLines(name, data)
 	if err != nil {
 		return nil, err
@@ -67,6 +82,9 @@ func Parse(name string, data []byte) (*Config, error) {
 		AllowDuplicateShadowValues: true,
 		IgnoreInlineComment:        true,
 		SpaceBeforeInlineComment:   false,
+		// A regexp may end in a backslash; ini.v1 would join the next
+		// line to it (`rule = ... \.jpg\` swallowed the catch-all rule).
+		IgnoreContinuation: true,
 	}, data)
 	if err != nil {
 		return nil, &Error{File: name, Msg: fmt.Sprintf("not an ini file: %v", err)}
@@ -91,8 +109,11 @@ func Parse(name string, data []byte) (*Config, error) {
 		for _, k := range s.Keys() {
 			repeat, ok := keys[k.Name()]
 			if !ok {
-				return nil, &Error{File: name, Line: lines.line(sn, k.Name(), 0), Section: sn, Key: k.Name(),
-					Msg: "unknown key"}
+				msg := "unknown key"
+				if home := sectionOf(k.Name()); home != "" {
+					msg += "; it belongs in [" + home + "]"
+				}
+				return nil, &Error{File: name, Line: lines.line(sn, k.Name(), 0), Section: sn, Key: k.Name(), Msg: msg}
 			}
 			if n := len(k.ValueWithShadows()); n > 1 && !repeat {
 				return nil, &Error{File: name, Line: lines.line(sn, k.Name(), 1), Section: sn, Key: k.Name(),
@@ -646,6 +667,9 @@ func indexLines(name string, data []byte) (lineIndex, error) {
 			l.sections[section] = n
 		default:
 			k, _, ok := strings.Cut(t, "=")
+			if f := strings.Fields(t); !ok && (f[0] == "include" || f[0] == "!include") {
+				return l, &Error{File: name, Line: n, Section: section, Msg: "includes are not supported: put everything in this file"}
+			}
 			if !ok {
 				return l, &Error{File: name, Line: n, Section: section, Msg: fmt.Sprintf("%q: want `key = value`", t)}
 			}

@@ -55,7 +55,12 @@ func (f *FE) Command(cmd string, args []string, text io.Writer) (any, error) {
 		tw := tabwriter.NewWriter(text, 0, 0, 2, ' ', 0)
 		fmt.Fprintln(tw, "client\tbe\tstate\tage\thandoff\t")
 		for _, c := range rows {
-			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t\n", c.Client, c.BE, c.State, c.Age, c.Handoff)
+			be := c.BE
+			if be == "" {
+				be = "-"
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t\n", netip.AddrPortFrom(netip.MustParseAddr(c.Client), c.ClientPort), be, c.State,
+				seconds(c.Age), seconds(c.Handoff))
 		}
 		tw.Flush()
 		return rows, nil
@@ -67,7 +72,7 @@ func (f *FE) Command(cmd string, args []string, text io.Writer) (any, error) {
 		f.dtc.Store(int64(d))
 		f.log.Info("detection interval changed", "op", "admin", "dtcinterval", d)
 		fmt.Fprintf(text, "dtcinterval %v\n", d)
-		return map[string]string{"dtcinterval": d.String()}, nil
+		return map[string]float64{"dtcinterval_seconds": d.Seconds()}, nil
 	case "drain", "enable":
 		a, err := addr()
 		if err != nil {
@@ -79,7 +84,7 @@ func (f *FE) Command(cmd string, args []string, text io.Writer) (any, error) {
 		f.kickCluster()
 		f.log.Info("BE "+cmd+"ed by the operator", "op", "admin", "be", a.String())
 		fmt.Fprintf(text, "%s %s\n", cmd, a)
-		return map[string]string{cmd: a.String()}, nil
+		return map[string]any{"addr": a.String(), "draining": cmd == "drain"}, nil
 	case "weight":
 		a, err := addr()
 		if err != nil {
@@ -95,30 +100,38 @@ func (f *FE) Command(cmd string, args []string, text io.Writer) (any, error) {
 		f.kickCluster()
 		f.log.Info("BE weight changed by the operator", "op", "admin", "be", a.String(), "weight", w)
 		fmt.Fprintf(text, "weight %s %d\n", a, w)
-		return map[string]any{"backend": a.String(), "weight": w}, nil
+		return map[string]any{"addr": a.String(), "weight": w}, nil
 	}
 	return nil, admin.ErrUsage
 }
 
-// connRow is one line of `tcphactl conns`.
+// connRow is one line of `tcphactl conns`: the client's address and port
+// apart, as everywhere in tcphactl's JSON; be is empty before a BE took
+// the connection.
 type connRow struct {
-	Client  string `json:"client"`
-	BE      string `json:"be"`
-	State   string `json:"state"`
-	Age     string `json:"age"`
-	Handoff string `json:"handoff"`
+	Client     string  `json:"client"`
+	ClientPort uint16  `json:"client_port"`
+	BE         string  `json:"be"`
+	State      string  `json:"state"`
+	Age        float64 `json:"age_seconds"`
+	Handoff    float64 `json:"handoff_seconds"`
 }
 
 func (f *FE) connRows() []connRow {
 	now := time.Now()
-	var out []connRow
+	out := []connRow{}
 	for _, c := range f.table.Snapshot() {
-		be := "-"
+		be := ""
 		if c.BE.IsValid() {
 			be = c.BE.String()
 		}
-		out = append(out, connRow{Client: c.Client.String(), BE: be, State: c.State.String(),
-			Age: now.Sub(c.Started).Truncate(time.Second).String(), Handoff: c.Latency.String()})
+		out = append(out, connRow{Client: c.Client.Addr().String(), ClientPort: c.Client.Port(), BE: be,
+			State: c.State.String(), Age: now.Sub(c.Started).Truncate(time.Second).Seconds(), Handoff: c.Latency.Seconds()})
 	}
 	return out
+}
+
+// seconds is a JSON duration as text shows it.
+func seconds(s float64) time.Duration {
+	return time.Duration(s * float64(time.Second)).Round(time.Microsecond)
 }

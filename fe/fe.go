@@ -496,6 +496,23 @@ func (f *FE) startLoops(serve, loops context.Context) {
 	}
 }
 
+// Alive tells whether the FE's loops that can hang still turn (the agent
+// feeds systemd's watchdog on it): the flow owner, the one goroutine on
+// the nftables handle that every handoff's commit waits for, answers a
+// read of the kernel's counters before ctx ends; and the accept loop has
+// not ended.
+func (f *FE) Alive(ctx context.Context) error {
+	select {
+	case <-f.served:
+		return errors.New("the FE no longer accepts clients")
+	default:
+	}
+	if _, _, err := f.flows.Forwarded(ctx); err != nil {
+		return fmt.Errorf("the flow owner does not answer: %w", err)
+	}
+	return nil
+}
+
 // Linger waits up to d for the work a handover left here (relays to the
 // local node, handoffs that did not finish in time).
 func (f *FE) Linger(d time.Duration) {
@@ -694,25 +711,50 @@ func (f *FE) Release() {
 	}
 }
 
-// Status is the FE's part of `tcphactl status`.
+// Status is the FE's part of `tcphactl status`. Its JSON follows
+// tcphactl(8)'s rules: snake_case keys, durations in seconds (*_seconds),
+// addresses without their ports (a port is a number of its own), lists
+// never null.
 type Status struct {
-	VIP         string            `json:"vip"`
-	Queue       uint16            `json:"queue"`
-	QueueVia    string            `json:"queue_via"`
-	Counters    frontend.Counters `json:"counters"`
-	AvgHandoff  string            `json:"avg_handoff"`
-	Connections map[string]int    `json:"connections"`
-	Queued      int64             `json:"queued"`
-	QueuedBy    map[string]int64  `json:"queued_by"`
-	Backends    []beLine          `json:"backends"`
+	VIP         string         `json:"vip"`
+	Port        uint16         `json:"port"`
+	Queue       uint16         `json:"queue"`
+	QueueVia    string         `json:"queue_via"`
+	Counters    counters       `json:"counters"`
+	AvgHandoff  float64        `json:"avg_handoff_seconds"`
+	Connections map[string]int `json:"connections"`
+	Queued      int64          `json:"queued"`
+	QueuedBy    []queuedBy     `json:"queued_by"`
+	Backends    []beLine       `json:"backends"`
 	// Moved and NotMoved count the migrations BEs asked for (phttp =
 	// multi) that this FE carried out, and those it did not.
 	Moved    int64 `json:"moved"`
 	NotMoved int64 `json:"not_moved"`
+	avg      time.Duration
+}
+
+// counters are frontend.Counters as tcphactl names them.
+type counters struct {
+	Accepted    int64 `json:"accepted"`
+	HandedOff   int64 `json:"handed_off"`
+	Local       int64 `json:"local"`
+	Answered503 int64 `json:"answered_503"`
+	BadRequests int64 `json:"bad_request"`
+	TooLarge    int64 `json:"too_large"`
+	Timeouts    int64 `json:"timeout"`
+	ClosedEarly int64 `json:"closed_early"`
+	RefusedBusy int64 `json:"refused_busy"`
+}
+
+// queuedBy counts the packets the queue saw of one kind ("event=rst").
+type queuedBy struct {
+	Label   string `json:"label"`
+	Packets int64  `json:"packets"`
 }
 
 type beLine struct {
 	Addr     string `json:"addr"`
+	Port     uint16 `json:"port"`
 	State    string `json:"state"`
 	Sessions int    `json:"sessions"`
 }
@@ -725,16 +767,19 @@ func (f *FE) Status() Status {
 		avg = s.HandoffLatencySum / time.Duration(s.HandoffLatencyCount)
 	}
 	st := Status{
-		VIP: fmt.Sprintf("%v:%d", f.cfg.VAddr, f.cfg.Port), Queue: f.cfg.QueueNum, QueueVia: f.qmode.String(),
-		Counters: s, AvgHandoff: avg.String(), Connections: map[string]int{}, Queued: f.obs.Total(),
-		QueuedBy: map[string]int64{}, Moved: f.moved.Load(), NotMoved: f.notMoved.Load(),
+		VIP: f.cfg.VAddr.String(), Port: f.cfg.Port, Queue: f.cfg.QueueNum, QueueVia: f.qmode.String(),
+		Counters: counters{Accepted: s.Accepted, HandedOff: s.HandedOff, Local: s.Local, Answered503: s.Answered503,
+			BadRequests: s.BadRequests, TooLarge: s.TooLarge, Timeouts: s.Timeouts, ClosedEarly: s.ClosedEarly,
+			RefusedBusy: s.RefusedBusy},
+		AvgHandoff: avg.Seconds(), avg: avg, Connections: map[string]int{}, Queued: f.obs.Total(),
+		QueuedBy: []queuedBy{}, Backends: []beLine{}, Moved: f.moved.Load(), NotMoved: f.notMoved.Load(),
 	}
 	counts := f.table.Count()
 	for _, k := range []conntab.State{conntab.Handoffing, conntab.Handoffed, conntab.TimeWait} {
 		st.Connections[strings.ToLower(k.String())] = counts[k]
 	}
 	for _, c := range f.obs.Counts() {
-		st.QueuedBy[c.Label] = c.N
+		st.QueuedBy = append(st.QueuedBy, queuedBy{Label: c.Label, Packets: c.N})
 	}
 	for _, b := range f.sched.Statuses() {
 		state := "up"
@@ -747,7 +792,7 @@ func (f *FE) Status() Status {
 		case b.Draining:
 			state = "draining"
 		}
-		st.Backends = append(st.Backends, beLine{Addr: fmt.Sprintf("%s:%d", b.Addr, b.Port), State: state,
+		st.Backends = append(st.Backends, beLine{Addr: b.Addr, Port: b.Port, State: state,
 			Sessions: len(f.pool.Sessions(b.Server.AddrPort()))})
 	}
 	return st
@@ -756,23 +801,18 @@ func (f *FE) Status() Status {
 // Write writes st as `tcphactl status` shows it.
 func (st Status) Write(w io.Writer, pid int) {
 	c := st.Counters
-	fmt.Fprintf(w, "fe vip=%s pid=%d queue=%d via %s\n", st.VIP, pid, st.Queue, st.QueueVia)
+	fmt.Fprintf(w, "fe vip=%s pid=%d queue=%d via %s\n", netip.AddrPortFrom(netip.MustParseAddr(st.VIP), st.Port), pid, st.Queue, st.QueueVia)
 	fmt.Fprintf(w, "  accepted=%d handed_off=%d local=%d answered_503=%d bad_request=%d too_large=%d timeout=%d closed_early=%d refused_busy=%d avg_handoff=%s\n",
-		c.Accepted, c.HandedOff, c.Local, c.Answered503, c.BadRequests, c.TooLarge, c.Timeouts, c.ClosedEarly, c.RefusedBusy, st.AvgHandoff)
+		c.Accepted, c.HandedOff, c.Local, c.Answered503, c.BadRequests, c.TooLarge, c.Timeouts, c.ClosedEarly, c.RefusedBusy, st.avg)
 	fmt.Fprintf(w, "  connections: handoffing=%d handoffed=%d time_wait=%d moved=%d not_moved=%d\n",
 		st.Connections["handoffing"], st.Connections["handoffed"], st.Connections["time_wait"], st.Moved, st.NotMoved)
 	fmt.Fprintf(w, "  queued=%d", st.Queued)
-	labels := make([]string, 0, len(st.QueuedBy))
-	for k := range st.QueuedBy {
-		labels = append(labels, k)
-	}
-	slices.Sort(labels)
-	for _, k := range labels {
-		fmt.Fprintf(w, " %s:%d", k, st.QueuedBy[k])
+	for _, q := range st.QueuedBy { // sorted by label (queue.Observer)
+		fmt.Fprintf(w, " %s:%d", q.Label, q.Packets)
 	}
 	fmt.Fprintln(w)
 	for _, b := range st.Backends {
-		fmt.Fprintf(w, "  be %s: %s, control sessions %d\n", b.Addr, b.State, b.Sessions)
+		fmt.Fprintf(w, "  be %s:%d: %s, control sessions %d\n", b.Addr, b.Port, b.State, b.Sessions)
 	}
 }
 

@@ -35,6 +35,8 @@ var (
 type fakeFlows struct {
 	mu    sync.Mutex
 	calls []string
+	// stuck makes reads wait as a hung owner's would.
+	stuck atomic.Bool
 }
 
 func (f *fakeFlows) log(s string) {
@@ -66,7 +68,13 @@ func (f *fakeFlows) Remove(_ context.Context, flow netip.AddrPort, still func() 
 	f.log("remove " + flow.String())
 	return nil
 }
-func (f *fakeFlows) Forwarded(context.Context) (uint64, uint64, error) { return 0, 0, nil }
+func (f *fakeFlows) Forwarded(ctx context.Context) (uint64, uint64, error) {
+	if f.stuck.Load() {
+		<-ctx.Done()
+		return 0, 0, ctx.Err()
+	}
+	return 0, 0, nil
+}
 
 // fakeSets is the flow sets as the reaper reads them.
 type fakeSets struct{}
@@ -373,4 +381,24 @@ func TestReaperWiring(t *testing.T) {
 			t.Errorf("forwarding edits %v, want the flow's forwarding ended", flows.calls)
 		}
 	})
+}
+
+// The watchdog's question: the FE is alive while its flow owner answers
+// and its accept loop runs.
+func TestAlive(t *testing.T) {
+	f, flows, _ := testFE(t, 0)
+	if err := f.Alive(t.Context()); err != nil {
+		t.Fatalf("a serving FE: %v", err)
+	}
+	flows.stuck.Store(true)
+	ctx, cancel := context.WithTimeout(t.Context(), 50*time.Millisecond)
+	defer cancel()
+	if err := f.Alive(ctx); err == nil || !strings.Contains(err.Error(), "flow owner") {
+		t.Errorf("a hung flow owner: %v, want it named", err)
+	}
+	flows.stuck.Store(false)
+	close(f.served)
+	if err := f.Alive(t.Context()); err == nil || !strings.Contains(err.Error(), "no longer accepts") {
+		t.Errorf("an ended accept loop: %v", err)
+	}
 }

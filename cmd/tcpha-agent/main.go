@@ -31,7 +31,6 @@ import (
 	"path/filepath"
 	"sync"
 	"syscall"
-	"time"
 
 	"github.com/coreos/go-systemd/v22/daemon"
 	"golang.org/x/sys/unix"
@@ -109,7 +108,9 @@ func main() {
 				default: // one is pending already
 				}
 			default:
-				notify(log, "STOPPING=1")
+				// A drain longer than the unit's TimeoutStopSec allows
+				// must not end in a SIGKILL that leaves the tables.
+				notify(log, fmt.Sprintf("STOPPING=1\nEXTEND_TIMEOUT_USEC=%d", agent.StopTime(cfg).Microseconds()))
 				cancel()
 			}
 		}
@@ -122,11 +123,16 @@ func main() {
 			msg = fmt.Sprintf("MAINPID=%d\n%s", os.Getpid(), msg)
 		}
 		notify(log, msg)
-		go watchdog(ctx, log)
+	}
+	// The main loop feeds the watchdog while the roles answer.
+	wdog, err := daemon.SdWatchdogEnabled(false)
+	if err != nil {
+		log.Warn("systemd watchdog", "op", "start", "err", err)
 	}
 	err = agent.Run(ctx, cfg, log, agent.Options{
 		Inherited: in, Quit: quit, Ready: ready, Reload: reload,
-		Notify: func(state string) { notify(log, state) },
+		Notify:   func(state string) { notify(log, state) },
+		Watchdog: wdog,
 	})
 	if err != nil {
 		log.Error("tcpha-agent failed", "op", "run", "err", err)
@@ -179,25 +185,6 @@ func roles(cfg *config.Config) string {
 func notify(log *agent.Logger, state string) {
 	if _, err := daemon.SdNotify(false, state); err != nil {
 		log.Warn("systemd notification", "op", "notify", "err", err)
-	}
-}
-
-// watchdog keeps systemd's watchdog (WatchdogSec) fed while the agent's
-// main loop runs.
-func watchdog(ctx context.Context, log *agent.Logger) {
-	d, err := daemon.SdWatchdogEnabled(false)
-	if err != nil || d <= 0 {
-		return
-	}
-	t := time.NewTicker(d / 3)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-			notify(log, "WATCHDOG=1")
-		}
 	}
 }
 

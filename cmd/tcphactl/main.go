@@ -15,10 +15,12 @@
 //
 // Without -s it finds the admin socket in the config file. It exits 0 on
 // success, 1 when the agent refuses the command or cannot be reached, 2 on
-// a usage error.
+// a usage error. With -o json an error is JSON too, {"error": "..."} on
+// stdout, with the same exit code.
 package main
 
 import (
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -48,45 +50,63 @@ func main() {
 		fmt.Println("tcphactl", version.String())
 		return
 	}
+	jsonOut := *out == "json"
 	if flag.NArg() == 0 || (*out != "text" && *out != "json") {
-		flag.Usage()
+		if jsonOut {
+			writeError(os.Stdout, os.Stderr, true, errors.New(strings.ReplaceAll(usage, "\n", " ")))
+		} else {
+			flag.Usage()
+		}
 		os.Exit(2)
 	}
 	path := *sock
 	if path == "" {
 		cfg, err := config.Load(*conf)
 		if err != nil {
-			fmt.Fprintf(os.Stderr, "tcphactl: %v (or name the socket with -s)\n", err)
-			os.Exit(1)
+			os.Exit(writeError(os.Stdout, os.Stderr, jsonOut, fmt.Errorf("%w (or name the socket with -s)", err)))
 		}
 		path = cfg.Global.Admin
 	}
 	req := strings.Join(flag.Args(), " ")
-	if *out == "json" {
+	if jsonOut {
 		req = "json " + req
 	}
-	os.Exit(run(path, req, os.Stdout, os.Stderr))
+	os.Exit(run(path, req, jsonOut, os.Stdout, os.Stderr))
 }
 
 // run sends one request and copies the answer; it returns the exit code.
-func run(path, req string, stdout, stderr io.Writer) int {
+func run(path, req string, jsonOut bool, stdout, stderr io.Writer) int {
 	out, err := admin.Do(path, req, 10*time.Second)
 	var refused *admin.RefusedError
 	var op *net.OpError
 	switch {
 	case errors.As(err, &refused):
-		fmt.Fprintf(stderr, "tcphactl: %s\n", refused.Why)
-		return 1
+		return writeError(stdout, stderr, jsonOut, errors.New(refused.Why))
 	case errors.As(err, &op) && op.Op == "dial":
-		fmt.Fprintf(stderr, "tcphactl: %v (is tcpha-agent running?)\n", err)
-		return 1
+		return writeError(stdout, stderr, jsonOut, fmt.Errorf("%w (is tcpha-agent running?)", err))
 	case err != nil:
-		fmt.Fprintf(stderr, "tcphactl: %v\n", err)
-		return 1
+		return writeError(stdout, stderr, jsonOut, err)
 	}
 	if _, err := io.WriteString(stdout, out); err != nil {
 		fmt.Fprintf(stderr, "tcphactl: %v\n", err)
 		return 1
 	}
 	return 0
+}
+
+// jsonError is an error as `tcphactl -o json` writes it.
+type jsonError struct {
+	Error string `json:"error"`
+}
+
+// writeError reports err, as JSON on stdout for -o json (a script reads
+// one stream), else on stderr; it returns the exit code, 1.
+func writeError(stdout, stderr io.Writer, jsonOut bool, err error) int {
+	if jsonOut {
+		b, _ := json.MarshalIndent(jsonError{Error: err.Error()}, "", "  ")
+		fmt.Fprintf(stdout, "%s\n", b)
+	} else {
+		fmt.Fprintf(stderr, "tcphactl: %v\n", err)
+	}
+	return 1
 }

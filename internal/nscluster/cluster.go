@@ -78,6 +78,9 @@ type Options struct {
 	// Notify gives each agent a NOTIFY_SOCKET, as systemd does, and keeps
 	// what they send (Notifications).
 	Notify bool
+	// Watchdog, with Notify, is systemd's WatchdogSec for the agents
+	// (WATCHDOG_USEC).
+	Watchdog time.Duration
 	// Registered names BEs the FE's config does not list: they register
 	// themselves (dregister = 1) with their BERules.
 	Registered []string
@@ -466,6 +469,9 @@ func (c *Cluster) spawnAgent(host string, args ...string) (*agentProc, error) {
 	cmd.Stdout, cmd.Stderr = logf, logf
 	if c.notify != nil {
 		cmd.Env = append(os.Environ(), "NOTIFY_SOCKET="+c.notifyPath(host))
+		if c.opts.Watchdog > 0 {
+			cmd.Env = append(cmd.Env, fmt.Sprintf("WATCHDOG_USEC=%d", c.opts.Watchdog.Microseconds()))
+		}
 	}
 	if err := cmd.Start(); err != nil {
 		return nil, fmt.Errorf("start agent on %s: %w", host, err)
