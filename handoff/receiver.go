@@ -47,10 +47,10 @@ type Receiver struct {
 	VIP   netip.Addr
 	Check func(ci *wire.ConnInfo, from *ctl.Session) (wire.Result, error)
 	// Rebuilder rebuilds sockets; Connect opens the way to the web server
-	// (failing fast when it is down, so the FE tries elsewhere); Run runs
-	// a committed connection until it ends.
+	// for the offered connection ci (failing fast when it is down, so the
+	// FE tries elsewhere); Run runs a committed connection until it ends.
 	Rebuilder Rebuilder
-	Connect   func(ctx context.Context) (Upstream, error)
+	Connect   func(ctx context.Context, ci *wire.ConnInfo) (Upstream, error)
 	Run       func(client *net.TCPConn, up Upstream)
 	// Reset, if set, resets the served connection of client (RST to the
 	// client) when its FE leaves it, and tells whether there was one.
@@ -224,7 +224,7 @@ func (r *Receiver) offer(s *ctl.Session, f wire.Frame, settled func()) {
 	// Connect first: a BE whose web server is down says so, and the FE
 	// tries elsewhere before anything was rebuilt.
 	cctx, cancel := context.WithTimeout(context.Background(), time.Second)
-	up, err := r.Connect(cctx)
+	up, err := r.Connect(cctx, &ci)
 	cancel()
 	if err != nil {
 		refuse(wire.ResultUpstream, err)
