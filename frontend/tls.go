@@ -58,7 +58,8 @@ func (s *Server) serveTLS(ctx context.Context, c *net.TCPConn, client netip.Addr
 			lat := time.Since(start)
 			s.Metrics.ObserveHandoff(lat)
 			s.count(func(c *Counters) { c.HandedOff++; c.HandoffLatencySum += lat; c.HandoffLatencyCount++ })
-			log.Debug("handed off", "op", "handoff", "be", be.Addr().String(), "latency", lat)
+			log.Debug("handed off", "op", "handoff", "be", be.Addr().String(), "latency", lat,
+				"records", hello.Records, "hello_bytes", len(hello.Raw))
 			return
 		}
 		log.Info("handoff failed; FE keeps the connection", "op", "handoff", "err", err)
