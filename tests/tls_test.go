@@ -209,3 +209,122 @@ func TestTLSProxyProtocol(t *testing.T) {
 		t.Errorf("nginx logged %q, want the client's address %s first", line, cluster.ClientIP)
 	}
 }
+
+// The FE's TLS listener goes to its successor on an upgrade with the
+// VIP's: a TLS connection handed off before it goes on, and new ones are
+// accepted after it.
+func TestTLSUpgrade(t *testing.T) {
+	c := tlsCluster(t, false)
+	conn := tlsKeepAlive(t, c, "b.example")
+	defer conn.Close()
+	if got := conn.get(t, "/index.html?before"); got != "200 be2" {
+		t.Fatalf("before the upgrade: %q", got)
+	}
+	// New TLS connections all along: the listener is handed over, never
+	// closed and opened again.
+	stop := make(chan struct{})
+	var fails []string
+	var n int
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			out, err := c.Output(ctx, "client", "curl", "-sS", "-k", "--resolve", "a.example:443:"+cluster.VIP,
+				"-o", "/dev/null", "-w", "%{http_code}", "https://a.example/index.html")
+			cancel()
+			n++
+			if err != nil || out != "200" {
+				fails = append(fails, fmt.Sprintf("%q %v", out, err))
+			}
+		}
+	})
+	time.Sleep(200 * time.Millisecond)
+	err := c.UpgradeAgent("fe", true)
+	time.Sleep(200 * time.Millisecond)
+	close(stop)
+	wg.Wait()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("%d TLS connections during the upgrade", n)
+	if len(fails) > 0 {
+		t.Errorf("%d of %d TLS connections during the upgrade failed: %v", len(fails), n, fails)
+	}
+	if got := conn.get(t, "/index.html?after"); got != "200 be2" {
+		t.Errorf("the connection handed off before the upgrade, after it: %q", got)
+	}
+	if got := curlTLS(t, c, "a.example", "/index.html"); got != "200 be1" {
+		t.Errorf("a new TLS connection after the upgrade: %q", got)
+	}
+}
+
+// Two ports, one flow key (docs/design.md): a client whose source port
+// already has a handed-off HTTP connection opens the TLS port from the
+// same port. The new connection is routed and served by its own rule; the
+// older one may be lost, as documented, and the FE goes on serving.
+func TestTLSSameSourcePort(t *testing.T) {
+	c := tlsCluster(t, false)
+	const port = 41234
+	plain, err := c.Dial(context.Background(), "client", port, fmt.Sprintf("%s:%d", cluster.VIP, cluster.Port))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer plain.Close()
+	k := &keepAlive{conn: plain, br: bufio.NewReader(plain)}
+	if got, err := k.getAs("a.example", "/index.html"); err != nil || got != "200 be1" {
+		t.Fatalf("HTTP from port %d: %q %v", port, got, err)
+	}
+	conn := tlsKeepAliveFrom(t, c, "b.example", port)
+	defer conn.Close()
+	if got := conn.get(t, "/index.html"); got != "200 be2" {
+		t.Errorf("TLS from the same port %d: %q, want 200 be2", port, got)
+	}
+	start := time.Now()
+	got, err := k.getAs("a.example", "/index.html")
+	t.Logf("the HTTP connection from the same port afterwards: %q %v after %v", got, err, time.Since(start))
+	t.Log(c.Grep("fe", "41234"))
+	if got := curlTLS(t, c, "a.example", "/index.html"); got != "200 be1" {
+		t.Errorf("another client connection afterwards: %q", got)
+	}
+}
+
+// tlsConn is a keep-alive HTTP/1.1 connection over TLS through the VIP.
+type tlsConn struct {
+	*tls.Conn
+	br   *bufio.Reader
+	name string
+}
+
+func tlsKeepAlive(t *testing.T, c *cluster.Cluster, name string) *tlsConn {
+	return tlsKeepAliveFrom(t, c, name, 0)
+}
+
+func tlsKeepAliveFrom(t *testing.T, c *cluster.Cluster, name string, port int) *tlsConn {
+	t.Helper()
+	raw, err := c.Dial(context.Background(), "client", port, cluster.VIP+":443")
+	if err != nil {
+		t.Fatal(err)
+	}
+	conn := tls.Client(raw, &tls.Config{ServerName: name, InsecureSkipVerify: true, NextProtos: []string{"http/1.1"}})
+	return &tlsConn{Conn: conn, br: bufio.NewReader(conn), name: name}
+}
+
+// get sends one request and returns the status and X-Served-By, or the
+// error.
+func (k *tlsConn) get(t *testing.T, path string) string {
+	t.Helper()
+	k.SetDeadline(time.Now().Add(10 * time.Second))
+	fmt.Fprintf(k, "GET %s HTTP/1.1\r\nHost: %s\r\n\r\n", path, k.name)
+	resp, err := http.ReadResponse(k.br, nil)
+	if err != nil {
+		return err.Error()
+	}
+	defer resp.Body.Close()
+	io.Copy(io.Discard, resp.Body)
+	return fmt.Sprintf("%d %s", resp.StatusCode, resp.Header.Get("X-Served-By"))
+}
