@@ -68,6 +68,7 @@ type tlsRig struct {
 	m      *recordMigrator
 	mu     sync.Mutex
 	routed []backends.Request
+	route  *backends.Route // nil: toBE()
 }
 
 func newTLSRig(t *testing.T, cfg Config) *tlsRig {
@@ -83,8 +84,11 @@ func newTLSRig(t *testing.T, cfg Config) *tlsRig {
 	r.s = &Server{Config: cfg, Sender: r.m, Metrics: metrics.New(), Log: slog.New(slog.NewTextHandler(io.Discard, nil)),
 		Route: func(q backends.Request) backends.Route {
 			r.mu.Lock()
+			defer r.mu.Unlock()
 			r.routed = append(r.routed, q)
-			r.mu.Unlock()
+			if r.route != nil {
+				return *r.route
+			}
 			return toBE()
 		}}
 	ctx, cancel := context.WithCancel(context.Background())
@@ -223,4 +227,30 @@ func refused(t *testing.T, m *metrics.Metrics, reason string) float64 {
 	}
 	t.Fatalf("no tcpha_tls_refused_total{reason=%q}", reason)
 	return 0
+}
+
+// A TLS connection no BE takes gets a fatal internal_error alert, the TLS
+// form of the HTTP port's 503, and is counted as answered 503; a local
+// rule does not serve TLS.
+func TestTLSNoBE(t *testing.T) {
+	for name, route := range map[string]backends.Route{"no BE": {}, "local": {Local: true}} {
+		r := newTLSRig(t, defaults())
+		r.mu.Lock()
+		r.route = &route
+		r.mu.Unlock()
+		c, err := net.Dial("tcp4", r.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		c.Write(clientHello(t, "a.example"))
+		got, _ := io.ReadAll(c)
+		c.Close()
+		if want := []byte{21, 3, 1, 0, 2, 2, 80}; !bytes.Equal(got, want) {
+			t.Errorf("%s: got % x, want the internal_error alert % x", name, got, want)
+		}
+		if n := r.s.Stats().Answered503; n != 1 {
+			t.Errorf("%s: Answered503 = %d, want 1", name, n)
+		}
+	}
 }
