@@ -171,7 +171,7 @@ func newRig(t *testing.T, feSecret, beSecret string, commitTimeout time.Duration
 	go func() { sv.Serve(ctx, ln); close(done) }()
 	be := netip.MustParseAddrPort(ln.Addr().String())
 	pool := ctl.NewPool(&ctl.Config{
-		Secret: bytesOf(feSecret), Local: wire.Hello{Role: wire.RoleFE, VIP: vip}, Log: quiet(),
+		Secret: bytesOf(feSecret), Local: wire.Hello{Role: wire.RoleFE, VIP: vip, TLSPort: tlsPort}, Log: quiet(),
 	}, func(ctx context.Context, a netip.AddrPort) (net.Conn, error) {
 		return (&net.Dialer{}).DialContext(ctx, "tcp4", a.String())
 	}, 2)

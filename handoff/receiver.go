@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -322,8 +323,16 @@ func (r *Receiver) hold(client netip.AddrPort, p *pendingHandoff) (replaced *pen
 	return replaced, nil
 }
 
+// mergeHeld is the sorted union of two sorted flow lists, in a new slice.
+func mergeHeld(a, b []netip.AddrPort) []netip.AddrPort {
+	out := append(append(make([]netip.AddrPort, 0, len(a)+len(b)), a...), b...)
+	slices.SortFunc(out, netip.AddrPort.Compare)
+	return slices.Compact(out)
+}
+
 // held answers an FE's held question with one page of the flows this BE
-// holds on the FE's VIP port.
+// holds on the FE's VIP port and, if it has one, its TLS port: a TLS flow
+// left out would look ended to the FE, which would stop forwarding it.
 func (r *Receiver) held(s *ctl.Session, f wire.Frame) {
 	var ask wire.HeldAsk
 	if err := ask.UnmarshalBinary(f.Payload); err != nil {
@@ -336,6 +345,12 @@ func (r *Receiver) held(s *ctl.Session, f wire.Frame) {
 		return
 	}
 	flows, err := r.Held(s.Peer.VIP.Port())
+	if err == nil && s.Peer.TLSPort != 0 {
+		var tls []netip.AddrPort
+		if tls, err = r.Held(s.Peer.TLSPort); err == nil {
+			flows = mergeHeld(flows, tls)
+		}
+	}
 	if err != nil {
 		r.Log.Warn("held connections not listed", "op", "held", "peer", s.Remote.String(), "err", err)
 		s.Reply(f, ctl.AckFrame(wire.ResultInvalid, err.Error()))

@@ -258,6 +258,13 @@ func TestTLSUpgrade(t *testing.T) {
 	if got := conn.get(t, "/index.html?after"); got != "200 be2" {
 		t.Errorf("the connection handed off before the upgrade, after it: %q", got)
 	}
+	// The successor asked each BE which flows it holds when its sessions
+	// came up: a BE that left its TLS port's flows out would have its
+	// TLS connections ended here, within a second or two.
+	time.Sleep(3 * time.Second)
+	if got := conn.get(t, "/index.html?later"); got != "200 be2" {
+		t.Errorf("the connection handed off before the upgrade, 3 s after it: %q", got)
+	}
 	if got := curlTLS(t, c, "a.example", "/index.html"); got != "200 be1" {
 		t.Errorf("a new TLS connection after the upgrade: %q", got)
 	}
