@@ -154,8 +154,8 @@ func Run(ctx context.Context, cfg *config.Config, lg *Logger, opt Options) (err 
 	if cfg.FE != nil {
 		var lns fe.Listeners
 		if in != nil {
-			lns = fe.Listeners{VIP: in.VIP, Register: in.Register, Registered: in.Registered}
-			in.VIP, in.Register = nil, nil
+			lns = fe.Listeners{VIP: in.VIP, TLS: in.TLS, Register: in.Register, Registered: in.Registered}
+			in.VIP, in.TLS, in.Register = nil, nil, nil
 		}
 		if r.f, err = fe.Start(serve, cfg.FE, cfg.Global.Secret, r.m, log, lns, access); err != nil {
 			closeHeads(heads)
@@ -385,6 +385,9 @@ func (r *runner) handOver(c *net.UnixConn, stopServe func()) (released bool, err
 		roles.Listeners = append(roles.Listeners, handover.Listener{Name: handover.ListenerVIP, Ln: lns.VIP})
 		if lns.Register != nil {
 			roles.Listeners = append(roles.Listeners, handover.Listener{Name: handover.ListenerRegister, Ln: lns.Register})
+		}
+		if lns.TLS != nil {
+			roles.Listeners = append(roles.Listeners, handover.Listener{Name: handover.ListenerTLS, Ln: lns.TLS})
 		}
 		roles.Registered = lns.Registered
 		roles.FE = func() []frontend.HandedHead { return r.f.HandOver(stopServe) }

@@ -394,3 +394,40 @@ rule = 10.0.0.11 .*
 		t.Errorf("the same path of two sites went to one BE (%v): LARD keyed by path alone", a)
 	}
 }
+
+// A TLS connection (issue 16) is routed by its SNI alone: its path is
+// encrypted, so path patterns are not consulted; without SNI it goes to the
+// first rule without host=, even past a host= pattern that matches "".
+func TestRouteTLS(t *testing.T) {
+	s := newScheduler(t, `[fe]
+vaddr = 10.0.0.100
+server = 10.0.0.11 666
+server = 10.0.0.12 777
+server = 10.0.0.13 666
+rule = 10.0.0.12 host=.*
+rule = 10.0.0.13 host=b\.example ^/api/
+rule = 10.0.0.11 ^/only-this$
+`, backends.Options{})
+	for _, c := range []struct {
+		sni  string
+		want netip.AddrPort
+	}{
+		{"a.example", be2}, // host=.* takes every name
+		{"", be1},          // no SNI: not host=.*, and the path rule takes it whatever its pattern
+	} {
+		r := s.Route(backends.Request{Host: c.sni, TLS: true})
+		if len(r.BEs) == 0 || r.BEs[0] != c.want {
+			t.Errorf("SNI %q: %+v, want %v first", c.sni, r.BEs, c.want)
+		}
+	}
+	s = newScheduler(t, `[fe]
+vaddr = 10.0.0.100
+server = 10.0.0.11 666
+server = 10.0.0.13 666
+rule = 10.0.0.13 host=b\.example ^/api/
+rule = 10.0.0.11 .*
+`, backends.Options{})
+	if r := s.Route(backends.Request{Host: "b.example", TLS: true}); len(r.BEs) == 0 || r.BEs[0] != be3 {
+		t.Errorf("b.example: %+v: the path pattern ^/api/ was consulted for TLS", r.BEs)
+	}
+}

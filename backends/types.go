@@ -93,10 +93,20 @@ type Registration struct {
 // connection) and the path as the web server will see it (phttp.RoutePath).
 type Request struct {
 	Host, Path string
+	// TLS says q is a TLS connection's ClientHello: Host is its SNI ("" for
+	// none) and the path is encrypted, so path patterns are not consulted.
+	TLS bool
 }
 
-// Matches tells whether the rule takes q.
+// Matches tells whether the rule takes q. A TLS connection is matched by
+// host= alone: a rule with host= takes the names it matches, one without
+// takes every connection, and one without SNI goes to the first rule
+// without host= (issue 16), even if that rule's host= pattern would match
+// the empty name.
 func (r Rule) Matches(q Request) bool {
+	if q.TLS {
+		return r.Host == nil || q.Host != "" && r.Host.Match(q.Host)
+	}
 	if r.Host != nil && !r.Host.Match(q.Host) {
 		return false
 	}

@@ -127,8 +127,18 @@ func Start(ctx context.Context, cfg *config.BE, secret []byte, m *metrics.Metric
 		// a new one fails fast when the server is down. The relay looks at
 		// it again before the request goes into it: the server may close
 		// it between the offer and the commit.
-		Connect: func(ctx context.Context) (handoff.Upstream, error) { return b.pool.Get(ctx) },
+		// A TLS connection gets a connection of its own to the TLS port.
+		Connect: func(ctx context.Context, ci *wire.ConnInfo) (handoff.Upstream, error) {
+			if relay.IsTLS(ci.RecvQueue) {
+				return relay.DialTLS(ctx, cfg.RedirectTLS(), ci.Client, ci.VIP, cfg.ProxyProtocol)
+			}
+			return b.pool.Get(ctx)
+		},
 		Run: func(client *net.TCPConn, up handoff.Upstream) {
+			if tu, ok := up.(*relay.TLSUpstream); ok {
+				b.relay.ServeTLS(client, tu)
+				return
+			}
 			b.relay.Serve(client, up.(*relay.Upstream))
 		},
 		Reset: b.relay.Reset,
@@ -202,11 +212,30 @@ func (b *BE) admit(remote net.Addr, h wire.Hello) error {
 // check validates an offer beyond its VIP: it must be for the port its FE
 // serves, from a client that can be one, with nothing to send yet.
 func (b *BE) check(ci *wire.ConnInfo, from *ctl.Session) (wire.Result, error) {
-	if port := from.Peer.VIP.Port(); ci.VIP.Port() != port {
-		return wire.ResultWrongVIP, fmt.Errorf("connection is for port %d, the FE serves %d", ci.VIP.Port(), port)
+	if res, err := checkPort(ci, from.Peer); err != nil {
+		return res, err
 	}
 	if err := handoff.CheckClient(ci, b.cfg.VAddr, b.local.Has); err != nil {
 		return wire.ResultInvalid, err
+	}
+	return wire.ResultOK, nil
+}
+
+// checkPort accepts a connection for the VIP port its FE serves, or for the
+// FE's TLS port; what the connection carries must fit its port, because the
+// BE picks the HTTP relay or the raw TLS relay by the request's first byte
+// (relay.IsTLS).
+func checkPort(ci *wire.ConnInfo, fe wire.Hello) (wire.Result, error) {
+	port, tls := ci.VIP.Port(), relay.IsTLS(ci.RecvQueue)
+	switch {
+	case port == fe.VIP.Port() && !tls:
+		return wire.ResultOK, nil
+	case port == fe.VIP.Port():
+		return wire.ResultInvalid, fmt.Errorf("a TLS ClientHello on the HTTP port %d", port)
+	case fe.TLSPort == 0 || port != fe.TLSPort:
+		return wire.ResultWrongVIP, fmt.Errorf("connection is for port %d, the FE serves %d (TLS %d)", port, fe.VIP.Port(), fe.TLSPort)
+	case !tls:
+		return wire.ResultInvalid, fmt.Errorf("no TLS ClientHello on the TLS port %d", port)
 	}
 	return wire.ResultOK, nil
 }

@@ -136,3 +136,32 @@ func TestAlive(t *testing.T) {
 		t.Error("a BE whose control listener stopped is alive")
 	}
 }
+
+// A BE takes a handoff for its FE's HTTP port carrying HTTP and for the
+// FE's TLS port carrying a ClientHello, and nothing else: which relay
+// serves a connection follows from its first byte.
+func TestCheckPort(t *testing.T) {
+	fe := wire.Hello{Role: wire.RoleFE, VIP: netip.MustParseAddrPort("10.0.0.100:80"), TLSPort: 443}
+	plain := wire.Hello{Role: wire.RoleFE, VIP: netip.MustParseAddrPort("10.0.0.100:80")}
+	hello, get := []byte{22, 3, 1, 0, 5}, []byte("GET / HTTP/1.1\r\n\r\n")
+	for _, c := range []struct {
+		name string
+		fe   wire.Hello
+		port uint16
+		req  []byte
+		want wire.Result
+	}{
+		{"HTTP on the HTTP port", fe, 80, get, wire.ResultOK},
+		{"TLS on the TLS port", fe, 443, hello, wire.ResultOK},
+		{"TLS on the HTTP port", fe, 80, hello, wire.ResultInvalid},
+		{"HTTP on the TLS port", fe, 443, get, wire.ResultInvalid},
+		{"another port", fe, 8443, hello, wire.ResultWrongVIP},
+		{"TLS port of an FE without one", plain, 443, hello, wire.ResultWrongVIP},
+	} {
+		ci := &wire.ConnInfo{VIP: netip.AddrPortFrom(c.fe.VIP.Addr(), c.port), RecvQueue: c.req}
+		res, err := checkPort(ci, c.fe)
+		if res != c.want || (err == nil) != (c.want == wire.ResultOK) {
+			t.Errorf("%s: %v %v, want %v", c.name, res, err, c.want)
+		}
+	}
+}

@@ -50,9 +50,13 @@ type Global struct {
 
 // FE holds [fe]: the dispatcher that owns the VIP.
 type FE struct {
-	RAddr           netip.Addr // real address; unspecified = INADDR_ANY
-	VAddr           netip.Addr // the VIP
-	Port            uint16     // listening port on the VIP
+	RAddr netip.Addr // real address; unspecified = INADDR_ANY
+	VAddr netip.Addr // the VIP
+	Port  uint16     // listening port on the VIP
+	// TLSPort is the VIP's TLS port (issue 16): connections there are
+	// routed by the ClientHello's SNI and handed off without being
+	// decrypted. 0: off.
+	TLSPort         uint16
 	StartServers    int
 	MaxSpareServers int
 	MinSpareServers int
@@ -117,6 +121,12 @@ type BE struct {
 	// ForwardedFor: the relay tells the web server each request's client
 	// in X-Forwarded-For (the web server's own peer is 127.0.0.1).
 	ForwardedFor bool
+	// RedirectTLSPort is the web server's TLS port on RedirectAddr: a
+	// handed-off TLS connection is relayed there byte for byte.
+	RedirectTLSPort uint16
+	// ProxyProtocol starts each upstream TLS connection with a PROXY
+	// protocol v2 header naming the client and the VIP.
+	ProxyProtocol bool
 	// FEAddrs are the FEs' real addresses: the only hosts (with the BEs
 	// they list) whose control sessions this BE accepts.
 	FEAddrs []netip.Addr
@@ -138,6 +148,9 @@ type BE struct {
 
 // Redirect is the unmodified local web server's address.
 func (b *BE) Redirect() netip.AddrPort { return redirect(b.RedirectAddr, b.RedirectPort) }
+
+// RedirectTLS is the local web server's TLS address.
+func (b *BE) RedirectTLS() netip.AddrPort { return redirect(b.RedirectAddr, b.RedirectTLSPort) }
 
 func redirect(a netip.Addr, port uint16) netip.AddrPort {
 	if !a.IsValid() || a.IsUnspecified() {

@@ -50,6 +50,9 @@ func TestParseFE(t *testing.T) {
 	if fe.VAddr != netip.MustParseAddr("10.0.0.100") || fe.Port != 80 {
 		t.Errorf("vaddr/port = %v/%d", fe.VAddr, fe.Port)
 	}
+	if fe.TLSPort != 0 {
+		t.Errorf("tlsport = %d by default, want 0 (off)", fe.TLSPort)
+	}
 	if len(fe.Servers) != 2 || fe.Servers[1].AddrPort().String() != "10.0.0.12:666" {
 		t.Errorf("servers = %v", fe.Servers)
 	}
@@ -142,6 +145,9 @@ committimeout = 1500ms
 	if be.DRegister || be.FEPort != 80 {
 		t.Errorf("dregister defaults: %+v", be)
 	}
+	if be.RedirectTLS().String() != "127.0.0.1:443" || be.ProxyProtocol {
+		t.Errorf("TLS defaults: redirect %v, proxyprotocol %v", be.RedirectTLS(), be.ProxyProtocol)
+	}
 	if c.Global.Admin == "" || c.Global.LogLevel != 4 || c.Global.AccessLog != "" {
 		t.Errorf("global defaults = %+v", c.Global)
 	}
@@ -202,6 +208,10 @@ func TestParseErrors(t *testing.T) {
 		{"bad feaddr", "[be]\nraddr = 10.0.0.11\nuaddr = 10.0.0.250\nvaddr = 10.0.0.100\nfeaddr = 10.0.0.2 x\n", 5, "be", "feaddr", "\"x\" is not an IPv4 address"},
 		{"dregister without rule", be + "dregister = 1\n", 0, "be", "rule", "dregister = 1"},
 		{"uaddr equals vaddr", "[be]\nraddr = 10.0.0.11\nuaddr = 10.0.0.100\nvaddr = 10.0.0.100\nfeaddr = 10.0.0.2\n", 3, "be", "uaddr", "must differ"},
+		{"tlsport is the HTTP port", fe + "tlsport = 80\nrule = local .*\n", 4, "fe", "tlsport", "already the HTTP port"},
+		{"tlsport out of range", fe + "tlsport = 70000\nrule = local .*\n", 4, "fe", "tlsport", "0 to 65535"},
+		{"bad redirecttlsport", be + "redirecttlsport = 0\n", 6, "be", "redirecttlsport", "not a port"},
+		{"bad proxyprotocol", be + "proxyprotocol = maybe\n", 6, "be", "proxyprotocol", "on"},
 		{"queuenum out of range", fe + "queuenum = 70000\nrule = local .*\n", 4, "fe", "queuenum", "0 to 65535"},
 		{"negative drain", be + "drain = -1s\n", 6, "be", "drain", "duration"},
 		{"loglevel out of range", "[global]\nloglevel = 9\n" + fe + "rule = local .*\n", 2, "global", "loglevel", "0 to 6"},
@@ -355,8 +365,9 @@ func TestReadmeSamples(t *testing.T) {
 			continue
 		}
 		for _, r := range append(feRules(c), beRules(c)...) {
-			if p := r.Pattern.String(); strings.ContainsAny(p, "#;") {
-				t.Errorf("sample %d: rule pattern %q kept a comment", i+1, p)
+			// A host-only rule has no path pattern.
+			if r.Pattern != nil && strings.ContainsAny(r.Pattern.String(), "#;") {
+				t.Errorf("sample %d: rule pattern %q kept a comment", i+1, r.Pattern)
 			}
 		}
 	}

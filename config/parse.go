@@ -41,7 +41,7 @@ var allowed = map[string]map[string]bool{
 		"timewait": false, "idletimeout": false, "dtcinterval": false,
 		"queuenum": false, "drain": false,
 		"scheduler": false, "rise": false, "fall": false, "feport": false, "phttp": false,
-		"dregister": false,
+		"dregister": false, "tlsport": false,
 	},
 	"be": {
 		"raddr": false, "uaddr": false, "vaddr": false, "port": false,
@@ -50,6 +50,7 @@ var allowed = map[string]map[string]bool{
 		"dregister": false, "feaddr": false, "feport": false, "rule": true,
 		"committimeout": false, "drain": false, "keepalivetimeout": false,
 		"requesttimeout": false, "maxheader": false, "forwardedfor": false,
+		"redirecttlsport": false, "proxyprotocol": false,
 	},
 }
 
@@ -218,6 +219,12 @@ func (p *parser) fe(s *ini.Section) (*FE, error) {
 	if fe.DRegister && fe.RAddr.IsUnspecified() {
 		v.fail("dregister", v.line("dregister", 0), "needs [fe] raddr: BEs register on raddr:feport, never on the VIP")
 	}
+	// 0, the default, leaves TLS off: no second listener, no second port
+	// in the FE's table.
+	fe.TLSPort = uint16(v.intIn("tlsport", 0, 0, 65535))
+	if fe.TLSPort != 0 && fe.TLSPort == fe.Port {
+		v.fail("tlsport", v.line("tlsport", 0), fmt.Sprintf("%d is already the HTTP port", fe.TLSPort))
+	}
 	fe.Rise = v.intIn("rise", 2, 1, 100)
 	fe.Fall = v.intIn("fall", 3, 1, 100)
 	fe.FEPort = v.port("feport", fe.Port)
@@ -269,6 +276,8 @@ func (p *parser) be(s *ini.Section) (*BE, error) {
 		RedirectPort:    v.port("redirectport", 80),
 		DRegister:       v.intIn("dregister", 0, 0, 1) == 1,
 		ForwardedFor:    v.onOff("forwardedfor", false),
+		RedirectTLSPort: v.port("redirecttlsport", 443),
+		ProxyProtocol:   v.onOff("proxyprotocol", false),
 		FEPort:          v.port("feport", 80),
 		CommitTimeout:   v.duration("committimeout", 5*time.Second, false),
 		Drain:           v.duration("drain", 20*time.Second, true),

@@ -78,6 +78,7 @@ type FE struct {
 	client Peers
 	sender *handoff.Sender
 	ln     net.Listener
+	tlsLn  net.Listener // VIP:tlsport; nil without [fe] tlsport
 	reader *queue.Reader
 	obs    *queue.Observer
 	reaper *conntab.Reaper
@@ -167,7 +168,7 @@ func (f *FE) listenRegister(ctx context.Context, secret []byte, lns Listeners) e
 	}
 	f.regSrv = &ctl.Server{
 		Config: &ctl.Config{Secret: secret, Log: f.log, Handler: rs,
-			Local: wire.Hello{Role: wire.RoleFE, Addr: addr, VIP: netip.AddrPortFrom(cfg.VAddr, cfg.Port)}},
+			Local: wire.Hello{Role: wire.RoleFE, Addr: addr, VIP: netip.AddrPortFrom(cfg.VAddr, cfg.Port), TLSPort: cfg.TLSPort}},
 		Admit: rs.Admit,
 	}
 	f.log.Info("taking BE registrations", "op", "start", "addr", addr.String())
@@ -177,6 +178,8 @@ func (f *FE) listenRegister(ctx context.Context, secret []byte, lns Listeners) e
 // Listeners are the FE's listening sockets a predecessor handed over.
 type Listeners struct {
 	VIP, Register net.Listener
+	// TLS is VIP:tlsport's.
+	TLS net.Listener
 	// Registered are the predecessor's registered BEs.
 	Registered []backends.Registration
 }
@@ -217,7 +220,7 @@ func Start(ctx context.Context, cfg *config.FE, secret []byte, m *metrics.Metric
 	// it touches the first one's table.
 	vip := netip.AddrPortFrom(cfg.VAddr, cfg.Port)
 	f.obs = &queue.Observer{
-		Table: f.table, VIP: vip, TimeWait: cfg.TimeWait, RSTWait: min(cfg.TimeWait, time.Second), Now: time.Now,
+		Table: f.table, VIP: vip, TLSPort: cfg.TLSPort, TimeWait: cfg.TimeWait, RSTWait: min(cfg.TimeWait, time.Second), Now: time.Now,
 	}
 	if f.reader, err = queue.Open(cfg.QueueNum, f.log, f.obs.Handle); err != nil {
 		return nil, fmt.Errorf("fe: %w (another agent in this network namespace? set [fe] queuenum)", err)
@@ -248,6 +251,12 @@ func Start(ctx context.Context, cfg *config.FE, secret []byte, m *metrics.Metric
 			return nil, fmt.Errorf("fe: listen on VIP %v: %w", vip, err)
 		}
 	}
+	if f.tlsLn = lns.TLS; f.tlsLn == nil && cfg.TLSPort != 0 {
+		tlsAddr := netip.AddrPortFrom(cfg.VAddr, cfg.TLSPort)
+		if f.tlsLn, err = (&net.ListenConfig{}).Listen(ctx, "tcp4", tlsAddr.String()); err != nil {
+			return nil, fmt.Errorf("fe: listen on VIP %v for TLS: %w", tlsAddr, err)
+		}
+	}
 	f.flows = nft.NewFlows(f.owned.Conn, f.owned.Rules)
 	// The reaper reads on a socket of its own: its reads never wait
 	// behind the handoffs' edits, nor they behind its reads.
@@ -257,7 +266,7 @@ func Start(ctx context.Context, cfg *config.FE, secret []byte, m *metrics.Metric
 	f.reaper = f.newReaper(nft.NewReader(f.setsc, f.owned.Rules))
 	f.pool = ctl.NewPool(&ctl.Config{
 		Secret:  secret,
-		Local:   wire.Hello{Role: wire.RoleFE, Addr: netip.AddrPortFrom(cfg.RAddr, 0), VIP: vip},
+		Local:   wire.Hello{Role: wire.RoleFE, Addr: netip.AddrPortFrom(cfg.RAddr, 0), VIP: vip, TLSPort: cfg.TLSPort},
 		Log:     f.log,
 		Handler: ctl.HandlerFunc(f.serveBE),
 	}, ctl.Dialer(cfg.RAddr), cfg.ConnPerBE)
@@ -374,7 +383,7 @@ func (f *FE) installTable() error {
 		return fmt.Errorf("read the previous agent's flows: %w", err)
 	}
 	p := nft.FEParams{
-		VIP: cfg.VAddr, Port: cfg.Port,
+		VIP: cfg.VAddr, Port: cfg.Port, TLSPort: cfg.TLSPort,
 		FreshTimeout: cfg.RequestTimeout + time.Duration(len(cfg.Servers)+1)*cfg.HandoffTimeout + 5*time.Second,
 		TimeWait:     cfg.TimeWait, IdleTimeout: cfg.IdleTimeout,
 		// At ~4k handoffs/s (docs/performance.md) a 10 s TIME_WAIT alone
@@ -462,7 +471,7 @@ func (f *FE) Run(serve, keep context.Context) {
 	loops, stop := context.WithCancel(keep)
 	defer stop()
 	f.startLoops(serve, loops)
-	f.front.Serve(serve, keep, f.ln)
+	f.front.ServeWithTLS(serve, keep, f.ln, f.tlsLn)
 	close(f.served)
 	f.loops.Wait()
 }
@@ -700,6 +709,9 @@ func (f *FE) Release() {
 	if f.ln != nil {
 		f.ln.Close()
 	}
+	if f.tlsLn != nil {
+		f.tlsLn.Close()
+	}
 	if f.regLn != nil {
 		f.regLn.Close()
 	}
@@ -862,5 +874,5 @@ func (f *FE) Resume(ctx context.Context, h frontend.HandedHead) { f.front.Resume
 // Sockets are the FE's listening sockets and registered BEs, for a
 // successor.
 func (f *FE) Sockets() Listeners {
-	return Listeners{VIP: f.ln, Register: f.regLn, Registered: f.sched.Registrations()}
+	return Listeners{VIP: f.ln, TLS: f.tlsLn, Register: f.regLn, Registered: f.sched.Registrations()}
 }

@@ -108,11 +108,37 @@ func (s *Server) count(f func(*Counters)) {
 // work, so a handoff under way when the agent stops still completes; Serve
 // returns once the connections it took are done.
 func (s *Server) Serve(ctx, work context.Context, ln net.Listener) {
+	s.ServeWithTLS(ctx, work, ln, nil)
+}
+
+// ServeWithTLS is Serve with a second listener, tlsLn (nil: none), whose
+// connections open with a TLS ClientHello: the VIP's TLS port (tls.go).
+func (s *Server) ServeWithTLS(ctx, work context.Context, ln, tlsLn net.Listener) {
 	s.init()
+	defer s.wg.Wait()
+	// Handover waits for accepting to stop on both listeners before it
+	// counts the connections at work.
+	defer close(s.accepted)
+	var loops sync.WaitGroup
+	if tlsLn != nil {
+		s.initTLS()
+		loops.Go(func() {
+			s.accept(ctx, tlsLn, func(tc *net.TCPConn, client netip.AddrPort) {
+				s.serveTLS(work, tc, client, time.Now().Add(s.Config.RequestTimeout))
+			})
+		})
+	}
+	s.accept(ctx, ln, func(tc *net.TCPConn, client netip.AddrPort) {
+		s.serve(work, tc, client, nil, time.Now().Add(s.Config.RequestTimeout))
+	})
+	loops.Wait()
+}
+
+// accept accepts on ln until ctx is done, running serve for each
+// connection the caps let in.
+func (s *Server) accept(ctx context.Context, ln net.Listener, serve func(*net.TCPConn, netip.AddrPort)) {
 	stop := context.AfterFunc(ctx, func() { ln.Close() })
 	defer stop()
-	defer s.wg.Wait()
-	defer close(s.accepted)
 	backoff := time.Duration(0)
 	for {
 		c, err := ln.Accept()
@@ -145,7 +171,7 @@ func (s *Server) Serve(ctx, work context.Context, ln net.Listener) {
 		s.wg.Add(1)
 		s.workers.Go(func() {
 			defer s.wg.Done()
-			s.serve(work, tc, client, nil, time.Now().Add(s.Config.RequestTimeout))
+			serve(tc, client)
 		})
 	}
 }

@@ -70,7 +70,7 @@ func (r *fakeRebuilt) Discard() {
 
 // webServer answers each connection's first request with "served:" and the
 // request's first line.
-func webServer(t *testing.T) func(context.Context) (Upstream, error) {
+func webServer(t *testing.T) func(context.Context, *wire.ConnInfo) (Upstream, error) {
 	ln, err := net.Listen("tcp4", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -91,7 +91,7 @@ func webServer(t *testing.T) func(context.Context) (Upstream, error) {
 			}()
 		}
 	}()
-	return func(ctx context.Context) (Upstream, error) {
+	return func(ctx context.Context, _ *wire.ConnInfo) (Upstream, error) {
 		c, err := (&net.Dialer{}).DialContext(ctx, "tcp4", ln.Addr().String())
 		if err != nil {
 			return nil, err
@@ -171,7 +171,7 @@ func newRig(t *testing.T, feSecret, beSecret string, commitTimeout time.Duration
 	go func() { sv.Serve(ctx, ln); close(done) }()
 	be := netip.MustParseAddrPort(ln.Addr().String())
 	pool := ctl.NewPool(&ctl.Config{
-		Secret: bytesOf(feSecret), Local: wire.Hello{Role: wire.RoleFE, VIP: vip}, Log: quiet(),
+		Secret: bytesOf(feSecret), Local: wire.Hello{Role: wire.RoleFE, VIP: vip, TLSPort: tlsPort}, Log: quiet(),
 	}, func(ctx context.Context, a netip.AddrPort) (net.Conn, error) {
 		return (&net.Dialer{}).DialContext(ctx, "tcp4", a.String())
 	}, 2)

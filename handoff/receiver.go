@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -47,10 +48,10 @@ type Receiver struct {
 	VIP   netip.Addr
 	Check func(ci *wire.ConnInfo, from *ctl.Session) (wire.Result, error)
 	// Rebuilder rebuilds sockets; Connect opens the way to the web server
-	// (failing fast when it is down, so the FE tries elsewhere); Run runs
-	// a committed connection until it ends.
+	// for the offered connection ci (failing fast when it is down, so the
+	// FE tries elsewhere); Run runs a committed connection until it ends.
 	Rebuilder Rebuilder
-	Connect   func(ctx context.Context) (Upstream, error)
+	Connect   func(ctx context.Context, ci *wire.ConnInfo) (Upstream, error)
 	Run       func(client *net.TCPConn, up Upstream)
 	// Reset, if set, resets the served connection of client (RST to the
 	// client) when its FE leaves it, and tells whether there was one.
@@ -224,7 +225,7 @@ func (r *Receiver) offer(s *ctl.Session, f wire.Frame, settled func()) {
 	// Connect first: a BE whose web server is down says so, and the FE
 	// tries elsewhere before anything was rebuilt.
 	cctx, cancel := context.WithTimeout(context.Background(), time.Second)
-	up, err := r.Connect(cctx)
+	up, err := r.Connect(cctx, &ci)
 	cancel()
 	if err != nil {
 		refuse(wire.ResultUpstream, err)
@@ -322,8 +323,16 @@ func (r *Receiver) hold(client netip.AddrPort, p *pendingHandoff) (replaced *pen
 	return replaced, nil
 }
 
+// mergeHeld is the sorted union of two sorted flow lists, in a new slice.
+func mergeHeld(a, b []netip.AddrPort) []netip.AddrPort {
+	out := append(append(make([]netip.AddrPort, 0, len(a)+len(b)), a...), b...)
+	slices.SortFunc(out, netip.AddrPort.Compare)
+	return slices.Compact(out)
+}
+
 // held answers an FE's held question with one page of the flows this BE
-// holds on the FE's VIP port.
+// holds on the FE's VIP port and, if it has one, its TLS port: a TLS flow
+// left out would look ended to the FE, which would stop forwarding it.
 func (r *Receiver) held(s *ctl.Session, f wire.Frame) {
 	var ask wire.HeldAsk
 	if err := ask.UnmarshalBinary(f.Payload); err != nil {
@@ -336,6 +345,12 @@ func (r *Receiver) held(s *ctl.Session, f wire.Frame) {
 		return
 	}
 	flows, err := r.Held(s.Peer.VIP.Port())
+	if err == nil && s.Peer.TLSPort != 0 {
+		var tls []netip.AddrPort
+		if tls, err = r.Held(s.Peer.TLSPort); err == nil {
+			flows = mergeHeld(flows, tls)
+		}
+	}
 	if err != nil {
 		r.Log.Warn("held connections not listed", "op", "held", "peer", s.Remote.String(), "err", err)
 		s.Reply(f, ctl.AckFrame(wire.ResultInvalid, err.Error()))

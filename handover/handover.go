@@ -99,6 +99,7 @@ type ListenerName string
 const (
 	ListenerVIP      ListenerName = "vip"      // the FE's VIP:port
 	ListenerRegister ListenerName = "register" // the FE's registration port
+	ListenerTLS      ListenerName = "tls"      // the FE's VIP:tlsport
 	ListenerControl  ListenerName = "control"  // the BE's control port
 )
 
@@ -231,7 +232,9 @@ type Inherited struct {
 	// VIP and Register are the FE's listeners, Control the BE's, when the
 	// predecessor had them; Registered its FE's registered BEs.
 	VIP, Register, Control net.Listener
-	Registered             []backends.Registration
+	// TLS is the FE's VIP:tlsport listener.
+	TLS        net.Listener
+	Registered []backends.Registration
 }
 
 // TakeOver asks the agent at adminPath to hand over, and returns its
@@ -294,6 +297,8 @@ func TakeOver(adminPath string, force bool) (*Inherited, error) {
 			in.Control = ln
 		case ListenerRegister:
 			in.Register = ln
+		case ListenerTLS:
+			in.TLS = ln
 		default:
 			ln.Close()
 		}
@@ -421,6 +426,10 @@ func (in *Inherited) CloseListeners() {
 	if in.Register != nil {
 		in.Register.Close()
 		in.Register = nil
+	}
+	if in.TLS != nil {
+		in.TLS.Close()
+		in.TLS = nil
 	}
 }
 

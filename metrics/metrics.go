@@ -29,6 +29,10 @@ type Metrics struct {
 	// Migrations counts the connections BEs gave back to the FE to move
 	// (phttp = multi), by the FE's answer (ok, stay, unknown-flow, ...).
 	Migrations *prometheus.CounterVec
+	// TLSRefused counts the connections on the VIP's TLS port whose first
+	// bytes were no usable ClientHello, by reason (tlshello.Reason's
+	// labels: timeout, http, garbage, sslv2, oversized, ...).
+	TLSRefused *prometheus.CounterVec
 }
 
 // HandoffBuckets cover 50 µs to about 6 s in steps of 1.5×, fine enough to
@@ -58,8 +62,11 @@ func New() *Metrics {
 		Migrations: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "tcpha_migrations_total", Help: "FE: connections a BE asked to move to another BE, by result.",
 		}, []string{"result"}),
+		TLSRefused: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "tcpha_tls_refused_total", Help: "FE: connections to the TLS port refused before a handoff, by reason.",
+		}, []string{"reason"}),
 	}
-	r.MustRegister(m.Handoffs, m.HandoffDuration, m.Offers, m.Probes, m.Migrations,
+	r.MustRegister(m.Handoffs, m.HandoffDuration, m.Offers, m.Probes, m.Migrations, m.TLSRefused,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }

@@ -71,7 +71,12 @@ func InstallFE(c *nftables.Conn, p FEParams, init map[string][]nftables.SetEleme
 	for _, mode := range modes {
 		p.Queue = mode
 		rs := FE(p)
-		rs.Init = init
+		for name, els := range init {
+			if rs.Init == nil {
+				rs.Init = map[string][]nftables.SetElement{}
+			}
+			rs.Init[name] = els
+		}
 		if err := Apply(c, rs); err != nil {
 			refused = append(refused, fmt.Errorf("with the %v: %w", mode, err))
 			continue

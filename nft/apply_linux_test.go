@@ -100,6 +100,17 @@ func TestGoldenRulesets(t *testing.T) {
 		t.Fatal(err)
 	}
 
+	// With a TLS port: the same rules, matching both ports by @ports,
+	// installed the way the agent does it.
+	inst, err = InstallFE(c, sampleTLS, nil, []QueueMode{inst.Queue})
+	if err != nil {
+		t.Fatal(err)
+	}
+	golden(t, "fe-tls.nft", strings.Replace(listRuleset(t, ns), listed, queueListed(QueueCompat, sampleFE.QueueNum), 1))
+	if err := Remove(c, FE(sampleTLS).Table); err != nil {
+		t.Fatal(err)
+	}
+
 	if err := Apply(c, BE(sampleBE)); err != nil {
 		t.Fatal(err)
 	}

@@ -29,6 +29,7 @@ const (
 	MapForward = "forward" // HANDOFFED: client 4-tuple → BE address
 	SetClosing = "closing" // HANDOFFED flows that carried FIN or RST
 	SetAlive   = "alive"   // HANDOFFED flows that carried any packet lately
+	SetPorts   = "ports"   // the VIP's ports when it has two (HTTP and TLS)
 )
 
 // Ruleset is a plain description of one table and its contents.
@@ -56,6 +57,9 @@ func (r *Ruleset) Set(name string) *nftables.Set {
 type FEParams struct {
 	VIP  netip.Addr
 	Port uint16
+	// TLSPort is the VIP's second port, for TLS (0: none). Its flows get
+	// the same treatment as Port's, in the same sets: see keyType.
+	TLSPort uint16
 	// FreshTimeout is how long a new connection stays local after its SYN;
 	// it must cover reading the request and the handoff.
 	FreshTimeout time.Duration
@@ -90,8 +94,22 @@ func (m QueueMode) String() string {
 	return "native nft queue"
 }
 
-// keyType is the flow key: the client's address and port. The VIP and port
-// are fixed by the rules' match, so they need not be in the key.
+// keyType is the flow key: the client's address and port. The VIP is fixed
+// by the rules' match, so it need not be in the key.
+//
+// With a TLS port the VIP has two ports and the key leaves the VIP's port
+// out all the same: the connection table, the handoff frames and the
+// agent's restart contract all name a flow by the client's address and
+// port, and a three-field key would change every one of them. The cost is
+// one collision: one client address and port open to both of the VIP's
+// ports at once. Linux's connect() makes it rare (its ephemeral port search
+// starts at a hash of the destination, port included), but a NAT that keeps
+// its inside hosts' ports makes it possible. The second SYN is then taken
+// for a reused port (rule 2): the first connection, if handed off, has its
+// packets delivered locally while the second is fresh, where no socket
+// holds it, so the FE resets it; the second connection is served. Adding
+// the VIP's port to the key is the fix (docs/design.md, "Two ports, one
+// flow key").
 var keyType = nftables.MustConcatSetType(nftables.TypeIPAddr, nftables.TypeInetService)
 
 // TCP header flag bits (RFC 9293 section 3.1).
@@ -164,6 +182,12 @@ func FE(p FEParams) *Ruleset {
 	alive := set(SetAlive, p.IdleTimeout, true, "HANDOFFED flows with recent packets")
 
 	vip := matchVIP(p.VIP, p.Port)
+	var ports *nftables.Set
+	if p.TLSPort != 0 {
+		ports = &nftables.Set{Table: t, Name: SetPorts, KeyType: nftables.TypeInetService, Constant: true,
+			Comment: "the VIP's HTTP and TLS ports"}
+		vip = matchVIPPorts(p.VIP, ports)
+	}
 	rules := [][]expr.Any{
 		cat(vip, []expr.Any{&expr.Notrack{}}),
 		cat(vip, tcpFlags(tcpSYN|tcpACK, tcpSYN, true),
@@ -185,6 +209,12 @@ func FE(p FEParams) *Ruleset {
 		"forwarded above, @alive full: drop",
 	}
 	rs := &Ruleset{Table: t, Chains: []*nftables.Chain{c}, Sets: []*nftables.Set{fresh, fwd, closing, alive}}
+	if ports != nil {
+		rs.Sets = append(rs.Sets, ports)
+		rs.Init = map[string][]nftables.SetElement{SetPorts: {
+			{Key: binaryutil.BigEndian.PutUint16(p.Port)}, {Key: binaryutil.BigEndian.PutUint16(p.TLSPort)},
+		}}
+	}
 	for i, e := range rules {
 		rs.Rules = append(rs.Rules, &nftables.Rule{Table: t, Chain: c, Exprs: e, UserData: comment(comments[i])})
 	}
@@ -269,6 +299,14 @@ func matchVIP(vip netip.Addr, port uint16) []expr.Any {
 		&expr.Payload{DestRegister: regKey, Base: expr.PayloadBaseTransportHeader, Offset: 2, Len: 2},
 		&expr.Cmp{Op: expr.CmpOpEq, Register: regKey, Data: binaryutil.BigEndian.PutUint16(port)},
 	}
+}
+
+// matchVIPPorts is matchVIP for a VIP with several ports: `ip daddr VIP
+// tcp dport @ports`. A named constant set, because an anonymous one may be
+// bound to one rule only.
+func matchVIPPorts(vip netip.Addr, ports *nftables.Set) []expr.Any {
+	m := matchVIP(vip, 0)
+	return append(m[:len(m)-1], lookup(ports, false)...)
 }
 
 // tcpFlags matches `tcp flags & mask == want` (or != want when equal is false).

@@ -18,7 +18,9 @@ import (
 var (
 	sampleFE = FEParams{VIP: netip.MustParseAddr("10.0.0.100"), Port: 80, FreshTimeout: time.Minute,
 		TimeWait: 10 * time.Second, IdleTimeout: 15 * time.Minute, Size: 65536, QueueNum: 3, Queue: QueueCompat}
-	sampleBE = BEParams{VIP: netip.MustParseAddr("10.0.0.100"), UAddr: netip.MustParseAddr("10.0.0.250")}
+	// sampleTLS has a TLS port: its rules match both ports by @ports.
+	sampleTLS = func() FEParams { p := sampleFE; p.TLSPort = 443; return p }()
+	sampleBE  = BEParams{VIP: netip.MustParseAddr("10.0.0.100"), UAddr: netip.MustParseAddr("10.0.0.250")}
 )
 
 // batchBytes returns the netlink messages Apply sends for rs, one line each
@@ -62,8 +64,8 @@ func batchBytes(t *testing.T, rs *Ruleset) string {
 func TestNetlinkGolden(t *testing.T) {
 	native := sampleFE
 	native.Queue = QueueNative
-	for name, rs := range map[string]*Ruleset{"fe.netlink": FE(sampleFE), "fe-native-queue.netlink": FE(native), "be.netlink": BE(sampleBE),
-		"fe-place.netlink": FEPlace(sampleFE, samplePlace)} {
+	for name, rs := range map[string]*Ruleset{"fe.netlink": FE(sampleFE), "fe-native-queue.netlink": FE(native), "fe-tls.netlink": FE(sampleTLS),
+		"be.netlink": BE(sampleBE), "fe-place.netlink": FEPlace(sampleFE, samplePlace)} {
 		got := batchBytes(t, rs)
 		path := "testdata/" + name
 		if os.Getenv("UPDATE_GOLDEN") != "" {

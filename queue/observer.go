@@ -43,8 +43,11 @@ const (
 // holding a packet back: every verdict is Drop, and nothing is lost when
 // the agent is slow, restarting or dead (the queue then drops it).
 type Observer struct {
-	Table    *conntab.Table
-	VIP      netip.AddrPort
+	Table *conntab.Table
+	VIP   netip.AddrPort
+	// TLSPort is the VIP's TLS port, whose flows the FE's table queues
+	// like VIP's (0: none).
+	TLSPort  uint16
 	TimeWait time.Duration // after FIN
 	RSTWait  time.Duration // after RST: the connection is already gone
 	Now      func() time.Time
@@ -65,7 +68,7 @@ func (o *Observer) Handle(b []byte) (Verdict, Reason) {
 		o.count("reason", string(ReasonMalformed))
 		return Drop, ReasonMalformed
 	}
-	if p.Dst != o.VIP {
+	if p.Dst != o.VIP && (o.TLSPort == 0 || p.Dst != netip.AddrPortFrom(o.VIP.Addr(), o.TLSPort)) {
 		o.count("reason", string(ReasonNotVIP))
 		return Drop, ReasonNotVIP
 	}

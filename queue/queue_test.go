@@ -68,7 +68,7 @@ func TestObserver(t *testing.T) {
 	tab := conntab.New()
 	tab.Begin(client, t0)
 	tab.Handed(client, netip.MustParseAddr("10.0.0.11"), t0)
-	o := &Observer{Table: tab, VIP: netip.MustParseAddrPort("10.0.0.100:80"), TimeWait: 10 * time.Second,
+	o := &Observer{Table: tab, VIP: netip.MustParseAddrPort("10.0.0.100:80"), TLSPort: 443, TimeWait: 10 * time.Second,
 		RSTWait: time.Second, Now: func() time.Time { return t0 }}
 
 	cases := []struct {
@@ -79,6 +79,7 @@ func TestObserver(t *testing.T) {
 	}{
 		{"garbage", []byte{1, 2, 3}, ReasonMalformed, conntab.Handoffed},
 		{"other destination", pkt("10.0.0.10:40000", "10.0.0.101:80", fin, 0), ReasonNotVIP, conntab.Handoffed},
+		{"other port", pkt("10.0.0.10:40000", "10.0.0.100:8443", fin, 0), ReasonNotVIP, conntab.Handoffed},
 		{"FIN", pkt("10.0.0.10:40000", "10.0.0.100:80", fin|ack, 0), ReasonForwarded, conntab.TimeWait},
 		{"retransmitted FIN", pkt("10.0.0.10:40000", "10.0.0.100:80", fin|ack, 0), ReasonForwarded, conntab.TimeWait},
 	}
@@ -98,7 +99,7 @@ func TestObserver(t *testing.T) {
 	other := netip.MustParseAddrPort("10.0.0.10:40001")
 	tab.Begin(other, t0)
 	tab.Handed(other, netip.MustParseAddr("10.0.0.11"), t0)
-	o.Handle(pkt("10.0.0.10:40001", "10.0.0.100:80", rst, 0))
+	o.Handle(pkt("10.0.0.10:40001", "10.0.0.100:443", rst, 0)) // the TLS port's flows too
 	if c, _ := tab.Get(other); c.State != conntab.TimeWait || !c.Until.Equal(t0.Add(time.Second)) {
 		t.Errorf("RST: %+v", c)
 	}
@@ -107,8 +108,8 @@ func TestObserver(t *testing.T) {
 	if _, ok := tab.Get(netip.MustParseAddrPort("10.0.0.10:9")); ok {
 		t.Error("a FIN of an unknown flow created an entry")
 	}
-	if o.Total() != 6 {
-		t.Errorf("total %d, want 6", o.Total())
+	if o.Total() != 7 {
+		t.Errorf("total %d, want 7", o.Total())
 	}
 	got := map[string]int64{}
 	for _, c := range o.Counts() {

@@ -8,7 +8,7 @@
 // It is pure: bytes in, a Hello or a typed refusal out. The caller bounds the
 // time with a read deadline (requesttimeout) and the bytes with max.
 //
-// Not wired into the agent yet (issue 16): `[fe] tlsport` will use it.
+// The FE's TLS listener (`[fe] tlsport`, frontend/tls.go) uses it.
 package tlshello
 
 import (

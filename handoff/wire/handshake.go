@@ -3,6 +3,7 @@ package wire
 import (
 	"crypto/hmac"
 	"crypto/sha256"
+	"encoding/binary"
 	"fmt"
 	"net/netip"
 )
@@ -46,11 +47,16 @@ type Hello struct {
 	// VIP is the cluster's virtual address; an FE adds the VIP's port,
 	// which a BE then accepts handoffs for.
 	VIP netip.AddrPort
+	// TLSPort is an FE's second VIP port, for TLS (issue 16), which a BE
+	// accepts handoffs for too; 0: none. It takes the two bytes that were
+	// reserved, so an FE without TLS still speaks to a BE that predates it;
+	// a BE's hello carries 0.
+	TLSPort uint16
 }
 
 const helloKeyed = 1
 
-// helloLen is the Hello payload's size: role, flags, reserved, nonce, two
+// helloLen is the Hello payload's size: role, flags, TLS port, nonce, two
 // addresses.
 const helloLen = 4 + NonceLen + 2*addrPortLen
 
@@ -64,7 +70,8 @@ func (h *Hello) MarshalBinary() ([]byte, error) {
 	if h.Keyed {
 		flags = helloKeyed
 	}
-	b = append(b, byte(h.Role), flags, 0, 0)
+	b = append(b, byte(h.Role), flags)
+	b = binary.BigEndian.AppendUint16(b, h.TLSPort)
 	b = append(b, h.Nonce[:]...)
 	b = appendAddrPort(b, h.Addr)
 	return appendAddrPort(b, h.VIP), nil
@@ -76,9 +83,7 @@ func (h *Hello) UnmarshalBinary(b []byte) error {
 	var n Hello
 	n.Role = Role(d.u8())
 	flags := d.u8()
-	if res := d.u16(); res != 0 && d.err == nil {
-		d.err = fmt.Errorf("%w: hello reserved 0x%04x", ErrFormat, res)
-	}
+	n.TLSPort = d.u16()
 	copy(n.Nonce[:], d.take(NonceLen))
 	n.Addr = d.addrPortOrZero()
 	n.VIP = d.addrPortOrZero()
@@ -89,6 +94,8 @@ func (h *Hello) UnmarshalBinary(b []byte) error {
 		return fmt.Errorf("%w: %d trailing bytes in hello", ErrFormat, len(d.b))
 	case n.Role != RoleFE && n.Role != RoleBE:
 		return fmt.Errorf("%w: hello role %d", ErrFormat, n.Role)
+	case n.Role == RoleBE && n.TLSPort != 0:
+		return fmt.Errorf("%w: a BE's hello names TLS port %d", ErrFormat, n.TLSPort)
 	case flags&^helloKeyed != 0:
 		return fmt.Errorf("%w: hello flags 0x%02x", ErrFormat, flags)
 	}

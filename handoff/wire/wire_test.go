@@ -218,7 +218,7 @@ func TestReaderGrowsWithData(t *testing.T) {
 }
 
 func TestHelloRoundTrip(t *testing.T) {
-	in := Hello{Role: RoleFE, Keyed: true, Addr: netip.MustParseAddrPort("10.0.0.2:0"), VIP: netip.MustParseAddrPort("10.0.0.100:80")}
+	in := Hello{Role: RoleFE, Keyed: true, Addr: netip.MustParseAddrPort("10.0.0.2:0"), VIP: netip.MustParseAddrPort("10.0.0.100:80"), TLSPort: 443}
 	in.Nonce[0], in.Nonce[31] = 1, 2
 	b, err := in.MarshalBinary()
 	if err != nil {
@@ -238,10 +238,14 @@ func TestHelloRoundTrip(t *testing.T) {
 	}
 	mut := func(i int, v byte) []byte { c, _ := in.MarshalBinary(); c[i] = v; return c }
 	for name, bad := range map[string][]byte{
-		"role 0":    mut(0, 0),
-		"role 3":    mut(0, 3),
-		"flags":     mut(1, 2),
-		"reserved":  mut(2, 1),
+		"role 0": mut(0, 0),
+		"role 3": mut(0, 3),
+		"flags":  mut(1, 2),
+		"TLS port from a BE": func() []byte {
+			c, _ := zero.MarshalBinary()
+			c[3] = 1
+			return c
+		}(),
 		"family 6":  mut(4+NonceLen, 6),
 		"truncated": b[:len(b)-1],
 		"trailing":  append(append([]byte(nil), b...), 0),

@@ -90,6 +90,14 @@ type Options struct {
 	Weights map[string]int
 	// Edit, if set, rewrites each host's config text before it is written.
 	Edit func(host, conf string) string
+	// TLS gives each BE's nginx a TLS server on 127.0.0.1:443 (ssl,
+	// http2) with a self-signed certificate for a.example and b.example,
+	// made by openssl for this cluster (TLSCert); off, to keep the other
+	// tests fast.
+	TLS bool
+	// ProxyProtocol makes that TLS server expect a PROXY protocol header
+	// and log the address it names ([be] proxyprotocol = on).
+	ProxyProtocol bool
 }
 
 // MetricsAddr is where an agent serves /metrics inside its namespace when
@@ -146,6 +154,11 @@ func New(opts Options) (c *Cluster, err error) {
 	}
 	if opts.Notify {
 		if err := c.listenNotify(c.hosts()); err != nil {
+			return nil, err
+		}
+	}
+	if opts.TLS {
+		if err := c.makeCert(); err != nil {
 			return nil, err
 		}
 	}
@@ -255,6 +268,41 @@ func (c *Cluster) Output(ctx context.Context, host string, args ...string) (stri
 	return string(out), nil
 }
 
+// TLSCert is the cluster's self-signed certificate (PEM) when
+// Options.TLS is set, for clients that verify.
+func (c *Cluster) TLSCert() string { return filepath.Join(c.Dir, "tls.crt") }
+
+// makeCert makes the certificate every BE's TLS server presents.
+func (c *Cluster) makeCert() error {
+	key := filepath.Join(c.Dir, "tls.key")
+	if err := run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+		"-subj", "/CN=a.example", "-addext", "subjectAltName=DNS:a.example,DNS:b.example",
+		"-keyout", key, "-out", c.TLSCert()); err != nil {
+		return fmt.Errorf("cluster certificate: %w", err)
+	}
+	return os.Chmod(key, 0o644) // nginx reads it as root, but keep the workers able to
+}
+
+// tlsServer is the TLS server block of a BE's nginx.
+func (c *Cluster) tlsServer(host, www string) string {
+	if !c.opts.TLS || host == "fe" {
+		return ""
+	}
+	listen, realIP := "listen 127.0.0.1:443 ssl http2;", ""
+	if c.opts.ProxyProtocol {
+		listen = "listen 127.0.0.1:443 ssl http2 proxy_protocol;"
+		realIP = "\t\treal_ip_header proxy_protocol;\n"
+	}
+	return fmt.Sprintf(`	server {
+		%s
+%s		ssl_certificate %s;
+		ssl_certificate_key %s;
+		root %s;
+		add_header X-Served-By %s always;
+	}
+`, listen, realIP, c.TLSCert(), filepath.Join(c.Dir, "tls.key"), www, host)
+}
+
 // WWW is the document root of host's nginx.
 func (c *Cluster) WWW(host string) string { return filepath.Join(c.Dir, host, "www") }
 
@@ -306,8 +354,8 @@ http {
 %[2]s		root %[3]s;
 		add_header X-Served-By %[4]s always;
 	}
-}
-`, d, listens.String(), www, host, access, c.trustedRelays())
+%[7]s}
+`, d, listens.String(), www, host, access, c.trustedRelays(), c.tlsServer(host, www))
 	cf := filepath.Join(d, "nginx.conf")
 	if err := os.WriteFile(cf, []byte(conf), 0o644); err != nil {
 		return err
