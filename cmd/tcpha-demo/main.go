@@ -55,6 +55,9 @@ func run(agent string, bench bool) error {
 	c, err := cluster.New(cluster.Options{
 		Agent: agent, BEs: 2, Secret: "demo-cluster-secret",
 		Rules: []string{`rule = be2 \.jpg$`, `rule = be1 .*`},
+		// The relays name the client in X-Forwarded-For; nginx trusts
+		// them (set_real_ip_from) and logs the client, not 127.0.0.1.
+		BEExtra: "forwardedfor = on\n",
 	})
 	if err != nil {
 		return err
@@ -94,6 +97,17 @@ func run(agent string, bench bool) error {
 		return err
 	}
 	fmt.Print(out)
+
+	fmt.Println("\n== nginx's access log on each BE: the client's address, not the relay's ([be] forwardedfor = on)")
+	for _, h := range []string{"be1", "be2"} {
+		log, _ := os.ReadFile(filepath.Join(c.Dir, h, "access.log"))
+		lines := strings.Split(strings.TrimSpace(string(log)), "\n")
+		for _, l := range lines[max(0, len(lines)-2):] {
+			if f := strings.Fields(l); len(f) > 6 {
+				fmt.Printf("   %s: client %-12s %s %s\n", h, f[0], strings.Trim(f[5], `"`), f[6])
+			}
+		}
+	}
 
 	fmt.Println("\n== the FE's connection table (tcphactl conns)")
 	conns, _ := c.Admin("fe", "conns")
