@@ -78,6 +78,9 @@ type Idle struct {
 	// Search is how long the server's fd took to find, from the dial's
 	// completion (the accept wait included).
 	Search time.Duration
+	// Surgery is how long the last Transplant spent on its private-fd
+	// thread (without the thread's start).
+	Surgery time.Duration
 
 	conn  *net.TCPConn // our end of the loopback connection
 	pidfd int          // the worker's, our own copy
@@ -369,7 +372,11 @@ func (i *Idle) Transplant(ci *wire.ConnInfo) error {
 	if i.conn == nil {
 		return &Error{Reason: ReasonFDChanged, Server: ServerIntact, Err: errors.New("idle connection already used or closed")}
 	}
-	e := onPrivateFDTable(func() *Error { return i.surgery(ci) })
+	e := onPrivateFDTable(func() *Error {
+		start := time.Now()
+		defer func() { i.Surgery = time.Since(start) }()
+		return i.surgery(ci)
+	})
 	if e != nil && e.Server == ServerIntact {
 		return e
 	}

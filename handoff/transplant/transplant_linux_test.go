@@ -6,6 +6,7 @@ import (
 	"context"
 	"crypto/md5"
 	"crypto/rand"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -25,6 +26,7 @@ import (
 	"github.com/vishvananda/netns"
 
 	"tcpha/handoff/repair"
+	"tcpha/handoff/wire"
 	"tcpha/internal/privtest"
 )
 
@@ -45,6 +47,7 @@ type lab struct {
 	nginx    int          // master pid
 	files    map[string][16]byte
 	server   *Server
+	dir      string // nginx's files and logs
 }
 
 func newLab(t *testing.T, workers int) *lab {
@@ -112,6 +115,7 @@ func nsRunner(t *testing.T, ns string) func(func()) {
 func (l *lab) startNginx(t *testing.T, workers int) {
 	t.Helper()
 	dir := t.TempDir()
+	l.dir = dir
 	// nginx's workers run as nobody: they must reach the files.
 	os.Chmod(filepath.Dir(dir), 0o755)
 	os.Chmod(dir, 0o755)
@@ -138,6 +142,7 @@ http {
 	keepalive_timeout 60s;
 	server {
 		listen %[3]s;
+		listen 10.77.0.1:8080; # for a direct download to compare with
 		root %[1]s/www;
 	}
 }
@@ -196,6 +201,11 @@ func (l *lab) workers(t *testing.T) []int {
 // dialClient connects from the client namespace to the VIP.
 func (l *lab) dialClient(t *testing.T) net.Conn {
 	t.Helper()
+	return l.dialFromClient(t, vipListen.String())
+}
+
+func (l *lab) dialFromClient(t *testing.T, addr string) net.Conn {
+	t.Helper()
 	ch := make(chan net.Conn, 1)
 	var err error
 	go func() {
@@ -209,53 +219,29 @@ func (l *lab) dialClient(t *testing.T) net.Conn {
 			ch <- nil
 			return
 		}
-		c, derr := net.DialTimeout("tcp4", vipListen.String(), 5*time.Second)
+		c, derr := net.DialTimeout("tcp4", addr, 5*time.Second)
 		err = derr
 		ch <- c
 	}()
 	c := <-ch
 	if c == nil {
-		t.Fatalf("dial %v from the client namespace: %v", vipListen, err)
+		t.Fatalf("dial %v from the client namespace: %v", addr, err)
 	}
 	return c
 }
 
 // timing is one transplant's costs.
 type timing struct {
-	prepare, search, transplant time.Duration
+	prepare, search, transplant, surgery time.Duration
 }
 
-// handOff does the FE's part for one new client connection (accept, read
-// the request, block, dump, close silently) and transplants it into
-// nginx. It returns the idle connection's worker.
+// handOff does the FE's part for one new client connection (feDump) and
+// transplants it into nginx. It returns the idle connection's worker.
 func (l *lab) handOff(t *testing.T, client net.Conn, path string) (pid int, tm timing) {
 	t.Helper()
-	fe, err := l.ln.Accept()
-	if err != nil {
-		t.Fatal(err)
-	}
-	req := "GET " + path + " HTTP/1.1\r\nHost: www\r\n\r\n"
-	if _, err := client.Write([]byte(req)); err != nil {
-		t.Fatal(err)
-	}
-	head := make([]byte, len(req))
-	fe.SetReadDeadline(time.Now().Add(5 * time.Second))
-	if _, err := io.ReadFull(fe, head); err != nil {
-		t.Fatal(err)
-	}
-	tc := fe.(*net.TCPConn)
-	if err := repair.Block(tc); err != nil {
-		t.Fatal(err)
-	}
-	ci, err := repair.Dump(tc, head)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := repair.CloseSilently(tc); err != nil {
-		t.Fatal(err)
-	}
-
+	ci := l.feDump(t, client, path)
 	var idle *Idle
+	var err error
 	start := time.Now()
 	l.inSrv(func() { idle, err = l.server.Prepare(context.Background()) })
 	tm.prepare = time.Since(start)
@@ -270,6 +256,7 @@ func (l *lab) handOff(t *testing.T, client net.Conn, path string) (pid int, tm t
 		t.Fatalf("transplant into %v: %v", idle, err)
 	}
 	tm.transplant = time.Since(start)
+	tm.surgery = idle.Surgery
 	// This process keeps no reference to the server's socket: one would
 	// keep it alive after nginx closes it, and its FIN would never leave.
 	if held := heldBySelf(idle.Item.Ino); held != "" {
@@ -362,7 +349,11 @@ func testServe(t *testing.T, workers int) {
 		client := l.dialClient(t)
 		br := bufio.NewReader(client)
 		pid, tm := l.handOff(t, client, paths[0])
+		start := time.Now()
 		l.get(t, client, br, paths[0], false)
+		if paths[0] == "/20m" {
+			t.Logf("20 MB served by nginx on the transplanted socket in %v (%.0f MB/s)", time.Since(start), 20/time.Since(start).Seconds())
+		}
 		if got := l.owner(t, client); got != pid || !slices.Contains(l.workers(t), pid) {
 			t.Errorf("ss names pid %d as the owner; the transplant chose %d; workers %v", got, pid, l.workers(t))
 		}
@@ -374,6 +365,16 @@ func testServe(t *testing.T, workers int) {
 	if d, dc := outRsts(t, l.srv)-rst0, outRsts(t, l.cli)-rstc0; d != 0 || dc != 0 {
 		t.Errorf("RSTs sent: %d by the server namespace, %d by the client", d, dc)
 	}
+	// The same download straight from nginx, for comparison.
+	direct := l.dialFromClient(t, "10.77.0.1:8080")
+	start := time.Now()
+	l.get(t, direct, bufio.NewReader(direct), "/20m", true)
+	t.Logf("20 MB straight from nginx in %v (%.0f MB/s)", time.Since(start), 20/time.Since(start).Seconds())
+	direct.Close()
+	// nginx logs the peer it accepted: the dial's 127.0.0.1, not the
+	// client (FACTS.md: the lab's IP_TRANSPARENT dial would fix that).
+	b, _ := os.ReadFile(filepath.Join(l.dir, "access.log"))
+	t.Logf("nginx access log:\n%s", b)
 }
 
 func TestTransplantNginx(t *testing.T) { testServe(t, 1) }
@@ -387,7 +388,7 @@ func TestTransplantSequential(t *testing.T) {
 	debugState = func() string { return l.debug(t) }
 	rst0, rstc0 := outRsts(t, l.srv), outRsts(t, l.cli)
 	const n = 50
-	var prep, search, trans []time.Duration
+	var prep, search, trans, surg []time.Duration
 	byWorker := map[int]int{}
 	for range n {
 		client := l.dialClient(t)
@@ -397,6 +398,7 @@ func TestTransplantSequential(t *testing.T) {
 		closeClean(t, client, br)
 		byWorker[pid]++
 		prep, search, trans = append(prep, tm.prepare), append(search, tm.search), append(trans, tm.transplant)
+		surg = append(surg, tm.surgery)
 	}
 	time.Sleep(100 * time.Millisecond)
 	if d, dc := outRsts(t, l.srv)-rst0, outRsts(t, l.cli)-rstc0; d != 0 || dc != 0 {
@@ -406,8 +408,8 @@ func TestTransplantSequential(t *testing.T) {
 		slices.Sort(ds)
 		return fmt.Sprintf("p50 %v p90 %v max %v", ds[len(ds)/2], ds[len(ds)*9/10], ds[len(ds)-1])
 	}
-	t.Logf("%d transplants, by worker %v\nprepare (dial + search): %s\nsearch: %s\ntransplant: %s",
-		n, byWorker, q(prep), q(search), q(trans))
+	t.Logf("%d transplants, by worker %v\nprepare (dial + search): %s\nsearch: %s\ntransplant (wall, thread start included): %s\nsurgery (on the thread): %s",
+		n, byWorker, q(prep), q(search), q(trans), q(surg))
 }
 
 var debugState func() string
@@ -446,4 +448,133 @@ func heldBySelf(ino uint64) string {
 		}
 	}
 	return ""
+}
+
+// feDump does the FE's part for a new client connection: accept, send the
+// client's request for path, read it, block, dump, close silently.
+func (l *lab) feDump(t *testing.T, client net.Conn, path string) *wire.ConnInfo {
+	t.Helper()
+	fe, err := l.ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	req := "GET " + path + " HTTP/1.1\r\nHost: www\r\n\r\n"
+	if _, err := client.Write([]byte(req)); err != nil {
+		t.Fatal(err)
+	}
+	head := make([]byte, len(req))
+	fe.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.ReadFull(fe, head); err != nil {
+		t.Fatal(err)
+	}
+	tc := fe.(*net.TCPConn)
+	if err := repair.Block(tc); err != nil {
+		t.Fatal(err)
+	}
+	ci, err := repair.Dump(tc, head)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := repair.CloseSilently(tc); err != nil {
+		t.Fatal(err)
+	}
+	return ci
+}
+
+// A transplant that fails before the disconnect leaves the idle connection
+// intact and usable; one that fails after it says so, nginx closes its dead
+// socket, and the client's connection, untouched, is still restored by the
+// fallback (here the test answers it, as the relay would). No RST anywhere.
+func TestTransplantFailures(t *testing.T) {
+	privtest.Require(t)
+	l := newLab(t, 1)
+	rst0, rstc0 := outRsts(t, l.srv), outRsts(t, l.cli)
+	prepare := func() *Idle {
+		var idle *Idle
+		var err error
+		l.inSrv(func() { idle, err = l.server.Prepare(context.Background()) })
+		if err != nil {
+			t.Fatal(err)
+		}
+		return idle
+	}
+
+	// Before the disconnect: the worker's fd is not the idle connection.
+	client := l.dialClient(t)
+	br := bufio.NewReader(client)
+	ci := l.feDump(t, client, "/1k")
+	idle := prepare()
+	ino := idle.Item.Ino
+	idle.Item.Ino++
+	err := idle.Transplant(ci)
+	var e *Error
+	if !errors.As(err, &e) || e.Reason != ReasonFDChanged || e.Server != ServerIntact {
+		t.Fatalf("transplant with a wrong inode: %v; want fd_changed, intact", err)
+	}
+	idle.Item.Ino = ino
+	if err := idle.Transplant(ci); err != nil {
+		t.Fatalf("the intact idle connection, used again: %v", err)
+	}
+	l.get(t, client, br, "/1k", false)
+	closeClean(t, client, br)
+
+	// After the disconnect: the restore fails (a VIP this host lacks).
+	client = l.dialClient(t)
+	br = bufio.NewReader(client)
+	ci = l.feDump(t, client, "/1k")
+	idle = prepare()
+	bad := *ci
+	bad.VIP = netip.AddrPortFrom(netip.MustParseAddr("10.77.0.200"), 80)
+	err = idle.Transplant(&bad)
+	if !errors.As(err, &e) || e.Reason != ReasonRestore || e.Server != ServerClosed {
+		t.Fatalf("transplant onto a foreign VIP: %v; want restore, closed", err)
+	}
+	t.Logf("the failure, as reported: %v", err)
+	want := "socket:[" + strconv.FormatUint(idle.Item.Ino, 10) + "]"
+	for i := 0; ; i++ {
+		fds, _ := os.ReadDir(fmt.Sprintf("/proc/%d/fd", idle.PID))
+		held := slices.ContainsFunc(fds, func(f os.DirEntry) bool {
+			l, _ := os.Readlink(fmt.Sprintf("/proc/%d/fd/%s", idle.PID, f.Name()))
+			return l == want
+		})
+		if !held {
+			break
+		}
+		if i == 200 {
+			t.Fatal("nginx still holds the dead socket after 2 s")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	// The fallback restores the client's connection, which noticed nothing.
+	var relay *net.TCPConn
+	l.inSrv(func() { relay, err = repair.Restore(ci) })
+	if err != nil {
+		t.Fatalf("fallback restore: %v", err)
+	}
+	relay.SetDeadline(time.Now().Add(5 * time.Second))
+	req := make([]byte, len(ci.RecvQueue))
+	if _, err := io.ReadFull(relay, req); err != nil || !bytes.HasPrefix(req, []byte("GET /1k ")) {
+		t.Fatalf("fallback read %q, %v", req, err)
+	}
+	if _, err := relay.Write([]byte("HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nrelay")); err != nil {
+		t.Fatal(err)
+	}
+	client.SetDeadline(time.Now().Add(5 * time.Second))
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		t.Fatalf("client after the fallback: %v", err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	if string(body) != "relay" {
+		t.Fatalf("client read %q", body)
+	}
+	relay.Close()
+	if rest, err := io.ReadAll(br); err != nil || len(rest) > 0 {
+		t.Fatalf("after the relay's FIN: %d bytes, %v", len(rest), err)
+	}
+	client.Close()
+	time.Sleep(100 * time.Millisecond)
+	if d, dc := outRsts(t, l.srv)-rst0, outRsts(t, l.cli)-rstc0; d != 0 || dc != 0 {
+		t.Errorf("RSTs sent: %d by the server namespace, %d by the client", d, dc)
+	}
 }
