@@ -30,6 +30,9 @@ const (
 	inetDiagMsgIDOff     = 4
 	inetDiagMsgCookieOff = inetDiagMsgIDOff + 40
 	sizeofInetDiagMsgID  = 48
+	// idiag_inode follows the id, idiag_expires, idiag_rqueue,
+	// idiag_wqueue and idiag_uid (four __u32).
+	inetDiagMsgInodeOff = inetDiagMsgIDOff + sizeofInetDiagMsgID + 16
 )
 
 // TCP states (include/net/tcp_states.h).
@@ -116,7 +119,10 @@ func request(msgType uint16, flags uint16, payload []byte) ([]byte, error) {
 
 // Socket is a TCP socket found by its 4-tuple.
 type Socket struct {
-	State  uint8
+	State uint8
+	// Inode is the socket's inode number, 0 while no file refers to it
+	// (an accepted connection the server has not yet accept()ed).
+	Inode  uint32
 	cookie [8]byte
 }
 
@@ -132,7 +138,7 @@ func LookupTCP(local, remote netip.AddrPort) (Socket, error) {
 	if err != nil {
 		return Socket{}, fmt.Errorf("look up %v-%v: %w", local, remote, err)
 	}
-	if len(data) < inetDiagMsgIDOff+sizeofInetDiagMsgID {
+	if len(data) < inetDiagMsgInodeOff+4 {
 		return Socket{}, fmt.Errorf("look up %v-%v: answer of %d bytes", local, remote, len(data))
 	}
 	// The ports and addresses in the answer must be the request's.
@@ -142,6 +148,7 @@ func LookupTCP(local, remote netip.AddrPort) (Socket, error) {
 	}
 	var s Socket
 	s.State = data[inetDiagMsgStateOff]
+	s.Inode = binary.NativeEndian.Uint32(data[inetDiagMsgInodeOff:])
 	copy(s.cookie[:], data[inetDiagMsgCookieOff:inetDiagMsgCookieOff+8])
 	return s, nil
 }

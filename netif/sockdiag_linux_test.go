@@ -6,8 +6,11 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"tcpha/internal/privtest"
 )
@@ -77,5 +80,41 @@ func TestLookupAndDestroy(t *testing.T) {
 	for i := range clients {
 		clients[i].Close()
 		servers[i].Close()
+	}
+}
+
+// The answer carries the socket's inode: the accepted end's is the inode
+// of the file accept returned, and the tuple local ↔ 0.0.0.0:0 finds the
+// listener itself (handoff/transplant looks both up).
+func TestLookupInode(t *testing.T) {
+	privtest.Require(t)
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	c, err := net.Dial("tcp4", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	s, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	inode := func(c syscall.Conn) uint32 {
+		rc, _ := c.SyscallConn()
+		var st unix.Stat_t
+		rc.Control(func(fd uintptr) { unix.Fstat(int(fd), &st) })
+		return uint32(st.Ino)
+	}
+	got, err := LookupTCP(addrPort(s.LocalAddr()), addrPort(s.RemoteAddr()))
+	if err != nil || got.Inode == 0 || got.Inode != inode(s.(*net.TCPConn)) {
+		t.Errorf("accepted end: inode %d, %v; want %d", got.Inode, err, inode(s.(*net.TCPConn)))
+	}
+	l, err := LookupTCP(addrPort(ln.Addr()), netip.MustParseAddrPort("0.0.0.0:0"))
+	if err != nil || l.Inode != inode(ln.(*net.TCPListener)) {
+		t.Errorf("listener: inode %d, %v; want %d", l.Inode, err, inode(ln.(*net.TCPListener)))
 	}
 }

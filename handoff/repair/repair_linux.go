@@ -353,6 +353,18 @@ func prepareFD(fd int, ci *wire.ConnInfo) error {
 	if err := set("TCP_REPAIR", unix.TCP_REPAIR, 1); err != nil {
 		return err
 	}
+	return setQueueSeqs(fd, ci)
+}
+
+// setQueueSeqs sets both queues' first sequence numbers; the kernel takes
+// TCP_QUEUE_SEQ only from a repair-mode socket in state CLOSE.
+func setQueueSeqs(fd int, ci *wire.ConnInfo) error {
+	set := func(what string, opt, v int) error {
+		if err := unix.SetsockoptInt(fd, unix.IPPROTO_TCP, opt, v); err != nil {
+			return fmt.Errorf("set %s: %w", what, err)
+		}
+		return nil
+	}
 	if err := set("TCP_REPAIR_QUEUE send", unix.TCP_REPAIR_QUEUE, tcpSendQueue); err != nil {
 		return err
 	}
@@ -364,6 +376,37 @@ func prepareFD(fd int, ci *wire.ConnInfo) error {
 	}
 	return set("TCP_QUEUE_SEQ receive", unix.TCP_QUEUE_SEQ, int(int32(ci.RcvSeq)))
 }
+
+// RestoreFD rebuilds the connection ci describes on fd, a TCP/IPv4 socket
+// that is already in repair mode and in state CLOSE, unbound or bound to
+// nothing else (a socket disconnected in repair mode, as handoff/transplant
+// does to a web server's idle connection): the queues' sequence numbers,
+// bind ci.VIP, connect ci.Client (sends nothing in repair mode), then what
+// Rebuild does after connect. fd stays in repair mode; the caller leaves it
+// with LeaveRepairFD. On error the caller owns the rollback (a repair-mode
+// connect(AF_UNSPEC) returns the socket to CLOSE without a packet).
+func RestoreFD(fd int, ci *wire.ConnInfo) error {
+	if ci.Unsent > 0 {
+		return fmt.Errorf("restore %v: %d unsent bytes in the send queue", ci.Client, ci.Unsent)
+	}
+	if err := setQueueSeqs(fd, ci); err != nil {
+		return fmt.Errorf("restore %v: %w", ci.Client, err)
+	}
+	if err := unix.Bind(fd, sockaddr(ci.VIP)); err != nil {
+		return fmt.Errorf("restore %v: bind %v: %w", ci.Client, ci.VIP, err)
+	}
+	if err := unix.Connect(fd, sockaddr(ci.Client)); err != nil {
+		return fmt.Errorf("restore %v: repair-mode connect: %w", ci.Client, err)
+	}
+	if err := rebuildFD(fd, ci); err != nil {
+		return fmt.Errorf("restore %v: %w", ci.Client, err)
+	}
+	return nil
+}
+
+// LeaveRepairFD takes fd out of repair mode without a window probe and sets
+// SO_REUSEADDR again (see leaveRepairFD).
+func LeaveRepairFD(fd int) error { return leaveRepairFD(fd) }
 
 // rebuildFD is what comes after connect: the options negotiated in the
 // handshake this host never saw, the queues, the window.
