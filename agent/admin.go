@@ -133,6 +133,7 @@ func (r *runner) reloadNow(notify func(string)) error {
 		return fmt.Errorf("reload refused, the running config stays: %w", err)
 	}
 	fixed := config.Unreloadable(r.cfg, next)
+	logWarnings(r.log, "reload", next)
 	r.lg.SetLevel(next.Global.LogLevel)
 	if r.f != nil && next.FE != nil {
 		r.f.Reload(next.FE)

@@ -79,6 +79,7 @@ func Run(ctx context.Context, cfg *config.Config, lg *Logger, opt Options) (err 
 	serve, stopServe := context.WithCancel(ctx)
 	defer stopServe()
 	log.Debug("file descriptor limit", "op", "start", "nofile", raiseNoFile())
+	logWarnings(log, "start", cfg)
 	r.m = metrics.New()
 	in := opt.Inherited
 	if in == nil {

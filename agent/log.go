@@ -173,3 +173,11 @@ func (h *prioHandler) WithAttrs(as []slog.Attr) slog.Handler {
 func (h *prioHandler) WithGroup(name string) slog.Handler {
 	return &prioHandler{inner: h.inner.WithGroup(name), w: h.w}
 }
+
+// logWarnings logs what the config holds that is legal but probably not
+// meant (config.Config.Warnings), each as one line.
+func logWarnings(log *slog.Logger, op string, cfg *config.Config) {
+	for _, w := range cfg.Warnings {
+		log.Warn("config warning", "op", op, "file", cfg.File, "warning", w)
+	}
+}

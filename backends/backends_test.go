@@ -17,7 +17,7 @@ func mustConfig(t testing.TB, text string) *config.FE {
 	t.Helper()
 	// An FE with servers needs the cluster's secret; after the [fe] text,
 	// so that its line numbers stay.
-	c, err := config.Parse("t.conf", []byte(text+"\n[global]\nsecret = s\n"))
+	c, err := config.Parse("t.conf", []byte(text+"\n[global]\nsecret = test-secret-16byte\n"))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -22,6 +22,11 @@ type Config struct {
 	Global Global
 	FE     *FE
 	BE     *BE
+	// Warnings are what Parse found legal but probably not meant (a
+	// rule no request can reach, no catch-all rule), each as
+	// "file:line: [section] key: what". `tcpha-agent -t` prints them;
+	// the agent logs them at start and on reload.
+	Warnings []string
 }
 
 // Global holds [global]: settings shared by both roles.

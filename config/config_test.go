@@ -16,7 +16,7 @@ import (
 const goodFE = `[global]
 loglevel = 5
 admin = /tmp/tcpha-fe.sock
-secret = s3cret;#x
+secret = s3cret;#x-long-enough
 
 [fe]
 raddr = 10.0.0.2
@@ -85,7 +85,7 @@ func TestParseFE(t *testing.T) {
 	if fe.Redirect().String() != "127.0.0.1:8080" {
 		t.Errorf("redirect = %v, want loopback", fe.Redirect())
 	}
-	if string(c.Global.Secret) != "s3cret;#x" || c.Global.LogLevel != 5 {
+	if string(c.Global.Secret) != "s3cret;#x-long-enough" || c.Global.LogLevel != 5 {
 		t.Errorf("global = %+v", c.Global)
 	}
 }
@@ -102,7 +102,7 @@ func TestSecretAndRegistration(t *testing.T) {
 	if c.FE.DRegister {
 		t.Error("dregister is on by default")
 	}
-	c, err = Parse("reg.conf", []byte("[global]\nsecret = s\n"+local+"dregister = 1\n"))
+	c, err = Parse("reg.conf", []byte("[global]\nsecret = test-secret-16byte\n"+local+"dregister = 1\n"))
 	if err != nil || !c.FE.DRegister {
 		t.Fatalf("dregister = 1: %v", err)
 	}
@@ -112,7 +112,7 @@ func TestSecretAndRegistration(t *testing.T) {
 }
 
 func TestParseDuplicateRulesKept(t *testing.T) {
-	c, err := Parse("x", []byte("[global]\nsecret=s\n[fe]\nvaddr=10.0.0.1\nserver=10.0.0.2 666\nrule=10.0.0.2 .*\nrule=10.0.0.2 .*\n"))
+	c, err := Parse("x", []byte("[global]\nsecret=test-secret-16byte\n[fe]\nvaddr=10.0.0.1\nserver=10.0.0.2 666\nrule=10.0.0.2 .*\nrule=10.0.0.2 .*\n"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -123,7 +123,7 @@ func TestParseDuplicateRulesKept(t *testing.T) {
 
 func TestParseBE(t *testing.T) {
 	c, err := Parse("be.conf", []byte(`[global]
-secret = s
+secret = test-secret-16byte
 [be]
 raddr = 10.0.0.11
 uaddr = 10.0.0.250
@@ -199,7 +199,7 @@ func TestParseErrors(t *testing.T) {
 		{"registering BE without secret", be + "dregister = 1\nrule = 10.0.0.11 .*\n", 0, "global", "secret", "missing"},
 		{"FE with servers without secret", fe + "rule = 10.0.0.11 .*\n", 0, "global", "secret", "an FE with servers opens control sessions"},
 		{"registering FE without secret", "[fe]\nraddr = 10.0.0.2\nvaddr = 10.0.0.100\ndregister = 1\nrule = local .*\n", 0, "global", "secret", "dregister = 1 takes registrations"},
-		{"registering FE without raddr", "[global]\nsecret = s\n[fe]\nvaddr = 10.0.0.100\ndregister = 1\nrule = local .*\n", 5, "fe", "dregister", "needs [fe] raddr"},
+		{"registering FE without raddr", "[global]\nsecret = test-secret-16byte\n[fe]\nvaddr = 10.0.0.100\ndregister = 1\nrule = local .*\n", 5, "fe", "dregister", "needs [fe] raddr"},
 		{"no rules", fe, 0, "fe", "rule", "at least one"},
 		{"bad server", "[fe]\nvaddr = 10.0.0.100\nserver = 10.0.0.11\n", 3, "fe", "server", "ADDR PORT"},
 		{"bad server port", "[fe]\nvaddr = 10.0.0.100\nserver = 10.0.0.11 0\n", 3, "fe", "server", "not a port"},
@@ -223,6 +223,24 @@ func TestParseErrors(t *testing.T) {
 		{"include", fe + "include /etc/tcpha/more.conf\nrule = local .*\n", 4, "fe", "", "includes are not supported"},
 		{"key of another section", fe + "rule = local .*\nloglevel = 3\n", 5, "fe", "loglevel", "unknown key; it belongs in [global]"},
 		{"FE key in [be]", be + "dtcinterval = 1\n", 6, "be", "dtcinterval", "it belongs in [fe]"},
+		{"quoted regexp", fe + "rule = 10.0.0.11 \"\\.jpg$\"\nrule = local .*\n", 4, "fe", "rule", "in quotes, which would be matched literally: write it without them (\\.jpg$)"},
+		{"quoted host pattern", fe + "rule = 10.0.0.11 host=\"a\\.com\" .*\n", 4, "fe", "rule", "write host=a\\.com"},
+		{"vaddr equals raddr", "[fe]\nraddr = 10.0.0.100\nvaddr = 10.0.0.100\nrule = local .*\n", 3, "fe", "vaddr", "must differ from raddr"},
+		{"server is the VIP", "[fe]\nvaddr = 10.0.0.100\nserver = 10.0.0.100 666\nrule = local .*\n", 3, "fe", "server", "10.0.0.100 is the VIP"},
+		{"server is the FE", "[fe]\nraddr = 10.0.0.2\nvaddr = 10.0.0.100\nserver = 10.0.0.2 666\nrule = local .*\n", 4, "fe", "server", "is this FE's raddr"},
+		{"feaddr is the VIP", "[be]\nraddr = 10.0.0.11\nuaddr = 10.0.0.250\nvaddr = 10.0.0.100\nfeaddr = 10.0.0.2, 10.0.0.100\n", 5, "be", "feaddr", "10.0.0.100 is the VIP"},
+		{"uaddr is an feaddr", "[be]\nraddr = 10.0.0.11\nuaddr = 10.0.0.2\nvaddr = 10.0.0.100\nfeaddr = 10.0.0.2\n", 3, "be", "uaddr", "is an FE's address"},
+		{"uaddr is this host's FE", "[global]\nsecret = test-secret-16byte\n[fe]\nraddr = 10.0.0.2\nvaddr = 10.0.0.100\nrule = local .*\n" +
+			"[be]\nraddr = 10.0.0.11\nuaddr = 10.0.0.2\nvaddr = 10.0.0.100\nfeaddr = 10.0.0.3\n", 9, "be", "uaddr", "is [fe] raddr 10.0.0.2"},
+		{"handofftimeout 1ns", fe + "handofftimeout = 1ns\nrule = local .*\n", 4, "fe", "handofftimeout", "below the minimum of 10ms"},
+		{"dtcinterval below minimum", fe + "dtcinterval = 1ms\nrule = local .*\n", 4, "fe", "dtcinterval", "below the minimum of 100ms (or 0 to turn it off)"},
+		{"timewait below minimum", fe + "timewait = 500ms\nrule = local .*\n", 4, "fe", "timewait", "below the minimum of 1s"},
+		{"committimeout below minimum", be + "committimeout = 1ms\n", 6, "be", "committimeout", "below the minimum of 10ms"},
+		{"keepalivetimeout below minimum", be + "keepalivetimeout = 10ms\n", 6, "be", "keepalivetimeout", "below the minimum of 1s"},
+		{"handoverwait below minimum", "[global]\nhandoverwait = 10ms\n" + fe + "rule = local .*\n", 2, "global", "handoverwait", "below the minimum of 1s"},
+		{"one-byte secret", "[global]\nsecret = x\n" + fe + "rule = local .*\n", 2, "global", "secret", "is 1 bytes, want at least 16"},
+		{"15-byte secret", "[global]\nsecret = 123456789012345\n" + fe + "rule = local .*\n", 2, "global", "secret", "is 15 bytes, want at least 16"},
+		{"placeholder secret", "[global]\nsecret = change-me-to-a-long-random-string\n" + fe + "rule = local .*\n", 2, "global", "secret", "the sample's placeholder: replace it"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -242,6 +260,50 @@ func TestParseErrors(t *testing.T) {
 	}
 }
 
+// What is legal but probably not meant is warned of, placed like an error
+// (issue 18, item 6); the rest of the config still parses.
+func TestWarnings(t *testing.T) {
+	head := "[global]\nsecret = test-secret-16byte\n[fe]\nvaddr = 10.0.0.100\nserver = 10.0.0.11 666\nserver = 10.0.0.12 666\nserver = 10.0.0.13 666 weight=0\n"
+	// line 9 is the first rule
+	cases := []struct {
+		name  string
+		rules string
+		want  []string
+	}{
+		{"catch-all last", "rule = 10.0.0.12 \\.jpg$\nrule = 10.0.0.11 .*\n", nil},
+		{"no catch-all", "rule = 10.0.0.12 \\.jpg$\nrule = 10.0.0.11 ^/api/\n",
+			[]string{"w.conf:9: [fe] rule: no catch-all rule (such as `rule = local .*` last): an HTTP request that matches no rule is answered 503"}},
+		{"shadowed by .*", "rule = 10.0.0.11 .*\nrule = 10.0.0.12 \\.jpg$\n",
+			[]string{"w.conf:9: [fe] rule: shadowed by the rule on line 8, which matches every request this one does: it takes requests only when every BE of that rule is unavailable, drained or of weight 0"}},
+		{"shadowed by ^/ and local", "rule = local ^/\nrule = 10.0.0.12 \\.jpg$\nrule = 10.0.0.11 .*\n",
+			[]string{"w.conf:9: [fe] rule: shadowed by the rule on line 8, which matches every request this one does: it takes requests never: a local rule always takes the request",
+				"w.conf:10: [fe] rule: shadowed by the rule on line 8"}},
+		{"host-only rule is no catch-all", "rule = 10.0.0.11 host=a\\.com\nrule = 10.0.0.12 \\.jpg$\n",
+			[]string{"w.conf:9: [fe] rule: no catch-all rule"}},
+		{"path rule with host shadows that host only", "rule = 10.0.0.11 host=a\\.com .*\nrule = 10.0.0.12 host=b\\.com \\.jpg$\n" +
+			"rule = 10.0.0.12 host=a\\.com \\.png$\nrule = 10.0.0.11 .*\n",
+			[]string{"w.conf:10: [fe] rule: shadowed by the rule on line 8"}},
+		{"weight 0 on the only target", "rule = 10.0.0.13 \\.jpg$\nrule = 10.0.0.13,10.0.0.11 \\.png$\nrule = 10.0.0.11 .*\n",
+			[]string{"w.conf:8: [fe] rule: every target (10.0.0.13) has weight 0: the rule takes no request until one's weight is raised (tcphactl weight)"}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			c, err := Parse("w.conf", []byte(head+tc.rules))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(c.Warnings) != len(tc.want) {
+				t.Fatalf("warnings = %q, want %d like %q", c.Warnings, len(tc.want), tc.want)
+			}
+			for i, w := range tc.want {
+				if !strings.HasPrefix(c.Warnings[i], w) {
+					t.Errorf("warning %d = %q, want it to start with %q", i, c.Warnings[i], w)
+				}
+			}
+		})
+	}
+}
+
 // A UTF-8 byte-order mark (an editor's) is not read as part of the first
 // line: it gave "want key = value" (issue 18).
 func TestByteOrderMark(t *testing.T) {
@@ -255,7 +317,7 @@ func TestByteOrderMark(t *testing.T) {
 // operator writes them.
 func TestSchedulingSyntax(t *testing.T) {
 	c, err := Parse("t.conf", []byte(`[global]
-secret = s
+secret = test-secret-16byte
 [fe]
 vaddr = 10.0.0.100   # the VIP
 port = 8080 ; not 80
@@ -291,7 +353,7 @@ rule = 10.0.0.12,10.0.0.11 .*
 // pattern (issue 16).
 func TestHostRules(t *testing.T) {
 	c, err := Parse("t.conf", []byte(`[global]
-secret = s
+secret = test-secret-16byte
 [fe]
 vaddr = 10.0.0.100
 server = 10.0.0.11 666
@@ -340,10 +402,37 @@ func TestShippedSamples(t *testing.T) {
 		t.Fatal("no etc/*.conf samples found")
 	}
 	for _, f := range files {
-		if _, err := Load(f); err != nil {
-			t.Errorf("%s: %v", f, err)
+		b, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := parseSample(f, string(b)); err != nil {
+			t.Errorf("%v", err)
 		}
 	}
+}
+
+// parseSample parses a shipped sample (etc/, README), which carries the
+// placeholder secret by design: as shipped it must be refused at the
+// placeholder's line, and with a secret of the operator's own it must
+// parse, without warnings.
+func parseSample(name, text string) (*Config, error) {
+	if strings.Contains(text, SampleSecret) {
+		_, err := Parse(name, []byte(text))
+		var ce *Error
+		if !errors.As(err, &ce) || ce.Key != "secret" || !strings.Contains(ce.Msg, "placeholder") {
+			return nil, fmt.Errorf("%s as shipped: err = %v, want the placeholder secret refused", name, err)
+		}
+		text = strings.ReplaceAll(text, SampleSecret, "6f1c0e5b9d2a4c7e8b3f0a1d2c4e6f80")
+	}
+	c, err := Parse(name, []byte(text))
+	if err != nil {
+		return nil, err
+	}
+	if len(c.Warnings) > 0 {
+		return nil, fmt.Errorf("%s: warnings: %q", name, c.Warnings)
+	}
+	return c, nil
 }
 
 // Every ini sample in the README parses, and says what it seems to say: no
@@ -359,7 +448,7 @@ func TestReadmeSamples(t *testing.T) {
 	}
 	for i, blk := range blocks {
 		text, _, _ := strings.Cut(blk, "```")
-		c, err := Parse(fmt.Sprintf("README.md sample %d", i+1), []byte(text))
+		c, err := parseSample(fmt.Sprintf("README.md sample %d", i+1), text)
 		if err != nil {
 			t.Errorf("%v", err)
 			continue
@@ -391,8 +480,8 @@ func beRules(c *Config) []backends.Rule {
 // file, never a panic; what parses is usable.
 func FuzzParse(f *testing.F) {
 	for _, s := range []string{
-		"[global]\nsecret = s\n[fe]\nvaddr = 10.0.0.100\nserver = 10.0.0.11 666\nrule = 10.0.0.11 .*\n",
-		"[global]\nsecret = s\n[be]\nraddr = 10.0.0.11\nuaddr = 10.0.0.250\nvaddr = 10.0.0.100\nfeaddr = 10.0.0.2\n",
+		"[global]\nsecret = test-secret-16byte\n[fe]\nvaddr = 10.0.0.100\nserver = 10.0.0.11 666\nrule = 10.0.0.11 .*\n",
+		"[global]\nsecret = test-secret-16byte\n[be]\nraddr = 10.0.0.11\nuaddr = 10.0.0.250\nvaddr = 10.0.0.100\nfeaddr = 10.0.0.2\n",
 		"[fe]\nvaddr = 10.0.0.100\nrule = local ^/a(b|c)*$\nmaxclients = 3\ndrain = 500ms\n",
 	} {
 		f.Add([]byte(s))

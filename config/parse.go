@@ -66,7 +66,16 @@ func sectionOf(key string) string {
 	return strings.Join(in, "] or [")
 }
 
-// Parse parses config text; name is used in error messages.
+// SampleSecret is the placeholder secret of the shipped samples (etc/,
+// README): a config that keeps it is refused, so that no cluster runs with
+// a secret everyone knows.
+const SampleSecret = "change-me-to-a-long-random-string"
+
+// MinSecret is the shortest secret accepted, in bytes.
+const MinSecret = 16
+
+// Parse parses config text; name is used in error messages. What is legal
+// but probably a mistake goes to Config.Warnings.
 func Parse(name string, data []byte) (*Config, error) {
 	// An editor's UTF-8 byte-order mark is not part of the first line
 	// (it made "[global]" a line without "=").
@@ -92,6 +101,7 @@ func Parse(name string, data []byte) (*Config, error) {
 	}
 	p := &parser{file: name, lines: lines}
 	cfg := &Config{File: name}
+	defer func() { cfg.Warnings = p.warnings }()
 	for _, s := range f.Sections() {
 		sn := s.Name()
 		if sn == ini.DefaultSection {
@@ -155,6 +165,10 @@ func Parse(name string, data []byte) (*Config, error) {
 		return nil, &Error{File: name, Line: lines.line("be", "vaddr", 0), Section: "be", Key: "vaddr",
 			Msg: fmt.Sprintf("differs from [fe] vaddr %s; one host serves one VIP", cfg.FE.VAddr)}
 	}
+	if cfg.FE != nil && cfg.BE != nil && cfg.BE.UAddr == cfg.FE.RAddr {
+		return nil, &Error{File: name, Line: lines.line("be", "uaddr", 0), Section: "be", Key: "uaddr",
+			Msg: fmt.Sprintf("is [fe] raddr %s: uaddr must be an address the cluster does not use", cfg.FE.RAddr)}
+	}
 	return cfg, nil
 }
 
@@ -179,9 +193,20 @@ func (p *parser) global(s *ini.Section) (Global, error) {
 		LogFile:  v.str("logfile", ""),
 		Admin:    v.str("admin", "/run/tcpha/admin.sock"),
 		// Long enough for an operator to start the new agent by hand.
-		HandoverWait: v.duration("handoverwait", 30*time.Second, false),
+		HandoverWait: v.duration("handoverwait", 30*time.Second, time.Second, false),
 	}
 	if sec := v.str("secret", ""); sec != "" {
+		switch {
+		case sec == SampleSecret:
+			v.fail("secret", v.line("secret", 0), "is the sample's placeholder: replace it with a secret of your own, "+
+				"the same on every host of the cluster (e.g. the output of `openssl rand -hex 32`)")
+		case len(sec) < MinSecret:
+			// The proofs and frame HMACs are only as strong as the
+			// key: a short one is guessed offline from one captured
+			// handshake.
+			v.fail("secret", v.line("secret", 0), fmt.Sprintf("is %d bytes, want at least %d "+
+				"(e.g. the output of `openssl rand -hex 32`)", len(sec), MinSecret))
+		}
 		g.Secret = []byte(sec)
 	}
 	g.AccessLog = v.str("accesslog", "")
@@ -203,15 +228,18 @@ func (p *parser) fe(s *ini.Section) (*FE, error) {
 		ConnPerBE:       v.intIn("connperbe", 2, 1, 1024),
 		RedirectAddr:    v.addr("redirectaddr", false, netip.IPv4Unspecified()),
 		RedirectPort:    v.port("redirectport", 8080),
-		RequestTimeout:  v.duration("requesttimeout", 10*time.Second, false),
+		RequestTimeout:  v.duration("requesttimeout", 10*time.Second, 100*time.Millisecond, false),
 		MaxHeader:       v.intIn("maxheader", 8192, 256, 1<<20),
 		MaxConnPerIP:    v.intIn("maxconnperip", 256, 0, 1<<20),
-		HandoffTimeout:  v.duration("handofftimeout", 2*time.Second, false),
-		TimeWait:        v.duration("timewait", 10*time.Second, false),
-		IdleTimeout:     v.duration("idletimeout", 15*time.Minute, false),
-		DtcInterval:     v.duration("dtcinterval", 5*time.Second, true),
+		HandoffTimeout:  v.duration("handofftimeout", 2*time.Second, 10*time.Millisecond, false),
+		TimeWait:        v.duration("timewait", 10*time.Second, time.Second, false),
+		IdleTimeout:     v.duration("idletimeout", 15*time.Minute, time.Second, false),
+		DtcInterval:     v.duration("dtcinterval", 5*time.Second, 100*time.Millisecond, true),
 		QueueNum:        uint16(v.intIn("queuenum", 0, 0, 65535)),
-		Drain:           v.duration("drain", 20*time.Second, true),
+		Drain:           v.duration("drain", 20*time.Second, 0, true),
+	}
+	if fe.VAddr.IsValid() && fe.RAddr == fe.VAddr {
+		v.fail("vaddr", v.line("vaddr", 0), "must differ from raddr: the VIP moves between FEs, raddr is this host's own")
 	}
 	// The seed's BE option, on the FE's side: take BEs' registrations on
 	// raddr:feport. Off by default, so that no port is open for it.
@@ -251,12 +279,21 @@ func (p *parser) fe(s *ini.Section) (*FE, error) {
 		if first, dup := seen[srv.Addr]; dup && srv.Addr.IsValid() {
 			v.fail("server", v.line("server", i), fmt.Sprintf("%v is already declared on line %d", srv.Addr, first))
 		}
+		switch {
+		case srv.Addr.IsValid() && srv.Addr == fe.VAddr:
+			v.fail("server", v.line("server", i), fmt.Sprintf("%v is the VIP: a server is a BE's raddr", srv.Addr))
+		case srv.Addr.IsValid() && srv.Addr == fe.RAddr:
+			v.fail("server", v.line("server", i), fmt.Sprintf("%v is this FE's raddr: serve locally with `rule = local PATTERN`", srv.Addr))
+		}
 		seen[srv.Addr] = v.line("server", i)
 		fe.Servers = append(fe.Servers, srv)
 	}
 	fe.Rules = v.rules("rule", fe.Servers, true)
 	if v.err == nil && len(fe.Rules) == 0 {
 		v.fail("rule", 0, "missing: at least one `rule = TARGET PATTERN` is needed (e.g. `rule = local .*`)")
+	}
+	if v.err == nil {
+		v.ruleWarnings(fe)
 	}
 	return fe, v.err
 }
@@ -279,11 +316,11 @@ func (p *parser) be(s *ini.Section) (*BE, error) {
 		RedirectTLSPort: v.port("redirecttlsport", 443),
 		ProxyProtocol:   v.onOff("proxyprotocol", false),
 		FEPort:          v.port("feport", 80),
-		CommitTimeout:   v.duration("committimeout", 5*time.Second, false),
-		Drain:           v.duration("drain", 20*time.Second, true),
+		CommitTimeout:   v.duration("committimeout", 5*time.Second, 10*time.Millisecond, false),
+		Drain:           v.duration("drain", 20*time.Second, 0, true),
 		// nginx's keepalive_timeout default.
-		KeepAliveTimeout: v.duration("keepalivetimeout", 75*time.Second, false),
-		RequestTimeout:   v.duration("requesttimeout", 10*time.Second, false),
+		KeepAliveTimeout: v.duration("keepalivetimeout", 75*time.Second, time.Second, false),
+		RequestTimeout:   v.duration("requesttimeout", 10*time.Second, 100*time.Millisecond, false),
 		MaxHeader:        v.intIn("maxheader", 8192, 256, 16<<10),
 	}
 	// The seed needed feaddr only for dynamic registration; tcpha also
@@ -301,6 +338,10 @@ func (p *parser) be(s *ini.Section) (*BE, error) {
 			v.fail("uaddr", v.line("uaddr", 0), "must differ from raddr: it must be an address the cluster does not use")
 		case be.RAddr == be.VAddr:
 			v.fail("raddr", v.line("raddr", 0), "must differ from vaddr")
+		case slices.Contains(be.FEAddrs, be.VAddr):
+			v.fail("feaddr", v.line("feaddr", 0), fmt.Sprintf("%v is the VIP: feaddr lists the FEs' raddr, from which they open control sessions", be.VAddr))
+		case slices.Contains(be.FEAddrs, be.UAddr):
+			v.fail("uaddr", v.line("uaddr", 0), fmt.Sprintf("%v is an FE's address (feaddr): uaddr must be an address the cluster does not use", be.UAddr))
 		}
 	}
 	return be, v.err
@@ -314,8 +355,15 @@ type section struct {
 }
 
 type parser struct {
-	file  string
-	lines lineIndex
+	file     string
+	lines    lineIndex
+	warnings []string
+}
+
+// warn records what is legal but probably not meant, placed like an Error.
+func (v *section) warn(key string, line int, msg string) {
+	e := &Error{File: v.p.file, Line: line, Section: v.s.Name(), Key: key, Msg: msg}
+	v.p.warnings = append(v.p.warnings, e.Error())
 }
 
 func (v *section) line(key string, nth int) int { return v.p.lines.line(v.s.Name(), key, nth) }
@@ -460,7 +508,7 @@ func (v *section) onOff(key string, def bool) bool {
 
 // duration accepts whole seconds, as the seed's /proc knobs did, or a Go
 // duration such as "1500ms", up to a year.
-func (v *section) duration(key string, def time.Duration, zeroOK bool) time.Duration {
+func (v *section) duration(key string, def, min time.Duration, zeroOK bool) time.Duration {
 	s, ok := v.raw(key)
 	if !ok {
 		return def
@@ -472,6 +520,15 @@ func (v *section) duration(key string, def time.Duration, zeroOK bool) time.Dura
 		return def
 	case err != nil || d < 0 || (d == 0 && !zeroOK):
 		v.fail(key, v.line(key, 0), fmt.Sprintf("%q is not a positive duration (seconds, or e.g. 500ms)", s))
+		return def
+	case d != 0 && d < min:
+		// A value below the minimum is a slip (1ns for 1s), not a
+		// tuning: tcpha.conf(5) gives each key's minimum and why.
+		zero := ""
+		if zeroOK {
+			zero = " (or 0 to turn it off)"
+		}
+		v.fail(key, v.line(key, 0), fmt.Sprintf("%q is below the minimum of %v%s", s, min, zero))
 		return def
 	}
 	return d
@@ -568,6 +625,10 @@ func (v *section) rules(key string, servers []backends.Server, fe bool) []backen
 				}
 				r.Policy = policy
 			case name == "host" && r.Host == nil:
+				if q := quoted(arg); q != "" {
+					v.fail(key, line, fmt.Sprintf("host pattern %s is in quotes, which would be matched literally: write host=%s", arg, q))
+					return nil
+				}
 				h, err := backends.CompileHost(arg)
 				if err != nil {
 					v.fail(key, line, fmt.Sprintf("bad host pattern %q: %v", arg, err))
@@ -586,6 +647,13 @@ func (v *section) rules(key string, servers []backends.Server, fe bool) []backen
 		}
 		if !ok || (pat == "" && r.Host == nil) {
 			v.fail(key, line, fmt.Sprintf("%q: want `rule = TARGET [host=HOST] PATTERN`", val))
+			return nil
+		}
+		if q := quoted(pat); q != "" {
+			// ini.v1 strips quotes only around a whole value; these
+			// stayed part of the pattern, and a request path never
+			// holds a '"' (RFC 3986 section 2), so the rule never matched.
+			v.fail(key, line, fmt.Sprintf("pattern %s is in quotes, which would be matched literally: write it without them (%s)", pat, q))
 			return nil
 		}
 		if pat != "" {
@@ -628,6 +696,82 @@ func (v *section) rules(key string, servers []backends.Server, fe bool) []backen
 		out = append(out, r)
 	}
 	return out
+}
+
+// quoted returns s without its surrounding double quotes if it has them,
+// else "".
+func quoted(s string) string {
+	if len(s) >= 2 && s[0] == '"' && s[len(s)-1] == '"' {
+		return s[1 : len(s)-1]
+	}
+	return ""
+}
+
+// ruleWarnings warns of FE rules that are legal but cannot do what they
+// seem to: a rule whose only targets have weight 0, rules after a
+// catch-all, and no catch-all at all.
+func (v *section) ruleWarnings(fe *FE) {
+	weight := map[netip.Addr]int{}
+	for _, s := range fe.Servers {
+		weight[s.Addr] = s.Weight
+	}
+	for _, r := range fe.Rules {
+		if r.Local || len(r.Targets) == 0 {
+			continue
+		}
+		if !slices.ContainsFunc(r.Targets, func(a netip.Addr) bool { return weight[a] > 0 }) {
+			v.warn("rule", r.Line, fmt.Sprintf("every target (%s) has weight 0: the rule takes no request until one's weight is raised (tcphactl weight)", r.TargetString()))
+		}
+	}
+	catchAll := -1 // the first rule taking every request
+	for i, r := range fe.Rules {
+		for _, e := range fe.Rules[:i] {
+			if !covers(e, r) {
+				continue
+			}
+			what := "only when every BE of that rule is unavailable, drained or of weight 0"
+			if e.Local {
+				what = "never: a local rule always takes the request"
+			}
+			v.warn("rule", r.Line, fmt.Sprintf("shadowed by the rule on line %d, which matches every request this one does: it takes requests %s", e.Line, what))
+			break
+		}
+		if catchAll < 0 && r.Host == nil && matchesEveryPath(r.Pattern) {
+			catchAll = i
+		}
+	}
+	if catchAll < 0 {
+		v.warn("rule", v.line("rule", len(fe.Rules)-1), "no catch-all rule (such as `rule = local .*` last): "+
+			"an HTTP request that matches no rule is answered 503")
+	}
+}
+
+// covers tells whether rule e matches every request rule r matches: e has
+// no host= or the same one as r, and a path pattern that matches every
+// path. A path rule with host= covers nothing of other hosts, and a
+// host-only rule is no catch-all for other hosts.
+func covers(e, r backends.Rule) bool {
+	if e.Host != nil && (r.Host == nil || e.Host.String() != r.Host.String()) {
+		return false
+	}
+	return matchesEveryPath(e.Pattern)
+}
+
+// everyPath are paths unlike each other; a pattern that matches them all
+// is taken to match every path (`.*`, `^/`, `/`, `.`, `^.*$`). It decides
+// only warnings.
+var everyPath = []string{"/", "/a", "/Index.HTML", "/a/b/c.jpg", "/x.php?q=1&r=%20", "/~u/" + strings.Repeat("z", 300)}
+
+func matchesEveryPath(re *regexp.Regexp) bool {
+	if re == nil {
+		return true
+	}
+	for _, p := range everyPath {
+		if !re.MatchString(p) {
+			return false
+		}
+	}
+	return true
 }
 
 func hasServer(servers []backends.Server, a netip.Addr) bool {

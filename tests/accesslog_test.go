@@ -19,7 +19,7 @@ import (
 func TestAccessLog(t *testing.T) {
 	dir := t.TempDir()
 	logOf := func(host string) string { return filepath.Join(dir, host+"-access.log") }
-	c := newCluster(t, cluster.Options{BEs: 2, Secret: "s", Rules: []string{`rule = be2 \.jpg$`, `rule = be1 .*`},
+	c := newCluster(t, cluster.Options{BEs: 2, Secret: "test-cluster-secret", Rules: []string{`rule = be2 \.jpg$`, `rule = be1 .*`},
 		FEExtra: "phttp = multi\ndtcinterval = 1\n",
 		Edit: func(host, conf string) string {
 			return strings.Replace(conf, "[global]\n", "[global]\naccesslog = "+logOf(host)+"\n", 1)

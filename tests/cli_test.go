@@ -6,6 +6,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"tcpha/config"
 )
 
 // `tcpha-agent -t` checks a config like `nginx -t`: it needs no root and
@@ -32,17 +34,37 @@ func TestCheckConfig(t *testing.T) {
 	if out, err := exec.Command(agentBin, "-t", "-c", filepath.Join(dir, "missing.conf")).CombinedOutput(); err == nil {
 		t.Errorf("missing config accepted: %s", out)
 	}
-	// The shipped samples pass the check too.
+	// The shipped samples are refused for their placeholder secret, by
+	// design, and pass once it is replaced.
 	samples, _ := filepath.Glob("../etc/*.conf")
 	for _, s := range samples {
-		if out, err := exec.Command(agentBin, "-t", "-c", s).CombinedOutput(); err != nil {
-			t.Errorf("%s: %v: %s", s, err, out)
+		out, err := exec.Command(agentBin, "-t", "-c", s).CombinedOutput()
+		if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() != 1 || !strings.Contains(string(out), s+":8: [global] secret: is the sample's placeholder") {
+			t.Errorf("%s as shipped: %v: %s, want exit 1 naming the placeholder secret", s, err, out)
+		}
+		b, _ := os.ReadFile(s)
+		own := filepath.Join(dir, filepath.Base(s))
+		os.WriteFile(own, []byte(strings.ReplaceAll(string(b), config.SampleSecret, "6f1c0e5b9d2a4c7e8b3f0a1d2c4e6f80")), 0o644)
+		if out, err := exec.Command(agentBin, "-t", "-c", own).CombinedOutput(); err != nil || strings.Contains(string(out), "warning") {
+			t.Errorf("%s with its own secret: %v: %s", s, err, out)
 		}
 	}
 }
 
+// -t prints what is legal but probably not meant, and still accepts the
+// config (issue 18, item 6), as nginx -t prints its [warn] lines.
+func TestCheckConfigWarns(t *testing.T) {
+	conf := filepath.Join(t.TempDir(), "warn.conf")
+	os.WriteFile(conf, []byte("[fe]\nvaddr = 10.0.0.100\nserver = 10.0.0.11 666\nrule = 10.0.0.11 \\.jpg$\n"+secret), 0o644)
+	out, err := exec.Command(agentBin, "-t", "-c", conf).CombinedOutput()
+	want := "tcpha-agent: warning: " + conf + ":4: [fe] rule: no catch-all rule"
+	if err != nil || !strings.Contains(string(out), want) || !strings.Contains(string(out), "syntax is ok") {
+		t.Errorf("-t: %v: %q, want exit 0, %q and syntax is ok", err, out, want)
+	}
+}
+
 // secret is the [global] section a config that opens control sessions needs.
-const secret = "[global]\nsecret = s\n"
+const secret = "[global]\nsecret = test-cluster-secret\n"
 
 // A host that opens or accepts control sessions must hold the cluster's
 // secret: without it a BE would obey every local user of its FEs' hosts
@@ -82,8 +104,8 @@ func TestCheckConfigRejects(t *testing.T) {
 		{"duplicate server", fe + "server = 10.0.0.11 777\n", "10.0.0.11 is already declared on line 3"},
 		{"overflowing duration", fe + "timewait = 99999999999999999999\n", "timewait"},
 		{"duration past a year", fe + "drain = 40000000\n", "longer than a year"},
-		{"unwritable logfile", "[global]\nsecret = s\nlogfile = /proc/tcpha/agent.log\n" + fe, "[global] logfile /proc/tcpha/agent.log"},
-		{"unwritable accesslog", "[global]\nsecret = s\naccesslog = /proc/tcpha/access.log\n" + fe, "[global] accesslog /proc/tcpha/access.log"},
+		{"unwritable logfile", "[global]\nsecret = test-cluster-secret\nlogfile = /proc/tcpha/agent.log\n" + fe, "[global] logfile /proc/tcpha/agent.log"},
+		{"unwritable accesslog", "[global]\nsecret = test-cluster-secret\naccesslog = /proc/tcpha/access.log\n" + fe, "[global] accesslog /proc/tcpha/access.log"},
 		{"registration without raddr", "[fe]\nvaddr = 10.0.0.100\ndregister = 1\nrule = local .*\n", "[fe] dregister: needs [fe] raddr"},
 		{"unknown scheduler", fe + "scheduler = fastest\n", "scheduler"},
 	}

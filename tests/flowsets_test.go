@@ -37,7 +37,7 @@ func setElements(t *testing.T, c *cluster.Cluster, kind, name string) int {
 // connections a second the set filled, and then the FE reset every
 // forwarded packet.
 func TestDeadFlowsLeaveNoElements(t *testing.T) {
-	c := newCluster(t, cluster.Options{BEs: 2, Secret: "s", Mallory: true,
+	c := newCluster(t, cluster.Options{BEs: 2, Secret: "test-cluster-secret", Mallory: true,
 		Rules: []string{`rule = be2 \.jpg$`, `rule = be1 .*`}, FEExtra: "timewait = 2\n"})
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
@@ -129,7 +129,7 @@ func fillSet(t *testing.T, c *cluster.Cluster, name string) {
 // `update @alive` used to end the forwarding rule, and the packet reached
 // the FE's own stack, which has no socket for the flow and reset it.
 func TestFullSetsStillForward(t *testing.T) {
-	c := newCluster(t, cluster.Options{BEs: 2, Secret: "s",
+	c := newCluster(t, cluster.Options{BEs: 2, Secret: "test-cluster-secret",
 		Rules: []string{`rule = be2 \.jpg$`, `rule = be1 .*`}, FEExtra: "timewait = 2\nphttp = single\n"})
 	ka := dialKeepAlive(t, c)
 	defer ka.conn.Close()

@@ -128,7 +128,7 @@ func craftedOffer(t *testing.T, from string) []byte {
 // refused for its proof. (A cluster without a secret no longer exists:
 // issue 19.)
 func TestStrangersDriveNoBE(t *testing.T) {
-	secret := "cluster-secret"
+	secret := "the-cluster-secret"
 	privtest.Require(t)
 	c, err := cluster.New(cluster.Options{Agent: agentBin, BEs: 1, Secret: secret, Mallory: true,
 		Rules: []string{`rule = be1 .*`}})
@@ -218,7 +218,7 @@ func dumpLogs(t *testing.T, c *cluster.Cluster) {
 // claiming 8 MiB frames — costs it little memory, and the FE still hands
 // off to it afterwards.
 func TestControlPortFlood(t *testing.T) {
-	c := newCluster(t, cluster.Options{BEs: 1, Secret: "s", Mallory: true, Rules: []string{`rule = be1 .*`}})
+	c := newCluster(t, cluster.Options{BEs: 1, Secret: "test-cluster-secret", Mallory: true, Rules: []string{`rule = be1 .*`}})
 	ctlAddr := c.BEs[0].IP + ":666"
 	pid := c.AgentPID("be1")
 	rss0, _ := bench.RSS(pid)
@@ -377,7 +377,7 @@ func TestRegistrationPortClosedByDefault(t *testing.T) {
 // answer 200, no socket errors, and afterwards no connection left on any
 // host once TIME_WAIT is over.
 func TestChurn(t *testing.T) {
-	c := newCluster(t, cluster.Options{BEs: 2, Secret: "s", Rules: []string{`rule = be2 \.jpg$`, `rule = be1 .*`},
+	c := newCluster(t, cluster.Options{BEs: 2, Secret: "test-cluster-secret", Rules: []string{`rule = be2 \.jpg$`, `rule = be1 .*`},
 		FEExtra: "timewait = 2\n"})
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
@@ -415,7 +415,7 @@ func TestChurn(t *testing.T) {
 // 1,000 connections sending their heads a byte at a time from another
 // address delay a legitimate request by less than 100 ms.
 func TestSlowloris(t *testing.T) {
-	c := newCluster(t, cluster.Options{BEs: 1, Secret: "s", Mallory: true, Rules: []string{`rule = be1 .*`}})
+	c := newCluster(t, cluster.Options{BEs: 1, Secret: "test-cluster-secret", Mallory: true, Rules: []string{`rule = be1 .*`}})
 	ttfb := func() time.Duration {
 		var samples []time.Duration
 		for range 15 {
@@ -466,7 +466,7 @@ func TestSlowloris(t *testing.T) {
 // all answered 200 (maxclients bounds work in progress, not idle
 // connections).
 func TestTenThousandIdleKeepAlive(t *testing.T) {
-	c := newCluster(t, cluster.Options{BEs: 1, Secret: "s", Rules: []string{`rule = be1 .*`}})
+	c := newCluster(t, cluster.Options{BEs: 1, Secret: "test-cluster-secret", Rules: []string{`rule = be1 .*`}})
 	const n = 10000
 	type kc struct {
 		conn net.Conn

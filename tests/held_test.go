@@ -16,7 +16,7 @@ import (
 // and ends the forwarding of the others within seconds; the other BE's
 // connections go on.
 func TestHeldAfterBECrash(t *testing.T) {
-	c := newCluster(t, cluster.Options{BEs: 2, Secret: "s",
+	c := newCluster(t, cluster.Options{BEs: 2, Secret: "test-cluster-secret",
 		Rules:   []string{`rule = be2 \.jpg$`, `rule = be1 .*`},
 		FEExtra: "phttp = single\ntimewait = 2\n"})
 	const n = 5

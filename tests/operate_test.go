@@ -131,7 +131,7 @@ func waitBackend(t *testing.T, c *cluster.Cluster, be string, within time.Durati
 // dtcinterval × fall (+2 s), its requests fall through to the next rule and
 // none hangs; restarted, it is AVAILABLE within dtcinterval × rise (+2 s).
 func TestHealthDetection(t *testing.T) {
-	c := newCluster(t, cluster.Options{BEs: 2, Secret: "s",
+	c := newCluster(t, cluster.Options{BEs: 2, Secret: "test-cluster-secret",
 		Rules:   []string{`rule = be2 \.jpg$`, `rule = be1 .*`},
 		FEExtra: "dtcinterval = 1\nfall = 2\nrise = 2\n"})
 	be2 := c.BEs[1].IP
@@ -187,14 +187,14 @@ func TestHealthDetection(t *testing.T) {
 // with its own rule, and leaves when it stops; a BE with the wrong secret
 // is refused, and both sides say so.
 func TestRegistration(t *testing.T) {
-	c := newClusterWithout(t, cluster.Options{BEs: 4, Secret: "s",
+	c := newClusterWithout(t, cluster.Options{BEs: 4, Secret: "test-cluster-secret",
 		Rules:      []string{`rule = be2 \.jpg$`, `rule = be1 .*`},
 		Registered: []string{"be3", "be4"},
 		BERules:    map[string][]string{"be3": {`rule = be3 \.txt$`}, "be4": {`rule = be4 \.txt$`}},
 		FEExtra:    "dtcinterval = 1\n",
 		Edit: func(host, conf string) string {
 			if host == "be4" {
-				return strings.Replace(conf, "secret = s\n", "secret = not-the-cluster-secret\n", 1)
+				return strings.Replace(conf, "secret = test-cluster-secret\n", "secret = not-the-cluster-secret\n", 1)
 			}
 			return conf
 		},
@@ -289,7 +289,7 @@ func wantShare(t *testing.T, what string, n, total int, want float64) {
 // splits by weight.
 func TestSchedulers(t *testing.T) {
 	t.Run("lard", func(t *testing.T) {
-		c := newCluster(t, cluster.Options{BEs: 2, Secret: "s", Rules: []string{`rule = be1,be2 .*`},
+		c := newCluster(t, cluster.Options{BEs: 2, Secret: "test-cluster-secret", Rules: []string{`rule = be1,be2 .*`},
 			FEExtra: "scheduler = lard\n"})
 		var urls []string
 		for i := range 200 {
@@ -340,7 +340,7 @@ func TestSchedulers(t *testing.T) {
 		}
 	})
 	t.Run("wlc by weight", func(t *testing.T) {
-		c := newCluster(t, cluster.Options{BEs: 2, Secret: "s", Rules: []string{`rule = be1,be2 .*`},
+		c := newCluster(t, cluster.Options{BEs: 2, Secret: "test-cluster-secret", Rules: []string{`rule = be1,be2 .*`},
 			FEExtra: "scheduler = wlc\n", Weights: map[string]int{"be1": 3, "be2": 1}})
 		be1, be2 := c.BEs[0].IP, c.BEs[1].IP
 		// One connection at a time: the loads are equal at every choice,
@@ -391,7 +391,7 @@ func TestSchedulers(t *testing.T) {
 // drain: an in-flight 20 MB download finishes, new connections go to the
 // other BE; enable undoes it.
 func TestDrain(t *testing.T) {
-	c := newCluster(t, cluster.Options{BEs: 2, Secret: "s", Rules: []string{`rule = be1,be2 .*`}})
+	c := newCluster(t, cluster.Options{BEs: 2, Secret: "test-cluster-secret", Rules: []string{`rule = be1,be2 .*`}})
 	body := make([]byte, 20<<20)
 	for i := range body {
 		body[i] = byte(i * 7)
@@ -462,7 +462,7 @@ func TestDrain(t *testing.T) {
 // TestPHTTPReload shows); SIGHUP never stops the agent. tcphactl reload
 // does the same and reports the error.
 func TestReload(t *testing.T) {
-	c := newCluster(t, cluster.Options{BEs: 2, Secret: "s", Rules: []string{`rule = be1 .*`}, FEExtra: "phttp = single\n"})
+	c := newCluster(t, cluster.Options{BEs: 2, Secret: "test-cluster-secret", Rules: []string{`rule = be1 .*`}, FEExtra: "phttp = single\n"})
 	pid := c.AgentPID("fe")
 	conf := c.ConfigFile("fe")
 	good, err := os.ReadFile(conf)
@@ -560,7 +560,7 @@ func metricSum(text, prefix string) float64 {
 // that match the traffic; tcphactl's errors and formats are what scripts
 // rely on.
 func TestMetricsAndControl(t *testing.T) {
-	c := newCluster(t, cluster.Options{BEs: 2, Secret: "s", Metrics: true,
+	c := newCluster(t, cluster.Options{BEs: 2, Secret: "test-cluster-secret", Metrics: true,
 		Rules: []string{`rule = be2 \.jpg$`, `rule = be1 .*`}, FEExtra: "dtcinterval = 1\n"})
 	for range 20 {
 		servedBy(t, c, "/index.html")
@@ -678,7 +678,7 @@ func TestMetricsAndControl(t *testing.T) {
 // SIGTERM drain counts only live connections, and when it runs out the
 // ones left are reset (the BE sends the client a RST) instead of hanging.
 func TestStopDrainResets(t *testing.T) {
-	c := newCluster(t, cluster.Options{BEs: 1, Secret: "s", Rules: []string{`rule = be1 .*`},
+	c := newCluster(t, cluster.Options{BEs: 1, Secret: "test-cluster-secret", Rules: []string{`rule = be1 .*`},
 		FEExtra: "drain = 2\ntimewait = 60\n"})
 	// More than the sockets' buffers hold, so the cut shows at the client.
 	const size = 100 << 20

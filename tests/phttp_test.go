@@ -39,7 +39,7 @@ func phttpCluster(t *testing.T, mode string) *cluster.Cluster {
 // phttpClusterRules is phttpCluster with other rules.
 func phttpClusterRules(t *testing.T, mode string, rules ...string) *cluster.Cluster {
 	t.Helper()
-	c := newCluster(t, cluster.Options{BEs: 2, Secret: "s", PublicWWW: true, Rules: rules,
+	c := newCluster(t, cluster.Options{BEs: 2, Secret: "test-cluster-secret", PublicWWW: true, Rules: rules,
 		FEExtra: "phttp = " + mode + "\ntimewait = 2\ndtcinterval = 1\n"})
 	// Both BEs have the FE's rules before the first request.
 	deadline := time.Now().Add(10 * time.Second)
@@ -376,7 +376,7 @@ func TestPHTTPReload(t *testing.T) {
 // phttp = single keeps TCPHA 0.2's behaviour: every request of a
 // connection goes where its first went.
 func TestPHTTPSingle(t *testing.T) {
-	c := newCluster(t, cluster.Options{BEs: 2, Secret: "s", PublicWWW: true,
+	c := newCluster(t, cluster.Options{BEs: 2, Secret: "test-cluster-secret", PublicWWW: true,
 		Rules: []string{`rule = be2 \.jpg$`, `rule = be1 .*`}, FEExtra: "phttp = single\n"})
 	k := dialKeepAlive(t, c)
 	defer k.conn.Close()

@@ -16,7 +16,7 @@ import (
 // filled the FE with TIME_WAIT sockets whose bind search took 30 % of the
 // machine).
 func TestNoControlDialsUnderLoad(t *testing.T) {
-	c := newCluster(t, cluster.Options{BEs: 2, Secret: "s", Rules: []string{`rule = be2 \.jpg$`, `rule = be1 .*`}})
+	c := newCluster(t, cluster.Options{BEs: 2, Secret: "test-cluster-secret", Rules: []string{`rule = be2 \.jpg$`, `rule = be1 .*`}})
 	controlSockets := func() (established, other int, lines string) {
 		out, err := c.Output(context.Background(), "fe", "ss", "-Htan", "( dport = :666 )")
 		if err != nil {

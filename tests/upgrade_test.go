@@ -99,7 +99,7 @@ func lastLog(t *testing.T, c *cluster.Cluster, host, msg, key string) (string, s
 // FE and on a BE, under load, and nobody notices.
 func TestUpgrade(t *testing.T) {
 	c := newCluster(t, cluster.Options{
-		BEs: 2, Secret: "s", Metrics: true, Notify: true,
+		BEs: 2, Secret: "test-cluster-secret", Metrics: true, Notify: true,
 		Rules:       []string{`rule = be2 \.jpg$`, `rule = be1 .*`},
 		GlobalExtra: "handoverwait = 3s\n",
 	})

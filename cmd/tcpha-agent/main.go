@@ -154,6 +154,11 @@ func check(path string, cfg *config.Config) int {
 			return 1
 		}
 	}
+	// Warnings are no refusal: the config runs as written, as nginx -t
+	// prints its [warn] lines and still says ok.
+	for _, w := range cfg.Warnings {
+		fmt.Fprintf(os.Stderr, "tcpha-agent: warning: %s\n", w)
+	}
 	fmt.Printf("tcpha-agent: %s: syntax is ok, roles: %s\n", path, roles(cfg))
 	return 0
 }

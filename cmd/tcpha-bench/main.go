@@ -141,7 +141,7 @@ type bencher struct {
 func runBench(agent string, p params) (*bench.Run, error) {
 	fmt.Println("== building the cluster: client, FE, be1, be2 (nginx on each BE)")
 	c, err := cluster.New(cluster.Options{
-		Agent: agent, BEs: 2, Secret: "bench-secret",
+		Agent: agent, BEs: 2, Secret: "bench-cluster-secret",
 		Rules:     []string{`rule = be2 \.jpg$`, `rule = be1 .*`},
 		PublicWWW: true, Metrics: true, NoAccessLog: true,
 		// Per-connection lines off: the bench measures the default path.
