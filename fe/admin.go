@@ -82,7 +82,8 @@ func (f *FE) Command(cmd string, args []string, text io.Writer) (any, error) {
 			return nil, fmt.Errorf("%s: %w", cmd, err)
 		}
 		f.kickCluster()
-		f.log.Info("BE "+cmd+"ed by the operator", "op", "admin", "be", a.String())
+		done := map[string]string{"drain": "drained", "enable": "enabled"}[cmd]
+		f.log.Info("BE "+done+" by the operator", "op", "admin", "be", a.String())
 		fmt.Fprintf(text, "%s %s\n", cmd, a)
 		return map[string]any{"addr": a.String(), "draining": cmd == "drain"}, nil
 	case "weight":

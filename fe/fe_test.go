@@ -402,3 +402,21 @@ func TestAlive(t *testing.T) {
 		t.Errorf("an ended accept loop: %v", err)
 	}
 }
+
+// tcphactl drain and enable are logged in plain words (issue 18, item 7:
+// the log said "BE enableed by the operator").
+func TestDrainEnableLogged(t *testing.T) {
+	f, _, _ := testFE(t, 0)
+	var buf strings.Builder
+	f.log = slog.New(slog.NewTextHandler(&buf, nil))
+	for _, cmd := range []string{"drain", "enable"} {
+		if _, err := f.Command(cmd, []string{be1.String()}, io.Discard); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, want := range []string{`msg="BE drained by the operator"`, `msg="BE enabled by the operator"`} {
+		if !strings.Contains(buf.String(), want) {
+			t.Errorf("log %q does not say %s", buf.String(), want)
+		}
+	}
+}
