@@ -134,8 +134,8 @@ func TestVIPKeepalived(t *testing.T) {
 		time.Sleep(200 * time.Millisecond)
 	}
 	t.Logf("served %v after keepalived added the VIP", time.Since(start).Round(time.Millisecond))
-	// An upgrade hands the FREEBIND listener over; the VIP stays.
-	if err := c.UpgradeAgent("fe", false); err != nil {
+	// An upgrade (-upgrade) hands the FREEBIND listener over; the VIP stays.
+	if err := c.UpgradeAgent("fe", true); err != nil {
 		t.Fatal(err)
 	}
 	if out, err := tryCurl(c); err != nil || out != "200 be1" || !hasVIP(t, c) {
