@@ -58,6 +58,10 @@ type FE struct {
 	RAddr netip.Addr // real address; unspecified = INADDR_ANY
 	VAddr netip.Addr // the VIP
 	Port  uint16     // listening port on the VIP
+	// VIP says who puts the VIP on the interface: VIPAgent, the agent
+	// (added at start, announced, removed at stop), or VIPKeepalived,
+	// keepalived's VRRP (issue 17), the agent then only listening on it.
+	VIP VIPOwner
 	// TLSPort is the VIP's TLS port (issue 16): connections there are
 	// routed by the ClientHello's SNI and handed off without being
 	// decrypted. 0: off.
@@ -100,6 +104,14 @@ type FE struct {
 	QueueNum       uint16        // NFQUEUE queue the FE agent reads
 	Drain          time.Duration // on SIGTERM, how long handed-off connections may finish
 }
+
+// VIPOwner is what [fe] vip names: who adds the VIP to the interface.
+type VIPOwner string
+
+const (
+	VIPAgent      VIPOwner = "agent"
+	VIPKeepalived VIPOwner = "keepalived"
+)
 
 // Redirect is the local node's web server address (seed 4.7); an unspecified
 // redirectaddr means loopback.

@@ -82,6 +82,15 @@ func TestParseFE(t *testing.T) {
 			t.Errorf("phttp = %s: %v", m, err)
 		}
 	}
+	if fe.VIP != VIPAgent {
+		t.Errorf("vip = %q by default, want agent (the agent adds the VIP)", fe.VIP)
+	}
+	for _, o := range []VIPOwner{VIPAgent, VIPKeepalived} {
+		c, err := Parse("fe.conf", []byte(goodFE+"vip = "+string(o)+"\n"))
+		if err != nil || c.FE.VIP != o {
+			t.Errorf("vip = %s: %v", o, err)
+		}
+	}
 	if fe.Redirect().String() != "127.0.0.1:8080" {
 		t.Errorf("redirect = %v, want loopback", fe.Redirect())
 	}
@@ -186,6 +195,8 @@ func TestParseErrors(t *testing.T) {
 		{"rule names a target twice", fe + "rule = 10.0.0.11,10.0.0.11 .*\n", 4, "fe", "rule", "named twice"},
 		{"unknown rule scheduler", fe + "rule = 10.0.0.11 scheduler=fifo .*\n", 4, "fe", "rule", "unknown scheduler \"fifo\""},
 		{"unknown scheduler", fe + "scheduler = fastest\nrule = local .*\n", 4, "fe", "scheduler", "want rr, wlc or lard"},
+		{"unknown vip owner", fe + "vip = vrrp\nrule = local .*\n", 4, "fe", "vip", "want agent or keepalived"},
+		{"vip owner in [be]", be + "vip = keepalived\n", 6, "be", "vip", "it belongs in [fe]"},
 		{"unknown phttp", fe + "phttp = always\nrule = local .*\n", 4, "fe", "phttp", "want single, multi or forward"},
 		{"duplicate server", fe + "server = 10.0.0.11 667\nrule = local .*\n", 4, "fe", "server", "already declared on line 3"},
 		{"bad weight", fe + "server = 10.0.0.12 666 weight=x\nrule = local .*\n", 4, "fe", "server", "weight=N"},

@@ -41,7 +41,7 @@ var allowed = map[string]map[string]bool{
 		"timewait": false, "idletimeout": false, "dtcinterval": false,
 		"queuenum": false, "drain": false,
 		"scheduler": false, "rise": false, "fall": false, "feport": false, "phttp": false,
-		"dregister": false, "tlsport": false,
+		"dregister": false, "tlsport": false, "vip": false,
 	},
 	"be": {
 		"raddr": false, "uaddr": false, "vaddr": false, "port": false,
@@ -252,6 +252,15 @@ func (p *parser) fe(s *ini.Section) (*FE, error) {
 	fe.TLSPort = uint16(v.intIn("tlsport", 0, 0, 65535))
 	if fe.TLSPort != 0 && fe.TLSPort == fe.Port {
 		v.fail("tlsport", v.line("tlsport", 0), fmt.Sprintf("%d is already the HTTP port", fe.TLSPort))
+	}
+	fe.VIP = VIPAgent
+	if m, ok := v.raw("vip"); ok {
+		switch o := VIPOwner(m); o {
+		case VIPAgent, VIPKeepalived:
+			fe.VIP = o
+		default:
+			v.fail("vip", v.line("vip", 0), fmt.Sprintf("%q: want agent or keepalived", m))
+		}
 	}
 	fe.Rise = v.intIn("rise", 2, 1, 100)
 	fe.Fall = v.intIn("fall", 3, 1, 100)

@@ -237,23 +237,29 @@ func Start(ctx context.Context, cfg *config.FE, secret []byte, m *metrics.Metric
 	if err != nil {
 		return nil, fmt.Errorf("fe: %w", err)
 	}
-	if f.vip, err = netif.AddVIP(link, cfg.VAddr); err != nil {
-		return nil, fmt.Errorf("fe: %w", err)
+	// With vip = keepalived, VRRP adds, announces and removes the VIP: the
+	// agent leaves it alone (f.vip stays nil, so Stop removes nothing).
+	if cfg.VIP == config.VIPAgent {
+		if f.vip, err = netif.AddVIP(link, cfg.VAddr); err != nil {
+			return nil, fmt.Errorf("fe: %w", err)
+		}
+		if err := netif.Announce(link, cfg.VAddr); err != nil {
+			// Not fatal: neighbours still learn the VIP by asking for it.
+			f.log.Warn("gratuitous ARP not sent", "op", "vip", "err", err)
+		} else {
+			f.log.Debug("gratuitous ARP sent", "op", "vip", "vip", cfg.VAddr.String(), "interface", link.Attrs().Name)
+		}
 	}
-	if err := netif.Announce(link, cfg.VAddr); err != nil {
-		// Not fatal: neighbours still learn the VIP by asking for it.
-		f.log.Warn("gratuitous ARP not sent", "op", "vip", "err", err)
-	} else {
-		f.log.Debug("gratuitous ARP sent", "op", "vip", "vip", cfg.VAddr.String(), "interface", link.Attrs().Name)
-	}
+	// IP_FREEBIND: a standby under keepalived listens before it holds the
+	// VIP. Listeners handed over at an upgrade keep the option.
 	if f.ln = lns.VIP; f.ln == nil {
-		if f.ln, err = (&net.ListenConfig{}).Listen(ctx, "tcp4", vip.String()); err != nil {
+		if f.ln, err = netif.ListenFreebind(ctx, vip); err != nil {
 			return nil, fmt.Errorf("fe: listen on VIP %v: %w", vip, err)
 		}
 	}
 	if f.tlsLn = lns.TLS; f.tlsLn == nil && cfg.TLSPort != 0 {
 		tlsAddr := netip.AddrPortFrom(cfg.VAddr, cfg.TLSPort)
-		if f.tlsLn, err = (&net.ListenConfig{}).Listen(ctx, "tcp4", tlsAddr.String()); err != nil {
+		if f.tlsLn, err = netif.ListenFreebind(ctx, tlsAddr); err != nil {
 			return nil, fmt.Errorf("fe: listen on VIP %v for TLS: %w", tlsAddr, err)
 		}
 	}
@@ -319,7 +325,7 @@ func Start(ctx context.Context, cfg *config.FE, secret []byte, m *metrics.Metric
 	}
 	m.Registry.MustRegister(collector{f})
 	ok = true
-	f.log.Info("front end ready", "op", "start", "vip", vip.String(), "interface", link.Attrs().Name,
+	f.log.Info("front end ready", "op", "start", "vip", vip.String(), "vip_owner", string(cfg.VIP), "interface", link.Attrs().Name,
 		"servers", len(cfg.Servers), "rules", len(cfg.Rules))
 	return f, nil
 }

@@ -1,11 +1,13 @@
 package netif
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"net"
 	"net/netip"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/mdlayher/arp"
@@ -104,6 +106,27 @@ func (v *VIP) Remove() error {
 		return fmt.Errorf("remove VIP %v from %s: %w", v.addr.IP, v.link.Attrs().Name, err)
 	}
 	return nil
+}
+
+// ListenFreebind listens on addr with IP_FREEBIND, so the bind succeeds
+// whether or not addr is on an interface yet (ip(7)). A standby FE under
+// keepalived listens on the VIP before VRRP gives it the address, and is
+// serving the moment it does; the agent that adds the VIP itself binds
+// the same way, so there is one path.
+func ListenFreebind(ctx context.Context, addr netip.AddrPort) (net.Listener, error) {
+	lc := net.ListenConfig{Control: func(_, _ string, c syscall.RawConn) error {
+		var serr error
+		if err := c.Control(func(fd uintptr) {
+			serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_IP, unix.IP_FREEBIND, 1)
+		}); err != nil {
+			return err
+		}
+		if serr != nil {
+			return fmt.Errorf("set IP_FREEBIND: %w", serr)
+		}
+		return nil
+	}}
+	return lc.Listen(ctx, "tcp4", addr.String())
 }
 
 // Announce sends a gratuitous ARP for vip from link, so neighbours that
