@@ -494,7 +494,9 @@ func (f *FE) startLoops(serve, loops context.Context) {
 	f.stopLoops = stop
 	f.loopsMu.Unlock()
 	f.loops.Go(func() { f.flows.Run(loops) })
-	f.loops.Go(func() { f.guard().Run(loops) })
+	if f.owned.Rules != nil { // nil in the unit tests: no kernel
+		f.loops.Go(func() { f.guard().Run(loops) })
+	}
 	f.loops.Go(func() {
 		f.reaper.Run(loops)
 		if f.setsc != nil {
