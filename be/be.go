@@ -66,13 +66,17 @@ type BE struct {
 	cluster atomic.Pointer[beCluster]
 	webMu   sync.Mutex
 	web     map[netip.Addr]*relay.Pool
+	// m are the agent's metrics; reinstalls the ARP table's reinstalls
+	// by its guard (guard.go).
+	m          *metrics.Metrics
+	reinstalls nft.Reinstalls
 }
 
 // Start starts the back end; ln, when not nil, is its control listener,
 // inherited from a predecessor; access, when not nil, hears of every
 // request the relay serves ([global] accesslog).
 func Start(ctx context.Context, cfg *config.BE, secret []byte, m *metrics.Metrics, log *slog.Logger, ln net.Listener, access func(accesslog.Entry)) (*BE, error) {
-	b := &BE{cfg: cfg, log: log.With("role", "be")}
+	b := &BE{cfg: cfg, log: log.With("role", "be"), m: m}
 	ok := false
 	defer func() {
 		if !ok {
@@ -280,6 +284,7 @@ func (r rebuilder) Rebuild(ci *wire.ConnInfo) (handoff.Rebuilt, error) {
 func (b *BE) Run(ctx context.Context) {
 	bg, stop := context.WithCancel(ctx)
 	b.background.Go(func() { b.checkLoop(bg) })
+	b.background.Go(func() { b.guard().Run(bg) })
 	if b.registrar != nil {
 		stopReg := context.AfterFunc(bg, b.stopRegistering)
 		defer stopReg()
@@ -422,25 +427,26 @@ func (b *BE) Release() {
 // Status is the BE's part of `tcphactl status`. Its JSON follows
 // tcphactl(8)'s rules: addresses without their ports, a port a number.
 type Status struct {
-	VIP          string `json:"vip"`
-	Addr         string `json:"addr"` // raddr, where FEs hand off
-	Port         uint16 `json:"port"`
-	Upstream     string `json:"upstream"`
-	UpstreamPort uint16 `json:"upstream_port"`
-	ServerUp     bool   `json:"server_up"`
-	Relaying     int    `json:"relaying"`
-	Pending      int    `json:"pending"`
-	Served       int64  `json:"served"`
-	Refused      int64  `json:"refused"`
-	Sessions     int    `json:"sessions"`
-	Requests     int64  `json:"requests"`
-	Dialed       int64  `json:"upstream_dialed"`
-	Reused       int64  `json:"upstream_reused"`
-	Idle         int    `json:"upstream_idle"`
-	Retries      int64  `json:"retries"`
-	BadGW        int64  `json:"bad_gateway"`
-	Moved        int64  `json:"moved"`
-	NotMoved     int64  `json:"not_moved"`
+	VIP          string          `json:"vip"`
+	Addr         string          `json:"addr"` // raddr, where FEs hand off
+	Port         uint16          `json:"port"`
+	Upstream     string          `json:"upstream"`
+	UpstreamPort uint16          `json:"upstream_port"`
+	ServerUp     bool            `json:"server_up"`
+	Relaying     int             `json:"relaying"`
+	Pending      int             `json:"pending"`
+	Served       int64           `json:"served"`
+	Refused      int64           `json:"refused"`
+	Sessions     int             `json:"sessions"`
+	Requests     int64           `json:"requests"`
+	Dialed       int64           `json:"upstream_dialed"`
+	Reused       int64           `json:"upstream_reused"`
+	Idle         int             `json:"upstream_idle"`
+	Retries      int64           `json:"retries"`
+	BadGW        int64           `json:"bad_gateway"`
+	Moved        int64           `json:"moved"`
+	NotMoved     int64           `json:"not_moved"`
+	Table        nft.TableStatus `json:"table"`
 }
 
 // Status reads the BE's counters.
@@ -453,6 +459,7 @@ func (b *BE) Status() Status {
 		ServerUp: b.serverUp.Load(), Relaying: rs.Active, Pending: s.Pending, Served: s.Served, Refused: s.Refused,
 		Sessions: len(b.server.Sessions()), Requests: rs.Requests, Dialed: rs.Upstream.Dialed, Reused: rs.Upstream.Reuses,
 		Idle: rs.Upstream.Idle, Retries: rs.Retries, BadGW: rs.BadGateways, Moved: rs.Moves, NotMoved: rs.MoveFailures,
+		Table: b.reinstalls.Status(),
 	}
 }
 
@@ -463,6 +470,7 @@ func (st Status) Write(w io.Writer, pid int) {
 		st.Relaying, st.Pending, st.Served, st.Refused, st.Sessions, st.Upstream, st.UpstreamPort, st.ServerUp, time.Now().Format(time.RFC3339))
 	fmt.Fprintf(w, "  requests=%d upstream_dialed=%d upstream_reused=%d upstream_idle=%d retries=%d bad_gateway=%d moved=%d not_moved=%d\n",
 		st.Requests, st.Dialed, st.Reused, st.Idle, st.Retries, st.BadGW, st.Moved, st.NotMoved)
+	st.Table.Write(w)
 }
 
 // Reload applies a re-read [be]: the FEs it takes sessions from.

@@ -50,6 +50,8 @@ type Forwarding interface {
 	Remove(ctx context.Context, flow netip.AddrPort, still func() bool) error
 	// Forwarded is what the kernel forwarded so far.
 	Forwarded(ctx context.Context) (packets, bytes uint64, err error)
+	// Reinstall replaces the table, in order with the edits.
+	Reinstall(ctx context.Context, install func(*nftables.Conn) (*nft.Ruleset, error)) error
 }
 
 // Peers is how the FE asks its BEs over the control sessions
@@ -114,6 +116,8 @@ type FE struct {
 	moved, notMoved atomic.Int64
 	// held are the BEs to ask which connections they hold (held.go).
 	held heldAsks
+	// reinstalls are the table's reinstalls by its guard (guard.go).
+	reinstalls nft.Reinstalls
 }
 
 // listenRegister opens the port BEs register on: [fe] raddr:feport, never
@@ -388,16 +392,7 @@ func (f *FE) installTable() error {
 	if err != nil {
 		return fmt.Errorf("read the previous agent's flows: %w", err)
 	}
-	p := nft.FEParams{
-		VIP: cfg.VAddr, Port: cfg.Port, TLSPort: cfg.TLSPort,
-		FreshTimeout: cfg.RequestTimeout + time.Duration(len(cfg.Servers)+1)*cfg.HandoffTimeout + 5*time.Second,
-		TimeWait:     cfg.TimeWait, IdleTimeout: cfg.IdleTimeout,
-		// At ~4k handoffs/s (docs/performance.md) a 10 s TIME_WAIT alone
-		// holds 40k flows: size the sets well above the 65535 default.
-		Size:     uint32(max(1<<18, 4*cfg.MaxClients)),
-		QueueNum: cfg.QueueNum,
-	}
-	inst, err := nft.InstallFE(f.owned.Conn, p, carried.Init(), nft.QueuePreference)
+	inst, err := nft.InstallFE(f.owned.Conn, f.tableParams(), carried.Init(), nft.QueuePreference)
 	if err != nil {
 		return fmt.Errorf("install the FE's table: %w", err)
 	}
@@ -410,6 +405,20 @@ func (f *FE) installTable() error {
 			"forwarded", len(carried.Forward), "closing", len(carried.Closing))
 	}
 	return nil
+}
+
+// tableParams are the FE table's parameters for the config.
+func (f *FE) tableParams() nft.FEParams {
+	cfg := f.cfg
+	return nft.FEParams{
+		VIP: cfg.VAddr, Port: cfg.Port, TLSPort: cfg.TLSPort,
+		FreshTimeout: cfg.RequestTimeout + time.Duration(len(cfg.Servers)+1)*cfg.HandoffTimeout + 5*time.Second,
+		TimeWait:     cfg.TimeWait, IdleTimeout: cfg.IdleTimeout,
+		// At ~4k handoffs/s (docs/performance.md) a 10 s TIME_WAIT alone
+		// holds 40k flows: size the sets well above the 65535 default.
+		Size:     uint32(max(1<<18, 4*cfg.MaxClients)),
+		QueueNum: cfg.QueueNum,
+	}
 }
 
 // adopt takes a predecessor's forwarded flows into the connection table:
@@ -491,6 +500,9 @@ func (f *FE) startLoops(serve, loops context.Context) {
 	f.stopLoops = stop
 	f.loopsMu.Unlock()
 	f.loops.Go(func() { f.flows.Run(loops) })
+	if f.owned.Rules != nil { // nil in the unit tests: no kernel
+		f.loops.Go(func() { f.guard().Run(loops) })
+	}
 	f.loops.Go(func() {
 		f.reaper.Run(loops)
 		if f.setsc != nil {
@@ -746,8 +758,9 @@ type Status struct {
 	Backends    []beLine       `json:"backends"`
 	// Moved and NotMoved count the migrations BEs asked for (phttp =
 	// multi) that this FE carried out, and those it did not.
-	Moved    int64 `json:"moved"`
-	NotMoved int64 `json:"not_moved"`
+	Moved    int64           `json:"moved"`
+	NotMoved int64           `json:"not_moved"`
+	Table    nft.TableStatus `json:"table"`
 	avg      time.Duration
 }
 
@@ -791,6 +804,7 @@ func (f *FE) Status() Status {
 			RefusedBusy: s.RefusedBusy},
 		AvgHandoff: avg.Seconds(), avg: avg, Connections: map[string]int{}, Queued: f.obs.Total(),
 		QueuedBy: []queuedBy{}, Backends: []beLine{}, Moved: f.moved.Load(), NotMoved: f.notMoved.Load(),
+		Table: f.reinstalls.Status(),
 	}
 	counts := f.table.Count()
 	for _, k := range []conntab.State{conntab.Handoffing, conntab.Handoffed, conntab.TimeWait} {
@@ -832,6 +846,7 @@ func (st Status) Write(w io.Writer, pid int) {
 	for _, b := range st.Backends {
 		fmt.Fprintf(w, "  be %s:%d: %s, control sessions %d\n", b.Addr, b.Port, b.State, b.Sessions)
 	}
+	st.Table.Write(w)
 }
 
 // Reload applies a re-read [fe]: rules, servers, weights and scheduler

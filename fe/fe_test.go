@@ -15,6 +15,8 @@ import (
 	"testing/synctest"
 	"time"
 
+	"github.com/google/nftables"
+
 	"tcpha/backends"
 	"tcpha/config"
 	"tcpha/handoff"
@@ -74,6 +76,10 @@ func (f *fakeFlows) Forwarded(ctx context.Context) (uint64, uint64, error) {
 		return 0, 0, ctx.Err()
 	}
 	return 0, 0, nil
+}
+func (f *fakeFlows) Reinstall(context.Context, func(*nftables.Conn) (*nft.Ruleset, error)) error {
+	f.log("reinstall")
+	return nil
 }
 
 // fakeSets is the flow sets as the reaper reads them.

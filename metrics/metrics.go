@@ -33,6 +33,9 @@ type Metrics struct {
 	// bytes were no usable ClientHello, by reason (tlshello.Reason's
 	// labels: timeout, http, garbage, sslv2, oversized, ...).
 	TLSRefused *prometheus.CounterVec
+	// TableReinstalls counts the times a role found its nftables table
+	// gone or changed (`nft flush ruleset`) and put it back, by family.
+	TableReinstalls *prometheus.CounterVec
 }
 
 // HandoffBuckets cover 50 µs to about 6 s in steps of 1.5×, fine enough to
@@ -65,8 +68,11 @@ func New() *Metrics {
 		TLSRefused: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "tcpha_tls_refused_total", Help: "FE: connections to the TLS port refused before a handoff, by reason.",
 		}, []string{"reason"}),
+		TableReinstalls: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "tcpha_table_reinstalls_total", Help: "Times the agent found its nftables table gone or changed and reinstalled it, by family.",
+		}, []string{"family"}),
 	}
-	r.MustRegister(m.Handoffs, m.HandoffDuration, m.Offers, m.Probes, m.Migrations, m.TLSRefused,
+	r.MustRegister(m.Handoffs, m.HandoffDuration, m.Offers, m.Probes, m.Migrations, m.TLSRefused, m.TableReinstalls,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }

@@ -55,7 +55,9 @@ type request struct {
 	// every edit queued before it.
 	cond func() bool
 	read func(*nftables.Conn) error
-	done chan error
+	// install replaces the table (Reinstall).
+	install func(*nftables.Conn) (*Ruleset, error)
+	done    chan error
 }
 
 // ErrSkipped is returned for a conditional edit whose condition no longer
@@ -102,16 +104,25 @@ func (f *Flows) Run(ctx context.Context) {
 			first.done <- first.read(f.conn)
 			continue
 		}
+		if first.install != nil {
+			first.done <- f.reinstall(first.install)
+			continue
+		}
 		group := []*request{first}
 	drain:
 		for len(group) < maxGroup {
 			select {
 			case r := <-f.reqs:
-				if r.read != nil {
-					// Reads see the edits queued before them.
+				if r.read != nil || r.install != nil {
+					// Reads and reinstalls see the edits queued before
+					// them.
 					f.commit(group)
 					group = nil
-					r.done <- r.read(f.conn)
+					if r.read != nil {
+						r.done <- r.read(f.conn)
+					} else {
+						r.done <- f.reinstall(r.install)
+					}
 					break drain
 				}
 				group = append(group, r)
@@ -256,6 +267,28 @@ func (f *Flows) queue(edits []edit) {
 	}
 }
 
+func (f *Flows) reinstall(install func(*nftables.Conn) (*Ruleset, error)) error {
+	rs, err := install(f.conn)
+	if err != nil {
+		return err
+	}
+	f.rs = rs
+	return nil
+}
+
+// Reinstall replaces the table on the owner's goroutine with the ruleset
+// install builds and applies, and edits the new one from then on. It runs
+// after the edits queued before it and before those queued after it, so a
+// handoff that switches a flow after the reinstall edits the new table.
+// install must build a fresh ruleset: one applied before carries the
+// kernel's handles.
+func (f *Flows) Reinstall(ctx context.Context, install func(*nftables.Conn) (*Ruleset, error)) error {
+	if err := f.do(ctx, &request{install: install}); err != nil {
+		return fmt.Errorf("reinstall the table: %w", err)
+	}
+	return nil
+}
+
 var errStopped = errors.New("nft flow owner stopped")
 
 func (f *Flows) do(ctx context.Context, r *request) error {
@@ -348,6 +381,10 @@ func (f *Flows) Remove(ctx context.Context, flow netip.AddrPort, still func() bo
 // flags a dump that a transaction interrupted (NLM_F_DUMP_INTR), which the
 // netlink library does not report: a dump may miss elements. So absence
 // in a dump is a hint, and Has, a lookup of one element, is the answer.
+//
+// A Reader outlives a reinstall of the table (Flows.Reinstall): its
+// requests name the table and sets by name, and a reinstall builds them
+// from the same parameters.
 type Reader struct {
 	conn *nftables.Conn
 	rs   *Ruleset
