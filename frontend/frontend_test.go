@@ -278,14 +278,16 @@ func TestHandoverHeads(t *testing.T) {
 	cancel()
 	ctx, done := context.WithTimeout(context.Background(), 2*time.Second)
 	defer done()
-	// A client that comes while neither serves waits in the queue.
+	heads := old.Handover(ctx)
+	<-oldDone
+	// A client that comes while neither serves waits in the queue. It
+	// dials once the old server has stopped accepting: dialed before,
+	// it could still be accepted there and handed over as a sixth head.
 	late := make(chan string, 1)
 	go func() {
 		_, body, err := request(t, ln.Addr().String(), "GET /late HTTP/1.1\r\n\r\n")
 		late <- fmt.Sprint(body, err)
 	}()
-	heads := old.Handover(ctx)
-	<-oldDone
 	if len(heads) != 5 {
 		t.Fatalf("handed %d heads, want 5", len(heads))
 	}

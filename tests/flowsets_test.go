@@ -71,13 +71,22 @@ func TestDeadFlowsLeaveNoElements(t *testing.T) {
 	deadline := time.Now().Add(8 * time.Second)
 	for {
 		var left []string
-		n := 0
+		n, fresh := 0, 0
 		for _, s := range flowSets {
 			k := setElements(t, c, s.kind, s.name)
-			n += k
+			if s.name == "fresh" {
+				fresh = k
+			} else {
+				n += k
+			}
 			left = append(left, fmt.Sprintf("%s %d", s.name, k))
 		}
-		if n <= 4 { // a stray mark of a connection still closing at worst
+		// A stray mark of a connection still closing at worst. `fresh`
+		// marks ports a client reused while their previous connection
+		// was forwarded (tens, out of 30,000 connections from two
+		// hosts' ephemeral ranges); they expire with the request timeout,
+		// never held for idletimeout.
+		if n <= 4 && fresh <= 64 {
 			t.Logf("%d connections; per-flow elements left: %s", total, strings.Join(left, ", "))
 			return
 		}
