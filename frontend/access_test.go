@@ -3,7 +3,6 @@ package frontend
 import (
 	"io"
 	"net"
-	"sync"
 	"testing"
 	"time"
 
@@ -12,44 +11,27 @@ import (
 	"tcpha/internal/accesslog"
 )
 
-type accessRecorder struct {
-	mu sync.Mutex
-	es []accesslog.Entry
-}
-
-func (a *accessRecorder) log(e accesslog.Entry) {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	a.es = append(a.es, e)
-}
-
-func (a *accessRecorder) entries() []accesslog.Entry {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	return append([]accesslog.Entry(nil), a.es...)
-}
-
 // The FE writes one line per connection: the handoff with its BE and
 // latency, a 503 with no BE, a 400 for a bad head; nothing for a client
 // that left without a request.
 func TestAccessLogPerConnection(t *testing.T) {
-	var rec accessRecorder
+	var rec accesslog.Recorder
 	cfg := defaults()
-	cfg.Access = rec.log
+	cfg.Access = rec.Log
 	r := newRig(t, cfg, toBE())
 	if _, _, err := request(t, r.addr, "GET /a%20b?q HTTP/1.1\r\nHost: WWW.Example:80\r\n\r\n"); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "the handoff's line", func() bool { return len(rec.entries()) == 1 })
+	waitFor(t, "the handoff's line", func() bool { return len(rec.Entries()) == 1 })
 	r.m.fail = handoff.ErrNoBE
 	if resp, _, err := request(t, r.addr, "GET /b HTTP/1.1\r\nHost: x\r\n\r\n"); err != nil || resp.StatusCode != 503 {
 		t.Fatalf("no BE: %v %v", resp, err)
 	}
-	waitFor(t, "the 503's line", func() bool { return len(rec.entries()) == 2 })
+	waitFor(t, "the 503's line", func() bool { return len(rec.Entries()) == 2 })
 	if resp, _, err := request(t, r.addr, "GET /c d HTTP/1.1\r\n\r\n"); err != nil || resp.StatusCode != 400 {
 		t.Fatalf("bad head: %v %v", resp, err)
 	}
-	waitFor(t, "the 400's line", func() bool { return len(rec.entries()) == 3 })
+	waitFor(t, "the 400's line", func() bool { return len(rec.Entries()) == 3 })
 	c, err := net.Dial("tcp4", r.addr)
 	if err != nil {
 		t.Fatal(err)
@@ -57,7 +39,7 @@ func TestAccessLogPerConnection(t *testing.T) {
 	c.Close()
 	waitFor(t, "the empty connection", func() bool { return r.s.Stats().ClosedEarly == 1 })
 
-	es := rec.entries()
+	es := rec.Entries()
 	if len(es) != 3 {
 		t.Fatalf("%d lines, want 3: %+v", len(es), es)
 	}
@@ -91,16 +73,16 @@ func TestAccessLogLocal(t *testing.T) {
 		io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
 		c.Close()
 	}()
-	var rec accessRecorder
+	var rec accesslog.Recorder
 	cfg := defaults()
-	cfg.Access = rec.log
+	cfg.Access = rec.Log
 	cfg.Local = ln.Addr().(*net.TCPAddr).AddrPort()
 	r := newRig(t, cfg, backends.Route{Local: true})
 	if resp, body, err := request(t, r.addr, "GET / HTTP/1.1\r\n\r\n"); err != nil || body != "ok" {
 		t.Fatalf("local: %v %q %v", resp, body, err)
 	}
-	waitFor(t, "the local line", func() bool { return len(rec.entries()) == 1 })
-	if e := rec.entries()[0]; e.Served != accesslog.Local || e.BE != cfg.Local.String() || e.Target != "/" {
+	waitFor(t, "the local line", func() bool { return len(rec.Entries()) == 1 })
+	if e := rec.Entries()[0]; e.Served != accesslog.Local || e.BE != cfg.Local.String() || e.Target != "/" {
 		t.Errorf("local line %+v", e)
 	}
 }

@@ -356,13 +356,7 @@ func (s *Server) serve(ctx context.Context, c *net.TCPConn, client netip.AddrPor
 		}
 		s.Log.Info("handoff failed; FE keeps the connection", "op", "handoff", "client", client.String(),
 			"path", req.Path, "err", err)
-		switch {
-		case errors.Is(err, handoff.ErrNoBE):
-			s.Metrics.Handoffs.WithLabelValues("no-be").Inc()
-		case errors.Is(err, handoff.ErrTableFull):
-			s.Metrics.Handoffs.WithLabelValues("table-full").Inc()
-		default:
-			s.Metrics.Handoffs.WithLabelValues("error").Inc()
+		if !s.handoffFailed(err) {
 			local = false // the connection may not be usable: answer, do not relay
 		}
 	}
@@ -373,6 +367,23 @@ func (s *Server) serve(ctx context.Context, c *net.TCPConn, client netip.AddrPor
 	}
 	s.Metrics.Handoffs.WithLabelValues("503").Inc()
 	s.answer(c, 503, "no back end available for "+req.Path, e)
+}
+
+// handoffFailed counts a handoff that did not happen by its reason and
+// tells whether the connection is still the FE's to serve: no BE took it,
+// or the table was full, before anything changed; after any other error
+// the socket may be half moved.
+func (s *Server) handoffFailed(err error) (usable bool) {
+	switch {
+	case errors.Is(err, handoff.ErrNoBE):
+		s.Metrics.Handoffs.WithLabelValues("no-be").Inc()
+	case errors.Is(err, handoff.ErrTableFull):
+		s.Metrics.Handoffs.WithLabelValues("table-full").Inc()
+	default:
+		s.Metrics.Handoffs.WithLabelValues("error").Inc()
+		return false
+	}
+	return true
 }
 
 // refuse answers a connection whose head could not be read: 400, 408 or

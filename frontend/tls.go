@@ -2,7 +2,6 @@ package frontend
 
 import (
 	"context"
-	"errors"
 	"net"
 	"net/netip"
 	"strings"
@@ -10,7 +9,6 @@ import (
 
 	"tcpha/backends"
 	"tcpha/frontend/tlshello"
-	"tcpha/handoff"
 	"tcpha/handoff/repair"
 	"tcpha/relay"
 )
@@ -63,14 +61,7 @@ func (s *Server) serveTLS(ctx context.Context, c *net.TCPConn, client netip.Addr
 			return
 		}
 		log.Info("handoff failed; FE keeps the connection", "op", "handoff", "err", err)
-		switch {
-		case errors.Is(err, handoff.ErrNoBE):
-			s.Metrics.Handoffs.WithLabelValues("no-be").Inc()
-		case errors.Is(err, handoff.ErrTableFull):
-			s.Metrics.Handoffs.WithLabelValues("table-full").Inc()
-		default:
-			// The connection may not be usable: close it.
-			s.Metrics.Handoffs.WithLabelValues("error").Inc()
+		if !s.handoffFailed(err) {
 			c.Close()
 			return
 		}

@@ -5,30 +5,11 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"sync"
 	"testing"
 	"time"
 
 	"tcpha/internal/accesslog"
 )
-
-// accessRecorder collects a relay's access log entries.
-type accessRecorder struct {
-	mu sync.Mutex
-	es []accesslog.Entry
-}
-
-func (a *accessRecorder) log(e accesslog.Entry) {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	a.es = append(a.es, e)
-}
-
-func (a *accessRecorder) entries() []accesslog.Entry {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	return append([]accesslog.Entry(nil), a.es...)
-}
 
 // countingConn counts the bytes the client reads.
 type countingConn struct {
@@ -47,8 +28,8 @@ func (c *countingConn) Read(b []byte) (int, error) {
 func TestAccessLogKeepAlive(t *testing.T) {
 	w := newWebServer(t)
 	r := newRelay(t, w.addr)
-	var rec accessRecorder
-	r.cfg.Access = rec.log
+	var rec accesslog.Recorder
+	r.cfg.Access = rec.Log
 	c := connect(t, r)
 	cc := &countingConn{Conn: c}
 	br := bufio.NewReader(cc)
@@ -61,7 +42,7 @@ func TestAccessLogKeepAlive(t *testing.T) {
 	}
 	c.Close()
 	r.Wait()
-	es := rec.entries()
+	es := rec.Entries()
 	if len(es) != 3 {
 		t.Fatalf("%d entries, want 3: %+v", len(es), es)
 	}
@@ -89,8 +70,8 @@ func TestAccessLogServedBy(t *testing.T) {
 	ln.Close()
 	t.Cleanup(dead.Close)
 	r := newRelay(t, local.addr)
-	var rec accessRecorder
-	r.cfg.Access = rec.log
+	var rec accesslog.Recorder
+	r.cfg.Access = rec.Log
 	m := &fakeMover{outcome: Gone, r: r}
 	r.cfg.Route = func(_, path string) Rules {
 		switch path {
@@ -124,7 +105,7 @@ func TestAccessLogServedBy(t *testing.T) {
 	}
 	c2.Close()
 	r.Wait()
-	es := rec.entries()
+	es := rec.Entries()
 	want := []struct {
 		target string
 		status int

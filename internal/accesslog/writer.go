@@ -149,3 +149,24 @@ func (w *Writer) Close() error {
 	}
 	return err
 }
+
+// Recorder keeps entries in memory, in order: a sink for tests of the
+// code that logs. It is safe for concurrent use.
+type Recorder struct {
+	mu sync.Mutex
+	es []Entry
+}
+
+// Log appends e.
+func (r *Recorder) Log(e Entry) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.es = append(r.es, e)
+}
+
+// Entries returns a copy of the entries logged so far.
+func (r *Recorder) Entries() []Entry {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return append([]Entry(nil), r.es...)
+}
