@@ -128,6 +128,9 @@ func (r *runner) reloadNow(notify func(string)) error {
 		}
 	}
 	next, err := config.Load(r.cfg.File)
+	if r.m != nil {
+		r.m.ObserveReload(err == nil, time.Now())
+	}
 	if err != nil {
 		r.log.Error("reload refused: the running config stays", "op", "reload", "err", err)
 		return fmt.Errorf("reload refused, the running config stays: %w", err)

@@ -35,7 +35,8 @@ var (
 	descFwdBytes = prometheus.NewDesc("tcpha_forwarded_bytes_total",
 		"FE: bytes of client packets forwarded to BEs in the kernel.", nil, nil)
 	descQueued = prometheus.NewDesc("tcpha_nfqueue_packets_total",
-		"FE: packets the kernel queued to the agent, by what they were.", []string{"kind", "value"}, nil)
+		"FE: packets the kernel queued to the agent, each once: by the event it carried (none if it reached no connection) and the reason for its verdict.",
+		[]string{"event", "reason"}, nil)
 	descQueueDrops = prometheus.NewDesc("tcpha_nfqueue_dropped_total",
 		"FE: packets the queue dropped: queue full (queue) or not delivered to the agent (user).", []string{"reason"}, nil)
 )
@@ -70,9 +71,12 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(descFwdPackets, prometheus.CounterValue, float64(pk))
 		ch <- prometheus.MustNewConstMetric(descFwdBytes, prometheus.CounterValue, float64(by))
 	}
-	for _, q := range f.obs.Counts() {
-		kind, value, _ := strings.Cut(q.Label, "=")
-		ch <- prometheus.MustNewConstMetric(descQueued, prometheus.CounterValue, float64(q.N), kind, value)
+	for _, q := range f.obs.Packets() {
+		event := q.Event
+		if event == "" {
+			event = "none"
+		}
+		ch <- prometheus.MustNewConstMetric(descQueued, prometheus.CounterValue, float64(q.N), event, string(q.Reason))
 	}
 	if queue, user, err := queueDrops("/proc/net/netfilter/nfnetlink_queue", f.cfg.QueueNum); err == nil {
 		ch <- prometheus.MustNewConstMetric(descQueueDrops, prometheus.CounterValue, float64(queue), "queue")
