@@ -118,6 +118,9 @@ type FE struct {
 	held heldAsks
 	// reinstalls are the table's reinstalls by its guard (guard.go).
 	reinstalls nft.Reinstalls
+	// released is set once Release closes the sessions: the BEs they
+	// leave are not failures.
+	released atomic.Bool
 }
 
 // listenRegister opens the port BEs register on: [fe] raddr:feport, never
@@ -465,9 +468,14 @@ func (f *FE) changed(be netip.Addr, apply func(netip.Addr, bool) (backends.Chang
 		return
 	}
 	f.kickCluster()
-	if c.Available {
+	switch {
+	case c.Available:
 		f.log.Info("BE available", "op", "detect", "be", be.String())
-	} else {
+	case f.released.Load():
+		// Release closed the sessions (a stop, an upgrade): nothing is
+		// wrong with the BE, and a normal stop must not warn (issue 18).
+		f.log.Debug("BE not available: the FE let go of its sessions", "op", "stop", "be", be.String(), "err", why)
+	default:
 		f.log.Warn("BE not available", "op", "detect", "be", be.String(), "err", why)
 	}
 }
@@ -724,6 +732,7 @@ func (f *FE) Keep() {
 // Release closes what only one agent may hold: the listeners, the
 // sessions, the queue.
 func (f *FE) Release() {
+	f.released.Store(true)
 	if f.ln != nil {
 		f.ln.Close()
 	}

@@ -426,3 +426,21 @@ func TestDrainEnableLogged(t *testing.T) {
 		}
 	}
 }
+
+// A BE whose sessions the FE closed itself (Release: a stop or an
+// upgrade) is not a failure: no warning, while a lost session is one.
+func TestReleaseLogsNoWarning(t *testing.T) {
+	f, _, _ := testFE(t, 0)
+	var buf strings.Builder
+	f.log = slog.New(slog.NewTextHandler(&buf, nil))
+	f.changed(be1, f.sched.Session, false, errors.New("control session closed"))
+	if !strings.Contains(buf.String(), "level=WARN") {
+		t.Errorf("a lost session logged no warning: %q", buf.String())
+	}
+	buf.Reset()
+	f.Release()
+	f.changed(be2, f.sched.Session, false, errors.New("control session closed"))
+	if strings.Contains(buf.String(), "level=WARN") {
+		t.Errorf("after Release: %q", buf.String())
+	}
+}
