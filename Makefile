@@ -51,8 +51,12 @@ bench: deps build
 MANDIR  ?= $(PREFIX)/share/man
 SYSTEMD ?= /etc/systemd/system
 
-# The unit's paths follow PREFIX; the config holds the cluster secret, so
-# only root and the tcpha group read it, and an existing one is kept.
+# Binaries and man pages go under PREFIX; the unit goes to SYSTEMD
+# (/etc/systemd/system, where systemd looks whatever PREFIX is) with its
+# paths rewritten to PREFIX. The config holds the cluster secret: it is
+# installed 0640 and, installed by root, root:root, so only root reads it
+# (no group is created; chgrp gives it to a group of your own). An existing
+# config is kept.
 install: build
 	install -D -m 0755 $(BIN)/tcpha-agent $(DESTDIR)$(PREFIX)/sbin/tcpha-agent
 	install -D -m 0755 $(BIN)/tcphactl $(DESTDIR)$(PREFIX)/bin/tcphactl
