@@ -19,7 +19,8 @@ type Metrics struct {
 
 	// Handoffs counts the FE's handoffs by result: ok, no-be (every
 	// candidate refused or was unreachable), table-full (the flow table was
-	// at its capacity), error (the connection was not usable), local, 503.
+	// at its capacity), error (the connection was not usable), local, 503,
+	// and 400, 408, 431 (a request head the FE could not read).
 	Handoffs *prometheus.CounterVec
 	// HandoffDuration is the FE's time from the start of a handoff (block)
 	// to the commit sent, for handoffs that succeeded.
