@@ -24,10 +24,12 @@ const tlsURL = "https://" + cluster.VIP
 // tlsCluster is a cluster with TLS on the VIP's port 443 and on every BE's
 // nginx (a self-signed certificate for a.example and b.example), routing
 // a.example to be1 and b.example to be2 by SNI, anything else to be1.
+// b.example's rule comes first: a connection without SNI must skip it for
+// the first rule without host= (be1), not take the first rule.
 func tlsCluster(t *testing.T, proxyProtocol bool) *cluster.Cluster {
 	t.Helper()
 	opts := cluster.Options{BEs: 2, TLS: true, ProxyProtocol: proxyProtocol,
-		Rules:   []string{`rule = be1 host=a\.example`, `rule = be2 host=b\.example`, `rule = be1 .*`},
+		Rules:   []string{`rule = be2 host=b\.example`, `rule = be1 host=a\.example`, `rule = be1 .*`},
 		FEExtra: "tlsport = 443\n"}
 	if proxyProtocol {
 		opts.BEExtra = "proxyprotocol = on\n"
@@ -47,6 +49,13 @@ func curlTLS(t *testing.T, c *cluster.Cluster, name, path string) string {
 // going to the client from the BE.
 func TestTLS(t *testing.T) {
 	c := tlsCluster(t, false)
+
+	t.Run("tcphactl status names the TLS port", func(t *testing.T) {
+		out, err := c.Admin("fe", "status")
+		if want := "fe vip=" + cluster.VIP + ":80 tls=" + cluster.VIP + ":443 "; err != nil || !strings.HasPrefix(out, want) {
+			t.Errorf("status: %v\n%s\nwant it to start %q", err, out, want)
+		}
+	})
 
 	t.Run("routed by SNI", func(t *testing.T) {
 		for name, want := range map[string]string{"a.example": "200 be1", "b.example": "200 be2", "c.example": "200 be1"} {
