@@ -71,6 +71,7 @@ type Relay struct {
 	handing  atomic.Bool
 	mu       sync.Mutex
 	sessions map[*session]struct{}
+	pipes    map[*tlsPipe]struct{} // TLS connections (tls.go)
 	handed   chan Handed
 }
 
