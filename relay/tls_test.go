@@ -3,11 +3,15 @@ package relay
 import (
 	"bytes"
 	"crypto/rand"
+	"errors"
 	"io"
 	"net"
+	"net/netip"
+	"syscall"
 	"testing"
 	"time"
 
+	"tcpha/handoff/conntab"
 	"tcpha/internal/testnet"
 )
 
@@ -138,5 +142,33 @@ func TestTLSPipeDeadlineWithoutHandover(t *testing.T) {
 	}
 	if len(a.handed) != 0 {
 		t.Error("a TLS connection was handed without a handover")
+	}
+}
+
+// A TLS connection is listed by Conns (tcphactl conns on a BE) and reset
+// by Reset, which an FE whose drain ran out asks for so that neither end
+// hangs once it stops forwarding. Before, both looked at HTTP sessions
+// only: a TLS client was not listed, and "no such connection" was the
+// answer to its reset.
+func TestTLSPipeConnsAndReset(t *testing.T) {
+	w := newWebServer(t)
+	r := newRelay(t, w.addr)
+	client, server := tlsPipeRig(t, r)
+	addr := netip.MustParseAddrPort(client.LocalAddr().String())
+	if conns := r.Conns(); len(conns) != 1 || conns[0].Client != addr || !conns[0].Busy || conns[0].State != conntab.Established {
+		t.Fatalf("Conns: %+v, want the TLS connection of %v", conns, addr)
+	}
+	if !r.Reset(addr) {
+		t.Fatal("Reset did not find the TLS connection")
+	}
+	if _, err := client.Read(make([]byte, 1)); !errors.Is(err, syscall.ECONNRESET) {
+		t.Errorf("the client read %v, want a reset", err)
+	}
+	if _, err := server.Read(make([]byte, 1)); err == nil {
+		t.Error("the web server's connection is still open")
+	}
+	r.Wait()
+	if conns := r.Conns(); len(conns) != 0 {
+		t.Errorf("Conns after the reset: %+v", conns)
 	}
 }
