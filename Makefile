@@ -7,7 +7,7 @@ export PATH := $(PATH):/usr/sbin:/sbin
 # toolchain through the module proxy; Debian's go.env says "local".
 export GOTOOLCHAIN ?= auto
 
-.PHONY: all build demo test unit bench fuzz check deps install uninstall clean
+.PHONY: all build demo test unit bench bench-https fuzz check deps install uninstall clean
 
 all: build
 
@@ -47,6 +47,12 @@ check:
 bench: deps build
 	$(GO) test -run '^$$' -bench . -benchmem ./handoff/... ./phttp/... ./frontend/... ./backends/...
 	$(BIN)/tcpha-bench -agent $(BIN)/tcpha-agent -out docs/benchmarks.md -chart docs/benchmarks.png
+
+# The HTTPS workloads (j), (k), (l) alone (about three minutes): rewrites
+# the HTTPS part of docs/benchmarks.md and keeps the rest. NOTE="..." is
+# said next to the figures (e.g. how busy the machine was).
+bench-https: deps build
+	$(BIN)/tcpha-bench -agent $(BIN)/tcpha-agent -only j,k,l -out docs/benchmarks.md -note "$(NOTE)"
 
 MANDIR  ?= $(PREFIX)/share/man
 SYSTEMD ?= /etc/systemd/system

@@ -755,8 +755,10 @@ func (f *FE) Release() {
 // addresses without their ports (a port is a number of its own), lists
 // never null.
 type Status struct {
-	VIP         string         `json:"vip"`
-	Port        uint16         `json:"port"`
+	VIP  string `json:"vip"`
+	Port uint16 `json:"port"`
+	// TLSPort is the VIP's TLS port ([fe] tlsport), 0 when off.
+	TLSPort     uint16         `json:"tls_port"`
 	Queue       uint16         `json:"queue"`
 	QueueVia    string         `json:"queue_via"`
 	Counters    counters       `json:"counters"`
@@ -807,7 +809,7 @@ func (f *FE) Status() Status {
 		avg = s.HandoffLatencySum / time.Duration(s.HandoffLatencyCount)
 	}
 	st := Status{
-		VIP: f.cfg.VAddr.String(), Port: f.cfg.Port, Queue: f.cfg.QueueNum, QueueVia: f.qmode.String(),
+		VIP: f.cfg.VAddr.String(), Port: f.cfg.Port, TLSPort: f.cfg.TLSPort, Queue: f.cfg.QueueNum, QueueVia: f.qmode.String(),
 		Counters: counters{Accepted: s.Accepted, HandedOff: s.HandedOff, Local: s.Local, Answered503: s.Answered503,
 			BadRequests: s.BadRequests, TooLarge: s.TooLarge, Timeouts: s.Timeouts, ClosedEarly: s.ClosedEarly,
 			RefusedBusy: s.RefusedBusy},
@@ -842,7 +844,12 @@ func (f *FE) Status() Status {
 // Write writes st as `tcphactl status` shows it.
 func (st Status) Write(w io.Writer, pid int) {
 	c := st.Counters
-	fmt.Fprintf(w, "fe vip=%s pid=%d queue=%d via %s\n", netip.AddrPortFrom(netip.MustParseAddr(st.VIP), st.Port), pid, st.Queue, st.QueueVia)
+	vip := netip.MustParseAddr(st.VIP)
+	tls := ""
+	if st.TLSPort != 0 {
+		tls = " tls=" + netip.AddrPortFrom(vip, st.TLSPort).String()
+	}
+	fmt.Fprintf(w, "fe vip=%s%s pid=%d queue=%d via %s\n", netip.AddrPortFrom(vip, st.Port), tls, pid, st.Queue, st.QueueVia)
 	fmt.Fprintf(w, "  accepted=%d handed_off=%d local=%d answered_503=%d bad_request=%d too_large=%d timeout=%d closed_early=%d refused_busy=%d avg_handoff=%s\n",
 		c.Accepted, c.HandedOff, c.Local, c.Answered503, c.BadRequests, c.TooLarge, c.Timeouts, c.ClosedEarly, c.RefusedBusy, st.avg)
 	fmt.Fprintf(w, "  connections: handoffing=%d handoffed=%d time_wait=%d moved=%d not_moved=%d\n",

@@ -444,3 +444,20 @@ func TestReleaseLogsNoWarning(t *testing.T) {
 		t.Errorf("after Release: %q", buf.String())
 	}
 }
+
+// tcphactl status names the VIP's TLS port when [fe] tlsport is on (it
+// did not: an operator could not tell the FE took HTTPS); TestTLS reads it
+// from a running FE.
+func TestStatusTLSPort(t *testing.T) {
+	for _, tc := range []struct {
+		port uint16
+		want string
+	}{{0, "fe vip=" + vip.String() + " pid=7 "}, {443, "fe vip=" + vip.String() + " tls=" + vip.Addr().String() + ":443 pid=7 "}} {
+		st := Status{VIP: vip.Addr().String(), Port: vip.Port(), TLSPort: tc.port}
+		var b strings.Builder
+		st.Write(&b, 7)
+		if !strings.HasPrefix(b.String(), tc.want) {
+			t.Errorf("tlsport %d: %q, want it to start %q", tc.port, b.String(), tc.want)
+		}
+	}
+}

@@ -71,6 +71,7 @@ type Relay struct {
 	handing  atomic.Bool
 	mu       sync.Mutex
 	sessions map[*session]struct{}
+	pipes    map[*tlsPipe]struct{} // TLS connections (tls.go)
 	handed   chan Handed
 }
 
@@ -140,6 +141,15 @@ func (r *Relay) Conns() []Conn {
 		}
 		out = append(out, c)
 	}
+	for p := range r.pipes {
+		// A TLS connection: no request boundary is visible, so it is busy
+		// and its requests are not counted.
+		c := Conn{Since: p.since, Busy: true, State: conntab.Established}
+		if a, ok := p.client.RemoteAddr().(*net.TCPAddr); ok {
+			c.Client = a.AddrPort()
+		}
+		out = append(out, c)
+	}
 	r.mu.Unlock()
 	slices.SortFunc(out, func(a, b Conn) int { return a.Since.Compare(b.Since) })
 	return out
@@ -156,7 +166,21 @@ func (r *Relay) Reset(client netip.AddrPort) bool {
 			break
 		}
 	}
+	var pipe *tlsPipe
+	for p := range r.pipes {
+		if a, ok := p.client.RemoteAddr().(*net.TCPAddr); ok && a.AddrPort() == client {
+			pipe = p
+			break
+		}
+	}
 	r.mu.Unlock()
+	if pipe != nil {
+		// A TLS connection: the same RST, and its pipe ends on the error.
+		pipe.client.SetLinger(0)
+		pipe.client.Close()
+		pipe.up.Close()
+		return true
+	}
 	if found == nil {
 		return false
 	}

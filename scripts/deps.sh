@@ -12,6 +12,9 @@ for pair in nft:nftables keepalived:keepalived openssl:openssl systemd-analyze:s
 	cmd=${pair%%:*} pkg=${pair#*:}
 	command -v "$cmd" >/dev/null 2>&1 || PATH=$PATH:/usr/sbin:/sbin command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
 done
+# nginx's stream module (ssl_preread) is the HTTPS bench's nginx
+# passthrough; Debian builds it as a module of its own.
+[[ -e /usr/lib/nginx/modules/ngx_stream_module.so ]] || need+=(libnginx-mod-stream)
 # Go: any Go from 1.21 on builds tcpha, fetching go.mod's toolchain through
 # the module proxy (GOTOOLCHAIN=auto, which the Makefile sets). Debian 12's
 # own Go is 1.19; bookworm-backports has golang-1.23.

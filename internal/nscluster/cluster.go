@@ -65,7 +65,8 @@ type Options struct {
 	Secret   string
 	LocalWWW bool // run nginx on the FE as its local node (redirectport 8080)
 	// PublicWWW makes each BE's nginx also listen on the BE's own address,
-	// port 80, for proxies and direct clients (the bench).
+	// port 80 (and 443 with TLS), for proxies and direct clients (the
+	// bench).
 	PublicWWW bool
 	// Metrics serves each agent's /metrics on 127.0.0.1:9180 and its
 	// profiles on 127.0.0.1:6060, inside its namespace.
@@ -272,9 +273,12 @@ func (c *Cluster) Output(ctx context.Context, host string, args ...string) (stri
 // Options.TLS is set, for clients that verify.
 func (c *Cluster) TLSCert() string { return filepath.Join(c.Dir, "tls.crt") }
 
+// TLSKey is the private key of TLSCert, for servers that present it.
+func (c *Cluster) TLSKey() string { return filepath.Join(c.Dir, "tls.key") }
+
 // makeCert makes the certificate every BE's TLS server presents.
 func (c *Cluster) makeCert() error {
-	key := filepath.Join(c.Dir, "tls.key")
+	key := c.TLSKey()
 	if err := run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
 		"-subj", "/CN=a.example", "-addext", "subjectAltName=DNS:a.example,DNS:b.example",
 		"-keyout", key, "-out", c.TLSCert()); err != nil {
@@ -293,6 +297,14 @@ func (c *Cluster) tlsServer(host, www string) string {
 		listen = "listen 127.0.0.1:443 ssl http2 proxy_protocol;"
 		realIP = "\t\treal_ip_header proxy_protocol;\n"
 	}
+	if c.opts.PublicWWW && !c.opts.ProxyProtocol {
+		// The bench's TLS passthrough proxies and its direct client.
+		for _, b := range c.BEs {
+			if b.Name == host {
+				listen += "\n\t\tlisten " + b.IP + ":443 ssl http2;"
+			}
+		}
+	}
 	return fmt.Sprintf(`	server {
 		%s
 %s		ssl_certificate %s;
@@ -300,7 +312,7 @@ func (c *Cluster) tlsServer(host, www string) string {
 		root %s;
 		add_header X-Served-By %s always;
 	}
-`, listen, realIP, c.TLSCert(), filepath.Join(c.Dir, "tls.key"), www, host)
+`, listen, realIP, c.TLSCert(), c.TLSKey(), www, host)
 }
 
 // WWW is the document root of host's nginx.
