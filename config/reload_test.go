@@ -5,6 +5,8 @@ import (
 	"slices"
 	"testing"
 	"time"
+
+	"tcpha/backends"
 )
 
 // A reload applies the FE's scheduling and timings, a BE's FEs and the log
@@ -28,6 +30,8 @@ func TestUnreloadable(t *testing.T) {
 	next.Global.LogLevel = 6
 	next.FE.DtcInterval, next.FE.PHTTP, next.FE.Rise = 0, "multi", 3
 	next.BE.FEAddrs = nil
+	// The web server check applies to the next probe.
+	next.FE.Check, next.BE.Check.Expect = backends.DefaultCheck, backends.Expect{{Lo: 200, Hi: 200}}
 	if got := Unreloadable(old, next); len(got) != 0 {
 		t.Errorf("reloadable changes: %v", got)
 	}

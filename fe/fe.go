@@ -58,7 +58,7 @@ type Forwarding interface {
 // (handoff.Client).
 type Peers interface {
 	handoff.Peer
-	Probe(ctx context.Context, be netip.AddrPort) (wire.Health, error)
+	Probe(ctx context.Context, be netip.AddrPort, check []byte) (wire.Health, error)
 	Reset(ctx context.Context, be, client netip.AddrPort) error
 	Held(ctx context.Context, be netip.AddrPort) (map[netip.AddrPort]bool, error)
 }
@@ -74,8 +74,11 @@ type FE struct {
 	flows Forwarding
 	table *conntab.Table
 	sched *backends.Scheduler
-	// dtc is the detection interval, changed at run time by tcphactl.
+	// dtc is the detection interval, changed at run time by tcphactl;
+	// check the web server check the probes ask the BEs for ([fe] check,
+	// as text), which a reload may change.
 	dtc    atomic.Int64
+	check  atomic.Pointer[[]byte]
 	pool   *ctl.Pool
 	client Peers
 	sender *handoff.Sender
@@ -195,6 +198,7 @@ func newFE(cfg *config.FE, m *metrics.Metrics, log *slog.Logger) *FE {
 		clusterKick: make(chan struct{}, 1), moves: make(chan struct{}, maxMoves)}
 	f.phttp.Store(uint32(phttpMode(cfg.PHTTP)))
 	f.dtc.Store(int64(cfg.DtcInterval))
+	f.setCheck(cfg.Check)
 	f.sched = backends.NewScheduler(cfg.Table(), backends.Options{Rise: cfg.Rise, Fall: cfg.Fall, Live: f.table.Live})
 	return f
 }
@@ -672,15 +676,16 @@ func (f *FE) detectLoop(ctx context.Context) {
 }
 
 // judge is a probe's verdict: a BE is good when it answered, is not
-// stopping, and its web server answers its agent.
-func judge(h wire.Health, err error) error {
+// stopping, and its web server passes the check (the BE's log says what
+// it answered).
+func judge(h wire.Health, err error, check []byte) error {
 	switch {
 	case err != nil:
 		return err
 	case h.Draining:
 		return errors.New("it is stopping")
 	case !h.ServerUp:
-		return errors.New("its web server does not answer")
+		return fmt.Errorf("its web server fails the check %s", check)
 	}
 	return nil
 }
@@ -688,12 +693,13 @@ func judge(h wire.Health, err error) error {
 // probe probes one BE and records the result.
 func (f *FE) probe(ctx context.Context, be netip.AddrPort, timeout time.Duration) {
 	pctx, cancel := context.WithTimeout(ctx, timeout)
-	h, err := f.client.Probe(pctx, be)
+	check := *f.check.Load()
+	h, err := f.client.Probe(pctx, be, check)
 	cancel()
 	if ctx.Err() != nil {
 		return
 	}
-	err = judge(h, err)
+	err = judge(h, err, check)
 	result := "ok"
 	if err != nil {
 		result = "failed"
@@ -706,6 +712,16 @@ func (f *FE) probe(ctx context.Context, be netip.AddrPort, timeout time.Duration
 	f.changed(be.Addr(), func(a netip.Addr, ok bool) (backends.Change, error) {
 		return f.sched.Probe(a, ok, int(h.Active), why, time.Now())
 	}, err == nil, err)
+}
+
+// setCheck sets the check the probes ask for; a config not made by
+// config.Parse (tests) may have none: the default then.
+func (f *FE) setCheck(c backends.Check) {
+	if c.Method == "" {
+		c = backends.DefaultCheck
+	}
+	b, _ := c.MarshalText()
+	f.check.Store(&b)
 }
 
 // Stop undoes what Start did; Keep instead leaves the table and the VIP
@@ -864,6 +880,7 @@ func (f *FE) Reload(next *config.FE) {
 		f.pool.Remove(be)
 	}
 	f.dtc.Store(int64(next.DtcInterval))
+	f.setCheck(next.Check)
 	f.sender.SetTimeout(next.HandoffTimeout)
 	f.phttp.Store(uint32(phttpMode(next.PHTTP)))
 	f.kickCluster()

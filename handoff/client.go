@@ -137,13 +137,15 @@ func (c *Client) Reset(ctx context.Context, be, client netip.AddrPort) error {
 	return nil
 }
 
-// Probe asks be for its health on one of its sessions (seed 4.9).
-func (c *Client) Probe(ctx context.Context, be netip.AddrPort) (wire.Health, error) {
+// Probe asks be for its health on one of its sessions (seed 4.9); check
+// is the web server check the BE is to judge (backends.Check's text),
+// which a BE of an older version ignores.
+func (c *Client) Probe(ctx context.Context, be netip.AddrPort, check []byte) (wire.Health, error) {
 	s, err := c.Pool.Get(be, nil)
 	if err != nil {
 		return wire.Health{}, fmt.Errorf("probe %v: %w", be, err)
 	}
-	r, err := s.Call(ctx, wire.Frame{Type: wire.TypeProbe})
+	r, err := s.Call(ctx, wire.Frame{Type: wire.TypeProbe, Payload: check})
 	if err != nil {
 		return wire.Health{}, fmt.Errorf("probe %v: %w", be, err)
 	}
