@@ -167,8 +167,14 @@ func Start(ctx context.Context, cfg *config.BE, secret []byte, m *metrics.Metric
 			Secret: secret,
 			Local:  wire.Hello{Role: wire.RoleBE, Addr: ctlAddr, VIP: netip.AddrPortFrom(cfg.VAddr, 0)},
 			Handler: ctl.HandlerFunc(func(s *ctl.Session, f wire.Frame) {
-				if f.Type == wire.TypeCluster {
+				switch f.Type {
+				case wire.TypeCluster:
 					b.serveCluster(s, f)
+					return
+				case wire.TypeStats:
+					// Atomic loads only: answered on the session's reader.
+					p, _ := b.relayStats().MarshalBinary()
+					s.Reply(f, wire.Frame{Type: wire.TypeStatsReply, Payload: p})
 					return
 				}
 				b.recv.Serve(s, f)
@@ -197,6 +203,7 @@ func Start(ctx context.Context, cfg *config.BE, secret []byte, m *metrics.Metric
 		}
 		b.registering, b.stopRegistering = context.WithCancel(context.Background())
 	}
+	m.Registry.MustRegister(collector{b})
 	ok = true
 	b.log.Info("back end ready", "op", "start", "vip", cfg.VAddr.String(), "handoff_port", cfg.Port,
 		"upstream", up.String(), "uaddr", cfg.UAddr.String(), "fe", fmt.Sprint(cfg.FEAddrs), "authenticated", len(secret) > 0)

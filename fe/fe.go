@@ -61,6 +61,7 @@ type Peers interface {
 	Probe(ctx context.Context, be netip.AddrPort, check []byte) (wire.Health, error)
 	Reset(ctx context.Context, be, client netip.AddrPort) error
 	Held(ctx context.Context, be netip.AddrPort) (map[netip.AddrPort]bool, error)
+	Stats(ctx context.Context, be netip.AddrPort) (wire.RelayStats, error)
 }
 
 // FE is the front end: it owns the VIP, reads each connection's first
@@ -121,6 +122,10 @@ type FE struct {
 	held heldAsks
 	// reinstalls are the table's reinstalls by its guard (guard.go).
 	reinstalls nft.Reinstalls
+	// rates are each BE's rates and peaks, sampled by statsLoop with the
+	// BEs' relay counters (incident.go).
+	rates      backends.Rates
+	relayStats relayCounters
 }
 
 // listenRegister opens the port BEs register on: [fe] raddr:feport, never
@@ -199,6 +204,7 @@ func newFE(cfg *config.FE, m *metrics.Metrics, log *slog.Logger) *FE {
 	f.phttp.Store(uint32(phttpMode(cfg.PHTTP)))
 	f.dtc.Store(int64(cfg.DtcInterval))
 	f.setCheck(cfg.Check)
+	f.relayStats = relayCounters{last: map[netip.Addr]wire.RelayStats{}, silent: map[netip.Addr]time.Time{}}
 	f.sched = backends.NewScheduler(cfg.Table(), backends.Options{Rise: cfg.Rise, Fall: cfg.Fall, Live: f.table.Live})
 	return f
 }
@@ -331,7 +337,7 @@ func Start(ctx context.Context, cfg *config.FE, secret []byte, m *metrics.Metric
 		},
 		Route: f.sched.Route, Sender: f.sender, Metrics: m, Log: f.log,
 	}
-	m.Registry.MustRegister(collector{f})
+	m.Registry.MustRegister(collector{f}, m.HandoffDuration)
 	ok = true
 	f.log.Info("front end ready", "op", "start", "vip", vip.String(), "vip_owner", string(cfg.VIP), "interface", link.Attrs().Name,
 		"servers", len(cfg.Servers), "rules", len(cfg.Rules))
@@ -515,6 +521,7 @@ func (f *FE) startLoops(serve, loops context.Context) {
 	})
 	f.loops.Go(func() { f.clusterLoop(serve) })
 	f.loops.Go(func() { f.heldLoop(loops) })
+	f.loops.Go(func() { f.statsLoop(serve) })
 	// Always: detection may be turned on later (tcphactl dtcinterval, a
 	// reload) after a start with dtcinterval = 0.
 	f.loops.Go(func() { f.detectLoop(serve) })

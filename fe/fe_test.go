@@ -95,6 +95,9 @@ type fakePeers struct {
 	probes atomic.Int64
 	health wire.Health
 	check  atomic.Pointer[string] // the last probe's check
+	mu     sync.Mutex
+	resets []reset
+	stats  wire.RelayStats
 }
 
 func (p *fakePeers) Offer(context.Context, netip.AddrPort, *wire.ConnInfo) (handoff.Offer, error) {
@@ -106,7 +109,17 @@ func (p *fakePeers) Probe(_ context.Context, _ netip.AddrPort, check []byte) (wi
 	p.check.Store(&s)
 	return p.health, nil
 }
-func (p *fakePeers) Reset(context.Context, netip.AddrPort, netip.AddrPort) error { return nil }
+func (p *fakePeers) Reset(_ context.Context, be, client netip.AddrPort) error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.resets = append(p.resets, reset{be, client})
+	return nil
+}
+func (p *fakePeers) Stats(context.Context, netip.AddrPort) (wire.RelayStats, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.stats, nil
+}
 func (p *fakePeers) Held(context.Context, netip.AddrPort) (map[netip.AddrPort]bool, error) {
 	return map[netip.AddrPort]bool{}, nil
 }

@@ -159,6 +159,34 @@ func (c *Client) Probe(ctx context.Context, be netip.AddrPort, check []byte) (wi
 	return h, nil
 }
 
+// ErrNoStats is the answer of a BE too old to report its relay's
+// counters.
+var ErrNoStats = errors.New("the BE does not report its relay's counters")
+
+// Stats asks be for its relay's counters on one of its sessions.
+func (c *Client) Stats(ctx context.Context, be netip.AddrPort) (wire.RelayStats, error) {
+	var st wire.RelayStats
+	s, err := c.Pool.Get(be, nil)
+	if err != nil {
+		return st, fmt.Errorf("stats of %v: %w", be, err)
+	}
+	r, err := s.Call(ctx, wire.Frame{Type: wire.TypeStats})
+	if err != nil {
+		return st, fmt.Errorf("stats of %v: %w", be, err)
+	}
+	switch r.Type {
+	case wire.TypeStatsReply:
+	case wire.TypeAck:
+		return st, fmt.Errorf("stats of %v: %w", be, ErrNoStats)
+	default:
+		return st, fmt.Errorf("stats of %v: got %s, want stats-reply", be, r.Type)
+	}
+	if err := st.UnmarshalBinary(r.Payload); err != nil {
+		return st, fmt.Errorf("stats of %v: %w", be, err)
+	}
+	return st, nil
+}
+
 // IsRefusal tells a BE's negative answer from a failure to reach it.
 func IsRefusal(err error) bool {
 	var r *RefusedError

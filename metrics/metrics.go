@@ -72,7 +72,9 @@ func New() *Metrics {
 			Name: "tcpha_table_reinstalls_total", Help: "Times the agent found its nftables table gone or changed and reinstalled it, by family.",
 		}, []string{"family"}),
 	}
-	r.MustRegister(m.Handoffs, m.HandoffDuration, m.Offers, m.Probes, m.Migrations, m.TLSRefused, m.TableReinstalls,
+	// HandoffDuration is registered by the FE role (fe.Start): a BE
+	// exported it empty.
+	r.MustRegister(m.Handoffs, m.Offers, m.Probes, m.Migrations, m.TLSRefused, m.TableReinstalls,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
