@@ -10,7 +10,10 @@ import (
 // handed to it (the FE's count), and requests and bytes from and to
 // clients (its relay's, over every FE).
 type Counts struct {
-	Conns, Requests, BytesIn, BytesOut int64
+	Conns    int64 `json:"connections"`
+	Requests int64 `json:"requests"`
+	BytesIn  int64 `json:"bytes_in"`
+	BytesOut int64 `json:"bytes_out"`
 }
 
 func (c Counts) below(o Counts) bool {

@@ -48,12 +48,13 @@ func (f *FE) statsLoop(ctx context.Context) {
 	t := time.NewTicker(statsEvery)
 	defer t.Stop()
 	for {
+		// The first sample at once: the first second's traffic is a rate.
+		f.sampleStats(ctx, time.Now())
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C:
 		}
-		f.sampleStats(ctx, time.Now())
 	}
 }
 
