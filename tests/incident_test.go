@@ -74,7 +74,7 @@ func TestIncidentRates(t *testing.T) {
 	}
 	fe, b1 := get("fe"), get("be1")
 	for name, least := range map[string]float64{
-		`tcpha_backend_requests_total{backend="` + be1 + `"}`:               11,
+		`tcpha_backend_requests_total{backend="` + be1 + `"}`:              11,
 		`tcpha_backend_bytes_total{backend="` + be1 + `",direction="out"}`: 1 << 20,
 		`tcpha_backend_bytes_total{backend="` + be1 + `",direction="in"}`:  11 * 30,
 	} {
