@@ -3,7 +3,9 @@ package tests
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -252,5 +254,14 @@ func TestKill(t *testing.T) {
 	}
 	if got := servedBy(t, c, "/index.html"); got != "200 be1" {
 		t.Errorf("a new connection after kill: %q", got)
+	}
+	// Refusals exit 1 and say why.
+	for _, args := range [][]string{{"kill", "10.77.0.99"}, {"kill", "nope"}, {"maint", "10.77.0.99"}, {"conns", "be=nope"},
+		{"conns", "port=80"}, {"clear"}, {"ready"}} {
+		out, err := ctlRun(c, "fe", args...)
+		var exit *exec.ExitError
+		if !errors.As(err, &exit) || exit.ExitCode() != 1 || !strings.Contains(out, "tcphactl: ") {
+			t.Errorf("tcphactl %q: %v %q, want exit 1 and the reason", args, err, out)
+		}
 	}
 }
