@@ -836,9 +836,18 @@ func (f *FE) Status() Status {
 	for _, c := range f.obs.Counts() {
 		st.QueuedBy = append(st.QueuedBy, queuedBy{Label: c.Label, Packets: c.N})
 	}
+	st.Backends = f.statusBackends()
+	return st
+}
+
+// statusBackends are the BE lines of `tcphactl status`.
+func (f *FE) statusBackends() []beLine {
+	out := []beLine{}
 	for _, b := range f.sched.Statuses() {
 		state := "up"
 		switch {
+		case b.Maint:
+			state = "maint"
 		case !b.Available:
 			state = "down"
 			if b.LastError != "" {
@@ -847,10 +856,10 @@ func (f *FE) Status() Status {
 		case b.Draining:
 			state = "draining"
 		}
-		st.Backends = append(st.Backends, beLine{Addr: b.Addr, Port: b.Port, State: state,
+		out = append(out, beLine{Addr: b.Addr, Port: b.Port, State: state,
 			Sessions: len(f.pool.Sessions(b.Server.AddrPort()))})
 	}
-	return st
+	return out
 }
 
 // Write writes st as `tcphactl status` shows it.

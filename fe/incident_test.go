@@ -148,3 +148,14 @@ func TestRatesRulesClear(t *testing.T) {
 }
 
 func req(path string) backends.Request { return backends.Request{Path: path} }
+
+// status names a BE in maint as such, not as down for its last probe.
+func TestStatusMaint(t *testing.T) {
+	f, _, _ := testFE(t, time.Second)
+	f.sched.SetMaint(be2, true)
+	for _, b := range f.statusBackends() {
+		if b.Addr == be2.String() && b.State != "maint" {
+			t.Errorf("be2 in maint: %+v", b)
+		}
+	}
+}
