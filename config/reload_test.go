@@ -9,6 +9,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"tcpha/backends"
 )
 
 // A reload applies the FE's scheduling and timings, a BE's FEs and the log
@@ -32,6 +34,8 @@ func TestUnreloadable(t *testing.T) {
 	next.Global.LogLevel = 6
 	next.FE.DtcInterval, next.FE.PHTTP, next.FE.Rise = 0, "multi", 3
 	next.BE.FEAddrs = nil
+	// The web server check applies to the next probe.
+	next.FE.Check, next.BE.Check.Expect = backends.DefaultCheck, backends.Expect{{Lo: 200, Hi: 200}}
 	if got := Unreloadable(old, next); len(got) != 0 {
 		t.Errorf("reloadable changes: %v", got)
 	}
@@ -58,7 +62,7 @@ func TestUnreloadable(t *testing.T) {
 func TestReloadDocumented(t *testing.T) {
 	keys := map[string]string{"Servers": "server", "Rules": "rule", "Scheduler": "scheduler", "Rise": "rise",
 		"Fall": "fall", "DtcInterval": "dtcinterval", "HandoffTimeout": "handofftimeout", "PHTTP": "phttp",
-		"LogLevel": "loglevel", "FEAddrs": "feaddr"}
+		"LogLevel": "loglevel", "FEAddrs": "feaddr", "Check": "check"}
 	fixed := []string{"maxheader", "requesttimeout", "timewait", "idletimeout", "maxclients", "maxconnperip", "drain"}
 	for _, f := range slices.Concat(reloadableGlobal, reloadableFE, reloadableBE) {
 		if keys[f] == "" {

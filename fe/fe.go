@@ -58,9 +58,10 @@ type Forwarding interface {
 // (handoff.Client).
 type Peers interface {
 	handoff.Peer
-	Probe(ctx context.Context, be netip.AddrPort) (wire.Health, error)
+	Probe(ctx context.Context, be netip.AddrPort, check []byte) (wire.Health, error)
 	Reset(ctx context.Context, be, client netip.AddrPort) error
 	Held(ctx context.Context, be netip.AddrPort) (map[netip.AddrPort]bool, error)
+	Stats(ctx context.Context, be netip.AddrPort) (wire.RelayStats, error)
 }
 
 // FE is the front end: it owns the VIP, reads each connection's first
@@ -74,8 +75,11 @@ type FE struct {
 	flows Forwarding
 	table *conntab.Table
 	sched *backends.Scheduler
-	// dtc is the detection interval, changed at run time by tcphactl.
+	// dtc is the detection interval, changed at run time by tcphactl;
+	// check the web server check the probes ask the BEs for ([fe] check,
+	// as text), which a reload may change.
 	dtc    atomic.Int64
+	check  atomic.Pointer[[]byte]
 	pool   *ctl.Pool
 	client Peers
 	sender *handoff.Sender
@@ -121,6 +125,10 @@ type FE struct {
 	// released is set once Release closes the sessions: the BEs they
 	// leave are not failures.
 	released atomic.Bool
+	// rates are each BE's rates and peaks, sampled by statsLoop with the
+	// BEs' relay counters (incident.go).
+	rates      backends.Rates
+	relayStats relayCounters
 }
 
 // listenRegister opens the port BEs register on: [fe] raddr:feport, never
@@ -198,6 +206,8 @@ func newFE(cfg *config.FE, m *metrics.Metrics, log *slog.Logger) *FE {
 		clusterKick: make(chan struct{}, 1), moves: make(chan struct{}, maxMoves)}
 	f.phttp.Store(uint32(phttpMode(cfg.PHTTP)))
 	f.dtc.Store(int64(cfg.DtcInterval))
+	f.setCheck(cfg.Check)
+	f.relayStats = relayCounters{last: map[netip.Addr]wire.RelayStats{}, silent: map[netip.Addr]time.Time{}}
 	f.sched = backends.NewScheduler(cfg.Table(), backends.Options{Rise: cfg.Rise, Fall: cfg.Fall, Live: f.table.Live})
 	return f
 }
@@ -330,7 +340,7 @@ func Start(ctx context.Context, cfg *config.FE, secret []byte, m *metrics.Metric
 		},
 		Route: f.sched.Route, Sender: f.sender, Metrics: m, Log: f.log,
 	}
-	m.Registry.MustRegister(collector{f})
+	m.Registry.MustRegister(collector{f}, m.HandoffDuration)
 	ok = true
 	f.log.Info("front end ready", "op", "start", "vip", vip.String(), "vip_owner", string(cfg.VIP), "interface", link.Attrs().Name,
 		"servers", len(cfg.Servers), "rules", len(cfg.Rules))
@@ -519,6 +529,7 @@ func (f *FE) startLoops(serve, loops context.Context) {
 	})
 	f.loops.Go(func() { f.clusterLoop(serve) })
 	f.loops.Go(func() { f.heldLoop(loops) })
+	f.loops.Go(func() { f.statsLoop(serve) })
 	// Always: detection may be turned on later (tcphactl dtcinterval, a
 	// reload) after a start with dtcinterval = 0.
 	f.loops.Go(func() { f.detectLoop(serve) })
@@ -680,15 +691,16 @@ func (f *FE) detectLoop(ctx context.Context) {
 }
 
 // judge is a probe's verdict: a BE is good when it answered, is not
-// stopping, and its web server answers its agent.
-func judge(h wire.Health, err error) error {
+// stopping, and its web server passes the check (the BE's log says what
+// it answered).
+func judge(h wire.Health, err error, check []byte) error {
 	switch {
 	case err != nil:
 		return err
 	case h.Draining:
 		return errors.New("it is stopping")
 	case !h.ServerUp:
-		return errors.New("its web server does not answer")
+		return fmt.Errorf("its web server fails the check %s", check)
 	}
 	return nil
 }
@@ -696,12 +708,13 @@ func judge(h wire.Health, err error) error {
 // probe probes one BE and records the result.
 func (f *FE) probe(ctx context.Context, be netip.AddrPort, timeout time.Duration) {
 	pctx, cancel := context.WithTimeout(ctx, timeout)
-	h, err := f.client.Probe(pctx, be)
+	check := *f.check.Load()
+	h, err := f.client.Probe(pctx, be, check)
 	cancel()
 	if ctx.Err() != nil {
 		return
 	}
-	err = judge(h, err)
+	err = judge(h, err, check)
 	result := "ok"
 	if err != nil {
 		result = "failed"
@@ -714,6 +727,16 @@ func (f *FE) probe(ctx context.Context, be netip.AddrPort, timeout time.Duration
 	f.changed(be.Addr(), func(a netip.Addr, ok bool) (backends.Change, error) {
 		return f.sched.Probe(a, ok, int(h.Active), why, time.Now())
 	}, err == nil, err)
+}
+
+// setCheck sets the check the probes ask for; a config not made by
+// config.Parse (tests) may have none: the default then.
+func (f *FE) setCheck(c backends.Check) {
+	if c.Method == "" {
+		c = backends.DefaultCheck
+	}
+	b, _ := c.MarshalText()
+	f.check.Store(&b)
 }
 
 // Stop undoes what Start did; Keep instead leaves the table and the VIP
@@ -824,9 +847,18 @@ func (f *FE) Status() Status {
 	for _, c := range f.obs.Counts() {
 		st.QueuedBy = append(st.QueuedBy, queuedBy{Label: c.Label, Packets: c.N})
 	}
+	st.Backends = f.statusBackends()
+	return st
+}
+
+// statusBackends are the BE lines of `tcphactl status`.
+func (f *FE) statusBackends() []beLine {
+	out := []beLine{}
 	for _, b := range f.sched.Statuses() {
 		state := "up"
 		switch {
+		case b.Maint:
+			state = "maint"
 		case !b.Available:
 			state = "down"
 			if b.LastError != "" {
@@ -835,10 +867,10 @@ func (f *FE) Status() Status {
 		case b.Draining:
 			state = "draining"
 		}
-		st.Backends = append(st.Backends, beLine{Addr: b.Addr, Port: b.Port, State: state,
+		out = append(out, beLine{Addr: b.Addr, Port: b.Port, State: state,
 			Sessions: len(f.pool.Sessions(b.Server.AddrPort()))})
 	}
-	return st
+	return out
 }
 
 // Write writes st as `tcphactl status` shows it.
@@ -880,6 +912,7 @@ func (f *FE) Reload(next *config.FE) {
 		f.pool.Remove(be)
 	}
 	f.dtc.Store(int64(next.DtcInterval))
+	f.setCheck(next.Check)
 	f.sender.SetTimeout(next.HandoffTimeout)
 	f.phttp.Store(uint32(phttpMode(next.PHTTP)))
 	f.kickCluster()

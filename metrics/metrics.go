@@ -105,7 +105,9 @@ func New() *Metrics {
 		ConstLabels: prometheus.Labels{"version": version.Number(), "goversion": runtime.Version()},
 	})
 	buildInfo.Set(1)
-	r.MustRegister(m.Handoffs, m.HandoffDuration, m.Offers, m.Probes, m.Migrations, m.TLSRefused, m.TableReinstalls,
+	// HandoffDuration is registered by the FE role (fe.Start): a BE
+	// exported it empty.
+	r.MustRegister(m.Handoffs, m.Offers, m.Probes, m.Migrations, m.TLSRefused, m.TableReinstalls,
 		m.Reloads, m.LastReloadOK, m.LastReload, buildInfo,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m

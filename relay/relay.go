@@ -65,6 +65,10 @@ type Relay struct {
 
 	requests, retries, badGateway atomic.Int64
 	moves, moveFailures           atomic.Int64
+	// bytesIn are the clients' request bytes passed to web servers,
+	// bytesOut the bytes sent to clients (responses and the relay's own
+	// answers), counted per exchange.
+	bytesIn, bytesOut atomic.Int64
 
 	// handing is set while the relay hands its sessions to a successor
 	// (handover.go); sessions register so that they can be kicked.
@@ -101,13 +105,16 @@ type Stats struct {
 	// Moves are connections moved to another BE; MoveFailures those
 	// that stayed although their request was another BE's.
 	Moves, MoveFailures int64
-	Upstream            PoolStats
+	// BytesIn and BytesOut are the HTTP bytes from and to clients.
+	BytesIn, BytesOut int64
+	Upstream          PoolStats
 }
 
 // Stats returns the relay's counters.
 func (r *Relay) Stats() Stats {
 	return Stats{Active: r.Active(), Requests: r.requests.Load(), Retries: r.retries.Load(),
-		BadGateways: r.badGateway.Load(), Moves: r.moves.Load(), MoveFailures: r.moveFailures.Load(), Upstream: r.cfg.Pool.Stats()}
+		BadGateways: r.badGateway.Load(), Moves: r.moves.Load(), MoveFailures: r.moveFailures.Load(),
+		BytesIn: r.bytesIn.Load(), BytesOut: r.bytesOut.Load(), Upstream: r.cfg.Pool.Stats()}
 }
 
 // Serve runs a committed client connection until it ends, counted by the

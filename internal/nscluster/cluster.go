@@ -315,6 +315,15 @@ func (c *Cluster) tlsServer(host, www string) string {
 `, listen, realIP, c.TLSCert(), c.TLSKey(), www, host)
 }
 
+// CheckLogMap is the nginx map the README shows for keeping the agents'
+// web server checks (User-Agent tcpha-check) out of the access log; the
+// cluster's nginx logs with `if=$tcpha_loggable`.
+const CheckLogMap = `map $http_user_agent $tcpha_loggable {
+		tcpha-check 0;
+		default     1;
+	}
+`
+
 // WWW is the document root of host's nginx.
 func (c *Cluster) WWW(host string) string { return filepath.Join(c.Dir, host, "www") }
 
@@ -338,7 +347,9 @@ func (c *Cluster) startNginx(host string, listen ...string) error {
 		}
 	}
 	pid := filepath.Join(d, "nginx.pid")
-	access := "access_log " + d + "/access.log;"
+	// The README's way of keeping the agents' web server checks out of
+	// the access log (CheckLogMap), as an operator would write it.
+	access := CheckLogMap + "\taccess_log " + d + "/access.log combined if=$tcpha_loggable;"
 	if c.opts.NoAccessLog {
 		access = "access_log off;"
 	}
@@ -365,6 +376,14 @@ http {
 	server {
 %[2]s		root %[3]s;
 		add_header X-Served-By %[4]s always;
+		# A check path that answers 500 while the file sick exists
+		# (TestHealthCheckExpect).
+		location = /health {
+			if (-f $document_root/sick) {
+				return 500;
+			}
+			return 200 "ok\n";
+		}
 	}
 %[7]s}
 `, d, listens.String(), www, host, access, c.trustedRelays(), c.tlsServer(host, www))
