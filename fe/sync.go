@@ -217,7 +217,9 @@ func (f *FE) syncLoops(ctx context.Context) {
 	}
 	s.pool.Add(s.peer)
 	var wg sync.WaitGroup
-	wg.Go(func() { s.out.Run(ctx, func(ctx context.Context, b wire.SyncBatch) error { return f.sendSync(ctx, b) }) })
+	wg.Go(func() {
+		s.out.Run(ctx, func(ctx context.Context, b wire.SyncBatch) error { return f.sendSync(ctx, b) })
+	})
 	if s.holdsVIP != nil {
 		wg.Go(func() { f.watchVIP(ctx) })
 	}
