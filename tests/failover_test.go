@@ -4,10 +4,13 @@ import (
 	"bufio"
 	"context"
 	"crypto/md5"
+	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"math/rand/v2"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -239,6 +242,13 @@ func TestSyncFailover(t *testing.T) {
 		out, _ := c.Exec(ctx, "client", "wrk", "-t1", "-c8", "-d26s", "--timeout", "15s", "--latency", url+"/index.html").CombinedOutput()
 		wrkDone <- string(out)
 	}()
+	// One request per connection: those inside the dead FE's accept path
+	// (read, handoff) when it dies fail; they are counted.
+	closeDone := make(chan string, 1)
+	go func() {
+		out, _ := c.Exec(ctx, "client", "wrk", "-t1", "-c4", "-d26s", "--timeout", "15s", "-H", "Connection: close", url+"/index.html").CombinedOutput()
+		closeDone <- string(out)
+	}()
 	time.Sleep(4 * time.Second)
 	if n := len(handoffed(c, "fe2")); n < 9 {
 		t.Errorf("the standby knows %d flows before the failover, want the download and wrk's 8 connections", n)
@@ -277,6 +287,19 @@ func TestSyncFailover(t *testing.T) {
 	if st, err := c.Admin("fe", "status"); err != nil || !strings.Contains(st, "standby session=") {
 		t.Errorf("status of the returning FE: %v\n%s", err, st)
 	}
+	// tcphactl -o json status has the sync, by tcphactl(8)'s rules.
+	js, err := exec.Command(ctlBin, "-s", c.AdminSocket("fe2"), "-o", "json", "status").Output()
+	var v map[string]any
+	if err := errors.Join(err, json.Unmarshal(js, &v)); err != nil {
+		t.Fatalf("tcphactl -o json status on fe2: %v %s", err, js)
+	}
+	for _, b := range jsonRules("fe2 status", v) {
+		t.Error(b)
+	}
+	feSt, _ := v["fe"].(map[string]any)
+	if sy, _ := feSt["sync"].(map[string]any); sy["active"] != true || sy["peer"] != cluster.FEIP || sy["session"] != true {
+		t.Errorf("fe2's sync status: %v", feSt["sync"])
+	}
 
 	// Failover 2: back to fe, which must not have lost the flow created
 	// while it was away.
@@ -301,6 +324,15 @@ func TestSyncFailover(t *testing.T) {
 	t.Logf("wrk keep-alive across both failovers: %d requests, %d non-2xx, %d socket errors, p99 %v", w.Requests, w.Non2xx, w.SocketErrors, w.P99)
 	if w.Requests == 0 || w.Non2xx != 0 || w.SocketErrors != 0 {
 		t.Errorf("wrk keep-alive requests failed across the failovers:\n%s", out)
+	}
+	out = <-closeDone
+	if w, err = bench.ParseWrk(out); err != nil {
+		t.Fatalf("wrk: %v\n%s", err, out)
+	}
+	t.Logf("wrk one request per connection across both failovers: %d requests, %d non-2xx, %d socket errors", w.Requests, w.Non2xx, w.SocketErrors)
+	// At most the connections in flight at each failover: 4 of them, twice.
+	if w.Requests == 0 || w.Non2xx+w.SocketErrors > 8 {
+		t.Errorf("wrk one request per connection: more failures than connections in flight:\n%s", out)
 	}
 	tcpdump.Process.Signal(syscall.SIGTERM)
 	tcpdump.Wait()
