@@ -2,6 +2,7 @@ package fe
 
 import (
 	"context"
+	"net"
 	"net/netip"
 	"slices"
 	"sync/atomic"
@@ -177,4 +178,34 @@ func TestStandbyLeavesFlows(t *testing.T) {
 			t.Errorf("after the VIP left: running %d, outbox active %v", running.Load(), f.sync.out.Active())
 		}
 	})
+}
+
+// The sync port admits only the peer FE of this VIP, from its own address;
+// an FE without syncpeer admits no FE at all.
+func TestAdmitPeer(t *testing.T) {
+	f, _ := syncFE(t, nil)
+	from := func(a string) net.Addr { return net.TCPAddrFromAddrPort(netip.MustParseAddrPort(a)) }
+	hello := func(role wire.Role, addr string, v netip.AddrPort) wire.Hello {
+		return wire.Hello{Role: role, Addr: netip.AddrPortFrom(netip.MustParseAddr(addr), 80), VIP: v}
+	}
+	for _, c := range []struct {
+		name   string
+		remote string
+		h      wire.Hello
+		ok     bool
+	}{
+		{"the peer", "10.0.0.3:40000", hello(wire.RoleFE, "10.0.0.3", vip), true},
+		{"a BE", "10.0.0.3:40000", hello(wire.RoleBE, "10.0.0.3", vip), false},
+		{"another FE", "10.0.0.4:40000", hello(wire.RoleFE, "10.0.0.4", vip), false},
+		{"the peer's name from elsewhere", "10.0.0.4:40000", hello(wire.RoleFE, "10.0.0.3", vip), false},
+		{"another VIP", "10.0.0.3:40000", hello(wire.RoleFE, "10.0.0.3", netip.MustParseAddrPort("10.0.0.101:80")), false},
+	} {
+		if err := f.admitPeer(from(c.remote), c.h); (err == nil) != c.ok {
+			t.Errorf("%s: %v, want admitted %v", c.name, err, c.ok)
+		}
+	}
+	plain, _, _ := testFE(t, 0)
+	if err := plain.admitPeer(from("10.0.0.3:40000"), hello(wire.RoleFE, "10.0.0.3", vip)); err == nil {
+		t.Error("an FE without syncpeer admitted a sync session")
+	}
 }
