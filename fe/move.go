@@ -44,7 +44,7 @@ func (f *FE) serveBE(s *ctl.Session, fr wire.Frame) {
 func (f *FE) admitMove(from netip.Addr, fr wire.Frame, reply func(wire.Result, string)) {
 	if !f.active() {
 		// A standby's rows are the active FE's: the BE asks that one
-		// (handoff.AskInTurn goes on after unknown flow).
+		// (handoff.AskFEs takes the answer of the FE that knows it).
 		f.notMoved.Add(1)
 		reply(wire.ResultUnknown, "standby FE: the VIP is on the other FE")
 		return
