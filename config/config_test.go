@@ -220,6 +220,7 @@ func TestParseErrors(t *testing.T) {
 		{"registering BE without secret", be + "dregister = 1\nrule = 10.0.0.11 .*\n", 0, "global", "secret", "missing"},
 		{"FE with servers without secret", fe + "rule = 10.0.0.11 .*\n", 0, "global", "secret", "an FE with servers opens control sessions"},
 		{"registering FE without secret", "[fe]\nraddr = 10.0.0.2\nvaddr = 10.0.0.100\ndregister = 1\nrule = local .*\n", 0, "global", "secret", "dregister = 1 takes registrations"},
+		{"syncing FE without secret", "[fe]\nraddr = 10.0.0.2\nvaddr = 10.0.0.100\nsyncpeer = 10.0.0.3\nrule = local .*\n", 0, "global", "secret", "syncpeer streams its flows"},
 		{"registering FE without raddr", "[global]\nsecret = test-secret-16byte\n[fe]\nvaddr = 10.0.0.100\ndregister = 1\nrule = local .*\n", 5, "fe", "dregister", "needs [fe] raddr"},
 		{"no rules", fe, 0, "fe", "rule", "at least one"},
 		{"bad server", "[fe]\nvaddr = 10.0.0.100\nserver = 10.0.0.11\n", 3, "fe", "server", "ADDR PORT"},
