@@ -127,7 +127,9 @@ type FE struct {
 // listenRegister opens the port BEs register on: [fe] raddr:feport, never
 // the VIP, and only with [fe] dregister = 1 (the config then holds the
 // cluster secret and a real address). Without it no port is open to
-// strangers (issue 19: every stranger's connection cost a log line).
+// strangers (issue 19: every stranger's connection cost a log line),
+// unless [fe] syncpeer needs it for the peer FE's sync session: then BEs
+// are refused there.
 func (f *FE) listenRegister(ctx context.Context, secret []byte, lns Listeners) error {
 	ln := lns.Register
 	cfg := f.cfg
