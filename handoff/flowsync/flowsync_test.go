@@ -57,6 +57,16 @@ func TestOutboxCoalesces(t *testing.T) {
 	if _, err := b.MarshalBinary(); err != nil {
 		t.Fatalf("the batch does not encode: %v", err)
 	}
+	// A standby keeps no backlog, however long it applies its peer's
+	// stream: its mirror is what becoming active resyncs.
+	o.SetActive(false)
+	for p := uint16(100); p < 1100; p++ {
+		o.Forward(flow(p), be1)
+		o.Remove(flow(p))
+	}
+	if st := o.Stats(); st.Pending != 0 || o.Len() != 2 {
+		t.Errorf("an inactive outbox after 2000 changes: %d pending, %d flows; want 0 and 2", st.Pending, o.Len())
+	}
 }
 
 // A full resync pages every flow in order; changes made while it pages go

@@ -113,13 +113,17 @@ func (o *Outbox) set(flow netip.AddrPort, r Row, ok bool) {
 	} else {
 		delete(o.rows, flow)
 	}
+	if !o.active {
+		// Nothing is sent, and becoming active starts with a full
+		// resync: a standby's changes are not kept (months of them would
+		// pile up).
+		return
+	}
 	if _, d := o.dirty[flow]; !d {
 		o.dirty[flow] = struct{}{}
 		o.order = append(o.order, flow)
 	}
-	if o.active {
-		o.kick()
-	}
+	o.kick()
 }
 
 // Forward records that flow is HANDOFFED to be (added, or replaced).
@@ -169,6 +173,10 @@ func (o *Outbox) SetActive(active bool) {
 	if active && !o.active {
 		o.resync = true
 		o.kick()
+	}
+	if !active {
+		clear(o.dirty)
+		o.order, o.paging, o.inPage = nil, nil, false
 	}
 	o.active = active
 }
