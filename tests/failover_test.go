@@ -330,6 +330,9 @@ func TestSyncFailover(t *testing.T) {
 		t.Fatalf("wrk: %v\n%s", err, out)
 	}
 	t.Logf("wrk one request per connection across both failovers: %d requests, %d non-2xx, %d socket errors", w.Requests, w.Non2xx, w.SocketErrors)
+	if st, err := c.Admin("fe", "status"); err == nil {
+		t.Logf("fe after the failover back:\n%s", st)
+	}
 	// At most the connections in flight at each failover: 4 of them, twice.
 	if w.Requests == 0 || w.Non2xx+w.SocketErrors > 8 {
 		t.Errorf("wrk one request per connection: more failures than connections in flight:\n%s", out)

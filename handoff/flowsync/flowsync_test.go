@@ -67,6 +67,20 @@ func TestOutboxCoalesces(t *testing.T) {
 	if st := o.Stats(); st.Pending != 0 || o.Len() != 2 {
 		t.Errorf("an inactive outbox after 2000 changes: %d pending, %d flows; want 0 and 2", st.Pending, o.Len())
 	}
+	// Nor does an active one whose peer is away: past one batch more than
+	// its flows, the backlog turns into a full resync.
+	o.SetActive(true)
+	o.Max = 10
+	for p := uint16(100); p < 1100; p++ {
+		o.Forward(flow(p), be1)
+		o.Remove(flow(p))
+	}
+	if st := o.Stats(); st.Pending > o.Len()+10 {
+		t.Errorf("an active outbox whose peer is away: %d pending for %d flows", st.Pending, o.Len())
+	}
+	if b, _ := o.Next(); b.Flags&wire.SyncBegin == 0 {
+		t.Errorf("after the backlog: %+v, want a full resync", b)
+	}
 }
 
 // A full resync pages every flow in order; changes made while it pages go

@@ -123,6 +123,13 @@ func (o *Outbox) set(flow netip.AddrPort, r Row, ok bool) {
 		o.dirty[flow] = struct{}{}
 		o.order = append(o.order, flow)
 	}
+	if len(o.order) > len(o.rows)+o.max() && !o.inPage {
+		// The peer has been unreachable for a while (every flow that
+		// ended since waits to be removed): a full resync says it all in
+		// fewer events, and the backlog stops growing.
+		clear(o.dirty)
+		o.order, o.resync = o.order[:0], true
+	}
 	o.kick()
 }
 
