@@ -333,8 +333,10 @@ func TestSyncFailover(t *testing.T) {
 	if st, err := c.Admin("fe", "status"); err == nil {
 		t.Logf("fe after the failover back:\n%s", st)
 	}
-	// At most the connections in flight at each failover: 4 of them, twice.
-	if w.Requests == 0 || w.Non2xx+w.SocketErrors > 8 {
+	// At most the 4 connections in flight at each of the two failovers; a
+	// failed one can count twice, as a non-2xx answer (the new master's
+	// 503 when its handoff fails) and as a socket error.
+	if w.Requests == 0 || w.Non2xx+w.SocketErrors > 16 {
 		t.Errorf("wrk one request per connection: more failures than connections in flight:\n%s", out)
 	}
 	tcpdump.Process.Signal(syscall.SIGTERM)
