@@ -334,8 +334,8 @@ func TestSyncFailover(t *testing.T) {
 		t.Logf("fe after the failover back:\n%s", st)
 	}
 	// At most the 4 connections in flight at each of the two failovers; a
-	// failed one can count twice, as a non-2xx answer (the new master's
-	// 503 when its handoff fails) and as a socket error.
+	// failed one can count twice, as a non-2xx answer (a 503 of the new
+	// master whose handoff failed) and as a socket error.
 	if w.Requests == 0 || w.Non2xx+w.SocketErrors > 16 {
 		t.Errorf("wrk one request per connection: more failures than connections in flight:\n%s", out)
 	}
