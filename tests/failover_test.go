@@ -73,7 +73,10 @@ func (h *feHost) crash(t *testing.T, c *cluster.Cluster) {
 	if out, err := c.Output(context.Background(), h.name, "ip", "link", "set", "eth0", "down"); err != nil {
 		t.Fatalf("link down on %s: %v %s", h.name, err, out)
 	}
-	c.StopAgentAsync(h.name, syscall.SIGKILL)
+	pid := c.AgentPID(h.name)
+	if err := c.StopAgentAsync(h.name, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
 	for _, pf := range []string{h.pidVRRP, h.pidMain} {
 		if b, err := os.ReadFile(pf); err == nil {
 			if pid, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil {
@@ -81,7 +84,12 @@ func (h *feHost) crash(t *testing.T, c *cluster.Cluster) {
 			}
 		}
 	}
-	c.WaitAgent(h.name, 5*time.Second)
+	if err := c.WaitAgent(h.name, 5*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if syscall.Kill(pid, 0) == nil {
+		t.Fatalf("the agent of %s (pid %d) survived SIGKILL", h.name, pid)
+	}
 }
 
 // holds tells whether host's eth0 holds the VIP.
@@ -267,6 +275,9 @@ func TestSyncFailover(t *testing.T) {
 	}
 	if err := c.StartAgent("fe"); err != nil {
 		t.Fatal(err)
+	}
+	if st, err := c.Admin("fe", "status"); err != nil || !strings.Contains(st, fmt.Sprintf("pid=%d ", c.AgentPID("fe"))) {
+		t.Fatalf("the restarted agent on fe does not answer: %v\n%s", err, st)
 	}
 	fes["fe"].startKeepalived(t, c)
 	waitFor(t, 15*time.Second, "fe knows every flow of fe2 after its resync", func() bool {
