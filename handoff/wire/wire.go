@@ -66,12 +66,13 @@ const (
 	TypeHeldList    Type = 16 // BE→FE: one page of the answer (HeldList payload)
 	TypeStats       Type = 17 // FE→BE: your relay's counters? (no payload); answered by a StatsReply, or by an older BE with an Ack
 	TypeStatsReply  Type = 18 // BE→FE: the relay's counters (RelayStats payload)
-	typeSentinel    Type = 19
+	TypeSync        Type = 19 // FE→FE: a batch of flow-state changes (SyncBatch payload); answered by an Ack once applied
+	typeSentinel    Type = 20
 	typeUnknownName      = "type(%d)"
 )
 
 var typeNames = [...]string{"", "offer", "ack", "commit", "abort", "probe", "probe-reply", "hello", "auth",
-	"migrate", "cluster", "register", "deregister", "goaway", "reset", "held", "held-list", "stats", "stats-reply"}
+	"migrate", "cluster", "register", "deregister", "goaway", "reset", "held", "held-list", "stats", "stats-reply", "sync"}
 
 func (t Type) String() string {
 	if t > 0 && t < typeSentinel {

@@ -353,6 +353,7 @@ func FuzzFrame(f *testing.F) {
 		check("cluster", &Cluster{})
 		check("held", &HeldAsk{})
 		check("held-list", &HeldList{})
+		check("sync", &SyncBatch{})
 		var a Ack
 		_ = a.UnmarshalBinary(fr.Payload)
 	})
