@@ -41,7 +41,7 @@ var allowed = map[string]map[string]bool{
 		"timewait": false, "idletimeout": false, "dtcinterval": false,
 		"queuenum": false, "drain": false,
 		"scheduler": false, "rise": false, "fall": false, "feport": false, "phttp": false,
-		"dregister": false, "tlsport": false, "vip": false,
+		"dregister": false, "tlsport": false, "vip": false, "accept": false, "pintimeout": false,
 	},
 	"be": {
 		"raddr": false, "uaddr": false, "vaddr": false, "port": false,
@@ -261,6 +261,21 @@ func (p *parser) fe(s *ini.Section) (*FE, error) {
 		default:
 			v.fail("vip", v.line("vip", 0), fmt.Sprintf("%q: want agent or keepalived", m))
 		}
+	}
+	fe.Accept = AcceptFE
+	if m, ok := v.raw("accept"); ok {
+		switch a := Accept(m); a {
+		case AcceptFE, AcceptBE:
+			fe.Accept = a
+		default:
+			v.fail("accept", v.line("accept", 0), fmt.Sprintf("%q: want fe or be", m))
+		}
+	}
+	// A pinned flow that never sends a request holds its element this
+	// long: it must cover the handshake and the request's arrival.
+	fe.PinTimeout = v.duration("pintimeout", fe.RequestTimeout+time.Second, time.Second, false)
+	if _, set := v.raw("pintimeout"); set && fe.PinTimeout > fe.IdleTimeout {
+		v.fail("pintimeout", v.line("pintimeout", 0), fmt.Sprintf("%v is longer than idletimeout (%v): a flow that never asks would outlive an idle one", fe.PinTimeout, fe.IdleTimeout))
 	}
 	fe.Rise = v.intIn("rise", 2, 1, 100)
 	fe.Fall = v.intIn("fall", 3, 1, 100)

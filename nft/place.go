@@ -67,6 +67,16 @@ func BEElement(be netip.Addr) nftables.SetElement {
 	return nftables.SetElement{Key: be.AsSlice(), VerdictData: &expr.Verdict{Kind: expr.VerdictJump, Chain: PinnedChain(be)}}
 }
 
+// dynsetOpDelete is NFT_DYNSET_OP_DELETE (linux/netfilter/nf_tables.h,
+// since 5.16), which x/sys does not name.
+const dynsetOpDelete = 2
+
+// unmark removes the packet's flow (in the key register) from s; a flow
+// not in s is no error, and the rule goes on.
+func unmark(s *nftables.Set) []expr.Any {
+	return []expr.Any{&expr.Dynset{SrcRegKey: regKey, SetName: s.Name, Operation: dynsetOpDelete}}
+}
+
 // tcpPSH is the PUSH flag (RFC 9293 section 3.1).
 const tcpPSH = 0x08
 
@@ -96,15 +106,19 @@ const tcpPSH = 0x08
 //
 // The prerouting rules, in order:
 //  1. all VIP:port traffic is untracked, as in FE;
-//  2. the first FIN or RST of a pinned flow is copied and queued, as in FE;
-//  3. a pinned flow goes to its BE's pinned_ chain;
-//  4. a pinned flow whose BE has no chain is copied there as it is;
-//  5. any other packet is placed by hash: the slot's BE's place_ chain;
-//  6. a packet whose slot has no BE (none takes new connections) is
+//  2. a pinned flow goes to its BE's pinned_ chain;
+//  3. a pinned flow whose BE has no chain is copied there as it is;
+//  4. any other packet is placed by hash: the slot's BE's place_ chain;
+//  5. a packet whose slot has no BE (none takes new connections) is
 //     dropped.
 //
 // A BE's pinned_ chain: a SYN (a retransmission, or a client port reused)
-// starts PinTimeout again; a flow that has sent a request (in @alive)
+// clears the flow's closing mark and starts PinTimeout again; a flow
+// that has sent a FIN or RST (in @closing) keeps its pin for TimeWait from
+// its last packet, so its end costs the agent nothing: the kernel forgets
+// it TimeWait after the client's last segment (issue 14 measured this
+// against queueing the FIN to the agent, as FE does; docs/performance.md);
+// a flow that has sent a request (in @alive)
 // keeps its pin for IdleTimeout from its last packet; its first segment
 // with PSH is its request and puts it in @alive; a flow that has not sent
 // one keeps PinTimeout from its last packet, so one that never asks loses
@@ -133,7 +147,7 @@ func FEPlace(p FEParams, pl Placement) *Ruleset {
 	}
 	fwd := set(MapForward, p.IdleTimeout, "pinned and HANDOFFED: client flow -> BE")
 	fwd.IsMap, fwd.DataType = true, nftables.TypeIPAddr
-	closing := set(SetClosing, 2*p.TimeWait, "pinned flows whose FIN or RST the agent has seen")
+	closing := set(SetClosing, 2*p.TimeWait, "pinned flows that have sent a FIN or RST")
 	alive := set(SetAlive, p.IdleTimeout, "pinned flows that have sent a request")
 	slots := &nftables.Set{
 		Table: t, Name: MapSlots, KeyType: nftables.TypeMark, KeyByteOrder: binaryutil.NativeEndian,
@@ -162,9 +176,6 @@ func FEPlace(p FEParams, pl Placement) *Ruleset {
 		rs.Rules = append(rs.Rules, &nftables.Rule{Table: t, Chain: c, Exprs: cat(e...), UserData: comment(text)})
 	}
 	add(pre, "untrack the VIP", vip, []expr.Any{&expr.Notrack{}})
-	add(pre, "pinned first FIN/RST: forward, tell the agent",
-		vip, tcpFlags(tcpFIN|tcpRST, 0, false), loadKey(), notIn(closing),
-		lookup(fwd, true), dynsetUpdate(closing), dup(), counter(), queue(p))
 	add(pre, "pinned: to its BE's chain", vip, loadKey(), lookup(fwd, true),
 		[]expr.Any{
 			&expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: regData},
@@ -185,8 +196,12 @@ func FEPlace(p FEParams, pl Placement) *Ruleset {
 				Operation: op, Timeout: timeout}})
 		}
 		pinned := &nftables.Chain{Name: PinnedChain(be), Table: t}
-		add(pinned, "SYN again: pin for pintimeout", tcp, syn, loadKey(), pin(unix.NFT_DYNSET_OP_UPDATE, pl.PinTimeout),
-			copyTo, counter(), verdict(expr.VerdictDrop))
+		add(pinned, "SYN again: pin for pintimeout", tcp, syn, loadKey(), unmark(closing),
+			pin(unix.NFT_DYNSET_OP_UPDATE, pl.PinTimeout), copyTo, counter(), verdict(expr.VerdictDrop))
+		add(pinned, "closing: keep for timewait", tcp, loadKey(), lookup(closing, false),
+			pin(unix.NFT_DYNSET_OP_UPDATE, p.TimeWait), copyTo, counter(), verdict(expr.VerdictDrop))
+		add(pinned, "first FIN/RST: keep for timewait", tcp, tcpFlags(tcpFIN|tcpRST, 0, false), loadKey(),
+			dynsetUpdate(closing), pin(unix.NFT_DYNSET_OP_UPDATE, p.TimeWait), copyTo, counter(), verdict(expr.VerdictDrop))
 		add(pinned, "requested: keep for idletimeout", tcp, loadKey(), lookup(alive, false),
 			pin(unix.NFT_DYNSET_OP_UPDATE, p.IdleTimeout), dynsetUpdate(alive))
 		add(pinned, "first request: keep for idletimeout", tcp, tcpFlags(tcpPSH, tcpPSH, true), loadKey(), notIn(alive),

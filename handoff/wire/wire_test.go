@@ -408,6 +408,16 @@ func TestClusterRoundTrip(t *testing.T) {
 			t.Errorf("%s: accepted", name)
 		}
 	}
+	// accept = be rides in the phttp byte; without it the encoding is the
+	// older release's.
+	c.AcceptBE = true
+	ab, err := c.MarshalBinary()
+	if err != nil || ab[0] != byte(PHTTPForward)|0x80 || b[0] != byte(PHTTPForward) {
+		t.Fatalf("accept bit: % x / % x, %v", ab[:1], b[:1], err)
+	}
+	if err := got.UnmarshalBinary(ab); err != nil || !reflect.DeepEqual(got, c) {
+		t.Fatalf("accept = be: %+v %v", got, err)
+	}
 	if _, err := (Cluster{Rules: []ClusterRule{{Pattern: ""}}}).MarshalBinary(); err == nil {
 		t.Error("a rule without host or pattern was encoded")
 	}
