@@ -302,6 +302,18 @@ func (f *Flows) Reinstall(ctx context.Context, install func(*nftables.Conn) (*Ru
 	return nil
 }
 
+// Exec runs fn on the owner's goroutine with the table as installed, in
+// order with the edits queued before and after it: the placement's slot
+// edits (EditPlacement), which add to the ruleset.
+func (f *Flows) Exec(ctx context.Context, fn func(*nftables.Conn, *Ruleset) error) error {
+	return f.do(ctx, &request{install: func(c *nftables.Conn) (*Ruleset, error) {
+		if err := fn(c, f.rs); err != nil {
+			return nil, err
+		}
+		return f.rs, nil
+	}})
+}
+
 var errStopped = errors.New("nft flow owner stopped")
 
 func (f *Flows) do(ctx context.Context, r *request) error {

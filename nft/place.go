@@ -2,6 +2,7 @@ package nft
 
 import (
 	"encoding/binary"
+	"fmt"
 	"net/netip"
 	"time"
 
@@ -160,13 +161,6 @@ func FEPlace(p FEParams, pl Placement) *Ruleset {
 	}
 
 	vip := matchVIP(p.VIP, p.Port)
-	// A jumped-to chain's rules match the protocol again, so that nft
-	// prints `tcp flags`, not `@th,104,8`.
-	tcp := []expr.Any{
-		&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: regKey},
-		&expr.Cmp{Op: expr.CmpOpEq, Register: regKey, Data: []byte{unix.IPPROTO_TCP}},
-	}
-	syn := tcpFlags(tcpSYN|tcpACK, tcpSYN, true)
 	vmap := func(src uint32, s *nftables.Set) []expr.Any {
 		return []expr.Any{&expr.Lookup{SourceRegister: src, SetName: s.Name, DestRegister: 0, IsDestRegSet: true}}
 	}
@@ -189,34 +183,7 @@ func FEPlace(p FEParams, pl Placement) *Ruleset {
 	add(pre, "no BE for the slot: drop", vip, counter(), verdict(expr.VerdictDrop))
 
 	for _, be := range pl.BEs {
-		to := []expr.Any{&expr.Immediate{Register: regData, Data: be.AsSlice()}}
-		copyTo := cat(to, []expr.Any{&expr.Dup{RegAddr: regData}})
-		pin := func(op uint32, timeout time.Duration) []expr.Any {
-			return cat(to, []expr.Any{&expr.Dynset{SrcRegKey: regKey, SrcRegData: regData, SetName: fwd.Name,
-				Operation: op, Timeout: timeout}})
-		}
-		pinned := &nftables.Chain{Name: PinnedChain(be), Table: t}
-		add(pinned, "SYN again: pin for pintimeout", tcp, syn, loadKey(), unmark(closing),
-			pin(unix.NFT_DYNSET_OP_UPDATE, pl.PinTimeout), copyTo, counter(), verdict(expr.VerdictDrop))
-		add(pinned, "closing: keep for timewait", tcp, loadKey(), lookup(closing, false),
-			pin(unix.NFT_DYNSET_OP_UPDATE, p.TimeWait), copyTo, counter(), verdict(expr.VerdictDrop))
-		add(pinned, "first FIN/RST: keep for timewait", tcp, tcpFlags(tcpFIN|tcpRST, 0, false), loadKey(),
-			dynsetUpdate(closing), pin(unix.NFT_DYNSET_OP_UPDATE, p.TimeWait), copyTo, counter(), verdict(expr.VerdictDrop))
-		add(pinned, "requested: keep for idletimeout", tcp, loadKey(), lookup(alive, false),
-			pin(unix.NFT_DYNSET_OP_UPDATE, p.IdleTimeout), dynsetUpdate(alive))
-		add(pinned, "first request: keep for idletimeout", tcp, tcpFlags(tcpPSH, tcpPSH, true), loadKey(), notIn(alive),
-			pin(unix.NFT_DYNSET_OP_UPDATE, p.IdleTimeout), dynsetUpdate(alive))
-		add(pinned, "no request yet: keep for pintimeout", tcp, loadKey(), notIn(alive),
-			pin(unix.NFT_DYNSET_OP_UPDATE, pl.PinTimeout))
-		add(pinned, "forward", copyTo, counter(), verdict(expr.VerdictDrop))
-
-		place := &nftables.Chain{Name: PlaceChain(be), Table: t}
-		add(place, "SYN: forward, pin", tcp, syn, loadKey(), copyTo, pin(unix.NFT_DYNSET_OP_ADD, pl.PinTimeout),
-			counter(), verdict(expr.VerdictDrop))
-		add(place, "SYN forwarded above, @forward full: not pinned", tcp, syn, counter(), verdict(expr.VerdictDrop))
-		add(place, "not pinned: forward by hash", copyTo, counter(), verdict(expr.VerdictDrop))
-		rs.Chains = append(rs.Chains, pinned, place)
-		rs.Init[MapBEs] = append(rs.Init[MapBEs], BEElement(be))
+		rs.addBEChains(p, pl, be)
 	}
 	for i, be := range pl.Slots {
 		if be.IsValid() {
@@ -224,4 +191,104 @@ func FEPlace(p FEParams, pl Placement) *Ruleset {
 		}
 	}
 	return rs
+}
+
+// addBEChains adds be's pinned_ and place_ chains, with their rules, and
+// its @bes element to rs (FEPlace), and returns them.
+func (rs *Ruleset) addBEChains(p FEParams, pl Placement, be netip.Addr) (chains []*nftables.Chain, rules []*nftables.Rule) {
+	t := rs.Table
+	fwd, closing, alive := rs.Set(MapForward), rs.Set(SetClosing), rs.Set(SetAlive)
+	add := func(c *nftables.Chain, text string, e ...[]expr.Any) {
+		r := &nftables.Rule{Table: t, Chain: c, Exprs: cat(e...), UserData: comment(text)}
+		rs.Rules = append(rs.Rules, r)
+		rules = append(rules, r)
+	}
+	// A jumped-to chain's rules match the protocol again, so that nft
+	// prints `tcp flags`, not `@th,104,8`.
+	tcp := []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: regKey},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: regKey, Data: []byte{unix.IPPROTO_TCP}},
+	}
+	syn := tcpFlags(tcpSYN|tcpACK, tcpSYN, true)
+	to := []expr.Any{&expr.Immediate{Register: regData, Data: be.AsSlice()}}
+	copyTo := cat(to, []expr.Any{&expr.Dup{RegAddr: regData}})
+	pin := func(op uint32, timeout time.Duration) []expr.Any {
+		return cat(to, []expr.Any{&expr.Dynset{SrcRegKey: regKey, SrcRegData: regData, SetName: fwd.Name,
+			Operation: op, Timeout: timeout}})
+	}
+	pinned := &nftables.Chain{Name: PinnedChain(be), Table: t}
+	add(pinned, "SYN again: pin for pintimeout", tcp, syn, loadKey(), unmark(closing),
+		pin(unix.NFT_DYNSET_OP_UPDATE, pl.PinTimeout), copyTo, counter(), verdict(expr.VerdictDrop))
+	add(pinned, "closing: keep for timewait", tcp, loadKey(), lookup(closing, false),
+		pin(unix.NFT_DYNSET_OP_UPDATE, p.TimeWait), copyTo, counter(), verdict(expr.VerdictDrop))
+	add(pinned, "first FIN/RST: keep for timewait", tcp, tcpFlags(tcpFIN|tcpRST, 0, false), loadKey(),
+		dynsetUpdate(closing), pin(unix.NFT_DYNSET_OP_UPDATE, p.TimeWait), copyTo, counter(), verdict(expr.VerdictDrop))
+	add(pinned, "requested: keep for idletimeout", tcp, loadKey(), lookup(alive, false),
+		pin(unix.NFT_DYNSET_OP_UPDATE, p.IdleTimeout), dynsetUpdate(alive))
+	add(pinned, "first request: keep for idletimeout", tcp, tcpFlags(tcpPSH, tcpPSH, true), loadKey(), notIn(alive),
+		pin(unix.NFT_DYNSET_OP_UPDATE, p.IdleTimeout), dynsetUpdate(alive))
+	add(pinned, "no request yet: keep for pintimeout", tcp, loadKey(), notIn(alive),
+		pin(unix.NFT_DYNSET_OP_UPDATE, pl.PinTimeout))
+	add(pinned, "forward", copyTo, counter(), verdict(expr.VerdictDrop))
+
+	place := &nftables.Chain{Name: PlaceChain(be), Table: t}
+	add(place, "SYN: forward, pin", tcp, syn, loadKey(), copyTo, pin(unix.NFT_DYNSET_OP_ADD, pl.PinTimeout),
+		counter(), verdict(expr.VerdictDrop))
+	add(place, "SYN forwarded above, @forward full: not pinned", tcp, syn, counter(), verdict(expr.VerdictDrop))
+	add(place, "not pinned: forward by hash", copyTo, counter(), verdict(expr.VerdictDrop))
+	chains = []*nftables.Chain{pinned, place}
+	rs.Chains = append(rs.Chains, chains...)
+	if rs.Init == nil {
+		rs.Init = map[string][]nftables.SetElement{}
+	}
+	rs.Init[MapBEs] = append(rs.Init[MapBEs], BEElement(be))
+	return chains, rules
+}
+
+// SlotEdit is one slot's change in the slot map: From its BE (invalid:
+// none) to To's (invalid: none).
+type SlotEdit struct {
+	Slot     uint32
+	From, To netip.Addr
+}
+
+// EditPlacement changes an installed placing table (FEPlace) in one
+// transaction: it adds the chains and @bes elements of addBEs, BEs that
+// had none, then makes each slot edit. rs, the table as installed, gets
+// the new chains and rules, so that a guard comparing shapes sees them.
+// Chains of BEs that left stay: a chain the slot map still jumps to cannot
+// go, and an empty one costs nothing.
+func EditPlacement(c *nftables.Conn, rs *Ruleset, p FEParams, pl Placement, addBEs []netip.Addr, edits []SlotEdit) error {
+	slots, bes := rs.Set(MapSlots), rs.Set(MapBEs)
+	if slots == nil || bes == nil {
+		return fmt.Errorf("edit the placement: the table has no %s or %s map", MapSlots, MapBEs)
+	}
+	for _, be := range addBEs {
+		chains, rules := rs.addBEChains(p, pl, be)
+		for _, ch := range chains {
+			c.AddChain(ch)
+		}
+		for _, r := range rules {
+			c.AddRule(r)
+		}
+		if err := c.SetAddElements(bes, []nftables.SetElement{BEElement(be)}); err != nil {
+			return fmt.Errorf("edit the placement: add %v to %s: %w", be, MapBEs, err)
+		}
+	}
+	for _, e := range edits {
+		if e.From.IsValid() {
+			if err := c.SetDeleteElements(slots, []nftables.SetElement{{Key: SlotKey(e.Slot)}}); err != nil {
+				return fmt.Errorf("edit the placement: slot %d: %w", e.Slot, err)
+			}
+		}
+		if e.To.IsValid() {
+			if err := c.SetAddElements(slots, []nftables.SetElement{SlotElement(e.Slot, e.To)}); err != nil {
+				return fmt.Errorf("edit the placement: slot %d: %w", e.Slot, err)
+			}
+		}
+	}
+	if err := c.Flush(); err != nil {
+		return fmt.Errorf("edit the placement (%d BEs added, %d slots): %w", len(addBEs), len(edits), err)
+	}
+	return nil
 }
