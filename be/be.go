@@ -70,6 +70,9 @@ type BE struct {
 	// by its guard (guard.go).
 	m          *metrics.Metrics
 	reinstalls nft.Reinstalls
+	// acceptor is the listener on VIP:port with the FE's accept = be
+	// (accept.go).
+	acceptor acceptor
 }
 
 // Start starts the back end; ln, when not nil, is its control listener,
@@ -122,7 +125,7 @@ func Start(ctx context.Context, cfg *config.BE, secret []byte, m *metrics.Metric
 	leaving := &handoff.Leaving{}
 	b.relay = relay.New(relay.Config{
 		Pool: b.pool, MaxHeader: cfg.MaxHeader, HeadTimeout: cfg.RequestTimeout,
-		IdleTimeout: cfg.KeepAliveTimeout, Log: b.log, Route: b.route, Mover: newMover(b, leaving),
+		IdleTimeout: cfg.KeepAliveTimeout, Log: b.log, Route: b.route, RouteFirst: b.routeFirst, Mover: newMover(b, leaving),
 		ForwardedFor: cfg.ForwardedFor, Access: servedBy(cfg.RAddr, access),
 	})
 	b.recv = &handoff.Receiver{
@@ -356,6 +359,8 @@ func (b *BE) Drain(d time.Duration) {
 	b.recv.Drain()
 	b.ln.Close()
 	b.server.Drain(min(d, sessionDrain))
+	// Only now: until the FEs saw this BE go, they placed new flows here.
+	b.stopAccepting()
 	done := make(chan struct{})
 	go func() { b.relay.Wait(); close(done) }()
 	select {
@@ -374,6 +379,9 @@ func (b *BE) HandOver() []relay.Handed {
 	b.unregister(true)
 	b.ln.Close()
 	b.server.Drain(sessionDrain)
+	// New connections placed here meanwhile find no listener until the
+	// successor takes the FEs' cluster frame (docs/design.md).
+	b.stopAccepting()
 	settled := make(chan struct{})
 	go func() { b.recv.Wait(); close(settled) }()
 	select {
@@ -422,6 +430,7 @@ func (b *BE) Release() {
 	if b.ln != nil {
 		b.ln.Close()
 	}
+	b.stopAccepting()
 }
 
 // Status is the BE's part of `tcphactl status`. Its JSON follows

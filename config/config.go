@@ -175,6 +175,10 @@ type BE struct {
 	KeepAliveTimeout time.Duration
 	RequestTimeout   time.Duration
 	MaxHeader        int
+	// MaxConnPerIP, with the FE's accept = be, caps the connections from
+	// one client address this BE accepted itself and serves at once (0:
+	// no cap), as [fe] maxconnperip does on an FE.
+	MaxConnPerIP int
 	// Drain is how long relayed connections may finish on SIGTERM.
 	Drain time.Duration
 }

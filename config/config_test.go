@@ -201,6 +201,8 @@ func TestParseErrors(t *testing.T) {
 		{"unknown vip owner", fe + "vip = vrrp\nrule = local .*\n", 4, "fe", "vip", "want agent or keepalived"},
 		{"vip owner in [be]", be + "vip = keepalived\n", 6, "be", "vip", "it belongs in [fe]"},
 		{"unknown accept", fe + "accept = both\nrule = local .*\n", 4, "fe", "accept", "want fe or be"},
+		{"accept = be with tlsport", fe + "tlsport = 443\naccept = be\nrule = 10.0.0.11 .*\n", 5, "fe", "accept", "does not take TLS yet"},
+		{"accept = be with a local rule", fe + "accept = be\nrule = local .*\n", 5, "fe", "rule", "`local` needs accept = fe"},
 		{"accept in [be]", be + "accept = be\n", 6, "be", "accept", "it belongs in [fe]"},
 		{"pintimeout past idletimeout", fe + "idletimeout = 30\npintimeout = 60\nrule = local .*\n", 5, "fe", "pintimeout", "longer than idletimeout"},
 		{"unknown phttp", fe + "phttp = always\nrule = local .*\n", 4, "fe", "phttp", "want single, multi or forward"},

@@ -50,7 +50,7 @@ var allowed = map[string]map[string]bool{
 		"dregister": false, "feaddr": false, "feport": false, "rule": true,
 		"committimeout": false, "drain": false, "keepalivetimeout": false,
 		"requesttimeout": false, "maxheader": false, "forwardedfor": false,
-		"redirecttlsport": false, "proxyprotocol": false,
+		"redirecttlsport": false, "proxyprotocol": false, "maxconnperip": false,
 	},
 }
 
@@ -316,6 +316,17 @@ func (p *parser) fe(s *ini.Section) (*FE, error) {
 	if v.err == nil && len(fe.Rules) == 0 {
 		v.fail("rule", 0, "missing: at least one `rule = TARGET PATTERN` is needed (e.g. `rule = local .*`)")
 	}
+	if fe.Accept == AcceptBE {
+		if fe.TLSPort != 0 {
+			v.fail("accept", v.line("accept", 0), "accept = be does not take TLS yet: remove tlsport, or use accept = fe")
+		}
+		for i, r := range fe.Rules {
+			if r.Local {
+				v.fail("rule", v.line("rule", i), "`local` needs accept = fe: with accept = be the FE reads no request")
+				break
+			}
+		}
+	}
 	if v.err == nil {
 		v.ruleWarnings(fe)
 	}
@@ -346,6 +357,7 @@ func (p *parser) be(s *ini.Section) (*BE, error) {
 		KeepAliveTimeout: v.duration("keepalivetimeout", 75*time.Second, time.Second, false),
 		RequestTimeout:   v.duration("requesttimeout", 10*time.Second, 100*time.Millisecond, false),
 		MaxHeader:        v.intIn("maxheader", 8192, 256, 16<<10),
+		MaxConnPerIP:     v.intIn("maxconnperip", 256, 0, 1<<20),
 	}
 	// The seed needed feaddr only for dynamic registration; tcpha also
 	// accepts control sessions only from its FEs, so it is always required.

@@ -82,6 +82,11 @@ func (f *fakeFlows) Reinstall(context.Context, func(*nftables.Conn) (*nft.Rulese
 	return nil
 }
 
+func (f *fakeFlows) Exec(context.Context, func(*nftables.Conn, *nft.Ruleset) error) error {
+	f.log("exec")
+	return nil
+}
+
 // fakeSets is the flow sets as the reaper reads them.
 type fakeSets struct{}
 

@@ -92,7 +92,7 @@ func (f *FE) migrate(from netip.Addr, fr wire.Frame) (wire.Result, string) {
 	if sender == nil || *sender == nil {
 		return wire.ResultBusy, "the FE is starting or handing over"
 	}
-	if wire.PHTTP(f.phttp.Load()) != wire.PHTTPMulti {
+	if wire.PHTTP(f.phttp.Load()) != wire.PHTTPMulti && !f.acceptBE() {
 		return wire.ResultInvalid, "phttp is not multi on this FE"
 	}
 	ci, q, res, why := parseMigration(fr, netip.AddrPortFrom(f.cfg.VAddr, f.cfg.Port), f.cfg.MaxHeader)
@@ -103,6 +103,14 @@ func (f *FE) migrate(from netip.Addr, fr wire.Frame) (wire.Result, string) {
 	stay, bes := moveTargets(f.sched.Route(q).BEs, from)
 	if stay {
 		return wire.ResultStay, ""
+	}
+	if f.place != nil {
+		// A flow the packet path placed: the kernel says who holds it.
+		if _, err := f.adoptPinned(ci.Client, from); err != nil {
+			log.Warn("move refused", "op", "migrate", "err", err)
+			return wire.ResultUnknown, err.Error()
+		}
+		defer f.dropMoved(ci.Client)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), moveWithin)
 	defer cancel()
