@@ -43,7 +43,12 @@ type placer struct {
 	// lookMu guards look, a reader of the forward map for the moves' check
 	// of who holds a flow.
 	lookMu sync.Mutex
-	look   *nft.Reader
+	look   holders
+}
+
+// holders looks up which BE the kernel forwards a flow to (nft.Reader).
+type holders interface {
+	Get(flow netip.AddrPort) (netip.Addr, bool, error)
 }
 
 func newPlacer() *placer {

@@ -221,8 +221,10 @@ func (rs *Ruleset) addBEChains(p FEParams, pl Placement, be netip.Addr) (chains 
 		pin(unix.NFT_DYNSET_OP_UPDATE, pl.PinTimeout), copyTo, counter(), verdict(expr.VerdictDrop))
 	add(pinned, "closing: keep for timewait", tcp, loadKey(), lookup(closing, false),
 		pin(unix.NFT_DYNSET_OP_UPDATE, p.TimeWait), copyTo, counter(), verdict(expr.VerdictDrop))
+	// The alive mark goes at the first FIN or RST: left to its
+	// idletimeout, every ended flow would hold one (issue 19).
 	add(pinned, "first FIN/RST: keep for timewait", tcp, tcpFlags(tcpFIN|tcpRST, 0, false), loadKey(),
-		dynsetUpdate(closing), pin(unix.NFT_DYNSET_OP_UPDATE, p.TimeWait), copyTo, counter(), verdict(expr.VerdictDrop))
+		dynsetUpdate(closing), unmark(alive), pin(unix.NFT_DYNSET_OP_UPDATE, p.TimeWait), copyTo, counter(), verdict(expr.VerdictDrop))
 	add(pinned, "requested: keep for idletimeout", tcp, loadKey(), lookup(alive, false),
 		pin(unix.NFT_DYNSET_OP_UPDATE, p.IdleTimeout), dynsetUpdate(alive))
 	add(pinned, "first request: keep for idletimeout", tcp, tcpFlags(tcpPSH, tcpPSH, true), loadKey(), notIn(alive),
