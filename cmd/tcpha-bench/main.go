@@ -26,6 +26,7 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"regexp"
 	"runtime"
 	"slices"
 	"strconv"
@@ -129,6 +130,9 @@ type frontEnd struct {
 	name string
 	base string     // URL prefix
 	pid  func() int // the FE's process (its tree is counted); nil: none
+	// accept is tcpha's [fe] accept for this front end ("": not tcpha);
+	// the FE agent is restarted when it changes (it needs an upgrade).
+	accept string
 }
 
 type bencher struct {
@@ -136,6 +140,8 @@ type bencher struct {
 	p   params
 	run *bench.Run
 	fes []frontEnd
+	// accept is the FE agent's [fe] accept now.
+	accept string
 }
 
 func runBench(agent string, p params) (*bench.Run, error) {
@@ -145,7 +151,8 @@ func runBench(agent string, p params) (*bench.Run, error) {
 		Rules:     []string{`rule = be2 \.jpg$`, `rule = be1 .*`},
 		PublicWWW: true, Metrics: true, NoAccessLog: true,
 		// Per-connection lines off: the bench measures the default path.
-		FEExtra: "", BEExtra: "",
+		// A short drain: the FE agent restarts between accept modes.
+		FEExtra: "drain = 1\n", BEExtra: "",
 	})
 	if err != nil {
 		return nil, err
@@ -173,7 +180,7 @@ func runBench(agent string, p params) (*bench.Run, error) {
 		}
 	}
 	// The agents log at info, like a production default.
-	b := &bencher{c: c, p: p, run: &bench.Run{Date: time.Now(), Smoke: p.smoke, FlatWindow: p.flatWindow}}
+	b := &bencher{c: c, p: p, run: &bench.Run{Date: time.Now(), Smoke: p.smoke, FlatWindow: p.flatWindow}, accept: "fe"}
 	haproxy, err := b.startHAProxy()
 	if err != nil {
 		return nil, err
@@ -184,17 +191,18 @@ func runBench(agent string, p params) (*bench.Run, error) {
 	}
 	vip := "http://" + cluster.VIP
 	for _, fe := range []frontEnd{
-		{bench.TCPHA, vip, func() int { return c.AgentPID("fe") }},
-		{bench.HAProxy, vip + ":8081", func() int { return haproxy }},
-		{bench.Nginx, vip + ":8082", func() int { return nginx }},
-		{bench.Direct, "http://" + c.BEs[0].IP, nil},
+		{bench.TCPHA, vip, func() int { return c.AgentPID("fe") }, "fe"},
+		{bench.TCPHABE, vip, func() int { return c.AgentPID("fe") }, "be"},
+		{bench.HAProxy, vip + ":8081", func() int { return haproxy }, ""},
+		{bench.Nginx, vip + ":8082", func() int { return nginx }, ""},
+		{bench.Direct, "http://" + c.BEs[0].IP, nil, ""},
 	} {
 		if len(p.fes) == 0 || p.fes[fe.name] {
 			b.fes = append(b.fes, fe)
 		}
 	}
 	for _, fe := range b.fes {
-		if err := b.waitUp(fe); err != nil {
+		if err := b.use(fe); err != nil {
 			return nil, err
 		}
 	}
@@ -204,11 +212,21 @@ func runBench(agent string, p params) (*bench.Run, error) {
 			continue
 		}
 		for _, fe := range b.fes {
+			if err := b.use(fe); err != nil {
+				return nil, err
+			}
 			r, err := b.wrk(fe, w)
 			if err != nil {
 				return nil, err
 			}
 			b.run.Results = append(b.run.Results, r)
+			if w == "a" && fe.name == bench.TCPHABE {
+				// Rules under which either BE serves everything: every
+				// connection lands on its BE.
+				if err := b.anyBE(fe); err != nil {
+					return nil, err
+				}
+			}
 			fmt.Printf("   (%s) %-8s %9.0f req/s  p50 %-9v p99 %-9v FE CPU/req %-9v machine CPU/req %v", w, fe.name, r.RPS,
 				r.P50, r.P99, r.CPUPerRequest(), time.Duration(r.MachineCPU/float64(max(r.Requests, 1))*1e9))
 			if r.HandoffP99 > 0 {
@@ -229,6 +247,9 @@ func runBench(agent string, p params) (*bench.Run, error) {
 		if !p.runs("d") {
 			break
 		}
+		if err := b.use(fe); err != nil {
+			return nil, err
+		}
 		r, err := b.download(fe)
 		if err != nil {
 			return nil, err
@@ -240,12 +261,19 @@ func runBench(agent string, p params) (*bench.Run, error) {
 		if !p.runs("e") {
 			break
 		}
+		if err := b.use(fe); err != nil {
+			return nil, err
+		}
 		r, err := b.ttfb(fe)
 		if err != nil {
 			return nil, err
 		}
 		b.run.Results = append(b.run.Results, r)
 		fmt.Printf("   (e) %-8s TTFB p50 %v p99 %v\n", fe.name, r.TTFB50, r.TTFB99)
+	}
+	// (flat) and (idle) measure tcpha with accept = fe.
+	if err := b.use(frontEnd{name: bench.TCPHA, base: vip, accept: "fe"}); err != nil {
+		return nil, err
 	}
 	if p.runs("flat") {
 		if err := b.flat(); err != nil {
@@ -606,6 +634,9 @@ func (b *bencher) alternating(w string) error {
 		return nil
 	}
 	for _, fe := range b.fes {
+		if err := b.use(fe); err != nil {
+			return err
+		}
 		if err := run(fe); err != nil {
 			return err
 		}
@@ -628,6 +659,85 @@ func (b *bencher) alternating(w string) error {
 		}
 	}
 	return nil
+}
+
+// use readies fe: for tcpha, the FE agent in fe's accept mode, which
+// takes a restart (accept needs an upgrade); then fe answers.
+func (b *bencher) use(fe frontEnd) error {
+	if fe.accept != "" && fe.accept != b.accept {
+		fmt.Printf("== restarting the FE agent with accept = %s\n", fe.accept)
+		if err := b.setKey("accept", fe.accept); err != nil {
+			return err
+		}
+		if err := b.c.StopAgent("fe", syscall.SIGTERM); err != nil {
+			return err
+		}
+		if err := b.c.StartAgent("fe"); err != nil {
+			return err
+		}
+		b.accept = fe.accept
+	}
+	if err := b.waitUp(fe); err != nil {
+		return err
+	}
+	if fe.accept != "" {
+		time.Sleep(time.Second) // the BEs' slots and sessions settle
+	}
+	return nil
+}
+
+// anyBE runs (a) for fe (accept = be) with the catch-all rule naming both
+// BEs, switched by a reload and back.
+func (b *bencher) anyBE(fe frontEnd) error {
+	set := func(catchAll string) error {
+		conf := b.c.ConfigFile("fe")
+		text, err := os.ReadFile(conf)
+		if err != nil {
+			return err
+		}
+		re := regexp.MustCompile(`(?m)^rule = \S+ \.\*$`)
+		if !re.Match(text) {
+			return fmt.Errorf("no catch-all rule in %s", conf)
+		}
+		if err := os.WriteFile(conf, re.ReplaceAll(text, []byte("rule = "+catchAll+" .*")), 0o644); err != nil {
+			return err
+		}
+		if _, err := b.c.Admin("fe", "reload"); err != nil {
+			return err
+		}
+		time.Sleep(time.Second)
+		return nil
+	}
+	be1, be2 := b.c.BEs[0].IP, b.c.BEs[1].IP
+	if err := set(be1 + "," + be2); err != nil {
+		return err
+	}
+	other := fe
+	other.name = bench.TCPHABEAny
+	r, err := b.wrk(other, "a")
+	if rerr := set(be1); err == nil {
+		err = rerr
+	}
+	if err != nil {
+		return err
+	}
+	b.run.Results = append(b.run.Results, r)
+	fmt.Printf("   (a) %-8s %9.0f req/s  FE CPU/req %v\n", other.name, r.RPS, r.CPUPerRequest())
+	return nil
+}
+
+// setKey sets an [fe] key in the FE's config file ([fe] is its last
+// section).
+func (b *bencher) setKey(key, value string) error {
+	conf := b.c.ConfigFile("fe")
+	text, err := os.ReadFile(conf)
+	if err != nil {
+		return err
+	}
+	lines := strings.Split(strings.TrimRight(string(text), "\n"), "\n")
+	lines = slices.DeleteFunc(lines, func(l string) bool { return strings.HasPrefix(l, key+" ") || strings.HasPrefix(l, key+"=") })
+	lines = append(lines, key+" = "+value)
+	return os.WriteFile(conf, []byte(strings.Join(lines, "\n")+"\n"), 0o644)
 }
 
 // setPHTTP switches the FE's phttp with a reload, and gives the cluster

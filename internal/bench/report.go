@@ -19,13 +19,18 @@ const (
 	// default, multi.
 	TCPHASingle  = "tcpha single"
 	TCPHAForward = "tcpha forward"
+	// TCPHABE is tcpha with [fe] accept = be (issue 14), on every
+	// workload; TCPHABEAny the same in (a) with rules that let either BE
+	// serve everything, so that every connection lands on its BE.
+	TCPHABE    = "tcpha be"
+	TCPHABEAny = "tcpha be any"
 )
 
 // FrontEnds lists them in report order.
-var FrontEnds = []string{TCPHA, TCPHASingle, TCPHAForward, HAProxy, Nginx, Direct}
+var FrontEnds = []string{TCPHA, TCPHASingle, TCPHAForward, TCPHABE, TCPHABEAny, HAProxy, Nginx, Direct}
 
 // variants are front ends measured in some workloads only.
-var variants = []string{TCPHASingle, TCPHAForward}
+var variants = []string{TCPHASingle, TCPHAForward, TCPHABEAny}
 
 // Workload describes one workload of the run.
 type Workload struct {
@@ -142,6 +147,14 @@ func (r *Run) Targets() []Target {
 		func(x Result) float64 { return x.RPS }, func(v float64) bool { return v >= 1 })
 	ratio("(a) FE process CPU per handoff vs HAProxy's per request", "≤ 1.0×", TCPHA, "a", HAProxy, "a",
 		cpu, func(v float64) bool { return v <= 1 })
+	ratio("(a) accept = be, every connection on its BE: FE process CPU per connection vs HAProxy's per request", "≤ 0.25×",
+		TCPHABEAny, "a", HAProxy, "a", cpu, func(v float64) bool { return v <= 0.25 })
+	ratio("(a) accept = be, half the connections moving: FE process CPU per connection vs HAProxy's per request", "≤ 1.0×",
+		TCPHABE, "a", HAProxy, "a", cpu, func(v float64) bool { return v <= 1 })
+	ratio("(a) accept = be, every connection on its BE: requests/s vs HAProxy's", "≥ 1.0×", TCPHABEAny, "a", HAProxy, "a",
+		func(x Result) float64 { return x.RPS }, func(v float64) bool { return v >= 1 })
+	ratio("(a) accept = be, half the connections moving: requests/s vs accept = fe's", "≥ 2×", TCPHABE, "a", TCPHA, "a",
+		func(x Result) float64 { return x.RPS }, func(v float64) bool { return v >= 2 })
 	ratio("(c) FE process CPU per request vs HAProxy's", "≤ 0.01×", TCPHA, "c", HAProxy, "c",
 		cpu, func(v float64) bool { return v <= 0.01 })
 	ratio("(d) FE process CPU for the download vs HAProxy's", "≤ 0.01×", TCPHA, "d", HAProxy, "d",
@@ -233,6 +246,7 @@ func (r *Run) Markdown(chart string) string {
 	w("- **haproxy**: HAProxy in `mode http` on the FE (same VIP, another port), `http-reuse always` to the same BEs' nginx.\n")
 	w("- **nginx**: nginx on the FE as a proxy (`proxy_pass`, upstream `keepalive`).\n")
 	w("- **direct**: the client straight to be1's nginx: the baseline.\n")
+	w("- **tcpha be** is tcpha with `[fe] accept = be`: the FE's packet path places each new connection on a BE by hash, and that BE reads the request and serves it or moves the connection to the BE the rules name (through the FE). With the bench's rules (`.jpg` on be2, the rest on be1) about half of the connections move. **tcpha be any**, in (a) only, makes the catch-all rule name both BEs, so that every connection lands on its BE.\n")
 	w("- In (f), (g) and (h), whose keep-alive connections ask for both BEs' content, **tcpha** runs its default, `phttp = multi`: the BE holding a connection gives it back to the FE, which moves it to the BE of its next request. **tcpha forward** is `phttp = forward`: that BE fetches the other BE's content from its nginx and relays it. **tcpha single** is `phttp = single`: every request stays on the connection's first BE (the wrong one for the other's content).\n\n")
 	w("Machine: %s. %s\n\n", r.Machine, strings.Join(r.Tools, "; "))
 	w("Load: %s. Client, FE, BEs and every server share the machine's cores, so figures are ratios within this run, not capacities; they move 20–40 %% between runs (FACTS.md).\n\n", r.Params)
