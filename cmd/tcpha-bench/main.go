@@ -9,7 +9,7 @@
 //
 // -smoke runs each workload for a second or two: it proves the harness (CI
 // runs it), it does not measure. -profile saves CPU profiles of the FE and
-// be1 agents taken during workloads (a) and (g).
+// be1 agents taken during workloads (a) and (g), for each tcpha front end.
 package main
 
 import (
@@ -152,7 +152,7 @@ func runBench(agent string, p params) (*bench.Run, error) {
 		PublicWWW: true, Metrics: true, NoAccessLog: true,
 		// Per-connection lines off: the bench measures the default path.
 		// A short drain: the FE agent restarts between accept modes.
-		FEExtra: "drain = 1\n", BEExtra: "",
+		FEExtra: "drain = 1\naccept = fe\n", BEExtra: "",
 	})
 	if err != nil {
 		return nil, err
@@ -498,10 +498,10 @@ func (b *bencher) load(fe frontEnd, w string, args []string, prof func() error) 
 // profiles starts CPU profiles of the FE and be1 agents for tcpha's runs
 // of (a) and (g), when asked for, and returns what waits for them.
 func (b *bencher) profiles(fe frontEnd, w string) func() error {
-	if fe.name != bench.TCPHA || w != "a" && w != "g" || b.p.profileDir == "" {
+	if fe.accept == "" || w != "a" && w != "g" || b.p.profileDir == "" {
 		return nil
 	}
-	return b.startProfiles(w)
+	return b.startProfiles(strings.ReplaceAll(fe.name, " ", "-") + "-" + w)
 }
 
 // startProfiles fetches CPU profiles from the FE and be1 agents while the
@@ -666,9 +666,8 @@ func (b *bencher) alternating(w string) error {
 func (b *bencher) use(fe frontEnd) error {
 	if fe.accept != "" && fe.accept != b.accept {
 		fmt.Printf("== restarting the FE agent with accept = %s\n", fe.accept)
-		if err := b.setKey("accept", fe.accept); err != nil {
-			return err
-		}
+		// A short drain: nothing is left to drain between workloads.
+		b.c.SetFEExtra("drain = 1\naccept = " + fe.accept + "\n")
 		if err := b.c.StopAgent("fe", syscall.SIGTERM); err != nil {
 			return err
 		}
@@ -724,20 +723,6 @@ func (b *bencher) anyBE(fe frontEnd) error {
 	b.run.Results = append(b.run.Results, r)
 	fmt.Printf("   (a) %-8s %9.0f req/s  FE CPU/req %v\n", other.name, r.RPS, r.CPUPerRequest())
 	return nil
-}
-
-// setKey sets an [fe] key in the FE's config file ([fe] is its last
-// section).
-func (b *bencher) setKey(key, value string) error {
-	conf := b.c.ConfigFile("fe")
-	text, err := os.ReadFile(conf)
-	if err != nil {
-		return err
-	}
-	lines := strings.Split(strings.TrimRight(string(text), "\n"), "\n")
-	lines = slices.DeleteFunc(lines, func(l string) bool { return strings.HasPrefix(l, key+" ") || strings.HasPrefix(l, key+"=") })
-	lines = append(lines, key+" = "+value)
-	return os.WriteFile(conf, []byte(strings.Join(lines, "\n")+"\n"), 0o644)
 }
 
 // setPHTTP switches the FE's phttp with a reload, and gives the cluster
