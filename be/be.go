@@ -14,6 +14,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -73,6 +74,10 @@ type BE struct {
 	// acceptor is the listener on VIP:port with the FE's accept = be
 	// (accept.go).
 	acceptor acceptor
+	// peers are the BE-to-BE sessions to the cluster's other BEs
+	// (direct.go); peerMu guards their changes against the stop.
+	peerMu sync.Mutex
+	peers  *ctl.Pool
 }
 
 // Start starts the back end; ln, when not nil, is its control listener,
@@ -122,6 +127,15 @@ func Start(ctx context.Context, cfg *config.BE, secret []byte, m *metrics.Metric
 		}
 		return c.(*net.TCPConn), nil
 	}}
+	// Sessions to the other BEs, for direct moves: they come with the
+	// FE's cluster frame.
+	b.peers = ctl.NewPool(&ctl.Config{
+		Secret: secret, Log: b.log,
+		Local: wire.Hello{Role: wire.RoleBE, Addr: ctlAddr, VIP: netip.AddrPortFrom(cfg.VAddr, 0)},
+		Handler: ctl.HandlerFunc(func(s *ctl.Session, f wire.Frame) {
+			s.Reply(f, ctl.AckFrame(wire.ResultInvalid, "a BE asks nothing of the BE that dialed it"))
+		}),
+	}, ctl.Dialer(cfg.RAddr), 1)
 	leaving := &handoff.Leaving{}
 	b.relay = relay.New(relay.Config{
 		Pool: b.pool, MaxHeader: cfg.MaxHeader, HeadTimeout: cfg.RequestTimeout,
@@ -164,6 +178,11 @@ func Start(ctx context.Context, cfg *config.BE, secret []byte, m *metrics.Metric
 			Secret: secret,
 			Local:  wire.Hello{Role: wire.RoleBE, Addr: ctlAddr, VIP: netip.AddrPortFrom(cfg.VAddr, 0)},
 			Handler: ctl.HandlerFunc(func(s *ctl.Session, f wire.Frame) {
+				if s.Peer.Role == wire.RoleBE && !slices.Contains(peerFrames, f.Type) {
+					b.log.Warn("frame refused from another BE", "op", "control", "type", f.Type.String(), "peer", s.Remote.String())
+					s.Reply(f, ctl.AckFrame(wire.ResultInvalid, f.Type.String()+" is not a BE's to send"))
+					return
+				}
 				if f.Type == wire.TypeCluster {
 					b.serveCluster(s, f)
 					return
@@ -175,7 +194,7 @@ func Start(ctx context.Context, cfg *config.BE, secret []byte, m *metrics.Metric
 			},
 			Log: b.log,
 		},
-		Member: func(a netip.Addr) bool { return (*b.members.Load())[a] },
+		Member: func(a netip.Addr) bool { return (*b.members.Load())[a] || b.isPeer(a) },
 		Admit:  b.admit,
 	}
 	// The web server's state, for the FEs' probes: checked now, then every
@@ -203,6 +222,18 @@ func Start(ctx context.Context, cfg *config.BE, secret []byte, m *metrics.Metric
 // so from its own address.
 func (b *BE) admit(remote net.Addr, h wire.Hello) error {
 	src := netaddr.AddrPort(remote).Addr()
+	if h.Role == wire.RoleBE {
+		// Another BE of the FE's cluster frame, for direct moves.
+		switch {
+		case !b.isPeer(src):
+			return fmt.Errorf("%v is not a BE of this cluster", src)
+		case h.Addr.Addr() != src:
+			return fmt.Errorf("hello claims %v but comes from %v", h.Addr.Addr(), src)
+		case h.VIP.Addr() != b.cfg.VAddr:
+			return fmt.Errorf("the BE serves VIP %v, this BE serves %v", h.VIP.Addr(), b.cfg.VAddr)
+		}
+		return nil
+	}
 	switch {
 	case h.Role != wire.RoleFE:
 		return fmt.Errorf("a %v may not open sessions to this BE", h.Role)
@@ -219,7 +250,17 @@ func (b *BE) admit(remote net.Addr, h wire.Hello) error {
 // check validates an offer beyond its VIP: it must be for the port its FE
 // serves, from a client that can be one, with nothing to send yet.
 func (b *BE) check(ci *wire.ConnInfo, from *ctl.Session) (wire.Result, error) {
-	if res, err := checkPort(ci, from.Peer); err != nil {
+	fe := from.Peer
+	if fe.Role == wire.RoleBE {
+		// A direct move: the ports are those of the FE whose cluster
+		// frame named the other BE.
+		c := b.cluster.Load()
+		if c == nil {
+			return wire.ResultInvalid, errors.New("no cluster frame from the FE yet")
+		}
+		fe = c.fe
+	}
+	if res, err := checkPort(ci, fe); err != nil {
 		return res, err
 	}
 	if err := handoff.CheckClient(ci, b.cfg.VAddr, b.local.Has); err != nil {
@@ -431,6 +472,12 @@ func (b *BE) Release() {
 		b.ln.Close()
 	}
 	b.stopAccepting()
+	b.peerMu.Lock()
+	if b.peers != nil {
+		b.peers.Close()
+		b.peers = nil
+	}
+	b.peerMu.Unlock()
 }
 
 // Status is the BE's part of `tcphactl status`. Its JSON follows
@@ -458,6 +505,17 @@ type Status struct {
 	Table        nft.TableStatus `json:"table"`
 }
 
+// feSessions counts the control sessions from FEs (not from other BEs).
+func (b *BE) feSessions() int {
+	n := 0
+	for _, s := range b.server.Sessions() {
+		if s.Peer.Role == wire.RoleFE {
+			n++
+		}
+	}
+	return n
+}
+
 // Status reads the BE's counters.
 func (b *BE) Status() Status {
 	s := b.recv.Stats()
@@ -466,7 +524,7 @@ func (b *BE) Status() Status {
 		VIP: b.cfg.VAddr.String(), Addr: b.cfg.RAddr.String(), Port: b.cfg.Port,
 		Upstream: b.cfg.Redirect().Addr().String(), UpstreamPort: b.cfg.Redirect().Port(),
 		ServerUp: b.serverUp.Load(), Relaying: rs.Active, Pending: s.Pending, Served: s.Served, Refused: s.Refused,
-		Sessions: len(b.server.Sessions()), Requests: rs.Requests, Dialed: rs.Upstream.Dialed, Reused: rs.Upstream.Reuses,
+		Sessions: b.feSessions(), Requests: rs.Requests, Dialed: rs.Upstream.Dialed, Reused: rs.Upstream.Reuses,
 		Idle: rs.Upstream.Idle, Retries: rs.Retries, BadGW: rs.BadGateways, Moved: rs.Moves, NotMoved: rs.MoveFailures,
 		Table: b.reinstalls.Status(),
 	}

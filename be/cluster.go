@@ -20,6 +20,9 @@ type beCluster struct {
 	phttp  wire.PHTTP
 	accept bool // the FE's accept = be
 	sched  *backends.Scheduler
+	// fe is the hello of the FE that sent the frame: its VIP ports, which
+	// direct moves from other BEs are checked against.
+	fe wire.Hello
 }
 
 // clusterOf compiles a cluster frame's payload.
@@ -64,6 +67,7 @@ func (b *BE) serveCluster(s *ctl.Session, f wire.Frame) {
 		s.Reply(f, ctl.AckFrame(wire.ResultInvalid, err.Error()))
 		return
 	}
+	c.fe = s.Peer
 	if c.accept {
 		if err := b.acceptOn(s.Peer.VIP); err != nil {
 			b.log.Warn("cluster frame refused: cannot accept new connections", "op", "cluster", "peer", s.Remote.String(), "err", err)
@@ -71,7 +75,9 @@ func (b *BE) serveCluster(s *ctl.Session, f wire.Frame) {
 			return
 		}
 	}
-	if old := b.cluster.Swap(c); old == nil || !bytes.Equal(old.raw, c.raw) { // two FEs may race
+	old := b.cluster.Swap(c)
+	b.setPeers(c)
+	if old == nil || !bytes.Equal(old.raw, c.raw) { // two FEs may race
 		b.log.Info("cluster rules from the FE", "op", "cluster", "peer", s.Remote.String(), "phttp", c.phttp.String(),
 			"servers", len(c.sched.Servers()))
 	}

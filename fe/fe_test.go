@@ -309,13 +309,13 @@ func TestAdmitMoveBusy(t *testing.T) {
 		f.moves <- struct{}{}
 	}
 	var res wire.Result
-	f.admitMove(be1, wire.Frame{Type: wire.TypeMigrate}, func(r wire.Result, _ string) { res = r })
+	f.admitMove(be1, wire.Frame{Type: wire.TypeMigrate}, f.migrate, func(r wire.Result, _ string) { res = r })
 	if res != wire.ResultBusy || f.notMoved.Load() != 1 {
 		t.Errorf("a migration beyond maxMoves: %v, not moved %d", res, f.notMoved.Load())
 	}
 	<-f.moves
 	done := make(chan wire.Result, 1)
-	f.admitMove(be1, wire.Frame{Type: wire.TypeMigrate}, func(r wire.Result, _ string) { done <- r })
+	f.admitMove(be1, wire.Frame{Type: wire.TypeMigrate}, f.migrate, func(r wire.Result, _ string) { done <- r })
 	if r := <-done; r != wire.ResultBadFrame {
 		t.Errorf("an admitted migration of garbage: %v", r)
 	}

@@ -4,10 +4,12 @@ import (
 	"errors"
 	"net/netip"
 	"testing"
+	"time"
 
 	"tcpha/backends"
 	"tcpha/config"
 	"tcpha/handoff/conntab"
+	"tcpha/handoff/wire"
 )
 
 // kernelHolders is the forward map as the moves' look-ups see it.
@@ -80,5 +82,58 @@ func TestPlacementOnlyAcceptingBEs(t *testing.T) {
 	flows.mu.Unlock()
 	if n != 2 {
 		t.Errorf("%d table edits, want 2", n)
+	}
+}
+
+// A BE-to-BE move's switch is taken only from the BE that holds the flow,
+// and only to a BE that takes connections; a refused one leaves the
+// forwarding as it was. With accept = fe the table says who holds it.
+func TestSwitchOnlyFromHolder(t *testing.T) {
+	f, flows, _ := testFE(t, 0)
+	flow := netip.MustParseAddrPort("10.0.0.5:40000")
+	if err := f.table.Begin(flow, time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.table.Handed(flow, be1, time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	frame := func(to netip.Addr) wire.Frame {
+		p, err := wire.Switch{Client: flow, To: to}.MarshalBinary()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return wire.Frame{Type: wire.TypeSwitch, Payload: p}
+	}
+	if res, why := f.switchFlow(be2, frame(be2)); res != wire.ResultInvalid {
+		t.Errorf("a switch to the asker itself: %v %s", res, why)
+	}
+	if res, why := f.switchFlow(be2, frame(be1)); res != wire.ResultUnknown {
+		t.Errorf("be2 switching be1's flow to be1: %v %s", res, why)
+	}
+	other := netip.MustParseAddr("10.0.0.13")
+	if res, _ := f.switchFlow(be1, frame(other)); res != wire.ResultInvalid {
+		t.Errorf("a switch to an unknown BE: %v", res)
+	}
+	stranger := netip.MustParseAddr("10.0.0.99")
+	if res, _ := f.switchFlow(stranger, frame(be2)); res != wire.ResultUnknown {
+		t.Errorf("a switch from a BE that does not hold the flow: %v", res)
+	}
+	if c, _ := f.table.Get(flow); c.BE != be1 || c.State != conntab.Handoffed {
+		t.Fatalf("after refused switches: %+v", c)
+	}
+	flows.mu.Lock()
+	refusedCalls := len(flows.calls)
+	flows.mu.Unlock()
+	if refusedCalls != 0 {
+		t.Errorf("refused switches edited the kernel: %q", flows.calls)
+	}
+	if res, why := f.switchFlow(be1, frame(be2)); res != wire.ResultOK {
+		t.Fatalf("be1 switching its flow to be2: %v %s", res, why)
+	}
+	if c, _ := f.table.Get(flow); c.BE != be2 || c.State != conntab.Handoffed {
+		t.Errorf("after the switch: %+v", c)
+	}
+	if res, _ := f.switchFlow(be1, frame(be2)); res != wire.ResultUnknown {
+		t.Errorf("be1 switching a flow it gave away: %v", res)
 	}
 }
