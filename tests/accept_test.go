@@ -106,3 +106,65 @@ func TestAcceptBE(t *testing.T) {
 		time.Sleep(500 * time.Millisecond)
 	}
 }
+
+// A SYN flood from spoofed addresses (hping3 on mallory) with accept = be:
+// the FE's stack answers none of it, the pins of flows that never ask lapse
+// after pintimeout, the forward map never passes its size, and a
+// legitimate client is served all along, each request by its BE.
+func TestAcceptBESYNFlood(t *testing.T) {
+	c := newCluster(t, cluster.Options{BEs: 2, Mallory: true, Rules: []string{`rule = be2 \.jpg$`, `rule = be1 .*`},
+		FEExtra: "accept = be\ntimewait = 2\npintimeout = 2\n"})
+	for deadline := time.Now().Add(10 * time.Second); !strings.Contains(c.Grep("fe", "placement changed"), "10.77.0.12="); time.Sleep(100 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the FE placed no flow on both BEs")
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	flood := c.Exec(ctx, "mallory", "hping3", "-q", "-S", "-p", "80", "-i", "u10", "--rand-source", cluster.VIP)
+	if err := flood.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { flood.Process.Kill(); flood.Wait() }()
+	// Every segment the FE's eth0 sends from the VIP came from its own
+	// stack.
+	capt := startCapture(t, c, "fe", "tcp and src host "+cluster.VIP)
+	time.Sleep(time.Second)
+	var maxPins int
+	start := time.Now()
+	for i := range 10 {
+		path, want := "/index.html", "200 be1"
+		if i%2 == 1 {
+			path, want = "/img/a.jpg", "200 be2"
+		}
+		out, err := c.Output(ctx, "client", "curl", "-sS", "-m", "5", "-o", "/dev/null", "-w", "%{http_code} %header{x-served-by}", url+path)
+		if err != nil || strings.TrimSpace(out) != want {
+			t.Errorf("request %d during the flood: %q %v, want %s", i, out, err, want)
+		}
+		if i%3 == 0 {
+			maxPins = max(maxPins, setElements(t, c, "map", "forward"))
+		}
+	}
+	flood.Process.Kill()
+	flood.Wait()
+	t.Logf("up to %d flows pinned during the flood; 10 requests took %v", maxPins, time.Since(start).Round(time.Millisecond))
+	if maxPins < 1000 {
+		t.Errorf("only %d flows pinned: the flood did not reach the FE", maxPins)
+	}
+	if maxPins > 1<<18 {
+		t.Errorf("%d flows pinned, beyond the map's size", maxPins)
+	}
+	if sent := capt.stop(t); sent != 0 {
+		t.Errorf("the FE's stack sent %d TCP segments from the VIP during the flood", sent)
+	}
+	// The flood's pins never asked: they lapse after pintimeout.
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(500 * time.Millisecond) {
+		n := setElements(t, c, "map", "forward")
+		if n == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d pins left 10 s after the flood", n)
+		}
+	}
+}
