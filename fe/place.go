@@ -46,9 +46,50 @@ type placer struct {
 	look   holders
 }
 
-// holders looks up which BE the kernel forwards a flow to (nft.Reader).
+// holders looks up which BE the kernel forwards a flow to, and lists the
+// pinned flows (nft.Reader).
 type holders interface {
 	Get(flow netip.AddrPort) (netip.Addr, bool, error)
+	Members(set string) (map[netip.AddrPort]netip.Addr, error)
+}
+
+// pinnedRows are the flows the kernel forwards with accept = be, as
+// `tcphactl conns` shows them: TIME_WAIT once the client sent a FIN or
+// RST, HANDOFFED once it sent a request, PINNED before. The kernel keeps
+// no age. A listing may miss a flow edited meanwhile (nft.Reader).
+func (p *placer) pinnedRows() ([]connRow, error) {
+	p.lookMu.Lock()
+	defer p.lookMu.Unlock()
+	fwd, err := p.look.Members(nft.MapForward)
+	if err != nil {
+		return nil, err
+	}
+	closing, err := p.look.Members(nft.SetClosing)
+	if err != nil {
+		return nil, err
+	}
+	alive, err := p.look.Members(nft.SetAlive)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]connRow, 0, len(fwd))
+	for flow, be := range fwd {
+		state := "PINNED"
+		if _, ok := alive[flow]; ok {
+			state = conntab.Handoffed.String()
+		}
+		if _, ok := closing[flow]; ok {
+			state = conntab.TimeWait.String()
+		}
+		out = append(out, connRow{Client: flow.Addr().String(), ClientPort: flow.Port(), BE: be.String(), State: state})
+	}
+	slices.SortFunc(out, func(a, b connRow) int {
+		if c := netip.MustParseAddr(a.Client).Compare(netip.MustParseAddr(b.Client)); c != 0 {
+			return c
+		}
+		return int(a.ClientPort) - int(b.ClientPort)
+	})
+	return out, nil
 }
 
 func newPlacer() *placer {

@@ -10,6 +10,7 @@ import (
 	"tcpha/config"
 	"tcpha/handoff/conntab"
 	"tcpha/handoff/wire"
+	"tcpha/nft"
 )
 
 // kernelHolders is the forward map as the moves' look-ups see it.
@@ -18,6 +19,13 @@ type kernelHolders map[netip.AddrPort]netip.Addr
 func (k kernelHolders) Get(flow netip.AddrPort) (netip.Addr, bool, error) {
 	be, ok := k[flow]
 	return be, ok, nil
+}
+
+func (k kernelHolders) Members(set string) (map[netip.AddrPort]netip.Addr, error) {
+	if set == nft.MapForward {
+		return k, nil
+	}
+	return map[netip.AddrPort]netip.Addr{}, nil
 }
 
 // With accept = be a BE may move only a connection the kernel forwards to

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -42,6 +43,21 @@ func TestAcceptBE(t *testing.T) {
 	if got := servedBy(t, c, "/img/a.jpg"); got != "200 be2" {
 		t.Errorf("/img/a.jpg: %q, want 200 be2", got)
 	}
+	// tcphactl conns on the FE lists a held connection from the kernel's
+	// pins, with the BE that serves it.
+	ka := dialKeepAlive(t, c)
+	if got, err := ka.get("/img/a.jpg"); err != nil || got != "200 be2" {
+		t.Fatalf("keep-alive: %q %v", got, err)
+	}
+	local := ka.conn.LocalAddr().String()
+	conns, err := c.Admin("fe", "conns")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !regexp.MustCompile(regexp.QuoteMeta(local) + `\s+` + regexp.QuoteMeta(c.BEs[1].IP) + `\s+HANDOFFED`).MatchString(conns) {
+		t.Errorf("tcphactl conns does not show %s on be2:\n%s", local, conns)
+	}
+	ka.conn.Close()
 	// Every segment the FE's eth0 sends from the VIP came from its own
 	// stack: the BEs answer clients from their own links.
 	capt := startCapture(t, c, "fe", "tcp and src host "+cluster.VIP)
