@@ -7,7 +7,7 @@ export PATH := $(PATH):/usr/sbin:/sbin
 # toolchain through the module proxy; Debian's go.env says "local".
 export GOTOOLCHAIN ?= auto
 
-.PHONY: all build demo test unit bench fuzz check deps install uninstall clean
+.PHONY: all build demo test unit bench bench-https fuzz check deps install uninstall clean
 
 all: build
 
@@ -48,11 +48,21 @@ bench: deps build
 	$(GO) test -run '^$$' -bench . -benchmem ./handoff/... ./phttp/... ./frontend/... ./backends/...
 	$(BIN)/tcpha-bench -agent $(BIN)/tcpha-agent -out docs/benchmarks.md -chart docs/benchmarks.png
 
+# The HTTPS workloads (j), (k), (l) alone (about three minutes): rewrites
+# the HTTPS part of docs/benchmarks.md and keeps the rest. NOTE="..." is
+# said next to the figures (e.g. how busy the machine was).
+bench-https: deps build
+	$(BIN)/tcpha-bench -agent $(BIN)/tcpha-agent -only j,k,l -out docs/benchmarks.md -note "$(NOTE)"
+
 MANDIR  ?= $(PREFIX)/share/man
 SYSTEMD ?= /etc/systemd/system
 
-# The unit's paths follow PREFIX; the config holds the cluster secret, so
-# only root and the tcpha group read it, and an existing one is kept.
+# Binaries and man pages go under PREFIX; the unit goes to SYSTEMD
+# (/etc/systemd/system, where systemd looks whatever PREFIX is) with its
+# paths rewritten to PREFIX. The config holds the cluster secret: it is
+# installed 0640 and, installed by root, root:root, so only root reads it
+# (no group is created; chgrp gives it to a group of your own). An existing
+# config is kept.
 install: build
 	install -D -m 0755 $(BIN)/tcpha-agent $(DESTDIR)$(PREFIX)/sbin/tcpha-agent
 	install -D -m 0755 $(BIN)/tcphactl $(DESTDIR)$(PREFIX)/bin/tcphactl

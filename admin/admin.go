@@ -19,7 +19,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"maps"
 	"net"
 	"os"
 	"path/filepath"
@@ -58,16 +57,24 @@ type Request struct {
 }
 
 // ErrUsage lists the commands.
-var ErrUsage = errors.New("want status, backends, conns, loglevel N, dtcinterval SECONDS, drain ADDR, enable ADDR, " +
-	"weight ADDR N or reload, optionally after json")
+var ErrUsage = errors.New("want status, backends, rates, rules, conns [be=ADDR] [state=STATE] [client=ADDR], " +
+	"loglevel N, dtcinterval SECONDS, drain ADDR, enable ADDR, maint ADDR, ready ADDR, kill ADDR, " +
+	"weight ADDR N, clear counters or reload, optionally after json")
 
-// arity is each command's number of arguments.
-var arity = map[string]int{"status": 0, "backends": 0, "conns": 0, "reload": 0, "loglevel": 1,
-	"dtcinterval": 1, "drain": 1, "enable": 1, "weight": 2}
+// arity is each command's least and most number of arguments.
+var arity = map[string][2]int{"status": {0, 0}, "backends": {0, 0}, "rates": {0, 0}, "rules": {0, 0},
+	"conns": {0, 3}, "reload": {0, 0}, "loglevel": {1, 1}, "dtcinterval": {1, 1}, "drain": {1, 1},
+	"enable": {1, 1}, "maint": {1, 1}, "ready": {1, 1}, "kill": {1, 1}, "weight": {2, 2}, "clear": {1, 1}}
 
-// Commands lists the commands and their numbers of arguments, so that a
+// Commands lists the commands and the arguments each needs, so that a
 // test can walk every one.
-func Commands() map[string]int { return maps.Clone(arity) }
+func Commands() map[string]int {
+	out := map[string]int{}
+	for c, n := range arity {
+		out[c] = n[0]
+	}
+	return out
+}
 
 // Parse reads one request line.
 func Parse(line string) (Request, error) {
@@ -84,8 +91,18 @@ func Parse(line string) (Request, error) {
 	if !ok {
 		return r, fmt.Errorf("unknown command %q: %w", r.Cmd, ErrUsage)
 	}
-	if len(r.Args) != n {
-		return r, fmt.Errorf("%s takes %d argument(s), got %d", r.Cmd, n, len(r.Args))
+	switch {
+	case n[0] == n[1] && len(r.Args) != n[0]:
+		return r, fmt.Errorf("%s takes %d argument(s), got %d", r.Cmd, n[0], len(r.Args))
+	case len(r.Args) < n[0] || len(r.Args) > n[1]:
+		return r, fmt.Errorf("%s takes %d to %d arguments, got %d", r.Cmd, n[0], n[1], len(r.Args))
+	case r.Cmd == "clear" && r.Args[0] != "counters":
+		return r, fmt.Errorf("clear %q: want clear counters", r.Args[0])
+	}
+	if r.Cmd == "conns" {
+		if _, err := ParseConnFilter(r.Args); err != nil {
+			return r, err
+		}
 	}
 	return r, nil
 }

@@ -13,6 +13,7 @@ import (
 	"tcpha/be"
 	"tcpha/config"
 	"tcpha/fe"
+	"tcpha/internal/version"
 
 	"golang.org/x/sys/unix"
 )
@@ -39,7 +40,11 @@ func (r *runner) command(req admin.Request) (any, string, error) {
 			if r.f != nil {
 				text.WriteString("\nbe:\n")
 			}
-			beConns = r.b.Conns(&text)
+			flt, err := admin.ParseConnFilter(args)
+			if err != nil {
+				return nil, "", err
+			}
+			beConns = r.b.Conns(&text, flt)
 		}
 		switch {
 		case r.f != nil && r.b != nil:
@@ -49,7 +54,7 @@ func (r *runner) command(req admin.Request) (any, string, error) {
 		default:
 			v = beConns
 		}
-	case "backends", "dtcinterval", "drain", "enable", "weight":
+	case "backends", "dtcinterval", "drain", "enable", "weight", "maint", "ready", "kill", "rules", "rates", "clear":
 		if r.f == nil {
 			return nil, "", fmt.Errorf("%s: this host has no fe role", cmd)
 		}
@@ -82,15 +87,23 @@ func (r *runner) command(req admin.Request) (any, string, error) {
 	return v, text.String(), nil
 }
 
+// started is when this agent process started, for its uptime (an
+// upgraded agent's is its own).
+var started = time.Now()
+
 // agentStatus is `tcphactl status`.
 type agentStatus struct {
-	PID int        `json:"pid"`
-	FE  *fe.Status `json:"fe,omitempty"`
-	BE  *be.Status `json:"be,omitempty"`
+	PID     int        `json:"pid"`
+	Version string     `json:"version"`
+	Started time.Time  `json:"started"`
+	Uptime  float64    `json:"uptime_seconds"`
+	FE      *fe.Status `json:"fe,omitempty"`
+	BE      *be.Status `json:"be,omitempty"`
 }
 
 func (r *runner) status() agentStatus {
-	st := agentStatus{PID: os.Getpid()}
+	st := agentStatus{PID: os.Getpid(), Version: version.String(), Started: started,
+		Uptime: time.Since(started).Truncate(time.Second).Seconds()}
 	if r.f != nil {
 		s := r.f.Status()
 		st.FE = &s
@@ -103,6 +116,8 @@ func (r *runner) status() agentStatus {
 }
 
 func (st agentStatus) write(w io.Writer) {
+	fmt.Fprintf(w, "tcpha-agent %s pid=%d up %s since %s\n", st.Version, st.PID,
+		time.Duration(st.Uptime)*time.Second, st.Started.Format(time.RFC3339))
 	if st.FE != nil {
 		st.FE.Write(w, st.PID)
 	}
@@ -128,6 +143,9 @@ func (r *runner) reloadNow(notify func(string)) error {
 		}
 	}
 	next, err := config.Load(r.cfg.File)
+	if r.m != nil {
+		r.m.ObserveReload(err == nil, time.Now())
+	}
 	if err != nil {
 		r.log.Error("reload refused: the running config stays", "op", "reload", "err", err)
 		return fmt.Errorf("reload refused, the running config stays: %w", err)

@@ -31,6 +31,8 @@ type Options struct {
 	// Live, if set, is this FE's count of a BE's open connections; a BE's
 	// load is the larger of that and what its last probe reported.
 	Live func(netip.Addr) int
+	// Now is the clock of the BEs' state changes; nil: time.Now.
+	Now func() time.Time
 }
 
 // LARD's thresholds, in connections (Pai et al.): a path moves off its BE
@@ -55,12 +57,29 @@ type Scheduler struct {
 	rules []*rule
 	bes   map[netip.Addr]*backend
 	lard  map[string]netip.Addr
+	// hits are the requests each rule routed, by ruleKey: kept across a
+	// rebuild (a registration, a reload that keeps the rule).
+	hits map[string]int64
 }
 
 type rule struct {
 	Rule
 	policy Policy
 	swrr   map[netip.Addr]int // smooth weighted round robin's current weights
+	key    string             // ruleKey
+}
+
+// ruleKey names a rule by what it says and where it is written, so that
+// its hit count survives a rebuild that keeps it.
+func ruleKey(r Rule) string {
+	host, pat := "", ""
+	if r.Host != nil {
+		host = r.Host.String()
+	}
+	if r.Pattern != nil {
+		pat = r.Pattern.String()
+	}
+	return fmt.Sprintf("%d %s %s host=%s %s", r.Line, r.TargetString(), r.Policy, host, pat)
 }
 
 // backend is one BE's state.
@@ -71,15 +90,23 @@ type backend struct {
 	healthy    bool // by probes: Fall bad in a row make it false, Rise good true
 	good, bad  int
 	draining   bool // an operator's drain: no new connections
+	maint      bool // an operator's maint: forced down until ready
 	active     int  // connections, by the last probe
 	others     int  // of those, not this FE's (other FEs', say)
 	handoffs   int64
 	failures   int64
 	lastProbe  time.Time
 	lastErr    string
+	// lastChange is when available() last changed (or the BE was added);
+	// downtime the time it spent unavailable before downSince, the start
+	// of its current down period (zero while available).
+	lastChange, downSince time.Time
+	downtime              time.Duration
 }
 
-func (b *backend) available() bool { return b.session && b.healthy }
+// available: it may be scheduled. maint is forced down: no probe, no
+// session brings it back, only ready.
+func (b *backend) available() bool { return b.session && b.healthy && !b.maint }
 func (b *backend) usable() bool    { return b.available() && !b.draining && b.srv.Weight > 0 }
 
 // NewScheduler schedules by t.
@@ -90,7 +117,10 @@ func NewScheduler(t Table, opt Options) *Scheduler {
 	if opt.Fall <= 0 {
 		opt.Fall = 3
 	}
-	s := &Scheduler{opt: opt, bes: map[netip.Addr]*backend{}, lard: map[string]netip.Addr{}}
+	if opt.Now == nil {
+		opt.Now = time.Now
+	}
+	s := &Scheduler{opt: opt, bes: map[netip.Addr]*backend{}, lard: map[string]netip.Addr{}, hits: map[string]int64{}}
 	s.SetTable(t)
 	return s
 }
@@ -119,7 +149,9 @@ func (s *Scheduler) rebuild() {
 		keep[srv.Addr] = true
 		b := s.bes[srv.Addr]
 		if b == nil {
-			b = &backend{healthy: true}
+			// Down until its control session is up.
+			now := s.opt.Now()
+			b = &backend{healthy: true, lastChange: now, downSince: now}
 			s.bes[srv.Addr] = b
 		}
 		b.srv, b.registered = srv, registered
@@ -144,6 +176,11 @@ func (s *Scheduler) rebuild() {
 			delete(s.bes, a)
 		}
 	}
+	kept := map[string]int64{}
+	for _, x := range rules {
+		kept[x.key] = s.hits[x.key]
+	}
+	s.hits = kept
 	s.rules = rules
 	clear(s.lard)
 }
@@ -156,7 +193,7 @@ func (s *Scheduler) compile(r Rule) *rule {
 	if p == "" {
 		p = RoundRobin
 	}
-	return &rule{Rule: r, policy: p, swrr: map[netip.Addr]int{}}
+	return &rule{Rule: r, policy: p, swrr: map[netip.Addr]int{}, key: ruleKey(r)}
 }
 
 // Servers lists every BE, configured and registered.
@@ -242,6 +279,10 @@ func (s *Scheduler) Named(q Request) []netip.Addr {
 			break
 		}
 		for _, t := range x.Targets {
+			// A BE in maint is forced down, its web server included.
+			if b := s.bes[t]; b != nil && b.maint {
+				continue
+			}
 			if !slices.Contains(out, t) {
 				out = append(out, t)
 			}
@@ -305,7 +346,18 @@ func (s *Scheduler) change(a netip.Addr, f func(b *backend)) (Change, error) {
 	}
 	before := b.available()
 	f(b)
-	return Change{Changed: before != b.available(), Available: b.available()}, nil
+	now := b.available()
+	if before != now {
+		t := s.opt.Now()
+		b.lastChange = t
+		if now {
+			b.downtime += t.Sub(b.downSince)
+			b.downSince = time.Time{}
+		} else {
+			b.downSince = t
+		}
+	}
+	return Change{Changed: before != now, Available: now}, nil
 }
 
 // Session records whether a's control sessions are up; without one it
@@ -343,6 +395,70 @@ func (s *Scheduler) Probe(a netip.Addr, ok bool, active int, why string, now tim
 func (s *Scheduler) SetDraining(a netip.Addr, draining bool) error {
 	_, err := s.change(a, func(b *backend) { b.draining = draining })
 	return err
+}
+
+// SetMaint forces a down (maint: no new connections, open ones stay, and
+// no probe brings it back), or lets probes and sessions decide again
+// (ready). Unlike a drain it makes a unavailable: tcpha_backend_up is 0,
+// its downtime runs, and a rule left without BEs falls through.
+func (s *Scheduler) SetMaint(a netip.Addr, maint bool) (Change, error) {
+	return s.change(a, func(b *backend) { b.maint = maint })
+}
+
+// ClearCounters zeroes what `tcphactl clear counters` clears: every BE's
+// handoffs, failures and downtime (a BE down now counts from now) and the
+// rules' hits.
+func (s *Scheduler) ClearCounters() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	now := s.opt.Now()
+	for _, b := range s.bes {
+		b.handoffs, b.failures, b.downtime = 0, 0, 0
+		if !b.downSince.IsZero() {
+			b.downSince = now
+		}
+	}
+	for k := range s.hits {
+		s.hits[k] = 0
+	}
+}
+
+// RuleStatus is one rule as `tcphactl rules` shows it: registered BEs'
+// first, then the file's, in the order they are tried.
+type RuleStatus struct {
+	Line       int    `json:"line"` // in the file; 0 for a registered BE's
+	Targets    string `json:"targets"`
+	Scheduler  string `json:"scheduler"`
+	Host       string `json:"host"`
+	Pattern    string `json:"pattern"`
+	Registered bool   `json:"registered"`
+	Hits       int64  `json:"hits"`
+}
+
+// Rules lists the running rules with the requests each routed.
+func (s *Scheduler) Rules() []RuleStatus {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := make([]RuleStatus, 0, len(s.rules))
+	nreg := 0
+	for _, r := range s.regs {
+		nreg += len(r.Rules)
+	}
+	for i, x := range s.rules {
+		rs := RuleStatus{Line: x.Line, Targets: x.TargetString(), Scheduler: string(x.policy), Hits: s.hits[x.key],
+			Registered: i < nreg}
+		if x.Local {
+			rs.Scheduler = ""
+		}
+		if x.Host != nil {
+			rs.Host = x.Host.String()
+		}
+		if x.Pattern != nil {
+			rs.Pattern = x.Pattern.String()
+		}
+		out = append(out, rs)
+	}
+	return out
 }
 
 // SetWeight changes a's weight until the next reload.
@@ -393,6 +509,7 @@ type Status struct {
 	Weight     int       `json:"weight"`
 	Available  bool      `json:"available"`
 	Draining   bool      `json:"draining"`
+	Maint      bool      `json:"maint"`
 	Registered bool      `json:"registered"`
 	Session    bool      `json:"session"`
 	Active     int       `json:"active"`
@@ -401,6 +518,11 @@ type Status struct {
 	Failures   int64     `json:"failures"`
 	LastProbe  time.Time `json:"last_probe,omitzero"`
 	LastError  string    `json:"last_error,omitempty"`
+	// LastChange is when the BE last became available or unavailable;
+	// Downtime the time it has been unavailable since it was added (or
+	// the counters were cleared), its current down period included.
+	LastChange time.Time `json:"last_change"`
+	Downtime   float64   `json:"downtime_seconds"`
 }
 
 // Statuses returns every BE's state, by address.
@@ -408,11 +530,17 @@ func (s *Scheduler) Statuses() []Status {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	out := make([]Status, 0, len(s.bes))
+	now := s.opt.Now()
 	for a, b := range s.bes {
+		down := b.downtime
+		if !b.downSince.IsZero() {
+			down += now.Sub(b.downSince)
+		}
 		st := Status{
 			Server: b.srv, Addr: a.String(), Port: b.srv.Port, Weight: b.srv.Weight,
-			Available: b.available(), Draining: b.draining, Registered: b.registered, Session: b.session,
+			Available: b.available(), Draining: b.draining, Maint: b.maint, Registered: b.registered, Session: b.session,
 			Active: b.active, Handoffs: b.handoffs, Failures: b.failures, LastProbe: b.lastProbe, LastError: b.lastErr,
+			LastChange: b.lastChange, Downtime: down.Seconds(),
 		}
 		if s.opt.Live != nil {
 			st.Live = s.opt.Live(a)
@@ -441,6 +569,7 @@ func (s *Scheduler) Route(q Request) Route {
 		}
 		if x.Local {
 			if len(r.BEs) == 0 {
+				s.hits[x.key]++
 				return Route{Local: true}
 			}
 			r.Local = true
@@ -459,6 +588,8 @@ func (s *Scheduler) Route(q Request) Route {
 			s.order(x, cands, q)
 		}
 		if seen == nil {
+			// The first rule that gives BEs is the one that routed it.
+			s.hits[x.key]++
 			seen = map[netip.Addr]bool{}
 		}
 		for _, a := range cands {

@@ -7,6 +7,7 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"tcpha/admin"
 	"tcpha/handoff/conntab"
 )
 
@@ -20,12 +21,16 @@ type ConnRow struct {
 	Requests   int     `json:"requests"`
 }
 
-// Conns writes the connections the relay serves to text and returns them.
-func (b *BE) Conns(text io.Writer) []ConnRow {
+// Conns writes the connections the relay serves that flt passes (a BE's
+// rows have no be) to text and returns them.
+func (b *BE) Conns(text io.Writer, flt admin.ConnFilter) []ConnRow {
 	now := time.Now()
 	rows := []ConnRow{}
 	for _, c := range b.relay.Conns() {
 		state := c.State.String()
+		if !flt.Match(c.Client, netip.Addr{}, state) {
+			continue
+		}
 		switch {
 		case c.State != conntab.Established:
 		case c.Busy:

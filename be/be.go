@@ -22,6 +22,7 @@ import (
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
+	"tcpha/backends"
 	"tcpha/config"
 	"tcpha/handoff"
 	"tcpha/handoff/ctl"
@@ -54,12 +55,17 @@ type BE struct {
 	// serverUp is the web server's state by the last check; draining is
 	// set once the BE stops taking handoffs.
 	serverUp, draining atomic.Bool
-	members            atomic.Pointer[map[netip.Addr]bool]
-	registrar          *register.Client
-	registering        context.Context
-	stopRegistering    context.CancelFunc
-	handingOver        atomic.Bool
-	background         sync.WaitGroup
+	// asked is the web server check the FEs' probes ask for (the default
+	// until one asks), own this BE's [be] check lines over it; checkWake
+	// makes checkLoop run a newly asked check at once.
+	asked, own      atomic.Pointer[backends.Check]
+	checkWake       chan struct{}
+	members         atomic.Pointer[map[netip.Addr]bool]
+	registrar       *register.Client
+	registering     context.Context
+	stopRegistering context.CancelFunc
+	handingOver     atomic.Bool
+	background      sync.WaitGroup
 	// serveEnded is set when the control listener's accept loop ends.
 	serveEnded atomic.Bool
 	// cluster is the FE's last cluster frame; web the keep-alive pools to
@@ -183,23 +189,30 @@ func Start(ctx context.Context, cfg *config.BE, secret []byte, m *metrics.Metric
 					s.Reply(f, ctl.AckFrame(wire.ResultInvalid, f.Type.String()+" is not a BE's to send"))
 					return
 				}
-				if f.Type == wire.TypeCluster {
+				switch f.Type {
+				case wire.TypeCluster:
 					b.serveCluster(s, f)
+					return
+				case wire.TypeStats:
+					// Atomic loads only: answered on the session's reader.
+					p, _ := b.relayStats().MarshalBinary()
+					s.Reply(f, wire.Frame{Type: wire.TypeStatsReply, Payload: p})
 					return
 				}
 				b.recv.Serve(s, f)
 			}),
-			Health: func() wire.Health {
-				return wire.Health{ServerUp: b.serverUp.Load(), Draining: b.draining.Load(), Active: uint32(b.relay.Active())}
-			},
-			Log: b.log,
+			Health: b.health,
+			Log:    b.log,
 		},
 		Member: func(a netip.Addr) bool { return (*b.members.Load())[a] || b.isPeer(a) },
 		Admit:  b.admit,
 	}
 	// The web server's state, for the FEs' probes: checked now, then every
 	// second in the background (a probe must not wait for it).
-	b.serverUp.Store(relay.Check(ctx, up.String(), 500*time.Millisecond) == nil)
+	b.checkWake = make(chan struct{}, 1)
+	b.asked.Store(&backends.DefaultCheck)
+	b.own.Store(&cfg.Check)
+	b.serverUp.Store(relay.Check(ctx, up.String(), b.webCheck(), 500*time.Millisecond) == nil)
 	if cfg.DRegister {
 		var fes []netip.AddrPort
 		for _, a := range cfg.FEAddrs {
@@ -212,6 +225,7 @@ func Start(ctx context.Context, cfg *config.BE, secret []byte, m *metrics.Metric
 		}
 		b.registering, b.stopRegistering = context.WithCancel(context.Background())
 	}
+	m.Registry.MustRegister(collector{b})
 	ok = true
 	b.log.Info("back end ready", "op", "start", "vip", cfg.VAddr.String(), "handoff_port", cfg.Port,
 		"upstream", up.String(), "uaddr", cfg.UAddr.String(), "fe", fmt.Sprint(cfg.FEAddrs), "authenticated", len(secret) > 0)
@@ -363,6 +377,25 @@ func (b *BE) unregister(handover bool) {
 	b.stopRegistering()
 }
 
+// health answers an FE's probe from the last check of the web server. A
+// probe asking for another check than the one running (a new FE, a
+// reload) makes checkLoop run it at once; until then, for that one
+// probe, the answer is the previous check's.
+func (b *BE) health(probe []byte) wire.Health {
+	if c, ok := backends.Asked(probe, backends.Check{}); ok && c.String() != b.asked.Load().String() {
+		b.asked.Store(&c)
+		b.log.Info("web server check asked for", "op", "detect", "check", c.String())
+		select {
+		case b.checkWake <- struct{}{}:
+		default:
+		}
+	}
+	return wire.Health{ServerUp: b.serverUp.Load(), Draining: b.draining.Load(), Active: uint32(b.relay.Active())}
+}
+
+// webCheck is the check in force: the one asked for under this BE's own.
+func (b *BE) webCheck() backends.Check { return b.asked.Load().Override(*b.own.Load()) }
+
 // checkLoop checks the web server every second and logs when its state
 // changes.
 func (b *BE) checkLoop(ctx context.Context) {
@@ -372,8 +405,9 @@ func (b *BE) checkLoop(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case <-time.After(time.Second):
+		case <-b.checkWake:
 		}
-		err := relay.Check(ctx, addr, time.Second)
+		err := relay.Check(ctx, addr, b.webCheck(), time.Second)
 		if ctx.Err() != nil {
 			return
 		}
@@ -543,6 +577,7 @@ func (st Status) Write(w io.Writer, pid int) {
 // Reload applies a re-read [be]: the FEs it takes sessions from.
 func (b *BE) Reload(next *config.BE) {
 	b.setMembers(next.FEAddrs)
+	b.own.Store(&next.Check)
 }
 
 // setMembers sets the FEs whose sessions this BE accepts.

@@ -77,6 +77,10 @@ type FE struct {
 	Rules           []backends.Rule
 	// Scheduler is the default policy of rules naming several BEs.
 	Scheduler backends.Policy
+	// Check is the request each BE's agent sends its web server for a
+	// probe, and the statuses that count as up ([fe] check,
+	// checkexpect); a BE's own lines override it.
+	Check backends.Check
 	// Rise good probes make a BE available again, Fall bad ones
 	// unavailable (seed 4.9 marked it at the first).
 	Rise, Fall int
@@ -181,6 +185,10 @@ type BE struct {
 	MaxConnPerIP int
 	// Drain is how long relayed connections may finish on SIGTERM.
 	Drain time.Duration
+	// Check is this BE's own [be] check and checkexpect, over what the
+	// FEs ask: Method empty when check is not given, Expect nil when
+	// checkexpect is not (backends.Check.Override).
+	Check backends.Check
 }
 
 // Redirect is the unmodified local web server's address.

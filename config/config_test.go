@@ -529,3 +529,49 @@ func FuzzParse(f *testing.F) {
 		}
 	})
 }
+
+// [fe] check and checkexpect, and a BE's own lines over them; bad ones
+// are refused with their place.
+func TestChecks(t *testing.T) {
+	c, err := Parse("fe.conf", []byte(goodFE))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := c.FE.Check.String(); got != "HEAD / host=localhost expect=200-399" {
+		t.Errorf("default check: %q", got)
+	}
+	c, err = Parse("fe.conf", []byte(goodFE+"check = GET /health host=www.example\ncheckexpect = 200,204\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := c.FE.Check.String(); got != "GET /health host=www.example expect=200,204" {
+		t.Errorf("check: %q", got)
+	}
+	be := "[global]\nsecret = test-secret-16byte\n[be]\nraddr = 10.0.0.11\nuaddr = 10.0.0.250\nvaddr = 10.0.0.100\nfeaddr = 10.0.0.2\n"
+	c, err = Parse("be.conf", []byte(be))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.BE.Check.Method != "" || c.BE.Check.Expect != nil {
+		t.Errorf("a BE without check lines overrides: %+v", c.BE.Check)
+	}
+	c, err = Parse("be.conf", []byte(be+"checkexpect = 200-299\n"))
+	if err != nil || c.BE.Check.Method != "" || c.BE.Check.Expect.String() != "200-299" {
+		t.Errorf("[be] checkexpect alone: %+v %v", c.BE.Check, err)
+	}
+	for text, want := range map[string]string{
+		goodFE + "check = /health\n":                                      "fe.conf:17: [fe] check: ",
+		goodFE + "checkexpect = 2xx\n":                                    "fe.conf:17: [fe] checkexpect: ",
+		be + "check = GET health\n":                                       "be.conf:8: [be] check: ",
+		be + "checkexpect = 200-600\n":                                    "be.conf:8: [be] checkexpect: ",
+		strings.Replace(be, "[global]\n", "[global]\ncheck = GET /\n", 1): "[global] check: unknown key; it belongs in [fe] or [be]",
+	} {
+		_, err := Parse(strings.SplitN(want, ":", 2)[0], []byte(text))
+		if strings.HasPrefix(want, "[") {
+			_, err = Parse("be.conf", []byte(text))
+		}
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("%q: %v, want %q", text[len(text)-25:], err, want)
+		}
+	}
+}

@@ -42,6 +42,7 @@ var allowed = map[string]map[string]bool{
 		"queuenum": false, "drain": false,
 		"scheduler": false, "rise": false, "fall": false, "feport": false, "phttp": false,
 		"dregister": false, "tlsport": false, "vip": false, "accept": false, "pintimeout": false,
+		"check": false, "checkexpect": false,
 	},
 	"be": {
 		"raddr": false, "uaddr": false, "vaddr": false, "port": false,
@@ -51,6 +52,7 @@ var allowed = map[string]map[string]bool{
 		"committimeout": false, "drain": false, "keepalivetimeout": false,
 		"requesttimeout": false, "maxheader": false, "forwardedfor": false,
 		"redirecttlsport": false, "proxyprotocol": false, "maxconnperip": false,
+		"check": false, "checkexpect": false,
 	},
 }
 
@@ -277,6 +279,7 @@ func (p *parser) fe(s *ini.Section) (*FE, error) {
 	if _, set := v.raw("pintimeout"); set && fe.PinTimeout > fe.IdleTimeout {
 		v.fail("pintimeout", v.line("pintimeout", 0), fmt.Sprintf("%v is longer than idletimeout (%v): a flow that never asks would outlive an idle one", fe.PinTimeout, fe.IdleTimeout))
 	}
+	fe.Check = v.check(backends.DefaultCheck)
 	fe.Rise = v.intIn("rise", 2, 1, 100)
 	fe.Fall = v.intIn("fall", 3, 1, 100)
 	fe.FEPort = v.port("feport", fe.Port)
@@ -358,6 +361,8 @@ func (p *parser) be(s *ini.Section) (*BE, error) {
 		RequestTimeout:   v.duration("requesttimeout", 10*time.Second, 100*time.Millisecond, false),
 		MaxHeader:        v.intIn("maxheader", 8192, 256, 16<<10),
 		MaxConnPerIP:     v.intIn("maxconnperip", 256, 0, 1<<20),
+		// Only what is given: the rest is what each FE asks.
+		Check: v.check(backends.Check{}),
 	}
 	// The seed needed feaddr only for dynamic registration; tcpha also
 	// accepts control sessions only from its FEs, so it is always required.
@@ -441,6 +446,27 @@ func uncomment(s string) string {
 		}
 	}
 	return strings.TrimSpace(s)
+}
+
+// check reads `check = METHOD PATH [host=H]` and `checkexpect = LIST`
+// over def; a key not given keeps def's part.
+func (v *section) check(def backends.Check) backends.Check {
+	c := def
+	if s, ok := v.raw("check"); ok {
+		got, err := backends.ParseCheck(s)
+		if err != nil {
+			v.fail("check", v.line("check", 0), err.Error())
+		}
+		c.Method, c.Path, c.Host = got.Method, got.Path, got.Host
+	}
+	if s, ok := v.raw("checkexpect"); ok {
+		e, err := backends.ParseExpect(s)
+		if err != nil {
+			v.fail("checkexpect", v.line("checkexpect", 0), err.Error())
+		}
+		c.Expect = e
+	}
+	return c
 }
 
 func (v *section) str(key, def string) string {

@@ -12,8 +12,8 @@ import (
 // an upgrade; a field added later is fixed unless named here.
 var (
 	reloadableGlobal = []string{"LogLevel"}
-	reloadableFE     = []string{"Servers", "Rules", "Scheduler", "Rise", "Fall", "DtcInterval", "HandoffTimeout", "PHTTP"}
-	reloadableBE     = []string{"FEAddrs"}
+	reloadableFE     = []string{"Servers", "Rules", "Scheduler", "Rise", "Fall", "DtcInterval", "HandoffTimeout", "PHTTP", "Check"}
+	reloadableBE     = []string{"FEAddrs", "Check"}
 )
 
 // Unreloadable names the settings whose change from old to next a reload

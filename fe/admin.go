@@ -1,6 +1,7 @@
 package fe
 
 import (
+	"context"
 	"fmt"
 	"io"
 	"net/netip"
@@ -26,11 +27,14 @@ func (f *FE) Command(cmd string, args []string, text io.Writer) (any, error) {
 	case "backends":
 		bs := f.sched.Statuses()
 		tw := tabwriter.NewWriter(text, 0, 0, 2, ' ', 0)
-		fmt.Fprintln(tw, "backend\tstate\tweight\tactive\tlive\thandoffs\tfailures\tlast probe\t")
+		fmt.Fprintln(tw, "backend\tstate\tweight\tactive\tlive\thandoffs\tfailures\tlast change\tdowntime\tlast probe\t")
 		for _, b := range bs {
 			state := "AVAILABLE"
 			if !b.Available {
 				state = "NOTAVAILABLE"
+			}
+			if b.Maint {
+				state += ",MAINT"
 			}
 			if b.Draining {
 				state += ",DRAINING"
@@ -45,13 +49,17 @@ func (f *FE) Command(cmd string, args []string, text io.Writer) (any, error) {
 					probe += " (" + b.LastError + ")"
 				}
 			}
-			fmt.Fprintf(tw, "%s:%d\t%s\t%d\t%d\t%d\t%d\t%d\t%s\t\n", b.Addr, b.Port, state, b.Weight, b.Active, b.Live,
-				b.Handoffs, b.Failures, probe)
+			fmt.Fprintf(tw, "%s:%d\t%s\t%d\t%d\t%d\t%d\t%d\t%s\t%s\t%s\t\n", b.Addr, b.Port, state, b.Weight, b.Active, b.Live,
+				b.Handoffs, b.Failures, b.LastChange.Format(time.RFC3339), seconds(b.Downtime).Round(time.Second), probe)
 		}
 		tw.Flush()
 		return bs, nil
 	case "conns":
-		rows := f.connRows()
+		flt, err := admin.ParseConnFilter(args)
+		if err != nil {
+			return nil, err
+		}
+		all := f.connRows()
 		if f.place != nil {
 			// accept = be: the kernel holds the pins; the table only the
 			// moves under way.
@@ -59,8 +67,9 @@ func (f *FE) Command(cmd string, args []string, text io.Writer) (any, error) {
 			if err != nil {
 				return nil, fmt.Errorf("conns: %w", err)
 			}
-			rows = append(rows, pinned...)
+			all = append(all, pinned...)
 		}
+		rows := filterConns(all, flt)
 		tw := tabwriter.NewWriter(text, 0, 0, 2, ' ', 0)
 		fmt.Fprintln(tw, "client\tbe\tstate\tage\thandoff\t")
 		for _, c := range rows {
@@ -95,6 +104,48 @@ func (f *FE) Command(cmd string, args []string, text io.Writer) (any, error) {
 		f.log.Info("BE "+done+" by the operator", "op", "admin", "be", a.String())
 		fmt.Fprintf(text, "%s %s\n", cmd, a)
 		return map[string]any{"addr": a.String(), "draining": cmd == "drain"}, nil
+	case "maint", "ready":
+		a, err := addr()
+		if err != nil {
+			return nil, err
+		}
+		c, err := f.sched.SetMaint(a, cmd == "maint")
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", cmd, err)
+		}
+		f.kickCluster()
+		f.log.Info("BE "+map[string]string{"maint": "put in maintenance", "ready": "out of maintenance"}[cmd]+" by the operator",
+			"op", "admin", "be", a.String(), "available", c.Available)
+		fmt.Fprintf(text, "%s %s\n", cmd, a)
+		return map[string]any{"addr": a.String(), "maint": cmd == "maint", "available": c.Available}, nil
+	case "kill":
+		a, err := addr()
+		if err != nil {
+			return nil, err
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		reset, unknown, err := f.kill(ctx, a)
+		if err != nil {
+			return nil, err
+		}
+		f.log.Info("BE's connections reset by the operator", "op", "admin", "be", a.String(), "reset", reset, "not_reached", unknown)
+		fmt.Fprintf(text, "kill %s: %d connections reset, %d not reached (their forwarding is gone)\n", a, reset, unknown)
+		return map[string]any{"addr": a.String(), "reset": reset, "not_reached": unknown}, nil
+	case "rules":
+		rows := f.sched.Rules()
+		writeRules(text, rows)
+		return rows, nil
+	case "rates":
+		rows := f.rates.Rows()
+		writeRates(text, rows)
+		return rows, nil
+	case "clear":
+		f.sched.ClearCounters()
+		f.rates.ClearPeaks()
+		f.log.Info("counters cleared by the operator", "op", "admin")
+		fmt.Fprintln(text, "counters cleared")
+		return map[string]bool{"cleared": true}, nil
 	case "weight":
 		a, err := addr()
 		if err != nil {

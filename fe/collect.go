@@ -30,12 +30,18 @@ var (
 		"FE: handoffs the BE took.", []string{"backend"}, nil)
 	descBEFailures = prometheus.NewDesc("tcpha_backend_failures_total",
 		"FE: handoffs the BE refused or failed.", []string{"backend"}, nil)
+	descBERequests = prometheus.NewDesc("tcpha_backend_requests_total",
+		"FE: requests the BE's relay served, over every FE, as the BE last reported them.", []string{"backend"}, nil)
+	descBEBytes = prometheus.NewDesc("tcpha_backend_bytes_total",
+		"FE: HTTP bytes the BE's relay passed from clients (in) and sent them (out), over every FE, as the BE last reported them.",
+		[]string{"backend", "direction"}, nil)
 	descFwdPackets = prometheus.NewDesc("tcpha_forwarded_packets_total",
 		"FE: client packets forwarded to BEs in the kernel.", nil, nil)
 	descFwdBytes = prometheus.NewDesc("tcpha_forwarded_bytes_total",
 		"FE: bytes of client packets forwarded to BEs in the kernel.", nil, nil)
 	descQueued = prometheus.NewDesc("tcpha_nfqueue_packets_total",
-		"FE: packets the kernel queued to the agent, by what they were.", []string{"kind", "value"}, nil)
+		"FE: packets the kernel queued to the agent, each once: by the event it carried (none if it reached no connection) and the reason for its verdict.",
+		[]string{"event", "reason"}, nil)
 	descQueueDrops = prometheus.NewDesc("tcpha_nfqueue_dropped_total",
 		"FE: packets the queue dropped: queue full (queue) or not delivered to the agent (user).", []string{"reason"}, nil)
 )
@@ -45,7 +51,7 @@ type collector struct{ f *FE }
 
 func (c collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descConns, descUp, descActive, descLive, descWeight, descBEHandoffs,
-		descBEFailures, descFwdPackets, descFwdBytes, descQueued, descQueueDrops} {
+		descBEFailures, descBERequests, descBEBytes, descFwdPackets, descFwdBytes, descQueued, descQueueDrops} {
 		ch <- d
 	}
 }
@@ -63,6 +69,11 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(descWeight, prometheus.GaugeValue, float64(b.Weight), b.Addr)
 		ch <- prometheus.MustNewConstMetric(descBEHandoffs, prometheus.CounterValue, float64(b.Handoffs), b.Addr)
 		ch <- prometheus.MustNewConstMetric(descBEFailures, prometheus.CounterValue, float64(b.Failures), b.Addr)
+		if st, ok := f.relayStats.get(b.Server.Addr); ok {
+			ch <- prometheus.MustNewConstMetric(descBERequests, prometheus.CounterValue, float64(st.Requests), b.Addr)
+			ch <- prometheus.MustNewConstMetric(descBEBytes, prometheus.CounterValue, float64(st.BytesIn), b.Addr, "in")
+			ch <- prometheus.MustNewConstMetric(descBEBytes, prometheus.CounterValue, float64(st.BytesOut), b.Addr, "out")
+		}
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 	defer cancel()
@@ -70,9 +81,12 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(descFwdPackets, prometheus.CounterValue, float64(pk))
 		ch <- prometheus.MustNewConstMetric(descFwdBytes, prometheus.CounterValue, float64(by))
 	}
-	for _, q := range f.obs.Counts() {
-		kind, value, _ := strings.Cut(q.Label, "=")
-		ch <- prometheus.MustNewConstMetric(descQueued, prometheus.CounterValue, float64(q.N), kind, value)
+	for _, q := range f.obs.Packets() {
+		event := q.Event
+		if event == "" {
+			event = "none"
+		}
+		ch <- prometheus.MustNewConstMetric(descQueued, prometheus.CounterValue, float64(q.N), event, string(q.Reason))
 	}
 	if queue, user, err := queueDrops("/proc/net/netfilter/nfnetlink_queue", f.cfg.QueueNum); err == nil {
 		ch <- prometheus.MustNewConstMetric(descQueueDrops, prometheus.CounterValue, float64(queue), "queue")

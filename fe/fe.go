@@ -61,9 +61,10 @@ type Forwarding interface {
 // (handoff.Client).
 type Peers interface {
 	handoff.Peer
-	Probe(ctx context.Context, be netip.AddrPort) (wire.Health, error)
+	Probe(ctx context.Context, be netip.AddrPort, check []byte) (wire.Health, error)
 	Reset(ctx context.Context, be, client netip.AddrPort) error
 	Held(ctx context.Context, be netip.AddrPort) (map[netip.AddrPort]bool, error)
+	Stats(ctx context.Context, be netip.AddrPort) (wire.RelayStats, error)
 }
 
 // FE is the front end: it owns the VIP, reads each connection's first
@@ -77,8 +78,11 @@ type FE struct {
 	flows Forwarding
 	table *conntab.Table
 	sched *backends.Scheduler
-	// dtc is the detection interval, changed at run time by tcphactl.
+	// dtc is the detection interval, changed at run time by tcphactl;
+	// check the web server check the probes ask the BEs for ([fe] check,
+	// as text), which a reload may change.
 	dtc    atomic.Int64
+	check  atomic.Pointer[[]byte]
 	pool   *ctl.Pool
 	client Peers
 	sender *handoff.Sender
@@ -124,6 +128,13 @@ type FE struct {
 	// place is the placement of new flows with accept = be (place.go);
 	// nil with accept = fe.
 	place *placer
+	// released is set once Release closes the sessions: the BEs they
+	// leave are not failures.
+	released atomic.Bool
+	// rates are each BE's rates and peaks, sampled by statsLoop with the
+	// BEs' relay counters (incident.go).
+	rates      backends.Rates
+	relayStats relayCounters
 }
 
 // listenRegister opens the port BEs register on: [fe] raddr:feport, never
@@ -201,6 +212,8 @@ func newFE(cfg *config.FE, m *metrics.Metrics, log *slog.Logger) *FE {
 		clusterKick: make(chan struct{}, 1), moves: make(chan struct{}, maxMoves)}
 	f.phttp.Store(uint32(phttpMode(cfg.PHTTP)))
 	f.dtc.Store(int64(cfg.DtcInterval))
+	f.setCheck(cfg.Check)
+	f.relayStats = relayCounters{last: map[netip.Addr]wire.RelayStats{}, silent: map[netip.Addr]time.Time{}}
 	f.sched = backends.NewScheduler(cfg.Table(), backends.Options{Rise: cfg.Rise, Fall: cfg.Fall, Live: f.table.Live})
 	if f.acceptBE() {
 		f.place = newPlacer()
@@ -345,7 +358,7 @@ func Start(ctx context.Context, cfg *config.FE, secret []byte, m *metrics.Metric
 		},
 		Route: f.sched.Route, Sender: f.sender, Metrics: m, Log: f.log,
 	}
-	m.Registry.MustRegister(collector{f})
+	m.Registry.MustRegister(collector{f}, m.HandoffDuration)
 	ok = true
 	f.log.Info("front end ready", "op", "start", "vip", vip.String(), "vip_owner", string(cfg.VIP), "interface", link.Attrs().Name,
 		"servers", len(cfg.Servers), "rules", len(cfg.Rules))
@@ -494,9 +507,14 @@ func (f *FE) changed(be netip.Addr, apply func(netip.Addr, bool) (backends.Chang
 		return
 	}
 	f.kickCluster()
-	if c.Available {
+	switch {
+	case c.Available:
 		f.log.Info("BE available", "op", "detect", "be", be.String())
-	} else {
+	case f.released.Load():
+		// Release closed the sessions (a stop, an upgrade): nothing is
+		// wrong with the BE, and a normal stop must not warn (issue 18).
+		f.log.Debug("BE not available: the FE let go of its sessions", "op", "stop", "be", be.String(), "err", why)
+	default:
 		f.log.Warn("BE not available", "op", "detect", "be", be.String(), "err", why)
 	}
 }
@@ -544,6 +562,7 @@ func (f *FE) startLoops(serve, loops context.Context) {
 	})
 	f.loops.Go(func() { f.clusterLoop(serve) })
 	f.loops.Go(func() { f.heldLoop(loops) })
+	f.loops.Go(func() { f.statsLoop(serve) })
 	// Always: detection may be turned on later (tcphactl dtcinterval, a
 	// reload) after a start with dtcinterval = 0.
 	f.loops.Go(func() { f.detectLoop(serve) })
@@ -705,15 +724,16 @@ func (f *FE) detectLoop(ctx context.Context) {
 }
 
 // judge is a probe's verdict: a BE is good when it answered, is not
-// stopping, and its web server answers its agent.
-func judge(h wire.Health, err error) error {
+// stopping, and its web server passes the check (the BE's log says what
+// it answered).
+func judge(h wire.Health, err error, check []byte) error {
 	switch {
 	case err != nil:
 		return err
 	case h.Draining:
 		return errors.New("it is stopping")
 	case !h.ServerUp:
-		return errors.New("its web server does not answer")
+		return fmt.Errorf("its web server fails the check %s", check)
 	}
 	return nil
 }
@@ -721,12 +741,13 @@ func judge(h wire.Health, err error) error {
 // probe probes one BE and records the result.
 func (f *FE) probe(ctx context.Context, be netip.AddrPort, timeout time.Duration) {
 	pctx, cancel := context.WithTimeout(ctx, timeout)
-	h, err := f.client.Probe(pctx, be)
+	check := *f.check.Load()
+	h, err := f.client.Probe(pctx, be, check)
 	cancel()
 	if ctx.Err() != nil {
 		return
 	}
-	err = judge(h, err)
+	err = judge(h, err, check)
 	result := "ok"
 	if err != nil {
 		result = "failed"
@@ -739,6 +760,16 @@ func (f *FE) probe(ctx context.Context, be netip.AddrPort, timeout time.Duration
 	f.changed(be.Addr(), func(a netip.Addr, ok bool) (backends.Change, error) {
 		return f.sched.Probe(a, ok, int(h.Active), why, time.Now())
 	}, err == nil, err)
+}
+
+// setCheck sets the check the probes ask for; a config not made by
+// config.Parse (tests) may have none: the default then.
+func (f *FE) setCheck(c backends.Check) {
+	if c.Method == "" {
+		c = backends.DefaultCheck
+	}
+	b, _ := c.MarshalText()
+	f.check.Store(&b)
 }
 
 // Stop undoes what Start did; Keep instead leaves the table and the VIP
@@ -757,6 +788,7 @@ func (f *FE) Keep() {
 // Release closes what only one agent may hold: the listeners, the
 // sessions, the queue.
 func (f *FE) Release() {
+	f.released.Store(true)
 	if f.ln != nil {
 		f.ln.Close()
 	}
@@ -779,8 +811,10 @@ func (f *FE) Release() {
 // addresses without their ports (a port is a number of its own), lists
 // never null.
 type Status struct {
-	VIP         string         `json:"vip"`
-	Port        uint16         `json:"port"`
+	VIP  string `json:"vip"`
+	Port uint16 `json:"port"`
+	// TLSPort is the VIP's TLS port ([fe] tlsport), 0 when off.
+	TLSPort     uint16         `json:"tls_port"`
 	Queue       uint16         `json:"queue"`
 	QueueVia    string         `json:"queue_via"`
 	Counters    counters       `json:"counters"`
@@ -831,7 +865,7 @@ func (f *FE) Status() Status {
 		avg = s.HandoffLatencySum / time.Duration(s.HandoffLatencyCount)
 	}
 	st := Status{
-		VIP: f.cfg.VAddr.String(), Port: f.cfg.Port, Queue: f.cfg.QueueNum, QueueVia: f.qmode.String(),
+		VIP: f.cfg.VAddr.String(), Port: f.cfg.Port, TLSPort: f.cfg.TLSPort, Queue: f.cfg.QueueNum, QueueVia: f.qmode.String(),
 		Counters: counters{Accepted: s.Accepted, HandedOff: s.HandedOff, Local: s.Local, Answered503: s.Answered503,
 			BadRequests: s.BadRequests, TooLarge: s.TooLarge, Timeouts: s.Timeouts, ClosedEarly: s.ClosedEarly,
 			RefusedBusy: s.RefusedBusy},
@@ -846,9 +880,18 @@ func (f *FE) Status() Status {
 	for _, c := range f.obs.Counts() {
 		st.QueuedBy = append(st.QueuedBy, queuedBy{Label: c.Label, Packets: c.N})
 	}
+	st.Backends = f.statusBackends()
+	return st
+}
+
+// statusBackends are the BE lines of `tcphactl status`.
+func (f *FE) statusBackends() []beLine {
+	out := []beLine{}
 	for _, b := range f.sched.Statuses() {
 		state := "up"
 		switch {
+		case b.Maint:
+			state = "maint"
 		case !b.Available:
 			state = "down"
 			if b.LastError != "" {
@@ -857,16 +900,21 @@ func (f *FE) Status() Status {
 		case b.Draining:
 			state = "draining"
 		}
-		st.Backends = append(st.Backends, beLine{Addr: b.Addr, Port: b.Port, State: state,
+		out = append(out, beLine{Addr: b.Addr, Port: b.Port, State: state,
 			Sessions: len(f.pool.Sessions(b.Server.AddrPort()))})
 	}
-	return st
+	return out
 }
 
 // Write writes st as `tcphactl status` shows it.
 func (st Status) Write(w io.Writer, pid int) {
 	c := st.Counters
-	fmt.Fprintf(w, "fe vip=%s pid=%d queue=%d via %s\n", netip.AddrPortFrom(netip.MustParseAddr(st.VIP), st.Port), pid, st.Queue, st.QueueVia)
+	vip := netip.MustParseAddr(st.VIP)
+	tls := ""
+	if st.TLSPort != 0 {
+		tls = " tls=" + netip.AddrPortFrom(vip, st.TLSPort).String()
+	}
+	fmt.Fprintf(w, "fe vip=%s%s pid=%d queue=%d via %s\n", netip.AddrPortFrom(vip, st.Port), tls, pid, st.Queue, st.QueueVia)
 	fmt.Fprintf(w, "  accepted=%d handed_off=%d local=%d answered_503=%d bad_request=%d too_large=%d timeout=%d closed_early=%d refused_busy=%d avg_handoff=%s\n",
 		c.Accepted, c.HandedOff, c.Local, c.Answered503, c.BadRequests, c.TooLarge, c.Timeouts, c.ClosedEarly, c.RefusedBusy, st.avg)
 	fmt.Fprintf(w, "  connections: handoffing=%d handoffed=%d time_wait=%d moved=%d not_moved=%d\n",
@@ -897,6 +945,7 @@ func (f *FE) Reload(next *config.FE) {
 		f.pool.Remove(be)
 	}
 	f.dtc.Store(int64(next.DtcInterval))
+	f.setCheck(next.Check)
 	f.sender.SetTimeout(next.HandoffTimeout)
 	f.phttp.Store(uint32(phttpMode(next.PHTTP)))
 	f.kickCluster()

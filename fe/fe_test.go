@@ -99,16 +99,32 @@ func (fakeSets) Has(string, netip.AddrPort) (bool, error) { return false, nil }
 type fakePeers struct {
 	probes atomic.Int64
 	health wire.Health
+	check  atomic.Pointer[string] // the last probe's check
+	mu     sync.Mutex
+	resets []reset
+	stats  wire.RelayStats
 }
 
 func (p *fakePeers) Offer(context.Context, netip.AddrPort, *wire.ConnInfo) (handoff.Offer, error) {
 	return nil, errors.New("no offers here")
 }
-func (p *fakePeers) Probe(context.Context, netip.AddrPort) (wire.Health, error) {
+func (p *fakePeers) Probe(_ context.Context, _ netip.AddrPort, check []byte) (wire.Health, error) {
 	p.probes.Add(1)
+	s := string(check)
+	p.check.Store(&s)
 	return p.health, nil
 }
-func (p *fakePeers) Reset(context.Context, netip.AddrPort, netip.AddrPort) error { return nil }
+func (p *fakePeers) Reset(_ context.Context, be, client netip.AddrPort) error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.resets = append(p.resets, reset{be, client})
+	return nil
+}
+func (p *fakePeers) Stats(context.Context, netip.AddrPort) (wire.RelayStats, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.stats, nil
+}
 func (p *fakePeers) Held(context.Context, netip.AddrPort) (map[netip.AddrPort]bool, error) {
 	return map[netip.AddrPort]bool{}, nil
 }
@@ -198,9 +214,9 @@ func TestJudge(t *testing.T) {
 		{wire.Health{ServerUp: true, Active: 7}, nil, ""},
 		{wire.Health{ServerUp: true}, down, "no session"},
 		{wire.Health{ServerUp: true, Draining: true}, nil, "stopping"},
-		{wire.Health{ServerUp: false}, nil, "web server"},
+		{wire.Health{ServerUp: false}, nil, "web server fails the check GET /h host=localhost expect=200-399"},
 	} {
-		err := judge(tc.h, tc.err)
+		err := judge(tc.h, tc.err, []byte("GET /h host=localhost expect=200-399"))
 		if (err == nil) != (tc.says == "") || (err != nil && !strings.Contains(err.Error(), tc.says)) {
 			t.Errorf("%+v, %v: %v, want %q", tc.h, tc.err, err, tc.says)
 		}
@@ -429,5 +445,57 @@ func TestDrainEnableLogged(t *testing.T) {
 		if !strings.Contains(buf.String(), want) {
 			t.Errorf("log %q does not say %s", buf.String(), want)
 		}
+	}
+}
+
+// A BE whose sessions the FE closed itself (Release: a stop or an
+// upgrade) is not a failure: no warning, while a lost session is one.
+func TestReleaseLogsNoWarning(t *testing.T) {
+	f, _, _ := testFE(t, 0)
+	var buf strings.Builder
+	f.log = slog.New(slog.NewTextHandler(&buf, nil))
+	f.changed(be1, f.sched.Session, false, errors.New("control session closed"))
+	if !strings.Contains(buf.String(), "level=WARN") {
+		t.Errorf("a lost session logged no warning: %q", buf.String())
+	}
+	buf.Reset()
+	f.Release()
+	f.changed(be2, f.sched.Session, false, errors.New("control session closed"))
+	if strings.Contains(buf.String(), "level=WARN") {
+		t.Errorf("after Release: %q", buf.String())
+	}
+}
+
+// tcphactl status names the VIP's TLS port when [fe] tlsport is on (it
+// did not: an operator could not tell the FE took HTTPS); TestTLS reads it
+// from a running FE.
+func TestStatusTLSPort(t *testing.T) {
+	for _, tc := range []struct {
+		port uint16
+		want string
+	}{{0, "fe vip=" + vip.String() + " pid=7 "}, {443, "fe vip=" + vip.String() + " tls=" + vip.Addr().String() + ":443 pid=7 "}} {
+		st := Status{VIP: vip.Addr().String(), Port: vip.Port(), TLSPort: tc.port}
+		var b strings.Builder
+		st.Write(&b, 7)
+		if !strings.HasPrefix(b.String(), tc.want) {
+			t.Errorf("tlsport %d: %q, want it to start %q", tc.port, b.String(), tc.want)
+		}
+	}
+}
+
+// A probe asks the BE for [fe] check, and a new one (Reload sets it)
+// applies to the next probe.
+func TestProbeAsksCheck(t *testing.T) {
+	f, _, peers := testFE(t, time.Second)
+	f.probe(context.Background(), netip.AddrPortFrom(be2, 666), time.Second)
+	if got := *peers.check.Load(); got != "HEAD / host=localhost expect=200-399" {
+		t.Errorf("default check asked: %q", got)
+	}
+	c, _ := backends.ParseCheck("GET /health host=www.example")
+	c.Expect = backends.Expect{{Lo: 200, Hi: 204}}
+	f.setCheck(c)
+	f.probe(context.Background(), netip.AddrPortFrom(be2, 666), time.Second)
+	if got := *peers.check.Load(); got != "GET /health host=www.example expect=200-204" {
+		t.Errorf("check asked after a reload: %q", got)
 	}
 }

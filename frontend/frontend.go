@@ -17,6 +17,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -405,6 +406,9 @@ func (s *Server) refuse(c *net.TCPConn, client netip.AddrPort, err error, e *acc
 		c.Close()
 		return
 	}
+	// Beside "503": tcpha_handoffs_total counts every connection the FE
+	// finished with, and these are the ones that never had a request.
+	s.Metrics.Handoffs.WithLabelValues(strconv.Itoa(status)).Inc()
 	s.Log.Info("request refused", "op", "read", "client", client.String(), "status", status, "err", err)
 	s.answer(c, status, err.Error(), e)
 }

@@ -9,14 +9,18 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"net/netip"
 	"os"
 	"regexp"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"tcpha/backends"
 	"tcpha/handoff"
@@ -177,7 +181,8 @@ func TestPerSourceCap(t *testing.T) {
 }
 
 // Bad heads get their answer, not a RST: an oversized head written in one
-// piece gets its 431 although its rest was never read.
+// piece gets its 431 although its rest was never read. Each answer is
+// counted in tcpha_handoffs_total by its status.
 func TestErrorAnswers(t *testing.T) {
 	cfg := defaults()
 	cfg.RequestTimeout = 300 * time.Millisecond
@@ -196,7 +201,18 @@ func TestErrorAnswers(t *testing.T) {
 		if err != nil || resp.StatusCode != tc.status {
 			t.Errorf("%.20q: %v %v, want %d", tc.raw, resp, err, tc.status)
 		}
+		sample := `tcpha_handoffs_total{result="` + strconv.Itoa(tc.status) + `"} 1` + "\n"
+		if text := scrape(r.s.Metrics); !strings.Contains(text, sample) {
+			t.Errorf("%.20q: no %q in /metrics:\n%s", tc.raw, sample, text)
+		}
 	}
+}
+
+// scrape returns m's /metrics text.
+func scrape(m *metrics.Metrics) string {
+	w := httptest.NewRecorder()
+	promhttp.HandlerFor(m.Registry, promhttp.HandlerOpts{}).ServeHTTP(w, httptest.NewRequest("GET", "/metrics", nil))
+	return w.Body.String()
 }
 
 func TestNoBEAnd503(t *testing.T) {

@@ -137,13 +137,15 @@ func (c *Client) Reset(ctx context.Context, be, client netip.AddrPort) error {
 	return nil
 }
 
-// Probe asks be for its health on one of its sessions (seed 4.9).
-func (c *Client) Probe(ctx context.Context, be netip.AddrPort) (wire.Health, error) {
+// Probe asks be for its health on one of its sessions (seed 4.9); check
+// is the web server check the BE is to judge (backends.Check's text),
+// which a BE of an older version ignores.
+func (c *Client) Probe(ctx context.Context, be netip.AddrPort, check []byte) (wire.Health, error) {
 	s, err := c.Pool.Get(be, nil)
 	if err != nil {
 		return wire.Health{}, fmt.Errorf("probe %v: %w", be, err)
 	}
-	r, err := s.Call(ctx, wire.Frame{Type: wire.TypeProbe})
+	r, err := s.Call(ctx, wire.Frame{Type: wire.TypeProbe, Payload: check})
 	if err != nil {
 		return wire.Health{}, fmt.Errorf("probe %v: %w", be, err)
 	}
@@ -155,6 +157,34 @@ func (c *Client) Probe(ctx context.Context, be netip.AddrPort) (wire.Health, err
 		return h, fmt.Errorf("probe %v: %w", be, err)
 	}
 	return h, nil
+}
+
+// ErrNoStats is the answer of a BE too old to report its relay's
+// counters.
+var ErrNoStats = errors.New("the BE does not report its relay's counters")
+
+// Stats asks be for its relay's counters on one of its sessions.
+func (c *Client) Stats(ctx context.Context, be netip.AddrPort) (wire.RelayStats, error) {
+	var st wire.RelayStats
+	s, err := c.Pool.Get(be, nil)
+	if err != nil {
+		return st, fmt.Errorf("stats of %v: %w", be, err)
+	}
+	r, err := s.Call(ctx, wire.Frame{Type: wire.TypeStats})
+	if err != nil {
+		return st, fmt.Errorf("stats of %v: %w", be, err)
+	}
+	switch r.Type {
+	case wire.TypeStatsReply:
+	case wire.TypeAck:
+		return st, fmt.Errorf("stats of %v: %w", be, ErrNoStats)
+	default:
+		return st, fmt.Errorf("stats of %v: got %s, want stats-reply", be, r.Type)
+	}
+	if err := st.UnmarshalBinary(r.Payload); err != nil {
+		return st, fmt.Errorf("stats of %v: %w", be, err)
+	}
+	return st, nil
 }
 
 // IsRefusal tells a BE's negative answer from a failure to reach it.

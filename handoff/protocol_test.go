@@ -221,7 +221,7 @@ func TestOfferCommitRelays(t *testing.T) {
 	if s := r.receiver.Stats(); s.Served != 1 || s.Pending != 0 {
 		t.Errorf("stats %+v", s)
 	}
-	if h, err := r.client.Probe(ctx, r.be); err != nil {
+	if h, err := r.client.Probe(ctx, r.be, nil); err != nil {
 		t.Errorf("probe: %+v %v", h, err)
 	}
 }

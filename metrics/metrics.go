@@ -4,10 +4,13 @@
 package metrics
 
 import (
+	"runtime"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
+
+	"tcpha/internal/version"
 )
 
 // Metrics are one agent's collectors.
@@ -16,7 +19,8 @@ type Metrics struct {
 
 	// Handoffs counts the FE's handoffs by result: ok, no-be (every
 	// candidate refused or was unreachable), table-full (the flow table was
-	// at its capacity), error (the connection was not usable), local, 503.
+	// at its capacity), error (the connection was not usable), local, 503,
+	// and 400, 408, 431 (a request head the FE could not read).
 	Handoffs *prometheus.CounterVec
 	// HandoffDuration is the FE's time from the start of a handoff (block)
 	// to the commit sent, for handoffs that succeeded.
@@ -36,6 +40,15 @@ type Metrics struct {
 	// TableReinstalls counts the times a role found its nftables table
 	// gone or changed (`nft flush ruleset`) and put it back, by family.
 	TableReinstalls *prometheus.CounterVec
+	// Reloads counts the reloads (SIGHUP, tcphactl reload) by result: ok,
+	// or refused (the file did not load; the running config stays).
+	Reloads *prometheus.CounterVec
+	// LastReloadOK is 1 when the last reload (or the start) loaded the
+	// config, 0 when it was refused; LastReload is its time. Together, like
+	// Prometheus's own prometheus_config_last_reload_*, they let an alert
+	// say "the file on disk is not the one running" and since when.
+	LastReloadOK prometheus.Gauge
+	LastReload   prometheus.Gauge
 }
 
 // HandoffBuckets cover 50 µs to about 6 s in steps of 1.5×, fine enough to
@@ -71,10 +84,44 @@ func New() *Metrics {
 		TableReinstalls: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "tcpha_table_reinstalls_total", Help: "Times the agent found its nftables table gone or changed and reinstalled it, by family.",
 		}, []string{"family"}),
+		Reloads: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "tcpha_config_reloads_total", Help: "Reloads of the config file, by result (ok, refused).",
+		}, []string{"result"}),
+		LastReloadOK: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "tcpha_config_last_reload_successful", Help: "1 if the last reload (or the start) loaded the config file, 0 if it was refused.",
+		}),
+		LastReload: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "tcpha_config_last_reload_timestamp_seconds", Help: "Unix time of the last reload, refused or not, or of the start.",
+		}),
 	}
-	r.MustRegister(m.Handoffs, m.HandoffDuration, m.Offers, m.Probes, m.Migrations, m.TLSRefused, m.TableReinstalls,
+	// Both results exist from the start, so that a rate() or an alert on
+	// refused sees 0 rather than no series.
+	m.Reloads.WithLabelValues("ok")
+	m.Reloads.WithLabelValues("refused")
+	m.LastReloadOK.Set(1)
+	m.LastReload.Set(float64(time.Now().UnixNano()) / 1e9)
+	buildInfo := prometheus.NewGauge(prometheus.GaugeOpts{
+		Name: "tcpha_build_info", Help: "Always 1; the labels say which tcpha is running.",
+		ConstLabels: prometheus.Labels{"version": version.Number(), "goversion": runtime.Version()},
+	})
+	buildInfo.Set(1)
+	// HandoffDuration is registered by the FE role (fe.Start): a BE
+	// exported it empty.
+	r.MustRegister(m.Handoffs, m.Offers, m.Probes, m.Migrations, m.TLSRefused, m.TableReinstalls,
+		m.Reloads, m.LastReloadOK, m.LastReload, buildInfo,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
+}
+
+// ObserveReload records a reload at t: ok, or refused.
+func (m *Metrics) ObserveReload(ok bool, t time.Time) {
+	result, v := "refused", 0.0
+	if ok {
+		result, v = "ok", 1
+	}
+	m.Reloads.WithLabelValues(result).Inc()
+	m.LastReloadOK.Set(v)
+	m.LastReload.Set(float64(t.UnixNano()) / 1e9)
 }
 
 // ObserveHandoff records a successful handoff that took d.

@@ -52,25 +52,34 @@ type Observer struct {
 	RSTWait  time.Duration // after RST: the connection is already gone
 	Now      func() time.Time
 
-	mu     sync.Mutex
-	total  int64
-	counts map[string]int64
+	mu      sync.Mutex
+	total   int64
+	packets map[PacketKey]int64
 }
 
 // Handle decides one queued packet. It never blocks: it is called on the
 // NFQUEUE reader's goroutine.
 func (o *Observer) Handle(b []byte) (Verdict, Reason) {
+	ev, r := o.handle(b)
 	o.mu.Lock()
+	defer o.mu.Unlock()
 	o.total++
-	o.mu.Unlock()
+	if o.packets == nil {
+		o.packets = map[PacketKey]int64{}
+	}
+	o.packets[PacketKey{ev, r}]++
+	return Drop, r
+}
+
+// handle judges one packet: the event it carried ("" if it never reached
+// the table) and the reason for its verdict, always Drop.
+func (o *Observer) handle(b []byte) (event string, r Reason) {
 	p, err := Parse(b)
 	if err != nil {
-		o.count("reason", string(ReasonMalformed))
-		return Drop, ReasonMalformed
+		return "", ReasonMalformed
 	}
 	if p.Dst != o.VIP && (o.TLSPort == 0 || p.Dst != netip.AddrPortFrom(o.VIP.Addr(), o.TLSPort)) {
-		o.count("reason", string(ReasonNotVIP))
-		return Drop, ReasonNotVIP
+		return "", ReasonNotVIP
 	}
 	ev := conntab.PacketEvent(p.SYN, p.FIN, p.RST, p.Payload)
 	now := o.Now()
@@ -78,30 +87,56 @@ func (o *Observer) Handle(b []byte) (Verdict, Reason) {
 	if ev == conntab.EvRST {
 		until = now.Add(o.RSTWait)
 	}
-	o.count("event", ev.String())
 	if _, _, err := o.Table.Observe(p.Src, ev, now, until); err != nil {
-		o.count("reason", string(ReasonIllegal))
-		return Drop, ReasonIllegal
+		return ev.String(), ReasonIllegal
 	}
-	o.count("reason", string(ReasonForwarded))
-	return Drop, ReasonForwarded
+	return ev.String(), ReasonForwarded
 }
 
-func (o *Observer) count(kind, label string) {
+// PacketKey is what one queued packet was: the event it carried ("" when
+// it was malformed or not for the VIP) and the reason for its verdict.
+type PacketKey struct {
+	Event  string
+	Reason Reason
+}
+
+// PacketCount is how many packets had one PacketKey.
+type PacketCount struct {
+	PacketKey
+	N int64
+}
+
+// Packets returns the packets by event and reason, sorted: each packet is
+// in exactly one, so they add up to Total (tcpha_nfqueue_packets_total).
+func (o *Observer) Packets() []PacketCount {
 	o.mu.Lock()
 	defer o.mu.Unlock()
-	if o.counts == nil {
-		o.counts = map[string]int64{}
+	out := make([]PacketCount, 0, len(o.packets))
+	for k, v := range o.packets {
+		out = append(out, PacketCount{k, v})
 	}
-	o.counts[kind+"="+label]++
+	sort.Slice(out, func(i, j int) bool {
+		if out[i].Event != out[j].Event {
+			return out[i].Event < out[j].Event
+		}
+		return out[i].Reason < out[j].Reason
+	})
+	return out
 }
 
-// Counts returns the counters as sorted "kind=label count" pairs.
+// Counts returns the counters as sorted "kind=label count" pairs: a packet
+// with an event is in two of them (event=fin and its reason), so they are
+// a breakdown for `tcphactl status`, not a sum.
 func (o *Observer) Counts() []Count {
-	o.mu.Lock()
-	defer o.mu.Unlock()
-	out := make([]Count, 0, len(o.counts))
-	for k, v := range o.counts {
+	counts := map[string]int64{}
+	for _, p := range o.Packets() {
+		if p.Event != "" {
+			counts["event="+p.Event] += p.N
+		}
+		counts["reason="+string(p.Reason)] += p.N
+	}
+	out := make([]Count, 0, len(counts))
+	for k, v := range counts {
 		out = append(out, Count{k, v})
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Label < out[j].Label })

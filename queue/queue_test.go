@@ -118,6 +118,18 @@ func TestObserver(t *testing.T) {
 	if got["reason=malformed"] != 1 || got["reason=forwarded-copy"] != 4 || got["event=fin"] != 3 || got["event=rst"] != 1 {
 		t.Errorf("counts %v", got)
 	}
+	// tcpha_nfqueue_packets_total: each packet once, so the series add
+	// up to the packets queued (they once added up to about twice).
+	sum := int64(0)
+	for _, p := range o.Packets() {
+		sum += p.N
+	}
+	if sum != o.Total() {
+		t.Errorf("packets %v add up to %d, want the %d queued", o.Packets(), sum, o.Total())
+	}
+	if p := o.Packets(); len(p) == 0 || p[0] != (PacketCount{PacketKey{"", ReasonMalformed}, 1}) {
+		t.Errorf("packets %v: want the garbage first, without an event", p)
+	}
 }
 
 func FuzzParse(f *testing.F) {

@@ -6,15 +6,15 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"strings"
 	"time"
+
+	"tcpha/backends"
 )
 
-// Check asks the web server at addr for its home page's head (HEAD /) and
-// returns nil when it answers with any HTTP status: a BE whose server
-// answers, even 404, can serve (seed 4.9's "work status"). It takes at
-// most timeout.
-func Check(ctx context.Context, addr string, timeout time.Duration) error {
+// Check sends the web server at addr the check's request and judges its
+// status line (backends.Check.Judge): a BE whose server answers 500, or
+// 404 to the check's path, cannot serve. It takes at most timeout.
+func Check(ctx context.Context, addr string, check backends.Check, timeout time.Duration) error {
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	c, err := (&net.Dialer{}).DialContext(ctx, "tcp4", addr)
@@ -25,15 +25,15 @@ func Check(ctx context.Context, addr string, timeout time.Duration) error {
 	if d, ok := ctx.Deadline(); ok {
 		c.SetDeadline(d)
 	}
-	if _, err := io.WriteString(c, "HEAD / HTTP/1.0\r\nHost: localhost\r\nUser-Agent: tcpha-check\r\n\r\n"); err != nil {
+	if _, err := io.WriteString(c, check.Request()); err != nil {
 		return fmt.Errorf("web server %s: %w", addr, err)
 	}
 	line, err := bufio.NewReaderSize(c, 256).ReadString('\n')
 	if err != nil {
 		return fmt.Errorf("web server %s: no answer: %w", addr, err)
 	}
-	if !strings.HasPrefix(line, "HTTP/1.") {
-		return fmt.Errorf("web server %s: answered %q, not HTTP", addr, strings.TrimSpace(line))
+	if err := check.Judge(line); err != nil {
+		return fmt.Errorf("web server %s: %w", addr, err)
 	}
 	return nil
 }

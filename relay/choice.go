@@ -73,6 +73,9 @@ func (s *session) sendRequest(x *exchange, out net.Buffers, pools []*Pool) error
 	x.retryable = mayRetry(x.req.Method, x.whole, x.up.idled)
 	// WriteTo consumes the Buffers it writes: sent stays whole for a retry.
 	x.sent = out
+	for _, b := range out {
+		s.r.bytesIn.Add(int64(len(b)))
+	}
 	bufs := append(net.Buffers(nil), out...)
 	if _, err := bufs.WriteTo(x.up.Conn); err != nil {
 		if !x.retryable {

@@ -116,7 +116,7 @@ func (s *session) export(h Handed) error {
 // The relay takes no new sessions afterwards: its caller stops first.
 func (r *Relay) Handover(ctx context.Context) []Handed {
 	r.mu.Lock()
-	r.handed = make(chan Handed, len(r.sessions)+16)
+	r.handed = make(chan Handed, len(r.sessions)+len(r.pipes)+16)
 	r.mu.Unlock()
 	r.handing.Store(true)
 	var out []Handed
@@ -127,7 +127,12 @@ func (r *Relay) Handover(ctx context.Context) []Handed {
 		// A session kicked while it moves on sees the flag at its next
 		// safe point; the kicks repeat for those that moved into one.
 		r.mu.Lock()
-		left := len(r.sessions)
+		left := len(r.sessions) + len(r.pipes)
+		for p := range r.pipes {
+			// Both ways: each direction pauses at its next read.
+			p.client.SetReadDeadline(past)
+			p.up.SetReadDeadline(past)
+		}
 		for s := range r.sessions {
 			switch s.phase.Load() {
 			case phaseIdle:
@@ -172,6 +177,13 @@ func (r *Relay) Resume(h Handed) error {
 			rd = io.MultiReader(bytes.NewReader(h.State.UpBuf), h.Upstream)
 		}
 		up = &Upstream{Conn: h.Upstream, br: bufio.NewReaderSize(rd, 16<<10), pool: r.cfg.Pool}
+	}
+	if h.State.Body == BodyTLS {
+		if up == nil {
+			return errors.New("resume: a TLS connection without its upstream connection")
+		}
+		r.ServeTLS(h.Client, &TLSUpstream{Conn: h.Upstream})
+		return nil
 	}
 	var chunks phttp.Chunks
 	switch h.State.Body {

@@ -5,34 +5,56 @@
 package relay
 
 import (
+	"errors"
 	"io"
 	"net"
+	"os"
 	"sync"
+	"sync/atomic"
 )
 
 // Pipe copies both ways between a client connection and a server connection
 // until both directions end, passing half-closes on. Between two
 // *net.TCPConn io.Copy uses splice(2), so the bytes stay in the kernel (the
 // seed's zero-copy relay, seed 4.2.2).
-func Pipe(client, server *net.TCPConn) {
+func Pipe(client, server *net.TCPConn) { pipe(client, server, nil) }
+
+// pipe is Pipe, which a handover can pause: when handing reports true, a
+// direction whose read fails on the deadline the handover set stops there,
+// having lost nothing (io.Copy writes all it read before it reads again,
+// and so does its splice loop: it moves all it drained into the pipe out
+// before draining more). pipe then tells that it paused, and leaves both
+// sockets open for a successor to pipe again; a half-close already passed
+// on stays passed (the next read of that side is EOF again).
+func pipe(client, server *net.TCPConn, handing func() bool) (paused bool) {
 	var wg sync.WaitGroup
-	wg.Add(2)
-	pipe := func(dst, src *net.TCPConn) {
+	var stopped, reset atomic.Bool
+	one := func(dst, src *net.TCPConn) {
 		defer wg.Done()
-		if _, err := io.Copy(dst, src); err != nil {
+		_, err := io.Copy(dst, src)
+		switch {
+		case err == nil:
+			dst.CloseWrite()
+		case handing != nil && handing() && errors.Is(err, os.ErrDeadlineExceeded):
+			stopped.Store(true)
+		default:
 			// A reset on one side ends both.
+			reset.Store(true)
 			client.SetLinger(0)
 			client.Close()
 			server.Close()
-			return
 		}
-		dst.CloseWrite()
 	}
-	go pipe(server, client)
-	go pipe(client, server)
+	wg.Add(2)
+	go one(server, client)
+	go one(client, server)
 	wg.Wait()
+	if stopped.Load() && !reset.Load() {
+		return true
+	}
 	client.Close()
 	server.Close()
+	return false
 }
 
 // Tracker counts the relays running, so a stopping BE can wait for them.

@@ -37,6 +37,7 @@ func (s *session) sendBody(up *Upstream, rem int64, chunks *phttp.Chunks) error 
 				s.client.SetReadDeadline(time.Now().Add(s.r.cfg.IdleTimeout))
 				n, err := up.Conn.ReadFrom(&io.LimitedReader{R: s.client, N: rem})
 				rem -= n
+				s.r.bytesIn.Add(n)
 				if n > 0 && rem > 0 && errors.Is(err, os.ErrDeadlineExceeded) {
 					continue
 				}
@@ -50,6 +51,7 @@ func (s *session) sendBody(up *Upstream, rem int64, chunks *phttp.Chunks) error 
 				if _, werr := up.Conn.Write(s.buf[:n]); werr != nil {
 					return werr
 				}
+				s.r.bytesIn.Add(int64(n))
 				rem -= int64(n)
 			}
 			if err != nil {
@@ -73,6 +75,7 @@ func (s *session) sendBody(up *Upstream, rem int64, chunks *phttp.Chunks) error 
 			if _, werr := up.Conn.Write(s.buf[s.start : s.start+k]); werr != nil {
 				return werr
 			}
+			s.r.bytesIn.Add(int64(k))
 			s.start += k
 			if done {
 				return nil

@@ -70,12 +70,17 @@ type Relay struct {
 
 	requests, retries, badGateway atomic.Int64
 	moves, moveFailures           atomic.Int64
+	// bytesIn are the clients' request bytes passed to web servers,
+	// bytesOut the bytes sent to clients (responses and the relay's own
+	// answers), counted per exchange.
+	bytesIn, bytesOut atomic.Int64
 
 	// handing is set while the relay hands its sessions to a successor
 	// (handover.go); sessions register so that they can be kicked.
 	handing  atomic.Bool
 	mu       sync.Mutex
 	sessions map[*session]struct{}
+	pipes    map[*tlsPipe]struct{} // TLS connections (tls.go)
 	handed   chan Handed
 }
 
@@ -105,13 +110,16 @@ type Stats struct {
 	// Moves are connections moved to another BE; MoveFailures those
 	// that stayed although their request was another BE's.
 	Moves, MoveFailures int64
-	Upstream            PoolStats
+	// BytesIn and BytesOut are the HTTP bytes from and to clients.
+	BytesIn, BytesOut int64
+	Upstream          PoolStats
 }
 
 // Stats returns the relay's counters.
 func (r *Relay) Stats() Stats {
 	return Stats{Active: r.Active(), Requests: r.requests.Load(), Retries: r.retries.Load(),
-		BadGateways: r.badGateway.Load(), Moves: r.moves.Load(), MoveFailures: r.moveFailures.Load(), Upstream: r.cfg.Pool.Stats()}
+		BadGateways: r.badGateway.Load(), Moves: r.moves.Load(), MoveFailures: r.moveFailures.Load(),
+		BytesIn: r.bytesIn.Load(), BytesOut: r.bytesOut.Load(), Upstream: r.cfg.Pool.Stats()}
 }
 
 // Serve runs a committed client connection until it ends, counted by the
@@ -162,6 +170,15 @@ func (r *Relay) Conns() []Conn {
 		}
 		out = append(out, c)
 	}
+	for p := range r.pipes {
+		// A TLS connection: no request boundary is visible, so it is busy
+		// and its requests are not counted.
+		c := Conn{Since: p.since, Busy: true, State: conntab.Established}
+		if a, ok := p.client.RemoteAddr().(*net.TCPAddr); ok {
+			c.Client = a.AddrPort()
+		}
+		out = append(out, c)
+	}
 	r.mu.Unlock()
 	slices.SortFunc(out, func(a, b Conn) int { return a.Since.Compare(b.Since) })
 	return out
@@ -178,7 +195,21 @@ func (r *Relay) Reset(client netip.AddrPort) bool {
 			break
 		}
 	}
+	var pipe *tlsPipe
+	for p := range r.pipes {
+		if a, ok := p.client.RemoteAddr().(*net.TCPAddr); ok && a.AddrPort() == client {
+			pipe = p
+			break
+		}
+	}
 	r.mu.Unlock()
+	if pipe != nil {
+		// A TLS connection: the same RST, and its pipe ends on the error.
+		pipe.client.SetLinger(0)
+		pipe.client.Close()
+		pipe.up.Close()
+		return true
+	}
 	if found == nil {
 		return false
 	}

@@ -111,6 +111,7 @@ func (s *session) loop() {
 		x := &exchange{req: h, up: s.held, unchecked: s.held != nil, start: start, moveLat: moveLat}
 		s.held = nil
 		more, err := s.serveRequest(x, plan)
+		s.r.bytesOut.Add(x.bytes)
 		s.count.Add(1)
 		x.drop()
 		if errors.Is(err, errHandedOff) {

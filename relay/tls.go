@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"time"
 )
 
 // A handed-off TLS connection (issue 16) is not HTTP the relay can read:
@@ -51,9 +52,37 @@ func DialTLS(ctx context.Context, addr, client, vip netip.AddrPort, proxy bool) 
 	return &TLSUpstream{Conn: tc}, nil
 }
 
+// BodyTLS is State.Body for a TLS connection handed to a successor: a raw
+// relay with no exchange to resume, just its two sockets to pipe again.
+const BodyTLS = "tls"
+
+// tlsPipe is a relayed TLS connection, registered so that a handover can
+// pause it.
+type tlsPipe struct {
+	client, up *net.TCPConn
+	since      time.Time
+}
+
 // ServeTLS relays a committed TLS connection to up until both directions
 // end, counted by the relay's Tracker. Pipe splices: the bytes stay in the
-// kernel.
+// kernel. A handover (Handover) pauses it and hands both sockets on, so
+// an upgrade of the BE's agent does not end it.
 func (r *Relay) ServeTLS(client *net.TCPConn, up *TLSUpstream) {
-	r.Go(func() { Pipe(client, up.Conn) })
+	p := &tlsPipe{client: client, up: up.Conn, since: time.Now()}
+	r.mu.Lock()
+	if r.pipes == nil {
+		r.pipes = map[*tlsPipe]struct{}{}
+	}
+	r.pipes[p] = struct{}{}
+	r.mu.Unlock()
+	r.Go(func() {
+		// Handed before it leaves the registry, as sessions are: Handover
+		// stops looking once the registry is empty.
+		if pipe(p.client, p.up, r.handing.Load) {
+			r.handed <- Handed{Client: p.client, Upstream: p.up, State: State{Body: BodyTLS}}
+		}
+		r.mu.Lock()
+		delete(r.pipes, p)
+		r.mu.Unlock()
+	})
 }

@@ -7,11 +7,15 @@ need=()
 # queue rule as `queue num N`; haproxy is the bench's comparison; keepalived
 # moves the VIP between two FEs ([fe] vip = keepalived, etc/keepalived.conf);
 # openssl makes the TLS tests' certificates; systemd-analyze checks the unit;
-# hping3 floods SYNs at the FE with [fe] accept = be (tests/accept_test.go).
-for pair in nft:nftables keepalived:keepalived hping3:hping3 openssl:openssl systemd-analyze:systemd ip:iproute2 nginx:nginx-light curl:curl wrk:wrk tcpdump:tcpdump iptables:iptables haproxy:haproxy man:man-db make:make; do
+# promtool (prometheus) checks /metrics; hping3 floods SYNs at the FE with
+# [fe] accept = be (tests/accept_test.go).
+for pair in nft:nftables keepalived:keepalived hping3:hping3 openssl:openssl systemd-analyze:systemd ip:iproute2 nginx:nginx-light curl:curl wrk:wrk tcpdump:tcpdump iptables:iptables haproxy:haproxy man:man-db make:make promtool:prometheus; do
 	cmd=${pair%%:*} pkg=${pair#*:}
 	command -v "$cmd" >/dev/null 2>&1 || PATH=$PATH:/usr/sbin:/sbin command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
 done
+# nginx's stream module (ssl_preread) is the HTTPS bench's nginx
+# passthrough; Debian builds it as a module of its own.
+[[ -e /usr/lib/nginx/modules/ngx_stream_module.so ]] || need+=(libnginx-mod-stream)
 # Go: any Go from 1.21 on builds tcpha, fetching go.mod's toolchain through
 # the module proxy (GOTOOLCHAIN=auto, which the Makefile sets). Debian 12's
 # own Go is 1.19; bookworm-backports has golang-1.23.

@@ -71,7 +71,7 @@ func newCluster(t *testing.T, opts cluster.Options) *cluster.Cluster {
 }
 
 // newClusterWithout is newCluster with the agents of the hosts in later
-// left for the test to start.
+// ("fe" too) left for the test to start.
 func newClusterWithout(t *testing.T, opts cluster.Options, later ...string) *cluster.Cluster {
 	t.Helper()
 	privtest.Require(t)
@@ -103,6 +103,9 @@ func newClusterWithout(t *testing.T, opts cluster.Options, later ...string) *clu
 		if err := c.StartAgent(be.Name); err != nil {
 			t.Fatal(err)
 		}
+	}
+	if slices.Contains(later, "fe") {
+		return c
 	}
 	if err := c.StartAgent("fe"); err != nil {
 		t.Fatal(err)

@@ -5,6 +5,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 )
 
@@ -75,6 +76,24 @@ func TestMakeInstall(t *testing.T) {
 	st, err := os.Stat(filepath.Join(dest, "etc/tcpha/tcpha.conf"))
 	if err != nil || st.Mode().Perm() != 0o640 {
 		t.Errorf("the config: %v %v, want mode 0640", st.Mode(), err)
+	} else if sys, ok := st.Sys().(*syscall.Stat_t); !ok || sys.Uid != 0 || sys.Gid != 0 {
+		t.Errorf("the config's owner: %+v, want root:root (no tcpha group exists)", st.Sys())
+	}
+	// The README says where each goes (issue 18: it said the unit went
+	// under PREFIX, and the Makefile's comment named a tcpha group).
+	readme, err := os.ReadFile("../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"binaries and man pages under PREFIX (/usr/local), the unit in",
+		"SYSTEMD (/etc/systemd/system; its paths follow PREFIX)", "config (0640 root:root"} {
+		if !strings.Contains(string(readme), want) {
+			t.Errorf("README.md does not say %q of make install", want)
+		}
+	}
+	makefile, _ := os.ReadFile("../Makefile")
+	if strings.Contains(string(makefile), "tcpha group") {
+		t.Error("the Makefile still names a tcpha group that make install never creates")
 	}
 	out, err = exec.Command(filepath.Join(dest, "opt/tcpha/sbin/tcpha-agent"), "-version").CombinedOutput()
 	if err != nil || !strings.HasPrefix(string(out), "tcpha-agent ") || strings.Contains(string(out), "devel") {

@@ -120,7 +120,7 @@ func TestCtlJSON(t *testing.T) {
 		t.Fatal(err)
 	}
 	args := map[string][]string{"loglevel": {"5"}, "dtcinterval": {"1"}, "drain": {be1}, "enable": {be1},
-		"weight": {be1, "1"}}
+		"weight": {be1, "1"}, "maint": {be1}, "ready": {be1}, "kill": {be1}, "clear": {"counters"}}
 	cmds := admin.Commands()
 	names := slices.Sorted(func(yield func(string) bool) {
 		for n := range cmds {
@@ -145,7 +145,12 @@ func TestCtlJSON(t *testing.T) {
 			}
 		}
 	}
-	// The connection shows in both tables.
+	// The connection shows in both tables (a new one: kill reset the first).
+	k2 := dialKeepAlive(t, c)
+	defer k2.conn.Close()
+	if _, err := k2.get("/index.html"); err != nil {
+		t.Fatal(err)
+	}
 	for _, host := range []string{"fe", "be1"} {
 		if v, _ := run(host, "conns"); v == nil || len(v.([]any)) == 0 {
 			t.Errorf("conns on %s: no rows", host)

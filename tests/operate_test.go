@@ -596,7 +596,7 @@ func TestMetricsAndControl(t *testing.T) {
 		`tcpha_connections{state="HANDOFFED"}`:                    0,
 		`tcpha_forwarded_packets_total`:                           30,
 		`tcpha_forwarded_bytes_total`:                             30 * 40,
-		`tcpha_nfqueue_packets_total{kind="event",value="fin"}`:   30,
+		`tcpha_nfqueue_packets_total{event="fin"`:                 30,
 		`tcpha_nfqueue_dropped_total`:                             0,
 		`tcpha_probes_total{backend="` + be1 + `",result="ok"}`:   2,
 		`tcpha_probes_total{backend="` + be2 + `",result="ok"}`:   2,

@@ -3,6 +3,8 @@ package tests
 import (
 	"bufio"
 	"context"
+	"crypto/md5"
+	"crypto/rand"
 	"crypto/tls"
 	"errors"
 	"fmt"
@@ -24,13 +26,21 @@ const tlsURL = "https://" + cluster.VIP
 // tlsCluster is a cluster with TLS on the VIP's port 443 and on every BE's
 // nginx (a self-signed certificate for a.example and b.example), routing
 // a.example to be1 and b.example to be2 by SNI, anything else to be1.
+// b.example's rule comes first: a connection without SNI must skip it for
+// the first rule without host= (be1), not take the first rule.
 func tlsCluster(t *testing.T, proxyProtocol bool) *cluster.Cluster {
 	t.Helper()
+	return tlsClusterWith(t, proxyProtocol, "")
+}
+
+// tlsClusterWith is tlsCluster with more [be] lines.
+func tlsClusterWith(t *testing.T, proxyProtocol bool, beExtra string) *cluster.Cluster {
+	t.Helper()
 	opts := cluster.Options{BEs: 2, TLS: true, ProxyProtocol: proxyProtocol,
-		Rules:   []string{`rule = be1 host=a\.example`, `rule = be2 host=b\.example`, `rule = be1 .*`},
-		FEExtra: "tlsport = 443\n"}
+		Rules:   []string{`rule = be2 host=b\.example`, `rule = be1 host=a\.example`, `rule = be1 .*`},
+		FEExtra: "tlsport = 443\n", BEExtra: beExtra}
 	if proxyProtocol {
-		opts.BEExtra = "proxyprotocol = on\n"
+		opts.BEExtra += "proxyprotocol = on\n"
 	}
 	return newCluster(t, opts)
 }
@@ -47,6 +57,13 @@ func curlTLS(t *testing.T, c *cluster.Cluster, name, path string) string {
 // going to the client from the BE.
 func TestTLS(t *testing.T) {
 	c := tlsCluster(t, false)
+
+	t.Run("tcphactl status names the TLS port", func(t *testing.T) {
+		out, err := c.Admin("fe", "status")
+		if want := "fe vip=" + cluster.VIP + ":80 tls=" + cluster.VIP + ":443 "; err != nil || !strings.HasPrefix(out, want) {
+			t.Errorf("status: %v\n%s\nwant it to start %q", err, out, want)
+		}
+	})
 
 	t.Run("routed by SNI", func(t *testing.T) {
 		for name, want := range map[string]string{"a.example": "200 be1", "b.example": "200 be2", "c.example": "200 be1"} {
@@ -187,9 +204,12 @@ func TestTLSProxyProtocol(t *testing.T) {
 
 // The FE's TLS listener goes to its successor on an upgrade with the
 // VIP's: a TLS connection handed off before it goes on, and new ones are
-// accepted after it.
+// accepted after it. On a BE's upgrade, its TLS relays go to the successor
+// too, an idle keep-alive connection and a download in mid-body.
 func TestTLSUpgrade(t *testing.T) {
-	c := tlsCluster(t, false)
+	// A short drain: a TLS relay left in the old BE agent is cut 3 s
+	// after the upgrade, well within the download below.
+	c := tlsClusterWith(t, false, "drain = 3s\n")
 	conn := tlsKeepAlive(t, c, "b.example")
 	defer conn.Close()
 	if got := conn.get(t, "/index.html?before"); got != "200 be2" {
@@ -243,6 +263,47 @@ func TestTLSUpgrade(t *testing.T) {
 	if got := curlTLS(t, c, "a.example", "/index.html"); got != "200 be1" {
 		t.Errorf("a new TLS connection after the upgrade: %q", got)
 	}
+
+	t.Run("BE: TLS relays handed to the successor", func(t *testing.T) {
+		// Before, a BE's TLS relays stayed with the old agent, which cut
+		// them when its drain ran out: an upgrade ended every HTTPS
+		// connection that outlived the drain.
+		data := make([]byte, 20<<20)
+		rand.Read(data)
+		if err := os.WriteFile(filepath.Join(c.WWW("be2"), "big.bin"), data, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		dst := filepath.Join(c.Dir, "tls-upgrade.download")
+		ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+		defer cancel()
+		// 5 MB/s: 20 MB last about four seconds, past the drain.
+		dl := c.Exec(ctx, "client", "curl", "-sS", "-k", "--limit-rate", "5M", "--resolve", "b.example:443:"+cluster.VIP,
+			"-o", dst, "https://b.example/big.bin")
+		var stderr strings.Builder
+		dl.Stderr = &stderr
+		if err := dl.Start(); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(500 * time.Millisecond)
+		before := c.AgentPID("be2")
+		if err := c.UpgradeAgent("be2", true); err != nil {
+			t.Fatal(err)
+		}
+		if after := c.AgentPID("be2"); after == before {
+			t.Errorf("be2's agent pid %d after the upgrade, was %d", after, before)
+		}
+		if n, line := lastLog(t, c, "be2", "relayed connections handed over", "sessions"); n == "" || n == "0" || n == "1" {
+			t.Errorf("the old BE handed over %q sessions, want the TLS download and the idle TLS connection: %s", n, line)
+		}
+		if err := dl.Wait(); err != nil {
+			t.Errorf("the TLS download across the BE's upgrade: %v: %s", err, stderr.String())
+		} else if got, _ := os.ReadFile(dst); md5.Sum(got) != md5.Sum(data) {
+			t.Errorf("the TLS download across the BE's upgrade differs: %d bytes, want %d", len(got), len(data))
+		}
+		if got := conn.get(t, "/index.html?after-be-upgrade"); got != "200 be2" {
+			t.Errorf("the idle TLS connection after the BE's upgrade: %q", got)
+		}
+	})
 }
 
 // Two ports, one flow key (docs/design.md): a client whose source port

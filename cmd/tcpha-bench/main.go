@@ -1,15 +1,20 @@
 // Command tcpha-bench measures tcpha beside the proxies it replaces, on one
 // namespace cluster in one run: tcpha, HAProxy (`mode http`, `http-reuse
 // always`) and nginx (`proxy_pass`, upstream keepalive) on the FE, and the
-// client straight to a BE's nginx. It writes docs/benchmarks.md and its
-// chart (`make bench`).
+// client straight to a BE's nginx; over HTTPS ((j), (k), (l)), tcpha,
+// HAProxy passing TLS through on SNI and terminating it, nginx's
+// ssl_preread, and direct. It writes docs/benchmarks.md and its chart
+// (`make bench`).
 //
 //	tcpha-bench [-agent bin/tcpha-agent] [-smoke] [-out docs/benchmarks.md]
-//	            [-chart docs/benchmarks.png] [-profile DIR]
+//	            [-chart docs/benchmarks.png] [-profile DIR] [-only LIST]
+//	            [-fe LIST] [-seconds N] [-note TEXT]
 //
 // -smoke runs each workload for a second or two: it proves the harness (CI
 // runs it), it does not measure. -profile saves CPU profiles of the FE and
 // be1 agents taken during workloads (a) and (g), for each tcpha front end.
+// With -only naming HTTPS workloads alone (`make bench-https`), the HTTPS
+// part of the -out file is rewritten and the rest of it kept.
 package main
 
 import (
@@ -49,6 +54,7 @@ type params struct {
 	ttfbN      int
 	idleConns  int
 	profileDir string
+	tlsSecs    int             // per wrk workload over HTTPS
 	only, fes  map[string]bool // empty: all
 }
 
@@ -64,24 +70,36 @@ func set(list string) map[string]bool {
 
 func (p params) runs(workload string) bool { return len(p.only) == 0 || p.only[workload] }
 
+// httpsOnly tells whether only HTTPS workloads were asked for.
+func (p params) httpsOnly() bool {
+	for w := range p.only {
+		if !bench.IsHTTPS(w) {
+			return false
+		}
+	}
+	return len(p.only) > 0
+}
+
 func main() {
 	agent := flag.String("agent", "bin/tcpha-agent", "tcpha-agent `binary`")
 	smoke := flag.Bool("smoke", false, "a few seconds per workload: prove the harness, do not measure")
 	out := flag.String("out", "docs/benchmarks.md", "report `file` (empty: stdout only)")
 	chart := flag.String("chart", "docs/benchmarks.png", "chart `file` (PNG)")
 	profile := flag.String("profile", "", "save CPU profiles of the FE and be1 agents taken during (a) and (g) to `dir`")
-	only := flag.String("only", "", "comma-separated `workloads` to run (a,b,c,d,e,f,g,h,flat,idle; default all)")
-	fes := flag.String("fe", "", "comma-separated `front ends` to run (tcpha,haproxy,nginx,direct; default all)")
-	secs := flag.Int("seconds", 0, "seconds per wrk workload (default 10, 2 with -smoke)")
+	only := flag.String("only", "", "comma-separated `workloads` to run (a,b,c,d,e,f,g,h,flat,idle,j,k,l; default all); "+
+		"HTTPS ones alone (j,k,l) rewrite only the HTTPS part of -out")
+	fes := flag.String("fe", "", "comma-separated `front ends` to run (tcpha,haproxy,nginx,direct,haproxy-sni,haproxy-tls,nginx-preread; default all)")
+	secs := flag.Int("seconds", 0, "seconds per wrk workload (default 10, 2 with -smoke; 1 for HTTPS with -smoke)")
+	note := flag.String("note", "", "a `sentence` said next to the HTTPS figures (how busy the machine was)")
 	flag.Parse()
-	p := params{wrkSecs: 10, flatTotal: 60 * time.Second, flatWindow: 10 * time.Second, bigMB: 200, ttfbN: 300,
+	p := params{wrkSecs: 10, tlsSecs: 10, flatTotal: 60 * time.Second, flatWindow: 10 * time.Second, bigMB: 200, ttfbN: 300,
 		idleConns: 10000, profileDir: *profile}
 	if *smoke {
-		p = params{smoke: true, wrkSecs: 2, flatTotal: 4 * time.Second, flatWindow: 2 * time.Second, bigMB: 20,
+		p = params{smoke: true, wrkSecs: 2, tlsSecs: 1, flatTotal: 4 * time.Second, flatWindow: 2 * time.Second, bigMB: 20,
 			ttfbN: 30, idleConns: 500, profileDir: *profile}
 	}
 	if *secs > 0 {
-		p.wrkSecs = *secs
+		p.wrkSecs, p.tlsSecs = *secs, *secs
 	}
 	p.only, p.fes = set(*only), set(*fes)
 	if os.Geteuid() != 0 {
@@ -97,6 +115,27 @@ func main() {
 	run, err := runBench(abs, p)
 	if err != nil {
 		fail(err)
+	}
+	if *note != "" {
+		run.HTTPSNotes = append(run.HTTPSNotes, *note)
+	}
+	if p.httpsOnly() {
+		// The other workloads' figures and chart stay as the last full
+		// run left them.
+		md := run.HTTPSMarkdown()
+		if *out != "" {
+			old, err := os.ReadFile(*out)
+			if err != nil && !errors.Is(err, os.ErrNotExist) {
+				fail(err)
+			}
+			if err := os.WriteFile(*out, []byte(bench.Splice(string(old), md)), 0o644); err != nil {
+				fail(err)
+			}
+			fmt.Printf("== rewrote the HTTPS part of %s\n", *out)
+		}
+		fmt.Println()
+		fmt.Print(md)
+		return
 	}
 	chartRef := ""
 	if *chart != "" {
@@ -142,17 +181,23 @@ type bencher struct {
 	fes []frontEnd
 	// accept is the FE agent's [fe] accept now.
 	accept string
+	// tlsFes are the ways in over HTTPS, for (j), (k) and (l).
+	tlsFes []frontEnd
 }
 
 func runBench(agent string, p params) (*bench.Run, error) {
-	fmt.Println("== building the cluster: client, FE, be1, be2 (nginx on each BE)")
+	fmt.Println("== building the cluster: client, FE, be1, be2 (nginx on each BE, HTTP and HTTPS)")
 	c, err := cluster.New(cluster.Options{
 		Agent: agent, BEs: 2, Secret: "bench-cluster-secret",
-		Rules:     []string{`rule = be2 \.jpg$`, `rule = be1 .*`},
-		PublicWWW: true, Metrics: true, NoAccessLog: true,
+		// TLS without SNI (wrk names the VIP's address) takes the first
+		// rule without host=: the \.bin$ rule sends it to be1, like
+		// every other way in.
+		Rules:     []string{`rule = be1 \.bin$`, `rule = be2 \.jpg$`, `rule = be1 .*`},
+		PublicWWW: true, Metrics: true, NoAccessLog: true, TLS: true,
 		// Per-connection lines off: the bench measures the default path.
-		// A short drain: the FE agent restarts between accept modes.
-		FEExtra: "drain = 1\naccept = fe\n", BEExtra: "",
+		// A short drain: the FE agent restarts between accept modes
+		// (use); TLS only with accept = fe, which (j), (k) and (l) use.
+		FEExtra: feExtra("fe"), BEExtra: "",
 	})
 	if err != nil {
 		return nil, err
@@ -201,7 +246,19 @@ func runBench(agent string, p params) (*bench.Run, error) {
 			b.fes = append(b.fes, fe)
 		}
 	}
-	for _, fe := range b.fes {
+	tvip := "https://" + cluster.VIP
+	for _, fe := range []frontEnd{
+		{bench.TCPHA, tvip, func() int { return c.AgentPID("fe") }, "fe"},
+		{bench.HAProxySNI, tvip + ":8443", func() int { return haproxy }, ""},
+		{bench.HAProxyTLS, tvip + ":8444", func() int { return haproxy }, ""},
+		{bench.NginxPreread, tvip + ":8445", func() int { return nginx }, ""},
+		{bench.Direct, "https://" + c.BEs[0].IP, nil, ""},
+	} {
+		if len(p.fes) == 0 || p.fes[fe.name] {
+			b.tlsFes = append(b.tlsFes, fe)
+		}
+	}
+	for _, fe := range append(slices.Clone(b.fes), b.tlsFes...) {
 		if err := b.use(fe); err != nil {
 			return nil, err
 		}
@@ -250,7 +307,7 @@ func runBench(agent string, p params) (*bench.Run, error) {
 		if err := b.use(fe); err != nil {
 			return nil, err
 		}
-		r, err := b.download(fe)
+		r, err := b.download(fe, "d")
 		if err != nil {
 			return nil, err
 		}
@@ -271,9 +328,34 @@ func runBench(agent string, p params) (*bench.Run, error) {
 		b.run.Results = append(b.run.Results, r)
 		fmt.Printf("   (e) %-8s TTFB p50 %v p99 %v\n", fe.name, r.TTFB50, r.TTFB99)
 	}
-	// (flat) and (idle) measure tcpha with accept = fe.
+	// (j), (k), (l), (flat) and (idle) measure tcpha with accept = fe.
 	if err := b.use(frontEnd{name: bench.TCPHA, base: vip, accept: "fe"}); err != nil {
 		return nil, err
+	}
+	for _, w := range []string{"j", "k"} {
+		if !p.runs(w) {
+			continue
+		}
+		for _, fe := range b.tlsFes {
+			r, err := b.wrk(fe, w)
+			if err != nil {
+				return nil, err
+			}
+			b.run.Results = append(b.run.Results, r)
+			fmt.Printf("   (%s) %-14s %9.0f req/s  p50 %-9v p99 %-9v FE CPU/req %-9v errors %d\n", w, fe.name, r.RPS,
+				r.P50, r.P99, r.CPUPerRequest(), r.Errors)
+		}
+	}
+	for _, fe := range b.tlsFes {
+		if !p.runs("l") {
+			break
+		}
+		r, err := b.download(fe, "l")
+		if err != nil {
+			return nil, err
+		}
+		b.run.Results = append(b.run.Results, r)
+		fmt.Printf("   (l) %-14s %6.2f s  %6.0f MB/s  FE CPU %.4f s\n", fe.name, r.Seconds, r.RespBytes/1e6/r.Seconds, r.FECPU)
 	}
 	if p.runs("flat") {
 		if err := b.flat(); err != nil {
@@ -319,9 +401,24 @@ func (b *bencher) describe() {
 	b.run.Params = fmt.Sprintf("wrk `-t2 -c32` for (a), (b), (f), (g) and (h), `-t2 -c8` for (c), %d s each; (d) %d MB; (e) %d connections; "+
 		"(f)'s switches %d requests on one connection after its load; "+
 		"tcpha with its defaults (connperbe 2, maxclients 256, loglevel 4, phttp multi)", b.p.wrkSecs, b.p.bigMB, b.p.ttfbN, max(b.p.ttfbN/2, 10))
+	b.run.HTTPSParams = fmt.Sprintf("wrk `-t2 -c32 -H 'Connection: close'` for (j) (a full TLS handshake per connection: wrk resumes no sessions), "+
+		"`-t2 -c8` for (k), %d s each; (l) one %d MB download (curl -k)", b.p.tlsSecs, b.p.bigMB)
 }
 
 func (b *bencher) startHAProxy() (int, error) {
+	// HAProxy reads the certificate and its key from one file.
+	pem := filepath.Join(b.c.Dir, "haproxy.pem")
+	var both []byte
+	for _, f := range []string{b.c.TLSCert(), b.c.TLSKey()} {
+		x, err := os.ReadFile(f)
+		if err != nil {
+			return 0, fmt.Errorf("haproxy certificate: %w", err)
+		}
+		both = append(both, x...)
+	}
+	if err := os.WriteFile(pem, both, 0o600); err != nil {
+		return 0, fmt.Errorf("haproxy certificate: %w", err)
+	}
 	// maxconn needs two descriptors per connection; 9000 fits the 20000
 	// hard limit of the machines this project runs on.
 	conf := fmt.Sprintf(`global
@@ -342,7 +439,27 @@ backend be1
 	server be1 %[2]s:80
 backend be2
 	server be2 %[3]s:80
-`, cluster.VIP, b.c.BEs[0].IP, b.c.BEs[1].IP)
+# HTTPS passed through, routed on the ClientHello's SNI.
+frontend fe_sni
+	mode tcp
+	bind %[1]s:8443
+	tcp-request inspect-delay 5s
+	tcp-request content accept if { req.ssl_hello_type 1 }
+	use_backend be2_tls if { req.ssl_sni -i b.example }
+	default_backend be1_tls
+backend be1_tls
+	mode tcp
+	server be1 %[2]s:443
+backend be2_tls
+	mode tcp
+	server be2 %[3]s:443
+# HTTPS terminated here, plain HTTP to the BEs reused.
+frontend fe_tls
+	bind %[1]s:8444 ssl crt %[4]s alpn http/1.1
+	acl jpg path_end .jpg
+	use_backend be2 if jpg
+	default_backend be1
+`, cluster.VIP, b.c.BEs[0].IP, b.c.BEs[1].IP, pem)
 	path := filepath.Join(b.c.Dir, "haproxy.cfg")
 	if err := os.WriteFile(path, []byte(conf), 0o644); err != nil {
 		return 0, err
@@ -359,7 +476,9 @@ func (b *bencher) startNginxProxy() (int, error) {
 	if err := os.MkdirAll(d, 0o755); err != nil {
 		return 0, err
 	}
-	conf := fmt.Sprintf(`worker_processes auto;
+	// The stream module is Debian's libnginx-mod-stream (scripts/deps.sh).
+	conf := fmt.Sprintf(`load_module /usr/lib/nginx/modules/ngx_stream_module.so;
+worker_processes auto;
 worker_rlimit_nofile 65536;
 pid %[1]s/nginx.pid;
 error_log %[1]s/error.log;
@@ -378,6 +497,17 @@ http {
 		location / { proxy_pass http://be1; }
 	}
 }
+# HTTPS passed through, routed on the ClientHello's SNI.
+stream {
+	map $ssl_preread_server_name $tlsbe { b.example be2; default be1; }
+	upstream be1 { server %[3]s:443; }
+	upstream be2 { server %[4]s:443; }
+	server {
+		listen %[2]s:8445;
+		ssl_preread on;
+		proxy_pass $tlsbe;
+	}
+}
 `, d, cluster.VIP, b.c.BEs[0].IP, b.c.BEs[1].IP)
 	path := filepath.Join(d, "nginx.conf")
 	if err := os.WriteFile(path, []byte(conf), 0o644); err != nil {
@@ -394,7 +524,7 @@ func (b *bencher) waitUp(fe frontEnd) error {
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-		out, err := b.c.Output(ctx, "client", "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", fe.base+"/1k.bin")
+		out, err := b.c.Output(ctx, "client", "curl", "-s", "-k", "-o", "/dev/null", "-w", "%{http_code}", fe.base+"/1k.bin")
 		cancel()
 		if err == nil && out == "200" {
 			return nil
@@ -457,12 +587,16 @@ func (b *bencher) result(fe frontEnd, w string, s0, s1 sample) bench.Result {
 }
 
 func (b *bencher) wrk(fe frontEnd, w string) (bench.Result, error) {
-	args := []string{"wrk", "-t2", "-c32", "-d", strconv.Itoa(b.p.wrkSecs) + "s", "--latency"}
+	secs := b.p.wrkSecs
+	if bench.IsHTTPS(w) {
+		secs = b.p.tlsSecs
+	}
+	args := []string{"wrk", "-t2", "-c32", "-d", strconv.Itoa(secs) + "s", "--latency"}
 	path := "/1k.bin"
 	switch w {
-	case "a":
+	case "a", "j":
 		args = append(args, "-H", "Connection: close")
-	case "c":
+	case "c", "k":
 		args[2], path = "-c8", "/1m.bin"
 	}
 	args = append(args, fe.base+path)
@@ -526,16 +660,17 @@ func (b *bencher) startProfiles(w string) func() error {
 	return func() error { wg.Wait(); return errors.Join(errs...) }
 }
 
-func (b *bencher) download(fe frontEnd) (bench.Result, error) {
+// download is (d), or (l) over HTTPS: one big.bin with curl.
+func (b *bencher) download(fe frontEnd, w string) (bench.Result, error) {
 	s0 := b.sample(fe)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
-	out, err := b.c.Output(ctx, "client", "curl", "-sS", "-o", "/dev/null", "-w", "%{http_code} %{size_download}", fe.base+"/big.bin")
+	out, err := b.c.Output(ctx, "client", "curl", "-sS", "-k", "-o", "/dev/null", "-w", "%{http_code} %{size_download}", fe.base+"/big.bin")
 	cancel()
 	s1 := b.sample(fe)
 	if err != nil || !strings.HasPrefix(out, "200 ") {
 		return bench.Result{}, fmt.Errorf("download through %s: %q %v", fe.name, out, err)
 	}
-	r := b.result(fe, "d", s0, s1)
+	r := b.result(fe, w, s0, s1)
 	r.Requests = 1
 	r.RespBytes, _ = strconv.ParseFloat(strings.Fields(out)[1], 64)
 	if r.RespBytes != float64(b.p.bigMB<<20) {
@@ -667,7 +802,7 @@ func (b *bencher) use(fe frontEnd) error {
 	if fe.accept != "" && fe.accept != b.accept {
 		fmt.Printf("== restarting the FE agent with accept = %s\n", fe.accept)
 		// A short drain: nothing is left to drain between workloads.
-		b.c.SetFEExtra("drain = 1\naccept = " + fe.accept + "\n")
+		b.c.SetFEExtra(feExtra(fe.accept))
 		if err := b.c.StopAgent("fe", syscall.SIGTERM); err != nil {
 			return err
 		}
@@ -683,6 +818,16 @@ func (b *bencher) use(fe frontEnd) error {
 		time.Sleep(time.Second) // the BEs' slots and sessions settle
 	}
 	return nil
+}
+
+// feExtra is the FE's config beside the cluster's for accept mode accept:
+// TLS (the VIP's port 443) only with accept = fe, which refuses it.
+func feExtra(accept string) string {
+	extra := "drain = 1\naccept = " + accept + "\n"
+	if accept == "fe" {
+		extra += "tlsport = 443\n"
+	}
+	return extra
 }
 
 // anyBE runs (a) for fe (accept = be) with the catch-all rule naming both

@@ -3,14 +3,22 @@
 //
 //	tcphactl [-c /etc/tcpha/tcpha.conf | -s SOCKET] [-o text|json] COMMAND [ARGS]
 //
-//	status                  the agent's counters and its BEs
-//	backends                each BE: AVAILABLE or NOTAVAILABLE, weight, load, handoffs, failures, last probe
-//	conns                   the FE's connection table
+//	status                  version, uptime, the agent's counters and its BEs
+//	backends                each BE: AVAILABLE or NOTAVAILABLE (MAINT, DRAINING), weight, load, handoffs,
+//	                        failures, last state change, downtime, last probe
+//	rates                   each BE's connections, requests and bytes in and out per second: now and peak
+//	rules                   the running rules, in order, with the requests each routed
+//	conns [be=ADDR] [state=STATE] [client=ADDR[:PORT]|PREFIX]
+//	                        the connection table, filtered
 //	loglevel N              0 (errors) to 6 (everything)
 //	dtcinterval SECONDS     the FE's probe interval; 0 turns detection off (not negative)
 //	drain ADDR              no new connections to the BE; open ones finish
 //	enable ADDR             undo drain
+//	maint ADDR              force the BE down (NOTAVAILABLE whatever its probes say); open connections stay
+//	ready ADDR              undo maint
+//	kill ADDR               reset every connection handed off to the BE
 //	weight ADDR N           the BE's weight, until the next reload
+//	clear counters          zero handoffs, failures, downtime, rule hits and peaks
 //	reload                  re-read the config file, as SIGHUP does
 //
 // Without -s it finds the admin socket in the config file. It exits 0 on
@@ -36,8 +44,9 @@ import (
 )
 
 const usage = `usage: tcphactl [-c CONFIG | -s SOCKET] [-o text|json] COMMAND [ARGS]
-commands: status, backends, conns, loglevel N, dtcinterval SECONDS, drain ADDR,
-          enable ADDR, weight ADDR N, reload`
+commands: status, backends, rates, rules, conns [be=ADDR] [state=STATE] [client=ADDR],
+          loglevel N, dtcinterval SECONDS, drain ADDR, enable ADDR, maint ADDR,
+          ready ADDR, kill ADDR, weight ADDR N, clear counters, reload`
 
 func main() {
 	conf := flag.String("c", config.DefaultPath, "config `file` naming the admin socket")

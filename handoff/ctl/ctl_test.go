@@ -36,7 +36,7 @@ func beConfig(secret string, h Handler) *Config {
 		Secret:  secretBytes(secret),
 		Local:   wire.Hello{Role: wire.RoleBE, Addr: netip.MustParseAddrPort("127.0.0.1:666")},
 		Handler: h, Log: quiet(),
-		Health:           func() wire.Health { return wire.Health{ServerUp: true, Active: 7} },
+		Health:           func([]byte) wire.Health { return wire.Health{ServerUp: true, Active: 7} },
 		HandshakeTimeout: 2 * time.Second,
 	}
 }

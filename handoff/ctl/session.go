@@ -55,9 +55,10 @@ type Config struct {
 	Local wire.Hello
 	// Handler serves the peer's requests; nil refuses them.
 	Handler Handler
-	// Health answers the peer's probes (nil: a probe gets an empty reply).
-	// It runs on the reader goroutine and must not block.
-	Health func() wire.Health
+	// Health answers the peer's probes (nil: a probe gets an empty reply),
+	// given the probe's payload: the check an FE asks for, empty in a
+	// keepalive. It runs on the reader goroutine and must not block.
+	Health func(probe []byte) wire.Health
 	Log    *slog.Logger
 
 	// HandshakeTimeout bounds the whole handshake, connect included on
@@ -410,7 +411,7 @@ func (s *Session) readLoop() {
 		case wire.TypeProbe:
 			var h wire.Health
 			if s.cfg.Health != nil {
-				h = s.cfg.Health()
+				h = s.cfg.Health(f.Payload)
 			}
 			p, _ := h.MarshalBinary()
 			s.Reply(f, wire.Frame{Type: wire.TypeProbeReply, Payload: p})

@@ -64,13 +64,15 @@ const (
 	TypeReset       Type = 14 // FE→BE: reset this served connection, the FE leaves it (Flow payload); answered by an Ack
 	TypeHeld        Type = 15 // FE→BE: which client connections do you hold? (HeldAsk payload); answered by a HeldList
 	TypeHeldList    Type = 16 // BE→FE: one page of the answer (HeldList payload)
-	TypeSwitch      Type = 17 // BE→FE: forward this flow to another BE, which holds it rebuilt (Switch payload); answered by an Ack
-	typeSentinel    Type = 18
+	TypeStats       Type = 17 // FE→BE: your relay's counters? (no payload); answered by a StatsReply, or by an older BE with an Ack
+	TypeStatsReply  Type = 18 // BE→FE: the relay's counters (RelayStats payload)
+	TypeSwitch      Type = 19 // BE→FE: forward this flow to another BE, which holds it rebuilt (Switch payload); answered by an Ack
+	typeSentinel    Type = 20
 	typeUnknownName      = "type(%d)"
 )
 
 var typeNames = [...]string{"", "offer", "ack", "commit", "abort", "probe", "probe-reply", "hello", "auth",
-	"migrate", "cluster", "register", "deregister", "goaway", "reset", "held", "held-list", "switch"}
+	"migrate", "cluster", "register", "deregister", "goaway", "reset", "held", "held-list", "stats", "stats-reply", "switch"}
 
 func (t Type) String() string {
 	if t > 0 && t < typeSentinel {

@@ -460,3 +460,22 @@ func TestClusterRoundTrip(t *testing.T) {
 		t.Errorf("host rule: %+v %v", got, err)
 	}
 }
+
+func TestRelayStats(t *testing.T) {
+	s := RelayStats{Requests: 1, BytesIn: 2, BytesOut: 3 << 40, UpstreamErrors: 4, MovesOut: 5, NotMoved: 6}
+	b, _ := s.MarshalBinary()
+	var got RelayStats
+	if err := got.UnmarshalBinary(b); err != nil || got != s {
+		t.Errorf("round trip: %+v %v", got, err)
+	}
+	// A newer BE's longer answer still reads; a short one does not.
+	if err := got.UnmarshalBinary(append(b, 0, 0, 0, 0, 0, 0, 0, 9)); err != nil || got != s {
+		t.Errorf("longer: %+v %v", got, err)
+	}
+	if err := got.UnmarshalBinary(b[:47]); err == nil {
+		t.Error("a short payload read")
+	}
+	if TypeStats.String() != "stats" || TypeStatsReply.String() != "stats-reply" {
+		t.Errorf("names: %v %v", TypeStats, TypeStatsReply)
+	}
+}

@@ -171,3 +171,85 @@ func TestMarkdownAndChart(t *testing.T) {
 		os.WriteFile(out, png, 0o644) // to look at it
 	}
 }
+
+func httpsRun() *Run {
+	r := &Run{Date: time.Unix(0, 0).UTC(), Machine: "test", HTTPSParams: "short", HTTPSNotes: []string{"a busy machine"}}
+	add := func(fe, w string, rps, cpu float64) {
+		r.Results = append(r.Results, Result{FrontEnd: fe, Workload: w, RPS: rps, FECPU: cpu, Requests: 1000, RespBytes: 1e9, Seconds: 1})
+	}
+	add(TCPHA, "j", 900, 0.3)
+	add(HAProxySNI, "j", 1000, 0.2)
+	add(TCPHA, "k", 2100, 0.001)
+	add(HAProxySNI, "k", 1000, 1.5)
+	add(HAProxyTLS, "k", 800, 2)
+	add(TCPHA, "l", 1, 0.001)
+	add(HAProxySNI, "l", 1, 0.2)
+	add(Direct, "l", 1, math.NaN())
+	return r
+}
+
+func TestHTTPSTargets(t *testing.T) {
+	got := map[string]Target{}
+	for _, x := range httpsRun().HTTPSTargets() {
+		got[x.What[:3]] = x
+	}
+	for w, want := range map[string]Target{
+		"(j)": {Got: "0.900×", Known: true},
+		"(k)": {Got: "2.100×", Known: true, Met: true},
+		"(l)": {Got: "0.005×", Known: true, Met: true},
+	} {
+		if x := got[w]; x.Got != want.Got || x.Met != want.Met || x.Known != want.Known {
+			t.Errorf("%s: %+v, want %+v", w, x, want)
+		}
+	}
+	if ts := (&Run{}).HTTPSTargets(); len(ts) != 3 || ts[0].Known {
+		t.Errorf("an empty run: %+v", ts)
+	}
+}
+
+// The HTTPS part goes into a full run's report, and a run of the HTTPS
+// workloads alone replaces it in the file, keeping the rest.
+func TestHTTPSMarkdownSplice(t *testing.T) {
+	r := httpsRun()
+	part := r.HTTPSMarkdown()
+	for _, want := range []string{"| | tcpha | haproxy-sni | haproxy-tls | nginx-preread | direct |",
+		"| (k) HTTPS 1 MB keep-alive requests per second vs HAProxy passthrough's | ≥ 2.0× | 2.100× | met |",
+		"| requests/s | 2100 | 1000 | 800 | — | — |", "**a busy machine**", "### (l)", "| seconds | 1.00 |"} {
+		if !strings.Contains(part, want) {
+			t.Errorf("HTTPS part lacks %q:\n%s", want, part)
+		}
+	}
+	full := sampleRun()
+	full.Results = append(full.Results, r.Results...)
+	doc := full.Markdown("")
+	if !strings.Contains(doc, part[:strings.Index(part, "\n")]) || !strings.HasSuffix(doc, "[performance.md](performance.md).\n") {
+		t.Fatalf("a full run's report has no HTTPS part before its last line:\n%s", doc)
+	}
+	if md := sampleRun().Markdown(""); strings.Contains(md, httpsBegin) {
+		t.Error("a run without HTTPS workloads has an HTTPS part")
+	}
+
+	r2 := httpsRun()
+	r2.Results[0].RPS = 4321
+	part2 := r2.HTTPSMarkdown()
+	got := Splice(doc, part2)
+	if !strings.Contains(got, "| requests/s | 4321 |") || strings.Count(got, httpsBegin) != 1 || strings.Count(got, httpsEnd) != 1 {
+		t.Errorf("splice did not replace the HTTPS part:\n%s", got)
+	}
+	if before, _, _ := strings.Cut(got, httpsBegin); before != doc[:strings.Index(doc, httpsBegin)] {
+		t.Error("splice changed what comes before the HTTPS part")
+	}
+	if !strings.HasSuffix(got, "[performance.md](performance.md).\n") {
+		t.Error("splice lost what comes after the HTTPS part")
+	}
+	// A report from before the HTTPS workloads: inserted before its last line.
+	old := sampleRun().Markdown("")
+	got = Splice(old, part2)
+	if !strings.HasPrefix(got, strings.TrimSuffix(old, "Where the time goes, what was changed and what was tried: [performance.md](performance.md).\n")) ||
+		!strings.Contains(got, part2+"Where the time goes") {
+		t.Errorf("splice into an older report:\n%s", got)
+	}
+	if got := Splice("", part2); got != part2 {
+		t.Errorf("splice into nothing: %q", got)
+	}
+}

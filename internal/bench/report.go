@@ -24,7 +24,18 @@ const (
 	// serve everything, so that every connection lands on its BE.
 	TCPHABE    = "tcpha be"
 	TCPHABEAny = "tcpha be any"
+	// The HTTPS workloads' proxies (issue 16). HAProxySNI is HAProxy in
+	// `mode tcp` routing on req.ssl_sni and NginxPreread nginx's stream
+	// module with ssl_preread: both pass TLS through to the BEs' nginx
+	// and carry every byte. HAProxyTLS terminates TLS (`mode http`) and
+	// reuses plain connections to the BEs' port 80.
+	HAProxySNI   = "haproxy-sni"
+	HAProxyTLS   = "haproxy-tls"
+	NginxPreread = "nginx-preread"
 )
+
+// HTTPSFrontEnds lists the HTTPS workloads' front ends in report order.
+var HTTPSFrontEnds = []string{TCPHA, HAProxySNI, HAProxyTLS, NginxPreread, Direct}
 
 // FrontEnds lists them in report order.
 var FrontEnds = []string{TCPHA, TCPHASingle, TCPHAForward, TCPHABE, TCPHABEAny, HAProxy, Nginx, Direct}
@@ -47,6 +58,18 @@ var Workloads = []Workload{
 	{"f", "(f) keep-alive connections alternating BEs: 1 KB from be1, 1 KB and 100 KB images from be2 (wrk); switch = a request for the other BE's content on a held connection (curl, time to first byte)"},
 	{"g", "(g) keep-alive connections loading pages: 1 KB from be1, then eight images from be2 (six of 1 KB, two of 100 KB) (wrk)"},
 	{"h", "(h) keep-alive connections loading media: 1 KB from be1, then four 1 MB images from be2 (wrk)"},
+}
+
+// HTTPSWorkloads are issue 16's, over TLS, in report order.
+var HTTPSWorkloads = []Workload{
+	{"j", "(j) HTTPS, 1 KB, one request per connection (wrk, `Connection: close`)"},
+	{"k", "(k) HTTPS, 1 MB, keep-alive (wrk)"},
+	{"l", "(l) HTTPS, one 200 MB download (curl)"},
+}
+
+// IsHTTPS tells whether w is one of HTTPSWorkloads.
+func IsHTTPS(w string) bool {
+	return slices.ContainsFunc(HTTPSWorkloads, func(x Workload) bool { return x.ID == w })
 }
 
 // Result is one front end's figures for one workload.
@@ -104,7 +127,11 @@ type Run struct {
 	Machine string // kernel, CPU, cores
 	Tools   []string
 	Params  string // durations and concurrency
-	Results []Result
+	// HTTPSParams is the load of the HTTPS workloads; HTTPSNotes are
+	// said next to their figures (how busy the machine was).
+	HTTPSParams string
+	HTTPSNotes  []string
+	Results     []Result
 	// Flat is tcpha's handoff rate per window across a long run of (a).
 	Flat       []float64
 	FlatWindow time.Duration
@@ -196,6 +223,31 @@ func (r *Run) Targets() []Target {
 	return out
 }
 
+// HTTPSTargets evaluates issue 16's targets against the run: each a ratio
+// of tcpha's figure to HAProxy's TLS passthrough's.
+func (r *Run) HTTPSTargets() []Target {
+	var out []Target
+	ratio := func(what, want, w string, f func(Result) float64, ok func(float64) bool) {
+		a, ok1 := r.Get(TCPHA, w)
+		b, ok2 := r.Get(HAProxySNI, w)
+		t := Target{What: what, Want: want}
+		if ok1 && ok2 && f(b) > 0 && !math.IsNaN(f(a)) {
+			v := f(a) / f(b)
+			// Three decimals: a ratio against 0.01 needs them.
+			t.Got, t.Met, t.Known = fmt.Sprintf("%.3f×", v), ok(v), true
+		}
+		out = append(out, t)
+	}
+	rps := func(x Result) float64 { return x.RPS }
+	ratio("(j) HTTPS handoffs per second vs HAProxy passthrough's connections per second", "≥ 1.0×", "j",
+		rps, func(v float64) bool { return v >= 1 })
+	ratio("(k) HTTPS 1 MB keep-alive requests per second vs HAProxy passthrough's", "≥ 2.0×", "k",
+		rps, func(v float64) bool { return v >= 2 })
+	ratio("(l) FE process CPU for the HTTPS download vs HAProxy passthrough's", "≤ 0.01×", "l",
+		func(x Result) float64 { return x.FECPU }, func(v float64) bool { return v <= 0.01 })
+	return out
+}
+
 func floats(v []float64) string {
 	s := make([]string, len(v))
 	for i, x := range v {
@@ -275,82 +327,7 @@ func (r *Run) Markdown(chart string) string {
 			_, ok := r.Get(fe, wl.ID)
 			return !ok && slices.Contains(variants, fe)
 		})
-		w("### %s\n\n| | %s |\n|---|%s\n", wl.Title, strings.Join(fes, " | "), strings.Repeat("---|", len(fes)))
-		row := func(name string, f func(Result) string) {
-			cells := make([]string, len(fes))
-			for i, fe := range fes {
-				if x, ok := r.Get(fe, wl.ID); ok {
-					cells[i] = f(x)
-				} else {
-					cells[i] = "—"
-				}
-			}
-			w("| %s | %s |\n", name, strings.Join(cells, " | "))
-		}
-		direct, _ := r.Get(Direct, wl.ID)
-		switch wl.ID {
-		case "d":
-			row("seconds", func(x Result) string { return fmt.Sprintf("%.2f", x.Seconds) })
-			row("MB/s", func(x Result) string { return fmt.Sprintf("%.0f", x.RespBytes/1e6/x.Seconds) })
-		case "e":
-			row("connections", func(x Result) string { return fmt.Sprint(x.Requests) })
-			row("time to first byte p50", func(x Result) string { return us(x.TTFB50) })
-			row("time to first byte p99", func(x Result) string { return us(x.TTFB99) })
-			row("added over direct, p50", func(x Result) string { return us(x.TTFB50 - direct.TTFB50) })
-			row("added over direct, p99", func(x Result) string { return us(x.TTFB99 - direct.TTFB99) })
-		default:
-			row("requests/s", func(x Result) string { return fmt.Sprintf("%.0f", x.RPS) })
-			if direct.RPS > 0 {
-				row("vs direct", func(x Result) string { return fmt.Sprintf("%.2f×", x.RPS/direct.RPS) })
-			}
-			row("latency p50", func(x Result) string { return us(x.P50) })
-			row("latency p99", func(x Result) string { return us(x.P99) })
-		}
-		row("FE CPU per request", func(x Result) string {
-			if d := x.CPUPerRequest(); d >= 0 {
-				return us(d)
-			}
-			return "—"
-		})
-		row("FE NIC in / out per request", func(x Result) string {
-			return bytesPer(x.FEIn, x.Requests) + " / " + bytesPer(x.FEOut, x.Requests)
-		})
-		row("machine CPU s per GB of responses", func(x Result) string {
-			if v := x.MachineCPUPerGB(); !math.IsNaN(v) {
-				return fmt.Sprintf("%.1f", v)
-			}
-			return "—"
-		})
-		row("FE RSS after", func(x Result) string {
-			if x.RSS > 0 {
-				return mib(x.RSS)
-			}
-			return "—"
-		})
-		row("errors", func(x Result) string { return fmt.Sprint(x.Errors) })
-		if wl.ID == "f" {
-			row("switch time to first byte p50 / p99", func(x Result) string {
-				if x.TTFB99 == 0 {
-					return "—"
-				}
-				return us(x.TTFB50) + " / " + us(x.TTFB99)
-			})
-			row("requests served by the right BE", func(x Result) string {
-				if x.Requests == 0 {
-					return "—"
-				}
-				return fmt.Sprintf("%d of %d", x.RightBE, x.Switches)
-			})
-		}
-		if wl.ID == "a" {
-			row("handoff latency p50 / p99 (FE)", func(x Result) string {
-				if x.HandoffP99 == 0 {
-					return "—"
-				}
-				return us(x.HandoffP50) + " / " + us(x.HandoffP99)
-			})
-		}
-		w("\n")
+		r.table(&b, wl, fes)
 	}
 	if len(r.Flat) > 0 {
 		w("## (a) over time, tcpha\n\nHandoffs per second in %v windows of one long run: %s.\n\n", r.FlatWindow, floats(r.Flat))
@@ -366,6 +343,160 @@ func (r *Run) Markdown(chart string) string {
 		}
 		w("\n")
 	}
+	if slices.ContainsFunc(r.Results, func(x Result) bool { return IsHTTPS(x.Workload) }) {
+		b.WriteString(r.HTTPSMarkdown())
+	}
 	w("Where the time goes, what was changed and what was tried: [performance.md](performance.md).\n")
 	return b.String()
+}
+
+// table writes workload wl's figures, one column per front end.
+func (r *Run) table(b *strings.Builder, wl Workload, fes []string) {
+	w := func(format string, a ...any) { fmt.Fprintf(b, format, a...) }
+	w("### %s\n\n| | %s |\n|---|%s\n", wl.Title, strings.Join(fes, " | "), strings.Repeat("---|", len(fes)))
+	row := func(name string, f func(Result) string) {
+		cells := make([]string, len(fes))
+		for i, fe := range fes {
+			if x, ok := r.Get(fe, wl.ID); ok {
+				cells[i] = f(x)
+			} else {
+				cells[i] = "—"
+			}
+		}
+		w("| %s | %s |\n", name, strings.Join(cells, " | "))
+	}
+	direct, _ := r.Get(Direct, wl.ID)
+	switch wl.ID {
+	case "d", "l":
+		row("seconds", func(x Result) string { return fmt.Sprintf("%.2f", x.Seconds) })
+		row("MB/s", func(x Result) string { return fmt.Sprintf("%.0f", x.RespBytes/1e6/x.Seconds) })
+	case "e":
+		row("connections", func(x Result) string { return fmt.Sprint(x.Requests) })
+		row("time to first byte p50", func(x Result) string { return us(x.TTFB50) })
+		row("time to first byte p99", func(x Result) string { return us(x.TTFB99) })
+		row("added over direct, p50", func(x Result) string { return us(x.TTFB50 - direct.TTFB50) })
+		row("added over direct, p99", func(x Result) string { return us(x.TTFB99 - direct.TTFB99) })
+	default:
+		row("requests/s", func(x Result) string { return fmt.Sprintf("%.0f", x.RPS) })
+		if direct.RPS > 0 {
+			row("vs direct", func(x Result) string { return fmt.Sprintf("%.2f×", x.RPS/direct.RPS) })
+		}
+		row("latency p50", func(x Result) string { return us(x.P50) })
+		row("latency p99", func(x Result) string { return us(x.P99) })
+	}
+	row("FE CPU per request", func(x Result) string {
+		if d := x.CPUPerRequest(); d >= 0 {
+			return us(d)
+		}
+		return "—"
+	})
+	row("FE NIC in / out per request", func(x Result) string {
+		return bytesPer(x.FEIn, x.Requests) + " / " + bytesPer(x.FEOut, x.Requests)
+	})
+	row("machine CPU s per GB of responses", func(x Result) string {
+		if v := x.MachineCPUPerGB(); !math.IsNaN(v) {
+			return fmt.Sprintf("%.1f", v)
+		}
+		return "—"
+	})
+	row("FE RSS after", func(x Result) string {
+		if x.RSS > 0 {
+			return mib(x.RSS)
+		}
+		return "—"
+	})
+	row("errors", func(x Result) string { return fmt.Sprint(x.Errors) })
+	if wl.ID == "f" {
+		row("switch time to first byte p50 / p99", func(x Result) string {
+			if x.TTFB99 == 0 {
+				return "—"
+			}
+			return us(x.TTFB50) + " / " + us(x.TTFB99)
+		})
+		row("requests served by the right BE", func(x Result) string {
+			if x.Requests == 0 {
+				return "—"
+			}
+			return fmt.Sprintf("%d of %d", x.RightBE, x.Switches)
+		})
+	}
+	if wl.ID == "a" {
+		row("handoff latency p50 / p99 (FE)", func(x Result) string {
+			if x.HandoffP99 == 0 {
+				return "—"
+			}
+			return us(x.HandoffP50) + " / " + us(x.HandoffP99)
+		})
+	}
+	w("\n")
+}
+
+// The marks around the HTTPS part of docs/benchmarks.md, which a run of the
+// HTTPS workloads alone rewrites (Splice).
+const (
+	httpsBegin = "<!-- HTTPS: `make bench-https` rewrites from here to the end mark -->"
+	httpsEnd   = "<!-- end of HTTPS -->"
+)
+
+// HTTPSMarkdown renders the HTTPS workloads (j), (k) and (l): their front
+// ends, targets and figures, between the marks Splice looks for.
+func (r *Run) HTTPSMarkdown() string {
+	var b strings.Builder
+	w := func(format string, a ...any) { fmt.Fprintf(&b, format, a...) }
+	w("%s\n## HTTPS (issue 16)\n\n", httpsBegin)
+	w("Measured on %s", r.Date.Format("2006-01-02 15:04 MST"))
+	if r.Smoke {
+		w(" (**smoke run**: a few seconds per workload, to prove the harness, not to measure)")
+	}
+	w(", by `make bench` or alone by `make bench-https`. The BEs' nginx holds a certificate made by openssl at setup (RSA 2048) and serves TLS on 443; five ways in, one workload after another:\n\n")
+	w("- **tcpha**: `[fe] tlsport = 443`; the FE reads the ClientHello, hands the connection off, and the BE relays the TLS bytes to its nginx; responses go to the client directly.\n")
+	w("- **haproxy-sni**: HAProxy `mode tcp` on the FE routing on `req.ssl_sni` to the BEs' port 443: TLS passes through, every byte crosses the FE.\n")
+	w("- **haproxy-tls**: HAProxy `mode http` terminating TLS with the certificate, `http-reuse always` to the BEs' plain port 80.\n")
+	w("- **nginx-preread**: nginx's stream module on the FE, `ssl_preread` on `$ssl_preread_server_name`, passing TLS through to the BEs' port 443.\n")
+	w("- **direct**: the client straight to be1's nginx over TLS: the baseline.\n\n")
+	w("Machine: %s. %s\n\n", r.Machine, strings.Join(r.Tools, "; "))
+	w("Load: %s. Client, FE, BEs and every server share the machine's cores, so figures are ratios within this run, not capacities; they move 20–40 %% between runs (FACTS.md).", r.HTTPSParams)
+	for _, n := range r.HTTPSNotes {
+		w(" **%s**", n)
+	}
+	w("\n\n### HTTPS targets\n\n| target | want | this run | |\n|---|---|---|---|\n")
+	for _, t := range r.HTTPSTargets() {
+		verdict, got := "not measured", t.Got
+		switch {
+		case t.Known && t.Met:
+			verdict = "met"
+		case t.Known:
+			verdict = "**not met** (see [performance.md](performance.md))"
+		}
+		if got == "" {
+			got = "—"
+		}
+		w("| %s | %s | %s | %s |\n", t.What, t.Want, got, verdict)
+	}
+	w("\n")
+	for _, wl := range HTTPSWorkloads {
+		r.table(&b, wl, HTTPSFrontEnds)
+	}
+	w("%s\n\n", httpsEnd)
+	return b.String()
+}
+
+// Splice puts the HTTPS part into doc, a benchmarks.md written before:
+// in place of its HTTPS part, or, the first time, before its closing
+// line, so that the HTTPS workloads can be measured alone without losing
+// the other workloads' figures.
+func Splice(doc, https string) string {
+	if i := strings.Index(doc, httpsBegin); i >= 0 {
+		if j := strings.Index(doc[i:], httpsEnd); j >= 0 {
+			rest := strings.TrimLeft(doc[i+j+len(httpsEnd):], "\n")
+			return doc[:i] + https + rest
+		}
+	}
+	if i := strings.LastIndex(doc, "\nWhere the time goes"); i >= 0 {
+		return doc[:i+1] + https + doc[i+1:]
+	}
+	if doc != "" && !strings.HasSuffix(doc, "\n\n") {
+		doc = strings.TrimRight(doc, "\n") + "\n\n"
+	}
+	return doc + https
 }

@@ -65,7 +65,8 @@ type Options struct {
 	Secret   string
 	LocalWWW bool // run nginx on the FE as its local node (redirectport 8080)
 	// PublicWWW makes each BE's nginx also listen on the BE's own address,
-	// port 80, for proxies and direct clients (the bench).
+	// port 80 (and 443 with TLS), for proxies and direct clients (the
+	// bench).
 	PublicWWW bool
 	// Metrics serves each agent's /metrics on 127.0.0.1:9180 and its
 	// profiles on 127.0.0.1:6060, inside its namespace.
@@ -272,9 +273,12 @@ func (c *Cluster) Output(ctx context.Context, host string, args ...string) (stri
 // Options.TLS is set, for clients that verify.
 func (c *Cluster) TLSCert() string { return filepath.Join(c.Dir, "tls.crt") }
 
+// TLSKey is the private key of TLSCert, for servers that present it.
+func (c *Cluster) TLSKey() string { return filepath.Join(c.Dir, "tls.key") }
+
 // makeCert makes the certificate every BE's TLS server presents.
 func (c *Cluster) makeCert() error {
-	key := filepath.Join(c.Dir, "tls.key")
+	key := c.TLSKey()
 	if err := run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
 		"-subj", "/CN=a.example", "-addext", "subjectAltName=DNS:a.example,DNS:b.example",
 		"-keyout", key, "-out", c.TLSCert()); err != nil {
@@ -293,6 +297,14 @@ func (c *Cluster) tlsServer(host, www string) string {
 		listen = "listen 127.0.0.1:443 ssl http2 proxy_protocol;"
 		realIP = "\t\treal_ip_header proxy_protocol;\n"
 	}
+	if c.opts.PublicWWW && !c.opts.ProxyProtocol {
+		// The bench's TLS passthrough proxies and its direct client.
+		for _, b := range c.BEs {
+			if b.Name == host {
+				listen += "\n\t\tlisten " + b.IP + ":443 ssl http2;"
+			}
+		}
+	}
 	return fmt.Sprintf(`	server {
 		%s
 %s		ssl_certificate %s;
@@ -300,8 +312,17 @@ func (c *Cluster) tlsServer(host, www string) string {
 		root %s;
 		add_header X-Served-By %s always;
 	}
-`, listen, realIP, c.TLSCert(), filepath.Join(c.Dir, "tls.key"), www, host)
+`, listen, realIP, c.TLSCert(), c.TLSKey(), www, host)
 }
+
+// CheckLogMap is the nginx map the README shows for keeping the agents'
+// web server checks (User-Agent tcpha-check) out of the access log; the
+// cluster's nginx logs with `if=$tcpha_loggable`.
+const CheckLogMap = `map $http_user_agent $tcpha_loggable {
+		tcpha-check 0;
+		default     1;
+	}
+`
 
 // WWW is the document root of host's nginx.
 func (c *Cluster) WWW(host string) string { return filepath.Join(c.Dir, host, "www") }
@@ -326,7 +347,9 @@ func (c *Cluster) startNginx(host string, listen ...string) error {
 		}
 	}
 	pid := filepath.Join(d, "nginx.pid")
-	access := "access_log " + d + "/access.log;"
+	// The README's way of keeping the agents' web server checks out of
+	// the access log (CheckLogMap), as an operator would write it.
+	access := CheckLogMap + "\taccess_log " + d + "/access.log combined if=$tcpha_loggable;"
 	if c.opts.NoAccessLog {
 		access = "access_log off;"
 	}
@@ -353,6 +376,14 @@ http {
 	server {
 %[2]s		root %[3]s;
 		add_header X-Served-By %[4]s always;
+		# A check path that answers 500 while the file sick exists
+		# (TestHealthCheckExpect).
+		location = /health {
+			if (-f $document_root/sick) {
+				return 500;
+			}
+			return 200 "ok\n";
+		}
 	}
 %[7]s}
 `, d, listens.String(), www, host, access, c.trustedRelays(), c.tlsServer(host, www))

@@ -10,6 +10,16 @@ var Version string
 
 // String returns the version, with the Go version that built it.
 func String() string {
+	v := Number()
+	if info, ok := debug.ReadBuildInfo(); ok {
+		v += " (" + info.GoVersion + ")"
+	}
+	return v
+}
+
+// Number returns the version alone, without the Go version
+// (tcpha_build_info's version label).
+func Number() string {
 	v := Version
 	info, ok := debug.ReadBuildInfo()
 	if v == "" && ok {
@@ -34,9 +44,6 @@ func String() string {
 	}
 	if v == "" {
 		v = "devel"
-	}
-	if ok {
-		v += " (" + info.GoVersion + ")"
 	}
 	return v
 }
