@@ -92,8 +92,8 @@ func (m mover) directTo(pending []byte) (targets []netip.AddrPort, ok bool) {
 }
 
 // askFEs sends a migrate request to the FEs with sessions to this BE, on
-// the least busy session of each that is not going away, one FE after
-// another (handoff.Leaver.Ask).
+// the least busy session of each that is not going away, to all at once
+// (handoff.AskFEs, handoff.Leaver.Ask).
 func (b *BE) askFEs(ctx context.Context, f wire.Frame) (wire.Ack, error) {
 	var order []netip.Addr
 	byFE := map[netip.Addr]*ctl.Session{}
@@ -116,5 +116,5 @@ func (b *BE) askFEs(ctx context.Context, f wire.Frame) (wire.Ack, error) {
 	for i, a := range order {
 		fes[i] = handoff.FE{Addr: a, Call: byFE[a].Call}
 	}
-	return handoff.AskInTurn(ctx, fes, f)
+	return handoff.AskFEs(ctx, fes, f)
 }

@@ -89,6 +89,11 @@ type FE struct {
 	// DRegister opens the registration port; without it BEs come only
 	// from server lines.
 	DRegister bool
+	// SyncPeer is the other FE's raddr (issue 17): each FE streams its
+	// flow changes to it over a control session on SyncPeer:feport, so
+	// the peer's kernel already forwards every flow when the VIP moves.
+	// Invalid: no sync.
+	SyncPeer netip.Addr
 	// PHTTP is what a BE does with a keep-alive connection's later
 	// requests that the rules give another BE: "single" serves them
 	// itself (TCPHA 0.2), "multi" moves the connection to that BE

@@ -94,6 +94,12 @@ func TestParseFE(t *testing.T) {
 			t.Errorf("vip = %s: %v", o, err)
 		}
 	}
+	if fe.SyncPeer.IsValid() {
+		t.Errorf("syncpeer = %v by default, want none", fe.SyncPeer)
+	}
+	if c, err := Parse("fe.conf", []byte(goodFE+"syncpeer = 10.0.0.3\n")); err != nil || c.FE.SyncPeer.String() != "10.0.0.3" {
+		t.Errorf("syncpeer = 10.0.0.3: %v", err)
+	}
 	if fe.Redirect().String() != "127.0.0.1:8080" {
 		t.Errorf("redirect = %v, want loopback", fe.Redirect())
 	}
@@ -198,6 +204,10 @@ func TestParseErrors(t *testing.T) {
 		{"rule names a target twice", fe + "rule = 10.0.0.11,10.0.0.11 .*\n", 4, "fe", "rule", "named twice"},
 		{"unknown rule scheduler", fe + "rule = 10.0.0.11 scheduler=fifo .*\n", 4, "fe", "rule", "unknown scheduler \"fifo\""},
 		{"unknown scheduler", fe + "scheduler = fastest\nrule = local .*\n", 4, "fe", "scheduler", "want rr, wlc or lard"},
+		{"syncpeer not an address", fe + "syncpeer = fe2\nrule = local .*\n", 4, "fe", "syncpeer", "not an IPv4 address"},
+		{"syncpeer without raddr", fe + "syncpeer = 10.0.0.3\nrule = local .*\n", 4, "fe", "syncpeer", "needs [fe] raddr"},
+		{"syncpeer is raddr", fe + "raddr = 10.0.0.2\nsyncpeer = 10.0.0.2\nrule = local .*\n", 5, "fe", "syncpeer", "this FE's own raddr"},
+		{"syncpeer is the VIP", fe + "raddr = 10.0.0.2\nsyncpeer = 10.0.0.100\nrule = local .*\n", 5, "fe", "syncpeer", "is the VIP"},
 		{"unknown vip owner", fe + "vip = vrrp\nrule = local .*\n", 4, "fe", "vip", "want agent or keepalived"},
 		{"vip owner in [be]", be + "vip = keepalived\n", 6, "be", "vip", "it belongs in [fe]"},
 		{"unknown accept", fe + "accept = both\nrule = local .*\n", 4, "fe", "accept", "want fe or be"},
@@ -218,6 +228,7 @@ func TestParseErrors(t *testing.T) {
 		{"registering BE without secret", be + "dregister = 1\nrule = 10.0.0.11 .*\n", 0, "global", "secret", "missing"},
 		{"FE with servers without secret", fe + "rule = 10.0.0.11 .*\n", 0, "global", "secret", "an FE with servers opens control sessions"},
 		{"registering FE without secret", "[fe]\nraddr = 10.0.0.2\nvaddr = 10.0.0.100\ndregister = 1\nrule = local .*\n", 0, "global", "secret", "dregister = 1 takes registrations"},
+		{"syncing FE without secret", "[fe]\nraddr = 10.0.0.2\nvaddr = 10.0.0.100\nsyncpeer = 10.0.0.3\nrule = local .*\n", 0, "global", "secret", "syncpeer streams its flows"},
 		{"registering FE without raddr", "[global]\nsecret = test-secret-16byte\n[fe]\nvaddr = 10.0.0.100\ndregister = 1\nrule = local .*\n", 5, "fe", "dregister", "needs [fe] raddr"},
 		{"no rules", fe, 0, "fe", "rule", "at least one"},
 		{"bad server", "[fe]\nvaddr = 10.0.0.100\nserver = 10.0.0.11\n", 3, "fe", "server", "ADDR PORT"},

@@ -40,7 +40,7 @@ var allowed = map[string]map[string]bool{
 		"requesttimeout": false, "maxheader": false, "handofftimeout": false, "maxconnperip": false,
 		"timewait": false, "idletimeout": false, "dtcinterval": false,
 		"queuenum": false, "drain": false,
-		"scheduler": false, "rise": false, "fall": false, "feport": false, "phttp": false,
+		"scheduler": false, "rise": false, "fall": false, "feport": false, "phttp": false, "syncpeer": false,
 		"dregister": false, "tlsport": false, "vip": false, "accept": false, "pintimeout": false,
 		"check": false, "checkexpect": false,
 	},
@@ -184,6 +184,8 @@ func (c *Config) sessions() string {
 		return "an FE with servers opens control sessions to them"
 	case c.FE.DRegister:
 		return "an FE with dregister = 1 takes registrations from BEs"
+	case c.FE.SyncPeer.IsValid():
+		return "an FE with syncpeer streams its flows to the other FE"
 	}
 	return ""
 }
@@ -283,6 +285,18 @@ func (p *parser) fe(s *ini.Section) (*FE, error) {
 	fe.Rise = v.intIn("rise", 2, 1, 100)
 	fe.Fall = v.intIn("fall", 3, 1, 100)
 	fe.FEPort = v.port("feport", fe.Port)
+	// The other FE: the sync session is dialed from raddr to
+	// syncpeer:feport and accepted on raddr:feport.
+	if fe.SyncPeer = v.addr("syncpeer", false, netip.Addr{}); fe.SyncPeer.IsValid() {
+		switch {
+		case fe.RAddr.IsUnspecified():
+			v.fail("syncpeer", v.line("syncpeer", 0), "needs [fe] raddr: the FEs sync on raddr:feport, never on the VIP")
+		case fe.SyncPeer == fe.RAddr:
+			v.fail("syncpeer", v.line("syncpeer", 0), fmt.Sprintf("%v is this FE's own raddr: name the other FE's", fe.SyncPeer))
+		case fe.SyncPeer == fe.VAddr:
+			v.fail("syncpeer", v.line("syncpeer", 0), fmt.Sprintf("%v is the VIP: name the other FE's raddr", fe.SyncPeer))
+		}
+	}
 	fe.PHTTP = "multi"
 	if m, ok := v.raw("phttp"); ok {
 		switch m {

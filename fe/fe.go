@@ -135,37 +135,81 @@ type FE struct {
 	// BEs' relay counters (incident.go).
 	rates      backends.Rates
 	relayStats relayCounters
+	// sync is the flow sync with the other FE ([fe] syncpeer; nil
+	// without), act whether this FE holds the VIP (sync.go).
+	sync *syncer
+	act  activity
 }
 
 // listenRegister opens the port BEs register on: [fe] raddr:feport, never
 // the VIP, and only with [fe] dregister = 1 (the config then holds the
 // cluster secret and a real address). Without it no port is open to
-// strangers (issue 19: every stranger's connection cost a log line).
+// strangers (issue 19: every stranger's connection cost a log line),
+// unless [fe] syncpeer needs it for the peer FE's sync session: then BEs
+// are refused there.
 func (f *FE) listenRegister(ctx context.Context, secret []byte, lns Listeners) error {
 	ln := lns.Register
 	cfg := f.cfg
+	var rs *register.Server
 	if !cfg.DRegister || len(secret) == 0 || cfg.RAddr.IsUnspecified() {
 		f.log.Info("BE registration off: [fe] dregister is not 1", "op", "start")
-		if ln != nil {
-			// A predecessor's port, which this config closes.
-			ln.Close()
-		}
 		// A predecessor's registrations cannot be renewed here.
 		for _, reg := range lns.Registered {
 			f.pool.Remove(reg.Server.AddrPort())
 			f.sched.Deregister(reg.Server.Addr)
 		}
-		return nil
+		if f.sync == nil {
+			if ln != nil {
+				// A predecessor's port, which this config closes.
+				ln.Close()
+			}
+			return nil
+		}
+	} else {
+		rs = f.registerServer()
+		for _, reg := range lns.Registered {
+			rs.Adopt(reg.Server.Addr)
+		}
 	}
 	addr := netip.AddrPortFrom(cfg.RAddr, cfg.FEPort)
 	if f.regLn = ln; ln == nil {
 		var err error
 		if f.regLn, err = (&net.ListenConfig{}).Listen(ctx, "tcp4", addr.String()); err != nil {
-			return fmt.Errorf("listen for registrations on %v: %w", addr, err)
+			return fmt.Errorf("listen for registrations and the peer FE's sync on %v: %w", addr, err)
 		}
 	}
-	rs := &register.Server{
-		VIP: cfg.VAddr, Log: f.log,
+	// One port, two kinds of session: BEs' registrations, and the peer
+	// FE's sync ([fe] syncpeer), told apart by the role in their hello.
+	f.regSrv = &ctl.Server{
+		Config: &ctl.Config{Secret: secret, Log: f.log,
+			Handler: ctl.HandlerFunc(func(s *ctl.Session, fr wire.Frame) {
+				if s.Peer.Role == wire.RoleFE {
+					f.serveSync(s, fr)
+				} else {
+					rs.Serve(s, fr)
+				}
+			}),
+			Local: wire.Hello{Role: wire.RoleFE, Addr: addr, VIP: netip.AddrPortFrom(cfg.VAddr, cfg.Port), TLSPort: cfg.TLSPort}},
+		Admit: func(remote net.Addr, h wire.Hello) error {
+			if h.Role == wire.RoleFE {
+				return f.admitPeer(remote, h)
+			}
+			if rs == nil {
+				return errors.New("BE registration is off ([fe] dregister is not 1)")
+			}
+			return rs.Admit(remote, h)
+		},
+	}
+	if rs != nil {
+		f.log.Info("taking BE registrations", "op", "start", "addr", addr.String())
+	}
+	return nil
+}
+
+// registerServer takes BEs' registrations (seed 4.10).
+func (f *FE) registerServer() *register.Server {
+	return &register.Server{
+		VIP: f.cfg.VAddr, Log: f.log,
 		Add: func(r backends.Registration) error {
 			if err := f.sched.Register(r); err != nil {
 				return err
@@ -184,16 +228,6 @@ func (f *FE) listenRegister(ctx context.Context, secret []byte, lns Listeners) e
 			f.kickCluster()
 		},
 	}
-	for _, reg := range lns.Registered {
-		rs.Adopt(reg.Server.Addr)
-	}
-	f.regSrv = &ctl.Server{
-		Config: &ctl.Config{Secret: secret, Log: f.log, Handler: rs,
-			Local: wire.Hello{Role: wire.RoleFE, Addr: addr, VIP: netip.AddrPortFrom(cfg.VAddr, cfg.Port), TLSPort: cfg.TLSPort}},
-		Admit: rs.Admit,
-	}
-	f.log.Info("taking BE registrations", "op", "start", "addr", addr.String())
-	return nil
 }
 
 // Listeners are the FE's listening sockets a predecessor handed over.
@@ -290,6 +324,12 @@ func Start(ctx context.Context, cfg *config.FE, secret []byte, m *metrics.Metric
 		}
 	}
 	f.flows = nft.NewFlows(f.owned.Conn, f.owned.Rules)
+	// Under keepalived a syncing FE is standby until the VIP shows up.
+	var holdsVIP func() (bool, error)
+	if cfg.VIP == config.VIPKeepalived {
+		holdsVIP = func() (bool, error) { return netif.HasAddr(link, cfg.VAddr) }
+	}
+	f.startSync(secret, holdsVIP)
 	// The reaper reads on a socket of its own: its reads never wait
 	// behind the handoffs' edits, nor they behind its reads.
 	if f.setsc, err = nft.OpenLasting(); err != nil {
@@ -550,19 +590,22 @@ func (f *FE) startLoops(serve, loops context.Context) {
 	if f.owned.Rules != nil { // nil in the unit tests: no kernel
 		f.loops.Go(func() { f.guard().Run(loops) })
 	}
+	// Only the FE that holds the VIP ends flows (sync.go): always, without
+	// syncpeer.
 	f.loops.Go(func() {
 		// With accept = be the kernel expires every pin, and a flow the
 		// connection table does not know is not an orphan.
 		if f.place == nil {
-			f.reaper.Run(loops)
+			f.whileActive(loops, f.reaper.Run)
 		}
 		if f.setsc != nil {
 			f.setsc.CloseLasting()
 		}
 	})
 	f.loops.Go(func() { f.clusterLoop(serve) })
-	f.loops.Go(func() { f.heldLoop(loops) })
+	f.loops.Go(func() { f.whileActive(loops, f.heldLoop) })
 	f.loops.Go(func() { f.statsLoop(serve) })
+	f.loops.Go(func() { f.syncLoops(loops) })
 	// Always: detection may be turned on later (tcphactl dtcinterval, a
 	// reload) after a start with dtcinterval = 0.
 	f.loops.Go(func() { f.detectLoop(serve) })
@@ -627,6 +670,11 @@ func (f *FE) HandOver(stopServe func()) []frontend.HandedHead {
 // are reset: each BE is told to send its client a RST, so that neither end
 // hangs once this FE stops forwarding.
 func (f *FE) Drain(d time.Duration) {
+	if !f.active() {
+		// A standby's rows are the peer's live connections: not its to
+		// reset.
+		return
+	}
 	deadline := time.Now().Add(d)
 	for f.liveCount() > 0 && time.Now().Before(deadline) {
 		time.Sleep(100 * time.Millisecond)
@@ -801,6 +849,9 @@ func (f *FE) Release() {
 	if f.pool != nil {
 		f.pool.Close()
 	}
+	if f.sync != nil {
+		f.sync.pool.Close()
+	}
 	if f.reader != nil {
 		f.reader.Close()
 	}
@@ -828,7 +879,9 @@ type Status struct {
 	Moved    int64           `json:"moved"`
 	NotMoved int64           `json:"not_moved"`
 	Table    nft.TableStatus `json:"table"`
-	avg      time.Duration
+	// Sync is the flow sync with the other FE, with [fe] syncpeer.
+	Sync *syncStatus `json:"sync,omitempty"`
+	avg  time.Duration
 }
 
 // counters are frontend.Counters as tcphactl names them.
@@ -871,7 +924,7 @@ func (f *FE) Status() Status {
 			RefusedBusy: s.RefusedBusy},
 		AvgHandoff: avg.Seconds(), avg: avg, Connections: map[string]int{}, Queued: f.obs.Total(),
 		QueuedBy: []queuedBy{}, Backends: []beLine{}, Moved: f.moved.Load(), NotMoved: f.notMoved.Load(),
-		Table: f.reinstalls.Status(),
+		Table: f.reinstalls.Status(), Sync: f.syncStatus(),
 	}
 	counts := f.table.Count()
 	for _, k := range []conntab.State{conntab.Handoffing, conntab.Handoffed, conntab.TimeWait} {
@@ -928,6 +981,17 @@ func (st Status) Write(w io.Writer, pid int) {
 		fmt.Fprintf(w, "  be %s:%d: %s, control sessions %d\n", b.Addr, b.Port, b.State, b.Sessions)
 	}
 	st.Table.Write(w)
+	if s := st.Sync; s != nil {
+		role, session := "standby", "down"
+		if s.Active {
+			role = "active"
+		}
+		if s.Session {
+			session = "up"
+		}
+		fmt.Fprintf(w, "  sync peer=%s %s session=%s flows=%d pending=%d sent_batches=%d resyncs=%d failures=%d applied=%d refused=%d\n",
+			s.Peer, role, session, s.Flows, s.Pending, s.Batches, s.Resyncs, s.Failures, s.Applied, s.Refused)
+	}
 }
 
 // Reload applies a re-read [fe]: rules, servers, weights and scheduler

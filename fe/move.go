@@ -47,6 +47,13 @@ func (f *FE) serveBE(s *ctl.Session, fr wire.Frame) {
 // unless maxMoves are under way (then the BE serves the request itself),
 // and answers with reply.
 func (f *FE) admitMove(from netip.Addr, fr wire.Frame, do func(netip.Addr, wire.Frame) (wire.Result, string), reply func(wire.Result, string)) {
+	if !f.active() {
+		// A standby's rows are the active FE's: the BE asks that one
+		// (handoff.AskFEs takes the answer of the FE that knows it).
+		f.notMoved.Add(1)
+		reply(wire.ResultUnknown, "standby FE: the VIP is on the other FE")
+		return
+	}
 	select {
 	case f.moves <- struct{}{}:
 	default:

@@ -53,29 +53,48 @@ type FE struct {
 	Call func(ctx context.Context, f wire.Frame) (wire.Frame, error)
 }
 
-// AskInTurn sends the migrate request f to fes, one after another, until
-// one knows the connection: its answer, other than unknown flow, is
-// returned. When every FE that answered does not know it, the answer is
-// unknown flow. An error wraps ctl.ErrNotSent when no FE can have seen f;
-// any other error means one may have acted on it without answering, so
-// the connection's fate is unknown.
-func AskInTurn(ctx context.Context, fes []FE, f wire.Frame) (wire.Ack, error) {
+// AskFEs sends the migrate request f to every FE of fes at once and
+// returns the first answer other than unknown flow: at most one FE forwards
+// a connection (with [fe] syncpeer the standby knows it too, but answers
+// unknown flow until it holds the VIP). Asking one FE after another let an
+// FE that died without closing its sessions (a host or link failure: the
+// BE sees nothing for 30 s) spend the whole answer bound before the live
+// one was asked, so the connection was cut; the calls still waiting when an
+// answer comes are cancelled. When every FE that answered does not know
+// the connection, the answer is unknown flow. An error wraps ctl.ErrNotSent
+// when no FE can have seen f; any other error means one may have acted on
+// it without answering, so the connection's fate is unknown.
+func AskFEs(ctx context.Context, fes []FE, f wire.Frame) (wire.Ack, error) {
+	if len(fes) == 0 {
+		return wire.Ack{}, fmt.Errorf("%w: no control session from an FE", ctl.ErrNotSent)
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	type answer struct {
+		fe  FE
+		r   wire.Frame
+		err error
+	}
+	answers := make(chan answer, len(fes)) // the calls never block on it
+	for _, fe := range fes {
+		go func() {
+			r, err := fe.Call(ctx, f)
+			answers <- answer{fe, r, err}
+		}()
+	}
 	sent := false
 	var fail error
-	for _, fe := range fes {
-		r, err := fe.Call(ctx, f)
-		if err != nil {
-			sent = sent || !errors.Is(err, ctl.ErrNotSent)
-			fail = err
-			if ctx.Err() != nil {
-				break
-			}
+	for range fes {
+		a := <-answers
+		if a.err != nil {
+			sent = sent || !errors.Is(a.err, ctl.ErrNotSent)
+			fail = a.err
 			continue
 		}
 		var ack wire.Ack
-		if err := ack.UnmarshalBinary(r.Payload); err != nil || r.Type != wire.TypeAck {
+		if err := ack.UnmarshalBinary(a.r.Payload); err != nil || a.r.Type != wire.TypeAck {
 			// An answer came: whatever it says, the FE saw the request.
-			return wire.Ack{}, fmt.Errorf("FE %v: bad answer to migrate: %v %w", fe.Addr, r.Type, err)
+			return wire.Ack{}, fmt.Errorf("FE %v: bad answer to migrate: %v %w", a.fe.Addr, a.r.Type, err)
 		}
 		if ack.Result != wire.ResultUnknown {
 			return ack, nil
@@ -86,8 +105,6 @@ func AskInTurn(ctx context.Context, fes []FE, f wire.Frame) (wire.Ack, error) {
 		return wire.Ack{}, fail
 	case fail != nil:
 		return wire.Ack{}, fmt.Errorf("%w: %w", ctl.ErrNotSent, fail)
-	case len(fes) == 0:
-		return wire.Ack{}, fmt.Errorf("%w: no control session from an FE", ctl.ErrNotSent)
 	}
 	return wire.Ack{Result: wire.ResultUnknown, Reason: "no FE forwards this connection"}, nil
 }

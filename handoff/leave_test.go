@@ -234,7 +234,7 @@ func (o lostCommit) Commit() error { o.fakeOffer.Commit(); return errors.New("co
 // Which FE answers decides, and whether any FE may have acted without
 // answering decides between resuming the connection (ErrNotSent) and
 // resetting it.
-func TestAskInTurn(t *testing.T) {
+func TestAskFEs(t *testing.T) {
 	type call = func(context.Context, wire.Frame) (wire.Frame, error)
 	frame := func(res wire.Result) call {
 		return func(context.Context, wire.Frame) (wire.Frame, error) { return ctl.AckFrame(res, ""), nil }
@@ -253,7 +253,7 @@ func TestAskInTurn(t *testing.T) {
 		wantErr bool
 	}{
 		{name: "no FE", unsent: true, wantErr: true},
-		{name: "the first knows it", calls: []call{frame(wire.ResultOK), frame(wire.ResultStay)}, want: wire.ResultOK},
+		{name: "the first knows it", calls: []call{frame(wire.ResultOK), frame(wire.ResultUnknown)}, want: wire.ResultOK},
 		{name: "the second knows it", calls: []call{frame(wire.ResultUnknown), frame(wire.ResultStay)}, want: wire.ResultStay},
 		{name: "nobody knows it", calls: []call{frame(wire.ResultUnknown), frame(wire.ResultUnknown)}, want: wire.ResultUnknown},
 		{name: "never sent anywhere", calls: []call{fail(notSent), frame(wire.ResultUnknown)}, unsent: true, wantErr: true},
@@ -269,7 +269,7 @@ func TestAskInTurn(t *testing.T) {
 			for i, c := range tc.calls {
 				fes = append(fes, FE{Addr: []netip.Addr{fe1, fe2}[i], Call: c})
 			}
-			ack, err := AskInTurn(context.Background(), fes, wire.Frame{Type: wire.TypeMigrate})
+			ack, err := AskFEs(context.Background(), fes, wire.Frame{Type: wire.TypeMigrate})
 			switch {
 			case tc.wantErr && err == nil:
 				t.Fatalf("answer %v, want an error", ack.Result)
@@ -281,5 +281,25 @@ func TestAskInTurn(t *testing.T) {
 				t.Errorf("answer %v, want %v", ack.Result, tc.want)
 			}
 		})
+	}
+}
+
+// An FE that died without closing its sessions (its host or link failed)
+// does not answer until the BE's answer bound runs out: asked first, it
+// used to take the whole bound, and the connection was cut although the
+// other FE, which had taken the VIP over, knew it (issue 17).
+func TestAskFEsDeadFE(t *testing.T) {
+	dead := func(ctx context.Context, _ wire.Frame) (wire.Frame, error) {
+		<-ctx.Done()
+		return wire.Frame{}, ctx.Err()
+	}
+	live := func(context.Context, wire.Frame) (wire.Frame, error) { return ctl.AckFrame(wire.ResultOK, ""), nil }
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+	defer cancel()
+	start := time.Now()
+	ack, err := AskFEs(ctx, []FE{{Addr: netip.MustParseAddr("10.0.0.2"), Call: dead}, {Addr: netip.MustParseAddr("10.0.0.3"), Call: live}},
+		wire.Frame{Type: wire.TypeMigrate})
+	if err != nil || ack.Result != wire.ResultOK || time.Since(start) > time.Second {
+		t.Errorf("with a dead FE asked first: %v %v after %v, want the live FE's OK at once", ack.Result, err, time.Since(start))
 	}
 }

@@ -51,6 +51,10 @@ type Observer struct {
 	TimeWait time.Duration // after FIN
 	RSTWait  time.Duration // after RST: the connection is already gone
 	Now      func() time.Time
+	// Closed, if set, hears of each packet that left a flow in TIME_WAIT
+	// (the FE's flow sync tells its peer). It runs on the reader's
+	// goroutine and must not block.
+	Closed func(flow netip.AddrPort)
 
 	mu      sync.Mutex
 	total   int64
@@ -87,8 +91,12 @@ func (o *Observer) handle(b []byte) (event string, r Reason) {
 	if ev == conntab.EvRST {
 		until = now.Add(o.RSTWait)
 	}
-	if _, _, err := o.Table.Observe(p.Src, ev, now, until); err != nil {
+	state, _, err := o.Table.Observe(p.Src, ev, now, until)
+	if err != nil {
 		return ev.String(), ReasonIllegal
+	}
+	if state == conntab.TimeWait && o.Closed != nil {
+		o.Closed(p.Src)
 	}
 	return ev.String(), ReasonForwarded
 }

@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"net/netip"
+	"slices"
 	"testing"
 	"time"
 
@@ -70,6 +71,8 @@ func TestObserver(t *testing.T) {
 	tab.Handed(client, netip.MustParseAddr("10.0.0.11"), t0)
 	o := &Observer{Table: tab, VIP: netip.MustParseAddrPort("10.0.0.100:80"), TLSPort: 443, TimeWait: 10 * time.Second,
 		RSTWait: time.Second, Now: func() time.Time { return t0 }}
+	var closed []netip.AddrPort // what the FE's flow sync hears
+	o.Closed = func(f netip.AddrPort) { closed = append(closed, f) }
 
 	cases := []struct {
 		name   string
@@ -107,6 +110,9 @@ func TestObserver(t *testing.T) {
 	o.Handle(pkt("10.0.0.10:9", "10.0.0.100:80", fin, 0))
 	if _, ok := tab.Get(netip.MustParseAddrPort("10.0.0.10:9")); ok {
 		t.Error("a FIN of an unknown flow created an entry")
+	}
+	if want := []netip.AddrPort{client, client, other}; !slices.Equal(closed, want) {
+		t.Errorf("closed %v, want %v (each packet that leaves a flow in TIME_WAIT)", closed, want)
 	}
 	if o.Total() != 7 {
 		t.Errorf("total %d, want 7", o.Total())

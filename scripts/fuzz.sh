@@ -9,6 +9,7 @@ time=${FUZZTIME:-30s}
 targets=(
 	"./handoff/wire FuzzFrame"
 	"./handoff/wire FuzzHeld"
+	"./handoff/wire FuzzSync"
 	"./handoff/ctl FuzzHandshake"
 	"./fe FuzzParseMigration"
 	"./phttp FuzzRead"

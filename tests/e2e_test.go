@@ -83,6 +83,9 @@ func newClusterWithout(t *testing.T, opts cluster.Options, later ...string) *clu
 	t.Cleanup(func() {
 		if t.Failed() {
 			hosts := []string{"fe"}
+			if opts.FE2 {
+				hosts = append(hosts, "fe2")
+			}
 			for _, b := range c.BEs {
 				hosts = append(hosts, b.Name)
 			}

@@ -86,7 +86,7 @@ func main() {
 	out := flag.String("out", "docs/benchmarks.md", "report `file` (empty: stdout only)")
 	chart := flag.String("chart", "docs/benchmarks.png", "chart `file` (PNG)")
 	profile := flag.String("profile", "", "save CPU profiles of the FE and be1 agents taken during (a) and (g) to `dir`")
-	only := flag.String("only", "", "comma-separated `workloads` to run (a,b,c,d,e,f,g,h,flat,idle,j,k,l; default all); "+
+	only := flag.String("only", "", "comma-separated `workloads` to run (a,b,c,sync,d,e,f,g,h,flat,idle,j,k,l; default all); "+
 		"HTTPS ones alone (j,k,l) rewrite only the HTTPS part of -out")
 	fes := flag.String("fe", "", "comma-separated `front ends` to run (tcpha,haproxy,nginx,direct,haproxy-sni,haproxy-tls,nginx-preread; default all)")
 	secs := flag.Int("seconds", 0, "seconds per wrk workload (default 10, 2 with -smoke; 1 for HTTPS with -smoke)")
@@ -183,10 +183,14 @@ type bencher struct {
 	accept string
 	// tlsFes are the ways in over HTTPS, for (j), (k) and (l).
 	tlsFes []frontEnd
+	// syncOn gives the FE [fe] syncpeer = fe2 at its next start (the
+	// sync workload).
+	syncOn *atomic.Bool
 }
 
 func runBench(agent string, p params) (*bench.Run, error) {
-	fmt.Println("== building the cluster: client, FE, be1, be2 (nginx on each BE, HTTP and HTTPS)")
+	fmt.Println("== building the cluster: client, FE, be1, be2 (nginx on each BE, HTTP and HTTPS), fe2 (the sync workload's standby)")
+	syncOn := &atomic.Bool{}
 	c, err := cluster.New(cluster.Options{
 		Agent: agent, BEs: 2, Secret: "bench-cluster-secret",
 		// TLS without SNI (wrk names the VIP's address) takes the first
@@ -198,6 +202,18 @@ func runBench(agent string, p params) (*bench.Run, error) {
 		// A short drain: the FE agent restarts between accept modes
 		// (use); TLS only with accept = fe, which (j), (k) and (l) use.
 		FEExtra: feExtra("fe"), BEExtra: "",
+		FE2: true,
+		Edit: func(host, conf string) string {
+			switch {
+			case host == "fe2":
+				// A standby that never gets the VIP: it only applies the
+				// stream.
+				return conf + "vip = keepalived\nsyncpeer = " + cluster.FEIP + "\n"
+			case host == "fe" && syncOn.Load():
+				return conf + "syncpeer = " + cluster.FE2IP + "\n"
+			}
+			return conf
+		},
 	})
 	if err != nil {
 		return nil, err
@@ -225,7 +241,7 @@ func runBench(agent string, p params) (*bench.Run, error) {
 		}
 	}
 	// The agents log at info, like a production default.
-	b := &bencher{c: c, p: p, run: &bench.Run{Date: time.Now(), Smoke: p.smoke, FlatWindow: p.flatWindow}, accept: "fe"}
+	b := &bencher{c: c, p: p, run: &bench.Run{Date: time.Now(), Smoke: p.smoke, FlatWindow: p.flatWindow}, accept: "fe", syncOn: syncOn}
 	haproxy, err := b.startHAProxy()
 	if err != nil {
 		return nil, err
@@ -290,6 +306,11 @@ func runBench(agent string, p params) (*bench.Run, error) {
 				fmt.Printf("  handoff p50 %v p99 %v", r.HandoffP50, r.HandoffP99)
 			}
 			fmt.Println()
+		}
+	}
+	if p.runs("sync") && slices.ContainsFunc(b.fes, func(fe frontEnd) bool { return fe.name == bench.TCPHA }) {
+		if err := b.syncCost(); err != nil {
+			return nil, err
 		}
 	}
 	for _, w := range []string{"f", "g", "h"} {
@@ -601,6 +622,68 @@ func (b *bencher) wrk(fe frontEnd, w string) (bench.Result, error) {
 	}
 	args = append(args, fe.base+path)
 	return b.load(fe, w, args, b.profiles(fe, w))
+}
+
+// syncCost runs (a)'s load through tcpha without [fe] syncpeer and then
+// with it, fe2 a standby applying the stream (issue 17: FE CPU per handoff
+// at most 1.1×), and puts the FE back as it was.
+func (b *bencher) syncCost() error {
+	fe := frontEnd{bench.TCPHA, "http://" + cluster.VIP, func() int { return b.c.AgentPID("fe") }, "fe"}
+	if err := b.use(fe); err != nil {
+		return err
+	}
+	off, err := b.wrk(fe, "a")
+	if err != nil {
+		return err
+	}
+	if err := b.setSync(true); err != nil {
+		return err
+	}
+	on, err := b.wrk(fe, "a")
+	if st, serr := b.c.Admin("fe", "status"); serr == nil {
+		for l := range strings.Lines(st) {
+			if strings.Contains(l, " sync peer=") {
+				fmt.Printf("   (sync) the FE after the load: %s", strings.TrimSpace(l)+"\n")
+			}
+		}
+	}
+	if err := errors.Join(err, b.setSync(false)); err != nil {
+		return err
+	}
+	off.Workload, on.Workload = "sync-off", "sync-on"
+	b.run.Results = append(b.run.Results, off, on)
+	fmt.Printf("   (sync) tcpha without syncpeer %6.0f req/s FE CPU/req %-9v with %6.0f req/s FE CPU/req %v\n",
+		off.RPS, off.CPUPerRequest(), on.RPS, on.CPUPerRequest())
+	return nil
+}
+
+// setSync restarts the FE with or without [fe] syncpeer, with fe2's agent
+// running as its standby while it syncs.
+func (b *bencher) setSync(on bool) error {
+	b.syncOn.Store(on)
+	if err := b.c.StopAgent("fe", syscall.SIGTERM); err != nil {
+		return err
+	}
+	if !on {
+		if err := b.c.StopAgent("fe2", syscall.SIGTERM); err != nil {
+			return err
+		}
+		return b.c.StartAgent("fe")
+	}
+	if err := b.c.StartAgent("fe2"); err != nil {
+		return err
+	}
+	if err := b.c.StartAgent("fe"); err != nil {
+		return err
+	}
+	for deadline := time.Now().Add(15 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+		if st, _ := b.c.Admin("fe", "status"); strings.Contains(st, "active session=up") {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return errors.New("sync workload: the FE's sync session to fe2 did not come up in 15 s")
+		}
+	}
 }
 
 // load runs wrk with args through fe, sampling the FE around it; prof, if

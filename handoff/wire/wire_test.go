@@ -355,6 +355,7 @@ func FuzzFrame(f *testing.F) {
 		check("held", &HeldAsk{})
 		check("held-list", &HeldList{})
 		check("switch", &Switch{})
+		check("sync", &SyncBatch{})
 		var a Ack
 		_ = a.UnmarshalBinary(fr.Payload)
 	})

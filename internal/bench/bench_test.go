@@ -149,6 +149,17 @@ func TestTargets(t *testing.T) {
 	check("(e) time to first byte added over direct, p50", true, true, "100 µs")
 	check("(e) time to first byte added over direct, p99", false, true, "1.50 ms")
 	check("(a) rate flat across", true, true, "0.90×")
+	check("(a) FE process CPU per handoff with syncpeer", false, false, "")
+	r := sampleRun()
+	off, _ := r.Get(TCPHA, "a")
+	on := off
+	off.Workload, on.Workload, on.FECPU = "sync-off", "sync-on", off.FECPU*1.05
+	r.Results = append(r.Results, off, on)
+	for _, x := range r.Targets() {
+		if strings.HasPrefix(x.What, "(a) FE process CPU per handoff with syncpeer") && (!x.Met || x.Got != "1.05×") {
+			t.Errorf("the sync cost target: %+v, want met at 1.05×", x)
+		}
+	}
 }
 
 func TestMarkdownAndChart(t *testing.T) {

@@ -182,6 +182,10 @@ func (r *Run) Targets() []Target {
 		func(x Result) float64 { return x.RPS }, func(v float64) bool { return v >= 1 })
 	ratio("(a) accept = be, half the connections moving: requests/s vs accept = fe's", "≥ 2×", TCPHABE, "a", TCPHA, "a",
 		func(x Result) float64 { return x.RPS }, func(v float64) bool { return v >= 2 })
+	// Workload "sync": (a)'s load through tcpha alone ("sync-off") and with
+	// [fe] syncpeer and a standby FE applying the stream ("sync-on").
+	ratio("(a) FE process CPU per handoff with syncpeer vs without", "≤ 1.1×", TCPHA, "sync-on", TCPHA, "sync-off",
+		cpu, func(v float64) bool { return v <= 1.1 })
 	ratio("(c) FE process CPU per request vs HAProxy's", "≤ 0.01×", TCPHA, "c", HAProxy, "c",
 		cpu, func(v float64) bool { return v <= 0.01 })
 	ratio("(d) FE process CPU for the download vs HAProxy's", "≤ 0.01×", TCPHA, "d", HAProxy, "d",
@@ -335,6 +339,12 @@ func (r *Run) Markdown(chart string) string {
 	if r.Idle.Conns > 0 {
 		w("## Idle handed-off connections\n\n%d keep-alive connections opened through tcpha, each served one request and left open (%d answered, in %v). Agent RSS before → after: FE %s → %s, BE %s → %s.\n\n",
 			r.Idle.Conns, r.Idle.Answered, r.Idle.Took.Round(time.Millisecond), mib(r.Idle.FEBefore), mib(r.Idle.FEAfter), mib(r.Idle.BEBefore), mib(r.Idle.BEAfter))
+	}
+	if off, ok1 := r.Get(TCPHA, "sync-off"); ok1 {
+		if on, ok2 := r.Get(TCPHA, "sync-on"); ok2 {
+			w("## Flow sync between two FEs\n\n(a)'s load through tcpha, one run without `[fe] syncpeer` and one with it, a standby FE applying the stream: %.0f vs %.0f handoffs/s, FE process CPU per handoff %s vs %s.\n\n",
+				off.RPS, on.RPS, us(off.CPUPerRequest()), us(on.CPUPerRequest()))
+		}
 	}
 	if len(r.Notes) > 0 {
 		w("## Notes from this run\n\n")

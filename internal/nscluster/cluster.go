@@ -37,8 +37,10 @@ const (
 	ClientIP  = "10.77.0.10"
 	MalloryIP = "10.77.0.9"
 	FEIP      = "10.77.0.2"
-	VIP       = "10.77.0.100"
-	Port      = 80
+	// FE2IP is the second FE's, with Options.FE2.
+	FE2IP = "10.77.0.3"
+	VIP   = "10.77.0.100"
+	Port  = 80
 )
 
 // BE describes one back end host.
@@ -76,6 +78,11 @@ type Options struct {
 	// Mallory adds a second client host, "mallory", for attacks: a stranger
 	// with an address of its own.
 	Mallory bool
+	// FE2 adds a second FE host, "fe2" (FE2IP), with the same [fe] as
+	// "fe" but its own raddr; the BEs take control sessions from both
+	// (feaddr lists both). Its agent is started like the others, with
+	// StartAgent("fe2"); a pair of FEs needs [fe] vip = keepalived.
+	FE2 bool
 	// Notify gives each agent a NOTIFY_SOCKET, as systemd does, and keeps
 	// what they send (Notifications).
 	Notify bool
@@ -188,6 +195,9 @@ func (c *Cluster) hosts() []string {
 	if c.opts.Mallory {
 		h = append(h, "mallory")
 	}
+	if c.opts.FE2 {
+		h = append(h, "fe2")
+	}
 	for _, b := range c.BEs {
 		h = append(h, b.Name)
 	}
@@ -202,6 +212,8 @@ func (c *Cluster) ip(host string) string {
 		return MalloryIP
 	case "fe":
 		return FEIP
+	case "fe2":
+		return FE2IP
 	}
 	for _, b := range c.BEs {
 		if b.Name == host {
@@ -452,8 +464,8 @@ func (c *Cluster) Config(host string) string {
 	g += "secret = " + secret + "\n"
 	g += c.opts.GlobalExtra
 	s := g
-	if host == "fe" {
-		s += fmt.Sprintf("\n[fe]\nraddr = %s\nvaddr = %s\nport = %d\n", FEIP, VIP, Port)
+	if host == "fe" || host == "fe2" {
+		s += fmt.Sprintf("\n[fe]\nraddr = %s\nvaddr = %s\nport = %d\n", c.ip(host), VIP, Port)
 		for _, b := range c.BEs {
 			if slices.Contains(c.opts.Registered, b.Name) {
 				continue
@@ -472,8 +484,12 @@ func (c *Cluster) Config(host string) string {
 		}
 		s += c.opts.FEExtra
 	} else {
+		feaddr := FEIP
+		if c.opts.FE2 {
+			feaddr += ", " + FE2IP
+		}
 		s += fmt.Sprintf("\n[be]\nraddr = %s\nuaddr = %s\nvaddr = %s\nfeaddr = %s\nport = 666\nredirectport = 80\n",
-			c.ip(host), c.be(host).UAddr, VIP, FEIP) + c.opts.BEExtra
+			c.ip(host), c.be(host).UAddr, VIP, feaddr) + c.opts.BEExtra
 		if slices.Contains(c.opts.Registered, host) {
 			s += "dregister = 1\n"
 		}

@@ -1,0 +1,457 @@
+package fe
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"tcpha/handoff/conntab"
+	"tcpha/handoff/ctl"
+	"tcpha/handoff/flowsync"
+	"tcpha/handoff/wire"
+)
+
+// Flow-state sync between two FEs (issue 17, `[fe] syncpeer`). Each FE
+// mirrors its forwarded flows in a flowsync.Outbox and, while it holds the
+// VIP (active), streams their changes to the other FE's raddr:feport; the
+// standby applies them to its own forward map and connection table, so its
+// kernel already forwards every handed-off flow when VRRP moves the VIP.
+// Only the active FE reaps, asks BEs what they hold, answers migrations
+// and resets at a drain: the standby's rows are the peer's, and it must
+// not end or move them. With vip = agent, or without syncpeer, the FE is
+// always active (today's behaviour).
+
+// syncWorkers bounds the events of one batch applied at once: their nft
+// edits then share transactions (the flow owner's group commit) instead of
+// costing one each.
+const syncWorkers = 64
+
+// vipPoll is how often a standby under keepalived looks for the VIP on its
+// interface: a takeover starts the reaper and migrations within it. The
+// forwarding does not wait for it: it is in the kernel already.
+const vipPoll = 100 * time.Millisecond
+
+// syncer is an FE's side of the sync: its outbox and session to the peer,
+// and the inbox the peer's batches go through.
+type syncer struct {
+	peer netip.AddrPort
+	out  *flowsync.Outbox
+	pool *ctl.Pool
+	// holdsVIP tells whether the VIP is on this FE's interface (nil: the
+	// FE is always active).
+	holdsVIP func() (bool, error)
+	// mu makes the peer's batches apply one at a time, in order.
+	mu      sync.Mutex
+	in      flowsync.Inbox
+	applied atomic.Int64 // batches applied
+	refused atomic.Int64 // batches refused (this FE active, a bad resync)
+	failing atomic.Bool  // the last send failed: log the next failure quietly
+}
+
+// activity is whether the FE is active, and a channel closed at each
+// change.
+type activity struct {
+	mu      sync.Mutex
+	standby bool // the zero value is active
+	ch      chan struct{}
+}
+
+func (a *activity) get() (active bool, changed <-chan struct{}) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.ch == nil {
+		a.ch = make(chan struct{})
+	}
+	return !a.standby, a.ch
+}
+
+// set records active and reports whether it changed.
+func (a *activity) set(active bool) bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.standby == !active {
+		return false
+	}
+	a.standby = !active
+	if a.ch != nil {
+		close(a.ch)
+	}
+	a.ch = make(chan struct{})
+	return true
+}
+
+// active tells whether this FE holds the VIP: it reaps, moves and resets.
+func (f *FE) active() bool {
+	on, _ := f.act.get()
+	return on
+}
+
+// whileActive runs fn while the FE is active, with a context that ends
+// when it turns standby, and again at each takeover, until ctx ends.
+func (f *FE) whileActive(ctx context.Context, fn func(context.Context)) {
+	for {
+		on, changed := f.act.get()
+		if !on {
+			select {
+			case <-ctx.Done():
+				return
+			case <-changed:
+				continue
+			}
+		}
+		run, stop := context.WithCancel(ctx)
+		done := make(chan struct{})
+		go func() { defer close(done); fn(run) }()
+		select {
+		case <-ctx.Done():
+		case <-changed:
+		}
+		stop()
+		<-done
+		if ctx.Err() != nil {
+			return
+		}
+	}
+}
+
+// syncedFlows is the FE's forwarding with every change of a flow's element
+// recorded in the outbox.
+type syncedFlows struct {
+	Forwarding
+	out *flowsync.Outbox
+}
+
+func (s syncedFlows) Forward(ctx context.Context, flow netip.AddrPort, be netip.Addr, replace bool) error {
+	err := s.Forwarding.Forward(ctx, flow, be, replace)
+	if err == nil {
+		s.out.Forward(flow, be)
+	}
+	return err
+}
+
+func (s syncedFlows) Unforward(ctx context.Context, flow netip.AddrPort) error {
+	err := s.Forwarding.Unforward(ctx, flow)
+	if err == nil {
+		s.out.Remove(flow)
+	}
+	return err
+}
+
+func (s syncedFlows) UnforwardIf(ctx context.Context, flow netip.AddrPort, still func() bool) error {
+	err := s.Forwarding.UnforwardIf(ctx, flow, still)
+	if err == nil {
+		s.out.Remove(flow)
+	}
+	return err
+}
+
+func (s syncedFlows) Remove(ctx context.Context, flow netip.AddrPort, still func() bool) error {
+	err := s.Forwarding.Remove(ctx, flow, still)
+	if err == nil {
+		s.out.Remove(flow)
+	}
+	return err
+}
+
+// startSync sets the sync up, if [fe] syncpeer asks for it: the outbox,
+// seeded with the flows adopted from the kernel; the forwarding wrapped to
+// feed it; the queue's TIME_WAITs too; the session to the peer. Under
+// keepalived the FE starts standby until the VIP shows up on its interface.
+func (f *FE) startSync(secret []byte, holdsVIP func() (bool, error)) {
+	cfg := f.cfg
+	if !cfg.SyncPeer.IsValid() || len(secret) == 0 {
+		return
+	}
+	s := &syncer{peer: netip.AddrPortFrom(cfg.SyncPeer, cfg.FEPort), out: flowsync.NewOutbox(), holdsVIP: holdsVIP}
+	for _, c := range f.table.Snapshot() {
+		switch c.State {
+		case conntab.Handoffed:
+			s.out.Forward(c.Client, c.BE)
+		case conntab.TimeWait:
+			s.out.TimeWait(c.Client, c.BE, c.Until)
+		}
+	}
+	f.flows = syncedFlows{Forwarding: f.flows, out: s.out}
+	if f.obs != nil {
+		f.obs.Closed = func(flow netip.AddrPort) {
+			if c, ok := f.table.Get(flow); ok && c.State == conntab.TimeWait {
+				s.out.TimeWait(flow, c.BE, c.Until)
+			}
+		}
+	}
+	s.pool = ctl.NewPool(&ctl.Config{
+		Secret: secret, Log: f.log,
+		Local: wire.Hello{Role: wire.RoleFE, Addr: netip.AddrPortFrom(cfg.RAddr, cfg.FEPort), VIP: netip.AddrPortFrom(cfg.VAddr, cfg.Port)},
+	}, ctl.Dialer(cfg.RAddr), 1)
+	// A session that (re)connects gets a full resync: the peer may have
+	// restarted, or missed batches while the session was down.
+	s.pool.OnSession = func(netip.AddrPort, *ctl.Session) { s.out.Resync() }
+	s.pool.OnChange = func(peer netip.AddrPort, up bool, err error) {
+		if up {
+			f.log.Info("sync session to the peer FE up", "op", "sync", "peer", peer.String())
+		} else {
+			f.log.Warn("sync session to the peer FE down", "op", "sync", "peer", peer.String(), "err", err)
+		}
+	}
+	s.out.Ready = func() bool { return len(s.pool.Sessions(s.peer)) > 0 }
+	f.sync = s
+	if holdsVIP != nil {
+		f.act.set(false) // standby until the VIP shows up
+	} else {
+		s.out.SetActive(true)
+	}
+	f.log.Info("flow sync on", "op", "sync", "peer", s.peer.String(), "flows", s.out.Len(), "vip_owner", string(cfg.VIP))
+}
+
+// syncLoops runs the sync's loops until ctx ends: the outbox's sends, and
+// under keepalived the watch for the VIP.
+func (f *FE) syncLoops(ctx context.Context) {
+	s := f.sync
+	if s == nil {
+		return
+	}
+	s.pool.Add(s.peer)
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		s.out.Run(ctx, func(ctx context.Context, b wire.SyncBatch) error { return f.sendSync(ctx, b) })
+	})
+	if s.holdsVIP != nil {
+		wg.Go(func() { f.watchVIP(ctx) })
+	}
+	wg.Wait()
+}
+
+// watchVIP makes the FE active when the VIP appears on its interface
+// (keepalived made it the master), standby when it goes.
+func (f *FE) watchVIP(ctx context.Context) {
+	t := time.NewTicker(vipPoll)
+	defer t.Stop()
+	for {
+		has, err := f.sync.holdsVIP()
+		if err != nil {
+			f.log.Debug("look for the VIP", "op", "sync", "err", err)
+		} else if f.act.set(has) {
+			f.sync.out.SetActive(has)
+			if has {
+				f.log.Warn("takeover: this FE holds the VIP; it reaps, moves and answers for the synced flows", "op", "sync",
+					"flows", f.sync.out.Len())
+			} else {
+				f.log.Warn("standby: the VIP left this FE; the peer's flows are its to end", "op", "sync")
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+// sendSync sends one batch to the peer and waits for it to be applied.
+func (f *FE) sendSync(ctx context.Context, b wire.SyncBatch) (err error) {
+	s := f.sync
+	defer func() {
+		switch {
+		case err == nil:
+			if s.failing.Swap(false) {
+				f.log.Info("sync to the peer FE resumed", "op", "sync", "peer", s.peer.String())
+			}
+		case !s.failing.Swap(true):
+			f.log.Warn("sync to the peer FE failed; a full resync follows", "op", "sync", "peer", s.peer.String(), "err", err)
+		default:
+			f.log.Debug("sync to the peer FE failed", "op", "sync", "peer", s.peer.String(), "err", err)
+		}
+	}()
+	sess, err := s.pool.Get(s.peer, nil)
+	if err != nil {
+		return fmt.Errorf("sync %d flows to %v: %w", len(b.Events), s.peer, err)
+	}
+	p, err := b.MarshalBinary()
+	if err != nil {
+		return fmt.Errorf("encode a sync batch: %w", err)
+	}
+	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	r, err := sess.Call(cctx, wire.Frame{Type: wire.TypeSync, Payload: p})
+	if err != nil {
+		return fmt.Errorf("sync %d flows to %v: %w", len(b.Events), s.peer, err)
+	}
+	var ack wire.Ack
+	if err := ack.UnmarshalBinary(r.Payload); err != nil || r.Type != wire.TypeAck {
+		return fmt.Errorf("sync to %v: bad answer %v: %w", s.peer, r.Type, errors.Join(err, wire.ErrFormat))
+	}
+	if ack.Result != wire.ResultOK {
+		return fmt.Errorf("sync to %v refused: %v: %s", s.peer, ack.Result, ack.Reason)
+	}
+	return nil
+}
+
+// admitPeer takes a sync session only from the peer FE of this VIP, saying
+// so from its own address (the handshake then proves the secret).
+func (f *FE) admitPeer(remote net.Addr, h wire.Hello) error {
+	src, _ := netip.ParseAddrPort(remote.String())
+	switch {
+	case f.sync == nil:
+		return errors.New("an FE without syncpeer takes no sync session")
+	case h.Role != wire.RoleFE:
+		return fmt.Errorf("a %v cannot sync", h.Role)
+	case src.Addr().Unmap() != f.sync.peer.Addr() || h.Addr.Addr() != f.sync.peer.Addr():
+		return fmt.Errorf("sync from %v (hello says %v), syncpeer is %v", src.Addr(), h.Addr.Addr(), f.sync.peer.Addr())
+	case h.VIP.Addr() != f.cfg.VAddr:
+		return fmt.Errorf("the peer FE serves VIP %v, this FE %v", h.VIP.Addr(), f.cfg.VAddr)
+	}
+	return nil
+}
+
+// serveSync serves the peer's frames: sync batches, applied in their own
+// goroutine (a handler must not block the session's reader), one at a
+// time and in order (the peer waits for each ack before the next).
+func (f *FE) serveSync(s *ctl.Session, fr wire.Frame) {
+	if fr.Type != wire.TypeSync || f.sync == nil {
+		s.Reply(fr, ctl.AckFrame(wire.ResultInvalid, "unexpected "+fr.Type.String()))
+		return
+	}
+	go func() {
+		res, why := f.applySync(fr.Payload)
+		s.Reply(fr, ctl.AckFrame(res, why))
+	}()
+}
+
+// applySync applies one batch from the peer.
+func (f *FE) applySync(payload []byte) (wire.Result, string) {
+	s := f.sync
+	var b wire.SyncBatch
+	if err := b.UnmarshalBinary(payload); err != nil {
+		s.refused.Add(1)
+		return wire.ResultBadFrame, err.Error()
+	}
+	if f.active() {
+		// Both FEs hold the VIP (a split brain, or a standby that has not
+		// yet seen the VIP go): this FE's own flows are the truth here.
+		s.refused.Add(1)
+		return wire.ResultBusy, "this FE holds the VIP"
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	done, err := s.in.Take(b)
+	if err != nil {
+		s.refused.Add(1)
+		return wire.ResultInvalid, err.Error()
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	now := time.Now()
+	failed := f.applyEvents(ctx, b.Events, now)
+	if done {
+		var have []netip.AddrPort
+		for _, c := range f.table.Snapshot() {
+			have = append(have, c.Client)
+		}
+		var gone []wire.SyncEvent
+		for _, fl := range s.in.Stale(have) {
+			gone = append(gone, wire.SyncEvent{Kind: wire.SyncRemove, Flow: fl})
+		}
+		failed += f.applyEvents(ctx, gone, now)
+		f.log.Info("flows resynced from the peer FE", "op", "sync", "flows", f.table.Len(), "dropped", len(gone))
+	}
+	if failed > 0 {
+		s.refused.Add(1)
+		return wire.ResultRestore, fmt.Sprintf("%d of the batch's flows not applied", failed)
+	}
+	s.applied.Add(1)
+	return wire.ResultOK, ""
+}
+
+// applyEvents applies events, syncWorkers at a time, and returns how many
+// failed.
+func (f *FE) applyEvents(ctx context.Context, events []wire.SyncEvent, now time.Time) int {
+	var wg sync.WaitGroup
+	var failed atomic.Int64
+	sem := make(chan struct{}, syncWorkers)
+	for _, e := range events {
+		sem <- struct{}{}
+		wg.Go(func() {
+			defer func() { <-sem }()
+			if err := f.applyEvent(ctx, e, now); err != nil {
+				failed.Add(1)
+				f.log.Warn("sync event not applied", "op", "sync", "client", e.Flow.String(), "err", err)
+			}
+		})
+	}
+	wg.Wait()
+	return int(failed.Load())
+}
+
+// applyEvent applies one event to the kernel, then the table (flowsync.Plan),
+// and records the result in this FE's own outbox, for the day it takes over.
+func (f *FE) applyEvent(ctx context.Context, e wire.SyncEvent, now time.Time) error {
+	c, ok := f.table.Get(e.Flow)
+	step := flowsync.Plan(flowsync.Have{Ok: ok, BE: c.BE, TimeWait: c.State == conntab.TimeWait}, e, now)
+	switch step.Kernel {
+	case flowsync.KernelForward:
+		if err := f.flows.Forward(ctx, e.Flow, step.BE, true); err != nil {
+			return err
+		}
+	case flowsync.KernelRemove:
+		if err := f.flows.Remove(ctx, e.Flow, nil); err != nil {
+			return err
+		}
+	}
+	state := conntab.Handoffed
+	switch step.Table {
+	case flowsync.TableNone:
+		return nil
+	case flowsync.TableDrop:
+		if ok {
+			f.table.DropIf(e.Flow, c.State, c.Since)
+		}
+		f.sync.out.Remove(e.Flow)
+		return nil
+	case flowsync.TableTimeWait:
+		state = conntab.TimeWait
+	}
+	if ok {
+		f.table.DropIf(e.Flow, c.State, c.Since)
+	}
+	f.table.Adopt(e.Flow, step.BE, state, now, step.Until)
+	if state == conntab.TimeWait {
+		f.sync.out.TimeWait(e.Flow, step.BE, step.Until)
+	} else {
+		f.sync.out.Forward(e.Flow, step.BE)
+	}
+	return nil
+}
+
+// syncStatus is the sync's part of `tcphactl status`.
+type syncStatus struct {
+	Peer     string `json:"peer"`
+	Active   bool   `json:"active"`
+	Session  bool   `json:"session"`
+	Flows    int    `json:"flows"`
+	Pending  int    `json:"pending"`
+	Batches  int64  `json:"sent_batches"`
+	Events   int64  `json:"sent_events"`
+	Resyncs  int64  `json:"resyncs"`
+	Failures int64  `json:"failures"`
+	Applied  int64  `json:"applied_batches"`
+	Refused  int64  `json:"refused_batches"`
+	LastErr  string `json:"last_error"`
+}
+
+func (f *FE) syncStatus() *syncStatus {
+	s := f.sync
+	if s == nil {
+		return nil
+	}
+	st := s.out.Stats()
+	return &syncStatus{
+		Peer: s.peer.Addr().String(), Active: f.active(), Session: len(s.pool.Sessions(s.peer)) > 0,
+		Flows: s.out.Len(), Pending: st.Pending, Batches: st.Batches, Events: st.Events, Resyncs: st.Resyncs,
+		Failures: st.Failures, Applied: s.applied.Load(), Refused: s.refused.Load(), LastErr: st.LastErr,
+	}
+}

@@ -1,0 +1,211 @@
+package fe
+
+import (
+	"context"
+	"net"
+	"net/netip"
+	"slices"
+	"sync/atomic"
+	"testing"
+	"testing/synctest"
+	"time"
+
+	"tcpha/handoff/conntab"
+	"tcpha/handoff/wire"
+)
+
+var peerFE = netip.MustParseAddr("10.0.0.3")
+
+// syncFE is testFE with [fe] syncpeer: standby under keepalived (holds
+// says whether the VIP is on its interface), or always active (holds nil).
+func syncFE(t *testing.T, holds func() (bool, error)) (*FE, *fakeFlows) {
+	t.Helper()
+	f, flows, _ := testFE(t, 0)
+	f.cfg.RAddr, f.cfg.SyncPeer, f.cfg.FEPort = netip.MustParseAddr("10.0.0.2"), peerFE, 80
+	f.startSync([]byte("test-secret-16byte"), holds)
+	t.Cleanup(f.sync.pool.Close)
+	return f, flows
+}
+
+func batch(t *testing.T, flags uint8, events ...wire.SyncEvent) []byte {
+	t.Helper()
+	p, err := wire.SyncBatch{Flags: flags, Events: events}.MarshalBinary()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func row(f *FE, flow netip.AddrPort) string {
+	c, ok := f.table.Get(flow)
+	if !ok {
+		return "none"
+	}
+	return c.State.String() + " " + c.BE.String()
+}
+
+// The standby applies the active FE's batches to its kernel and table: new
+// flows forwarded, moves replaced, TIME_WAIT kept, removals removed, and
+// at the end of a resync the flows the peer no longer has dropped. It
+// mirrors them in its own outbox, for the day it takes over.
+func TestSyncApply(t *testing.T) {
+	f, flows := syncFE(t, func() (bool, error) { return false, nil })
+	if f.active() {
+		t.Fatal("a syncing FE under keepalived starts active")
+	}
+	c1, c2, c3 := netip.MustParseAddrPort("10.0.0.10:1001"), netip.MustParseAddrPort("10.0.0.10:1002"), netip.MustParseAddrPort("10.0.0.10:1003")
+	// A flow adopted from the kernel at start, ended on the peer since.
+	f.table.Adopt(c3, be1, conntab.Handoffed, time.Now(), time.Time{})
+	if res, why := f.applySync(batch(t, wire.SyncBegin,
+		wire.SyncEvent{Kind: wire.SyncForward, Flow: c1, BE: be1},
+		wire.SyncEvent{Kind: wire.SyncTimeWait, Flow: c2, BE: be2, Left: 5 * time.Second})); res != wire.ResultOK {
+		t.Fatalf("resync page: %v %s", res, why)
+	}
+	if row(f, c1) != "HANDOFFED 10.0.0.11" || row(f, c2) != "TIME_WAIT 10.0.0.12" {
+		t.Fatalf("rows %q %q", row(f, c1), row(f, c2))
+	}
+	if c, _ := f.table.Get(c2); time.Until(c.Until) < 4*time.Second {
+		t.Errorf("TIME_WAIT until %v, want about 5 s from now", c.Until)
+	}
+	if res, _ := f.applySync(batch(t, wire.SyncEnd)); res != wire.ResultOK {
+		t.Fatalf("resync end: %v", res)
+	}
+	if row(f, c3) != "none" {
+		t.Errorf("the stale flow after the resync: %s, want none", row(f, c3))
+	}
+	// A move, a removal, and a forward already there (no kernel edit).
+	f.applySync(batch(t, 0,
+		wire.SyncEvent{Kind: wire.SyncForward, Flow: c1, BE: be2},
+		wire.SyncEvent{Kind: wire.SyncRemove, Flow: c2}))
+	f.applySync(batch(t, 0, wire.SyncEvent{Kind: wire.SyncForward, Flow: c1, BE: be2}))
+	if row(f, c1) != "HANDOFFED 10.0.0.12" || row(f, c2) != "none" {
+		t.Errorf("after a move and a removal: %q %q", row(f, c1), row(f, c2))
+	}
+	flows.mu.Lock()
+	calls := slices.Clone(flows.calls)
+	flows.mu.Unlock()
+	slices.Sort(calls)
+	want := []string{"forward 10.0.0.10:1001 10.0.0.11", "forward 10.0.0.10:1001 10.0.0.12", "forward 10.0.0.10:1002 10.0.0.12",
+		"remove 10.0.0.10:1002", "remove 10.0.0.10:1003"}
+	if !slices.Equal(calls, want) {
+		t.Errorf("kernel edits %q\nwant %q", calls, want)
+	}
+	if n := f.sync.out.Len(); n != 1 {
+		t.Errorf("the standby's outbox mirrors %d flows, want 1", n)
+	}
+	// Out of order, or to an FE that holds the VIP itself: refused,
+	// nothing applied.
+	if res, _ := f.applySync(batch(t, wire.SyncEnd)); res != wire.ResultInvalid {
+		t.Errorf("a resync end without its begin: %v", res)
+	}
+	if res, _ := f.applySync([]byte{9}); res != wire.ResultBadFrame {
+		t.Errorf("garbage: %v", res)
+	}
+	f.act.set(true)
+	if res, _ := f.applySync(batch(t, 0, wire.SyncEvent{Kind: wire.SyncRemove, Flow: c1})); res != wire.ResultBusy || row(f, c1) == "none" {
+		t.Errorf("a batch to an active FE: %v, row %s", res, row(f, c1))
+	}
+}
+
+// The active FE's own changes go to its outbox: a forward, a closing seen
+// by the queue, an expiry.
+func TestSyncRecords(t *testing.T) {
+	f, _ := syncFE(t, nil)
+	if !f.active() {
+		t.Fatal("a syncing FE with vip = agent is not active")
+	}
+	c1 := netip.MustParseAddrPort("10.0.0.10:1001")
+	ctx := context.Background()
+	f.flows.Forward(ctx, c1, be1, false)
+	b, ok := f.sync.out.Next()
+	if !ok || b.Flags != wire.SyncBegin|wire.SyncEnd || len(b.Events) != 1 || b.Events[0] != (wire.SyncEvent{Kind: wire.SyncForward, Flow: c1, BE: be1}) {
+		t.Fatalf("first batch %+v %v, want a resync with the forward", b, ok)
+	}
+	f.flows.UnforwardIf(ctx, c1, func() bool { return true })
+	if b, _ := f.sync.out.Next(); len(b.Events) != 1 || b.Events[0].Kind != wire.SyncRemove {
+		t.Fatalf("after the unforward: %+v", b)
+	}
+	f.flows.UnforwardIf(ctx, c1, func() bool { return false }) // skipped: nothing to say
+	if b, ok := f.sync.out.Next(); ok {
+		t.Fatalf("a skipped edit was sent: %+v", b)
+	}
+}
+
+// A standby leaves the peer's flows alone: no reaping, no held questions
+// (whileActive runs them only while active), no migrations, no resets at
+// a drain.
+func TestStandbyLeavesFlows(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		var holds atomic.Bool
+		f, _ := syncFE(t, func() (bool, error) { return holds.Load(), nil })
+		ctx, cancel := context.WithCancel(context.Background())
+		defer cancel()
+		var runs, running atomic.Int64
+		go f.whileActive(ctx, func(ctx context.Context) {
+			runs.Add(1)
+			running.Add(1)
+			<-ctx.Done()
+			running.Add(-1)
+		})
+		go f.watchVIP(ctx)
+		time.Sleep(time.Second)
+		synctest.Wait()
+		if runs.Load() != 0 {
+			t.Fatal("the reaper ran on a standby")
+		}
+		var res wire.Result
+		f.admitMove(be1, wire.Frame{Type: wire.TypeMigrate}, func(r wire.Result, _ string) { res = r })
+		if res != wire.ResultUnknown {
+			t.Errorf("a standby's answer to a migration: %v, want unknown flow (the BE asks the other FE)", res)
+		}
+		client := netip.MustParseAddrPort("10.0.0.10:1001")
+		f.table.Adopt(client, be1, conntab.Handoffed, time.Now(), time.Time{})
+		start := time.Now()
+		f.Drain(time.Hour)
+		if time.Since(start) > 0 {
+			t.Errorf("a standby waited %v at its drain for the peer's connections", time.Since(start))
+		}
+		holds.Store(true) // keepalived moved the VIP here
+		time.Sleep(150 * time.Millisecond)
+		synctest.Wait()
+		if runs.Load() != 1 || running.Load() != 1 || !f.sync.out.Active() {
+			t.Fatalf("after the takeover: runs %d running %d outbox active %v", runs.Load(), running.Load(), f.sync.out.Active())
+		}
+		holds.Store(false)
+		time.Sleep(150 * time.Millisecond)
+		synctest.Wait()
+		if running.Load() != 0 || f.sync.out.Active() {
+			t.Errorf("after the VIP left: running %d, outbox active %v", running.Load(), f.sync.out.Active())
+		}
+	})
+}
+
+// The sync port admits only the peer FE of this VIP, from its own address;
+// an FE without syncpeer admits no FE at all.
+func TestAdmitPeer(t *testing.T) {
+	f, _ := syncFE(t, nil)
+	from := func(a string) net.Addr { return net.TCPAddrFromAddrPort(netip.MustParseAddrPort(a)) }
+	hello := func(role wire.Role, addr string, v netip.AddrPort) wire.Hello {
+		return wire.Hello{Role: role, Addr: netip.AddrPortFrom(netip.MustParseAddr(addr), 80), VIP: v}
+	}
+	for _, c := range []struct {
+		name   string
+		remote string
+		h      wire.Hello
+		ok     bool
+	}{
+		{"the peer", "10.0.0.3:40000", hello(wire.RoleFE, "10.0.0.3", vip), true},
+		{"a BE", "10.0.0.3:40000", hello(wire.RoleBE, "10.0.0.3", vip), false},
+		{"another FE", "10.0.0.4:40000", hello(wire.RoleFE, "10.0.0.4", vip), false},
+		{"the peer's name from elsewhere", "10.0.0.4:40000", hello(wire.RoleFE, "10.0.0.3", vip), false},
+		{"another VIP", "10.0.0.3:40000", hello(wire.RoleFE, "10.0.0.3", netip.MustParseAddrPort("10.0.0.101:80")), false},
+	} {
+		if err := f.admitPeer(from(c.remote), c.h); (err == nil) != c.ok {
+			t.Errorf("%s: %v, want admitted %v", c.name, err, c.ok)
+		}
+	}
+	plain, _, _ := testFE(t, 0)
+	if err := plain.admitPeer(from("10.0.0.3:40000"), hello(wire.RoleFE, "10.0.0.3", vip)); err == nil {
+		t.Error("an FE without syncpeer admitted a sync session")
+	}
+}
