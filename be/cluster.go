@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"slices"
 
 	"tcpha/backends"
 	"tcpha/handoff/ctl"
@@ -103,6 +104,13 @@ func (b *BE) route(host, path string) relay.Rules {
 func (b *BE) routeFirst(host, path string) relay.Rules {
 	c := b.cluster.Load()
 	if c == nil {
+		return relay.Rules{Here: true}
+	}
+	// The FE placed the connection here, so this BE takes connections,
+	// whatever its last cluster frame said of it (a BE that just came
+	// back is named with weight 0 until the next frame): a request the
+	// rules name it for is its own.
+	if slices.Contains(c.sched.Named(backends.Request{Host: host, Path: path}), b.cfg.RAddr) {
 		return relay.Rules{Here: true}
 	}
 	return b.routeIn(c, host, path)
