@@ -86,7 +86,7 @@ func main() {
 	out := flag.String("out", "docs/benchmarks.md", "report `file` (empty: stdout only)")
 	chart := flag.String("chart", "docs/benchmarks.png", "chart `file` (PNG)")
 	profile := flag.String("profile", "", "save CPU profiles of the FE and be1 agents taken during (a) and (g) to `dir`")
-	only := flag.String("only", "", "comma-separated `workloads` to run (a,b,c,sync,d,e,f,g,h,flat,idle,j,k,l; default all); "+
+	only := flag.String("only", "", "comma-separated `workloads` to run (a,b,c,i,sync,d,e,f,g,h,flat,idle,j,k,l; default all); "+
 		"HTTPS ones alone (j,k,l) rewrite only the HTTPS part of -out")
 	fes := flag.String("fe", "", "comma-separated `front ends` to run (tcpha,haproxy,nginx,direct,haproxy-sni,haproxy-tls,nginx-preread; default all)")
 	secs := flag.Int("seconds", 0, "seconds per wrk workload (default 10, 2 with -smoke; 1 for HTTPS with -smoke)")
@@ -235,6 +235,19 @@ func runBench(agent string, p params) (*bench.Run, error) {
 			}
 		}
 	}
+	// (i)'s responses, one file per size.
+	for _, kb := range bench.SizesKB {
+		data := make([]byte, kb<<10)
+		rand.Read(data)
+		for _, be := range []string{"be1", "be2"} {
+			if err := os.MkdirAll(filepath.Join(c.WWW(be), "i"), 0o755); err != nil {
+				return nil, err
+			}
+			if err := os.WriteFile(filepath.Join(c.WWW(be), "i", fmt.Sprintf("%dk.bin", kb)), data, 0o644); err != nil {
+				return nil, err
+			}
+		}
+	}
 	for _, h := range []string{"be1", "be2", "fe"} {
 		if err := c.StartAgent(h); err != nil {
 			return nil, err
@@ -296,9 +309,12 @@ func runBench(agent string, p params) (*bench.Run, error) {
 			if w == "a" && fe.name == bench.TCPHABE {
 				// Rules under which either BE serves everything: every
 				// connection lands on its BE.
-				if err := b.anyBE(fe); err != nil {
+				r, err := b.anyBE(fe, w, b.wrk)
+				if err != nil {
 					return nil, err
 				}
+				b.run.Results = append(b.run.Results, r)
+				fmt.Printf("   (a) %-8s %9.0f req/s  FE CPU/req %v\n", r.FrontEnd, r.RPS, r.CPUPerRequest())
 			}
 			fmt.Printf("   (%s) %-8s %9.0f req/s  p50 %-9v p99 %-9v FE CPU/req %-9v machine CPU/req %v", w, fe.name, r.RPS,
 				r.P50, r.P99, r.CPUPerRequest(), time.Duration(r.MachineCPU/float64(max(r.Requests, 1))*1e9))
@@ -310,6 +326,11 @@ func runBench(agent string, p params) (*bench.Run, error) {
 	}
 	if p.runs("sync") && slices.ContainsFunc(b.fes, func(fe frontEnd) bool { return fe.name == bench.TCPHA }) {
 		if err := b.syncCost(); err != nil {
+			return nil, err
+		}
+	}
+	if p.runs("i") {
+		if err := b.sizes(); err != nil {
 			return nil, err
 		}
 	}
@@ -348,6 +369,14 @@ func runBench(agent string, p params) (*bench.Run, error) {
 		}
 		b.run.Results = append(b.run.Results, r)
 		fmt.Printf("   (e) %-8s TTFB p50 %v p99 %v\n", fe.name, r.TTFB50, r.TTFB99)
+		if fe.name == bench.TCPHABE {
+			r, err := b.anyBE(fe, "e", func(fe frontEnd, _ string) (bench.Result, error) { return b.ttfb(fe) })
+			if err != nil {
+				return nil, err
+			}
+			b.run.Results = append(b.run.Results, r)
+			fmt.Printf("   (e) %-8s TTFB p50 %v p99 %v\n", r.FrontEnd, r.TTFB50, r.TTFB99)
+		}
 	}
 	// (j), (k), (l), (flat) and (idle) measure tcpha with accept = fe.
 	if err := b.use(frontEnd{name: bench.TCPHA, base: vip, accept: "fe"}); err != nil {
@@ -913,20 +942,50 @@ func feExtra(accept string) string {
 	return extra
 }
 
-// anyBE runs (a) for fe (accept = be) with the catch-all rule naming both
-// BEs, switched by a reload and back.
-func (b *bencher) anyBE(fe frontEnd) error {
-	set := func(catchAll string) error {
+// sizes is workload (i): one-request connections over response sizes,
+// through tcpha in both accept modes and HAProxy, for the size from which
+// tcpha's FE CPU per request stays below HAProxy's (issue 14).
+func (b *bencher) sizes() error {
+	secs := max(1, b.p.wrkSecs/2)
+	for _, fe := range b.fes {
+		if fe.name != bench.TCPHA && fe.name != bench.TCPHABE && fe.name != bench.HAProxy {
+			continue
+		}
+		if err := b.use(fe); err != nil {
+			return err
+		}
+		for _, kb := range bench.SizesKB {
+			w := bench.SizeWorkload(kb)
+			args := []string{"wrk", "-t2", "-c32", "-d", strconv.Itoa(secs) + "s", "--latency", "-H", "Connection: close",
+				fmt.Sprintf("%s/i/%dk.bin", fe.base, kb)}
+			r, err := b.load(fe, w, args, nil)
+			if err != nil {
+				return err
+			}
+			b.run.Results = append(b.run.Results, r)
+			fmt.Printf("   (i) %5d KB %-9s %7.0f req/s  FE CPU/req %v\n", kb, fe.name, r.RPS, r.CPUPerRequest())
+		}
+	}
+	return nil
+}
+
+// anyBE runs workload w for fe (accept = be) under rules that let either
+// BE serve the workloads' content (`.bin` and the catch-all name both),
+// switched by a reload and back, as bench.TCPHABEAny: every connection
+// lands on its BE.
+func (b *bencher) anyBE(fe frontEnd, w string, run func(frontEnd, string) (bench.Result, error)) (bench.Result, error) {
+	be1, be2 := b.c.BEs[0].IP, b.c.BEs[1].IP
+	set := func(targets string) error {
 		conf := b.c.ConfigFile("fe")
 		text, err := os.ReadFile(conf)
 		if err != nil {
 			return err
 		}
-		re := regexp.MustCompile(`(?m)^rule = \S+ \.\*$`)
-		if !re.Match(text) {
-			return fmt.Errorf("no catch-all rule in %s", conf)
+		re := regexp.MustCompile(`(?m)^rule = \S+ (\\\.bin\$|\.\*)$`)
+		if len(re.FindAll(text, -1)) != 2 {
+			return fmt.Errorf("no .bin and catch-all rules in %s", conf)
 		}
-		if err := os.WriteFile(conf, re.ReplaceAll(text, []byte("rule = "+catchAll+" .*")), 0o644); err != nil {
+		if err := os.WriteFile(conf, re.ReplaceAll(text, []byte("rule = "+targets+" $1")), 0o644); err != nil {
 			return err
 		}
 		if _, err := b.c.Admin("fe", "reload"); err != nil {
@@ -935,22 +994,16 @@ func (b *bencher) anyBE(fe frontEnd) error {
 		time.Sleep(time.Second)
 		return nil
 	}
-	be1, be2 := b.c.BEs[0].IP, b.c.BEs[1].IP
 	if err := set(be1 + "," + be2); err != nil {
-		return err
+		return bench.Result{}, err
 	}
 	other := fe
 	other.name = bench.TCPHABEAny
-	r, err := b.wrk(other, "a")
+	r, err := run(other, w)
 	if rerr := set(be1); err == nil {
 		err = rerr
 	}
-	if err != nil {
-		return err
-	}
-	b.run.Results = append(b.run.Results, r)
-	fmt.Printf("   (a) %-8s %9.0f req/s  FE CPU/req %v\n", other.name, r.RPS, r.CPUPerRequest())
-	return nil
+	return r, err
 }
 
 // setPHTTP switches the FE's phttp with a reload, and gives the cluster
