@@ -14,6 +14,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -76,6 +77,13 @@ type BE struct {
 	// by its guard (guard.go).
 	m          *metrics.Metrics
 	reinstalls nft.Reinstalls
+	// acceptor is the listener on VIP:port with the FE's accept = be
+	// (accept.go).
+	acceptor acceptor
+	// peers are the BE-to-BE sessions to the cluster's other BEs
+	// (direct.go); peerMu guards their changes against the stop.
+	peerMu sync.Mutex
+	peers  *ctl.Pool
 }
 
 // Start starts the back end; ln, when not nil, is its control listener,
@@ -125,10 +133,19 @@ func Start(ctx context.Context, cfg *config.BE, secret []byte, m *metrics.Metric
 		}
 		return c.(*net.TCPConn), nil
 	}}
+	// Sessions to the other BEs, for direct moves: they come with the
+	// FE's cluster frame.
+	b.peers = ctl.NewPool(&ctl.Config{
+		Secret: secret, Log: b.log,
+		Local: wire.Hello{Role: wire.RoleBE, Addr: ctlAddr, VIP: netip.AddrPortFrom(cfg.VAddr, 0)},
+		Handler: ctl.HandlerFunc(func(s *ctl.Session, f wire.Frame) {
+			s.Reply(f, ctl.AckFrame(wire.ResultInvalid, "a BE asks nothing of the BE that dialed it"))
+		}),
+	}, ctl.Dialer(cfg.RAddr), 1)
 	leaving := &handoff.Leaving{}
 	b.relay = relay.New(relay.Config{
 		Pool: b.pool, MaxHeader: cfg.MaxHeader, HeadTimeout: cfg.RequestTimeout,
-		IdleTimeout: cfg.KeepAliveTimeout, Log: b.log, Route: b.route, Mover: newMover(b, leaving),
+		IdleTimeout: cfg.KeepAliveTimeout, Log: b.log, Route: b.route, RouteFirst: b.routeFirst, Mover: newMover(b, leaving),
 		ForwardedFor: cfg.ForwardedFor, Access: servedBy(cfg.RAddr, access),
 	})
 	b.recv = &handoff.Receiver{
@@ -167,6 +184,11 @@ func Start(ctx context.Context, cfg *config.BE, secret []byte, m *metrics.Metric
 			Secret: secret,
 			Local:  wire.Hello{Role: wire.RoleBE, Addr: ctlAddr, VIP: netip.AddrPortFrom(cfg.VAddr, 0)},
 			Handler: ctl.HandlerFunc(func(s *ctl.Session, f wire.Frame) {
+				if s.Peer.Role == wire.RoleBE && !slices.Contains(peerFrames, f.Type) {
+					b.log.Warn("frame refused from another BE", "op", "control", "type", f.Type.String(), "peer", s.Remote.String())
+					s.Reply(f, ctl.AckFrame(wire.ResultInvalid, f.Type.String()+" is not a BE's to send"))
+					return
+				}
 				switch f.Type {
 				case wire.TypeCluster:
 					b.serveCluster(s, f)
@@ -182,7 +204,7 @@ func Start(ctx context.Context, cfg *config.BE, secret []byte, m *metrics.Metric
 			Health: b.health,
 			Log:    b.log,
 		},
-		Member: func(a netip.Addr) bool { return (*b.members.Load())[a] },
+		Member: func(a netip.Addr) bool { return (*b.members.Load())[a] || b.isPeer(a) },
 		Admit:  b.admit,
 	}
 	// The web server's state, for the FEs' probes: checked now, then every
@@ -214,6 +236,18 @@ func Start(ctx context.Context, cfg *config.BE, secret []byte, m *metrics.Metric
 // so from its own address.
 func (b *BE) admit(remote net.Addr, h wire.Hello) error {
 	src := netaddr.AddrPort(remote).Addr()
+	if h.Role == wire.RoleBE {
+		// Another BE of the FE's cluster frame, for direct moves.
+		switch {
+		case !b.isPeer(src):
+			return fmt.Errorf("%v is not a BE of this cluster", src)
+		case h.Addr.Addr() != src:
+			return fmt.Errorf("hello claims %v but comes from %v", h.Addr.Addr(), src)
+		case h.VIP.Addr() != b.cfg.VAddr:
+			return fmt.Errorf("the BE serves VIP %v, this BE serves %v", h.VIP.Addr(), b.cfg.VAddr)
+		}
+		return nil
+	}
 	switch {
 	case h.Role != wire.RoleFE:
 		return fmt.Errorf("a %v may not open sessions to this BE", h.Role)
@@ -230,7 +264,17 @@ func (b *BE) admit(remote net.Addr, h wire.Hello) error {
 // check validates an offer beyond its VIP: it must be for the port its FE
 // serves, from a client that can be one, with nothing to send yet.
 func (b *BE) check(ci *wire.ConnInfo, from *ctl.Session) (wire.Result, error) {
-	if res, err := checkPort(ci, from.Peer); err != nil {
+	fe := from.Peer
+	if fe.Role == wire.RoleBE {
+		// A direct move: the ports are those of the FE whose cluster
+		// frame named the other BE.
+		c := b.cluster.Load()
+		if c == nil {
+			return wire.ResultInvalid, errors.New("no cluster frame from the FE yet")
+		}
+		fe = c.fe
+	}
+	if res, err := checkPort(ci, fe); err != nil {
 		return res, err
 	}
 	if err := handoff.CheckClient(ci, b.cfg.VAddr, b.local.Has); err != nil {
@@ -390,6 +434,8 @@ func (b *BE) Drain(d time.Duration) {
 	b.recv.Drain()
 	b.ln.Close()
 	b.server.Drain(min(d, sessionDrain))
+	// Only now: until the FEs saw this BE go, they placed new flows here.
+	b.stopAccepting()
 	done := make(chan struct{})
 	go func() { b.relay.Wait(); close(done) }()
 	select {
@@ -408,6 +454,9 @@ func (b *BE) HandOver() []relay.Handed {
 	b.unregister(true)
 	b.ln.Close()
 	b.server.Drain(sessionDrain)
+	// New connections placed here meanwhile find no listener until the
+	// successor takes the FEs' cluster frame (docs/design.md).
+	b.stopAccepting()
 	settled := make(chan struct{})
 	go func() { b.recv.Wait(); close(settled) }()
 	select {
@@ -456,6 +505,13 @@ func (b *BE) Release() {
 	if b.ln != nil {
 		b.ln.Close()
 	}
+	b.stopAccepting()
+	b.peerMu.Lock()
+	if b.peers != nil {
+		b.peers.Close()
+		b.peers = nil
+	}
+	b.peerMu.Unlock()
 }
 
 // Status is the BE's part of `tcphactl status`. Its JSON follows
@@ -483,6 +539,17 @@ type Status struct {
 	Table        nft.TableStatus `json:"table"`
 }
 
+// feSessions counts the control sessions from FEs (not from other BEs).
+func (b *BE) feSessions() int {
+	n := 0
+	for _, s := range b.server.Sessions() {
+		if s.Peer.Role == wire.RoleFE {
+			n++
+		}
+	}
+	return n
+}
+
 // Status reads the BE's counters.
 func (b *BE) Status() Status {
 	s := b.recv.Stats()
@@ -491,7 +558,7 @@ func (b *BE) Status() Status {
 		VIP: b.cfg.VAddr.String(), Addr: b.cfg.RAddr.String(), Port: b.cfg.Port,
 		Upstream: b.cfg.Redirect().Addr().String(), UpstreamPort: b.cfg.Redirect().Port(),
 		ServerUp: b.serverUp.Load(), Relaying: rs.Active, Pending: s.Pending, Served: s.Served, Refused: s.Refused,
-		Sessions: len(b.server.Sessions()), Requests: rs.Requests, Dialed: rs.Upstream.Dialed, Reused: rs.Upstream.Reuses,
+		Sessions: b.feSessions(), Requests: rs.Requests, Dialed: rs.Upstream.Dialed, Reused: rs.Upstream.Reuses,
 		Idle: rs.Upstream.Idle, Retries: rs.Retries, BadGW: rs.BadGateways, Moved: rs.Moves, NotMoved: rs.MoveFailures,
 		Table: b.reinstalls.Status(),
 	}

@@ -111,16 +111,48 @@ func TestAdmit(t *testing.T) {
 		change func(*wire.Hello)
 		says   string
 	}{
-		"a BE":        {func(h *wire.Hello) { h.Role = wire.RoleBE }, "may not open sessions"},
-		"spoofed":     {func(h *wire.Hello) { h.Addr = netip.MustParseAddrPort("10.0.0.2:0") }, "claims 10.0.0.2"},
-		"another VIP": {func(h *wire.Hello) { h.VIP = netip.MustParseAddrPort("10.0.0.101:80") }, "serves VIP 10.0.0.101"},
-		"no VIP port": {func(h *wire.Hello) { h.VIP = netip.AddrPortFrom(vip, 0) }, "no VIP port"},
+		"a BE outside the cluster frame": {func(h *wire.Hello) { h.Role = wire.RoleBE }, "not a BE of this cluster"},
+		"a client":                       {func(h *wire.Hello) { h.Role = wire.Role(9) }, "may not open sessions"},
+		"spoofed":                        {func(h *wire.Hello) { h.Addr = netip.MustParseAddrPort("10.0.0.2:0") }, "claims 10.0.0.2"},
+		"another VIP":                    {func(h *wire.Hello) { h.VIP = netip.MustParseAddrPort("10.0.0.101:80") }, "serves VIP 10.0.0.101"},
+		"no VIP port":                    {func(h *wire.Hello) { h.VIP = netip.AddrPortFrom(vip, 0) }, "no VIP port"},
 	} {
 		h := hello
 		tc.change(&h)
 		if err := b.admit(from, h); err == nil || !strings.Contains(err.Error(), tc.says) {
 			t.Errorf("%s: %v, want %q", name, err, tc.says)
 		}
+	}
+}
+
+// Another BE of the FE's cluster frame may open a session, for direct
+// moves, from its own address and for this BE's VIP.
+func TestAdmitPeerBE(t *testing.T) {
+	vip, peer := netip.MustParseAddr("10.0.0.100"), netip.MustParseAddr("10.0.0.12")
+	b := &BE{cfg: &config.BE{VAddr: vip, RAddr: netip.MustParseAddr("10.0.0.11")}}
+	p, err := wire.Cluster{Servers: []wire.ClusterServer{{Addr: b.cfg.RAddr, Port: 666, Weight: 1}, {Addr: peer, Port: 666, Weight: 1}},
+		Rules: []wire.ClusterRule{{Targets: []netip.Addr{peer}, Pattern: ".*"}}}.MarshalBinary()
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := clusterOf(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b.cluster.Store(c)
+	from := &net.TCPAddr{IP: net.ParseIP(peer.String()), Port: 40000}
+	hello := wire.Hello{Role: wire.RoleBE, Addr: netip.AddrPortFrom(peer, 666), VIP: netip.AddrPortFrom(vip, 0)}
+	if err := b.admit(from, hello); err != nil {
+		t.Errorf("a BE of the cluster: %v", err)
+	}
+	spoofed := hello
+	spoofed.Addr = netip.MustParseAddrPort("10.0.0.13:666")
+	if err := b.admit(from, spoofed); err == nil {
+		t.Error("a BE claiming another address was admitted")
+	}
+	self := &net.TCPAddr{IP: net.ParseIP("10.0.0.11"), Port: 40000}
+	if err := b.admit(self, wire.Hello{Role: wire.RoleBE, Addr: netip.MustParseAddrPort("10.0.0.11:666"), VIP: hello.VIP}); err == nil {
+		t.Error("this BE's own address was admitted as a peer")
 	}
 }
 

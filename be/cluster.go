@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"slices"
 
 	"tcpha/backends"
 	"tcpha/handoff/ctl"
@@ -16,9 +17,13 @@ import (
 // beCluster is what a BE knows of its cluster: the FE's last cluster frame,
 // compiled.
 type beCluster struct {
-	raw   []byte
-	phttp wire.PHTTP
-	sched *backends.Scheduler
+	raw    []byte
+	phttp  wire.PHTTP
+	accept bool // the FE's accept = be
+	sched  *backends.Scheduler
+	// fe is the hello of the FE that sent the frame: its VIP ports, which
+	// direct moves from other BEs are checked against.
+	fe wire.Hello
 }
 
 // clusterOf compiles a cluster frame's payload.
@@ -48,7 +53,7 @@ func clusterOf(p []byte) (*beCluster, error) {
 	for _, s := range tab.Servers {
 		sched.Session(s.Addr, true)
 	}
-	return &beCluster{raw: bytes.Clone(p), phttp: c.PHTTP, sched: sched}, nil
+	return &beCluster{raw: bytes.Clone(p), phttp: c.PHTTP, accept: c.AcceptBE, sched: sched}, nil
 }
 
 // serveCluster takes an FE's cluster frame.
@@ -63,7 +68,17 @@ func (b *BE) serveCluster(s *ctl.Session, f wire.Frame) {
 		s.Reply(f, ctl.AckFrame(wire.ResultInvalid, err.Error()))
 		return
 	}
-	if old := b.cluster.Swap(c); old == nil || !bytes.Equal(old.raw, c.raw) { // two FEs may race
+	c.fe = s.Peer
+	if c.accept {
+		if err := b.acceptOn(s.Peer.VIP); err != nil {
+			b.log.Warn("cluster frame refused: cannot accept new connections", "op", "cluster", "peer", s.Remote.String(), "err", err)
+			s.Reply(f, ctl.AckFrame(wire.ResultInvalid, err.Error()))
+			return
+		}
+	}
+	old := b.cluster.Swap(c)
+	b.setPeers(c)
+	if old == nil || !bytes.Equal(old.raw, c.raw) { // two FEs may race
 		b.log.Info("cluster rules from the FE", "op", "cluster", "peer", s.Remote.String(), "phttp", c.phttp.String(),
 			"servers", len(c.sched.Servers()))
 	}
@@ -77,11 +92,32 @@ func (b *BE) serveCluster(s *ctl.Session, f wire.Frame) {
 // that failed: fetch from those BEs' web servers; else 503). Without the
 // FE's rules, or with phttp = single, every request is this BE's.
 func (b *BE) route(host, path string) relay.Rules {
-	q := backends.Request{Host: host, Path: path}
 	c := b.cluster.Load()
 	if c == nil || c.phttp == wire.PHTTPSingle {
 		return relay.Rules{Here: true}
 	}
+	return b.routeIn(c, host, path)
+}
+
+// routeFirst routes the first request of a connection this BE accepted
+// (accept = be), whatever phttp says.
+func (b *BE) routeFirst(host, path string) relay.Rules {
+	c := b.cluster.Load()
+	if c == nil {
+		return relay.Rules{Here: true}
+	}
+	// The FE placed the connection here, so this BE takes connections,
+	// whatever its last cluster frame said of it (a BE that just came
+	// back is named with weight 0 until the next frame): a request the
+	// rules name it for is its own.
+	if slices.Contains(c.sched.Named(backends.Request{Host: host, Path: path}), b.cfg.RAddr) {
+		return relay.Rules{Here: true}
+	}
+	return b.routeIn(c, host, path)
+}
+
+func (b *BE) routeIn(c *beCluster, host, path string) relay.Rules {
+	q := backends.Request{Host: host, Path: path}
 	if c.sched.Holds(q, b.cfg.RAddr) {
 		return relay.Rules{Here: true}
 	}

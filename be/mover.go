@@ -19,14 +19,20 @@ import (
 // 4 s), so that only an FE that is gone leaves the outcome unknown.
 const moveAnswer = 6 * time.Second
 
-// mover moves the BE's connections (relay.Mover).
+// mover moves the BE's connections (relay.Mover): straight to the other
+// BE when a session to it is up (handoff.Direct), else through the FE
+// (handoff.Leaver).
 type mover struct {
 	b      *BE
 	leaver *handoff.Leaver
+	direct *handoff.Direct
+	peers  *ctl.Pool // the BE-to-BE sessions
 }
 
 func newMover(b *BE, leaving *handoff.Leaving) mover {
-	return mover{b: b, leaver: &handoff.Leaver{Ask: b.askFEs, Timeout: moveAnswer, Log: b.log, Leaving: leaving}}
+	return mover{b: b, peers: b.peers, leaver: &handoff.Leaver{Ask: b.askFEs, Timeout: moveAnswer, Log: b.log, Leaving: leaving},
+		direct: &handoff.Direct{Peer: &handoff.Client{Pool: b.peers}, Switch: b.switchAt,
+			Timeout: b.cfg.CommitTimeout, SwitchTimeout: moveAnswer, Log: b.log, Leaving: leaving}}
 }
 
 // Moving tells whether the FE's cluster frame says phttp = multi.
@@ -38,12 +44,23 @@ func (m mover) Moving() bool {
 func (m mover) Acked(ctx context.Context, c *net.TCPConn) error { return repair.WaitAcked(ctx, c) }
 
 func (m mover) Move(c *net.TCPConn, pending []byte) (relay.Outcome, error) {
-	err := m.leaver.Leave(context.Background(), repair.LeavingSocket{Socket: repair.Socket{Conn: c}}, pending)
+	sock := repair.LeavingSocket{Socket: repair.Socket{Conn: c}}
+	var err error
+	if targets, ok := m.directTo(pending); ok {
+		if len(targets) == 0 {
+			return relay.Local, nil // the rules give the request to this BE
+		}
+		_, err = m.direct.Leave(context.Background(), sock, pending, targets)
+	} else {
+		err = m.leaver.Leave(context.Background(), sock, pending)
+	}
 	switch {
 	case err == nil:
 		return relay.Gone, nil
 	case errors.Is(err, handoff.ErrStay):
 		return relay.Local, nil
+	case errors.Is(err, handoff.ErrNoBE):
+		return relay.Kept, err
 	case errors.Is(err, handoff.ErrCut):
 		// Maybe another BE serves it now: a RST rather than two BEs
 		// answering one connection.
@@ -54,6 +71,26 @@ func (m mover) Move(c *net.TCPConn, pending []byte) (relay.Outcome, error) {
 	return relay.Kept, err
 }
 
+// directTo says whether the connection whose next request is at the front
+// of pending moves straight to another BE, and to which, in the FE's
+// order: only when this BE has a BE-to-BE session to one of them. None,
+// with ok, means the request is this BE's.
+func (m mover) directTo(pending []byte) (targets []netip.AddrPort, ok bool) {
+	targets, stay, err := m.b.directTargets(pending)
+	switch {
+	case err != nil:
+		return nil, false
+	case stay:
+		return nil, true
+	}
+	for _, t := range targets {
+		if len(m.peers.Sessions(t)) > 0 {
+			return targets, true
+		}
+	}
+	return nil, false
+}
+
 // askFEs sends a migrate request to the FEs with sessions to this BE, on
 // the least busy session of each that is not going away, to all at once
 // (handoff.AskFEs, handoff.Leaver.Ask).
@@ -61,6 +98,9 @@ func (b *BE) askFEs(ctx context.Context, f wire.Frame) (wire.Ack, error) {
 	var order []netip.Addr
 	byFE := map[netip.Addr]*ctl.Session{}
 	for _, s := range b.server.Sessions() {
+		if s.Peer.Role != wire.RoleFE {
+			continue // another BE's, for direct moves
+		}
 		if s.GoingAway() {
 			continue // its FE is handing over to a successor
 		}

@@ -99,6 +99,14 @@ type FE struct {
 	// itself (TCPHA 0.2), "multi" moves the connection to that BE
 	// (TCPHA 0.3), "forward" fetches them from that BE's web server.
 	PHTTP string
+	// Accept says who accepts new connections (issue 14): AcceptFE, the
+	// FE (read, route, hand off), or AcceptBE, the BEs: the FE's packet
+	// path places each new flow on a BE by hash, and the BE reads, routes
+	// and moves it on if it is another BE's.
+	Accept Accept
+	// PinTimeout, with accept = be, is how long a placed flow keeps its
+	// forwarding until it sends a request.
+	PinTimeout time.Duration
 
 	// Not in the seed; bounds the FE's work per connection.
 	RequestTimeout time.Duration // time to receive a whole request header
@@ -113,6 +121,14 @@ type FE struct {
 	QueueNum       uint16        // NFQUEUE queue the FE agent reads
 	Drain          time.Duration // on SIGTERM, how long handed-off connections may finish
 }
+
+// Accept is what [fe] accept names: who accepts new connections.
+type Accept string
+
+const (
+	AcceptFE Accept = "fe"
+	AcceptBE Accept = "be"
+)
 
 // VIPOwner is what [fe] vip names: who adds the VIP to the interface.
 type VIPOwner string
@@ -168,6 +184,10 @@ type BE struct {
 	KeepAliveTimeout time.Duration
 	RequestTimeout   time.Duration
 	MaxHeader        int
+	// MaxConnPerIP, with the FE's accept = be, caps the connections from
+	// one client address this BE accepted itself and serves at once (0:
+	// no cap), as [fe] maxconnperip does on an FE.
+	MaxConnPerIP int
 	// Drain is how long relayed connections may finish on SIGTERM.
 	Drain time.Duration
 	// Check is this BE's own [be] check and checkexpect, over what the

@@ -73,6 +73,9 @@ func TestParseFE(t *testing.T) {
 		t.Errorf("defaults: maxclients=%d connperbe=%d redirectport=%d startservers=%d",
 			fe.MaxClients, fe.ConnPerBE, fe.RedirectPort, fe.StartServers)
 	}
+	if fe.Accept != AcceptFE || fe.PinTimeout != fe.RequestTimeout+time.Second {
+		t.Errorf("defaults: accept=%s pintimeout=%v", fe.Accept, fe.PinTimeout)
+	}
 	if fe.QueueNum != 0 || fe.Drain != 20*time.Second || fe.TimeWait != 10*time.Second || fe.PHTTP != "multi" {
 		t.Errorf("defaults: queuenum=%d drain=%v timewait=%v phttp=%s", fe.QueueNum, fe.Drain, fe.TimeWait, fe.PHTTP)
 	}
@@ -207,6 +210,11 @@ func TestParseErrors(t *testing.T) {
 		{"syncpeer is the VIP", fe + "raddr = 10.0.0.2\nsyncpeer = 10.0.0.100\nrule = local .*\n", 5, "fe", "syncpeer", "is the VIP"},
 		{"unknown vip owner", fe + "vip = vrrp\nrule = local .*\n", 4, "fe", "vip", "want agent or keepalived"},
 		{"vip owner in [be]", be + "vip = keepalived\n", 6, "be", "vip", "it belongs in [fe]"},
+		{"unknown accept", fe + "accept = both\nrule = local .*\n", 4, "fe", "accept", "want fe or be"},
+		{"accept = be with tlsport", fe + "tlsport = 443\naccept = be\nrule = 10.0.0.11 .*\n", 5, "fe", "accept", "does not take TLS yet"},
+		{"accept = be with a local rule", fe + "accept = be\nrule = local .*\n", 5, "fe", "rule", "`local` needs accept = fe"},
+		{"accept in [be]", be + "accept = be\n", 6, "be", "accept", "it belongs in [fe]"},
+		{"pintimeout past idletimeout", fe + "idletimeout = 30\npintimeout = 60\nrule = local .*\n", 5, "fe", "pintimeout", "longer than idletimeout"},
 		{"unknown phttp", fe + "phttp = always\nrule = local .*\n", 4, "fe", "phttp", "want single, multi or forward"},
 		{"duplicate server", fe + "server = 10.0.0.11 667\nrule = local .*\n", 4, "fe", "server", "already declared on line 3"},
 		{"bad weight", fe + "server = 10.0.0.12 666 weight=x\nrule = local .*\n", 4, "fe", "server", "weight=N"},

@@ -41,7 +41,7 @@ var allowed = map[string]map[string]bool{
 		"timewait": false, "idletimeout": false, "dtcinterval": false,
 		"queuenum": false, "drain": false,
 		"scheduler": false, "rise": false, "fall": false, "feport": false, "phttp": false, "syncpeer": false,
-		"dregister": false, "tlsport": false, "vip": false,
+		"dregister": false, "tlsport": false, "vip": false, "accept": false, "pintimeout": false,
 		"check": false, "checkexpect": false,
 	},
 	"be": {
@@ -51,7 +51,7 @@ var allowed = map[string]map[string]bool{
 		"dregister": false, "feaddr": false, "feport": false, "rule": true,
 		"committimeout": false, "drain": false, "keepalivetimeout": false,
 		"requesttimeout": false, "maxheader": false, "forwardedfor": false,
-		"redirecttlsport": false, "proxyprotocol": false,
+		"redirecttlsport": false, "proxyprotocol": false, "maxconnperip": false,
 		"check": false, "checkexpect": false,
 	},
 }
@@ -266,6 +266,21 @@ func (p *parser) fe(s *ini.Section) (*FE, error) {
 			v.fail("vip", v.line("vip", 0), fmt.Sprintf("%q: want agent or keepalived", m))
 		}
 	}
+	fe.Accept = AcceptFE
+	if m, ok := v.raw("accept"); ok {
+		switch a := Accept(m); a {
+		case AcceptFE, AcceptBE:
+			fe.Accept = a
+		default:
+			v.fail("accept", v.line("accept", 0), fmt.Sprintf("%q: want fe or be", m))
+		}
+	}
+	// A pinned flow that never sends a request holds its element this
+	// long: it must cover the handshake and the request's arrival.
+	fe.PinTimeout = v.duration("pintimeout", fe.RequestTimeout+time.Second, time.Second, false)
+	if _, set := v.raw("pintimeout"); set && fe.PinTimeout > fe.IdleTimeout {
+		v.fail("pintimeout", v.line("pintimeout", 0), fmt.Sprintf("%v is longer than idletimeout (%v): a flow that never asks would outlive an idle one", fe.PinTimeout, fe.IdleTimeout))
+	}
 	fe.Check = v.check(backends.DefaultCheck)
 	fe.Rise = v.intIn("rise", 2, 1, 100)
 	fe.Fall = v.intIn("fall", 3, 1, 100)
@@ -318,6 +333,17 @@ func (p *parser) fe(s *ini.Section) (*FE, error) {
 	if v.err == nil && len(fe.Rules) == 0 {
 		v.fail("rule", 0, "missing: at least one `rule = TARGET PATTERN` is needed (e.g. `rule = local .*`)")
 	}
+	if fe.Accept == AcceptBE {
+		if fe.TLSPort != 0 {
+			v.fail("accept", v.line("accept", 0), "accept = be does not take TLS yet: remove tlsport, or use accept = fe")
+		}
+		for i, r := range fe.Rules {
+			if r.Local {
+				v.fail("rule", v.line("rule", i), "`local` needs accept = fe: with accept = be the FE reads no request")
+				break
+			}
+		}
+	}
 	if v.err == nil {
 		v.ruleWarnings(fe)
 	}
@@ -348,6 +374,7 @@ func (p *parser) be(s *ini.Section) (*BE, error) {
 		KeepAliveTimeout: v.duration("keepalivetimeout", 75*time.Second, time.Second, false),
 		RequestTimeout:   v.duration("requesttimeout", 10*time.Second, 100*time.Millisecond, false),
 		MaxHeader:        v.intIn("maxheader", 8192, 256, 16<<10),
+		MaxConnPerIP:     v.intIn("maxconnperip", 256, 0, 1<<20),
 		// Only what is given: the rest is what each FE asks.
 		Check: v.check(backends.Check{}),
 	}

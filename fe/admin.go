@@ -59,7 +59,17 @@ func (f *FE) Command(cmd string, args []string, text io.Writer) (any, error) {
 		if err != nil {
 			return nil, err
 		}
-		rows := filterConns(f.connRows(), flt)
+		all := f.connRows()
+		if f.place != nil {
+			// accept = be: the kernel holds the pins; the table only the
+			// moves under way.
+			pinned, err := f.place.pinnedRows()
+			if err != nil {
+				return nil, fmt.Errorf("conns: %w", err)
+			}
+			all = append(all, pinned...)
+		}
+		rows := filterConns(all, flt)
 		tw := tabwriter.NewWriter(text, 0, 0, 2, ' ', 0)
 		fmt.Fprintln(tw, "client\tbe\tstate\tage\thandoff\t")
 		for _, c := range rows {

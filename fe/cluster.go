@@ -68,6 +68,7 @@ func (f *FE) clusterFrame() ([]byte, error) {
 	}
 	c := wire.Cluster{Policy: string(tab.Policy)}
 	c.PHTTP = wire.PHTTP(f.phttp.Load())
+	c.AcceptBE = f.acceptBE()
 	for _, srv := range tab.Servers {
 		w := uint16(srv.Weight)
 		if !usable[srv.Addr] {
@@ -100,6 +101,9 @@ func (f *FE) pushCluster(ctx context.Context) {
 		wg.Go(func() { f.sendCluster(ctx, be, s, p) })
 	}
 	wg.Wait()
+	if f.place != nil {
+		f.updatePlacement(ctx)
+	}
 }
 
 // sendCluster sends one BE the cluster frame p on session s.
@@ -115,6 +119,11 @@ func (f *FE) sendCluster(ctx context.Context, be netip.AddrPort, s *ctl.Session,
 	}
 	if err != nil {
 		f.log.Warn("cluster frame not taken", "op", "cluster", "be", be.String(), "err", err)
+	}
+	// With accept = be, a BE that took the frame listens on VIP:port:
+	// only then may flows be placed on it.
+	if f.place != nil && f.place.accepts(be.Addr(), err == nil) {
+		f.kickCluster()
 	}
 }
 

@@ -52,6 +52,9 @@ type Forwarding interface {
 	Forwarded(ctx context.Context) (packets, bytes uint64, err error)
 	// Reinstall replaces the table, in order with the edits.
 	Reinstall(ctx context.Context, install func(*nftables.Conn) (*nft.Ruleset, error)) error
+	// Exec edits the table as installed, in order with the edits (the
+	// placement's slots).
+	Exec(ctx context.Context, fn func(*nftables.Conn, *nft.Ruleset) error) error
 }
 
 // Peers is how the FE asks its BEs over the control sessions
@@ -122,6 +125,9 @@ type FE struct {
 	held heldAsks
 	// reinstalls are the table's reinstalls by its guard (guard.go).
 	reinstalls nft.Reinstalls
+	// place is the placement of new flows with accept = be (place.go);
+	// nil with accept = fe.
+	place *placer
 	// released is set once Release closes the sessions: the BEs they
 	// leave are not failures.
 	released atomic.Bool
@@ -243,6 +249,9 @@ func newFE(cfg *config.FE, m *metrics.Metrics, log *slog.Logger) *FE {
 	f.setCheck(cfg.Check)
 	f.relayStats = relayCounters{last: map[netip.Addr]wire.RelayStats{}, silent: map[netip.Addr]time.Time{}}
 	f.sched = backends.NewScheduler(cfg.Table(), backends.Options{Rise: cfg.Rise, Fall: cfg.Fall, Live: f.table.Live})
+	if f.acceptBE() {
+		f.place = newPlacer()
+	}
 	return f
 }
 
@@ -327,6 +336,15 @@ func Start(ctx context.Context, cfg *config.FE, secret []byte, m *metrics.Metric
 		return nil, fmt.Errorf("fe: %w", err)
 	}
 	f.reaper = f.newReaper(nft.NewReader(f.setsc, f.owned.Rules))
+	if f.place != nil {
+		// The moves' look-ups of who holds a flow: a socket of their own,
+		// beside the reaper's and the edits'.
+		lc, err := nft.OpenLasting()
+		if err != nil {
+			return nil, fmt.Errorf("fe: %w", err)
+		}
+		f.place.look = nft.NewReader(lc, f.owned.Rules)
+	}
 	f.pool = ctl.NewPool(&ctl.Config{
 		Secret:  secret,
 		Local:   wire.Hello{Role: wire.RoleFE, Addr: netip.AddrPortFrom(cfg.RAddr, 0), VIP: vip, TLSPort: cfg.TLSPort},
@@ -444,6 +462,17 @@ func (f *FE) installTable() error {
 	carried, err := nft.ReadCarried(f.owned.Conn, nft.FE(nft.FEParams{}).Table)
 	if err != nil {
 		return fmt.Errorf("read the previous agent's flows: %w", err)
+	}
+	if f.place != nil {
+		// The kernel owns every pin: the flows are carried into the new
+		// table, not into the connection table.
+		rs, err := f.installPlace(f.owned.Conn, carried)
+		if err != nil {
+			return fmt.Errorf("install the FE's placing table: %w", err)
+		}
+		f.owned.Rules, f.adopted = rs, carried.Found
+		f.log.Info("placing table installed (accept = be)", "op", "start", "carried", len(carried.Forward))
+		return nil
 	}
 	inst, err := nft.InstallFE(f.owned.Conn, f.tableParams(), carried.Init(), nft.QueuePreference)
 	if err != nil {
@@ -564,7 +593,11 @@ func (f *FE) startLoops(serve, loops context.Context) {
 	// Only the FE that holds the VIP ends flows (sync.go): always, without
 	// syncpeer.
 	f.loops.Go(func() {
-		f.whileActive(loops, f.reaper.Run)
+		// With accept = be the kernel expires every pin, and a flow the
+		// connection table does not know is not an orphan.
+		if f.place == nil {
+			f.whileActive(loops, f.reaper.Run)
+		}
 		if f.setsc != nil {
 			f.setsc.CloseLasting()
 		}

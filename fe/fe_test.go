@@ -82,6 +82,11 @@ func (f *fakeFlows) Reinstall(context.Context, func(*nftables.Conn) (*nft.Rulese
 	return nil
 }
 
+func (f *fakeFlows) Exec(context.Context, func(*nftables.Conn, *nft.Ruleset) error) error {
+	f.log("exec")
+	return nil
+}
+
 // fakeSets is the flow sets as the reaper reads them.
 type fakeSets struct{}
 
@@ -320,13 +325,13 @@ func TestAdmitMoveBusy(t *testing.T) {
 		f.moves <- struct{}{}
 	}
 	var res wire.Result
-	f.admitMove(be1, wire.Frame{Type: wire.TypeMigrate}, func(r wire.Result, _ string) { res = r })
+	f.admitMove(be1, wire.Frame{Type: wire.TypeMigrate}, f.migrate, func(r wire.Result, _ string) { res = r })
 	if res != wire.ResultBusy || f.notMoved.Load() != 1 {
 		t.Errorf("a migration beyond maxMoves: %v, not moved %d", res, f.notMoved.Load())
 	}
 	<-f.moves
 	done := make(chan wire.Result, 1)
-	f.admitMove(be1, wire.Frame{Type: wire.TypeMigrate}, func(r wire.Result, _ string) { done <- r })
+	f.admitMove(be1, wire.Frame{Type: wire.TypeMigrate}, f.migrate, func(r wire.Result, _ string) { done <- r })
 	if r := <-done; r != wire.ResultBadFrame {
 		t.Errorf("an admitted migration of garbage: %v", r)
 	}

@@ -19,10 +19,14 @@ const guardEvery = 5 * time.Second
 // removed it, and every new request got a 503 while the handed-off
 // connections were reset by the FE's own stack).
 func (f *FE) guard() *nft.Guard {
-	return &nft.Guard{
+	g := &nft.Guard{
 		Table: f.owned.Rules.Table, Want: nft.ShapeOf(f.owned.Rules),
 		Reinstall: f.reinstall, Every: guardEvery, Log: f.log,
 	}
+	if f.place != nil {
+		g.WantNow = func() nft.Shape { return *f.place.shape.Load() }
+	}
+	return g
 }
 
 // reinstall builds the FE's table afresh, with the flows of the
@@ -33,6 +37,12 @@ func (f *FE) reinstall(ctx context.Context, found string) error {
 	var carried *nft.Carried
 	err := f.flows.Reinstall(ctx, func(c *nftables.Conn) (*nft.Ruleset, error) {
 		carried = carriedFrom(f.table.Snapshot())
+		if f.place != nil {
+			// The pins were the kernel's alone and went with the table:
+			// their flows are placed by hash again, on the same BE while
+			// its slots stay.
+			return f.installPlace(c, carried)
+		}
 		inst, err := nft.InstallFE(c, f.tableParams(), carried.Init(), []nft.QueueMode{f.qmode})
 		if err != nil {
 			return nil, err

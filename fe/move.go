@@ -30,18 +30,23 @@ const maxMoves = 256
 // serveBE serves the requests a BE starts on the FE's control sessions:
 // migrations. Each runs in its own goroutine, at most maxMoves at once.
 func (f *FE) serveBE(s *ctl.Session, fr wire.Frame) {
-	if fr.Type != wire.TypeMigrate {
+	do := f.migrate
+	switch fr.Type {
+	case wire.TypeMigrate:
+	case wire.TypeSwitch:
+		do = f.switchFlow
+	default:
 		f.log.Warn("unexpected control frame", "op", "control", "type", fr.Type.String(), "peer", s.Remote.String())
 		s.Reply(fr, ctl.AckFrame(wire.ResultInvalid, "unexpected "+fr.Type.String()))
 		return
 	}
-	f.admitMove(s.Remote.Addr(), fr, func(res wire.Result, why string) { s.Reply(fr, ctl.AckFrame(res, why)) })
+	f.admitMove(s.Remote.Addr(), fr, do, func(res wire.Result, why string) { s.Reply(fr, ctl.AckFrame(res, why)) })
 }
 
-// admitMove carries out the migration from asks for, unless maxMoves are
-// under way (then the BE serves the request itself), and answers with
-// reply.
-func (f *FE) admitMove(from netip.Addr, fr wire.Frame, reply func(wire.Result, string)) {
+// admitMove carries out the migration or switch (do) from asks for,
+// unless maxMoves are under way (then the BE serves the request itself),
+// and answers with reply.
+func (f *FE) admitMove(from netip.Addr, fr wire.Frame, do func(netip.Addr, wire.Frame) (wire.Result, string), reply func(wire.Result, string)) {
 	if !f.active() {
 		// A standby's rows are the active FE's: the BE asks that one
 		// (handoff.AskFEs takes the answer of the FE that knows it).
@@ -59,7 +64,7 @@ func (f *FE) admitMove(from netip.Addr, fr wire.Frame, reply func(wire.Result, s
 	}
 	go func() {
 		defer func() { <-f.moves }()
-		res, why := f.migrate(from, fr)
+		res, why := do(from, fr)
 		f.m.Migrations.WithLabelValues(res.String()).Inc()
 		if res == wire.ResultOK {
 			f.moved.Add(1)
@@ -99,7 +104,7 @@ func (f *FE) migrate(from netip.Addr, fr wire.Frame) (wire.Result, string) {
 	if sender == nil || *sender == nil {
 		return wire.ResultBusy, "the FE is starting or handing over"
 	}
-	if wire.PHTTP(f.phttp.Load()) != wire.PHTTPMulti {
+	if wire.PHTTP(f.phttp.Load()) != wire.PHTTPMulti && !f.acceptBE() {
 		return wire.ResultInvalid, "phttp is not multi on this FE"
 	}
 	ci, q, res, why := parseMigration(fr, netip.AddrPortFrom(f.cfg.VAddr, f.cfg.Port), f.cfg.MaxHeader)
@@ -110,6 +115,14 @@ func (f *FE) migrate(from netip.Addr, fr wire.Frame) (wire.Result, string) {
 	stay, bes := moveTargets(f.sched.Route(q).BEs, from)
 	if stay {
 		return wire.ResultStay, ""
+	}
+	if f.place != nil {
+		// A flow the packet path placed: the kernel says who holds it.
+		if _, err := f.adoptPinned(ci.Client, from); err != nil {
+			log.Warn("move refused", "op", "migrate", "err", err)
+			return wire.ResultUnknown, err.Error()
+		}
+		defer f.dropMoved(ci.Client)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), moveWithin)
 	defer cancel()
@@ -123,6 +136,50 @@ func (f *FE) migrate(from netip.Addr, fr wire.Frame) (wire.Result, string) {
 		return wire.ResultUpstream, err.Error()
 	}
 	log.Debug("connection moved", "op", "migrate", "host", q.Host, "path", q.Path, "to", be.Addr().String(), "latency", time.Since(start))
+	return wire.ResultOK, ""
+}
+
+// switchFlow carries out a BE-to-BE move's switch (handoff.Direct): the
+// BE from, which holds the flow, had it rebuilt on another BE and asks
+// for its forwarding to go there. The FE takes it only from the BE its
+// table (or, with accept = be, its kernel) says holds the flow, and only
+// to a BE that takes connections; the element is replaced in one
+// transaction.
+func (f *FE) switchFlow(from netip.Addr, fr wire.Frame) (wire.Result, string) {
+	var sw wire.Switch
+	if err := sw.UnmarshalBinary(fr.Payload); err != nil {
+		return wire.ResultBadFrame, err.Error()
+	}
+	log := f.log.With("client", sw.Client.String(), "from", from.String(), "to", sw.To.String())
+	if sw.To == from || !f.sched.Available(sw.To) {
+		log.Warn("switch refused: not a BE that takes connections", "op", "migrate")
+		return wire.ResultInvalid, fmt.Sprintf("%v is not another BE that takes connections", sw.To)
+	}
+	if f.place != nil {
+		if _, err := f.adoptPinned(sw.Client, from); err != nil {
+			log.Warn("switch refused", "op", "migrate", "err", err)
+			return wire.ResultUnknown, err.Error()
+		}
+		defer f.dropMoved(sw.Client)
+	}
+	now := time.Now()
+	if err := f.table.BeginMove(sw.Client, from, now); err != nil {
+		log.Warn("switch refused", "op", "migrate", "err", err)
+		return wire.ResultUnknown, err.Error()
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), moveWithin)
+	defer cancel()
+	if err := f.flows.Forward(ctx, sw.Client, sw.To, true); err != nil {
+		if _, herr := f.table.Handed(sw.Client, from, time.Now()); herr != nil {
+			err = errors.Join(err, herr)
+		}
+		log.Warn("switch failed; the flow stays with its BE", "op", "migrate", "err", err)
+		return wire.ResultUpstream, err.Error()
+	}
+	if _, err := f.table.Handed(sw.Client, sw.To, time.Now()); err != nil {
+		log.Error("connection table after a switch", "op", "migrate", "err", err)
+	}
+	log.Debug("connection switched", "op", "migrate", "latency", time.Since(now))
 	return wire.ResultOK, ""
 }
 

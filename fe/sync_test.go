@@ -154,7 +154,7 @@ func TestStandbyLeavesFlows(t *testing.T) {
 			t.Fatal("the reaper ran on a standby")
 		}
 		var res wire.Result
-		f.admitMove(be1, wire.Frame{Type: wire.TypeMigrate}, func(r wire.Result, _ string) { res = r })
+		f.admitMove(be1, wire.Frame{Type: wire.TypeMigrate}, f.migrate, func(r wire.Result, _ string) { res = r })
 		if res != wire.ResultUnknown {
 			t.Errorf("a standby's answer to a migration: %v, want unknown flow (the BE asks the other FE)", res)
 		}

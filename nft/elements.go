@@ -178,7 +178,7 @@ func (f *Flows) queueAll(group []*request) []*request {
 		in     = inBatch{}
 	)
 	for _, r := range group {
-		edits, err := f.resolve(r.edits, in)
+		edits, err := f.resolve(f.present(r.edits), in)
 		if err != nil {
 			r.done <- err
 			continue
@@ -187,6 +187,19 @@ func (f *Flows) queueAll(group []*request) []*request {
 		queued = append(queued, r)
 	}
 	return queued
+}
+
+// present drops the edits of sets the table does not have: the placing
+// table (FEPlace) has no fresh set, and a flow switched there has no fresh
+// mark to lose.
+func (f *Flows) present(edits []edit) []edit {
+	out := edits[:0:0]
+	for _, e := range edits {
+		if f.rs.Set(e.set) != nil {
+			out = append(out, e)
+		}
+	}
+	return out
 }
 
 // inBatch is whether a map element will be there when the next edit of the
@@ -287,6 +300,18 @@ func (f *Flows) Reinstall(ctx context.Context, install func(*nftables.Conn) (*Ru
 		return fmt.Errorf("reinstall the table: %w", err)
 	}
 	return nil
+}
+
+// Exec runs fn on the owner's goroutine with the table as installed, in
+// order with the edits queued before and after it: the placement's slot
+// edits (EditPlacement), which add to the ruleset.
+func (f *Flows) Exec(ctx context.Context, fn func(*nftables.Conn, *Ruleset) error) error {
+	return f.do(ctx, &request{install: func(c *nftables.Conn) (*Ruleset, error) {
+		if err := fn(c, f.rs); err != nil {
+			return nil, err
+		}
+		return f.rs, nil
+	}})
 }
 
 var errStopped = errors.New("nft flow owner stopped")
@@ -436,6 +461,25 @@ func (r *Reader) Has(set string, flow netip.AddrPort) (bool, error) {
 		return false, nil
 	}
 	return false, fmt.Errorf("look up %v in %s: %w", flow, set, err)
+}
+
+// Get returns the BE flow is forwarded to now (ok false: none), by one
+// element's lookup in the forward map, as Has.
+func (r *Reader) Get(flow netip.AddrPort) (be netip.Addr, ok bool, err error) {
+	s := r.rs.Set(MapForward)
+	els, err := r.conn.FindSetElements(s, []nftables.SetElement{{Key: Key(flow)}})
+	switch {
+	case errors.Is(err, unix.ENOENT):
+		return netip.Addr{}, false, nil
+	case err != nil:
+		return netip.Addr{}, false, fmt.Errorf("look up %v in %s: %w", flow, MapForward, err)
+	}
+	for _, el := range els {
+		if len(el.Val) == 4 {
+			return netip.AddrFrom4([4]byte(el.Val)), true, nil
+		}
+	}
+	return netip.Addr{}, false, fmt.Errorf("look up %v in %s: the answer has no BE address", flow, MapForward)
 }
 
 // Forwarded returns what the FE's HANDOFFED rules have forwarded to BEs:

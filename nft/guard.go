@@ -206,6 +206,10 @@ func watchEvents(ctx context.Context, t *nftables.Table, kick func()) error {
 type Guard struct {
 	Table *nftables.Table
 	Want  Shape
+	// WantNow, if set, is asked for the shape at each check instead of
+	// Want: a table the agent extends while it runs (the placing table's
+	// chains of new BEs).
+	WantNow func() Shape
 	// Reinstall puts the table back; found says what the check saw.
 	Reinstall func(ctx context.Context, found string) error
 	// Every is the backstop check's interval.
@@ -263,7 +267,11 @@ func (g *Guard) check(ctx context.Context, conn *nftables.Conn) {
 		g.Log.Warn("table not checked", "op", "nft", "table", family(g.Table), "err", err)
 		return
 	}
-	diff := g.Want.Diff(found)
+	want := g.Want
+	if g.WantNow != nil {
+		want = g.WantNow()
+	}
+	diff := want.Diff(found)
 	if diff == "" {
 		return
 	}

@@ -2,6 +2,7 @@ package nft
 
 import (
 	"encoding/binary"
+	"fmt"
 	"net/netip"
 	"time"
 
@@ -67,6 +68,16 @@ func BEElement(be netip.Addr) nftables.SetElement {
 	return nftables.SetElement{Key: be.AsSlice(), VerdictData: &expr.Verdict{Kind: expr.VerdictJump, Chain: PinnedChain(be)}}
 }
 
+// dynsetOpDelete is NFT_DYNSET_OP_DELETE (linux/netfilter/nf_tables.h,
+// since 5.16), which x/sys does not name.
+const dynsetOpDelete = 2
+
+// unmark removes the packet's flow (in the key register) from s; a flow
+// not in s is no error, and the rule goes on.
+func unmark(s *nftables.Set) []expr.Any {
+	return []expr.Any{&expr.Dynset{SrcRegKey: regKey, SetName: s.Name, Operation: dynsetOpDelete}}
+}
+
 // tcpPSH is the PUSH flag (RFC 9293 section 3.1).
 const tcpPSH = 0x08
 
@@ -96,15 +107,19 @@ const tcpPSH = 0x08
 //
 // The prerouting rules, in order:
 //  1. all VIP:port traffic is untracked, as in FE;
-//  2. the first FIN or RST of a pinned flow is copied and queued, as in FE;
-//  3. a pinned flow goes to its BE's pinned_ chain;
-//  4. a pinned flow whose BE has no chain is copied there as it is;
-//  5. any other packet is placed by hash: the slot's BE's place_ chain;
-//  6. a packet whose slot has no BE (none takes new connections) is
+//  2. a pinned flow goes to its BE's pinned_ chain;
+//  3. a pinned flow whose BE has no chain is copied there as it is;
+//  4. any other packet is placed by hash: the slot's BE's place_ chain;
+//  5. a packet whose slot has no BE (none takes new connections) is
 //     dropped.
 //
 // A BE's pinned_ chain: a SYN (a retransmission, or a client port reused)
-// starts PinTimeout again; a flow that has sent a request (in @alive)
+// clears the flow's closing mark and starts PinTimeout again; a flow
+// that has sent a FIN or RST (in @closing) keeps its pin for TimeWait from
+// its last packet, so its end costs the agent nothing: the kernel forgets
+// it TimeWait after the client's last segment (issue 14 measured this
+// against queueing the FIN to the agent, as FE does; docs/performance.md);
+// a flow that has sent a request (in @alive)
 // keeps its pin for IdleTimeout from its last packet; its first segment
 // with PSH is its request and puts it in @alive; a flow that has not sent
 // one keeps PinTimeout from its last packet, so one that never asks loses
@@ -133,7 +148,7 @@ func FEPlace(p FEParams, pl Placement) *Ruleset {
 	}
 	fwd := set(MapForward, p.IdleTimeout, "pinned and HANDOFFED: client flow -> BE")
 	fwd.IsMap, fwd.DataType = true, nftables.TypeIPAddr
-	closing := set(SetClosing, 2*p.TimeWait, "pinned flows whose FIN or RST the agent has seen")
+	closing := set(SetClosing, 2*p.TimeWait, "pinned flows that have sent a FIN or RST")
 	alive := set(SetAlive, p.IdleTimeout, "pinned flows that have sent a request")
 	slots := &nftables.Set{
 		Table: t, Name: MapSlots, KeyType: nftables.TypeMark, KeyByteOrder: binaryutil.NativeEndian,
@@ -146,13 +161,6 @@ func FEPlace(p FEParams, pl Placement) *Ruleset {
 	}
 
 	vip := matchVIP(p.VIP, p.Port)
-	// A jumped-to chain's rules match the protocol again, so that nft
-	// prints `tcp flags`, not `@th,104,8`.
-	tcp := []expr.Any{
-		&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: regKey},
-		&expr.Cmp{Op: expr.CmpOpEq, Register: regKey, Data: []byte{unix.IPPROTO_TCP}},
-	}
-	syn := tcpFlags(tcpSYN|tcpACK, tcpSYN, true)
 	vmap := func(src uint32, s *nftables.Set) []expr.Any {
 		return []expr.Any{&expr.Lookup{SourceRegister: src, SetName: s.Name, DestRegister: 0, IsDestRegSet: true}}
 	}
@@ -162,9 +170,6 @@ func FEPlace(p FEParams, pl Placement) *Ruleset {
 		rs.Rules = append(rs.Rules, &nftables.Rule{Table: t, Chain: c, Exprs: cat(e...), UserData: comment(text)})
 	}
 	add(pre, "untrack the VIP", vip, []expr.Any{&expr.Notrack{}})
-	add(pre, "pinned first FIN/RST: forward, tell the agent",
-		vip, tcpFlags(tcpFIN|tcpRST, 0, false), loadKey(), notIn(closing),
-		lookup(fwd, true), dynsetUpdate(closing), dup(), counter(), queue(p))
 	add(pre, "pinned: to its BE's chain", vip, loadKey(), lookup(fwd, true),
 		[]expr.Any{
 			&expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: regData},
@@ -178,30 +183,7 @@ func FEPlace(p FEParams, pl Placement) *Ruleset {
 	add(pre, "no BE for the slot: drop", vip, counter(), verdict(expr.VerdictDrop))
 
 	for _, be := range pl.BEs {
-		to := []expr.Any{&expr.Immediate{Register: regData, Data: be.AsSlice()}}
-		copyTo := cat(to, []expr.Any{&expr.Dup{RegAddr: regData}})
-		pin := func(op uint32, timeout time.Duration) []expr.Any {
-			return cat(to, []expr.Any{&expr.Dynset{SrcRegKey: regKey, SrcRegData: regData, SetName: fwd.Name,
-				Operation: op, Timeout: timeout}})
-		}
-		pinned := &nftables.Chain{Name: PinnedChain(be), Table: t}
-		add(pinned, "SYN again: pin for pintimeout", tcp, syn, loadKey(), pin(unix.NFT_DYNSET_OP_UPDATE, pl.PinTimeout),
-			copyTo, counter(), verdict(expr.VerdictDrop))
-		add(pinned, "requested: keep for idletimeout", tcp, loadKey(), lookup(alive, false),
-			pin(unix.NFT_DYNSET_OP_UPDATE, p.IdleTimeout), dynsetUpdate(alive))
-		add(pinned, "first request: keep for idletimeout", tcp, tcpFlags(tcpPSH, tcpPSH, true), loadKey(), notIn(alive),
-			pin(unix.NFT_DYNSET_OP_UPDATE, p.IdleTimeout), dynsetUpdate(alive))
-		add(pinned, "no request yet: keep for pintimeout", tcp, loadKey(), notIn(alive),
-			pin(unix.NFT_DYNSET_OP_UPDATE, pl.PinTimeout))
-		add(pinned, "forward", copyTo, counter(), verdict(expr.VerdictDrop))
-
-		place := &nftables.Chain{Name: PlaceChain(be), Table: t}
-		add(place, "SYN: forward, pin", tcp, syn, loadKey(), copyTo, pin(unix.NFT_DYNSET_OP_ADD, pl.PinTimeout),
-			counter(), verdict(expr.VerdictDrop))
-		add(place, "SYN forwarded above, @forward full: not pinned", tcp, syn, counter(), verdict(expr.VerdictDrop))
-		add(place, "not pinned: forward by hash", copyTo, counter(), verdict(expr.VerdictDrop))
-		rs.Chains = append(rs.Chains, pinned, place)
-		rs.Init[MapBEs] = append(rs.Init[MapBEs], BEElement(be))
+		rs.addBEChains(p, pl, be)
 	}
 	for i, be := range pl.Slots {
 		if be.IsValid() {
@@ -209,4 +191,106 @@ func FEPlace(p FEParams, pl Placement) *Ruleset {
 		}
 	}
 	return rs
+}
+
+// addBEChains adds be's pinned_ and place_ chains, with their rules, and
+// its @bes element to rs (FEPlace), and returns them.
+func (rs *Ruleset) addBEChains(p FEParams, pl Placement, be netip.Addr) (chains []*nftables.Chain, rules []*nftables.Rule) {
+	t := rs.Table
+	fwd, closing, alive := rs.Set(MapForward), rs.Set(SetClosing), rs.Set(SetAlive)
+	add := func(c *nftables.Chain, text string, e ...[]expr.Any) {
+		r := &nftables.Rule{Table: t, Chain: c, Exprs: cat(e...), UserData: comment(text)}
+		rs.Rules = append(rs.Rules, r)
+		rules = append(rules, r)
+	}
+	// A jumped-to chain's rules match the protocol again, so that nft
+	// prints `tcp flags`, not `@th,104,8`.
+	tcp := []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: regKey},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: regKey, Data: []byte{unix.IPPROTO_TCP}},
+	}
+	syn := tcpFlags(tcpSYN|tcpACK, tcpSYN, true)
+	to := []expr.Any{&expr.Immediate{Register: regData, Data: be.AsSlice()}}
+	copyTo := cat(to, []expr.Any{&expr.Dup{RegAddr: regData}})
+	pin := func(op uint32, timeout time.Duration) []expr.Any {
+		return cat(to, []expr.Any{&expr.Dynset{SrcRegKey: regKey, SrcRegData: regData, SetName: fwd.Name,
+			Operation: op, Timeout: timeout}})
+	}
+	pinned := &nftables.Chain{Name: PinnedChain(be), Table: t}
+	add(pinned, "SYN again: pin for pintimeout", tcp, syn, loadKey(), unmark(closing),
+		pin(unix.NFT_DYNSET_OP_UPDATE, pl.PinTimeout), copyTo, counter(), verdict(expr.VerdictDrop))
+	add(pinned, "closing: keep for timewait", tcp, loadKey(), lookup(closing, false),
+		pin(unix.NFT_DYNSET_OP_UPDATE, p.TimeWait), copyTo, counter(), verdict(expr.VerdictDrop))
+	// The alive mark goes at the first FIN or RST: left to its
+	// idletimeout, every ended flow would hold one (issue 19).
+	add(pinned, "first FIN/RST: keep for timewait", tcp, tcpFlags(tcpFIN|tcpRST, 0, false), loadKey(),
+		dynsetUpdate(closing), unmark(alive), pin(unix.NFT_DYNSET_OP_UPDATE, p.TimeWait), copyTo, counter(), verdict(expr.VerdictDrop))
+	add(pinned, "requested: keep for idletimeout", tcp, loadKey(), lookup(alive, false),
+		pin(unix.NFT_DYNSET_OP_UPDATE, p.IdleTimeout), dynsetUpdate(alive))
+	add(pinned, "first request: keep for idletimeout", tcp, tcpFlags(tcpPSH, tcpPSH, true), loadKey(), notIn(alive),
+		pin(unix.NFT_DYNSET_OP_UPDATE, p.IdleTimeout), dynsetUpdate(alive))
+	add(pinned, "no request yet: keep for pintimeout", tcp, loadKey(), notIn(alive),
+		pin(unix.NFT_DYNSET_OP_UPDATE, pl.PinTimeout))
+	add(pinned, "forward", copyTo, counter(), verdict(expr.VerdictDrop))
+
+	place := &nftables.Chain{Name: PlaceChain(be), Table: t}
+	add(place, "SYN: forward, pin", tcp, syn, loadKey(), copyTo, pin(unix.NFT_DYNSET_OP_ADD, pl.PinTimeout),
+		counter(), verdict(expr.VerdictDrop))
+	add(place, "SYN forwarded above, @forward full: not pinned", tcp, syn, counter(), verdict(expr.VerdictDrop))
+	add(place, "not pinned: forward by hash", copyTo, counter(), verdict(expr.VerdictDrop))
+	chains = []*nftables.Chain{pinned, place}
+	rs.Chains = append(rs.Chains, chains...)
+	if rs.Init == nil {
+		rs.Init = map[string][]nftables.SetElement{}
+	}
+	rs.Init[MapBEs] = append(rs.Init[MapBEs], BEElement(be))
+	return chains, rules
+}
+
+// SlotEdit is one slot's change in the slot map: From its BE (invalid:
+// none) to To's (invalid: none).
+type SlotEdit struct {
+	Slot     uint32
+	From, To netip.Addr
+}
+
+// EditPlacement changes an installed placing table (FEPlace) in one
+// transaction: it adds the chains and @bes elements of addBEs, BEs that
+// had none, then makes each slot edit. rs, the table as installed, gets
+// the new chains and rules, so that a guard comparing shapes sees them.
+// Chains of BEs that left stay: a chain the slot map still jumps to cannot
+// go, and an empty one costs nothing.
+func EditPlacement(c *nftables.Conn, rs *Ruleset, p FEParams, pl Placement, addBEs []netip.Addr, edits []SlotEdit) error {
+	slots, bes := rs.Set(MapSlots), rs.Set(MapBEs)
+	if slots == nil || bes == nil {
+		return fmt.Errorf("edit the placement: the table has no %s or %s map", MapSlots, MapBEs)
+	}
+	for _, be := range addBEs {
+		chains, rules := rs.addBEChains(p, pl, be)
+		for _, ch := range chains {
+			c.AddChain(ch)
+		}
+		for _, r := range rules {
+			c.AddRule(r)
+		}
+		if err := c.SetAddElements(bes, []nftables.SetElement{BEElement(be)}); err != nil {
+			return fmt.Errorf("edit the placement: add %v to %s: %w", be, MapBEs, err)
+		}
+	}
+	for _, e := range edits {
+		if e.From.IsValid() {
+			if err := c.SetDeleteElements(slots, []nftables.SetElement{{Key: SlotKey(e.Slot)}}); err != nil {
+				return fmt.Errorf("edit the placement: slot %d: %w", e.Slot, err)
+			}
+		}
+		if e.To.IsValid() {
+			if err := c.SetAddElements(slots, []nftables.SetElement{SlotElement(e.Slot, e.To)}); err != nil {
+				return fmt.Errorf("edit the placement: slot %d: %w", e.Slot, err)
+			}
+		}
+	}
+	if err := c.Flush(); err != nil {
+		return fmt.Errorf("edit the placement (%d BEs added, %d slots): %w", len(addBEs), len(edits), err)
+	}
+	return nil
 }

@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/nftables"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
@@ -234,4 +235,57 @@ func TestFEPlaceFullMap(t *testing.T) {
 	if in, out := n.tcpSegs(t); in != 0 || out != 0 {
 		t.Errorf("the FE's stack received %d and sent %d TCP segments; want none", in, out)
 	}
+}
+
+// The agent fills an empty placing table by edits: a BE without chains
+// gets them with its first slots, and new SYNs follow the slot map.
+func TestEditPlacement(t *testing.T) {
+	n := newPlaceNet(t)
+	be1, be2 := netip.MustParseAddr("10.9.0.11"), netip.MustParseAddr("10.9.0.12")
+	pl := Placement{BEs: []netip.Addr{be1}, Modulus: backends.SlotCount, Seed: 0x5eed, PinTimeout: time.Minute}
+	p := placeFE(n, 65536)
+	rs := FEPlace(p, pl)
+	c := conn(t, n.fd)
+	if err := Apply(c, rs); err != nil {
+		t.Fatal(err)
+	}
+	// No slot has a BE: SYNs are dropped, nothing is pinned.
+	closeAll := n.syns(t, ports(21000, 50))
+	time.Sleep(200 * time.Millisecond)
+	closeAll()
+	if got, err := NewReader(c, rs).Members(MapForward); err != nil || len(got) != 0 {
+		t.Fatalf("%d flows pinned with no slots (%v)", len(got), err)
+	}
+	slots := backends.Slots([]backends.SlotBE{{Addr: be1, Weight: 1}, {Addr: be2, Weight: 1}})
+	var edits []SlotEdit
+	for _, ch := range slots.Diff(make(backends.SlotTable, backends.SlotCount)) {
+		edits = append(edits, SlotEdit{Slot: uint32(ch.Slot), From: ch.From, To: ch.To})
+	}
+	if err := EditPlacement(c, rs, p, pl, []netip.Addr{be2}, edits); err != nil {
+		t.Fatal(err)
+	}
+	if d := ShapeOf(rs).Diff(inspect(t, c, rs)); d != "" {
+		t.Errorf("the table differs from the ruleset after the edit: %s", d)
+	}
+	closeAll = n.syns(t, ports(22000, 200))
+	defer closeAll()
+	time.Sleep(300 * time.Millisecond)
+	pinned, err := NewReader(c, rs).Members(MapForward)
+	if err != nil || len(pinned) != 200 {
+		t.Fatalf("%d flows pinned, want 200 (%v)", len(pinned), err)
+	}
+	for flow, be := range pinned {
+		if want := slots[SlotOf(flow, pl.Modulus, pl.Seed)]; be != want {
+			t.Errorf("flow %v pinned to %v, its slot's BE is %v", flow, be, want)
+		}
+	}
+}
+
+func inspect(t *testing.T, c *nftables.Conn, rs *Ruleset) Shape {
+	t.Helper()
+	s, err := Inspect(c, rs.Table)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
 }

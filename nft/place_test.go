@@ -45,9 +45,9 @@ func hasVerdict(e []expr.Any) bool {
 func TestFEPlaceRuleOrder(t *testing.T) {
 	rs := FEPlace(sampleFE, samplePlace)
 	want := map[string]string{
-		"prerouting": "untrack the VIP|pinned first FIN/RST: forward, tell the agent|pinned: to its BE's chain|" +
+		"prerouting": "untrack the VIP|pinned: to its BE's chain|" +
 			"pinned to a BE without a chain: forward|not pinned: place by hash|no BE for the slot: drop",
-		PinnedChain(be12): "SYN again: pin for pintimeout|requested: keep for idletimeout|first request: keep for idletimeout|" +
+		PinnedChain(be12): "SYN again: pin for pintimeout|closing: keep for timewait|first FIN/RST: keep for timewait|requested: keep for idletimeout|first request: keep for idletimeout|" +
 			"no request yet: keep for pintimeout|forward",
 		PlaceChain(be12): "SYN: forward, pin|SYN forwarded above, @forward full: not pinned|not pinned: forward by hash",
 	}

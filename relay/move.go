@@ -48,7 +48,9 @@ const ackWait = time.Second
 // none).
 func (s *session) move(h *phttp.Head, plan Plan) (Outcome, time.Duration) {
 	m := s.r.cfg.Mover
-	if m == nil || !plan.Move || !m.Moving() {
+	// The first request of a connection this BE accepted moves whatever
+	// phttp says: no FE routed it.
+	if m == nil || !plan.Move || !(m.Moving() || s.accepted && !s.later()) {
 		return Kept, 0
 	}
 	// WILLHANDOFF: no further request is read; every response sent must

@@ -38,6 +38,11 @@ type Config struct {
 	// request goes. Unset, every request is served here. The first request
 	// of a connection is always this BE's: the FE routed it here.
 	Route func(host, path string) Rules
+	// RouteFirst says what the rules say of the first request of a
+	// connection this BE accepted itself ([fe] accept = be,
+	// ServeAccepted): no FE routed it, so it is routed here, and moved
+	// when it is another BE's whatever phttp says.
+	RouteFirst func(host, path string) Rules
 	// ForwardedFor adds the client's address to each request's
 	// X-Forwarded-For ([be] forwardedfor): the web server's peer is the
 	// relay, 127.0.0.1.
@@ -122,6 +127,23 @@ func (r *Relay) Stats() Stats {
 // was accepted (nil: take one when the first request is read).
 func (r *Relay) Serve(client *net.TCPConn, first *Upstream) {
 	r.Go(func() { r.serve(client, first) })
+}
+
+// ServeAccepted runs a client connection this BE accepted on VIP:port
+// itself ([fe] accept = be) until it ends: its first request is routed
+// too (Config.RouteFirst), and the connection moves to the BE it belongs
+// to, or the request is served here. done, if not nil, runs when the
+// session has ended.
+func (r *Relay) ServeAccepted(client *net.TCPConn, done func()) {
+	r.Go(func() {
+		if done != nil {
+			defer done()
+		}
+		s := r.newSession(client)
+		s.accepted = true
+		defer s.finish()
+		s.loop()
+	})
 }
 
 // Conn is one relayed client connection, as tcphactl conns shows it on a

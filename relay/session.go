@@ -31,6 +31,9 @@ type session struct {
 	// it); resumed says a predecessor relayed the connection's first.
 	count   atomic.Int32
 	resumed bool
+	// accepted says this BE accepted the connection itself (accept =
+	// be): its first request is routed here, not by an FE.
+	accepted bool
 	// state is the connection's conntab.State (the BE's states of seed
 	// 4.8.2).
 	state  atomic.Uint32
@@ -93,6 +96,9 @@ func (s *session) loop() {
 			start = time.Now()
 		}
 		plan := planFor(s.later(), s.r.cfg.Route, h.Host, h.Path)
+		if s.accepted && !s.later() && s.r.cfg.RouteFirst != nil {
+			plan = Decide(s.r.cfg.RouteFirst(h.Host, h.Path))
+		}
 		out, moveLat := s.move(h, plan)
 		if out == Gone {
 			s.logMove(h, start, moveLat)

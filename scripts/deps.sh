@@ -7,8 +7,9 @@ need=()
 # queue rule as `queue num N`; haproxy is the bench's comparison; keepalived
 # moves the VIP between two FEs ([fe] vip = keepalived, etc/keepalived.conf);
 # openssl makes the TLS tests' certificates; systemd-analyze checks the unit;
-# promtool (prometheus) checks /metrics.
-for pair in nft:nftables keepalived:keepalived openssl:openssl systemd-analyze:systemd ip:iproute2 nginx:nginx-light curl:curl wrk:wrk tcpdump:tcpdump iptables:iptables haproxy:haproxy man:man-db make:make promtool:prometheus; do
+# promtool (prometheus) checks /metrics; hping3 floods SYNs at the FE with
+# [fe] accept = be (tests/accept_test.go).
+for pair in nft:nftables keepalived:keepalived hping3:hping3 openssl:openssl systemd-analyze:systemd ip:iproute2 nginx:nginx-light curl:curl wrk:wrk tcpdump:tcpdump iptables:iptables haproxy:haproxy man:man-db make:make promtool:prometheus; do
 	cmd=${pair%%:*} pkg=${pair#*:}
 	command -v "$cmd" >/dev/null 2>&1 || PATH=$PATH:/usr/sbin:/sbin command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
 done

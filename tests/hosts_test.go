@@ -31,9 +31,10 @@ func (k *keepAlive) getAs(host, path string) (string, error) {
 // Issue 16: rules on the Host. One cluster serves img.example from be2 and
 // everything else from be1, for new connections (curl) and for later
 // requests on one keep-alive connection in every phttp mode that routes
-// them (multi moves the connection, forward fetches from the other BE).
+// them (multi moves the connection, forward fetches from the other BE),
+// and with accept = be, where the BEs route the first request too.
 func TestHostRules(t *testing.T) {
-	for _, mode := range []string{"multi", "forward"} {
+	for _, mode := range []string{"multi", "forward", "multi, accept = be"} {
 		t.Run(mode, func(t *testing.T) {
 			c := phttpClusterRules(t, mode, `rule = be2 host=img\.example`, `rule = be1 .*`)
 			for _, tc := range []struct{ host, want string }{

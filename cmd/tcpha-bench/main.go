@@ -12,9 +12,9 @@
 //
 // -smoke runs each workload for a second or two: it proves the harness (CI
 // runs it), it does not measure. -profile saves CPU profiles of the FE and
-// be1 agents taken during workloads (a) and (g). With -only naming HTTPS
-// workloads alone (`make bench-https`), the HTTPS part of the -out file is
-// rewritten and the rest of it kept.
+// be1 agents taken during workloads (a) and (g), for each tcpha front end.
+// With -only naming HTTPS workloads alone (`make bench-https`), the HTTPS
+// part of the -out file is rewritten and the rest of it kept.
 package main
 
 import (
@@ -31,6 +31,7 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"regexp"
 	"runtime"
 	"slices"
 	"strconv"
@@ -85,7 +86,7 @@ func main() {
 	out := flag.String("out", "docs/benchmarks.md", "report `file` (empty: stdout only)")
 	chart := flag.String("chart", "docs/benchmarks.png", "chart `file` (PNG)")
 	profile := flag.String("profile", "", "save CPU profiles of the FE and be1 agents taken during (a) and (g) to `dir`")
-	only := flag.String("only", "", "comma-separated `workloads` to run (a,b,c,sync,d,e,f,g,h,flat,idle,j,k,l; default all); "+
+	only := flag.String("only", "", "comma-separated `workloads` to run (a,b,c,i,sync,d,e,f,g,h,flat,idle,j,k,l; default all); "+
 		"HTTPS ones alone (j,k,l) rewrite only the HTTPS part of -out")
 	fes := flag.String("fe", "", "comma-separated `front ends` to run (tcpha,haproxy,nginx,direct,haproxy-sni,haproxy-tls,nginx-preread; default all)")
 	secs := flag.Int("seconds", 0, "seconds per wrk workload (default 10, 2 with -smoke; 1 for HTTPS with -smoke)")
@@ -168,6 +169,9 @@ type frontEnd struct {
 	name string
 	base string     // URL prefix
 	pid  func() int // the FE's process (its tree is counted); nil: none
+	// accept is tcpha's [fe] accept for this front end ("": not tcpha);
+	// the FE agent is restarted when it changes (it needs an upgrade).
+	accept string
 }
 
 type bencher struct {
@@ -175,6 +179,8 @@ type bencher struct {
 	p   params
 	run *bench.Run
 	fes []frontEnd
+	// accept is the FE agent's [fe] accept now.
+	accept string
 	// tlsFes are the ways in over HTTPS, for (j), (k) and (l).
 	tlsFes []frontEnd
 	// syncOn gives the FE [fe] syncpeer = fe2 at its next start (the
@@ -193,7 +199,9 @@ func runBench(agent string, p params) (*bench.Run, error) {
 		Rules:     []string{`rule = be1 \.bin$`, `rule = be2 \.jpg$`, `rule = be1 .*`},
 		PublicWWW: true, Metrics: true, NoAccessLog: true, TLS: true,
 		// Per-connection lines off: the bench measures the default path.
-		FEExtra: "tlsport = 443\n", BEExtra: "",
+		// A short drain: the FE agent restarts between accept modes
+		// (use); TLS only with accept = fe, which (j), (k) and (l) use.
+		FEExtra: feExtra("fe"), BEExtra: "",
 		FE2: true,
 		Edit: func(host, conf string) string {
 			switch {
@@ -227,13 +235,26 @@ func runBench(agent string, p params) (*bench.Run, error) {
 			}
 		}
 	}
+	// (i)'s responses, one file per size.
+	for _, kb := range bench.SizesKB {
+		data := make([]byte, kb<<10)
+		rand.Read(data)
+		for _, be := range []string{"be1", "be2"} {
+			if err := os.MkdirAll(filepath.Join(c.WWW(be), "i"), 0o755); err != nil {
+				return nil, err
+			}
+			if err := os.WriteFile(filepath.Join(c.WWW(be), "i", fmt.Sprintf("%dk.bin", kb)), data, 0o644); err != nil {
+				return nil, err
+			}
+		}
+	}
 	for _, h := range []string{"be1", "be2", "fe"} {
 		if err := c.StartAgent(h); err != nil {
 			return nil, err
 		}
 	}
 	// The agents log at info, like a production default.
-	b := &bencher{c: c, p: p, run: &bench.Run{Date: time.Now(), Smoke: p.smoke, FlatWindow: p.flatWindow}, syncOn: syncOn}
+	b := &bencher{c: c, p: p, run: &bench.Run{Date: time.Now(), Smoke: p.smoke, FlatWindow: p.flatWindow}, accept: "fe", syncOn: syncOn}
 	haproxy, err := b.startHAProxy()
 	if err != nil {
 		return nil, err
@@ -244,10 +265,11 @@ func runBench(agent string, p params) (*bench.Run, error) {
 	}
 	vip := "http://" + cluster.VIP
 	for _, fe := range []frontEnd{
-		{bench.TCPHA, vip, func() int { return c.AgentPID("fe") }},
-		{bench.HAProxy, vip + ":8081", func() int { return haproxy }},
-		{bench.Nginx, vip + ":8082", func() int { return nginx }},
-		{bench.Direct, "http://" + c.BEs[0].IP, nil},
+		{bench.TCPHA, vip, func() int { return c.AgentPID("fe") }, "fe"},
+		{bench.TCPHABE, vip, func() int { return c.AgentPID("fe") }, "be"},
+		{bench.HAProxy, vip + ":8081", func() int { return haproxy }, ""},
+		{bench.Nginx, vip + ":8082", func() int { return nginx }, ""},
+		{bench.Direct, "http://" + c.BEs[0].IP, nil, ""},
 	} {
 		if len(p.fes) == 0 || p.fes[fe.name] {
 			b.fes = append(b.fes, fe)
@@ -255,18 +277,18 @@ func runBench(agent string, p params) (*bench.Run, error) {
 	}
 	tvip := "https://" + cluster.VIP
 	for _, fe := range []frontEnd{
-		{bench.TCPHA, tvip, func() int { return c.AgentPID("fe") }},
-		{bench.HAProxySNI, tvip + ":8443", func() int { return haproxy }},
-		{bench.HAProxyTLS, tvip + ":8444", func() int { return haproxy }},
-		{bench.NginxPreread, tvip + ":8445", func() int { return nginx }},
-		{bench.Direct, "https://" + c.BEs[0].IP, nil},
+		{bench.TCPHA, tvip, func() int { return c.AgentPID("fe") }, "fe"},
+		{bench.HAProxySNI, tvip + ":8443", func() int { return haproxy }, ""},
+		{bench.HAProxyTLS, tvip + ":8444", func() int { return haproxy }, ""},
+		{bench.NginxPreread, tvip + ":8445", func() int { return nginx }, ""},
+		{bench.Direct, "https://" + c.BEs[0].IP, nil, ""},
 	} {
 		if len(p.fes) == 0 || p.fes[fe.name] {
 			b.tlsFes = append(b.tlsFes, fe)
 		}
 	}
 	for _, fe := range append(slices.Clone(b.fes), b.tlsFes...) {
-		if err := b.waitUp(fe); err != nil {
+		if err := b.use(fe); err != nil {
 			return nil, err
 		}
 	}
@@ -276,11 +298,24 @@ func runBench(agent string, p params) (*bench.Run, error) {
 			continue
 		}
 		for _, fe := range b.fes {
+			if err := b.use(fe); err != nil {
+				return nil, err
+			}
 			r, err := b.wrk(fe, w)
 			if err != nil {
 				return nil, err
 			}
 			b.run.Results = append(b.run.Results, r)
+			if w == "a" && fe.name == bench.TCPHABE {
+				// Rules under which either BE serves everything: every
+				// connection lands on its BE.
+				r, err := b.anyBE(fe, w, b.wrk)
+				if err != nil {
+					return nil, err
+				}
+				b.run.Results = append(b.run.Results, r)
+				fmt.Printf("   (a) %-8s %9.0f req/s  FE CPU/req %v\n", r.FrontEnd, r.RPS, r.CPUPerRequest())
+			}
 			fmt.Printf("   (%s) %-8s %9.0f req/s  p50 %-9v p99 %-9v FE CPU/req %-9v machine CPU/req %v", w, fe.name, r.RPS,
 				r.P50, r.P99, r.CPUPerRequest(), time.Duration(r.MachineCPU/float64(max(r.Requests, 1))*1e9))
 			if r.HandoffP99 > 0 {
@@ -291,6 +326,11 @@ func runBench(agent string, p params) (*bench.Run, error) {
 	}
 	if p.runs("sync") && slices.ContainsFunc(b.fes, func(fe frontEnd) bool { return fe.name == bench.TCPHA }) {
 		if err := b.syncCost(); err != nil {
+			return nil, err
+		}
+	}
+	if p.runs("i") {
+		if err := b.sizes(); err != nil {
 			return nil, err
 		}
 	}
@@ -306,6 +346,9 @@ func runBench(agent string, p params) (*bench.Run, error) {
 		if !p.runs("d") {
 			break
 		}
+		if err := b.use(fe); err != nil {
+			return nil, err
+		}
 		r, err := b.download(fe, "d")
 		if err != nil {
 			return nil, err
@@ -317,12 +360,27 @@ func runBench(agent string, p params) (*bench.Run, error) {
 		if !p.runs("e") {
 			break
 		}
+		if err := b.use(fe); err != nil {
+			return nil, err
+		}
 		r, err := b.ttfb(fe)
 		if err != nil {
 			return nil, err
 		}
 		b.run.Results = append(b.run.Results, r)
 		fmt.Printf("   (e) %-8s TTFB p50 %v p99 %v\n", fe.name, r.TTFB50, r.TTFB99)
+		if fe.name == bench.TCPHABE {
+			r, err := b.anyBE(fe, "e", func(fe frontEnd, _ string) (bench.Result, error) { return b.ttfb(fe) })
+			if err != nil {
+				return nil, err
+			}
+			b.run.Results = append(b.run.Results, r)
+			fmt.Printf("   (e) %-8s TTFB p50 %v p99 %v\n", r.FrontEnd, r.TTFB50, r.TTFB99)
+		}
+	}
+	// (j), (k), (l), (flat) and (idle) measure tcpha with accept = fe.
+	if err := b.use(frontEnd{name: bench.TCPHA, base: vip, accept: "fe"}); err != nil {
+		return nil, err
 	}
 	for _, w := range []string{"j", "k"} {
 		if !p.runs(w) {
@@ -599,7 +657,10 @@ func (b *bencher) wrk(fe frontEnd, w string) (bench.Result, error) {
 // with it, fe2 a standby applying the stream (issue 17: FE CPU per handoff
 // at most 1.1×), and puts the FE back as it was.
 func (b *bencher) syncCost() error {
-	fe := frontEnd{bench.TCPHA, "http://" + cluster.VIP, func() int { return b.c.AgentPID("fe") }}
+	fe := frontEnd{bench.TCPHA, "http://" + cluster.VIP, func() int { return b.c.AgentPID("fe") }, "fe"}
+	if err := b.use(fe); err != nil {
+		return err
+	}
 	off, err := b.wrk(fe, "a")
 	if err != nil {
 		return err
@@ -683,10 +744,10 @@ func (b *bencher) load(fe frontEnd, w string, args []string, prof func() error) 
 // profiles starts CPU profiles of the FE and be1 agents for tcpha's runs
 // of (a) and (g), when asked for, and returns what waits for them.
 func (b *bencher) profiles(fe frontEnd, w string) func() error {
-	if fe.name != bench.TCPHA || w != "a" && w != "g" || b.p.profileDir == "" {
+	if fe.accept == "" || w != "a" && w != "g" || b.p.profileDir == "" {
 		return nil
 	}
-	return b.startProfiles(w)
+	return b.startProfiles(strings.ReplaceAll(fe.name, " ", "-") + "-" + w)
 }
 
 // startProfiles fetches CPU profiles from the FE and be1 agents while the
@@ -820,6 +881,9 @@ func (b *bencher) alternating(w string) error {
 		return nil
 	}
 	for _, fe := range b.fes {
+		if err := b.use(fe); err != nil {
+			return err
+		}
 		if err := run(fe); err != nil {
 			return err
 		}
@@ -842,6 +906,104 @@ func (b *bencher) alternating(w string) error {
 		}
 	}
 	return nil
+}
+
+// use readies fe: for tcpha, the FE agent in fe's accept mode, which
+// takes a restart (accept needs an upgrade); then fe answers.
+func (b *bencher) use(fe frontEnd) error {
+	if fe.accept != "" && fe.accept != b.accept {
+		fmt.Printf("== restarting the FE agent with accept = %s\n", fe.accept)
+		// A short drain: nothing is left to drain between workloads.
+		b.c.SetFEExtra(feExtra(fe.accept))
+		if err := b.c.StopAgent("fe", syscall.SIGTERM); err != nil {
+			return err
+		}
+		if err := b.c.StartAgent("fe"); err != nil {
+			return err
+		}
+		b.accept = fe.accept
+	}
+	if err := b.waitUp(fe); err != nil {
+		return err
+	}
+	if fe.accept != "" {
+		time.Sleep(time.Second) // the BEs' slots and sessions settle
+	}
+	return nil
+}
+
+// feExtra is the FE's config beside the cluster's for accept mode accept:
+// TLS (the VIP's port 443) only with accept = fe, which refuses it.
+func feExtra(accept string) string {
+	extra := "drain = 1\naccept = " + accept + "\n"
+	if accept == "fe" {
+		extra += "tlsport = 443\n"
+	}
+	return extra
+}
+
+// sizes is workload (i): one-request connections over response sizes,
+// through tcpha in both accept modes and HAProxy, for the size from which
+// tcpha's FE CPU per request stays below HAProxy's (issue 14).
+func (b *bencher) sizes() error {
+	secs := max(1, b.p.wrkSecs/2)
+	for _, fe := range b.fes {
+		if fe.name != bench.TCPHA && fe.name != bench.TCPHABE && fe.name != bench.HAProxy {
+			continue
+		}
+		if err := b.use(fe); err != nil {
+			return err
+		}
+		for _, kb := range bench.SizesKB {
+			w := bench.SizeWorkload(kb)
+			args := []string{"wrk", "-t2", "-c32", "-d", strconv.Itoa(secs) + "s", "--latency", "-H", "Connection: close",
+				fmt.Sprintf("%s/i/%dk.bin", fe.base, kb)}
+			r, err := b.load(fe, w, args, nil)
+			if err != nil {
+				return err
+			}
+			b.run.Results = append(b.run.Results, r)
+			fmt.Printf("   (i) %5d KB %-9s %7.0f req/s  FE CPU/req %v\n", kb, fe.name, r.RPS, r.CPUPerRequest())
+		}
+	}
+	return nil
+}
+
+// anyBE runs workload w for fe (accept = be) under rules that let either
+// BE serve the workloads' content (`.bin` and the catch-all name both),
+// switched by a reload and back, as bench.TCPHABEAny: every connection
+// lands on its BE.
+func (b *bencher) anyBE(fe frontEnd, w string, run func(frontEnd, string) (bench.Result, error)) (bench.Result, error) {
+	be1, be2 := b.c.BEs[0].IP, b.c.BEs[1].IP
+	set := func(targets string) error {
+		conf := b.c.ConfigFile("fe")
+		text, err := os.ReadFile(conf)
+		if err != nil {
+			return err
+		}
+		re := regexp.MustCompile(`(?m)^rule = \S+ (\\\.bin\$|\.\*)$`)
+		if len(re.FindAll(text, -1)) != 2 {
+			return fmt.Errorf("no .bin and catch-all rules in %s", conf)
+		}
+		if err := os.WriteFile(conf, re.ReplaceAll(text, []byte("rule = "+targets+" $1")), 0o644); err != nil {
+			return err
+		}
+		if _, err := b.c.Admin("fe", "reload"); err != nil {
+			return err
+		}
+		time.Sleep(time.Second)
+		return nil
+	}
+	if err := set(be1 + "," + be2); err != nil {
+		return bench.Result{}, err
+	}
+	other := fe
+	other.name = bench.TCPHABEAny
+	r, err := run(other, w)
+	if rerr := set(be1); err == nil {
+		err = rerr
+	}
+	return r, err
 }
 
 // setPHTTP switches the FE's phttp with a reload, and gives the cluster

@@ -161,3 +161,36 @@ func (h *Health) UnmarshalBinary(b []byte) error {
 	*h = Health{ServerUp: flags&healthServerUp != 0, Draining: flags&healthDraining != 0, Active: active}
 	return nil
 }
+
+// Switch is the payload of a Switch frame (a BE-to-BE move, seed 4.8.2):
+// the BE holding Client's connection has had it rebuilt on To and asks the
+// FE to forward the flow there from now on.
+type Switch struct {
+	Client netip.AddrPort
+	To     netip.Addr
+}
+
+// MarshalBinary encodes the Switch payload.
+func (s Switch) MarshalBinary() ([]byte, error) {
+	if !s.Client.Addr().Is4() || !s.To.Is4() {
+		return nil, fmt.Errorf("%w: switch %v to %v", ErrFormat, s.Client, s.To)
+	}
+	b := appendAddrPort(make([]byte, 0, 2*addrPortLen), s.Client)
+	return appendAddrPort(b, netip.AddrPortFrom(s.To, 0)), nil
+}
+
+// UnmarshalBinary decodes a Switch payload.
+func (s *Switch) UnmarshalBinary(b []byte) error {
+	d := decoder{b: b}
+	c, to := d.addrPort(), d.addrPort()
+	switch {
+	case d.err != nil:
+		return d.err
+	case len(d.b) != 0:
+		return fmt.Errorf("%w: %d trailing bytes in switch", ErrFormat, len(d.b))
+	case !c.IsValid() || !to.Addr().IsValid() || to.Port() != 0:
+		return fmt.Errorf("%w: switch %v to %v", ErrFormat, c, to)
+	}
+	*s = Switch{Client: c, To: to.Addr()}
+	return nil
+}

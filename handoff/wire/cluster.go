@@ -38,7 +38,13 @@ func (p PHTTP) String() string {
 // need it to route later requests themselves, so that the rules live in
 // one place (the FE's config, its registrations) and stay consistent.
 type Cluster struct {
-	PHTTP   PHTTP
+	PHTTP PHTTP
+	// AcceptBE says the BEs accept new connections ([fe] accept = be):
+	// each listens on VIP:port and routes the first request too. Sent as
+	// the top bit of the phttp byte, so that a cluster with accept = fe
+	// encodes as before and BEs of an older release still read it.
+	AcceptBE bool
+
 	Policy  string // the default scheduler
 	Servers []ClusterServer
 	Rules   []ClusterRule
@@ -61,6 +67,9 @@ type ClusterRule struct {
 	Host    string
 	Pattern string
 }
+
+// clusterAcceptBE is Cluster.AcceptBE's bit in the phttp byte.
+const clusterAcceptBE = 0x80
 
 // Rule flags.
 const (
@@ -86,7 +95,11 @@ func (c Cluster) MarshalBinary() ([]byte, error) {
 	if len(c.Policy) > maxPolicyName {
 		return nil, fmt.Errorf("%w: policy %q", ErrFormat, c.Policy)
 	}
-	b := []byte{byte(c.PHTTP), byte(len(c.Policy))}
+	mode := byte(c.PHTTP)
+	if c.AcceptBE {
+		mode |= clusterAcceptBE
+	}
+	b := []byte{mode, byte(len(c.Policy))}
 	b = append(b, c.Policy...)
 	b = binary.BigEndian.AppendUint16(b, uint16(len(c.Servers)))
 	for _, s := range c.Servers {
@@ -134,12 +147,13 @@ func (c Cluster) MarshalBinary() ([]byte, error) {
 // UnmarshalBinary decodes a Cluster payload.
 func (c *Cluster) UnmarshalBinary(b []byte) error {
 	d := decoder{b: b}
-	mode := PHTTP(d.u8())
+	m := d.u8()
+	mode := PHTTP(m &^ clusterAcceptBE)
 	policy := string(d.take(int(d.u8())))
 	if d.err == nil && (mode > PHTTPMulti || len(policy) > maxPolicyName) {
 		return fmt.Errorf("%w: cluster phttp %d, policy of %d bytes", ErrFormat, mode, len(policy))
 	}
-	out := Cluster{PHTTP: mode, Policy: policy}
+	out := Cluster{PHTTP: mode, AcceptBE: m&clusterAcceptBE != 0, Policy: policy}
 	n := d.u16()
 	if d.err == nil && n > MaxClusterServers {
 		return fmt.Errorf("%w: %d servers", ErrFormat, n)

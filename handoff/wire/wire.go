@@ -67,12 +67,13 @@ const (
 	TypeStats       Type = 17 // FE→BE: your relay's counters? (no payload); answered by a StatsReply, or by an older BE with an Ack
 	TypeStatsReply  Type = 18 // BE→FE: the relay's counters (RelayStats payload)
 	TypeSync        Type = 19 // FE→FE: a batch of flow-state changes (SyncBatch payload); answered by an Ack once applied
-	typeSentinel    Type = 20
+	TypeSwitch      Type = 20 // BE→FE: forward this flow to another BE, which holds it rebuilt (Switch payload); answered by an Ack
+	typeSentinel    Type = 21
 	typeUnknownName      = "type(%d)"
 )
 
 var typeNames = [...]string{"", "offer", "ack", "commit", "abort", "probe", "probe-reply", "hello", "auth",
-	"migrate", "cluster", "register", "deregister", "goaway", "reset", "held", "held-list", "stats", "stats-reply", "sync"}
+	"migrate", "cluster", "register", "deregister", "goaway", "reset", "held", "held-list", "stats", "stats-reply", "sync", "switch"}
 
 func (t Type) String() string {
 	if t > 0 && t < typeSentinel {

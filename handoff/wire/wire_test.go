@@ -320,7 +320,8 @@ func FuzzFrame(f *testing.F) {
 	ack, _ := Ack{Result: ResultBusy, Reason: "x"}.MarshalBinary()
 	flow, _ := Flow{Client: s.Client}.MarshalBinary()
 	health, _ := Health{ServerUp: true, Active: 3}.MarshalBinary()
-	for _, pl := range [][]byte{p, hello, ack, flow, health} {
+	sw, _ := Switch{Client: s.Client, To: netip.MustParseAddr("10.0.0.12")}.MarshalBinary()
+	for _, pl := range [][]byte{p, hello, ack, flow, health, sw} {
 		f.Add(encode(f, nil, Frame{Type: TypeOffer, ID: 1, Payload: pl}), false)
 		f.Add(encode(f, NewKeyed([]byte("k")), Frame{Type: TypeOffer, ID: 1, Payload: pl}), true)
 	}
@@ -353,10 +354,36 @@ func FuzzFrame(f *testing.F) {
 		check("cluster", &Cluster{})
 		check("held", &HeldAsk{})
 		check("held-list", &HeldList{})
+		check("switch", &Switch{})
 		check("sync", &SyncBatch{})
 		var a Ack
 		_ = a.UnmarshalBinary(fr.Payload)
 	})
+}
+
+func TestSwitchRoundTrip(t *testing.T) {
+	sw := Switch{Client: netip.MustParseAddrPort("10.0.0.5:40000"), To: netip.MustParseAddr("10.0.0.12")}
+	b, err := sw.MarshalBinary()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got Switch
+	if err := got.UnmarshalBinary(b); err != nil || got != sw {
+		t.Fatalf("%+v %v", got, err)
+	}
+	for name, bad := range map[string][]byte{
+		"truncated":        b[:len(b)-1],
+		"trailing":         append(append([]byte{}, b...), 0),
+		"no client":        make([]byte, len(b)),
+		"a port on the BE": append(append([]byte{}, b[:len(b)-2]...), 0, 80),
+	} {
+		if err := got.UnmarshalBinary(bad); err == nil {
+			t.Errorf("%s: accepted", name)
+		}
+	}
+	if _, err := (Switch{Client: sw.Client}).MarshalBinary(); err == nil {
+		t.Error("a switch to no BE was encoded")
+	}
 }
 
 func TestRegisterRoundTrip(t *testing.T) {
@@ -408,6 +435,16 @@ func TestClusterRoundTrip(t *testing.T) {
 		if err := got.UnmarshalBinary(bad); err == nil {
 			t.Errorf("%s: accepted", name)
 		}
+	}
+	// accept = be rides in the phttp byte; without it the encoding is the
+	// older release's.
+	c.AcceptBE = true
+	ab, err := c.MarshalBinary()
+	if err != nil || ab[0] != byte(PHTTPForward)|0x80 || b[0] != byte(PHTTPForward) {
+		t.Fatalf("accept bit: % x / % x, %v", ab[:1], b[:1], err)
+	}
+	if err := got.UnmarshalBinary(ab); err != nil || !reflect.DeepEqual(got, c) {
+		t.Fatalf("accept = be: %+v %v", got, err)
 	}
 	if _, err := (Cluster{Rules: []ClusterRule{{Pattern: ""}}}).MarshalBinary(); err == nil {
 		t.Error("a rule without host or pattern was encoded")

@@ -166,7 +166,7 @@ func TestMarkdownAndChart(t *testing.T) {
 	r := sampleRun()
 	md := r.Markdown("benchmarks.png")
 	for _, want := range []string{"| (a) handoffs per second vs HAProxy's requests per second | ≥ 1.0× | 1.20× | met |",
-		"| requests/s | 12000 | 10000 | — | 20000 |", "**not met**", "![requests per second"} {
+		"| requests/s | 12000 | — | 10000 | — | 20000 |", "**not met**", "![requests per second"} {
 		if !strings.Contains(md, want) {
 			t.Errorf("markdown lacks %q:\n%s", want, md)
 		}
@@ -262,5 +262,48 @@ func TestHTTPSMarkdownSplice(t *testing.T) {
 	}
 	if got := Splice("", part2); got != part2 {
 		t.Errorf("splice into nothing: %q", got)
+	}
+}
+
+// (i)'s crossover is the smallest size from which tcpha stays below
+// HAProxy at every larger size: a dip below it at a small size that does
+// not last does not count.
+func TestCrossover(t *testing.T) {
+	r := &Run{}
+	add := func(fe string, kb int, cpuUS float64) {
+		r.Results = append(r.Results, Result{FrontEnd: fe, Workload: SizeWorkload(kb), Requests: 1000,
+			FECPU: cpuUS * 1000 / 1e6, RPS: 1000, MachineCPU: 1})
+	}
+	for i, kb := range SizesKB {
+		add(HAProxy, kb, 30+float64(i)*40)                 // 30, 70, 110, 150, 190, 230 µs
+		add(TCPHA, kb, 140+float64(i)*10)                  // 140 … 190: below from 256 KB
+		add(TCPHABE, kb, []float64{20, 90, 5, 5, 5, 5}[i]) // below at 1 KB, above at 4, below from 16
+	}
+	if kb, ok := r.Crossover(TCPHA); !ok || kb != 256 {
+		t.Errorf("tcpha crossover %d %v, want 256 KB", kb, ok)
+	}
+	if kb, ok := r.Crossover(TCPHABE); !ok || kb != 16 {
+		t.Errorf("tcpha be crossover %d %v, want 16 KB", kb, ok)
+	}
+	var got Target
+	for _, x := range r.Targets() {
+		if strings.HasPrefix(x.What, "(i) crossover") {
+			got = x
+		}
+	}
+	if !got.Known || got.Met || got.Got != "16 KB" {
+		t.Errorf("target %+v, want 16 KB, not met", got)
+	}
+	md := r.Markdown("")
+	if !strings.Contains(md, "| 1 MB | 1000 | 190 µs | 1000 | 5 µs | 1000 | 230 µs |") ||
+		!strings.Contains(md, "Crossover: tcpha from 256 KB; tcpha be from 16 KB;") {
+		t.Errorf("markdown:\n%s", md)
+	}
+	if _, err := r.Chart(); err != nil {
+		t.Fatal(err)
+	}
+	r.Results = r.Results[:len(r.Results)-1] // tcpha be at 1 MB missing
+	if _, ok := r.Crossover(TCPHABE); ok {
+		t.Error("a crossover without every size")
 	}
 }

@@ -17,6 +17,8 @@ var feColors = map[string]color.Color{
 	TCPHA:        color.RGBA{R: 0x1b, G: 0x9e, B: 0x77, A: 0xff},
 	TCPHASingle:  color.RGBA{R: 0xa6, G: 0xd8, B: 0x54, A: 0xff},
 	TCPHAForward: color.RGBA{R: 0x66, G: 0xa6, B: 0x1e, A: 0xff},
+	TCPHABE:      color.RGBA{R: 0x1f, G: 0x78, B: 0xb4, A: 0xff},
+	TCPHABEAny:   color.RGBA{R: 0xa6, G: 0xce, B: 0xe3, A: 0xff},
 	HAProxy:      color.RGBA{R: 0xd9, G: 0x5f, B: 0x02, A: 0xff},
 	Nginx:        color.RGBA{R: 0x75, G: 0x70, B: 0xb3, A: 0xff},
 	Direct:       color.RGBA{R: 0x99, G: 0x99, B: 0x99, A: 0xff},
@@ -86,20 +88,70 @@ func (r *Run) Chart() ([]byte, error) {
 	rate.Legend.Top, rate.Y.Max = true, top*1.45
 	cpu.Legend.Top, cpu.Y.Min, cpu.Y.Max = true, 0, 7.2
 
+	plots := [][]*plot.Plot{{rate}, {cpu}}
+	sizes, err := r.sizeChart()
+	if err != nil {
+		return nil, err
+	}
+	if sizes != nil {
+		plots = append(plots, []*plot.Plot{sizes})
+	}
+
 	// One above the other: each group of bars gets the whole width.
-	const w, h = 10 * vg.Inch, 7 * vg.Inch
+	w, h := 10*vg.Inch, vg.Length(len(plots))*3.5*vg.Inch
 	img := vgimg.New(w, h)
 	dc := draw.New(img)
-	tiles := draw.Tiles{Rows: 2, Cols: 1, PadX: vg.Millimeter * 4, PadY: vg.Millimeter * 6,
+	tiles := draw.Tiles{Rows: len(plots), Cols: 1, PadX: vg.Millimeter * 4, PadY: vg.Millimeter * 6,
 		PadTop: vg.Millimeter * 2, PadBottom: vg.Millimeter * 2, PadLeft: vg.Millimeter * 2, PadRight: vg.Millimeter * 2}
-	plots := [][]*plot.Plot{{rate}, {cpu}}
 	canvases := plot.Align(plots, tiles, dc)
-	rate.Draw(canvases[0][0])
-	cpu.Draw(canvases[1][0])
+	for i, row := range plots {
+		row[0].Draw(canvases[i][0])
+	}
 	png := vgimg.PngCanvas{Canvas: img}
 	var buf bytes.Buffer
 	if _, err := png.WriteTo(&buf); err != nil {
 		return nil, fmt.Errorf("render chart: %w", err)
 	}
 	return buf.Bytes(), nil
+}
+
+// sizeChart is workload (i): FE process CPU per one-request connection
+// against the response size, both on log scales, a line per front end;
+// nil when (i) was not run.
+func (r *Run) sizeChart() (*plot.Plot, error) {
+	p := plot.New()
+	p.Title.Text = "(i) FE process CPU per one-request connection, by response size"
+	p.X.Label.Text = "response size (KB)"
+	p.Y.Label.Text = "µs per request"
+	p.X.Scale, p.Y.Scale = plot.LogScale{}, plot.LogScale{}
+	p.X.Tick.Marker, p.Y.Tick.Marker = plot.LogTicks{Prec: -1}, plot.LogTicks{Prec: -1}
+	any := false
+	for _, fe := range SizeFrontEnds {
+		var pts plotter.XYs
+		for _, kb := range SizesKB {
+			x, ok := r.Get(fe, SizeWorkload(kb))
+			if !ok {
+				continue
+			}
+			// A log axis cannot place 0: the agent's 0.1 µs floor.
+			us := math.Max(float64(x.CPUPerRequest())/1e3, 0.1)
+			pts = append(pts, plotter.XY{X: float64(kb), Y: us})
+		}
+		if len(pts) == 0 {
+			continue
+		}
+		any = true
+		l, sc, err := plotter.NewLinePoints(pts)
+		if err != nil {
+			return nil, err
+		}
+		l.Color, sc.Color = feColors[fe], feColors[fe]
+		p.Add(l, sc)
+		p.Legend.Add(fe, l, sc)
+	}
+	if !any {
+		return nil, nil
+	}
+	p.Legend.Top = true
+	return p, nil
 }

@@ -19,6 +19,11 @@ const (
 	// default, multi.
 	TCPHASingle  = "tcpha single"
 	TCPHAForward = "tcpha forward"
+	// TCPHABE is tcpha with [fe] accept = be (issue 14), on every
+	// workload; TCPHABEAny the same in (a) with rules that let either BE
+	// serve everything, so that every connection lands on its BE.
+	TCPHABE    = "tcpha be"
+	TCPHABEAny = "tcpha be any"
 	// The HTTPS workloads' proxies (issue 16). HAProxySNI is HAProxy in
 	// `mode tcp` routing on req.ssl_sni and NginxPreread nginx's stream
 	// module with ssl_preread: both pass TLS through to the BEs' nginx
@@ -33,10 +38,10 @@ const (
 var HTTPSFrontEnds = []string{TCPHA, HAProxySNI, HAProxyTLS, NginxPreread, Direct}
 
 // FrontEnds lists them in report order.
-var FrontEnds = []string{TCPHA, TCPHASingle, TCPHAForward, HAProxy, Nginx, Direct}
+var FrontEnds = []string{TCPHA, TCPHASingle, TCPHAForward, TCPHABE, TCPHABEAny, HAProxy, Nginx, Direct}
 
 // variants are front ends measured in some workloads only.
-var variants = []string{TCPHASingle, TCPHAForward}
+var variants = []string{TCPHASingle, TCPHAForward, TCPHABEAny}
 
 // Workload describes one workload of the run.
 type Workload struct {
@@ -53,6 +58,36 @@ var Workloads = []Workload{
 	{"f", "(f) keep-alive connections alternating BEs: 1 KB from be1, 1 KB and 100 KB images from be2 (wrk); switch = a request for the other BE's content on a held connection (curl, time to first byte)"},
 	{"g", "(g) keep-alive connections loading pages: 1 KB from be1, then eight images from be2 (six of 1 KB, two of 100 KB) (wrk)"},
 	{"h", "(h) keep-alive connections loading media: 1 KB from be1, then four 1 MB images from be2 (wrk)"},
+}
+
+// SizesKB are workload (i)'s response sizes (issue 14): one request per
+// connection, from 1 KB to 1 MB.
+var SizesKB = []int{1, 4, 16, 64, 256, 1024}
+
+// SizeWorkload is the result's workload name of (i) at kb KB.
+func SizeWorkload(kb int) string { return fmt.Sprintf("i-%dk", kb) }
+
+// SizeFrontEnds are the front ends (i) compares.
+var SizeFrontEnds = []string{TCPHA, TCPHABE, HAProxy}
+
+// Crossover is (i)'s answer for front end fe: the smallest response size
+// from which fe's FE CPU per request stays below HAProxy's at every larger
+// size measured; ok false when it never does, or a size lacks a figure.
+func (r *Run) Crossover(fe string) (kb int, ok bool) {
+	kb = -1
+	for i := len(SizesKB) - 1; i >= 0; i-- {
+		x, ok1 := r.Get(fe, SizeWorkload(SizesKB[i]))
+		h, ok2 := r.Get(HAProxy, SizeWorkload(SizesKB[i]))
+		if !ok1 || !ok2 {
+			return 0, false
+		}
+		cx, ch := x.CPUPerRequest(), h.CPUPerRequest()
+		if cx < 0 || ch <= 0 || cx >= ch {
+			break
+		}
+		kb = SizesKB[i]
+	}
+	return kb, kb > 0
 }
 
 // HTTPSWorkloads are issue 16's, over TLS, in report order.
@@ -169,6 +204,24 @@ func (r *Run) Targets() []Target {
 		func(x Result) float64 { return x.RPS }, func(v float64) bool { return v >= 1 })
 	ratio("(a) FE process CPU per handoff vs HAProxy's per request", "≤ 1.0×", TCPHA, "a", HAProxy, "a",
 		cpu, func(v float64) bool { return v <= 1 })
+	ratio("(a) accept = be, every connection on its BE: FE process CPU per connection vs HAProxy's per request", "≤ 0.25×",
+		TCPHABEAny, "a", HAProxy, "a", cpu, func(v float64) bool { return v <= 0.25 })
+	ratio("(a) accept = be, half the connections moving: FE process CPU per connection vs HAProxy's per request", "≤ 1.0×",
+		TCPHABE, "a", HAProxy, "a", cpu, func(v float64) bool { return v <= 1 })
+	ratio("(a) accept = be, every connection on its BE: requests/s vs HAProxy's", "≥ 1.0×", TCPHABEAny, "a", HAProxy, "a",
+		func(x Result) float64 { return x.RPS }, func(v float64) bool { return v >= 1 })
+	ratio("(a) accept = be, half the connections moving: requests/s vs accept = fe's", "≥ 2×", TCPHABE, "a", TCPHA, "a",
+		func(x Result) float64 { return x.RPS }, func(v float64) bool { return v >= 2 })
+	ti := Target{What: "(i) crossover size with accept = be: the smallest response from which the FE's CPU per one-request connection stays below HAProxy's per request", Want: "≤ 4 KB"}
+	if _, measured := r.Get(TCPHABE, SizeWorkload(SizesKB[0])); measured {
+		ti.Known = true
+		if kb, ok := r.Crossover(TCPHABE); ok {
+			ti.Got, ti.Met = sizeName(kb), kb <= 4
+		} else {
+			ti.Got = "none up to 1 MB"
+		}
+	}
+	out = append(out, ti)
 	// Workload "sync": (a)'s load through tcpha alone ("sync-off") and with
 	// [fe] syncpeer and a standby FE applying the stream ("sync-on").
 	ratio("(a) FE process CPU per handoff with syncpeer vs without", "≤ 1.1×", TCPHA, "sync-on", TCPHA, "sync-off",
@@ -178,8 +231,12 @@ func (r *Run) Targets() []Target {
 	ratio("(d) FE process CPU for the download vs HAProxy's", "≤ 0.01×", TCPHA, "d", HAProxy, "d",
 		func(x Result) float64 { return x.FECPU }, func(v float64) bool { return v <= 0.01 })
 	added := func(what, want string, limit time.Duration, f func(Result) time.Duration) {
+		fe := TCPHA
+		if strings.HasPrefix(what, "(e) accept = be") {
+			fe = TCPHABEAny
+		}
 		t := Target{What: what, Want: want}
-		a, ok1 := r.Get(TCPHA, "e")
+		a, ok1 := r.Get(fe, "e")
 		d, ok2 := r.Get(Direct, "e")
 		if ok1 && ok2 {
 			v := f(a) - f(d)
@@ -189,9 +246,15 @@ func (r *Run) Targets() []Target {
 	}
 	added("(e) time to first byte added over direct, p50", "< 200 µs", 200*time.Microsecond, func(x Result) time.Duration { return x.TTFB50 })
 	added("(e) time to first byte added over direct, p99", "< 1 ms", time.Millisecond, func(x Result) time.Duration { return x.TTFB99 })
+	added("(e) accept = be, a connection that lands on its BE: time to first byte added over direct, p50", "< 200 µs", 200*time.Microsecond, func(x Result) time.Duration { return x.TTFB50 })
 	t := Target{What: "(f) migration latency (phttp = multi, unloaded): the request that moves the connection to its first response byte, p50", Want: "< 1 ms"}
 	if f, ok := r.Get(TCPHA, "f"); ok && f.TTFB50 > 0 {
 		t.Got, t.Met, t.Known = us(f.TTFB50)+" (p99 "+us(f.TTFB99)+")", f.TTFB50 < time.Millisecond, true
+	}
+	out = append(out, t)
+	t = Target{What: "(f) migration latency, directly BE to BE (unloaded), p50 and p99", Want: "< 500 µs, < 2 ms"}
+	if f, ok := r.Get(TCPHA, "f"); ok && f.TTFB50 > 0 {
+		t.Got, t.Met, t.Known = us(f.TTFB50)+" (p99 "+us(f.TTFB99)+")", f.TTFB50 < 500*time.Microsecond && f.TTFB99 < 2*time.Millisecond, true
 	}
 	out = append(out, t)
 	t = Target{What: "handoff latency p99 under (a)'s load (FE histogram)", Want: "< 5 ms"}
@@ -289,7 +352,8 @@ func (r *Run) Markdown(chart string) string {
 	w("- **haproxy**: HAProxy in `mode http` on the FE (same VIP, another port), `http-reuse always` to the same BEs' nginx.\n")
 	w("- **nginx**: nginx on the FE as a proxy (`proxy_pass`, upstream `keepalive`).\n")
 	w("- **direct**: the client straight to be1's nginx: the baseline.\n")
-	w("- In (f), (g) and (h), whose keep-alive connections ask for both BEs' content, **tcpha** runs its default, `phttp = multi`: the BE holding a connection gives it back to the FE, which moves it to the BE of its next request. **tcpha forward** is `phttp = forward`: that BE fetches the other BE's content from its nginx and relays it. **tcpha single** is `phttp = single`: every request stays on the connection's first BE (the wrong one for the other's content).\n\n")
+	w("- **tcpha be** is tcpha with `[fe] accept = be`: the FE's packet path places each new connection on a BE by hash, and that BE reads the request and serves it or moves the connection straight to the BE the rules name (the FE only switches the flow). With the bench's rules (`.jpg` on be2, the rest on be1) about half of the connections move. **tcpha be any**, in (a) and (e) only, makes the rules for `.bin` and the rest name both BEs, so that every connection lands on its BE.\n")
+	w("- In (f), (g) and (h), whose keep-alive connections ask for both BEs' content, **tcpha** runs its default, `phttp = multi`: the BE holding a connection moves it straight to the BE of its next request, the FE switching the flow's forwarding. **tcpha forward** is `phttp = forward`: that BE fetches the other BE's content from its nginx and relays it. **tcpha single** is `phttp = single`: every request stays on the connection's first BE (the wrong one for the other's content).\n\n")
 	w("Machine: %s. %s\n\n", r.Machine, strings.Join(r.Tools, "; "))
 	w("Load: %s. Client, FE, BEs and every server share the machine's cores, so figures are ratios within this run, not capacities; they move 20–40 %% between runs (FACTS.md).\n\n", r.Params)
 	if chart != "" {
@@ -319,6 +383,7 @@ func (r *Run) Markdown(chart string) string {
 		})
 		r.table(&b, wl, fes)
 	}
+	r.sizeTable(&b)
 	if len(r.Flat) > 0 {
 		w("## (a) over time, tcpha\n\nHandoffs per second in %v windows of one long run: %s.\n\n", r.FlatWindow, floats(r.Flat))
 	}
@@ -495,4 +560,54 @@ func Splice(doc, https string) string {
 		doc = strings.TrimRight(doc, "\n") + "\n\n"
 	}
 	return doc + https
+}
+
+// sizeTable writes workload (i): per response size, each front end's
+// requests per second and FE CPU per request, and the crossovers.
+func (r *Run) sizeTable(b *strings.Builder) {
+	if _, ok := r.Get(HAProxy, SizeWorkload(SizesKB[0])); !ok {
+		return
+	}
+	w := func(format string, a ...any) { fmt.Fprintf(b, format, a...) }
+	w("### (i) one request per connection over response sizes (wrk, `Connection: close`)\n\n")
+	w("The crossover is the smallest size from which tcpha's FE process CPU per request stays below HAProxy's at every larger size. With accept = be about half the connections move (the bench's rules).\n\n")
+	w("| response |")
+	for _, fe := range SizeFrontEnds {
+		w(" %s req/s | %s FE CPU/req |", fe, fe)
+	}
+	w(" machine CPU/req, tcpha be | machine CPU/req, haproxy |\n|---|%s\n", strings.Repeat("---|", 2*len(SizeFrontEnds)+2))
+	for _, kb := range SizesKB {
+		w("| %s |", sizeName(kb))
+		for _, fe := range SizeFrontEnds {
+			if x, ok := r.Get(fe, SizeWorkload(kb)); ok {
+				w(" %.0f | %s |", x.RPS, us(x.CPUPerRequest()))
+			} else {
+				w(" — | — |")
+			}
+		}
+		for _, fe := range []string{TCPHABE, HAProxy} {
+			if x, ok := r.Get(fe, SizeWorkload(kb)); ok && x.Requests > 0 {
+				w(" %s |", us(time.Duration(x.MachineCPU/float64(x.Requests)*1e9)))
+			} else {
+				w(" — |")
+			}
+		}
+		w("\n")
+	}
+	w("\nCrossover:")
+	for _, fe := range []string{TCPHA, TCPHABE} {
+		if kb, ok := r.Crossover(fe); ok {
+			w(" %s from %s;", fe, sizeName(kb))
+		} else {
+			w(" %s none up to 1 MB;", fe)
+		}
+	}
+	w("\n\n")
+}
+
+func sizeName(kb int) string {
+	if kb >= 1024 {
+		return fmt.Sprintf("%d MB", kb/1024)
+	}
+	return fmt.Sprintf("%d KB", kb)
 }

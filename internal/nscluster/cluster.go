@@ -503,6 +503,14 @@ func (c *Cluster) Config(host string) string {
 	return s
 }
 
+// SetFEExtra replaces Options.FEExtra: the FE's config has them from its
+// agent's next start.
+func (c *Cluster) SetFEExtra(extra string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.opts.FEExtra = extra
+}
+
 // ruleLine turns the BE names in a rule's targets (`rule = be1,be2 ...`)
 // into their addresses.
 func (c *Cluster) ruleLine(r string) string {

@@ -1,0 +1,105 @@
+package be
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"slices"
+
+	"tcpha/backends"
+	"tcpha/handoff"
+	"tcpha/handoff/ctl"
+	"tcpha/handoff/wire"
+	"tcpha/phttp"
+)
+
+// BEs hand connections to each other directly (seed 4.8.2, issue 14):
+// each BE keeps a control session to every other BE of the FE's cluster
+// frame, authenticated with the cluster's secret, and moves a connection
+// whose request belongs elsewhere over it (handoff.Direct), asking the FE
+// only to switch the flow's forwarding. The FE stays the only host that
+// forwards.
+
+// peerFrames are the frames a BE takes from another BE: a move's offer,
+// commit and abort. Nothing else (a reset, a held question) is a BE's to
+// ask.
+var peerFrames = []wire.Type{wire.TypeOffer, wire.TypeCommit, wire.TypeAbort}
+
+// clusterPeers are the other BEs of cluster c, at their control ports.
+func (b *BE) clusterPeers(c *beCluster) []netip.AddrPort {
+	var out []netip.AddrPort
+	for _, s := range c.sched.Servers() {
+		if s.Addr != b.cfg.RAddr {
+			out = append(out, s.AddrPort())
+		}
+	}
+	return out
+}
+
+// setPeers makes the BE-to-BE sessions follow cluster c: one session to
+// each of its other BEs. Those BEs may open sessions here too (isPeer).
+func (b *BE) setPeers(c *beCluster) {
+	peers := b.clusterPeers(c)
+	b.peerMu.Lock()
+	defer b.peerMu.Unlock()
+	if b.peers == nil {
+		return // stopping
+	}
+	for _, p := range b.peers.Peers() {
+		if !slices.Contains(peers, p) {
+			b.peers.Remove(p)
+		}
+	}
+	for _, p := range peers {
+		b.peers.Add(p) // a peer already there is kept
+	}
+}
+
+// isPeer tells whether a is another BE of the FE's cluster frame.
+func (b *BE) isPeer(a netip.Addr) bool {
+	c := b.cluster.Load()
+	if c == nil || a == b.cfg.RAddr {
+		return false
+	}
+	return slices.ContainsFunc(c.sched.Servers(), func(s backends.Server) bool { return s.Addr == a })
+}
+
+// directTargets are the BEs the request at the front of pending goes to,
+// in the FE's order, less this one; stay says it is this BE's.
+func (b *BE) directTargets(pending []byte) (targets []netip.AddrPort, stay bool, err error) {
+	c := b.cluster.Load()
+	if c == nil {
+		return nil, false, errors.New("no cluster frame from the FE yet")
+	}
+	h, err := phttp.ParseRequest(pending[:min(len(pending), b.cfg.MaxHeader)])
+	if err != nil {
+		return nil, false, fmt.Errorf("the request to move: %w", err)
+	}
+	q := backends.Request{Host: h.Host, Path: h.Path}
+	if c.sched.Holds(q, b.cfg.RAddr) {
+		return nil, true, nil
+	}
+	for _, be := range c.sched.Route(q).BEs {
+		if be.Addr() != b.cfg.RAddr {
+			targets = append(targets, be)
+		}
+	}
+	return targets, false, nil
+}
+
+// switchAt asks the FEs to forward flow to to (handoff.Direct.Switch).
+func (b *BE) switchAt(ctx context.Context, flow netip.AddrPort, to netip.Addr) error {
+	p, err := wire.Switch{Client: flow, To: to}.MarshalBinary()
+	if err != nil {
+		return fmt.Errorf("%w: %w", ctl.ErrNotSent, err)
+	}
+	ack, err := b.askFEs(ctx, wire.Frame{Type: wire.TypeSwitch, Payload: p})
+	switch {
+	case err != nil:
+		return err
+	case ack.Result != wire.ResultOK:
+		return fmt.Errorf("%w: %v: %s", handoff.ErrRefused, ack.Result, ack.Reason)
+	}
+	return nil
+}

@@ -1,0 +1,147 @@
+package fe
+
+import (
+	"errors"
+	"net/netip"
+	"testing"
+	"time"
+
+	"tcpha/backends"
+	"tcpha/config"
+	"tcpha/handoff/conntab"
+	"tcpha/handoff/wire"
+	"tcpha/nft"
+)
+
+// kernelHolders is the forward map as the moves' look-ups see it.
+type kernelHolders map[netip.AddrPort]netip.Addr
+
+func (k kernelHolders) Get(flow netip.AddrPort) (netip.Addr, bool, error) {
+	be, ok := k[flow]
+	return be, ok, nil
+}
+
+func (k kernelHolders) Members(set string) (map[netip.AddrPort]netip.Addr, error) {
+	if set == nft.MapForward {
+		return k, nil
+	}
+	return map[netip.AddrPort]netip.Addr{}, nil
+}
+
+// With accept = be a BE may move only a connection the kernel forwards to
+// it: a move asked by another BE, or for a flow the FE does not forward,
+// is refused and leaves no row; the holder's is taken, and its row goes
+// once the move has ended (the kernel owns the pin).
+func TestMovePinnedOnlyByItsHolder(t *testing.T) {
+	f, _, _ := testFE(t, 0)
+	f.cfg.Accept = config.AcceptBE
+	f.place = newPlacer()
+	flow, stranger := netip.MustParseAddrPort("10.0.0.5:40000"), netip.MustParseAddrPort("10.0.0.5:40001")
+	f.place.look = kernelHolders{flow: be1}
+
+	if _, err := f.adoptPinned(flow, be2); !errors.Is(err, errNotHolder) {
+		t.Errorf("be2 moving be1's flow: %v, want errNotHolder", err)
+	}
+	if _, err := f.adoptPinned(stranger, be1); !errors.Is(err, conntab.ErrNotForwarded) {
+		t.Errorf("moving a flow nobody holds: %v, want ErrNotForwarded", err)
+	}
+	if n := f.table.Len(); n != 0 {
+		t.Fatalf("%d rows after refused moves", n)
+	}
+	if _, err := f.adoptPinned(flow, be1); err != nil {
+		t.Fatalf("be1 moving its flow: %v", err)
+	}
+	if c, ok := f.table.Get(flow); !ok || c.State != conntab.Handoffed || c.BE != be1 {
+		t.Fatalf("row %+v %v, want HANDOFFED to be1", c, ok)
+	}
+	f.dropMoved(flow)
+	if f.table.Len() != 0 {
+		t.Error("the row outlived the move")
+	}
+}
+
+// The slot map follows the BEs that took the accept = be cluster frame:
+// one that refused it (its port held by the web server) gets no slot.
+func TestPlacementOnlyAcceptingBEs(t *testing.T) {
+	f, flows, _ := testFE(t, 0)
+	f.cfg.Accept = config.AcceptBE
+	f.place = newPlacer()
+	f.place.accepts(be1, true)
+	f.place.accepts(be2, false)
+	f.updatePlacement(t.Context())
+	if got := f.place.slots.Counts(); got[be1] != backends.SlotCount || got[be2] != 0 {
+		t.Errorf("slots %v, want all %d on be1", got, backends.SlotCount)
+	}
+	if !f.place.accepts(be2, true) {
+		t.Error("be2's first acceptance is no change")
+	}
+	f.updatePlacement(t.Context())
+	got := f.place.slots.Counts()
+	if got[be2] < backends.SlotCount/3 || got[be1]+got[be2] != backends.SlotCount {
+		t.Errorf("slots %v after be2 accepts", got)
+	}
+	flows.mu.Lock()
+	n := 0
+	for _, c := range flows.calls {
+		if c == "exec" {
+			n++
+		}
+	}
+	flows.mu.Unlock()
+	if n != 2 {
+		t.Errorf("%d table edits, want 2", n)
+	}
+}
+
+// A BE-to-BE move's switch is taken only from the BE that holds the flow,
+// and only to a BE that takes connections; a refused one leaves the
+// forwarding as it was. With accept = fe the table says who holds it.
+func TestSwitchOnlyFromHolder(t *testing.T) {
+	f, flows, _ := testFE(t, 0)
+	flow := netip.MustParseAddrPort("10.0.0.5:40000")
+	if err := f.table.Begin(flow, time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.table.Handed(flow, be1, time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	frame := func(to netip.Addr) wire.Frame {
+		p, err := wire.Switch{Client: flow, To: to}.MarshalBinary()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return wire.Frame{Type: wire.TypeSwitch, Payload: p}
+	}
+	if res, why := f.switchFlow(be2, frame(be2)); res != wire.ResultInvalid {
+		t.Errorf("a switch to the asker itself: %v %s", res, why)
+	}
+	if res, why := f.switchFlow(be2, frame(be1)); res != wire.ResultUnknown {
+		t.Errorf("be2 switching be1's flow to be1: %v %s", res, why)
+	}
+	other := netip.MustParseAddr("10.0.0.13")
+	if res, _ := f.switchFlow(be1, frame(other)); res != wire.ResultInvalid {
+		t.Errorf("a switch to an unknown BE: %v", res)
+	}
+	stranger := netip.MustParseAddr("10.0.0.99")
+	if res, _ := f.switchFlow(stranger, frame(be2)); res != wire.ResultUnknown {
+		t.Errorf("a switch from a BE that does not hold the flow: %v", res)
+	}
+	if c, _ := f.table.Get(flow); c.BE != be1 || c.State != conntab.Handoffed {
+		t.Fatalf("after refused switches: %+v", c)
+	}
+	flows.mu.Lock()
+	refusedCalls := len(flows.calls)
+	flows.mu.Unlock()
+	if refusedCalls != 0 {
+		t.Errorf("refused switches edited the kernel: %q", flows.calls)
+	}
+	if res, why := f.switchFlow(be1, frame(be2)); res != wire.ResultOK {
+		t.Fatalf("be1 switching its flow to be2: %v %s", res, why)
+	}
+	if c, _ := f.table.Get(flow); c.BE != be2 || c.State != conntab.Handoffed {
+		t.Errorf("after the switch: %+v", c)
+	}
+	if res, _ := f.switchFlow(be1, frame(be2)); res != wire.ResultUnknown {
+		t.Errorf("be1 switching a flow it gave away: %v", res)
+	}
+}
