@@ -84,6 +84,9 @@ type BE struct {
 	// (direct.go); peerMu guards their changes against the stop.
 	peerMu sync.Mutex
 	peers  *ctl.Pool
+	// movesIn counts the connections other BEs moved here directly: their
+	// commits.
+	movesIn atomic.Int64
 }
 
 // Start starts the back end; ln, when not nil, is its control listener,
@@ -188,6 +191,9 @@ func Start(ctx context.Context, cfg *config.BE, secret []byte, m *metrics.Metric
 					b.log.Warn("frame refused from another BE", "op", "control", "type", f.Type.String(), "peer", s.Remote.String())
 					s.Reply(f, ctl.AckFrame(wire.ResultInvalid, f.Type.String()+" is not a BE's to send"))
 					return
+				}
+				if s.Peer.Role == wire.RoleBE && f.Type == wire.TypeCommit {
+					b.movesIn.Add(1) // a direct move's last word
 				}
 				switch f.Type {
 				case wire.TypeCluster:
@@ -536,6 +542,7 @@ type Status struct {
 	BadGW        int64           `json:"bad_gateway"`
 	Moved        int64           `json:"moved"`
 	NotMoved     int64           `json:"not_moved"`
+	MovedIn      int64           `json:"moved_in"`
 	Table        nft.TableStatus `json:"table"`
 }
 
@@ -559,7 +566,7 @@ func (b *BE) Status() Status {
 		Upstream: b.cfg.Redirect().Addr().String(), UpstreamPort: b.cfg.Redirect().Port(),
 		ServerUp: b.serverUp.Load(), Relaying: rs.Active, Pending: s.Pending, Served: s.Served, Refused: s.Refused,
 		Sessions: b.feSessions(), Requests: rs.Requests, Dialed: rs.Upstream.Dialed, Reused: rs.Upstream.Reuses,
-		Idle: rs.Upstream.Idle, Retries: rs.Retries, BadGW: rs.BadGateways, Moved: rs.Moves, NotMoved: rs.MoveFailures,
+		Idle: rs.Upstream.Idle, Retries: rs.Retries, BadGW: rs.BadGateways, Moved: rs.Moves, NotMoved: rs.MoveFailures, MovedIn: b.movesIn.Load(),
 		Table: b.reinstalls.Status(),
 	}
 }
@@ -569,8 +576,8 @@ func (st Status) Write(w io.Writer, pid int) {
 	fmt.Fprintf(w, "be vip=%s handoff=%s:%d pid=%d\n", st.VIP, st.Addr, st.Port, pid)
 	fmt.Fprintf(w, "  relaying=%d pending=%d served=%d refused=%d sessions=%d upstream=%s:%d server_up=%v at %s\n",
 		st.Relaying, st.Pending, st.Served, st.Refused, st.Sessions, st.Upstream, st.UpstreamPort, st.ServerUp, time.Now().Format(time.RFC3339))
-	fmt.Fprintf(w, "  requests=%d upstream_dialed=%d upstream_reused=%d upstream_idle=%d retries=%d bad_gateway=%d moved=%d not_moved=%d\n",
-		st.Requests, st.Dialed, st.Reused, st.Idle, st.Retries, st.BadGW, st.Moved, st.NotMoved)
+	fmt.Fprintf(w, "  requests=%d upstream_dialed=%d upstream_reused=%d upstream_idle=%d retries=%d bad_gateway=%d moved=%d not_moved=%d moved_in=%d\n",
+		st.Requests, st.Dialed, st.Reused, st.Idle, st.Retries, st.BadGW, st.Moved, st.NotMoved, st.MovedIn)
 	st.Table.Write(w)
 }
 

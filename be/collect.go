@@ -18,7 +18,7 @@ var (
 	descRelayUpstreamErrors = prometheus.NewDesc("tcpha_relay_upstream_errors_total",
 		"BE: requests answered 502 because the web server failed.", nil, nil)
 	descRelayMoves = prometheus.NewDesc("tcpha_relay_moves_total",
-		"BE: connections given back to the FE to move to another BE (moved), or kept although their request was another BE's (not_moved).",
+		"BE: connections moved to another BE (moved), kept although their request was another BE's (not_moved), and moved here straight from another BE (in; a move the FE carried arrives as a handoff).",
 		[]string{"result"}, nil)
 )
 
@@ -40,6 +40,7 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(descRelayUpstreamErrors, prometheus.CounterValue, float64(st.BadGateways))
 	ch <- prometheus.MustNewConstMetric(descRelayMoves, prometheus.CounterValue, float64(st.Moves), "moved")
 	ch <- prometheus.MustNewConstMetric(descRelayMoves, prometheus.CounterValue, float64(st.MoveFailures), "not_moved")
+	ch <- prometheus.MustNewConstMetric(descRelayMoves, prometheus.CounterValue, float64(c.b.movesIn.Load()), "in")
 }
 
 // relayStats are the relay's counters as the FEs ask for them.

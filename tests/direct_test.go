@@ -47,6 +47,9 @@ func TestDirectMoveSessions(t *testing.T) {
 	if want := "200 be1 1\n200 be2 0\n"; out != want {
 		t.Fatalf("one connection, be1's then be2's content: %q, want %q", out, want)
 	}
+	if in := statusOf(t, c, "be2", "moved_in"); in != 1 {
+		t.Errorf("be2 counts %d connections moved in, want 1", in)
+	}
 	if moved := c.Grep("fe", "connection moved"); moved != "" {
 		t.Errorf("the FE carried the move itself; the BEs should have:\n%s", moved)
 	}
