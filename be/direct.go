@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
+	"time"
 
 	"tcpha/backends"
 	"tcpha/handoff"
@@ -94,12 +95,36 @@ func (b *BE) switchAt(ctx context.Context, flow netip.AddrPort, to netip.Addr) e
 	if err != nil {
 		return fmt.Errorf("%w: %w", ctl.ErrNotSent, err)
 	}
-	ack, err := b.askFEs(ctx, wire.Frame{Type: wire.TypeSwitch, Payload: p})
-	switch {
-	case err != nil:
-		return err
-	case ack.Result != wire.ResultOK:
-		return fmt.Errorf("%w: %v: %s", handoff.ErrRefused, ack.Result, ack.Reason)
+	busyUntil := time.Now().Add(switchBusy)
+	for {
+		ack, err := b.askFEs(ctx, wire.Frame{Type: wire.TypeSwitch, Payload: p})
+		again := time.Now().Before(busyUntil)
+		switch {
+		case errors.Is(err, ctl.ErrNotSent) && again, err == nil && ack.Result == wire.ResultBusy && again:
+			// The FE hands its table to a successor (an upgrade: for a
+			// moment no session is up, then it answers busy), or has too
+			// many moves under way: nothing changed, so ask again while
+			// the other BE holds the offer, rather than fall back.
+			select {
+			case <-ctx.Done():
+				return fmt.Errorf("%w: busy: %s", handoff.ErrRefused, ack.Reason)
+			case <-time.After(switchRetry):
+			}
+			continue
+		case err != nil:
+			return err
+		case ack.Result != wire.ResultOK:
+			return fmt.Errorf("%w: %v: %s", handoff.ErrRefused, ack.Result, ack.Reason)
+		}
+		return nil
 	}
-	return nil
 }
+
+// switchRetry is how soon a BE asks again for a switch the FE answered
+// busy, for at most switchBusy: well within the other BE's wait for the
+// commit (committimeout, 5 s), and longer than an FE's handover (tens of
+// milliseconds).
+const (
+	switchRetry = 20 * time.Millisecond
+	switchBusy  = time.Second
+)

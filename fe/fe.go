@@ -656,6 +656,13 @@ func (f *FE) HandOver(stopServe func()) []frontend.HandedHead {
 	heads := f.front.Handover(ctx)
 	f.stopMoves(ctx)
 	cancel()
+	// The BEs' moves and switches go to the successor's sessions from now
+	// on: this agent would answer them busy.
+	for _, be := range f.pool.Peers() {
+		for _, s := range f.pool.Sessions(be) {
+			s.GoAway()
+		}
+	}
 	f.loopsMu.Lock()
 	if f.stopLoops != nil {
 		f.stopLoops()

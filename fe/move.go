@@ -150,6 +150,10 @@ func (f *FE) switchFlow(from netip.Addr, fr wire.Frame) (wire.Result, string) {
 	if err := sw.UnmarshalBinary(fr.Payload); err != nil {
 		return wire.ResultBadFrame, err.Error()
 	}
+	if sender := f.mover.Load(); sender == nil || *sender == nil {
+		// The flow table is going to a successor: the BE asks again.
+		return wire.ResultBusy, "the FE is starting or handing over"
+	}
 	log := f.log.With("client", sw.Client.String(), "from", from.String(), "to", sw.To.String())
 	if sw.To == from || !f.sched.Available(sw.To) {
 		log.Warn("switch refused: not a BE that takes connections", "op", "migrate")

@@ -107,6 +107,33 @@ func (p *placer) accepts(be netip.Addr, ok bool) (changed bool) {
 	return changed
 }
 
+// empty tells whether no slot has a BE.
+func (p *placer) empty() bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return !slices.ContainsFunc(p.slots, netip.Addr.IsValid)
+}
+
+// adopt takes a predecessor's slot map: its BEs are taken to accept.
+func (p *placer) adopt(slots map[uint32]netip.Addr) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for slot, be := range slots {
+		if int(slot) < len(p.slots) {
+			p.slots[slot] = be
+			p.accepting[be] = true
+		}
+	}
+}
+
+// slotBE is the BE an unpinned flow's packets go to: its slot's.
+func (p *placer) slotBE(flow netip.AddrPort) (netip.Addr, bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	be := p.slots[nft.SlotOf(flow, backends.SlotCount, placeSeed)]
+	return be, be.IsValid()
+}
+
 // holder returns the BE the kernel forwards flow to now.
 func (p *placer) holder(flow netip.AddrPort) (netip.Addr, bool, error) {
 	p.lookMu.Lock()
@@ -129,6 +156,12 @@ func (f *FE) placement() nft.Placement {
 				pl.BEs = append(pl.BEs, be)
 			}
 		}
+		// A slot jumps to its BE's chain, which must exist.
+		for _, be := range pl.Slots {
+			if be.IsValid() && !slices.Contains(pl.BEs, be) {
+				pl.BEs = append(pl.BEs, be)
+			}
+		}
 		f.place.mu.Unlock()
 	}
 	return pl
@@ -137,6 +170,17 @@ func (f *FE) placement() nft.Placement {
 // installPlace installs the placing table, carrying the flows of a
 // predecessor's table (an upgrade): the kernel keeps forwarding them.
 func (f *FE) installPlace(c *nftables.Conn, carried *nft.Carried) (*nft.Ruleset, error) {
+	if f.place.empty() {
+		// An upgrade: the predecessor's slot map goes on, so that a SYN
+		// between the two agents is placed, not dropped. Its BEs took the
+		// predecessor's cluster frame; the first frame from this agent
+		// settles the map again.
+		slots, err := nft.ReadSlots(c, nft.FE(nft.FEParams{}).Table)
+		if err != nil {
+			return nil, err
+		}
+		f.place.adopt(slots)
+	}
 	pl := f.placement()
 	rs := nft.FEPlace(f.tableParams(), pl)
 	if carried != nil {
@@ -227,6 +271,12 @@ func (f *FE) adoptPinned(flow netip.AddrPort, from netip.Addr) (time.Time, error
 		return c.Since, nil
 	}
 	be, ok, err := f.place.holder(flow)
+	if err == nil && !ok {
+		// Not pinned (its pin was lost to an upgrade's or a flush's new
+		// table, or a full map): the packet path forwards it by hash, to
+		// its slot's BE.
+		be, ok = f.place.slotBE(flow)
+	}
 	switch {
 	case err != nil:
 		return time.Time{}, err

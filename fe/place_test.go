@@ -58,6 +58,15 @@ func TestMovePinnedOnlyByItsHolder(t *testing.T) {
 	if f.table.Len() != 0 {
 		t.Error("the row outlived the move")
 	}
+	// A flow without a pin (lost to an upgrade's new table) goes by hash
+	// to its slot's BE: that BE holds it.
+	f.place.slots[nft.SlotOf(stranger, backends.SlotCount, placeSeed)] = be2
+	if _, err := f.adoptPinned(stranger, be1); !errors.Is(err, errNotHolder) {
+		t.Errorf("be1 moving an unpinned flow of be2's slot: %v, want errNotHolder", err)
+	}
+	if _, err := f.adoptPinned(stranger, be2); err != nil {
+		t.Errorf("be2 moving an unpinned flow of its slot: %v", err)
+	}
 }
 
 // The slot map follows the BEs that took the accept = be cluster frame:

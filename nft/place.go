@@ -3,12 +3,14 @@ package nft
 import (
 	"encoding/binary"
 	"fmt"
+	"strings"
 	"net/netip"
 	"time"
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/binaryutil"
 	"github.com/google/nftables/expr"
+	"github.com/mdlayher/netlink"
 	"golang.org/x/sys/unix"
 )
 
@@ -293,4 +295,45 @@ func EditPlacement(c *nftables.Conn, rs *Ruleset, p FEParams, pl Placement, addB
 		return fmt.Errorf("edit the placement (%d BEs added, %d slots): %w", len(addBEs), len(edits), err)
 	}
 	return nil
+}
+
+// ReadSlots reads the slot map of a placing table that is installed (a
+// predecessor's, at an upgrade): slot → BE. A table without one (none, or
+// the FE's) gives an empty map.
+func ReadSlots(c *nftables.Conn, t *nftables.Table) (map[uint32]netip.Addr, error) {
+	out := map[uint32]netip.Addr{}
+	s, err := c.GetSetByName(t, MapSlots)
+	if err != nil {
+		return out, nil // no placing table
+	}
+	els, err := c.GetSetElements(s)
+	if err != nil {
+		return nil, fmt.Errorf("read %s: %w", MapSlots, err)
+	}
+	for _, el := range els {
+		chain := verdictChain(el.Val)
+		if len(el.Key) != 4 || !strings.HasPrefix(chain, "place_") {
+			continue
+		}
+		if be, err := netip.ParseAddr(strings.TrimPrefix(chain, "place_")); err == nil {
+			out[binary.NativeEndian.Uint32(el.Key)] = be
+		}
+	}
+	return out, nil
+}
+
+// verdictChain is the chain a verdict map element jumps to: the library
+// leaves the verdict's attributes (NFTA_VERDICT_CODE, NFTA_VERDICT_CHAIN)
+// undecoded in the element's value.
+func verdictChain(b []byte) string {
+	ad, err := netlink.NewAttributeDecoder(b)
+	if err != nil {
+		return ""
+	}
+	for ad.Next() {
+		if ad.Type() == unix.NFTA_VERDICT_CHAIN {
+			return ad.String()
+		}
+	}
+	return ""
 }

@@ -289,3 +289,29 @@ func inspect(t *testing.T, c *nftables.Conn, rs *Ruleset) Shape {
 	}
 	return s
 }
+
+// An upgrade reads its predecessor's slot map back: the successor places
+// new flows as before from its first SYN.
+func TestReadSlots(t *testing.T) {
+	_, fd := privtest.NetNS(t)
+	c := conn(t, fd)
+	if got, err := ReadSlots(c, FEPlace(sampleFE, samplePlace).Table); err != nil || len(got) != 0 {
+		t.Fatalf("no table: %v %v", got, err)
+	}
+	rs := FEPlace(sampleFE, samplePlace)
+	if err := Apply(c, rs); err != nil {
+		t.Fatal(err)
+	}
+	got, err := ReadSlots(c, rs.Table)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, be := range samplePlace.Slots {
+		if got[uint32(i)] != be {
+			t.Errorf("slot %d: %v, want %v", i, got[uint32(i)], be)
+		}
+	}
+	if len(got) != len(samplePlace.Slots) {
+		t.Errorf("%d slots read, want %d", len(got), len(samplePlace.Slots))
+	}
+}

@@ -17,7 +17,9 @@ import (
 // places new flows, the BEs accept and route them.
 func acceptBE(t *testing.T) *cluster.Cluster {
 	t.Helper()
-	c := newCluster(t, cluster.Options{BEs: 2, Rules: []string{`rule = be2 \.jpg$`, `rule = be1 .*`},
+	// PublicWWW: a move that fails falls back to fetching from the other
+	// BE's web server, at its own address.
+	c := newCluster(t, cluster.Options{BEs: 2, PublicWWW: true, Rules: []string{`rule = be2 \.jpg$`, `rule = be1 .*`},
 		FEExtra: "accept = be\ntimewait = 2\npintimeout = 3\n"})
 	// The FE fills its slot map once the BEs took its cluster frame.
 	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(100 * time.Millisecond) {
@@ -181,6 +183,39 @@ func TestAcceptBESYNFlood(t *testing.T) {
 		}
 		if time.Now().After(deadline) {
 			t.Fatalf("%d pins left 10 s after the flood", n)
+		}
+	}
+}
+
+// An FE upgrade with accept = be loses nothing: the successor carries the
+// pins and its predecessor's slot map, so that one-request connections
+// under wrk all succeed across it (a SYN between the two agents is placed,
+// not dropped), and a held connection is still served and still moves.
+func TestAcceptBEUpgrade(t *testing.T) {
+	c := acceptBE(t)
+	k := dialKeepAlive(t, c)
+	defer k.conn.Close()
+	if got, err := k.get("/index.html"); err != nil || got != "200 be1" {
+		t.Fatalf("before: %q %v", got, err)
+	}
+	wrkDuring(t, c, func() {
+		if err := c.UpgradeAgent("fe", true); err != nil {
+			t.Fatal(err)
+		}
+	})
+	// Every move in the handover's moment waited for the successor: none
+	// fell back to fetching from the other BE's web server.
+	for _, be := range []string{"be1", "be2"} {
+		if n := statusOf(t, c, be, "not_moved"); n != 0 {
+			t.Errorf("%s kept %d connections that belonged elsewhere:\n%s", be, n, c.Grep(be, "not moved"))
+		}
+	}
+	if !strings.Contains(c.Grep("fe", "placing table installed"), "carried=") {
+		t.Errorf("the successor installed no placing table:\n%s", c.Grep("fe", "place"))
+	}
+	for _, p := range [][2]string{{"/img/a.jpg", "200 be2"}, {"/index.html", "200 be1"}} {
+		if got, err := k.get(p[0]); err != nil || got != p[1] {
+			t.Errorf("the held connection after the upgrade, %s: %q %v", p[0], got, err)
 		}
 	}
 }
