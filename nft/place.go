@@ -3,8 +3,8 @@ package nft
 import (
 	"encoding/binary"
 	"fmt"
-	"strings"
 	"net/netip"
+	"strings"
 	"time"
 
 	"github.com/google/nftables"
