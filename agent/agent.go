@@ -102,6 +102,12 @@ func Run(ctx context.Context, cfg *config.Config, lg *Logger, opt Options) (err 
 		if r.b, err = be.Start(serve, cfg.BE, cfg.Global.Secret, r.m, log, ln, access); err != nil {
 			return err
 		}
+		if in != nil && in.BEVIP != nil {
+			// accept = be: the predecessor's VIP:port listener, with the
+			// connections waiting in its backlog.
+			r.b.AcceptOn(in.BEVIP)
+			in.BEVIP = nil
+		}
 		r.wg.Go(func() { r.b.Run(keep) })
 	}
 	var heads []frontend.HandedHead
@@ -395,6 +401,9 @@ func (r *runner) handOver(c *net.UnixConn, stopServe func()) (released bool, err
 	}
 	if r.b != nil {
 		roles.Listeners = append(roles.Listeners, handover.Listener{Name: handover.ListenerControl, Ln: r.b.Listener()})
+		if ln := r.b.VIPListener(); ln != nil {
+			roles.Listeners = append(roles.Listeners, handover.Listener{Name: handover.ListenerBEVIP, Ln: ln})
+		}
 		roles.BE = r.b.HandOver
 	}
 	return handover.Give(c, roles)

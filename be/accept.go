@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"os"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -65,6 +66,40 @@ func (b *BE) acceptOn(vip netip.AddrPort) error {
 	return nil
 }
 
+// AcceptOn takes a predecessor's VIP:port listener (an upgrade with
+// accept = be) and accepts on it at once: the connections in its backlog
+// are this agent's.
+func (b *BE) AcceptOn(ln net.Listener) {
+	a := &b.acceptor
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.ln, a.addr, a.perIP = ln, netaddr.AddrPort(ln.Addr()), map[netip.Addr]int{}
+	a.done.Go(func() { b.acceptLoop(ln) })
+	b.log.Info("accepting new connections on the VIP's inherited listener (accept = be)", "op", "accept", "vip", a.addr.String())
+}
+
+// VIPListener is the listener on VIP:port, or nil.
+func (b *BE) VIPListener() net.Listener {
+	a := &b.acceptor
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.ln
+}
+
+// pauseAccepting stops accepting for good but keeps the listener open, for
+// a successor that takes it over (HandOver): a connection that arrives
+// meanwhile waits in the backlog. Release closes this agent's copy.
+func (b *BE) pauseAccepting() {
+	a := &b.acceptor
+	a.mu.Lock()
+	a.stopped = true
+	if tl, ok := a.ln.(*net.TCPListener); ok {
+		tl.SetDeadline(time.Now())
+	}
+	a.mu.Unlock()
+	a.done.Wait()
+}
+
 // stopAccepting closes the listener for good and waits for its loop.
 func (b *BE) stopAccepting() {
 	a := &b.acceptor
@@ -81,8 +116,8 @@ func (b *BE) stopAccepting() {
 func (b *BE) acceptLoop(ln net.Listener) {
 	for {
 		c, err := ln.Accept()
-		if errors.Is(err, net.ErrClosed) {
-			return
+		if errors.Is(err, net.ErrClosed) || errors.Is(err, os.ErrDeadlineExceeded) {
+			return // closed, or paused for a successor
 		}
 		if err != nil {
 			// EMFILE and the like: the connection waits in the backlog.

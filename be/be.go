@@ -460,9 +460,9 @@ func (b *BE) HandOver() []relay.Handed {
 	b.unregister(true)
 	b.ln.Close()
 	b.server.Drain(sessionDrain)
-	// New connections placed here meanwhile find no listener until the
-	// successor takes the FEs' cluster frame (docs/design.md).
-	b.stopAccepting()
+	// The VIP:port listener goes to the successor: connections placed
+	// here meanwhile wait in its backlog.
+	b.pauseAccepting()
 	settled := make(chan struct{})
 	go func() { b.recv.Wait(); close(settled) }()
 	select {
@@ -493,6 +493,7 @@ func (b *BE) Linger(d time.Duration) {
 // the next agent. Both are idempotent.
 func (b *BE) Stop() error {
 	b.Release()
+	b.closePeers()
 	if b.pool != nil {
 		b.pool.Close()
 	}
@@ -503,7 +504,19 @@ func (b *BE) Stop() error {
 // Keep lets go of the control listener and leaves the BE's table and VIP.
 func (b *BE) Keep() {
 	b.Release()
+	b.closePeers()
 	b.owned.Keep()
+}
+
+// closePeers ends the BE-to-BE sessions. Not at Release: a move under way
+// when a handover let go of the listeners still commits on them.
+func (b *BE) closePeers() {
+	b.peerMu.Lock()
+	defer b.peerMu.Unlock()
+	if b.peers != nil {
+		b.peers.Close()
+		b.peers = nil
+	}
 }
 
 // Release closes the control listener (this process's copy of it).
@@ -512,12 +525,6 @@ func (b *BE) Release() {
 		b.ln.Close()
 	}
 	b.stopAccepting()
-	b.peerMu.Lock()
-	if b.peers != nil {
-		b.peers.Close()
-		b.peers = nil
-	}
-	b.peerMu.Unlock()
 }
 
 // Status is the BE's part of `tcphactl status`. Its JSON follows

@@ -101,8 +101,8 @@ func (b *BE) askFEs(ctx context.Context, f wire.Frame) (wire.Ack, error) {
 		if s.Peer.Role != wire.RoleFE {
 			continue // another BE's, for direct moves
 		}
-		if s.GoingAway() {
-			continue // its FE is handing over to a successor
+		if s.GoingAway() || s.SentGoAway() {
+			continue // its FE is handing over to a successor, or this BE to its own
 		}
 		a := s.Remote.Addr()
 		if cur := byFE[a]; cur == nil {

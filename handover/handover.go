@@ -101,6 +101,7 @@ const (
 	ListenerRegister ListenerName = "register" // the FE's registration port
 	ListenerTLS      ListenerName = "tls"      // the FE's VIP:tlsport
 	ListenerControl  ListenerName = "control"  // the BE's control port
+	ListenerBEVIP    ListenerName = "be-vip"   // the BE's VIP:port, with the FE's accept = be
 )
 
 // frame is one message of the upgrade.
@@ -233,7 +234,9 @@ type Inherited struct {
 	// predecessor had them; Registered its FE's registered BEs.
 	VIP, Register, Control net.Listener
 	// TLS is the FE's VIP:tlsport listener.
-	TLS        net.Listener
+	TLS net.Listener
+	// BEVIP is the BE's VIP:port listener (accept = be).
+	BEVIP      net.Listener
 	Registered []backends.Registration
 }
 
@@ -299,6 +302,8 @@ func TakeOver(adminPath string, force bool) (*Inherited, error) {
 			in.Register = ln
 		case ListenerTLS:
 			in.TLS = ln
+		case ListenerBEVIP:
+			in.BEVIP = ln
 		default:
 			ln.Close()
 		}
@@ -422,6 +427,10 @@ func (in *Inherited) CloseListeners() {
 	if in.Control != nil {
 		in.Control.Close()
 		in.Control = nil
+	}
+	if in.BEVIP != nil {
+		in.BEVIP.Close()
+		in.BEVIP = nil
 	}
 	if in.Register != nil {
 		in.Register.Close()

@@ -187,7 +187,7 @@ func TestAcceptBESYNFlood(t *testing.T) {
 	}
 }
 
-// An FE upgrade with accept = be loses nothing: the successor carries the
+// An FE upgrade, and a BE's, with accept = be lose nothing: the successor carries the
 // pins and its predecessor's slot map, so that one-request connections
 // under wrk all succeed across it (a SYN between the two agents is placed,
 // not dropped), and a held connection is still served and still moves.
@@ -217,5 +217,15 @@ func TestAcceptBEUpgrade(t *testing.T) {
 		if got, err := k.get(p[0]); err != nil || got != p[1] {
 			t.Errorf("the held connection after the upgrade, %s: %q %v", p[0], got, err)
 		}
+	}
+	// A BE's upgrade hands its VIP:port listener to the successor: the
+	// connections the FE places on it meanwhile wait in its backlog.
+	wrkDuring(t, c, func() {
+		if err := c.UpgradeAgent("be2", true); err != nil {
+			t.Fatal(err)
+		}
+	})
+	if !strings.Contains(c.Grep("be2", "inherited listener"), "vip=") {
+		t.Errorf("be2's successor did not take the VIP listener:\n%s", c.Grep("be2", "accept"))
 	}
 }

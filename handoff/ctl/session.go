@@ -181,6 +181,10 @@ func (s *Session) Inflight() int64 { return s.inflight.Load() }
 // GoingAway says the peer asked for no new requests on this session.
 func (s *Session) GoingAway() bool { return s.goAway.Load() }
 
+// SentGoAway tells whether this end told the peer it goes away (Drain): a
+// request sent now may cross the peer's answer to it and be cut.
+func (s *Session) SentGoAway() bool { return s.sentGoAway.Load() }
+
 // GoingAwayCh is closed when the peer asks for no new requests.
 func (s *Session) GoingAwayCh() <-chan struct{} { return s.goAwayCh }
 
