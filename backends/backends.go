@@ -291,6 +291,23 @@ func (s *Scheduler) Named(q Request) []netip.Addr {
 	return out
 }
 
+// First returns the BEs the first rule that matches q names, whether they
+// take connections now or not (nil when it is a `local` rule, or none
+// matches): the rule that decides where q goes.
+func (s *Scheduler) First(q Request) []netip.Addr {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, x := range s.rules {
+		if x.Matches(q) {
+			if x.Local {
+				return nil
+			}
+			return slices.Clone(x.Targets)
+		}
+	}
+	return nil
+}
+
 // Errors of the operator's and registrations' requests.
 var (
 	ErrUnknownBE  = errors.New("no such BE")

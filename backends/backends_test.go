@@ -431,3 +431,18 @@ rule = 10.0.0.11 .*
 		t.Errorf("b.example: %+v: the path pattern ^/api/ was consulted for TLS", r.BEs)
 	}
 }
+
+// First is the rule that decides: later matching rules do not count.
+func TestFirst(t *testing.T) {
+	be1, be2 := netip.MustParseAddr("10.0.0.11"), netip.MustParseAddr("10.0.0.12")
+	jpg, _ := backends.CompileRule([]netip.Addr{be2}, false, "", "", `\.jpg$`)
+	all, _ := backends.CompileRule([]netip.Addr{be1}, false, "", "", `.*`)
+	s := backends.NewScheduler(backends.Table{Servers: []backends.Server{{Addr: be1, Port: 666, Weight: 1}, {Addr: be2, Port: 666, Weight: 1}},
+		Rules: []backends.Rule{jpg, all}}, backends.Options{})
+	if got := s.First(backends.Request{Path: "/a.jpg"}); !slices.Equal(got, []netip.Addr{be2}) {
+		t.Errorf("/a.jpg: %v, want only be2 (Named gives %v)", got, s.Named(backends.Request{Path: "/a.jpg"}))
+	}
+	if got := s.First(backends.Request{Path: "/"}); !slices.Equal(got, []netip.Addr{be1}) {
+		t.Errorf("/: %v", got)
+	}
+}

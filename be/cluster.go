@@ -108,9 +108,9 @@ func (b *BE) routeFirst(host, path string) relay.Rules {
 	}
 	// The FE placed the connection here, so this BE takes connections,
 	// whatever its last cluster frame said of it (a BE that just came
-	// back is named with weight 0 until the next frame): a request the
-	// rules name it for is its own.
-	if slices.Contains(c.sched.Named(backends.Request{Host: host, Path: path}), b.cfg.RAddr) {
+	// back is named with weight 0 until the next frame): a request whose
+	// rule names it is its own.
+	if slices.Contains(c.sched.First(backends.Request{Host: host, Path: path}), b.cfg.RAddr) {
 		return relay.Rules{Here: true}
 	}
 	return b.routeIn(c, host, path)

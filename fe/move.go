@@ -183,6 +183,9 @@ func (f *FE) switchFlow(from netip.Addr, fr wire.Frame) (wire.Result, string) {
 	if _, err := f.table.Handed(sw.Client, sw.To, time.Now()); err != nil {
 		log.Error("connection table after a switch", "op", "migrate", "err", err)
 	}
+	// The BE took a connection, as from a handoff the FE made itself
+	// (tcphactl backends, rates, tcpha_backend_handoffs_total).
+	f.sched.Handed(sw.To)
 	log.Debug("connection switched", "op", "migrate", "latency", time.Since(now))
 	return wire.ResultOK, ""
 }

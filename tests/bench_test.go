@@ -34,7 +34,7 @@ func TestBenchSmoke(t *testing.T) {
 	}
 	r := string(report)
 	for _, want := range []string{"### (a)", "### (b)", "### (c)", "### (d)", "### (e)",
-		"| | tcpha | haproxy | nginx | direct |", "## Targets",
+		"| | tcpha | tcpha be | haproxy | nginx | direct |", "## Targets",
 		"### (j)", "### (k)", "### (l)", "| | tcpha | haproxy-sni | haproxy-tls | nginx-preread | direct |", "### HTTPS targets"} {
 		if !strings.Contains(r, want) {
 			t.Errorf("report lacks %q", want)
