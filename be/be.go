@@ -70,6 +70,9 @@ type BE struct {
 	// by its guard (guard.go).
 	m          *metrics.Metrics
 	reinstalls nft.Reinstalls
+	// deliver, with deliver = socket, hands connections to the web
+	// server's own socket (deliver.go); nil with the relay.
+	deliver *deliverer
 }
 
 // Start starts the back end; ln, when not nil, is its control listener,
@@ -119,6 +122,12 @@ func Start(ctx context.Context, cfg *config.BE, secret []byte, m *metrics.Metric
 		}
 		return c.(*net.TCPConn), nil
 	}}
+	if cfg.Deliver == config.DeliverSocket {
+		b.deliver = newDeliverer(up, b.log, m.Deliveries)
+		b.deliver.eligible = func() string { return deliverable(b.cluster.Load(), cfg.RAddr) }
+		b.deliver.relay = b.pool.Get
+		b.deliver.clear = func(ci *wire.ConnInfo) error { return clearEarlier(b.log, ci) }
+	}
 	leaving := &handoff.Leaving{}
 	b.relay = relay.New(relay.Config{
 		Pool: b.pool, MaxHeader: cfg.MaxHeader, HeadTimeout: cfg.RequestTimeout,
@@ -136,9 +145,15 @@ func Start(ctx context.Context, cfg *config.BE, secret []byte, m *metrics.Metric
 			if relay.IsTLS(ci.RecvQueue) {
 				return relay.DialTLS(ctx, cfg.RedirectTLS(), ci.Client, ci.VIP, cfg.ProxyProtocol)
 			}
+			if b.deliver != nil {
+				return b.deliver.connect(ctx, ci)
+			}
 			return b.pool.Get(ctx)
 		},
 		Run: func(client *net.TCPConn, up handoff.Upstream) {
+			if up = relayed(up); up == nil {
+				return // delivered: the web server owns the connection
+			}
 			if tu, ok := up.(*relay.TLSUpstream); ok {
 				b.relay.ServeTLS(client, tu)
 				return
@@ -263,19 +278,31 @@ func (r rebuilder) Rebuild(ci *wire.ConnInfo) (handoff.Rebuilt, error) {
 	if !errors.Is(err, unix.EADDRNOTAVAIL) {
 		return nil, err
 	}
-	old, lerr := netif.LookupTCP(ci.VIP, ci.Client)
-	if lerr != nil {
-		return nil, errors.Join(err, lerr)
+	if cerr := clearEarlier(r.log, ci); cerr != nil {
+		return nil, errors.Join(err, cerr)
 	}
-	if derr := netif.DestroyTCP(ci.VIP, ci.Client, old); derr != nil {
-		return nil, errors.Join(err, derr)
-	}
-	r.log.Debug("cleared an earlier connection's socket for a reused client port", "op", "restore",
-		"client", ci.Client.String(), "state", old.State)
 	if c, err = repair.Rebuild(ci); err != nil {
 		return nil, err
 	}
 	return c, nil
+}
+
+// clearEarlier destroys a socket this BE still has for ci's 4-tuple (see
+// rebuilder), if any.
+func clearEarlier(log *slog.Logger, ci *wire.ConnInfo) error {
+	old, err := netif.LookupTCP(ci.VIP, ci.Client)
+	if errors.Is(err, netif.ErrNoSocket) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	if err := netif.DestroyTCP(ci.VIP, ci.Client, old); err != nil {
+		return err
+	}
+	log.Debug("cleared an earlier connection's socket for a reused client port", "op", "restore",
+		"client", ci.Client.String(), "state", old.State)
+	return nil
 }
 
 // Run serves control sessions until ctx ends (then it closes those left),
@@ -285,6 +312,9 @@ func (b *BE) Run(ctx context.Context) {
 	bg, stop := context.WithCancel(ctx)
 	b.background.Go(func() { b.checkLoop(bg) })
 	b.background.Go(func() { b.guard().Run(bg) })
+	if b.deliver != nil {
+		b.background.Go(func() { b.deliver.run(bg) })
+	}
 	if b.registrar != nil {
 		stopReg := context.AfterFunc(bg, b.stopRegistering)
 		defer stopReg()
@@ -447,6 +477,11 @@ type Status struct {
 	Moved        int64           `json:"moved"`
 	NotMoved     int64           `json:"not_moved"`
 	Table        nft.TableStatus `json:"table"`
+	// Deliver is [be] deliver; Deliveries, with socket, counts the
+	// connections by result: delivered, or the reason of a fallback to
+	// the relay.
+	Deliver    string           `json:"deliver"`
+	Deliveries map[string]int64 `json:"deliveries,omitempty"`
 }
 
 // Status reads the BE's counters.
@@ -459,8 +494,15 @@ func (b *BE) Status() Status {
 		ServerUp: b.serverUp.Load(), Relaying: rs.Active, Pending: s.Pending, Served: s.Served, Refused: s.Refused,
 		Sessions: len(b.server.Sessions()), Requests: rs.Requests, Dialed: rs.Upstream.Dialed, Reused: rs.Upstream.Reuses,
 		Idle: rs.Upstream.Idle, Retries: rs.Retries, BadGW: rs.BadGateways, Moved: rs.Moves, NotMoved: rs.MoveFailures,
-		Table: b.reinstalls.Status(),
+		Table: b.reinstalls.Status(), Deliver: string(b.cfg.Deliver), Deliveries: b.deliveries(),
 	}
+}
+
+func (b *BE) deliveries() map[string]int64 {
+	if b.deliver == nil {
+		return nil
+	}
+	return b.deliver.Counts()
 }
 
 // Write writes st as `tcphactl status` shows it.
@@ -470,6 +512,9 @@ func (st Status) Write(w io.Writer, pid int) {
 		st.Relaying, st.Pending, st.Served, st.Refused, st.Sessions, st.Upstream, st.UpstreamPort, st.ServerUp, time.Now().Format(time.RFC3339))
 	fmt.Fprintf(w, "  requests=%d upstream_dialed=%d upstream_reused=%d upstream_idle=%d retries=%d bad_gateway=%d moved=%d not_moved=%d\n",
 		st.Requests, st.Dialed, st.Reused, st.Idle, st.Retries, st.BadGW, st.Moved, st.NotMoved)
+	if st.Deliver == string(config.DeliverSocket) {
+		fmt.Fprintf(w, "  deliver=socket %s\n", formatCounts(st.Deliveries))
+	}
 	st.Table.Write(w)
 }
 

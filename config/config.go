@@ -161,7 +161,23 @@ type BE struct {
 	MaxHeader        int
 	// Drain is how long relayed connections may finish on SIGTERM.
 	Drain time.Duration
+	// Deliver is how the BE gives a handed-off connection to its web
+	// server: through its relay, or onto the server's own socket (issue
+	// 15, handoff/transplant), falling back to the relay per connection.
+	Deliver Deliver
 }
+
+// Deliver is what [be] deliver names.
+type Deliver string
+
+const (
+	// DeliverRelay: the BE's relay copies between the rebuilt client
+	// connection and a loopback connection to the web server.
+	DeliverRelay Deliver = "relay"
+	// DeliverSocket: the rebuilt client connection becomes the web
+	// server's own socket; the server answers the client itself.
+	DeliverSocket Deliver = "socket"
+)
 
 // Redirect is the unmodified local web server's address.
 func (b *BE) Redirect() netip.AddrPort { return redirect(b.RedirectAddr, b.RedirectPort) }

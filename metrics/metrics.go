@@ -36,6 +36,11 @@ type Metrics struct {
 	// TableReinstalls counts the times a role found its nftables table
 	// gone or changed (`nft flush ruleset`) and put it back, by family.
 	TableReinstalls *prometheus.CounterVec
+	// Deliveries counts, with [be] deliver = socket, the connections the
+	// BE handed to its web server's own socket (result delivered) or
+	// relayed instead, by the reason (phttp, not_accepted, worker_gone,
+	// ...).
+	Deliveries *prometheus.CounterVec
 }
 
 // HandoffBuckets cover 50 µs to about 6 s in steps of 1.5×, fine enough to
@@ -71,8 +76,11 @@ func New() *Metrics {
 		TableReinstalls: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "tcpha_table_reinstalls_total", Help: "Times the agent found its nftables table gone or changed and reinstalled it, by family.",
 		}, []string{"family"}),
+		Deliveries: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "tcpha_deliveries_total", Help: "BE, deliver = socket: connections handed to the web server's own socket (delivered) or relayed, by the fallback's reason.",
+		}, []string{"result"}),
 	}
-	r.MustRegister(m.Handoffs, m.HandoffDuration, m.Offers, m.Probes, m.Migrations, m.TLSRefused, m.TableReinstalls,
+	r.MustRegister(m.Handoffs, m.HandoffDuration, m.Offers, m.Probes, m.Migrations, m.TLSRefused, m.TableReinstalls, m.Deliveries,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }

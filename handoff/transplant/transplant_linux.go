@@ -30,6 +30,10 @@ type Server struct {
 
 	mu      sync.Mutex
 	workers []*worker
+	// deferred: the last scan found the listener deferring accept
+	// (TCP_DEFER_ACCEPT, nginx's `listen … deferred`): the server accepts
+	// a connection only once it brings data, so an idle one never is.
+	deferred bool
 }
 
 // worker is one server process: a pidfd and our duplicates of its epoll
@@ -100,6 +104,9 @@ func (s *Server) Prepare(ctx context.Context) (*Idle, error) {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, prepareWait)
 		defer cancel()
+	}
+	if err := s.checkDeferred(); err != nil {
+		return nil, err
 	}
 	d := net.Dialer{KeepAlive: -1}
 	c, err := d.DialContext(ctx, "tcp4", s.addr.String())
@@ -210,6 +217,24 @@ func (s *Server) lookIn(ino uint64) (*Idle, error) {
 	return nil, nil
 }
 
+// checkDeferred scans first when nothing is known of the server, and
+// again while its listener defers accept (a reload may change that), and
+// refuses to dial a deferring listener: the dial would wait for an accept
+// that never comes.
+func (s *Server) checkDeferred() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if len(s.workers) == 0 || s.deferred {
+		// A failure is left to the search after the dial, which scans
+		// again: a server just started may not have its workers yet.
+		s.rescanLocked()
+	}
+	if s.deferred {
+		return &Error{Reason: ReasonDeferred, Err: fmt.Errorf("server %v listens with TCP_DEFER_ACCEPT (listen … deferred): it accepts no idle connection", s.addr)}
+	}
+	return nil
+}
+
 func (s *Server) rescan() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -224,25 +249,43 @@ func (s *Server) rescanLocked() error {
 		w.close()
 	}
 	s.workers = nil
-	lino, err := s.listenerInode()
+	s.deferred = false
+	b, err := os.ReadFile("/proc/thread-self/net/tcp") // this thread's namespace (tests switch threads)
+	if err != nil {
+		return &Error{Reason: ReasonNoWorker, Err: fmt.Errorf("list listeners: %w", err)}
+	}
+	linos, err := ParseListeners(b, s.addr)
 	if err != nil {
 		return &Error{Reason: ReasonNoWorker, Err: err}
 	}
-	procs, err := processesWith("socket:[" + strconv.FormatUint(uint64(lino), 10) + "]")
+	if len(linos) == 0 {
+		return &Error{Reason: ReasonNoWorker, Err: fmt.Errorf("no listener on %v", s.addr)}
+	}
+	targets := map[string]bool{}
+	for _, ino := range linos {
+		targets["socket:["+strconv.FormatUint(ino, 10)+"]"] = true
+	}
+	procs, err := processesWith(targets)
 	if err != nil {
 		return &Error{Reason: ReasonNoWorker, Err: err}
 	}
 	var denied error
 	for _, p := range procs {
-		if len(p.epolls) == 0 {
-			continue
-		}
 		pidfd, err := unix.PidfdOpen(p.pid, 0)
 		if err != nil {
 			if errors.Is(err, unix.EPERM) {
 				denied = fmt.Errorf("pidfd_open %d: %w", p.pid, err)
 			}
 			continue // ESRCH: gone meanwhile
+		}
+		// Any holder tells, the master too: a server just started may
+		// have no worker yet.
+		if !s.deferred && deferAccept(pidfd, p.listener) {
+			s.deferred = true
+		}
+		if len(p.epolls) == 0 {
+			unix.Close(pidfd)
+			continue
 		}
 		w := &worker{pid: p.pid, pidfd: pidfd}
 		for _, fd := range p.epolls {
@@ -265,36 +308,33 @@ func (s *Server) rescanLocked() error {
 		if denied != nil {
 			return &Error{Reason: ReasonDenied, Err: fmt.Errorf("server %v: %w", s.addr, denied)}
 		}
-		return &Error{Reason: ReasonNoWorker, Err: fmt.Errorf("server %v: no process holds listener inode %d with an epoll", s.addr, lino)}
+		return &Error{Reason: ReasonNoWorker, Err: fmt.Errorf("server %v: no process holds a listener (inodes %v) with an epoll", s.addr, linos)}
 	}
 	return nil
 }
 
-// listenerInode looks the listening socket up by sock_diag: the exact
-// tuple addr ↔ 0.0.0.0:0 is the listener on addr, or on the wildcard
-// address for a server listening on *:port.
-func (s *Server) listenerInode() (uint32, error) {
-	none := netip.AddrPortFrom(netip.IPv4Unspecified(), 0)
-	for _, a := range []netip.AddrPort{s.addr, netip.AddrPortFrom(netip.IPv4Unspecified(), s.addr.Port())} {
-		sk, err := netif.LookupTCP(a, none)
-		if err == nil && sk.Inode != 0 {
-			return sk.Inode, nil
-		}
-		if err != nil && !errors.Is(err, netif.ErrNoSocket) {
-			return 0, fmt.Errorf("find the listener of %v: %w", s.addr, err)
-		}
+// deferAccept tells whether the listener fd of the process behind pidfd
+// defers accept (TCP_DEFER_ACCEPT > 0).
+func deferAccept(pidfd, fd int) bool {
+	l, err := unix.PidfdGetfd(pidfd, fd, 0)
+	if err != nil {
+		return false
 	}
-	return 0, fmt.Errorf("no listener on %v", s.addr)
+	defer unix.Close(l)
+	v, err := unix.GetsockoptInt(l, unix.IPPROTO_TCP, unix.TCP_DEFER_ACCEPT)
+	return err == nil && v > 0
 }
 
 type proc struct {
-	pid    int
-	epolls []int
+	pid      int
+	listener int // an fd of one of the targets
+	epolls   []int
 }
 
 // processesWith walks /proc for the processes holding a file whose link
-// reads target, and lists their epoll fds.
-func processesWith(target string) ([]proc, error) {
+// is one of targets (the listeners: with `reuseport` each worker has its
+// own), and lists their epoll fds.
+func processesWith(targets map[string]bool) ([]proc, error) {
 	ents, err := os.ReadDir("/proc")
 	if err != nil {
 		return nil, fmt.Errorf("list processes: %w", err)
@@ -319,7 +359,10 @@ func processesWith(target string) ([]proc, error) {
 				continue
 			}
 			switch {
-			case l == target:
+			case targets[l]:
+				if !holds {
+					p.listener, _ = strconv.Atoi(f.Name())
+				}
 				holds = true
 			case l == "anon_inode:[eventpoll]":
 				if n, err := strconv.Atoi(f.Name()); err == nil {
@@ -360,7 +403,8 @@ func (i *Idle) Close() error {
 // Transplant rebuilds the client connection ci describes (a dump, as
 // handoff/repair's Rebuild takes it) onto the server's end of the idle
 // connection, and gives it back to the server, which then reads the
-// request in ci.RecvQueue and answers the client itself.
+// request in ci.RecvQueue and answers the client itself: Stage and Commit
+// in one.
 //
 // The client's packets must not reach this host during the call (the FE
 // holds them until the BE's commit): nothing is sent to the client, and on
@@ -369,23 +413,95 @@ func (i *Idle) Close() error {
 // used again) or not (ServerClosed). After success or ServerClosed the
 // Idle is spent and its handles released.
 func (i *Idle) Transplant(ci *wire.ConnInfo) error {
+	st, err := i.Stage(ci)
+	if err != nil {
+		return err
+	}
+	return st.Commit()
+}
+
+// Staged is a client connection rebuilt onto the server's socket and still
+// in repair mode, hidden from the server's epoll: the server does not see
+// it and nothing reaches the client. Commit gives it to the server; Abort
+// takes it off again without a packet. Exactly one of them must be called:
+// the surgery thread (with its private fd table) waits for it.
+type Staged struct {
+	idle *Idle
+	next chan bool   // true: commit, false: abort
+	done chan *Error // the thread's last word
+	once sync.Once
+	err  *Error
+}
+
+// Stage does the surgery of Transplant up to the restore, and leaves the
+// socket in repair mode and out of the server's epoll until Commit (the
+// BE stages before it acks the FE's offer, and commits on the FE's
+// commit, so the server answers only once the FE forwards the client's
+// ACKs). Errors are as Transplant's.
+func (i *Idle) Stage(ci *wire.ConnInfo) (*Staged, error) {
 	if i.conn == nil {
-		return &Error{Reason: ReasonFDChanged, Server: ServerIntact, Err: errors.New("idle connection already used or closed")}
+		return nil, &Error{Reason: ReasonFDChanged, Server: ServerIntact, Err: errors.New("idle connection already used or closed")}
 	}
-	e := onPrivateFDTable(func() *Error {
+	st := &Staged{idle: i, next: make(chan bool, 1), done: make(chan *Error, 1)}
+	staged := make(chan *Error, 1)
+	go privateThread(func() *Error {
 		start := time.Now()
-		defer func() { i.Surgery = time.Since(start) }()
-		return i.surgery(ci)
-	})
-	if e != nil && e.Server == ServerIntact {
+		finish, e := i.stage(ci)
+		i.Surgery = time.Since(start)
+		staged <- e
+		if e != nil {
+			return e
+		}
+		commit := <-st.next
+		start = time.Now()
+		e = finish(commit)
+		i.Surgery += time.Since(start)
 		return e
+	}, st.done)
+	var e *Error
+	select {
+	case e = <-staged:
+	case e = <-st.done: // the thread failed before the surgery
 	}
-	// Our end's peer is gone without a packet: close it the same way.
-	repair.CloseSilently(i.conn)
-	i.conn = nil
+	if e == nil {
+		return st, nil
+	}
+	if e.Server == ServerClosed {
+		i.spend()
+	}
+	return nil, e
+}
+
+// spend lets go of an Idle whose server socket now is the client's (or
+// dead): our end's peer is gone without a packet, so it is closed the
+// same way.
+func (i *Idle) spend() {
+	if i.conn != nil {
+		repair.CloseSilently(i.conn)
+		i.conn = nil
+	}
 	i.closeHandles()
-	if e != nil {
-		return e
+}
+
+// Commit leaves repair mode and gives the socket back to the server's
+// epoll, which wakes the server with the request. On failure the socket is
+// taken off the client's connection again without a packet (ServerClosed)
+// and the client's dump can still be restored elsewhere. The Idle is spent
+// either way.
+func (s *Staged) Commit() error { return s.end(true) }
+
+// Abort takes the client connection off the server's socket without a
+// packet and gives the dead socket back to the server, which closes it.
+func (s *Staged) Abort() error { return s.end(false) }
+
+func (s *Staged) end(commit bool) error {
+	s.once.Do(func() {
+		s.next <- commit
+		s.err = <-s.done
+		s.idle.spend()
+	})
+	if s.err != nil {
+		return s.err
 	}
 	return nil
 }
@@ -428,66 +544,76 @@ func privateThread(fn func() *Error, done chan<- *Error) {
 	done <- fn()
 }
 
-// surgery runs on the thread with the private fd table.
-func (i *Idle) surgery(ci *wire.ConnInfo) *Error {
+// stage runs on the thread with the private fd table: the surgery up to
+// the restore. finish, on the same thread, commits or aborts it.
+func (i *Idle) stage(ci *wire.ConnInfo) (finish func(commit bool) *Error, _ *Error) {
 	n := i.Item.FD
 	intact := func(r Reason, err error) *Error { return &Error{Reason: r, Server: ServerIntact, Err: err} }
 	sock, err := unix.PidfdGetfd(i.pidfd, n, 0)
 	switch {
 	case errors.Is(err, unix.ESRCH):
-		return intact(ReasonWorkerGone, fmt.Errorf("pidfd_getfd %d fd %d: %w", i.PID, n, err))
+		return nil, intact(ReasonWorkerGone, fmt.Errorf("pidfd_getfd %d fd %d: %w", i.PID, n, err))
 	case errors.Is(err, unix.EPERM):
-		return intact(ReasonDenied, fmt.Errorf("pidfd_getfd %d fd %d: %w", i.PID, n, err))
+		return nil, intact(ReasonDenied, fmt.Errorf("pidfd_getfd %d fd %d: %w", i.PID, n, err))
 	case err != nil:
-		return intact(ReasonFDChanged, fmt.Errorf("pidfd_getfd %d fd %d: %w", i.PID, n, err))
+		return nil, intact(ReasonFDChanged, fmt.Errorf("pidfd_getfd %d fd %d: %w", i.PID, n, err))
 	}
 	var st unix.Stat_t
 	if err := unix.Fstat(sock, &st); err != nil || st.Ino != i.Item.Ino {
 		unix.Close(sock)
-		return intact(ReasonFDChanged, fmt.Errorf("worker %d fd %d is inode %d, want %d (%v)", i.PID, n, st.Ino, i.Item.Ino, err))
+		return nil, intact(ReasonFDChanged, fmt.Errorf("worker %d fd %d is inode %d, want %d (%v)", i.PID, n, st.Ino, i.Item.Ino, err))
 	}
 	ep := i.epfd
 	if ep == n {
 		// Our epoll duplicate sits on the number we need.
 		if ep, err = unix.FcntlInt(uintptr(i.epfd), unix.F_DUPFD_CLOEXEC, n+1); err != nil {
 			unix.Close(sock)
-			return intact(ReasonThread, fmt.Errorf("move the epoll duplicate off fd %d: %w", n, err))
+			return nil, intact(ReasonThread, fmt.Errorf("move the epoll duplicate off fd %d: %w", n, err))
 		}
 	}
 	if sock != n {
 		err := unix.Dup3(sock, n, unix.O_CLOEXEC)
 		unix.Close(sock)
 		if err != nil {
-			return intact(ReasonThread, fmt.Errorf("dup3 onto fd %d: %w", n, err))
+			if ep != i.epfd {
+				unix.Close(ep)
+			}
+			return nil, intact(ReasonThread, fmt.Errorf("dup3 onto fd %d: %w", n, err))
 		}
 	}
 	// n is now the server's socket in this thread's table. The private
 	// table dies with the thread, but closing here makes sure this process
-	// holds no reference once Transplant returns: a stray one would keep
+	// holds no reference once the surgery ends: a stray one would keep
 	// the socket alive after the server closes it, and no FIN would leave.
-	defer unix.Close(n)
-	if ep != i.epfd {
-		defer unix.Close(ep)
+	cleanup := func() {
+		unix.Close(n)
+		if ep != i.epfd {
+			unix.Close(ep)
+		}
+	}
+	fail := func(e *Error) (func(bool) *Error, *Error) {
+		cleanup()
+		return nil, e
 	}
 
 	// Hide the socket from the server: the disconnect below would wake it
 	// with ERR/HUP, its recv would fail (EPERM in repair mode) and it would
 	// close, resetting the client (FACTS.md: 10 of 200 survived).
 	if err := unix.EpollCtl(ep, unix.EPOLL_CTL_DEL, n, nil); err != nil {
-		return intact(ReasonEpollDel, fmt.Errorf("epoll_ctl DEL fd %d of worker %d: %w", n, i.PID, err))
+		return fail(intact(ReasonEpollDel, fmt.Errorf("epoll_ctl DEL fd %d of worker %d: %w", n, i.PID, err)))
 	}
 	readd := func() error {
 		ev := unix.EpollEvent{Events: i.Item.Events, Fd: int32(uint32(i.Item.Data)), Pad: int32(uint32(i.Item.Data >> 32))}
 		return unix.EpollCtl(ep, unix.EPOLL_CTL_ADD, n, &ev)
 	}
 	if err := unix.SetsockoptInt(n, unix.IPPROTO_TCP, unix.TCP_REPAIR, 1); err != nil {
-		return intact(ReasonRepair, errors.Join(fmt.Errorf("set TCP_REPAIR: %w", err), readd()))
+		return fail(intact(ReasonRepair, errors.Join(fmt.Errorf("set TCP_REPAIR: %w", err), readd())))
 	}
 	// In repair mode the disconnect sends nothing (tcp_disconnect skips
 	// the RST) and leaves the socket CLOSE, unbound from its port.
 	if err := disconnect(n); err != nil {
-		return intact(ReasonRepair, errors.Join(fmt.Errorf("repair-mode disconnect: %w", err),
-			unix.SetsockoptInt(n, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_OFF_NO_WP), readd()))
+		return fail(intact(ReasonRepair, errors.Join(fmt.Errorf("repair-mode disconnect: %w", err),
+			unix.SetsockoptInt(n, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_OFF_NO_WP), readd())))
 	}
 	closed := func(r Reason, err error) *Error {
 		return &Error{Reason: r, Server: ServerClosed, Err: errors.Join(err, giveBackDead(n, readd))}
@@ -495,7 +621,7 @@ func (i *Idle) surgery(ci *wire.ConnInfo) *Error {
 	// Without it the socket computes its MSS from 536 (snd_mss 524,
 	// 177 MB/s: FACTS.md).
 	if err := unix.SetsockoptInt(n, unix.IPPROTO_TCP, unix.TCP_MAXSEG, int(ci.MSS)); err != nil {
-		return closed(ReasonRestore, fmt.Errorf("set TCP_MAXSEG %d: %w", ci.MSS, err))
+		return fail(closed(ReasonRestore, fmt.Errorf("set TCP_MAXSEG %d: %w", ci.MSS, err)))
 	}
 	// getsockopt(TCP_TIMESTAMP) cleared the low bit of the dumped clock:
 	// +2 keeps the bit and stays ahead of what the client last saw (PAWS
@@ -505,24 +631,36 @@ func (i *Idle) surgery(ci *wire.ConnInfo) *Error {
 		rc.Timestamp += 2
 	}
 	if err := repair.RestoreFD(n, &rc); err != nil {
-		return closed(ReasonRestore, err)
+		return fail(closed(ReasonRestore, err))
 	}
-	if err := repair.LeaveRepairFD(n); err != nil {
-		return closed(ReasonRestore, err)
-	}
-	// The data put in the receive queue in repair mode woke nobody; ADD
-	// polls the socket, finds the request and wakes the server, whose later
-	// EPOLL_CTL_MOD finds its (file, fd) key again.
-	if err := readd(); err != nil {
-		err = fmt.Errorf("epoll_ctl ADD fd %d of worker %d: %w", n, i.PID, err)
-		// Take the client connection back off the socket without a
-		// packet; the server's fd then holds a dead socket it no longer
-		// watches, closed by its own timeout.
-		rerr := errors.Join(unix.SetsockoptInt(n, unix.IPPROTO_TCP, unix.TCP_REPAIR, 1), disconnect(n),
-			unix.SetsockoptInt(n, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_OFF_NO_WP))
-		return &Error{Reason: ReasonEpollAdd, Server: ServerClosed, Err: errors.Join(err, rerr)}
-	}
-	return nil
+	return func(commit bool) *Error {
+		defer cleanup()
+		if !commit {
+			// Nothing was sent: the client's connection lives on
+			// wherever the FE puts it, the server finds its socket hung
+			// up and closes it.
+			if err := giveBackDead(n, readd); err != nil {
+				return &Error{Reason: ReasonRepair, Server: ServerClosed, Err: fmt.Errorf("abort: %w", err)}
+			}
+			return nil
+		}
+		if err := repair.LeaveRepairFD(n); err != nil {
+			return closed(ReasonRestore, err)
+		}
+		// The data put in the receive queue in repair mode woke nobody; ADD
+		// polls the socket, finds the request and wakes the server, whose
+		// later EPOLL_CTL_MOD finds its (file, fd) key again.
+		if err := readd(); err != nil {
+			err = fmt.Errorf("epoll_ctl ADD fd %d of worker %d: %w", n, i.PID, err)
+			// Take the client connection back off the socket without a
+			// packet; the server's fd then holds a dead socket it no longer
+			// watches, closed by its own timeout.
+			rerr := errors.Join(unix.SetsockoptInt(n, unix.IPPROTO_TCP, unix.TCP_REPAIR, 1), disconnect(n),
+				unix.SetsockoptInt(n, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_OFF_NO_WP))
+			return &Error{Reason: ReasonEpollAdd, Server: ServerClosed, Err: errors.Join(err, rerr)}
+		}
+		return nil
+	}, nil
 }
 
 // giveBackDead returns a disconnected socket to the server after a failed

@@ -1,0 +1,246 @@
+package tests
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	cluster "tcpha/internal/nscluster"
+)
+
+// deliverCluster is one BE with `deliver = socket` behind an FE with
+// phttp = single (a delivered connection's later requests are the web
+// server's: config refuses multi beside it, and a BE relays under an FE
+// whose rules could move them).
+func deliverCluster(t *testing.T, opts cluster.Options) *cluster.Cluster {
+	t.Helper()
+	opts.BEs, opts.Secret = 1, "test-cluster-secret"
+	opts.Rules = []string{`rule = be1 .*`}
+	opts.FEExtra += "phttp = single\n"
+	opts.BEExtra += "deliver = socket\n"
+	c := newCluster(t, opts)
+	// The BE's ready connections, so the first handoffs find some.
+	deadline := time.Now().Add(5 * time.Second)
+	for !strings.Contains(mustAdmin(t, c, "be1", "status"), "deliver=socket") {
+		if time.Now().After(deadline) {
+			t.Fatalf("be1 status has no deliver line:\n%s", mustAdmin(t, c, "be1", "status"))
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	return c
+}
+
+func mustAdmin(t *testing.T, c *cluster.Cluster, host, cmd string) string {
+	t.Helper()
+	out, err := c.Admin(host, cmd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+// oneRequests opens n one-request connections (Connection: close, read to
+// EOF), conc at a time, while stop is open, and returns how many failed
+// with their first errors.
+func oneRequests(c *cluster.Cluster, n, conc int, path string) (failed int64, errs []string) {
+	var next, bad atomic.Int64
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	for range conc {
+		wg.Go(func() {
+			for next.Add(1) <= int64(n) {
+				got, err := getFrom(c, 0, path)
+				if err == nil && !strings.HasPrefix(got, "200 ") {
+					err = fmt.Errorf("answer %q", got)
+				}
+				if err != nil {
+					bad.Add(1)
+					mu.Lock()
+					if len(errs) < 5 {
+						errs = append(errs, err.Error())
+					}
+					mu.Unlock()
+				}
+			}
+		})
+	}
+	wg.Wait()
+	return bad.Load(), errs
+}
+
+// deliveries reads be1's delivered and relayed counts.
+func deliveries(t *testing.T, c *cluster.Cluster) (delivered, relayed int) {
+	t.Helper()
+	return statusOf(t, c, "be1", "delivered"), statusOf(t, c, "be1", "relayed")
+}
+
+// The acceptance of issue 15 item 1 with one nginx worker: pages, a 20 MB
+// body byte for byte, the connection owned by nginx, and 2,000
+// one-request connections at concurrency 32 without a reset.
+func TestDeliverSocket(t *testing.T) {
+	c := deliverCluster(t, cluster.Options{})
+	t.Run("index and image", func(t *testing.T) {
+		if got := curl(t, c, url+"/index.html"); got != "index from be1\n" {
+			t.Errorf("index: %q", got)
+		}
+		if got := curl(t, c, url+"/img/a.jpg"); got != "jpeg from be1\n" {
+			t.Errorf("image: %q", got)
+		}
+		if d, r := deliveries(t, c); d < 2 || r != 0 {
+			t.Errorf("delivered=%d relayed=%d, want 2 delivered, none relayed:\n%s", d, r, mustAdmin(t, c, "be1", "status"))
+		}
+	})
+	t.Run("20 MB body", func(t *testing.T) {
+		d0, _ := deliveries(t, c)
+		bigBypassesFE(t, c, "be1", "20 MB delivered to nginx's socket", url+"/big.bin")
+		if d, r := deliveries(t, c); d != d0+1 || r != 0 {
+			t.Errorf("delivered %d→%d, relayed %d", d0, d, r)
+		}
+	})
+	t.Run("nginx owns the connection", func(t *testing.T) {
+		k := dialKeepAlive(t, c)
+		defer k.conn.Close()
+		if got := kget(t, k, "/index.html"); got != "200 be1" {
+			t.Fatalf("first request: %q", got)
+		}
+		ss := ssClient(t, c, "be1", k.conn.LocalAddr().String())
+		if !strings.Contains(ss, `"nginx"`) || strings.Contains(ss, "tcpha-agent") {
+			t.Errorf("ss -tnp on be1 for %s:\n%s", k.conn.LocalAddr(), ss)
+		}
+		t.Logf("ss -tnp on be1: %s", strings.TrimSpace(ss))
+		if got := kget(t, k, "/img/a.jpg"); got != "200 be1" {
+			t.Errorf("second request on the connection: %q", got)
+		}
+	})
+	t.Run("2000 connections, no RST", func(t *testing.T) {
+		d0, r0 := deliveries(t, c)
+		cp := startCapture(t, c, "client", "tcp[tcpflags] & tcp-rst != 0")
+		start := time.Now()
+		failed, errs := oneRequests(c, 2000, 32, "/index.html")
+		took := time.Since(start)
+		rsts := cp.stop(t)
+		d, r := deliveries(t, c)
+		t.Logf("2000 connections at concurrency 32 in %v: %d failed, %d RSTs, delivered %d, relayed %d (%s)",
+			took.Round(time.Millisecond), failed, rsts, d-d0, r-r0, deliverLine(t, c))
+		if failed != 0 {
+			t.Errorf("%d requests failed: %v", failed, errs)
+		}
+		if rsts != 0 {
+			t.Errorf("%d RSTs on the client's link", rsts)
+		}
+		if d-d0 < 1900 {
+			t.Errorf("only %d of 2000 delivered", d-d0)
+		}
+	})
+}
+
+// deliverLine is be1's status line of deliveries.
+func deliverLine(t *testing.T, c *cluster.Cluster) string {
+	for _, l := range strings.Split(mustAdmin(t, c, "be1", "status"), "\n") {
+		if strings.Contains(l, "deliver=") {
+			return strings.TrimSpace(l)
+		}
+	}
+	return ""
+}
+
+// ssClient is `ss -tnpH` on host for the connections of the client
+// address:port.
+func ssClient(t *testing.T, c *cluster.Cluster, host, client string) string {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	out, err := c.Output(ctx, host, "ss", "-tnpH", "dst", client)
+	if err != nil {
+		t.Fatalf("ss on %s: %v", host, err)
+	}
+	return out
+}
+
+// With 2 nginx workers, and across `nginx -s reload` under load: every
+// request answered; what could not be delivered was relayed and counted.
+func TestDeliverSocketWorkersReload(t *testing.T) {
+	c := deliverCluster(t, cluster.Options{NginxWorkers: 2})
+	d0, _ := deliveries(t, c)
+	failed, errs := oneRequests(c, 400, 32, "/index.html")
+	d1, r1 := deliveries(t, c)
+	t.Logf("2 workers: 400 connections, %d failed, delivered %d, relayed %d (%s)", failed, d1-d0, r1, deliverLine(t, c))
+	if failed != 0 {
+		t.Fatalf("%d failed: %v", failed, errs)
+	}
+	if d1-d0 < 390 {
+		t.Errorf("only %d of 400 delivered with 2 workers", d1-d0)
+	}
+
+	cp := startCapture(t, c, "client", "tcp[tcpflags] & tcp-rst != 0")
+	var reloadErr error
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for range 3 {
+			time.Sleep(300 * time.Millisecond)
+			if err := c.ReloadWWW("be1"); err != nil {
+				reloadErr = err
+				return
+			}
+		}
+	}()
+	failed, errs = oneRequests(c, 2000, 32, "/index.html")
+	<-done
+	rsts := cp.stop(t)
+	if reloadErr != nil {
+		t.Fatal(reloadErr)
+	}
+	d2, r2 := deliveries(t, c)
+	t.Logf("3 reloads under 2000 connections at concurrency 32: %d failed, %d RSTs, delivered %d, relayed %d (%s)",
+		failed, rsts, d2-d1, r2-r1, deliverLine(t, c))
+	if failed != 0 {
+		t.Errorf("%d requests failed across the reloads: %v", failed, errs)
+	}
+	if rsts != 0 {
+		t.Errorf("%d RSTs on the client's link across the reloads", rsts)
+	}
+	if d2-d1 < 1000 {
+		t.Errorf("only %d of 2000 delivered across the reloads", d2-d1)
+	}
+}
+
+// A delivered connection is nginx's: it is served to the end after the
+// BE's agent is upgraded (SIGUSR2) and after it is killed.
+func TestDeliverSocketOutlivesAgent(t *testing.T) {
+	c := deliverCluster(t, cluster.Options{})
+	k := dialKeepAlive(t, c)
+	defer k.conn.Close()
+	if got := kget(t, k, "/index.html"); got != "200 be1" {
+		t.Fatalf("first request: %q", got)
+	}
+	if err := c.UpgradeAgentBySignal("be1"); err != nil {
+		t.Fatal(err)
+	}
+	if got := kget(t, k, "/img/a.jpg"); got != "200 be1" {
+		t.Errorf("after the upgrade: %q", got)
+	}
+	if err := c.StopAgent("be1", syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 3 {
+		if got := kget(t, k, "/index.html"); got != "200 be1" {
+			t.Errorf("request %d after the BE agent was killed: %q", i, got)
+		}
+	}
+}
+
+// kget is keepAlive.get, failing the test on an error.
+func kget(t *testing.T, k *keepAlive, path string) string {
+	t.Helper()
+	got, err := k.get(path)
+	if err != nil {
+		t.Fatalf("GET %s on the kept connection: %v", path, err)
+	}
+	return got
+}
