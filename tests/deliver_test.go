@@ -244,3 +244,32 @@ func kget(t *testing.T, k *keepAlive, path string) string {
 	}
 	return got
 }
+
+// With phttp = multi on the FE (another host, so config cannot refuse it)
+// a BE with deliver = socket relays every connection, counted as phttp:
+// later requests still move between BEs.
+func TestDeliverSocketPHTTPMulti(t *testing.T) {
+	c := newCluster(t, cluster.Options{BEs: 2, Secret: "test-cluster-secret", PublicWWW: true,
+		Rules: []string{`rule = be2 \.jpg$`, `rule = be1 .*`}, FEExtra: "phttp = multi\ntimewait = 2\n", BEExtra: "deliver = socket\n"})
+	deadline := time.Now().Add(10 * time.Second)
+	for c.Grep("be1", `msg="cluster rules from the FE"`) == "" {
+		if time.Now().After(deadline) {
+			t.Fatal("be1 got no cluster frame")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	args := []string{"curl", "-sS", "-w", "%{num_connects} %{http_code} %header{x-served-by}\n"}
+	for _, p := range []string{"/index.html", "/img/a.jpg", "/index.html", "/img/a.jpg"} {
+		args = append(args, "-o", "/dev/null", url+p)
+	}
+	out, err := c.Output(context.Background(), "client", args...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := "1 200 be1\n0 200 be2\n0 200 be1\n0 200 be2\n"; out != want {
+		t.Errorf("curl (new connections, status, served by):\n%s\nwant:\n%s", out, want)
+	}
+	if d, p := statusOf(t, c, "be1", "delivered"), statusOf(t, c, "be1", "relayed_phttp"); d != 0 || p < 1 {
+		t.Errorf("be1: delivered=%d relayed_phttp=%d; want 0 and at least 1:\n%s", d, p, deliverLine(t, c))
+	}
+}
