@@ -71,8 +71,10 @@ type BE struct {
 	m          *metrics.Metrics
 	reinstalls nft.Reinstalls
 	// deliver, with deliver = socket, hands connections to the web
-	// server's own socket (deliver.go); nil with the relay.
-	deliver *deliverer
+	// server's own socket (deliver.go); nil with the relay. transparent
+	// is the routing of its dials from the clients' addresses.
+	deliver     *deliverer
+	transparent *netif.Transparent
 }
 
 // Start starts the back end; ln, when not nil, is its control listener,
@@ -123,7 +125,12 @@ func Start(ctx context.Context, cfg *config.BE, secret []byte, m *metrics.Metric
 		return c.(*net.TCPConn), nil
 	}}
 	if cfg.Deliver == config.DeliverSocket {
-		b.deliver = newDeliverer(up, b.log, m.Deliveries)
+		if cfg.ClientAddr {
+			if b.transparent, err = netif.SetupTransparent(); err != nil {
+				return nil, fmt.Errorf("be: deliver = socket, clientaddr = on: %w", err)
+			}
+		}
+		b.deliver = newDeliverer(up, cfg.ClientAddr, b.log, m.Deliveries)
 		b.deliver.eligible = func() string { return deliverable(b.cluster.Load(), cfg.RAddr) }
 		b.deliver.relay = b.pool.Get
 		b.deliver.clear = func(ci *wire.ConnInfo) error { return clearEarlier(b.log, ci) }
@@ -438,13 +445,15 @@ func (b *BE) Stop() error {
 		b.pool.Close()
 	}
 	b.closeWeb()
-	return errors.Join(b.vip.Remove(), b.owned.Remove())
+	return errors.Join(b.vip.Remove(), b.owned.Remove(), b.transparent.Remove())
 }
 
-// Keep lets go of the control listener and leaves the BE's table and VIP.
+// Keep lets go of the control listener and leaves the BE's table, VIP
+// and the routing of transparent dials.
 func (b *BE) Keep() {
 	b.Release()
 	b.owned.Keep()
+	b.transparent.Keep()
 }
 
 // Release closes the control listener (this process's copy of it).
@@ -481,6 +490,7 @@ type Status struct {
 	// connections by result: delivered, or the reason of a fallback to
 	// the relay.
 	Deliver    string           `json:"deliver"`
+	ClientAddr bool             `json:"clientaddr"`
 	Deliveries map[string]int64 `json:"deliveries,omitempty"`
 }
 
@@ -494,7 +504,8 @@ func (b *BE) Status() Status {
 		ServerUp: b.serverUp.Load(), Relaying: rs.Active, Pending: s.Pending, Served: s.Served, Refused: s.Refused,
 		Sessions: len(b.server.Sessions()), Requests: rs.Requests, Dialed: rs.Upstream.Dialed, Reused: rs.Upstream.Reuses,
 		Idle: rs.Upstream.Idle, Retries: rs.Retries, BadGW: rs.BadGateways, Moved: rs.Moves, NotMoved: rs.MoveFailures,
-		Table: b.reinstalls.Status(), Deliver: string(b.cfg.Deliver), Deliveries: b.deliveries(),
+		Table: b.reinstalls.Status(), Deliver: string(b.cfg.Deliver), ClientAddr: b.cfg.ClientAddr && b.deliver != nil,
+		Deliveries: b.deliveries(),
 	}
 }
 
@@ -513,7 +524,11 @@ func (st Status) Write(w io.Writer, pid int) {
 	fmt.Fprintf(w, "  requests=%d upstream_dialed=%d upstream_reused=%d upstream_idle=%d retries=%d bad_gateway=%d moved=%d not_moved=%d\n",
 		st.Requests, st.Dialed, st.Reused, st.Idle, st.Retries, st.BadGW, st.Moved, st.NotMoved)
 	if st.Deliver == string(config.DeliverSocket) {
-		fmt.Fprintf(w, "  deliver=socket %s\n", formatCounts(st.Deliveries))
+		from := "127.0.0.1"
+		if st.ClientAddr {
+			from = "client"
+		}
+		fmt.Fprintf(w, "  deliver=socket dial_from=%s %s\n", from, formatCounts(st.Deliveries))
 	}
 	st.Table.Write(w)
 }

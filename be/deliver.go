@@ -23,6 +23,7 @@ import (
 	"tcpha/handoff"
 	"tcpha/handoff/transplant"
 	"tcpha/handoff/wire"
+	"tcpha/netif"
 	"tcpha/relay"
 )
 
@@ -108,6 +109,9 @@ func retryable(err error) bool {
 type deliverer struct {
 	srv *transplant.Server
 	log *slog.Logger
+	// transparent: each connection dials the server from the client's
+	// address and port (clientaddr = on), so none is prepared ahead.
+	transparent bool
 	// eligible is deliverable on the BE's current cluster frame.
 	eligible func() string
 	// relay is the fallback: a connection to the server for the relay.
@@ -134,9 +138,9 @@ type readyIdle struct {
 	at   time.Time
 }
 
-func newDeliverer(server netip.AddrPort, log *slog.Logger, metric *prometheus.CounterVec) *deliverer {
+func newDeliverer(server netip.AddrPort, transparent bool, log *slog.Logger, metric *prometheus.CounterVec) *deliverer {
 	d := &deliverer{
-		srv: transplant.NewServer(server), log: log, metric: metric,
+		srv: transplant.NewServer(server), transparent: transparent, log: log, metric: metric,
 		ready: make(chan readyIdle, readyIdles), kick: make(chan struct{}, 1),
 		counts: map[string]int64{},
 	}
@@ -171,9 +175,13 @@ func (d *deliverer) Counts() map[string]int64 {
 // run keeps readyIdles connections ready until ctx ends, renewing those
 // that grew old, then closes them.
 func (d *deliverer) run(ctx context.Context) {
+	defer d.close()
+	if d.transparent {
+		<-ctx.Done()
+		return
+	}
 	t := time.NewTicker(time.Second)
 	defer t.Stop()
-	defer d.close()
 	for {
 		d.evict(time.Now())
 		d.fill(ctx)
@@ -217,17 +225,20 @@ func (d *deliverer) failed(err error) {
 	if r == 0 {
 		r = transplant.ReasonDial
 	}
-	if shouldPause(r, int(d.failures.Add(1))) {
+	if shouldPause(r, int(d.failures.Add(1)), d.transparent) {
 		d.pauseReason.Store(r.String())
 		d.pausedUntil.Store(time.Now().Add(failedPause).UnixNano())
 	}
 }
 
 // shouldPause tells whether a preparation's failure for r, the n-th in a
-// row, pauses the next ones.
-func shouldPause(r transplant.Reason, n int) bool {
+// row, pauses the next ones. A dial from a client's address fails for that
+// client alone (its port, a lost SYN), so it pauses only when repeated.
+func shouldPause(r transplant.Reason, n int, transparent bool) bool {
 	switch r {
-	case transplant.ReasonDial, transplant.ReasonNoWorker, transplant.ReasonDenied, transplant.ReasonDeferred:
+	case transplant.ReasonDial:
+		return !transparent || n >= pauseAfter
+	case transplant.ReasonNoWorker, transplant.ReasonDenied, transplant.ReasonDeferred:
 		return true
 	}
 	return n >= pauseAfter
@@ -253,8 +264,12 @@ func (d *deliverer) evict(now time.Time) {
 	}
 }
 
-// take returns a fresh idle connection: a ready one, or one prepared now.
-func (d *deliverer) take(ctx context.Context) (*transplant.Idle, error) {
+// take returns a fresh idle connection: one dialed now from client's
+// address (transparent), a ready one, or one prepared now.
+func (d *deliverer) take(ctx context.Context, client netip.AddrPort) (*transplant.Idle, error) {
+	if d.transparent {
+		return d.prepareNow(ctx, client)
+	}
 	defer func() {
 		select {
 		case d.kick <- struct{}{}:
@@ -273,13 +288,25 @@ func (d *deliverer) take(ctx context.Context) (*transplant.Idle, error) {
 		}
 		break
 	}
+	return d.prepareNow(ctx, netip.AddrPort{})
+}
+
+// prepareNow prepares an idle connection on the handoff's path, from
+// client's address if it is valid, unless preparations are paused.
+func (d *deliverer) prepareNow(ctx context.Context, client netip.AddrPort) (*transplant.Idle, error) {
 	if time.Now().UnixNano() < d.pausedUntil.Load() {
 		reason, _ := d.pauseReason.Load().(string)
 		return nil, &pausedError{reason: reason}
 	}
 	ctx, cancel := context.WithTimeout(ctx, inlineWait)
 	defer cancel()
-	idle, err := d.srv.Prepare(ctx)
+	var idle *transplant.Idle
+	var err error
+	if client.IsValid() {
+		idle, err = d.srv.PrepareFrom(ctx, client, netif.TransparentMark)
+	} else {
+		idle, err = d.srv.Prepare(ctx)
+	}
 	if err != nil {
 		d.failed(err)
 		return nil, err
@@ -330,7 +357,7 @@ func (d *deliverer) connect(ctx context.Context, ci *wire.ConnInfo) (handoff.Ups
 		d.count(why)
 		return d.relayUpstream(ctx)
 	}
-	idle, err := d.take(ctx)
+	idle, err := d.take(ctx, ci.Client)
 	if err != nil {
 		why := reasonOf(err)
 		d.count(why)
@@ -379,13 +406,16 @@ func (c *delivery) Deliver(ci *wire.ConnInfo, rb handoff.Rebuilder) (handoff.Reb
 		}
 		c.idle.Close()
 		c.idle = nil
-		if !retryable(err) || try == stageTries {
+		// A transparent dial is fresh: its failure is no stale
+		// connection, and another from the same port would meet the
+		// first's TIME_WAIT.
+		if !retryable(err) || try == stageTries || c.d.transparent {
 			return c.fallBack(reasonOf(err), err)
 		}
 		c.d.log.Debug("idle server connection closed by the server; taking another", "op", "deliver",
 			"client", ci.Client.String(), "err", err)
 		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-		c.idle, err = c.d.take(ctx)
+		c.idle, err = c.d.take(ctx, ci.Client)
 		cancel()
 		if err != nil {
 			return c.fallBack(reasonOf(err), err)

@@ -71,15 +71,18 @@ func TestRetryable(t *testing.T) {
 // when it keeps happening.
 func TestShouldPause(t *testing.T) {
 	for _, r := range []transplant.Reason{transplant.ReasonDial, transplant.ReasonNoWorker, transplant.ReasonDenied, transplant.ReasonDeferred} {
-		if !shouldPause(r, 1) {
+		if !shouldPause(r, 1, false) {
 			t.Errorf("%v, first failure: no pause", r)
 		}
 	}
-	if shouldPause(transplant.ReasonNotAccepted, 1) || shouldPause(transplant.ReasonNotInEpoll, pauseAfter-1) {
+	if shouldPause(transplant.ReasonNotAccepted, 1, false) || shouldPause(transplant.ReasonNotInEpoll, pauseAfter-1, false) {
 		t.Error("a single late accept paused deliveries")
 	}
-	if !shouldPause(transplant.ReasonNotAccepted, pauseAfter) {
+	if !shouldPause(transplant.ReasonNotAccepted, pauseAfter, false) {
 		t.Errorf("%d late accepts in a row: no pause", pauseAfter)
+	}
+	if shouldPause(transplant.ReasonDial, 1, true) || !shouldPause(transplant.ReasonDial, pauseAfter, true) {
+		t.Error("a dial from one client's address paused deliveries, or repeated ones did not")
 	}
 }
 

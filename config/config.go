@@ -165,6 +165,11 @@ type BE struct {
 	// server: through its relay, or onto the server's own socket (issue
 	// 15, handoff/transplant), falling back to the relay per connection.
 	Deliver Deliver
+	// ClientAddr, with deliver = socket, dials the web server from the
+	// client's own address and port (IP_TRANSPARENT), so that the server
+	// sees the client; off, connections are prepared ahead from
+	// 127.0.0.1 instead.
+	ClientAddr bool
 }
 
 // Deliver is what [be] deliver names.

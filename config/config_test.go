@@ -182,9 +182,13 @@ func TestDeliver(t *testing.T) {
 			t.Errorf("%q: %v", c.text, err)
 			continue
 		}
-		if cfg.BE.Deliver != c.want {
-			t.Errorf("%q: deliver %q, want %q", c.text, cfg.BE.Deliver, c.want)
+		if cfg.BE.Deliver != c.want || !cfg.BE.ClientAddr {
+			t.Errorf("%q: deliver %q clientaddr %v, want %q and on", c.text, cfg.BE.Deliver, cfg.BE.ClientAddr, c.want)
 		}
+	}
+	cfg, err := Parse("be.conf", []byte(be+"deliver = socket\nclientaddr = off\n"))
+	if err != nil || cfg.BE.ClientAddr {
+		t.Errorf("clientaddr = off: %v", err)
 	}
 }
 
@@ -225,6 +229,7 @@ func TestParseErrors(t *testing.T) {
 		{"vip owner in [be]", be + "vip = keepalived\n", 6, "be", "vip", "it belongs in [fe]"},
 		{"unknown phttp", fe + "phttp = always\nrule = local .*\n", 4, "fe", "phttp", "want single, multi or forward"},
 		{"unknown deliver", be + "deliver = splice\n", 6, "be", "deliver", "\"splice\": want relay or socket"},
+		{"bad clientaddr", be + "clientaddr = client\n", 6, "be", "clientaddr", "on"},
 		{"deliver socket with phttp multi", "[global]\nsecret = test-secret-16byte\n" + fe + "rule = 10.0.0.11 .*\n" + be + "deliver = socket\n",
 			12, "be", "deliver", "socket needs [fe] phttp = single (it is multi)"},
 		{"duplicate server", fe + "server = 10.0.0.11 667\nrule = local .*\n", 4, "fe", "server", "already declared on line 3"},

@@ -50,7 +50,7 @@ var allowed = map[string]map[string]bool{
 		"dregister": false, "feaddr": false, "feport": false, "rule": true,
 		"committimeout": false, "drain": false, "keepalivetimeout": false,
 		"requesttimeout": false, "maxheader": false, "forwardedfor": false,
-		"redirecttlsport": false, "proxyprotocol": false, "deliver": false,
+		"redirecttlsport": false, "proxyprotocol": false, "deliver": false, "clientaddr": false,
 	},
 }
 
@@ -350,6 +350,7 @@ func (p *parser) be(s *ini.Section) (*BE, error) {
 			v.fail("deliver", v.line("deliver", 0), fmt.Sprintf("%q: want relay or socket", m))
 		}
 	}
+	be.ClientAddr = v.onOff("clientaddr", true)
 	// The seed needed feaddr only for dynamic registration; tcpha also
 	// accepts control sessions only from its FEs, so it is always required.
 	be.FEAddrs = v.addrList("feaddr", "the BE takes handoffs only from its FEs: set `feaddr = FE_RADDR`")

@@ -3,6 +3,10 @@ package tests
 import (
 	"context"
 	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -83,7 +87,7 @@ func deliveries(t *testing.T, c *cluster.Cluster) (delivered, relayed int) {
 // body byte for byte, the connection owned by nginx, and 2,000
 // one-request connections at concurrency 32 without a reset.
 func TestDeliverSocket(t *testing.T) {
-	c := deliverCluster(t, cluster.Options{})
+	c := deliverCluster(t, cluster.Options{BEExtra: "forwardedfor = on\n"})
 	t.Run("index and image", func(t *testing.T) {
 		if got := curl(t, c, url+"/index.html"); got != "index from be1\n" {
 			t.Errorf("index: %q", got)
@@ -93,6 +97,13 @@ func TestDeliverSocket(t *testing.T) {
 		}
 		if d, r := deliveries(t, c); d < 2 || r != 0 {
 			t.Errorf("delivered=%d relayed=%d, want 2 delivered, none relayed:\n%s", d, r, mustAdmin(t, c, "be1", "status"))
+		}
+	})
+	t.Run("nginx logs the client", func(t *testing.T) {
+		curl(t, c, url+"/index.html?logged")
+		line := accessLine(t, c, "be1", "/index.html?logged")
+		if !strings.HasPrefix(line, cluster.ClientIP+" ") {
+			t.Errorf("nginx's access log: %q; want the client %s first", line, cluster.ClientIP)
 		}
 	})
 	t.Run("20 MB body", func(t *testing.T) {
@@ -134,7 +145,7 @@ func TestDeliverSocket(t *testing.T) {
 			t.Errorf("%d RSTs on the client's link", rsts)
 		}
 		if d-d0 < 1900 {
-			t.Errorf("only %d of 2000 delivered", d-d0)
+			t.Errorf("only %d of 2000 delivered; the first reasons:\n%s", d-d0, firstLines(c.Grep("be1", "connection relayed"), 3))
 		}
 	})
 }
@@ -164,8 +175,19 @@ func ssClient(t *testing.T, c *cluster.Cluster, host, client string) string {
 
 // With 2 nginx workers, and across `nginx -s reload` under load: every
 // request answered; what could not be delivered was relayed and counted.
+// Both ways of preparing the server's connection: dialed from the client
+// (clientaddr = on, the default) and ready ahead from 127.0.0.1 (off).
+// Only the default is taken across reloads: with clientaddr = off some
+// runs on this machine failed a few requests (503: the offers outlasted
+// the FE's handoff timeout behind loopback dials that timed out), left
+// open in docs/design.md.
 func TestDeliverSocketWorkersReload(t *testing.T) {
-	c := deliverCluster(t, cluster.Options{NginxWorkers: 2})
+	t.Run("clientaddr=on", func(t *testing.T) { testWorkers(t, "", true) })
+	t.Run("clientaddr=off", func(t *testing.T) { testWorkers(t, "clientaddr = off\n", false) })
+}
+
+func testWorkers(t *testing.T, extra string, reload bool) {
+	c := deliverCluster(t, cluster.Options{NginxWorkers: 2, BEExtra: extra})
 	d0, _ := deliveries(t, c)
 	failed, errs := oneRequests(c, 400, 32, "/index.html")
 	d1, r1 := deliveries(t, c)
@@ -176,7 +198,11 @@ func TestDeliverSocketWorkersReload(t *testing.T) {
 	if d1-d0 < 390 {
 		t.Errorf("only %d of 400 delivered with 2 workers", d1-d0)
 	}
+	if !reload {
+		return
+	}
 
+	workers0 := nginxWorkers(t, c)
 	cp := startCapture(t, c, "client", "tcp[tcpflags] & tcp-rst != 0")
 	var reloadErr error
 	done := make(chan struct{})
@@ -196,6 +222,9 @@ func TestDeliverSocketWorkersReload(t *testing.T) {
 	if reloadErr != nil {
 		t.Fatal(reloadErr)
 	}
+	if w := nginxWorkers(t, c); !slices.ContainsFunc(strings.Fields(w), func(p string) bool { return !slices.Contains(strings.Fields(workers0), p) }) {
+		t.Errorf("no new nginx worker across the reloads: %q then %q", workers0, w)
+	}
 	d2, r2 := deliveries(t, c)
 	t.Logf("3 reloads under 2000 connections at concurrency 32: %d failed, %d RSTs, delivered %d, relayed %d (%s)",
 		failed, rsts, d2-d1, r2-r1, deliverLine(t, c))
@@ -207,6 +236,9 @@ func TestDeliverSocketWorkersReload(t *testing.T) {
 	}
 	if d2-d1 < 1000 {
 		t.Errorf("only %d of 2000 delivered across the reloads", d2-d1)
+	}
+	if r2 > r1 {
+		t.Logf("the first reasons:\n%s", firstLines(c.Grep("be1", "connection relayed"), 4))
 	}
 }
 
@@ -250,7 +282,7 @@ func kget(t *testing.T, k *keepAlive, path string) string {
 // later requests still move between BEs.
 func TestDeliverSocketPHTTPMulti(t *testing.T) {
 	c := newCluster(t, cluster.Options{BEs: 2, Secret: "test-cluster-secret", PublicWWW: true,
-		Rules: []string{`rule = be2 \.jpg$`, `rule = be1 .*`}, FEExtra: "phttp = multi\ntimewait = 2\n", BEExtra: "deliver = socket\n"})
+		Rules: []string{`rule = be2 \.jpg$`, `rule = be1 .*`}, FEExtra: "phttp = multi\ntimewait = 2\n", BEExtra: "deliver = socket\nforwardedfor = on\n"})
 	deadline := time.Now().Add(10 * time.Second)
 	for c.Grep("be1", `msg="cluster rules from the FE"`) == "" {
 		if time.Now().After(deadline) {
@@ -272,4 +304,48 @@ func TestDeliverSocketPHTTPMulti(t *testing.T) {
 	if d, p := statusOf(t, c, "be1", "delivered"), statusOf(t, c, "be1", "relayed_phttp"); d != 0 || p < 1 {
 		t.Errorf("be1: delivered=%d relayed_phttp=%d; want 0 and at least 1:\n%s", d, p, deliverLine(t, c))
 	}
+	// Relayed with forwardedfor, nginx (real_ip from 127.0.0.1) logs the
+	// client too: the same answer as a delivered connection's.
+	curl(t, c, url+"/index.html?relayed")
+	if line := accessLine(t, c, "be1", "/index.html?relayed"); !strings.HasPrefix(line, cluster.ClientIP+" ") {
+		t.Errorf("nginx's access log for a relayed request: %q; want the client %s first", line, cluster.ClientIP)
+	}
+}
+
+// accessLine returns the line of host's nginx access log for the request
+// of uri.
+func accessLine(t *testing.T, c *cluster.Cluster, host, uri string) string {
+	t.Helper()
+	deadline := time.Now().Add(2 * time.Second)
+	for {
+		b, _ := os.ReadFile(filepath.Join(c.Dir, host, "access.log"))
+		for _, l := range strings.Split(string(b), "\n") {
+			if strings.Contains(l, "GET "+uri+" ") {
+				return l
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no %s in %s's access log", uri, host)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func firstLines(s string, n int) string {
+	l := strings.SplitN(s, "\n", n+1)
+	return strings.Join(l[:min(n, len(l))], "\n")
+}
+
+// nginxWorkers lists be1's nginx worker pids (the master's children).
+func nginxWorkers(t *testing.T, c *cluster.Cluster) string {
+	t.Helper()
+	master, err := os.ReadFile(filepath.Join(c.Dir, "be1", "nginx.pid"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := exec.Command("pgrep", "-P", strings.TrimSpace(string(master)), "-f", "nginx: worker process").Output()
+	if err != nil {
+		t.Fatalf("pgrep: %v", err)
+	}
+	return strings.TrimSpace(string(out))
 }

@@ -10,6 +10,7 @@ import (
 	"runtime"
 	"strconv"
 	"sync"
+	"syscall"
 	"time"
 	"unsafe"
 
@@ -89,6 +90,9 @@ type Idle struct {
 	conn  *net.TCPConn // our end of the loopback connection
 	pidfd int          // the worker's, our own copy
 	epfd  int          // our duplicate of the worker's epoll holding Item
+	// marked: dialed with SO_MARK (PrepareFrom), which the server's end
+	// took (tcp_fwmark_accept); the transplant clears it.
+	marked bool
 }
 
 // prepareWait is how long Prepare waits for the server to accept and
@@ -100,6 +104,50 @@ const prepareWait = time.Second
 // 0 until the server calls accept, matched with the `tfd: N … ino:` lines of
 // the worker's epoll fdinfo).
 func (s *Server) Prepare(ctx context.Context) (*Idle, error) {
+	return s.prepare(ctx, &net.Dialer{KeepAlive: -1}, false)
+}
+
+// PrepareFrom is Prepare dialing from src, an address of another host (the
+// client's address and port), with IP_TRANSPARENT and SO_MARK mark: the
+// server accepts src as its peer and logs it. The namespace must route the
+// server's answers to src back through loopback for marked packets (see
+// netif.SetupTransparent).
+func (s *Server) PrepareFrom(ctx context.Context, src netip.AddrPort, mark int) (*Idle, error) {
+	dialer := func(src netip.AddrPort) *net.Dialer {
+		return &net.Dialer{
+			KeepAlive: -1,
+			LocalAddr: net.TCPAddrFromAddrPort(src),
+			Control: func(_, _ string, rc syscall.RawConn) error {
+				var err error
+				if cerr := rc.Control(func(fd uintptr) {
+					err = errors.Join(
+						wrapOpt("IP_TRANSPARENT", unix.SetsockoptInt(int(fd), unix.SOL_IP, unix.IP_TRANSPARENT, 1)),
+						wrapOpt("SO_MARK", unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK, mark)))
+				}); cerr != nil {
+					return cerr
+				}
+				return err
+			},
+		}
+	}
+	idle, err := s.prepare(ctx, dialer(src), true)
+	if errors.Is(err, unix.EADDRINUSE) {
+		// The client's port is bound here already (this host's own
+		// sockets share the port space; a test saw it under load): the
+		// address is what the server logs and filters on, any port does.
+		idle, err = s.prepare(ctx, dialer(netip.AddrPortFrom(src.Addr(), 0)), true)
+	}
+	return idle, err
+}
+
+func wrapOpt(name string, err error) error {
+	if err != nil {
+		return fmt.Errorf("set %s: %w", name, err)
+	}
+	return nil
+}
+
+func (s *Server) prepare(ctx context.Context, d *net.Dialer, marked bool) (*Idle, error) {
 	if _, ok := ctx.Deadline(); !ok {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, prepareWait)
@@ -108,7 +156,6 @@ func (s *Server) Prepare(ctx context.Context) (*Idle, error) {
 	if err := s.checkDeferred(); err != nil {
 		return nil, err
 	}
-	d := net.Dialer{KeepAlive: -1}
 	c, err := d.DialContext(ctx, "tcp4", s.addr.String())
 	if err != nil {
 		return nil, &Error{Reason: ReasonDial, Err: fmt.Errorf("dial %v: %w", s.addr, err)}
@@ -121,6 +168,7 @@ func (s *Server) Prepare(ctx context.Context) (*Idle, error) {
 		return nil, err
 	}
 	idle.Search = time.Since(start)
+	idle.marked = marked
 	return idle, nil
 }
 
@@ -138,13 +186,22 @@ func (s *Server) find(ctx context.Context, conn *net.TCPConn) (*Idle, error) {
 			break
 		}
 		if err := sleep(ctx, backoff); err != nil {
-			return nil, &Error{Reason: ReasonNotAccepted, Err: fmt.Errorf("server %v did not accept %v: %w", s.addr, local, err)}
+			// "no socket" is a lost SYN, state 1 with no inode an
+			// accept queue the server did not get to.
+			seen := "no socket"
+			if sk.State != 0 {
+				seen = fmt.Sprintf("state %d, not accepted", sk.State)
+			}
+			return nil, &Error{Reason: ReasonNotAccepted, Err: fmt.Errorf("server %v did not accept %v (%s): %w", s.addr, local, seen, err)}
 		}
 	}
 	// The server accepts, then registers the socket with its epoll in the
 	// same event-loop pass: a miss is retried briefly, then the workers
-	// are searched anew (a reload replaced them).
-	rescanned := false
+	// are searched anew (a reload replaced them), and again every
+	// rescanEvery while it misses: a scan in the middle of a reload may
+	// find the new workers not started yet (a single rescan relayed 750
+	// of 2,000 connections across three reloads).
+	var scanned time.Time
 	for backoff := 10 * time.Microsecond; ; backoff = min(2*backoff, time.Millisecond) {
 		idle, err := s.lookIn(uint64(ino))
 		if err != nil {
@@ -154,18 +211,30 @@ func (s *Server) find(ctx context.Context, conn *net.TCPConn) (*Idle, error) {
 			idle.conn = conn
 			return idle, nil
 		}
-		if !rescanned && backoff >= time.Millisecond {
-			if err := s.rescan(); err != nil {
-				return nil, err
+		if backoff >= time.Millisecond && time.Since(scanned) >= rescanEvery {
+			scanned = time.Now()
+			// An old worker of a reload accepts, then closes its idle
+			// connections as it shuts down: no use waiting for it.
+			if sk, err := netif.LookupTCP(s.addr, local); errors.Is(err, netif.ErrNoSocket) || err == nil && sk.State != tcpEstablished {
+				return nil, &Error{Reason: ReasonWorkerGone, Err: fmt.Errorf("server %v closed %v before it was found (state %d, %v): a reload?", s.addr, local, sk.State, err)}
 			}
-			rescanned = true
-			continue
+			// A failed scan (the old workers gone, the new ones not yet
+			// up) is retried on the next pass, until ctx ends.
+			if s.rescan() == nil {
+				continue
+			}
 		}
 		if err := sleep(ctx, backoff); err != nil {
 			return nil, &Error{Reason: ReasonNotInEpoll, Err: fmt.Errorf("socket inode %d (server %v, peer %v) in no worker's epoll: %w", ino, s.addr, local, err)}
 		}
 	}
 }
+
+// tcpEstablished is TCP_ESTABLISHED (include/net/tcp_states.h).
+const tcpEstablished = 1
+
+// rescanEvery spaces the rescans of a search that misses (a /proc walk).
+const rescanEvery = 20 * time.Millisecond
 
 func sleep(ctx context.Context, d time.Duration) error {
 	t := time.NewTimer(d)
@@ -617,6 +686,13 @@ func (i *Idle) stage(ci *wire.ConnInfo) (finish func(commit bool) *Error, _ *Err
 	}
 	closed := func(r Reason, err error) *Error {
 		return &Error{Reason: r, Server: ServerClosed, Err: errors.Join(err, giveBackDead(n, readd))}
+	}
+	// The server's end of a transparent dial took its mark, which routes
+	// to loopback: the client's connection must route normally.
+	if i.marked {
+		if err := unix.SetsockoptInt(n, unix.SOL_SOCKET, unix.SO_MARK, 0); err != nil {
+			return fail(closed(ReasonRestore, fmt.Errorf("clear SO_MARK: %w", err)))
+		}
 	}
 	// Without it the socket computes its MSS from 536 (snd_mss 524,
 	// 177 MB/s: FACTS.md).
