@@ -180,7 +180,7 @@ func ssClient(t *testing.T, c *cluster.Cluster, host, client string) string {
 // Only the default is taken across reloads: with clientaddr = off some
 // runs on this machine failed a few requests (503: the offers outlasted
 // the FE's handoff timeout behind loopback dials that timed out), left
-// open in docs/design.md.
+// open in docs/design.md ("Known gaps").
 func TestDeliverSocketWorkersReload(t *testing.T) {
 	t.Run("clientaddr=on", func(t *testing.T) { testWorkers(t, "", true) })
 	t.Run("clientaddr=off", func(t *testing.T) { testWorkers(t, "clientaddr = off\n", false) })

@@ -8,7 +8,9 @@ import (
 	"net/netip"
 	"os"
 	"runtime"
+	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -35,6 +37,11 @@ type Server struct {
 	// (TCP_DEFER_ACCEPT, nginx's `listen … deferred`): the server accepts
 	// a connection only once it brings data, so an idle one never is.
 	deferred bool
+	// scanned is when the workers were last searched; holders are the
+	// processes that held the listener then, whose children a reload's
+	// new workers are (an nginx master).
+	scanned time.Time
+	holders []int
 }
 
 // worker is one server process: a pidfd and our duplicates of its epoll
@@ -304,9 +311,15 @@ func (s *Server) checkDeferred() error {
 	return nil
 }
 
+// rescan searches the workers anew unless a search ran within
+// rescanEvery: concurrent handoffs that miss share one (a walk of /proc
+// on a busy host takes milliseconds, under the lock every search needs).
 func (s *Server) rescan() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if time.Since(s.scanned) < rescanEvery {
+		return nil
+	}
 	return s.rescanLocked()
 }
 
@@ -334,9 +347,19 @@ func (s *Server) rescanLocked() error {
 	for _, ino := range linos {
 		targets["socket:["+strconv.FormatUint(ino, 10)+"]"] = true
 	}
-	procs, err := processesWith(targets)
+	s.scanned = time.Now()
+	// The last holders and their children first (a reload's new workers
+	// are the master's children), then every process.
+	procs, err := processesWith(targets, candidates(s.holders))
+	if err == nil && !slices.ContainsFunc(procs, func(p proc) bool { return len(p.epolls) > 0 }) {
+		procs, err = processesWith(targets, nil)
+	}
 	if err != nil {
 		return &Error{Reason: ReasonNoWorker, Err: err}
+	}
+	s.holders = s.holders[:0]
+	for _, p := range procs {
+		s.holders = append(s.holders, p.pid)
 	}
 	var denied error
 	for _, p := range procs {
@@ -394,6 +417,27 @@ func deferAccept(pidfd, fd int) bool {
 	return err == nil && v > 0
 }
 
+// candidates are pids and their children (/proc/PID/task/PID/children,
+// CONFIG_PROC_CHILDREN), or nil when pids is empty.
+func candidates(pids []int) []int {
+	if len(pids) == 0 {
+		return nil
+	}
+	out := slices.Clone(pids)
+	for _, p := range pids {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/children", p, p))
+		if err != nil {
+			continue
+		}
+		for _, f := range strings.Fields(string(b)) {
+			if c, err := strconv.Atoi(f); err == nil && !slices.Contains(out, c) {
+				out = append(out, c)
+			}
+		}
+	}
+	return out
+}
+
 type proc struct {
 	pid      int
 	listener int // an fd of one of the targets
@@ -403,19 +447,26 @@ type proc struct {
 // processesWith walks /proc for the processes holding a file whose link
 // is one of targets (the listeners: with `reuseport` each worker has its
 // own), and lists their epoll fds.
-func processesWith(targets map[string]bool) ([]proc, error) {
-	ents, err := os.ReadDir("/proc")
-	if err != nil {
-		return nil, fmt.Errorf("list processes: %w", err)
+// Only the processes in pids are looked at when it is not nil.
+func processesWith(targets map[string]bool, pids []int) ([]proc, error) {
+	if pids == nil {
+		ents, err := os.ReadDir("/proc")
+		if err != nil {
+			return nil, fmt.Errorf("list processes: %w", err)
+		}
+		for _, e := range ents {
+			if pid, err := strconv.Atoi(e.Name()); err == nil {
+				pids = append(pids, pid)
+			}
+		}
 	}
 	self := os.Getpid()
 	var out []proc
-	for _, e := range ents {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil || pid == self {
+	for _, pid := range pids {
+		if pid == self {
 			continue
 		}
-		dir := "/proc/" + e.Name() + "/fd/"
+		dir := "/proc/" + strconv.Itoa(pid) + "/fd/"
 		fds, err := os.ReadDir(dir)
 		if err != nil {
 			continue // gone, or a kernel thread
