@@ -49,6 +49,9 @@ type params struct {
 	idleConns  int
 	profileDir string
 	only, fes  map[string]bool // empty: all
+	// deliver is the BEs' [be] deliver; socket also sets the FE's phttp
+	// = single, which it needs (tcpha.conf(5)).
+	deliver string
 }
 
 func set(list string) map[string]bool {
@@ -72,6 +75,7 @@ func main() {
 	only := flag.String("only", "", "comma-separated `workloads` to run (a,b,c,d,e,f,g,h,flat,idle; default all)")
 	fes := flag.String("fe", "", "comma-separated `front ends` to run (tcpha,haproxy,nginx,direct; default all)")
 	secs := flag.Int("seconds", 0, "seconds per wrk workload (default 10, 2 with -smoke)")
+	deliver := flag.String("deliver", "relay", "the BEs' [be] `deliver` (relay or socket; socket sets [fe] phttp = single)")
 	flag.Parse()
 	p := params{wrkSecs: 10, flatTotal: 60 * time.Second, flatWindow: 10 * time.Second, bigMB: 200, ttfbN: 300,
 		idleConns: 10000, profileDir: *profile}
@@ -83,6 +87,9 @@ func main() {
 		p.wrkSecs = *secs
 	}
 	p.only, p.fes = set(*only), set(*fes)
+	if p.deliver = *deliver; p.deliver != "relay" && p.deliver != "socket" {
+		fail(fmt.Errorf("-deliver %q: want relay or socket", p.deliver))
+	}
 	if os.Geteuid() != 0 {
 		fail(errors.New("needs root: it creates network namespaces"))
 	}
@@ -139,13 +146,17 @@ type bencher struct {
 }
 
 func runBench(agent string, p params) (*bench.Run, error) {
-	fmt.Println("== building the cluster: client, FE, be1, be2 (nginx on each BE)")
+	fmt.Println("== building the cluster: client, FE, be1, be2 (nginx on each BE), deliver =", p.deliver)
+	feExtra, beExtra := "", ""
+	if p.deliver == "socket" {
+		feExtra, beExtra = "phttp = single\n", "deliver = socket\n"
+	}
 	c, err := cluster.New(cluster.Options{
 		Agent: agent, BEs: 2, Secret: "bench-cluster-secret",
 		Rules:     []string{`rule = be2 \.jpg$`, `rule = be1 .*`},
 		PublicWWW: true, Metrics: true, NoAccessLog: true,
 		// Per-connection lines off: the bench measures the default path.
-		FEExtra: "", BEExtra: "",
+		FEExtra: feExtra, BEExtra: beExtra,
 	})
 	if err != nil {
 		return nil, err
