@@ -388,6 +388,8 @@ const sessionDrain = 10 * time.Second
 // FEs' sessions are told to go away, and the FEs send new connections
 // elsewhere.
 func (b *BE) Drain(d time.Duration) {
+	until := time.Now().Add(d)
+	ports := b.vipPorts() // while the sessions are there to say
 	b.unregister(false)
 	b.draining.Store(true)
 	b.recv.Drain()
@@ -399,6 +401,9 @@ func (b *BE) Drain(d time.Duration) {
 	case <-done:
 	case <-time.After(d):
 		b.log.Warn("drain time over; cutting relayed connections", "op", "stop", "relaying", b.relay.Active())
+	}
+	if b.deliver != nil {
+		b.waitDelivered(ports, until)
 	}
 }
 

@@ -12,6 +12,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -508,4 +509,43 @@ func formatCounts(m map[string]int64) string {
 		fmt.Fprintf(&b, " relayed_%s=%d", k, m[k])
 	}
 	return b.String()
+}
+
+// vipPorts are the VIP ports (HTTP and TLS) of the FEs with a session to
+// this BE.
+func (b *BE) vipPorts() []uint16 {
+	var out []uint16
+	for _, s := range b.server.Sessions() {
+		for _, p := range []uint16{s.Peer.VIP.Port(), s.Peer.TLSPort} {
+			if p != 0 && !slices.Contains(out, p) {
+				out = append(out, p)
+			}
+		}
+	}
+	return out
+}
+
+// waitDelivered waits until no connection is left on the VIP's ports, or
+// until: the web server holds the delivered ones, and the stop that
+// follows removes the VIP they are bound to.
+func (b *BE) waitDelivered(ports []uint16, until time.Time) {
+	for {
+		n := 0
+		for _, p := range ports {
+			flows, err := netif.HeldTCP(netip.AddrPortFrom(b.cfg.VAddr, p))
+			if err != nil {
+				b.log.Warn("delivered connections not counted; not waiting for them", "op", "stop", "err", err)
+				return
+			}
+			n += len(flows)
+		}
+		if n == 0 {
+			return
+		}
+		if time.Now().After(until) {
+			b.log.Warn("drain time over; cutting the web server's delivered connections", "op", "stop", "connections", n)
+			return
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
 }

@@ -351,3 +351,28 @@ func nginxWorkers(t *testing.T, c *cluster.Cluster) string {
 	}
 	return strings.TrimSpace(string(out))
 }
+
+// Stopping the BE's agent (SIGTERM) drains delivered connections too: the
+// stop removes the VIP they are bound to, so it waits for them (up to
+// drain) as it waits for relayed ones.
+func TestDeliverSocketDrain(t *testing.T) {
+	c := deliverCluster(t, cluster.Options{BEExtra: "drain = 10\n"})
+	k := dialKeepAlive(t, c)
+	defer k.conn.Close()
+	if got := kget(t, k, "/index.html"); got != "200 be1" {
+		t.Fatalf("first request: %q", got)
+	}
+	if err := c.StopAgentAsync("be1", syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(time.Second)
+	if got, err := k.get("/img/a.jpg"); err != nil || got != "200 be1" {
+		t.Fatalf("a delivered connection during the BE agent's drain: %q, %v", got, err)
+	}
+	k.conn.Close()
+	start := time.Now()
+	if err := c.WaitAgent("be1", 5*time.Second); err != nil {
+		t.Fatalf("the BE agent after its last delivered connection closed: %v", err)
+	}
+	t.Logf("the BE agent exited %v after the client closed", time.Since(start).Round(time.Millisecond))
+}
