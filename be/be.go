@@ -167,7 +167,10 @@ func Start(ctx context.Context, cfg *config.BE, secret []byte, m *metrics.Metric
 			}
 			b.relay.Serve(client, up.(*relay.Upstream))
 		},
-		Reset: b.relay.Reset,
+		// A delivered connection is the web server's: reset by the kernel.
+		Reset: func(client netip.AddrPort) bool {
+			return b.relay.Reset(client) || b.deliver != nil && b.resetDelivered(client)
+		},
 		// The kernel's view, not the relay's: a connection handed over to
 		// a successor, or closing, is still this BE's.
 		Held: func(port uint16) ([]netip.AddrPort, error) {

@@ -549,3 +549,23 @@ func (b *BE) waitDelivered(ports []uint16, until time.Time) {
 		time.Sleep(100 * time.Millisecond)
 	}
 }
+
+// resetDelivered resets the web server's connection with client on a VIP
+// port (an FE that leaves it asks for a RST to the client): SOCK_DESTROY
+// aborts it, which sends the RST (tcp_abort), and the server reads an
+// error and closes its fd.
+func (b *BE) resetDelivered(client netip.AddrPort) bool {
+	for _, p := range b.vipPorts() {
+		vip := netip.AddrPortFrom(b.cfg.VAddr, p)
+		sk, err := netif.LookupTCP(vip, client)
+		if err != nil {
+			continue
+		}
+		if err := netif.DestroyTCP(vip, client, sk); err != nil {
+			b.log.Warn("delivered connection not reset", "op", "reset", "client", client.String(), "err", err)
+			return false
+		}
+		return true
+	}
+	return false
+}

@@ -2,6 +2,7 @@ package tests
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -375,4 +376,24 @@ func TestDeliverSocketDrain(t *testing.T) {
 		t.Fatalf("the BE agent after its last delivered connection closed: %v", err)
 	}
 	t.Logf("the BE agent exited %v after the client closed", time.Since(start).Round(time.Millisecond))
+}
+
+// An FE that stops with a delivered connection still open (its drain
+// over) has the BE reset it: the client gets a RST instead of a
+// connection nobody forwards any more.
+func TestDeliverSocketFEResets(t *testing.T) {
+	c := deliverCluster(t, cluster.Options{FEExtra: "drain = 1\n"})
+	k := dialKeepAlive(t, c)
+	defer k.conn.Close()
+	if got := kget(t, k, "/index.html"); got != "200 be1" {
+		t.Fatalf("first request: %q", got)
+	}
+	if err := c.StopAgent("fe", syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	k.conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+	_, err := k.br.ReadByte()
+	if !errors.Is(err, syscall.ECONNRESET) {
+		t.Fatalf("the client's connection after the FE's drain: %v, want a reset", err)
+	}
 }
