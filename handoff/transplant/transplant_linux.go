@@ -232,9 +232,20 @@ func (s *Server) find(ctx context.Context, conn *net.TCPConn) (*Idle, error) {
 			}
 		}
 		if err := sleep(ctx, backoff); err != nil {
-			return nil, &Error{Reason: ReasonNotInEpoll, Err: fmt.Errorf("socket inode %d (server %v, peer %v) in no worker's epoll: %w", ino, s.addr, local, err)}
+			return nil, &Error{Reason: ReasonNotInEpoll, Err: fmt.Errorf("socket inode %d (server %v, peer %v) in no worker's epoll (searched %v): %w", ino, s.addr, local, s.workerPIDs(), err)}
 		}
 	}
+}
+
+// workerPIDs lists the workers searched, for errors.
+func (s *Server) workerPIDs() []int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out []int
+	for _, w := range s.workers {
+		out = append(out, w.pid)
+	}
+	return out
 }
 
 // tcpEstablished is TCP_ESTABLISHED (include/net/tcp_states.h).
@@ -327,10 +338,22 @@ func (s *Server) rescan() error {
 // include the listening socket, with their epoll fds (an nginx master holds
 // the listener but no epoll; its workers hold both).
 func (s *Server) rescanLocked() error {
-	for _, w := range s.workers {
-		w.close()
-	}
+	old := s.workers
 	s.workers = nil
+	defer func() {
+		// An old worker of a reload closes its listener but keeps the
+		// connections it accepted just before, ours among them: it is
+		// searched while it lives (a search of the new workers alone
+		// relayed about half of 2,000 connections across 3 reloads).
+		for _, w := range old {
+			alive := unix.PidfdSendSignal(w.pidfd, 0, nil, 0) == nil
+			if alive && !slices.ContainsFunc(s.workers, func(n *worker) bool { return n.pid == w.pid }) {
+				s.workers = append(s.workers, w)
+				continue
+			}
+			w.close()
+		}
+	}()
 	s.deferred = false
 	b, err := os.ReadFile("/proc/thread-self/net/tcp") // this thread's namespace (tests switch threads)
 	if err != nil {
@@ -691,22 +714,13 @@ func (i *Idle) stage(ci *wire.ConnInfo) (finish func(commit bool) *Error, _ *Err
 			return nil, intact(ReasonThread, fmt.Errorf("move the epoll duplicate off fd %d: %w", n, err))
 		}
 	}
-	if sock != n {
-		err := unix.Dup3(sock, n, unix.O_CLOEXEC)
-		unix.Close(sock)
-		if err != nil {
-			if ep != i.epfd {
-				unix.Close(ep)
-			}
-			return nil, intact(ReasonThread, fmt.Errorf("dup3 onto fd %d: %w", n, err))
-		}
-	}
-	// n is now the server's socket in this thread's table. The private
-	// table dies with the thread, but closing here makes sure this process
-	// holds no reference once the surgery ends: a stray one would keep
-	// the socket alive after the server closes it, and no FIN would leave.
+	// The socket stays at its own number sock; it is put at nginx's
+	// number n only for each epoll_ctl (epollCtlAs). The private table dies
+	// with the thread, but closing here makes sure this process holds no
+	// reference once the surgery ends: a stray one would keep the socket
+	// alive after the server closes it, and no FIN would leave.
 	cleanup := func() {
-		unix.Close(n)
+		unix.Close(sock)
 		if ep != i.epfd {
 			unix.Close(ep)
 		}
@@ -719,35 +733,33 @@ func (i *Idle) stage(ci *wire.ConnInfo) (finish func(commit bool) *Error, _ *Err
 	// Hide the socket from the server: the disconnect below would wake it
 	// with ERR/HUP, its recv would fail (EPERM in repair mode) and it would
 	// close, resetting the client (FACTS.md: 10 of 200 survived).
-	if err := unix.EpollCtl(ep, unix.EPOLL_CTL_DEL, n, nil); err != nil {
+	if err := epollCtlAs(ep, unix.EPOLL_CTL_DEL, n, sock, nil); err != nil {
 		return fail(intact(ReasonEpollDel, fmt.Errorf("epoll_ctl DEL fd %d of worker %d: %w", n, i.PID, err)))
 	}
-	readd := func() error {
-		ev := unix.EpollEvent{Events: i.Item.Events, Fd: int32(uint32(i.Item.Data)), Pad: int32(uint32(i.Item.Data >> 32))}
-		return unix.EpollCtl(ep, unix.EPOLL_CTL_ADD, n, &ev)
-	}
-	if err := unix.SetsockoptInt(n, unix.IPPROTO_TCP, unix.TCP_REPAIR, 1); err != nil {
+	ev := &unix.EpollEvent{Events: i.Item.Events, Fd: int32(uint32(i.Item.Data)), Pad: int32(uint32(i.Item.Data >> 32))}
+	readd := func() error { return epollCtlAs(ep, unix.EPOLL_CTL_ADD, n, sock, ev) }
+	if err := unix.SetsockoptInt(sock, unix.IPPROTO_TCP, unix.TCP_REPAIR, 1); err != nil {
 		return fail(intact(ReasonRepair, errors.Join(fmt.Errorf("set TCP_REPAIR: %w", err), readd())))
 	}
 	// In repair mode the disconnect sends nothing (tcp_disconnect skips
 	// the RST) and leaves the socket CLOSE, unbound from its port.
-	if err := disconnect(n); err != nil {
+	if err := disconnect(sock); err != nil {
 		return fail(intact(ReasonRepair, errors.Join(fmt.Errorf("repair-mode disconnect: %w", err),
-			unix.SetsockoptInt(n, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_OFF_NO_WP), readd())))
+			unix.SetsockoptInt(sock, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_OFF_NO_WP), readd())))
 	}
 	closed := func(r Reason, err error) *Error {
-		return &Error{Reason: r, Server: ServerClosed, Err: errors.Join(err, giveBackDead(n, readd))}
+		return &Error{Reason: r, Server: ServerClosed, Err: errors.Join(err, giveBackDead(sock, readd))}
 	}
 	// The server's end of a transparent dial took its mark, which routes
 	// to loopback: the client's connection must route normally.
 	if i.marked {
-		if err := unix.SetsockoptInt(n, unix.SOL_SOCKET, unix.SO_MARK, 0); err != nil {
+		if err := unix.SetsockoptInt(sock, unix.SOL_SOCKET, unix.SO_MARK, 0); err != nil {
 			return fail(closed(ReasonRestore, fmt.Errorf("clear SO_MARK: %w", err)))
 		}
 	}
 	// Without it the socket computes its MSS from 536 (snd_mss 524,
 	// 177 MB/s: FACTS.md).
-	if err := unix.SetsockoptInt(n, unix.IPPROTO_TCP, unix.TCP_MAXSEG, int(ci.MSS)); err != nil {
+	if err := unix.SetsockoptInt(sock, unix.IPPROTO_TCP, unix.TCP_MAXSEG, int(ci.MSS)); err != nil {
 		return fail(closed(ReasonRestore, fmt.Errorf("set TCP_MAXSEG %d: %w", ci.MSS, err)))
 	}
 	// getsockopt(TCP_TIMESTAMP) cleared the low bit of the dumped clock:
@@ -757,7 +769,7 @@ func (i *Idle) stage(ci *wire.ConnInfo) (finish func(commit bool) *Error, _ *Err
 	if rc.Options&wire.OptTimestamps != 0 {
 		rc.Timestamp += 2
 	}
-	if err := repair.RestoreFD(n, &rc); err != nil {
+	if err := repair.RestoreFD(sock, &rc); err != nil {
 		return fail(closed(ReasonRestore, err))
 	}
 	return func(commit bool) *Error {
@@ -766,12 +778,12 @@ func (i *Idle) stage(ci *wire.ConnInfo) (finish func(commit bool) *Error, _ *Err
 			// Nothing was sent: the client's connection lives on
 			// wherever the FE puts it, the server finds its socket hung
 			// up and closes it.
-			if err := giveBackDead(n, readd); err != nil {
+			if err := giveBackDead(sock, readd); err != nil {
 				return &Error{Reason: ReasonRepair, Server: ServerClosed, Err: fmt.Errorf("abort: %w", err)}
 			}
 			return nil
 		}
-		if err := repair.LeaveRepairFD(n); err != nil {
+		if err := repair.LeaveRepairFD(sock); err != nil {
 			return closed(ReasonRestore, err)
 		}
 		// The data put in the receive queue in repair mode woke nobody; ADD
@@ -782,12 +794,66 @@ func (i *Idle) stage(ci *wire.ConnInfo) (finish func(commit bool) *Error, _ *Err
 			// Take the client connection back off the socket without a
 			// packet; the server's fd then holds a dead socket it no longer
 			// watches, closed by its own timeout.
-			rerr := errors.Join(unix.SetsockoptInt(n, unix.IPPROTO_TCP, unix.TCP_REPAIR, 1), disconnect(n),
-				unix.SetsockoptInt(n, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_OFF_NO_WP))
+			rerr := errors.Join(unix.SetsockoptInt(sock, unix.IPPROTO_TCP, unix.TCP_REPAIR, 1), disconnect(sock),
+				unix.SetsockoptInt(sock, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_OFF_NO_WP))
 			return &Error{Reason: ReasonEpollAdd, Server: ServerClosed, Err: errors.Join(err, rerr)}
 		}
 		return nil
 	}, nil
+}
+
+// epollCtlAs runs epoll_ctl(ep, op, n, ev) with sock put at fd number n
+// for the call, and whatever n held put back right after. An epoll entry's
+// key is (file, fd number), so the call must name nginx's number; but in
+// this thread's private table n may be one of the Go runtime's own fds
+// (netpoll's epoll or eventfd: nginx's are small numbers too), and the
+// runtime uses them from whichever thread runs it: a GC mark termination
+// on this thread, with the socket left at n, failed epoll_wait on fd 4
+// with EINVAL and killed the agent ("runtime: netpoll failed"). Here the
+// window is three raw syscalls with no allocation between them.
+func epollCtlAs(ep, op, n, sock int, ev *unix.EpollEvent) error {
+	raw := func(trap, a1, a2, a3 uintptr) (uintptr, unix.Errno) {
+		r, _, e := unix.RawSyscall(trap, a1, a2, a3)
+		return r, e
+	}
+	ctl := func() unix.Errno {
+		_, _, e := unix.RawSyscall6(unix.SYS_EPOLL_CTL, uintptr(ep), uintptr(op), uintptr(n), uintptr(unsafe.Pointer(ev)), 0, 0)
+		return e
+	}
+	if sock == n {
+		if e := ctl(); e != 0 {
+			return e
+		}
+		return nil
+	}
+	saved, e := raw(unix.SYS_FCNTL, uintptr(n), unix.F_DUPFD_CLOEXEC, 0)
+	switch {
+	case e == unix.EBADF:
+		saved = ^uintptr(0) // n is free
+	case e != 0:
+		return fmt.Errorf("save fd %d: %w", n, e)
+	}
+	if _, e := raw(unix.SYS_DUP3, uintptr(sock), uintptr(n), unix.O_CLOEXEC); e != 0 {
+		if saved != ^uintptr(0) {
+			raw(unix.SYS_CLOSE, saved, 0, 0)
+		}
+		return fmt.Errorf("dup3 onto fd %d: %w", n, e)
+	}
+	ce := ctl()
+	var re unix.Errno
+	if saved != ^uintptr(0) {
+		_, re = raw(unix.SYS_DUP3, saved, uintptr(n), unix.O_CLOEXEC)
+		raw(unix.SYS_CLOSE, saved, 0, 0)
+	} else {
+		_, re = raw(unix.SYS_CLOSE, uintptr(n), 0, 0)
+	}
+	if ce != 0 {
+		return ce
+	}
+	if re != 0 {
+		return fmt.Errorf("put fd %d back: %w", n, re)
+	}
+	return nil
 }
 
 // giveBackDead returns a disconnected socket to the server after a failed
