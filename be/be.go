@@ -87,6 +87,11 @@ type BE struct {
 	// movesIn counts the connections other BEs moved here directly: their
 	// commits.
 	movesIn atomic.Int64
+	// deliver, with deliver = socket, hands connections to the web
+	// server's own socket (deliver.go); nil with the relay. transparent
+	// is the routing of its dials from the clients' addresses.
+	deliver     *deliverer
+	transparent *netif.Transparent
 }
 
 // Start starts the back end; ln, when not nil, is its control listener,
@@ -145,6 +150,17 @@ func Start(ctx context.Context, cfg *config.BE, secret []byte, m *metrics.Metric
 			s.Reply(f, ctl.AckFrame(wire.ResultInvalid, "a BE asks nothing of the BE that dialed it"))
 		}),
 	}, ctl.Dialer(cfg.RAddr), 1)
+	if cfg.Deliver == config.DeliverSocket {
+		if cfg.ClientAddr {
+			if b.transparent, err = netif.SetupTransparent(); err != nil {
+				return nil, fmt.Errorf("be: deliver = socket, clientaddr = on: %w", err)
+			}
+		}
+		b.deliver = newDeliverer(up, cfg.ClientAddr, b.log, m.Deliveries)
+		b.deliver.eligible = func() string { return deliverable(b.cluster.Load(), cfg.RAddr) }
+		b.deliver.relay = b.pool.Get
+		b.deliver.clear = func(ci *wire.ConnInfo) error { return clearEarlier(b.log, ci) }
+	}
 	leaving := &handoff.Leaving{}
 	b.relay = relay.New(relay.Config{
 		Pool: b.pool, MaxHeader: cfg.MaxHeader, HeadTimeout: cfg.RequestTimeout,
@@ -162,16 +178,25 @@ func Start(ctx context.Context, cfg *config.BE, secret []byte, m *metrics.Metric
 			if relay.IsTLS(ci.RecvQueue) {
 				return relay.DialTLS(ctx, cfg.RedirectTLS(), ci.Client, ci.VIP, cfg.ProxyProtocol)
 			}
+			if b.deliver != nil {
+				return b.deliver.connect(ctx, ci)
+			}
 			return b.pool.Get(ctx)
 		},
 		Run: func(client *net.TCPConn, up handoff.Upstream) {
+			if up = relayed(up); up == nil {
+				return // delivered: the web server owns the connection
+			}
 			if tu, ok := up.(*relay.TLSUpstream); ok {
 				b.relay.ServeTLS(client, tu)
 				return
 			}
 			b.relay.Serve(client, up.(*relay.Upstream))
 		},
-		Reset: b.relay.Reset,
+		// A delivered connection is the web server's: reset by the kernel.
+		Reset: func(client netip.AddrPort) bool {
+			return b.relay.Reset(client) || b.deliver != nil && b.resetDelivered(client)
+		},
 		// The kernel's view, not the relay's: a connection handed over to
 		// a successor, or closing, is still this BE's.
 		Held: func(port uint16) ([]netip.AddrPort, error) {
@@ -327,19 +352,31 @@ func (r rebuilder) Rebuild(ci *wire.ConnInfo) (handoff.Rebuilt, error) {
 	if !errors.Is(err, unix.EADDRNOTAVAIL) {
 		return nil, err
 	}
-	old, lerr := netif.LookupTCP(ci.VIP, ci.Client)
-	if lerr != nil {
-		return nil, errors.Join(err, lerr)
+	if cerr := clearEarlier(r.log, ci); cerr != nil {
+		return nil, errors.Join(err, cerr)
 	}
-	if derr := netif.DestroyTCP(ci.VIP, ci.Client, old); derr != nil {
-		return nil, errors.Join(err, derr)
-	}
-	r.log.Debug("cleared an earlier connection's socket for a reused client port", "op", "restore",
-		"client", ci.Client.String(), "state", old.State)
 	if c, err = repair.Rebuild(ci); err != nil {
 		return nil, err
 	}
 	return c, nil
+}
+
+// clearEarlier destroys a socket this BE still has for ci's 4-tuple (see
+// rebuilder), if any.
+func clearEarlier(log *slog.Logger, ci *wire.ConnInfo) error {
+	old, err := netif.LookupTCP(ci.VIP, ci.Client)
+	if errors.Is(err, netif.ErrNoSocket) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	if err := netif.DestroyTCP(ci.VIP, ci.Client, old); err != nil {
+		return err
+	}
+	log.Debug("cleared an earlier connection's socket for a reused client port", "op", "restore",
+		"client", ci.Client.String(), "state", old.State)
+	return nil
 }
 
 // Run serves control sessions until ctx ends (then it closes those left),
@@ -349,6 +386,9 @@ func (b *BE) Run(ctx context.Context) {
 	bg, stop := context.WithCancel(ctx)
 	b.background.Go(func() { b.checkLoop(bg) })
 	b.background.Go(func() { b.guard().Run(bg) })
+	if b.deliver != nil {
+		b.background.Go(func() { b.deliver.run(bg) })
+	}
 	if b.registrar != nil {
 		stopReg := context.AfterFunc(bg, b.stopRegistering)
 		defer stopReg()
@@ -435,6 +475,8 @@ const sessionDrain = 10 * time.Second
 // FEs' sessions are told to go away, and the FEs send new connections
 // elsewhere.
 func (b *BE) Drain(d time.Duration) {
+	until := time.Now().Add(d)
+	ports := b.vipPorts() // while the sessions are there to say
 	b.unregister(false)
 	b.draining.Store(true)
 	b.recv.Drain()
@@ -448,6 +490,9 @@ func (b *BE) Drain(d time.Duration) {
 	case <-done:
 	case <-time.After(d):
 		b.log.Warn("drain time over; cutting relayed connections", "op", "stop", "relaying", b.relay.Active())
+	}
+	if b.deliver != nil {
+		b.waitDelivered(ports, until)
 	}
 }
 
@@ -498,14 +543,16 @@ func (b *BE) Stop() error {
 		b.pool.Close()
 	}
 	b.closeWeb()
-	return errors.Join(b.vip.Remove(), b.owned.Remove())
+	return errors.Join(b.vip.Remove(), b.owned.Remove(), b.transparent.Remove())
 }
 
-// Keep lets go of the control listener and leaves the BE's table and VIP.
+// Keep lets go of the control listener and leaves the BE's table, VIP
+// and the routing of transparent dials.
 func (b *BE) Keep() {
 	b.Release()
 	b.closePeers()
 	b.owned.Keep()
+	b.transparent.Keep()
 }
 
 // closePeers ends the BE-to-BE sessions. Not at Release: a move under way
@@ -551,6 +598,12 @@ type Status struct {
 	NotMoved     int64           `json:"not_moved"`
 	MovedIn      int64           `json:"moved_in"`
 	Table        nft.TableStatus `json:"table"`
+	// Deliver is [be] deliver; Deliveries, with socket, counts the
+	// connections by result: delivered, or the reason of a fallback to
+	// the relay.
+	Deliver    string           `json:"deliver"`
+	ClientAddr bool             `json:"clientaddr"`
+	Deliveries map[string]int64 `json:"deliveries,omitempty"`
 }
 
 // feSessions counts the control sessions from FEs (not from other BEs).
@@ -574,8 +627,16 @@ func (b *BE) Status() Status {
 		ServerUp: b.serverUp.Load(), Relaying: rs.Active, Pending: s.Pending, Served: s.Served, Refused: s.Refused,
 		Sessions: b.feSessions(), Requests: rs.Requests, Dialed: rs.Upstream.Dialed, Reused: rs.Upstream.Reuses,
 		Idle: rs.Upstream.Idle, Retries: rs.Retries, BadGW: rs.BadGateways, Moved: rs.Moves, NotMoved: rs.MoveFailures, MovedIn: b.movesIn.Load(),
-		Table: b.reinstalls.Status(),
+		Table: b.reinstalls.Status(), Deliver: string(b.cfg.Deliver), ClientAddr: b.cfg.ClientAddr && b.deliver != nil,
+		Deliveries: b.deliveries(),
 	}
+}
+
+func (b *BE) deliveries() map[string]int64 {
+	if b.deliver == nil {
+		return nil
+	}
+	return b.deliver.Counts()
 }
 
 // Write writes st as `tcphactl status` shows it.
@@ -585,6 +646,13 @@ func (st Status) Write(w io.Writer, pid int) {
 		st.Relaying, st.Pending, st.Served, st.Refused, st.Sessions, st.Upstream, st.UpstreamPort, st.ServerUp, time.Now().Format(time.RFC3339))
 	fmt.Fprintf(w, "  requests=%d upstream_dialed=%d upstream_reused=%d upstream_idle=%d retries=%d bad_gateway=%d moved=%d not_moved=%d moved_in=%d\n",
 		st.Requests, st.Dialed, st.Reused, st.Idle, st.Retries, st.BadGW, st.Moved, st.NotMoved, st.MovedIn)
+	if st.Deliver == string(config.DeliverSocket) {
+		from := "127.0.0.1"
+		if st.ClientAddr {
+			from = "client"
+		}
+		fmt.Fprintf(w, "  deliver=socket dial_from=%s %s\n", from, formatCounts(st.Deliveries))
+	}
 	st.Table.Write(w)
 }
 

@@ -194,7 +194,28 @@ type BE struct {
 	// FEs ask: Method empty when check is not given, Expect nil when
 	// checkexpect is not (backends.Check.Override).
 	Check backends.Check
+	// Deliver is how the BE gives a handed-off connection to its web
+	// server: through its relay, or onto the server's own socket (issue
+	// 15, handoff/transplant), falling back to the relay per connection.
+	Deliver Deliver
+	// ClientAddr, with deliver = socket, dials the web server from the
+	// client's own address and port (IP_TRANSPARENT), so that the server
+	// sees the client; off, connections are prepared ahead from
+	// 127.0.0.1 instead.
+	ClientAddr bool
 }
+
+// Deliver is what [be] deliver names.
+type Deliver string
+
+const (
+	// DeliverRelay: the BE's relay copies between the rebuilt client
+	// connection and a loopback connection to the web server.
+	DeliverRelay Deliver = "relay"
+	// DeliverSocket: the rebuilt client connection becomes the web
+	// server's own socket; the server answers the client itself.
+	DeliverSocket Deliver = "socket"
+)
 
 // Redirect is the unmodified local web server's address.
 func (b *BE) Redirect() netip.AddrPort { return redirect(b.RedirectAddr, b.RedirectPort) }

@@ -171,6 +171,36 @@ committimeout = 1500ms
 	}
 }
 
+// [be] deliver: relay unless set; socket beside an FE only with phttp =
+// single (TestParseErrors has the refusals).
+func TestDeliver(t *testing.T) {
+	be := "[global]\nsecret = test-secret-16byte\n[be]\nraddr = 10.0.0.11\nuaddr = 10.0.0.250\nvaddr = 10.0.0.100\nfeaddr = 10.0.0.2\n"
+	fe := "[fe]\nvaddr = 10.0.0.100\nserver = 10.0.0.11 666\nrule = 10.0.0.11 .*\n"
+	for _, c := range []struct {
+		text string
+		want Deliver
+	}{
+		{be, DeliverRelay},
+		{be + "deliver = relay\n", DeliverRelay},
+		{be + "deliver = socket\n", DeliverSocket},
+		{be + "deliver = socket\n" + fe + "phttp = single\n", DeliverSocket},
+		{be + "deliver = relay\n" + fe, DeliverRelay},
+	} {
+		cfg, err := Parse("be.conf", []byte(c.text))
+		if err != nil {
+			t.Errorf("%q: %v", c.text, err)
+			continue
+		}
+		if cfg.BE.Deliver != c.want || !cfg.BE.ClientAddr {
+			t.Errorf("%q: deliver %q clientaddr %v, want %q and on", c.text, cfg.BE.Deliver, cfg.BE.ClientAddr, c.want)
+		}
+	}
+	cfg, err := Parse("be.conf", []byte(be+"deliver = socket\nclientaddr = off\n"))
+	if err != nil || cfg.BE.ClientAddr {
+		t.Errorf("clientaddr = off: %v", err)
+	}
+}
+
 // Each kind of bad input is refused with the file, line, section and key.
 func TestParseErrors(t *testing.T) {
 	fe := "[fe]\nvaddr = 10.0.0.100\nserver = 10.0.0.11 666\n"
@@ -216,6 +246,10 @@ func TestParseErrors(t *testing.T) {
 		{"accept in [be]", be + "accept = be\n", 6, "be", "accept", "it belongs in [fe]"},
 		{"pintimeout past idletimeout", fe + "idletimeout = 30\npintimeout = 60\nrule = local .*\n", 5, "fe", "pintimeout", "longer than idletimeout"},
 		{"unknown phttp", fe + "phttp = always\nrule = local .*\n", 4, "fe", "phttp", "want single, multi or forward"},
+		{"unknown deliver", be + "deliver = splice\n", 6, "be", "deliver", "\"splice\": want relay or socket"},
+		{"bad clientaddr", be + "clientaddr = client\n", 6, "be", "clientaddr", "on"},
+		{"deliver socket with phttp multi", "[global]\nsecret = test-secret-16byte\n" + fe + "rule = 10.0.0.11 .*\n" + be + "deliver = socket\n",
+			12, "be", "deliver", "socket needs [fe] phttp = single (it is multi)"},
 		{"duplicate server", fe + "server = 10.0.0.11 667\nrule = local .*\n", 4, "fe", "server", "already declared on line 3"},
 		{"bad weight", fe + "server = 10.0.0.12 666 weight=x\nrule = local .*\n", 4, "fe", "server", "weight=N"},
 		{"weight too large", fe + "server = 10.0.0.12 666 weight=20000\nrule = local .*\n", 4, "fe", "server", "0 to 10000"},

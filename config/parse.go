@@ -51,7 +51,7 @@ var allowed = map[string]map[string]bool{
 		"dregister": false, "feaddr": false, "feport": false, "rule": true,
 		"committimeout": false, "drain": false, "keepalivetimeout": false,
 		"requesttimeout": false, "maxheader": false, "forwardedfor": false,
-		"redirecttlsport": false, "proxyprotocol": false, "maxconnperip": false,
+		"redirecttlsport": false, "proxyprotocol": false, "maxconnperip": false, "deliver": false, "clientaddr": false,
 		"check": false, "checkexpect": false,
 	},
 }
@@ -166,6 +166,15 @@ func Parse(name string, data []byte) (*Config, error) {
 	if cfg.FE != nil && cfg.BE != nil && cfg.FE.VAddr != cfg.BE.VAddr {
 		return nil, &Error{File: name, Line: lines.line("be", "vaddr", 0), Section: "be", Key: "vaddr",
 			Msg: fmt.Sprintf("differs from [fe] vaddr %s; one host serves one VIP", cfg.FE.VAddr)}
+	}
+	if cfg.FE != nil && cfg.BE != nil && cfg.BE.Deliver == DeliverSocket && cfg.FE.PHTTP != "single" {
+		// A delivered connection's later requests reach the web server,
+		// not the agent, and the BE's packet path that would see them
+		// (issue 15 item 2) is not built: they could be neither moved nor
+		// forwarded. A BE on another host learns phttp from the FE's
+		// cluster frame and relays instead (reason phttp).
+		return nil, &Error{File: name, Line: lines.line("be", "deliver", 0), Section: "be", Key: "deliver",
+			Msg: fmt.Sprintf("socket needs [fe] phttp = single (it is %s): the web server, not the agent, reads a delivered connection's later requests, so they cannot be moved or forwarded; set phttp = single or deliver = relay", cfg.FE.PHTTP)}
 	}
 	if cfg.FE != nil && cfg.BE != nil && cfg.BE.UAddr == cfg.FE.RAddr {
 		return nil, &Error{File: name, Line: lines.line("be", "uaddr", 0), Section: "be", Key: "uaddr",
@@ -378,6 +387,16 @@ func (p *parser) be(s *ini.Section) (*BE, error) {
 		// Only what is given: the rest is what each FE asks.
 		Check: v.check(backends.Check{}),
 	}
+	be.Deliver = DeliverRelay
+	if m, ok := v.raw("deliver"); ok {
+		switch d := Deliver(m); d {
+		case DeliverRelay, DeliverSocket:
+			be.Deliver = d
+		default:
+			v.fail("deliver", v.line("deliver", 0), fmt.Sprintf("%q: want relay or socket", m))
+		}
+	}
+	be.ClientAddr = v.onOff("clientaddr", true)
 	// The seed needed feaddr only for dynamic registration; tcpha also
 	// accepts control sessions only from its FEs, so it is always required.
 	be.FEAddrs = v.addrList("feaddr", "the BE takes handoffs only from its FEs: set `feaddr = FE_RADDR`")

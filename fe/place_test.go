@@ -107,6 +107,8 @@ func TestPlacementOnlyAcceptingBEs(t *testing.T) {
 // forwarding as it was. With accept = fe the table says who holds it.
 func TestSwitchOnlyFromHolder(t *testing.T) {
 	f, flows, _ := testFE(t, 0)
+	var mover Mover = &fakeMover{}
+	f.mover.Store(&mover)
 	flow := netip.MustParseAddrPort("10.0.0.5:40000")
 	if err := f.table.Begin(flow, time.Now()); err != nil {
 		t.Fatal(err)
@@ -152,5 +154,11 @@ func TestSwitchOnlyFromHolder(t *testing.T) {
 	}
 	if res, _ := f.switchFlow(be1, frame(be2)); res != wire.ResultUnknown {
 		t.Errorf("be1 switching a flow it gave away: %v", res)
+	}
+	// While the table goes to a successor, a switch is answered busy, and
+	// the BE asks again.
+	f.mover.Store(nil)
+	if res, _ := f.switchFlow(be2, frame(be1)); res != wire.ResultBusy {
+		t.Errorf("a switch during a handover: %v, want busy", res)
 	}
 }

@@ -453,3 +453,90 @@ func TestReset(t *testing.T) {
 		t.Errorf("Reset hook saw %v", got)
 	}
 }
+
+// fakeDelivery is an Upstream that takes the connection itself (deliver =
+// socket): it stages before the ACK, commits on Activate (no connection
+// for Run) and aborts on Discard.
+type fakeDelivery struct {
+	mu                        sync.Mutex
+	staged, committed, closed int
+	aborted                   int
+}
+
+func (d *fakeDelivery) Close() error { d.mu.Lock(); d.closed++; d.mu.Unlock(); return nil }
+
+func (d *fakeDelivery) Deliver(ci *wire.ConnInfo, _ Rebuilder) (Rebuilt, error) {
+	d.mu.Lock()
+	d.staged++
+	d.mu.Unlock()
+	return deliveredRebuilt{d}, nil
+}
+
+type deliveredRebuilt struct{ d *fakeDelivery }
+
+func (r deliveredRebuilt) Activate() (*net.TCPConn, error) {
+	r.d.mu.Lock()
+	r.d.committed++
+	r.d.mu.Unlock()
+	return nil, nil
+}
+
+func (r deliveredRebuilt) Discard() { r.d.mu.Lock(); r.d.aborted++; r.d.mu.Unlock() }
+
+// An Upstream that is a Deliverer rebuilds the connection itself: the
+// Rebuilder is not asked, the delivery is staged before the ACK and
+// committed at the commit, or aborted; Run hears of a committed one with
+// its Upstream.
+func TestOfferDeliverer(t *testing.T) {
+	r := newRig(t, "k", "k", 5*time.Second)
+	d := &fakeDelivery{}
+	r.receiver.Connect = func(context.Context, *wire.ConnInfo) (Upstream, error) { return d, nil }
+	ran := make(chan Upstream, 2)
+	r.receiver.Run = func(c *net.TCPConn, up Upstream) {
+		if c != nil {
+			t.Errorf("Run got a connection for a delivered one")
+		}
+		ran <- up
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	o, err := r.client.Offer(ctx, r.be, connInfo("10.0.0.10:40000", "10.0.0.100:80"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.mu.Lock()
+	staged, committed := d.staged, d.committed
+	d.mu.Unlock()
+	if staged != 1 || committed != 0 {
+		t.Fatalf("after the ACK: staged %d, committed %d; want 1, 0", staged, committed)
+	}
+	if err := o.Commit(); err != nil {
+		t.Fatal(err)
+	}
+	if up := <-ran; up != Upstream(d) {
+		t.Errorf("Run got %v", up)
+	}
+	o, err = r.client.Offer(ctx, r.be, connInfo("10.0.0.10:40001", "10.0.0.100:80"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	o.Abort()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		d.mu.Lock()
+		aborted, closed := d.aborted, d.closed
+		d.mu.Unlock()
+		if aborted == 1 && closed == 1 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("after the abort: aborted %d, closed %d; want 1, 1", aborted, closed)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	r.rb.mu.Lock()
+	defer r.rb.mu.Unlock()
+	if len(r.rb.rebuilt) != 0 {
+		t.Errorf("the Rebuilder rebuilt %d connections of a Deliverer", len(r.rb.rebuilt))
+	}
+}

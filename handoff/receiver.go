@@ -36,6 +36,17 @@ type Upstream interface {
 	Close() error
 }
 
+// Deliverer is an Upstream that takes the rebuilt connection itself
+// (`deliver = socket`): Deliver rebuilds ci onto the web server's own
+// socket, or falls back to rb (the relay) for this connection. What it
+// returns behaves as rb's Rebuilt does: silent until Activate, which may
+// return a nil connection when the server owns it (Run is then told so by
+// its Upstream).
+type Deliverer interface {
+	Upstream
+	Deliver(ci *wire.ConnInfo, rb Rebuilder) (Rebuilt, error)
+}
+
 // Receiver is the BE's side of the handoff (the seed's SHR). It serves the
 // offers of any number of control sessions concurrently: the session's
 // reader never waits for a handoff. An offer is validated, the web server
@@ -247,7 +258,12 @@ func (r *Receiver) offer(s *ctl.Session, f wire.Frame, settled func()) {
 		return
 	}
 	start := time.Now()
-	rb, err := r.Rebuilder.Rebuild(&ci)
+	var rb Rebuilt
+	if d, ok := up.(Deliverer); ok {
+		rb, err = d.Deliver(&ci, r.Rebuilder)
+	} else {
+		rb, err = r.Rebuilder.Rebuild(&ci)
+	}
 	if err != nil {
 		up.Close()
 		refuse(wire.ResultRestore, err)

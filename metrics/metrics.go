@@ -49,6 +49,11 @@ type Metrics struct {
 	// say "the file on disk is not the one running" and since when.
 	LastReloadOK prometheus.Gauge
 	LastReload   prometheus.Gauge
+	// Deliveries counts, with [be] deliver = socket, the connections the
+	// BE handed to its web server's own socket (result delivered) or
+	// relayed instead, by the reason (phttp, not_accepted, worker_gone,
+	// ...).
+	Deliveries *prometheus.CounterVec
 }
 
 // HandoffBuckets cover 50 µs to about 6 s in steps of 1.5×, fine enough to
@@ -93,6 +98,9 @@ func New() *Metrics {
 		LastReload: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "tcpha_config_last_reload_timestamp_seconds", Help: "Unix time of the last reload, refused or not, or of the start.",
 		}),
+		Deliveries: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "tcpha_deliveries_total", Help: "BE, deliver = socket: connections handed to the web server's own socket (delivered) or relayed, by the fallback's reason.",
+		}, []string{"result"}),
 	}
 	// Both results exist from the start, so that a rate() or an alert on
 	// refused sees 0 rather than no series.
@@ -107,7 +115,7 @@ func New() *Metrics {
 	buildInfo.Set(1)
 	// HandoffDuration is registered by the FE role (fe.Start): a BE
 	// exported it empty.
-	r.MustRegister(m.Handoffs, m.Offers, m.Probes, m.Migrations, m.TLSRefused, m.TableReinstalls,
+	r.MustRegister(m.Handoffs, m.Offers, m.Probes, m.Migrations, m.TLSRefused, m.TableReinstalls, m.Deliveries,
 		m.Reloads, m.LastReloadOK, m.LastReload, buildInfo,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m

@@ -56,6 +56,9 @@ type params struct {
 	profileDir string
 	tlsSecs    int             // per wrk workload over HTTPS
 	only, fes  map[string]bool // empty: all
+	// deliver is the BEs' [be] deliver; socket also sets the FE's phttp
+	// = single, which it needs (tcpha.conf(5)).
+	deliver string
 }
 
 func set(list string) map[string]bool {
@@ -91,6 +94,7 @@ func main() {
 	fes := flag.String("fe", "", "comma-separated `front ends` to run (tcpha,haproxy,nginx,direct,haproxy-sni,haproxy-tls,nginx-preread; default all)")
 	secs := flag.Int("seconds", 0, "seconds per wrk workload (default 10, 2 with -smoke; 1 for HTTPS with -smoke)")
 	note := flag.String("note", "", "a `sentence` said next to the HTTPS figures (how busy the machine was)")
+	deliver := flag.String("deliver", "relay", "the BEs' [be] `deliver` (relay or socket; socket sets [fe] phttp = single)")
 	flag.Parse()
 	p := params{wrkSecs: 10, tlsSecs: 10, flatTotal: 60 * time.Second, flatWindow: 10 * time.Second, bigMB: 200, ttfbN: 300,
 		idleConns: 10000, profileDir: *profile}
@@ -102,6 +106,9 @@ func main() {
 		p.wrkSecs, p.tlsSecs = *secs, *secs
 	}
 	p.only, p.fes = set(*only), set(*fes)
+	if p.deliver = *deliver; p.deliver != "relay" && p.deliver != "socket" {
+		fail(fmt.Errorf("-deliver %q: want relay or socket", p.deliver))
+	}
 	if os.Geteuid() != 0 {
 		fail(errors.New("needs root: it creates network namespaces"))
 	}
@@ -179,8 +186,9 @@ type bencher struct {
 	p   params
 	run *bench.Run
 	fes []frontEnd
-	// accept is the FE agent's [fe] accept now.
-	accept string
+	// accept is the FE agent's [fe] accept now; deliverFE the FE lines
+	// -deliver adds.
+	accept, deliverFE string
 	// tlsFes are the ways in over HTTPS, for (j), (k) and (l).
 	tlsFes []frontEnd
 	// syncOn gives the FE [fe] syncpeer = fe2 at its next start (the
@@ -189,8 +197,12 @@ type bencher struct {
 }
 
 func runBench(agent string, p params) (*bench.Run, error) {
-	fmt.Println("== building the cluster: client, FE, be1, be2 (nginx on each BE, HTTP and HTTPS), fe2 (the sync workload's standby)")
+	fmt.Println("== building the cluster: client, FE, be1, be2 (nginx on each BE, HTTP and HTTPS), fe2 (the sync workload's standby), deliver =", p.deliver)
 	syncOn := &atomic.Bool{}
+	deliverFE, deliverBE := "", ""
+	if p.deliver == "socket" {
+		deliverFE, deliverBE = "phttp = single\n", "deliver = socket\n"
+	}
 	c, err := cluster.New(cluster.Options{
 		Agent: agent, BEs: 2, Secret: "bench-cluster-secret",
 		// TLS without SNI (wrk names the VIP's address) takes the first
@@ -201,7 +213,7 @@ func runBench(agent string, p params) (*bench.Run, error) {
 		// Per-connection lines off: the bench measures the default path.
 		// A short drain: the FE agent restarts between accept modes
 		// (use); TLS only with accept = fe, which (j), (k) and (l) use.
-		FEExtra: feExtra("fe"), BEExtra: "",
+		FEExtra: feExtra("fe") + deliverFE, BEExtra: deliverBE,
 		FE2: true,
 		Edit: func(host, conf string) string {
 			switch {
@@ -254,7 +266,7 @@ func runBench(agent string, p params) (*bench.Run, error) {
 		}
 	}
 	// The agents log at info, like a production default.
-	b := &bencher{c: c, p: p, run: &bench.Run{Date: time.Now(), Smoke: p.smoke, FlatWindow: p.flatWindow}, accept: "fe", syncOn: syncOn}
+	b := &bencher{c: c, p: p, run: &bench.Run{Date: time.Now(), Smoke: p.smoke, FlatWindow: p.flatWindow}, accept: "fe", deliverFE: deliverFE, syncOn: syncOn}
 	haproxy, err := b.startHAProxy()
 	if err != nil {
 		return nil, err
@@ -914,7 +926,7 @@ func (b *bencher) use(fe frontEnd) error {
 	if fe.accept != "" && fe.accept != b.accept {
 		fmt.Printf("== restarting the FE agent with accept = %s\n", fe.accept)
 		// A short drain: nothing is left to drain between workloads.
-		b.c.SetFEExtra(feExtra(fe.accept))
+		b.c.SetFEExtra(feExtra(fe.accept) + b.deliverFE)
 		if err := b.c.StopAgent("fe", syscall.SIGTERM); err != nil {
 			return err
 		}

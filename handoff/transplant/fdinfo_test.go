@@ -72,8 +72,8 @@ func TestReasonStrings(t *testing.T) {
 		}
 		seen[s] = true
 	}
-	if len(seen) != int(ReasonEpollAdd) {
-		t.Errorf("%d labelled reasons, want %d", len(seen), ReasonEpollAdd)
+	if len(seen) != int(ReasonDeferred) {
+		t.Errorf("%d labelled reasons, want %d", len(seen), ReasonDeferred)
 	}
 	if got := Reason(0).String(); got != "reason_0" {
 		t.Errorf("zero reason: %q", got)

@@ -35,6 +35,7 @@ const (
 	ReasonRepair                        // repair mode or the repair-mode disconnect failed
 	ReasonRestore                       // rebuilding the client connection on the socket failed
 	ReasonEpollAdd                      // giving the socket back to the server's epoll failed
+	ReasonDeferred                      // the listener defers accept until data (`listen … deferred`)
 )
 
 var reasonNames = [...]string{
@@ -50,6 +51,7 @@ var reasonNames = [...]string{
 	ReasonRepair:      "repair",
 	ReasonRestore:     "restore",
 	ReasonEpollAdd:    "epoll_add",
+	ReasonDeferred:    "deferred",
 }
 
 func (r Reason) String() string {

@@ -8,8 +8,11 @@ import (
 	"net/netip"
 	"os"
 	"runtime"
+	"slices"
 	"strconv"
+	"strings"
 	"sync"
+	"syscall"
 	"time"
 	"unsafe"
 
@@ -30,6 +33,15 @@ type Server struct {
 
 	mu      sync.Mutex
 	workers []*worker
+	// deferred: the last scan found the listener deferring accept
+	// (TCP_DEFER_ACCEPT, nginx's `listen … deferred`): the server accepts
+	// a connection only once it brings data, so an idle one never is.
+	deferred bool
+	// scanned is when the workers were last searched; holders are the
+	// processes that held the listener then, whose children a reload's
+	// new workers are (an nginx master).
+	scanned time.Time
+	holders []int
 }
 
 // worker is one server process: a pidfd and our duplicates of its epoll
@@ -85,6 +97,9 @@ type Idle struct {
 	conn  *net.TCPConn // our end of the loopback connection
 	pidfd int          // the worker's, our own copy
 	epfd  int          // our duplicate of the worker's epoll holding Item
+	// marked: dialed with SO_MARK (PrepareFrom), which the server's end
+	// took (tcp_fwmark_accept); the transplant clears it.
+	marked bool
 }
 
 // prepareWait is how long Prepare waits for the server to accept and
@@ -96,12 +111,58 @@ const prepareWait = time.Second
 // 0 until the server calls accept, matched with the `tfd: N … ino:` lines of
 // the worker's epoll fdinfo).
 func (s *Server) Prepare(ctx context.Context) (*Idle, error) {
+	return s.prepare(ctx, &net.Dialer{KeepAlive: -1}, false)
+}
+
+// PrepareFrom is Prepare dialing from src, an address of another host (the
+// client's address and port), with IP_TRANSPARENT and SO_MARK mark: the
+// server accepts src as its peer and logs it. The namespace must route the
+// server's answers to src back through loopback for marked packets (see
+// netif.SetupTransparent).
+func (s *Server) PrepareFrom(ctx context.Context, src netip.AddrPort, mark int) (*Idle, error) {
+	dialer := func(src netip.AddrPort) *net.Dialer {
+		return &net.Dialer{
+			KeepAlive: -1,
+			LocalAddr: net.TCPAddrFromAddrPort(src),
+			Control: func(_, _ string, rc syscall.RawConn) error {
+				var err error
+				if cerr := rc.Control(func(fd uintptr) {
+					err = errors.Join(
+						wrapOpt("IP_TRANSPARENT", unix.SetsockoptInt(int(fd), unix.SOL_IP, unix.IP_TRANSPARENT, 1)),
+						wrapOpt("SO_MARK", unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK, mark)))
+				}); cerr != nil {
+					return cerr
+				}
+				return err
+			},
+		}
+	}
+	idle, err := s.prepare(ctx, dialer(src), true)
+	if errors.Is(err, unix.EADDRINUSE) {
+		// The client's port is bound here already (this host's own
+		// sockets share the port space; a test saw it under load): the
+		// address is what the server logs and filters on, any port does.
+		idle, err = s.prepare(ctx, dialer(netip.AddrPortFrom(src.Addr(), 0)), true)
+	}
+	return idle, err
+}
+
+func wrapOpt(name string, err error) error {
+	if err != nil {
+		return fmt.Errorf("set %s: %w", name, err)
+	}
+	return nil
+}
+
+func (s *Server) prepare(ctx context.Context, d *net.Dialer, marked bool) (*Idle, error) {
 	if _, ok := ctx.Deadline(); !ok {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, prepareWait)
 		defer cancel()
 	}
-	d := net.Dialer{KeepAlive: -1}
+	if err := s.checkDeferred(); err != nil {
+		return nil, err
+	}
 	c, err := d.DialContext(ctx, "tcp4", s.addr.String())
 	if err != nil {
 		return nil, &Error{Reason: ReasonDial, Err: fmt.Errorf("dial %v: %w", s.addr, err)}
@@ -114,6 +175,7 @@ func (s *Server) Prepare(ctx context.Context) (*Idle, error) {
 		return nil, err
 	}
 	idle.Search = time.Since(start)
+	idle.marked = marked
 	return idle, nil
 }
 
@@ -131,13 +193,22 @@ func (s *Server) find(ctx context.Context, conn *net.TCPConn) (*Idle, error) {
 			break
 		}
 		if err := sleep(ctx, backoff); err != nil {
-			return nil, &Error{Reason: ReasonNotAccepted, Err: fmt.Errorf("server %v did not accept %v: %w", s.addr, local, err)}
+			// "no socket" is a lost SYN, state 1 with no inode an
+			// accept queue the server did not get to.
+			seen := "no socket"
+			if sk.State != 0 {
+				seen = fmt.Sprintf("state %d, not accepted", sk.State)
+			}
+			return nil, &Error{Reason: ReasonNotAccepted, Err: fmt.Errorf("server %v did not accept %v (%s): %w", s.addr, local, seen, err)}
 		}
 	}
 	// The server accepts, then registers the socket with its epoll in the
 	// same event-loop pass: a miss is retried briefly, then the workers
-	// are searched anew (a reload replaced them).
-	rescanned := false
+	// are searched anew (a reload replaced them), and again every
+	// rescanEvery while it misses: a scan in the middle of a reload may
+	// find the new workers not started yet (a single rescan relayed 750
+	// of 2,000 connections across three reloads).
+	var scanned time.Time
 	for backoff := 10 * time.Microsecond; ; backoff = min(2*backoff, time.Millisecond) {
 		idle, err := s.lookIn(uint64(ino))
 		if err != nil {
@@ -147,18 +218,41 @@ func (s *Server) find(ctx context.Context, conn *net.TCPConn) (*Idle, error) {
 			idle.conn = conn
 			return idle, nil
 		}
-		if !rescanned && backoff >= time.Millisecond {
-			if err := s.rescan(); err != nil {
-				return nil, err
+		if backoff >= time.Millisecond && time.Since(scanned) >= rescanEvery {
+			scanned = time.Now()
+			// An old worker of a reload accepts, then closes its idle
+			// connections as it shuts down: no use waiting for it.
+			if sk, err := netif.LookupTCP(s.addr, local); errors.Is(err, netif.ErrNoSocket) || err == nil && sk.State != tcpEstablished {
+				return nil, &Error{Reason: ReasonWorkerGone, Err: fmt.Errorf("server %v closed %v before it was found (state %d, %v): a reload?", s.addr, local, sk.State, err)}
 			}
-			rescanned = true
-			continue
+			// A failed scan (the old workers gone, the new ones not yet
+			// up) is retried on the next pass, until ctx ends.
+			if s.rescan() == nil {
+				continue
+			}
 		}
 		if err := sleep(ctx, backoff); err != nil {
-			return nil, &Error{Reason: ReasonNotInEpoll, Err: fmt.Errorf("socket inode %d (server %v, peer %v) in no worker's epoll: %w", ino, s.addr, local, err)}
+			return nil, &Error{Reason: ReasonNotInEpoll, Err: fmt.Errorf("socket inode %d (server %v, peer %v) in no worker's epoll (searched %v): %w", ino, s.addr, local, s.workerPIDs(), err)}
 		}
 	}
 }
+
+// workerPIDs lists the workers searched, for errors.
+func (s *Server) workerPIDs() []int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out []int
+	for _, w := range s.workers {
+		out = append(out, w.pid)
+	}
+	return out
+}
+
+// tcpEstablished is TCP_ESTABLISHED (include/net/tcp_states.h).
+const tcpEstablished = 1
+
+// rescanEvery spaces the rescans of a search that misses (a /proc walk).
+const rescanEvery = 20 * time.Millisecond
 
 func sleep(ctx context.Context, d time.Duration) error {
 	t := time.NewTimer(d)
@@ -210,9 +304,33 @@ func (s *Server) lookIn(ino uint64) (*Idle, error) {
 	return nil, nil
 }
 
+// checkDeferred scans first when nothing is known of the server, and
+// again while its listener defers accept (a reload may change that), and
+// refuses to dial a deferring listener: the dial would wait for an accept
+// that never comes.
+func (s *Server) checkDeferred() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if len(s.workers) == 0 || s.deferred {
+		// A failure is left to the search after the dial, which scans
+		// again: a server just started may not have its workers yet.
+		s.rescanLocked()
+	}
+	if s.deferred {
+		return &Error{Reason: ReasonDeferred, Err: fmt.Errorf("server %v listens with TCP_DEFER_ACCEPT (listen … deferred): it accepts no idle connection", s.addr)}
+	}
+	return nil
+}
+
+// rescan searches the workers anew unless a search ran within
+// rescanEvery: concurrent handoffs that miss share one (a walk of /proc
+// on a busy host takes milliseconds, under the lock every search needs).
 func (s *Server) rescan() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if time.Since(s.scanned) < rescanEvery {
+		return nil
+	}
 	return s.rescanLocked()
 }
 
@@ -220,29 +338,69 @@ func (s *Server) rescan() error {
 // include the listening socket, with their epoll fds (an nginx master holds
 // the listener but no epoll; its workers hold both).
 func (s *Server) rescanLocked() error {
-	for _, w := range s.workers {
-		w.close()
-	}
+	old := s.workers
 	s.workers = nil
-	lino, err := s.listenerInode()
+	defer func() {
+		// An old worker of a reload closes its listener but keeps the
+		// connections it accepted just before, ours among them: it is
+		// searched while it lives (a search of the new workers alone
+		// relayed about half of 2,000 connections across 3 reloads).
+		for _, w := range old {
+			alive := unix.PidfdSendSignal(w.pidfd, 0, nil, 0) == nil
+			if alive && !slices.ContainsFunc(s.workers, func(n *worker) bool { return n.pid == w.pid }) {
+				s.workers = append(s.workers, w)
+				continue
+			}
+			w.close()
+		}
+	}()
+	s.deferred = false
+	b, err := os.ReadFile("/proc/thread-self/net/tcp") // this thread's namespace (tests switch threads)
+	if err != nil {
+		return &Error{Reason: ReasonNoWorker, Err: fmt.Errorf("list listeners: %w", err)}
+	}
+	linos, err := ParseListeners(b, s.addr)
 	if err != nil {
 		return &Error{Reason: ReasonNoWorker, Err: err}
 	}
-	procs, err := processesWith("socket:[" + strconv.FormatUint(uint64(lino), 10) + "]")
+	if len(linos) == 0 {
+		return &Error{Reason: ReasonNoWorker, Err: fmt.Errorf("no listener on %v", s.addr)}
+	}
+	targets := map[string]bool{}
+	for _, ino := range linos {
+		targets["socket:["+strconv.FormatUint(ino, 10)+"]"] = true
+	}
+	s.scanned = time.Now()
+	// The last holders and their children first (a reload's new workers
+	// are the master's children), then every process.
+	procs, err := processesWith(targets, candidates(s.holders))
+	if err == nil && !slices.ContainsFunc(procs, func(p proc) bool { return len(p.epolls) > 0 }) {
+		procs, err = processesWith(targets, nil)
+	}
 	if err != nil {
 		return &Error{Reason: ReasonNoWorker, Err: err}
+	}
+	s.holders = s.holders[:0]
+	for _, p := range procs {
+		s.holders = append(s.holders, p.pid)
 	}
 	var denied error
 	for _, p := range procs {
-		if len(p.epolls) == 0 {
-			continue
-		}
 		pidfd, err := unix.PidfdOpen(p.pid, 0)
 		if err != nil {
 			if errors.Is(err, unix.EPERM) {
 				denied = fmt.Errorf("pidfd_open %d: %w", p.pid, err)
 			}
 			continue // ESRCH: gone meanwhile
+		}
+		// Any holder tells, the master too: a server just started may
+		// have no worker yet.
+		if !s.deferred && deferAccept(pidfd, p.listener) {
+			s.deferred = true
+		}
+		if len(p.epolls) == 0 {
+			unix.Close(pidfd)
+			continue
 		}
 		w := &worker{pid: p.pid, pidfd: pidfd}
 		for _, fd := range p.epolls {
@@ -265,48 +423,73 @@ func (s *Server) rescanLocked() error {
 		if denied != nil {
 			return &Error{Reason: ReasonDenied, Err: fmt.Errorf("server %v: %w", s.addr, denied)}
 		}
-		return &Error{Reason: ReasonNoWorker, Err: fmt.Errorf("server %v: no process holds listener inode %d with an epoll", s.addr, lino)}
+		return &Error{Reason: ReasonNoWorker, Err: fmt.Errorf("server %v: no process holds a listener (inodes %v) with an epoll", s.addr, linos)}
 	}
 	return nil
 }
 
-// listenerInode looks the listening socket up by sock_diag: the exact
-// tuple addr ↔ 0.0.0.0:0 is the listener on addr, or on the wildcard
-// address for a server listening on *:port.
-func (s *Server) listenerInode() (uint32, error) {
-	none := netip.AddrPortFrom(netip.IPv4Unspecified(), 0)
-	for _, a := range []netip.AddrPort{s.addr, netip.AddrPortFrom(netip.IPv4Unspecified(), s.addr.Port())} {
-		sk, err := netif.LookupTCP(a, none)
-		if err == nil && sk.Inode != 0 {
-			return sk.Inode, nil
+// deferAccept tells whether the listener fd of the process behind pidfd
+// defers accept (TCP_DEFER_ACCEPT > 0).
+func deferAccept(pidfd, fd int) bool {
+	l, err := unix.PidfdGetfd(pidfd, fd, 0)
+	if err != nil {
+		return false
+	}
+	defer unix.Close(l)
+	v, err := unix.GetsockoptInt(l, unix.IPPROTO_TCP, unix.TCP_DEFER_ACCEPT)
+	return err == nil && v > 0
+}
+
+// candidates are pids and their children (/proc/PID/task/PID/children,
+// CONFIG_PROC_CHILDREN), or nil when pids is empty.
+func candidates(pids []int) []int {
+	if len(pids) == 0 {
+		return nil
+	}
+	out := slices.Clone(pids)
+	for _, p := range pids {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/children", p, p))
+		if err != nil {
+			continue
 		}
-		if err != nil && !errors.Is(err, netif.ErrNoSocket) {
-			return 0, fmt.Errorf("find the listener of %v: %w", s.addr, err)
+		for _, f := range strings.Fields(string(b)) {
+			if c, err := strconv.Atoi(f); err == nil && !slices.Contains(out, c) {
+				out = append(out, c)
+			}
 		}
 	}
-	return 0, fmt.Errorf("no listener on %v", s.addr)
+	return out
 }
 
 type proc struct {
-	pid    int
-	epolls []int
+	pid      int
+	listener int // an fd of one of the targets
+	epolls   []int
 }
 
 // processesWith walks /proc for the processes holding a file whose link
-// reads target, and lists their epoll fds.
-func processesWith(target string) ([]proc, error) {
-	ents, err := os.ReadDir("/proc")
-	if err != nil {
-		return nil, fmt.Errorf("list processes: %w", err)
+// is one of targets (the listeners: with `reuseport` each worker has its
+// own), and lists their epoll fds.
+// Only the processes in pids are looked at when it is not nil.
+func processesWith(targets map[string]bool, pids []int) ([]proc, error) {
+	if pids == nil {
+		ents, err := os.ReadDir("/proc")
+		if err != nil {
+			return nil, fmt.Errorf("list processes: %w", err)
+		}
+		for _, e := range ents {
+			if pid, err := strconv.Atoi(e.Name()); err == nil {
+				pids = append(pids, pid)
+			}
+		}
 	}
 	self := os.Getpid()
 	var out []proc
-	for _, e := range ents {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil || pid == self {
+	for _, pid := range pids {
+		if pid == self {
 			continue
 		}
-		dir := "/proc/" + e.Name() + "/fd/"
+		dir := "/proc/" + strconv.Itoa(pid) + "/fd/"
 		fds, err := os.ReadDir(dir)
 		if err != nil {
 			continue // gone, or a kernel thread
@@ -319,7 +502,10 @@ func processesWith(target string) ([]proc, error) {
 				continue
 			}
 			switch {
-			case l == target:
+			case targets[l]:
+				if !holds {
+					p.listener, _ = strconv.Atoi(f.Name())
+				}
 				holds = true
 			case l == "anon_inode:[eventpoll]":
 				if n, err := strconv.Atoi(f.Name()); err == nil {
@@ -360,7 +546,8 @@ func (i *Idle) Close() error {
 // Transplant rebuilds the client connection ci describes (a dump, as
 // handoff/repair's Rebuild takes it) onto the server's end of the idle
 // connection, and gives it back to the server, which then reads the
-// request in ci.RecvQueue and answers the client itself.
+// request in ci.RecvQueue and answers the client itself: Stage and Commit
+// in one.
 //
 // The client's packets must not reach this host during the call (the FE
 // holds them until the BE's commit): nothing is sent to the client, and on
@@ -369,23 +556,95 @@ func (i *Idle) Close() error {
 // used again) or not (ServerClosed). After success or ServerClosed the
 // Idle is spent and its handles released.
 func (i *Idle) Transplant(ci *wire.ConnInfo) error {
+	st, err := i.Stage(ci)
+	if err != nil {
+		return err
+	}
+	return st.Commit()
+}
+
+// Staged is a client connection rebuilt onto the server's socket and still
+// in repair mode, hidden from the server's epoll: the server does not see
+// it and nothing reaches the client. Commit gives it to the server; Abort
+// takes it off again without a packet. Exactly one of them must be called:
+// the surgery thread (with its private fd table) waits for it.
+type Staged struct {
+	idle *Idle
+	next chan bool   // true: commit, false: abort
+	done chan *Error // the thread's last word
+	once sync.Once
+	err  *Error
+}
+
+// Stage does the surgery of Transplant up to the restore, and leaves the
+// socket in repair mode and out of the server's epoll until Commit (the
+// BE stages before it acks the FE's offer, and commits on the FE's
+// commit, so the server answers only once the FE forwards the client's
+// ACKs). Errors are as Transplant's.
+func (i *Idle) Stage(ci *wire.ConnInfo) (*Staged, error) {
 	if i.conn == nil {
-		return &Error{Reason: ReasonFDChanged, Server: ServerIntact, Err: errors.New("idle connection already used or closed")}
+		return nil, &Error{Reason: ReasonFDChanged, Server: ServerIntact, Err: errors.New("idle connection already used or closed")}
 	}
-	e := onPrivateFDTable(func() *Error {
+	st := &Staged{idle: i, next: make(chan bool, 1), done: make(chan *Error, 1)}
+	staged := make(chan *Error, 1)
+	go privateThread(func() *Error {
 		start := time.Now()
-		defer func() { i.Surgery = time.Since(start) }()
-		return i.surgery(ci)
-	})
-	if e != nil && e.Server == ServerIntact {
+		finish, e := i.stage(ci)
+		i.Surgery = time.Since(start)
+		staged <- e
+		if e != nil {
+			return e
+		}
+		commit := <-st.next
+		start = time.Now()
+		e = finish(commit)
+		i.Surgery += time.Since(start)
 		return e
+	}, st.done)
+	var e *Error
+	select {
+	case e = <-staged:
+	case e = <-st.done: // the thread failed before the surgery
 	}
-	// Our end's peer is gone without a packet: close it the same way.
-	repair.CloseSilently(i.conn)
-	i.conn = nil
+	if e == nil {
+		return st, nil
+	}
+	if e.Server == ServerClosed {
+		i.spend()
+	}
+	return nil, e
+}
+
+// spend lets go of an Idle whose server socket now is the client's (or
+// dead): our end's peer is gone without a packet, so it is closed the
+// same way.
+func (i *Idle) spend() {
+	if i.conn != nil {
+		repair.CloseSilently(i.conn)
+		i.conn = nil
+	}
 	i.closeHandles()
-	if e != nil {
-		return e
+}
+
+// Commit leaves repair mode and gives the socket back to the server's
+// epoll, which wakes the server with the request. On failure the socket is
+// taken off the client's connection again without a packet (ServerClosed)
+// and the client's dump can still be restored elsewhere. The Idle is spent
+// either way.
+func (s *Staged) Commit() error { return s.end(true) }
+
+// Abort takes the client connection off the server's socket without a
+// packet and gives the dead socket back to the server, which closes it.
+func (s *Staged) Abort() error { return s.end(false) }
+
+func (s *Staged) end(commit bool) error {
+	s.once.Do(func() {
+		s.next <- commit
+		s.err = <-s.done
+		s.idle.spend()
+	})
+	if s.err != nil {
+		return s.err
 	}
 	return nil
 }
@@ -428,74 +687,80 @@ func privateThread(fn func() *Error, done chan<- *Error) {
 	done <- fn()
 }
 
-// surgery runs on the thread with the private fd table.
-func (i *Idle) surgery(ci *wire.ConnInfo) *Error {
+// stage runs on the thread with the private fd table: the surgery up to
+// the restore. finish, on the same thread, commits or aborts it.
+func (i *Idle) stage(ci *wire.ConnInfo) (finish func(commit bool) *Error, _ *Error) {
 	n := i.Item.FD
 	intact := func(r Reason, err error) *Error { return &Error{Reason: r, Server: ServerIntact, Err: err} }
 	sock, err := unix.PidfdGetfd(i.pidfd, n, 0)
 	switch {
 	case errors.Is(err, unix.ESRCH):
-		return intact(ReasonWorkerGone, fmt.Errorf("pidfd_getfd %d fd %d: %w", i.PID, n, err))
+		return nil, intact(ReasonWorkerGone, fmt.Errorf("pidfd_getfd %d fd %d: %w", i.PID, n, err))
 	case errors.Is(err, unix.EPERM):
-		return intact(ReasonDenied, fmt.Errorf("pidfd_getfd %d fd %d: %w", i.PID, n, err))
+		return nil, intact(ReasonDenied, fmt.Errorf("pidfd_getfd %d fd %d: %w", i.PID, n, err))
 	case err != nil:
-		return intact(ReasonFDChanged, fmt.Errorf("pidfd_getfd %d fd %d: %w", i.PID, n, err))
+		return nil, intact(ReasonFDChanged, fmt.Errorf("pidfd_getfd %d fd %d: %w", i.PID, n, err))
 	}
 	var st unix.Stat_t
 	if err := unix.Fstat(sock, &st); err != nil || st.Ino != i.Item.Ino {
 		unix.Close(sock)
-		return intact(ReasonFDChanged, fmt.Errorf("worker %d fd %d is inode %d, want %d (%v)", i.PID, n, st.Ino, i.Item.Ino, err))
+		return nil, intact(ReasonFDChanged, fmt.Errorf("worker %d fd %d is inode %d, want %d (%v)", i.PID, n, st.Ino, i.Item.Ino, err))
 	}
 	ep := i.epfd
 	if ep == n {
 		// Our epoll duplicate sits on the number we need.
 		if ep, err = unix.FcntlInt(uintptr(i.epfd), unix.F_DUPFD_CLOEXEC, n+1); err != nil {
 			unix.Close(sock)
-			return intact(ReasonThread, fmt.Errorf("move the epoll duplicate off fd %d: %w", n, err))
+			return nil, intact(ReasonThread, fmt.Errorf("move the epoll duplicate off fd %d: %w", n, err))
 		}
 	}
-	if sock != n {
-		err := unix.Dup3(sock, n, unix.O_CLOEXEC)
+	// The socket stays at its own number sock; it is put at nginx's
+	// number n only for each epoll_ctl (epollCtlAs). The private table dies
+	// with the thread, but closing here makes sure this process holds no
+	// reference once the surgery ends: a stray one would keep the socket
+	// alive after the server closes it, and no FIN would leave.
+	cleanup := func() {
 		unix.Close(sock)
-		if err != nil {
-			return intact(ReasonThread, fmt.Errorf("dup3 onto fd %d: %w", n, err))
+		if ep != i.epfd {
+			unix.Close(ep)
 		}
 	}
-	// n is now the server's socket in this thread's table. The private
-	// table dies with the thread, but closing here makes sure this process
-	// holds no reference once Transplant returns: a stray one would keep
-	// the socket alive after the server closes it, and no FIN would leave.
-	defer unix.Close(n)
-	if ep != i.epfd {
-		defer unix.Close(ep)
+	fail := func(e *Error) (func(bool) *Error, *Error) {
+		cleanup()
+		return nil, e
 	}
 
 	// Hide the socket from the server: the disconnect below would wake it
 	// with ERR/HUP, its recv would fail (EPERM in repair mode) and it would
 	// close, resetting the client (FACTS.md: 10 of 200 survived).
-	if err := unix.EpollCtl(ep, unix.EPOLL_CTL_DEL, n, nil); err != nil {
-		return intact(ReasonEpollDel, fmt.Errorf("epoll_ctl DEL fd %d of worker %d: %w", n, i.PID, err))
+	if err := epollCtlAs(ep, unix.EPOLL_CTL_DEL, n, sock, nil); err != nil {
+		return fail(intact(ReasonEpollDel, fmt.Errorf("epoll_ctl DEL fd %d of worker %d: %w", n, i.PID, err)))
 	}
-	readd := func() error {
-		ev := unix.EpollEvent{Events: i.Item.Events, Fd: int32(uint32(i.Item.Data)), Pad: int32(uint32(i.Item.Data >> 32))}
-		return unix.EpollCtl(ep, unix.EPOLL_CTL_ADD, n, &ev)
-	}
-	if err := unix.SetsockoptInt(n, unix.IPPROTO_TCP, unix.TCP_REPAIR, 1); err != nil {
-		return intact(ReasonRepair, errors.Join(fmt.Errorf("set TCP_REPAIR: %w", err), readd()))
+	ev := &unix.EpollEvent{Events: i.Item.Events, Fd: int32(uint32(i.Item.Data)), Pad: int32(uint32(i.Item.Data >> 32))}
+	readd := func() error { return epollCtlAs(ep, unix.EPOLL_CTL_ADD, n, sock, ev) }
+	if err := unix.SetsockoptInt(sock, unix.IPPROTO_TCP, unix.TCP_REPAIR, 1); err != nil {
+		return fail(intact(ReasonRepair, errors.Join(fmt.Errorf("set TCP_REPAIR: %w", err), readd())))
 	}
 	// In repair mode the disconnect sends nothing (tcp_disconnect skips
 	// the RST) and leaves the socket CLOSE, unbound from its port.
-	if err := disconnect(n); err != nil {
-		return intact(ReasonRepair, errors.Join(fmt.Errorf("repair-mode disconnect: %w", err),
-			unix.SetsockoptInt(n, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_OFF_NO_WP), readd()))
+	if err := disconnect(sock); err != nil {
+		return fail(intact(ReasonRepair, errors.Join(fmt.Errorf("repair-mode disconnect: %w", err),
+			unix.SetsockoptInt(sock, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_OFF_NO_WP), readd())))
 	}
 	closed := func(r Reason, err error) *Error {
-		return &Error{Reason: r, Server: ServerClosed, Err: errors.Join(err, giveBackDead(n, readd))}
+		return &Error{Reason: r, Server: ServerClosed, Err: errors.Join(err, giveBackDead(sock, readd))}
+	}
+	// The server's end of a transparent dial took its mark, which routes
+	// to loopback: the client's connection must route normally.
+	if i.marked {
+		if err := unix.SetsockoptInt(sock, unix.SOL_SOCKET, unix.SO_MARK, 0); err != nil {
+			return fail(closed(ReasonRestore, fmt.Errorf("clear SO_MARK: %w", err)))
+		}
 	}
 	// Without it the socket computes its MSS from 536 (snd_mss 524,
 	// 177 MB/s: FACTS.md).
-	if err := unix.SetsockoptInt(n, unix.IPPROTO_TCP, unix.TCP_MAXSEG, int(ci.MSS)); err != nil {
-		return closed(ReasonRestore, fmt.Errorf("set TCP_MAXSEG %d: %w", ci.MSS, err))
+	if err := unix.SetsockoptInt(sock, unix.IPPROTO_TCP, unix.TCP_MAXSEG, int(ci.MSS)); err != nil {
+		return fail(closed(ReasonRestore, fmt.Errorf("set TCP_MAXSEG %d: %w", ci.MSS, err)))
 	}
 	// getsockopt(TCP_TIMESTAMP) cleared the low bit of the dumped clock:
 	// +2 keeps the bit and stays ahead of what the client last saw (PAWS
@@ -504,23 +769,89 @@ func (i *Idle) surgery(ci *wire.ConnInfo) *Error {
 	if rc.Options&wire.OptTimestamps != 0 {
 		rc.Timestamp += 2
 	}
-	if err := repair.RestoreFD(n, &rc); err != nil {
-		return closed(ReasonRestore, err)
+	if err := repair.RestoreFD(sock, &rc); err != nil {
+		return fail(closed(ReasonRestore, err))
 	}
-	if err := repair.LeaveRepairFD(n); err != nil {
-		return closed(ReasonRestore, err)
+	return func(commit bool) *Error {
+		defer cleanup()
+		if !commit {
+			// Nothing was sent: the client's connection lives on
+			// wherever the FE puts it, the server finds its socket hung
+			// up and closes it.
+			if err := giveBackDead(sock, readd); err != nil {
+				return &Error{Reason: ReasonRepair, Server: ServerClosed, Err: fmt.Errorf("abort: %w", err)}
+			}
+			return nil
+		}
+		if err := repair.LeaveRepairFD(sock); err != nil {
+			return closed(ReasonRestore, err)
+		}
+		// The data put in the receive queue in repair mode woke nobody; ADD
+		// polls the socket, finds the request and wakes the server, whose
+		// later EPOLL_CTL_MOD finds its (file, fd) key again.
+		if err := readd(); err != nil {
+			err = fmt.Errorf("epoll_ctl ADD fd %d of worker %d: %w", n, i.PID, err)
+			// Take the client connection back off the socket without a
+			// packet; the server's fd then holds a dead socket it no longer
+			// watches, closed by its own timeout.
+			rerr := errors.Join(unix.SetsockoptInt(sock, unix.IPPROTO_TCP, unix.TCP_REPAIR, 1), disconnect(sock),
+				unix.SetsockoptInt(sock, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_OFF_NO_WP))
+			return &Error{Reason: ReasonEpollAdd, Server: ServerClosed, Err: errors.Join(err, rerr)}
+		}
+		return nil
+	}, nil
+}
+
+// epollCtlAs runs epoll_ctl(ep, op, n, ev) with sock put at fd number n
+// for the call, and whatever n held put back right after. An epoll entry's
+// key is (file, fd number), so the call must name nginx's number; but in
+// this thread's private table n may be one of the Go runtime's own fds
+// (netpoll's epoll or eventfd: nginx's are small numbers too), and the
+// runtime uses them from whichever thread runs it: a GC mark termination
+// on this thread, with the socket left at n, failed epoll_wait on fd 4
+// with EINVAL and killed the agent ("runtime: netpoll failed"). Here the
+// window is three raw syscalls with no allocation between them.
+func epollCtlAs(ep, op, n, sock int, ev *unix.EpollEvent) error {
+	raw := func(trap, a1, a2, a3 uintptr) (uintptr, unix.Errno) {
+		r, _, e := unix.RawSyscall(trap, a1, a2, a3)
+		return r, e
 	}
-	// The data put in the receive queue in repair mode woke nobody; ADD
-	// polls the socket, finds the request and wakes the server, whose later
-	// EPOLL_CTL_MOD finds its (file, fd) key again.
-	if err := readd(); err != nil {
-		err = fmt.Errorf("epoll_ctl ADD fd %d of worker %d: %w", n, i.PID, err)
-		// Take the client connection back off the socket without a
-		// packet; the server's fd then holds a dead socket it no longer
-		// watches, closed by its own timeout.
-		rerr := errors.Join(unix.SetsockoptInt(n, unix.IPPROTO_TCP, unix.TCP_REPAIR, 1), disconnect(n),
-			unix.SetsockoptInt(n, unix.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_OFF_NO_WP))
-		return &Error{Reason: ReasonEpollAdd, Server: ServerClosed, Err: errors.Join(err, rerr)}
+	ctl := func() unix.Errno {
+		_, _, e := unix.RawSyscall6(unix.SYS_EPOLL_CTL, uintptr(ep), uintptr(op), uintptr(n), uintptr(unsafe.Pointer(ev)), 0, 0)
+		return e
+	}
+	if sock == n {
+		if e := ctl(); e != 0 {
+			return e
+		}
+		return nil
+	}
+	saved, e := raw(unix.SYS_FCNTL, uintptr(n), unix.F_DUPFD_CLOEXEC, 0)
+	switch {
+	case e == unix.EBADF:
+		saved = ^uintptr(0) // n is free
+	case e != 0:
+		return fmt.Errorf("save fd %d: %w", n, e)
+	}
+	if _, e := raw(unix.SYS_DUP3, uintptr(sock), uintptr(n), unix.O_CLOEXEC); e != 0 {
+		if saved != ^uintptr(0) {
+			raw(unix.SYS_CLOSE, saved, 0, 0)
+		}
+		return fmt.Errorf("dup3 onto fd %d: %w", n, e)
+	}
+	ce := ctl()
+	var re unix.Errno
+	if saved != ^uintptr(0) {
+		_, re = raw(unix.SYS_DUP3, saved, uintptr(n), unix.O_CLOEXEC)
+		raw(unix.SYS_CLOSE, saved, 0, 0)
+	} else {
+		_, re = raw(unix.SYS_CLOSE, uintptr(n), 0, 0)
+	}
+	if ce != 0 {
+		return ce
+	}
+	if re != 0 {
+		return fmt.Errorf("put fd %d back: %w", n, re)
 	}
 	return nil
 }

@@ -50,7 +50,9 @@ type lab struct {
 	dir      string // nginx's files and logs
 }
 
-func newLab(t *testing.T, workers int) *lab {
+// newLab starts nginx with workers and the listen parameters flags
+// ("reuseport", "deferred") on wwwAddr.
+func newLab(t *testing.T, workers int, flags ...string) *lab {
 	t.Helper()
 	srv, _ := privtest.NetNS(t)
 	cli, _ := privtest.NetNS(t)
@@ -70,7 +72,7 @@ func newLab(t *testing.T, workers int) *lab {
 		}
 	}
 	l := &lab{srv: srv, cli: cli, inSrv: nsRunner(t, srv), files: map[string][16]byte{}}
-	l.startNginx(t, workers)
+	l.startNginx(t, workers, strings.Join(flags, " "))
 	var err error
 	l.inSrv(func() { l.ln, err = net.Listen("tcp4", vipListen.String()) })
 	if err != nil {
@@ -112,7 +114,7 @@ func nsRunner(t *testing.T, ns string) func(func()) {
 	}
 }
 
-func (l *lab) startNginx(t *testing.T, workers int) {
+func (l *lab) startNginx(t *testing.T, workers int, flags string) {
 	t.Helper()
 	dir := t.TempDir()
 	l.dir = dir
@@ -141,12 +143,12 @@ http {
 	sendfile on;
 	keepalive_timeout 60s;
 	server {
-		listen %[3]s;
+		listen %[3]s %[4]s;
 		listen 10.77.0.1:8080; # for a direct download to compare with
 		root %[1]s/www;
 	}
 }
-`, dir, workers, wwwAddr)
+`, dir, workers, wwwAddr, flags)
 	cf := filepath.Join(dir, "nginx.conf")
 	if err := os.WriteFile(cf, []byte(conf), 0o644); err != nil {
 		t.Fatal(err)
@@ -572,6 +574,113 @@ func TestTransplantFailures(t *testing.T) {
 	if rest, err := io.ReadAll(br); err != nil || len(rest) > 0 {
 		t.Fatalf("after the relay's FIN: %d bytes, %v", len(rest), err)
 	}
+	client.Close()
+	time.Sleep(100 * time.Millisecond)
+	if d, dc := outRsts(t, l.srv)-rst0, outRsts(t, l.cli)-rstc0; d != 0 || dc != 0 {
+		t.Errorf("RSTs sent: %d by the server namespace, %d by the client", d, dc)
+	}
+}
+
+// With nginx's reuseport each worker listens on a socket of its own and
+// accepts from it: the search must know every worker, not only the
+// holder of the listener sock_diag finds.
+func TestTransplantReuseport(t *testing.T) {
+	privtest.Require(t)
+	l := newLab(t, 2, "reuseport")
+	debugState = func() string { return l.debug(t) }
+	byWorker := map[int]int{}
+	for range 20 {
+		client := l.dialClient(t)
+		br := bufio.NewReader(client)
+		pid, _ := l.handOff(t, client, "/1k")
+		l.get(t, client, br, "/1k", false)
+		closeClean(t, client, br)
+		byWorker[pid]++
+	}
+	t.Logf("20 transplants with reuseport, by worker %v", byWorker)
+}
+
+// A listener that defers accept (`listen … deferred`) accepts no idle
+// connection: Prepare says so at once instead of waiting for the accept.
+func TestTransplantDeferred(t *testing.T) {
+	privtest.Require(t)
+	l := newLab(t, 1, "deferred")
+	var err error
+	start := time.Now()
+	l.inSrv(func() { _, err = l.server.Prepare(context.Background()) })
+	took := time.Since(start)
+	if ReasonOf(err) != ReasonDeferred || took > 200*time.Millisecond {
+		t.Fatalf("prepare against a deferred listener: %v after %v; want deferred at once", err, took)
+	}
+}
+
+// Staged, the connection is the server's socket but the server does not
+// see it: no answer before Commit. Aborted, nothing reached the client and
+// the client's connection is restored elsewhere.
+func TestTransplantStageCommitAbort(t *testing.T) {
+	privtest.Require(t)
+	l := newLab(t, 1)
+	rst0, rstc0 := outRsts(t, l.srv), outRsts(t, l.cli)
+	prepare := func() *Idle {
+		var idle *Idle
+		var err error
+		l.inSrv(func() { idle, err = l.server.Prepare(context.Background()) })
+		if err != nil {
+			t.Fatal(err)
+		}
+		return idle
+	}
+	client := l.dialClient(t)
+	br := bufio.NewReader(client)
+	ci := l.feDump(t, client, "/1k")
+	st, err := prepare().Stage(ci)
+	if err != nil {
+		t.Fatal(err)
+	}
+	client.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
+	if _, err := br.Peek(1); err == nil {
+		t.Fatal("the client got an answer before the commit")
+	}
+	if err := st.Commit(); err != nil {
+		t.Fatal(err)
+	}
+	l.get(t, client, br, "/1k", false)
+	closeClean(t, client, br)
+
+	client = l.dialClient(t)
+	br = bufio.NewReader(client)
+	ci = l.feDump(t, client, "/1k")
+	idle := prepare()
+	if st, err = idle.Stage(ci); err != nil {
+		t.Fatal(err)
+	}
+	if err := st.Abort(); err != nil {
+		t.Fatal(err)
+	}
+	if held := heldBySelf(idle.Item.Ino); held != "" {
+		t.Fatalf("after the abort this process still holds the socket: %s", held)
+	}
+	var relay *net.TCPConn
+	l.inSrv(func() { relay, err = repair.Restore(ci) })
+	if err != nil {
+		t.Fatalf("restore after the abort: %v", err)
+	}
+	relay.SetDeadline(time.Now().Add(5 * time.Second))
+	req := make([]byte, len(ci.RecvQueue))
+	if _, err := io.ReadFull(relay, req); err != nil || !bytes.HasPrefix(req, []byte("GET /1k ")) {
+		t.Fatalf("restored connection read %q, %v", req, err)
+	}
+	relay.Write([]byte("HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nrelay"))
+	client.SetDeadline(time.Now().Add(5 * time.Second))
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		t.Fatalf("client after the abort: %v", err)
+	}
+	if body, _ := io.ReadAll(resp.Body); string(body) != "relay" {
+		t.Fatalf("client read %q", body)
+	}
+	relay.Close()
+	io.ReadAll(br)
 	client.Close()
 	time.Sleep(100 * time.Millisecond)
 	if d, dc := outRsts(t, l.srv)-rst0, outRsts(t, l.cli)-rstc0; d != 0 || dc != 0 {

@@ -66,6 +66,11 @@ type Options struct {
 	// (every agent that runs control sessions needs one).
 	Secret   string
 	LocalWWW bool // run nginx on the FE as its local node (redirectport 8080)
+	// NginxWorkers is the BEs' nginx worker_processes (0: 1);
+	// NginxListen is added to their `listen 127.0.0.1:80` (e.g.
+	// "reuseport", "deferred").
+	NginxWorkers int
+	NginxListen  string
 	// PublicWWW makes each BE's nginx also listen on the BE's own address,
 	// port 80 (and 443 with TLS), for proxies and direct clients (the
 	// bench).
@@ -171,11 +176,7 @@ func New(opts Options) (c *Cluster, err error) {
 		}
 	}
 	for _, b := range c.BEs {
-		listen := []string{"127.0.0.1:80"}
-		if opts.PublicWWW {
-			listen = append(listen, b.IP+":80")
-		}
-		if err := c.startNginx(b.Name, listen...); err != nil {
+		if err := c.StartWWW(b.Name); err != nil {
 			return nil, err
 		}
 	}
@@ -369,7 +370,11 @@ func (c *Cluster) startNginx(host string, listen ...string) error {
 	for _, l := range listen {
 		fmt.Fprintf(&listens, "\t\tlisten %s;\n", l)
 	}
-	conf := fmt.Sprintf(`worker_processes 1;
+	workers := 1
+	if host != "fe" && c.opts.NginxWorkers > 0 {
+		workers = c.opts.NginxWorkers
+	}
+	conf := fmt.Sprintf(`worker_processes %[8]d;
 worker_rlimit_nofile 65536;
 pid %[1]s/nginx.pid;
 error_log %[1]s/nginx-error.log;
@@ -398,7 +403,7 @@ http {
 		}
 	}
 %[7]s}
-`, d, listens.String(), www, host, access, c.trustedRelays(), c.tlsServer(host, www))
+`, d, listens.String(), www, host, access, c.trustedRelays(), c.tlsServer(host, www), workers)
 	cf := filepath.Join(d, "nginx.conf")
 	if err := os.WriteFile(cf, []byte(conf), 0o644); err != nil {
 		return err
@@ -444,11 +449,21 @@ func (c *Cluster) StopWWW(host string) error {
 
 // StartWWW starts host's nginx again after StopWWW.
 func (c *Cluster) StartWWW(host string) error {
-	listen := []string{"127.0.0.1:80"}
+	listen := []string{strings.TrimSpace("127.0.0.1:80 " + c.opts.NginxListen)}
 	if c.opts.PublicWWW {
 		listen = append(listen, c.ip(host)+":80")
 	}
 	return c.startNginx(host, listen...)
+}
+
+// ReloadWWW runs `nginx -s reload` for host's nginx: new workers, the old
+// ones finish their requests and exit.
+func (c *Cluster) ReloadWWW(host string) error {
+	cf := filepath.Join(c.Dir, host, "nginx.conf")
+	if out, err := exec.Command("ip", "netns", "exec", c.NS(host), "nginx", "-c", cf, "-s", "reload").CombinedOutput(); err != nil {
+		return fmt.Errorf("reload nginx on %s: %w: %s", host, err, out)
+	}
+	return nil
 }
 
 // Config returns the agent config text for host.
