@@ -67,7 +67,17 @@ func (f *FE) Command(cmd string, args []string, text io.Writer) (any, error) {
 			if err != nil {
 				return nil, fmt.Errorf("conns: %w", err)
 			}
-			all = append(all, pinned...)
+			// A moved flow's row and its pin are one connection: the
+			// row, which has its age, stands for it.
+			rows := map[string]bool{}
+			for _, r := range all {
+				rows[netip.AddrPortFrom(netip.MustParseAddr(r.Client), r.ClientPort).String()] = true
+			}
+			for _, p := range pinned {
+				if !rows[netip.AddrPortFrom(netip.MustParseAddr(p.Client), p.ClientPort).String()] {
+					all = append(all, p)
+				}
+			}
 		}
 		rows := filterConns(all, flt)
 		tw := tabwriter.NewWriter(text, 0, 0, 2, ' ', 0)

@@ -594,9 +594,12 @@ func (f *FE) startLoops(serve, loops context.Context) {
 	// syncpeer.
 	f.loops.Go(func() {
 		// With accept = be the kernel expires every pin, and a flow the
-		// connection table does not know is not an orphan.
+		// connection table does not know is not an orphan: only moved
+		// flows' rows are kept, while their pins last.
 		if f.place == nil {
 			f.whileActive(loops, f.reaper.Run)
+		} else {
+			f.keepPins(loops, max(f.cfg.TimeWait, time.Second))
 		}
 		if f.setsc != nil {
 			f.setsc.CloseLasting()

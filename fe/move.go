@@ -122,7 +122,7 @@ func (f *FE) migrate(from netip.Addr, fr wire.Frame) (wire.Result, string) {
 			log.Warn("move refused", "op", "migrate", "err", err)
 			return wire.ResultUnknown, err.Error()
 		}
-		defer f.dropMoved(ci.Client)
+		defer f.dropMoved(ci.Client, from)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), moveWithin)
 	defer cancel()
@@ -164,7 +164,7 @@ func (f *FE) switchFlow(from netip.Addr, fr wire.Frame) (wire.Result, string) {
 			log.Warn("switch refused", "op", "migrate", "err", err)
 			return wire.ResultUnknown, err.Error()
 		}
-		defer f.dropMoved(sw.Client)
+		defer f.dropMoved(sw.Client, from)
 	}
 	now := time.Now()
 	if err := f.table.BeginMove(sw.Client, from, now); err != nil {

@@ -294,12 +294,38 @@ func (f *FE) adoptPinned(flow netip.AddrPort, from netip.Addr) (time.Time, error
 // another BE.
 var errNotHolder = fmt.Errorf("the flow is another BE's")
 
-// dropMoved forgets flow's row once its move ended, however it ended: with
-// accept = be the kernel owns every pin, timeouts and TIME_WAIT included,
-// so the row served only the move.
-func (f *FE) dropMoved(flow netip.AddrPort) {
-	if c, ok := f.table.Get(flow); ok && c.State == conntab.Handoffed {
+// dropMoved forgets flow's row once its move from from ended without
+// moving it: with accept = be the kernel owns every pin, timeouts and
+// TIME_WAIT included. A flow that moved keeps its row while its pin lasts
+// (keepPins): its pin, unlike a placed flow's, is not what the hash says,
+// so a reinstall of the table (after `nft flush ruleset`) must put it back.
+func (f *FE) dropMoved(flow netip.AddrPort, from netip.Addr) {
+	if c, ok := f.table.Get(flow); ok && c.State == conntab.Handoffed && c.BE == from {
 		f.table.DropIf(flow, c.State, c.Since)
+	}
+}
+
+// keepPins drops, every period, the rows of moved flows whose pins the
+// kernel no longer holds (their connections ended, TIME_WAIT and all): one
+// look-up per row older than period.
+func (f *FE) keepPins(ctx context.Context, period time.Duration) {
+	t := time.NewTicker(period)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		now := time.Now()
+		for _, c := range f.table.Snapshot() {
+			if c.State != conntab.Handoffed || now.Sub(c.Since) < period {
+				continue
+			}
+			if _, ok, err := f.place.holder(c.Client); err == nil && !ok {
+				f.table.DropIf(c.Client, c.State, c.Since)
+			}
+		}
 	}
 }
 

@@ -54,10 +54,25 @@ func TestMovePinnedOnlyByItsHolder(t *testing.T) {
 	if c, ok := f.table.Get(flow); !ok || c.State != conntab.Handoffed || c.BE != be1 {
 		t.Fatalf("row %+v %v, want HANDOFFED to be1", c, ok)
 	}
-	f.dropMoved(flow)
+	f.dropMoved(flow, be1)
 	if f.table.Len() != 0 {
-		t.Error("the row outlived the move")
+		t.Error("the row outlived a move that did not happen")
 	}
+	// A flow that moved keeps its row: a reinstall puts its pin back.
+	if _, err := f.adoptPinned(flow, be1); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.table.BeginMove(flow, be1, time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.table.Handed(flow, be2, time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	f.dropMoved(flow, be1)
+	if c, ok := f.table.Get(flow); !ok || c.BE != be2 {
+		t.Errorf("the moved flow's row: %+v %v, want kept on be2", c, ok)
+	}
+	f.table.DropIf(flow, conntab.Handoffed, f.mustRow(t, flow).Since)
 	// A flow without a pin (lost to an upgrade's new table) goes by hash
 	// to its slot's BE: that BE holds it.
 	f.place.slots[nft.SlotOf(stranger, backends.SlotCount, placeSeed)] = be2
@@ -161,4 +176,13 @@ func TestSwitchOnlyFromHolder(t *testing.T) {
 	if res, _ := f.switchFlow(be2, frame(be1)); res != wire.ResultBusy {
 		t.Errorf("a switch during a handover: %v, want busy", res)
 	}
+}
+
+func (f *FE) mustRow(t *testing.T, flow netip.AddrPort) conntab.Conn {
+	t.Helper()
+	c, ok := f.table.Get(flow)
+	if !ok {
+		t.Fatalf("no row for %v", flow)
+	}
+	return c
 }

@@ -18,10 +18,28 @@ import (
 // handed-off connection was reset by the FE's own stack, and the BEs
 // answered ARP for the VIP.
 func TestFlushRuleset(t *testing.T) {
+	for _, accept := range []string{"fe", "be"} {
+		t.Run("accept = "+accept, func(t *testing.T) { testFlushRuleset(t, accept) })
+	}
+}
+
+// testFlushRuleset flushes every host's ruleset under a keep-alive
+// connection. With accept = be the FE's pins go with the table: the
+// connection's packets go by hash to its slot's BE, the same, and it still
+// moves between BEs.
+func testFlushRuleset(t *testing.T, accept string) {
 	c := newCluster(t, cluster.Options{
-		BEs:   2,
-		Rules: []string{`rule = be2 \.jpg$`, `rule = be1 .*`},
+		BEs: 2, PublicWWW: accept == "be",
+		Rules:   []string{`rule = be2 \.jpg$`, `rule = be1 .*`},
+		FEExtra: "accept = " + accept + "\n",
 	})
+	if accept == "be" {
+		for deadline := time.Now().Add(10 * time.Second); !strings.Contains(c.Grep("fe", "placement changed"), "10.77.0.12="); time.Sleep(100 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatal("the FE placed no flow on both BEs")
+			}
+		}
+	}
 	ka := dialKeepAlive(t, c)
 	defer ka.conn.Close()
 	if got, err := ka.get("/index.html"); err != nil || got != "200 be1" {
@@ -38,6 +56,10 @@ func TestFlushRuleset(t *testing.T) {
 	for deadline := start.Add(3 * time.Second); ; time.Sleep(20 * time.Millisecond) {
 		_, kernel := flowsOfQuiet(c)
 		back := kernel[flow]
+		if accept == "be" {
+			slots, _ := c.Output(context.Background(), "fe", "nft", "list", "map", "ip", "tcpha", "slots")
+			back = strings.Contains(slots, "jump place_10.77.0.12")
+		}
 		for _, be := range c.BEs {
 			rs, _ := c.Output(context.Background(), be.Name, "nft", "list", "table", "arp", "tcpha")
 			back = back && strings.Contains(rs, "arp saddr ip set "+be.UAddr)
@@ -52,8 +74,10 @@ func TestFlushRuleset(t *testing.T) {
 		}
 	}
 
-	if got, err := ka.get("/index.html"); err != nil || got != "200 be1" {
-		t.Errorf("keep-alive request after the flush: %q %v, want 200 from be1", got, err)
+	for _, p := range [][2]string{{"/index.html", "200 be1"}, {"/img/a.jpg", "200 be2"}, {"/index.html", "200 be1"}} {
+		if got, err := ka.get(p[0]); err != nil || got != p[1] {
+			t.Errorf("keep-alive request for %s after the flush: %q %v, want %s", p[0], got, err, p[1])
+		}
 	}
 	for path, want := range map[string]string{"/index.html": "200 be1", "/img/a.jpg": "200 be2"} {
 		for range 3 {
