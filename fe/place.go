@@ -267,9 +267,9 @@ func (f *FE) updatePlacement(ctx context.Context) {
 // forwards it to from: a BE may move only the connections it holds. It
 // returns the row's instance, for dropping the row after the move.
 func (f *FE) adoptPinned(flow netip.AddrPort, from netip.Addr) (time.Time, error) {
-	if c, ok := f.table.Get(flow); ok {
-		return c.Since, nil
-	}
+	// The kernel is the judge, not a row: a moved flow's row outlives its
+	// connection while the pin lasts, and a client reusing the port may
+	// since have been placed on another BE.
 	be, ok, err := f.place.holder(flow)
 	if err == nil && !ok {
 		// Not pinned (its pin was lost to an upgrade's or a flush's new
@@ -284,6 +284,12 @@ func (f *FE) adoptPinned(flow netip.AddrPort, from netip.Addr) (time.Time, error
 		return time.Time{}, fmt.Errorf("%w: %v is not forwarded", conntab.ErrNotForwarded, flow)
 	case be != from:
 		return time.Time{}, fmt.Errorf("%w: %v is forwarded to %v, not to %v", errNotHolder, flow, be, from)
+	}
+	if c, ok := f.table.Get(flow); ok {
+		if c.State != conntab.Handoffed || c.BE == from {
+			return c.Since, nil // the row agrees, or a move of it is under way
+		}
+		f.table.DropIf(flow, c.State, c.Since) // an earlier connection's
 	}
 	now := time.Now()
 	f.table.Adopt(flow, from, conntab.Handoffed, now, time.Time{})

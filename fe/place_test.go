@@ -72,6 +72,14 @@ func TestMovePinnedOnlyByItsHolder(t *testing.T) {
 	if c, ok := f.table.Get(flow); !ok || c.BE != be2 {
 		t.Errorf("the moved flow's row: %+v %v, want kept on be2", c, ok)
 	}
+	// The port reused by a new connection that the kernel placed on be1:
+	// the earlier connection's row (on be2) does not stand in the way.
+	if _, err := f.adoptPinned(flow, be1); err != nil {
+		t.Errorf("be1 moving a reused port's new connection: %v", err)
+	}
+	if c := f.mustRow(t, flow); c.BE != be1 {
+		t.Errorf("row %+v, want the new connection's on be1", c)
+	}
 	f.table.DropIf(flow, conntab.Handoffed, f.mustRow(t, flow).Since)
 	// A flow without a pin (lost to an upgrade's new table) goes by hash
 	// to its slot's BE: that BE holds it.

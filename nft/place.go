@@ -84,8 +84,8 @@ func unmark(s *nftables.Set) []expr.Any {
 const tcpPSH = 0x08
 
 // FEPlace describes the FE's table for `accept = be`, where the FE's own
-// stack never answers a client: every packet for VIP:port leaves for a BE
-// or is dropped.
+// stack answers a client only when no BE takes new connections: every
+// other packet for VIP:port leaves for a BE or is dropped.
 //
 // New flows are placed by the packet path (FACTS.md, "Placing new flows"):
 // `jhash ip saddr . tcp sport mod N` picks a slot, the verdict map @slots
@@ -112,8 +112,9 @@ const tcpPSH = 0x08
 //  2. a pinned flow goes to its BE's pinned_ chain;
 //  3. a pinned flow whose BE has no chain is copied there as it is;
 //  4. any other packet is placed by hash: the slot's BE's place_ chain;
-//  5. a packet whose slot has no BE (none takes new connections) is
-//     dropped.
+//  5. a packet whose slot has no BE (none takes new connections) goes to
+//     the FE's own stack, whose frontend answers 503 (a drop left clients
+//     waiting for their connect timeout: 2 min for curl).
 //
 // A BE's pinned_ chain: a SYN (a retransmission, or a client port reused)
 // clears the flow's closing mark and starts PinTimeout again; a flow
@@ -134,8 +135,8 @@ const tcpPSH = 0x08
 // map leaves new SYNs reaching their BE by hash, and their later packets,
 // unpinned, follow the hash too (rule 5), which holds while the slot keeps
 // its BE. Packets of unpinned flows other than SYNs are copied, never
-// pinned, so a flood of stray segments cannot fill the map. No path sends
-// a packet to the FE's stack (issue 19).
+// pinned, so a flood of stray segments cannot fill the map. No other path
+// sends a packet to the FE's stack (issue 19).
 func FEPlace(p FEParams, pl Placement) *Ruleset {
 	t := &nftables.Table{Family: nftables.TableFamilyIPv4, Name: TableName}
 	pre := &nftables.Chain{
@@ -182,7 +183,9 @@ func FEPlace(p FEParams, pl Placement) *Ruleset {
 		&expr.Hash{SourceRegister: regKey, DestRegister: regData, Length: 8, Modulus: pl.Modulus,
 			Seed: pl.Seed, Type: expr.HashTypeJenkins},
 	}, vmap(regData, slots))
-	add(pre, "no BE for the slot: drop", vip, counter(), verdict(expr.VerdictDrop))
+	// No BE takes new connections: the FE's own stack answers, its
+	// frontend with a 503, rather than leave clients' SYNs unanswered.
+	add(pre, "no BE for the slot: the FE answers", vip, counter())
 
 	for _, be := range pl.BEs {
 		rs.addBEChains(p, pl, be)

@@ -249,7 +249,8 @@ func TestEditPlacement(t *testing.T) {
 	if err := Apply(c, rs); err != nil {
 		t.Fatal(err)
 	}
-	// No slot has a BE: SYNs are dropped, nothing is pinned.
+	// No slot has a BE: SYNs go to the FE's stack (its frontend answers
+	// 503), nothing is pinned.
 	closeAll := n.syns(t, ports(21000, 50))
 	time.Sleep(200 * time.Millisecond)
 	closeAll()

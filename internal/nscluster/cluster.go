@@ -439,12 +439,22 @@ func (c *Cluster) StopWWW(host string) error {
 		return fmt.Errorf("nginx on %s: pid file: %w", host, err)
 	}
 	syscall.Kill(pid, syscall.SIGTERM)
-	for deadline := time.Now().Add(10 * time.Second); syscall.Kill(pid, 0) == nil; time.Sleep(20 * time.Millisecond) {
+	for deadline := time.Now().Add(10 * time.Second); running(pid); time.Sleep(20 * time.Millisecond) {
 		if time.Now().After(deadline) {
 			return fmt.Errorf("nginx on %s (pid %d) still runs 10 s after SIGTERM", host, pid)
 		}
 	}
 	return nil
+}
+
+// running tells whether pid is a live process. Once a test made this
+// process a child subreaper (UpgradeAgentBySignal), the daemonized nginx
+// masters started after it are its children: one that exited stays a
+// zombie, which kill(pid, 0) still finds, until it is reaped here.
+func running(pid int) bool {
+	var ws unix.WaitStatus
+	unix.Wait4(pid, &ws, unix.WNOHANG, nil) // ECHILD when not ours: fine
+	return syscall.Kill(pid, 0) == nil
 }
 
 // StartWWW starts host's nginx again after StopWWW.
