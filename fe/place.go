@@ -286,10 +286,14 @@ func (f *FE) adoptPinned(flow netip.AddrPort, from netip.Addr) (time.Time, error
 		return time.Time{}, fmt.Errorf("%w: %v is forwarded to %v, not to %v", errNotHolder, flow, be, from)
 	}
 	if c, ok := f.table.Get(flow); ok {
-		if c.State != conntab.Handoffed || c.BE == from {
-			return c.Since, nil // the row agrees, or a move of it is under way
+		switch {
+		case c.State == conntab.Handoffed && c.BE == from:
+			return c.Since, nil // the row agrees
+		case c.State == conntab.Handoffing && time.Since(c.Since) < moveWithin:
+			return time.Time{}, fmt.Errorf("%w: %v is moving already", errNotHolder, flow)
 		}
-		f.table.DropIf(flow, c.State, c.Since) // an earlier connection's
+		// An earlier connection's row, or a move that never settled.
+		f.table.DropIf(flow, c.State, c.Since)
 	}
 	now := time.Now()
 	f.table.Adopt(flow, from, conntab.Handoffed, now, time.Time{})

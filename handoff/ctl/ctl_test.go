@@ -949,3 +949,31 @@ func TestLeavingSessionRetiresWhenNoReplacement(t *testing.T) {
 		t.Errorf("drain took %v", took)
 	}
 }
+
+// A request the peer made before it went away is answered before the
+// session retires: a BE that drains (an upgrade) while its switch request
+// is being served by the FE gets the FE's answer, not a goaway that
+// crossed it (its move would be cut: the outcome unknown).
+func TestRetireAnswersPeerRequestsFirst(t *testing.T) {
+	srv := startServer(t, beConfig("k", echo(nil)), nil)
+	p := NewPool(feConfig("k", echo(func([]byte) time.Duration { return 300 * time.Millisecond })), func(ctx context.Context, a netip.AddrPort) (net.Conn, error) {
+		return dialTCP(ctx, a)
+	}, 1)
+	defer p.Close()
+	p.Add(srv.addr)
+	waitFor(t, func() bool { return len(srv.sv.Sessions()) == 1 }, "a session")
+	be := srv.sv.Sessions()[0]
+	done := make(chan error, 1)
+	go func() {
+		r, err := be.Call(context.Background(), wire.Frame{Type: wire.TypeSwitch, Payload: []byte("x")})
+		if err == nil && r.Type != wire.TypeAck {
+			err = fmt.Errorf("answer %v", r.Type)
+		}
+		done <- err
+	}()
+	time.Sleep(50 * time.Millisecond) // the request is with the FE's handler
+	go srv.sv.Drain(5 * time.Second)
+	if err := <-done; err != nil {
+		t.Fatalf("the BE's request in flight at its drain: %v", err)
+	}
+}

@@ -131,6 +131,10 @@ type Session struct {
 	goAwayCh   chan struct{} // closed when the peer's goaway arrives
 	goAwayOnce sync.Once
 	sentGoAway atomic.Bool
+	// serving counts the peer's requests handed to the Handler and not
+	// yet answered: a session retires only once they are, or the peer's
+	// Call would fail on a goaway that crossed its answer.
+	serving atomic.Int64
 	holds      int  // under mu: work begun on this session, not yet ended
 	retired    bool // under mu: no new holds
 }
@@ -213,7 +217,7 @@ func (s *Session) Unhold() {
 func (s *Session) retire() bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.holds > 0 || s.inflight.Load() > 0 {
+	if s.holds > 0 || s.inflight.Load() > 0 || s.serving.Load() > 0 {
 		return false
 	}
 	s.retired = true
@@ -247,7 +251,11 @@ func (s *Session) Send(f wire.Frame) error {
 // Reply answers the peer's request req.
 func (s *Session) Reply(req wire.Frame, f wire.Frame) error {
 	f.ID = req.ID
-	return s.Send(f)
+	err := s.Send(f)
+	if req.Type.Answered() {
+		s.serving.Add(-1)
+	}
+	return err
 }
 
 // GoAway tells the peer to start no new requests on this session; the
@@ -420,6 +428,9 @@ func (s *Session) readLoop() {
 			p, _ := h.MarshalBinary()
 			s.Reply(f, wire.Frame{Type: wire.TypeProbeReply, Payload: p})
 		default:
+			if f.Type.Answered() {
+				s.serving.Add(1) // Reply takes it off
+			}
 			if s.cfg.Handler == nil {
 				s.log.Warn("request refused: this end serves none", "op", "control", "type", f.Type.String())
 				s.Reply(f, AckFrame(wire.ResultInvalid, "this agent serves no requests"))

@@ -75,6 +75,17 @@ const (
 var typeNames = [...]string{"", "offer", "ack", "commit", "abort", "probe", "probe-reply", "hello", "auth",
 	"migrate", "cluster", "register", "deregister", "goaway", "reset", "held", "held-list", "stats", "stats-reply", "sync", "switch"}
 
+// Answered tells whether a frame of type t is a request its receiver
+// answers (Session.Reply).
+func (t Type) Answered() bool {
+	switch t {
+	case TypeOffer, TypeMigrate, TypeCluster, TypeRegister, TypeDeregister, TypeReset, TypeHeld,
+		TypeStats, TypeSync, TypeSwitch:
+		return true
+	}
+	return false
+}
+
 func (t Type) String() string {
 	if t > 0 && t < typeSentinel {
 		return typeNames[t]

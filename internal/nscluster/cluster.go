@@ -669,6 +669,11 @@ func (c *Cluster) UpgradeAgentBySignal(host string) error {
 	case <-time.After(60 * time.Second):
 		return fmt.Errorf("the agent on %s did not hand over in 60 s; log:\n%s", host, c.tail(host))
 	}
+	// The orphan is adopted by now. A subreaper would also adopt every
+	// daemon started later (nginx, keepalived) and, never reaping them,
+	// keep their zombies, which kill(pid, 0) and keepalived's pid file
+	// check take for live processes.
+	defer unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
 	st, err := c.Admin(host, "status")
 	if err != nil {
 		return fmt.Errorf("no agent answers on %s after the upgrade: %w; log:\n%s", host, err, c.tail(host))
