@@ -135,8 +135,8 @@ type Session struct {
 	// yet answered: a session retires only once they are, or the peer's
 	// Call would fail on a goaway that crossed its answer.
 	serving atomic.Int64
-	holds      int  // under mu: work begun on this session, not yet ended
-	retired    bool // under mu: no new holds
+	holds   int  // under mu: work begun on this session, not yet ended
+	retired bool // under mu: no new holds
 }
 
 func newSession(cfg *Config, conn net.Conn, br *bufio.Reader, dialer bool) *Session {
