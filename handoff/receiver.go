@@ -279,18 +279,42 @@ func (r *Receiver) offer(s *ctl.Session, f wire.Frame, settled func()) {
 	// serving earlier lost ACKs and FINs). Until then the socket is silent.
 	timer := time.NewTimer(r.CommitTimeout)
 	defer timer.Stop()
+	// A BE that moves a connection here directly commits it itself; if it
+	// dies first, the FE may already forward the client here, and the
+	// client would wait for CommitTimeout and its next retransmission.
+	// Its own socket died with it: the connection is reset from here.
+	var gone <-chan struct{}
+	if s.Peer.Role == wire.RoleBE {
+		gone = s.Done()
+	}
+	var t wire.Type
 	select {
-	case t := <-p.next:
-		held = false // Serve removed it
-		if t == wire.TypeAbort {
-			log.Info("handoff aborted by the FE", "op", "commit")
-			rb.Discard()
+	case t = <-p.next:
+	case <-gone:
+		select {
+		case t = <-p.next: // the commit came before the session ended
+		default:
+			release()
+			log.Warn("the BE moving the connection went away before its commit: reset", "op", "commit")
+			if conn, err := rb.Activate(); err == nil {
+				conn.SetLinger(0)
+				conn.Close()
+			} else {
+				rb.Discard()
+			}
 			up.Close()
 			return
 		}
 	case <-timer.C:
 		release()
 		log.Warn("no commit from the FE; rebuilt socket dropped silently", "op", "commit", "timeout", r.CommitTimeout)
+		rb.Discard()
+		up.Close()
+		return
+	}
+	held = false // Serve removed it
+	if t == wire.TypeAbort {
+		log.Info("handoff aborted by the FE", "op", "commit")
 		rb.Discard()
 		up.Close()
 		return
