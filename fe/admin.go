@@ -69,12 +69,16 @@ func (f *FE) Command(cmd string, args []string, text io.Writer) (any, error) {
 			}
 			// A moved flow's row and its pin are one connection: the
 			// row, which has its age, stands for it.
-			rows := map[string]bool{}
+			type flow struct {
+				client string
+				port   uint16
+			}
+			rows := map[flow]bool{}
 			for _, r := range all {
-				rows[netip.AddrPortFrom(netip.MustParseAddr(r.Client), r.ClientPort).String()] = true
+				rows[flow{r.Client, r.ClientPort}] = true
 			}
 			for _, p := range pinned {
-				if !rows[netip.AddrPortFrom(netip.MustParseAddr(p.Client), p.ClientPort).String()] {
+				if !rows[flow{p.Client, p.ClientPort}] {
 					all = append(all, p)
 				}
 			}

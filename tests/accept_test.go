@@ -21,16 +21,19 @@ func acceptBE(t *testing.T) *cluster.Cluster {
 	// BE's web server, at its own address.
 	c := newCluster(t, cluster.Options{BEs: 2, PublicWWW: true, Rules: []string{`rule = be2 \.jpg$`, `rule = be1 .*`},
 		FEExtra: "accept = be\ntimewait = 2\npintimeout = 3\n"})
-	// The FE fills its slot map once the BEs took its cluster frame.
-	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(100 * time.Millisecond) {
-		if strings.Contains(c.Grep("fe", "placement changed"), "10.77.0.12=") {
-			break
-		}
+	waitPlaced(t, c)
+	return c
+}
+
+// waitPlaced waits until the FE's slot map holds both BEs: it fills once
+// the BEs took its accept = be cluster frame.
+func waitPlaced(t *testing.T, c *cluster.Cluster) {
+	t.Helper()
+	for deadline := time.Now().Add(10 * time.Second); !strings.Contains(c.Grep("fe", "placement changed"), "10.77.0.12="); time.Sleep(100 * time.Millisecond) {
 		if time.Now().After(deadline) {
 			t.Fatalf("the FE placed no flow on both BEs:\n%s", c.Grep("fe", "place"))
 		}
 	}
-	return c
 }
 
 // Issue 14's acceptance: with accept = be, 2,000 one-request connections at
@@ -134,11 +137,7 @@ func TestAcceptBE(t *testing.T) {
 func TestAcceptBESYNFlood(t *testing.T) {
 	c := newCluster(t, cluster.Options{BEs: 2, Mallory: true, Rules: []string{`rule = be2 \.jpg$`, `rule = be1 .*`},
 		FEExtra: "accept = be\ntimewait = 2\npintimeout = 2\n"})
-	for deadline := time.Now().Add(10 * time.Second); !strings.Contains(c.Grep("fe", "placement changed"), "10.77.0.12="); time.Sleep(100 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatal("the FE placed no flow on both BEs")
-		}
-	}
+	waitPlaced(t, c)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	flood := c.Exec(ctx, "mallory", "hping3", "-q", "-S", "-p", "80", "-i", "u100", "--rand-source", cluster.VIP)

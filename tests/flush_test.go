@@ -34,11 +34,7 @@ func testFlushRuleset(t *testing.T, accept string) {
 		FEExtra: "accept = " + accept + "\n",
 	})
 	if accept == "be" {
-		for deadline := time.Now().Add(10 * time.Second); !strings.Contains(c.Grep("fe", "placement changed"), "10.77.0.12="); time.Sleep(100 * time.Millisecond) {
-			if time.Now().After(deadline) {
-				t.Fatal("the FE placed no flow on both BEs")
-			}
-		}
+		waitPlaced(t, c)
 	}
 	ka := dialKeepAlive(t, c)
 	defer ka.conn.Close()
