@@ -307,3 +307,28 @@ func TestCrossover(t *testing.T) {
 		t.Error("a crossover without every size")
 	}
 }
+
+// A smoke run measures (i) at a few sizes only: the table shows those, and
+// the crossover is judged over them, not failed for the sizes not run.
+func TestCrossoverFewSizes(t *testing.T) {
+	r := &Run{Smoke: true}
+	for _, kb := range []int{1, 64} {
+		for _, fe := range SizeFrontEnds {
+			cpu := 100.0
+			if fe == TCPHABE {
+				cpu = 10
+			}
+			r.Results = append(r.Results, Result{FrontEnd: fe, Workload: SizeWorkload(kb), Requests: 1000,
+				FECPU: cpu * 1000 / 1e6, RPS: 1000, MachineCPU: 1})
+		}
+	}
+	if kb, ok := r.Crossover(TCPHABE); !ok || kb != 1 {
+		t.Errorf("tcpha be crossover %d %v, want 1 KB", kb, ok)
+	}
+	md := r.Markdown("")
+	if !strings.Contains(md, "| 1 KB | 1000 | 100 µs | 1000 | 10 µs | 1000 | 100 µs |") ||
+		!strings.Contains(md, "| 64 KB | 1000 | 100 µs | 1000 | 10 µs | 1000 | 100 µs |") || strings.Contains(md, "| 4 KB |") ||
+		!strings.Contains(md, "Crossover: tcpha none up to 64 KB; tcpha be from 1 KB;") {
+		t.Errorf("markdown:\n%s", md)
+	}
+}

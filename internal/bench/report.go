@@ -64,6 +64,30 @@ var Workloads = []Workload{
 // connection, from 1 KB to 1 MB.
 var SizesKB = []int{1, 4, 16, 64, 256, 1024}
 
+// sizes are the SizesKB (i) measured: all of them in a full run, a few in
+// a smoke run (tcpha-bench -smoke), which keeps the suite in its budget.
+func (r *Run) sizes() []int {
+	var out []int
+	for _, kb := range SizesKB {
+		for _, fe := range SizeFrontEnds {
+			if _, ok := r.Get(fe, SizeWorkload(kb)); ok {
+				out = append(out, kb)
+				break
+			}
+		}
+	}
+	return out
+}
+
+// largestSize names the largest size (i) measured.
+func (r *Run) largestSize() string {
+	s := r.sizes()
+	if len(s) == 0 {
+		return sizeName(SizesKB[len(SizesKB)-1])
+	}
+	return sizeName(s[len(s)-1])
+}
+
 // SizeWorkload is the result's workload name of (i) at kb KB.
 func SizeWorkload(kb int) string { return fmt.Sprintf("i-%dk", kb) }
 
@@ -75,9 +99,10 @@ var SizeFrontEnds = []string{TCPHA, TCPHABE, HAProxy}
 // size measured; ok false when it never does, or a size lacks a figure.
 func (r *Run) Crossover(fe string) (kb int, ok bool) {
 	kb = -1
-	for i := len(SizesKB) - 1; i >= 0; i-- {
-		x, ok1 := r.Get(fe, SizeWorkload(SizesKB[i]))
-		h, ok2 := r.Get(HAProxy, SizeWorkload(SizesKB[i]))
+	sizes := r.sizes()
+	for i := len(sizes) - 1; i >= 0; i-- {
+		x, ok1 := r.Get(fe, SizeWorkload(sizes[i]))
+		h, ok2 := r.Get(HAProxy, SizeWorkload(sizes[i]))
 		if !ok1 || !ok2 {
 			return 0, false
 		}
@@ -85,7 +110,7 @@ func (r *Run) Crossover(fe string) (kb int, ok bool) {
 		if cx < 0 || ch <= 0 || cx >= ch {
 			break
 		}
-		kb = SizesKB[i]
+		kb = sizes[i]
 	}
 	return kb, kb > 0
 }
@@ -218,7 +243,7 @@ func (r *Run) Targets() []Target {
 		if kb, ok := r.Crossover(TCPHABE); ok {
 			ti.Got, ti.Met = sizeName(kb), kb <= 4
 		} else {
-			ti.Got = "none up to 1 MB"
+			ti.Got = "none up to " + r.largestSize()
 		}
 	}
 	out = append(out, ti)
@@ -576,7 +601,7 @@ func (r *Run) sizeTable(b *strings.Builder) {
 		w(" %s req/s | %s FE CPU/req |", fe, fe)
 	}
 	w(" machine CPU/req, tcpha be | machine CPU/req, haproxy |\n|---|%s\n", strings.Repeat("---|", 2*len(SizeFrontEnds)+2))
-	for _, kb := range SizesKB {
+	for _, kb := range r.sizes() {
 		w("| %s |", sizeName(kb))
 		for _, fe := range SizeFrontEnds {
 			if x, ok := r.Get(fe, SizeWorkload(kb)); ok {
@@ -599,7 +624,7 @@ func (r *Run) sizeTable(b *strings.Builder) {
 		if kb, ok := r.Crossover(fe); ok {
 			w(" %s from %s;", fe, sizeName(kb))
 		} else {
-			w(" %s none up to 1 MB;", fe)
+			w(" %s none up to %s;", fe, r.largestSize())
 		}
 	}
 	w("\n\n")
