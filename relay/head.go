@@ -36,6 +36,12 @@ func (s *session) readHead() (*phttp.Head, error) {
 		return nil, s.exportIdle()
 	}
 	idleUntil := time.Now().Add(s.r.cfg.IdleTimeout)
+	if s.firstAccepted() {
+		// A connection this BE accepted (accept = be) has no request
+		// yet: like the FE's, it has requesttimeout for its whole first
+		// head, counted from now, not idletimeout to start one.
+		idleUntil = time.Now().Add(s.r.cfg.HeadTimeout)
+	}
 	if s.start < s.end && phttp.OnlyEmptyLines(s.buf[s.start:s.end]) {
 		// The CRLF some clients send after a body (RFC 9112 section 2.2)
 		// does not start a request: the connection is idle, not slow.
@@ -71,6 +77,9 @@ func (s *session) readHead() (*phttp.Head, error) {
 		}
 	}
 	headDeadline := time.Now().Add(s.r.cfg.HeadTimeout)
+	if s.firstAccepted() {
+		headDeadline = idleUntil
+	}
 	s.client.SetReadDeadline(headDeadline)
 	for {
 		if s.end > s.start {
@@ -104,6 +113,10 @@ func (s *session) readHead() (*phttp.Head, error) {
 	}
 }
 
+// firstAccepted tells whether the session waits for the first request of
+// a connection this BE accepted itself.
+func (s *session) firstAccepted() bool { return s.accepted && !s.later() }
+
 // waitReadable blocks until c has data (or an error or EOF) without
 // reading it.
 func waitReadable(c *net.TCPConn) error {
@@ -134,7 +147,9 @@ func waitReadable(c *net.TCPConn) error {
 
 // refuse ends a connection whose next request could not be read.
 func (s *session) refuse(err error) {
-	status, graceful := refusal(err, s.end > s.start)
+	// A silent client of a connection this BE accepted gets the FE's 408,
+	// not the idle close of a keep-alive connection between requests.
+	status, graceful := refusal(err, s.end > s.start || s.firstAccepted())
 	switch {
 	case status > 0:
 		s.logf().Info("request refused", "op", "relay", "status", status, "err", err)

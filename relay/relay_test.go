@@ -959,3 +959,22 @@ func TestSlowLargeUpload(t *testing.T) {
 		t.Errorf("%d bytes echoed, want %d", len(b), n)
 	}
 }
+
+// A connection this BE accepted itself (accept = be) whose client sends
+// nothing gets a 408 after HeadTimeout (requesttimeout), as the FE
+// answers one, not a silent close after IdleTimeout (TestCluster's bad
+// clients with accept = be waited 75 s for nothing).
+func TestAcceptedSilentClient408(t *testing.T) {
+	ws := newWebServer(t)
+	r := newRelay(t, ws.addr)
+	c, s := testnet.Accepted(t)
+	t.Cleanup(func() { c.Close() })
+	r.ServeAccepted(s, nil)
+	start := time.Now()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	got, _ := io.ReadAll(c)
+	took := time.Since(start)
+	if !strings.HasPrefix(string(got), "HTTP/1.1 408 ") || took < 400*time.Millisecond || took > 1500*time.Millisecond {
+		t.Errorf("silent accepted client: %q after %v, want a 408 after HeadTimeout (500 ms)", got, took)
+	}
+}

@@ -167,23 +167,55 @@ func tailString(s string, n int) string {
 }
 
 // TestCluster is the acceptance list of the single-handoff core, on one
-// cluster: rules `\.jpg$ -> be2`, `.* -> be1`, and `^/local/` served by the
-// FE's local node. Subtests run in order; the ones that stop agents are last.
+// cluster per accept mode (issue 14: the cluster tests run in both): rules
+// `\.jpg$ -> be2`, `.* -> be1`, and with accept = fe `^/local/` served by
+// the FE's local node. Subtests run in order; the ones that stop agents are
+// last.
+//
+// FE-mode only, because accept = be has no such thing: the local node
+// (accept = be refuses `local` rules: the FE reads no request) and so the
+// reused port a local request takes over. Everything else, routing,
+// serving, keep-alive moves, bad clients, forwarding's end, reused ports,
+// BEs stopping and the clean stop, runs in both; with accept = be the BEs
+// read the first requests and answer bad clients with their own [be]
+// requesttimeout and maxheader.
 func TestCluster(t *testing.T) {
+	for _, accept := range []string{"fe", "be"} {
+		t.Run("accept = "+accept, func(t *testing.T) { testCluster(t, accept == "be") })
+	}
+}
+
+func testCluster(t *testing.T, acceptBE bool) {
+	rules := []string{`rule = local ^/local/`, `rule = be2 \.jpg$`, `rule = be1 .*`}
+	feExtra := "requesttimeout = 2\nhandofftimeout = 1\ndtcinterval = 1\nredirectport = 8080\ntimewait = 1\n"
+	beExtra := ""
+	if acceptBE {
+		rules = rules[1:]
+		feExtra += "accept = be\n"
+		beExtra = "requesttimeout = 2\n"
+	}
 	c := newCluster(t, cluster.Options{
 		BEs:      2,
-		LocalWWW: true,
+		LocalWWW: !acceptBE,
 		Secret:   "integration-secret",
-		Rules:    []string{`rule = local ^/local/`, `rule = be2 \.jpg$`, `rule = be1 .*`},
-		FEExtra:  "requesttimeout = 2\nhandofftimeout = 1\ndtcinterval = 1\nredirectport = 8080\ntimewait = 1\n",
+		Rules:    rules,
+		FEExtra:  feExtra,
+		BEExtra:  beExtra,
 	})
+	if acceptBE {
+		waitPlaced(t, c)
+	}
 
 	t.Run("rules pick the BE", func(t *testing.T) {
-		for path, want := range map[string]string{
+		want := map[string]string{
 			"/index.html":       "200 be1",
 			"/img/a.jpg":        "200 be2",
 			"/local/index.html": "200 fe",
-		} {
+		}
+		if acceptBE {
+			delete(want, "/local/index.html")
+		}
+		for path, want := range want {
 			if got := servedBy(t, c, path); got != want {
 				t.Errorf("%s: got %q, want %q", path, got, want)
 			}
@@ -396,6 +428,9 @@ func TestCluster(t *testing.T) {
 	// forwarding must go at once, not when its TIME_WAIT ends, or the new
 	// connection would follow it to the old BE once it is no longer fresh.
 	t.Run("a reused port served locally drops the old forwarding", func(t *testing.T) {
+		if acceptBE {
+			return // no local node
+		}
 		flow := cluster.ClientIP + ":21003"
 		if got := reusePort(t, c, 21003, "/index.html"); got != "200 be1" {
 			t.Fatalf("first connection: %q", got)
@@ -428,7 +463,7 @@ func TestCluster(t *testing.T) {
 		if got := servedBy(t, c, "/index.html"); got != "503" || time.Since(start) > 5*time.Second {
 			t.Errorf("no BE left: %q after %v, want a 503 from the FE", got, time.Since(start))
 		}
-		if got := servedBy(t, c, "/local/index.html"); got != "200 fe" {
+		if got := servedBy(t, c, "/local/index.html"); !acceptBE && got != "200 fe" {
 			t.Errorf("local node with no BE: %q", got)
 		}
 		// Detection brings the BEs back.
