@@ -1,8 +1,10 @@
 package be
 
 import (
+	"bytes"
 	"net"
 	"net/netip"
+	"slices"
 	"strings"
 	"testing"
 
@@ -195,5 +197,46 @@ func TestCheckPort(t *testing.T) {
 		if res != c.want || (err == nil) != (c.want == wire.ResultOK) {
 			t.Errorf("%s: %v %v, want %v", c.name, res, err, c.want)
 		}
+	}
+}
+
+// With accept = be a first request whose wlc rule names this BE and
+// another is served here while this BE is not busier than the FE's view
+// of the other, and moved there (falling back to the other's web server,
+// then this one's) when it is; a frame that changes only the loads
+// compiles to the same rules, so the BE updates them in place.
+func TestBERouteFirstByLoad(t *testing.T) {
+	be1, be2 := netip.MustParseAddr("10.0.0.11"), netip.MustParseAddr("10.0.0.12")
+	frame := func(loads []uint32, pattern string) []byte {
+		p, err := wire.Cluster{PHTTP: wire.PHTTPMulti, AcceptBE: true, Policy: "wlc", Loads: loads,
+			Servers: []wire.ClusterServer{{Addr: be1, Port: 666, Weight: 1}, {Addr: be2, Port: 666, Weight: 1}},
+			Rules:   []wire.ClusterRule{{Targets: []netip.Addr{be1, be2}, Pattern: pattern}}}.MarshalBinary()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	c, err := clusterOf(frame([]uint32{4, 9}, ".*"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := &BE{cfg: &config.BE{RAddr: be2, RedirectPort: 80}}
+	t.Cleanup(b.closeWeb)
+	b.cluster.Store(c)
+	if r := b.firstIn(c, "", "/", 4); !r.Here {
+		t.Errorf("as loaded as be1: %+v, want here", r)
+	}
+	r := b.firstIn(c, "", "/", 9)
+	if r.Here || len(r.Usable) != 2 || r.Usable[0] != b.webPool(be1) || r.Usable[1] != nil || !slices.Equal(r.To, []netip.Addr{be1}) {
+		t.Errorf("busier than be1: %+v, want a move to be1, then be1's web server, then this one's", r)
+	}
+	same, err := clusterOf(frame([]uint32{40, 1}, ".*"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	other, _ := clusterOf(frame([]uint32{4, 9}, "/x"))
+	noLoads, _ := clusterOf(frame(nil, ".*"))
+	if !bytes.Equal(same.rules, c.rules) || bytes.Equal(other.rules, c.rules) || !bytes.Equal(noLoads.rules, c.rules) {
+		t.Error("rules compare by the loads, or not by the rules")
 	}
 }

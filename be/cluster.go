@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
-	"slices"
 
 	"tcpha/backends"
 	"tcpha/handoff/ctl"
@@ -17,7 +16,14 @@ import (
 // beCluster is what a BE knows of its cluster: the FE's last cluster frame,
 // compiled.
 type beCluster struct {
-	raw    []byte
+	raw []byte
+	// rules is raw without the FE's load view: a frame that differs from
+	// the last only in its loads updates them in place (every dtcinterval
+	// with accept = be) instead of recompiling the rules.
+	rules []byte
+	// loads is the frame's load view (nil: none), which the scheduler's
+	// figures are reset to on each refresh.
+	loads  map[netip.Addr]int
 	phttp  wire.PHTTP
 	accept bool // the FE's accept = be
 	sched  *backends.Scheduler
@@ -53,19 +59,52 @@ func clusterOf(p []byte) (*beCluster, error) {
 	for _, s := range tab.Servers {
 		sched.Session(s.Addr, true)
 	}
-	return &beCluster{raw: bytes.Clone(p), phttp: c.PHTTP, accept: c.AcceptBE, sched: sched}, nil
+	loads := loadsOf(c)
+	sched.SetLoads(loads)
+	c.Loads = nil
+	rules, err := c.MarshalBinary()
+	if err != nil {
+		return nil, err
+	}
+	return &beCluster{raw: bytes.Clone(p), rules: rules, loads: loads, phttp: c.PHTTP, accept: c.AcceptBE, sched: sched}, nil
+}
+
+// loadsOf is a cluster frame's load view by BE; nil without one.
+func loadsOf(c wire.Cluster) map[netip.Addr]int {
+	if c.Loads == nil {
+		return nil
+	}
+	m := make(map[netip.Addr]int, len(c.Loads))
+	for i, s := range c.Servers {
+		m[s.Addr] = int(min(c.Loads[i], 1<<30))
+	}
+	return m
 }
 
 // serveCluster takes an FE's cluster frame.
 func (b *BE) serveCluster(s *ctl.Session, f wire.Frame) {
 	if old := b.cluster.Load(); old != nil && bytes.Equal(old.raw, f.Payload) {
-		s.Reply(f, ctl.AckFrame(wire.ResultOK, "")) // the refresh of an unchanged one
+		// The refresh of an unchanged one; with a load view (accept = be,
+		// every dtcinterval) it resets what this BE counted since.
+		if old.loads != nil {
+			old.sched.SetLoads(old.loads)
+		}
+		s.Reply(f, ctl.AckFrame(wire.ResultOK, ""))
 		return
 	}
 	c, err := clusterOf(f.Payload)
 	if err != nil {
 		b.log.Warn("cluster frame refused", "op", "cluster", "peer", s.Remote.String(), "err", err)
 		s.Reply(f, ctl.AckFrame(wire.ResultInvalid, err.Error()))
+		return
+	}
+	if old := b.cluster.Load(); old != nil && bytes.Equal(old.rules, c.rules) {
+		// Only the load view changed: the scheduler keeps its rules and
+		// round-robin state.
+		old.sched.SetLoads(c.loads)
+		c.sched, c.fe = old.sched, old.fe
+		b.cluster.CompareAndSwap(old, c) // a frame with new rules may have come meanwhile
+		s.Reply(f, ctl.AckFrame(wire.ResultOK, ""))
 		return
 	}
 	c.fe = s.Peer
@@ -109,9 +148,27 @@ func (b *BE) routeFirst(host, path string) relay.Rules {
 	// The FE placed the connection here, so this BE takes connections,
 	// whatever its last cluster frame said of it (a BE that just came
 	// back is named with weight 0 until the next frame): a request whose
-	// rule names it is its own.
-	if slices.Contains(c.sched.First(backends.Request{Host: host, Path: path}), b.cfg.RAddr) {
+	// rule names it is its own, unless the rule's wlc or lard sends it to
+	// another of its BEs by the FE's load view (backends/first.go).
+	return b.firstIn(c, host, path, b.relay.Active())
+}
+
+// firstIn is routeFirst under cluster c, this BE serving active client
+// connections now.
+func (b *BE) firstIn(c *beCluster, host, path string, active int) relay.Rules {
+	ok, to := c.sched.FirstHere(backends.Request{Host: host, Path: path}, b.cfg.RAddr, active)
+	switch {
+	case ok && len(to) == 0:
 		return relay.Rules{Here: true}
+	case ok:
+		r := relay.Rules{To: to}
+		for _, a := range to {
+			r.Usable = append(r.Usable, b.poolOf(a))
+		}
+		// A move that fails falls back to fetching from those BEs' web
+		// servers, then to this BE's own (nil): the rule names it too.
+		r.Usable = append(r.Usable, nil)
+		return r
 	}
 	return b.routeIn(c, host, path)
 }

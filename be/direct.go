@@ -66,6 +66,23 @@ func (b *BE) isPeer(a netip.Addr) bool {
 	return slices.ContainsFunc(c.sched.Servers(), func(s backends.Server) bool { return s.Addr == a })
 }
 
+// controlAddrs are the control addresses of the BEs as, in order, by the
+// FE's cluster frame; one it does not name is left out.
+func (b *BE) controlAddrs(as []netip.Addr) []netip.AddrPort {
+	c := b.cluster.Load()
+	if c == nil {
+		return nil
+	}
+	servers := c.sched.Servers()
+	var out []netip.AddrPort
+	for _, a := range as {
+		if i := slices.IndexFunc(servers, func(s backends.Server) bool { return s.Addr == a }); i >= 0 && a != b.cfg.RAddr {
+			out = append(out, servers[i].AddrPort())
+		}
+	}
+	return out
+}
+
 // directTargets are the BEs the request at the front of pending goes to,
 // in the FE's order, less this one; stay says it is this BE's.
 func (b *BE) directTargets(pending []byte) (targets []netip.AddrPort, stay bool, err error) {

@@ -43,10 +43,20 @@ func (m mover) Moving() bool {
 
 func (m mover) Acked(ctx context.Context, c *net.TCPConn) error { return repair.WaitAcked(ctx, c) }
 
-func (m mover) Move(c *net.TCPConn, pending []byte) (relay.Outcome, error) {
+func (m mover) Move(c *net.TCPConn, pending []byte, to []netip.Addr) (relay.Outcome, error) {
 	sock := repair.LeavingSocket{Socket: repair.Socket{Conn: c}}
 	var err error
-	if targets, ok := m.directTo(pending); ok {
+	targets, ok := m.directTo(pending)
+	if len(to) > 0 {
+		// This BE's scheduler placed the first request (routeFirst): to
+		// those BEs, straight when a session to one is up, else through
+		// the FE, which routes it by its own view.
+		targets, ok = m.b.controlAddrs(to), false
+		for _, t := range targets {
+			ok = ok || len(m.peers.Sessions(t)) > 0
+		}
+	}
+	if ok {
 		if len(targets) == 0 {
 			return relay.Local, nil // the rules give the request to this BE
 		}

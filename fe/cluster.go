@@ -3,6 +3,7 @@ package fe
 import (
 	"context"
 	"fmt"
+	"maps"
 	"net/netip"
 	"sync"
 	"time"
@@ -69,12 +70,22 @@ func (f *FE) clusterFrame() ([]byte, error) {
 	c := wire.Cluster{Policy: string(tab.Policy)}
 	c.PHTTP = wire.PHTTP(f.phttp.Load())
 	c.AcceptBE = f.acceptBE()
+	var loads map[netip.Addr]uint32
+	if c.AcceptBE {
+		if p := f.loads.Load(); p != nil {
+			loads = *p
+		}
+		c.Loads = []uint32{}
+	}
 	for _, srv := range tab.Servers {
 		w := uint16(srv.Weight)
 		if !usable[srv.Addr] {
 			w = 0
 		}
 		c.Servers = append(c.Servers, wire.ClusterServer{Addr: srv.Addr, Port: srv.Port, Weight: w})
+		if c.Loads != nil {
+			c.Loads = append(c.Loads, loads[srv.Addr])
+		}
 	}
 	for _, r := range tab.Rules {
 		cr := wire.ClusterRule{Targets: r.Targets, Local: r.Local, Policy: string(r.Policy), Pattern: r.PatternString()}
@@ -84,6 +95,24 @@ func (f *FE) clusterFrame() ([]byte, error) {
 		c.Rules = append(c.Rules, cr)
 	}
 	return c.MarshalBinary()
+}
+
+// takeLoads takes the load view the cluster frame publishes (accept = be):
+// each BE's connections as the FE's scheduler counts them, its own and
+// what the BE's last probe reported. Taken once per round of probes, so
+// the view changes at most every dtcinterval, and BEs that see the same
+// view decide alike (backends.Scheduler.FirstHere). It reports whether the
+// view changed.
+func (f *FE) takeLoads() bool {
+	m := map[netip.Addr]uint32{}
+	for _, srv := range f.sched.Servers() {
+		m[srv.Addr] = uint32(f.sched.Load(srv.Addr))
+	}
+	if old := f.loads.Load(); old != nil && maps.Equal(*old, m) {
+		return false
+	}
+	f.loads.Store(&m)
+	return true
 }
 
 func (f *FE) pushCluster(ctx context.Context) {

@@ -113,6 +113,9 @@ type FE struct {
 	// change.
 	clusterKick chan struct{}
 	phttp       atomic.Uint32
+	// loads is the load view the cluster frame publishes with accept =
+	// be, taken after each round of probes (cluster.go).
+	loads atomic.Pointer[map[netip.Addr]uint32]
 	// mover carries out the migrations BEs ask for (move.go), once
 	// the FE is up; moves bounds them.
 	mover atomic.Pointer[Mover]
@@ -778,6 +781,12 @@ func (f *FE) detectLoop(ctx context.Context) {
 			wg.Go(func() { f.probe(ctx, srv.AddrPort(), min(d, 2*time.Second)) })
 		}
 		wg.Wait()
+		if f.acceptBE() {
+			// The BEs' lard and wlc see the new view; an unchanged one
+			// goes out too: it resets what each BE counted since.
+			f.takeLoads()
+			f.kickCluster()
+		}
 	}
 }
 

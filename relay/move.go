@@ -3,6 +3,7 @@ package relay
 import (
 	"context"
 	"net"
+	"net/netip"
 	"time"
 
 	"tcpha/handoff/conntab"
@@ -17,9 +18,11 @@ type Mover interface {
 	// only such a connection may move (WILLHANDOFF).
 	Acked(ctx context.Context, c *net.TCPConn) error
 	// Move hands c on, with pending (bytes read, not served) back in
-	// front of its receive queue. Unless it returns Gone, c is back in
-	// this BE's hands, usable.
-	Move(c *net.TCPConn, pending []byte) (Outcome, error)
+	// front of its receive queue: to the BEs to, in order, if given (a
+	// first request this BE's scheduler placed: Rules.To), else where the
+	// mover routes the request. Unless it returns Gone, c is back in this
+	// BE's hands, usable.
+	Move(c *net.TCPConn, pending []byte, to []netip.Addr) (Outcome, error)
 }
 
 // Outcome is where a Mover left a connection.
@@ -63,7 +66,7 @@ func (s *session) move(h *phttp.Head, plan Plan) (Outcome, time.Duration) {
 	acked := time.Since(start)
 	if err == nil {
 		s.step(conntab.EvHandoffStart)
-		out, err = m.Move(s.client, s.buf[s.start:s.end])
+		out, err = m.Move(s.client, s.buf[s.start:s.end], plan.To)
 	}
 	switch {
 	case out == Gone && err != nil:

@@ -599,7 +599,7 @@ func (m *fakeMover) called() []string {
 
 func (m *fakeMover) Acked(ctx context.Context, c *net.TCPConn) error { m.note("acked"); return nil }
 
-func (m *fakeMover) Move(c *net.TCPConn, pending []byte) (Outcome, error) {
+func (m *fakeMover) Move(c *net.TCPConn, pending []byte, _ []netip.Addr) (Outcome, error) {
 	m.note(fmt.Sprintf("move %q", pending))
 	if m.outcome == Gone {
 		c.Close() // the connection is another BE's now

@@ -1,5 +1,7 @@
 package relay
 
+import "net/netip"
+
 // Rules is what the FE's rules (its last cluster frame) say of a later
 // request's path, as the BE holding the connection sees them. Each web
 // server is given as the pool of connections to it; nil is this BE's own.
@@ -16,6 +18,11 @@ type Rules struct {
 	// weight 0): the web server of one whose agent is out may still
 	// answer.
 	Named []*Pool
+	// To: for a first request this BE accepted (accept = be), the BEs its
+	// scheduler chose, best first (wlc, lard by the FE's load view): the
+	// connection moves to them, not to where the mover would route the
+	// request (which keeps it here when the rule names this BE).
+	To []netip.Addr
 }
 
 // Plan is where a later request of a connection goes.
@@ -30,6 +37,8 @@ type Plan struct {
 	// servers that answers (nil: this BE's own; back-end forwarding); none
 	// answering, or none at all, gets 503.
 	Pools []*Pool
+	// To: Rules.To, for the mover.
+	To []netip.Addr
 }
 
 // here is the plan of a request that is this BE's.
@@ -48,7 +57,7 @@ func Decide(r Rules) Plan {
 		return here
 	}
 	if len(r.Usable) > 0 {
-		p := Plan{Pools: r.Usable}
+		p := Plan{Pools: r.Usable, To: r.To}
 		for _, u := range r.Usable {
 			p.Move = p.Move || u != nil
 		}

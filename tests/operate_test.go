@@ -285,107 +285,121 @@ func wantShare(t *testing.T, what string, n, total int, want float64) {
 	}
 }
 
-// Schedulers: lard keeps each URL of a 200-URL working set on one BE; wlc
-// splits by weight.
+// Schedulers: lard keeps each URL of a 200-URL working set on one BE, in
+// both accept modes (with accept = be the connections land on either BE
+// by hash, and the BEs bind each URL alike: issue 14); wlc splits by
+// weight.
 func TestSchedulers(t *testing.T) {
-	t.Run("lard", func(t *testing.T) {
-		c := newCluster(t, cluster.Options{BEs: 2, Secret: "test-cluster-secret", Rules: []string{`rule = be1,be2 .*`},
-			FEExtra: "scheduler = lard\n"})
-		var urls []string
-		for i := range 200 {
-			name := fmt.Sprintf("/set/%03d.html", i)
-			for _, b := range c.BEs {
-				os.MkdirAll(filepath.Join(c.WWW(b.Name), "set"), 0o755)
-				os.WriteFile(filepath.Join(c.WWW(b.Name), name), []byte(name+"\n"), 0o644)
-			}
-			urls = append(urls, url+name)
-		}
-		// Three rounds, a new connection per request.
-		args := []string{"curl", "-sS", "-m", "60", "-H", "Connection: close",
-			"-w", "%{url_effective} %{http_code} %header{x-served-by}\n"}
-		for range 3 {
-			for _, u := range urls {
-				args = append(args, "-o", "/dev/null", u)
-			}
-		}
-		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-		defer cancel()
-		out, err := c.Output(ctx, "client", args...)
-		if err != nil {
-			t.Fatal(err)
-		}
-		by := map[string]map[string]int{}
-		perBE := map[string]int{}
-		for l := range strings.Lines(out) {
-			f := strings.Fields(l)
-			if len(f) != 3 || f[1] != "200" {
-				t.Fatalf("answer %q", l)
-			}
-			if by[f[0]] == nil {
-				by[f[0]] = map[string]int{}
-			}
-			by[f[0]][f[2]]++
-			perBE[f[2]]++
-		}
-		split := 0
-		for u, bes := range by {
-			if len(bes) != 1 {
-				split++
-				t.Errorf("%s served by %v", u, bes)
-			}
-		}
-		t.Logf("lard: %d URLs, %d requests; hits per BE %v; URLs on more than one BE: %d", len(by), 3*len(urls), perBE, split)
-		if len(by) != 200 {
-			t.Errorf("%d URLs answered, want 200", len(by))
-		}
-	})
-	t.Run("wlc by weight", func(t *testing.T) {
-		c := newCluster(t, cluster.Options{BEs: 2, Secret: "test-cluster-secret", Rules: []string{`rule = be1,be2 .*`},
-			FEExtra: "scheduler = wlc\n", Weights: map[string]int{"be1": 3, "be2": 1}})
-		be1, be2 := c.BEs[0].IP, c.BEs[1].IP
-		// One connection at a time: the loads are equal at every choice,
-		// and the requests split by weight.
-		served := map[string]int{}
-		args := []string{"curl", "-sS", "-m", "60", "-H", "Connection: close", "-w", "%header{x-served-by}\n"}
-		for range 200 {
-			args = append(args, "-o", "/dev/null", url+"/index.html")
-		}
-		out, err := c.Output(context.Background(), "client", args...)
-		if err != nil {
-			t.Fatal(err)
-		}
-		for l := range strings.Lines(out) {
-			served[strings.TrimSpace(l)]++
-		}
-		wantShare(t, "sequential requests to be1 (weight 3)", served["be1"], 200, 0.75)
-		wantShare(t, "sequential requests to be2 (weight 1)", served["be2"], 200, 0.25)
+	for _, accept := range []string{"fe", "be"} {
+		t.Run("lard, accept = "+accept, func(t *testing.T) { testLARD(t, accept) })
+	}
+	t.Run("wlc by weight", testWLCByWeight)
+}
 
-		// Under load, wlc keeps each BE's connections per weight equal:
-		// sample them while wrk runs.
-		before := backendsOf(t, c)
-		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-		defer cancel()
-		done := make(chan string, 1)
-		go func() {
-			out, _ := c.Exec(ctx, "client", "wrk", "-t2", "-c16", "-d5s", "-H", "Connection: close", url+"/index.html").CombinedOutput()
-			done <- string(out)
-		}()
-		var live1, live2 int
-		time.Sleep(time.Second)
-		for range 30 {
-			rows := backendsOf(t, c)
-			live1 += rows[be1].Live
-			live2 += rows[be2].Live
-			time.Sleep(100 * time.Millisecond)
+func testLARD(t *testing.T, accept string) {
+	c := newCluster(t, cluster.Options{BEs: 2, Secret: "test-cluster-secret", Rules: []string{`rule = be1,be2 .*`},
+		FEExtra: "scheduler = lard\naccept = " + accept + "\n"})
+	if accept == "be" {
+		waitPlaced(t, c)
+	}
+	var urls []string
+	for i := range 200 {
+		name := fmt.Sprintf("/set/%03d.html", i)
+		for _, b := range c.BEs {
+			os.MkdirAll(filepath.Join(c.WWW(b.Name), "set"), 0o755)
+			os.WriteFile(filepath.Join(c.WWW(b.Name), name), []byte(name+"\n"), 0o644)
 		}
-		out = <-done
-		after := backendsOf(t, c)
-		h1 := int(after[be1].Handoffs - before[be1].Handoffs)
-		h2 := int(after[be2].Handoffs - before[be2].Handoffs)
-		t.Logf("wrk -c16: %s; requests be1 %d, be2 %d (%.1f %% to be1: the busier BE's connections last longer on this shared machine)",
-			strings.TrimSpace(lastLine(strings.SplitN(out, "Requests/sec", 2)[0])), h1, h2, 100*float64(h1)/float64(h1+h2))
-		wantShare(t, "connections open on be1 under load, summed over 30 samples", live1, live1+live2, 0.75)
-	})
+		urls = append(urls, url+name)
+	}
+	// Three rounds, a new connection per request.
+	args := []string{"curl", "-sS", "-m", "60", "-H", "Connection: close",
+		"-w", "%{url_effective} %{http_code} %header{x-served-by}\n"}
+	for range 3 {
+		for _, u := range urls {
+			args = append(args, "-o", "/dev/null", u)
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	out, err := c.Output(ctx, "client", args...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	by := map[string]map[string]int{}
+	perBE := map[string]int{}
+	for l := range strings.Lines(out) {
+		f := strings.Fields(l)
+		if len(f) != 3 || f[1] != "200" {
+			t.Fatalf("answer %q", l)
+		}
+		if by[f[0]] == nil {
+			by[f[0]] = map[string]int{}
+		}
+		by[f[0]][f[2]]++
+		perBE[f[2]]++
+	}
+	split := 0
+	for u, bes := range by {
+		if len(bes) != 1 {
+			split++
+			t.Errorf("%s served by %v", u, bes)
+		}
+	}
+	t.Logf("lard: %d URLs, %d requests; hits per BE %v; URLs on more than one BE: %d", len(by), 3*len(urls), perBE, split)
+	if len(by) != 200 {
+		t.Errorf("%d URLs answered, want 200", len(by))
+	}
+	if perBE["be1"] < 150 || perBE["be2"] < 150 {
+		t.Errorf("hits per BE %v: the URLs are not spread over both", perBE)
+	}
+}
+
+func testWLCByWeight(t *testing.T) {
+	c := newCluster(t, cluster.Options{BEs: 2, Secret: "test-cluster-secret", Rules: []string{`rule = be1,be2 .*`},
+		FEExtra: "scheduler = wlc\n", Weights: map[string]int{"be1": 3, "be2": 1}})
+	be1, be2 := c.BEs[0].IP, c.BEs[1].IP
+	// One connection at a time: the loads are equal at every choice,
+	// and the requests split by weight.
+	served := map[string]int{}
+	args := []string{"curl", "-sS", "-m", "60", "-H", "Connection: close", "-w", "%header{x-served-by}\n"}
+	for range 200 {
+		args = append(args, "-o", "/dev/null", url+"/index.html")
+	}
+	out, err := c.Output(context.Background(), "client", args...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for l := range strings.Lines(out) {
+		served[strings.TrimSpace(l)]++
+	}
+	wantShare(t, "sequential requests to be1 (weight 3)", served["be1"], 200, 0.75)
+	wantShare(t, "sequential requests to be2 (weight 1)", served["be2"], 200, 0.25)
+
+	// Under load, wlc keeps each BE's connections per weight equal:
+	// sample them while wrk runs.
+	before := backendsOf(t, c)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	done := make(chan string, 1)
+	go func() {
+		out, _ := c.Exec(ctx, "client", "wrk", "-t2", "-c16", "-d5s", "-H", "Connection: close", url+"/index.html").CombinedOutput()
+		done <- string(out)
+	}()
+	var live1, live2 int
+	time.Sleep(time.Second)
+	for range 30 {
+		rows := backendsOf(t, c)
+		live1 += rows[be1].Live
+		live2 += rows[be2].Live
+		time.Sleep(100 * time.Millisecond)
+	}
+	out = <-done
+	after := backendsOf(t, c)
+	h1 := int(after[be1].Handoffs - before[be1].Handoffs)
+	h2 := int(after[be2].Handoffs - before[be2].Handoffs)
+	t.Logf("wrk -c16: %s; requests be1 %d, be2 %d (%.1f %% to be1: the busier BE's connections last longer on this shared machine)",
+		strings.TrimSpace(lastLine(strings.SplitN(out, "Requests/sec", 2)[0])), h1, h2, 100*float64(h1)/float64(h1+h2))
+	wantShare(t, "connections open on be1 under load, summed over 30 samples", live1, live1+live2, 0.75)
 }
 
 // drain: an in-flight 20 MB download finishes, new connections go to the

@@ -48,6 +48,16 @@ type Cluster struct {
 	Policy  string // the default scheduler
 	Servers []ClusterServer
 	Rules   []ClusterRule
+
+	// Loads, when set, is the FE's load view: one figure per server, in
+	// Servers' order, each the connections the FE counts on that BE (its
+	// own and what the BE's last probe reported). With accept = be a
+	// BE's lard and wlc decide from it where a first request is served.
+	// Sent after the rules, flagged by clusterLoads in the phttp byte: a
+	// frame without loads encodes as before, and a BE of an older release
+	// refuses one with loads as a bad phttp value (an explicit version
+	// bump, not a silent misreading).
+	Loads []uint32
 }
 
 // ClusterServer is one BE.
@@ -68,8 +78,11 @@ type ClusterRule struct {
 	Pattern string
 }
 
-// clusterAcceptBE is Cluster.AcceptBE's bit in the phttp byte.
-const clusterAcceptBE = 0x80
+// Cluster.AcceptBE's and Cluster.Loads' bits in the phttp byte.
+const (
+	clusterAcceptBE = 0x80
+	clusterLoads    = 0x40
+)
 
 // Rule flags.
 const (
@@ -95,9 +108,15 @@ func (c Cluster) MarshalBinary() ([]byte, error) {
 	if len(c.Policy) > maxPolicyName {
 		return nil, fmt.Errorf("%w: policy %q", ErrFormat, c.Policy)
 	}
+	if c.Loads != nil && len(c.Loads) != len(c.Servers) {
+		return nil, fmt.Errorf("%w: %d loads for %d servers", ErrFormat, len(c.Loads), len(c.Servers))
+	}
 	mode := byte(c.PHTTP)
 	if c.AcceptBE {
 		mode |= clusterAcceptBE
+	}
+	if c.Loads != nil {
+		mode |= clusterLoads
 	}
 	b := []byte{mode, byte(len(c.Policy))}
 	b = append(b, c.Policy...)
@@ -141,6 +160,12 @@ func (c Cluster) MarshalBinary() ([]byte, error) {
 			b = append(b, r.Host...)
 		}
 	}
+	if c.Loads != nil {
+		b = binary.BigEndian.AppendUint16(b, uint16(len(c.Loads)))
+		for _, l := range c.Loads {
+			b = binary.BigEndian.AppendUint32(b, l)
+		}
+	}
 	return b, nil
 }
 
@@ -148,7 +173,7 @@ func (c Cluster) MarshalBinary() ([]byte, error) {
 func (c *Cluster) UnmarshalBinary(b []byte) error {
 	d := decoder{b: b}
 	m := d.u8()
-	mode := PHTTP(m &^ clusterAcceptBE)
+	mode := PHTTP(m &^ (clusterAcceptBE | clusterLoads))
 	policy := string(d.take(int(d.u8())))
 	if d.err == nil && (mode > PHTTPMulti || len(policy) > maxPolicyName) {
 		return fmt.Errorf("%w: cluster phttp %d, policy of %d bytes", ErrFormat, mode, len(policy))
@@ -200,6 +225,16 @@ func (c *Cluster) UnmarshalBinary(b []byte) error {
 			return d.err
 		}
 		out.Rules = append(out.Rules, r)
+	}
+	if m&clusterLoads != 0 {
+		n = d.u16()
+		if d.err == nil && int(n) != len(out.Servers) {
+			return fmt.Errorf("%w: %d loads for %d servers", ErrFormat, n, len(out.Servers))
+		}
+		out.Loads = make([]uint32, 0, n)
+		for range n {
+			out.Loads = append(out.Loads, d.u32())
+		}
 	}
 	switch {
 	case d.err != nil:

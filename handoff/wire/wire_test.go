@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"reflect"
 	"runtime"
+	"slices"
 	"testing"
 )
 
@@ -478,5 +479,48 @@ func TestRelayStats(t *testing.T) {
 	}
 	if TypeStats.String() != "stats" || TypeStatsReply.String() != "stats-reply" {
 		t.Errorf("names: %v %v", TypeStats, TypeStatsReply)
+	}
+}
+
+// The FE's load view rides after the rules, flagged in the phttp byte: a
+// frame without it encodes as before, one with it round-trips, and a
+// decoder that knows no loads (an older BE) refuses it rather than
+// misreading it; a count that is not the servers' is refused.
+func TestClusterLoads(t *testing.T) {
+	be1, be2 := netip.MustParseAddr("10.0.0.11"), netip.MustParseAddr("10.0.0.12")
+	c := Cluster{PHTTP: PHTTPMulti, AcceptBE: true, Policy: "wlc",
+		Servers: []ClusterServer{{Addr: be1, Port: 666, Weight: 3}, {Addr: be2, Port: 777, Weight: 1}},
+		Rules:   []ClusterRule{{Targets: []netip.Addr{be1, be2}, Pattern: `.*`}}}
+	plain, err := c.MarshalBinary()
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Loads = []uint32{7, 1 << 30}
+	b, err := c.MarshalBinary()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b[0] != plain[0]|0x40 || !bytes.Equal(b[1:len(plain)], plain[1:]) || len(b) != len(plain)+2+8 {
+		t.Fatalf("with loads % x, without % x", b, plain)
+	}
+	var got Cluster
+	if err := got.UnmarshalBinary(b); err != nil || !reflect.DeepEqual(got, c) {
+		t.Fatalf("%+v %v", got, err)
+	}
+	// An older decoder masked only the accept bit and refused a phttp
+	// value over multi: this frame's 0x42 is one.
+	if PHTTP(b[0]&^0x80) <= PHTTPMulti {
+		t.Errorf("an older BE would read phttp %d", b[0]&^0x80)
+	}
+	short := slices.Clone(b)
+	short[len(plain)+1] = 1 // one load for two servers
+	for name, bad := range map[string][]byte{"truncated": b[:len(b)-1], "wrong count": short[:len(short)-4]} {
+		if err := got.UnmarshalBinary(bad); err == nil {
+			t.Errorf("%s: accepted", name)
+		}
+	}
+	c.Loads = []uint32{1}
+	if _, err := c.MarshalBinary(); err == nil {
+		t.Error("one load for two servers was encoded")
 	}
 }
