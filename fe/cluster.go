@@ -141,17 +141,26 @@ func (f *FE) sendCluster(ctx context.Context, be netip.AddrPort, s *ctl.Session,
 	defer cancel()
 	r, err := s.Call(cctx, wire.Frame{Type: wire.TypeCluster, Payload: p})
 	var ack wire.Ack
+	answered := false
 	if err == nil {
-		if err = ack.UnmarshalBinary(r.Payload); err == nil && ack.Result != wire.ResultOK {
-			err = fmt.Errorf("%v: %s", ack.Result, ack.Reason)
+		if err = ack.UnmarshalBinary(r.Payload); err == nil {
+			answered = true
+			if ack.Result != wire.ResultOK {
+				err = fmt.Errorf("%v: %s", ack.Result, ack.Reason)
+			}
 		}
 	}
 	if err != nil {
 		f.log.Warn("cluster frame not taken", "op", "cluster", "be", be.String(), "err", err)
 	}
 	// With accept = be, a BE that took the frame listens on VIP:port:
-	// only then may flows be placed on it.
-	if f.place != nil && f.place.accepts(be.Addr(), err == nil) {
+	// only then may flows be placed on it, and one that refused it (it
+	// cannot listen) loses its slots. A frame lost on the way (a timeout
+	// on a busy machine, a session that ended) says neither: the BE keeps
+	// what it had, and one that is gone loses its slots by its session
+	// and probes. Since the frame goes out every dtcinterval with the
+	// load view, a lost one must not flap the placement.
+	if f.place != nil && answered && f.place.accepts(be.Addr(), err == nil) {
 		f.kickCluster()
 	}
 }

@@ -1,11 +1,15 @@
 package fe
 
 import (
+	"net"
+	"net/netip"
 	"slices"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"tcpha/config"
+	"tcpha/handoff/ctl"
 	"tcpha/handoff/wire"
 )
 
@@ -48,5 +52,60 @@ func TestClusterFrameLoads(t *testing.T) {
 	}
 	if f.takeLoads() {
 		t.Error("the same view again is a change (the frame would go out every round)")
+	}
+}
+
+// With accept = be only a BE's answer to the cluster frame decides
+// whether it takes placed connections: taken, yes; refused (it cannot
+// listen on VIP:port), no; a frame lost on the way (here a session that
+// ended) leaves it as it was. A lost frame used to take the BE's slots
+// away, and the frame now goes out every dtcinterval.
+func TestClusterAnswerDecidesAcceptance(t *testing.T) {
+	f, _, _ := testFE(t, time.Second)
+	f.cfg.Accept = config.AcceptBE
+	f.place = newPlacer()
+	var result atomic.Int32 // the BE's answer
+	session := func() *ctl.Session {
+		t.Helper()
+		a, b := net.Pipe()
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			ctl.Accept(b, &ctl.Config{Log: f.log, Local: wire.Hello{Role: wire.RoleBE}, Handler: ctl.HandlerFunc(func(s *ctl.Session, fr wire.Frame) {
+				s.Reply(fr, ctl.AckFrame(wire.Result(result.Load()), "cannot listen"))
+			})}, nil)
+		}()
+		s, err := ctl.Dial(a, &ctl.Config{Log: f.log, Local: wire.Hello{Role: wire.RoleFE}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		<-done
+		t.Cleanup(s.Close)
+		return s
+	}
+	p, err := f.clusterFrame()
+	if err != nil {
+		t.Fatal(err)
+	}
+	be := netip.AddrPortFrom(be1, 666)
+	accepting := func() bool {
+		f.place.mu.Lock()
+		defer f.place.mu.Unlock()
+		return f.place.accepting[be1]
+	}
+	s := session()
+	result.Store(int32(wire.ResultOK))
+	if f.sendCluster(t.Context(), be, s, p); !accepting() {
+		t.Fatal("a BE that took the frame does not accept")
+	}
+	result.Store(int32(wire.ResultInvalid))
+	if f.sendCluster(t.Context(), be, s, p); accepting() {
+		t.Fatal("a BE that refused the frame accepts")
+	}
+	result.Store(int32(wire.ResultOK))
+	f.sendCluster(t.Context(), be, s, p)
+	s.Close()
+	if f.sendCluster(t.Context(), be, s, p); !accepting() {
+		t.Error("a frame lost on the way took the BE's slots")
 	}
 }
