@@ -294,6 +294,62 @@ func TestSchedulers(t *testing.T) {
 		t.Run("lard, accept = "+accept, func(t *testing.T) { testLARD(t, accept) })
 	}
 	t.Run("wlc by weight", testWLCByWeight)
+	t.Run("wlc, accept = be: by the FE's load view", testWLCLoadView)
+}
+
+// With accept = be, connections land on either BE by hash; under wlc the
+// BE a connection lands on moves its first request to the BE that the
+// FE's load view says is less loaded per weight. be1 holds 40 idle
+// keep-alive connections and be2 10 (rules send .hold to be1 alone and
+// .hold2 to be2), so new one-request connections for the wlc rule end on
+// be2, whichever BE they land on: be2, with its own 11, stays only
+// because the view says be1 has 40 (without the view it would move them
+// to a be1 it took for idle). Before, each was served where it landed:
+// about half on be1.
+func testWLCLoadView(t *testing.T) {
+	c := newCluster(t, cluster.Options{BEs: 2, Secret: "test-cluster-secret",
+		Rules:   []string{`rule = be1 \.hold$`, `rule = be2 \.hold2$`, `rule = be1,be2 .*`},
+		FEExtra: "scheduler = wlc\naccept = be\ndtcinterval = 1\n"})
+	waitPlaced(t, c)
+	held := map[string]int{"be1": 40, "be2": 10}
+	for be, n := range held {
+		path := map[string]string{"be1": "/x.hold", "be2": "/x.hold2"}[be]
+		os.WriteFile(filepath.Join(c.WWW(be), path), []byte("held\n"), 0o644)
+		for range n {
+			ka := dialKeepAlive(t, c)
+			t.Cleanup(func() { ka.conn.Close() })
+			if got, err := ka.get(path); err != nil || got != "200 "+be {
+				t.Fatalf("held connection: %q %v", got, err)
+			}
+		}
+	}
+	// The FE's probes see them, and its next frame carries the view.
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+		rows := backendsOf(t, c)
+		if rows[c.BEs[0].IP].Active >= held["be1"] && rows[c.BEs[1].IP].Active >= held["be2"] {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the FE sees %+v, want be1 40 and be2 10 active", rows)
+		}
+	}
+	time.Sleep(1500 * time.Millisecond)
+	args := []string{"curl", "-sS", "-m", "30", "-H", "Connection: close", "-w", "%header{x-served-by}\n"}
+	for range 40 {
+		args = append(args, "-o", "/dev/null", url+"/index.html")
+	}
+	out, err := c.Output(context.Background(), "client", args...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	served := map[string]int{}
+	for l := range strings.Lines(out) {
+		served[strings.TrimSpace(l)]++
+	}
+	t.Logf("40 one-request connections with be1 holding 40 and be2 10: served %v", served)
+	if served["be2"] < 36 {
+		t.Errorf("served %v, want at least 36 of 40 on be2, the less loaded", served)
+	}
 }
 
 func testLARD(t *testing.T, accept string) {
