@@ -459,9 +459,29 @@ func testWLCByWeight(t *testing.T) {
 }
 
 // drain: an in-flight 20 MB download finishes, new connections go to the
-// other BE; enable undoes it.
+// other BE; enable undoes it. In both accept modes: with accept = be the
+// drained BE loses its placement slots (issue 14), and the FE knows the
+// download's BE by its probes (active) rather than its own table (live).
 func TestDrain(t *testing.T) {
-	c := newCluster(t, cluster.Options{BEs: 2, Secret: "test-cluster-secret", Rules: []string{`rule = be1,be2 .*`}})
+	for _, accept := range []string{"fe", "be"} {
+		t.Run("accept = "+accept, func(t *testing.T) { testDrain(t, accept == "be") })
+	}
+}
+
+func testDrain(t *testing.T, acceptBE bool) {
+	extra := ""
+	// Its connections: this FE's own, or with accept = be what the BE's
+	// last probe reported (probes every second).
+	conns := func(r beStatus) int { return r.Live }
+	if acceptBE {
+		extra = "accept = be\ndtcinterval = 1\n"
+		conns = func(r beStatus) int { return r.Active }
+	}
+	c := newCluster(t, cluster.Options{BEs: 2, Secret: "test-cluster-secret", Rules: []string{`rule = be1,be2 .*`},
+		FEExtra: extra})
+	if acceptBE {
+		waitPlaced(t, c)
+	}
 	body := make([]byte, 20<<20)
 	for i := range body {
 		body[i] = byte(i * 7)
@@ -478,12 +498,12 @@ func TestDrain(t *testing.T) {
 	if err := dl.Start(); err != nil {
 		t.Fatal(err)
 	}
-	// Which BE took it: the one with a live connection.
+	// Which BE took it: the one with a connection.
 	var from, other string
 	deadline := time.Now().Add(5 * time.Second)
 	for from == "" {
 		for a, r := range backendsOf(t, c) {
-			if r.Live > 0 {
+			if conns(r) > 0 {
 				from = a
 			} else {
 				other = a
@@ -494,6 +514,8 @@ func TestDrain(t *testing.T) {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
+	placements := func() int { return strings.Count(c.Grep("fe", "placement changed"), "\n") }
+	placed := placements()
 	out := ctl(t, c, "fe", "drain", from)
 	t.Logf("tcphactl drain %s: %s", from, strings.TrimSpace(out))
 	if !strings.Contains(ctl(t, c, "fe", "backends"), "DRAINING") {
@@ -502,6 +524,15 @@ func TestDrain(t *testing.T) {
 	names := map[string]string{}
 	for _, b := range c.BEs {
 		names[b.IP] = b.Name
+	}
+	if acceptBE {
+		// The drain pushes the cluster frame at once, and the slots
+		// follow in the same push.
+		for deadline := time.Now().Add(2 * time.Second); placements() == placed; time.Sleep(20 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("the drained BE kept its slots 2 s after the drain:\n%s", c.Grep("fe", "place"))
+			}
+		}
 	}
 	for range 10 {
 		if got := servedBy(t, c, "/index.html"); got != "200 "+names[other] {
@@ -515,10 +546,12 @@ func TestDrain(t *testing.T) {
 		!strings.Contains(dlOut.String(), "X-Served-By: "+names[from]) {
 		t.Errorf("the download:\n%s", dlOut.String())
 	}
-	waitBackend(t, c, from, 5*time.Second, "without live connections", func(b *beStatus) bool { return b != nil && b.Live == 0 })
+	waitBackend(t, c, from, 5*time.Second, "without connections", func(b *beStatus) bool { return b != nil && conns(*b) == 0 })
 	ctl(t, c, "fe", "enable", from)
 	seen := map[string]bool{}
-	for range 6 {
+	// With accept = be a connection lands by hash: more tries, so that
+	// missing the enabled BE by chance is unlikely (2^-20).
+	for range map[bool]int{false: 6, true: 20}[acceptBE] {
 		seen[servedBy(t, c, "/index.html")] = true
 	}
 	if !seen["200 "+names[from]] {
