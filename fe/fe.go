@@ -689,10 +689,10 @@ func (f *FE) Drain(d time.Duration) {
 		return
 	}
 	deadline := time.Now().Add(d)
-	for f.liveCount() > 0 && time.Now().Before(deadline) {
+	for f.draining() && time.Now().Before(deadline) {
 		time.Sleep(100 * time.Millisecond)
 	}
-	left := f.liveRows()
+	left := f.drainLeft()
 	if len(left) == 0 {
 		return
 	}
@@ -738,6 +738,37 @@ func resetPlan(left []conntab.Conn, servers []backends.Server) (resets []reset, 
 	return resets, unknown
 }
 
+// draining tells whether a stopping FE still has connections to wait for
+// (drainLeft; with accept = fe, this FE's live count of each BE).
+func (f *FE) draining() bool {
+	if f.acceptBE() && f.place != nil {
+		return len(f.drainLeft()) > 0
+	}
+	n := 0
+	for _, srv := range f.sched.Servers() {
+		n += f.table.Live(srv.Addr)
+	}
+	return n > 0
+}
+
+// drainLeft are the connections a stopping FE waits for and then resets:
+// with accept = fe its live rows; with accept = be the kernel's pins whose
+// client has not closed (livePins), placed and moved alike. A moved
+// flow's row there outlives its connection while its pin lasts (for a
+// reinstall), so waiting on rows made a stop wait out the drain for
+// connections already closed, and not at all for placed ones.
+func (f *FE) drainLeft() []conntab.Conn {
+	if !f.acceptBE() || f.place == nil {
+		return f.liveRows()
+	}
+	pins, err := f.place.livePins()
+	if err != nil {
+		f.log.Warn("drain: the kernel's pins not read; waiting on the table's rows", "op", "stop", "err", err)
+		return f.liveRows()
+	}
+	return pins
+}
+
 // liveRows are the connections handed off, or being handed off, to a BE.
 func (f *FE) liveRows() []conntab.Conn {
 	var out []conntab.Conn
@@ -747,14 +778,6 @@ func (f *FE) liveRows() []conntab.Conn {
 		}
 	}
 	return out
-}
-
-func (f *FE) liveCount() int {
-	n := 0
-	for _, srv := range f.sched.Servers() {
-		n += f.table.Live(srv.Addr)
-	}
-	return n
 }
 
 // detectLoop is the seed's BE detection (4.9): a probe every dtcinterval

@@ -2,6 +2,7 @@ package fe
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"maps"
 	"net/netip"
@@ -51,6 +52,38 @@ type placer struct {
 type holders interface {
 	Get(flow netip.AddrPort) (netip.Addr, bool, error)
 	Members(set string) (map[netip.AddrPort]netip.Addr, error)
+}
+
+// livePins lists the kernel's pins, with accept = be, whose client has not
+// closed (in fwd, not in closing), as connections to the BE each is
+// forwarded to, in client order.
+func livePins(fwd, closing map[netip.AddrPort]netip.Addr) []conntab.Conn {
+	out := make([]conntab.Conn, 0, len(fwd))
+	for flow, be := range fwd {
+		if _, ok := closing[flow]; !ok {
+			out = append(out, conntab.Conn{Client: flow, BE: be, State: conntab.Handoffed})
+		}
+	}
+	slices.SortFunc(out, func(a, b conntab.Conn) int { return a.Client.Compare(b.Client) })
+	return out
+}
+
+// livePins reads the kernel's live pins (livePins).
+func (p *placer) livePins() ([]conntab.Conn, error) {
+	p.lookMu.Lock()
+	defer p.lookMu.Unlock()
+	if p.look == nil {
+		return nil, errors.New("no reader of the forward map")
+	}
+	fwd, err := p.look.Members(nft.MapForward)
+	if err != nil {
+		return nil, err
+	}
+	closing, err := p.look.Members(nft.SetClosing)
+	if err != nil {
+		return nil, err
+	}
+	return livePins(fwd, closing), nil
 }
 
 // pinnedRows are the flows the kernel forwards with accept = be, as

@@ -2,7 +2,9 @@ package fe
 
 import (
 	"errors"
+	"maps"
 	"net/netip"
+	"slices"
 	"testing"
 	"time"
 
@@ -193,4 +195,55 @@ func (f *FE) mustRow(t *testing.T, flow netip.AddrPort) conntab.Conn {
 		t.Fatalf("no row for %v", flow)
 	}
 	return c
+}
+
+// pinSets is the kernel's forward map and closing set, as a stopping FE's
+// drain reads them.
+type pinSets map[string]map[netip.AddrPort]netip.Addr
+
+func (p pinSets) Get(flow netip.AddrPort) (netip.Addr, bool, error) {
+	be, ok := p[nft.MapForward][flow]
+	return be, ok, nil
+}
+
+func (p pinSets) Members(set string) (map[netip.AddrPort]netip.Addr, error) {
+	return maps.Clone(p[set]), nil
+}
+
+// With accept = be a stopping FE drains the connections the kernel
+// forwards whose client has not closed, placed or moved, and resets those
+// left: not a moved flow's row, which outlives its connection while its
+// pin lasts. Waiting on rows made a stop wait out the whole drain after any
+// move (a test cluster's FE was killed 10 s after SIGTERM), and never for
+// placed connections.
+func TestDrainWaitsForLivePins(t *testing.T) {
+	f, _, peers := testFE(t, 0)
+	f.cfg.Accept = config.AcceptBE
+	f.place = newPlacer()
+	placed, closed, moved := netip.MustParseAddrPort("10.0.0.5:40000"), netip.MustParseAddrPort("10.0.0.5:40001"),
+		netip.MustParseAddrPort("10.0.0.5:40002")
+	sets := pinSets{nft.MapForward: {closed: be2}, nft.SetClosing: {closed: be2}}
+	f.place.look = sets
+	// A moved flow whose connection ended: its row stays while its pin
+	// lasts (keepPins), but the kernel's map no longer has it live.
+	f.table.Adopt(moved, be1, conntab.Handoffed, time.Now(), time.Time{})
+	start := time.Now()
+	f.Drain(time.Minute)
+	if took := time.Since(start); took > time.Second {
+		t.Errorf("with only closed pins and a moved flow's row the drain waited %v", took)
+	}
+	if len(peers.resets) != 0 {
+		t.Errorf("resets %v, want none", peers.resets)
+	}
+
+	sets[nft.MapForward][placed] = be1 // a placed connection, still open
+	start = time.Now()
+	f.Drain(300 * time.Millisecond)
+	if took := time.Since(start); took < 300*time.Millisecond {
+		t.Errorf("the drain waited %v for a live placed connection, want its whole 300 ms", took)
+	}
+	want := []reset{{BE: netip.AddrPortFrom(be1, 666), Client: placed}}
+	if !slices.Equal(peers.resets, want) {
+		t.Errorf("resets %v, want %v", peers.resets, want)
+	}
 }
