@@ -65,13 +65,22 @@ func TestHostRules(t *testing.T) {
 // Issue 16: with [be] forwardedfor = on, nginx (set_real_ip_from
 // 127.0.0.1; real_ip_header X-Forwarded-For) logs the client's own
 // address for a handed-off connection's first request and for a later
-// one relayed from another BE; without it, the relay's 127.0.0.1.
+// one relayed from another BE; without it, the relay's 127.0.0.1. In both
+// accept modes: with accept = be the first request is read by the BE the
+// connection lands on, and moved to be1 if it landed on be2.
 func TestForwardedFor(t *testing.T) {
-	for _, on := range []bool{true, false} {
-		t.Run(fmt.Sprintf("forwardedfor=%v", on), func(t *testing.T) {
+	for _, tc := range []struct {
+		on     bool
+		accept string
+	}{{true, "fe"}, {false, "fe"}, {true, "be"}, {false, "be"}} {
+		on := tc.on
+		t.Run(fmt.Sprintf("forwardedfor=%v, accept = %s", on, tc.accept), func(t *testing.T) {
 			c := newCluster(t, cluster.Options{BEs: 2, PublicWWW: true,
 				Rules:   []string{`rule = be2 \.jpg$`, `rule = be1 .*`},
-				FEExtra: "phttp = forward\n", BEExtra: fmt.Sprintf("forwardedfor = %v\n", map[bool]string{true: "on", false: "off"}[on])})
+				FEExtra: "phttp = forward\naccept = " + tc.accept + "\n", BEExtra: fmt.Sprintf("forwardedfor = %v\n", map[bool]string{true: "on", false: "off"}[on])})
+			if tc.accept == "be" {
+				waitPlaced(t, c)
+			}
 			curl(t, c, "-o", "/dev/null", url+"/index.html?first", "-o", "/dev/null", url+"/img/a.jpg?later")
 			// Without it, the first request comes from be1's relay, the
 			// later one from be1's relay fetching from be2.
