@@ -92,6 +92,9 @@ type BE struct {
 	// is the routing of its dials from the clients' addresses.
 	deliver     *deliverer
 	transparent *netif.Transparent
+	// bh is the packet path for delivered connections' later requests
+	// (bh.go); nil with the relay.
+	bh *bhState
 }
 
 // Start starts the back end; ln, when not nil, is its control listener,
@@ -160,6 +163,9 @@ func Start(ctx context.Context, cfg *config.BE, secret []byte, m *metrics.Metric
 		b.deliver.eligible = func() string { return deliverable(b.cluster.Load(), cfg.RAddr) }
 		b.deliver.relay = b.pool.Get
 		b.deliver.clear = func(ci *wire.ConnInfo) error { return clearEarlier(b.log, ci) }
+		if err := b.startBH(); err != nil {
+			return nil, fmt.Errorf("be: deliver = socket: %w", err)
+		}
 	}
 	leaving := &handoff.Leaving{}
 	b.relay = relay.New(relay.Config{
@@ -543,7 +549,7 @@ func (b *BE) Stop() error {
 		b.pool.Close()
 	}
 	b.closeWeb()
-	return errors.Join(b.vip.Remove(), b.owned.Remove(), b.transparent.Remove())
+	return errors.Join(b.vip.Remove(), b.owned.Remove(), b.transparent.Remove(), b.stopBH(false))
 }
 
 // Keep lets go of the control listener and leaves the BE's table, VIP
@@ -553,6 +559,7 @@ func (b *BE) Keep() {
 	b.closePeers()
 	b.owned.Keep()
 	b.transparent.Keep()
+	b.stopBH(true)
 }
 
 // closePeers ends the BE-to-BE sessions. Not at Release: a move under way

@@ -66,11 +66,14 @@ const (
 	// resultClear: an earlier socket of the same 4-tuple could not be
 	// cleared out of the way.
 	resultClear = "clear"
+	// resultPacketPath: the BE's packet path could not start following
+	// the connection's later requests (bh.go).
+	resultPacketPath = "packet-path"
 )
 
 // DeliverResults lists the labels of tcpha_deliveries_total.
 func DeliverResults() []string {
-	out := []string{resultDelivered, resultPHTTP, resultClear}
+	out := []string{resultDelivered, resultPHTTP, resultClear, resultPacketPath}
 	for _, r := range transplant.Reasons() {
 		out = append(out, r.String())
 	}
@@ -118,7 +121,11 @@ type deliverer struct {
 	// relay is the fallback: a connection to the server for the relay.
 	relay func(ctx context.Context) (*relay.Upstream, error)
 	// clear clears an earlier socket of ci's 4-tuple out of the way.
-	clear  func(ci *wire.ConnInfo) error
+	clear func(ci *wire.ConnInfo) error
+	// track, if set, has the BE's packet path follow a staged
+	// connection's later requests; done tells it how the handoff ended.
+	track  func(ci *wire.ConnInfo) error
+	done   func(client netip.AddrPort, delivered bool)
 	metric *prometheus.CounterVec
 
 	ready chan readyIdle
@@ -403,7 +410,7 @@ func (c *delivery) Deliver(ci *wire.ConnInfo, rb handoff.Rebuilder) (handoff.Reb
 		st, err := c.idle.Stage(ci)
 		if err == nil {
 			c.staged = st
-			return c, nil
+			return c.follow()
 		}
 		c.idle.Close()
 		c.idle = nil
@@ -447,6 +454,7 @@ func (c *delivery) fallBack(why string, cause error) (handoff.Rebuilt, error) {
 // answered with a reset (a narrow window, counted under its reason).
 func (c *delivery) Activate() (*net.TCPConn, error) {
 	err := c.staged.Commit()
+	c.ended(err == nil)
 	if err == nil {
 		c.d.count(resultDelivered)
 		return nil, nil
@@ -460,6 +468,7 @@ func (c *delivery) Activate() (*net.TCPConn, error) {
 
 // Discard takes the staged connection off the server's socket.
 func (c *delivery) Discard() {
+	c.ended(false)
 	if err := c.staged.Abort(); err != nil {
 		c.d.log.Warn("staged connection not taken back cleanly", "op", "deliver", "client", c.ci.Client.String(), "err", err)
 	}

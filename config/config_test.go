@@ -199,6 +199,13 @@ func TestDeliver(t *testing.T) {
 	if err != nil || cfg.BE.ClientAddr {
 		t.Errorf("clientaddr = off: %v", err)
 	}
+	// The BE's queue: 1 unless set, apart from the FE's default 0.
+	if cfg.BE.QueueNum != 1 {
+		t.Errorf("[be] queuenum %d by default, want 1", cfg.BE.QueueNum)
+	}
+	if cfg, err := Parse("be.conf", []byte(be+"deliver = socket\nqueuenum = 7\n")); err != nil || cfg.BE.QueueNum != 7 {
+		t.Errorf("queuenum = 7: %v", err)
+	}
 }
 
 // Each kind of bad input is refused with the file, line, section and key.
@@ -250,6 +257,9 @@ func TestParseErrors(t *testing.T) {
 		{"bad clientaddr", be + "clientaddr = client\n", 6, "be", "clientaddr", "on"},
 		{"deliver socket with phttp multi", "[global]\nsecret = test-secret-16byte\n" + fe + "rule = 10.0.0.11 .*\n" + be + "deliver = socket\n",
 			12, "be", "deliver", "socket needs [fe] phttp = single (it is multi)"},
+		{"deliver socket on the FE's queue", "[global]\nsecret = test-secret-16byte\n" + fe + "rule = 10.0.0.11 .*\nphttp = single\nqueuenum = 1\n" + be + "deliver = socket\n",
+			0, "be", "queuenum", "is [fe] queuenum 1"},
+		{"bad BE queuenum", be + "queuenum = 70000\n", 6, "be", "queuenum", "whole number"},
 		{"duplicate server", fe + "server = 10.0.0.11 667\nrule = local .*\n", 4, "fe", "server", "already declared on line 3"},
 		{"bad weight", fe + "server = 10.0.0.12 666 weight=x\nrule = local .*\n", 4, "fe", "server", "weight=N"},
 		{"weight too large", fe + "server = 10.0.0.12 666 weight=20000\nrule = local .*\n", 4, "fe", "server", "0 to 10000"},

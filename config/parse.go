@@ -52,7 +52,7 @@ var allowed = map[string]map[string]bool{
 		"committimeout": false, "drain": false, "keepalivetimeout": false,
 		"requesttimeout": false, "maxheader": false, "forwardedfor": false,
 		"redirecttlsport": false, "proxyprotocol": false, "maxconnperip": false, "deliver": false, "clientaddr": false,
-		"check": false, "checkexpect": false,
+		"queuenum": false, "check": false, "checkexpect": false,
 	},
 }
 
@@ -175,6 +175,10 @@ func Parse(name string, data []byte) (*Config, error) {
 		// cluster frame and relays instead (reason phttp).
 		return nil, &Error{File: name, Line: lines.line("be", "deliver", 0), Section: "be", Key: "deliver",
 			Msg: fmt.Sprintf("socket needs [fe] phttp = single (it is %s): the web server, not the agent, reads a delivered connection's later requests, so they cannot be moved or forwarded; set phttp = single or deliver = relay", cfg.FE.PHTTP)}
+	}
+	if cfg.FE != nil && cfg.BE != nil && cfg.BE.Deliver == DeliverSocket && cfg.BE.QueueNum == cfg.FE.QueueNum {
+		return nil, &Error{File: name, Line: lines.line("be", "queuenum", 0), Section: "be", Key: "queuenum",
+			Msg: fmt.Sprintf("is [fe] queuenum %d: with deliver = socket each role reads a queue of its own", cfg.FE.QueueNum)}
 	}
 	if cfg.FE != nil && cfg.BE != nil && cfg.BE.UAddr == cfg.FE.RAddr {
 		return nil, &Error{File: name, Line: lines.line("be", "uaddr", 0), Section: "be", Key: "uaddr",
@@ -397,6 +401,9 @@ func (p *parser) be(s *ini.Section) (*BE, error) {
 		}
 	}
 	be.ClientAddr = v.onOff("clientaddr", true)
+	// 1, not the FE's 0: one host may run both roles, and only one socket
+	// per network namespace may bind a queue number.
+	be.QueueNum = uint16(v.intIn("queuenum", 1, 0, 65535))
 	// The seed needed feaddr only for dynamic registration; tcpha also
 	// accepts control sessions only from its FEs, so it is always required.
 	be.FEAddrs = v.addrList("feaddr", "the BE takes handoffs only from its FEs: set `feaddr = FE_RADDR`")

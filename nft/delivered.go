@@ -21,8 +21,10 @@ const ChainDelivered = "delivered"
 
 // DeliveredParams are what the BE's ip table depends on.
 type DeliveredParams struct {
-	VIP  netip.Addr
-	Port uint16 // the VIP's HTTP port: a TLS connection's bytes cannot be read
+	// VIP: its TCP flows in @delivered are judged, whatever the port (the
+	// agent learns the VIP's ports from its FEs, after the table is in;
+	// it puts only HTTP connections in the set).
+	VIP netip.Addr
 	// IdleTimeout is how long a delivered connection may go without a
 	// packet before its element goes: the backstop for a close the agent
 	// did not see (it was down, or the queue overflowed).
@@ -64,7 +66,7 @@ func Delivered(p DeliveredParams) *Ruleset {
 		rs.Rules = append(rs.Rules, &nftables.Rule{Table: t, Chain: c, Exprs: cat(e...), UserData: comment(text)})
 	}
 	add(pre, "delivered: refresh, then judge",
-		matchVIP(p.VIP, p.Port), tcpFlags(tcpSYN, 0, true), loadKey(), lookup(set, false), dynsetUpdate(set),
+		matchVIP(p.VIP, 0)[:4], tcpFlags(tcpSYN, 0, true), loadKey(), lookup(set, false), dynsetUpdate(set),
 		[]expr.Any{&expr.Verdict{Kind: expr.VerdictJump, Chain: ChainDelivered}})
 	add(dc, "FIN/RST: to the agent (TIME_WAIT)", tcpFlags(tcpFIN|tcpRST, 0, false), counter(), q)
 	add(dc, "IP options: to the agent",

@@ -11,7 +11,7 @@ import (
 	"github.com/google/nftables/xt"
 )
 
-var sampleDelivered = DeliveredParams{VIP: netip.MustParseAddr("10.0.0.100"), Port: 80, IdleTimeout: 15 * time.Minute,
+var sampleDelivered = DeliveredParams{VIP: netip.MustParseAddr("10.0.0.100"), IdleTimeout: 15 * time.Minute,
 	Size: 65536, QueueNum: 1, Queue: QueueCompat}
 
 // The BE's delivered table, byte for byte, in both queue modes (see

@@ -1,0 +1,495 @@
+package be
+
+// The BE's packet path for connections the web server owns (`[be] deliver
+// = socket` under an FE with phttp = multi or forward): the seed's BH
+// (4.8.3). The agent no longer reads such a connection's later requests,
+// the web server does; so the BE's table (nft.Delivered) queues their
+// client segments with payload, and queue.Stream says how much of each
+// the server may have. FIN and RST move the connection to TIME_WAIT.
+//
+// Moving a connection whose next request is another BE's (WILLHANDOFF →
+// HANDOFFING → HANDOFFED: take the socket back from the server once the
+// client acknowledged every response byte, dump it, move it) is not built
+// yet: such a request is served here (the move "failed", as the state
+// machine's WILLHANDOFF --handoff-failed--> ESTABLISHED row says), and
+// counted (stayed). Until it is, a BE delivers only when every BE the
+// FE's rules name is itself (deliverable), so this happens only when the
+// rules change under a delivered connection.
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/google/nftables"
+	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/sys/unix"
+
+	"tcpha/admin"
+	"tcpha/handoff"
+	"tcpha/handoff/conntab"
+	"tcpha/handoff/wire"
+	"tcpha/nft"
+	"tcpha/phttp"
+	"tcpha/queue"
+	"tcpha/relay"
+)
+
+// Reasons of the BE's packet path besides queue.Stream's.
+const (
+	// reasonStayed: a request for another BE served here, since moving a
+	// delivered connection is not built (counted once per request).
+	reasonStayed queue.Reason = "stayed"
+	// reasonAbandoned: a flow whose bytes kept coming after a gap was let
+	// go (its bytes reached the server unjudged: the queue was bypassed
+	// while the agent was away); the server serves it to the end.
+	reasonAbandoned queue.Reason = "abandoned"
+	reasonClose     queue.Reason = "close" // a FIN or RST: TIME_WAIT
+)
+
+// abandonAfter is how many segments in a row may come after a gap before
+// a flow is let go: a lost segment is retransmitted within a few, while a
+// gap that never fills means the server got bytes the agent never saw.
+const abandonAfter = 64
+
+// flowSet adds and removes elements of the BE's @delivered set.
+type flowSet interface {
+	Add(flow netip.AddrPort) error
+	Remove(flow netip.AddrPort) error
+}
+
+// bhConn is one delivered connection the packet path follows.
+type bhConn struct {
+	s          *queue.Stream
+	state      conntab.State
+	since      time.Time
+	seen       time.Time // its last packet
+	until      time.Time // TIME_WAIT's end
+	requests   int
+	outOfOrder int
+}
+
+// bh follows delivered connections. Its judge runs on the NFQUEUE
+// reader's goroutine and never blocks on the kernel: set removals go to
+// a goroutine of their own.
+type bh struct {
+	log      *slog.Logger
+	maxHead  int
+	timeWait time.Duration
+	rstWait  time.Duration
+	idle     time.Duration
+	here     queue.Here
+	set      flowSet
+	now      func() time.Time
+	metric   *prometheus.CounterVec
+
+	mu     sync.Mutex
+	conns  map[netip.AddrPort]*bhConn
+	counts map[queue.Reason]int64
+	gone   chan netip.AddrPort // flows whose elements go
+}
+
+func newBH(log *slog.Logger, maxHead int, set flowSet, here queue.Here) *bh {
+	return &bh{log: log, maxHead: maxHead, timeWait: 10 * time.Second, rstWait: time.Second,
+		idle: 15 * time.Minute, here: here, set: set, now: time.Now,
+		conns: map[netip.AddrPort]*bhConn{}, counts: map[queue.Reason]int64{}, gone: make(chan netip.AddrPort, 1024)}
+}
+
+// track starts following ci's connection, staged on the server's socket:
+// its element is in @delivered before the BE acks the offer, so that no
+// client segment reaches the server unjudged. A TLS connection is not
+// followed (its bytes cannot be read).
+func (p *bh) track(ci *wire.ConnInfo) error {
+	if relay.IsTLS(ci.RecvQueue) {
+		return nil
+	}
+	if err := p.set.Add(ci.Client); err != nil {
+		return fmt.Errorf("follow %v's later requests: %w", ci.Client, err)
+	}
+	now := p.now()
+	p.mu.Lock()
+	p.conns[ci.Client] = &bhConn{s: queue.NewStream(ci.RcvSeq, ci.RecvQueue, p.maxHead), since: now, seen: now}
+	p.mu.Unlock()
+	return nil
+}
+
+// delivered: the FE committed, the server owns the connection
+// (ESTABLISHED on this BE).
+func (p *bh) delivered(client netip.AddrPort) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if c, ok := p.conns[client]; ok {
+		c.state, _, _ = conntab.Step(conntab.BE, conntab.Closed, conntab.EvRestored)
+	}
+}
+
+// untrack stops following client's connection (the handoff failed, or the
+// connection fell back to the relay).
+func (p *bh) untrack(client netip.AddrPort) {
+	p.mu.Lock()
+	_, ok := p.conns[client]
+	delete(p.conns, client)
+	p.mu.Unlock()
+	if ok {
+		p.drop(client)
+	}
+}
+
+// drop has client's element removed off the reader's goroutine.
+func (p *bh) drop(client netip.AddrPort) {
+	select {
+	case p.gone <- client:
+	default:
+		// The set's timeout removes it (nft.DeliveredParams.IdleTimeout).
+		p.log.Debug("delivered flow left to expire", "op", "bh", "client", client.String())
+	}
+}
+
+// removeLoop removes the elements of flows that ended, until stop.
+func (p *bh) removeLoop(stop <-chan struct{}) {
+	for {
+		select {
+		case <-stop:
+			return
+		case flow := <-p.gone:
+			if err := p.set.Remove(flow); err != nil {
+				p.log.Debug("delivered flow not removed", "op", "bh", "client", flow.String(), "err", err)
+			}
+		}
+	}
+}
+
+func (p *bh) count(r queue.Reason) {
+	p.counts[r]++
+	if p.metric != nil {
+		p.metric.WithLabelValues(string(r)).Inc()
+	}
+}
+
+// judge decides one queued packet: accept it, drop it, or accept it cut
+// (repl, the new packet).
+func (p *bh) judge(b []byte) (queue.Verdict, []byte) {
+	v, repl, _ := p.judgeReason(b)
+	return v, repl
+}
+
+func (p *bh) judgeReason(b []byte) (queue.Verdict, []byte, queue.Reason) {
+	seg, err := queue.ParseSegment(b)
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if err != nil {
+		// Not ours to judge: the kernel has its own checks.
+		p.count(queue.ReasonMalformed)
+		return queue.Accept, nil, queue.ReasonMalformed
+	}
+	c, ok := p.conns[seg.Src]
+	if !ok {
+		p.count(queue.ReasonNoFlow)
+		return queue.Accept, nil, queue.ReasonNoFlow
+	}
+	now := p.now()
+	c.seen = now
+	keep, r := len(seg.Data), queue.ReasonRetransmit
+	if len(seg.Data) > 0 && c.state != conntab.TimeWait {
+		keep, r = p.segment(c, seg)
+		if r == queue.ReasonOutOfOrder {
+			if c.outOfOrder++; c.outOfOrder >= abandonAfter {
+				delete(p.conns, seg.Src)
+				p.drop(seg.Src)
+				p.count(reasonAbandoned)
+				p.log.Warn("delivered connection no longer followed: its bytes went by unjudged", "op", "bh",
+					"client", seg.Src.String(), "state", c.state.String())
+				return queue.Accept, nil, reasonAbandoned
+			}
+		} else {
+			c.outOfOrder = 0
+		}
+	}
+	if (seg.FIN || seg.RST) && keep == len(seg.Data) {
+		ev := conntab.EvFIN
+		until := now.Add(p.timeWait)
+		if seg.RST {
+			ev, until = conntab.EvRST, now.Add(p.rstWait)
+		}
+		if to, _, err := conntab.Step(conntab.BE, c.state, ev); err == nil {
+			if to == conntab.TimeWait && c.state != conntab.TimeWait {
+				c.until = until
+			}
+			c.state = to
+		}
+		p.count(reasonClose)
+		return queue.Accept, nil, reasonClose
+	}
+	p.count(r)
+	switch {
+	case keep == len(seg.Data):
+		return queue.Accept, nil, r
+	case keep == 0:
+		return queue.Drop, nil, r
+	}
+	cut, err := seg.Truncate(b, keep)
+	if err != nil {
+		return queue.Drop, nil, queue.ReasonMalformed
+	}
+	return queue.Accept, cut, r
+}
+
+// segment runs seg's payload through c's stream, serving here a request
+// for another BE (the move is not built).
+func (p *bh) segment(c *bhConn, seg queue.Segment) (int, queue.Reason) {
+	heads := 0
+	here := func(h *phttp.Head) bool {
+		heads++
+		return p.here(h)
+	}
+	keep, r := c.s.Segment(seg.Seq, seg.Data, here)
+	c.requests += heads
+	if !c.moving() {
+		return keep, r
+	}
+	// WILLHANDOFF, then the move fails at once: serve it here.
+	for _, ev := range []conntab.Event{conntab.EvReschedule, conntab.EvHandoffFailed} {
+		if to, _, err := conntab.Step(conntab.BE, c.state, ev); err == nil {
+			c.state = to
+		}
+	}
+	c.s.Stay()
+	p.count(reasonStayed)
+	return c.s.Segment(seg.Seq, seg.Data, p.here)
+}
+
+func (c *bhConn) moving() bool {
+	h, _, _ := c.s.Moving()
+	return h != nil
+}
+
+// reap ends TIME_WAITs that ran out and flows idle past the set's
+// timeout (their element expired already).
+func (p *bh) reap() {
+	now := p.now()
+	p.mu.Lock()
+	var done []netip.AddrPort
+	for flow, c := range p.conns {
+		if c.state == conntab.TimeWait && now.After(c.until) || now.Sub(c.seen) > p.idle {
+			done = append(done, flow)
+			delete(p.conns, flow)
+		}
+	}
+	p.mu.Unlock()
+	for _, f := range done {
+		p.drop(f)
+	}
+}
+
+// bhRow is a delivered connection as `tcphactl conns` shows it.
+type bhRow struct {
+	Client   netip.AddrPort
+	State    conntab.State
+	Since    time.Time
+	Requests int
+}
+
+func (p *bh) rows() []bhRow {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	out := make([]bhRow, 0, len(p.conns))
+	for f, c := range p.conns {
+		if c.state == conntab.Closed {
+			continue // staged, not committed yet
+		}
+		out = append(out, bhRow{f, c.state, c.since, c.requests})
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Client.Compare(out[j].Client) < 0 })
+	return out
+}
+
+// Counts returns the packets judged, by reason.
+func (p *bh) Counts() map[queue.Reason]int64 {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	out := make(map[queue.Reason]int64, len(p.counts))
+	for k, v := range p.counts {
+		out[k] = v
+	}
+	return out
+}
+
+// nftFlowSet is @delivered on the BE's own lasting connection, one
+// transaction per change, serialized.
+type nftFlowSet struct {
+	mu  sync.Mutex
+	c   *nftables.Conn
+	set *nftables.Set
+}
+
+func (s *nftFlowSet) Add(flow netip.AddrPort) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if err := s.c.SetAddElements(s.set, []nftables.SetElement{{Key: nft.Key(flow)}}); err != nil {
+		return fmt.Errorf("add %v to @%s: %w", flow, s.set.Name, err)
+	}
+	if err := s.c.Flush(); err != nil {
+		return fmt.Errorf("add %v to @%s: %w", flow, s.set.Name, err)
+	}
+	return nil
+}
+
+func (s *nftFlowSet) Remove(flow netip.AddrPort) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if err := s.c.SetDeleteElements(s.set, []nftables.SetElement{{Key: nft.Key(flow)}}); err != nil {
+		return fmt.Errorf("remove %v from @%s: %w", flow, s.set.Name, err)
+	}
+	// Gone already (expired): nothing to do. The batch held only it.
+	if err := s.c.Flush(); err != nil && !errors.Is(err, unix.ENOENT) {
+		return fmt.Errorf("remove %v from @%s: %w", flow, s.set.Name, err)
+	}
+	return nil
+}
+
+// follow has the BE's packet path follow a staged connection, or takes it
+// off the server's socket again and falls back to the relay.
+func (c *delivery) follow() (handoff.Rebuilt, error) {
+	if c.d.track == nil {
+		return c, nil
+	}
+	err := c.d.track(c.ci)
+	if err == nil {
+		return c, nil
+	}
+	if aerr := c.staged.Abort(); aerr != nil {
+		return nil, fmt.Errorf("deliver %v: %w; and take it back: %w", c.ci.Client, err, aerr)
+	}
+	c.staged = nil
+	return c.fallBack(resultPacketPath, err)
+}
+
+// ended tells the packet path how a staged connection's handoff ended.
+func (c *delivery) ended(delivered bool) {
+	if c.d.done != nil && c.ci != nil {
+		c.d.done(c.ci.Client, delivered)
+	}
+}
+
+// bhState is what the BE holds for its packet path.
+type bhState struct {
+	p      *bh
+	set    *nftFlowSet
+	owned  nft.Owned
+	reader *queue.Reader
+	stop   chan struct{}
+	once   sync.Once
+}
+
+// startBH installs the BE's delivered table, binds its queue and starts
+// following delivered connections, whose handoffs it hears of from the
+// deliverer. A connection is followed only under an FE with phttp =
+// multi or forward: with single there is nothing to decide.
+func (b *BE) startBH() error {
+	st := &bhState{stop: make(chan struct{})}
+	b.bh = st
+	var err error
+	if st.owned.Conn, err = nft.OpenLasting(); err != nil {
+		return fmt.Errorf("packet path: %w", err)
+	}
+	rs, mode, err := nft.InstallDelivered(st.owned.Conn, nft.DeliveredParams{
+		VIP: b.cfg.VAddr, IdleTimeout: b.cfg.KeepAliveTimeout + time.Minute,
+		Size: 65536, QueueNum: b.cfg.QueueNum,
+	}, nft.QueuePreference)
+	if err != nil {
+		return fmt.Errorf("packet path: %w", err)
+	}
+	st.owned.Rules = rs
+	set := &nftFlowSet{c: st.owned.Conn, set: rs.Set(nft.SetDelivered)}
+	st.set = set
+	st.p = newBH(b.log, b.cfg.MaxHeader, set, func(h *phttp.Head) bool {
+		return relay.Decide(b.route(h.Host, h.Path)).Here
+	})
+	st.p.metric = b.m.BHPackets
+	if st.reader, err = queue.OpenJudge(b.cfg.QueueNum, b.log, st.p.judge); err != nil {
+		return fmt.Errorf("packet path: %w (another agent in this network namespace? set [be] queuenum)", err)
+	}
+	b.deliver.track = func(ci *wire.ConnInfo) error {
+		if c := b.cluster.Load(); c == nil || c.phttp == wire.PHTTPSingle {
+			return nil
+		}
+		return st.p.track(ci)
+	}
+	b.deliver.done = func(client netip.AddrPort, delivered bool) {
+		if delivered {
+			st.p.delivered(client)
+		} else {
+			st.p.untrack(client)
+		}
+	}
+	go st.p.removeLoop(st.stop)
+	go func() {
+		t := time.NewTicker(time.Second)
+		defer t.Stop()
+		for {
+			select {
+			case <-st.stop:
+				return
+			case <-t.C:
+				st.p.reap()
+			}
+		}
+	}()
+	b.log.Info("delivered connections' later requests read from NFQUEUE", "op", "start", "queue", b.cfg.QueueNum,
+		"via", mode.String())
+	return nil
+}
+
+// stopBH unbinds the queue and removes the delivered table (keep: leaves
+// it for a successor, which replaces it). Delivered connections go on: the
+// queue rules bypass a queue nobody reads. It is idempotent.
+func (b *BE) stopBH(keep bool) error {
+	st := b.bh
+	if st == nil {
+		return nil
+	}
+	var err error
+	st.once.Do(func() {
+		close(st.stop)
+		if st.reader != nil {
+			st.reader.Close()
+		}
+		if st.set != nil {
+			// The remover may be in a transaction on the same connection.
+			st.set.mu.Lock()
+			defer st.set.mu.Unlock()
+		}
+		if keep {
+			st.owned.Keep()
+		} else {
+			err = st.owned.Remove()
+		}
+	})
+	return err
+}
+
+// bhRows are the delivered connections the packet path follows, as
+// `tcphactl conns` rows (state "ESTABLISHED delivered", WILLHANDOFF,
+// TIME_WAIT).
+func (b *BE) bhRows(now time.Time, flt admin.ConnFilter) []ConnRow {
+	if b.bh == nil || b.bh.p == nil {
+		return nil
+	}
+	var out []ConnRow
+	for _, r := range b.bh.p.rows() {
+		state := r.State.String()
+		if !flt.Match(r.Client, netip.Addr{}, state) {
+			continue
+		}
+		if r.State == conntab.Established {
+			state += " delivered"
+		}
+		out = append(out, ConnRow{Client: r.Client.Addr().String(), ClientPort: r.Client.Port(), State: state,
+			Age: now.Sub(r.Since).Truncate(time.Second).Seconds(), Requests: r.Requests})
+	}
+	return out
+}
