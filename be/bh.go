@@ -23,6 +23,7 @@ import (
 	"net/netip"
 	"sort"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/google/nftables"
@@ -377,12 +378,15 @@ func (c *delivery) ended(delivered bool) {
 
 // bhState is what the BE holds for its packet path.
 type bhState struct {
-	p      *bh
-	set    *nftFlowSet
-	owned  nft.Owned
+	p     *bh
+	set   *nftFlowSet
+	owned nft.Owned
+	stop  chan struct{}
+	once  sync.Once
+	// bound: the queue is this agent's; reader, under mu, its reader.
+	bound  atomic.Bool
+	mu     sync.Mutex
 	reader *queue.Reader
-	stop   chan struct{}
-	once   sync.Once
 }
 
 // startBH installs the BE's delivered table, binds its queue and starts
@@ -410,11 +414,8 @@ func (b *BE) startBH() error {
 		return relay.Decide(b.route(h.Host, h.Path)).Here
 	})
 	st.p.metric = b.m.BHPackets
-	if st.reader, err = queue.OpenJudge(b.cfg.QueueNum, b.log, st.p.judge); err != nil {
-		return fmt.Errorf("packet path: %w (another agent in this network namespace? set [be] queuenum)", err)
-	}
 	b.deliver.track = func(ci *wire.ConnInfo) error {
-		if c := b.cluster.Load(); c == nil || c.phttp == wire.PHTTPSingle {
+		if c := b.cluster.Load(); c == nil || c.phttp == wire.PHTTPSingle || !st.bound.Load() {
 			return nil
 		}
 		return st.p.track(ci)
@@ -426,6 +427,11 @@ func (b *BE) startBH() error {
 			st.p.untrack(client)
 		}
 	}
+	// The queue: a predecessor handing over to this agent still holds
+	// it (only one socket per namespace may bind a queue number), so
+	// until it lets go, connections are delivered without being
+	// followed, and the binding is tried again.
+	go st.bind(b)
 	go st.p.removeLoop(st.stop)
 	go func() {
 		t := time.NewTicker(time.Second)
@@ -439,9 +445,44 @@ func (b *BE) startBH() error {
 			}
 		}
 	}()
-	b.log.Info("delivered connections' later requests read from NFQUEUE", "op", "start", "queue", b.cfg.QueueNum,
-		"via", mode.String())
+	b.log.Info("delivered connections' table installed", "op", "start", "via", mode.String())
 	return nil
+}
+
+// bind binds the queue, trying again every 100 ms while another socket
+// holds it, until stop.
+func (st *bhState) bind(b *BE) {
+	warned := false
+	t := time.NewTicker(100 * time.Millisecond)
+	defer t.Stop()
+	for {
+		r, err := queue.OpenJudge(b.cfg.QueueNum, b.log, st.p.judge)
+		if err == nil {
+			st.mu.Lock()
+			select {
+			case <-st.stop:
+				st.mu.Unlock()
+				r.Close()
+				return
+			default:
+			}
+			st.reader = r
+			st.mu.Unlock()
+			st.bound.Store(true)
+			b.log.Info("delivered connections' later requests read from NFQUEUE", "op", "start", "queue", b.cfg.QueueNum)
+			return
+		}
+		if !warned {
+			b.log.Warn("NFQUEUE for delivered connections not bound yet; delivering without following them", "op", "start",
+				"queue", b.cfg.QueueNum, "err", err, "hint", "a predecessor handing over holds it; otherwise set [be] queuenum")
+			warned = true
+		}
+		select {
+		case <-st.stop:
+			return
+		case <-t.C:
+		}
+	}
 }
 
 // stopBH unbinds the queue and removes the delivered table (keep: leaves
@@ -454,10 +495,12 @@ func (b *BE) stopBH(keep bool) error {
 	}
 	var err error
 	st.once.Do(func() {
+		st.mu.Lock()
 		close(st.stop)
 		if st.reader != nil {
 			st.reader.Close()
 		}
+		st.mu.Unlock()
 		if st.set != nil {
 			// The remover may be in a transaction on the same connection.
 			st.set.mu.Lock()

@@ -1,0 +1,206 @@
+package tests
+
+import (
+	"context"
+	"crypto/md5"
+	"crypto/rand"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	cluster "tcpha/internal/nscluster"
+)
+
+// bhCluster is one BE with deliver = socket under an FE with phttp =
+// multi whose rules name only that BE: connections are delivered, and
+// their later requests are read from the BE's packet path (issue 15 item
+// 2).
+func bhCluster(t *testing.T) *cluster.Cluster {
+	t.Helper()
+	c := newCluster(t, cluster.Options{BEs: 1, Secret: "test-cluster-secret", Rules: []string{`rule = be1 .*`},
+		FEExtra: "phttp = multi\n", BEExtra: "deliver = socket\n", Metrics: true})
+	deadline := time.Now().Add(10 * time.Second)
+	for c.Grep("be1", `msg="cluster rules from the FE"`) == "" || !strings.Contains(mustAdmin(t, c, "be1", "status"), "deliver=socket") {
+		if time.Now().After(deadline) {
+			t.Fatal("be1 got no cluster frame, or has no deliver line")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	return c
+}
+
+// bhPackets reads be1's tcpha_be_nfqueue_packets_total by reason.
+func bhPackets(t *testing.T, c *cluster.Cluster) map[string]int {
+	t.Helper()
+	out := scrapeMetrics(t, c, "be1")
+	m := map[string]int{}
+	for _, l := range regexp.MustCompile(`(?m)^tcpha_be_nfqueue_packets_total\{reason="([^"]+)"\} (\d+)$`).FindAllStringSubmatch(out, -1) {
+		m[l[1]], _ = strconv.Atoi(l[2])
+	}
+	return m
+}
+
+// A delivered keep-alive connection's later requests go through the BE's
+// packet path: each is judged this BE's and served by nginx; a 20 MB
+// download's ACKs stay in the kernel; `tcphactl conns` on the BE shows the
+// connection ESTABLISHED, then TIME_WAIT after the client's FIN; killing
+// the BE agent leaves nginx serving it (the queue is bypassed).
+func TestDeliverSocketLaterRequests(t *testing.T) {
+	c := bhCluster(t)
+	k := dialKeepAlive(t, c)
+	defer k.conn.Close()
+	for i, p := range []string{"/index.html", "/img/a.jpg", "/index.html", "/img/a.jpg"} {
+		if got := kget(t, k, p); got != "200 be1" {
+			t.Fatalf("request %d (%s): %q", i, p, got)
+		}
+	}
+	if d, r := deliveries(t, c); d != 1 || r != 0 {
+		t.Errorf("delivered=%d relayed=%d, want the connection delivered:\n%s", d, r, deliverLine(t, c))
+	}
+	pk := bhPackets(t, c)
+	if pk["here"] != 3 {
+		t.Errorf("packets judged %v: want the 3 later requests judged this BE's (here)", pk)
+	}
+	_, port, _ := strings.Cut(k.local(), ":")
+	row := func() string {
+		for _, l := range strings.Split(mustAdmin(t, c, "be1", "conns"), "\n") {
+			if strings.Contains(l, ":"+port+" ") {
+				return l
+			}
+		}
+		return ""
+	}
+	if r := row(); !strings.Contains(r, "ESTABLISHED delivered") || !strings.Contains(r, " 3 ") {
+		t.Errorf("tcphactl conns on be1 for %s: %q, want ESTABLISHED delivered with 3 requests:\n%s", k.local(), r, mustAdmin(t, c, "be1", "conns"))
+	}
+
+	// Pipelined: two requests in one segment, both this BE's.
+	k.conn.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := k.conn.Write([]byte("GET /index.html HTTP/1.1\r\nHost: tcpha\r\n\r\nGET /img/a.jpg HTTP/1.1\r\nHost: tcpha\r\n\r\n")); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 2 {
+		if got, err := readAnswer(k); err != nil || got != "200 be1" {
+			t.Errorf("pipelined answer %d: %q %v", i, got, err)
+		}
+	}
+	// A head split over two segments: the first waits for the client's
+	// retransmission (dropped until the head is whole), then nginx
+	// answers.
+	start := time.Now()
+	if _, err := k.conn.Write([]byte("GET /index.html HT")); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(20 * time.Millisecond)
+	if _, err := k.conn.Write([]byte("TP/1.1\r\nHost: tcpha\r\n\r\n")); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := readAnswer(k); err != nil || got != "200 be1" {
+		t.Errorf("a head split over segments: %q %v", got, err)
+	}
+	t.Logf("a head split over two segments answered in %v", time.Since(start).Round(time.Millisecond))
+	if pk := bhPackets(t, c); pk["here"] < 4 || pk["head-split"] < 1 {
+		t.Errorf("packets %v: want the pipeline judged here and a split head dropped", pk)
+	}
+
+	// A 20 MB body: the client's ACKs are not queued.
+	pk = bhPackets(t, c)
+	big := make([]byte, 20<<20)
+	rand.Read(big)
+	if err := os.WriteFile(filepath.Join(c.WWW("be1"), "big.bin"), big, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	status, sum, err := k.getBody("/big.bin")
+	if err != nil || status != "200 be1" {
+		t.Fatalf("20 MB on the delivered connection: %q %v", status, err)
+	}
+	if want := md5.Sum(big); sum != want {
+		t.Errorf("20 MB body: md5 %x, want %x", sum, want)
+	}
+	before := 0
+	for _, n := range pk {
+		before += n
+	}
+	total := 0
+	for _, n := range bhPackets(t, c) {
+		total += n
+	}
+	if total-before > 5 {
+		t.Errorf("%d packets queued for one request and its 20 MB answer: ACKs were queued (%v)", total-before, bhPackets(t, c))
+	}
+
+	// Kill the agent: nginx keeps serving the connection.
+	if err := c.StopAgent("be1", syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 3 {
+		if got := kget(t, k, "/index.html"); got != "200 be1" {
+			t.Errorf("request %d after the BE agent was killed: %q", i, got)
+		}
+	}
+}
+
+// FIN feeds TIME_WAIT, and the row goes when it ends.
+func TestDeliverSocketTimeWait(t *testing.T) {
+	c := bhCluster(t)
+	k := dialKeepAlive(t, c)
+	if got := kget(t, k, "/index.html"); got != "200 be1" {
+		t.Fatalf("first request: %q", got)
+	}
+	if got := kget(t, k, "/index.html"); got != "200 be1" {
+		t.Fatalf("second request: %q", got)
+	}
+	_, port, _ := strings.Cut(k.local(), ":")
+	k.conn.Close()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		conns := mustAdmin(t, c, "be1", "conns")
+		if regexp.MustCompile(`:` + port + `\s+TIME_WAIT`).MatchString(conns) {
+			break
+		}
+		if time.Now().After(deadline) {
+			table, _ := c.Output(context.Background(), "be1", "nft", "list", "table", "ip", "tcpha")
+			t.Fatalf("no TIME_WAIT row for port %s after the client's FIN:\n%s\n%s", port, conns, table)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if pk := bhPackets(t, c); pk["close"] < 1 {
+		t.Errorf("packets %v: no FIN judged", pk)
+	}
+	// The element leaves @delivered with the row (TIME_WAIT 10 s).
+	deadline = time.Now().Add(15 * time.Second)
+	for {
+		set, err := c.Output(context.Background(), "be1", "nft", "list", "set", "ip", "tcpha", "delivered")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !strings.Contains(set, " . "+port) && !strings.Contains(mustAdmin(t, c, "be1", "conns"), ":"+port+" ") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("port %s still followed after TIME_WAIT:\n%s", port, set)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
+// readAnswer reads one response on k and returns its status and server.
+func readAnswer(k *keepAlive) (string, error) {
+	resp, err := http.ReadResponse(k.br, nil)
+	if err != nil {
+		return "", err
+	}
+	defer resp.Body.Close()
+	if _, err := io.Copy(io.Discard, resp.Body); err != nil {
+		return "", err
+	}
+	return fmt.Sprintf("%d %s", resp.StatusCode, resp.Header.Get("X-Served-By")), nil
+}
