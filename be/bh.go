@@ -34,6 +34,7 @@ import (
 	"tcpha/handoff"
 	"tcpha/handoff/conntab"
 	"tcpha/handoff/wire"
+	"tcpha/netif"
 	"tcpha/nft"
 	"tcpha/phttp"
 	"tcpha/queue"
@@ -66,6 +67,7 @@ type flowSet interface {
 // bhConn is one delivered connection the packet path follows.
 type bhConn struct {
 	s          *queue.Stream
+	vip        netip.AddrPort
 	state      conntab.State
 	since      time.Time
 	seen       time.Time // its last packet
@@ -86,7 +88,10 @@ type bh struct {
 	here     queue.Here
 	set      flowSet
 	now      func() time.Time
-	metric   *prometheus.CounterVec
+	// alive tells whether the server still has a socket for client on
+	// vip (sock_diag); nil: never.
+	alive  func(vip, client netip.AddrPort) bool
+	metric *prometheus.CounterVec
 
 	mu     sync.Mutex
 	conns  map[netip.AddrPort]*bhConn
@@ -113,7 +118,7 @@ func (p *bh) track(ci *wire.ConnInfo) error {
 	}
 	now := p.now()
 	p.mu.Lock()
-	p.conns[ci.Client] = &bhConn{s: queue.NewStream(ci.RcvSeq, ci.RecvQueue, p.maxHead), since: now, seen: now}
+	p.conns[ci.Client] = &bhConn{s: queue.NewStream(ci.RcvSeq, ci.RecvQueue, p.maxHead), vip: ci.VIP, since: now, seen: now}
 	p.mu.Unlock()
 	return nil
 }
@@ -268,23 +273,44 @@ func (c *bhConn) moving() bool {
 	return h != nil
 }
 
-// reap ends TIME_WAITs that ran out and flows idle past the set's
-// timeout (their element expired already).
+// reap ends TIME_WAITs that ran out, and follows no longer a connection
+// that went quiet past the idle bound and whose socket is gone (a close
+// the agent missed). A quiet connection whose socket lives goes on: a long
+// download's client sends only ACKs, which are not queued.
 func (p *bh) reap() {
 	now := p.now()
 	p.mu.Lock()
 	var done []netip.AddrPort
+	var quiet []bhKey
 	for flow, c := range p.conns {
-		if c.state == conntab.TimeWait && now.After(c.until) || now.Sub(c.seen) > p.idle {
+		switch {
+		case c.state == conntab.TimeWait && now.After(c.until):
 			done = append(done, flow)
 			delete(p.conns, flow)
+		case now.Sub(c.seen) > p.idle:
+			quiet = append(quiet, bhKey{c.vip, flow})
 		}
 	}
 	p.mu.Unlock()
+	for _, k := range quiet {
+		alive := p.alive != nil && p.alive(k.vip, k.client)
+		p.mu.Lock()
+		if c, ok := p.conns[k.client]; ok && now.Sub(c.seen) > p.idle {
+			if alive {
+				c.seen = now
+			} else {
+				delete(p.conns, k.client)
+				done = append(done, k.client)
+			}
+		}
+		p.mu.Unlock()
+	}
 	for _, f := range done {
 		p.drop(f)
 	}
 }
+
+type bhKey struct{ vip, client netip.AddrPort }
 
 // bhRow is a delivered connection as `tcphactl conns` shows it.
 type bhRow struct {
@@ -400,8 +426,12 @@ func (b *BE) startBH() error {
 	if st.owned.Conn, err = nft.OpenLasting(); err != nil {
 		return fmt.Errorf("packet path: %w", err)
 	}
+	// The set's backstop for a close the agent missed: longer than nginx
+	// keeps an idle connection (keepalive_timeout, which keepalivetimeout
+	// mirrors). Any packet of the flow refreshes it.
+	idle := b.cfg.KeepAliveTimeout + time.Minute
 	rs, mode, err := nft.InstallDelivered(st.owned.Conn, nft.DeliveredParams{
-		VIP: b.cfg.VAddr, IdleTimeout: b.cfg.KeepAliveTimeout + time.Minute,
+		VIP: b.cfg.VAddr, IdleTimeout: idle,
 		Size: 65536, QueueNum: b.cfg.QueueNum,
 	}, nft.QueuePreference)
 	if err != nil {
@@ -414,6 +444,11 @@ func (b *BE) startBH() error {
 		return relay.Decide(b.route(h.Host, h.Path)).Here
 	})
 	st.p.metric = b.m.BHPackets
+	st.p.idle = idle
+	st.p.alive = func(vip, client netip.AddrPort) bool {
+		_, err := netif.LookupTCP(vip, client)
+		return err == nil
+	}
 	b.deliver.track = func(ci *wire.ConnInfo) error {
 		if c := b.cluster.Load(); c == nil || c.phttp == wire.PHTTPSingle || !st.bound.Load() {
 			return nil

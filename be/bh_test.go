@@ -170,3 +170,33 @@ func TestBHAbandonsAGap(t *testing.T) {
 }
 
 func discard() *slog.Logger { return slog.New(slog.DiscardHandler) }
+
+// A connection quiet past the idle bound is still followed while its
+// socket lives (a long download's client sends only ACKs, which are not
+// queued), and let go once it is gone.
+func TestBHReapQuiet(t *testing.T) {
+	set := &fakeSet{flows: map[netip.AddrPort]bool{}}
+	now := time.Unix(1000, 0)
+	p := newBH(discard(), 8192, set, func(*phttp.Head) bool { return true })
+	p.now = func() time.Time { return now }
+	p.idle = time.Minute
+	alive := true
+	p.alive = func(vip, client netip.AddrPort) bool { return alive }
+	client, vip := netip.MustParseAddrPort("10.0.0.10:40003"), netip.MustParseAddrPort("10.0.0.100:80")
+	p.track(&wire.ConnInfo{Client: client, VIP: vip, RcvSeq: 1, RecvQueue: []byte("GET / HTTP/1.1\r\n\r\n")})
+	p.delivered(client)
+	now = now.Add(2 * time.Minute)
+	p.reap()
+	if len(p.rows()) != 1 {
+		t.Fatal("a quiet connection whose socket lives was let go")
+	}
+	alive = false
+	now = now.Add(2 * time.Minute)
+	p.reap()
+	if len(p.rows()) != 0 {
+		t.Fatal("a quiet connection whose socket is gone is still followed")
+	}
+	if got := <-p.gone; got != client {
+		t.Errorf("removal of %v, want %v", got, client)
+	}
+}
