@@ -395,6 +395,9 @@ func (b *BE) Run(ctx context.Context) {
 	if b.deliver != nil {
 		b.background.Go(func() { b.deliver.run(bg) })
 	}
+	if g := b.guardBH(); g != nil {
+		b.background.Go(func() { g.Run(bg) })
+	}
 	if b.registrar != nil {
 		stopReg := context.AfterFunc(bg, b.stopRegistering)
 		defer stopReg()

@@ -17,6 +17,7 @@ package be
 // rules change under a delivered connection.
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -404,11 +405,12 @@ func (c *delivery) ended(delivered bool) {
 
 // bhState is what the BE holds for its packet path.
 type bhState struct {
-	p     *bh
-	set   *nftFlowSet
-	owned nft.Owned
-	stop  chan struct{}
-	once  sync.Once
+	p      *bh
+	set    *nftFlowSet
+	owned  nft.Owned
+	params nft.DeliveredParams // as installed
+	stop   chan struct{}
+	once   sync.Once
 	// bound: the queue is this agent's; reader, under mu, its reader.
 	bound  atomic.Bool
 	mu     sync.Mutex
@@ -430,14 +432,13 @@ func (b *BE) startBH() error {
 	// keeps an idle connection (keepalive_timeout, which keepalivetimeout
 	// mirrors). Any packet of the flow refreshes it.
 	idle := b.cfg.KeepAliveTimeout + time.Minute
-	rs, mode, err := nft.InstallDelivered(st.owned.Conn, nft.DeliveredParams{
-		VIP: b.cfg.VAddr, IdleTimeout: idle,
-		Size: 65536, QueueNum: b.cfg.QueueNum,
-	}, nft.QueuePreference)
+	st.params = nft.DeliveredParams{VIP: b.cfg.VAddr, IdleTimeout: idle, Size: 65536, QueueNum: b.cfg.QueueNum}
+	rs, mode, err := nft.InstallDelivered(st.owned.Conn, st.params, nft.QueuePreference)
 	if err != nil {
 		return fmt.Errorf("packet path: %w", err)
 	}
 	st.owned.Rules = rs
+	st.params.Queue = mode
 	set := &nftFlowSet{c: st.owned.Conn, set: rs.Set(nft.SetDelivered)}
 	st.set = set
 	st.p = newBH(b.log, b.cfg.MaxHeader, set, func(h *phttp.Head) bool {
@@ -570,4 +571,41 @@ func (b *BE) bhRows(now time.Time, flt admin.ConnFilter) []ConnRow {
 			Age: now.Sub(r.Since).Truncate(time.Second).Seconds(), Requests: r.Requests})
 	}
 	return out
+}
+
+// guardBH keeps the delivered table installed (after `nft flush
+// ruleset` every connection would otherwise fall back to the relay,
+// reason packet-path); nil without it. The table's connection is shared
+// with the set's changes, under the set's lock.
+func (b *BE) guardBH() *nft.Guard {
+	st := b.bh
+	if st == nil || st.owned.Rules == nil {
+		return nil
+	}
+	return &nft.Guard{
+		Table: st.owned.Rules.Table, Want: nft.ShapeOf(st.owned.Rules), Every: guardEvery, Log: b.log,
+		Reinstall: func(_ context.Context, found string) error {
+			st.set.mu.Lock()
+			defer st.set.mu.Unlock()
+			if st.owned.Conn == nil {
+				return errors.New("the delivered table is closed")
+			}
+			if err := nft.Apply(st.owned.Conn, nft.Delivered(st.params)); err != nil {
+				return err
+			}
+			// The set came back empty: the connections followed until now
+			// are the server's alone.
+			st.p.forget()
+			b.reinstalls.Add(time.Now(), found)
+			b.m.TableReinstalls.WithLabelValues("ip").Inc()
+			return nil
+		},
+	}
+}
+
+// forget stops following every connection (their elements are gone).
+func (p *bh) forget() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	clear(p.conns)
 }

@@ -204,3 +204,38 @@ func readAnswer(k *keepAlive) (string, error) {
 	}
 	return fmt.Sprintf("%d %s", resp.StatusCode, resp.Header.Get("X-Served-By")), nil
 }
+
+// After `nft flush ruleset` on the BE the delivered table comes back, and
+// the next connection's later requests are followed again (without it,
+// every connection fell back to the relay, reason packet-path).
+func TestDeliverSocketFlushRuleset(t *testing.T) {
+	c := bhCluster(t)
+	if _, err := c.Output(context.Background(), "be1", "nft", "flush", "ruleset"); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		out, _ := c.Output(context.Background(), "be1", "nft", "list", "chain", "ip", "tcpha", "delivered")
+		if strings.Contains(out, "queue") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the delivered table did not come back:\n%s", out)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	here := bhPackets(t, c)["here"]
+	k := dialKeepAlive(t, c)
+	defer k.conn.Close()
+	for i := range 3 {
+		if got := kget(t, k, "/index.html"); got != "200 be1" {
+			t.Fatalf("request %d: %q", i, got)
+		}
+	}
+	if d, r := deliveries(t, c); d != 1 || r != 0 {
+		t.Errorf("delivered=%d relayed=%d after the flush:\n%s", d, r, deliverLine(t, c))
+	}
+	if got := bhPackets(t, c)["here"] - here; got != 2 {
+		t.Errorf("%d later requests judged after the flush, want 2", got)
+	}
+}
