@@ -636,7 +636,7 @@ func (b *BE) Status() Status {
 		Upstream: b.cfg.Redirect().Addr().String(), UpstreamPort: b.cfg.Redirect().Port(),
 		ServerUp: b.serverUp.Load(), Relaying: rs.Active, Pending: s.Pending, Served: s.Served, Refused: s.Refused,
 		Sessions: b.feSessions(), Requests: rs.Requests, Dialed: rs.Upstream.Dialed, Reused: rs.Upstream.Reuses,
-		Idle: rs.Upstream.Idle, Retries: rs.Retries, BadGW: rs.BadGateways, Moved: rs.Moves, NotMoved: rs.MoveFailures, MovedIn: b.movesIn.Load(),
+		Idle: rs.Upstream.Idle, Retries: rs.Retries, BadGW: rs.BadGateways, Moved: rs.Moves + b.bhMoves(true), NotMoved: rs.MoveFailures + b.bhMoves(false), MovedIn: b.movesIn.Load(),
 		Table: b.reinstalls.Status(), Deliver: string(b.cfg.Deliver), ClientAddr: b.cfg.ClientAddr && b.deliver != nil,
 		Deliveries: b.deliveries(),
 	}

@@ -89,6 +89,11 @@ type bh struct {
 	here     queue.Here
 	set      flowSet
 	now      func() time.Time
+	// mover, if set, moves a delivered connection with the request held
+	// for another BE (be/bhmove.go); true: it left.
+	mover func(client, vip netip.AddrPort, held []byte, started func()) (bool, error)
+	// moved and notMoved count the moves that left and those served here.
+	moved, notMoved atomic.Int64
 	// alive tells whether the server still has a socket for client on
 	// vip (sock_diag); nil: never.
 	alive  func(vip, client netip.AddrPort) bool
@@ -255,18 +260,62 @@ func (p *bh) segment(c *bhConn, seg queue.Segment) (int, queue.Reason) {
 	}
 	keep, r := c.s.Segment(seg.Seq, seg.Data, here)
 	c.requests += heads
-	if !c.moving() {
+	if !c.moving() || c.state != conntab.Established {
 		return keep, r
 	}
-	// WILLHANDOFF, then the move fails at once: serve it here.
-	for _, ev := range []conntab.Event{conntab.EvReschedule, conntab.EvHandoffFailed} {
-		if to, _, err := conntab.Step(conntab.BE, c.state, ev); err == nil {
-			c.state = to
-		}
+	// WILLHANDOFF: the request is held while the connection moves.
+	if to, _, err := conntab.Step(conntab.BE, c.state, conntab.EvReschedule); err == nil {
+		c.state = to
+	}
+	if p.mover != nil {
+		_, held, _ := c.s.Moving()
+		go p.move(seg.Src, c, append([]byte(nil), held...))
+		return keep, r
+	}
+	// No move: the move fails at once, and the request is served here.
+	p.stay(c)
+	return c.s.Segment(seg.Seq, seg.Data, p.here)
+}
+
+// stay serves a held request here (the move failed, or there is none):
+// WILLHANDOFF or HANDOFFING --handoff-failed--> ESTABLISHED.
+func (p *bh) stay(c *bhConn) {
+	if to, _, err := conntab.Step(conntab.BE, c.state, conntab.EvHandoffFailed); err == nil {
+		c.state = to
 	}
 	c.s.Stay()
 	p.count(reasonStayed)
-	return c.s.Segment(seg.Seq, seg.Data, p.here)
+}
+
+// move moves c, the connection of client, with held, off the reader's
+// goroutine; the request is served here if it does not leave.
+func (p *bh) move(client netip.AddrPort, c *bhConn, held []byte) {
+	started := func() {
+		p.mu.Lock()
+		defer p.mu.Unlock()
+		if to, _, err := conntab.Step(conntab.BE, c.state, conntab.EvHandoffStart); err == nil {
+			c.state = to
+		}
+	}
+	left, err := p.mover(client, c.vip, held, started)
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if left {
+		p.moved.Add(1)
+		if err != nil {
+			p.log.Warn("delivered connection reset: its move's outcome is unknown", "op", "migrate", "client", client.String(), "err", err)
+		}
+		if p.conns[client] == c {
+			delete(p.conns, client)
+			p.drop(client)
+		}
+		return
+	}
+	p.notMoved.Add(1)
+	p.log.Info("delivered connection not moved; its request is served here", "op", "migrate", "client", client.String(), "err", err)
+	if p.conns[client] == c && c.state != conntab.TimeWait {
+		p.stay(c)
+	}
 }
 
 func (c *bhConn) moving() bool {
@@ -450,6 +499,17 @@ func (b *BE) startBH() error {
 		_, err := netif.LookupTCP(vip, client)
 		return err == nil
 	}
+	st.p.mover = b.moveDelivered
+	// With the packet path bound, phttp = multi no longer keeps a
+	// connection from nginx: its later requests for other BEs move it.
+	// (forward still does: a delivered connection's request cannot be
+	// fetched from another BE's server.)
+	b.deliver.eligible = func() string {
+		if c := b.cluster.Load(); c != nil && c.phttp == wire.PHTTPMulti && st.bound.Load() {
+			return ""
+		}
+		return deliverable(b.cluster.Load(), b.cfg.RAddr)
+	}
 	b.deliver.track = func(ci *wire.ConnInfo) error {
 		if c := b.cluster.Load(); c == nil || c.phttp == wire.PHTTPSingle || !st.bound.Load() {
 			return nil
@@ -608,4 +668,16 @@ func (p *bh) forget() {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	clear(p.conns)
+}
+
+// bhMoves counts the delivered connections that moved (left) or whose
+// move failed, for the status's moved and not_moved.
+func (b *BE) bhMoves(left bool) int64 {
+	if b.bh == nil || b.bh.p == nil {
+		return 0
+	}
+	if left {
+		return b.bh.p.moved.Load()
+	}
+	return b.bh.p.notMoved.Load()
 }

@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -237,5 +238,47 @@ func TestDeliverSocketFlushRuleset(t *testing.T) {
 	}
 	if got := bhPackets(t, c)["here"] - here; got != 2 {
 		t.Errorf("%d later requests judged after the flush, want 2", got)
+	}
+}
+
+// Keep-alive across BEs with deliver = socket: a later request for the
+// other BE moves the delivered connection there (taken from nginx without
+// a packet, with the request's bytes), where it is delivered to that BE's
+// nginx: be1, be2, be1, be2 on one connection, no RST.
+func TestDeliverSocketMoves(t *testing.T) {
+	c := newCluster(t, cluster.Options{BEs: 2, Secret: "test-cluster-secret", PublicWWW: true,
+		Rules: []string{`rule = be2 \.jpg$`, `rule = be1 .*`}, FEExtra: "phttp = multi\n", BEExtra: "deliver = socket\n", Metrics: true})
+	deadline := time.Now().Add(10 * time.Second)
+	for c.Grep("be1", `msg="cluster rules from the FE"`) == "" || c.Grep("be2", `msg="cluster rules from the FE"`) == "" ||
+		c.Grep("be1", "later requests read from NFQUEUE") == "" || c.Grep("be2", "later requests read from NFQUEUE") == "" {
+		if time.Now().After(deadline) {
+			t.Fatal("the BEs got no cluster frame, or no queue")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	cp := startCapture(t, c, "client", "tcp[tcpflags] & tcp-rst != 0")
+	k := dialKeepAlive(t, c)
+	var got []string
+	for _, p := range []string{"/index.html", "/img/a.jpg", "/index.html", "/img/a.jpg"} {
+		s, err := k.get(p)
+		if err != nil {
+			t.Fatalf("GET %s after %v: %v\nbe1 log:\n%s", p, got, err, c.Grep("be1", "op=migrate"))
+		}
+		got = append(got, s)
+	}
+	k.conn.Close()
+	if want := []string{"200 be1", "200 be2", "200 be1", "200 be2"}; !slices.Equal(got, want) {
+		t.Errorf("served by %v, want %v", got, want)
+	}
+	if rsts := cp.stop(t); rsts != 0 {
+		t.Errorf("%d RSTs", rsts)
+	}
+	d1, r1 := statusOf(t, c, "be1", "delivered"), statusOf(t, c, "be1", "relayed")
+	d2, r2 := statusOf(t, c, "be2", "delivered"), statusOf(t, c, "be2", "relayed")
+	m1, m2 := statusOf(t, c, "be1", "moved"), statusOf(t, c, "be2", "moved")
+	t.Logf("be1 delivered=%d relayed=%d moved=%d; be2 delivered=%d relayed=%d moved=%d", d1, r1, m1, d2, r2, m2)
+	if d1 < 2 || d2 < 2 || r1+r2 != 0 || m1 < 2 || m2 < 1 {
+		t.Errorf("be1 delivered=%d relayed=%d moved=%d; be2 delivered=%d relayed=%d moved=%d: want every hop delivered and moved",
+			d1, r1, m1, d2, r2, m2)
 	}
 }
