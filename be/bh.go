@@ -52,6 +52,9 @@ const (
 	// while the agent was away); the server serves it to the end.
 	reasonAbandoned queue.Reason = "abandoned"
 	reasonClose     queue.Reason = "close" // a FIN or RST: TIME_WAIT
+	// reasonRelayed: a connection taken from the server for the relay,
+	// since no BE took its request (counted once per connection).
+	reasonRelayed queue.Reason = "relayed"
 )
 
 // abandonAfter is how many segments in a row may come after a gap before
@@ -91,7 +94,7 @@ type bh struct {
 	now      func() time.Time
 	// mover, if set, moves a delivered connection with the request held
 	// for another BE (be/bhmove.go); true: it left.
-	mover func(client, vip netip.AddrPort, held []byte, started func()) (bool, error)
+	mover func(client, vip netip.AddrPort, held []byte, started func()) (moveOutcome, error)
 	// moved and notMoved count the moves that left and those served here.
 	moved, notMoved atomic.Int64
 	// alive tells whether the server still has a socket for client on
@@ -106,7 +109,9 @@ type bh struct {
 }
 
 func newBH(log *slog.Logger, maxHead int, set flowSet, here queue.Here) *bh {
-	return &bh{log: log, maxHead: maxHead, timeWait: 10 * time.Second, rstWait: time.Second,
+	// TIME_WAIT on this BE only shows the close (the kernel keeps its
+	// own): its row and element go soon.
+	return &bh{log: log, maxHead: maxHead, timeWait: 2 * time.Second, rstWait: time.Second,
 		idle: 15 * time.Minute, here: here, set: set, now: time.Now,
 		conns: map[netip.AddrPort]*bhConn{}, counts: map[queue.Reason]int64{}, gone: make(chan netip.AddrPort, 1024)}
 }
@@ -119,6 +124,9 @@ func (p *bh) track(ci *wire.ConnInfo) error {
 	if relay.IsTLS(ci.RecvQueue) {
 		return nil
 	}
+	if p.pipelined(ci.RecvQueue) {
+		return errPipelined
+	}
 	if err := p.set.Add(ci.Client); err != nil {
 		return fmt.Errorf("follow %v's later requests: %w", ci.Client, err)
 	}
@@ -127,6 +135,27 @@ func (p *bh) track(ci *wire.ConnInfo) error {
 	p.conns[ci.Client] = &bhConn{s: queue.NewStream(ci.RcvSeq, ci.RecvQueue, p.maxHead), vip: ci.VIP, since: now, seen: now}
 	p.mu.Unlock()
 	return nil
+}
+
+// errPipelined: the handoff's bytes hold, after the first request, one
+// for another BE or the start of one.
+var errPipelined = errors.New("pipelined requests not all this BE's")
+
+// pipelined tells whether recv, the handoff's bytes, holds more than its
+// first request and that is not all this BE's (or not whole): the server
+// would read the whole pipeline, so the relay, which routes each request,
+// takes the connection instead (the relay's rule for pipelines).
+func (p *bh) pipelined(recv []byte) bool {
+	first := true
+	s := queue.NewStream(0, nil, p.maxHead)
+	keep, _ := s.Segment(0, recv, func(h *phttp.Head) bool {
+		if first {
+			first = false
+			return true
+		}
+		return p.here(h)
+	})
+	return keep < len(recv)
 }
 
 // delivered: the FE committed, the server owns the connection
@@ -297,30 +326,30 @@ func (p *bh) move(client netip.AddrPort, c *bhConn, held []byte) {
 			c.state = to
 		}
 	}
-	left, err := p.mover(client, c.vip, held, started)
+	out, err := p.mover(client, c.vip, held, started)
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if left {
-		p.moved.Add(1)
-		if err != nil {
-			p.log.Warn("delivered connection reset: its move's outcome is unknown", "op", "migrate", "client", client.String(), "err", err)
-		}
-		if p.conns[client] == c {
-			delete(p.conns, client)
-			p.drop(client)
+	switch out {
+	case outStay:
+		p.notMoved.Add(1)
+		p.log.Info("delivered connection not moved; its request is served here", "op", "migrate", "client", client.String(), "err", err)
+		if p.conns[client] == c && c.state != conntab.TimeWait {
+			p.stay(c)
 		}
 		return
+	case outMoved:
+		p.moved.Add(1)
+	case outRelayed:
+		p.count(reasonRelayed)
+		p.log.Info("delivered connection taken back for the relay: no BE took its request", "op", "migrate", "client", client.String(), "err", err)
+	case outCut:
+		p.moved.Add(1)
+		p.log.Warn("delivered connection reset: its move's outcome is unknown", "op", "migrate", "client", client.String(), "err", err)
 	}
-	p.notMoved.Add(1)
-	p.log.Info("delivered connection not moved; its request is served here", "op", "migrate", "client", client.String(), "err", err)
-	if p.conns[client] == c && c.state != conntab.TimeWait {
-		p.stay(c)
+	if p.conns[client] == c {
+		delete(p.conns, client)
+		p.drop(client)
 	}
-}
-
-func (c *bhConn) moving() bool {
-	h, _, _ := c.s.Moving()
-	return h != nil
 }
 
 // reap ends TIME_WAITs that ran out, and follows no longer a connection
@@ -442,7 +471,11 @@ func (c *delivery) follow() (handoff.Rebuilt, error) {
 		return nil, fmt.Errorf("deliver %v: %w; and take it back: %w", c.ci.Client, err, aerr)
 	}
 	c.staged = nil
-	return c.fallBack(resultPacketPath, err)
+	why := resultPacketPath
+	if errors.Is(err, errPipelined) {
+		why = resultPipelined
+	}
+	return c.fallBack(why, err)
 }
 
 // ended tells the packet path how a staged connection's handoff ended.
@@ -680,4 +713,9 @@ func (b *BE) bhMoves(left bool) int64 {
 		return b.bh.p.moved.Load()
 	}
 	return b.bh.p.notMoved.Load()
+}
+
+func (c *bhConn) moving() bool {
+	h, _, _ := c.s.Moving()
+	return h != nil
 }

@@ -2,6 +2,7 @@ package be
 
 import (
 	"encoding/binary"
+	"errors"
 	"log/slog"
 	"net/netip"
 	"slices"
@@ -198,5 +199,27 @@ func TestBHReapQuiet(t *testing.T) {
 	}
 	if got := <-p.gone; got != client {
 		t.Errorf("removal of %v, want %v", got, client)
+	}
+}
+
+// A handoff whose bytes hold a pipeline not all this BE's is not followed:
+// the server would read it whole, so the relay takes it (errPipelined).
+func TestBHPipelinedHandoff(t *testing.T) {
+	set := &fakeSet{flows: map[netip.AddrPort]bool{}}
+	p := newBH(discard(), 8192, set, func(h *phttp.Head) bool { return h.Path != "/other" })
+	client, vip := netip.MustParseAddrPort("10.0.0.10:40004"), netip.MustParseAddrPort("10.0.0.100:80")
+	for _, tc := range []struct {
+		recv string
+		err  error
+	}{
+		{"GET /other HTTP/1.1\r\n\r\n", nil}, // the first request is the FE's choice
+		{"GET / HTTP/1.1\r\n\r\nGET /a HTTP/1.1\r\n\r\n", nil},
+		{"GET / HTTP/1.1\r\n\r\nGET /other HTTP/1.1\r\n\r\n", errPipelined},
+		{"GET / HTTP/1.1\r\n\r\nGET /oth", errPipelined},
+	} {
+		err := p.track(&wire.ConnInfo{Client: client, VIP: vip, RcvSeq: 1, RecvQueue: []byte(tc.recv)})
+		if !errors.Is(err, tc.err) && err != tc.err {
+			t.Errorf("%q: %v, want %v", tc.recv, err, tc.err)
+		}
 	}
 }

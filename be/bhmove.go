@@ -96,30 +96,43 @@ func waitIdle(ctx context.Context, c *net.TCPConn) error {
 	}
 }
 
+// moveOutcome is what became of a delivered connection whose request
+// was another BE's.
+type moveOutcome uint8
+
+const (
+	outStay    moveOutcome = iota // still the server's: serve the request here
+	outMoved                      // it lives on another BE
+	outRelayed                    // taken from the server, and this BE's relay serves it
+	outCut                        // reset: the move's outcome is unknown
+)
+
 // moveDelivered moves the delivered connection of client on vip, with
 // held (the request for another BE, from its first byte), to the BE the
 // rules give it. started is called once the connection stands still
-// (HANDOFFING). It returns whether the connection left; false with a nil
-// error means serve the request here.
-func (b *BE) moveDelivered(client, vip netip.AddrPort, held []byte, started func()) (bool, error) {
+// (HANDOFFING). When no BE takes it, the connection is taken from the
+// server all the same and given to this BE's relay, which applies the
+// relay's rules to the request (fetch it from a named BE's web server, or
+// answer 503: never serve another BE's request here, issue 19).
+func (b *BE) moveDelivered(client, vip netip.AddrPort, held []byte, started func()) (moveOutcome, error) {
 	targets, stay, err := b.directTargets(held)
 	if err != nil || stay {
-		return false, err
+		return outStay, err
 	}
 	sk, err := netif.LookupTCP(vip, client)
 	if err != nil {
-		return false, fmt.Errorf("find the delivered socket: %w", err)
+		return outStay, fmt.Errorf("find the delivered socket: %w", err)
 	}
 	conn, err := b.deliver.srv.Reclaim(uint64(sk.Inode))
 	if err != nil {
-		return false, err
+		return outStay, err
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), ackedWithin)
 	err = waitIdle(ctx, conn)
 	cancel()
 	if err != nil {
 		conn.Close()
-		return false, fmt.Errorf("not all answered and acknowledged in time: %w", err)
+		return outStay, fmt.Errorf("not all answered and acknowledged in time: %w", err)
 	}
 	started()
 	m := newMover(b, b.recv.Leaving)
@@ -128,24 +141,63 @@ func (b *BE) moveDelivered(client, vip netip.AddrPort, held []byte, started func
 	for _, t := range targets {
 		direct = direct || len(m.peers.Sessions(t)) > 0
 	}
-	if direct {
+	switch {
+	case len(targets) == 0:
+		err = handoff.ErrNoBE
+	case direct:
 		_, err = m.direct.Leave(context.Background(), sock, held, targets)
-	} else {
+	default:
 		err = m.leaver.Leave(context.Background(), sock, held)
 	}
 	switch {
 	case err == nil:
-		return true, nil
+		return outMoved, nil
 	case errors.Is(err, handoff.ErrCut):
 		// Maybe another BE serves it now: a RST rather than two BEs
 		// answering one connection.
 		conn.Close()
 		b.resetDelivered(client)
-		return true, err
+		return outCut, err
 	case errors.Is(err, handoff.ErrStay):
 		conn.Close()
-		return false, nil
+		return outStay, nil
 	}
-	conn.Close()
-	return false, err
+	// No BE took it (or none takes connections): the relay's rules.
+	if rerr := b.relayDelivered(sock, client, held); rerr != nil {
+		conn.Close()
+		return outStay, errors.Join(err, rerr)
+	}
+	return outRelayed, err
+}
+
+// relayDelivered takes the connection from the server without a packet
+// and rebuilds it here for the relay, with held in its receive queue; the
+// relay routes that request as a first one (ServeAccepted).
+func (b *BE) relayDelivered(sock deliveredSocket, client netip.AddrPort, held []byte) error {
+	if err := sock.Block(); err != nil {
+		return err
+	}
+	ci, err := sock.Dump(held)
+	if err != nil {
+		return errors.Join(err, sock.Resume())
+	}
+	// Out of the packet path first: the relay reads every byte itself.
+	if b.bh != nil && b.bh.set != nil {
+		if err := b.bh.set.Remove(client); err != nil {
+			return errors.Join(err, sock.Resume())
+		}
+	}
+	if err := sock.CloseSilently(); err != nil {
+		return fmt.Errorf("take the connection from the server: %w", err)
+	}
+	rb, err := repair.Rebuild(ci)
+	if err != nil {
+		return fmt.Errorf("rebuild the connection for the relay: %w", err)
+	}
+	c, err := rb.Activate()
+	if err != nil {
+		return fmt.Errorf("rebuild the connection for the relay: %w", err)
+	}
+	b.relay.ServeAccepted(c, nil)
+	return nil
 }

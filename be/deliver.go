@@ -69,11 +69,14 @@ const (
 	// resultPacketPath: the BE's packet path could not start following
 	// the connection's later requests (bh.go).
 	resultPacketPath = "packet-path"
+	// resultPipelined: the handoff's bytes hold pipelined requests not
+	// all this BE's; the server would read them all (bh.go).
+	resultPipelined = "pipelined"
 )
 
 // DeliverResults lists the labels of tcpha_deliveries_total.
 func DeliverResults() []string {
-	out := []string{resultDelivered, resultPHTTP, resultClear, resultPacketPath}
+	out := []string{resultDelivered, resultPHTTP, resultClear, resultPacketPath, resultPipelined}
 	for _, r := range transplant.Reasons() {
 		out = append(out, r.String())
 	}
@@ -453,8 +456,13 @@ func (c *delivery) fallBack(why string, cause error) (handoff.Rebuilt, error) {
 // forwards the client's packets already, so one arriving in between is
 // answered with a reset (a narrow window, counted under its reason).
 func (c *delivery) Activate() (*net.TCPConn, error) {
+	// ESTABLISHED before the server sees the socket: it answers at once,
+	// and the client's FIN may come back before Commit returns.
+	c.ended(true)
 	err := c.staged.Commit()
-	c.ended(err == nil)
+	if err != nil {
+		c.ended(false)
+	}
 	if err == nil {
 		c.d.count(resultDelivered)
 		return nil, nil

@@ -171,8 +171,8 @@ committimeout = 1500ms
 	}
 }
 
-// [be] deliver: relay unless set; socket beside an FE only with phttp =
-// single (TestParseErrors has the refusals).
+// [be] deliver: relay unless set; socket beside an FE with phttp =
+// single or multi, not forward (TestParseErrors has the refusals).
 func TestDeliver(t *testing.T) {
 	be := "[global]\nsecret = test-secret-16byte\n[be]\nraddr = 10.0.0.11\nuaddr = 10.0.0.250\nvaddr = 10.0.0.100\nfeaddr = 10.0.0.2\n"
 	fe := "[fe]\nvaddr = 10.0.0.100\nserver = 10.0.0.11 666\nrule = 10.0.0.11 .*\n"
@@ -184,6 +184,8 @@ func TestDeliver(t *testing.T) {
 		{be + "deliver = relay\n", DeliverRelay},
 		{be + "deliver = socket\n", DeliverSocket},
 		{be + "deliver = socket\n" + fe + "phttp = single\n", DeliverSocket},
+		{be + "deliver = socket\n" + fe + "phttp = multi\n", DeliverSocket},
+		{be + "deliver = socket\n" + fe, DeliverSocket}, // multi by default
 		{be + "deliver = relay\n" + fe, DeliverRelay},
 	} {
 		cfg, err := Parse("be.conf", []byte(c.text))
@@ -255,8 +257,8 @@ func TestParseErrors(t *testing.T) {
 		{"unknown phttp", fe + "phttp = always\nrule = local .*\n", 4, "fe", "phttp", "want single, multi or forward"},
 		{"unknown deliver", be + "deliver = splice\n", 6, "be", "deliver", "\"splice\": want relay or socket"},
 		{"bad clientaddr", be + "clientaddr = client\n", 6, "be", "clientaddr", "on"},
-		{"deliver socket with phttp multi", "[global]\nsecret = test-secret-16byte\n" + fe + "rule = 10.0.0.11 .*\n" + be + "deliver = socket\n",
-			12, "be", "deliver", "socket needs [fe] phttp = single (it is multi)"},
+		{"deliver socket with phttp forward", "[global]\nsecret = test-secret-16byte\n" + fe + "rule = 10.0.0.11 .*\nphttp = forward\n" + be + "deliver = socket\n",
+			13, "be", "deliver", "socket cannot work with [fe] phttp = forward"},
 		{"deliver socket on the FE's queue", "[global]\nsecret = test-secret-16byte\n" + fe + "rule = 10.0.0.11 .*\nphttp = single\nqueuenum = 1\n" + be + "deliver = socket\n",
 			0, "be", "queuenum", "is [fe] queuenum 1"},
 		{"bad BE queuenum", be + "queuenum = 70000\n", 6, "be", "queuenum", "whole number"},
