@@ -55,6 +55,9 @@ const (
 	// reasonRelayed: a connection taken from the server for the relay,
 	// since no BE took its request (counted once per connection).
 	reasonRelayed queue.Reason = "relayed"
+	// reasonHandoffed: a packet of a connection moved away, still on its
+	// way here: dropped.
+	reasonHandoffed queue.Reason = "handoffed"
 )
 
 // abandonAfter is how many segments in a row may come after a gap before
@@ -234,6 +237,11 @@ func (p *bh) judgeReason(b []byte) (queue.Verdict, []byte, queue.Reason) {
 	}
 	now := p.now()
 	c.seen = now
+	if c.state == conntab.Handoffed {
+		// The connection lives on another BE now.
+		p.count(reasonHandoffed)
+		return queue.Drop, nil, reasonHandoffed
+	}
 	keep, r := len(seg.Data), queue.ReasonRetransmit
 	if len(seg.Data) > 0 && c.state != conntab.TimeWait {
 		keep, r = p.segment(c, seg)
@@ -339,6 +347,19 @@ func (p *bh) move(client netip.AddrPort, c *bhConn, held []byte) {
 		return
 	case outMoved:
 		p.moved.Add(1)
+		if p.conns[client] == c {
+			// HANDOFFED until the row's time is up: the flow's packets
+			// still on their way here are dropped (the client sends them
+			// again, to the new BE), not answered by this BE's stack with
+			// a RST.
+			if to, _, err := conntab.Step(conntab.BE, c.state, conntab.EvHandoffAcked); err == nil {
+				c.state = to
+			}
+			if c.state == conntab.Handoffed {
+				c.until = p.now().Add(p.timeWait)
+				return
+			}
+		}
 	case outRelayed:
 		p.count(reasonRelayed)
 		p.log.Info("delivered connection taken back for the relay: no BE took its request", "op", "migrate", "client", client.String(), "err", err)
@@ -363,7 +384,7 @@ func (p *bh) reap() {
 	var quiet []bhKey
 	for flow, c := range p.conns {
 		switch {
-		case c.state == conntab.TimeWait && now.After(c.until):
+		case (c.state == conntab.TimeWait || c.state == conntab.Handoffed) && now.After(c.until):
 			done = append(done, flow)
 			delete(p.conns, flow)
 		case now.Sub(c.seen) > p.idle:

@@ -223,3 +223,73 @@ func TestBHPipelinedHandoff(t *testing.T) {
 		}
 	}
 }
+
+// A held request starts the move off the reader's goroutine: the
+// connection goes WILLHANDOFF, HANDOFFING, and, once it left, HANDOFFED,
+// whose late packets are dropped until its row's time is up; a move that
+// fails serves the request here.
+func TestBHMove(t *testing.T) {
+	for _, out := range []moveOutcome{outMoved, outStay} {
+		set := &fakeSet{flows: map[netip.AddrPort]bool{}}
+		now := time.Unix(1000, 0)
+		p := newBH(discard(), 8192, set, func(h *phttp.Head) bool { return h.Path != "/other" })
+		var mu sync.Mutex
+		p.now = func() time.Time { mu.Lock(); defer mu.Unlock(); return now }
+		release := make(chan struct{})
+		var states []conntab.State
+		p.mover = func(client, vip netip.AddrPort, held []byte, started func()) (moveOutcome, error) {
+			if string(held) != "GET /other HTTP/1.1\r\n\r\n" {
+				t.Errorf("held %q", held)
+			}
+			states = append(states, p.rows()[0].State)
+			started()
+			states = append(states, p.rows()[0].State)
+			<-release
+			return out, nil
+		}
+		client, vip := netip.MustParseAddrPort("10.0.0.10:40005"), netip.MustParseAddrPort("10.0.0.100:80")
+		ci := &wire.ConnInfo{Client: client, VIP: vip, RcvSeq: 1, RecvQueue: []byte("GET / HTTP/1.1\r\n\r\n")}
+		p.track(ci)
+		p.delivered(client)
+		other := "GET /other HTTP/1.1\r\n\r\n"
+		if v, _, r := p.judgeReason(segment(client, vip, ci.ConnMagic(), 0, other)); v != queue.Drop || r != queue.ReasonWillHand {
+			t.Errorf("%v: the request for another BE: %v %v", out, v, r)
+		}
+		if v, _, r := p.judgeReason(segment(client, vip, ci.ConnMagic(), 0, other)); v != queue.Drop || r != queue.ReasonWillHand {
+			t.Errorf("%v: its retransmission during the move: %v %v", out, v, r)
+		}
+		close(release)
+		deadline := time.Now().Add(5 * time.Second)
+		for {
+			rows := p.rows()
+			if len(rows) == 1 && (rows[0].State == conntab.Handoffed || rows[0].State == conntab.Established) {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("%v: rows %+v", out, rows)
+			}
+			time.Sleep(time.Millisecond)
+		}
+		if len(states) != 2 || states[0] != conntab.WillHandoff || states[1] != conntab.Handoffing {
+			t.Errorf("%v: states during the move %v, want WILLHANDOFF then HANDOFFING", out, states)
+		}
+		v, _, r := p.judgeReason(segment(client, vip, ci.ConnMagic(), 0, other))
+		switch out {
+		case outMoved:
+			if v != queue.Drop || r != reasonHandoffed {
+				t.Errorf("a late packet of a moved connection: %v %v", v, r)
+			}
+			mu.Lock()
+			now = now.Add(3 * time.Second)
+			mu.Unlock()
+			p.reap()
+			if len(p.rows()) != 0 {
+				t.Errorf("HANDOFFED row still there: %+v", p.rows())
+			}
+		case outStay:
+			if v != queue.Accept || r != queue.ReasonRetransmit || p.notMoved.Load() != 1 {
+				t.Errorf("the request after a failed move: %v %v (not moved %d)", v, r, p.notMoved.Load())
+			}
+		}
+	}
+}

@@ -266,6 +266,20 @@ func TestDeliverSocketMoves(t *testing.T) {
 		}
 		got = append(got, s)
 	}
+	// be1 moved the connection away a moment ago: HANDOFFED there (for
+	// 2 s), ESTABLISHED delivered on be2.
+	_, port, _ := strings.Cut(k.local(), ":")
+	rowOf := func(host string) string {
+		for _, l := range strings.Split(mustAdmin(t, c, host, "conns"), "\n") {
+			if strings.Contains(l, ":"+port+" ") {
+				return l
+			}
+		}
+		return ""
+	}
+	if r1, r2 := rowOf("be1"), rowOf("be2"); !strings.Contains(r1, "HANDOFFED") || !strings.Contains(r2, "ESTABLISHED delivered") {
+		t.Errorf("tcphactl conns rows for the connection: be1 %q (want HANDOFFED), be2 %q (want ESTABLISHED delivered)", r1, r2)
+	}
 	k.conn.Close()
 	if want := []string{"200 be1", "200 be2", "200 be1", "200 be2"}; !slices.Equal(got, want) {
 		t.Errorf("served by %v, want %v", got, want)
