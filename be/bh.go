@@ -1,20 +1,14 @@
 package be
 
 // The BE's packet path for connections the web server owns (`[be] deliver
-// = socket` under an FE with phttp = multi or forward): the seed's BH
-// (4.8.3). The agent no longer reads such a connection's later requests,
-// the web server does; so the BE's table (nft.Delivered) queues their
-// client segments with payload, and queue.Stream says how much of each
-// the server may have. FIN and RST move the connection to TIME_WAIT.
-//
-// Moving a connection whose next request is another BE's (WILLHANDOFF →
-// HANDOFFING → HANDOFFED: take the socket back from the server once the
-// client acknowledged every response byte, dump it, move it) is not built
-// yet: such a request is served here (the move "failed", as the state
-// machine's WILLHANDOFF --handoff-failed--> ESTABLISHED row says), and
-// counted (stayed). Until it is, a BE delivers only when every BE the
-// FE's rules name is itself (deliverable), so this happens only when the
-// rules change under a delivered connection.
+// = socket` under an FE with phttp = multi): the seed's BH (4.8.3). The
+// agent no longer reads such a connection's later requests, the web
+// server does; so the BE's table (nft.Delivered) queues their client
+// segments with payload, and queue.Stream says how much of each the server
+// may have. FIN and RST move the connection to TIME_WAIT. A request for
+// another BE is held (WILLHANDOFF) while bhmove.go moves the connection
+// there (HANDOFFING, HANDOFFED); a move that fails serves it here
+// (WILLHANDOFF --handoff-failed--> ESTABLISHED, counted not_moved).
 
 import (
 	"context"

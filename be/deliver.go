@@ -58,10 +58,10 @@ const (
 // Result labels of tcpha_deliveries_total besides the transplant reasons.
 const (
 	resultDelivered = "delivered"
-	// resultPHTTP: the FE's phttp is multi or forward and its rules name
-	// other BEs; a delivered connection's later requests would reach the
-	// server, which cannot move or forward them (issue 15 item 2, the
-	// BE's packet path, is not built).
+	// resultPHTTP: the FE's phttp is forward (or multi while the BE's
+	// packet path has no queue yet) and its rules name other BEs; a
+	// delivered connection's later requests would reach the server, and
+	// could not be fetched from another BE's.
 	resultPHTTP = "phttp"
 	// resultClear: an earlier socket of the same 4-tuple could not be
 	// cleared out of the way.
@@ -85,9 +85,11 @@ func DeliverResults() []string {
 
 // deliverable says whether a connection may go to the web server's own
 // socket under the FE's cluster frame c (nil before the first), or the
-// fallback reason. The server serves every later request of a delivered
-// connection, which is what phttp = single does; with multi or forward
-// that is right only while every server the FE names is this BE.
+// fallback reason, without the BE's packet path (bh.go, which lets multi
+// through once it holds its queue). The server serves every later request
+// of a delivered connection, which is what phttp = single does; with
+// multi or forward that is right only while every server the FE names is
+// this BE.
 func deliverable(c *beCluster, self netip.Addr) string {
 	if c == nil || c.phttp == wire.PHTTPSingle {
 		return ""
