@@ -61,7 +61,7 @@ func phttpClusterRules(t *testing.T, mode string, rules ...string) *cluster.Clus
 			time.Sleep(50 * time.Millisecond)
 		}
 		// deliver = socket: the BE's packet path holds its queue.
-		for beExtra != "" && c.Grep(b.Name, "later requests read from NFQUEUE") == "" {
+		for strings.Contains(beExtra, "socket") && c.Grep(b.Name, "later requests read from NFQUEUE") == "" {
 			if time.Now().After(deadline) {
 				t.Fatalf("%s did not bind its queue", b.Name)
 			}
