@@ -38,6 +38,35 @@ func bhCluster(t *testing.T) *cluster.Cluster {
 	return c
 }
 
+// deliveredKeepAlive dials a keep-alive connection and sends its first
+// request, until be1 delivered one (a connection may be relayed for a
+// transplant's reason of its own on a busy machine, not_accepted: never
+// for the packet path's, which fails the test), up to 3 tries.
+func deliveredKeepAlive(t *testing.T, c *cluster.Cluster) *keepAlive {
+	t.Helper()
+	for try := 1; ; try++ {
+		d0, _ := deliveries(t, c)
+		k := dialKeepAlive(t, c)
+		if got := kget(t, k, "/index.html"); got != "200 be1" {
+			t.Fatalf("first request: %q", got)
+		}
+		line := deliverLine(t, c)
+		for _, bad := range []string{"relayed_packet-path=", "relayed_pipelined=", "relayed_phttp="} {
+			if strings.Contains(line, bad) {
+				t.Fatalf("relayed for the packet path: %s", line)
+			}
+		}
+		if d, _ := deliveries(t, c); d > d0 {
+			return k
+		}
+		k.conn.Close()
+		if try == 3 {
+			t.Fatalf("no connection delivered in %d tries: %s", try, line)
+		}
+		t.Logf("try %d relayed: %s", try, line)
+	}
+}
+
 // bhPackets reads be1's tcpha_be_nfqueue_packets_total by reason.
 func bhPackets(t *testing.T, c *cluster.Cluster) map[string]int {
 	t.Helper()
@@ -56,15 +85,12 @@ func bhPackets(t *testing.T, c *cluster.Cluster) map[string]int {
 // the BE agent leaves nginx serving it (the queue is bypassed).
 func TestDeliverSocketLaterRequests(t *testing.T) {
 	c := bhCluster(t)
-	k := dialKeepAlive(t, c)
+	k := deliveredKeepAlive(t, c)
 	defer k.conn.Close()
-	for i, p := range []string{"/index.html", "/img/a.jpg", "/index.html", "/img/a.jpg"} {
+	for i, p := range []string{"/img/a.jpg", "/index.html", "/img/a.jpg"} {
 		if got := kget(t, k, p); got != "200 be1" {
-			t.Fatalf("request %d (%s): %q", i, p, got)
+			t.Fatalf("later request %d (%s): %q", i, p, got)
 		}
-	}
-	if d, r := deliveries(t, c); d != 1 || r != 0 {
-		t.Errorf("delivered=%d relayed=%d, want the connection delivered:\n%s", d, r, deliverLine(t, c))
 	}
 	pk := bhPackets(t, c)
 	if pk["here"] != 3 {
@@ -152,10 +178,7 @@ func TestDeliverSocketLaterRequests(t *testing.T) {
 // FIN feeds TIME_WAIT, and the row goes when it ends.
 func TestDeliverSocketTimeWait(t *testing.T) {
 	c := bhCluster(t)
-	k := dialKeepAlive(t, c)
-	if got := kget(t, k, "/index.html"); got != "200 be1" {
-		t.Fatalf("first request: %q", got)
-	}
+	k := deliveredKeepAlive(t, c)
 	if got := kget(t, k, "/index.html"); got != "200 be1" {
 		t.Fatalf("second request: %q", got)
 	}
@@ -225,19 +248,33 @@ func TestDeliverSocketFlushRuleset(t *testing.T) {
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	here := bhPackets(t, c)["here"]
-	k := dialKeepAlive(t, c)
-	defer k.conn.Close()
-	for i := range 3 {
-		if got := kget(t, k, "/index.html"); got != "200 be1" {
-			t.Fatalf("request %d: %q", i, got)
+	// A connection may still be relayed for a reason of its own (nginx
+	// slow to accept on a busy machine: not_accepted); never for the
+	// packet path's.
+	for try := 1; ; try++ {
+		here := bhPackets(t, c)["here"]
+		d0, _ := deliveries(t, c)
+		k := dialKeepAlive(t, c)
+		for i := range 3 {
+			if got := kget(t, k, "/index.html"); got != "200 be1" {
+				t.Fatalf("request %d: %q", i, got)
+			}
 		}
-	}
-	if d, r := deliveries(t, c); d != 1 || r != 0 {
-		t.Errorf("delivered=%d relayed=%d after the flush:\n%s", d, r, deliverLine(t, c))
-	}
-	if got := bhPackets(t, c)["here"] - here; got != 2 {
-		t.Errorf("%d later requests judged after the flush, want 2", got)
+		k.conn.Close()
+		if line := deliverLine(t, c); strings.Contains(line, "relayed_packet-path=") {
+			t.Fatalf("connections relayed for the packet path after the flush:\n%s", line)
+		}
+		if d, _ := deliveries(t, c); d == d0 {
+			if try < 3 {
+				t.Logf("try %d relayed: %s", try, deliverLine(t, c))
+				continue
+			}
+			t.Fatalf("no connection delivered after the flush in %d tries:\n%s", try, deliverLine(t, c))
+		}
+		if got := bhPackets(t, c)["here"] - here; got != 2 {
+			t.Errorf("%d later requests judged after the flush, want 2", got)
+		}
+		return
 	}
 }
 
@@ -291,7 +328,18 @@ func TestDeliverSocketMoves(t *testing.T) {
 	d2, r2 := statusOf(t, c, "be2", "delivered"), statusOf(t, c, "be2", "relayed")
 	m1, m2 := statusOf(t, c, "be1", "moved"), statusOf(t, c, "be2", "moved")
 	t.Logf("be1 delivered=%d relayed=%d moved=%d; be2 delivered=%d relayed=%d moved=%d", d1, r1, m1, d2, r2, m2)
-	if d1 < 2 || d2 < 2 || r1+r2 != 0 || m1 < 2 || m2 < 1 {
+	// A hop may be relayed for a transplant's reason of its own on a busy
+	// machine (not_accepted), never for the packet path's; the moves
+	// happen either way.
+	for _, h := range []string{"be1", "be2"} {
+		line := mustAdmin(t, c, h, "status")
+		for _, bad := range []string{"relayed_packet-path=", "relayed_pipelined=", "relayed_phttp="} {
+			if strings.Contains(line, bad) {
+				t.Errorf("%s relayed for the packet path:\n%s", h, line)
+			}
+		}
+	}
+	if d1 < 1 || d2 < 1 || d1+d2+r1+r2 != 4 || m1 != 2 || m2 != 1 {
 		t.Errorf("be1 delivered=%d relayed=%d moved=%d; be2 delivered=%d relayed=%d moved=%d: want every hop delivered and moved",
 			d1, r1, m1, d2, r2, m2)
 	}
