@@ -41,6 +41,7 @@ func (b *BE) Conns(text io.Writer, flt admin.ConnFilter) []ConnRow {
 		rows = append(rows, ConnRow{Client: c.Client.Addr().String(), ClientPort: c.Client.Port(), State: state,
 			Age: now.Sub(c.Since).Truncate(time.Second).Seconds(), Requests: c.Requests})
 	}
+	rows = append(rows, b.bhRows(now, flt)...)
 	tw := tabwriter.NewWriter(text, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "client\tstate\tage\trequests\t")
 	for _, c := range rows {

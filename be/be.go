@@ -92,6 +92,9 @@ type BE struct {
 	// is the routing of its dials from the clients' addresses.
 	deliver     *deliverer
 	transparent *netif.Transparent
+	// bh is the packet path for delivered connections' later requests
+	// (bh.go); nil with the relay.
+	bh *bhState
 }
 
 // Start starts the back end; ln, when not nil, is its control listener,
@@ -160,6 +163,9 @@ func Start(ctx context.Context, cfg *config.BE, secret []byte, m *metrics.Metric
 		b.deliver.eligible = func() string { return deliverable(b.cluster.Load(), cfg.RAddr) }
 		b.deliver.relay = b.pool.Get
 		b.deliver.clear = func(ci *wire.ConnInfo) error { return clearEarlier(b.log, ci) }
+		if err := b.startBH(); err != nil {
+			return nil, fmt.Errorf("be: deliver = socket: %w", err)
+		}
 	}
 	leaving := &handoff.Leaving{}
 	b.relay = relay.New(relay.Config{
@@ -389,6 +395,9 @@ func (b *BE) Run(ctx context.Context) {
 	if b.deliver != nil {
 		b.background.Go(func() { b.deliver.run(bg) })
 	}
+	if g := b.guardBH(); g != nil {
+		b.background.Go(func() { g.Run(bg) })
+	}
 	if b.registrar != nil {
 		stopReg := context.AfterFunc(bg, b.stopRegistering)
 		defer stopReg()
@@ -543,7 +552,7 @@ func (b *BE) Stop() error {
 		b.pool.Close()
 	}
 	b.closeWeb()
-	return errors.Join(b.vip.Remove(), b.owned.Remove(), b.transparent.Remove())
+	return errors.Join(b.vip.Remove(), b.owned.Remove(), b.transparent.Remove(), b.stopBH(false))
 }
 
 // Keep lets go of the control listener and leaves the BE's table, VIP
@@ -553,6 +562,7 @@ func (b *BE) Keep() {
 	b.closePeers()
 	b.owned.Keep()
 	b.transparent.Keep()
+	b.stopBH(true)
 }
 
 // closePeers ends the BE-to-BE sessions. Not at Release: a move under way
@@ -626,7 +636,7 @@ func (b *BE) Status() Status {
 		Upstream: b.cfg.Redirect().Addr().String(), UpstreamPort: b.cfg.Redirect().Port(),
 		ServerUp: b.serverUp.Load(), Relaying: rs.Active, Pending: s.Pending, Served: s.Served, Refused: s.Refused,
 		Sessions: b.feSessions(), Requests: rs.Requests, Dialed: rs.Upstream.Dialed, Reused: rs.Upstream.Reuses,
-		Idle: rs.Upstream.Idle, Retries: rs.Retries, BadGW: rs.BadGateways, Moved: rs.Moves, NotMoved: rs.MoveFailures, MovedIn: b.movesIn.Load(),
+		Idle: rs.Upstream.Idle, Retries: rs.Retries, BadGW: rs.BadGateways, Moved: rs.Moves + b.bhMoves(true), NotMoved: rs.MoveFailures + b.bhMoves(false), MovedIn: b.movesIn.Load(),
 		Table: b.reinstalls.Status(), Deliver: string(b.cfg.Deliver), ClientAddr: b.cfg.ClientAddr && b.deliver != nil,
 		Deliveries: b.deliveries(),
 	}

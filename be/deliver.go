@@ -58,19 +58,25 @@ const (
 // Result labels of tcpha_deliveries_total besides the transplant reasons.
 const (
 	resultDelivered = "delivered"
-	// resultPHTTP: the FE's phttp is multi or forward and its rules name
-	// other BEs; a delivered connection's later requests would reach the
-	// server, which cannot move or forward them (issue 15 item 2, the
-	// BE's packet path, is not built).
+	// resultPHTTP: the FE's phttp is forward (or multi while the BE's
+	// packet path has no queue yet) and its rules name other BEs; a
+	// delivered connection's later requests would reach the server, and
+	// could not be fetched from another BE's.
 	resultPHTTP = "phttp"
 	// resultClear: an earlier socket of the same 4-tuple could not be
 	// cleared out of the way.
 	resultClear = "clear"
+	// resultPacketPath: the BE's packet path could not start following
+	// the connection's later requests (bh.go).
+	resultPacketPath = "packet-path"
+	// resultPipelined: the handoff's bytes hold pipelined requests not
+	// all this BE's; the server would read them all (bh.go).
+	resultPipelined = "pipelined"
 )
 
 // DeliverResults lists the labels of tcpha_deliveries_total.
 func DeliverResults() []string {
-	out := []string{resultDelivered, resultPHTTP, resultClear}
+	out := []string{resultDelivered, resultPHTTP, resultClear, resultPacketPath, resultPipelined}
 	for _, r := range transplant.Reasons() {
 		out = append(out, r.String())
 	}
@@ -79,9 +85,11 @@ func DeliverResults() []string {
 
 // deliverable says whether a connection may go to the web server's own
 // socket under the FE's cluster frame c (nil before the first), or the
-// fallback reason. The server serves every later request of a delivered
-// connection, which is what phttp = single does; with multi or forward
-// that is right only while every server the FE names is this BE.
+// fallback reason, without the BE's packet path (bh.go, which lets multi
+// through once it holds its queue). The server serves every later request
+// of a delivered connection, which is what phttp = single does; with
+// multi or forward that is right only while every server the FE names is
+// this BE.
 func deliverable(c *beCluster, self netip.Addr) string {
 	if c == nil || c.phttp == wire.PHTTPSingle {
 		return ""
@@ -118,7 +126,11 @@ type deliverer struct {
 	// relay is the fallback: a connection to the server for the relay.
 	relay func(ctx context.Context) (*relay.Upstream, error)
 	// clear clears an earlier socket of ci's 4-tuple out of the way.
-	clear  func(ci *wire.ConnInfo) error
+	clear func(ci *wire.ConnInfo) error
+	// track, if set, has the BE's packet path follow a staged
+	// connection's later requests; done tells it how the handoff ended.
+	track  func(ci *wire.ConnInfo) error
+	done   func(client netip.AddrPort, delivered bool)
 	metric *prometheus.CounterVec
 
 	ready chan readyIdle
@@ -403,7 +415,7 @@ func (c *delivery) Deliver(ci *wire.ConnInfo, rb handoff.Rebuilder) (handoff.Reb
 		st, err := c.idle.Stage(ci)
 		if err == nil {
 			c.staged = st
-			return c, nil
+			return c.follow()
 		}
 		c.idle.Close()
 		c.idle = nil
@@ -446,7 +458,13 @@ func (c *delivery) fallBack(why string, cause error) (handoff.Rebuilt, error) {
 // forwards the client's packets already, so one arriving in between is
 // answered with a reset (a narrow window, counted under its reason).
 func (c *delivery) Activate() (*net.TCPConn, error) {
+	// ESTABLISHED before the server sees the socket: it answers at once,
+	// and the client's FIN may come back before Commit returns.
+	c.ended(true)
 	err := c.staged.Commit()
+	if err != nil {
+		c.ended(false)
+	}
 	if err == nil {
 		c.d.count(resultDelivered)
 		return nil, nil
@@ -460,6 +478,7 @@ func (c *delivery) Activate() (*net.TCPConn, error) {
 
 // Discard takes the staged connection off the server's socket.
 func (c *delivery) Discard() {
+	c.ended(false)
 	if err := c.staged.Abort(); err != nil {
 		c.d.log.Warn("staged connection not taken back cleanly", "op", "deliver", "client", c.ci.Client.String(), "err", err)
 	}

@@ -203,6 +203,9 @@ type BE struct {
 	// sees the client; off, connections are prepared ahead from
 	// 127.0.0.1 instead.
 	ClientAddr bool
+	// QueueNum is the NFQUEUE queue the BE agent reads delivered
+	// connections' later requests from (deliver = socket).
+	QueueNum uint16
 }
 
 // Deliver is what [be] deliver names.

@@ -171,8 +171,8 @@ committimeout = 1500ms
 	}
 }
 
-// [be] deliver: relay unless set; socket beside an FE only with phttp =
-// single (TestParseErrors has the refusals).
+// [be] deliver: relay unless set; socket beside an FE with phttp =
+// single or multi, not forward (TestParseErrors has the refusals).
 func TestDeliver(t *testing.T) {
 	be := "[global]\nsecret = test-secret-16byte\n[be]\nraddr = 10.0.0.11\nuaddr = 10.0.0.250\nvaddr = 10.0.0.100\nfeaddr = 10.0.0.2\n"
 	fe := "[fe]\nvaddr = 10.0.0.100\nserver = 10.0.0.11 666\nrule = 10.0.0.11 .*\n"
@@ -184,6 +184,8 @@ func TestDeliver(t *testing.T) {
 		{be + "deliver = relay\n", DeliverRelay},
 		{be + "deliver = socket\n", DeliverSocket},
 		{be + "deliver = socket\n" + fe + "phttp = single\n", DeliverSocket},
+		{be + "deliver = socket\n" + fe + "phttp = multi\n", DeliverSocket},
+		{be + "deliver = socket\n" + fe, DeliverSocket}, // multi by default
 		{be + "deliver = relay\n" + fe, DeliverRelay},
 	} {
 		cfg, err := Parse("be.conf", []byte(c.text))
@@ -198,6 +200,13 @@ func TestDeliver(t *testing.T) {
 	cfg, err := Parse("be.conf", []byte(be+"deliver = socket\nclientaddr = off\n"))
 	if err != nil || cfg.BE.ClientAddr {
 		t.Errorf("clientaddr = off: %v", err)
+	}
+	// The BE's queue: 1 unless set, apart from the FE's default 0.
+	if cfg.BE.QueueNum != 1 {
+		t.Errorf("[be] queuenum %d by default, want 1", cfg.BE.QueueNum)
+	}
+	if cfg, err := Parse("be.conf", []byte(be+"deliver = socket\nqueuenum = 7\n")); err != nil || cfg.BE.QueueNum != 7 {
+		t.Errorf("queuenum = 7: %v", err)
 	}
 }
 
@@ -248,8 +257,11 @@ func TestParseErrors(t *testing.T) {
 		{"unknown phttp", fe + "phttp = always\nrule = local .*\n", 4, "fe", "phttp", "want single, multi or forward"},
 		{"unknown deliver", be + "deliver = splice\n", 6, "be", "deliver", "\"splice\": want relay or socket"},
 		{"bad clientaddr", be + "clientaddr = client\n", 6, "be", "clientaddr", "on"},
-		{"deliver socket with phttp multi", "[global]\nsecret = test-secret-16byte\n" + fe + "rule = 10.0.0.11 .*\n" + be + "deliver = socket\n",
-			12, "be", "deliver", "socket needs [fe] phttp = single (it is multi)"},
+		{"deliver socket with phttp forward", "[global]\nsecret = test-secret-16byte\n" + fe + "rule = 10.0.0.11 .*\nphttp = forward\n" + be + "deliver = socket\n",
+			13, "be", "deliver", "socket cannot work with [fe] phttp = forward"},
+		{"deliver socket on the FE's queue", "[global]\nsecret = test-secret-16byte\n" + fe + "rule = 10.0.0.11 .*\nphttp = single\nqueuenum = 1\n" + be + "deliver = socket\n",
+			0, "be", "queuenum", "is [fe] queuenum 1"},
+		{"bad BE queuenum", be + "queuenum = 70000\n", 6, "be", "queuenum", "whole number"},
 		{"duplicate server", fe + "server = 10.0.0.11 667\nrule = local .*\n", 4, "fe", "server", "already declared on line 3"},
 		{"bad weight", fe + "server = 10.0.0.12 666 weight=x\nrule = local .*\n", 4, "fe", "server", "weight=N"},
 		{"weight too large", fe + "server = 10.0.0.12 666 weight=20000\nrule = local .*\n", 4, "fe", "server", "0 to 10000"},

@@ -52,7 +52,7 @@ var allowed = map[string]map[string]bool{
 		"committimeout": false, "drain": false, "keepalivetimeout": false,
 		"requesttimeout": false, "maxheader": false, "forwardedfor": false,
 		"redirecttlsport": false, "proxyprotocol": false, "maxconnperip": false, "deliver": false, "clientaddr": false,
-		"check": false, "checkexpect": false,
+		"queuenum": false, "check": false, "checkexpect": false,
 	},
 }
 
@@ -167,14 +167,18 @@ func Parse(name string, data []byte) (*Config, error) {
 		return nil, &Error{File: name, Line: lines.line("be", "vaddr", 0), Section: "be", Key: "vaddr",
 			Msg: fmt.Sprintf("differs from [fe] vaddr %s; one host serves one VIP", cfg.FE.VAddr)}
 	}
-	if cfg.FE != nil && cfg.BE != nil && cfg.BE.Deliver == DeliverSocket && cfg.FE.PHTTP != "single" {
-		// A delivered connection's later requests reach the web server,
-		// not the agent, and the BE's packet path that would see them
-		// (issue 15 item 2) is not built: they could be neither moved nor
-		// forwarded. A BE on another host learns phttp from the FE's
-		// cluster frame and relays instead (reason phttp).
+	if cfg.FE != nil && cfg.BE != nil && cfg.BE.Deliver == DeliverSocket && cfg.FE.PHTTP == "forward" {
+		// A delivered connection's later requests reach the web server;
+		// the BE's packet path can hold one for another BE and move the
+		// connection there (multi), but not fetch it from another BE's
+		// web server (forward). A BE on another host learns phttp from the
+		// FE's cluster frame and relays instead (reason phttp).
 		return nil, &Error{File: name, Line: lines.line("be", "deliver", 0), Section: "be", Key: "deliver",
-			Msg: fmt.Sprintf("socket needs [fe] phttp = single (it is %s): the web server, not the agent, reads a delivered connection's later requests, so they cannot be moved or forwarded; set phttp = single or deliver = relay", cfg.FE.PHTTP)}
+			Msg: "socket cannot work with [fe] phttp = forward: the web server, not the agent, reads a delivered connection's later requests, which can be moved to another BE (multi) but not fetched from one; set phttp = multi or single, or deliver = relay"}
+	}
+	if cfg.FE != nil && cfg.BE != nil && cfg.BE.Deliver == DeliverSocket && cfg.BE.QueueNum == cfg.FE.QueueNum {
+		return nil, &Error{File: name, Line: lines.line("be", "queuenum", 0), Section: "be", Key: "queuenum",
+			Msg: fmt.Sprintf("is [fe] queuenum %d: with deliver = socket each role reads a queue of its own", cfg.FE.QueueNum)}
 	}
 	if cfg.FE != nil && cfg.BE != nil && cfg.BE.UAddr == cfg.FE.RAddr {
 		return nil, &Error{File: name, Line: lines.line("be", "uaddr", 0), Section: "be", Key: "uaddr",
@@ -397,6 +401,9 @@ func (p *parser) be(s *ini.Section) (*BE, error) {
 		}
 	}
 	be.ClientAddr = v.onOff("clientaddr", true)
+	// 1, not the FE's 0: one host may run both roles, and only one socket
+	// per network namespace may bind a queue number.
+	be.QueueNum = uint16(v.intIn("queuenum", 1, 0, 65535))
 	// The seed needed feaddr only for dynamic registration; tcpha also
 	// accepts control sessions only from its FEs, so it is always required.
 	be.FEAddrs = v.addrList("feaddr", "the BE takes handoffs only from its FEs: set `feaddr = FE_RADDR`")

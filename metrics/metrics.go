@@ -54,6 +54,10 @@ type Metrics struct {
 	// relayed instead, by the reason (phttp, not_accepted, worker_gone,
 	// ...).
 	Deliveries *prometheus.CounterVec
+	// BHPackets counts, on a BE with deliver = socket, the delivered
+	// connections' packets its NFQUEUE judged, by reason (here,
+	// willhandoff, head-split, stayed, ...).
+	BHPackets *prometheus.CounterVec
 }
 
 // HandoffBuckets cover 50 µs to about 6 s in steps of 1.5×, fine enough to
@@ -101,6 +105,9 @@ func New() *Metrics {
 		Deliveries: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "tcpha_deliveries_total", Help: "BE, deliver = socket: connections handed to the web server's own socket (delivered) or relayed, by the fallback's reason.",
 		}, []string{"result"}),
+		BHPackets: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "tcpha_be_nfqueue_packets_total", Help: "BE, deliver = socket: packets of delivered connections judged from NFQUEUE, by reason.",
+		}, []string{"reason"}),
 	}
 	// Both results exist from the start, so that a rate() or an alert on
 	// refused sees 0 rather than no series.
@@ -115,7 +122,7 @@ func New() *Metrics {
 	buildInfo.Set(1)
 	// HandoffDuration is registered by the FE role (fe.Start): a BE
 	// exported it empty.
-	r.MustRegister(m.Handoffs, m.Offers, m.Probes, m.Migrations, m.TLSRefused, m.TableReinstalls, m.Deliveries,
+	r.MustRegister(m.Handoffs, m.Offers, m.Probes, m.Migrations, m.TLSRefused, m.TableReinstalls, m.Deliveries, m.BHPackets,
 		m.Reloads, m.LastReloadOK, m.LastReload, buildInfo,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m

@@ -20,6 +20,7 @@ targets=(
 	"./frontend/tlshello FuzzRead"
 	"./config FuzzParse"
 	"./queue FuzzParse"
+	"./queue FuzzStream"
 	"./internal/accesslog FuzzAppendLine"
 )
 for t in "${targets[@]}"; do

@@ -290,12 +290,14 @@ func kget(t *testing.T, k *keepAlive, path string) string {
 	return got
 }
 
-// With phttp = multi on the FE (another host, so config cannot refuse it)
-// a BE with deliver = socket relays every connection, counted as phttp:
-// later requests still move between BEs.
-func TestDeliverSocketPHTTPMulti(t *testing.T) {
+// With phttp = forward on the FE (another host, so config cannot refuse
+// it) a BE with deliver = socket relays every connection, counted as
+// phttp: a delivered connection's request cannot be fetched from another
+// BE's web server. (With multi, delivered connections move:
+// TestDeliverSocketMoves.)
+func TestDeliverSocketPHTTPForward(t *testing.T) {
 	c := newCluster(t, cluster.Options{BEs: 2, Secret: "test-cluster-secret", PublicWWW: true,
-		Rules: []string{`rule = be2 \.jpg$`, `rule = be1 .*`}, FEExtra: "phttp = multi\ntimewait = 2\n", BEExtra: "deliver = socket\nforwardedfor = on\n"})
+		Rules: []string{`rule = be2 \.jpg$`, `rule = be1 .*`}, FEExtra: "phttp = forward\ntimewait = 2\n", BEExtra: "deliver = socket\nforwardedfor = on\n"})
 	deadline := time.Now().Add(10 * time.Second)
 	for c.Grep("be1", `msg="cluster rules from the FE"`) == "" {
 		if time.Now().After(deadline) {

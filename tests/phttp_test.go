@@ -40,19 +40,30 @@ func phttpCluster(t *testing.T, mode string) *cluster.Cluster {
 func phttpClusterRules(t *testing.T, mode string, rules ...string) *cluster.Cluster {
 	t.Helper()
 	// "multi, accept = be": phttp = multi with [fe] accept = be.
+	// "multi, deliver = socket": phttp = multi with [be] deliver = socket.
 	mode, accept, _ := strings.Cut(mode, ", ")
-	extra := "phttp = " + mode + "\ntimewait = 2\ndtcinterval = 1\n"
-	if accept != "" {
+	extra, beExtra := "phttp = "+mode+"\ntimewait = 2\ndtcinterval = 1\n", ""
+	switch {
+	case strings.HasPrefix(accept, "deliver"):
+		beExtra = accept + "\n"
+	case accept != "":
 		extra += accept + "\n"
 	}
 	c := newCluster(t, cluster.Options{BEs: 2, Secret: "test-cluster-secret", PublicWWW: true, Rules: rules,
-		FEExtra: extra})
+		FEExtra: extra, BEExtra: beExtra})
 	// Both BEs have the FE's rules before the first request.
 	deadline := time.Now().Add(10 * time.Second)
 	for _, b := range c.BEs {
 		for c.Grep(b.Name, `msg="cluster rules from the FE"`) == "" {
 			if time.Now().After(deadline) {
 				t.Fatalf("%s got no cluster frame:\n%s", b.Name, c.Grep(b.Name, "cluster"))
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+		// deliver = socket: the BE's packet path holds its queue.
+		for strings.Contains(beExtra, "socket") && c.Grep(b.Name, "later requests read from NFQUEUE") == "" {
+			if time.Now().After(deadline) {
+				t.Fatalf("%s did not bind its queue", b.Name)
 			}
 			time.Sleep(50 * time.Millisecond)
 		}
@@ -114,7 +125,7 @@ func checkMoves(t *testing.T, c *cluster.Cluster, multi bool, before, want, land
 // TestPHTTP runs in both accept modes (issue 14): with accept = be the
 // BEs accept and route the first requests too.
 func TestPHTTP(t *testing.T) {
-	for _, mode := range []string{"multi", "forward", "multi, accept = be"} {
+	for _, mode := range []string{"multi", "forward", "multi, accept = be", "multi, deliver = socket"} {
 		t.Run(mode, func(t *testing.T) { testPHTTP(t, mode) })
 	}
 }
