@@ -99,7 +99,7 @@ func New() *Metrics {
 			Name: "tcpha_config_last_reload_timestamp_seconds", Help: "Unix time of the last reload, refused or not, or of the start.",
 		}),
 		Deliveries: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "tcpha_deliveries_total", Help: "BE, deliver = socket: connections handed to the web server's own socket (delivered) or relayed, by the fallback's reason.",
+			Name: "tcpha_deliveries_total", Help: "BE, deliver = socket: connections, HTTP and TLS, handed to the web server's own socket (delivered) or relayed, by the fallback's reason.",
 		}, []string{"result"}),
 	}
 	// Both results exist from the start, so that a rate() or an alert on
