@@ -37,9 +37,15 @@ func tlsCluster(t *testing.T, proxyProtocol bool) *cluster.Cluster {
 // tlsClusterWith is tlsCluster with more [be] lines.
 func tlsClusterWith(t *testing.T, proxyProtocol bool, beExtra string) *cluster.Cluster {
 	t.Helper()
+	return tlsClusterFE(t, proxyProtocol, beExtra, "")
+}
+
+// tlsClusterFE is tlsCluster with more [be] and [fe] lines.
+func tlsClusterFE(t *testing.T, proxyProtocol bool, beExtra, feExtra string) *cluster.Cluster {
+	t.Helper()
 	opts := cluster.Options{BEs: 2, TLS: true, ProxyProtocol: proxyProtocol,
 		Rules:   []string{`rule = be2 host=b\.example`, `rule = be1 host=a\.example`, `rule = be1 .*`},
-		FEExtra: "tlsport = 443\n", BEExtra: beExtra}
+		FEExtra: "tlsport = 443\n" + feExtra, BEExtra: beExtra}
 	if proxyProtocol {
 		opts.BEExtra += "proxyprotocol = on\n"
 	}
@@ -67,11 +73,13 @@ func TestTLS(t *testing.T) {
 
 func testTLS(t *testing.T, deliver string) {
 	socket := deliver == "socket"
-	extra := ""
+	beExtra, feExtra := "", ""
 	if socket {
-		extra = "deliver = socket\n"
+		// drain = 1: the FE's stop at the end would wait out its drain
+		// for the connections nginx held (5 s, the cluster's limit).
+		beExtra, feExtra = "deliver = socket\n", "drain = 1\n"
 	}
-	c := tlsClusterWith(t, false, extra)
+	c := tlsClusterFE(t, false, beExtra, feExtra)
 
 	if !socket {
 		t.Run("tcphactl status names the TLS port", func(t *testing.T) {
