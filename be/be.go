@@ -91,6 +91,7 @@ type BE struct {
 	// server's own socket (deliver.go); nil with the relay. transparent
 	// is the routing of its dials from the clients' addresses.
 	deliver     *deliverer
+	deliverTLS  *deliverer // the same for TLS connections (delivertls.go)
 	transparent *netif.Transparent
 	// bh is the packet path for delivered connections' later requests
 	// (bh.go); nil with the relay.
@@ -161,11 +162,18 @@ func Start(ctx context.Context, cfg *config.BE, secret []byte, m *metrics.Metric
 		}
 		b.deliver = newDeliverer(up, cfg.ClientAddr, b.log, m.Deliveries)
 		b.deliver.eligible = func() string { return deliverable(b.cluster.Load(), cfg.RAddr) }
-		b.deliver.relay = b.pool.Get
+		b.deliver.relay = func(ctx context.Context, _ *wire.ConnInfo) (handoff.Upstream, error) {
+			up, err := b.pool.Get(ctx)
+			if err != nil {
+				return nil, err
+			}
+			return up, nil
+		}
 		b.deliver.clear = func(ci *wire.ConnInfo) error { return clearEarlier(b.log, ci) }
 		if err := b.startBH(); err != nil {
 			return nil, fmt.Errorf("be: deliver = socket: %w", err)
 		}
+		b.deliverTLS = b.newTLSDeliverer(cfg, b.deliver)
 	}
 	leaving := &handoff.Leaving{}
 	b.relay = relay.New(relay.Config{
@@ -179,9 +187,13 @@ func Start(ctx context.Context, cfg *config.BE, secret []byte, m *metrics.Metric
 		// a new one fails fast when the server is down. The relay looks at
 		// it again before the request goes into it: the server may close
 		// it between the offer and the commit.
-		// A TLS connection gets a connection of its own to the TLS port.
+		// A TLS connection gets a connection of its own to the TLS port,
+		// or with deliver = socket the server's TLS socket.
 		Connect: func(ctx context.Context, ci *wire.ConnInfo) (handoff.Upstream, error) {
 			if relay.IsTLS(ci.RecvQueue) {
+				if b.deliverTLS != nil {
+					return b.deliverTLS.connect(ctx, ci)
+				}
 				return relay.DialTLS(ctx, cfg.RedirectTLS(), ci.Client, ci.VIP, cfg.ProxyProtocol)
 			}
 			if b.deliver != nil {
@@ -394,6 +406,7 @@ func (b *BE) Run(ctx context.Context) {
 	b.background.Go(func() { b.guard().Run(bg) })
 	if b.deliver != nil {
 		b.background.Go(func() { b.deliver.run(bg) })
+		b.background.Go(func() { b.deliverTLS.run(bg) })
 	}
 	if g := b.guardBH(); g != nil {
 		b.background.Go(func() { g.Run(bg) })
@@ -614,6 +627,8 @@ type Status struct {
 	Deliver    string           `json:"deliver"`
 	ClientAddr bool             `json:"clientaddr"`
 	Deliveries map[string]int64 `json:"deliveries,omitempty"`
+	// TLSDeliveries are the same for the TLS connections.
+	TLSDeliveries map[string]int64 `json:"tls_deliveries,omitempty"`
 }
 
 // feSessions counts the control sessions from FEs (not from other BEs).
@@ -638,7 +653,7 @@ func (b *BE) Status() Status {
 		Sessions: b.feSessions(), Requests: rs.Requests, Dialed: rs.Upstream.Dialed, Reused: rs.Upstream.Reuses,
 		Idle: rs.Upstream.Idle, Retries: rs.Retries, BadGW: rs.BadGateways, Moved: rs.Moves + b.bhMoves(true), NotMoved: rs.MoveFailures + b.bhMoves(false), MovedIn: b.movesIn.Load(),
 		Table: b.reinstalls.Status(), Deliver: string(b.cfg.Deliver), ClientAddr: b.cfg.ClientAddr && b.deliver != nil,
-		Deliveries: b.deliveries(),
+		Deliveries: b.deliveries(), TLSDeliveries: b.tlsDeliveries(),
 	}
 }
 
@@ -661,7 +676,7 @@ func (st Status) Write(w io.Writer, pid int) {
 		if st.ClientAddr {
 			from = "client"
 		}
-		fmt.Fprintf(w, "  deliver=socket dial_from=%s %s\n", from, formatCounts(st.Deliveries))
+		fmt.Fprintf(w, "  deliver=socket dial_from=%s %s %s\n", from, formatCounts(st.Deliveries), formatTLSCounts(st.TLSDeliveries))
 	}
 	st.Table.Write(w)
 }

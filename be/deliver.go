@@ -25,7 +25,6 @@ import (
 	"tcpha/handoff/transplant"
 	"tcpha/handoff/wire"
 	"tcpha/netif"
-	"tcpha/relay"
 )
 
 const (
@@ -123,8 +122,16 @@ type deliverer struct {
 	transparent bool
 	// eligible is deliverable on the BE's current cluster frame.
 	eligible func() string
-	// relay is the fallback: a connection to the server for the relay.
-	relay func(ctx context.Context) (*relay.Upstream, error)
+	// relay is the fallback: a connection to the server for the relay
+	// (a pooled one for HTTP, the client's own for TLS).
+	relay func(ctx context.Context, ci *wire.ConnInfo) (handoff.Upstream, error)
+	// restore, if set, is what the server's socket is given for ci (TLS
+	// with proxyprotocol: a PROXY header ahead of the ClientHello); the
+	// relay's fallback still rebuilds ci itself.
+	restore func(ci *wire.ConnInfo) *wire.ConnInfo
+	// wanted, if set, tells whether connections are worth keeping ready
+	// now (TLS: only while an FE has a TLS port).
+	wanted func() bool
 	// clear clears an earlier socket of ci's 4-tuple out of the way.
 	clear func(ci *wire.ConnInfo) error
 	// track, if set, has the BE's packet path follow a staged
@@ -210,7 +217,7 @@ func (d *deliverer) run(ctx context.Context) {
 // fill prepares connections until the ready set is full or a preparation
 // fails (then it pauses inline preparations too).
 func (d *deliverer) fill(ctx context.Context) {
-	for len(d.ready) < cap(d.ready) && ctx.Err() == nil {
+	for len(d.ready) < cap(d.ready) && ctx.Err() == nil && (d.wanted == nil || d.wanted()) {
 		pctx, cancel := context.WithTimeout(ctx, time.Second)
 		idle, err := d.srv.Prepare(pctx)
 		cancel()
@@ -368,7 +375,7 @@ func (d *deliverer) close() {
 func (d *deliverer) connect(ctx context.Context, ci *wire.ConnInfo) (handoff.Upstream, error) {
 	if why := d.eligible(); why != "" {
 		d.count(why)
-		return d.relayUpstream(ctx)
+		return d.relayUpstream(ctx, ci)
 	}
 	idle, err := d.take(ctx, ci.Client)
 	if err != nil {
@@ -376,14 +383,14 @@ func (d *deliverer) connect(ctx context.Context, ci *wire.ConnInfo) (handoff.Ups
 		d.count(why)
 		d.log.Info("connection relayed: no idle server connection", "op", "deliver", "client", ci.Client.String(),
 			"reason", why, "err", err)
-		return d.relayUpstream(ctx)
+		return d.relayUpstream(ctx, ci)
 	}
 	return &delivery{d: d, idle: idle}, nil
 }
 
 // relayUpstream is d.relay as a handoff.Upstream (no typed nil).
-func (d *deliverer) relayUpstream(ctx context.Context) (handoff.Upstream, error) {
-	up, err := d.relay(ctx)
+func (d *deliverer) relayUpstream(ctx context.Context, ci *wire.ConnInfo) (handoff.Upstream, error) {
+	up, err := d.relay(ctx, ci)
 	if err != nil {
 		return nil, err
 	}
@@ -400,7 +407,7 @@ type delivery struct {
 	staged  *transplant.Staged
 	ci      *wire.ConnInfo
 	rb      handoff.Rebuilder
-	relayUp *relay.Upstream
+	relayUp handoff.Upstream
 }
 
 // Deliver stages ci on the idle connection's server socket (trying
@@ -412,7 +419,7 @@ func (c *delivery) Deliver(ci *wire.ConnInfo, rb handoff.Rebuilder) (handoff.Reb
 		return c.fallBack(resultClear, err)
 	}
 	for try := 1; ; try++ {
-		st, err := c.idle.Stage(ci)
+		st, err := c.idle.Stage(c.d.restored(ci))
 		if err == nil {
 			c.staged = st
 			return c.follow()
@@ -444,12 +451,20 @@ func (c *delivery) fallBack(why string, cause error) (handoff.Rebuilt, error) {
 		"client", c.ci.Client.String(), "reason", why, "err", cause)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 	defer cancel()
-	up, err := c.d.relay(ctx)
+	up, err := c.d.relay(ctx, c.ci)
 	if err != nil {
 		return nil, fmt.Errorf("deliver %v: fall back to the relay: %w", c.ci.Client, err)
 	}
 	c.relayUp = up
 	return c.rb.Rebuild(c.ci)
+}
+
+// restored is what the server's socket is given for ci.
+func (d *deliverer) restored(ci *wire.ConnInfo) *wire.ConnInfo {
+	if d.restore == nil {
+		return ci
+	}
+	return d.restore(ci)
 }
 
 // Activate gives the staged connection to the server (the FE committed).

@@ -103,7 +103,7 @@ func New() *Metrics {
 			Name: "tcpha_config_last_reload_timestamp_seconds", Help: "Unix time of the last reload, refused or not, or of the start.",
 		}),
 		Deliveries: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "tcpha_deliveries_total", Help: "BE, deliver = socket: connections handed to the web server's own socket (delivered) or relayed, by the fallback's reason.",
+			Name: "tcpha_deliveries_total", Help: "BE, deliver = socket: connections, HTTP and TLS, handed to the web server's own socket (delivered) or relayed, by the fallback's reason.",
 		}, []string{"result"}),
 		BHPackets: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "tcpha_be_nfqueue_packets_total", Help: "BE, deliver = socket: packets of delivered connections judged from NFQUEUE, by reason.",

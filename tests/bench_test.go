@@ -4,6 +4,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 
@@ -47,6 +48,16 @@ func TestBenchSmoke(t *testing.T) {
 				t.Errorf("a front end has no figure: %s", l)
 			}
 		}
+	}
+	// The deliver workload (issue 15): be1's agent CPU for relay and
+	// socket, and socket's connections delivered.
+	for _, want := range []string{"## `[be] deliver`: relay beside socket", "| (a) 1 KB, one request per connection | BE agent CPU per request | "} {
+		if !strings.Contains(r, want) {
+			t.Errorf("report lacks %q", want)
+		}
+	}
+	if m := regexp.MustCompile(`\| \(a\) 1 KB[^|]*\| delivered / relayed \| — \| (\d+) / `).FindStringSubmatch(r); m == nil || m[1] == "0" {
+		t.Errorf("the deliver workload delivered no connection of (a): %v", m)
 	}
 	if st, err := os.Stat(png); err != nil || st.Size() < 1000 {
 		t.Errorf("chart: %v", err)

@@ -15,6 +15,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -36,9 +37,15 @@ func tlsCluster(t *testing.T, proxyProtocol bool) *cluster.Cluster {
 // tlsClusterWith is tlsCluster with more [be] lines.
 func tlsClusterWith(t *testing.T, proxyProtocol bool, beExtra string) *cluster.Cluster {
 	t.Helper()
+	return tlsClusterFE(t, proxyProtocol, beExtra, "")
+}
+
+// tlsClusterFE is tlsCluster with more [be] and [fe] lines.
+func tlsClusterFE(t *testing.T, proxyProtocol bool, beExtra, feExtra string) *cluster.Cluster {
+	t.Helper()
 	opts := cluster.Options{BEs: 2, TLS: true, ProxyProtocol: proxyProtocol,
 		Rules:   []string{`rule = be2 host=b\.example`, `rule = be1 host=a\.example`, `rule = be1 .*`},
-		FEExtra: "tlsport = 443\n", BEExtra: beExtra}
+		FEExtra: "tlsport = 443\n" + feExtra, BEExtra: beExtra}
 	if proxyProtocol {
 		opts.BEExtra += "proxyprotocol = on\n"
 	}
@@ -54,17 +61,35 @@ func curlTLS(t *testing.T, c *cluster.Cluster, name, path string) string {
 }
 
 // Issue 16, item 2: HTTPS routed by SNI and handed off, the responses
-// going to the client from the BE.
+// going to the client from the BE; with [be] deliver = socket (issue 15
+// item 3) the same with each TLS connection handed to nginx's own TLS
+// socket, no relay on the BE. The subtests that do not reach a BE run
+// once.
 func TestTLS(t *testing.T) {
-	c := tlsCluster(t, false)
+	for _, deliver := range []string{"relay", "socket"} {
+		t.Run("deliver="+deliver, func(t *testing.T) { testTLS(t, deliver) })
+	}
+}
 
-	t.Run("tcphactl status names the TLS port", func(t *testing.T) {
-		out, err := c.Admin("fe", "status")
-		// Its FE line: the version line comes first.
-		if want := "\nfe vip=" + cluster.VIP + ":80 tls=" + cluster.VIP + ":443 "; err != nil || !strings.Contains("\n"+out, want) {
-			t.Errorf("status: %v\n%s\nwant a line starting %q", err, out, want[1:])
-		}
-	})
+func testTLS(t *testing.T, deliver string) {
+	socket := deliver == "socket"
+	beExtra, feExtra := "", ""
+	if socket {
+		// drain = 1: the FE's stop at the end would wait out its drain
+		// for the connections nginx held (5 s, the cluster's limit).
+		beExtra, feExtra = "deliver = socket\n", "drain = 1\n"
+	}
+	c := tlsClusterFE(t, false, beExtra, feExtra)
+
+	if !socket {
+		t.Run("tcphactl status names the TLS port", func(t *testing.T) {
+			out, err := c.Admin("fe", "status")
+			// Its FE line: the version line comes first.
+			if want := "\nfe vip=" + cluster.VIP + ":80 tls=" + cluster.VIP + ":443 "; err != nil || !strings.Contains("\n"+out, want) {
+				t.Errorf("status: %v\n%s\nwant a line starting %q", err, out, want[1:])
+			}
+		})
+	}
 
 	t.Run("routed by SNI", func(t *testing.T) {
 		for name, want := range map[string]string{"a.example": "200 be1", "b.example": "200 be2", "c.example": "200 be1"} {
@@ -131,6 +156,11 @@ func TestTLS(t *testing.T) {
 		}
 	})
 
+	if socket {
+		testTLSDelivered(t, c)
+		return
+	}
+
 	t.Run("plain HTTP and garbage on the TLS port", func(t *testing.T) {
 		if got := strings.TrimSpace(curl(t, c, "-o", "/dev/null", "-w", "%{http_code}", "http://"+cluster.VIP+":443/")); got != "400" {
 			t.Errorf("plain HTTP to port 443: %q, want 400", got)
@@ -150,6 +180,49 @@ func TestTLS(t *testing.T) {
 		}
 		if len(b) != 0 {
 			t.Errorf("garbage: answered % x, want a close", b)
+		}
+	})
+}
+
+// testTLSDelivered is TestTLS's part for deliver = socket alone: nginx
+// owns the TLS connection and logs the client, and serves it after the
+// BE's agent is killed.
+func testTLSDelivered(t *testing.T, c *cluster.Cluster) {
+	conn := tlsKeepAlive(t, c, "b.example")
+	defer conn.Close()
+	t.Run("nginx owns the connection and logs the client", func(t *testing.T) {
+		if got := conn.get(t, "/index.html?tls-delivered"); got != "200 be2" {
+			t.Fatalf("first request: %q", got)
+		}
+		ss := ssClient(t, c, "be2", conn.LocalAddr().String())
+		t.Logf("ss -tnp on be2: %s", strings.TrimSpace(ss))
+		if !strings.Contains(ss, `"nginx"`) || strings.Contains(ss, "tcpha-agent") {
+			t.Errorf("ss -tnp on be2 for %s:\n%s", conn.LocalAddr(), ss)
+		}
+		// Dialed from the client's address (clientaddr = on): nginx's
+		// peer is the client, with no PROXY header.
+		if line := accessLine(t, c, "be2", "/index.html?tls-delivered"); !strings.HasPrefix(line, cluster.ClientIP+" ") {
+			t.Errorf("nginx's access log: %q; want the client %s first", line, cluster.ClientIP)
+		}
+	})
+	// Every TLS connection so far was delivered, none relayed (a
+	// fallback would pass the other checks unseen).
+	for _, be := range []string{"be1", "be2"} {
+		d, r := statusOf(t, c, be, "tls_delivered"), statusOf(t, c, be, "tls_relayed")
+		t.Logf("%s: %d TLS connections delivered, %d relayed", be, d, r)
+		if d == 0 || r != 0 {
+			t.Errorf("%s: tls_delivered=%d tls_relayed=%d, want every TLS connection delivered; the first reasons:\n%s",
+				be, d, r, firstLines(c.Grep(be, "connection relayed"), 3))
+		}
+	}
+	t.Run("served after the BE agent's kill -9", func(t *testing.T) {
+		if err := c.StopAgent("be2", syscall.SIGKILL); err != nil {
+			t.Fatal(err)
+		}
+		for i := range 3 {
+			if got := conn.get(t, fmt.Sprintf("/index.html?after-kill-%d", i)); got != "200 be2" {
+				t.Errorf("request %d after be2's agent was killed: %q", i, got)
+			}
 		}
 	})
 }
@@ -182,24 +255,31 @@ func (s *splitHello) Write(b []byte) (int, error) {
 // Issue 16, item 3: with [be] proxyprotocol = on, each upstream TLS
 // connection starts with a PROXY v2 header, and nginx (listen ...
 // proxy_protocol; real_ip_header proxy_protocol;) logs the client's own
-// address for an HTTPS request.
+// address for an HTTPS request. With deliver = socket the header is put
+// in the receive queue of nginx's socket ahead of the ClientHello: nginx
+// would refuse the connection without it, and with clientaddr = off
+// (nginx's peer 127.0.0.1) it alone names the client.
 func TestTLSProxyProtocol(t *testing.T) {
-	c := tlsCluster(t, true)
-	if got := curlTLS(t, c, "a.example", "/index.html?pp"); got != "200 be1" {
-		t.Fatalf("a.example: %q, want 200 be1", got)
-	}
-	log, err := os.ReadFile(filepath.Join(c.Dir, "be1", "access.log"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	var line string
-	for l := range strings.Lines(string(log)) {
-		if strings.Contains(l, "/index.html?pp") {
-			line = l
-		}
-	}
-	if !strings.HasPrefix(line, cluster.ClientIP+" ") {
-		t.Errorf("nginx logged %q, want the client's address %s first", line, cluster.ClientIP)
+	for _, v := range []struct{ name, extra string }{
+		{"relay", ""},
+		{"socket", "deliver = socket\n"},
+		{"socket clientaddr=off", "deliver = socket\nclientaddr = off\n"},
+	} {
+		t.Run(v.name, func(t *testing.T) {
+			c := tlsClusterWith(t, true, v.extra)
+			if got := curlTLS(t, c, "a.example", "/index.html?pp"); got != "200 be1" {
+				t.Fatalf("a.example: %q, want 200 be1", got)
+			}
+			if line := accessLine(t, c, "be1", "/index.html?pp"); !strings.HasPrefix(line, cluster.ClientIP+" ") {
+				t.Errorf("nginx logged %q, want the client's address %s first", line, cluster.ClientIP)
+			}
+			if v.extra != "" {
+				if d, r := statusOf(t, c, "be1", "tls_delivered"), statusOf(t, c, "be1", "tls_relayed"); d != 1 || r != 0 {
+					t.Errorf("be1: tls_delivered=%d tls_relayed=%d, want 1 and 0; the first reasons:\n%s", d, r,
+						firstLines(c.Grep("be1", "connection relayed"), 3))
+				}
+			}
+		})
 	}
 }
 

@@ -89,8 +89,8 @@ func main() {
 	smoke := flag.Bool("smoke", false, "a few seconds per workload: prove the harness, do not measure")
 	out := flag.String("out", "docs/benchmarks.md", "report `file` (empty: stdout only)")
 	chart := flag.String("chart", "docs/benchmarks.png", "chart `file` (PNG)")
-	profile := flag.String("profile", "", "save CPU profiles of the FE and be1 agents taken during (a) and (g) to `dir`")
-	only := flag.String("only", "", "comma-separated `workloads` to run (a,b,c,i,sync,d,e,f,g,h,flat,idle,j,k,l; default all); "+
+	profile := flag.String("profile", "", "save CPU profiles of the FE and be1 agents taken during (a) and (g), and the deliver workload's (a), to `dir`")
+	only := flag.String("only", "", "comma-separated `workloads` to run (a,b,c,i,sync,d,e,f,g,h,flat,idle,j,k,l,deliver; default all); "+
 		"HTTPS ones alone (j,k,l) rewrite only the HTTPS part of -out")
 	fes := flag.String("fe", "", "comma-separated `front ends` to run (tcpha,haproxy,nginx,direct,haproxy-sni,haproxy-tls,nginx-preread; default all)")
 	secs := flag.Int("seconds", 0, "seconds per wrk workload (default 10, 1 with -smoke)")
@@ -227,6 +227,9 @@ func runBench(agent string, p params) (*bench.Run, error) {
 				return conf + "vip = keepalived\nsyncpeer = " + cluster.FEIP + "\n"
 			case host == "fe" && syncOn.Load():
 				return conf + "syncpeer = " + cluster.FE2IP + "\n"
+			case strings.HasPrefix(host, "be"):
+				mode, _ := beDeliver.Load().(string)
+				return withDeliver(conf, mode) // the deliver workload
 			}
 			return conf
 		},
@@ -433,6 +436,11 @@ func runBench(agent string, p params) (*bench.Run, error) {
 	if p.runs("idle") {
 		if err := b.idle(); err != nil {
 			b.run.Notes = append(b.run.Notes, "idle connections: "+err.Error())
+		}
+	}
+	if p.runs("deliver") && slices.ContainsFunc(b.fes, func(fe frontEnd) bool { return fe.name == bench.TCPHA }) {
+		if err := b.deliverCost(); err != nil {
+			return nil, err
 		}
 	}
 	return b.run, nil

@@ -38,6 +38,20 @@ func ProcCPU(pid int) (float64, error) {
 	return parseStatCPU(string(b))
 }
 
+// ProcessCPU returns the CPU seconds of pid's whole thread group,
+// threads that ended included (/proc/PID/stat's utime and stime, in 10 ms
+// ticks). ProcCPU sums the live threads alone: a BE agent with deliver =
+// socket runs each surgery on a thread that ends with it (a private fd
+// table), whose time ProcCPU loses, and a sum over live threads can even
+// go down across a load.
+func ProcessCPU(pid int) (float64, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0, err
+	}
+	return parseStatCPU(string(b))
+}
+
 func parseSchedstat(s string) (float64, error) {
 	f := strings.Fields(s)
 	if len(f) < 1 {

@@ -147,6 +147,12 @@ type Result struct {
 	// (f): of Switches requests for the other BE's content on a held
 	// connection, how many that BE served.
 	Switches, RightBE int
+	// BECPU is the CPU seconds of be1's agent during the load, and
+	// Delivered and Relayed, with deliver = socket, the connections it
+	// gave nginx and those it relayed instead (the deliver table only:
+	// deliver.go).
+	BECPU              float64
+	Delivered, Relayed int64
 }
 
 // CPUPerRequest is the FE's CPU time per request.
@@ -409,6 +415,7 @@ func (r *Run) Markdown(chart string) string {
 		r.table(&b, wl, fes)
 	}
 	r.sizeTable(&b)
+	r.deliverTable(&b)
 	if len(r.Flat) > 0 {
 		w("## (a) over time, tcpha\n\nHandoffs per second in %v windows of one long run: %s.\n\n", r.FlatWindow, floats(r.Flat))
 	}
