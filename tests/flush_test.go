@@ -2,6 +2,7 @@ package tests
 
 import (
 	"context"
+	"io"
 	"regexp"
 	"strings"
 	"testing"
@@ -115,3 +116,85 @@ func flowsOfQuiet(c *cluster.Cluster) (string, map[string]bool) {
 }
 
 var reForwardElem = regexp.MustCompile(`"concat": \["([0-9.]+)", (\d+)\]`)
+
+// TestFlushBEWithdrawsVIP is issue 17's ARP leak: a BE whose ARP filter is
+// gone and cannot come back (here another program took the table's name,
+// with the owner flag, in the flush's own batch) takes the VIP off lo, so
+// the client's ARP request for the VIP is answered by the FE alone; the
+// VIP comes back with the filter. Before, the BE kept the VIP, answered
+// the ARP request, and could take the client's entry for the VIP.
+func TestFlushBEWithdrawsVIP(t *testing.T) {
+	c := newCluster(t, cluster.Options{BEs: 2, Rules: []string{`rule = be2 \.jpg$`, `rule = be1 .*`}})
+	ctx := context.Background()
+	be1 := c.BEs[0]
+	be1MAC, _ := c.MAC("be1")
+	feMAC, _ := c.MAC("fe")
+	// The client counts ARP replies for the VIP from be1.
+	watch := "add table arp h17watch { chain watch { type filter hook input priority 0; policy accept; " +
+		"arp operation reply arp saddr ip " + cluster.VIP + " arp saddr ether " + be1MAC + " counter; }; }"
+	if out, err := c.Output(ctx, "client", "nft", watch); err != nil {
+		t.Fatalf("client ARP counter: %v %s", err, out)
+	}
+
+	// nft -i holds the owner socket until its stdin closes.
+	holder := c.Exec(ctx, "be1", "nft", "-i")
+	stdin, err := holder.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := holder.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { stdin.Close(); holder.Wait() }()
+	if _, err := io.WriteString(stdin, "flush ruleset; add table arp tcpha { flags owner; }\n"); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(3 * time.Second); !strings.Contains(c.Grep("be1", "table not reinstalled"), "not permitted"); time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("be1 did not try to reinstall its table:\n%s", c.Grep("be1", "op=nft"))
+		}
+	}
+
+	if out, err := c.Output(ctx, "client", "ip", "neigh", "flush", "dev", "eth0"); err != nil {
+		t.Fatalf("flush the client's neighbours: %v %s", err, out)
+	}
+	// The client's ARP request goes to everyone on the link; be2
+	// serves the request.
+	if got := servedBy(t, c, "/img/a.jpg"); got != "200 be2" {
+		t.Errorf("/img/a.jpg while be1 is without its filter: %q, want 200 be2", got)
+	}
+	if out, _ := c.Output(ctx, "client", "nft", "list", "chain", "arp", "h17watch", "watch"); !strings.Contains(out, "counter packets 0 ") {
+		t.Errorf("be1 answered ARP for the VIP without its filter:\n%s", out)
+	}
+	if neigh, _ := c.Output(ctx, "client", "ip", "neigh", "show", cluster.VIP); !strings.Contains(neigh, "lladdr "+feMAC) {
+		t.Errorf("client's neighbour entry for the VIP is %q, want the FE's MAC %s", strings.TrimSpace(neigh), feMAC)
+	}
+	if lo, _ := c.Output(ctx, "be1", "ip", "-4", "addr", "show", "dev", "lo"); strings.Contains(lo, cluster.VIP+"/32") {
+		t.Errorf("be1 holds the VIP without its ARP filter:\n%s", lo)
+	}
+	if st, err := c.Admin("be1", "status"); err != nil || !strings.Contains(st, "vip withdrawn from lo") {
+		t.Errorf("be1 status does not say the VIP is withdrawn (%v):\n%s", err, st)
+	}
+
+	// The holder goes, and its table with it: the filter, then the VIP,
+	// come back.
+	stdin.Close()
+	holder.Wait()
+	start := time.Now()
+	for deadline := start.Add(3 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		lo, _ := c.Output(ctx, "be1", "ip", "-4", "addr", "show", "dev", "lo")
+		rs, _ := c.Output(ctx, "be1", "nft", "list", "table", "arp", "tcpha")
+		if strings.Contains(lo, cluster.VIP+"/32") && strings.Contains(rs, "arp saddr ip set "+be1.UAddr) {
+			t.Logf("ARP filter and VIP back %v after the holder left", time.Since(start).Round(time.Millisecond))
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("be1's ARP filter and VIP not back 3 s after the holder left:\n%s\n%s", lo, rs)
+		}
+	}
+	for range 3 {
+		if got := servedBy(t, c, "/index.html"); got != "200 be1" {
+			t.Errorf("/index.html once the VIP is back: %q, want 200 be1", got)
+		}
+	}
+}
