@@ -999,8 +999,11 @@ func (st Status) Write(w io.Writer, pid int) {
 		if s.Session {
 			session = "up"
 		}
-		fmt.Fprintf(w, "  sync peer=%s %s session=%s flows=%d pending=%d sent_batches=%d resyncs=%d failures=%d applied=%d refused=%d\n",
-			s.Peer, role, session, s.Flows, s.Pending, s.Batches, s.Resyncs, s.Failures, s.Applied, s.Refused)
+		fmt.Fprintf(w, "  sync peer=%s %s session=%s flows=%d pending=%d lag=%.3fs sent_batches=%d resyncs=%d failures=%d applied=%d refused=%d\n",
+			s.Peer, role, session, s.Flows, s.Pending, s.Lag, s.Batches, s.Resyncs, s.Failures, s.Applied, s.Refused)
+		if s.LastResync != "" || s.LastResyncIn != "" {
+			fmt.Fprintf(w, "  sync last_resync_sent=%s last_resync_received=%s\n", orNever(s.LastResync), orNever(s.LastResyncIn))
+		}
 	}
 }
 

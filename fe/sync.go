@@ -10,6 +10,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"tcpha/handoff/conntab"
 	"tcpha/handoff/ctl"
 	"tcpha/handoff/flowsync"
@@ -50,7 +52,11 @@ type syncer struct {
 	in      flowsync.Inbox
 	applied atomic.Int64 // batches applied
 	refused atomic.Int64 // batches refused (this FE active, a bad resync)
-	failing atomic.Bool  // the last send failed: log the next failure quietly
+	// eventsIn counts the events of the batches applied; resyncedIn is
+	// when the peer's last full resync ended here (Unix ns, 0 never).
+	eventsIn   atomic.Int64
+	resyncedIn atomic.Int64
+	failing    atomic.Bool // the last send failed: log the next failure quietly
 }
 
 // activity is whether the FE is active, and a channel closed at each
@@ -200,6 +206,7 @@ func (f *FE) startSync(secret []byte, holdsVIP func() (bool, error)) {
 	}
 	s.out.Ready = func() bool { return len(s.pool.Sessions(s.peer)) > 0 }
 	f.sync = s
+	f.m.Registry.MustRegister(syncCollector{s})
 	if holdsVIP != nil {
 		f.act.set(false) // standby until the VIP shows up
 	} else {
@@ -358,12 +365,14 @@ func (f *FE) applySync(payload []byte) (wire.Result, string) {
 		}
 		failed += f.applyEvents(ctx, gone, now)
 		f.log.Info("flows resynced from the peer FE", "op", "sync", "flows", f.table.Len(), "dropped", len(gone))
+		s.resyncedIn.Store(now.UnixNano())
 	}
 	if failed > 0 {
 		s.refused.Add(1)
 		return wire.ResultRestore, fmt.Sprintf("%d of the batch's flows not applied", failed)
 	}
 	s.applied.Add(1)
+	s.eventsIn.Add(int64(len(b.Events)))
 	return wire.ResultOK, ""
 }
 
@@ -441,6 +450,13 @@ type syncStatus struct {
 	Applied  int64  `json:"applied_batches"`
 	Refused  int64  `json:"refused_batches"`
 	LastErr  string `json:"last_error"`
+	// Received counts the events applied from the peer; Lag is how long
+	// the oldest change the peer has not acknowledged has waited, at
+	// most; the last resyncs sent and received are RFC 3339 ("" never).
+	Received     int64   `json:"received_events"`
+	Lag          float64 `json:"lag_seconds"`
+	LastResync   string  `json:"last_resync_sent"`
+	LastResyncIn string  `json:"last_resync_received"`
 }
 
 func (f *FE) syncStatus() *syncStatus {
@@ -453,5 +469,90 @@ func (f *FE) syncStatus() *syncStatus {
 		Peer: s.peer.Addr().String(), Active: f.active(), Session: len(s.pool.Sessions(s.peer)) > 0,
 		Flows: s.out.Len(), Pending: st.Pending, Batches: st.Batches, Events: st.Events, Resyncs: st.Resyncs,
 		Failures: st.Failures, Applied: s.applied.Load(), Refused: s.refused.Load(), LastErr: st.LastErr,
+		Received: s.eventsIn.Load(), Lag: st.Lag.Seconds(), LastResync: rfc3339(st.LastResync), LastResyncIn: rfc3339(unixNano(s.resyncedIn.Load())),
+	}
+}
+
+// rfc3339 is t for `tcphactl status`: "" for never (zero).
+func rfc3339(t time.Time) string {
+	if t.IsZero() {
+		return ""
+	}
+	return t.Format(time.RFC3339)
+}
+
+// unixNano is a time stored as Unix ns, 0 for never.
+func unixNano(ns int64) time.Time {
+	if ns == 0 {
+		return time.Time{}
+	}
+	return time.Unix(0, ns)
+}
+
+// orNever is a status time, "never" for "".
+func orNever(s string) string {
+	if s == "" {
+		return "never"
+	}
+	return s
+}
+
+// The sync's metrics, read when scraped.
+var (
+	descSyncEvents = prometheus.NewDesc("tcpha_sync_events_total",
+		"FE, syncpeer: flow events sent to the peer FE (sent, acknowledged) and applied from it (received).", []string{"direction"}, nil)
+	descSyncBatches = prometheus.NewDesc("tcpha_sync_batches_total",
+		"FE, syncpeer: batches by result: sent (acknowledged), failed (not; a full resync follows), applied (from the peer), refused (from the peer).",
+		[]string{"result"}, nil)
+	descSyncResyncs = prometheus.NewDesc("tcpha_sync_resyncs_total",
+		"FE, syncpeer: full resyncs started towards the peer FE.", nil, nil)
+	descSyncUp = prometheus.NewDesc("tcpha_sync_session_up",
+		"FE, syncpeer: 1 while the control session to the peer FE is up.", nil, nil)
+	descSyncActive = prometheus.NewDesc("tcpha_sync_active",
+		"FE, syncpeer: 1 while this FE holds the VIP and sends, 0 while it is the standby.", nil, nil)
+	descSyncPending = prometheus.NewDesc("tcpha_sync_pending_flows",
+		"FE, syncpeer: flows whose change waits to be sent.", nil, nil)
+	descSyncLag = prometheus.NewDesc("tcpha_sync_lag_seconds",
+		"FE, syncpeer: how long the oldest change the peer has not acknowledged has waited, at most (0: none).", nil, nil)
+	descSyncLastResync = prometheus.NewDesc("tcpha_sync_last_resync_timestamp_seconds",
+		"FE, syncpeer: Unix time of the last full resync started towards the peer (sent) or finished from it (received); absent before the first.",
+		[]string{"direction"}, nil)
+)
+
+// syncCollector reads the sync's counters for a scrape.
+type syncCollector struct{ s *syncer }
+
+func (c syncCollector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{descSyncEvents, descSyncBatches, descSyncResyncs, descSyncUp, descSyncActive,
+		descSyncPending, descSyncLag, descSyncLastResync} {
+		ch <- d
+	}
+}
+
+func (c syncCollector) Collect(ch chan<- prometheus.Metric) {
+	s := c.s
+	st := s.out.Stats()
+	counter := func(d *prometheus.Desc, v int64, labels ...string) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, float64(v), labels...)
+	}
+	gauge := func(d *prometheus.Desc, v float64, labels ...string) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v, labels...)
+	}
+	counter(descSyncEvents, st.Events, "sent")
+	counter(descSyncEvents, s.eventsIn.Load(), "received")
+	counter(descSyncBatches, st.Batches, "sent")
+	counter(descSyncBatches, st.Failures, "failed")
+	counter(descSyncBatches, s.applied.Load(), "applied")
+	counter(descSyncBatches, s.refused.Load(), "refused")
+	counter(descSyncResyncs, st.Resyncs)
+	gauge(descSyncUp, boolFloat(len(s.pool.Sessions(s.peer)) > 0))
+	gauge(descSyncActive, boolFloat(s.out.Active()))
+	gauge(descSyncPending, float64(st.Pending))
+	gauge(descSyncLag, st.Lag.Seconds())
+	if !st.LastResync.IsZero() {
+		gauge(descSyncLastResync, float64(st.LastResync.UnixNano())/1e9, "sent")
+	}
+	if in := s.resyncedIn.Load(); in != 0 {
+		gauge(descSyncLastResync, float64(in)/1e9, "received")
 	}
 }

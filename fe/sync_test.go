@@ -10,6 +10,8 @@ import (
 	"testing/synctest"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
 	"tcpha/handoff/conntab"
 	"tcpha/handoff/wire"
 )
@@ -207,5 +209,63 @@ func TestAdmitPeer(t *testing.T) {
 	plain, _, _ := testFE(t, 0)
 	if err := plain.admitPeer(from("10.0.0.3:40000"), hello(wire.RoleFE, "10.0.0.3", vip)); err == nil {
 		t.Error("an FE without syncpeer admitted a sync session")
+	}
+}
+
+// The sync's metrics and status line: the events and batches applied from
+// the peer, the resync received, the session and the standby's role.
+func TestSyncMetrics(t *testing.T) {
+	f, _ := syncFE(t, func() (bool, error) { return false, nil })
+	c1, c2 := netip.MustParseAddrPort("10.0.0.10:1001"), netip.MustParseAddrPort("10.0.0.10:1002")
+	f.applySync(batch(t, wire.SyncBegin|wire.SyncEnd,
+		wire.SyncEvent{Kind: wire.SyncForward, Flow: c1, BE: be1},
+		wire.SyncEvent{Kind: wire.SyncForward, Flow: c2, BE: be2}))
+	f.applySync([]byte("garbage"))
+	mfs, err := f.m.Registry.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]float64{}
+	for _, mf := range mfs {
+		for _, m := range mf.GetMetric() {
+			name := mf.GetName()
+			for _, l := range m.GetLabel() {
+				name += "{" + l.GetName() + "=" + l.GetValue() + "}"
+			}
+			switch {
+			case m.Counter != nil:
+				got[name] = m.GetCounter().GetValue()
+			case m.Gauge != nil:
+				got[name] = m.GetGauge().GetValue()
+			}
+		}
+	}
+	for name, want := range map[string]float64{
+		"tcpha_sync_events_total{direction=received}": 2,
+		"tcpha_sync_events_total{direction=sent}":     0,
+		"tcpha_sync_batches_total{result=applied}":    1,
+		"tcpha_sync_batches_total{result=refused}":    1,
+		"tcpha_sync_session_up":                       0,
+		"tcpha_sync_active":                           0,
+		"tcpha_sync_lag_seconds":                      0,
+	} {
+		if v, ok := got[name]; !ok || v != want {
+			t.Errorf("%s = %v (present %v), want %v", name, v, ok, want)
+		}
+	}
+	if at := got["tcpha_sync_last_resync_timestamp_seconds{direction=received}"]; time.Since(time.Unix(int64(at), 0)) > time.Minute {
+		t.Errorf("last resync received at %v, want now", at)
+	}
+	if _, ok := got["tcpha_sync_last_resync_timestamp_seconds{direction=sent}"]; ok {
+		t.Error("a standby that never sent a resync exports its time")
+	}
+	// promtool check metrics's rules (promlint).
+	problems, err := testutil.CollectAndLint(syncCollector{f.sync})
+	if err != nil || len(problems) > 0 {
+		t.Errorf("the sync's metrics do not lint: %v %+v", err, problems)
+	}
+	st := f.syncStatus()
+	if st.Received != 2 || st.LastResyncIn == "" || st.LastResync != "" {
+		t.Errorf("status %+v, want 2 events received, a resync received and none sent", st)
 	}
 }
