@@ -138,7 +138,10 @@ type FE struct {
 	// sync is the flow sync with the other FE ([fe] syncpeer; nil
 	// without), act whether this FE holds the VIP (sync.go).
 	sync *syncer
-	act  activity
+	// switched are the BE-to-BE switches carried out lately, to answer
+	// one asked again (sync.go).
+	switched switches
+	act      activity
 }
 
 // listenRegister opens the port BEs register on: [fe] raddr:feport, never

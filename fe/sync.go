@@ -406,6 +406,11 @@ func (f *FE) applyEvent(ctx context.Context, e wire.SyncEvent, now time.Time) er
 		if err := f.flows.Forward(ctx, e.Flow, step.BE, true); err != nil {
 			return err
 		}
+		if (ok && c.BE != step.BE) || f.place != nil {
+			// A move (with accept = be, the only forwards synced): its
+			// BE may ask this FE again once it takes over.
+			f.switched.addPeer(e.Flow, step.BE, now)
+		}
 	case flowsync.KernelRemove:
 		if err := f.flows.Remove(ctx, e.Flow, nil); err != nil {
 			return err
@@ -434,6 +439,89 @@ func (f *FE) applyEvent(ctx context.Context, e wire.SyncEvent, now time.Time) er
 		f.sync.out.Forward(e.Flow, step.BE)
 	}
 	return nil
+}
+
+// switchMemory is how long the FE remembers a switch it carried out, to
+// answer the same request again: longer than a BE waits for the answer
+// (be's moveAnswer, 6 s).
+const switchMemory = 10 * time.Second
+
+// switchRecord is a switch the FE carried out: flow from → to, at; or,
+// with peer set, one the peer FE carried out (its sync says to where, not
+// from where).
+type switchRecord struct {
+	from, to netip.Addr
+	at       time.Time
+	peer     bool
+}
+
+// switches are the switches carried out in the last switchMemory.
+type switches struct {
+	mu    sync.Mutex
+	m     map[netip.AddrPort]switchRecord
+	swept time.Time
+}
+
+// add records a switch; records older than switchMemory go, swept at
+// most once a second, so that the map holds at most switchMemory's worth.
+func (s *switches) add(flow netip.AddrPort, from, to netip.Addr, now time.Time) {
+	s.put(flow, switchRecord{from: from, to: to, at: now})
+}
+
+// addPeer records a switch the peer FE carried out, by its sync.
+func (s *switches) addPeer(flow netip.AddrPort, to netip.Addr, now time.Time) {
+	s.put(flow, switchRecord{to: to, at: now, peer: true})
+}
+
+func (s *switches) put(flow netip.AddrPort, r switchRecord) {
+	now := r.at
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.m == nil {
+		s.m = map[netip.AddrPort]switchRecord{}
+	}
+	if now.Sub(s.swept) > time.Second {
+		s.swept = now
+		for f, r := range s.m {
+			if now.Sub(r.at) > switchMemory {
+				delete(s.m, f)
+			}
+		}
+	}
+	s.m[flow] = r
+}
+
+// done tells whether the switch of flow from → to was carried out in the
+// last switchMemory.
+func (s *switches) done(flow netip.AddrPort, from, to netip.Addr, now time.Time) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	r, ok := s.m[flow]
+	return ok && (r.from == from || r.peer) && r.to == to && now.Sub(r.at) <= switchMemory
+}
+
+// switchedAlready tells whether the switch of flow from → to was carried
+// out already and the flow is still forwarded to to, so that the request,
+// asked again, is answered OK: a BE whose FE died before answering asks
+// every FE again until one answers (handoff.AskFEsAgain), and an FE that
+// carried out the first request but answered it late must not refuse the
+// second, for the BE would then take the connection back while the kernel
+// forwards it to the other BE. A switch the dead FE carried out and synced
+// here counts, whoever asks: answering OK changes no forwarding. With
+// accept = be, a flow the kernel has not pinned goes by hash.
+func (f *FE) switchedAlready(flow netip.AddrPort, from, to netip.Addr) bool {
+	if !f.switched.done(flow, from, to, time.Now()) {
+		return false
+	}
+	if f.place == nil {
+		c, ok := f.table.Get(flow)
+		return ok && c.State == conntab.Handoffed && c.BE == to
+	}
+	be, ok, err := f.place.holder(flow)
+	if err == nil && !ok {
+		be, ok = f.place.slotBE(flow)
+	}
+	return err == nil && ok && be == to
 }
 
 // syncStatus is the sync's part of `tcphactl status`.

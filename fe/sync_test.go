@@ -269,3 +269,43 @@ func TestSyncMetrics(t *testing.T) {
 		t.Errorf("status %+v, want 2 events received, a resync received and none sent", st)
 	}
 }
+
+// A move the dead FE carried out and synced here is answered OK when its
+// BE asks this FE again after the takeover (it never got the dead FE's
+// answer): the flow is already where the BE asks, and nothing is edited.
+// A later switch of the flow is carried out as any other.
+func TestSyncedSwitchAskedAgain(t *testing.T) {
+	f, flows := syncFE(t, func() (bool, error) { return false, nil })
+	var mover Mover = &fakeMover{}
+	f.mover.Store(&mover)
+	c1 := netip.MustParseAddrPort("10.0.0.10:1001")
+	f.applySync(batch(t, wire.SyncBegin|wire.SyncEnd, wire.SyncEvent{Kind: wire.SyncForward, Flow: c1, BE: be1}))
+	f.applySync(batch(t, 0, wire.SyncEvent{Kind: wire.SyncForward, Flow: c1, BE: be2})) // the peer's move
+	flows.mu.Lock()
+	edits := len(flows.calls)
+	flows.mu.Unlock()
+	sw := func(to netip.Addr) wire.Frame {
+		p, err := wire.Switch{Client: c1, To: to}.MarshalBinary()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return wire.Frame{Type: wire.TypeSwitch, Payload: p}
+	}
+	if res, why := f.switchFlow(be1, sw(be2)); res != wire.ResultOK {
+		t.Errorf("be1's switch to be2, synced, asked again: %v %s", res, why)
+	}
+	flows.mu.Lock()
+	if n := len(flows.calls) - edits; n != 0 {
+		t.Errorf("answering it edited the kernel %d times", n)
+	}
+	flows.mu.Unlock()
+	// be2, which holds the flow now, moving it back is a switch of its own.
+	if res, why := f.switchFlow(be2, sw(be1)); res != wire.ResultOK {
+		t.Errorf("be2 moving the flow back to be1: %v %s", res, why)
+	}
+	flows.mu.Lock()
+	if n := len(flows.calls) - edits; n != 1 {
+		t.Errorf("be2's own switch made %d kernel edits, want 1", n)
+	}
+	flows.mu.Unlock()
+}
