@@ -6,16 +6,19 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"tcpha/backends"
 	"tcpha/handoff/conntab"
 	"tcpha/handoff/ctl"
 	"tcpha/handoff/flowsync"
 	"tcpha/handoff/wire"
+	"tcpha/nft"
 )
 
 // Flow-state sync between two FEs (issue 17, `[fe] syncpeer`). Each FE
@@ -230,7 +233,102 @@ func (f *FE) syncLoops(ctx context.Context) {
 	if s.holdsVIP != nil {
 		wg.Go(func() { f.watchVIP(ctx) })
 	}
+	if f.place != nil {
+		wg.Go(func() { f.whileActive(ctx, f.syncPins) })
+	}
 	wg.Wait()
+}
+
+// pinScanEvery is how often the active FE with accept = be compares its
+// slot map with the one of its last scan of the pins; pinRescan how often
+// it reads the pins again while some it sent may still be in the kernel.
+const (
+	pinScanEvery = time.Second
+	pinRescan    = 10 * time.Second
+)
+
+// syncPins, with accept = be, sends the peer the flows the kernel pinned
+// to a BE other than their slot's now: flows placed before a slot change
+// (a BE drained, reweighted, gone or back). The peer's hash places every
+// other pinned flow where this FE's did, since both FEs compute the same
+// slot map from the same BEs (backends.Slots), so those are never sent.
+// It reads the pins (one dump of @forward) at each change of the slot
+// map, at each takeover, and every pinRescan while a pin it sent may still
+// be there, so that the peer drops ended ones; its cost follows slot
+// changes, not connections. It runs while the FE is active.
+func (f *FE) syncPins(ctx context.Context) {
+	t := time.NewTicker(pinScanEvery)
+	defer t.Stop()
+	var last backends.SlotTable
+	var scanned time.Time
+	sent := map[netip.AddrPort]netip.Addr{}
+	for {
+		slots := f.place.slotMap()
+		if last == nil || !slices.Equal(slots, last) || (len(sent) > 0 && time.Since(scanned) >= pinRescan) {
+			if err := f.sendPins(slots, sent); err != nil {
+				f.log.Warn("pinned flows not read for the sync", "op", "sync", "err", err)
+			} else {
+				last, scanned = slots, time.Now()
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+// sendPins puts in the outbox every pin whose BE is not its slot's in
+// slots, and removes those of sent the kernel no longer holds; sent is
+// updated to the pins sent.
+func (f *FE) sendPins(slots backends.SlotTable, sent map[netip.AddrPort]netip.Addr) error {
+	pins, err := f.place.pins()
+	if err != nil {
+		return err
+	}
+	n := 0
+	for flow, be := range pins {
+		if slot := slots[nft.SlotOf(flow, backends.SlotCount, placeSeed)]; slot == be {
+			continue
+		}
+		f.sync.out.Forward(flow, be)
+		sent[flow] = be
+		n++
+	}
+	gone := 0
+	for flow := range sent {
+		now, ok := pins[flow]
+		switch {
+		case !ok:
+			// Ended (its pin timed out): the peer drops it too.
+			f.sync.out.Remove(flow)
+			delete(sent, flow)
+			gone++
+		case slots[nft.SlotOf(flow, backends.SlotCount, placeSeed)] == now:
+			// Its slot came back to its BE: the peer's hash agrees, and
+			// its element there times out on its own.
+			delete(sent, flow)
+		}
+	}
+	if n > 0 || gone > 0 {
+		f.log.Debug("pinned flows off their slot's BE synced", "op", "sync", "pins", len(pins), "off_slot", n, "gone", gone)
+	}
+	return nil
+}
+
+// slotMap is a copy of the slot map as installed.
+func (p *placer) slotMap() backends.SlotTable {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return slices.Clone(p.slots)
+}
+
+// pins reads every flow the kernel forwards (nft.Reader.Members).
+func (p *placer) pins() (map[netip.AddrPort]netip.Addr, error) {
+	p.lookMu.Lock()
+	defer p.lookMu.Unlock()
+	return p.look.Members(nft.MapForward)
 }
 
 // watchVIP makes the FE active when the VIP appears on its interface

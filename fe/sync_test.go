@@ -12,6 +12,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
+	"tcpha/backends"
 	"tcpha/handoff/conntab"
 	"tcpha/handoff/wire"
 )
@@ -308,4 +309,59 @@ func TestSyncedSwitchAskedAgain(t *testing.T) {
 		t.Errorf("be2's own switch made %d kernel edits, want 1", n)
 	}
 	flows.mu.Unlock()
+}
+
+// With accept = be the active FE sends its peer only the pins whose BE is
+// not their slot's (flows placed before a slot change): the peer's hash
+// places the others alike. A sent pin the kernel no longer holds is
+// removed at the next read; one whose slot came back to its BE is
+// forgotten.
+func TestSendPins(t *testing.T) {
+	f, _ := syncFE(t, nil) // always active
+	f.place = newPlacer()
+	slots := make(backends.SlotTable, backends.SlotCount)
+	for i := range slots {
+		slots[i] = be1
+	}
+	// Every slot is be1's: a pin to be2 is off its slot.
+	onSlot, offSlot := netip.MustParseAddrPort("10.0.0.10:2001"), netip.MustParseAddrPort("10.0.0.10:2002")
+	pins := kernelHolders{onSlot: be1, offSlot: be2}
+	f.place.look = pins
+	sent := map[netip.AddrPort]netip.Addr{}
+	b := func() []wire.SyncEvent {
+		t.Helper()
+		var all []wire.SyncEvent
+		for {
+			b, ok := f.sync.out.Next()
+			if !ok {
+				return all
+			}
+			all = append(all, b.Events...)
+		}
+	}
+	b() // the resync of becoming active: nothing yet
+	if err := f.sendPins(slots, sent); err != nil {
+		t.Fatal(err)
+	}
+	want := []wire.SyncEvent{{Kind: wire.SyncForward, Flow: offSlot, BE: be2}}
+	if got := b(); !slices.Equal(got, want) {
+		t.Errorf("after a read: %+v, want only the off-slot pin %+v", got, want)
+	}
+	// Read again, nothing changed: nothing new to send.
+	if err := f.sendPins(slots, sent); err != nil {
+		t.Fatal(err)
+	}
+	if got := b(); len(got) != 0 {
+		t.Errorf("a second read sent %+v", got)
+	}
+	delete(pins, offSlot) // its connection ended, its pin timed out
+	if err := f.sendPins(slots, sent); err != nil {
+		t.Fatal(err)
+	}
+	if got, want := b(), []wire.SyncEvent{{Kind: wire.SyncRemove, Flow: offSlot}}; !slices.Equal(got, want) {
+		t.Errorf("after the pin went: %+v, want %+v", got, want)
+	}
+	if len(sent) != 0 {
+		t.Errorf("still tracked: %v", sent)
+	}
 }

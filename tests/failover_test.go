@@ -466,3 +466,64 @@ func slowMoves(c *cluster.Cluster, host string) []string {
 	}
 	return out
 }
+
+// With accept = be, flows the kernel pinned before a slot change follow
+// their pin, not the hash: the active FE sends those pins to its peer
+// (fe.syncPins), so a failover keeps them. be2 starts with weight 0 on
+// both FEs, so wrk's keep-alive connections (be1's content) are all placed
+// on be1; then be2's weight goes to 1, about half the slots go to be2,
+// and the connections in them stay pinned to be1. The FE dies; the
+// keep-alive requests go on through fe2 with no failure. Without the
+// pins, fe2 sent those connections to be2 by hash, which reset them.
+func TestSyncFailoverPins(t *testing.T) {
+	c, fes := syncPair(t, "accept = be\n", cluster.Options{PublicWWW: true, Rules: []string{`rule = be2 \.jpg$`, `rule = be1 .*`}})
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	for _, h := range []string{"fe", "fe2"} {
+		waitFor(t, 10*time.Second, h+" places flows on both BEs", func() bool { return strings.Contains(c.Grep(h, "placement changed"), "10.77.0.12=") })
+	}
+	be1, be2 := c.BEs[0].IP, c.BEs[1].IP
+	placed := func(h, want string) func() bool {
+		return func() bool {
+			log := c.Grep(h, "placement changed")
+			return strings.HasSuffix(strings.TrimSpace(log), want)
+		}
+	}
+	for _, h := range []string{"fe", "fe2"} {
+		ctl(t, c, h, "weight", be2, "0")
+		waitFor(t, 5*time.Second, h+" places everything on be1", placed(h, "["+be1+"=4096]\""))
+	}
+	waitFor(t, 10*time.Second, "fe serves through the VIP", func() bool {
+		out, err := tryCurl(c)
+		return err == nil && out == "200 be1"
+	})
+	time.Sleep(2 * time.Second) // fe2's keepalived settles as BACKUP
+	kaDone := make(chan string, 1)
+	go func() {
+		out, _ := c.Exec(ctx, "client", "wrk", "-t1", "-c8", "-d12s", "--timeout", "10s", url+"/index.html").CombinedOutput()
+		kaDone <- string(out)
+	}()
+	time.Sleep(2 * time.Second)
+	for _, h := range []string{"fe", "fe2"} {
+		ctl(t, c, h, "weight", be2, "1")
+		waitFor(t, 5*time.Second, h+" gives be2 slots again", placed(h, be2+"=2079]\""))
+	}
+	time.Sleep(2 * time.Second) // the pins read and synced
+	fes["fe"].crash(t, c)
+	took := waitFor(t, 15*time.Second, "fe2 takes the VIP", func() bool { return holds(c, "fe2") })
+	t.Logf("fe2 holds the VIP %v after fe died", took.Round(10*time.Millisecond))
+	out := <-kaDone
+	w, err := bench.ParseWrk(out)
+	if err != nil {
+		t.Fatalf("wrk: %v\n%s", err, out)
+	}
+	t.Logf("wrk keep-alive across the slot change and the failover: %d requests, %d non-2xx, %d socket errors", w.Requests, w.Non2xx, w.SocketErrors)
+	if w.Requests == 0 || w.Non2xx+w.SocketErrors != 0 {
+		t.Errorf("wrk keep-alive: requests failed:\n%s", out)
+	}
+	synced := c.Grep("fe", "off their slot")
+	t.Logf("pins synced: %s", synced)
+	if !strings.Contains(synced, "off_slot=") || strings.Contains(synced, "off_slot=0 ") {
+		t.Error("no pin was off its slot: the test did not exercise the pins' sync")
+	}
+}

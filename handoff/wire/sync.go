@@ -29,9 +29,9 @@ const (
 	// SyncRemove: the flow's forwarding ended.
 	SyncRemove SyncKind = 3
 	// A flow pinned by the kernel's own packet path ([fe] accept = be)
-	// to a BE other than its slot's would go as SyncForward; the slot map
-	// would need a frame of its own (docs/design.md, "Flow-state sync",
-	// accept = be: designed, not built).
+	// to a BE other than its slot's goes as SyncForward (fe.syncPins);
+	// the slot map would need a frame of its own (docs/design.md,
+	// "Flow-state sync": designed, not built).
 	syncKindSentinel SyncKind = 4
 )
 
