@@ -253,22 +253,31 @@ const (
 // other pinned flow where this FE's did, since both FEs compute the same
 // slot map from the same BEs (backends.Slots), so those are never sent.
 // It reads the pins (one dump of @forward) at each change of the slot
-// map, at each takeover, and every pinRescan while a pin it sent may still
-// be there, so that the peer drops ended ones; its cost follows slot
-// changes, not connections. It runs while the FE is active.
+// map, at each takeover, every pinRescan while a pin it sent may still be
+// there, so that the peer drops ended ones, and every third of idletimeout
+// to send them again (the peer's copies time out); its cost follows slot
+// changes and moves, not connections. It runs while the FE is active.
 func (f *FE) syncPins(ctx context.Context) {
 	t := time.NewTicker(pinScanEvery)
 	defer t.Stop()
 	var last backends.SlotTable
 	var scanned time.Time
+	refreshed := time.Now()
 	sent := map[netip.AddrPort]netip.Addr{}
 	for {
 		slots := f.place.slotMap()
-		if last == nil || !slices.Equal(slots, last) || (len(sent) > 0 && time.Since(scanned) >= pinRescan) {
-			if err := f.sendPins(slots, sent); err != nil {
+		// The peer's copies time out after idletimeout without a packet:
+		// every third of it the pins are read and the off-slot ones go
+		// again, unchanged.
+		refresh := time.Since(refreshed) >= f.cfg.IdleTimeout/3
+		if last == nil || refresh || !slices.Equal(slots, last) || (len(sent) > 0 && time.Since(scanned) >= pinRescan) {
+			if err := f.sendPins(slots, sent, refresh); err != nil {
 				f.log.Warn("pinned flows not read for the sync", "op", "sync", "err", err)
 			} else {
 				last, scanned = slots, time.Now()
+				if refresh {
+					refreshed = scanned
+				}
 			}
 		}
 		select {
@@ -281,8 +290,9 @@ func (f *FE) syncPins(ctx context.Context) {
 
 // sendPins puts in the outbox every pin whose BE is not its slot's in
 // slots, and removes those of sent the kernel no longer holds; sent is
-// updated to the pins sent.
-func (f *FE) sendPins(slots backends.SlotTable, sent map[netip.AddrPort]netip.Addr) error {
+// updated to the pins sent. With refresh, the pins sent before go again,
+// unchanged.
+func (f *FE) sendPins(slots backends.SlotTable, sent map[netip.AddrPort]netip.Addr, refresh bool) error {
 	pins, err := f.place.pins()
 	if err != nil {
 		return err
@@ -293,6 +303,9 @@ func (f *FE) sendPins(slots backends.SlotTable, sent map[netip.AddrPort]netip.Ad
 			continue
 		}
 		f.sync.out.Forward(flow, be)
+		if refresh {
+			f.sync.out.Touch(flow) // sent before, or since by a move
+		}
 		sent[flow] = be
 		n++
 	}
@@ -499,6 +512,13 @@ func (f *FE) applyEvents(ctx context.Context, events []wire.SyncEvent, now time.
 func (f *FE) applyEvent(ctx context.Context, e wire.SyncEvent, now time.Time) error {
 	c, ok := f.table.Get(e.Flow)
 	step := flowsync.Plan(flowsync.Have{Ok: ok, BE: c.BE, TimeWait: c.State == conntab.TimeWait}, e, now)
+	if f.place != nil && e.Kind == wire.SyncForward && step.Kernel == flowsync.KernelNone {
+		// With accept = be the forward map's elements time out after
+		// idletimeout, and a standby's see none of the flow's packets:
+		// the active FE sends its pins again (Outbox.Touch), and the
+		// element is added again, which starts its timeout anew.
+		step.Kernel, step.BE = flowsync.KernelForward, e.BE
+	}
 	switch step.Kernel {
 	case flowsync.KernelForward:
 		if err := f.flows.Forward(ctx, e.Flow, step.BE, true); err != nil {

@@ -340,7 +340,7 @@ func TestSendPins(t *testing.T) {
 		}
 	}
 	b() // the resync of becoming active: nothing yet
-	if err := f.sendPins(slots, sent); err != nil {
+	if err := f.sendPins(slots, sent, false); err != nil {
 		t.Fatal(err)
 	}
 	want := []wire.SyncEvent{{Kind: wire.SyncForward, Flow: offSlot, BE: be2}}
@@ -348,14 +348,21 @@ func TestSendPins(t *testing.T) {
 		t.Errorf("after a read: %+v, want only the off-slot pin %+v", got, want)
 	}
 	// Read again, nothing changed: nothing new to send.
-	if err := f.sendPins(slots, sent); err != nil {
+	if err := f.sendPins(slots, sent, false); err != nil {
 		t.Fatal(err)
 	}
 	if got := b(); len(got) != 0 {
 		t.Errorf("a second read sent %+v", got)
 	}
+	// A refresh sends it again, unchanged: the peer's copy times out.
+	if err := f.sendPins(slots, sent, true); err != nil {
+		t.Fatal(err)
+	}
+	if got := b(); !slices.Equal(got, want) {
+		t.Errorf("after a refresh: %+v, want %+v", got, want)
+	}
 	delete(pins, offSlot) // its connection ended, its pin timed out
-	if err := f.sendPins(slots, sent); err != nil {
+	if err := f.sendPins(slots, sent, false); err != nil {
 		t.Fatal(err)
 	}
 	if got, want := b(), []wire.SyncEvent{{Kind: wire.SyncRemove, Flow: offSlot}}; !slices.Equal(got, want) {
@@ -363,5 +370,33 @@ func TestSendPins(t *testing.T) {
 	}
 	if len(sent) != 0 {
 		t.Errorf("still tracked: %v", sent)
+	}
+}
+
+// With accept = be a standby adds a pin sent again unchanged to its kernel
+// again (which starts the element's timeout anew: it sees none of the
+// flow's packets); with accept = fe the forward map has no timeout, and an
+// unchanged flow costs no edit.
+func TestSyncRefreshesPins(t *testing.T) {
+	for _, acceptBE := range []bool{false, true} {
+		f, flows := syncFE(t, func() (bool, error) { return false, nil })
+		if acceptBE {
+			f.place = newPlacer()
+			f.place.look = kernelHolders{}
+		}
+		c1 := netip.MustParseAddrPort("10.0.0.10:1001")
+		f.applySync(batch(t, wire.SyncBegin|wire.SyncEnd, wire.SyncEvent{Kind: wire.SyncForward, Flow: c1, BE: be1}))
+		f.applySync(batch(t, 0, wire.SyncEvent{Kind: wire.SyncForward, Flow: c1, BE: be1}))
+		flows.mu.Lock()
+		n := 0
+		for _, c := range flows.calls {
+			if c == "forward "+c1.String()+" "+be1.String() {
+				n++
+			}
+		}
+		flows.mu.Unlock()
+		if want := map[bool]int{false: 1, true: 2}[acceptBE]; n != want {
+			t.Errorf("accept = be %v: %d kernel forwards for a flow sent twice unchanged, want %d", acceptBE, n, want)
+		}
 	}
 }

@@ -330,3 +330,24 @@ func TestOutboxStatsLag(t *testing.T) {
 		t.Errorf("standby: lag %v, want 0 (a standby sends nothing)", st.Lag)
 	}
 }
+
+// Touch sends a mirrored flow again, unchanged; a flow not mirrored, or an
+// inactive outbox, sends nothing.
+func TestOutboxTouch(t *testing.T) {
+	o := NewOutbox()
+	o.SetActive(true)
+	o.Next() // the resync of becoming active
+	o.Forward(flow(1), be1)
+	o.Next()
+	o.Touch(flow(1))
+	o.Touch(flow(2))
+	b, ok := o.Next()
+	if want := []wire.SyncEvent{{Kind: wire.SyncForward, Flow: flow(1), BE: be1}}; !ok || !slices.Equal(b.Events, want) {
+		t.Errorf("after Touch: %+v %v, want %+v", b, ok, want)
+	}
+	o.SetActive(false)
+	o.Touch(flow(1))
+	if _, ok := o.Next(); ok {
+		t.Error("an inactive outbox sent a touched flow")
+	}
+}

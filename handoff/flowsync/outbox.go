@@ -180,6 +180,25 @@ func (o *Outbox) Remove(flow netip.AddrPort) {
 	o.set(flow, Row{}, false)
 }
 
+// Touch sends flow's state again with the next batch, unchanged: the
+// peer's copy of an element that sees none of the flow's packets times
+// out on its own ([fe] accept = be, whose forward map has idletimeout),
+// and a sent flow is otherwise sent again only when it changes. A flow
+// the outbox does not mirror is left alone.
+func (o *Outbox) Touch(flow netip.AddrPort) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if _, ok := o.rows[flow]; !ok || !o.active {
+		return
+	}
+	if _, d := o.dirty[flow]; !d {
+		o.dirty[flow] = struct{}{}
+		o.order = append(o.order, flow)
+	}
+	o.waiting()
+	o.kick()
+}
+
 // Len is how many flows the outbox mirrors.
 func (o *Outbox) Len() int {
 	o.mu.Lock()
