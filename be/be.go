@@ -621,6 +621,9 @@ type Status struct {
 	NotMoved     int64           `json:"not_moved"`
 	MovedIn      int64           `json:"moved_in"`
 	Table        nft.TableStatus `json:"table"`
+	// VIPWithdrawn is set while the VIP is off lo because the ARP
+	// filter is not back (guard.go).
+	VIPWithdrawn bool `json:"vip_withdrawn"`
 	// Deliver is [be] deliver; Deliveries, with socket, counts the
 	// connections by result: delivered, or the reason of a fallback to
 	// the relay.
@@ -652,7 +655,7 @@ func (b *BE) Status() Status {
 		ServerUp: b.serverUp.Load(), Relaying: rs.Active, Pending: s.Pending, Served: s.Served, Refused: s.Refused,
 		Sessions: b.feSessions(), Requests: rs.Requests, Dialed: rs.Upstream.Dialed, Reused: rs.Upstream.Reuses,
 		Idle: rs.Upstream.Idle, Retries: rs.Retries, BadGW: rs.BadGateways, Moved: rs.Moves + b.bhMoves(true), NotMoved: rs.MoveFailures + b.bhMoves(false), MovedIn: b.movesIn.Load(),
-		Table: b.reinstalls.Status(), Deliver: string(b.cfg.Deliver), ClientAddr: b.cfg.ClientAddr && b.deliver != nil,
+		Table: b.reinstalls.Status(), VIPWithdrawn: b.vip.Withdrawn(), Deliver: string(b.cfg.Deliver), ClientAddr: b.cfg.ClientAddr && b.deliver != nil,
 		Deliveries: b.deliveries(), TLSDeliveries: b.tlsDeliveries(),
 	}
 }
@@ -679,6 +682,9 @@ func (st Status) Write(w io.Writer, pid int) {
 		fmt.Fprintf(w, "  deliver=socket dial_from=%s %s %s\n", from, formatCounts(st.Deliveries), formatTLSCounts(st.TLSDeliveries))
 	}
 	st.Table.Write(w)
+	if st.VIPWithdrawn {
+		fmt.Fprintf(w, "  vip withdrawn from lo: the ARP filter is not back\n")
+	}
 }
 
 // Reload applies a re-read [be]: the FEs it takes sessions from.

@@ -114,7 +114,9 @@ func (b *BE) switchAt(ctx context.Context, flow netip.AddrPort, to netip.Addr) e
 	}
 	busyUntil := time.Now().Add(switchBusy)
 	for {
-		ack, err := b.askFEs(ctx, wire.Frame{Type: wire.TypeSwitch, Payload: p})
+		// While an FE has not answered (it may have died with the
+		// request), a standby that takes over is asked again.
+		ack, err := handoff.AskFEsAgain(ctx, b.fesToAsk(), wire.Frame{Type: wire.TypeSwitch, Payload: p}, switchAgain)
 		again := time.Now().Before(busyUntil)
 		switch {
 		case errors.Is(err, ctl.ErrNotSent) && again, err == nil && ack.Result == wire.ResultBusy && again:
@@ -145,3 +147,9 @@ const (
 	switchRetry = 20 * time.Millisecond
 	switchBusy  = time.Second
 )
+
+// switchAgain is how often a BE asks the FEs that answered unknown flow
+// again while another FE has not answered its switch: a syncpeer
+// standby takes over ~3.5 s after the active FE dies (VRRP, advert_int 1),
+// and the other BE holds the offer for committimeout (5 s).
+const switchAgain = 100 * time.Millisecond

@@ -105,6 +105,11 @@ func (m mover) directTo(pending []byte) (targets []netip.AddrPort, ok bool) {
 // the least busy session of each that is not going away, to all at once
 // (handoff.AskFEs, handoff.Leaver.Ask).
 func (b *BE) askFEs(ctx context.Context, f wire.Frame) (wire.Ack, error) {
+	return handoff.AskFEs(ctx, b.fesToAsk(), f)
+}
+
+// fesToAsk are the FEs to ask, each through its least busy session.
+func (b *BE) fesToAsk() []handoff.FE {
 	var order []netip.Addr
 	byFE := map[netip.Addr]*ctl.Session{}
 	for _, s := range b.server.Sessions() {
@@ -126,5 +131,5 @@ func (b *BE) askFEs(ctx context.Context, f wire.Frame) (wire.Ack, error) {
 	for i, a := range order {
 		fes[i] = handoff.FE{Addr: a, Call: byFE[a].Call}
 	}
-	return handoff.AskFEs(ctx, fes, f)
+	return fes
 }

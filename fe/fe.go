@@ -141,7 +141,10 @@ type FE struct {
 	// sync is the flow sync with the other FE ([fe] syncpeer; nil
 	// without), act whether this FE holds the VIP (sync.go).
 	sync *syncer
-	act  activity
+	// switched are the BE-to-BE switches carried out lately, to answer
+	// one asked again (sync.go).
+	switched switches
+	act      activity
 }
 
 // listenRegister opens the port BEs register on: [fe] raddr:feport, never
@@ -1031,8 +1034,11 @@ func (st Status) Write(w io.Writer, pid int) {
 		if s.Session {
 			session = "up"
 		}
-		fmt.Fprintf(w, "  sync peer=%s %s session=%s flows=%d pending=%d sent_batches=%d resyncs=%d failures=%d applied=%d refused=%d\n",
-			s.Peer, role, session, s.Flows, s.Pending, s.Batches, s.Resyncs, s.Failures, s.Applied, s.Refused)
+		fmt.Fprintf(w, "  sync peer=%s %s session=%s flows=%d pending=%d lag=%.3fs sent_batches=%d resyncs=%d failures=%d applied=%d refused=%d\n",
+			s.Peer, role, session, s.Flows, s.Pending, s.Lag, s.Batches, s.Resyncs, s.Failures, s.Applied, s.Refused)
+		if s.LastResync != "" || s.LastResyncIn != "" {
+			fmt.Fprintf(w, "  sync last_resync_sent=%s last_resync_received=%s\n", orNever(s.LastResync), orNever(s.LastResyncIn))
+		}
 	}
 }
 

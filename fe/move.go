@@ -159,6 +159,10 @@ func (f *FE) switchFlow(from netip.Addr, fr wire.Frame) (wire.Result, string) {
 		log.Warn("switch refused: not a BE that takes connections", "op", "migrate")
 		return wire.ResultInvalid, fmt.Sprintf("%v is not another BE that takes connections", sw.To)
 	}
+	if f.switchedAlready(sw.Client, from, sw.To) {
+		log.Info("switch asked again: the flow is forwarded there already", "op", "migrate")
+		return wire.ResultOK, ""
+	}
 	if f.place != nil {
 		if _, err := f.adoptPinned(sw.Client, from); err != nil {
 			log.Warn("switch refused", "op", "migrate", "err", err)
@@ -183,6 +187,7 @@ func (f *FE) switchFlow(from netip.Addr, fr wire.Frame) (wire.Result, string) {
 	if _, err := f.table.Handed(sw.Client, sw.To, time.Now()); err != nil {
 		log.Error("connection table after a switch", "op", "migrate", "err", err)
 	}
+	f.switched.add(sw.Client, from, sw.To, time.Now())
 	// The BE took a connection, as from a handoff the FE made itself
 	// (tcphactl backends, rates, tcpha_backend_handoffs_total).
 	f.sched.Handed(sw.To)

@@ -177,8 +177,23 @@ func TestSwitchOnlyFromHolder(t *testing.T) {
 	if c, _ := f.table.Get(flow); c.BE != be2 || c.State != conntab.Handoffed {
 		t.Errorf("after the switch: %+v", c)
 	}
-	if res, _ := f.switchFlow(be1, frame(be2)); res != wire.ResultUnknown {
-		t.Errorf("be1 switching a flow it gave away: %v", res)
+	// The same switch asked again (the BE's FE died before answering, and
+	// it asks every FE again) is answered OK without a second edit; one
+	// from the BE the flow went to, back to where it was, is not a retry.
+	flows.mu.Lock()
+	edits := len(flows.calls)
+	flows.mu.Unlock()
+	if res, why := f.switchFlow(be1, frame(be2)); res != wire.ResultOK {
+		t.Errorf("be1's switch to be2 asked again: %v %s", res, why)
+	}
+	flows.mu.Lock()
+	again := len(flows.calls) - edits
+	flows.mu.Unlock()
+	if again != 0 {
+		t.Errorf("the switch asked again edited the kernel %d times", again)
+	}
+	if res, _ := f.switchFlow(stranger, frame(be1)); res != wire.ResultUnknown {
+		t.Errorf("a BE switching a flow it does not hold: %v", res)
 	}
 	// While the table goes to a successor, a switch is answered busy, and
 	// the BE asks again.

@@ -6,14 +6,19 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
+	"tcpha/backends"
 	"tcpha/handoff/conntab"
 	"tcpha/handoff/ctl"
 	"tcpha/handoff/flowsync"
 	"tcpha/handoff/wire"
+	"tcpha/nft"
 )
 
 // Flow-state sync between two FEs (issue 17, `[fe] syncpeer`). Each FE
@@ -50,7 +55,11 @@ type syncer struct {
 	in      flowsync.Inbox
 	applied atomic.Int64 // batches applied
 	refused atomic.Int64 // batches refused (this FE active, a bad resync)
-	failing atomic.Bool  // the last send failed: log the next failure quietly
+	// eventsIn counts the events of the batches applied; resyncedIn is
+	// when the peer's last full resync ended here (Unix ns, 0 never).
+	eventsIn   atomic.Int64
+	resyncedIn atomic.Int64
+	failing    atomic.Bool // the last send failed: log the next failure quietly
 }
 
 // activity is whether the FE is active, and a channel closed at each
@@ -200,6 +209,7 @@ func (f *FE) startSync(secret []byte, holdsVIP func() (bool, error)) {
 	}
 	s.out.Ready = func() bool { return len(s.pool.Sessions(s.peer)) > 0 }
 	f.sync = s
+	f.m.Registry.MustRegister(syncCollector{s})
 	if holdsVIP != nil {
 		f.act.set(false) // standby until the VIP shows up
 	} else {
@@ -223,7 +233,110 @@ func (f *FE) syncLoops(ctx context.Context) {
 	if s.holdsVIP != nil {
 		wg.Go(func() { f.watchVIP(ctx) })
 	}
+	if f.place != nil {
+		wg.Go(func() { f.whileActive(ctx, f.syncPins) })
+	}
 	wg.Wait()
+}
+
+// pinScanEvery is how often the active FE with accept = be compares its
+// slot map with the one of its last read of the pins.
+const pinScanEvery = time.Second
+
+// syncPins, with accept = be, sends the peer the flows the kernel pinned
+// to a BE other than their slot's now: flows placed before a slot change
+// (a BE drained, reweighted, gone or back). The peer's hash places every
+// other pinned flow where this FE's did, since both FEs compute the same
+// slot map from the same BEs (backends.Slots), so those are never sent.
+// It reads the pins (one dump of @forward: ~37 ms for 10,000 here) at each
+// change of the slot map, at each takeover, and every third of idletimeout,
+// to send them again (the peer's copies time out) and to remove the ended
+// ones; its cost follows slot changes, not connections. It runs while the
+// FE is active.
+func (f *FE) syncPins(ctx context.Context) {
+	t := time.NewTicker(pinScanEvery)
+	defer t.Stop()
+	var last backends.SlotTable
+	refreshed := time.Now()
+	sent := map[netip.AddrPort]netip.Addr{}
+	for {
+		slots := f.place.slotMap()
+		// The peer's copies time out after idletimeout without a packet:
+		// every third of it the pins are read and the off-slot ones go
+		// again, unchanged.
+		refresh := time.Since(refreshed) >= f.cfg.IdleTimeout/3
+		if last == nil || refresh || !slices.Equal(slots, last) {
+			if err := f.sendPins(slots, sent, refresh); err != nil {
+				f.log.Warn("pinned flows not read for the sync", "op", "sync", "err", err)
+			} else {
+				last = slots
+				if refresh {
+					refreshed = time.Now()
+				}
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+// sendPins puts in the outbox every pin whose BE is not its slot's in
+// slots, and removes those of sent the kernel no longer holds; sent is
+// updated to the pins sent. With refresh, the pins sent before go again,
+// unchanged.
+func (f *FE) sendPins(slots backends.SlotTable, sent map[netip.AddrPort]netip.Addr, refresh bool) error {
+	pins, err := f.place.pins()
+	if err != nil {
+		return err
+	}
+	n := 0
+	for flow, be := range pins {
+		if slot := slots[nft.SlotOf(flow, backends.SlotCount, placeSeed)]; slot == be {
+			continue
+		}
+		f.sync.out.Forward(flow, be)
+		if refresh {
+			f.sync.out.Touch(flow) // sent before, or since by a move
+		}
+		sent[flow] = be
+		n++
+	}
+	gone := 0
+	for flow := range sent {
+		now, ok := pins[flow]
+		switch {
+		case !ok:
+			// Ended (its pin timed out): the peer drops it too.
+			f.sync.out.Remove(flow)
+			delete(sent, flow)
+			gone++
+		case slots[nft.SlotOf(flow, backends.SlotCount, placeSeed)] == now:
+			// Its slot came back to its BE: the peer's hash agrees, and
+			// its element there times out on its own.
+			delete(sent, flow)
+		}
+	}
+	if n > 0 || gone > 0 {
+		f.log.Debug("pinned flows off their slot's BE synced", "op", "sync", "pins", len(pins), "off_slot", n, "gone", gone)
+	}
+	return nil
+}
+
+// slotMap is a copy of the slot map as installed.
+func (p *placer) slotMap() backends.SlotTable {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return slices.Clone(p.slots)
+}
+
+// pins reads every flow the kernel forwards (nft.Reader.Members).
+func (p *placer) pins() (map[netip.AddrPort]netip.Addr, error) {
+	p.lookMu.Lock()
+	defer p.lookMu.Unlock()
+	return p.look.Members(nft.MapForward)
 }
 
 // watchVIP makes the FE active when the VIP appears on its interface
@@ -358,12 +471,14 @@ func (f *FE) applySync(payload []byte) (wire.Result, string) {
 		}
 		failed += f.applyEvents(ctx, gone, now)
 		f.log.Info("flows resynced from the peer FE", "op", "sync", "flows", f.table.Len(), "dropped", len(gone))
+		s.resyncedIn.Store(now.UnixNano())
 	}
 	if failed > 0 {
 		s.refused.Add(1)
 		return wire.ResultRestore, fmt.Sprintf("%d of the batch's flows not applied", failed)
 	}
 	s.applied.Add(1)
+	s.eventsIn.Add(int64(len(b.Events)))
 	return wire.ResultOK, ""
 }
 
@@ -392,10 +507,22 @@ func (f *FE) applyEvents(ctx context.Context, events []wire.SyncEvent, now time.
 func (f *FE) applyEvent(ctx context.Context, e wire.SyncEvent, now time.Time) error {
 	c, ok := f.table.Get(e.Flow)
 	step := flowsync.Plan(flowsync.Have{Ok: ok, BE: c.BE, TimeWait: c.State == conntab.TimeWait}, e, now)
+	if f.place != nil && e.Kind == wire.SyncForward && step.Kernel == flowsync.KernelNone {
+		// With accept = be the forward map's elements time out after
+		// idletimeout, and a standby's see none of the flow's packets:
+		// the active FE sends its pins again (Outbox.Touch), and the
+		// element is added again, which starts its timeout anew.
+		step.Kernel, step.BE = flowsync.KernelForward, e.BE
+	}
 	switch step.Kernel {
 	case flowsync.KernelForward:
 		if err := f.flows.Forward(ctx, e.Flow, step.BE, true); err != nil {
 			return err
+		}
+		if (ok && c.BE != step.BE) || f.place != nil {
+			// A move (with accept = be, the only forwards synced): its
+			// BE may ask this FE again once it takes over.
+			f.switched.addPeer(e.Flow, step.BE, now)
 		}
 	case flowsync.KernelRemove:
 		if err := f.flows.Remove(ctx, e.Flow, nil); err != nil {
@@ -427,6 +554,89 @@ func (f *FE) applyEvent(ctx context.Context, e wire.SyncEvent, now time.Time) er
 	return nil
 }
 
+// switchMemory is how long the FE remembers a switch it carried out, to
+// answer the same request again: longer than a BE waits for the answer
+// (be's moveAnswer, 6 s).
+const switchMemory = 10 * time.Second
+
+// switchRecord is a switch the FE carried out: flow from → to, at; or,
+// with peer set, one the peer FE carried out (its sync says to where, not
+// from where).
+type switchRecord struct {
+	from, to netip.Addr
+	at       time.Time
+	peer     bool
+}
+
+// switches are the switches carried out in the last switchMemory.
+type switches struct {
+	mu    sync.Mutex
+	m     map[netip.AddrPort]switchRecord
+	swept time.Time
+}
+
+// add records a switch; records older than switchMemory go, swept at
+// most once a second, so that the map holds at most switchMemory's worth.
+func (s *switches) add(flow netip.AddrPort, from, to netip.Addr, now time.Time) {
+	s.put(flow, switchRecord{from: from, to: to, at: now})
+}
+
+// addPeer records a switch the peer FE carried out, by its sync.
+func (s *switches) addPeer(flow netip.AddrPort, to netip.Addr, now time.Time) {
+	s.put(flow, switchRecord{to: to, at: now, peer: true})
+}
+
+func (s *switches) put(flow netip.AddrPort, r switchRecord) {
+	now := r.at
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.m == nil {
+		s.m = map[netip.AddrPort]switchRecord{}
+	}
+	if now.Sub(s.swept) > time.Second {
+		s.swept = now
+		for f, r := range s.m {
+			if now.Sub(r.at) > switchMemory {
+				delete(s.m, f)
+			}
+		}
+	}
+	s.m[flow] = r
+}
+
+// done tells whether the switch of flow from → to was carried out in the
+// last switchMemory.
+func (s *switches) done(flow netip.AddrPort, from, to netip.Addr, now time.Time) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	r, ok := s.m[flow]
+	return ok && (r.from == from || r.peer) && r.to == to && now.Sub(r.at) <= switchMemory
+}
+
+// switchedAlready tells whether the switch of flow from → to was carried
+// out already and the flow is still forwarded to to, so that the request,
+// asked again, is answered OK: a BE whose FE died before answering asks
+// every FE again until one answers (handoff.AskFEsAgain), and an FE that
+// carried out the first request but answered it late must not refuse the
+// second, for the BE would then take the connection back while the kernel
+// forwards it to the other BE. A switch the dead FE carried out and synced
+// here counts, whoever asks: answering OK changes no forwarding. With
+// accept = be, a flow the kernel has not pinned goes by hash.
+func (f *FE) switchedAlready(flow netip.AddrPort, from, to netip.Addr) bool {
+	if !f.switched.done(flow, from, to, time.Now()) {
+		return false
+	}
+	if f.place == nil {
+		c, ok := f.table.Get(flow)
+		return ok && c.State == conntab.Handoffed && c.BE == to
+	}
+	be, ok, err := f.place.holder(flow)
+	if err == nil && !ok {
+		be, ok = f.place.slotBE(flow)
+	}
+	return err == nil && ok && be == to
+}
+
 // syncStatus is the sync's part of `tcphactl status`.
 type syncStatus struct {
 	Peer     string `json:"peer"`
@@ -441,6 +651,13 @@ type syncStatus struct {
 	Applied  int64  `json:"applied_batches"`
 	Refused  int64  `json:"refused_batches"`
 	LastErr  string `json:"last_error"`
+	// Received counts the events applied from the peer; Lag is how long
+	// the oldest change the peer has not acknowledged has waited, at
+	// most; the last resyncs sent and received are RFC 3339 ("" never).
+	Received     int64   `json:"received_events"`
+	Lag          float64 `json:"lag_seconds"`
+	LastResync   string  `json:"last_resync_sent"`
+	LastResyncIn string  `json:"last_resync_received"`
 }
 
 func (f *FE) syncStatus() *syncStatus {
@@ -453,5 +670,90 @@ func (f *FE) syncStatus() *syncStatus {
 		Peer: s.peer.Addr().String(), Active: f.active(), Session: len(s.pool.Sessions(s.peer)) > 0,
 		Flows: s.out.Len(), Pending: st.Pending, Batches: st.Batches, Events: st.Events, Resyncs: st.Resyncs,
 		Failures: st.Failures, Applied: s.applied.Load(), Refused: s.refused.Load(), LastErr: st.LastErr,
+		Received: s.eventsIn.Load(), Lag: st.Lag.Seconds(), LastResync: rfc3339(st.LastResync), LastResyncIn: rfc3339(unixNano(s.resyncedIn.Load())),
+	}
+}
+
+// rfc3339 is t for `tcphactl status`: "" for never (zero).
+func rfc3339(t time.Time) string {
+	if t.IsZero() {
+		return ""
+	}
+	return t.Format(time.RFC3339)
+}
+
+// unixNano is a time stored as Unix ns, 0 for never.
+func unixNano(ns int64) time.Time {
+	if ns == 0 {
+		return time.Time{}
+	}
+	return time.Unix(0, ns)
+}
+
+// orNever is a status time, "never" for "".
+func orNever(s string) string {
+	if s == "" {
+		return "never"
+	}
+	return s
+}
+
+// The sync's metrics, read when scraped.
+var (
+	descSyncEvents = prometheus.NewDesc("tcpha_sync_events_total",
+		"FE, syncpeer: flow events sent to the peer FE (sent, acknowledged) and applied from it (received).", []string{"direction"}, nil)
+	descSyncBatches = prometheus.NewDesc("tcpha_sync_batches_total",
+		"FE, syncpeer: batches by result: sent (acknowledged), failed (not; a full resync follows), applied (from the peer), refused (from the peer).",
+		[]string{"result"}, nil)
+	descSyncResyncs = prometheus.NewDesc("tcpha_sync_resyncs_total",
+		"FE, syncpeer: full resyncs started towards the peer FE.", nil, nil)
+	descSyncUp = prometheus.NewDesc("tcpha_sync_session_up",
+		"FE, syncpeer: 1 while the control session to the peer FE is up.", nil, nil)
+	descSyncActive = prometheus.NewDesc("tcpha_sync_active",
+		"FE, syncpeer: 1 while this FE holds the VIP and sends, 0 while it is the standby.", nil, nil)
+	descSyncPending = prometheus.NewDesc("tcpha_sync_pending_flows",
+		"FE, syncpeer: flows whose change waits to be sent.", nil, nil)
+	descSyncLag = prometheus.NewDesc("tcpha_sync_lag_seconds",
+		"FE, syncpeer: how long the oldest change the peer has not acknowledged has waited, at most (0: none).", nil, nil)
+	descSyncLastResync = prometheus.NewDesc("tcpha_sync_last_resync_timestamp_seconds",
+		"FE, syncpeer: Unix time of the last full resync started towards the peer (sent) or finished from it (received); absent before the first.",
+		[]string{"direction"}, nil)
+)
+
+// syncCollector reads the sync's counters for a scrape.
+type syncCollector struct{ s *syncer }
+
+func (c syncCollector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{descSyncEvents, descSyncBatches, descSyncResyncs, descSyncUp, descSyncActive,
+		descSyncPending, descSyncLag, descSyncLastResync} {
+		ch <- d
+	}
+}
+
+func (c syncCollector) Collect(ch chan<- prometheus.Metric) {
+	s := c.s
+	st := s.out.Stats()
+	counter := func(d *prometheus.Desc, v int64, labels ...string) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, float64(v), labels...)
+	}
+	gauge := func(d *prometheus.Desc, v float64, labels ...string) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v, labels...)
+	}
+	counter(descSyncEvents, st.Events, "sent")
+	counter(descSyncEvents, s.eventsIn.Load(), "received")
+	counter(descSyncBatches, st.Batches, "sent")
+	counter(descSyncBatches, st.Failures, "failed")
+	counter(descSyncBatches, s.applied.Load(), "applied")
+	counter(descSyncBatches, s.refused.Load(), "refused")
+	counter(descSyncResyncs, st.Resyncs)
+	gauge(descSyncUp, boolFloat(len(s.pool.Sessions(s.peer)) > 0))
+	gauge(descSyncActive, boolFloat(s.out.Active()))
+	gauge(descSyncPending, float64(st.Pending))
+	gauge(descSyncLag, st.Lag.Seconds())
+	if !st.LastResync.IsZero() {
+		gauge(descSyncLastResync, float64(st.LastResync.UnixNano())/1e9, "sent")
+	}
+	if in := s.resyncedIn.Load(); in != 0 {
+		gauge(descSyncLastResync, float64(in)/1e9, "received")
 	}
 }

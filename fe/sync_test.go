@@ -10,6 +10,9 @@ import (
 	"testing/synctest"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"tcpha/backends"
 	"tcpha/handoff/conntab"
 	"tcpha/handoff/wire"
 )
@@ -207,5 +210,193 @@ func TestAdmitPeer(t *testing.T) {
 	plain, _, _ := testFE(t, 0)
 	if err := plain.admitPeer(from("10.0.0.3:40000"), hello(wire.RoleFE, "10.0.0.3", vip)); err == nil {
 		t.Error("an FE without syncpeer admitted a sync session")
+	}
+}
+
+// The sync's metrics and status line: the events and batches applied from
+// the peer, the resync received, the session and the standby's role.
+func TestSyncMetrics(t *testing.T) {
+	f, _ := syncFE(t, func() (bool, error) { return false, nil })
+	c1, c2 := netip.MustParseAddrPort("10.0.0.10:1001"), netip.MustParseAddrPort("10.0.0.10:1002")
+	f.applySync(batch(t, wire.SyncBegin|wire.SyncEnd,
+		wire.SyncEvent{Kind: wire.SyncForward, Flow: c1, BE: be1},
+		wire.SyncEvent{Kind: wire.SyncForward, Flow: c2, BE: be2}))
+	f.applySync([]byte("garbage"))
+	mfs, err := f.m.Registry.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]float64{}
+	for _, mf := range mfs {
+		for _, m := range mf.GetMetric() {
+			name := mf.GetName()
+			for _, l := range m.GetLabel() {
+				name += "{" + l.GetName() + "=" + l.GetValue() + "}"
+			}
+			switch {
+			case m.Counter != nil:
+				got[name] = m.GetCounter().GetValue()
+			case m.Gauge != nil:
+				got[name] = m.GetGauge().GetValue()
+			}
+		}
+	}
+	for name, want := range map[string]float64{
+		"tcpha_sync_events_total{direction=received}": 2,
+		"tcpha_sync_events_total{direction=sent}":     0,
+		"tcpha_sync_batches_total{result=applied}":    1,
+		"tcpha_sync_batches_total{result=refused}":    1,
+		"tcpha_sync_session_up":                       0,
+		"tcpha_sync_active":                           0,
+		"tcpha_sync_lag_seconds":                      0,
+	} {
+		if v, ok := got[name]; !ok || v != want {
+			t.Errorf("%s = %v (present %v), want %v", name, v, ok, want)
+		}
+	}
+	if at := got["tcpha_sync_last_resync_timestamp_seconds{direction=received}"]; time.Since(time.Unix(int64(at), 0)) > time.Minute {
+		t.Errorf("last resync received at %v, want now", at)
+	}
+	if _, ok := got["tcpha_sync_last_resync_timestamp_seconds{direction=sent}"]; ok {
+		t.Error("a standby that never sent a resync exports its time")
+	}
+	// promtool check metrics's rules (promlint).
+	problems, err := testutil.CollectAndLint(syncCollector{f.sync})
+	if err != nil || len(problems) > 0 {
+		t.Errorf("the sync's metrics do not lint: %v %+v", err, problems)
+	}
+	st := f.syncStatus()
+	if st.Received != 2 || st.LastResyncIn == "" || st.LastResync != "" {
+		t.Errorf("status %+v, want 2 events received, a resync received and none sent", st)
+	}
+}
+
+// A move the dead FE carried out and synced here is answered OK when its
+// BE asks this FE again after the takeover (it never got the dead FE's
+// answer): the flow is already where the BE asks, and nothing is edited.
+// A later switch of the flow is carried out as any other.
+func TestSyncedSwitchAskedAgain(t *testing.T) {
+	f, flows := syncFE(t, func() (bool, error) { return false, nil })
+	var mover Mover = &fakeMover{}
+	f.mover.Store(&mover)
+	c1 := netip.MustParseAddrPort("10.0.0.10:1001")
+	f.applySync(batch(t, wire.SyncBegin|wire.SyncEnd, wire.SyncEvent{Kind: wire.SyncForward, Flow: c1, BE: be1}))
+	f.applySync(batch(t, 0, wire.SyncEvent{Kind: wire.SyncForward, Flow: c1, BE: be2})) // the peer's move
+	flows.mu.Lock()
+	edits := len(flows.calls)
+	flows.mu.Unlock()
+	sw := func(to netip.Addr) wire.Frame {
+		p, err := wire.Switch{Client: c1, To: to}.MarshalBinary()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return wire.Frame{Type: wire.TypeSwitch, Payload: p}
+	}
+	if res, why := f.switchFlow(be1, sw(be2)); res != wire.ResultOK {
+		t.Errorf("be1's switch to be2, synced, asked again: %v %s", res, why)
+	}
+	flows.mu.Lock()
+	if n := len(flows.calls) - edits; n != 0 {
+		t.Errorf("answering it edited the kernel %d times", n)
+	}
+	flows.mu.Unlock()
+	// be2, which holds the flow now, moving it back is a switch of its own.
+	if res, why := f.switchFlow(be2, sw(be1)); res != wire.ResultOK {
+		t.Errorf("be2 moving the flow back to be1: %v %s", res, why)
+	}
+	flows.mu.Lock()
+	if n := len(flows.calls) - edits; n != 1 {
+		t.Errorf("be2's own switch made %d kernel edits, want 1", n)
+	}
+	flows.mu.Unlock()
+}
+
+// With accept = be the active FE sends its peer only the pins whose BE is
+// not their slot's (flows placed before a slot change): the peer's hash
+// places the others alike. A sent pin the kernel no longer holds is
+// removed at the next read; one whose slot came back to its BE is
+// forgotten.
+func TestSendPins(t *testing.T) {
+	f, _ := syncFE(t, nil) // always active
+	f.place = newPlacer()
+	slots := make(backends.SlotTable, backends.SlotCount)
+	for i := range slots {
+		slots[i] = be1
+	}
+	// Every slot is be1's: a pin to be2 is off its slot.
+	onSlot, offSlot := netip.MustParseAddrPort("10.0.0.10:2001"), netip.MustParseAddrPort("10.0.0.10:2002")
+	pins := kernelHolders{onSlot: be1, offSlot: be2}
+	f.place.look = pins
+	sent := map[netip.AddrPort]netip.Addr{}
+	b := func() []wire.SyncEvent {
+		t.Helper()
+		var all []wire.SyncEvent
+		for {
+			b, ok := f.sync.out.Next()
+			if !ok {
+				return all
+			}
+			all = append(all, b.Events...)
+		}
+	}
+	b() // the resync of becoming active: nothing yet
+	if err := f.sendPins(slots, sent, false); err != nil {
+		t.Fatal(err)
+	}
+	want := []wire.SyncEvent{{Kind: wire.SyncForward, Flow: offSlot, BE: be2}}
+	if got := b(); !slices.Equal(got, want) {
+		t.Errorf("after a read: %+v, want only the off-slot pin %+v", got, want)
+	}
+	// Read again, nothing changed: nothing new to send.
+	if err := f.sendPins(slots, sent, false); err != nil {
+		t.Fatal(err)
+	}
+	if got := b(); len(got) != 0 {
+		t.Errorf("a second read sent %+v", got)
+	}
+	// A refresh sends it again, unchanged: the peer's copy times out.
+	if err := f.sendPins(slots, sent, true); err != nil {
+		t.Fatal(err)
+	}
+	if got := b(); !slices.Equal(got, want) {
+		t.Errorf("after a refresh: %+v, want %+v", got, want)
+	}
+	delete(pins, offSlot) // its connection ended, its pin timed out
+	if err := f.sendPins(slots, sent, false); err != nil {
+		t.Fatal(err)
+	}
+	if got, want := b(), []wire.SyncEvent{{Kind: wire.SyncRemove, Flow: offSlot}}; !slices.Equal(got, want) {
+		t.Errorf("after the pin went: %+v, want %+v", got, want)
+	}
+	if len(sent) != 0 {
+		t.Errorf("still tracked: %v", sent)
+	}
+}
+
+// With accept = be a standby adds a pin sent again unchanged to its kernel
+// again (which starts the element's timeout anew: it sees none of the
+// flow's packets); with accept = fe the forward map has no timeout, and an
+// unchanged flow costs no edit.
+func TestSyncRefreshesPins(t *testing.T) {
+	for _, acceptBE := range []bool{false, true} {
+		f, flows := syncFE(t, func() (bool, error) { return false, nil })
+		if acceptBE {
+			f.place = newPlacer()
+			f.place.look = kernelHolders{}
+		}
+		c1 := netip.MustParseAddrPort("10.0.0.10:1001")
+		f.applySync(batch(t, wire.SyncBegin|wire.SyncEnd, wire.SyncEvent{Kind: wire.SyncForward, Flow: c1, BE: be1}))
+		f.applySync(batch(t, 0, wire.SyncEvent{Kind: wire.SyncForward, Flow: c1, BE: be1}))
+		flows.mu.Lock()
+		n := 0
+		for _, c := range flows.calls {
+			if c == "forward "+c1.String()+" "+be1.String() {
+				n++
+			}
+		}
+		flows.mu.Unlock()
+		if want := map[bool]int{false: 1, true: 2}[acceptBE]; n != want {
+			t.Errorf("accept = be %v: %d kernel forwards for a flow sent twice unchanged, want %d", acceptBE, n, want)
+		}
 	}
 }

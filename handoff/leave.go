@@ -65,6 +65,22 @@ type FE struct {
 // when no FE can have seen f; any other error means one may have acted on
 // it without answering, so the connection's fate is unknown.
 func AskFEs(ctx context.Context, fes []FE, f wire.Frame) (wire.Ack, error) {
+	return askFEs(ctx, fes, f, 0)
+}
+
+// AskFEsAgain is AskFEs that, while an FE has not answered, asks the FEs
+// that answered unknown flow again every every: a standby FE answers
+// unknown flow until it holds the VIP, and when the active FE died with
+// the request (a failover of a syncpeer pair), the standby that takes
+// over can answer it (issue 17: a BE-to-BE move caught by a failover was
+// cut, since the dead FE might have switched the flow). The request must
+// be one an FE can answer twice: a switch already carried out is answered
+// OK (fe.switchFlow).
+func AskFEsAgain(ctx context.Context, fes []FE, f wire.Frame, every time.Duration) (wire.Ack, error) {
+	return askFEs(ctx, fes, f, every)
+}
+
+func askFEs(ctx context.Context, fes []FE, f wire.Frame, every time.Duration) (wire.Ack, error) {
 	if len(fes) == 0 {
 		return wire.Ack{}, fmt.Errorf("%w: no control session from an FE", ctl.ErrNotSent)
 	}
@@ -75,29 +91,57 @@ func AskFEs(ctx context.Context, fes []FE, f wire.Frame) (wire.Ack, error) {
 		r   wire.Frame
 		err error
 	}
-	answers := make(chan answer, len(fes)) // the calls never block on it
-	for _, fe := range fes {
+	// At most one call per FE is out at a time: the calls never block on
+	// the channel.
+	answers := make(chan answer, len(fes))
+	ask := func(fe FE) {
 		go func() {
 			r, err := fe.Call(ctx, f)
 			answers <- answer{fe, r, err}
 		}()
 	}
+	for _, fe := range fes {
+		ask(fe)
+	}
+	out := len(fes)  // calls not answered yet
+	var unknown []FE // FEs whose last answer was unknown flow
+	var tick <-chan time.Time
+	if every > 0 {
+		t := time.NewTicker(every)
+		defer t.Stop()
+		tick = t.C
+	}
 	sent := false
 	var fail error
-	for range fes {
-		a := <-answers
-		if a.err != nil {
-			sent = sent || !errors.Is(a.err, ctl.ErrNotSent)
-			fail = a.err
+	for out > 0 {
+		var again <-chan time.Time
+		if len(unknown) > 0 {
+			again = tick // nil without every: never
+		}
+		select {
+		case <-again:
+			for _, fe := range unknown {
+				ask(fe)
+			}
+			out += len(unknown)
+			unknown = unknown[:0]
 			continue
-		}
-		var ack wire.Ack
-		if err := ack.UnmarshalBinary(a.r.Payload); err != nil || a.r.Type != wire.TypeAck {
-			// An answer came: whatever it says, the FE saw the request.
-			return wire.Ack{}, fmt.Errorf("FE %v: bad answer to migrate: %v %w", a.fe.Addr, a.r.Type, err)
-		}
-		if ack.Result != wire.ResultUnknown {
-			return ack, nil
+		case a := <-answers:
+			out--
+			if a.err != nil {
+				sent = sent || !errors.Is(a.err, ctl.ErrNotSent)
+				fail = a.err
+				continue
+			}
+			var ack wire.Ack
+			if err := ack.UnmarshalBinary(a.r.Payload); err != nil || a.r.Type != wire.TypeAck {
+				// An answer came: whatever it says, the FE saw the request.
+				return wire.Ack{}, fmt.Errorf("FE %v: bad answer to migrate: %v %w", a.fe.Addr, a.r.Type, err)
+			}
+			if ack.Result != wire.ResultUnknown {
+				return ack, nil
+			}
+			unknown = append(unknown, a.fe)
 		}
 	}
 	switch {

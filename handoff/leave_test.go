@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"reflect"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -301,5 +302,52 @@ func TestAskFEsDeadFE(t *testing.T) {
 		wire.Frame{Type: wire.TypeMigrate})
 	if err != nil || ack.Result != wire.ResultOK || time.Since(start) > time.Second {
 		t.Errorf("with a dead FE asked first: %v %v after %v, want the live FE's OK at once", ack.Result, err, time.Since(start))
+	}
+}
+
+// A switch caught by a failover (issue 17): the active FE died with the
+// request (its call never returns), and the standby answers unknown flow
+// until it holds the VIP. AskFEs gives up (the outcome is unknown, the
+// connection is cut); AskFEsAgain asks the standby again until it answers.
+// With no FE left unanswered it does not wait: unknown flow at once.
+func TestAskFEsAgain(t *testing.T) {
+	dead := func(ctx context.Context, _ wire.Frame) (wire.Frame, error) {
+		<-ctx.Done()
+		return wire.Frame{}, ctx.Err()
+	}
+	standby := func() func(context.Context, wire.Frame) (wire.Frame, error) {
+		var n atomic.Int32
+		return func(context.Context, wire.Frame) (wire.Frame, error) {
+			if n.Add(1) <= 3 {
+				return ctl.AckFrame(wire.ResultUnknown, "standby FE"), nil
+			}
+			return ctl.AckFrame(wire.ResultOK, ""), nil
+		}
+	}
+	fe1, fe2 := netip.MustParseAddr("10.0.0.2"), netip.MustParseAddr("10.0.0.3")
+	ask := func(again bool) (wire.Ack, error) {
+		ctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
+		defer cancel()
+		fes := []FE{{Addr: fe1, Call: dead}, {Addr: fe2, Call: standby()}}
+		if again {
+			return AskFEsAgain(ctx, fes, wire.Frame{Type: wire.TypeSwitch}, 10*time.Millisecond)
+		}
+		return AskFEs(ctx, fes, wire.Frame{Type: wire.TypeSwitch})
+	}
+	if ack, err := ask(false); err == nil {
+		t.Errorf("AskFEs with the active FE dead: %v, want an unknown outcome", ack.Result)
+	}
+	start := time.Now()
+	if ack, err := ask(true); err != nil || ack.Result != wire.ResultOK || time.Since(start) > 400*time.Millisecond {
+		t.Errorf("AskFEsAgain: %v %v after %v, want the standby's OK once it takes over", ack.Result, err, time.Since(start))
+	}
+	start = time.Now()
+	unknown := func(context.Context, wire.Frame) (wire.Frame, error) {
+		return ctl.AckFrame(wire.ResultUnknown, ""), nil
+	}
+	ack, err := AskFEsAgain(context.Background(), []FE{{Addr: fe1, Call: unknown}, {Addr: fe2, Call: unknown}},
+		wire.Frame{Type: wire.TypeSwitch}, 10*time.Millisecond)
+	if err != nil || ack.Result != wire.ResultUnknown || time.Since(start) > 100*time.Millisecond {
+		t.Errorf("AskFEsAgain, every FE answered unknown: %v %v after %v, want unknown at once", ack.Result, err, time.Since(start))
 	}
 }

@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -22,6 +23,9 @@ type VIP struct {
 	link  netlink.Link
 	addr  *netlink.Addr
 	added bool
+	// withdrawn is set while Withdraw has taken the address off the
+	// interface and Restore has not put it back.
+	withdrawn atomic.Bool
 }
 
 // addrList retries dumps the kernel interrupted (FACTS.md: vishvananda/
@@ -86,6 +90,9 @@ func AddVIP(link netlink.Link, vip netip.Addr) (*VIP, error) {
 	for _, x := range addrs {
 		if ip, ok := netip.AddrFromSlice(x.IP); ok && ip.Unmap() == vip {
 			v.added = label != "" && x.Label == label
+			// The operator's address comes back as it was, should
+			// Withdraw take it off.
+			a.IPNet, a.Label = x.IPNet, x.Label
 			return v, nil
 		}
 	}
@@ -107,6 +114,40 @@ func (v *VIP) Remove() error {
 	}
 	return nil
 }
+
+// Withdraw takes the VIP off its interface, whoever added it, until
+// Restore puts it back: a BE whose ARP filter is gone would answer ARP
+// for it (issue 17). Deleting a local IPv4 address leaves the sockets
+// bound to it: established connections and VIP:port listeners stay, and
+// only stall while it is away (docs/design.md, "A BE without its ARP
+// filter"). It reports whether it took the address off now (false when
+// it was off already).
+func (v *VIP) Withdraw() (bool, error) {
+	if v == nil || v.withdrawn.Load() {
+		return false, nil
+	}
+	if err := netlink.AddrDel(v.link, v.addr); err != nil && !errors.Is(err, unix.EADDRNOTAVAIL) {
+		return false, fmt.Errorf("withdraw VIP %v from %s: %w", v.addr.IP, v.link.Attrs().Name, err)
+	}
+	v.withdrawn.Store(true)
+	return true, nil
+}
+
+// Restore puts back a VIP that Withdraw took off. It is idempotent.
+func (v *VIP) Restore() error {
+	if v == nil || !v.withdrawn.Load() {
+		return nil
+	}
+	if err := netlink.AddrAdd(v.link, v.addr); err != nil && !errors.Is(err, unix.EEXIST) {
+		return fmt.Errorf("put VIP %v back on %s: %w", v.addr.IP, v.link.Attrs().Name, err)
+	}
+	v.withdrawn.Store(false)
+	return nil
+}
+
+// Withdrawn tells whether Withdraw took the VIP off and Restore has not
+// put it back yet.
+func (v *VIP) Withdrawn() bool { return v != nil && v.withdrawn.Load() }
 
 // ListenFreebind listens on addr with IP_FREEBIND, so the bind succeeds
 // whether or not addr is on an interface yet (ip(7)). A standby FE under

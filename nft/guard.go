@@ -212,6 +212,9 @@ type Guard struct {
 	WantNow func() Shape
 	// Reinstall puts the table back; found says what the check saw.
 	Reinstall func(ctx context.Context, found string) error
+	// Settled, if set, is called after each check that found the table
+	// as wanted: a BE puts back a VIP it withdrew and could not restore.
+	Settled func()
 	// Every is the backstop check's interval.
 	Every time.Duration
 	Log   *slog.Logger
@@ -250,22 +253,41 @@ func (g *Guard) Run(ctx context.Context) {
 	defer func() { <-done }()
 	tick := time.NewTicker(g.Every)
 	defer tick.Stop()
+	// retry is armed after a failed check: the kernel does not notify
+	// the removal of a table whose owner socket closed (an owner-flagged
+	// table that was in our way), and the backstop is seconds away.
+	retry := time.NewTimer(time.Hour)
+	retry.Stop()
+	defer retry.Stop()
+	wait := guardRetry
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-kicks:
 		case <-tick.C:
+		case <-retry.C:
 		}
-		g.check(ctx, conn)
+		if g.check(ctx, conn) {
+			wait = guardRetry
+			continue
+		}
+		retry.Reset(min(wait, g.Every))
+		wait *= 2
 	}
 }
 
-func (g *Guard) check(ctx context.Context, conn *nftables.Conn) {
+// guardRetry is how soon a check that could not put the table back runs
+// again; the wait doubles with each failure, up to Every.
+const guardRetry = 200 * time.Millisecond
+
+// check compares the table with the wanted shape and reinstalls it when
+// they differ; it reports whether the table is as wanted now.
+func (g *Guard) check(ctx context.Context, conn *nftables.Conn) bool {
 	found, err := Inspect(conn, g.Table)
 	if err != nil {
 		g.Log.Warn("table not checked", "op", "nft", "table", family(g.Table), "err", err)
-		return
+		return false
 	}
 	want := g.Want
 	if g.WantNow != nil {
@@ -273,14 +295,18 @@ func (g *Guard) check(ctx context.Context, conn *nftables.Conn) {
 	}
 	diff := want.Diff(found)
 	if diff == "" {
-		return
+		if g.Settled != nil {
+			g.Settled()
+		}
+		return true
 	}
 	g.Log.Warn("our table changed under us: reinstalling it", "op", "nft", "table", family(g.Table), "found", diff)
 	if err := g.Reinstall(ctx, diff); err != nil {
 		g.Log.Error("table not reinstalled", "op", "nft", "table", family(g.Table), "err", err)
-		return
+		return false
 	}
 	g.Log.Info("table reinstalled", "op", "nft", "table", family(g.Table))
+	return true
 }
 
 // Reinstalls is a role's record of its guard's reinstalls, for `tcphactl

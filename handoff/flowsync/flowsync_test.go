@@ -279,3 +279,75 @@ func TestPlan(t *testing.T) {
 		}
 	}
 }
+
+// Stats.Lag is how long the oldest change the peer has not acknowledged
+// has waited: it grows while a change waits, covers the batch in flight,
+// and is 0 once the peer acknowledged everything. LastResync is when the
+// last full resync started.
+func TestOutboxStatsLag(t *testing.T) {
+	now := time.Unix(1000, 0)
+	o := NewOutbox()
+	o.Now = func() time.Time { return now }
+	if st := o.Stats(); st.Lag != 0 || !st.LastResync.IsZero() {
+		t.Fatalf("a new outbox: %+v", st)
+	}
+	o.SetActive(true)
+	now = now.Add(30 * time.Millisecond)
+	b, _ := o.Next()
+	if st := o.Stats(); st.Lag != 30*time.Millisecond || !st.LastResync.Equal(now) {
+		t.Errorf("resync in flight: lag %v, last resync %v; want 30ms, %v", st.Lag, st.LastResync, now)
+	}
+	o.sent(b)
+	if st := o.Stats(); st.Lag != 0 {
+		t.Errorf("everything acknowledged: lag %v, want 0", st.Lag)
+	}
+	o.Forward(flow(1), be1)
+	now = now.Add(20 * time.Millisecond)
+	o.Forward(flow(2), be1)
+	now = now.Add(20 * time.Millisecond)
+	if st := o.Stats(); st.Lag != 40*time.Millisecond || st.Pending != 2 {
+		t.Errorf("two changes waiting: lag %v pending %d, want 40ms 2", st.Lag, st.Pending)
+	}
+	o.Next()
+	o.failed(errors.New("peer gone"))
+	now = now.Add(time.Second)
+	if st := o.Stats(); st.Lag != 1040*time.Millisecond {
+		t.Errorf("after a failed send: lag %v, want 1.04s", st.Lag)
+	}
+	for {
+		b, ok := o.Next()
+		if !ok {
+			break
+		}
+		o.sent(b)
+	}
+	if st := o.Stats(); st.Lag != 0 || st.Pending != 0 {
+		t.Errorf("resynced: lag %v pending %d, want 0 0", st.Lag, st.Pending)
+	}
+	o.Forward(flow(3), be1)
+	o.SetActive(false)
+	if st := o.Stats(); st.Lag != 0 {
+		t.Errorf("standby: lag %v, want 0 (a standby sends nothing)", st.Lag)
+	}
+}
+
+// Touch sends a mirrored flow again, unchanged; a flow not mirrored, or an
+// inactive outbox, sends nothing.
+func TestOutboxTouch(t *testing.T) {
+	o := NewOutbox()
+	o.SetActive(true)
+	o.Next() // the resync of becoming active
+	o.Forward(flow(1), be1)
+	o.Next()
+	o.Touch(flow(1))
+	o.Touch(flow(2))
+	b, ok := o.Next()
+	if want := []wire.SyncEvent{{Kind: wire.SyncForward, Flow: flow(1), BE: be1}}; !ok || !slices.Equal(b.Events, want) {
+		t.Errorf("after Touch: %+v %v, want %+v", b, ok, want)
+	}
+	o.SetActive(false)
+	o.Touch(flow(1))
+	if _, ok := o.Next(); ok {
+		t.Error("an inactive outbox sent a touched flow")
+	}
+}

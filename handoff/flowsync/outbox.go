@@ -62,15 +62,23 @@ type Outbox struct {
 	resync bool
 	paging []netip.AddrPort
 	inPage bool
-	wake   chan struct{}
-	stats  Stats
+	// since is when the oldest change not yet sent was recorded (zero
+	// when none waits): the sync's lag.
+	since time.Time
+	wake  chan struct{}
+	stats Stats
 }
 
 // Stats count what an Outbox sent.
 type Stats struct {
 	Batches, Events, Resyncs, Failures int64
-	// Pending is how many flows wait to be sent.
+	// Pending is how many flows wait to be sent; Lag is how long the
+	// oldest change the peer has not acknowledged has waited, at most (0
+	// when none waits).
 	Pending int
+	Lag     time.Duration
+	// LastResync is when the last full resync started (zero: never).
+	LastResync time.Time
 	// LastErr is the last send's failure, if the one after it did not
 	// succeed.
 	LastErr string
@@ -93,6 +101,22 @@ func (o *Outbox) max() int {
 		return min(o.Max, wire.MaxSyncEvents)
 	}
 	return wire.MaxSyncEvents
+}
+
+// waiting notes that something waits to be sent from now, unless
+// something older already does; o.mu is held.
+func (o *Outbox) waiting() {
+	if o.since.IsZero() {
+		o.since = o.now()
+	}
+}
+
+// drained notes that nothing waits to be sent any more, if so; o.mu is
+// held.
+func (o *Outbox) drained() {
+	if !o.resync && !o.inPage && len(o.order) == 0 {
+		o.since = time.Time{}
+	}
 }
 
 // kick wakes Run; o.mu is held.
@@ -123,6 +147,7 @@ func (o *Outbox) set(flow netip.AddrPort, r Row, ok bool) {
 		o.dirty[flow] = struct{}{}
 		o.order = append(o.order, flow)
 	}
+	o.waiting()
 	if len(o.order) > len(o.rows)+o.max() && !o.inPage {
 		// The peer has been unreachable for a while (every flow that
 		// ended since waits to be removed): a full resync says it all in
@@ -155,6 +180,25 @@ func (o *Outbox) Remove(flow netip.AddrPort) {
 	o.set(flow, Row{}, false)
 }
 
+// Touch sends flow's state again with the next batch, unchanged: the
+// peer's copy of an element that sees none of the flow's packets times
+// out on its own ([fe] accept = be, whose forward map has idletimeout),
+// and a sent flow is otherwise sent again only when it changes. A flow
+// the outbox does not mirror is left alone.
+func (o *Outbox) Touch(flow netip.AddrPort) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if _, ok := o.rows[flow]; !ok || !o.active {
+		return
+	}
+	if _, d := o.dirty[flow]; !d {
+		o.dirty[flow] = struct{}{}
+		o.order = append(o.order, flow)
+	}
+	o.waiting()
+	o.kick()
+}
+
 // Len is how many flows the outbox mirrors.
 func (o *Outbox) Len() int {
 	o.mu.Lock()
@@ -168,6 +212,9 @@ func (o *Outbox) Resync() {
 	o.mu.Lock()
 	defer o.mu.Unlock()
 	o.resync = true
+	if o.active {
+		o.waiting()
+	}
 	o.kick()
 }
 
@@ -179,11 +226,13 @@ func (o *Outbox) SetActive(active bool) {
 	defer o.mu.Unlock()
 	if active && !o.active {
 		o.resync = true
+		o.waiting()
 		o.kick()
 	}
 	if !active {
 		clear(o.dirty)
 		o.order, o.paging, o.inPage = nil, nil, false
+		o.since = time.Time{}
 	}
 	o.active = active
 }
@@ -201,6 +250,9 @@ func (o *Outbox) Stats() Stats {
 	defer o.mu.Unlock()
 	s := o.stats
 	s.Pending = len(o.order) + len(o.paging)
+	if !o.since.IsZero() {
+		s.Lag = max(o.now().Sub(o.since), 0)
+	}
 	return s
 }
 
@@ -239,6 +291,7 @@ func (o *Outbox) Next() (wire.SyncBatch, bool) {
 		clear(o.dirty)
 		o.order = o.order[:0]
 		o.stats.Resyncs++
+		o.stats.LastResync = now
 		b.Flags |= wire.SyncBegin
 	}
 	if o.inPage {
@@ -277,12 +330,16 @@ func (o *Outbox) failed(err error) {
 	o.stats.LastErr = err.Error()
 }
 
+// sent records a batch the peer acknowledged. The lag restarts only once
+// nothing waits: a change made while the batch was in flight keeps the
+// older time, so Lag is an upper bound.
 func (o *Outbox) sent(b wire.SyncBatch) {
 	o.mu.Lock()
 	defer o.mu.Unlock()
 	o.stats.Batches++
 	o.stats.Events += int64(len(b.Events))
 	o.stats.LastErr = ""
+	o.drained()
 }
 
 // full tells whether a batch should go without waiting for more.

@@ -29,8 +29,9 @@ const (
 	// SyncRemove: the flow's forwarding ended.
 	SyncRemove SyncKind = 3
 	// A flow pinned by the kernel's own packet path ([fe] accept = be)
-	// would be one more kind, with its BE, when that exists
-	// (docs/design.md, "Flow-state sync").
+	// to a BE other than its slot's goes as SyncForward (fe.syncPins);
+	// the slot map would need a frame of its own (docs/design.md,
+	// "Flow-state sync": designed, not built).
 	syncKindSentinel SyncKind = 4
 )
 
