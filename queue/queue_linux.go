@@ -27,9 +27,16 @@ type Reader struct {
 // reader goroutine and must not block. The bind happens here, so a queue
 // another process holds fails Open, before the caller changes anything.
 func Open(num uint16, log *slog.Logger, decide func([]byte) (Verdict, Reason)) (*Reader, error) {
+	// Headers are enough: the verdict never needs the payload.
+	return open(num, 128, log, func(r *Reader) nfqueue.HookFunc { return r.hook(decide) })
+}
+
+// open binds queue num, copying up to maxLen bytes of each packet, and
+// registers the hook made for the new Reader.
+func open(num uint16, maxLen uint32, log *slog.Logger, hook func(*Reader) nfqueue.HookFunc) (*Reader, error) {
 	nf, err := nfqueue.Open(&nfqueue.Config{
 		NfQueue:      num,
-		MaxPacketLen: 128, // headers are enough: the verdict never needs the payload
+		MaxPacketLen: maxLen,
 		MaxQueueLen:  4096,
 		Copymode:     nfqueue.NfQnlCopyPacket,
 	})
@@ -42,7 +49,7 @@ func Open(num uint16, log *slog.Logger, decide func([]byte) (Verdict, Reason)) (
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	r := &Reader{nf: nf, num: num, log: log, cancel: cancel}
-	if err := nf.RegisterWithErrorFunc(ctx, r.hook(decide), r.onErr(ctx)); err != nil {
+	if err := nf.RegisterWithErrorFunc(ctx, hook(r), r.onErr(ctx)); err != nil {
 		cancel()
 		nf.Close()
 		return nil, fmt.Errorf("bind NFQUEUE %d: %w", num, err)

@@ -184,37 +184,11 @@ func bigFile(t *testing.T, path string, n int64) string {
 // it stays standby), the new master resyncs it, and a second failover back to
 // it keeps both the first download and one started while it was away.
 func TestSyncFailover(t *testing.T) {
-	c := newClusterWithout(t, cluster.Options{
-		BEs: 2, FE2: true, Secret: "failover-secret-16",
-		Rules:   []string{`rule = be1 \.bin$`, `rule = be2 .*`},
-		FEExtra: "vip = keepalived\n",
-		Edit: func(host, conf string) string {
-			switch host {
-			case "fe":
-				return conf + "syncpeer = " + cluster.FE2IP + "\n"
-			case "fe2":
-				return conf + "syncpeer = " + cluster.FEIP + "\n"
-			}
-			return conf
-		},
-	}, "fe")
+	c, fes := syncPair(t, "", cluster.Options{Rules: []string{`rule = be1 \.bin$`, `rule = be2 .*`}})
 	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	defer cancel()
 	sumA := bigFile(t, filepath.Join(c.WWW("be1"), "a.bin"), 200<<20)
 	sumB := bigFile(t, filepath.Join(c.WWW("be1"), "b.bin"), 40<<20)
-	fes := map[string]*feHost{}
-	for _, h := range []string{"fe", "fe2"} {
-		if err := c.StartAgent(h); err != nil {
-			t.Fatal(err)
-		}
-		fes[h] = &feHost{name: h, pidMain: filepath.Join(c.Dir, h+"-keepalived.pid"), pidVRRP: filepath.Join(c.Dir, h+"-vrrp.pid")}
-	}
-	// fe first, and with the higher priority: it becomes the master.
-	fes["fe"].conf = pairConf(t, c, "fe", 100)
-	fes["fe2"].conf = pairConf(t, c, "fe2", 90)
-	fes["fe"].startKeepalived(t, c)
-	waitFor(t, 15*time.Second, "keepalived makes fe the master", func() bool { return holds(c, "fe") })
-	fes["fe2"].startKeepalived(t, c)
 	waitFor(t, 10*time.Second, "fe serves through the VIP", func() bool {
 		out, err := tryCurl(c)
 		return err == nil && out == "200 be2"

@@ -6,7 +6,9 @@ import (
 	"io"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -32,14 +34,7 @@ func TestFlushRuleset(t *testing.T) {
 // connection's packets go by hash to its slot's BE, the same, and it still
 // moves between BEs.
 func testFlushRuleset(t *testing.T, accept string) {
-	c := newCluster(t, cluster.Options{
-		BEs: 2, PublicWWW: accept == "be",
-		Rules:   []string{`rule = be2 \.jpg$`, `rule = be1 .*`},
-		FEExtra: "accept = " + accept + "\n",
-	})
-	if accept == "be" {
-		waitPlaced(t, c)
-	}
+	c := flushCluster(t, accept)
 	ka := dialKeepAlive(t, c)
 	defer ka.conn.Close()
 	if got, err := ka.get("/index.html"); err != nil || got != "200 be1" {
@@ -220,7 +215,10 @@ func TestFlushUnderLoad(t *testing.T) {
 	}
 }
 
-func testFlushUnderLoad(t *testing.T, accept string) {
+// flushCluster is the flush tests' cluster: two BEs, be2 for images and
+// be1 for the rest, in the given accept mode, placing when that is be.
+func flushCluster(t *testing.T, accept string) *cluster.Cluster {
+	t.Helper()
 	c := newCluster(t, cluster.Options{
 		BEs: 2, PublicWWW: accept == "be",
 		Rules:   []string{`rule = be2 \.jpg$`, `rule = be1 .*`},
@@ -229,6 +227,11 @@ func testFlushUnderLoad(t *testing.T, accept string) {
 	if accept == "be" {
 		waitPlaced(t, c)
 	}
+	return c
+}
+
+func testFlushUnderLoad(t *testing.T, accept string) {
+	c := flushCluster(t, accept)
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	sum := bigFile(t, filepath.Join(c.WWW("be1"), "a.bin"), 40<<20)
@@ -312,15 +315,35 @@ type probe struct {
 	ok bool
 }
 
-// probeLoop makes one request per connection every 10 ms, each with a
-// 1 s bound, until ctx ends.
+// probeLoop starts a request on a new connection every 10 ms, each with a
+// 1 s bound and in its own goroutine, until ctx ends. The clock does not
+// wait for a probe: a SYN lost in a flush's window costs its probe the
+// client's 1 s retransmission, and the probes started after it still say
+// when a new connection is served again.
 func probeLoop(ctx context.Context, c *cluster.Cluster) []probe {
-	var res []probe
+	var (
+		mu  sync.Mutex
+		res []probe
+		wg  sync.WaitGroup
+	)
+	tick := time.NewTicker(10 * time.Millisecond)
+	defer tick.Stop()
 	for ctx.Err() == nil {
 		at := time.Now()
-		res = append(res, probe{at: at, ok: probeOnce(ctx, c) == nil})
-		time.Sleep(10 * time.Millisecond)
+		wg.Go(func() {
+			// Its own bound, so that ctx's end does not fail the last ones.
+			ok := probeOnce(context.Background(), c) == nil
+			mu.Lock()
+			res = append(res, probe{at: at, ok: ok})
+			mu.Unlock()
+		})
+		select {
+		case <-ctx.Done():
+		case <-tick.C:
+		}
 	}
+	wg.Wait()
+	slices.SortFunc(res, func(a, b probe) int { return a.at.Compare(b.at) })
 	return res
 }
 
