@@ -35,6 +35,23 @@ func TestDeliverTable(t *testing.T) {
 			t.Errorf("no %q in:\n%s", want, md)
 		}
 	}
+	got := map[string]Target{}
+	for _, x := range r.DeliverTargets() {
+		got[x.What[:3]] = x
+	}
+	for w, want := range map[string]Target{
+		"(d)": {Got: "", Known: false}, // no direct (d) in this run
+		"BE ": {Got: "", Known: false}, // no 1 MB row
+		"(a)": {Got: "0.80×", Known: true},
+		"(g)": {Got: "", Known: false},
+	} {
+		if x := got[w]; x.Got != want.Got || x.Met != want.Met || x.Known != want.Known {
+			t.Errorf("deliver target %s: %+v, want %+v", w, x, want)
+		}
+	}
+	if !strings.Contains(md, "### Deliver targets") || !strings.Contains(md, "| (a) machine CPU per short connection with deliver = socket vs deliver = relay | ≤ 0.6× | 0.80× | **not met**") {
+		t.Errorf("no deliver targets in:\n%s", md)
+	}
 	if md := (&Run{}).Markdown(""); strings.Contains(md, "deliver`: relay beside socket") {
 		t.Error("a run without the deliver workload has its table")
 	}
@@ -79,5 +96,35 @@ func TestProcessCPUKeepsEndedThreads(t *testing.T) {
 	t.Logf("100 ms spun on a thread that ended: ProcessCPU +%.3f s, ProcCPU +%.3f s (%d threads)", after-before, live1-live0, len(tasks))
 	if after-before < 0.05 {
 		t.Errorf("ProcessCPU grew %.3f s across 100 ms spun on a thread that ended", after-before)
+	}
+}
+
+// The deliver targets of a run with every figure: the ratios and verdicts
+// come from the table's results.
+func TestDeliverTargets(t *testing.T) {
+	r := &Run{Results: []Result{
+		{FrontEnd: TCPHARelay, Workload: "a", Requests: 1000, RPS: 5000, BECPU: 0.2, MachineCPU: 1},
+		{FrontEnd: TCPHASocket, Workload: "a", Requests: 1000, RPS: 6000, BECPU: 0.5, MachineCPU: 0.5},
+		{FrontEnd: TCPHARelay, Workload: DeliverLarge, Requests: 100, BECPU: 0.1},
+		{FrontEnd: TCPHASocket, Workload: DeliverLarge, Requests: 100, BECPU: 0.06},
+		{FrontEnd: TCPHASocket, Workload: "c", Requests: 100, RPS: 950},
+		{FrontEnd: Direct, Workload: "c", Requests: 100, RPS: 1000},
+		{FrontEnd: TCPHASocket, Workload: "d", Requests: 1, Seconds: 1, RespBytes: 200e6},
+		{FrontEnd: Direct, Workload: "d", Requests: 1, Seconds: 0.5, RespBytes: 200e6},
+	}}
+	got := map[string]Target{}
+	for _, x := range r.DeliverTargets() {
+		got[x.What[:3]] = x
+	}
+	for w, want := range map[string]Target{
+		"(d)": {Got: "0.50×", Known: true},
+		"(c)": {Got: "0.95×", Known: true, Met: true},
+		"BE ": {Got: "1.20× (600 µs against 500 µs); relay 5.00×", Known: true, Met: true},
+		"(a)": {Got: "0.50×", Known: true, Met: true},
+		"(g)": {},
+	} {
+		if x := got[w]; x.Got != want.Got || x.Met != want.Met || x.Known != want.Known {
+			t.Errorf("%s: %+v, want %+v", w, x, want)
+		}
 	}
 }

@@ -333,6 +333,25 @@ func (r *Run) HTTPSTargets() []Target {
 	return out
 }
 
+// targetTable writes targets as a table, each marked met, not met or not
+// measured.
+func targetTable(b *strings.Builder, targets []Target) {
+	b.WriteString("| target | want | this run | |\n|---|---|---|---|\n")
+	for _, t := range targets {
+		verdict, got := "not measured", t.Got
+		switch {
+		case t.Known && t.Met:
+			verdict = "met"
+		case t.Known:
+			verdict = "**not met** (see [performance.md](performance.md))"
+		}
+		if got == "" {
+			got = "—"
+		}
+		fmt.Fprintf(b, "| %s | %s | %s | %s |\n", t.What, t.Want, got, verdict)
+	}
+}
+
 func floats(v []float64) string {
 	s := make([]string, len(v))
 	for i, x := range v {
@@ -390,21 +409,8 @@ func (r *Run) Markdown(chart string) string {
 	if chart != "" {
 		w("![requests per second relative to direct, and FE CPU per request](%s)\n\n", chart)
 	}
-	w("## Targets\n\n| target | want | this run | |\n|---|---|---|---|\n")
-	for _, t := range r.Targets() {
-		verdict := "not measured"
-		switch {
-		case t.Known && t.Met:
-			verdict = "met"
-		case t.Known:
-			verdict = "**not met** (see [performance.md](performance.md))"
-		}
-		got := t.Got
-		if got == "" {
-			got = "—"
-		}
-		w("| %s | %s | %s | %s |\n", t.What, t.Want, got, verdict)
-	}
+	w("## Targets\n\n")
+	targetTable(&b, r.Targets())
 	w("\n## Figures per workload\n\nFE CPU is the user+system time of the FE's own process(es) (`/proc/PID/stat`): the tcpha agent, HAProxy, the nginx proxy's master and workers; softirq work lands on whichever process runs, so the machine's total busy CPU is shown too. NIC bytes are the FE's eth0 per request.\n\n")
 	for _, wl := range Workloads {
 		// The phttp variants are measured in (f), (g) and (h) only.
@@ -552,20 +558,8 @@ func (r *Run) HTTPSMarkdown() string {
 	for _, n := range r.HTTPSNotes {
 		w(" **%s**", n)
 	}
-	w("\n\n### HTTPS targets\n\n| target | want | this run | |\n|---|---|---|---|\n")
-	for _, t := range r.HTTPSTargets() {
-		verdict, got := "not measured", t.Got
-		switch {
-		case t.Known && t.Met:
-			verdict = "met"
-		case t.Known:
-			verdict = "**not met** (see [performance.md](performance.md))"
-		}
-		if got == "" {
-			got = "—"
-		}
-		w("| %s | %s | %s | %s |\n", t.What, t.Want, got, verdict)
-	}
+	w("\n\n### HTTPS targets\n\n")
+	targetTable(&b, r.HTTPSTargets())
 	w("\n")
 	for _, wl := range HTTPSWorkloads {
 		r.table(&b, wl, HTTPSFrontEnds)
