@@ -70,20 +70,30 @@ func livePins(fwd, closing map[netip.AddrPort]netip.Addr) []conntab.Conn {
 
 // livePins reads the kernel's live pins (livePins).
 func (p *placer) livePins() ([]conntab.Conn, error) {
+	m, err := p.members(nft.MapForward, nft.SetClosing)
+	if err != nil {
+		return nil, err
+	}
+	return livePins(m[0], m[1]), nil
+}
+
+// members reads the named sets and maps of the FE's table, one listing
+// each, under the reader's lock.
+func (p *placer) members(names ...string) ([]map[netip.AddrPort]netip.Addr, error) {
 	p.lookMu.Lock()
 	defer p.lookMu.Unlock()
 	if p.look == nil {
 		return nil, errors.New("no reader of the forward map")
 	}
-	fwd, err := p.look.Members(nft.MapForward)
-	if err != nil {
-		return nil, err
+	out := make([]map[netip.AddrPort]netip.Addr, len(names))
+	for i, name := range names {
+		m, err := p.look.Members(name)
+		if err != nil {
+			return nil, err
+		}
+		out[i] = m
 	}
-	closing, err := p.look.Members(nft.SetClosing)
-	if err != nil {
-		return nil, err
-	}
-	return livePins(fwd, closing), nil
+	return out, nil
 }
 
 // pinnedRows are the flows the kernel forwards with accept = be, as
@@ -91,20 +101,11 @@ func (p *placer) livePins() ([]conntab.Conn, error) {
 // RST, HANDOFFED once it sent a request, PINNED before. The kernel keeps
 // no age. A listing may miss a flow edited meanwhile (nft.Reader).
 func (p *placer) pinnedRows() ([]connRow, error) {
-	p.lookMu.Lock()
-	defer p.lookMu.Unlock()
-	fwd, err := p.look.Members(nft.MapForward)
+	m, err := p.members(nft.MapForward, nft.SetClosing, nft.SetAlive)
 	if err != nil {
 		return nil, err
 	}
-	closing, err := p.look.Members(nft.SetClosing)
-	if err != nil {
-		return nil, err
-	}
-	alive, err := p.look.Members(nft.SetAlive)
-	if err != nil {
-		return nil, err
-	}
+	fwd, closing, alive := m[0], m[1], m[2]
 	out := make([]connRow, 0, len(fwd))
 	for flow, be := range fwd {
 		state := "PINNED"

@@ -334,9 +334,11 @@ func (p *placer) slotMap() backends.SlotTable {
 
 // pins reads every flow the kernel forwards (nft.Reader.Members).
 func (p *placer) pins() (map[netip.AddrPort]netip.Addr, error) {
-	p.lookMu.Lock()
-	defer p.lookMu.Unlock()
-	return p.look.Members(nft.MapForward)
+	m, err := p.members(nft.MapForward)
+	if err != nil {
+		return nil, err
+	}
+	return m[0], nil
 }
 
 // watchVIP makes the FE active when the VIP appears on its interface

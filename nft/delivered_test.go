@@ -3,7 +3,6 @@ package nft
 import (
 	"encoding/binary"
 	"net/netip"
-	"os"
 	"testing"
 	"time"
 
@@ -19,21 +18,8 @@ var sampleDelivered = DeliveredParams{VIP: netip.MustParseAddr("10.0.0.100"), Id
 func TestDeliveredNetlinkGolden(t *testing.T) {
 	native := sampleDelivered
 	native.Queue = QueueNative
-	for name, rs := range map[string]*Ruleset{"be-delivered.netlink": Delivered(sampleDelivered),
-		"be-delivered-native-queue.netlink": Delivered(native)} {
-		got := batchBytes(t, rs)
-		path := "testdata/" + name
-		if os.Getenv("UPDATE_GOLDEN") != "" {
-			os.WriteFile(path, []byte(got), 0o644)
-		}
-		want, err := os.ReadFile(path)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if got != string(want) {
-			t.Errorf("%s: netlink batch changed:\n--- got\n%s--- want\n%s", name, got, want)
-		}
-	}
+	checkGolden(t, map[string]*Ruleset{"be-delivered.netlink": Delivered(sampleDelivered),
+		"be-delivered-native-queue.netlink": Delivered(native)})
 }
 
 // Every queue rule of the delivered table has the bypass flag: a dead

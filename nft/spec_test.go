@@ -64,21 +64,8 @@ func batchBytes(t *testing.T, rs *Ruleset) string {
 func TestNetlinkGolden(t *testing.T) {
 	native := sampleFE
 	native.Queue = QueueNative
-	for name, rs := range map[string]*Ruleset{"fe.netlink": FE(sampleFE), "fe-native-queue.netlink": FE(native), "fe-tls.netlink": FE(sampleTLS),
-		"be.netlink": BE(sampleBE), "fe-place.netlink": FEPlace(sampleFE, samplePlace)} {
-		got := batchBytes(t, rs)
-		path := "testdata/" + name
-		if os.Getenv("UPDATE_GOLDEN") != "" {
-			os.WriteFile(path, []byte(got), 0o644)
-		}
-		want, err := os.ReadFile(path)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if got != string(want) {
-			t.Errorf("%s: netlink batch changed:\n--- got\n%s--- want\n%s", name, got, want)
-		}
-	}
+	checkGolden(t, map[string]*Ruleset{"fe.netlink": FE(sampleFE), "fe-native-queue.netlink": FE(native), "fe-tls.netlink": FE(sampleTLS),
+		"be.netlink": BE(sampleBE), "fe-place.netlink": FEPlace(sampleFE, samplePlace)})
 }
 
 // The FE's rule order is the state machine's precedence; pin it by comment.
@@ -134,5 +121,25 @@ func TestFEForwardingSurvivesFullSets(t *testing.T) {
 	}
 	if copies != 2 || backstop != 1 {
 		t.Errorf("%d rules copy to the BE (want 2), %d drop forwarded packets without an update (want 1)", copies, backstop)
+	}
+}
+
+// checkGolden compares each ruleset's netlink batch with its golden file
+// in testdata (UPDATE_GOLDEN=1 rewrites them).
+func checkGolden(t *testing.T, golden map[string]*Ruleset) {
+	t.Helper()
+	for name, rs := range golden {
+		got := batchBytes(t, rs)
+		path := "testdata/" + name
+		if os.Getenv("UPDATE_GOLDEN") != "" {
+			os.WriteFile(path, []byte(got), 0o644)
+		}
+		want, err := os.ReadFile(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got != string(want) {
+			t.Errorf("%s: netlink batch changed:\n--- got\n%s--- want\n%s", name, got, want)
+		}
 	}
 }

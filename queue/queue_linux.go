@@ -28,12 +28,15 @@ type Reader struct {
 // another process holds fails Open, before the caller changes anything.
 func Open(num uint16, log *slog.Logger, decide func([]byte) (Verdict, Reason)) (*Reader, error) {
 	// Headers are enough: the verdict never needs the payload.
-	return open(num, 128, log, func(r *Reader) nfqueue.HookFunc { return r.hook(decide) })
+	return open(num, 128, log, func(p []byte) (Verdict, []byte) {
+		v, _ := decide(p)
+		return v, nil
+	})
 }
 
 // open binds queue num, copying up to maxLen bytes of each packet, and
-// registers the hook made for the new Reader.
-func open(num uint16, maxLen uint32, log *slog.Logger, hook func(*Reader) nfqueue.HookFunc) (*Reader, error) {
+// gives each packet's verdict by judge (hook).
+func open(num uint16, maxLen uint32, log *slog.Logger, judge func([]byte) (Verdict, []byte)) (*Reader, error) {
 	nf, err := nfqueue.Open(&nfqueue.Config{
 		NfQueue:      num,
 		MaxPacketLen: maxLen,
@@ -49,7 +52,7 @@ func open(num uint16, maxLen uint32, log *slog.Logger, hook func(*Reader) nfqueu
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	r := &Reader{nf: nf, num: num, log: log, cancel: cancel}
-	if err := nf.RegisterWithErrorFunc(ctx, hook(r), r.onErr(ctx)); err != nil {
+	if err := nf.RegisterWithErrorFunc(ctx, r.hook(judge), r.onErr(ctx)); err != nil {
 		cancel()
 		nf.Close()
 		return nil, fmt.Errorf("bind NFQUEUE %d: %w", num, err)
@@ -57,7 +60,9 @@ func open(num uint16, maxLen uint32, log *slog.Logger, hook func(*Reader) nfqueu
 	return r, nil
 }
 
-func (r *Reader) hook(decide func([]byte) (Verdict, Reason)) nfqueue.HookFunc {
+// hook hands each packet to judge and gives its verdict: accept, with the
+// packet's new bytes when judge returns them, or drop.
+func (r *Reader) hook(judge func([]byte) (Verdict, []byte)) nfqueue.HookFunc {
 	return func(a nfqueue.Attribute) int {
 		if a.PacketID == nil {
 			return 0
@@ -66,12 +71,17 @@ func (r *Reader) hook(decide func([]byte) (Verdict, Reason)) nfqueue.HookFunc {
 		if a.Payload != nil {
 			payload = *a.Payload
 		}
-		v, _ := decide(payload)
-		verdict := nfqueue.NfDrop
-		if v == Accept {
-			verdict = nfqueue.NfAccept
+		v, repl := judge(payload)
+		var err error
+		switch {
+		case v == Accept && repl != nil:
+			err = r.nf.SetVerdictModPacket(*a.PacketID, nfqueue.NfAccept, repl)
+		case v == Accept:
+			err = r.nf.SetVerdict(*a.PacketID, nfqueue.NfAccept)
+		default:
+			err = r.nf.SetVerdict(*a.PacketID, nfqueue.NfDrop)
 		}
-		if err := r.nf.SetVerdict(*a.PacketID, verdict); err != nil {
+		if err != nil {
 			r.log.Warn("NFQUEUE verdict", "op", "queue", "err", err)
 		}
 		return 0

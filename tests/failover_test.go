@@ -189,11 +189,7 @@ func TestSyncFailover(t *testing.T) {
 	defer cancel()
 	sumA := bigFile(t, filepath.Join(c.WWW("be1"), "a.bin"), 200<<20)
 	sumB := bigFile(t, filepath.Join(c.WWW("be1"), "b.bin"), 40<<20)
-	waitFor(t, 10*time.Second, "fe serves through the VIP", func() bool {
-		out, err := tryCurl(c)
-		return err == nil && out == "200 be2"
-	})
-	time.Sleep(2 * time.Second) // fe2's keepalived settles as BACKUP
+	waitPairServes(t, c, "be2")
 	if holds(c, "fe2") {
 		t.Fatal("both FEs hold the VIP")
 	}
@@ -378,11 +374,7 @@ func TestSyncFailoverAcceptBE(t *testing.T) {
 	for _, h := range []string{"fe", "fe2"} {
 		waitFor(t, 10*time.Second, h+" places flows on both BEs", func() bool { return strings.Contains(c.Grep(h, "placement changed"), "10.77.0.12=") })
 	}
-	waitFor(t, 10*time.Second, "fe serves through the VIP", func() bool {
-		out, err := tryCurl(c)
-		return err == nil && out == "200 be1"
-	})
-	time.Sleep(2 * time.Second) // fe2's keepalived settles as BACKUP
+	waitPairServes(t, c, "be1")
 	if holds(c, "fe2") {
 		t.Fatal("both FEs hold the VIP")
 	}
@@ -467,11 +459,7 @@ func TestSyncFailoverPins(t *testing.T) {
 		ctl(t, c, h, "weight", be2, "0")
 		waitFor(t, 5*time.Second, h+" places everything on be1", placed(h, "["+be1+"=4096]\""))
 	}
-	waitFor(t, 10*time.Second, "fe serves through the VIP", func() bool {
-		out, err := tryCurl(c)
-		return err == nil && out == "200 be1"
-	})
-	time.Sleep(2 * time.Second) // fe2's keepalived settles as BACKUP
+	waitPairServes(t, c, "be1")
 	kaDone := make(chan string, 1)
 	go func() {
 		out, _ := c.Exec(ctx, "client", "wrk", "-t1", "-c8", "-d12s", "--timeout", "10s", url+"/index.html").CombinedOutput()
@@ -500,4 +488,15 @@ func TestSyncFailoverPins(t *testing.T) {
 	if !strings.Contains(synced, "off_slot=") || strings.Contains(synced, "off_slot=0 ") {
 		t.Error("no pin was off its slot: the test did not exercise the pins' sync")
 	}
+}
+
+// waitPairServes waits until fe serves through the VIP (be answering
+// tryCurl), then lets fe2's keepalived settle as BACKUP.
+func waitPairServes(t *testing.T, c *cluster.Cluster, be string) {
+	t.Helper()
+	waitFor(t, 10*time.Second, "fe serves through the VIP", func() bool {
+		out, err := tryCurl(c)
+		return err == nil && out == "200 "+be
+	})
+	time.Sleep(2 * time.Second)
 }
