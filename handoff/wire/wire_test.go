@@ -322,7 +322,13 @@ func FuzzFrame(f *testing.F) {
 	flow, _ := Flow{Client: s.Client}.MarshalBinary()
 	health, _ := Health{ServerUp: true, Active: 3}.MarshalBinary()
 	sw, _ := Switch{Client: s.Client, To: netip.MustParseAddr("10.0.0.12")}.MarshalBinary()
-	for _, pl := range [][]byte{p, hello, ack, flow, health, sw} {
+	// A cluster frame with the accept bit and the FE's load view
+	// (accept = be), so that the fuzzer starts from that branch too.
+	be1 := netip.MustParseAddr("10.0.0.11")
+	cl, _ := Cluster{PHTTP: PHTTPMulti, AcceptBE: true, Policy: "wlc",
+		Servers: []ClusterServer{{Addr: be1, Port: 666, Weight: 1}},
+		Rules:   []ClusterRule{{Targets: []netip.Addr{be1}, Pattern: `.*`}}, Loads: []uint32{3}}.MarshalBinary()
+	for _, pl := range [][]byte{p, hello, ack, flow, health, sw, cl} {
 		f.Add(encode(f, nil, Frame{Type: TypeOffer, ID: 1, Payload: pl}), false)
 		f.Add(encode(f, NewKeyed([]byte("k")), Frame{Type: TypeOffer, ID: 1, Payload: pl}), true)
 	}
